@@ -1,0 +1,208 @@
+//! Loading Llama-architecture GGUF files.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek};
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+
+use crate::config::{LlamaConfig, RopeStyle};
+use crate::linear::{weights_from_f32, Linear, WeightFormat, Weights};
+use crate::llama::{Block, Llama};
+use crate::ModelError;
+
+/// An open GGUF file: its header (metadata and tensor directory) and a reader for tensor data.
+pub struct GgufFile {
+    pub content: Content,
+    reader: BufReader<File>,
+    path: std::path::PathBuf,
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, ModelError> {
+        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+        let file = File::open(path).map_err(io)?;
+        let mut reader = BufReader::new(file);
+        let mut magic = [0u8; 4];
+        let got = read_up_to(&mut reader, &mut magic).map_err(io)?;
+        if got < 4 || &magic != b"GGUF" {
+            return Err(ModelError::NotAModel {
+                path: path.to_path_buf(),
+                reason: "no GGUF magic at the start of the file".into(),
+            });
+        }
+        reader.rewind().map_err(io)?;
+        let content = Content::read(&mut reader).map_err(|e| ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("bad GGUF header: {e}"),
+        })?;
+        Ok(Self { content, reader, path: path.to_path_buf() })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads one tensor as stored.
+    pub fn tensor(&mut self, name: &str) -> Result<QTensor, ModelError> {
+        if !self.has_tensor(name) {
+            return Err(ModelError::MissingTensor(name.to_string()));
+        }
+        self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| ModelError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("tensor '{name}': {e}"),
+        })
+    }
+
+    fn tensor_f32(&mut self, name: &str) -> Result<Vec<f32>, ModelError> {
+        let t = self.tensor(name)?;
+        Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Reads a matrix and converts it to `format`, checking it is `rows x cols`.
+    fn linear(&mut self, name: &str, rows: usize, cols: usize, format: WeightFormat) -> Result<Linear, ModelError> {
+        let t = self.tensor(name)?;
+        let dims = t.shape().dims().to_vec();
+        if dims != [rows, cols] {
+            return Err(ModelError::Shape(format!("tensor '{name}' is {dims:?}, expected [{rows}, {cols}]")));
+        }
+        let stored = t.dtype();
+        let weights = match (format, stored) {
+            (WeightFormat::AsStored, GgmlDType::F32) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F32)?,
+            (WeightFormat::AsStored, GgmlDType::F16) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F16)?,
+            (WeightFormat::AsStored, GgmlDType::BF16) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?,
+            (WeightFormat::AsStored, _) => Weights::Quantized(Arc::new(t)),
+            (WeightFormat::Quantized(want), have) if want == have => Weights::Quantized(Arc::new(t)),
+            (other, _) => weights_from_f32(self.dequant(&t)?, rows, cols, other)?,
+        };
+        Linear::new(weights, rows, cols)
+    }
+
+    fn dequant(&self, t: &QTensor) -> Result<Vec<f32>, ModelError> {
+        Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The model's hyperparameters from `llama.*` metadata.
+    pub fn config(&mut self) -> Result<LlamaConfig, ModelError> {
+        let md = &self.content.metadata;
+        let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if arch != "llama" {
+            return Err(ModelError::Unsupported(format!(
+                "architecture '{arch}' in {}; amusd runs Llama-family models (general.architecture = llama)",
+                self.path.display()
+            )));
+        }
+        let get = |k: &str| meta_usize(md, &format!("llama.{k}"));
+        let n_heads = get("attention.head_count")?;
+        let hidden_size = get("embedding_length")?;
+        let head_dim = match meta_usize(md, "llama.rope.dimension_count") {
+            Ok(d) => d,
+            Err(_) => hidden_size / n_heads.max(1),
+        };
+        let vocab_size = match meta_usize(md, "llama.vocab_size") {
+            Ok(v) => v,
+            Err(_) => self
+                .content
+                .tensor_infos
+                .get("token_embd.weight")
+                .map(|t| t.shape.dims()[0])
+                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
+        };
+        let mut cfg = LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: get("feed_forward_length")?,
+            n_layers: get("block_count")?,
+            n_heads,
+            n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            rms_eps: meta_f32(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: meta_f32(md, "llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_style: RopeStyle::Interleaved,
+            rope_freq_factors: None,
+            max_position: get("context_length").unwrap_or(4096),
+        };
+        if self.has_tensor("rope_freqs.weight") {
+            cfg.rope_freq_factors = Some(self.tensor_f32("rope_freqs.weight")?);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Builds the model, converting every matrix to `format`.
+    pub fn load_llama(&mut self, format: WeightFormat) -> Result<Llama, ModelError> {
+        let cfg = self.config()?;
+        let (h, q, kv, ff, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let embed = self.linear("token_embd.weight", v, h, format)?;
+        let lm_head = if self.has_tensor("output.weight") {
+            self.linear("output.weight", v, h, format)?
+        } else {
+            embed.clone()
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            let wq = self.linear(&format!("{p}.attn_q.weight"), q, h, format)?;
+            let wk = self.linear(&format!("{p}.attn_k.weight"), kv, h, format)?;
+            let wv = self.linear(&format!("{p}.attn_v.weight"), kv, h, format)?;
+            let gate = self.linear(&format!("{p}.ffn_gate.weight"), ff, h, format)?;
+            let up = self.linear(&format!("{p}.ffn_up.weight"), ff, h, format)?;
+            blocks.push(Block {
+                attn_norm: self.tensor_f32(&format!("{p}.attn_norm.weight"))?,
+                wqkv: Linear::concat(&[wq, wk, wv])?,
+                wo: self.linear(&format!("{p}.attn_output.weight"), h, q, format)?,
+                ffn_norm: self.tensor_f32(&format!("{p}.ffn_norm.weight"))?,
+                w_gate_up: Linear::concat(&[gate, up])?,
+                w_down: self.linear(&format!("{p}.ffn_down.weight"), h, ff, format)?,
+            });
+        }
+        let norm = self.tensor_f32("output_norm.weight")?;
+        Llama::new(cfg, embed, blocks, norm, lm_head)
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// An integer metadata value of any GGUF integer type.
+pub fn meta_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize, ModelError> {
+    let v = md.get(key).ok_or_else(|| ModelError::Config(format!("GGUF metadata lacks '{key}'")))?;
+    let n: Option<u64> = match v {
+        Value::U8(x) => Some(*x as u64),
+        Value::U16(x) => Some(*x as u64),
+        Value::U32(x) => Some(*x as u64),
+        Value::U64(x) => Some(*x),
+        Value::I8(x) => u64::try_from(*x).ok(),
+        Value::I16(x) => u64::try_from(*x).ok(),
+        Value::I32(x) => u64::try_from(*x).ok(),
+        Value::I64(x) => u64::try_from(*x).ok(),
+        _ => None,
+    };
+    n.and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n < (1 << 40))
+        .ok_or_else(|| ModelError::Config(format!("GGUF metadata '{key}' is not a sensible integer: {v:?}")))
+}
+
+fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
+    match md.get(key)? {
+        Value::F32(x) => Some(*x),
+        Value::F64(x) => Some(*x as f32),
+        _ => None,
+    }
+}

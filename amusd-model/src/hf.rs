@@ -1,0 +1,229 @@
+//! Loading Hugging Face Llama checkpoints: `config.json` plus `model.safetensors` or sharded
+//! `model-*.safetensors` with `model.safetensors.index.json`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device};
+use serde::Deserialize;
+
+use crate::config::{llama3_freq_factors, LlamaConfig, RopeStyle};
+use crate::linear::{weights_from_f32, Linear, WeightFormat};
+use crate::llama::{Block, Llama};
+use crate::ModelError;
+
+/// The fields of `config.json` amusd reads.
+#[derive(Debug, Deserialize)]
+pub struct HfConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f32,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f32,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default)]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_theta() -> f32 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl HfConfig {
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Corrupt { path, reason: format!("invalid config.json: {e}") })
+    }
+
+    pub fn to_llama(&self) -> Result<LlamaConfig, ModelError> {
+        let is_llama = self.architectures.iter().any(|a| a == "LlamaForCausalLM")
+            || self.model_type.as_deref() == Some("llama");
+        if !is_llama {
+            return Err(ModelError::Unsupported(format!(
+                "architecture {:?} (model_type {:?}); amusd runs LlamaForCausalLM checkpoints",
+                self.architectures, self.model_type
+            )));
+        }
+        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let rope_freq_factors = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(s) => {
+                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+                if kind != "llama3" {
+                    return Err(ModelError::Unsupported(format!("rope_scaling type '{kind}' (only llama3 is supported)")));
+                }
+                let f = |k: &str| {
+                    s.get(k)
+                        .and_then(|v| v.as_f64())
+                        .map(|v| v as f32)
+                        .ok_or_else(|| ModelError::Config(format!("rope_scaling lacks '{k}'")))
+                };
+                Some(llama3_freq_factors(
+                    head_dim,
+                    self.rope_theta,
+                    f("factor")?,
+                    f("low_freq_factor")?,
+                    f("high_freq_factor")?,
+                    f("original_max_position_embeddings")?,
+                ))
+            }
+        };
+        let cfg = LlamaConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            n_layers: self.num_hidden_layers,
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            rms_eps: self.rms_norm_eps,
+            rope_theta: self.rope_theta,
+            rope_style: RopeStyle::Halves,
+            rope_freq_factors,
+            max_position: self.max_position_embeddings,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// End-of-sequence ids from `eos_token_id` (a number or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        ids_of(self.eos_token_id.as_ref())
+    }
+}
+
+pub(crate) fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The safetensors files of a checkpoint directory.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Corrupt { path: index.clone(), reason: format!("invalid index: {e}") })?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Corrupt {
+            path: index.clone(),
+            reason: "no weight_map".into(),
+        })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        for f in &files {
+            if !f.is_file() {
+                return Err(ModelError::Io {
+                    path: f.clone(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard named in the index is missing"),
+                });
+            }
+        }
+        return Ok(files);
+    }
+    Err(ModelError::NotAModel {
+        path: dir.to_path_buf(),
+        reason: "no model.safetensors or model.safetensors.index.json".into(),
+    })
+}
+
+/// Loads a Llama checkpoint directory, converting every matrix to `format` (`AsStored` keeps the
+/// file's float type).
+pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig), ModelError> {
+    let hf = HfConfig::read(dir)?;
+    let cfg = hf.to_llama()?;
+    let files = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only; like every mmap-based loader we rely on nobody
+    // truncating them while we read.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Corrupt {
+        path: files[0].clone(),
+        reason: format!("bad safetensors: {e}"),
+    })?;
+    let load = |name: &str| -> Result<candle_core::Tensor, ModelError> {
+        st.get(name).map_err(|_| ModelError::MissingTensor(name.to_string()))?;
+        st.load(name, &Device::Cpu).map_err(|e| ModelError::Corrupt {
+            path: dir.to_path_buf(),
+            reason: format!("tensor '{name}': {e}"),
+        })
+    };
+    let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear, ModelError> {
+        let t = load(name)?;
+        if t.dims() != [rows, cols] {
+            return Err(ModelError::Shape(format!("tensor '{name}' is {:?}, expected [{rows}, {cols}]", t.dims())));
+        }
+        let format = match (format, t.dtype()) {
+            (WeightFormat::AsStored, DType::F16) => WeightFormat::F16,
+            (WeightFormat::AsStored, DType::BF16) => WeightFormat::Bf16,
+            (WeightFormat::AsStored, _) => WeightFormat::F32,
+            (f, _) => f,
+        };
+        let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        Linear::new(weights_from_f32(data, rows, cols, format)?, rows, cols)
+    };
+    let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+        let v = load(name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if v.len() != len {
+            return Err(ModelError::Shape(format!("tensor '{name}' has {} values, expected {len}", v.len())));
+        }
+        Ok(v)
+    };
+    let (h, q, kv, ff, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+    let embed = linear("model.embed_tokens.weight", v, h)?;
+    let lm_head = if hf.tie_word_embeddings || st.get("lm_head.weight").is_err() {
+        embed.clone()
+    } else {
+        linear("lm_head.weight", v, h)?
+    };
+    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}");
+        blocks.push(Block {
+            attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+            wqkv: Linear::concat(&[
+                linear(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
+                linear(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
+                linear(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
+            ])?,
+            wo: linear(&format!("{p}.self_attn.o_proj.weight"), h, q)?,
+            ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+            w_gate_up: Linear::concat(&[
+                linear(&format!("{p}.mlp.gate_proj.weight"), ff, h)?,
+                linear(&format!("{p}.mlp.up_proj.weight"), ff, h)?,
+            ])?,
+            w_down: linear(&format!("{p}.mlp.down_proj.weight"), h, ff)?,
+        });
+    }
+    let norm = vector("model.norm.weight", h)?;
+    Ok((Llama::new(cfg, embed, blocks, norm, lm_head)?, hf))
+}

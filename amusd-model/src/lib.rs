@@ -1,0 +1,31 @@
+//! Llama-family language models for amusd.
+//!
+//! This crate owns everything between a model file and greedy next tokens: reading weights (GGUF,
+//! Hugging Face safetensors), choosing how they run (as stored, requantized, dequantized), the forward
+//! pass with a preallocated KV cache that rolls back in O(1), the batch-invariant kernels that make
+//! batched verification exact, tokenizers and chat templates.
+//!
+//! The CPU forward runs on host buffers through [`kernels`] rather than candle's tensor ops: exact
+//! speculative decoding needs control of every reduction order (see [`kernels`]). candle reads,
+//! dequantizes and requantizes the weights and multiplies the block-quantized ones.
+
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod device;
+mod error;
+pub mod gguf;
+pub mod hf;
+pub mod kernels;
+pub mod linear;
+pub mod llama;
+// pub mod loader; (re-enabled once tokenizer/chat land)
+pub mod testing;
+pub mod tokenizer;
+
+pub use cache::KvCache;
+pub use config::LlamaConfig;
+pub use device::DeviceSpec;
+pub use error::ModelError;
+pub use linear::{Linear, WeightFormat};
+pub use llama::{Llama, Logits, LogitsFor};

@@ -1,0 +1,254 @@
+//! [`Linear`]: the one type every weight matrix multiply in the model goes through.
+//!
+//! Keeping the storage choice behind one type lets faster kernels replace the current ones without
+//! touching the model code. Whatever the storage, each output row is computed independently of the
+//! others (see [`crate::kernels`]), which is what makes batched verification exact.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{Device, Module, Tensor};
+
+use crate::kernels;
+use crate::ModelError;
+
+/// How a weight matrix is stored. All variants hold `out_features` rows of `in_features` values.
+#[derive(Clone)]
+pub enum Weights {
+    F32(Arc<Vec<f32>>),
+    F16(Arc<Vec<half::f16>>),
+    Bf16(Arc<Vec<half::bf16>>),
+    /// A GGUF block-quantized matrix, multiplied by candle's kernels one activation row at a time.
+    /// candle chooses a different algorithm for larger batches; running every row through the
+    /// single-row path keeps the result batch-invariant.
+    Quantized(Arc<QTensor>),
+}
+
+/// A bias-free linear layer `y = x W^T`.
+#[derive(Clone)]
+pub struct Linear {
+    weights: Weights,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Linear {
+    pub fn new(weights: Weights, out_features: usize, in_features: usize) -> Result<Self, ModelError> {
+        let len = match &weights {
+            Weights::F32(w) => w.len(),
+            Weights::F16(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+            Weights::Quantized(q) => q.shape().elem_count(),
+        };
+        if len != out_features * in_features {
+            return Err(ModelError::Shape(format!(
+                "linear weight has {len} elements, expected {out_features}x{in_features}"
+            )));
+        }
+        Ok(Self { weights, in_features, out_features })
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    /// A short name of the storage type, e.g. `f32` or `q8_0`.
+    pub fn storage_name(&self) -> String {
+        match &self.weights {
+            Weights::F32(_) => "f32".into(),
+            Weights::F16(_) => "f16".into(),
+            Weights::Bf16(_) => "bf16".into(),
+            Weights::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
+        }
+    }
+
+    /// `y[m, out] = x[m, in] W^T`.
+    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), ModelError> {
+        let (n, k) = (self.out_features, self.in_features);
+        debug_assert!(x.len() >= m * k && y.len() >= m * n);
+        match &self.weights {
+            Weights::F32(w) => kernels::matmul_t(x, m, w, n, k, y),
+            Weights::F16(w) => kernels::matmul_t_widen(x, m, w, n, k, y, |s, d| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+            }),
+            Weights::Bf16(w) => kernels::matmul_t_widen(x, m, w, n, k, y, |s, d| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+            }),
+            Weights::Quantized(q) => {
+                let mm = QMatMul::QTensor(q.clone());
+                for i in 0..m {
+                    let xi = Tensor::from_slice(&x[i * k..(i + 1) * k], (1, k), &Device::Cpu)?;
+                    let yi = mm.forward(&xi)?.flatten_all()?.to_vec1::<f32>()?;
+                    y[i * n..(i + 1) * n].copy_from_slice(&yi);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stacks layers with the same input width and storage into one whose outputs are the
+    /// concatenation of theirs (Q, K and V; gate and up), so one pass over the input feeds all of them.
+    /// Each output is computed exactly as it was in its own layer.
+    pub fn concat(parts: &[Linear]) -> Result<Linear, ModelError> {
+        let k = parts[0].in_features;
+        if parts.iter().any(|p| p.in_features != k) {
+            return Err(ModelError::Shape("cannot fuse layers of different input widths".into()));
+        }
+        let n: usize = parts.iter().map(|p| p.out_features).sum();
+        let weights = match &parts[0].weights {
+            Weights::F32(_) => Weights::F32(Arc::new(concat_vec(parts, |w| match w {
+                Weights::F32(v) => Some(v.as_slice()),
+                _ => None,
+            })?)),
+            Weights::F16(_) => Weights::F16(Arc::new(concat_vec(parts, |w| match w {
+                Weights::F16(v) => Some(v.as_slice()),
+                _ => None,
+            })?)),
+            Weights::Bf16(_) => Weights::Bf16(Arc::new(concat_vec(parts, |w| match w {
+                Weights::Bf16(v) => Some(v.as_slice()),
+                _ => None,
+            })?)),
+            Weights::Quantized(q0) => {
+                let dtype = q0.dtype();
+                let mut bytes = Vec::new();
+                for p in parts {
+                    match &p.weights {
+                        Weights::Quantized(q) if q.dtype() == dtype => {
+                            bytes.extend_from_slice(&q.data()?)
+                        }
+                        _ => return Err(ModelError::Shape("cannot fuse layers of different storage".into())),
+                    }
+                }
+                // GGUF blocks never straddle rows, so a row-wise concatenation of the raw blocks is the
+                // quantized form of the stacked matrix.
+                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, dtype)?;
+                Weights::Quantized(Arc::new(QTensor::new(storage, (n, k))?))
+            }
+        };
+        Linear::new(weights, n, k)
+    }
+}
+
+fn concat_vec<T: Copy>(
+    parts: &[Linear],
+    get: impl Fn(&Weights) -> Option<&[T]>,
+) -> Result<Vec<T>, ModelError> {
+    let mut out = Vec::new();
+    for p in parts {
+        let s = get(&p.weights)
+            .ok_or_else(|| ModelError::Shape("cannot fuse layers of different storage".into()))?;
+        out.extend_from_slice(s);
+    }
+    Ok(out)
+}
+
+/// Converts a dense f32 matrix into the requested storage.
+pub fn weights_from_f32(data: Vec<f32>, rows: usize, cols: usize, format: WeightFormat) -> Result<Weights, ModelError> {
+    Ok(match format {
+        WeightFormat::F32 => Weights::F32(Arc::new(data)),
+        WeightFormat::F16 => Weights::F16(Arc::new(data.iter().map(|v| half::f16::from_f32(*v)).collect())),
+        WeightFormat::Bf16 => Weights::Bf16(Arc::new(data.iter().map(|v| half::bf16::from_f32(*v)).collect())),
+        WeightFormat::Quantized(dtype) => {
+            if cols % dtype.block_size() != 0 {
+                return Err(ModelError::Unsupported(format!(
+                    "cannot quantize a matrix with {cols} columns to {dtype:?} (block size {})",
+                    dtype.block_size()
+                )));
+            }
+            let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
+            Weights::Quantized(Arc::new(QTensor::quantize(&t, dtype)?))
+        }
+        WeightFormat::AsStored => {
+            return Err(ModelError::Unsupported("weight format 'as stored' needs a stored type".into()))
+        }
+    })
+}
+
+/// How a model's matrices are run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Keep the file's own storage type.
+    AsStored,
+    F32,
+    F16,
+    Bf16,
+    /// (Re)quantize to a GGUF block type at load time.
+    Quantized(GgmlDType),
+}
+
+impl WeightFormat {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "stored" | "as-stored" | "native" => Self::AsStored,
+            "f32" => Self::F32,
+            "f16" => Self::F16,
+            "bf16" => Self::Bf16,
+            "q4_0" => Self::Quantized(GgmlDType::Q4_0),
+            "q4_1" => Self::Quantized(GgmlDType::Q4_1),
+            "q5_0" => Self::Quantized(GgmlDType::Q5_0),
+            "q5_1" => Self::Quantized(GgmlDType::Q5_1),
+            "q8_0" => Self::Quantized(GgmlDType::Q8_0),
+            "q4_k" => Self::Quantized(GgmlDType::Q4K),
+            "q5_k" => Self::Quantized(GgmlDType::Q5K),
+            "q6_k" => Self::Quantized(GgmlDType::Q6K),
+            _ => return None,
+        })
+    }
+
+    pub const NAMES: &'static str = "stored, f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k";
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AsStored => f.write_str("stored"),
+            Self::F32 => f.write_str("f32"),
+            Self::F16 => f.write_str("f16"),
+            Self::Bf16 => f.write_str("bf16"),
+            Self::Quantized(d) => write!(f, "{}", format!("{d:?}").to_lowercase()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lin(format: WeightFormat, n: usize, k: usize, seed: u32) -> Linear {
+        let data: Vec<f32> = (0..n * k).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        Linear::new(weights_from_f32(data, n, k, format).unwrap(), n, k).unwrap()
+    }
+
+    #[test]
+    fn every_storage_is_batch_invariant_and_fuses_exactly() {
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::F16,
+            WeightFormat::Bf16,
+            WeightFormat::Quantized(GgmlDType::Q8_0),
+            WeightFormat::Quantized(GgmlDType::Q4_1),
+        ] {
+            let (k, m) = (64, 7);
+            let (a, b) = (lin(format, 12, k, 1), lin(format, 5, k, 2));
+            let fused = Linear::concat(&[a.clone(), b.clone()]).unwrap();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+            let mut y = vec![0f32; m * 17];
+            fused.forward(&x, m, &mut y).unwrap();
+            for i in 0..m {
+                let (mut ya, mut yb) = (vec![0f32; 12], vec![0f32; 5]);
+                a.forward(&x[i * k..(i + 1) * k], 1, &mut ya).unwrap();
+                b.forward(&x[i * k..(i + 1) * k], 1, &mut yb).unwrap();
+                ya.extend(yb);
+                assert_eq!(ya, y[i * 17..(i + 1) * 17].to_vec(), "{format}");
+            }
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The Llama forward pass: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+//!
+//! Activations live in plain row-major host buffers (`[tokens, width]`) and every reduction goes through
+//! [`crate::kernels`], whose results do not depend on how many tokens share a pass.
+
+use crate::cache::KvCache;
+use crate::config::{LlamaConfig, RopeStyle};
+use crate::kernels;
+use crate::linear::{Linear, Weights};
+use crate::ModelError;
+use candle_core::{Device, Tensor};
+
+/// One transformer block. Q, K and V are fused into `wqkv`, gate and up into `w_gate_up`.
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    pub wqkv: Linear,
+    pub wo: Linear,
+    pub ffn_norm: Vec<f32>,
+    pub w_gate_up: Linear,
+    pub w_down: Linear,
+}
+
+pub struct Llama {
+    pub config: LlamaConfig,
+    /// `[vocab, hidden]`; row lookups give the input embeddings.
+    pub embed: Linear,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`; often the same storage as `embed` (tied embeddings).
+    pub lm_head: Linear,
+    inv_freq: Vec<f32>,
+}
+
+/// Which positions of a forward pass need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Every new position: verification compares each one with the draft.
+    All,
+    /// Only the last: prefill and drafting need just the next token.
+    Last,
+    /// Rows `i..`: verification after catching up on committed tokens.
+    From(usize),
+}
+
+/// Logits of one forward pass, `rows x vocab`, row-major.
+pub struct Logits {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+impl Logits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// The greedy token of every row.
+    pub fn argmax(&self) -> Vec<u32> {
+        (0..self.rows).map(|i| kernels::argmax(self.row(i))).collect()
+    }
+}
+
+impl Llama {
+    pub fn new(
+        config: LlamaConfig,
+        embed: Linear,
+        blocks: Vec<Block>,
+        norm: Vec<f32>,
+        lm_head: Linear,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        let (h, q, kv, ff) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+        let check = |what: &str, l: &Linear, out: usize, inp: usize| {
+            if l.out_features() != out || l.in_features() != inp {
+                return Err(ModelError::Shape(format!(
+                    "{what} is {}x{}, the config says {out}x{inp}",
+                    l.out_features(),
+                    l.in_features()
+                )));
+            }
+            Ok(())
+        };
+        check("token embedding", &embed, config.vocab_size, h)?;
+        check("output head", &lm_head, config.vocab_size, h)?;
+        if norm.len() != h || blocks.len() != config.n_layers {
+            return Err(ModelError::Shape(format!(
+                "{} blocks and a {}-wide final norm for {} layers of width {h}",
+                blocks.len(),
+                norm.len(),
+                config.n_layers
+            )));
+        }
+        for (i, b) in blocks.iter().enumerate() {
+            check(&format!("block {i} qkv"), &b.wqkv, q + 2 * kv, h)?;
+            check(&format!("block {i} attention output"), &b.wo, h, q)?;
+            check(&format!("block {i} gate/up"), &b.w_gate_up, 2 * ff, h)?;
+            check(&format!("block {i} down"), &b.w_down, h, ff)?;
+            if b.attn_norm.len() != h || b.ffn_norm.len() != h {
+                return Err(ModelError::Shape(format!("block {i} norms are not {h} wide")));
+            }
+        }
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self { config, embed, blocks, norm, lm_head, inv_freq })
+    }
+
+    /// A fresh cache able to hold `capacity` positions (capped at the model's context).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(&self.config, capacity.min(self.config.max_position))
+    }
+
+    /// Runs `tokens` at positions `start_pos..`, after forgetting whatever `cache` held from
+    /// `start_pos` on (so a forward at an earlier position is a rollback), and returns the logits that
+    /// predict the token after each requested position.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<Logits, ModelError> {
+        let cfg = &self.config;
+        let m = tokens.len();
+        if m == 0 {
+            return Err(ModelError::Shape("forward over zero tokens".into()));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(ModelError::Shape(format!("token id {t} is outside the vocabulary of {}", cfg.vocab_size)));
+        }
+        cache.check_room(start_pos, m)?;
+        cache.truncate(start_pos);
+
+        let (h, q_dim, kv_dim, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let qkv_dim = q_dim + 2 * kv_dim;
+        let mut x = self.embed_tokens(tokens)?;
+        let mut normed = vec![0f32; m * h];
+        let mut qkv = vec![0f32; m * qkv_dim];
+        let mut attn = vec![0f32; m * q_dim];
+        let mut proj = vec![0f32; m * h];
+        let mut gate_up = vec![0f32; m * 2 * ff];
+        let mut act = vec![0f32; m * ff];
+        let mut scores = Vec::new();
+        let rope = self.rope_table(start_pos, m);
+        debug_assert_eq!(cache.kv_dim(), kv_dim);
+
+        for (layer, block) in self.blocks.iter().enumerate() {
+            normed.copy_from_slice(&x);
+            kernels::rms_norm(&mut normed, &block.attn_norm, cfg.rms_eps);
+            block.wqkv.forward(&normed, m, &mut qkv)?;
+
+            let (keys, values) = cache.layer_mut(layer);
+            for i in 0..m {
+                let row = &mut qkv[i * qkv_dim..(i + 1) * qkv_dim];
+                let (q, kv) = row.split_at_mut(q_dim);
+                let (k, v) = kv.split_at_mut(kv_dim);
+                let (cos, sin) = rope.at(i);
+                for head in q.chunks_exact_mut(cfg.head_dim).chain(k.chunks_exact_mut(cfg.head_dim)) {
+                    apply_rope(head, cos, sin, cfg.rope_style);
+                }
+                let pos = start_pos + i;
+                keys[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(k);
+                values[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(v);
+            }
+            for i in 0..m {
+                let q = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
+                let out = &mut attn[i * q_dim..(i + 1) * q_dim];
+                kernels::attend(q, keys, values, start_pos + i, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, &mut scores, out);
+            }
+            block.wo.forward(&attn, m, &mut proj)?;
+            add_in_place(&mut x, &proj);
+
+            normed.copy_from_slice(&x);
+            kernels::rms_norm(&mut normed, &block.ffn_norm, cfg.rms_eps);
+            block.w_gate_up.forward(&normed, m, &mut gate_up)?;
+            for i in 0..m {
+                let row = &gate_up[i * 2 * ff..(i + 1) * 2 * ff];
+                let a = &mut act[i * ff..(i + 1) * ff];
+                a.copy_from_slice(&row[..ff]);
+                kernels::silu_mul(a, &row[ff..]);
+            }
+            block.w_down.forward(&act, m, &mut proj)?;
+            add_in_place(&mut x, &proj);
+        }
+        cache.set_len(start_pos + m);
+
+        let first = match which {
+            LogitsFor::All => 0,
+            LogitsFor::Last => m - 1,
+            LogitsFor::From(i) => i.min(m - 1),
+        };
+        let rows = m - first;
+        let mut hidden = x[first * h..].to_vec();
+        kernels::rms_norm(&mut hidden, &self.norm, cfg.rms_eps);
+        let mut data = vec![0f32; rows * cfg.vocab_size];
+        self.lm_head.forward(&hidden, rows, &mut data)?;
+        Ok(Logits { data, rows, vocab: cfg.vocab_size })
+    }
+
+    fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let h = self.config.hidden_size;
+        let mut x = vec![0f32; tokens.len() * h];
+        match self.embed.weights() {
+            Weights::F32(w) => {
+                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+                    dst.copy_from_slice(&w[t as usize * h..(t as usize + 1) * h]);
+                }
+            }
+            Weights::F16(w) => {
+                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[t as usize * h..(t as usize + 1) * h], dst);
+                }
+            }
+            Weights::Bf16(w) => {
+                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[t as usize * h..(t as usize + 1) * h], dst);
+                }
+            }
+            Weights::Quantized(q) => {
+                let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
+                x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+            }
+        }
+        Ok(x)
+    }
+
+    fn rope_table(&self, start_pos: usize, m: usize) -> RopeTable {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(m * half);
+        let mut sin = Vec::with_capacity(m * half);
+        for i in 0..m {
+            let pos = (start_pos + i) as f32;
+            for &f in &self.inv_freq {
+                let (s, c) = (pos * f).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        RopeTable { cos, sin, half }
+    }
+}
+
+/// Cosines and sines of the rotation angles of each position in a pass, `[position][pair]`.
+struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTable {
+    fn at(&self, i: usize) -> (&[f32], &[f32]) {
+        let r = i * self.half..(i + 1) * self.half;
+        (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = head.len() / 2;
+    for p in 0..half {
+        let (a, b) = match style {
+            RopeStyle::Interleaved => (2 * p, 2 * p + 1),
+            RopeStyle::Halves => (p, p + half),
+        };
+        let (x0, x1) = (head[a], head[b]);
+        head[a] = x0 * cos[p] - x1 * sin[p];
+        head[b] = x0 * sin[p] + x1 * cos[p];
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += *b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::GgufFile;
+    use crate::linear::WeightFormat;
+    use crate::testing::TinyModel;
+    use candle_core::quantized::GgmlDType;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn tiny_paths() -> &'static (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+        static DIR: OnceLock<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> = OnceLock::new();
+        DIR.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let tiny = TinyModel::default();
+            let hf = dir.path().join("hf");
+            tiny.write_hf(&hf).unwrap();
+            let gguf = dir.path().join("tiny.gguf");
+            tiny.write_gguf(&gguf, GgmlDType::F32).unwrap();
+            (dir, hf, gguf)
+        })
+    }
+
+    fn gguf_model(format: WeightFormat) -> Llama {
+        GgufFile::open(&tiny_paths().2).unwrap().load_llama(format).unwrap()
+    }
+
+    fn bits(l: &Logits, row: usize) -> Vec<u32> {
+        l.row(row).iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The HF loader (rotate-half) and the GGUF loader (permuted Q/K, interleaved pairs) agree.
+    #[test]
+    fn hf_and_gguf_layouts_give_the_same_model() {
+        let (hf, _) = crate::hf::load_llama(&tiny_paths().1, WeightFormat::AsStored).unwrap();
+        let gg = gguf_model(WeightFormat::AsStored);
+        let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 259).collect();
+        let (mut c1, mut c2) = (hf.new_cache(64), gg.new_cache(64));
+        let a = hf.forward(&tokens, 0, &mut c1, LogitsFor::All).unwrap();
+        let b = gg.forward(&tokens, 0, &mut c2, LogitsFor::All).unwrap();
+        let max_diff = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(max_diff < 1e-3, "max |hf - gguf| = {max_diff}");
+        assert_eq!(a.argmax(), b.argmax());
+    }
+
+    #[test]
+    fn refuses_overflow_and_bad_tokens() {
+        let m = gguf_model(WeightFormat::F32);
+        let mut c = m.new_cache(8);
+        assert!(matches!(m.forward(&[1; 9], 0, &mut c, LogitsFor::Last), Err(ModelError::ContextOverflow { .. })));
+        assert!(m.forward(&[100_000], 0, &mut c, LogitsFor::Last).is_err());
+        assert!(m.forward(&[1], 3, &mut c, LogitsFor::Last).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The logits at a position are bit-identical whether it was computed one token at a time or
+        /// inside a k-token batch, after arbitrary rollbacks, for every weight storage.
+        #[test]
+        fn batched_forward_is_bit_identical_to_one_at_a_time(
+            seed: u64, plen in 1usize..20, k in 1usize..33, rollback in 0usize..20, fmt in 0usize..5,
+        ) {
+            let format = [
+                WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16,
+                WeightFormat::Quantized(GgmlDType::Q8_0), WeightFormat::Quantized(GgmlDType::Q4_1),
+            ][fmt];
+            let m = gguf_model(format);
+            let mut s = seed | 1;
+            let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s % 259) as u32 };
+            let prompt: Vec<u32> = (0..plen).map(|_| next()).collect();
+            let batch: Vec<u32> = (0..k).map(|_| next()).collect();
+            let junk: Vec<u32> = (0..5).map(|_| next()).collect();
+
+            // Reference: everything one token at a time in a fresh cache.
+            let mut c1 = m.new_cache(128);
+            let mut reference = Vec::new();
+            for (i, &t) in prompt.iter().chain(&batch).enumerate() {
+                let l = m.forward(&[t], i, &mut c1, LogitsFor::All).unwrap();
+                reference.push(bits(&l, 0));
+            }
+
+            // Batched, after writing and rolling back junk at a random point of the prompt.
+            let mut c2 = m.new_cache(128);
+            m.forward(&prompt, 0, &mut c2, LogitsFor::Last).unwrap();
+            let back = rollback.min(plen - 1);
+            m.forward(&junk, back + 1, &mut c2, LogitsFor::All).unwrap();
+            let redo = &prompt[back + 1..];
+            if !redo.is_empty() {
+                m.forward(redo, back + 1, &mut c2, LogitsFor::Last).unwrap();
+            }
+            let l = m.forward(&batch, plen, &mut c2, LogitsFor::All).unwrap();
+            for i in 0..k {
+                prop_assert_eq!(&bits(&l, i), &reference[plen + i], "format {} row {}", format, i);
+            }
+            prop_assert_eq!(c2.len(), plen + k);
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! From a model spec (`PATH[:FORMAT]`) to a ready model, tokenizer and chat template.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::chat::ChatTemplate;
+use crate::gguf::GgufFile;
+use crate::linear::WeightFormat;
+use crate::llama::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::ModelError;
+
+/// The checkpoint amusd fetches and uses by default (see `scripts/fetch-assets.sh`).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// `${AMUSD_HOME:-$HOME/.cache/amusd}`.
+pub fn amusd_home() -> PathBuf {
+    match std::env::var_os("AMUSD_HOME") {
+        Some(h) if !h.is_empty() => PathBuf::from(h),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/amusd"),
+    }
+}
+
+pub fn default_model_path() -> PathBuf {
+    amusd_home().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// A model file or directory and how to run its weights: `PATH[:FORMAT]`, e.g. `model.gguf:f32`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub path: PathBuf,
+    pub format: WeightFormat,
+}
+
+impl FromStr for ModelSpec {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(ModelError::Spec("empty model spec; expected PATH[:FORMAT]".into()));
+        }
+        if let Some((path, fmt)) = s.rsplit_once(':') {
+            if let Some(format) = WeightFormat::parse(fmt) {
+                return Ok(Self { path: path.into(), format });
+            }
+            // A colon in a path is legal; only complain when the path without the suffix exists.
+            if !Path::new(s).exists() && Path::new(path).exists() {
+                return Err(ModelError::Spec(format!(
+                    "unknown weight format '{fmt}' in '{s}'; expected one of: {}",
+                    WeightFormat::NAMES
+                )));
+            }
+        }
+        Ok(Self { path: s.into(), format: WeightFormat::AsStored })
+    }
+}
+
+impl std::fmt::Display for ModelSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.format)
+    }
+}
+
+/// A model ready to run, with what is needed to talk to it.
+pub struct LoadedModel {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Tokens that end a generation.
+    pub eos_ids: Vec<u32>,
+    /// A short human-readable name: file name and weight format.
+    pub name: String,
+}
+
+/// Loads a GGUF file or a Hugging Face checkpoint directory.
+pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+    let path = &spec.path;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if meta.is_dir() {
+        return load_hf_dir(path, spec.format, &file_name);
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") || path.file_name().is_some_and(|n| n == "config.json") {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        return load_hf_dir(dir, spec.format, &file_name);
+    }
+    let mut gguf = GgufFile::open(path)?;
+    let llama = gguf.load_llama(spec.format)?;
+    let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
+    let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata(), &tokenizer)?;
+    let eos_ids = tokenizer.eos_ids();
+    let name = format!("{file_name}:{}", llama.lm_head.storage_name());
+    finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
+}
+
+fn load_hf_dir(dir: &Path, format: WeightFormat, file_name: &str) -> Result<LoadedModel, ModelError> {
+    let (llama, hf) = crate::hf::load_llama(dir, format)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tok_path)?;
+    let chat_template = ChatTemplate::from_tokenizer_config(dir)?;
+    let mut eos_ids = hf.eos_ids();
+    if eos_ids.is_empty() {
+        eos_ids = tokenizer.eos_ids();
+    }
+    let name = format!("{file_name}:{}", llama.lm_head.storage_name());
+    finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
+}
+
+fn finish(m: LoadedModel) -> Result<LoadedModel, ModelError> {
+    let (tv, mv) = (m.tokenizer.vocab_size(), m.llama.config.vocab_size);
+    if tv > mv {
+        return Err(ModelError::Config(format!(
+            "the tokenizer has {tv} tokens but the model's embedding only {mv}: tokenizer and weights do not belong together"
+        )));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        let s: ModelSpec = "m.gguf:f32".parse().unwrap();
+        assert_eq!((s.path, s.format), (PathBuf::from("m.gguf"), WeightFormat::F32));
+        let s: ModelSpec = "dir/model".parse().unwrap();
+        assert_eq!(s.format, WeightFormat::AsStored);
+        assert!("".parse::<ModelSpec>().is_err());
+    }
+}

@@ -1,0 +1,201 @@
+//! Greedy decoders with a rollback-able cache, and the two roles built on them.
+
+use amusd_model::{KvCache, Llama, LogitsFor};
+
+use crate::SpecError;
+
+/// A model that predicts greedy next tokens and caches the positions it has seen.
+///
+/// Implementations keep keys and values for positions `0..cached()`; [`Decoder::greedy`] at `start`
+/// forgets everything from `start` on first, which is how both roles roll back.
+pub trait Decoder {
+    /// Positions currently cached.
+    fn cached(&self) -> usize;
+    /// The most positions one request can reach.
+    fn capacity(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Prepares an empty cache for a request of up to `len` positions.
+    fn reset(&mut self, len: usize) -> Result<(), SpecError>;
+    /// Runs `tokens` at positions `start..` and returns the greedy token following each position from
+    /// row `first_row` on.
+    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError>;
+    /// Forgets positions from `len` on.
+    fn truncate(&mut self, len: usize);
+}
+
+/// A [`Llama`] with its own KV cache.
+pub struct LlamaDecoder {
+    pub model: Llama,
+    pub cache: KvCache,
+}
+
+impl LlamaDecoder {
+    pub fn new(model: Llama) -> Self {
+        let cache = model.new_cache(0);
+        Self { model, cache }
+    }
+}
+
+impl Decoder for LlamaDecoder {
+    fn cached(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn capacity(&self) -> usize {
+        self.model.config.max_position
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
+        if len > self.capacity() {
+            return Err(amusd_model::ModelError::ContextOverflow { tokens: len, capacity: self.capacity() }.into());
+        }
+        self.cache.truncate(0);
+        self.cache.reserve(len);
+        Ok(())
+    }
+
+    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
+        let logits = self.model.forward(tokens, start, &mut self.cache, LogitsFor::From(first_row))?;
+        Ok(logits.argmax())
+    }
+
+    fn truncate(&mut self, len: usize) {
+        self.cache.truncate(len);
+    }
+}
+
+impl<D: Decoder + ?Sized> Decoder for Box<D> {
+    fn cached(&self) -> usize {
+        (**self).cached()
+    }
+    fn capacity(&self) -> usize {
+        (**self).capacity()
+    }
+    fn vocab_size(&self) -> usize {
+        (**self).vocab_size()
+    }
+    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
+        (**self).reset(len)
+    }
+    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
+        (**self).greedy(tokens, start, first_row)
+    }
+    fn truncate(&mut self, len: usize) {
+        (**self).truncate(len)
+    }
+}
+
+/// The verifying role: given the committed tokens and some draft tokens, returns the verify model's own
+/// greedy token at every draft position plus one.
+///
+/// Invariant between calls: the cache holds exactly `committed[..committed.len() - 1]` or a prefix of
+/// it (the last committed token is always fed with the draft, since its logits predict the first draft
+/// position).
+pub struct Verifier<D: Decoder> {
+    pub decoder: D,
+}
+
+impl<D: Decoder> Verifier<D> {
+    pub fn new(decoder: D) -> Self {
+        Self { decoder }
+    }
+
+    /// One batched forward over `committed[cached..] ++ draft`. Returns `draft.len() + 1` tokens:
+    /// element `i` is the verify model's token for position `committed.len() + i`.
+    pub fn verify(&mut self, committed: &[u32], draft: &[u32]) -> Result<Vec<u32>, SpecError> {
+        let n = committed.len();
+        if n == 0 {
+            return Err(SpecError::Protocol("cannot verify without a prompt".into()));
+        }
+        let start = self.decoder.cached().min(n - 1);
+        let mut input = Vec::with_capacity(n - start + draft.len());
+        input.extend_from_slice(&committed[start..]);
+        input.extend_from_slice(draft);
+        self.decoder.greedy(&input, start, n - 1 - start)
+    }
+
+    /// Drops cached positions that are not committed, after `committed_len` tokens were committed.
+    pub fn commit(&mut self, committed_len: usize) {
+        self.decoder.truncate(committed_len.saturating_sub(1));
+    }
+}
+
+/// The drafting role: extends its own copy of the sequence one greedy token at a time, and rolls back
+/// to agree with the committed tokens whenever they diverge from it.
+pub struct Drafter<D: Decoder> {
+    pub decoder: D,
+    /// The draft's sequence: committed tokens it has adopted, then its own proposals.
+    seq: Vec<u32>,
+    /// `seq[..agreed]` is known to equal the committed tokens.
+    agreed: usize,
+}
+
+/// What [`Drafter::sync`] had to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Sync {
+    /// The first position where the draft disagreed with the committed tokens, if any.
+    pub rollback_to: Option<usize>,
+    /// Committed tokens the draft adopted because it had not drafted that far.
+    pub adopted: usize,
+}
+
+impl<D: Decoder> Drafter<D> {
+    pub fn new(decoder: D) -> Self {
+        Self { decoder, seq: Vec::new(), agreed: 0 }
+    }
+
+    /// Starts a request: the sequence becomes `prompt`.
+    pub fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(), SpecError> {
+        self.decoder.reset(capacity)?;
+        self.seq.clear();
+        self.seq.extend_from_slice(prompt);
+        self.agreed = prompt.len();
+        Ok(())
+    }
+
+    pub fn seq(&self) -> &[u32] {
+        &self.seq
+    }
+
+    /// Proposals beyond the committed tokens (as of the last sync).
+    pub fn ahead(&self, committed_len: usize) -> usize {
+        self.seq.len().saturating_sub(committed_len)
+    }
+
+    /// Makes the sequence agree with `committed`: on the first disagreement, drops the draft from there
+    /// (rolling back its cache in O(1)), then adopts any committed tokens it lacks.
+    pub fn sync(&mut self, committed: &[u32]) -> Sync {
+        let mut out = Sync::default();
+        let common = self.seq.len().min(committed.len());
+        let from = self.agreed.min(common);
+        if let Some(p) = (from..common).find(|&p| self.seq[p] != committed[p]) {
+            self.seq.truncate(p);
+            self.decoder.truncate(p);
+            out.rollback_to = Some(p);
+        }
+        if committed.len() > self.seq.len() {
+            out.adopted = committed.len() - self.seq.len();
+            self.seq.extend_from_slice(&committed[self.seq.len()..]);
+        }
+        self.agreed = committed.len();
+        out
+    }
+
+    /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).
+    pub fn draft_one(&mut self) -> Result<u32, SpecError> {
+        let start = self.decoder.cached().min(self.seq.len() - 1);
+        let input = &self.seq[start..];
+        let last = input.len() - 1;
+        let tok = *self
+            .decoder
+            .greedy(input, start, last)?
+            .last()
+            .ok_or_else(|| SpecError::Protocol("decoder returned no token".into()))?;
+        self.seq.push(tok);
+        Ok(tok)
+    }
+}

@@ -1,0 +1,210 @@
+//! A deterministic stand-in model with no weights, for protocol tests.
+//!
+//! The "true" next token is a hash of the position and the last few tokens, so any slip in rollback or
+//! caching changes everything after it. A draft configured with `err=R` replaces the true token with
+//! a different one at a rate R, also decided by a hash of the context, so runs are reproducible.
+
+use std::time::Duration;
+
+use crate::decoder::Decoder;
+use crate::SpecError;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct FakeModel {
+    pub vocab: u32,
+    pub seed: u64,
+    /// Fraction of positions where this model deliberately disagrees with the error-free one.
+    pub err: f64,
+    /// Simulated compute per forward pass and per token, in microseconds.
+    pub us_per_token: u64,
+    /// The end-of-sequence id; the true model emits it about once every `eos_every` positions.
+    pub eos: u32,
+    pub eos_every: u64,
+    pub capacity: usize,
+}
+
+impl Default for FakeModel {
+    fn default() -> Self {
+        Self { vocab: 512, seed: 1, err: 0.0, us_per_token: 0, eos: 0, eos_every: 0, capacity: 1 << 16 }
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51afd7ed558ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ceb9fe1a85ec53);
+    x ^ (x >> 33)
+}
+
+impl FakeModel {
+    /// Parses `fake:vocab=512,seed=7,err=0.3,us=200,eos_every=64`.
+    pub fn parse(spec: &str) -> Result<Self, SpecError> {
+        let bad = || SpecError::FakeSpec(spec.to_string());
+        let rest = spec.strip_prefix("fake").ok_or_else(bad)?;
+        let rest = rest.strip_prefix(':').unwrap_or(rest);
+        let mut m = Self::default();
+        for kv in rest.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+            match k {
+                "vocab" => m.vocab = v.parse().map_err(|_| bad())?,
+                "seed" => m.seed = v.parse().map_err(|_| bad())?,
+                "err" => m.err = v.parse().map_err(|_| bad())?,
+                "us" => m.us_per_token = v.parse().map_err(|_| bad())?,
+                "eos" => m.eos = v.parse().map_err(|_| bad())?,
+                "eos_every" => m.eos_every = v.parse().map_err(|_| bad())?,
+                "ctx" => m.capacity = v.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        if m.vocab < 2 || !(0.0..=1.0).contains(&m.err) {
+            return Err(bad());
+        }
+        Ok(m)
+    }
+
+    pub fn is_fake(spec: &str) -> bool {
+        spec == "fake" || spec.starts_with("fake:")
+    }
+
+    /// The token this model predicts after `context`.
+    pub fn next(&self, context: &[u32]) -> u32 {
+        let n = context.len() as u64;
+        let mut h = mix(self.seed ^ n.wrapping_mul(0x9e3779b97f4a7c15));
+        for &t in context.iter().rev().take(3) {
+            h = mix(h ^ t as u64);
+        }
+        let truth = if self.eos_every > 0 && h % self.eos_every == 0 {
+            self.eos
+        } else {
+            // Never the eos id by accident.
+            let t = ((h >> 17) % self.vocab as u64) as u32;
+            if t == self.eos && self.eos_every > 0 {
+                (t + 1) % self.vocab
+            } else {
+                t
+            }
+        };
+        if self.err > 0.0 {
+            let e = mix(h ^ 0x5bd1e995 ^ self.seed.rotate_left(17));
+            if (e as f64 / u64::MAX as f64) < self.err {
+                let wrong = (truth + 1 + (e % (self.vocab as u64 - 1)) as u32) % self.vocab;
+                return wrong;
+            }
+        }
+        truth
+    }
+
+    /// The error-free model with the same seed.
+    pub fn truth(&self) -> Self {
+        Self { err: 0.0, ..self.clone() }
+    }
+}
+
+/// A [`FakeModel`] with its "cache": the tokens it has been fed.
+pub struct FakeDecoder {
+    pub model: FakeModel,
+    seen: Vec<u32>,
+}
+
+impl FakeDecoder {
+    pub fn new(model: FakeModel) -> Self {
+        Self { model, seen: Vec::new() }
+    }
+}
+
+impl Decoder for FakeDecoder {
+    fn cached(&self) -> usize {
+        self.seen.len()
+    }
+    fn capacity(&self) -> usize {
+        self.model.capacity
+    }
+    fn vocab_size(&self) -> usize {
+        self.model.vocab as usize
+    }
+    fn reset(&mut self, _len: usize) -> Result<(), SpecError> {
+        self.seen.clear();
+        Ok(())
+    }
+    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
+        if start > self.seen.len() {
+            return Err(SpecError::Protocol(format!("fake forward at {start} with {} cached", self.seen.len())));
+        }
+        if let Some(t) = tokens.iter().find(|&&t| t >= self.model.vocab) {
+            return Err(SpecError::Protocol(format!("token {t} outside the fake vocabulary")));
+        }
+        if self.model.us_per_token > 0 {
+            // Simulated compute, so that timing-dependent interleavings of the workers get exercised.
+            std::thread::sleep(Duration::from_micros(self.model.us_per_token * (1 + tokens.len() as u64 / 4)));
+        }
+        self.seen.truncate(start);
+        let mut out = Vec::with_capacity(tokens.len().saturating_sub(first_row));
+        for (i, &t) in tokens.iter().enumerate() {
+            self.seen.push(t);
+            if i >= first_row {
+                out.push(self.model.next(&self.seen));
+            }
+        }
+        Ok(out)
+    }
+    fn truncate(&mut self, len: usize) {
+        self.seen.truncate(len);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decoder::{Drafter, Verifier};
+    use crate::generate::{autoregressive, speculative};
+    use crate::policy::StopCriteria;
+    use proptest::prelude::*;
+
+    fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
+        (0..len as u64).map(|i| (mix(seed ^ i) % vocab as u64) as u32).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Synchronous speculative decoding commits exactly the autoregressive tokens, whatever the
+        /// draft's error rate and lookahead.
+        #[test]
+        fn sd_equals_ar(seed: u64, err in 0.0f64..1.0, lookahead in 1usize..12, plen in 1usize..20, max_new in 0usize..80) {
+            let truth = FakeModel { seed, eos_every: 40, ..Default::default() };
+            let draft = FakeModel { err, ..truth.clone() };
+            let p = prompt(seed, plen, truth.vocab);
+            let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
+            let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+            let ar = autoregressive(&mut v, &p, &stop, &mut |_| {}).unwrap();
+            let mut d = Drafter::new(FakeDecoder::new(draft));
+            let mut streamed = Vec::new();
+            let sd = speculative(&mut v, &mut d, &p, &stop, lookahead, &mut |t| streamed.extend_from_slice(t)).unwrap();
+            prop_assert_eq!(&ar.tokens, &sd.tokens);
+            prop_assert_eq!(&streamed, &sd.tokens);
+            prop_assert_eq!(ar.finish, sd.finish);
+            prop_assert!(sd.tokens.len() <= max_new);
+            prop_assert!(!sd.tokens.contains(&truth.eos));
+        }
+    }
+
+    #[test]
+    fn parses_specs() {
+        let m = FakeModel::parse("fake:vocab=100,seed=3,err=0.25,us=10").unwrap();
+        assert_eq!((m.vocab, m.seed, m.err, m.us_per_token), (100, 3, 0.25, 10));
+        assert!(FakeModel::parse("fake:vocab=1").is_err());
+        assert!(FakeModel::parse("fake:bogus=1").is_err());
+        assert!(FakeModel::parse("fake:err=2").is_err());
+    }
+
+    #[test]
+    fn error_rate_is_roughly_honoured() {
+        let truth = FakeModel::default();
+        let draft = FakeModel { err: 0.3, ..truth.clone() };
+        let ctx = prompt(9, 4000, truth.vocab);
+        let wrong = (1..ctx.len()).filter(|&i| truth.next(&ctx[..i]) != draft.next(&ctx[..i])).count();
+        let rate = wrong as f64 / ctx.len() as f64;
+        assert!((0.25..0.35).contains(&rate), "{rate}");
+    }
+}

@@ -1,0 +1,206 @@
+//! In-process generation: autoregressive (`ar`) and synchronous speculative decoding (`sd`).
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::decoder::{Decoder, Drafter, Verifier};
+pub use crate::policy::Finish as FinishReason;
+use crate::policy::{accept, StopCriteria};
+use crate::SpecError;
+
+/// Timings and acceptance figures of one generation. Times in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Metrics {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// From the start of the request to the first generated token (prefill included).
+    pub ttft: f64,
+    /// From the first generated token to the last; `decode_time / (new_tokens - 1)` is the per-token
+    /// decode cost, the same definition for every strategy.
+    pub decode_time: f64,
+    pub total_time: f64,
+    pub proposed: usize,
+    pub accepted: usize,
+    pub verify_steps: usize,
+    pub rollbacks: usize,
+    /// Seconds spent in each draft forward.
+    pub draft_times: Vec<f64>,
+    /// Seconds spent in each verify forward.
+    pub verify_times: Vec<f64>,
+    /// Draft tokens accepted by each verify step.
+    pub accepted_per_step: Vec<usize>,
+}
+
+impl Metrics {
+    pub fn ms_per_token(&self) -> f64 {
+        if self.new_tokens > 1 {
+            1e3 * self.decode_time / (self.new_tokens - 1) as f64
+        } else {
+            1e3 * self.total_time
+        }
+    }
+
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.proposed == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.proposed as f64
+        }
+    }
+
+    /// Mean tokens committed per verify forward.
+    pub fn tokens_per_step(&self) -> f64 {
+        if self.verify_steps == 0 {
+            0.0
+        } else {
+            self.new_tokens as f64 / self.verify_steps as f64
+        }
+    }
+}
+
+/// The result of one generation.
+#[derive(Clone, Debug, Serialize)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+    pub metrics: Metrics,
+}
+
+/// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
+pub(crate) struct Committer<'a> {
+    pub committed: Vec<u32>,
+    prompt_len: usize,
+    stop: &'a StopCriteria,
+    on_tokens: &'a mut dyn FnMut(&[u32]),
+    started: Instant,
+    first_token: Option<Instant>,
+    pub metrics: Metrics,
+    pub finish: Option<FinishReason>,
+}
+
+impl<'a> Committer<'a> {
+    pub fn new(prompt: &[u32], stop: &'a StopCriteria, on_tokens: &'a mut dyn FnMut(&[u32])) -> Self {
+        let metrics = Metrics { prompt_tokens: prompt.len(), ..Default::default() };
+        let finish = (stop.max_new_tokens == 0).then_some(FinishReason::Length);
+        Self {
+            committed: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            stop,
+            on_tokens,
+            started: Instant::now(),
+            first_token: None,
+            metrics,
+            finish,
+        }
+    }
+
+    pub fn generated(&self) -> usize {
+        self.committed.len() - self.prompt_len
+    }
+
+    /// Commits what the policy accepted, clipped by the stop rules.
+    pub fn push(&mut self, tokens: &[u32]) {
+        let (keep, finish) = self.stop.clip(self.generated(), tokens);
+        if keep > 0 {
+            self.first_token.get_or_insert_with(Instant::now);
+            self.committed.extend_from_slice(&tokens[..keep]);
+            (self.on_tokens)(&tokens[..keep]);
+        }
+        self.finish = self.finish.or(finish);
+    }
+
+    pub fn done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    pub fn finish(mut self) -> Generation {
+        let end = Instant::now();
+        let m = &mut self.metrics;
+        m.new_tokens = self.committed.len() - self.prompt_len;
+        m.total_time = (end - self.started).as_secs_f64();
+        if let Some(first) = self.first_token {
+            m.ttft = (first - self.started).as_secs_f64();
+            m.decode_time = (end - first).as_secs_f64();
+        }
+        Generation {
+            tokens: self.committed[self.prompt_len..].to_vec(),
+            finish: self.finish.unwrap_or(FinishReason::Length),
+            metrics: self.metrics,
+        }
+    }
+}
+
+/// Plain greedy decoding: one verify-model token per forward pass.
+pub fn autoregressive<D: Decoder>(
+    verifier: &mut Verifier<D>,
+    prompt: &[u32],
+    stop: &StopCriteria,
+    on_tokens: &mut dyn FnMut(&[u32]),
+) -> Result<Generation, SpecError> {
+    check_fits(verifier.decoder.capacity(), prompt.len(), stop.max_new_tokens, 1)?;
+    verifier.decoder.reset(prompt.len() + stop.max_new_tokens + 1)?;
+    let mut c = Committer::new(prompt, stop, on_tokens);
+    while !c.done() {
+        let t = Instant::now();
+        let next = verifier.verify(&c.committed, &[])?;
+        c.metrics.verify_times.push(t.elapsed().as_secs_f64());
+        c.metrics.verify_steps += 1;
+        c.push(&next);
+        verifier.commit(c.committed.len());
+    }
+    Ok(c.finish())
+}
+
+/// Synchronous speculative decoding: the draft proposes `lookahead` tokens, the verify model checks
+/// them in one forward pass, the policy commits the matching prefix plus one; repeat.
+pub fn speculative<D: Decoder, P: Decoder>(
+    verifier: &mut Verifier<D>,
+    drafter: &mut Drafter<P>,
+    prompt: &[u32],
+    stop: &StopCriteria,
+    lookahead: usize,
+    on_tokens: &mut dyn FnMut(&[u32]),
+) -> Result<Generation, SpecError> {
+    let lookahead = lookahead.max(1);
+    check_fits(verifier.decoder.capacity(), prompt.len(), stop.max_new_tokens, lookahead + 1)?;
+    let capacity = prompt.len() + stop.max_new_tokens + lookahead + 1;
+    verifier.decoder.reset(capacity)?;
+    drafter.start(prompt, capacity)?;
+    let mut c = Committer::new(prompt, stop, on_tokens);
+    while !c.done() {
+        let sync = drafter.sync(&c.committed);
+        c.metrics.rollbacks += sync.rollback_to.is_some() as usize;
+        // Never draft past the budget: those tokens could not be committed anyway.
+        let n_draft = lookahead.min((stop.max_new_tokens - c.generated()).saturating_sub(1));
+        let mut draft = Vec::with_capacity(n_draft);
+        for _ in 0..n_draft {
+            let t = Instant::now();
+            draft.push(drafter.draft_one()?);
+            c.metrics.draft_times.push(t.elapsed().as_secs_f64());
+        }
+        let t = Instant::now();
+        let verified = verifier.verify(&c.committed, &draft)?;
+        c.metrics.verify_times.push(t.elapsed().as_secs_f64());
+        let (tokens, n_accepted) = accept(&draft, &verified);
+        c.metrics.verify_steps += 1;
+        c.metrics.proposed += draft.len();
+        c.metrics.accepted += n_accepted;
+        c.metrics.accepted_per_step.push(n_accepted);
+        c.push(&tokens);
+        verifier.commit(c.committed.len());
+    }
+    Ok(c.finish())
+}
+
+/// Refuses requests that cannot fit in the model's context, before any work is done.
+pub fn check_fits(capacity: usize, prompt: usize, max_new: usize, slack: usize) -> Result<(), SpecError> {
+    if prompt == 0 {
+        return Err(SpecError::Protocol("the prompt is empty: give at least one token".into()));
+    }
+    let need = prompt.saturating_add(max_new).saturating_add(slack);
+    if need > capacity {
+        return Err(amusd_model::ModelError::ContextOverflow { tokens: need, capacity }.into());
+    }
+    Ok(())
+}

@@ -1,0 +1,32 @@
+//! Speculative decoding for amusd.
+//!
+//! Split as mistral.rs splits it: a [`Drafter`] proposes tokens, a [`Verifier`] checks them in one
+//! batched forward pass, and [`policy`] decides what is committed. The same three pieces run
+//! autoregressive decoding (a verifier with nothing to check), synchronous speculative decoding
+//! ([`generate::speculative`]) and the two AMUSD worker processes ([`worker`]), so the strategies
+//! cannot drift apart: their greedy outputs are identical by construction, given the batch-invariant
+//! forward pass of `amusd-model`.
+
+pub mod bind;
+pub mod decoder;
+pub mod fake;
+pub mod generate;
+pub mod policy;
+pub mod worker;
+
+pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
+pub use generate::{FinishReason, Generation, Metrics};
+pub use policy::StopCriteria;
+
+/// Errors of the decoding loops.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error(transparent)]
+    Model(#[from] amusd_model::ModelError),
+    #[error(transparent)]
+    Shm(#[from] amusd_shm::ShmError),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
+    FakeSpec(String),
+}

@@ -1,0 +1,1 @@
+//! AMUSD worker loops (pending shm API).

@@ -1,0 +1,49 @@
+//! `amusd`: the coordinator command line.
+
+mod assets;
+mod generate;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "amusd", version, about = "Asynchronous multi-device speculative decoding (AMUSD)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt with one strategy (ar, sd or amusd).
+    Generate(generate::GenerateArgs),
+    /// Time one forward pass over k new tokens for several weight formats (a micro-benchmark).
+    #[command(hide = true)]
+    Forward(generate::ForwardBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Forward(args) => generate::forward_bench(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, the causes joined: user errors are not bugs and get no backtrace.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg.push_str(": ");
+                    msg.push_str(&c);
+                }
+            }
+            eprintln!("amusd: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
