@@ -43,10 +43,10 @@ impl LlamaConfig {
         if self.vocab_size == 0 || self.hidden_size == 0 || self.n_layers == 0 || self.intermediate_size == 0 {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!("{} heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} must be even", self.head_dim));
         }
         if let Some(f) = &self.rope_freq_factors {

@@ -23,6 +23,10 @@ pub enum ModelError {
     Device(String),
     #[error("{tokens} tokens do not fit in the {capacity}-token context; shorten the prompt or lower --max-new-tokens")]
     ContextOverflow { tokens: usize, capacity: usize },
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("chat template: {0}")]
+    Chat(#[from] crate::chat::ChatError),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }

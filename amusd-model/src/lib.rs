@@ -19,7 +19,8 @@ pub mod hf;
 pub mod kernels;
 pub mod linear;
 pub mod llama;
-// pub mod loader; (re-enabled once tokenizer/chat land)
+pub mod loader;
+pub mod paths;
 pub mod testing;
 pub mod tokenizer;
 
@@ -29,3 +30,5 @@ pub use device::DeviceSpec;
 pub use error::ModelError;
 pub use linear::{Linear, WeightFormat};
 pub use llama::{Llama, Logits, LogitsFor};
+pub use loader::{load, LoadedModel, ModelSpec};
+pub use paths::default_model_path;

@@ -157,7 +157,7 @@ pub fn weights_from_f32(data: Vec<f32>, rows: usize, cols: usize, format: Weight
         WeightFormat::F16 => Weights::F16(Arc::new(data.iter().map(|v| half::f16::from_f32(*v)).collect())),
         WeightFormat::Bf16 => Weights::Bf16(Arc::new(data.iter().map(|v| half::bf16::from_f32(*v)).collect())),
         WeightFormat::Quantized(dtype) => {
-            if cols % dtype.block_size() != 0 {
+            if !cols.is_multiple_of(dtype.block_size()) {
                 return Err(ModelError::Unsupported(format!(
                     "cannot quantize a matrix with {cols} columns to {dtype:?} (block size {})",
                     dtype.block_size()

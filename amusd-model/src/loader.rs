@@ -8,22 +8,9 @@ use crate::gguf::GgufFile;
 use crate::linear::WeightFormat;
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
+
+pub use crate::paths::{amusd_home, default_model_path, DEFAULT_MODEL_FILE};
 use crate::ModelError;
-
-/// The checkpoint amusd fetches and uses by default (see `scripts/fetch-assets.sh`).
-pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-
-/// `${AMUSD_HOME:-$HOME/.cache/amusd}`.
-pub fn amusd_home() -> PathBuf {
-    match std::env::var_os("AMUSD_HOME") {
-        Some(h) if !h.is_empty() => PathBuf::from(h),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/amusd"),
-    }
-}
-
-pub fn default_model_path() -> PathBuf {
-    amusd_home().join("models").join(DEFAULT_MODEL_FILE)
-}
 
 /// A model file or directory and how to run its weights: `PATH[:FORMAT]`, e.g. `model.gguf:f32`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +59,37 @@ pub struct LoadedModel {
     pub name: String,
 }
 
+/// What is needed to talk to a model, without its weights: cheap (a GGUF header or a few JSON files),
+/// so the coordinator can tokenize and check vocabularies while the workers load the weights.
+pub struct ModelText {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub eos_ids: Vec<u32>,
+}
+
+/// Loads the tokenizer, chat template and stop ids of a model.
+pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
+    let path = &spec.path;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+    let dir = if meta.is_dir() {
+        Some(path.as_path())
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
+        path.parent()
+    } else {
+        None
+    };
+    if let Some(dir) = dir {
+        let hf = crate::hf::HfConfig::read(dir)?;
+        let (tokenizer, chat_template, eos_ids) = hf_text(dir, &hf)?;
+        return Ok(ModelText { tokenizer, chat_template, eos_ids });
+    }
+    let gguf = GgufFile::open(path)?;
+    let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
+    let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
+    let eos_ids = stop_ids(&tokenizer);
+    Ok(ModelText { tokenizer, chat_template, eos_ids })
+}
+
 /// Loads a GGUF file or a Hugging Face checkpoint directory.
 pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let path = &spec.path;
@@ -87,23 +105,40 @@ pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let mut gguf = GgufFile::open(path)?;
     let llama = gguf.load_llama(spec.format)?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
-    let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata(), &tokenizer)?;
-    let eos_ids = tokenizer.eos_ids();
+    let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
+    let eos_ids = stop_ids(&tokenizer);
     let name = format!("{file_name}:{}", llama.lm_head.storage_name());
     finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
 }
 
 fn load_hf_dir(dir: &Path, format: WeightFormat, file_name: &str) -> Result<LoadedModel, ModelError> {
     let (llama, hf) = crate::hf::load_llama(dir, format)?;
-    let tok_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tok_path)?;
-    let chat_template = ChatTemplate::from_tokenizer_config(dir)?;
-    let mut eos_ids = hf.eos_ids();
-    if eos_ids.is_empty() {
-        eos_ids = tokenizer.eos_ids();
-    }
+    let (tokenizer, chat_template, eos_ids) = hf_text(dir, &hf)?;
     let name = format!("{file_name}:{}", llama.lm_head.storage_name());
     finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
+}
+
+fn hf_text(dir: &Path, hf: &crate::hf::HfConfig) -> Result<(Tokenizer, Option<ChatTemplate>, Vec<u32>), ModelError> {
+    let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+    let tc = dir.join("tokenizer_config.json");
+    let chat_template = if tc.is_file() { ChatTemplate::from_tokenizer_config(tc)? } else { None };
+    let mut eos_ids = hf.eos_ids();
+    if eos_ids.is_empty() {
+        eos_ids = stop_ids(&tokenizer);
+    } else {
+        let mut special = *tokenizer.special_tokens();
+        special.eos = eos_ids.first().copied();
+        tokenizer = tokenizer.with_special_tokens(special);
+    }
+    Ok((tokenizer, chat_template, eos_ids))
+}
+
+/// The end-of-sequence and end-of-turn ids a tokenizer names.
+fn stop_ids(t: &Tokenizer) -> Vec<u32> {
+    let s = t.special_tokens();
+    let mut ids: Vec<u32> = [s.eos, s.eot].into_iter().flatten().collect();
+    ids.dedup();
+    ids
 }
 
 fn finish(m: LoadedModel) -> Result<LoadedModel, ModelError> {

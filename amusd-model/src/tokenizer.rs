@@ -131,7 +131,8 @@ impl Tokenizer {
     /// - `llama3`, `llama-v3`, `llama-bpe`, `smaug-bpe`: Llama 3's split, digits in threes;
     /// - `qwen2`, `stablelm2`, `deepseek-r1-qwen`: Qwen2's split with NFC normalisation.
     ///
-    /// Anything else, including llama.cpp's catch-all `default`, gets the plain GPT-2 split. That is
+    /// Anything else, including llama.cpp's catch-all `default` and a missing key, gets the plain
+    /// GPT-2 split. That is
     /// an approximation: ids may differ from the reference tokenizer on digits, punctuation runs or
     /// non-Latin scripts, though decoding stays exact. [`Tokenizer::is_approximate`] reports it so
     /// callers can warn.
@@ -147,7 +148,12 @@ impl Tokenizer {
                 merge
                     .split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| bad("tokenizer.ggml.merges", format!("entry {merge:?} is not two tokens separated by a space")))
+                    .ok_or_else(|| {
+                        bad(
+                            "tokenizer.ggml.merges",
+                            format!("entry {merge:?} is not two tokens separated by a space"),
+                        )
+                    })
             })
             .collect::<Result<Merges>>()?;
 
@@ -155,7 +161,8 @@ impl Tokenizer {
         // trained with for that string wins.
         let mut vocab = Vocab::with_capacity(tokens.len());
         for (id, token) in tokens.iter().enumerate() {
-            let id = u32::try_from(id).map_err(|_| bad("tokenizer.ggml.tokens", "more than 2^32 tokens"))?;
+            let id = u32::try_from(id)
+                .map_err(|_| bad("tokenizer.ggml.tokens", "more than 2^32 tokens"))?;
             vocab.entry(token.to_string()).or_insert(id);
         }
         let bpe = BPE::builder()
@@ -165,32 +172,50 @@ impl Tokenizer {
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let pre = match metadata.get("tokenizer.ggml.pre") {
-            Some(v) => v.to_string().map_err(|e| bad("tokenizer.ggml.pre", e))?.as_str(),
-            // Files converted before llama.cpp recorded the pre-tokenizer were all GPT-2 style.
-            None => "gpt2",
+            Some(v) => v
+                .to_string()
+                .map_err(|e| bad("tokenizer.ggml.pre", e))?
+                .as_str(),
+            // Files converted before llama.cpp recorded the pre-tokenizer; llama.cpp calls this
+            // "default" and warns that tokenization may be off, which is_approximate reports.
+            None => "default",
         };
         let approximate = configure_pre_tokenizer(&mut inner, pre)?;
         inner.with_decoder(Some(ByteLevel::new(false, true, true)));
 
         let types = match metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(|e| bad("tokenizer.ggml.token_type", e))?.as_slice(),
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| bad("tokenizer.ggml.token_type", e))?
+                .as_slice(),
             None => &[],
         };
         let mut specials = Vec::new();
         let mut user_defined = Vec::new();
         for (id, ty) in types.iter().enumerate() {
-            let ty = gguf_int(ty).ok_or_else(|| bad("tokenizer.ggml.token_type", format!("entry {id} is {ty:?}, not an integer")))?;
+            let ty = gguf_int(ty).ok_or_else(|| {
+                bad(
+                    "tokenizer.ggml.token_type",
+                    format!("entry {id} is {ty:?}, not an integer"),
+                )
+            })?;
             let Some(token) = tokens.get(id) else { break };
             match ty {
-                TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL => specials.push(AddedToken::from(token.to_string(), true)),
+                TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL => {
+                    specials.push(AddedToken::from(token.to_string(), true))
+                }
                 TOKEN_TYPE_USER_DEFINED => {
                     user_defined.push(AddedToken::from(token.to_string(), false).normalized(false))
                 }
                 _ => {}
             }
         }
-        inner.add_special_tokens(specials).map_err(|e| TokenizerError::Build(e.to_string()))?;
-        inner.add_tokens(user_defined).map_err(|e| TokenizerError::Build(e.to_string()))?;
+        inner
+            .add_special_tokens(specials)
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
+        inner
+            .add_tokens(user_defined)
+            .map_err(|e| TokenizerError::Build(e.to_string()))?;
 
         let id = |key: &'static str| gguf_token_id(metadata, key, tokens.len());
         let special = SpecialTokens {
@@ -207,13 +232,24 @@ impl Tokenizer {
         let add_bos = flag("tokenizer.ggml.add_bos_token")?;
         let add_eos = flag("tokenizer.ggml.add_eos_token")?;
         if add_bos && special.bos.is_none() {
-            return Err(TokenizerError::MissingMetadata("tokenizer.ggml.bos_token_id"));
+            return Err(TokenizerError::MissingMetadata(
+                "tokenizer.ggml.bos_token_id",
+            ));
         }
         if add_eos && special.eos.is_none() {
-            return Err(TokenizerError::MissingMetadata("tokenizer.ggml.eos_token_id"));
+            return Err(TokenizerError::MissingMetadata(
+                "tokenizer.ggml.eos_token_id",
+            ));
         }
 
-        Ok(Self { inner, special, add_bos, add_eos, byte_level_decoder: true, approximate })
+        Ok(Self {
+            inner,
+            special,
+            add_bos,
+            add_eos,
+            byte_level_decoder: true,
+            approximate,
+        })
     }
 
     /// Loads a Hugging Face `tokenizer.json`.
@@ -223,8 +259,10 @@ impl Tokenizer {
     /// [`Tokenizer::with_special_tokens`] sets it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), reason: one_line(&e.to_string()) })?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            reason: one_line(&e.to_string()),
+        })?;
         Ok(Self::from_inner(inner))
     }
 
@@ -255,8 +293,14 @@ impl Tokenizer {
             .encode(text, add_special_tokens)
             .map_err(|e| TokenizerError::Encode(one_line(&e.to_string())))?;
         let body = encoding.get_ids();
-        let bos = self.special.bos.filter(|_| add_special_tokens && self.add_bos);
-        let eos = self.special.eos.filter(|_| add_special_tokens && self.add_eos);
+        let bos = self
+            .special
+            .bos
+            .filter(|_| add_special_tokens && self.add_bos);
+        let eos = self
+            .special
+            .eos
+            .filter(|_| add_special_tokens && self.add_eos);
         let mut ids = Vec::with_capacity(body.len() + 2);
         ids.extend(bos);
         ids.extend_from_slice(body);
@@ -304,8 +348,8 @@ impl Tokenizer {
         &self.special
     }
 
-    /// True when built from GGUF metadata whose pre-tokenizer type is unknown, so a plain GPT-2
-    /// split stands in for it (see [`Tokenizer::from_gguf_metadata`]).
+    /// True when built from GGUF metadata whose pre-tokenizer type is unknown or missing, so a plain
+    /// GPT-2 split stands in for it (see [`Tokenizer::from_gguf_metadata`]).
     pub fn is_approximate(&self) -> bool {
         self.approximate
     }
@@ -323,20 +367,33 @@ fn configure_pre_tokenizer(inner: &mut tokenizers::Tokenizer, pre: &str) -> Resu
     let gpt2_split = ByteLevel::new(false, true, true);
     let bytes_only = ByteLevel::new(false, true, false);
     let regex_split = |regex: &str| {
-        Split::new(SplitPattern::Regex(regex.to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| TokenizerError::Build(format!("pre-tokenizer regex for '{pre}': {e}")))
+        Split::new(
+            SplitPattern::Regex(regex.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| TokenizerError::Build(format!("pre-tokenizer regex for '{pre}': {e}")))
     };
     let (pre_tokenizer, approximate): (PreTokenizerWrapper, bool) = match pre {
         "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
-            (Sequence::new(vec![Digits::new(true).into(), gpt2_split.into()]).into(), false)
+            (
+                Sequence::new(vec![Digits::new(true).into(), gpt2_split.into()]).into(),
+                false,
+            )
         }
         "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" => (gpt2_split.into(), false),
-        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => {
-            (Sequence::new(vec![regex_split(REGEX_LLAMA3)?.into(), bytes_only.into()]).into(), false)
-        }
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" => (
+            Sequence::new(vec![regex_split(REGEX_LLAMA3)?.into(), bytes_only.into()]).into(),
+            false,
+        ),
         "qwen2" | "stablelm2" | "deepseek-r1-qwen" => {
-            inner.with_normalizer(Some(NFC)).map_err(|e| TokenizerError::Build(e.to_string()))?;
-            (Sequence::new(vec![regex_split(REGEX_QWEN2)?.into(), bytes_only.into()]).into(), false)
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| TokenizerError::Build(e.to_string()))?;
+            (
+                Sequence::new(vec![regex_split(REGEX_QWEN2)?.into(), bytes_only.into()]).into(),
+                false,
+            )
         }
         _ => (gpt2_split.into(), true),
     };
@@ -345,7 +402,10 @@ fn configure_pre_tokenizer(inner: &mut tokenizers::Tokenizer, pre: &str) -> Resu
 }
 
 fn bad(key: &str, reason: impl fmt::Display) -> TokenizerError {
-    TokenizerError::BadMetadata { key: key.to_string(), reason: one_line(&reason.to_string()) }
+    TokenizerError::BadMetadata {
+        key: key.to_string(),
+        reason: one_line(&reason.to_string()),
+    }
 }
 
 /// Error texts from candle and `tokenizers` can span lines (candle appends backtraces); ours are one.
@@ -354,12 +414,22 @@ fn one_line(text: &str) -> String {
 }
 
 fn gguf_string<'a>(metadata: &'a HashMap<String, Value>, key: &'static str) -> Result<&'a str> {
-    let value = metadata.get(key).ok_or(TokenizerError::MissingMetadata(key))?;
-    value.to_string().map(String::as_str).map_err(|e| bad(key, e))
+    let value = metadata
+        .get(key)
+        .ok_or(TokenizerError::MissingMetadata(key))?;
+    value
+        .to_string()
+        .map(String::as_str)
+        .map_err(|e| bad(key, e))
 }
 
-fn gguf_strings<'a>(metadata: &'a HashMap<String, Value>, key: &'static str) -> Result<Vec<&'a str>> {
-    let values = metadata.get(key).ok_or(TokenizerError::MissingMetadata(key))?;
+fn gguf_strings<'a>(
+    metadata: &'a HashMap<String, Value>,
+    key: &'static str,
+) -> Result<Vec<&'a str>> {
+    let values = metadata
+        .get(key)
+        .ok_or(TokenizerError::MissingMetadata(key))?;
     let values = values.to_vec().map_err(|e| bad(key, e))?;
     values
         .iter()
@@ -387,14 +457,23 @@ fn gguf_int(value: &Value) -> Option<i64> {
 }
 
 /// An optional token id, checked against the vocabulary size.
-fn gguf_token_id(metadata: &HashMap<String, Value>, key: &'static str, vocab_size: usize) -> Result<Option<u32>> {
-    let Some(value) = metadata.get(key) else { return Ok(None) };
+fn gguf_token_id(
+    metadata: &HashMap<String, Value>,
+    key: &'static str,
+    vocab_size: usize,
+) -> Result<Option<u32>> {
+    let Some(value) = metadata.get(key) else {
+        return Ok(None);
+    };
     let id = gguf_int(value).ok_or_else(|| bad(key, format!("{value:?} is not an integer")))?;
     match usize::try_from(id) {
         Ok(index) if index < vocab_size => Ok(u32::try_from(id).ok()),
         // llama.cpp writes -1 (as u32::MAX when unsigned) for "no such token".
         _ if id == -1 || id == i64::from(u32::MAX) => Ok(None),
-        _ => Err(bad(key, format!("id {id} is outside the {vocab_size}-token vocabulary"))),
+        _ => Err(bad(
+            key,
+            format!("id {id} is outside the {vocab_size}-token vocabulary"),
+        )),
     }
 }
 
@@ -406,9 +485,9 @@ fn byte_level_byte(c: char) -> Option<u8> {
         code @ 0x100..=0x143 => {
             let n = code - 0x100;
             let byte = match n {
-                0..=32 => n,               // 0x00..=0x20: controls and space
-                33..=66 => 0x7F + n - 33,  // 0x7F..=0xA0: DEL, C1 controls, NBSP
-                _ => 0xAD,                 // soft hyphen
+                0..=32 => n,              // 0x00..=0x20: controls and space
+                33..=66 => 0x7F + n - 33, // 0x7F..=0xA0: DEL, C1 controls, NBSP
+                _ => 0xAD,                // soft hyphen
             };
             u8::try_from(byte).ok()
         }
@@ -439,21 +518,35 @@ pub struct TokenStream<'a> {
 enum StreamState {
     /// Bytes of a character not yet complete.
     Bytes { pending: Vec<u8> },
-    /// `ids[..context]` were already emitted and are kept only as left context, because decoders such
-    /// as `Metaspace` render a token differently at the start of a sequence; `context_text` is their
-    /// decoding.
-    Window { ids: Vec<u32>, context: usize, context_text: String },
+    /// `ids[..context]` were already emitted and are kept only as left context, because
+    /// SentencePiece-style decoders render a token differently at the start of a sequence (they strip
+    /// its leading space); `context_text` is their decoding.
+    Window {
+        ids: Vec<u32>,
+        context: usize,
+        context_text: String,
+    },
 }
 
 impl<'a> TokenStream<'a> {
     /// A stream that decodes like `tokenizer.decode(ids, skip_special_tokens)`.
     pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
         let state = if tokenizer.byte_level_decoder {
-            StreamState::Bytes { pending: Vec::new() }
+            StreamState::Bytes {
+                pending: Vec::new(),
+            }
         } else {
-            StreamState::Window { ids: Vec::new(), context: 0, context_text: String::new() }
+            StreamState::Window {
+                ids: Vec::new(),
+                context: 0,
+                context_text: String::new(),
+            }
         };
-        Self { tokenizer, skip_special_tokens, state }
+        Self {
+            tokenizer,
+            skip_special_tokens,
+            state,
+        }
     }
 
     /// Feeds the next id; returns the text it completes, empty when it completes no character.
@@ -463,19 +556,30 @@ impl<'a> TokenStream<'a> {
                 let inner = &self.tokenizer.inner;
                 // Same filtering as `tokenizers::Tokenizer::decode`: unknown ids vanish, and special
                 // tokens do when asked.
-                let Some(token) = inner.id_to_token(id) else { return Ok(String::new()) };
-                if self.skip_special_tokens && inner.get_added_vocabulary().is_special_token(&token) {
+                let Some(token) = inner.id_to_token(id) else {
+                    return Ok(String::new());
+                };
+                if self.skip_special_tokens && inner.get_added_vocabulary().is_special_token(&token)
+                {
                     return Ok(String::new());
                 }
                 // Same rule as the ByteLevel decoder: a token containing any character outside the
                 // byte-level alphabet (an added token such as "你好") is taken as literal UTF-8.
-                match token.chars().map(byte_level_byte).collect::<Option<Vec<u8>>>() {
+                match token
+                    .chars()
+                    .map(byte_level_byte)
+                    .collect::<Option<Vec<u8>>>()
+                {
                     Some(bytes) => pending.extend_from_slice(&bytes),
                     None => pending.extend_from_slice(token.as_bytes()),
                 }
                 Ok(take_complete_utf8(pending))
             }
-            StreamState::Window { ids, context, context_text } => {
+            StreamState::Window {
+                ids,
+                context,
+                context_text,
+            } => {
                 ids.push(id);
                 let text = self.tokenizer.decode(ids, self.skip_special_tokens)?;
                 if text.len() <= context_text.len() || text.ends_with(char::REPLACEMENT_CHARACTER) {
@@ -503,9 +607,16 @@ impl<'a> TokenStream<'a> {
                 pending.clear();
                 Ok(rest)
             }
-            StreamState::Window { ids, context, context_text } => {
+            StreamState::Window {
+                ids,
+                context,
+                context_text,
+            } => {
                 let text = self.tokenizer.decode(ids, self.skip_special_tokens)?;
-                let rest = text.strip_prefix(context_text.as_str()).unwrap_or_default().to_string();
+                let rest = text
+                    .strip_prefix(context_text.as_str())
+                    .unwrap_or_default()
+                    .to_string();
                 ids.clear();
                 *context = 0;
                 context_text.clear();
@@ -574,11 +685,18 @@ pub(crate) mod tests {
                 let mut file = match std::fs::File::open(&path) {
                     Ok(file) => file,
                     Err(_) => {
-                        eprintln!("skipping: {} is absent (run scripts/fetch-assets.sh model)", path.display());
+                        eprintln!(
+                            "skipping: {} is absent (run scripts/fetch-assets.sh model)",
+                            path.display()
+                        );
                         return None;
                     }
                 };
-                Some(gguf_file::Content::read(&mut file).expect("readable GGUF").metadata)
+                Some(
+                    gguf_file::Content::read(&mut file)
+                        .expect("readable GGUF")
+                        .metadata,
+                )
             })
             .as_ref()
     }
@@ -586,7 +704,10 @@ pub(crate) mod tests {
     fn smollm() -> Option<&'static Tokenizer> {
         static TOKENIZER: OnceLock<Option<Tokenizer>> = OnceLock::new();
         TOKENIZER
-            .get_or_init(|| real_gguf_metadata().map(|m| Tokenizer::from_gguf_metadata(m).expect("tokenizer builds")))
+            .get_or_init(|| {
+                real_gguf_metadata()
+                    .map(|m| Tokenizer::from_gguf_metadata(m).expect("tokenizer builds"))
+            })
             .as_ref()
     }
 
@@ -636,11 +757,17 @@ pub(crate) mod tests {
     #[test]
     fn smollm_special_tokens_are_single_ids() {
         let Some(tok) = smollm() else { return };
-        let ids = tok.encode("Hello <|im_start|>user\nHi<|im_end|>", false).unwrap();
+        let ids = tok
+            .encode("Hello <|im_start|>user\nHi<|im_end|>", false)
+            .unwrap();
         for marker in ["<|im_start|>", "<|im_end|>"] {
             let id = tok.token_to_id(marker).unwrap();
             assert!(tok.is_special(id), "{marker} is special");
-            assert_eq!(ids.iter().filter(|&&i| i == id).count(), 1, "{marker} in {ids:?}");
+            assert_eq!(
+                ids.iter().filter(|&&i| i == id).count(),
+                1,
+                "{marker} in {ids:?}"
+            );
             assert_eq!(tok.encode(marker, false).unwrap(), [id]);
         }
         assert!(!tok.is_special(tok.token_to_id("Hello").unwrap()));
@@ -653,7 +780,10 @@ pub(crate) mod tests {
         let Some(tok) = smollm() else { return };
         let ids = tok.encode("12345", false).unwrap();
         assert_eq!(ids.len(), 5, "{ids:?}");
-        let digits: Vec<u32> = "12345".chars().map(|c| tok.token_to_id(&c.to_string()).unwrap()).collect();
+        let digits: Vec<u32> = "12345"
+            .chars()
+            .map(|c| tok.token_to_id(&c.to_string()).unwrap())
+            .collect();
         assert_eq!(ids, digits);
     }
 
@@ -667,7 +797,10 @@ pub(crate) mod tests {
             assert_eq!(tok.id_to_token(ids[0]).as_deref(), Some(vocab_form));
         }
         // add_bos_token is false in this file: nothing is added.
-        assert_eq!(tok.encode("Hello", true).unwrap(), tok.encode("Hello", false).unwrap());
+        assert_eq!(
+            tok.encode("Hello", true).unwrap(),
+            tok.encode("Hello", false).unwrap()
+        );
     }
 
     #[test]
@@ -676,28 +809,47 @@ pub(crate) mod tests {
         let text = "Hi 👋🏽! 你好，世界 🚀🚀 ok\n日本語のテキスト";
         let ids = tok.encode(text, false).unwrap();
         let pieces = stream_all(tok, &ids, false);
-        assert!(pieces.iter().all(|p| !p.contains(char::REPLACEMENT_CHARACTER)), "{pieces:?}");
+        assert!(
+            pieces
+                .iter()
+                .all(|p| !p.contains(char::REPLACEMENT_CHARACTER)),
+            "{pieces:?}"
+        );
         // Several tokens must have completed nothing, or the test proves little.
-        assert!(pieces.iter().filter(|p| p.is_empty()).count() > 2, "{pieces:?}");
+        assert!(
+            pieces.iter().filter(|p| p.is_empty()).count() > 2,
+            "{pieces:?}"
+        );
         assert_eq!(pieces.concat(), text);
     }
 
     #[test]
     fn smollm_stream_matches_decode_on_special_and_cut_sequences() {
         let Some(tok) = smollm() else { return };
-        let ids = tok.encode("<|im_start|>assistant\n🚀 done<|im_end|>", false).unwrap();
+        let ids = tok
+            .encode("<|im_start|>assistant\n🚀 done<|im_end|>", false)
+            .unwrap();
         for skip in [false, true] {
-            assert_eq!(stream_all(tok, &ids, skip).concat(), tok.decode(&ids, skip).unwrap());
+            assert_eq!(
+                stream_all(tok, &ids, skip).concat(),
+                tok.decode(&ids, skip).unwrap()
+            );
         }
         // A sequence cut mid-emoji, and one with a stray continuation byte in the middle: the stream
         // renders the broken bytes as U+FFFD exactly where decode does.
         let rocket = tok.encode("🚀", false).unwrap();
-        assert!(rocket.len() > 1, "the emoji spans several tokens: {rocket:?}");
+        assert!(
+            rocket.len() > 1,
+            "the emoji spans several tokens: {rocket:?}"
+        );
         let cut = &rocket[..rocket.len() - 1];
         let mut broken = cut.to_vec();
         broken.extend(tok.encode("a🚀", false).unwrap());
         for ids in [cut, &broken[..]] {
-            assert_eq!(stream_all(tok, ids, false).concat(), tok.decode(ids, false).unwrap());
+            assert_eq!(
+                stream_all(tok, ids, false).concat(),
+                tok.decode(ids, false).unwrap()
+            );
         }
     }
 
@@ -705,7 +857,10 @@ pub(crate) mod tests {
     fn byte_level_alphabet_inverts_gpt2_mapping() {
         let alphabet = ByteLevel::alphabet();
         assert_eq!(alphabet.len(), 256);
-        let mut bytes: Vec<u8> = alphabet.iter().map(|&c| byte_level_byte(c).unwrap()).collect();
+        let mut bytes: Vec<u8> = alphabet
+            .iter()
+            .map(|&c| byte_level_byte(c).unwrap())
+            .collect();
         bytes.sort_unstable();
         assert_eq!(bytes, (0..=255).collect::<Vec<u8>>());
         assert_eq!(byte_level_byte('Ġ'), Some(b' '));
@@ -718,29 +873,51 @@ pub(crate) mod tests {
     fn unsupported_model_and_missing_keys_are_typed_errors() {
         let mut metadata = HashMap::new();
         let err = Tokenizer::from_gguf_metadata(&metadata).unwrap_err();
-        assert!(matches!(err, TokenizerError::MissingMetadata("tokenizer.ggml.model")), "{err}");
-        metadata.insert("tokenizer.ggml.model".to_string(), Value::String("llama".into()));
+        assert!(
+            matches!(err, TokenizerError::MissingMetadata("tokenizer.ggml.model")),
+            "{err}"
+        );
+        metadata.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".into()),
+        );
         let err = Tokenizer::from_gguf_metadata(&metadata).unwrap_err();
-        assert!(matches!(&err, TokenizerError::UnsupportedModel(m) if m == "llama"), "{err}");
+        assert!(
+            matches!(&err, TokenizerError::UnsupportedModel(m) if m == "llama"),
+            "{err}"
+        );
         assert!(err.to_string().contains("'llama'"));
-        metadata.insert("tokenizer.ggml.model".to_string(), Value::String("gpt2".into()));
+        metadata.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        );
         metadata.insert("tokenizer.ggml.tokens".to_string(), Value::U32(3));
         let err = Tokenizer::from_gguf_metadata(&metadata).unwrap_err();
-        assert!(matches!(&err, TokenizerError::BadMetadata { key, .. } if key == "tokenizer.ggml.tokens"), "{err}");
+        assert!(
+            matches!(&err, TokenizerError::BadMetadata { key, .. } if key == "tokenizer.ggml.tokens"),
+            "{err}"
+        );
         assert_eq!(err.to_string().lines().count(), 1, "{err}");
     }
 
     /// A minimal GGUF-style vocabulary: every byte of "ab 1" plus merges for "ab" and " ab".
     #[test]
     fn tiny_gguf_vocabulary_with_unknown_pre_type() {
-        let strings = |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+        let strings =
+            |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
         let tokens = ["<s>", "a", "b", "Ġ", "1", "ab", "Ġab"];
         let metadata: HashMap<String, Value> = [
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre", Value::String("some-future-model".into())),
+            (
+                "tokenizer.ggml.pre",
+                Value::String("some-future-model".into()),
+            ),
             ("tokenizer.ggml.tokens", strings(&tokens)),
             ("tokenizer.ggml.merges", strings(&["a b", "Ġ ab"])),
-            ("tokenizer.ggml.token_type", Value::Array([3, 1, 1, 1, 1, 1, 1].map(Value::I32).to_vec())),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array([3, 1, 1, 1, 1, 1, 1].map(Value::I32).to_vec()),
+            ),
             ("tokenizer.ggml.bos_token_id", Value::U32(0)),
             ("tokenizer.ggml.add_bos_token", Value::Bool(true)),
         ]
@@ -788,7 +965,10 @@ pub(crate) mod tests {
         assert_eq!(tok.decode(&[9, 10, 0], true).unwrap(), "hello hello");
         assert!(tok.is_special(0));
         assert_eq!(tok.special_tokens(), &SpecialTokens::default());
-        assert_eq!(stream_all(&tok, &[9, 10, 0], false).concat(), "hello hello<|endoftext|>");
+        assert_eq!(
+            stream_all(&tok, &[9, 10, 0], false).concat(),
+            "hello hello<|endoftext|>"
+        );
 
         let err = Tokenizer::from_file(dir.path().join("missing.json")).unwrap_err();
         assert!(matches!(err, TokenizerError::Load { .. }), "{err}");
@@ -809,7 +989,11 @@ pub(crate) mod tests {
             .into_iter()
             .map(|(t, i)| (t.to_string(), i))
             .collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, vec![]).byte_fallback(true).build().unwrap();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .byte_fallback(true)
+            .build()
+            .unwrap();
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_decoder(Some(DecoderSequence::new(vec![
             Replace::new("▁", " ").unwrap().into(),
@@ -830,7 +1014,13 @@ pub(crate) mod tests {
 
     #[test]
     fn take_complete_utf8_matches_lossy() {
-        let cases: [&[u8]; 5] = [b"abc", "é🚀".as_bytes(), b"\xF0\x9F\x9A", b"a\xF0\x9Fb\xFF\xC3", b"\x80\x80\xE4\xBD\xA0"];
+        let cases: [&[u8]; 5] = [
+            b"abc",
+            "é🚀".as_bytes(),
+            b"\xF0\x9F\x9A",
+            b"a\xF0\x9Fb\xFF\xC3",
+            b"\x80\x80\xE4\xBD\xA0",
+        ];
         for bytes in cases {
             let mut pending = Vec::new();
             let mut out = String::new();

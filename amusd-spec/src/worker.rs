@@ -1,1 +1,458 @@
-//! AMUSD worker loops (pending shm API).
+//! The AMUSD protocol over the shared-memory region: the draft worker's loop, the verify worker's
+//! loop, and the coordinator's side of a request.
+//!
+//! Who writes what (the region's layout documents each field):
+//! - the coordinator writes the request and the prompt, and ends the request once the committed
+//!   tokens end with a stop token or reach the budget (it derives that from the verified buffer, so
+//!   the request section keeps a single writer);
+//! - the verify worker appends committed tokens (a stop token included) to the verified buffer;
+//! - the draft worker writes its whole sequence, by position, to the draft buffer.
+//!
+//! Draft tokens at positions `>= V` (V = committed length) are only taken as candidates when the
+//! draft's positions `< V` equal the committed tokens, i.e. when they were drafted on the committed
+//! prefix. That check is cheap (a few thousand integer compares at most) and makes the candidates'
+//! validity a pure function of one consistent snapshot, whatever rollbacks or worker restarts
+//! happened in between. Exactness never depends on it: a candidate is only committed when it equals
+//! the verify model's own greedy token.
+
+use std::time::Duration;
+
+use amusd_shm::{
+    now_us, EventKind, EventRecord, FinishReason as ShmFinish, Party, Region, RequestSpec, RequestState, Role,
+    ShmError, Spin, WorkerState, TOKEN_CAPACITY,
+};
+
+use crate::decoder::{Decoder, Drafter, Verifier};
+use crate::generate::{Committer, FinishReason, Generation};
+use crate::policy::{accept, StopCriteria};
+use crate::SpecError;
+
+/// How long an idle worker sleeps between liveness checks and heartbeats.
+pub const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// The request a worker is working on.
+struct Held {
+    id: u64,
+    prompt_len: usize,
+    /// Prompt plus budget: no position at or past this is ever committed.
+    limit: usize,
+    stop: StopCriteria,
+    committed: Vec<u32>,
+}
+
+impl Held {
+    /// True once the committed tokens end the request (stop token or budget).
+    fn finished(&self) -> bool {
+        let n = self.committed.len();
+        n >= self.limit || (n > self.prompt_len && self.stop.stop_ids.contains(&self.committed[n - 1]))
+    }
+}
+
+/// What a worker does between loop iterations while it has nothing to do.
+enum Next {
+    Work,
+    Wait(Duration),
+}
+
+/// Reads the request section; `Ok(None)` while the coordinator is mid-update for too long.
+fn read_request(region: &Region) -> Result<Option<amusd_shm::RequestSnapshot>, SpecError> {
+    match region.read_request() {
+        Ok(r) => Ok(Some(r)),
+        Err(ShmError::Unstable { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Takes up the running request, or lets go of a finished one. Returns the request to work on.
+fn track_request(
+    region: &Region,
+    role: Role,
+    held: &mut Option<Held>,
+) -> Result<Option<amusd_shm::RequestSnapshot>, SpecError> {
+    let Some(req) = read_request(region)? else { return Ok(None) };
+    let running = req.state == RequestState::Running;
+    if held.as_ref().is_some_and(|h| !running || h.id != req.request_id) {
+        *held = None;
+        region.set_worker_request(role, 0);
+        region.set_worker_state(role, WorkerState::Ready);
+    }
+    Ok(running.then_some(req))
+}
+
+/// A fresh [`Held`] for `req`, with every token committed so far (more than the prompt when this
+/// worker replaces one that died mid-request). `None` if the buffer already belongs to another request.
+fn take_up(region: &Region, req: &amusd_shm::RequestSnapshot) -> Result<Option<Held>, SpecError> {
+    let snap = region.verified_snapshot(0, TOKEN_CAPACITY)?;
+    if snap.request_id != req.request_id || snap.tokens.len() < req.prompt_len || req.prompt_len == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Held {
+        id: req.request_id,
+        prompt_len: req.prompt_len,
+        limit: req.prompt_len + req.max_new_tokens as usize,
+        stop: StopCriteria { stop_ids: req.stop_tokens.clone(), max_new_tokens: req.max_new_tokens as usize },
+        committed: snap.tokens,
+    }))
+}
+
+fn event(kind: EventKind, request_id: u64, t_start_us: u64, position: usize, count: usize, accepted: usize) -> EventRecord {
+    EventRecord {
+        seq: 0,
+        t_start_us,
+        t_end_us: now_us(),
+        request_id,
+        kind,
+        position: position as u32,
+        count: count as u32,
+        accepted: accepted as u32,
+    }
+}
+
+/// Draft worker options.
+#[derive(Clone, Debug)]
+pub struct DraftOptions {
+    /// Most tokens drafted beyond the committed length.
+    pub max_lookahead: usize,
+}
+
+/// The draft worker: drafts continuously up to `max_lookahead` tokens ahead of the committed
+/// tokens, publishing each token, and rolls back when the committed tokens diverge from its draft.
+/// Returns when the coordinator asks for shutdown or `alive` says it is gone.
+pub fn run_draft<D: Decoder>(
+    region: &Region,
+    drafter: &mut Drafter<D>,
+    opts: &DraftOptions,
+    alive: &dyn Fn() -> bool,
+) -> Result<(), SpecError> {
+    let role = Role::Draft;
+    let mut held: Option<Held> = None;
+    // Draft positions `..published` in the region equal `drafter.seq()`; the region's draft_len is
+    // `region_len` (this worker is its only writer).
+    let (mut published, mut region_len) = (0usize, 0usize);
+    region.set_worker_state(role, WorkerState::Ready);
+    loop {
+        let bell = region.bell_value(Party::Draft);
+        if region.shutdown_requested() || !alive() {
+            return Ok(());
+        }
+        region.heartbeat(role);
+        let next = match track_request(region, role, &mut held)? {
+            None => Next::Wait(IDLE_POLL),
+            Some(req) => {
+                if held.is_none() {
+                    if let Some(h) = take_up(region, &req)? {
+                        let prompt = &h.committed[..h.prompt_len];
+                        drafter.start(prompt, h.limit + 1)?;
+                        // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
+                        // mid-rewrite.
+                        region_len = region.draft_rewrite(h.id, 0, prompt)?;
+                        published = region_len;
+                        region.set_worker_request(role, h.id);
+                        region.set_worker_state(role, WorkerState::Busy);
+                        held = Some(h);
+                    }
+                }
+                match held.as_mut() {
+                    None => Next::Wait(IDLE_POLL),
+                    Some(h) => draft_step(region, drafter, opts, h, &mut published, &mut region_len)?,
+                }
+            }
+        };
+        if let Next::Wait(timeout) = next {
+            let spin = if held.is_some() { Spin::DEFAULT } else { Spin::NONE };
+            region.wait_bell_with(Party::Draft, bell, Some(timeout), spin);
+        }
+    }
+}
+
+fn draft_step<D: Decoder>(
+    region: &Region,
+    drafter: &mut Drafter<D>,
+    opts: &DraftOptions,
+    h: &mut Held,
+    published: &mut usize,
+    region_len: &mut usize,
+) -> Result<Next, SpecError> {
+    let status = region.worker(Role::Draft);
+    let snap = region.verified_snapshot(h.committed.len(), TOKEN_CAPACITY)?;
+    if snap.request_id != h.id {
+        return Ok(Next::Wait(IDLE_POLL));
+    }
+    h.committed.extend_from_slice(&snap.tokens);
+    let before = drafter.seq().len();
+    let sync = drafter.sync(&h.committed);
+    if let Some(p) = sync.rollback_to {
+        *published = (*published).min(p);
+        status.rollbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        region.events(Role::Draft).push(&event(EventKind::Rollback, h.id, now_us(), p, before - p, 0));
+    }
+    let seq_len = drafter.seq().len();
+    let own_stop = seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
+    let mut drafted = false;
+    if !h.finished() && !own_stop && seq_len < h.limit && drafter.ahead(h.committed.len()) < opts.max_lookahead {
+        let t0 = now_us();
+        drafter.draft_one()?;
+        region.events(Role::Draft).push(&event(EventKind::DraftToken, h.id, t0, seq_len, 1, 0));
+        status.steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        status.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        drafted = true;
+    }
+    let seq = drafter.seq();
+    if *published < seq.len() {
+        *region_len = if *region_len > *published {
+            region.draft_rewrite(h.id, *published, &seq[*published..])?
+        } else {
+            region.draft_append(&seq[*published..])?
+        };
+        *published = seq.len();
+    }
+    Ok(if drafted { Next::Work } else { Next::Wait(IDLE_POLL) })
+}
+
+/// Verify worker options.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// Most draft tokens checked by one forward pass.
+    pub max_verify_batch: usize,
+    /// When no valid draft token is there: wait this long for one before taking an autoregressive
+    /// step (0: step at once).
+    pub wait_for_draft: Duration,
+}
+
+/// The verify worker: takes every valid draft token beyond the committed length (up to
+/// `max_verify_batch`), checks them in one forward pass, commits the longest matching prefix plus its
+/// own next token. With no valid draft token it follows `wait_for_draft`, then steps alone.
+pub fn run_verify<D: Decoder>(
+    region: &Region,
+    verifier: &mut Verifier<D>,
+    opts: &VerifyOptions,
+    alive: &dyn Fn() -> bool,
+) -> Result<(), SpecError> {
+    let role = Role::Verify;
+    let mut held: Option<Held> = None;
+    let mut waited = false;
+    region.set_worker_state(role, WorkerState::Ready);
+    loop {
+        let bell = region.bell_value(Party::Verify);
+        if region.shutdown_requested() || !alive() {
+            return Ok(());
+        }
+        region.heartbeat(role);
+        let mut next = Next::Wait(IDLE_POLL);
+        if let Some(req) = track_request(region, role, &mut held)? {
+            if held.is_none() {
+                if let Some(h) = take_up(region, &req)? {
+                    verifier.decoder.reset(h.limit + opts.max_verify_batch + 1)?;
+                    let t0 = now_us();
+                    region.set_worker_request(role, h.id);
+                    region.set_worker_state(role, WorkerState::Busy);
+                    region.events(role).push(&event(EventKind::Prefill, h.id, t0, 0, h.committed.len(), 0));
+                    held = Some(h);
+                    waited = false;
+                }
+            }
+            if let Some(h) = held.as_mut() {
+                if !h.finished() {
+                    next = verify_step(region, verifier, opts, h, &mut waited)?;
+                }
+            }
+        }
+        if let Next::Wait(timeout) = next {
+            let spin = if held.as_ref().is_some_and(|h| !h.finished()) { Spin::DEFAULT } else { Spin::NONE };
+            region.wait_bell_with(Party::Verify, bell, Some(timeout), spin);
+        }
+    }
+}
+
+fn verify_step<D: Decoder>(
+    region: &Region,
+    verifier: &mut Verifier<D>,
+    opts: &VerifyOptions,
+    h: &mut Held,
+    waited: &mut bool,
+) -> Result<Next, SpecError> {
+    let v = h.committed.len();
+    // Leave room for the verify model's own token after the candidates.
+    let room = opts.max_verify_batch.min(h.limit - v - 1);
+    let mut candidates = match region.read_draft(0, v + room) {
+        Ok(d) if d.request_id == h.id && d.tokens.len() > v && d.tokens[..v] == h.committed[..] => d.tokens[v..].to_vec(),
+        Ok(_) | Err(ShmError::Unstable { .. }) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    // Nothing after a proposed stop token can be committed.
+    if let Some(i) = candidates.iter().position(|t| h.stop.stop_ids.contains(t)) {
+        candidates.truncate(i + 1);
+    }
+    if candidates.is_empty() && !opts.wait_for_draft.is_zero() && !*waited {
+        *waited = true;
+        return Ok(Next::Wait(opts.wait_for_draft));
+    }
+    *waited = false;
+    let t0 = now_us();
+    let verified = verifier.verify(&h.committed, &candidates)?;
+    let (tokens, n_accepted) = accept(&candidates, &verified);
+    let (keep, finish) = h.stop.clip(v - h.prompt_len, &tokens);
+    // The stop token itself is committed too: the coordinator and the draft see from the buffer
+    // alone that the request has ended.
+    let commit_len = keep + usize::from(finish == Some(FinishReason::Stop));
+    let commit = &tokens[..commit_len];
+    region.publish_verified(v, commit)?;
+    h.committed.extend_from_slice(commit);
+    verifier.commit(h.committed.len());
+    let kind = if candidates.is_empty() { EventKind::ArStep } else { EventKind::VerifyStep };
+    region.events(Role::Verify).push(&event(kind, h.id, t0, v, candidates.len(), n_accepted));
+    let status = region.worker(Role::Verify);
+    let r = std::sync::atomic::Ordering::Relaxed;
+    status.steps.fetch_add(1, r);
+    status.tokens.fetch_add(commit.len() as u64, r);
+    status.proposed.fetch_add(candidates.len() as u64, r);
+    status.accepted.fetch_add(n_accepted as u64, r);
+    Ok(Next::Work)
+}
+
+/// The coordinator's side of one request: submit it, stream committed tokens as they land, end it
+/// when they end with a stop token or fill the budget, and wait for both workers to let go of it.
+///
+/// `supervise` runs on every wake-up and at least every 50 ms: the coordinator checks its workers
+/// there (and restarts them); an error from it fails the request.
+pub fn run_request(
+    region: &Region,
+    request_id: u64,
+    prompt: &[u32],
+    stop: &StopCriteria,
+    on_tokens: &mut dyn FnMut(&[u32]),
+    supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
+) -> Result<Generation, SpecError> {
+    crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens, 0)?;
+    let max_new = u32::try_from(stop.max_new_tokens).map_err(|_| SpecError::Protocol("max_new_tokens too large".into()))?;
+    let cursors = [region.events(Role::Draft).head(), region.events(Role::Verify).head()];
+    let mut c = Committer::new(prompt, stop, on_tokens);
+    if c.done() {
+        return Ok(c.finish());
+    }
+    region.submit_request(&RequestSpec { request_id, prompt, max_new_tokens: max_new, stop_tokens: &stop.stop_ids })?;
+    let mut seen = prompt.len();
+    let result = (|| -> Result<(), SpecError> {
+        while !c.done() {
+            let bell = region.bell_value(Party::Coordinator);
+            let len = region.verified_len();
+            if len > seen {
+                let tokens = region.read_verified(seen, len);
+                seen += tokens.len();
+                c.push(&tokens);
+                continue;
+            }
+            supervise(region)?;
+            region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
+        }
+        Ok(())
+    })();
+    let reason = match (&result, c.finish) {
+        (Err(_), _) => ShmFinish::Error,
+        (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
+        (Ok(()), _) => ShmFinish::Length,
+    };
+    let error_text = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    region.finish_request(request_id, reason, &error_text)?;
+    result?;
+    // The next request may only be submitted once neither worker writes for this one any more.
+    while [Role::Draft, Role::Verify].iter().any(|&r| region.worker_request(r) == request_id) {
+        let bell = region.bell_value(Party::Coordinator);
+        if [Role::Draft, Role::Verify].iter().all(|&r| region.worker_request(r) != request_id) {
+            break;
+        }
+        supervise(region)?;
+        region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
+    }
+    collect_metrics(region, request_id, cursors, &mut c.metrics);
+    Ok(c.finish())
+}
+
+/// Fills the acceptance and timing figures of a request from the workers' event rings.
+fn collect_metrics(region: &Region, request_id: u64, cursors: [u64; 2], m: &mut crate::Metrics) {
+    for (role, cursor) in [Role::Draft, Role::Verify].into_iter().zip(cursors) {
+        let batch = region.events(role).events_since(cursor, amusd_shm::READABLE_EVENTS);
+        for e in batch.events.iter().filter(|e| e.request_id == request_id) {
+            let secs = e.t_end_us.saturating_sub(e.t_start_us) as f64 * 1e-6;
+            match e.kind {
+                EventKind::DraftToken => m.draft_times.push(secs),
+                EventKind::Rollback => m.rollbacks += 1,
+                EventKind::VerifyStep | EventKind::ArStep => {
+                    m.verify_times.push(secs);
+                    m.verify_steps += 1;
+                    m.proposed += e.count as usize;
+                    m.accepted += e.accepted as usize;
+                    m.accepted_per_step.push(e.accepted as usize);
+                }
+                EventKind::Prefill => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeDecoder, FakeModel};
+    use crate::generate::autoregressive;
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+
+    /// Both workers as threads over one in-process region, fake models, many requests with heavy
+    /// rollback and random limits: every committed sequence must equal autoregressive decoding.
+    fn run_protocol(requests: usize, seed: u64, us: u64) {
+        let region: Arc<Region> = Arc::from(Region::new_boxed());
+        let truth = FakeModel { seed, eos_every: 50, us_per_token: us, ..Default::default() };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let err: f64 = rng.gen_range(0.0..0.9);
+        let draft_model = FakeModel { err, us_per_token: us / 2, ..truth.clone() };
+        let (max_lookahead, max_batch) = (rng.gen_range(1..12), rng.gen_range(1..12));
+        let wait = Duration::from_micros(if rng.gen_bool(0.5) { 0 } else { 300 });
+        let threads = {
+            let (r1, r2) = (region.clone(), region.clone());
+            let vt = truth.clone();
+            [
+                std::thread::spawn(move || {
+                    let mut d = Drafter::new(FakeDecoder::new(draft_model));
+                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead }, &|| true).unwrap();
+                }),
+                std::thread::spawn(move || {
+                    let mut v = Verifier::new(FakeDecoder::new(vt));
+                    let opts = VerifyOptions { max_verify_batch: max_batch, wait_for_draft: wait };
+                    run_verify(&r2, &mut v, &opts, &|| true).unwrap();
+                }),
+            ]
+        };
+        let mut reference = Verifier::new(FakeDecoder::new(FakeModel { us_per_token: 0, ..truth.clone() }));
+        for i in 0..requests {
+            let plen = rng.gen_range(1..40);
+            let prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(0..truth.vocab)).collect();
+            let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: rng.gen_range(0..120) };
+            let want = autoregressive(&mut reference, &prompt, &stop, &mut |_| {}).unwrap();
+            let mut streamed = Vec::new();
+            let got = run_request(&region, i as u64 + 1, &prompt, &stop, &mut |t| streamed.extend_from_slice(t), &mut |_| Ok(()))
+                .unwrap();
+            assert_eq!(got.tokens, want.tokens, "request {i} (err {err}, lookahead {max_lookahead}, batch {max_batch})");
+            assert_eq!(streamed, want.tokens);
+            assert_eq!(got.finish, want.finish);
+        }
+        region.request_shutdown();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn workers_commit_exactly_the_autoregressive_tokens() {
+        for seed in 0..8 {
+            run_protocol(150, seed, 0);
+        }
+    }
+
+    #[test]
+    fn workers_commit_exactly_with_simulated_compute() {
+        for seed in 100..103 {
+            run_protocol(30, seed, 40);
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! `amusd`: the coordinator command line.
 
+mod amusd;
 mod assets;
 mod generate;
 mod output;
@@ -19,16 +20,12 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt with one strategy (ar, sd or amusd).
     Generate(generate::GenerateArgs),
-    /// Time one forward pass over k new tokens for several weight formats (a micro-benchmark).
-    #[command(hide = true)]
-    Forward(generate::ForwardBenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
-        Command::Forward(args) => generate::forward_bench(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,604 @@
+//! The region's memory layout: [`Region`] and its sections, the capacity constants and the small
+//! enums stored in it as `u32`s.
+//!
+//! Every field is an atomic, so any access from any process is defined behaviour even when it
+//! races (a racing read may be *stale* or part of a *torn* multi-field update, which the protocol
+//! methods on [`Region`] detect where it matters; it is never UB). Padding between fields
+//! is never read or written.
+//!
+//! Ownership is by section: each field's doc says which party writes it and which read it, and
+//! with which ordering. "Coordinator" means the coordinator process, and the coordinator's writes
+//! must come from one thread at a time. Changing anything here changes the layout: bump
+//! [`LAYOUT_VERSION`] and the pinned offsets in the layout test.
+
+use std::mem::{align_of, offset_of, size_of};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64};
+
+use crate::text::ShmText;
+
+/// `b"AMUSDSHM"` read as a little-endian `u64` (so a hex dump of a region starts `AMUSDSHM`).
+pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
+
+/// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
+pub const TOKEN_CAPACITY: usize = 8192;
+
+/// Stop tokens a request can carry.
+pub const MAX_STOP_TOKENS: usize = 8;
+
+/// Events per metric ring.
+pub const EVENT_CAPACITY: usize = 4096;
+
+/// Bytes of the header that [`crate::validate_header`] reads.
+pub const HEADER_LEN: usize = size_of::<Header>();
+
+/// Byte size of the whole region (`size_of::<Region>()`).
+pub const REGION_SIZE: usize = size_of::<Region>();
+
+/// Bytes of [`RequestSection::error_text`] and [`WorkerStatus::last_error`].
+pub const ERROR_TEXT_LEN: usize = 256;
+/// Bytes of [`WorkerStatus::device`].
+pub const DEVICE_TEXT_LEN: usize = 32;
+/// Bytes of [`WorkerStatus::model`].
+pub const MODEL_TEXT_LEN: usize = 96;
+
+// ---------------------------------------------------------------------------------------------
+// Enums stored as u32
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! u32_enum {
+    ($(#[$m:meta])* pub enum $name:ident { $($(#[$vm:meta])* $v:ident = $n:expr),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u32)]
+        pub enum $name { $($(#[$vm])* $v = $n),+ }
+
+        impl $name {
+            /// Decode a value read from the region; `None` for values this build never writes.
+            pub fn from_u32(v: u32) -> Option<Self> {
+                match v {
+                    $($n => Some(Self::$v),)+
+                    _ => None,
+                }
+            }
+            /// The value stored in the region.
+            pub fn as_u32(self) -> u32 {
+                self as u32
+            }
+        }
+    };
+}
+
+u32_enum! {
+    /// [`RequestSection::state`].
+    pub enum RequestState {
+        /// No request yet (a fresh region).
+        Idle = 0,
+        /// The request's fields and prompt are published; workers should work on it.
+        Running = 1,
+        /// Finished normally (finish reason Stop or Length).
+        Done = 2,
+        /// Finished abnormally (finish reason Error or Cancelled; see `error_text`).
+        Failed = 3,
+    }
+}
+
+u32_enum! {
+    /// [`RequestSection::finish_reason`].
+    pub enum FinishReason {
+        /// Not finished.
+        None = 0,
+        /// A stop token was committed.
+        Stop = 1,
+        /// `max_new_tokens` were committed.
+        Length = 2,
+        /// A worker or the coordinator failed; `error_text` says why.
+        Error = 3,
+        /// The client went away or the coordinator cancelled it.
+        Cancelled = 4,
+    }
+}
+
+u32_enum! {
+    /// [`WorkerStatus::state`].
+    pub enum WorkerState {
+        /// No worker process has registered in this block.
+        Absent = 0,
+        /// The process has started and attached.
+        Starting = 1,
+        /// Loading its model onto its device.
+        Loading = 2,
+        /// Loaded and idle, waiting for a request.
+        Ready = 3,
+        /// Working on a request.
+        Busy = 4,
+        /// Reaped by the coordinator (see `exit_status`).
+        Dead = 5,
+    }
+}
+
+u32_enum! {
+    /// [`Event::kind`]. 0 is "never written".
+    pub enum EventKind {
+        /// The draft worker drafted `count` tokens at `position`.
+        DraftToken = 1,
+        /// The draft worker rolled back to `position`, discarding `count` drafted tokens.
+        Rollback = 2,
+        /// The verify worker checked `count` proposed tokens at `position`, `accepted` of them.
+        VerifyStep = 3,
+        /// A plain autoregressive step (`count` tokens committed at `position`).
+        ArStep = 4,
+        /// A prefill of `count` prompt tokens.
+        Prefill = 5,
+    }
+}
+
+/// The two worker processes; indexes [`Region::workers`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Role {
+    /// The draft worker (small model, proposes tokens).
+    Draft = 0,
+    /// The verify worker (target model, commits tokens).
+    Verify = 1,
+}
+
+impl Role {
+    /// Both roles, in index order.
+    pub const ALL: [Role; 2] = [Role::Draft, Role::Verify];
+
+    /// Index into [`Region::workers`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Lower-case name (`"draft"`, `"verify"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Draft => "draft",
+            Role::Verify => "verify",
+        }
+    }
+}
+
+/// The three processes; indexes [`Control::bells`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum Party {
+    /// The coordinator (creates the region, owns the request section).
+    Coordinator = 0,
+    /// The draft worker.
+    Draft = 1,
+    /// The verify worker.
+    Verify = 2,
+}
+
+impl Party {
+    /// Index into [`Control::bells`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl From<Role> for Party {
+    fn from(r: Role) -> Party {
+        match r {
+            Role::Draft => Party::Draft,
+            Role::Verify => Party::Verify,
+        }
+    }
+}
+
+/// A worker's exit as recorded in [`WorkerStatus::exit_status`].
+///
+/// Encoding (so that the zeroed region means "not reaped"): `0` = not reaped, `1..=256` = exited
+/// with code `value - 1`, `-1..=-127` = killed by signal `-value`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExitStatus {
+    /// Not reaped (still running, or never started).
+    NotReaped,
+    /// Exited with this code (0..=255).
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The stored value.
+    pub fn encode(self) -> i32 {
+        match self {
+            ExitStatus::NotReaped => 0,
+            ExitStatus::Code(c) => c.clamp(0, 255) + 1,
+            ExitStatus::Signal(s) => -s.clamp(1, 127),
+        }
+    }
+
+    /// Decode a stored value (out-of-range values are clamped into the nearest meaning).
+    pub fn decode(v: i32) -> ExitStatus {
+        match v {
+            0 => ExitStatus::NotReaped,
+            v if v > 0 => ExitStatus::Code(v.min(256) - 1),
+            v => ExitStatus::Signal(v.max(-127).wrapping_neg()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sections
+// ---------------------------------------------------------------------------------------------
+
+/// Identity and validation data. Written once by the coordinator in `Shm::create`, before any
+/// worker is started, with `magic` stored **last** with Release; readers load `magic` with Acquire
+/// first, so a half-initialised region never validates. Never written afterwards.
+#[repr(C, align(64))]
+pub struct Header {
+    /// [`MAGIC`]. Writer: coordinator (last, Release). Readers: everyone, Acquire, first.
+    pub magic: AtomicU64,
+    /// [`LAYOUT_VERSION`]. Writer: coordinator (before magic). Readers: workers, `amusd dump`.
+    pub version: AtomicU32,
+    /// [`TOKEN_CAPACITY`]. Writer: coordinator (before magic). Readers: workers, `amusd dump`.
+    pub token_capacity: AtomicU32,
+    /// `size_of::<Region>()`. Writer: coordinator (before magic). Readers: workers, `amusd dump`.
+    pub region_size: AtomicU64,
+    /// The coordinator's euid. Writer: coordinator (before magic). Readers: `amusd dump`.
+    pub owner_uid: AtomicU32,
+    /// The coordinator's pid. Writer: coordinator (before magic). Readers: workers (to notice
+    /// the coordinator's death), `Shm::list`/`gc`.
+    pub coordinator_pid: AtomicU32,
+    /// Wall-clock creation time, Unix ms. Writer: coordinator (before magic). Readers: dumps.
+    pub created_unix_ms: AtomicU64,
+    /// The coordinator's start time in clock ticks since boot (`/proc/<pid>/stat` field 22; 0 if
+    /// unknown), so `Shm::list` can tell the coordinator from a later process reusing its pid.
+    /// Writer: coordinator (before magic). Readers: `Shm::list`/`gc`.
+    pub coordinator_start_ticks: AtomicU64,
+}
+
+/// Process-wide control words.
+#[repr(C, align(64))]
+pub struct Control {
+    /// 1 = workers must exit. Writer: coordinator, Release, then `request_word` is bumped and
+    /// woken and both workers' bells are rung. Readers: workers, Acquire.
+    pub shutdown: AtomicU32,
+    /// Sequence word (seqlock and futex word) of the request section: odd while the coordinator
+    /// rewrites the request section (and the prompt in the verified buffer), even when it is
+    /// stable; it changes (by 2) on every submit, finish and shutdown. Writer: coordinator, Release
+    /// on the closing (even) store, then `futex_wake`. Readers: workers, Acquire, futex-wait on it
+    /// when idle.
+    pub request_word: AtomicU32,
+    /// Door bells, indexed by [`Party`]: a party that has several things to wait for sleeps on its
+    /// own bell. Writers: every publishing method rings (fetch_add 1, Release, then `futex_wake`)
+    /// the bell of each reader of what it published, *after* publishing. Reader: the bell's owner,
+    /// Acquire, *before* checking its conditions (see [`crate::Region::wait_bell`]).
+    pub bells: [AtomicU32; 3],
+}
+
+/// The current request. Writer: the coordinator only, inside the `request_word` seqlock (all
+/// fields Relaxed, `state` Release, closed by the even `request_word` store with Release). Readers:
+/// both workers, with [`crate::Region::read_request`] (seqlock read, retried).
+#[repr(C, align(64))]
+pub struct RequestSection {
+    /// Request id (nonzero; changes per request). Writer: coordinator, Relaxed inside the request
+    /// seqlock. Readers: workers, seqlock read.
+    pub request_id: AtomicU64,
+    /// [`RequestState`]. Writer: coordinator (Running on submit, Done/Failed on finish), Release,
+    /// inside the request seqlock after the other fields. Readers: workers, Acquire.
+    pub state: AtomicU32,
+    /// Prompt length in tokens; the prompt is `verified.tokens[..prompt_len]`. Writer:
+    /// coordinator, Relaxed inside the request seqlock. Readers: workers, seqlock read (clamped to
+    /// [`TOKEN_CAPACITY`]).
+    pub prompt_len: AtomicU32,
+    /// Maximum tokens to generate after the prompt. Writer: coordinator, Relaxed inside the
+    /// request seqlock. Readers: workers, seqlock read.
+    pub max_new_tokens: AtomicU32,
+    /// Number of valid entries in `stop_tokens`. Writer: coordinator, Relaxed inside the request
+    /// seqlock. Readers: workers, seqlock read (clamped to [`MAX_STOP_TOKENS`]).
+    pub n_stop_tokens: AtomicU32,
+    /// Token ids that end generation. Writer: coordinator, Relaxed inside the request seqlock.
+    /// Readers: workers, seqlock read.
+    pub stop_tokens: [AtomicU32; MAX_STOP_TOKENS],
+    /// [`FinishReason`]; `None` while running. Writer: coordinator, Relaxed inside the request
+    /// seqlock, before `state`. Readers: workers (seqlock read), `amusd dump`.
+    pub finish_reason: AtomicU32,
+    /// Why the request failed (empty otherwise). Writer: coordinator, inside the request seqlock,
+    /// before `state`. Readers: workers (seqlock read), `amusd dump`.
+    pub error_text: ShmText<ERROR_TEXT_LEN>,
+}
+
+/// The committed sequence: prompt plus verified tokens. Append-only within a request.
+#[repr(C, align(64))]
+pub struct VerifiedBuffer {
+    /// Number of committed tokens, counting the prompt; futex word. Writers: the coordinator (sets
+    /// it to `prompt_len` inside the request seqlock, Release, before `state = Running`), then only
+    /// the verify worker (after storing the new tokens: Release store, then `futex_wake`). Readers:
+    /// draft worker and coordinator, Acquire, then read `tokens` below it (clamped to
+    /// [`TOKEN_CAPACITY`]).
+    pub verified_len: AtomicU32,
+    /// Committed tokens by position; `tokens[..prompt_len]` is the prompt. Writers: as
+    /// `verified_len`, always Relaxed *before* the Release store of `verified_len` that covers
+    /// them; a slot below `verified_len` is never rewritten within a request. Readers: draft worker
+    /// and coordinator, Relaxed, below an Acquire-loaded `verified_len`.
+    pub tokens: [AtomicU32; TOKEN_CAPACITY],
+}
+
+/// The draft worker's current sequence. Writer: the draft worker only. Reader: the verify worker
+/// (and dumps), with [`crate::Region::read_draft`] (seqlock read).
+#[repr(C, align(64))]
+pub struct DraftBuffer {
+    /// The request this draft belongs to. Writer: draft worker, inside a rewrite (Relaxed,
+    /// covered by the closing `draft_epoch` Release). Reader: verify worker, in a seqlock read.
+    pub draft_request_id: AtomicU64,
+    /// Seqlock word: odd while a rewrite (rollback or reset) rewrites slots. Writer: draft worker:
+    /// odd store (Relaxed) + `fence(Release)` before a rewrite, even store with Release after it.
+    /// Reader: verify worker, Acquire before and (after `fence(Acquire)`) again after a read.
+    /// A draft worker killed mid-rewrite leaves it odd: readers then fail with
+    /// [`crate::ShmError::Unstable`] instead of spinning forever, and the restarted draft worker
+    /// repairs it by completing a rewrite (which always ends on an even value).
+    pub draft_epoch: AtomicU32,
+    /// Length of the draft sequence (prompt copy plus drafted tokens); futex word for the verify
+    /// worker. Writer: draft worker: Release after the slots of an append, then `futex_wake`;
+    /// Relaxed inside a rewrite. Reader: verify worker, Acquire (clamped to [`TOKEN_CAPACITY`]).
+    pub draft_len: AtomicU32,
+    /// The draft sequence by position. Writer: draft worker: appends store slots at and above
+    /// `draft_len` (Relaxed) before the Release store of the new `draft_len`; rewrites store any
+    /// slot (Relaxed) inside the odd epoch. Reader: verify worker, Relaxed, in a seqlock read.
+    pub tokens: [AtomicU32; TOKEN_CAPACITY],
+}
+
+/// One worker's status block. Writer: the worker itself (Relaxed unless said otherwise), except
+/// `restarts`, `exit_status` and the `Dead` state, which the coordinator writes after reaping the
+/// worker (when no worker process can be writing the block). Readers: the coordinator, `amusd
+/// dump`.
+#[repr(C, align(64))]
+pub struct WorkerStatus {
+    /// The worker's pid. Writer: the worker, Relaxed, when it registers, before the Release store
+    /// of `state = Starting`. Readers: coordinator (Acquire on `state` first), dumps.
+    pub pid: AtomicU32,
+    /// [`WorkerState`]. Writers: the worker (Starting, Loading, Ready, Busy), Release, then rings
+    /// the coordinator's bell; the coordinator (Dead), Release, after reaping. Reader: the
+    /// coordinator, Acquire.
+    pub state: AtomicU32,
+    /// Last sign of life, CLOCK_MONOTONIC milliseconds (system-wide, so comparable across
+    /// processes). Writer: the worker, Relaxed, at least once per step. Reader: the coordinator.
+    pub heartbeat_ms: AtomicU64,
+    /// Times the coordinator restarted this worker. Writer: coordinator, Relaxed, before spawning
+    /// the replacement (process creation orders it). Readers: dumps, the worker.
+    pub restarts: AtomicU32,
+    /// [`ExitStatus`] encoded. Writer: coordinator, Relaxed, after reaping, before the Release
+    /// store of `state = Dead`. Readers: dumps, coordinator.
+    pub exit_status: AtomicI32,
+    /// The request the worker is working on, 0 when none. Writer: the worker, Release, when it
+    /// takes up a request and when it lets go of it (then rings the coordinator's bell). Reader:
+    /// the coordinator, Acquire: it must not submit the next request while the verify worker still
+    /// holds the previous one (the verify worker is the verified buffer's writer while running).
+    pub request_id: AtomicU64,
+    /// Model steps run. Writer: the worker, Relaxed `fetch_add`. Readers: coordinator, dumps
+    /// (counters are statistics: no ordering with anything else).
+    pub steps: AtomicU64,
+    /// Tokens produced: drafted (draft worker) or committed (verify worker). Writer: the worker,
+    /// Relaxed `fetch_add`. Readers: coordinator, dumps.
+    pub tokens: AtomicU64,
+    /// Draft rollbacks performed. Writer: the draft worker, Relaxed `fetch_add`. Readers:
+    /// coordinator, dumps.
+    pub rollbacks: AtomicU64,
+    /// Draft tokens proposed to verification. Writer: the verify worker, Relaxed `fetch_add`.
+    /// Readers: coordinator, dumps.
+    pub proposed: AtomicU64,
+    /// Draft tokens accepted by verification. Writer: the verify worker, Relaxed `fetch_add`.
+    /// Readers: coordinator, dumps.
+    pub accepted: AtomicU64,
+    /// The device the worker runs on (e.g. `cuda:0`). Writer: the worker, at registration
+    /// (bytes, then length with Release; see [`ShmText`]). Readers: coordinator, dumps.
+    pub device: ShmText<DEVICE_TEXT_LEN>,
+    /// The model the worker serves. Writer: the worker, at registration ([`ShmText`] ordering).
+    /// Readers: coordinator, dumps.
+    pub model: ShmText<MODEL_TEXT_LEN>,
+    /// The worker's last error. Writer: the worker ([`ShmText`] ordering), before it sets a state
+    /// or exits because of the error. Readers: coordinator (copies it into the request's
+    /// `error_text`), dumps.
+    pub last_error: ShmText<ERROR_TEXT_LEN>,
+}
+
+/// One metric event (a ring slot). Writer: the ring's single writer (draft worker for
+/// `draft_events`, verify worker for `verify_events`), every field Relaxed, between a
+/// `fence(Release)` and the Release store of the ring's `head` that publishes the slot. Readers:
+/// coordinator and dumps, Relaxed, between an Acquire load of `head` and a `fence(Acquire)` +
+/// reload of `head` that tells them whether the slot was overwritten meanwhile.
+#[repr(C)]
+pub struct Event {
+    /// The event's index in the ring's history (`head` before it was pushed), so a reader can
+    /// double-check a slot. Writer: ring writer, Relaxed. Readers: coordinator, dumps.
+    pub seq: AtomicU64,
+    /// Start time, CLOCK_MONOTONIC µs. Writer: ring writer, Relaxed. Readers: coordinator, dumps.
+    pub t_start_us: AtomicU64,
+    /// End time, CLOCK_MONOTONIC µs. Writer: ring writer, Relaxed. Readers: coordinator, dumps.
+    pub t_end_us: AtomicU64,
+    /// The request it belongs to. Writer: ring writer, Relaxed. Readers: coordinator, dumps.
+    pub request_id: AtomicU64,
+    /// [`EventKind`] (0 = never written). Writer: ring writer, Relaxed. Readers: coordinator,
+    /// dumps.
+    pub kind: AtomicU32,
+    /// Sequence position the event starts at. Writer: ring writer, Relaxed. Readers: coordinator,
+    /// dumps.
+    pub position: AtomicU32,
+    /// Tokens drafted / rolled back / proposed / committed / prefilled. Writer: ring writer,
+    /// Relaxed. Readers: coordinator, dumps.
+    pub count: AtomicU32,
+    /// Tokens accepted (VerifyStep). Writer: ring writer, Relaxed. Readers: coordinator, dumps.
+    pub accepted: AtomicU32,
+}
+
+/// A single-writer ring of metric events. Writer: one worker (the draft worker for
+/// `draft_events`, the verify worker for `verify_events`). Readers: the coordinator, dumps, with
+/// [`EventRing::recent_events`]/[`EventRing::events_since`], which drop any slot that may have
+/// been overwritten while they read it. The last `EVENT_CAPACITY - 1` events are readable.
+#[repr(C, align(64))]
+pub struct EventRing {
+    /// Events ever pushed; event `i` lives in `events[i % EVENT_CAPACITY]`. Writer: the ring's
+    /// worker, Release, after the slot. Readers: Acquire before reading slots, and again (after a
+    /// `fence(Acquire)`) to discard overwritten slots.
+    pub head: AtomicU64,
+    /// The slots. Writer: the ring's worker (see [`Event`]). Readers: coordinator, dumps.
+    pub events: [Event; EVENT_CAPACITY],
+}
+
+/// The whole shared-memory region. See the crate docs for the protocol, and each field for who
+/// writes it.
+#[repr(C)]
+pub struct Region {
+    /// Identity and validation; written once by the coordinator at creation.
+    pub header: Header,
+    /// Shutdown flag, the request sequence word and the door bells.
+    pub control: Control,
+    /// The current request; written by the coordinator.
+    pub request: RequestSection,
+    /// Prompt plus committed tokens; written by the coordinator (prompt) and the verify worker.
+    pub verified: VerifiedBuffer,
+    /// The draft worker's sequence; written by the draft worker.
+    pub draft: DraftBuffer,
+    /// Worker status blocks, indexed by [`Role`]; written by each worker (and the coordinator
+    /// after reaping one).
+    pub workers: [WorkerStatus; 2],
+    /// Metric events of the draft worker.
+    pub draft_events: EventRing,
+    /// Metric events of the verify worker.
+    pub verify_events: EventRing,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compile-time checks of what the code relies on
+// ---------------------------------------------------------------------------------------------
+
+// The atomics have the size/alignment of their plain integers (so the validator can read a header
+// from plain bytes at `offset_of!` positions).
+const _: () = assert!(size_of::<AtomicU64>() == 8 && align_of::<AtomicU64>() == 8);
+const _: () = assert!(size_of::<AtomicU32>() == 4 && align_of::<AtomicU32>() == 4);
+// The header is one cache line and its fields are where `validate_header` reads them.
+const _: () = assert!(size_of::<Header>() == 64);
+const _: () = assert!(offset_of!(Header, magic) == 0);
+const _: () = assert!(offset_of!(Header, version) == 8);
+const _: () = assert!(offset_of!(Header, token_capacity) == 12);
+const _: () = assert!(offset_of!(Header, region_size) == 16);
+const _: () = assert!(offset_of!(Header, owner_uid) == 24);
+const _: () = assert!(offset_of!(Header, coordinator_pid) == 28);
+const _: () = assert!(offset_of!(Header, created_unix_ms) == 32);
+const _: () = assert!(offset_of!(Header, coordinator_start_ticks) == 40);
+const _: () = assert!(offset_of!(Region, header) == 0);
+// Token counts and positions are stored in u32s.
+const _: () = assert!(TOKEN_CAPACITY <= u32::MAX as usize / 2);
+// The region fits in a page-aligned mapping (mmap gives page alignment) and is modest.
+const _: () = assert!(align_of::<Region>() <= 4096);
+const _: () = assert!(size_of::<Region>() <= 4 << 20);
+// The hot futex words are in separate sections, each starting on its own cache line.
+const _: () = assert!(offset_of!(Region, verified) % 64 == 0);
+const _: () = assert!(offset_of!(Region, draft) % 64 == 0);
+const _: () = assert!(offset_of!(Region, control) % 64 == 0);
+// The ring index arithmetic uses a power of two.
+const _: () = assert!(EVENT_CAPACITY.is_power_of_two());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the layout. If this fails you changed the layout: bump LAYOUT_VERSION and update the
+    /// numbers here.
+    #[test]
+    fn layout_is_pinned() {
+        assert_eq!(LAYOUT_VERSION, 1);
+        assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
+        assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
+        assert_eq!(size_of::<Region>(), 460_544);
+        assert_eq!(align_of::<Region>(), 64);
+        assert_eq!(HEADER_LEN, 64);
+
+        assert_eq!(offset_of!(Region, control), 64);
+        assert_eq!(offset_of!(Region, request), 128);
+        assert_eq!(offset_of!(Region, verified), 512);
+        assert_eq!(offset_of!(Region, draft), 33_344);
+        assert_eq!(offset_of!(Region, workers), 66_176);
+        assert_eq!(offset_of!(Region, draft_events), 67_200);
+        assert_eq!(offset_of!(Region, verify_events), 263_872);
+
+        assert_eq!(offset_of!(Control, shutdown), 0);
+        assert_eq!(offset_of!(Control, request_word), 4);
+        assert_eq!(offset_of!(Control, bells), 8);
+
+        assert_eq!(offset_of!(RequestSection, request_id), 0);
+        assert_eq!(offset_of!(RequestSection, state), 8);
+        assert_eq!(offset_of!(RequestSection, prompt_len), 12);
+        assert_eq!(offset_of!(RequestSection, max_new_tokens), 16);
+        assert_eq!(offset_of!(RequestSection, n_stop_tokens), 20);
+        assert_eq!(offset_of!(RequestSection, stop_tokens), 24);
+        assert_eq!(offset_of!(RequestSection, finish_reason), 56);
+        assert_eq!(offset_of!(RequestSection, error_text), 64);
+        assert_eq!(size_of::<RequestSection>(), 384);
+
+        assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);
+        assert_eq!(offset_of!(VerifiedBuffer, tokens), 4);
+
+        assert_eq!(offset_of!(DraftBuffer, draft_request_id), 0);
+        assert_eq!(offset_of!(DraftBuffer, draft_epoch), 8);
+        assert_eq!(offset_of!(DraftBuffer, draft_len), 12);
+        assert_eq!(offset_of!(DraftBuffer, tokens), 16);
+
+        assert_eq!(size_of::<WorkerStatus>(), 512);
+        assert_eq!(offset_of!(WorkerStatus, pid), 0);
+        assert_eq!(offset_of!(WorkerStatus, state), 4);
+        assert_eq!(offset_of!(WorkerStatus, heartbeat_ms), 8);
+        assert_eq!(offset_of!(WorkerStatus, restarts), 16);
+        assert_eq!(offset_of!(WorkerStatus, exit_status), 20);
+        assert_eq!(offset_of!(WorkerStatus, request_id), 24);
+        assert_eq!(offset_of!(WorkerStatus, steps), 32);
+        assert_eq!(offset_of!(WorkerStatus, accepted), 64);
+        assert_eq!(offset_of!(WorkerStatus, device), 72);
+        assert_eq!(offset_of!(WorkerStatus, model), 112);
+        assert_eq!(offset_of!(WorkerStatus, last_error), 216);
+
+        assert_eq!(size_of::<Event>(), 48);
+        assert_eq!(offset_of!(EventRing, head), 0);
+        assert_eq!(offset_of!(EventRing, events), 8);
+
+        assert_eq!(size_of::<ShmText<32>>(), 40);
+        assert_eq!(size_of::<ShmText<96>>(), 104);
+        assert_eq!(size_of::<ShmText<256>>(), 264);
+    }
+
+    #[test]
+    fn enums_roundtrip() {
+        for v in 0..10 {
+            if let Some(s) = RequestState::from_u32(v) {
+                assert_eq!(s.as_u32(), v);
+            }
+            if let Some(s) = WorkerState::from_u32(v) {
+                assert_eq!(s.as_u32(), v);
+            }
+            if let Some(s) = FinishReason::from_u32(v) {
+                assert_eq!(s.as_u32(), v);
+            }
+            if let Some(s) = EventKind::from_u32(v) {
+                assert_eq!(s.as_u32(), v);
+            }
+        }
+        assert_eq!(RequestState::from_u32(4), None);
+        assert_eq!(WorkerState::from_u32(6), None);
+        assert_eq!(EventKind::from_u32(0), None);
+    }
+
+    #[test]
+    fn exit_status_encoding() {
+        for e in [
+            ExitStatus::NotReaped,
+            ExitStatus::Code(0),
+            ExitStatus::Code(1),
+            ExitStatus::Code(255),
+            ExitStatus::Signal(9),
+            ExitStatus::Signal(15),
+        ] {
+            assert_eq!(ExitStatus::decode(e.encode()), e);
+        }
+        assert_eq!(ExitStatus::decode(0), ExitStatus::NotReaped);
+        assert_eq!(ExitStatus::decode(i32::MAX), ExitStatus::Code(255));
+        assert_eq!(ExitStatus::decode(i32::MIN), ExitStatus::Signal(127));
+    }
+}

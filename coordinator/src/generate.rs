@@ -1,0 +1,293 @@
+//! `amusd generate`: one prompt, one strategy.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use amusd_model::chat::Message;
+use amusd_model::loader::{self, LoadedModel, ModelSpec};
+use amusd_model::tokenizer::Tokenizer;
+use amusd_model::DeviceSpec;
+use amusd_spec::generate::{autoregressive, speculative};
+use amusd_spec::{Drafter, Generation, LlamaDecoder, StopCriteria, Verifier};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+
+use crate::output::{print_text, Spinner};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Autoregressive greedy decoding with the verify model alone.
+    Ar,
+    /// Synchronous speculative decoding in one process: draft and verify take turns.
+    Sd,
+    /// Asynchronous multi-device speculative decoding: two worker processes, one per device.
+    Amusd,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ar => "ar",
+            Self::Sd => "sd",
+            Self::Amusd => "amusd",
+        }
+    }
+}
+
+/// Which models run where; shared by `generate` and `bench`.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Verify model: PATH[:FORMAT] (a .gguf file or a Hugging Face directory; FORMAT is one of
+    /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
+    #[arg(long, value_name = "SPEC")]
+    pub verify_model: Option<String>,
+    /// Draft model: PATH[:FORMAT] or fake:... (tests). Default: SmolLM2-135M-Instruct in q8_0.
+    #[arg(long, value_name = "SPEC")]
+    pub draft_model: Option<String>,
+    /// Device of the verify model (and of the whole process for ar and sd).
+    #[arg(long, default_value = "cpu:1")]
+    pub verify_device: String,
+    /// Device of the draft worker (amusd).
+    #[arg(long, default_value = "cpu:0")]
+    pub draft_device: String,
+    /// sd: draft tokens proposed per verify step.
+    #[arg(long, default_value_t = 5)]
+    pub lookahead: usize,
+    /// amusd: how far the draft may run ahead of the verified tokens.
+    #[arg(long, default_value_t = 8)]
+    pub max_lookahead: usize,
+    /// amusd: most draft tokens one verify forward checks.
+    #[arg(long, default_value_t = 16)]
+    pub max_verify_batch: usize,
+    /// amusd: how long the verify worker waits for a draft token before taking an autoregressive
+    /// step itself, in microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub verify_wait_us: u64,
+}
+
+impl ModelArgs {
+    pub fn verify_spec(&self) -> Result<String> {
+        match &self.verify_model {
+            Some(s) => Ok(s.clone()),
+            None => Ok(format!("{}:f32", crate::assets::ensure_default_model()?.display())),
+        }
+    }
+
+    pub fn draft_spec(&self) -> Result<String> {
+        match &self.draft_model {
+            Some(s) => Ok(s.clone()),
+            None => Ok(format!("{}:q8_0", crate::assets::ensure_default_model()?.display())),
+        }
+    }
+
+    pub fn verify_device(&self) -> Result<DeviceSpec> {
+        parse_device(&self.verify_device)
+    }
+
+    pub fn draft_device(&self) -> Result<DeviceSpec> {
+        parse_device(&self.draft_device)
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<DeviceSpec> {
+    let d: DeviceSpec = s.parse()?;
+    d.check_available()?;
+    Ok(d)
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[arg(long, value_enum, default_value = "ar")]
+    pub strategy: Strategy,
+    /// The user's message (the chat template is applied unless --raw).
+    #[arg(long, short, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (UTF-8).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
+    /// Feed the prompt to the model as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// System message (chat mode).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Print one JSON object (strategy, prompt tokens, token ids, text, metrics) instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+/// Loads a model from a spec, with a spinner.
+pub fn load_model(spec: &str, role: &str) -> Result<LoadedModel> {
+    let spec: ModelSpec = spec.parse()?;
+    let _spinner = Spinner::new(format!("loading {role} model {}", spec.path.display()));
+    loader::load(&spec).with_context(|| format!("cannot load the {role} model"))
+}
+
+/// The prompt text from `--prompt` or `--prompt-file`.
+pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
+    let text = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => {
+            let bytes = std::fs::read(f).with_context(|| format!("cannot read the prompt file {}", f.display()))?;
+            String::from_utf8(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "the prompt file {} is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8",
+                    f.display(),
+                    e.utf8_error().valid_up_to()
+                )
+            })?
+        }
+        (None, None) => bail!("no prompt: pass --prompt TEXT or --prompt-file FILE"),
+    };
+    if text.trim().is_empty() {
+        bail!("the prompt is empty: pass some text with --prompt or --prompt-file");
+    }
+    Ok(text)
+}
+
+/// Token ids of a conversation: rendered with the model's chat template (ChatML if it has none) and
+/// tokenized without adding specials (the template writes them), or the raw text as is.
+pub fn encode_conversation(tokenizer: &Tokenizer, template: Option<&amusd_model::chat::ChatTemplate>, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
+    if raw {
+        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        return Ok(tokenizer.encode(&text.join("\n"), true)?);
+    }
+    let fallback;
+    let template = match template {
+        Some(t) => t,
+        None => {
+            fallback = amusd_model::chat::ChatTemplate::chatml();
+            &fallback
+        }
+    };
+    let text = template.render(messages, true)?;
+    Ok(tokenizer.encode(&text, false)?)
+}
+
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let text = prompt_text(&args)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &args.system {
+        messages.push(Message::system(s.clone()));
+    }
+    messages.push(Message::user(text));
+    let m = &args.models;
+    let verify_device = m.verify_device()?;
+    if args.strategy == Strategy::Amusd {
+        return crate::amusd::generate(&args, &messages);
+    }
+    amusd_spec::bind::bind_current_process(verify_device)?;
+    let verify = load_model(&m.verify_spec()?, "verify")?;
+    let prompt = encode_conversation(&verify.tokenizer, verify.chat_template.as_ref(), &messages, args.raw)?;
+    let stop = StopCriteria { stop_ids: verify.eos_ids.clone(), max_new_tokens: args.max_new_tokens };
+    amusd_spec::generate::check_fits(verify.llama.config.max_position, prompt.len(), args.max_new_tokens, m.lookahead + 1)?;
+    let tokenizer = verify.tokenizer.clone();
+    let mut stream = tokenizer.stream(true);
+    let json = args.json;
+    let mut on_tokens = |ids: &[u32]| {
+        if !json {
+            for &id in ids {
+                if let Ok(piece) = stream.push(id) {
+                    print_text(&piece);
+                }
+            }
+        }
+    };
+    let mut verifier = Verifier::new(LlamaDecoder::new(verify.llama));
+    let generation = match args.strategy {
+        Strategy::Ar => autoregressive(&mut verifier, &prompt, &stop, &mut on_tokens)?,
+        Strategy::Sd => {
+            let draft = load_model(&m.draft_spec()?, "draft")?;
+            check_same_vocabulary(&tokenizer, &draft.tokenizer)?;
+            let mut drafter = Drafter::new(LlamaDecoder::new(draft.llama));
+            speculative(&mut verifier, &mut drafter, &prompt, &stop, m.lookahead, &mut on_tokens)?
+        }
+        Strategy::Amusd => unreachable!(),
+    };
+    finish_output(args.strategy, &tokenizer, prompt.len(), &generation, json)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the trailing newline and summary, or the JSON object.
+pub fn finish_output(strategy: Strategy, tokenizer: &Tokenizer, prompt_tokens: usize, g: &Generation, json: bool) -> Result<()> {
+    let text = tokenizer.decode(&g.tokens, true)?;
+    if json {
+        let out = serde_json::json!({
+            "strategy": strategy.name(),
+            "prompt_tokens": prompt_tokens,
+            "tokens": g.tokens,
+            "text": text,
+            "finish_reason": g.finish,
+            "metrics": summary_json(&g.metrics),
+        });
+        println!("{out}");
+    } else {
+        println!();
+        eprintln!("{}", summary_line(strategy, &g.metrics));
+    }
+    Ok(())
+}
+
+pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
+    serde_json::json!({
+        "prompt_tokens": m.prompt_tokens,
+        "new_tokens": m.new_tokens,
+        "ttft_ms": m.ttft * 1e3,
+        "decode_ms_per_token": m.ms_per_token(),
+        "tokens_per_s": if m.ms_per_token() > 0.0 { 1e3 / m.ms_per_token() } else { 0.0 },
+        "total_time_s": m.total_time,
+        "proposed": m.proposed,
+        "accepted": m.accepted,
+        "acceptance_rate": m.acceptance_rate(),
+        "verify_steps": m.verify_steps,
+        "tokens_per_verify_step": m.tokens_per_step(),
+        "rollbacks": m.rollbacks,
+    })
+}
+
+pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
+    let tps = if m.ms_per_token() > 0.0 { 1e3 / m.ms_per_token() } else { 0.0 };
+    let mut s = format!(
+        "[{}] prompt {} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s)",
+        strategy.name(),
+        m.prompt_tokens,
+        m.new_tokens,
+        m.ttft * 1e3,
+        m.ms_per_token(),
+        tps
+    );
+    if strategy != Strategy::Ar {
+        s.push_str(&format!(
+            "; drafted {}, accepted {} ({:.0}%), {:.2} tokens/verify step, {} rollbacks",
+            m.proposed,
+            m.accepted,
+            100.0 * m.acceptance_rate(),
+            m.tokens_per_step(),
+            m.rollbacks
+        ));
+    }
+    s
+}
+
+/// Draft and verify must share one vocabulary, token for token, or draft ids mean nothing to the
+/// verify model.
+pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()> {
+    let (v, d) = (verify.vocab_size(), draft.vocab_size());
+    if v != d {
+        bail!("vocabulary mismatch: the verify model has {v} tokens, the draft {d}; pick a draft from the same model family");
+    }
+    for id in 0..v as u32 {
+        if verify.id_to_token(id) != draft.id_to_token(id) {
+            bail!(
+                "vocabulary mismatch at token {id} ({:?} vs {:?}); pick a draft from the same model family",
+                verify.id_to_token(id),
+                draft.id_to_token(id)
+            );
+        }
+    }
+    Ok(())
+}
