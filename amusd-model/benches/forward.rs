@@ -22,17 +22,31 @@ fn main() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(amusd_model::default_model_path);
     if !path.is_file() {
-        eprintln!("forward bench: no model at {}; run scripts/fetch-assets.sh model", path.display());
+        eprintln!(
+            "forward bench: no model at {}; run scripts/fetch-assets.sh model",
+            path.display()
+        );
         return;
     }
-    let formats: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let formats: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let formats = if formats.is_empty() {
-        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"].map(String::from).to_vec()
+        ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"]
+            .map(String::from)
+            .to_vec()
     } else {
         formats
     };
-    let reps: usize = std::env::var("AMUSD_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
-    println!("model {}  context {CONTEXT}  median of {reps}", path.display());
+    let reps: usize = std::env::var("AMUSD_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    println!(
+        "model {}  context {CONTEXT}  median of {reps}",
+        path.display()
+    );
     print!("{:<6} {:>10}", "format", "ms/token");
     for k in KS {
         print!(" {:>9}", format!("k={k}"));
@@ -43,17 +57,25 @@ fn main() {
             eprintln!("unknown format {f}");
             continue;
         };
-        let model = GgufFile::open(&path).and_then(|mut g| g.load_llama(format)).expect("load");
+        let model = GgufFile::open(&path)
+            .and_then(|mut g| g.load_llama(format))
+            .expect("load");
         let mut cache = model.new_cache(CONTEXT + 64);
-        let context: Vec<u32> = (0..CONTEXT as u32).map(|i| (i * 7919) % 40000 + 100).collect();
-        model.forward(&context, 0, &mut cache, LogitsFor::Last).expect("prefill");
+        let context: Vec<u32> = (0..CONTEXT as u32)
+            .map(|i| (i * 7919) % 40000 + 100)
+            .collect();
+        model
+            .forward(&context, 0, &mut cache, LogitsFor::Last)
+            .expect("prefill");
         let mut times = Vec::new();
         for k in KS {
             let new: Vec<u32> = (0..k as u32).map(|i| 1000 + i).collect();
             let samples: Vec<f64> = (0..reps)
                 .map(|_| {
                     let t = Instant::now();
-                    model.forward(&new, CONTEXT, &mut cache, LogitsFor::All).expect("forward");
+                    model
+                        .forward(&new, CONTEXT, &mut cache, LogitsFor::All)
+                        .expect("forward");
                     t.elapsed().as_secs_f64() * 1e3
                 })
                 .collect();

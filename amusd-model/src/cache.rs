@@ -22,8 +22,12 @@ impl KvCache {
     pub fn new(cfg: &LlamaConfig, capacity: usize) -> Self {
         let kv_dim = cfg.kv_dim();
         Self {
-            keys: (0..cfg.n_layers).map(|_| vec![0f32; capacity * kv_dim]).collect(),
-            values: (0..cfg.n_layers).map(|_| vec![0f32; capacity * kv_dim]).collect(),
+            keys: (0..cfg.n_layers)
+                .map(|_| vec![0f32; capacity * kv_dim])
+                .collect(),
+            values: (0..cfg.n_layers)
+                .map(|_| vec![0f32; capacity * kv_dim])
+                .collect(),
             kv_dim,
             len: 0,
             capacity,
@@ -66,7 +70,10 @@ impl KvCache {
             )));
         }
         if start + n > self.capacity {
-            return Err(ModelError::ContextOverflow { tokens: start + n, capacity: self.capacity });
+            return Err(ModelError::ContextOverflow {
+                tokens: start + n,
+                capacity: self.capacity,
+            });
         }
         Ok(())
     }

@@ -40,18 +40,32 @@ impl LlamaConfig {
 
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Config(m));
-        if self.vocab_size == 0 || self.hidden_size == 0 || self.n_layers == 0 || self.intermediate_size == 0 {
+        if self.vocab_size == 0
+            || self.hidden_size == 0
+            || self.n_layers == 0
+            || self.intermediate_size == 0
+        {
             return bad(format!("zero-sized dimension in {self:?}"));
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!("{} heads cannot share {} key/value heads", self.n_heads, self.n_kv_heads));
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
+            return bad(format!(
+                "{} heads cannot share {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head dimension {} must be even", self.head_dim));
         }
         if let Some(f) = &self.rope_freq_factors {
             if f.len() != self.head_dim / 2 {
-                return bad(format!("{} rope frequency factors for head dimension {}", f.len(), self.head_dim));
+                return bad(format!(
+                    "{} rope frequency factors for head dimension {}",
+                    f.len(),
+                    self.head_dim
+                ));
             }
         }
         if !(self.rms_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
@@ -96,7 +110,8 @@ pub fn llama3_freq_factors(
             } else if wavelen > low_wavelen {
                 factor
             } else {
-                let smooth = (original_max_position / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth = (original_max_position / wavelen - low_freq_factor)
+                    / (high_freq_factor - low_freq_factor);
                 // new_freq = (1 - smooth) * freq / factor + smooth * freq, as a divisor of freq.
                 1.0 / ((1.0 - smooth) / factor + smooth)
             }

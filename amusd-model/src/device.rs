@@ -18,7 +18,9 @@ impl FromStr for DeviceSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
-            ModelError::Device(format!("unknown device '{s}': expected cpu, cpu:N (a core number) or cuda:N"))
+            ModelError::Device(format!(
+                "unknown device '{s}': expected cpu, cpu:N (a core number) or cuda:N"
+            ))
         };
         let (kind, index) = match s.split_once(':') {
             Some((k, i)) => (k, Some(i.parse::<usize>().map_err(|_| bad())?)),
@@ -47,11 +49,18 @@ impl DeviceSpec {
     pub fn check_available(&self) -> Result<(), ModelError> {
         match self {
             Self::Cpu(Some(core)) => {
-                let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                let cores = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
                 let online = std::fs::read_to_string("/sys/devices/system/cpu/online").ok();
                 let max_core = online
                     .as_deref()
-                    .and_then(|s| s.trim().rsplit(['-', ',']).next().and_then(|n| n.parse::<usize>().ok()))
+                    .and_then(|s| {
+                        s.trim()
+                            .rsplit(['-', ','])
+                            .next()
+                            .and_then(|n| n.parse::<usize>().ok())
+                    })
                     .unwrap_or(cores.saturating_sub(1));
                 if *core > max_core {
                     return Err(ModelError::Device(format!(
@@ -65,7 +74,8 @@ impl DeviceSpec {
                 "the CUDA forward pass is not implemented yet; run on cpu:N".into(),
             )),
             Self::Cuda(_) => Err(ModelError::Device(
-                "this amusd was built without CUDA; rebuild with `--features cuda` or use cpu:N".into(),
+                "this amusd was built without CUDA; rebuild with `--features cuda` or use cpu:N"
+                    .into(),
             )),
         }
     }
@@ -83,7 +93,15 @@ mod tests {
         for s in ["gpu:0", "cpu:x", "cpu:-1", ""] {
             assert!(s.parse::<DeviceSpec>().is_err(), "{s}");
         }
-        assert!("cpu:100000".parse::<DeviceSpec>().unwrap().check_available().is_err());
-        assert!("cpu:0".parse::<DeviceSpec>().unwrap().check_available().is_ok());
+        assert!("cpu:100000"
+            .parse::<DeviceSpec>()
+            .unwrap()
+            .check_available()
+            .is_err());
+        assert!("cpu:0"
+            .parse::<DeviceSpec>()
+            .unwrap()
+            .check_available()
+            .is_ok());
     }
 }

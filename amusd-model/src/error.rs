@@ -4,7 +4,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a model amusd can read: {reason}")]
     NotAModel { path: PathBuf, reason: String },
     #[error("{path}: {reason} (the file may be truncated or corrupt; fetch it again)")]

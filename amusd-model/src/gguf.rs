@@ -24,7 +24,10 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
-        let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+        let io = |source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let file = File::open(path).map_err(io)?;
         let mut reader = BufReader::new(file);
         let mut magic = [0u8; 4];
@@ -40,7 +43,11 @@ impl GgufFile {
             path: path.to_path_buf(),
             reason: format!("bad GGUF header: {e}"),
         })?;
-        Ok(Self { content, reader, path: path.to_path_buf() })
+        Ok(Self {
+            content,
+            reader,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -56,44 +63,70 @@ impl GgufFile {
         if !self.has_tensor(name) {
             return Err(ModelError::MissingTensor(name.to_string()));
         }
-        self.content.tensor(&mut self.reader, name, &Device::Cpu).map_err(|e| ModelError::Corrupt {
-            path: self.path.clone(),
-            reason: format!("tensor '{name}': {e}"),
-        })
+        self.content
+            .tensor(&mut self.reader, name, &Device::Cpu)
+            .map_err(|e| ModelError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("tensor '{name}': {e}"),
+            })
     }
 
     fn tensor_f32(&mut self, name: &str) -> Result<Vec<f32>, ModelError> {
         let t = self.tensor(name)?;
-        Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(t.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     /// Reads a matrix and converts it to `format`, checking it is `rows x cols`.
-    fn linear(&mut self, name: &str, rows: usize, cols: usize, format: WeightFormat) -> Result<Linear, ModelError> {
+    fn linear(
+        &mut self,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        format: WeightFormat,
+    ) -> Result<Linear, ModelError> {
         let t = self.tensor(name)?;
         let dims = t.shape().dims().to_vec();
         if dims != [rows, cols] {
-            return Err(ModelError::Shape(format!("tensor '{name}' is {dims:?}, expected [{rows}, {cols}]")));
+            return Err(ModelError::Shape(format!(
+                "tensor '{name}' is {dims:?}, expected [{rows}, {cols}]"
+            )));
         }
         let stored = t.dtype();
         let weights = match (format, stored) {
-            (WeightFormat::AsStored, GgmlDType::F32) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F32)?,
-            (WeightFormat::AsStored, GgmlDType::F16) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F16)?,
-            (WeightFormat::AsStored, GgmlDType::BF16) => weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?,
+            (WeightFormat::AsStored, GgmlDType::F32) => {
+                weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F32)?
+            }
+            (WeightFormat::AsStored, GgmlDType::F16) => {
+                weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F16)?
+            }
+            (WeightFormat::AsStored, GgmlDType::BF16) => {
+                weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?
+            }
             (WeightFormat::AsStored, _) => Weights::Quantized(Arc::new(t)),
-            (WeightFormat::Quantized(want), have) if want == have => Weights::Quantized(Arc::new(t)),
+            (WeightFormat::Quantized(want), have) if want == have => {
+                Weights::Quantized(Arc::new(t))
+            }
             (other, _) => weights_from_f32(self.dequant(&t)?, rows, cols, other)?,
         };
         Linear::new(weights, rows, cols)
     }
 
     fn dequant(&self, t: &QTensor) -> Result<Vec<f32>, ModelError> {
-        Ok(t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        Ok(t.dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
     }
 
     /// The model's hyperparameters from `llama.*` metadata.
     pub fn config(&mut self) -> Result<LlamaConfig, ModelError> {
         let md = &self.content.metadata;
-        let arch = md.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
         if arch != "llama" {
             return Err(ModelError::Unsupported(format!(
                 "architecture '{arch}' in {}; amusd runs Llama-family models (general.architecture = llama)",
@@ -140,7 +173,13 @@ impl GgufFile {
     /// Builds the model, converting every matrix to `format`.
     pub fn load_llama(&mut self, format: WeightFormat) -> Result<Llama, ModelError> {
         let cfg = self.config()?;
-        let (h, q, kv, ff, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let (h, q, kv, ff, v) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
         let embed = self.linear("token_embd.weight", v, h, format)?;
         let lm_head = if self.has_tensor("output.weight") {
             self.linear("output.weight", v, h, format)?
@@ -182,7 +221,9 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// An integer metadata value of any GGUF integer type.
 pub fn meta_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize, ModelError> {
-    let v = md.get(key).ok_or_else(|| ModelError::Config(format!("GGUF metadata lacks '{key}'")))?;
+    let v = md
+        .get(key)
+        .ok_or_else(|| ModelError::Config(format!("GGUF metadata lacks '{key}'")))?;
     let n: Option<u64> = match v {
         Value::U8(x) => Some(*x as u64),
         Value::U16(x) => Some(*x as u64),
@@ -196,7 +237,11 @@ pub fn meta_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize, Model
     };
     n.and_then(|n| usize::try_from(n).ok())
         .filter(|&n| n < (1 << 40))
-        .ok_or_else(|| ModelError::Config(format!("GGUF metadata '{key}' is not a sensible integer: {v:?}")))
+        .ok_or_else(|| {
+            ModelError::Config(format!(
+                "GGUF metadata '{key}' is not a sensible integer: {v:?}"
+            ))
+        })
 }
 
 fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {

@@ -55,8 +55,14 @@ fn default_max_pos() -> usize {
 impl HfConfig {
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-        serde_json::from_str(&text).map_err(|e| ModelError::Corrupt { path, reason: format!("invalid config.json: {e}") })
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+            path,
+            reason: format!("invalid config.json: {e}"),
+        })
     }
 
     pub fn to_llama(&self) -> Result<LlamaConfig, ModelError> {
@@ -68,13 +74,21 @@ impl HfConfig {
                 self.architectures, self.model_type
             )));
         }
-        let head_dim = self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
+        let head_dim = self
+            .head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1));
         let rope_freq_factors = match &self.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(s) => {
-                let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|v| v.as_str()).unwrap_or("");
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("");
                 if kind != "llama3" {
-                    return Err(ModelError::Unsupported(format!("rope_scaling type '{kind}' (only llama3 is supported)")));
+                    return Err(ModelError::Unsupported(format!(
+                        "rope_scaling type '{kind}' (only llama3 is supported)"
+                    )));
                 }
                 let f = |k: &str| {
                     s.get(k)
@@ -118,8 +132,14 @@ impl HfConfig {
 
 pub(crate) fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|n| n as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -132,21 +152,37 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io { path: index.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Corrupt { path: index.clone(), reason: format!("invalid index: {e}") })?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Corrupt {
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
             path: index.clone(),
-            reason: "no weight_map".into(),
+            source,
         })?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
+                path: index.clone(),
+                reason: format!("invalid index: {e}"),
+            })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Corrupt {
+                path: index.clone(),
+                reason: "no weight_map".into(),
+            })?;
+        let mut files: Vec<PathBuf> = map
+            .values()
+            .filter_map(|v| v.as_str())
+            .map(|f| dir.join(f))
+            .collect();
         files.sort();
         files.dedup();
         for f in &files {
             if !f.is_file() {
                 return Err(ModelError::Io {
                     path: f.clone(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard named in the index is missing"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard named in the index is missing",
+                    ),
                 });
             }
         }
@@ -171,16 +207,21 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         reason: format!("bad safetensors: {e}"),
     })?;
     let load = |name: &str| -> Result<candle_core::Tensor, ModelError> {
-        st.get(name).map_err(|_| ModelError::MissingTensor(name.to_string()))?;
-        st.load(name, &Device::Cpu).map_err(|e| ModelError::Corrupt {
-            path: dir.to_path_buf(),
-            reason: format!("tensor '{name}': {e}"),
-        })
+        st.get(name)
+            .map_err(|_| ModelError::MissingTensor(name.to_string()))?;
+        st.load(name, &Device::Cpu)
+            .map_err(|e| ModelError::Corrupt {
+                path: dir.to_path_buf(),
+                reason: format!("tensor '{name}': {e}"),
+            })
     };
     let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear, ModelError> {
         let t = load(name)?;
         if t.dims() != [rows, cols] {
-            return Err(ModelError::Shape(format!("tensor '{name}' is {:?}, expected [{rows}, {cols}]", t.dims())));
+            return Err(ModelError::Shape(format!(
+                "tensor '{name}' is {:?}, expected [{rows}, {cols}]",
+                t.dims()
+            )));
         }
         let format = match (format, t.dtype()) {
             (WeightFormat::AsStored, DType::F16) => WeightFormat::F16,
@@ -192,13 +233,25 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         Linear::new(weights_from_f32(data, rows, cols, format)?, rows, cols)
     };
     let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-        let v = load(name)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = load(name)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         if v.len() != len {
-            return Err(ModelError::Shape(format!("tensor '{name}' has {} values, expected {len}", v.len())));
+            return Err(ModelError::Shape(format!(
+                "tensor '{name}' has {} values, expected {len}",
+                v.len()
+            )));
         }
         Ok(v)
     };
-    let (h, q, kv, ff, v) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size, cfg.vocab_size);
+    let (h, q, kv, ff, v) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
     let embed = linear("model.embed_tokens.weight", v, h)?;
     let lm_head = if hf.tie_word_embeddings || st.get("lm_head.weight").is_err() {
         embed.clone()

@@ -109,7 +109,12 @@ mod simd {
     }
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma", not(target_feature = "avx512f")))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    not(target_feature = "avx512f")
+))]
 mod simd {
     use super::{reduce, LANES};
     use std::arch::x86_64::*;
@@ -148,7 +153,13 @@ mod simd {
     }
 }
 
-#[cfg(not(all(target_arch = "x86_64", any(target_feature = "avx512f", all(target_feature = "avx2", target_feature = "fma")))))]
+#[cfg(not(all(
+    target_arch = "x86_64",
+    any(
+        target_feature = "avx512f",
+        all(target_feature = "avx2", target_feature = "fma")
+    )
+)))]
 mod simd {
     use super::{fma_lanes, lanes, reduce, LANES};
 
@@ -371,7 +382,9 @@ mod tests {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -428,7 +441,17 @@ mod tests {
         let keys = vals((pos + 1) * nkv * hd, 2);
         let values = vec![0.25f32; (pos + 1) * nkv * hd];
         let mut out = vec![0f32; nh * hd];
-        attend(&q, &keys, &values, pos, nh, nkv, hd, &mut Vec::new(), &mut out);
+        attend(
+            &q,
+            &keys,
+            &values,
+            pos,
+            nh,
+            nkv,
+            hd,
+            &mut Vec::new(),
+            &mut out,
+        );
         for v in out {
             assert!((v - 0.25).abs() < 1e-6);
         }

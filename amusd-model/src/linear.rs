@@ -33,7 +33,11 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(weights: Weights, out_features: usize, in_features: usize) -> Result<Self, ModelError> {
+    pub fn new(
+        weights: Weights,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self, ModelError> {
         let len = match &weights {
             Weights::F32(w) => w.len(),
             Weights::F16(w) => w.len(),
@@ -45,7 +49,11 @@ impl Linear {
                 "linear weight has {len} elements, expected {out_features}x{in_features}"
             )));
         }
-        Ok(Self { weights, in_features, out_features })
+        Ok(Self {
+            weights,
+            in_features,
+            out_features,
+        })
     }
 
     pub fn in_features(&self) -> usize {
@@ -100,7 +108,9 @@ impl Linear {
     pub fn concat(parts: &[Linear]) -> Result<Linear, ModelError> {
         let k = parts[0].in_features;
         if parts.iter().any(|p| p.in_features != k) {
-            return Err(ModelError::Shape("cannot fuse layers of different input widths".into()));
+            return Err(ModelError::Shape(
+                "cannot fuse layers of different input widths".into(),
+            ));
         }
         let n: usize = parts.iter().map(|p| p.out_features).sum();
         let weights = match &parts[0].weights {
@@ -124,7 +134,11 @@ impl Linear {
                         Weights::Quantized(q) if q.dtype() == dtype => {
                             bytes.extend_from_slice(&q.data()?)
                         }
-                        _ => return Err(ModelError::Shape("cannot fuse layers of different storage".into())),
+                        _ => {
+                            return Err(ModelError::Shape(
+                                "cannot fuse layers of different storage".into(),
+                            ))
+                        }
                     }
                 }
                 // GGUF blocks never straddle rows, so a row-wise concatenation of the raw blocks is the
@@ -151,11 +165,20 @@ fn concat_vec<T: Copy>(
 }
 
 /// Converts a dense f32 matrix into the requested storage.
-pub fn weights_from_f32(data: Vec<f32>, rows: usize, cols: usize, format: WeightFormat) -> Result<Weights, ModelError> {
+pub fn weights_from_f32(
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    format: WeightFormat,
+) -> Result<Weights, ModelError> {
     Ok(match format {
         WeightFormat::F32 => Weights::F32(Arc::new(data)),
-        WeightFormat::F16 => Weights::F16(Arc::new(data.iter().map(|v| half::f16::from_f32(*v)).collect())),
-        WeightFormat::Bf16 => Weights::Bf16(Arc::new(data.iter().map(|v| half::bf16::from_f32(*v)).collect())),
+        WeightFormat::F16 => Weights::F16(Arc::new(
+            data.iter().map(|v| half::f16::from_f32(*v)).collect(),
+        )),
+        WeightFormat::Bf16 => Weights::Bf16(Arc::new(
+            data.iter().map(|v| half::bf16::from_f32(*v)).collect(),
+        )),
         WeightFormat::Quantized(dtype) => {
             if !cols.is_multiple_of(dtype.block_size()) {
                 return Err(ModelError::Unsupported(format!(
@@ -167,7 +190,9 @@ pub fn weights_from_f32(data: Vec<f32>, rows: usize, cols: usize, format: Weight
             Weights::Quantized(Arc::new(QTensor::quantize(&t, dtype)?))
         }
         WeightFormat::AsStored => {
-            return Err(ModelError::Unsupported("weight format 'as stored' needs a stored type".into()))
+            return Err(ModelError::Unsupported(
+                "weight format 'as stored' needs a stored type".into(),
+            ))
         }
     })
 }
@@ -203,7 +228,8 @@ impl WeightFormat {
         })
     }
 
-    pub const NAMES: &'static str = "stored, f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k";
+    pub const NAMES: &'static str =
+        "stored, f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k";
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -223,7 +249,9 @@ mod tests {
     use super::*;
 
     fn lin(format: WeightFormat, n: usize, k: usize, seed: u32) -> Linear {
-        let data: Vec<f32> = (0..n * k).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        let data: Vec<f32> = (0..n * k)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
         Linear::new(weights_from_f32(data, n, k, format).unwrap(), n, k).unwrap()
     }
 
@@ -239,7 +267,9 @@ mod tests {
             let (k, m) = (64, 7);
             let (a, b) = (lin(format, 12, k, 1), lin(format, 5, k, 2));
             let fused = Linear::concat(&[a.clone(), b.clone()]).unwrap();
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+                .collect();
             let mut y = vec![0f32; m * 17];
             fused.forward(&x, m, &mut y).unwrap();
             for i in 0..m {

@@ -56,7 +56,9 @@ impl Logits {
 
     /// The greedy token of every row.
     pub fn argmax(&self) -> Vec<u32> {
-        (0..self.rows).map(|i| kernels::argmax(self.row(i))).collect()
+        (0..self.rows)
+            .map(|i| kernels::argmax(self.row(i)))
+            .collect()
     }
 }
 
@@ -69,7 +71,12 @@ impl Llama {
         lm_head: Linear,
     ) -> Result<Self, ModelError> {
         config.validate()?;
-        let (h, q, kv, ff) = (config.hidden_size, config.q_dim(), config.kv_dim(), config.intermediate_size);
+        let (h, q, kv, ff) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
         let check = |what: &str, l: &Linear, out: usize, inp: usize| {
             if l.out_features() != out || l.in_features() != inp {
                 return Err(ModelError::Shape(format!(
@@ -96,11 +103,20 @@ impl Llama {
             check(&format!("block {i} gate/up"), &b.w_gate_up, 2 * ff, h)?;
             check(&format!("block {i} down"), &b.w_down, h, ff)?;
             if b.attn_norm.len() != h || b.ffn_norm.len() != h {
-                return Err(ModelError::Shape(format!("block {i} norms are not {h} wide")));
+                return Err(ModelError::Shape(format!(
+                    "block {i} norms are not {h} wide"
+                )));
             }
         }
         let inv_freq = config.rope_inv_freq();
-        Ok(Self { config, embed, blocks, norm, lm_head, inv_freq })
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+        })
     }
 
     /// A fresh cache able to hold `capacity` positions (capped at the model's context).
@@ -124,12 +140,20 @@ impl Llama {
             return Err(ModelError::Shape("forward over zero tokens".into()));
         }
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(ModelError::Shape(format!("token id {t} is outside the vocabulary of {}", cfg.vocab_size)));
+            return Err(ModelError::Shape(format!(
+                "token id {t} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
         }
         cache.check_room(start_pos, m)?;
         cache.truncate(start_pos);
 
-        let (h, q_dim, kv_dim, ff) = (cfg.hidden_size, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+        let (h, q_dim, kv_dim, ff) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
         let qkv_dim = q_dim + 2 * kv_dim;
         let mut x = self.embed_tokens(tokens)?;
         let mut normed = vec![0f32; m * h];
@@ -153,7 +177,10 @@ impl Llama {
                 let (q, kv) = row.split_at_mut(q_dim);
                 let (k, v) = kv.split_at_mut(kv_dim);
                 let (cos, sin) = rope.at(i);
-                for head in q.chunks_exact_mut(cfg.head_dim).chain(k.chunks_exact_mut(cfg.head_dim)) {
+                for head in q
+                    .chunks_exact_mut(cfg.head_dim)
+                    .chain(k.chunks_exact_mut(cfg.head_dim))
+                {
                     apply_rope(head, cos, sin, cfg.rope_style);
                 }
                 let pos = start_pos + i;
@@ -163,7 +190,17 @@ impl Llama {
             for i in 0..m {
                 let q = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
                 let out = &mut attn[i * q_dim..(i + 1) * q_dim];
-                kernels::attend(q, keys, values, start_pos + i, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, &mut scores, out);
+                kernels::attend(
+                    q,
+                    keys,
+                    values,
+                    start_pos + i,
+                    cfg.n_heads,
+                    cfg.n_kv_heads,
+                    cfg.head_dim,
+                    &mut scores,
+                    out,
+                );
             }
             block.wo.forward(&attn, m, &mut proj)?;
             add_in_place(&mut x, &proj);
@@ -192,7 +229,11 @@ impl Llama {
         kernels::rms_norm(&mut hidden, &self.norm, cfg.rms_eps);
         let mut data = vec![0f32; rows * cfg.vocab_size];
         self.lm_head.forward(&hidden, rows, &mut data)?;
-        Ok(Logits { data, rows, vocab: cfg.vocab_size })
+        Ok(Logits {
+            data,
+            rows,
+            vocab: cfg.vocab_size,
+        })
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
@@ -206,12 +247,18 @@ impl Llama {
             }
             Weights::F16(w) => {
                 for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[t as usize * h..(t as usize + 1) * h], dst);
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &w[t as usize * h..(t as usize + 1) * h],
+                        dst,
+                    );
                 }
             }
             Weights::Bf16(w) => {
                 for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[t as usize * h..(t as usize + 1) * h], dst);
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &w[t as usize * h..(t as usize + 1) * h],
+                        dst,
+                    );
                 }
             }
             Weights::Quantized(q) => {
@@ -282,7 +329,8 @@ mod tests {
     use std::sync::OnceLock;
 
     fn tiny_paths() -> &'static (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
-        static DIR: OnceLock<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> = OnceLock::new();
+        static DIR: OnceLock<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> =
+            OnceLock::new();
         DIR.get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
             let tiny = TinyModel::default();
@@ -295,7 +343,10 @@ mod tests {
     }
 
     fn gguf_model(format: WeightFormat) -> Llama {
-        GgufFile::open(&tiny_paths().2).unwrap().load_llama(format).unwrap()
+        GgufFile::open(&tiny_paths().2)
+            .unwrap()
+            .load_llama(format)
+            .unwrap()
     }
 
     fn bits(l: &Logits, row: usize) -> Vec<u32> {
@@ -311,7 +362,12 @@ mod tests {
         let (mut c1, mut c2) = (hf.new_cache(64), gg.new_cache(64));
         let a = hf.forward(&tokens, 0, &mut c1, LogitsFor::All).unwrap();
         let b = gg.forward(&tokens, 0, &mut c2, LogitsFor::All).unwrap();
-        let max_diff = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let max_diff = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         assert!(max_diff < 1e-3, "max |hf - gguf| = {max_diff}");
         assert_eq!(a.argmax(), b.argmax());
     }
@@ -320,7 +376,10 @@ mod tests {
     fn refuses_overflow_and_bad_tokens() {
         let m = gguf_model(WeightFormat::F32);
         let mut c = m.new_cache(8);
-        assert!(matches!(m.forward(&[1; 9], 0, &mut c, LogitsFor::Last), Err(ModelError::ContextOverflow { .. })));
+        assert!(matches!(
+            m.forward(&[1; 9], 0, &mut c, LogitsFor::Last),
+            Err(ModelError::ContextOverflow { .. })
+        ));
         assert!(m.forward(&[100_000], 0, &mut c, LogitsFor::Last).is_err());
         assert!(m.forward(&[1], 3, &mut c, LogitsFor::Last).is_err());
     }

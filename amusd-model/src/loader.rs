@@ -24,11 +24,16 @@ impl FromStr for ModelSpec {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
-            return Err(ModelError::Spec("empty model spec; expected PATH[:FORMAT]".into()));
+            return Err(ModelError::Spec(
+                "empty model spec; expected PATH[:FORMAT]".into(),
+            ));
         }
         if let Some((path, fmt)) = s.rsplit_once(':') {
             if let Some(format) = WeightFormat::parse(fmt) {
-                return Ok(Self { path: path.into(), format });
+                return Ok(Self {
+                    path: path.into(),
+                    format,
+                });
             }
             // A colon in a path is legal; only complain when the path without the suffix exists.
             if !Path::new(s).exists() && Path::new(path).exists() {
@@ -38,7 +43,10 @@ impl FromStr for ModelSpec {
                 )));
             }
         }
-        Ok(Self { path: s.into(), format: WeightFormat::AsStored })
+        Ok(Self {
+            path: s.into(),
+            format: WeightFormat::AsStored,
+        })
     }
 }
 
@@ -70,7 +78,10 @@ pub struct ModelText {
 /// Loads the tokenizer, chat template and stop ids of a model.
 pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
     let path = &spec.path;
-    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
     let dir = if meta.is_dir() {
         Some(path.as_path())
     } else if path.extension().is_some_and(|e| e == "safetensors") {
@@ -81,24 +92,40 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
     if let Some(dir) = dir {
         let hf = crate::hf::HfConfig::read(dir)?;
         let (tokenizer, chat_template, eos_ids) = hf_text(dir, &hf)?;
-        return Ok(ModelText { tokenizer, chat_template, eos_ids });
+        return Ok(ModelText {
+            tokenizer,
+            chat_template,
+            eos_ids,
+        });
     }
     let gguf = GgufFile::open(path)?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
     let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
     let eos_ids = stop_ids(&tokenizer);
-    Ok(ModelText { tokenizer, chat_template, eos_ids })
+    Ok(ModelText {
+        tokenizer,
+        chat_template,
+        eos_ids,
+    })
 }
 
 /// Loads a GGUF file or a Hugging Face checkpoint directory.
 pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let path = &spec.path;
-    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if meta.is_dir() {
         return load_hf_dir(path, spec.format, &file_name);
     }
-    if path.extension().is_some_and(|e| e == "safetensors") || path.file_name().is_some_and(|n| n == "config.json") {
+    if path.extension().is_some_and(|e| e == "safetensors")
+        || path.file_name().is_some_and(|n| n == "config.json")
+    {
         let dir = path.parent().unwrap_or(Path::new("."));
         return load_hf_dir(dir, spec.format, &file_name);
     }
@@ -108,20 +135,43 @@ pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
     let eos_ids = stop_ids(&tokenizer);
     let name = format!("{file_name}:{}", llama.lm_head.storage_name());
-    finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
+    finish(LoadedModel {
+        llama,
+        tokenizer,
+        chat_template,
+        eos_ids,
+        name,
+    })
 }
 
-fn load_hf_dir(dir: &Path, format: WeightFormat, file_name: &str) -> Result<LoadedModel, ModelError> {
+fn load_hf_dir(
+    dir: &Path,
+    format: WeightFormat,
+    file_name: &str,
+) -> Result<LoadedModel, ModelError> {
     let (llama, hf) = crate::hf::load_llama(dir, format)?;
     let (tokenizer, chat_template, eos_ids) = hf_text(dir, &hf)?;
     let name = format!("{file_name}:{}", llama.lm_head.storage_name());
-    finish(LoadedModel { llama, tokenizer, chat_template, eos_ids, name })
+    finish(LoadedModel {
+        llama,
+        tokenizer,
+        chat_template,
+        eos_ids,
+        name,
+    })
 }
 
-fn hf_text(dir: &Path, hf: &crate::hf::HfConfig) -> Result<(Tokenizer, Option<ChatTemplate>, Vec<u32>), ModelError> {
+fn hf_text(
+    dir: &Path,
+    hf: &crate::hf::HfConfig,
+) -> Result<(Tokenizer, Option<ChatTemplate>, Vec<u32>), ModelError> {
     let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
     let tc = dir.join("tokenizer_config.json");
-    let chat_template = if tc.is_file() { ChatTemplate::from_tokenizer_config(tc)? } else { None };
+    let chat_template = if tc.is_file() {
+        ChatTemplate::from_tokenizer_config(tc)?
+    } else {
+        None
+    };
     let mut eos_ids = hf.eos_ids();
     if eos_ids.is_empty() {
         eos_ids = stop_ids(&tokenizer);
@@ -158,7 +208,10 @@ mod tests {
     #[test]
     fn parses_specs() {
         let s: ModelSpec = "m.gguf:f32".parse().unwrap();
-        assert_eq!((s.path, s.format), (PathBuf::from("m.gguf"), WeightFormat::F32));
+        assert_eq!(
+            (s.path, s.format),
+            (PathBuf::from("m.gguf"), WeightFormat::F32)
+        );
         let s: ModelSpec = "dir/model".parse().unwrap();
         assert_eq!(s.format, WeightFormat::AsStored);
         assert!("".parse::<ModelSpec>().is_err());

@@ -9,11 +9,11 @@ pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 pub fn amusd_home() -> PathBuf {
     match std::env::var_os("AMUSD_HOME") {
         Some(h) if !h.is_empty() => PathBuf::from(h),
-        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".cache/amusd"),
+        _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".cache/amusd"),
     }
 }
 
 pub fn default_model_path() -> PathBuf {
     amusd_home().join("models").join(DEFAULT_MODEL_FILE)
 }
-

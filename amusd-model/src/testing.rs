@@ -35,7 +35,17 @@ pub struct TinyModel {
 
 impl Default for TinyModel {
     fn default() -> Self {
-        Self { hidden: 64, intermediate: 128, layers: 2, heads: 4, kv_heads: 2, context: 512, seed: 7, tie_embeddings: true, extra_vocab: 0 }
+        Self {
+            hidden: 64,
+            intermediate: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            context: 512,
+            seed: 7,
+            tie_embeddings: true,
+            extra_vocab: 0,
+        }
     }
 }
 
@@ -86,32 +96,84 @@ impl TinyModel {
                 })
                 .collect()
         };
-        let (h, ff, v, hd) = (self.hidden, self.intermediate, self.vocab_size(), self.head_dim());
+        let (h, ff, v, hd) = (
+            self.hidden,
+            self.intermediate,
+            self.vocab_size(),
+            self.head_dim(),
+        );
         let (q, kv) = (self.heads * hd, self.kv_heads * hd);
-        let mut w = vec![("model.embed_tokens.weight".to_string(), vec![v, h], rand(v * h, 1.0, 0.0))];
+        let mut w = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![v, h],
+            rand(v * h, 1.0, 0.0),
+        )];
         for i in 0..self.layers {
             let p = format!("model.layers.{i}");
             let s = 1.0 / (h as f32).sqrt();
-            w.push((format!("{p}.input_layernorm.weight"), vec![h], rand(h, 0.1, 1.0)));
-            w.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h], rand(q * h, 2.0 * s, 0.0)));
-            w.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h], rand(kv * h, 2.0 * s, 0.0)));
-            w.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h], rand(kv * h, s, 0.0)));
-            w.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q], rand(h * q, s, 0.0)));
-            w.push((format!("{p}.post_attention_layernorm.weight"), vec![h], rand(h, 0.1, 1.0)));
-            w.push((format!("{p}.mlp.gate_proj.weight"), vec![ff, h], rand(ff * h, s, 0.0)));
-            w.push((format!("{p}.mlp.up_proj.weight"), vec![ff, h], rand(ff * h, s, 0.0)));
-            w.push((format!("{p}.mlp.down_proj.weight"), vec![h, ff], rand(h * ff, 1.0 / (ff as f32).sqrt(), 0.0)));
+            w.push((
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                rand(h, 0.1, 1.0),
+            ));
+            w.push((
+                format!("{p}.self_attn.q_proj.weight"),
+                vec![q, h],
+                rand(q * h, 2.0 * s, 0.0),
+            ));
+            w.push((
+                format!("{p}.self_attn.k_proj.weight"),
+                vec![kv, h],
+                rand(kv * h, 2.0 * s, 0.0),
+            ));
+            w.push((
+                format!("{p}.self_attn.v_proj.weight"),
+                vec![kv, h],
+                rand(kv * h, s, 0.0),
+            ));
+            w.push((
+                format!("{p}.self_attn.o_proj.weight"),
+                vec![h, q],
+                rand(h * q, s, 0.0),
+            ));
+            w.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                rand(h, 0.1, 1.0),
+            ));
+            w.push((
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![ff, h],
+                rand(ff * h, s, 0.0),
+            ));
+            w.push((
+                format!("{p}.mlp.up_proj.weight"),
+                vec![ff, h],
+                rand(ff * h, s, 0.0),
+            ));
+            w.push((
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, ff],
+                rand(h * ff, 1.0 / (ff as f32).sqrt(), 0.0),
+            ));
         }
         w.push(("model.norm.weight".into(), vec![h], rand(h, 0.1, 1.0)));
         if !self.tie_embeddings {
-            w.push(("lm_head.weight".into(), vec![v, h], rand(v * h, 1.0 / (h as f32).sqrt(), 0.0)));
+            w.push((
+                "lm_head.weight".into(),
+                vec![v, h],
+                rand(v * h, 1.0 / (h as f32).sqrt(), 0.0),
+            ));
         }
         w
     }
 
     /// Writes `config.json`, `model.safetensors`, `tokenizer.json` and `tokenizer_config.json`.
     pub fn write_hf(&self, dir: &Path) -> Result<(), ModelError> {
-        let io = |source| ModelError::Io { path: dir.to_path_buf(), source };
+        let io = |source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(io)?;
         let config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
@@ -136,7 +198,11 @@ impl TinyModel {
             tensors.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
         }
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-        std::fs::write(dir.join("tokenizer.json"), self.tokenizer_json().to_string()).map_err(io)?;
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            self.tokenizer_json().to_string(),
+        )
+        .map_err(io)?;
         let tok_config = serde_json::json!({
             "chat_template": CHATML_TEMPLATE,
             "bos_token": "<|im_start|>",
@@ -149,8 +215,12 @@ impl TinyModel {
     /// A byte-level BPE `tokenizer.json` with no merges: every byte is a token.
     pub fn tokenizer_json(&self) -> serde_json::Value {
         let tokens = self.vocab_tokens();
-        let vocab: serde_json::Map<String, serde_json::Value> =
-            tokens.iter().take(256).enumerate().map(|(i, t)| (t.clone(), i.into())).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .take(256)
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i.into()))
+            .collect();
         let added: Vec<serde_json::Value> = tokens
             .iter()
             .enumerate()
@@ -211,36 +281,57 @@ impl TinyModel {
                 data
             };
             let t = Tensor::from_vec(data, shape.clone(), &Device::Cpu)?;
-            let q = if shape.len() == 1 { QTensor::quantize(&t, GgmlDType::F32)? } else { QTensor::quantize(&t, dtype)? };
+            let q = if shape.len() == 1 {
+                QTensor::quantize(&t, GgmlDType::F32)?
+            } else {
+                QTensor::quantize(&t, dtype)?
+            };
             tensors.push((rename(&name), q));
         }
         let tokens = self.vocab_tokens();
-        let types: Vec<Value> = (0..tokens.len()).map(|i| Value::I32(if i < 256 { 1 } else { 3 })).collect();
+        let types: Vec<Value> = (0..tokens.len())
+            .map(|i| Value::I32(if i < 256 { 1 } else { 3 }))
+            .collect();
         let md: Vec<(&str, Value)> = vec![
             ("general.architecture", Value::String("llama".into())),
             ("general.name", Value::String("tiny".into())),
             ("llama.vocab_size", Value::U32(self.vocab_size() as u32)),
             ("llama.context_length", Value::U32(self.context as u32)),
             ("llama.embedding_length", Value::U32(self.hidden as u32)),
-            ("llama.feed_forward_length", Value::U32(self.intermediate as u32)),
+            (
+                "llama.feed_forward_length",
+                Value::U32(self.intermediate as u32),
+            ),
             ("llama.block_count", Value::U32(self.layers as u32)),
             ("llama.attention.head_count", Value::U32(self.heads as u32)),
-            ("llama.attention.head_count_kv", Value::U32(self.kv_heads as u32)),
+            (
+                "llama.attention.head_count_kv",
+                Value::U32(self.kv_heads as u32),
+            ),
             ("llama.rope.dimension_count", Value::U32(hd as u32)),
             ("llama.rope.freq_base", Value::F32(10000.0)),
             ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
             ("tokenizer.ggml.pre", Value::String("gpt2".into())),
-            ("tokenizer.ggml.tokens", Value::Array(tokens.into_iter().map(Value::String).collect())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(tokens.into_iter().map(Value::String).collect()),
+            ),
             ("tokenizer.ggml.token_type", Value::Array(types)),
             ("tokenizer.ggml.merges", Value::Array(Vec::new())),
             ("tokenizer.ggml.bos_token_id", Value::U32(257)),
             ("tokenizer.ggml.eos_token_id", Value::U32(258)),
-            ("tokenizer.chat_template", Value::String(CHATML_TEMPLATE.into())),
+            (
+                "tokenizer.chat_template",
+                Value::String(CHATML_TEMPLATE.into()),
+            ),
         ];
         let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut f = std::fs::File::create(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })?;
+        let mut f = std::fs::File::create(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         gguf_file::write(&mut f, &md_refs, &t_refs)?;
         Ok(())
     }

@@ -15,7 +15,11 @@ pub fn child_env(device: DeviceSpec) -> Vec<(&'static str, String)> {
 }
 
 fn single_thread_env() -> Vec<(&'static str, String)> {
-    vec![("RAYON_NUM_THREADS", "1".into()), ("CANDLE_NUM_THREADS", "1".into()), ("OMP_NUM_THREADS", "1".into())]
+    vec![
+        ("RAYON_NUM_THREADS", "1".into()),
+        ("CANDLE_NUM_THREADS", "1".into()),
+        ("OMP_NUM_THREADS", "1".into()),
+    ]
 }
 
 /// Binds the calling process to `device`. Call at the top of `main`, before any thread pool starts:
@@ -37,14 +41,18 @@ fn pin_to_core(core: usize) -> Result<(), SpecError> {
     // is checked.
     unsafe {
         if core >= libc::CPU_SETSIZE as usize {
-            return Err(amusd_model::ModelError::Device(format!("core {core} is out of range")).into());
+            return Err(
+                amusd_model::ModelError::Device(format!("core {core} is out of range")).into(),
+            );
         }
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(core, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
             let e = std::io::Error::last_os_error();
-            return Err(amusd_model::ModelError::Device(format!("cannot pin to core {core}: {e}")).into());
+            return Err(
+                amusd_model::ModelError::Device(format!("cannot pin to core {core}: {e}")).into(),
+            );
         }
     }
     Ok(())

@@ -18,7 +18,12 @@ pub trait Decoder {
     fn reset(&mut self, len: usize) -> Result<(), SpecError>;
     /// Runs `tokens` at positions `start..` and returns the greedy token following each position from
     /// row `first_row` on.
-    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError>;
+    fn greedy(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        first_row: usize,
+    ) -> Result<Vec<u32>, SpecError>;
     /// Forgets positions from `len` on.
     fn truncate(&mut self, len: usize);
 }
@@ -51,15 +56,26 @@ impl Decoder for LlamaDecoder {
 
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         if len > self.capacity() {
-            return Err(amusd_model::ModelError::ContextOverflow { tokens: len, capacity: self.capacity() }.into());
+            return Err(amusd_model::ModelError::ContextOverflow {
+                tokens: len,
+                capacity: self.capacity(),
+            }
+            .into());
         }
         self.cache.truncate(0);
         self.cache.reserve(len);
         Ok(())
     }
 
-    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
-        let logits = self.model.forward(tokens, start, &mut self.cache, LogitsFor::From(first_row))?;
+    fn greedy(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        first_row: usize,
+    ) -> Result<Vec<u32>, SpecError> {
+        let logits =
+            self.model
+                .forward(tokens, start, &mut self.cache, LogitsFor::From(first_row))?;
         Ok(logits.argmax())
     }
 
@@ -81,7 +97,12 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         (**self).reset(len)
     }
-    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
+    fn greedy(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        first_row: usize,
+    ) -> Result<Vec<u32>, SpecError> {
         (**self).greedy(tokens, start, first_row)
     }
     fn truncate(&mut self, len: usize) {
@@ -145,7 +166,11 @@ pub struct Sync {
 
 impl<D: Decoder> Drafter<D> {
     pub fn new(decoder: D) -> Self {
-        Self { decoder, seq: Vec::new(), agreed: 0 }
+        Self {
+            decoder,
+            seq: Vec::new(),
+            agreed: 0,
+        }
     }
 
     /// Starts a request: the sequence becomes `prompt`.

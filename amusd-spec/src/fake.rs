@@ -25,7 +25,15 @@ pub struct FakeModel {
 
 impl Default for FakeModel {
     fn default() -> Self {
-        Self { vocab: 512, seed: 1, err: 0.0, us_per_token: 0, eos: 0, eos_every: 0, capacity: 1 << 16 }
+        Self {
+            vocab: 512,
+            seed: 1,
+            err: 0.0,
+            us_per_token: 0,
+            eos: 0,
+            eos_every: 0,
+            capacity: 1 << 16,
+        }
     }
 }
 
@@ -97,7 +105,10 @@ impl FakeModel {
 
     /// The error-free model with the same seed.
     pub fn truth(&self) -> Self {
-        Self { err: 0.0, ..self.clone() }
+        Self {
+            err: 0.0,
+            ..self.clone()
+        }
     }
 }
 
@@ -109,7 +120,10 @@ pub struct FakeDecoder {
 
 impl FakeDecoder {
     pub fn new(model: FakeModel) -> Self {
-        Self { model, seen: Vec::new() }
+        Self {
+            model,
+            seen: Vec::new(),
+        }
     }
 }
 
@@ -127,16 +141,28 @@ impl Decoder for FakeDecoder {
         self.seen.clear();
         Ok(())
     }
-    fn greedy(&mut self, tokens: &[u32], start: usize, first_row: usize) -> Result<Vec<u32>, SpecError> {
+    fn greedy(
+        &mut self,
+        tokens: &[u32],
+        start: usize,
+        first_row: usize,
+    ) -> Result<Vec<u32>, SpecError> {
         if start > self.seen.len() {
-            return Err(SpecError::Protocol(format!("fake forward at {start} with {} cached", self.seen.len())));
+            return Err(SpecError::Protocol(format!(
+                "fake forward at {start} with {} cached",
+                self.seen.len()
+            )));
         }
         if let Some(t) = tokens.iter().find(|&&t| t >= self.model.vocab) {
-            return Err(SpecError::Protocol(format!("token {t} outside the fake vocabulary")));
+            return Err(SpecError::Protocol(format!(
+                "token {t} outside the fake vocabulary"
+            )));
         }
         if self.model.us_per_token > 0 {
             // Simulated compute, so that timing-dependent interleavings of the workers get exercised.
-            std::thread::sleep(Duration::from_micros(self.model.us_per_token * (1 + tokens.len() as u64 / 4)));
+            std::thread::sleep(Duration::from_micros(
+                self.model.us_per_token * (1 + tokens.len() as u64 / 4),
+            ));
         }
         self.seen.truncate(start);
         let mut out = Vec::with_capacity(tokens.len().saturating_sub(first_row));
@@ -162,7 +188,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
-        (0..len as u64).map(|i| (mix(seed ^ i) % vocab as u64) as u32).collect()
+        (0..len as u64)
+            .map(|i| (mix(seed ^ i) % vocab as u64) as u32)
+            .collect()
     }
 
     proptest! {
@@ -201,9 +229,14 @@ mod tests {
     #[test]
     fn error_rate_is_roughly_honoured() {
         let truth = FakeModel::default();
-        let draft = FakeModel { err: 0.3, ..truth.clone() };
+        let draft = FakeModel {
+            err: 0.3,
+            ..truth.clone()
+        };
         let ctx = prompt(9, 4000, truth.vocab);
-        let wrong = (1..ctx.len()).filter(|&i| truth.next(&ctx[..i]) != draft.next(&ctx[..i])).count();
+        let wrong = (1..ctx.len())
+            .filter(|&i| truth.next(&ctx[..i]) != draft.next(&ctx[..i]))
+            .count();
         let rate = wrong as f64 / ctx.len() as f64;
         assert!((0.25..0.35).contains(&rate), "{rate}");
     }

@@ -80,8 +80,15 @@ pub(crate) struct Committer<'a> {
 }
 
 impl<'a> Committer<'a> {
-    pub fn new(prompt: &[u32], stop: &'a StopCriteria, on_tokens: &'a mut dyn FnMut(&[u32])) -> Self {
-        let metrics = Metrics { prompt_tokens: prompt.len(), ..Default::default() };
+    pub fn new(
+        prompt: &[u32],
+        stop: &'a StopCriteria,
+        on_tokens: &'a mut dyn FnMut(&[u32]),
+    ) -> Self {
+        let metrics = Metrics {
+            prompt_tokens: prompt.len(),
+            ..Default::default()
+        };
         let finish = (stop.max_new_tokens == 0).then_some(FinishReason::Length);
         Self {
             committed: prompt.to_vec(),
@@ -138,8 +145,15 @@ pub fn autoregressive<D: Decoder>(
     stop: &StopCriteria,
     on_tokens: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation, SpecError> {
-    check_fits(verifier.decoder.capacity(), prompt.len(), stop.max_new_tokens, 1)?;
-    verifier.decoder.reset(prompt.len() + stop.max_new_tokens + 1)?;
+    check_fits(
+        verifier.decoder.capacity(),
+        prompt.len(),
+        stop.max_new_tokens,
+        1,
+    )?;
+    verifier
+        .decoder
+        .reset(prompt.len() + stop.max_new_tokens + 1)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     while !c.done() {
         let t = Instant::now();
@@ -163,7 +177,12 @@ pub fn speculative<D: Decoder, P: Decoder>(
     on_tokens: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
-    check_fits(verifier.decoder.capacity(), prompt.len(), stop.max_new_tokens, lookahead + 1)?;
+    check_fits(
+        verifier.decoder.capacity(),
+        prompt.len(),
+        stop.max_new_tokens,
+        lookahead + 1,
+    )?;
     let capacity = prompt.len() + stop.max_new_tokens + lookahead + 1;
     verifier.decoder.reset(capacity)?;
     drafter.start(prompt, capacity)?;
@@ -194,13 +213,24 @@ pub fn speculative<D: Decoder, P: Decoder>(
 }
 
 /// Refuses requests that cannot fit in the model's context, before any work is done.
-pub fn check_fits(capacity: usize, prompt: usize, max_new: usize, slack: usize) -> Result<(), SpecError> {
+pub fn check_fits(
+    capacity: usize,
+    prompt: usize,
+    max_new: usize,
+    slack: usize,
+) -> Result<(), SpecError> {
     if prompt == 0 {
-        return Err(SpecError::Protocol("the prompt is empty: give at least one token".into()));
+        return Err(SpecError::Protocol(
+            "the prompt is empty: give at least one token".into(),
+        ));
     }
     let need = prompt.saturating_add(max_new).saturating_add(slack);
     if need > capacity {
-        return Err(amusd_model::ModelError::ContextOverflow { tokens: need, capacity }.into());
+        return Err(amusd_model::ModelError::ContextOverflow {
+            tokens: need,
+            capacity,
+        }
+        .into());
     }
     Ok(())
 }

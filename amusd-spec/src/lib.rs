@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod fake;
 pub mod generate;
 pub mod policy;
+pub mod process;
 pub mod worker;
 
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};

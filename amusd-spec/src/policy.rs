@@ -5,7 +5,11 @@
 /// `draft.len() + 1` tokens, as returned by [`crate::Verifier::verify`]. Returns the tokens to commit
 /// and how many of them were draft tokens.
 pub fn accept(draft: &[u32], verified: &[u32]) -> (Vec<u32>, usize) {
-    let n = draft.iter().zip(verified).take_while(|(d, v)| d == v).count();
+    let n = draft
+        .iter()
+        .zip(verified)
+        .take_while(|(d, v)| d == v)
+        .count();
     let mut out = draft[..n].to_vec();
     if let Some(&t) = verified.get(n) {
         out.push(t);
@@ -64,12 +68,22 @@ mod tests {
 
     #[test]
     fn clip_stops_at_stop_token_or_budget() {
-        let s = StopCriteria { stop_ids: vec![0], max_new_tokens: 5 };
+        let s = StopCriteria {
+            stop_ids: vec![0],
+            max_new_tokens: 5,
+        };
         assert_eq!(s.clip(0, &[3, 4]), (2, None));
         assert_eq!(s.clip(0, &[3, 0, 4]), (1, Some(Finish::Stop)));
         assert_eq!(s.clip(3, &[3, 4, 5]), (2, Some(Finish::Length)));
         assert_eq!(s.clip(4, &[0]), (0, Some(Finish::Stop)));
         assert_eq!(s.clip(3, &[3, 4]), (2, Some(Finish::Length)));
-        assert_eq!(StopCriteria { stop_ids: vec![], max_new_tokens: 0 }.clip(0, &[1]), (0, Some(Finish::Length)));
+        assert_eq!(
+            StopCriteria {
+                stop_ids: vec![],
+                max_new_tokens: 0
+            }
+            .clip(0, &[1]),
+            (0, Some(Finish::Length))
+        );
     }
 }

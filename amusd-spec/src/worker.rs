@@ -18,8 +18,8 @@
 use std::time::Duration;
 
 use amusd_shm::{
-    now_us, EventKind, EventRecord, FinishReason as ShmFinish, Party, Region, RequestSpec, RequestState, Role,
-    ShmError, Spin, WorkerState, TOKEN_CAPACITY,
+    now_us, EventKind, EventRecord, FinishReason as ShmFinish, Party, Region, RequestSpec,
+    RequestState, Role, ShmError, Spin, WorkerState, TOKEN_CAPACITY,
 };
 
 use crate::decoder::{Decoder, Drafter, Verifier};
@@ -44,7 +44,8 @@ impl Held {
     /// True once the committed tokens end the request (stop token or budget).
     fn finished(&self) -> bool {
         let n = self.committed.len();
-        n >= self.limit || (n > self.prompt_len && self.stop.stop_ids.contains(&self.committed[n - 1]))
+        n >= self.limit
+            || (n > self.prompt_len && self.stop.stop_ids.contains(&self.committed[n - 1]))
     }
 }
 
@@ -69,9 +70,14 @@ fn track_request(
     role: Role,
     held: &mut Option<Held>,
 ) -> Result<Option<amusd_shm::RequestSnapshot>, SpecError> {
-    let Some(req) = read_request(region)? else { return Ok(None) };
+    let Some(req) = read_request(region)? else {
+        return Ok(None);
+    };
     let running = req.state == RequestState::Running;
-    if held.as_ref().is_some_and(|h| !running || h.id != req.request_id) {
+    if held
+        .as_ref()
+        .is_some_and(|h| !running || h.id != req.request_id)
+    {
         *held = None;
         region.set_worker_request(role, 0);
         region.set_worker_state(role, WorkerState::Ready);
@@ -83,19 +89,32 @@ fn track_request(
 /// worker replaces one that died mid-request). `None` if the buffer already belongs to another request.
 fn take_up(region: &Region, req: &amusd_shm::RequestSnapshot) -> Result<Option<Held>, SpecError> {
     let snap = region.verified_snapshot(0, TOKEN_CAPACITY)?;
-    if snap.request_id != req.request_id || snap.tokens.len() < req.prompt_len || req.prompt_len == 0 {
+    if snap.request_id != req.request_id
+        || snap.tokens.len() < req.prompt_len
+        || req.prompt_len == 0
+    {
         return Ok(None);
     }
     Ok(Some(Held {
         id: req.request_id,
         prompt_len: req.prompt_len,
         limit: req.prompt_len + req.max_new_tokens as usize,
-        stop: StopCriteria { stop_ids: req.stop_tokens.clone(), max_new_tokens: req.max_new_tokens as usize },
+        stop: StopCriteria {
+            stop_ids: req.stop_tokens.clone(),
+            max_new_tokens: req.max_new_tokens as usize,
+        },
         committed: snap.tokens,
     }))
 }
 
-fn event(kind: EventKind, request_id: u64, t_start_us: u64, position: usize, count: usize, accepted: usize) -> EventRecord {
+fn event(
+    kind: EventKind,
+    request_id: u64,
+    t_start_us: u64,
+    position: usize,
+    count: usize,
+    accepted: usize,
+) -> EventRecord {
     EventRecord {
         seq: 0,
         t_start_us,
@@ -154,12 +173,18 @@ pub fn run_draft<D: Decoder>(
                 }
                 match held.as_mut() {
                     None => Next::Wait(IDLE_POLL),
-                    Some(h) => draft_step(region, drafter, opts, h, &mut published, &mut region_len)?,
+                    Some(h) => {
+                        draft_step(region, drafter, opts, h, &mut published, &mut region_len)?
+                    }
                 }
             }
         };
         if let Next::Wait(timeout) = next {
-            let spin = if held.is_some() { Spin::DEFAULT } else { Spin::NONE };
+            let spin = if held.is_some() {
+                Spin::DEFAULT
+            } else {
+                Spin::NONE
+            };
             region.wait_bell_with(Party::Draft, bell, Some(timeout), spin);
         }
     }
@@ -183,18 +208,38 @@ fn draft_step<D: Decoder>(
     let sync = drafter.sync(&h.committed);
     if let Some(p) = sync.rollback_to {
         *published = (*published).min(p);
-        status.rollbacks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        region.events(Role::Draft).push(&event(EventKind::Rollback, h.id, now_us(), p, before - p, 0));
+        status
+            .rollbacks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        region.events(Role::Draft).push(&event(
+            EventKind::Rollback,
+            h.id,
+            now_us(),
+            p,
+            before - p,
+            0,
+        ));
     }
     let seq_len = drafter.seq().len();
-    let own_stop = seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
+    let own_stop =
+        seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
     let mut drafted = false;
-    if !h.finished() && !own_stop && seq_len < h.limit && drafter.ahead(h.committed.len()) < opts.max_lookahead {
+    if !h.finished()
+        && !own_stop
+        && seq_len < h.limit
+        && drafter.ahead(h.committed.len()) < opts.max_lookahead
+    {
         let t0 = now_us();
         drafter.draft_one()?;
-        region.events(Role::Draft).push(&event(EventKind::DraftToken, h.id, t0, seq_len, 1, 0));
-        status.steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        status.tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        region
+            .events(Role::Draft)
+            .push(&event(EventKind::DraftToken, h.id, t0, seq_len, 1, 0));
+        status
+            .steps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        status
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         drafted = true;
     }
     let seq = drafter.seq();
@@ -206,7 +251,11 @@ fn draft_step<D: Decoder>(
         };
         *published = seq.len();
     }
-    Ok(if drafted { Next::Work } else { Next::Wait(IDLE_POLL) })
+    Ok(if drafted {
+        Next::Work
+    } else {
+        Next::Wait(IDLE_POLL)
+    })
 }
 
 /// Verify worker options.
@@ -242,11 +291,20 @@ pub fn run_verify<D: Decoder>(
         if let Some(req) = track_request(region, role, &mut held)? {
             if held.is_none() {
                 if let Some(h) = take_up(region, &req)? {
-                    verifier.decoder.reset(h.limit + opts.max_verify_batch + 1)?;
+                    verifier
+                        .decoder
+                        .reset(h.limit + opts.max_verify_batch + 1)?;
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
                     region.set_worker_state(role, WorkerState::Busy);
-                    region.events(role).push(&event(EventKind::Prefill, h.id, t0, 0, h.committed.len(), 0));
+                    region.events(role).push(&event(
+                        EventKind::Prefill,
+                        h.id,
+                        t0,
+                        0,
+                        h.committed.len(),
+                        0,
+                    ));
                     held = Some(h);
                     waited = false;
                 }
@@ -258,7 +316,11 @@ pub fn run_verify<D: Decoder>(
             }
         }
         if let Next::Wait(timeout) = next {
-            let spin = if held.as_ref().is_some_and(|h| !h.finished()) { Spin::DEFAULT } else { Spin::NONE };
+            let spin = if held.as_ref().is_some_and(|h| !h.finished()) {
+                Spin::DEFAULT
+            } else {
+                Spin::NONE
+            };
             region.wait_bell_with(Party::Verify, bell, Some(timeout), spin);
         }
     }
@@ -275,7 +337,9 @@ fn verify_step<D: Decoder>(
     // Leave room for the verify model's own token after the candidates.
     let room = opts.max_verify_batch.min(h.limit - v - 1);
     let mut candidates = match region.read_draft(0, v + room) {
-        Ok(d) if d.request_id == h.id && d.tokens.len() > v && d.tokens[..v] == h.committed[..] => d.tokens[v..].to_vec(),
+        Ok(d) if d.request_id == h.id && d.tokens.len() > v && d.tokens[..v] == h.committed[..] => {
+            d.tokens[v..].to_vec()
+        }
         Ok(_) | Err(ShmError::Unstable { .. }) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
@@ -299,8 +363,14 @@ fn verify_step<D: Decoder>(
     region.publish_verified(v, commit)?;
     h.committed.extend_from_slice(commit);
     verifier.commit(h.committed.len());
-    let kind = if candidates.is_empty() { EventKind::ArStep } else { EventKind::VerifyStep };
-    region.events(Role::Verify).push(&event(kind, h.id, t0, v, candidates.len(), n_accepted));
+    let kind = if candidates.is_empty() {
+        EventKind::ArStep
+    } else {
+        EventKind::VerifyStep
+    };
+    region
+        .events(Role::Verify)
+        .push(&event(kind, h.id, t0, v, candidates.len(), n_accepted));
     let status = region.worker(Role::Verify);
     let r = std::sync::atomic::Ordering::Relaxed;
     status.steps.fetch_add(1, r);
@@ -324,13 +394,22 @@ pub fn run_request(
     supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
 ) -> Result<Generation, SpecError> {
     crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens, 0)?;
-    let max_new = u32::try_from(stop.max_new_tokens).map_err(|_| SpecError::Protocol("max_new_tokens too large".into()))?;
-    let cursors = [region.events(Role::Draft).head(), region.events(Role::Verify).head()];
+    let max_new = u32::try_from(stop.max_new_tokens)
+        .map_err(|_| SpecError::Protocol("max_new_tokens too large".into()))?;
+    let cursors = [
+        region.events(Role::Draft).head(),
+        region.events(Role::Verify).head(),
+    ];
     let mut c = Committer::new(prompt, stop, on_tokens);
     if c.done() {
         return Ok(c.finish());
     }
-    region.submit_request(&RequestSpec { request_id, prompt, max_new_tokens: max_new, stop_tokens: &stop.stop_ids })?;
+    region.submit_request(&RequestSpec {
+        request_id,
+        prompt,
+        max_new_tokens: max_new,
+        stop_tokens: &stop.stop_ids,
+    })?;
     let mut seen = prompt.len();
     let result = (|| -> Result<(), SpecError> {
         while !c.done() {
@@ -352,13 +431,23 @@ pub fn run_request(
         (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
         (Ok(()), _) => ShmFinish::Length,
     };
-    let error_text = result.as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+    let error_text = result
+        .as_ref()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     region.finish_request(request_id, reason, &error_text)?;
     result?;
     // The next request may only be submitted once neither worker writes for this one any more.
-    while [Role::Draft, Role::Verify].iter().any(|&r| region.worker_request(r) == request_id) {
+    while [Role::Draft, Role::Verify]
+        .iter()
+        .any(|&r| region.worker_request(r) == request_id)
+    {
         let bell = region.bell_value(Party::Coordinator);
-        if [Role::Draft, Role::Verify].iter().all(|&r| region.worker_request(r) != request_id) {
+        if [Role::Draft, Role::Verify]
+            .iter()
+            .all(|&r| region.worker_request(r) != request_id)
+        {
             break;
         }
         supervise(region)?;
@@ -371,7 +460,9 @@ pub fn run_request(
 /// Fills the acceptance and timing figures of a request from the workers' event rings.
 fn collect_metrics(region: &Region, request_id: u64, cursors: [u64; 2], m: &mut crate::Metrics) {
     for (role, cursor) in [Role::Draft, Role::Verify].into_iter().zip(cursors) {
-        let batch = region.events(role).events_since(cursor, amusd_shm::READABLE_EVENTS);
+        let batch = region
+            .events(role)
+            .events_since(cursor, amusd_shm::READABLE_EVENTS);
         for e in batch.events.iter().filter(|e| e.request_id == request_id) {
             let secs = e.t_end_us.saturating_sub(e.t_start_us) as f64 * 1e-6;
             match e.kind {
@@ -402,10 +493,19 @@ mod tests {
     /// rollback and random limits: every committed sequence must equal autoregressive decoding.
     fn run_protocol(requests: usize, seed: u64, us: u64) {
         let region: Arc<Region> = Arc::from(Region::new_boxed());
-        let truth = FakeModel { seed, eos_every: 50, us_per_token: us, ..Default::default() };
+        let truth = FakeModel {
+            seed,
+            eos_every: 50,
+            us_per_token: us,
+            ..Default::default()
+        };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let err: f64 = rng.gen_range(0.0..0.9);
-        let draft_model = FakeModel { err, us_per_token: us / 2, ..truth.clone() };
+        let draft_model = FakeModel {
+            err,
+            us_per_token: us / 2,
+            ..truth.clone()
+        };
         let (max_lookahead, max_batch) = (rng.gen_range(1..12), rng.gen_range(1..12));
         let wait = Duration::from_micros(if rng.gen_bool(0.5) { 0 } else { 300 });
         let threads = {
@@ -418,21 +518,40 @@ mod tests {
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(vt));
-                    let opts = VerifyOptions { max_verify_batch: max_batch, wait_for_draft: wait };
+                    let opts = VerifyOptions {
+                        max_verify_batch: max_batch,
+                        wait_for_draft: wait,
+                    };
                     run_verify(&r2, &mut v, &opts, &|| true).unwrap();
                 }),
             ]
         };
-        let mut reference = Verifier::new(FakeDecoder::new(FakeModel { us_per_token: 0, ..truth.clone() }));
+        let mut reference = Verifier::new(FakeDecoder::new(FakeModel {
+            us_per_token: 0,
+            ..truth.clone()
+        }));
         for i in 0..requests {
             let plen = rng.gen_range(1..40);
             let prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(0..truth.vocab)).collect();
-            let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: rng.gen_range(0..120) };
+            let stop = StopCriteria {
+                stop_ids: vec![truth.eos],
+                max_new_tokens: rng.gen_range(0..120),
+            };
             let want = autoregressive(&mut reference, &prompt, &stop, &mut |_| {}).unwrap();
             let mut streamed = Vec::new();
-            let got = run_request(&region, i as u64 + 1, &prompt, &stop, &mut |t| streamed.extend_from_slice(t), &mut |_| Ok(()))
-                .unwrap();
-            assert_eq!(got.tokens, want.tokens, "request {i} (err {err}, lookahead {max_lookahead}, batch {max_batch})");
+            let got = run_request(
+                &region,
+                i as u64 + 1,
+                &prompt,
+                &stop,
+                &mut |t| streamed.extend_from_slice(t),
+                &mut |_| Ok(()),
+            )
+            .unwrap();
+            assert_eq!(
+                got.tokens, want.tokens,
+                "request {i} (err {err}, lookahead {max_lookahead}, batch {max_batch})"
+            );
             assert_eq!(streamed, want.tokens);
             assert_eq!(got.finish, want.finish);
         }

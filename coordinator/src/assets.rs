@@ -16,7 +16,10 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     }
     fetch(&["model"])?;
     if !path.is_file() {
-        bail!("the default model is still missing at {} after fetching", path.display());
+        bail!(
+            "the default model is still missing at {} after fetching",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -32,7 +35,10 @@ pub fn fetch(what: &[&str]) -> Result<()> {
         .status()
         .context("cannot run bash to fetch the model; run scripts/fetch-assets.sh by hand")?;
     if !status.success() {
-        bail!("fetching {} failed (see above); pass a model path with --verify-model/--draft-model", what.join(", "));
+        bail!(
+            "fetching {} failed (see above); pass a model path with --verify-model/--draft-model",
+            what.join(", ")
+        );
     }
     Ok(())
 }

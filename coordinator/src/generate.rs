@@ -63,20 +63,35 @@ pub struct ModelArgs {
     /// step itself, in microseconds.
     #[arg(long, default_value_t = 0)]
     pub verify_wait_us: u64,
+    /// amusd: seconds a worker may take to load its model.
+    #[arg(long, default_value_t = 300)]
+    pub load_timeout_s: u64,
+    /// amusd: a busy worker silent for this long is killed and restarted.
+    #[arg(long, default_value_t = 10_000)]
+    pub hang_timeout_ms: u64,
+    /// amusd: restarts allowed per worker.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
 }
 
 impl ModelArgs {
     pub fn verify_spec(&self) -> Result<String> {
         match &self.verify_model {
             Some(s) => Ok(s.clone()),
-            None => Ok(format!("{}:f32", crate::assets::ensure_default_model()?.display())),
+            None => Ok(format!(
+                "{}:f32",
+                crate::assets::ensure_default_model()?.display()
+            )),
         }
     }
 
     pub fn draft_spec(&self) -> Result<String> {
         match &self.draft_model {
             Some(s) => Ok(s.clone()),
-            None => Ok(format!("{}:q8_0", crate::assets::ensure_default_model()?.display())),
+            None => Ok(format!(
+                "{}:q8_0",
+                crate::assets::ensure_default_model()?.display()
+            )),
         }
     }
 
@@ -116,6 +131,9 @@ pub struct GenerateArgs {
     /// Print one JSON object (strategy, prompt tokens, token ids, text, metrics) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Token ids to use as the prompt instead of text (for fake test models).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
     #[command(flatten)]
     pub models: ModelArgs,
 }
@@ -132,7 +150,8 @@ pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
     let text = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
-            let bytes = std::fs::read(f).with_context(|| format!("cannot read the prompt file {}", f.display()))?;
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("cannot read the prompt file {}", f.display()))?;
             String::from_utf8(bytes).map_err(|e| {
                 anyhow::anyhow!(
                     "the prompt file {} is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8",
@@ -151,7 +170,12 @@ pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
 
 /// Token ids of a conversation: rendered with the model's chat template (ChatML if it has none) and
 /// tokenized without adding specials (the template writes them), or the raw text as is.
-pub fn encode_conversation(tokenizer: &Tokenizer, template: Option<&amusd_model::chat::ChatTemplate>, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
+pub fn encode_conversation(
+    tokenizer: &Tokenizer,
+    template: Option<&amusd_model::chat::ChatTemplate>,
+    messages: &[Message],
+    raw: bool,
+) -> Result<Vec<u32>> {
     if raw {
         let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         return Ok(tokenizer.encode(&text.join("\n"), true)?);
@@ -169,7 +193,11 @@ pub fn encode_conversation(tokenizer: &Tokenizer, template: Option<&amusd_model:
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
-    let text = prompt_text(&args)?;
+    let text = if args.prompt_ids.is_some() {
+        String::new()
+    } else {
+        prompt_text(&args)?
+    };
     let mut messages = Vec::new();
     if let Some(s) = &args.system {
         messages.push(Message::system(s.clone()));
@@ -182,16 +210,29 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     amusd_spec::bind::bind_current_process(verify_device)?;
     let verify = load_model(&m.verify_spec()?, "verify")?;
-    let prompt = encode_conversation(&verify.tokenizer, verify.chat_template.as_ref(), &messages, args.raw)?;
-    let stop = StopCriteria { stop_ids: verify.eos_ids.clone(), max_new_tokens: args.max_new_tokens };
-    amusd_spec::generate::check_fits(verify.llama.config.max_position, prompt.len(), args.max_new_tokens, m.lookahead + 1)?;
+    let prompt = encode_conversation(
+        &verify.tokenizer,
+        verify.chat_template.as_ref(),
+        &messages,
+        args.raw,
+    )?;
+    let stop = StopCriteria {
+        stop_ids: verify.eos_ids.clone(),
+        max_new_tokens: args.max_new_tokens,
+    };
+    amusd_spec::generate::check_fits(
+        verify.llama.config.max_position,
+        prompt.len(),
+        args.max_new_tokens,
+        m.lookahead + 1,
+    )?;
     let tokenizer = verify.tokenizer.clone();
     let mut stream = tokenizer.stream(true);
     let json = args.json;
     let mut on_tokens = |ids: &[u32]| {
         if !json {
             for &id in ids {
-                if let Ok(piece) = stream.push(id) {
+                if let Ok(piece) = stream.step(id) {
                     print_text(&piece);
                 }
             }
@@ -204,7 +245,14 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
             let draft = load_model(&m.draft_spec()?, "draft")?;
             check_same_vocabulary(&tokenizer, &draft.tokenizer)?;
             let mut drafter = Drafter::new(LlamaDecoder::new(draft.llama));
-            speculative(&mut verifier, &mut drafter, &prompt, &stop, m.lookahead, &mut on_tokens)?
+            speculative(
+                &mut verifier,
+                &mut drafter,
+                &prompt,
+                &stop,
+                m.lookahead,
+                &mut on_tokens,
+            )?
         }
         Strategy::Amusd => unreachable!(),
     };
@@ -213,7 +261,13 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
 }
 
 /// Prints the trailing newline and summary, or the JSON object.
-pub fn finish_output(strategy: Strategy, tokenizer: &Tokenizer, prompt_tokens: usize, g: &Generation, json: bool) -> Result<()> {
+pub fn finish_output(
+    strategy: Strategy,
+    tokenizer: &Tokenizer,
+    prompt_tokens: usize,
+    g: &Generation,
+    json: bool,
+) -> Result<()> {
     let text = tokenizer.decode(&g.tokens, true)?;
     if json {
         let out = serde_json::json!({
@@ -250,7 +304,11 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
 }
 
 pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
-    let tps = if m.ms_per_token() > 0.0 { 1e3 / m.ms_per_token() } else { 0.0 };
+    let tps = if m.ms_per_token() > 0.0 {
+        1e3 / m.ms_per_token()
+    } else {
+        0.0
+    };
     let mut s = format!(
         "[{}] prompt {} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s)",
         strategy.name(),

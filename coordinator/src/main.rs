@@ -4,13 +4,18 @@ mod amusd;
 mod assets;
 mod generate;
 mod output;
+mod supervisor;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "amusd", version, about = "Asynchronous multi-device speculative decoding (AMUSD)")]
+#[command(
+    name = "amusd",
+    version,
+    about = "Asynchronous multi-device speculative decoding (AMUSD)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

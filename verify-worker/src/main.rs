@@ -1,1 +1,57 @@
-fn main() {}
+//! `amusd-verify-worker`: the AMUSD verify process. Started by the coordinator (`amusd generate
+//! --strategy amusd`), one per device; it attaches to the coordinator's shared-memory region, loads
+//! its model once and serves requests until told to stop.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use amusd_shm::Role;
+use amusd_spec::process::{worker_main, WorkerConfig};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "amusd-verify-worker",
+    version,
+    about = "The AMUSD verify worker (started by `amusd`)"
+)]
+struct Args {
+    /// Shared-memory region created by the coordinator, e.g. /amusd-1234-0123456789abcdef.
+    #[arg(long)]
+    region: String,
+    /// Model: PATH[:FORMAT] or fake:...
+    #[arg(long)]
+    model: String,
+    /// cpu, cpu:N (pinned, single-threaded) or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Draft: most tokens drafted beyond the committed length.
+    #[arg(long, default_value_t = 8)]
+    max_lookahead: usize,
+    /// Verify: most draft tokens checked per forward pass.
+    #[arg(long, default_value_t = 16)]
+    max_verify_batch: usize,
+    /// Verify: microseconds to wait for a draft token before stepping alone.
+    #[arg(long, default_value_t = 0)]
+    verify_wait_us: u64,
+}
+
+fn main() -> ExitCode {
+    let a = Args::parse();
+    let cfg = WorkerConfig {
+        region: a.region,
+        model: a.model,
+        device: a.device,
+        role: Role::Verify,
+        max_lookahead: a.max_lookahead,
+        max_verify_batch: a.max_verify_batch,
+        wait_for_draft: Duration::from_micros(a.verify_wait_us),
+    };
+    match worker_main(&cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("amusd-verify-worker: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The coordinator's side of AMUSD: the region, the two worker processes and their supervision.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amusd_model::DeviceSpec;
+use amusd_shm::{ExitStatus, Party, Role, Shm, UnlinkOnDrop, WorkerState};
+use anyhow::{bail, Context, Result};
+
+/// Set by SIGINT/SIGTERM; the supervision loop turns it into a cancelled request.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Routes Ctrl-C and SIGTERM to [`INTERRUPTED`] so the region is unlinked and the workers are
+/// stopped on the way out.
+pub fn install_signal_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// How one worker is started.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub role: Role,
+    pub model: String,
+    pub device: DeviceSpec,
+    pub extra_args: Vec<String>,
+}
+
+/// Supervision settings.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// How long a worker may take to load its model.
+    pub load_timeout: Duration,
+    /// A busy worker without a heartbeat for this long is killed and restarted.
+    pub hang_timeout: Duration,
+    /// Restarts allowed per worker before the request fails.
+    pub max_restarts: u32,
+}
+
+struct Worker {
+    spec: WorkerSpec,
+    child: Option<Child>,
+    restarts: u32,
+    started: Instant,
+}
+
+/// The region and the worker processes. Dropping it stops the workers and unlinks the region.
+pub struct Supervisor {
+    shm: Arc<UnlinkOnDrop>,
+    workers: Vec<Worker>,
+    policy: Policy,
+    bin_dir: PathBuf,
+    /// Restarts so far, for the summary.
+    pub restarts: u32,
+}
+
+fn worker_binary(role: Role) -> &'static str {
+    match role {
+        Role::Draft => "amusd-draft-worker",
+        Role::Verify => "amusd-verify-worker",
+    }
+}
+
+impl Supervisor {
+    /// Creates a fresh region and starts both workers (without waiting for them).
+    pub fn start(specs: Vec<WorkerSpec>, policy: Policy) -> Result<Self> {
+        // A crashed earlier run may have left regions behind; remove those whose coordinator is dead.
+        let _ = Shm::gc();
+        let exe = std::env::current_exe().context("cannot find the amusd executable")?;
+        let bin_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+        for s in &specs {
+            let p = bin_dir.join(worker_binary(s.role));
+            if !p.is_file() {
+                bail!(
+                    "worker binary {} is missing; build all binaries with `cargo build --release`",
+                    p.display()
+                );
+            }
+        }
+        let shm = Arc::new(Shm::create(&Shm::fresh_name())?.unlink_on_drop());
+        let mut sup = Self {
+            shm,
+            workers: Vec::new(),
+            policy,
+            bin_dir,
+            restarts: 0,
+        };
+        for spec in specs {
+            sup.workers.push(Worker {
+                spec,
+                child: None,
+                restarts: 0,
+                started: Instant::now(),
+            });
+        }
+        for i in 0..sup.workers.len() {
+            sup.spawn(i)?;
+        }
+        Ok(sup)
+    }
+
+    /// A handle on the region that does not borrow the supervisor, so the request loop can read the
+    /// region while the supervision callback holds the supervisor mutably.
+    pub fn shm_handle(&self) -> Arc<UnlinkOnDrop> {
+        self.shm.clone()
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let w = &mut self.workers[i];
+        let mut cmd = Command::new(self.bin_dir.join(worker_binary(w.spec.role)));
+        cmd.arg("--region")
+            .arg(self.shm.name())
+            .arg("--model")
+            .arg(&w.spec.model)
+            .arg("--device")
+            .arg(w.spec.device.to_string())
+            .args(&w.spec.extra_args)
+            .envs(amusd_spec::bind::child_env(w.spec.device))
+            .stdin(std::process::Stdio::null());
+        w.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("cannot start the {} worker", w.spec.role.name()))?,
+        );
+        w.started = Instant::now();
+        Ok(())
+    }
+
+    /// Waits until every worker has loaded its model and is ready.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        loop {
+            let bell = self.shm.bell_value(Party::Coordinator);
+            self.check(false)?;
+            let ready = self.workers.iter().all(|w| {
+                matches!(
+                    self.shm.worker_state(w.spec.role),
+                    Some(WorkerState::Ready | WorkerState::Busy)
+                )
+            });
+            if ready {
+                return Ok(());
+            }
+            self.shm
+                .wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
+        }
+    }
+
+    /// One supervision pass: reaps dead workers and restarts them (within the retry budget), kills
+    /// hung ones, turns Ctrl-C into an error. `during_request` enables the hang check (a loading
+    /// worker is allowed `load_timeout` instead).
+    pub fn check(&mut self, during_request: bool) -> Result<()> {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        for i in 0..self.workers.len() {
+            let role = self.workers[i].spec.role;
+            let exited = match self.workers[i].child.as_mut() {
+                Some(c) => c.try_wait().context("cannot wait for a worker")?,
+                None => None,
+            };
+            if let Some(status) = exited {
+                self.workers[i].child = None;
+                let exit = exit_status(status);
+                self.shm.mark_worker_dead(role, exit);
+                let last_error = self.shm.worker_snapshot(role).last_error;
+                let w = &mut self.workers[i];
+                if w.restarts >= self.policy.max_restarts {
+                    let why = if last_error.is_empty() {
+                        format!("{exit:?}")
+                    } else {
+                        last_error
+                    };
+                    bail!(
+                        "the {} worker keeps failing ({} restarts): {why}",
+                        role.name(),
+                        w.restarts
+                    );
+                }
+                // A worker that failed while loading will fail again: give up at once.
+                if !last_error.is_empty() && !during_request && w.restarts == 0 {
+                    bail!("the {} worker failed: {last_error}", role.name());
+                }
+                w.restarts += 1;
+                self.restarts += 1;
+                self.shm.count_restart(role);
+                eprintln!(
+                    "amusd: {} worker exited ({exit:?}); restarting ({}/{})",
+                    role.name(),
+                    w.restarts,
+                    self.policy.max_restarts
+                );
+                self.spawn(i)?;
+                continue;
+            }
+            let state = self.shm.worker_state(role);
+            let w = &mut self.workers[i];
+            let loading = matches!(
+                state,
+                Some(WorkerState::Absent | WorkerState::Starting | WorkerState::Loading)
+            );
+            if loading && w.started.elapsed() > self.policy.load_timeout {
+                bail!(
+                    "the {} worker did not load its model within {:?}",
+                    role.name(),
+                    self.policy.load_timeout
+                );
+            }
+            let hung = during_request
+                && state == Some(WorkerState::Busy)
+                && self
+                    .shm
+                    .heartbeat_age_ms(role)
+                    .is_some_and(|a| a > self.policy.hang_timeout.as_millis() as u64);
+            if hung {
+                eprintln!(
+                    "amusd: {} worker sent no heartbeat for {:?}; killing it",
+                    role.name(),
+                    self.policy.hang_timeout
+                );
+                if let Some(c) = w.child.as_mut() {
+                    let _ = c.kill();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the workers to exit, waits a little, then kills what is left.
+    pub fn stop(&mut self) {
+        self.shm.request_shutdown();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for w in &mut self.workers {
+            if let Some(c) = w.child.as_mut() {
+                // SIGCONT first: a worker stopped with SIGSTOP cannot see the shutdown.
+                // SAFETY: kill() sends a signal; no memory is touched.
+                unsafe {
+                    libc::kill(c.id() as libc::pid_t, libc::SIGCONT);
+                }
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            w.child = None;
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn exit_status(s: std::process::ExitStatus) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(sig)) => ExitStatus::Signal(sig),
+        _ => ExitStatus::Code(255),
+    }
+}
