@@ -2,6 +2,8 @@
 
 mod amusd;
 mod assets;
+mod bench;
+mod dump;
 mod generate;
 mod output;
 mod supervisor;
@@ -25,12 +27,24 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt with one strategy (ar, sd or amusd).
     Generate(generate::GenerateArgs),
+    /// Run a dataset through several strategies, check they agree, record timings.
+    Bench(bench::BenchArgs),
+    /// Print the paper-style table from `amusd bench` results.
+    Report(bench::ReportArgs),
+    /// List amusd shared-memory regions, or show one: request, buffers, workers, recent events.
+    Dump(dump::DumpArgs),
+    /// Send a signal to one worker of a running amusd (fault testing).
+    WorkerKill(dump::KillArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Report(args) => bench::report(args),
+        Command::Dump(args) => dump::run(args),
+        Command::WorkerKill(args) => dump::kill(args),
     };
     match result {
         Ok(code) => code,
