@@ -1,20 +1,347 @@
-//! `amusd dump` (to be written).
+//! `amusd dump`: the state of amusd's shared-memory regions, live or left by a crashed run; and
+//! `amusd worker-kill`, which signals one worker of a running amusd.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Result;
-use clap::Args;
+use amusd_model::tokenizer::Tokenizer;
+use amusd_shm::{unix_ms, RegionInfo, Role, Shm, TOKEN_CAPACITY};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::json;
 
 #[derive(Args, Debug)]
-pub struct DumpArgs {}
+pub struct DumpArgs {
+    /// The region to show (as listed, e.g. /amusd-1234-0123456789abcdef). Without it: list them all.
+    pub name: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Refresh every half second until interrupted.
+    #[arg(long)]
+    pub watch: bool,
+    /// Decode tokens with this model's tokenizer (PATH[:FORMAT]).
+    #[arg(long, value_name = "SPEC")]
+    pub tokenizer: Option<String>,
+    /// Remove the regions whose coordinator is dead, then list what is left.
+    #[arg(long)]
+    pub gc: bool,
+    /// How many recent tokens and events to show.
+    #[arg(long, default_value_t = 12)]
+    pub last: usize,
+}
 
-pub fn run(_args: DumpArgs) -> Result<ExitCode> {
-    anyhow::bail!("not yet")
+pub fn run(args: DumpArgs) -> Result<ExitCode> {
+    if args.gc {
+        for name in Shm::gc() {
+            eprintln!("removed {name}");
+        }
+    }
+    let tokenizer = match &args.tokenizer {
+        Some(spec) => Some(amusd_model::loader::load_text(&spec.parse()?)?.tokenizer),
+        None => None,
+    };
+    loop {
+        let out = match &args.name {
+            None => list_json(&Shm::list()),
+            Some(name) => region_json(&normalise(name), tokenizer.as_ref(), args.last)?,
+        };
+        if args.watch {
+            print!("\x1b[2J\x1b[H");
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else if args.name.is_none() {
+            print_list(&out);
+        } else {
+            print_region(&out);
+        }
+        if !args.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        // A display refresh, not synchronisation.
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn normalise(name: &str) -> String {
+    if name.starts_with('/') {
+        name.to_string()
+    } else {
+        format!("/{name}")
+    }
+}
+
+fn list_json(regions: &[RegionInfo]) -> serde_json::Value {
+    json!(regions
+        .iter()
+        .map(|r| json!({
+            "name": r.name,
+            "size": r.size,
+            "owner_uid": r.owner_uid,
+            "coordinator_pid": r.coordinator_pid,
+            "coordinator_alive": r.coordinator_alive,
+            "age_s": r.header.map(|h| unix_ms().saturating_sub(h.created_unix_ms) / 1000),
+            "problem": r.problem,
+        }))
+        .collect::<Vec<_>>())
+}
+
+fn print_list(v: &serde_json::Value) {
+    let rows = v.as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no amusd regions");
+        return;
+    }
+    println!(
+        "{:<40} {:>9} {:>10} {:>8}  note",
+        "region", "pid", "coordinator", "age"
+    );
+    for r in rows {
+        let alive = match r["coordinator_alive"].as_bool() {
+            Some(true) => "alive",
+            Some(false) => "dead",
+            None => "unknown",
+        };
+        let age = r["age_s"]
+            .as_u64()
+            .map(|s| format!("{s}s"))
+            .unwrap_or_else(|| "-".into());
+        let note = match (alive, r["problem"].as_str()) {
+            (_, Some(p)) => p.to_string(),
+            ("dead", _) => "left by a crashed run: `amusd dump --gc` removes it".to_string(),
+            _ => String::new(),
+        };
+        println!(
+            "{:<40} {:>9} {:>10} {:>8}  {note}",
+            r["name"].as_str().unwrap_or("?"),
+            r["coordinator_pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            alive,
+            age
+        );
+    }
+}
+
+fn decode(t: Option<&Tokenizer>, ids: &[u32]) -> Option<String> {
+    t.and_then(|t| t.decode(ids, false).ok())
+}
+
+fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde_json::Value> {
+    let shm = Shm::attach(name).with_context(|| format!("cannot inspect {name}"))?;
+    let r = shm.region();
+    let alive = Shm::list()
+        .into_iter()
+        .find(|i| i.name == name)
+        .and_then(|i| i.coordinator_alive);
+    let req = r.read_request().ok();
+    let vlen = r.verified_len();
+    let vtail = r.read_verified(vlen.saturating_sub(last), vlen);
+    let draft = r.read_draft(0, 0).ok();
+    let dlen = draft.as_ref().map(|d| d.len).unwrap_or(0);
+    let dtail = r
+        .read_draft(dlen.saturating_sub(last), last)
+        .map(|d| d.tokens)
+        .unwrap_or_default();
+    let workers: Vec<_> = Role::ALL
+        .iter()
+        .map(|&role| {
+            let w = r.worker_snapshot(role);
+            json!({
+                "role": role.name(),
+                "pid": w.pid,
+                "state": w.state.map(|s| format!("{s:?}")),
+                "heartbeat_age_ms": r.heartbeat_age_ms(role),
+                "restarts": w.restarts,
+                "exit_status": format!("{:?}", w.exit_status),
+                "request_id": w.request_id,
+                "device": w.device,
+                "model": w.model,
+                "steps": w.steps,
+                "tokens": w.tokens,
+                "rollbacks": w.rollbacks,
+                "proposed": w.proposed,
+                "accepted": w.accepted,
+                "last_error": w.last_error,
+                "recent_events": r.events(role).recent_events(last).iter().map(|e| json!({
+                    "kind": format!("{:?}", e.kind),
+                    "request_id": e.request_id,
+                    "position": e.position,
+                    "count": e.count,
+                    "accepted": e.accepted,
+                    "duration_us": e.t_end_us.saturating_sub(e.t_start_us),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(json!({
+        "name": name,
+        "coordinator_pid": r.coordinator_pid(),
+        "coordinator_alive": alive,
+        "token_capacity": TOKEN_CAPACITY,
+        "request": req.as_ref().map(|q| json!({
+            "id": q.request_id,
+            "state": format!("{:?}", q.state),
+            "prompt_len": q.prompt_len,
+            "max_new_tokens": q.max_new_tokens,
+            "stop_tokens": q.stop_tokens,
+            "finish_reason": format!("{:?}", q.finish_reason),
+            "error": q.error_text,
+            "shutdown": q.shutdown,
+        })),
+        "verified": {"len": vlen, "last_tokens": vtail, "last_text": decode(tok, &vtail)},
+        "draft": {
+            "len": dlen,
+            "request_id": draft.as_ref().map(|d| d.request_id),
+            "epoch": draft.as_ref().map(|d| d.epoch),
+            "last_tokens": dtail,
+            "last_text": decode(tok, &dtail),
+        },
+        "workers": workers,
+    }))
+}
+
+fn print_region(v: &serde_json::Value) {
+    let alive = match v["coordinator_alive"].as_bool() {
+        Some(true) => "alive",
+        Some(false) => "dead (crashed run; `amusd dump --gc` removes the region)",
+        None => "unknown",
+    };
+    println!(
+        "region {}  coordinator pid {} {alive}",
+        v["name"].as_str().unwrap_or("?"),
+        v["coordinator_pid"]
+    );
+    let q = &v["request"];
+    if q.is_null() {
+        println!("request: (being updated)");
+    } else {
+        println!(
+            "request {}: {}  prompt {} tokens, max new {}, stop {}, finish {}{}",
+            q["id"],
+            q["state"].as_str().unwrap_or("?"),
+            q["prompt_len"],
+            q["max_new_tokens"],
+            q["stop_tokens"],
+            q["finish_reason"].as_str().unwrap_or("?"),
+            q["error"]
+                .as_str()
+                .filter(|e| !e.is_empty())
+                .map(|e| format!(", error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    for (label, b) in [("verified", &v["verified"]), ("draft", &v["draft"])] {
+        println!("{label:<8} len {:<6} last {}", b["len"], b["last_tokens"]);
+        if let Some(t) = b["last_text"].as_str() {
+            println!("{:<8}            {t:?}", "");
+        }
+    }
+    for w in v["workers"].as_array().into_iter().flatten() {
+        println!(
+            "{} worker: pid {} {} heartbeat {} ms ago, {} on {}, restarts {}, exit {}",
+            w["role"].as_str().unwrap_or("?"),
+            w["pid"],
+            w["state"].as_str().unwrap_or("?"),
+            w["heartbeat_age_ms"],
+            w["model"].as_str().unwrap_or(""),
+            w["device"].as_str().unwrap_or(""),
+            w["restarts"],
+            w["exit_status"].as_str().unwrap_or("")
+        );
+        println!(
+            "    steps {} tokens {} rollbacks {} proposed {} accepted {}",
+            w["steps"], w["tokens"], w["rollbacks"], w["proposed"], w["accepted"]
+        );
+        if let Some(e) = w["last_error"].as_str().filter(|e| !e.is_empty()) {
+            println!("    last error: {e}");
+        }
+        for e in w["recent_events"].as_array().into_iter().flatten() {
+            println!(
+                "    {:<10} req {} pos {} count {} accepted {} {} us",
+                e["kind"].as_str().unwrap_or("?"),
+                e["request_id"],
+                e["position"],
+                e["count"],
+                e["accepted"],
+                e["duration_us"]
+            );
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Which {
+    Draft,
+    Verify,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Sig {
+    Kill,
+    Term,
+    Stop,
+    Cont,
 }
 
 #[derive(Args, Debug)]
-pub struct KillArgs {}
+pub struct KillArgs {
+    pub worker: Which,
+    /// The region of the run (default: the only live one).
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long, value_enum, default_value = "kill")]
+    pub signal: Sig,
+}
 
-pub fn kill(_args: KillArgs) -> Result<ExitCode> {
-    anyhow::bail!("not yet")
+pub fn kill(args: KillArgs) -> Result<ExitCode> {
+    let name = match args.region {
+        Some(n) => normalise(&n),
+        None => {
+            let live: Vec<_> = Shm::list()
+                .into_iter()
+                .filter(|r| r.coordinator_alive == Some(true))
+                .collect();
+            match live.as_slice() {
+                [one] => one.name.clone(),
+                [] => bail!(
+                    "no running amusd found; start one with `amusd generate --strategy amusd ...`"
+                ),
+                _ => bail!(
+                    "{} amusd runs are live; pick one with --region (see `amusd dump`)",
+                    live.len()
+                ),
+            }
+        }
+    };
+    let shm = Shm::attach(&name)?;
+    let role = match args.worker {
+        Which::Draft => Role::Draft,
+        Which::Verify => Role::Verify,
+    };
+    let pid = shm.region().worker_snapshot(role).pid;
+    if pid == 0 {
+        bail!("the {} worker of {name} has not started", role.name());
+    }
+    let sig = match args.signal {
+        Sig::Kill => libc::SIGKILL,
+        Sig::Term => libc::SIGTERM,
+        Sig::Stop => libc::SIGSTOP,
+        Sig::Cont => libc::SIGCONT,
+    };
+    // SAFETY: kill() sends a signal to a pid read from our own region; no memory is touched.
+    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
+        bail!(
+            "cannot signal pid {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    eprintln!(
+        "sent {:?} to the {} worker (pid {pid}) of {name}",
+        args.signal,
+        role.name()
+    );
+    Ok(ExitCode::SUCCESS)
 }
