@@ -27,6 +27,9 @@ use crate::generate::{Committer, FinishReason, Generation};
 use crate::policy::{accept, StopCriteria};
 use crate::SpecError;
 
+/// How often the coordinator checks its workers while a request runs.
+pub const SUPERVISE_EVERY: Duration = Duration::from_millis(20);
+
 /// How long an idle worker sleeps between liveness checks and heartbeats.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -383,7 +386,7 @@ fn verify_step<D: Decoder>(
 /// The coordinator's side of one request: submit it, stream committed tokens as they land, end it
 /// when they end with a stop token or fill the budget, and wait for both workers to let go of it.
 ///
-/// `supervise` runs on every wake-up and at least every 50 ms: the coordinator checks its workers
+/// `supervise` runs every [`SUPERVISE_EVERY`] or so: the coordinator checks its workers
 /// there (and restarts them); an error from it fails the request.
 pub fn run_request(
     region: &Region,
@@ -412,8 +415,15 @@ pub fn run_request(
     })?;
     let mut seen = prompt.len();
     let result = (|| -> Result<(), SpecError> {
+        // Supervise on a clock, not only when tokens stop: a dead draft worker does not stop them
+        // (the verify worker steps alone), and it should still be replaced promptly.
+        let mut last_check = std::time::Instant::now();
         while !c.done() {
             let bell = region.bell_value(Party::Coordinator);
+            if last_check.elapsed() >= SUPERVISE_EVERY {
+                supervise(region)?;
+                last_check = std::time::Instant::now();
+            }
             let len = region.verified_len();
             if len > seen {
                 let tokens = region.read_verified(seen, len);
@@ -421,8 +431,7 @@ pub fn run_request(
                 c.push(&tokens);
                 continue;
             }
-            supervise(region)?;
-            region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
+            region.wait_bell(Party::Coordinator, bell, Some(SUPERVISE_EVERY));
         }
         Ok(())
     })();

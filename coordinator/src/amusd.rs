@@ -11,6 +11,7 @@ use amusd_spec::worker::run_request;
 use amusd_spec::{Generation, SpecError, StopCriteria};
 use anyhow::{bail, Context, Result};
 
+use crate::generate::ChaosSignal;
 use crate::generate::{
     check_same_vocabulary, encode_conversation, finish_output, GenerateArgs, ModelArgs, Strategy,
 };
@@ -21,6 +22,58 @@ use crate::supervisor::{install_signal_handlers, Policy, Supervisor, WorkerSpec}
 pub struct Engine {
     pub sup: Supervisor,
     next_id: u64,
+    chaos: Option<Chaos>,
+}
+
+/// Seeded fault injection (`--chaos`): at each supervision check, with some probability, signal one
+/// worker chosen at random, at most `faults` times per request.
+struct Chaos {
+    rng: rand::rngs::StdRng,
+    faults: u32,
+    rate: f64,
+    signal: ChaosSignal,
+    /// Faults injected so far, over all requests.
+    injected: u32,
+    /// Processes already struck: a stopped worker still looks busy until the hang check catches it.
+    struck: Vec<u32>,
+}
+
+impl Chaos {
+    fn maybe_strike(&mut self, sup: &Supervisor, left: &mut u32) {
+        use rand::Rng;
+        if *left == 0 || !self.rng.gen_bool(self.rate.clamp(0.0, 1.0)) {
+            return;
+        }
+        let role = if self.rng.gen_bool(0.5) {
+            Role::Draft
+        } else {
+            Role::Verify
+        };
+        let stop = match self.signal {
+            ChaosSignal::Kill => false,
+            ChaosSignal::Stop => true,
+            ChaosSignal::Mixed => self.rng.gen_bool(0.5),
+        };
+        // Only strike a worker that is at work, so every fault hits the request in flight.
+        if sup.shm_handle().worker_state(role) != Some(amusd_shm::WorkerState::Busy) {
+            return;
+        }
+        if let Some(pid) = sup.pid(role).filter(|p| !self.struck.contains(p)) {
+            self.struck.push(pid);
+            let sig = if stop { libc::SIGSTOP } else { libc::SIGKILL };
+            // SAFETY: kill() on our own child's pid; no memory is touched.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+            eprintln!(
+                "amusd: chaos: {} the {} worker (pid {pid})",
+                if stop { "stopped" } else { "killed" },
+                role.name()
+            );
+            *left -= 1;
+            self.injected += 1;
+        }
+    }
 }
 
 impl Engine {
@@ -55,7 +108,19 @@ impl Engine {
             let _spinner = Spinner::new("loading the draft and verify workers".into());
             sup.wait_ready()?;
         }
-        Ok(Self { sup, next_id: 1 })
+        let chaos = m.chaos.map(|seed| Chaos {
+            rng: rand::SeedableRng::seed_from_u64(seed),
+            faults: m.chaos_faults,
+            rate: m.chaos_rate,
+            signal: m.chaos_signal,
+            injected: 0,
+            struck: Vec::new(),
+        });
+        Ok(Self {
+            sup,
+            next_id: 1,
+            chaos,
+        })
     }
 
     pub fn generate(
@@ -69,7 +134,12 @@ impl Engine {
         let shm = self.sup.shm_handle();
         let region = shm.region();
         let sup = &mut self.sup;
+        let chaos = &mut self.chaos;
+        let mut left = chaos.as_ref().map_or(0, |c| c.faults);
         let mut supervise = |_: &amusd_shm::Region| {
+            if let Some(c) = chaos.as_mut() {
+                c.maybe_strike(sup, &mut left);
+            }
             sup.check(true)
                 .map_err(|e| SpecError::Protocol(format!("{e:#}")))
         };
@@ -124,6 +194,8 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
     };
     let result = engine.generate(&prompt, &stop, &mut on_tokens);
     let restarts = engine.sup.restarts;
+    let worst = engine.sup.worst_recovery;
+    let injected = engine.chaos.as_ref().map_or(0, |c| c.injected);
     drop(engine);
     if crate::supervisor::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
         println!();
@@ -138,8 +210,11 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
             serde_json::json!({"strategy": "amusd", "tokens": g.tokens, "finish_reason": g.finish})
         ),
     }
-    if restarts > 0 {
-        eprintln!("amusd: {restarts} worker restart(s) during the run");
+    if restarts > 0 || injected > 0 {
+        eprintln!(
+            "amusd: faults injected {injected}, worker restarts {restarts}, worst recovery {} ms",
+            worst.map_or(0, |d| d.as_millis())
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

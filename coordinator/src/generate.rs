@@ -72,6 +72,26 @@ pub struct ModelArgs {
     /// amusd: restarts allowed per worker.
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
+    /// amusd fault injection: kill a random worker at random moments, seeded.
+    #[arg(long, value_name = "SEED")]
+    pub chaos: Option<u64>,
+    /// With --chaos: how many faults to inject per request at most.
+    #[arg(long, default_value_t = 2)]
+    pub chaos_faults: u32,
+    /// With --chaos: the signal (kill, or stop, which the heartbeat check then catches).
+    #[arg(long, value_enum, default_value = "kill")]
+    pub chaos_signal: ChaosSignal,
+    /// With --chaos: chance of a fault at each 20 ms supervision check.
+    #[arg(long, default_value_t = 0.03)]
+    pub chaos_rate: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ChaosSignal {
+    Kill,
+    Stop,
+    /// Either, chosen at random for each fault.
+    Mixed,
 }
 
 impl ModelArgs {

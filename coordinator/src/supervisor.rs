@@ -52,6 +52,8 @@ struct Worker {
     child: Option<Child>,
     restarts: u32,
     started: Instant,
+    /// When the worker was found dead or hung, until its replacement is ready.
+    down_since: Option<Instant>,
 }
 
 /// The region and the worker processes. Dropping it stops the workers and unlinks the region.
@@ -62,6 +64,8 @@ pub struct Supervisor {
     bin_dir: PathBuf,
     /// Restarts so far, for the summary.
     pub restarts: u32,
+    /// The longest time from a worker found dead or hung to its replacement being ready.
+    pub worst_recovery: Option<Duration>,
 }
 
 fn worker_binary(role: Role) -> &'static str {
@@ -94,6 +98,7 @@ impl Supervisor {
             policy,
             bin_dir,
             restarts: 0,
+            worst_recovery: None,
         };
         for spec in specs {
             sup.workers.push(Worker {
@@ -101,6 +106,7 @@ impl Supervisor {
                 child: None,
                 restarts: 0,
                 started: Instant::now(),
+                down_since: None,
             });
         }
         for i in 0..sup.workers.len() {
@@ -111,6 +117,15 @@ impl Supervisor {
 
     /// A handle on the region that does not borrow the supervisor, so the request loop can read the
     /// region while the supervision callback holds the supervisor mutably.
+    /// The pid of `role`'s current process.
+    pub fn pid(&self, role: Role) -> Option<u32> {
+        self.workers
+            .iter()
+            .find(|w| w.spec.role == role)
+            .and_then(|w| w.child.as_ref())
+            .map(|c| c.id())
+    }
+
     pub fn shm_handle(&self) -> Arc<UnlinkOnDrop> {
         self.shm.clone()
     }
@@ -190,6 +205,7 @@ impl Supervisor {
                     bail!("the {} worker failed: {last_error}", role.name());
                 }
                 w.restarts += 1;
+                w.down_since.get_or_insert_with(Instant::now);
                 self.restarts += 1;
                 self.shm.count_restart(role);
                 eprintln!(
@@ -203,6 +219,17 @@ impl Supervisor {
             }
             let state = self.shm.worker_state(role);
             let w = &mut self.workers[i];
+            if matches!(state, Some(WorkerState::Ready | WorkerState::Busy)) {
+                if let Some(t) = w.down_since.take() {
+                    let took = t.elapsed();
+                    eprintln!(
+                        "amusd: {} worker back after {} ms",
+                        role.name(),
+                        took.as_millis()
+                    );
+                    self.worst_recovery = Some(self.worst_recovery.map_or(took, |w| w.max(took)));
+                }
+            }
             let loading = matches!(
                 state,
                 Some(WorkerState::Absent | WorkerState::Starting | WorkerState::Loading)
@@ -226,7 +253,10 @@ impl Supervisor {
                     role.name(),
                     self.policy.hang_timeout
                 );
+                w.down_since.get_or_insert_with(Instant::now);
                 if let Some(c) = w.child.as_mut() {
+                    // SIGCONT too, in case it was stopped: a stopped process dies of SIGKILL
+                    // anyway, but say what happened consistently.
                     let _ = c.kill();
                 }
             }
