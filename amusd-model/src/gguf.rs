@@ -251,3 +251,72 @@ fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TinyModel;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn tiny_bytes() -> &'static [u8] {
+        static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
+        BYTES.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("t.gguf");
+            let tiny = TinyModel {
+                layers: 1,
+                ..Default::default()
+            };
+            tiny.write_gguf(&p, GgmlDType::Q8_0).unwrap();
+            std::fs::read(p).unwrap()
+        })
+    }
+
+    /// Opening and loading must fail cleanly, never panic, whatever the bytes.
+    fn try_load(bytes: &[u8]) -> Result<(), ModelError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("x.gguf");
+        std::fs::write(&p, bytes).unwrap();
+        let mut g = GgufFile::open(&p)?;
+        g.load_llama(WeightFormat::AsStored).map(|_| ())
+    }
+
+    #[test]
+    fn the_tiny_file_loads() {
+        try_load(tiny_bytes()).unwrap();
+    }
+
+    #[test]
+    fn absurd_counts_are_refused() {
+        let mut b = tiny_bytes().to_vec();
+        b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(try_load(&b).is_err());
+        let mut b = tiny_bytes().to_vec();
+        b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(try_load(&b).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn corrupted_files_fail_cleanly(cut in 0usize..100_000, flips in proptest::collection::vec((0usize..4096, any::<u8>()), 0..8)) {
+            let mut b = tiny_bytes().to_vec();
+            for (pos, v) in flips {
+                let i = pos % b.len();
+                b[i] = v;
+            }
+            b.truncate(cut.min(b.len()));
+            let _ = try_load(&b);
+        }
+
+        #[test]
+        fn random_bytes_fail_cleanly(mut b in proptest::collection::vec(any::<u8>(), 0..2048), gguf_magic: bool) {
+            if gguf_magic && b.len() >= 4 {
+                b[..4].copy_from_slice(b"GGUF");
+            }
+            prop_assert!(try_load(&b).is_err());
+        }
+    }
+}
