@@ -384,6 +384,52 @@ mod tests {
         assert!(m.forward(&[1], 3, &mut c, LogitsFor::Last).is_err());
     }
 
+    /// Batch invariance on the real model (f32, as the verify model runs): one-at-a-time logits
+    /// equal k-token-batch logits bit for bit, after a rollback.
+    #[test]
+    fn real_model_batched_forward_is_bit_identical() {
+        let path = crate::default_model_path();
+        if !path.is_file() {
+            eprintln!(
+                "skipped: {} is missing (scripts/fetch-assets.sh model)",
+                path.display()
+            );
+            return;
+        }
+        let m = GgufFile::open(&path)
+            .unwrap()
+            .load_llama(WeightFormat::F32)
+            .unwrap();
+        let mut s = 0x1234_5678_u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 49152) as u32
+        };
+        for k in [1usize, 3, 8, 16] {
+            let prompt: Vec<u32> = (0..12).map(|_| next()).collect();
+            let batch: Vec<u32> = (0..k).map(|_| next()).collect();
+            let mut c1 = m.new_cache(64);
+            m.forward(&prompt, 0, &mut c1, LogitsFor::Last).unwrap();
+            let mut one = Vec::new();
+            for (i, &t) in batch.iter().enumerate() {
+                one.push(bits(
+                    &m.forward(&[t], 12 + i, &mut c1, LogitsFor::All).unwrap(),
+                    0,
+                ));
+            }
+            let mut c2 = m.new_cache(64);
+            m.forward(&prompt, 0, &mut c2, LogitsFor::Last).unwrap();
+            m.forward(&[next(), next()], 12, &mut c2, LogitsFor::All)
+                .unwrap();
+            let l = m.forward(&batch, 12, &mut c2, LogitsFor::All).unwrap();
+            for (i, row) in one.iter().enumerate() {
+                assert_eq!(row, &bits(&l, i), "k {k} row {i}");
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
