@@ -82,7 +82,7 @@ impl FakeModel {
         for &t in context.iter().rev().take(3) {
             h = mix(h ^ t as u64);
         }
-        let truth = if self.eos_every > 0 && h % self.eos_every == 0 {
+        let truth = if self.eos_every > 0 && h.is_multiple_of(self.eos_every) {
             self.eos
         } else {
             // Never the eos id by accident.
