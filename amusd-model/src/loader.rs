@@ -73,6 +73,8 @@ pub struct ModelText {
     pub tokenizer: Tokenizer,
     pub chat_template: Option<ChatTemplate>,
     pub eos_ids: Vec<u32>,
+    /// The model's context length in tokens (prompt plus generated).
+    pub context_length: usize,
 }
 
 /// Loads the tokenizer, chat template and stop ids of a model.
@@ -96,9 +98,11 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
             tokenizer,
             chat_template,
             eos_ids,
+            context_length: hf.max_position_embeddings,
         });
     }
-    let gguf = GgufFile::open(path)?;
+    let mut gguf = GgufFile::open(path)?;
+    let context_length = gguf.config()?.max_position;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
     let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
     let eos_ids = stop_ids(&tokenizer);
@@ -106,6 +110,7 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
         tokenizer,
         chat_template,
         eos_ids,
+        context_length,
     })
 }
 

@@ -116,6 +116,9 @@ impl FakeModel {
 pub struct FakeDecoder {
     pub model: FakeModel,
     seen: Vec<u32>,
+    /// Positions reserved by the last `reset`: like the real KV cache, a forward past it fails, so
+    /// the protocol tests catch a worker that reserves too little.
+    reserved: usize,
 }
 
 impl FakeDecoder {
@@ -123,6 +126,7 @@ impl FakeDecoder {
         Self {
             model,
             seen: Vec::new(),
+            reserved: 0,
         }
     }
 }
@@ -137,8 +141,16 @@ impl Decoder for FakeDecoder {
     fn vocab_size(&self) -> usize {
         self.model.vocab as usize
     }
-    fn reset(&mut self, _len: usize) -> Result<(), SpecError> {
+    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
+        if len > self.capacity() {
+            return Err(amusd_model::ModelError::ContextOverflow {
+                tokens: len,
+                capacity: self.capacity(),
+            }
+            .into());
+        }
         self.seen.clear();
+        self.reserved = len;
         Ok(())
     }
     fn greedy(
@@ -152,6 +164,13 @@ impl Decoder for FakeDecoder {
                 "fake forward at {start} with {} cached",
                 self.seen.len()
             )));
+        }
+        if start + tokens.len() > self.reserved {
+            return Err(amusd_model::ModelError::ContextOverflow {
+                tokens: start + tokens.len(),
+                capacity: self.reserved,
+            }
+            .into());
         }
         if let Some(t) = tokens.iter().find(|&&t| t >= self.model.vocab) {
             return Err(SpecError::Protocol(format!(

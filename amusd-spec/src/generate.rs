@@ -149,11 +149,10 @@ pub fn autoregressive<D: Decoder>(
         verifier.decoder.capacity(),
         prompt.len(),
         stop.max_new_tokens,
-        1,
+        0,
     )?;
-    verifier
-        .decoder
-        .reset(prompt.len() + stop.max_new_tokens + 1)?;
+    // The last generated token is never fed back, so `prompt + max_new - 1` positions suffice.
+    verifier.decoder.reset(prompt.len() + stop.max_new_tokens)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     while !c.done() {
         let t = Instant::now();
@@ -177,13 +176,15 @@ pub fn speculative<D: Decoder, P: Decoder>(
     on_tokens: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
+    // Drafts are clipped to the token budget, so sd fits wherever ar does: the same requests succeed
+    // under every strategy.
     check_fits(
         verifier.decoder.capacity(),
         prompt.len(),
         stop.max_new_tokens,
-        lookahead + 1,
+        0,
     )?;
-    let capacity = prompt.len() + stop.max_new_tokens + lookahead + 1;
+    let capacity = prompt.len() + stop.max_new_tokens;
     verifier.decoder.reset(capacity)?;
     drafter.start(prompt, capacity)?;
     let mut c = Committer::new(prompt, stop, on_tokens);

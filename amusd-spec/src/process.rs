@@ -34,13 +34,35 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
     Ok((Box::new(LlamaDecoder::new(loaded.llama)), loaded.name))
 }
 
-/// Runs a worker to completion. Errors before the region is attached can only be printed; after
+/// Why a worker stopped with an error.
+#[derive(Debug)]
+pub struct WorkerFailure {
+    pub error: SpecError,
+    /// The error is in the worker's `last_error` in the region, where the coordinator quotes it: a
+    /// supervised worker need not print it too (the user would read it twice).
+    pub in_region: bool,
+}
+
+impl std::fmt::Display for WorkerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+/// Runs a worker to completion. Errors before the region is attached can only be returned; after
 /// that they are also written to the worker's `last_error` for the coordinator to quote.
-pub fn worker_main(cfg: &WorkerConfig) -> Result<(), SpecError> {
-    let device: DeviceSpec = cfg.device.parse()?;
-    crate::bind::bind_current_process(device)?;
+pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
+    let early = |error: SpecError| WorkerFailure {
+        error,
+        in_region: false,
+    };
+    let device: DeviceSpec = cfg
+        .device
+        .parse()
+        .map_err(|e: amusd_model::ModelError| early(e.into()))?;
+    crate::bind::bind_current_process(device).map_err(early)?;
     die_with_parent();
-    let shm = Shm::attach(&cfg.region)?;
+    let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
     region.register_worker(cfg.role, &cfg.device, &cfg.model);
     let result = (|| {
@@ -71,11 +93,14 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), SpecError> {
             }
         }
     })();
-    if let Err(e) = &result {
-        region.worker(cfg.role).last_error.set(&e.to_string());
+    result.map_err(|error| {
+        region.worker(cfg.role).last_error.set(&error.to_string());
         region.ring(amusd_shm::Party::Coordinator);
-    }
-    result
+        WorkerFailure {
+            error,
+            in_region: true,
+        }
+    })
 }
 
 /// Asks the kernel to kill this process when its parent (the coordinator) dies, so a crashed

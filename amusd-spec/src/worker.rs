@@ -15,7 +15,7 @@
 //! happened in between. Exactness never depends on it: a candidate is only committed when it equals
 //! the verify model's own greedy token.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use amusd_shm::{
     now_us, EventKind, EventRecord, FinishReason as ShmFinish, Party, Region, RequestSpec,
@@ -164,7 +164,7 @@ pub fn run_draft<D: Decoder>(
                 if held.is_none() {
                     if let Some(h) = take_up(region, &req)? {
                         let prompt = &h.committed[..h.prompt_len];
-                        drafter.start(prompt, h.limit + 1)?;
+                        drafter.start(prompt, h.limit)?;
                         // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
                         // mid-rewrite.
                         region_len = region.draft_rewrite(h.id, 0, prompt)?;
@@ -282,7 +282,8 @@ pub fn run_verify<D: Decoder>(
 ) -> Result<(), SpecError> {
     let role = Role::Verify;
     let mut held: Option<Held> = None;
-    let mut waited = false;
+    // When the verify worker started waiting for a draft token (the `wait_for_draft` policy).
+    let mut waiting_since: Option<Instant> = None;
     region.set_worker_state(role, WorkerState::Ready);
     loop {
         let bell = region.bell_value(Party::Verify);
@@ -294,9 +295,7 @@ pub fn run_verify<D: Decoder>(
         if let Some(req) = track_request(region, role, &mut held)? {
             if held.is_none() {
                 if let Some(h) = take_up(region, &req)? {
-                    verifier
-                        .decoder
-                        .reset(h.limit + opts.max_verify_batch + 1)?;
+                    verifier.decoder.reset(h.limit)?;
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
                     region.set_worker_state(role, WorkerState::Busy);
@@ -309,12 +308,12 @@ pub fn run_verify<D: Decoder>(
                         0,
                     ));
                     held = Some(h);
-                    waited = false;
+                    waiting_since = None;
                 }
             }
             if let Some(h) = held.as_mut() {
                 if !h.finished() {
-                    next = verify_step(region, verifier, opts, h, &mut waited)?;
+                    next = verify_step(region, verifier, opts, h, &mut waiting_since)?;
                 }
             }
         }
@@ -334,7 +333,7 @@ fn verify_step<D: Decoder>(
     verifier: &mut Verifier<D>,
     opts: &VerifyOptions,
     h: &mut Held,
-    waited: &mut bool,
+    waiting_since: &mut Option<Instant>,
 ) -> Result<Next, SpecError> {
     let v = h.committed.len();
     // Leave room for the verify model's own token after the candidates.
@@ -350,11 +349,17 @@ fn verify_step<D: Decoder>(
     if let Some(i) = candidates.iter().position(|t| h.stop.stop_ids.contains(t)) {
         candidates.truncate(i + 1);
     }
-    if candidates.is_empty() && !opts.wait_for_draft.is_zero() && !*waited {
-        *waited = true;
-        return Ok(Next::Wait(opts.wait_for_draft));
+    // With `room == 0` only the verify model's own token fits the budget: no draft to wait for.
+    if candidates.is_empty() && room > 0 && !opts.wait_for_draft.is_zero() {
+        // A deadline, not a single wait: the bell also rings for things other than a new draft
+        // token (the draft's rollback rewrites, the coordinator), and those must not cut it short.
+        let since = *waiting_since.get_or_insert_with(Instant::now);
+        let left = opts.wait_for_draft.saturating_sub(since.elapsed());
+        if !left.is_zero() {
+            return Ok(Next::Wait(left));
+        }
     }
-    *waited = false;
+    *waiting_since = None;
     let t0 = now_us();
     let verified = verifier.verify(&h.committed, &candidates)?;
     let (tokens, n_accepted) = accept(&candidates, &verified);

@@ -159,7 +159,8 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
     let verify_spec = m.verify_spec()?;
     let draft_spec = m.draft_spec()?;
     let verify_text = text_of(&verify_spec, "verify")?;
-    if let (Some(v), Some(d)) = (&verify_text, &text_of(&draft_spec, "draft")?) {
+    let draft_text = text_of(&draft_spec, "draft")?;
+    if let (Some(v), Some(d)) = (&verify_text, &draft_text) {
         check_same_vocabulary(&v.tokenizer, &d.tokenizer)?;
     }
     let (prompt, stop_ids) = match (&verify_text, &args.prompt_ids) {
@@ -174,12 +175,14 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
         stop_ids,
         max_new_tokens: args.max_new_tokens,
     };
-    amusd_spec::generate::check_fits(
-        amusd_shm::TOKEN_CAPACITY,
-        prompt.len(),
-        args.max_new_tokens,
-        0,
-    )?;
+    // Checked here, before the workers see the request: a request that cannot fit is the user's
+    // error, not a worker fault to restart.
+    let context = [&verify_text, &draft_text]
+        .into_iter()
+        .flatten()
+        .map(|t| t.context_length)
+        .fold(amusd_shm::TOKEN_CAPACITY, usize::min);
+    amusd_spec::generate::check_fits(context, prompt.len(), args.max_new_tokens, 0)?;
     let mut engine = Engine::start(m, &verify_spec, &draft_spec)?;
     let mut stream = verify_text.as_ref().map(|t| t.tokenizer.stream(true));
     let json = args.json;

@@ -26,9 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate text from a prompt with one strategy (ar, sd or amusd).
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     /// Run a dataset through several strategies, check they agree, record timings.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Print the paper-style table from `amusd bench` results.
     Report(bench::ReportArgs),
     /// List amusd shared-memory regions, or show one: request, buffers, workers, recent events.
@@ -40,8 +40,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Generate(args) => generate::run(*args),
+        Command::Bench(args) => bench::run(*args),
         Command::Report(args) => bench::report(args),
         Command::Dump(args) => dump::run(args),
         Command::WorkerKill(args) => dump::kill(args),

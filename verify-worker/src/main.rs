@@ -34,14 +34,17 @@ struct Args {
     /// Verify: microseconds to wait for a draft token before stepping alone.
     #[arg(long, default_value_t = 0)]
     verify_wait_us: u64,
+    /// Started by the coordinator, which reports this worker's errors from the region.
+    #[arg(long, hide = true)]
+    supervised: bool,
 }
 
 fn main() -> ExitCode {
     let a = Args::parse();
     let cfg = WorkerConfig {
-        region: a.region,
-        model: a.model,
-        device: a.device,
+        region: a.region.clone(),
+        model: a.model.clone(),
+        device: a.device.clone(),
         role: Role::Verify,
         max_lookahead: a.max_lookahead,
         max_verify_batch: a.max_verify_batch,
@@ -50,7 +53,9 @@ fn main() -> ExitCode {
     match worker_main(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("amusd-verify-worker: error: {e}");
+            if !(a.supervised && e.in_region) {
+                eprintln!("amusd-verify-worker: error: {e}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,394 @@
+//! Bad input gets one clear line on stderr, `amusd: error: ...`, and a non-zero exit: no panic, no
+//! backtrace, no hint to set RUST_BACKTRACE. Each case writes what amusd said to the test's stderr
+//! (past the harness's capture), so `cargo test` shows the messages.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use amusd_e2e::{amusd_run, assert_cleaned_up, s, tiny_gguf, tiny_hf, GgmlDType, TinyModel};
+
+/// Tiny models for the cases (a Hugging Face directory and a GGUF of the same weights), in a
+/// temporary directory removed when this is dropped.
+struct Fixtures {
+    _dir: tempfile::TempDir,
+    hf: PathBuf,
+    gguf: PathBuf,
+}
+
+fn fixtures() -> Fixtures {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = tiny_hf(dir.path(), "tiny-hf", &TinyModel::default());
+    let gguf = tiny_gguf(
+        dir.path(),
+        "model.gguf",
+        &TinyModel::default(),
+        GgmlDType::F32,
+    );
+    Fixtures {
+        _dir: dir,
+        hf,
+        gguf,
+    }
+}
+
+/// A fresh scratch directory for one case's files.
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Runs `amusd generate ARGS`, checks it fails with exactly one `amusd: error:` line that mentions
+/// every one of `mentions` (case-insensitive), and returns that line.
+fn expect_error(case: &str, args: &[&str], mentions: &[&str]) -> String {
+    let mut full = vec!["generate"];
+    full.extend_from_slice(args);
+    let run = amusd_run(&full, Duration::from_secs(120));
+    // Long arguments (the 600-word prompt) abbreviated.
+    let shown = full
+        .iter()
+        .map(|a| match a.char_indices().nth(60) {
+            Some((i, _)) => format!("'{}...' ({} chars)", &a[..i], a.chars().count()),
+            None => a.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let _ = writeln!(
+        std::io::stderr(),
+        "[bad input] {case}\n  args: {shown}\n  exit: {:?}\n  stderr: {}",
+        run.status.code(),
+        run.stderr.trim_end().replace('\n', "\n          ")
+    );
+    let ctx = || format!("case '{case}', args {}:\n{}", shown, run.describe());
+    assert!(
+        run.status.code().is_some_and(|c| c != 0),
+        "expected a non-zero exit code, not a signal or success; {}",
+        ctx()
+    );
+    for bad in ["panicked", "RUST_BACKTRACE", "backtrace", "stack backtrace"] {
+        assert!(
+            !run.stderr.contains(bad),
+            "stderr mentions '{bad}'; {}",
+            ctx()
+        );
+    }
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line on stderr; {}",
+        ctx()
+    );
+    let line = lines[0];
+    assert!(
+        line.starts_with("amusd: error: "),
+        "the line does not start with 'amusd: error: '; {}",
+        ctx()
+    );
+    let lower = line.to_lowercase();
+    for m in mentions {
+        assert!(
+            lower.contains(&m.to_lowercase()),
+            "the error does not mention '{m}'; {}",
+            ctx()
+        );
+    }
+    assert!(
+        run.stdout.trim().is_empty(),
+        "nothing should reach stdout on an error; {}",
+        ctx()
+    );
+    assert_cleaned_up(&run);
+    line.to_string()
+}
+
+const STRATEGIES: [&str; 3] = ["ar", "sd", "amusd"];
+
+/// The model cases with the spec as the verify model, for every strategy, and as the draft model of
+/// sd and amusd (with a good verify model).
+fn expect_model_error(case: &str, spec: &str, mentions: &[&str]) {
+    let f = fixtures();
+    let good = s(&f.hf);
+    for strategy in STRATEGIES {
+        expect_error(
+            &format!("{case}: verify model, {strategy}"),
+            &[
+                "--strategy",
+                strategy,
+                "--verify-model",
+                spec,
+                "--draft-model",
+                good,
+                "--prompt",
+                "hello",
+                "--max-new-tokens",
+                "4",
+            ],
+            mentions,
+        );
+    }
+    for strategy in ["sd", "amusd"] {
+        expect_error(
+            &format!("{case}: draft model, {strategy}"),
+            &[
+                "--strategy",
+                strategy,
+                "--verify-model",
+                good,
+                "--draft-model",
+                spec,
+                "--prompt",
+                "hello",
+                "--max-new-tokens",
+                "4",
+            ],
+            mentions,
+        );
+    }
+}
+
+#[test]
+fn missing_model_path() {
+    let dir = scratch();
+    let missing = dir.path().join("no-such-model.gguf");
+    expect_model_error("missing model path", s(&missing), &[s(&missing)]);
+}
+
+#[test]
+fn directory_that_is_not_a_model() {
+    let dir = scratch();
+    let not_model = dir.path().join("just-a-directory");
+    std::fs::create_dir(&not_model).unwrap();
+    std::fs::write(not_model.join("notes.txt"), "not a model").unwrap();
+    expect_model_error(
+        "directory that is not a model",
+        s(&not_model),
+        &[s(&not_model)],
+    );
+}
+
+#[test]
+fn random_bytes_named_gguf() {
+    let dir = scratch();
+    let path = dir.path().join("x.gguf");
+    // Deterministic noise that does not start with the GGUF magic.
+    let mut state = 0x2545f4914f6cdd1du64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    assert_ne!(&bytes[..4], b"GGUF");
+    std::fs::write(&path, bytes).unwrap();
+    expect_model_error("random bytes named x.gguf", s(&path), &["x.gguf"]);
+}
+
+#[test]
+fn gguf_truncated_in_its_tensor_data() {
+    let dir = scratch();
+    let full = std::fs::read(&fixtures().gguf).unwrap();
+    let path = dir.path().join("truncated.gguf");
+    std::fs::write(&path, &full[..full.len() / 2]).unwrap();
+    expect_model_error(
+        "GGUF truncated in the middle of its tensor data",
+        s(&path),
+        &["truncated.gguf"],
+    );
+}
+
+#[test]
+fn gguf_with_bad_magic() {
+    let dir = scratch();
+    let mut bytes = std::fs::read(&fixtures().gguf).unwrap();
+    assert_eq!(&bytes[..4], b"GGUF");
+    bytes[..4].copy_from_slice(b"GGUX");
+    let path = dir.path().join("badmagic.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    expect_model_error("GGUF with bad magic", s(&path), &["badmagic.gguf"]);
+}
+
+#[test]
+fn unknown_weight_format() {
+    let f = fixtures();
+    let spec = format!("{}:q9_9", s(&f.gguf));
+    expect_model_error("unknown weight format", &spec, &["q9_9"]);
+}
+
+fn expect_device_error(case: &str, flag: &str, device: &str, mentions: &[&str]) {
+    let f = fixtures();
+    let model = s(&f.gguf);
+    let strategies: &[&str] = if flag == "--draft-device" {
+        &["amusd"]
+    } else {
+        &STRATEGIES
+    };
+    for strategy in strategies {
+        expect_error(
+            &format!("{case}: {flag} {device}, {strategy}"),
+            &[
+                "--strategy",
+                strategy,
+                "--verify-model",
+                model,
+                "--draft-model",
+                model,
+                flag,
+                device,
+                "--prompt",
+                "hello",
+                "--max-new-tokens",
+                "4",
+            ],
+            mentions,
+        );
+    }
+}
+
+#[test]
+fn unknown_device() {
+    expect_device_error("unknown device", "--verify-device", "gpu:0", &["gpu:0"]);
+    expect_device_error("unknown device", "--draft-device", "gpu:0", &["gpu:0"]);
+}
+
+#[test]
+fn core_that_does_not_exist() {
+    expect_device_error("missing core", "--verify-device", "cpu:999", &["999"]);
+    expect_device_error("missing core", "--draft-device", "cpu:999", &["999"]);
+}
+
+#[test]
+fn cuda_on_a_cpu_build() {
+    expect_device_error(
+        "cuda on a CPU build",
+        "--verify-device",
+        "cuda:0",
+        &["cuda"],
+    );
+    expect_device_error("cuda on a CPU build", "--draft-device", "cuda:0", &["cuda"]);
+}
+
+#[test]
+fn empty_prompt() {
+    let f = fixtures();
+    let model = s(&f.hf);
+    for strategy in STRATEGIES {
+        for prompt in ["", "   "] {
+            expect_error(
+                &format!("empty prompt {prompt:?}, {strategy}"),
+                &[
+                    "--strategy",
+                    strategy,
+                    "--verify-model",
+                    model,
+                    "--draft-model",
+                    model,
+                    "--prompt",
+                    prompt,
+                ],
+                &["prompt", "empty"],
+            );
+        }
+    }
+}
+
+#[test]
+fn prompt_file_with_invalid_utf8() {
+    let dir = scratch();
+    let path = dir.path().join("latin1-prompt.txt");
+    // "café" in Latin-1: the é is the lone byte 0xE9.
+    std::fs::write(&path, b"caf\xe9 au lait").unwrap();
+    let f = fixtures();
+    let model = s(&f.hf);
+    for strategy in STRATEGIES {
+        expect_error(
+            &format!("prompt file with invalid UTF-8, {strategy}"),
+            &[
+                "--strategy",
+                strategy,
+                "--verify-model",
+                model,
+                "--draft-model",
+                model,
+                "--prompt-file",
+                s(&path),
+            ],
+            &["latin1-prompt.txt", "UTF-8"],
+        );
+    }
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let words: Vec<String> = (0..600).map(|i| format!("word{i}")).collect();
+    let prompt = words.join(" ");
+    let f = fixtures();
+    let model = s(&f.hf);
+    for strategy in STRATEGIES {
+        expect_error(
+            &format!("600-word prompt, context 512, {strategy}"),
+            &[
+                "--strategy",
+                strategy,
+                "--verify-model",
+                model,
+                "--draft-model",
+                model,
+                "--raw",
+                "--prompt",
+                &prompt,
+                "--max-new-tokens",
+                "16",
+            ],
+            &["512"],
+        );
+    }
+}
+
+fn vocab_fixtures() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = scratch();
+    let a = tiny_hf(dir.path(), "vocab-a", &TinyModel::default());
+    let b = tiny_hf(
+        dir.path(),
+        "vocab-b",
+        &TinyModel {
+            extra_vocab: 5,
+            ..TinyModel::default()
+        },
+    );
+    (dir, a, b)
+}
+
+#[test]
+fn draft_and_verify_vocabularies_differ() {
+    let (_dir, a, b) = vocab_fixtures();
+    for strategy in ["sd", "amusd"] {
+        for (verify, draft) in [(&a, &b), (&b, &a)] {
+            expect_error(
+                &format!(
+                    "vocabulary mismatch, verify {}, draft {}, {strategy}",
+                    name(verify),
+                    name(draft)
+                ),
+                &[
+                    "--strategy",
+                    strategy,
+                    "--verify-model",
+                    s(verify),
+                    "--draft-model",
+                    s(draft),
+                    "--prompt",
+                    "hello",
+                    "--max-new-tokens",
+                    "4",
+                ],
+                &["vocabulary", "259", "264"],
+            );
+        }
+    }
+}
+
+fn name(p: &Path) -> String {
+    p.file_name().unwrap().to_string_lossy().into_owned()
+}

@@ -1,0 +1,204 @@
+//! The AMUSD protocol through the real binaries, with fake models: whatever the draft's error rate,
+//! speed and the lookahead/batch limits, `amusd` commits exactly the tokens that greedy
+//! autoregressive decoding with the verify model gives.
+
+use std::time::Duration;
+
+use amusd_e2e::{amusd_run, assert_cleaned_up};
+use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::generate::autoregressive;
+use amusd_spec::{StopCriteria, Verifier};
+
+const MAX_NEW: usize = 200;
+
+/// One amusd run with fake models.
+struct Case {
+    seed: u64,
+    vocab: u32,
+    /// 0: no end-of-sequence token, the run goes to `MAX_NEW`.
+    eos_every: u64,
+    err: f64,
+    draft_us: u64,
+    verify_us: u64,
+    max_lookahead: usize,
+    max_verify_batch: usize,
+    prompt: Vec<u32>,
+}
+
+impl Case {
+    fn verify_spec(&self) -> String {
+        format!(
+            "fake:vocab={},seed={},eos_every={},us={}",
+            self.vocab, self.seed, self.eos_every, self.verify_us
+        )
+    }
+
+    fn draft_spec(&self) -> String {
+        format!(
+            "fake:vocab={},seed={},eos_every={},err={},us={}",
+            self.vocab, self.seed, self.eos_every, self.err, self.draft_us
+        )
+    }
+
+    /// What greedy decoding with the verify model gives: the tokens and the finish reason.
+    fn expected(&self) -> (Vec<u32>, &'static str) {
+        let truth = FakeModel::parse(&self.verify_spec()).unwrap();
+        let stop = StopCriteria {
+            stop_ids: if truth.eos_every > 0 {
+                vec![truth.eos]
+            } else {
+                Vec::new()
+            },
+            max_new_tokens: MAX_NEW,
+        };
+        let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+        let g = autoregressive(&mut v, &self.prompt, &stop, &mut |_| {}).unwrap();
+
+        // The same by hand from the model's definition, so a bug shared by `autoregressive` and the
+        // workers cannot hide.
+        let mut ctx = self.prompt.clone();
+        let mut by_hand = Vec::new();
+        let mut finish = "length";
+        while by_hand.len() < MAX_NEW {
+            let t = truth.next(&ctx);
+            if truth.eos_every > 0 && t == truth.eos {
+                finish = "stop";
+                break;
+            }
+            ctx.push(t);
+            by_hand.push(t);
+        }
+        assert_eq!(
+            g.tokens, by_hand,
+            "autoregressive disagrees with FakeModel::next"
+        );
+        (by_hand, finish)
+    }
+
+    fn check(&self, name: &str) {
+        let (expected, finish) = self.expected();
+        let prompt_ids: Vec<String> = self.prompt.iter().map(|t| t.to_string()).collect();
+        let (verify, draft) = (self.verify_spec(), self.draft_spec());
+        let lookahead = self.max_lookahead.to_string();
+        let batch = self.max_verify_batch.to_string();
+        let max_new = MAX_NEW.to_string();
+        let prompt_ids = prompt_ids.join(",");
+        let run = amusd_run(
+            &[
+                "generate",
+                "--strategy",
+                "amusd",
+                "--verify-model",
+                &verify,
+                "--draft-model",
+                &draft,
+                "--prompt-ids",
+                &prompt_ids,
+                "--max-new-tokens",
+                &max_new,
+                "--max-lookahead",
+                &lookahead,
+                "--max-verify-batch",
+                &batch,
+                "--json",
+            ],
+            Duration::from_secs(120),
+        );
+        let out = run.json();
+        let got = amusd_e2e::tokens_of(&out);
+        if got != expected {
+            let first = got
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(got.len().min(expected.len()));
+            panic!(
+                "{name}: amusd committed {} tokens, greedy gives {}; first difference at {first}\n\
+                 verify {verify}, draft {draft}, max-lookahead {lookahead}, max-verify-batch {batch}\n\
+                 got      {got:?}\nexpected {expected:?}\n{}",
+                got.len(),
+                expected.len(),
+                run.describe()
+            );
+        }
+        assert_eq!(
+            out["finish_reason"],
+            finish,
+            "{name}: finish reason: {}",
+            run.describe()
+        );
+        assert_cleaned_up(&run);
+    }
+}
+
+fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| ((seed.wrapping_mul(31).wrapping_add(i * 7919) ^ 0x55) % vocab as u64) as u32)
+        .collect()
+}
+
+#[test]
+fn amusd_equals_greedy_across_seeds_error_rates_and_limits() {
+    // (seed, eos_every, draft error rate, max lookahead, max verify batch, prompt length)
+    let grid: [(u64, u64, f64, usize, usize, usize); 10] = [
+        (1, 0, 0.0, 8, 16, 3),
+        (2, 0, 0.1, 1, 1, 1),
+        (3, 0, 0.2, 2, 16, 5),
+        (4, 0, 0.3, 16, 4, 12),
+        (5, 0, 0.4, 4, 2, 2),
+        (6, 300, 0.5, 32, 32, 7),
+        (7, 0, 0.6, 3, 8, 30),
+        (8, 0, 0.7, 8, 3, 4),
+        (9, 0, 0.8, 12, 1, 9),
+        (10, 60, 0.3, 6, 6, 3),
+    ];
+    for (i, &(seed, eos_every, err, la, batch, plen)) in grid.iter().enumerate() {
+        let vocab = [512, 97, 32000][i % 3];
+        let case = Case {
+            seed,
+            vocab,
+            eos_every,
+            err,
+            draft_us: [0, 50, 200][i % 3],
+            verify_us: [100, 0, 300][i % 3],
+            max_lookahead: la,
+            max_verify_batch: batch,
+            prompt: prompt(seed, plen, vocab),
+        };
+        case.check(&format!(
+            "run {i} (seed {seed}, err {err}, lookahead {la}, batch {batch})"
+        ));
+    }
+}
+
+#[test]
+fn slow_draft() {
+    Case {
+        seed: 21,
+        vocab: 512,
+        eos_every: 0,
+        err: 0.2,
+        draft_us: 2000,
+        verify_us: 0,
+        max_lookahead: 8,
+        max_verify_batch: 16,
+        prompt: vec![1, 2, 3],
+    }
+    .check("slow draft");
+}
+
+#[test]
+fn slow_verify() {
+    Case {
+        seed: 22,
+        vocab: 512,
+        eos_every: 0,
+        err: 0.2,
+        draft_us: 0,
+        verify_us: 2000,
+        max_lookahead: 8,
+        max_verify_batch: 16,
+        prompt: vec![1, 2, 3],
+    }
+    .check("slow verify");
+}
