@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use amusd_model::gguf::GgufFile;
-use amusd_model::{LogitsFor, WeightFormat};
+use amusd_model::{Batching, LogitsFor, WeightFormat};
 
 const CONTEXT: usize = 200;
 const KS: [usize; 6] = [1, 2, 4, 8, 16, 32];
@@ -51,7 +51,11 @@ fn main() {
     for k in KS {
         print!(" {:>9}", format!("k={k}"));
     }
-    println!("   (cost of one forward over k new tokens, relative to k=1)");
+    println!(
+        " {:>12} {:>12}   (k: cost of one forward over k new tokens relative to k=1; \
+         prefill: {CONTEXT} tokens, ms, batch-invariant / as a draft model runs it)",
+        "prefill", "prefill draft"
+    );
     for f in formats {
         let Some(format) = WeightFormat::parse(&f) else {
             eprintln!("unknown format {f}");
@@ -60,13 +64,28 @@ fn main() {
         let model = GgufFile::open(&path)
             .and_then(|mut g| g.load_llama(format))
             .expect("load");
+        let mut model = model;
         let mut cache = model.new_cache(CONTEXT + 64);
         let context: Vec<u32> = (0..CONTEXT as u32)
             .map(|i| (i * 7919) % 40000 + 100)
             .collect();
-        model
-            .forward(&context, 0, &mut cache, LogitsFor::Last)
-            .expect("prefill");
+        let mut prefill = |model: &amusd_model::Llama| {
+            median(
+                (0..3)
+                    .map(|_| {
+                        let t = Instant::now();
+                        model
+                            .forward(&context, 0, &mut cache, LogitsFor::Last)
+                            .expect("prefill");
+                        t.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect(),
+            )
+        };
+        model.batching = Batching::Throughput;
+        let prefill_draft = prefill(&model);
+        model.batching = Batching::Invariant;
+        let prefill_exact = prefill(&model);
         let mut times = Vec::new();
         for k in KS {
             let new: Vec<u32> = (0..k as u32).map(|i| 1000 + i).collect();
@@ -85,6 +104,6 @@ fn main() {
         for t in &times {
             print!(" {:>9.2}", t / times[0]);
         }
-        println!();
+        println!(" {prefill_exact:>12.0} {prefill_draft:>12.0}");
     }
 }

@@ -207,26 +207,25 @@ pub fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32
     matmul_t_rows(x, m, k, y, n, 0, n, |j| &w[j * k..(j + 1) * k]);
 }
 
-/// As [`matmul_t`] for weights stored in another element type: each block of weight rows is widened
-/// to f32 once (exactly: f16 and bf16 are subsets of f32), then multiplied as f32, so the results are
-/// bit-identical to [`matmul_t`] on the widened matrix.
-pub fn matmul_t_widen<T: Copy>(
+/// As [`matmul_t`] for weights stored in another form: `widen_row(j, dst)` writes weight row `j` as
+/// f32 into `dst` (`k` values). Each block of four rows is widened once and then multiplied as f32 by
+/// every activation row, so the results are bit-identical to [`matmul_t`] on the widened matrix
+/// (f16 and bf16 widen exactly; a block-quantized row widens to its dequantized values).
+pub fn matmul_t_widen(
     x: &[f32],
     m: usize,
-    w: &[T],
     n: usize,
     k: usize,
     y: &mut [f32],
-    widen: impl Fn(&[T], &mut [f32]),
+    widen_row: impl Fn(usize, &mut [f32]),
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    assert!(x.len() >= m * k && y.len() >= m * n);
     let mut buf = vec![0f32; 4 * k];
     let mut j0 = 0;
     while j0 < n {
         let rows = (n - j0).min(4);
         for r in 0..rows {
-            let j = j0 + r;
-            widen(&w[j * k..(j + 1) * k], &mut buf[r * k..(r + 1) * k]);
+            widen_row(j0 + r, &mut buf[r * k..(r + 1) * k]);
         }
         matmul_t_rows(x, m, k, y, n, j0, j0 + rows, |j| {
             let r = j - j0;
@@ -420,8 +419,8 @@ mod tests {
             let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
             matmul_t(&x, m, &w32, n, k, &mut a);
-            matmul_t_widen(&x, m, &w16, n, k, &mut b, |src, dst| {
-                for (d, s) in dst.iter_mut().zip(src) { *d = s.to_f32(); }
+            matmul_t_widen(&x, m, n, k, &mut b, |j, dst| {
+                for (d, s) in dst.iter_mut().zip(&w16[j * k..(j + 1) * k]) { *d = s.to_f32(); }
             });
             prop_assert_eq!(a, b);
         }

@@ -28,7 +28,7 @@ pub use cache::KvCache;
 pub use config::LlamaConfig;
 pub use device::DeviceSpec;
 pub use error::ModelError;
-pub use linear::{Linear, WeightFormat};
+pub use linear::{Batching, Linear, WeightFormat};
 pub use llama::{Llama, Logits, LogitsFor};
 pub use loader::{load, LoadedModel, ModelSpec};
 pub use paths::default_model_path;

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, GgmlType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
 use crate::kernels;
@@ -23,6 +23,25 @@ pub enum Weights {
     /// single-row path keeps the result batch-invariant.
     Quantized(Arc<QTensor>),
 }
+
+/// Whether a multiply must give every activation row the same bits whatever the batch size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Batching {
+    /// Every row computed exactly as it would be alone: required of the verify model, whose argmax
+    /// decides every committed token.
+    #[default]
+    Invariant,
+    /// Block-quantized weights may take a faster path for large batches (dequantize four weight rows
+    /// at a time and share them across the batch), which rounds differently from the one-row path.
+    /// Fine for a draft model: its logits only choose proposals, the verify model decides.
+    Throughput,
+}
+
+/// Batches at least this large take the dequantizing path under [`Batching::Throughput`]. Measured
+/// (q8_0, one core): a k-row forward costs 2.6x one row at k=4 and 4.2x at k=8 on the one-row path,
+/// 1.6x and 2.1x of an f32 row on the dequantizing path, which starts from a slower single row; they
+/// break even between 4 and 8. A 200-token prefill: 1273 ms one row at a time, 776 ms dequantizing.
+const DEQUANT_MIN_ROWS: usize = 8;
 
 /// A bias-free linear layer `y = x W^T`.
 #[derive(Clone)]
@@ -79,23 +98,48 @@ impl Linear {
     }
 
     /// `y[m, out] = x[m, in] W^T`.
-    pub fn forward(&self, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), ModelError> {
+    pub fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        batching: Batching,
+    ) -> Result<(), ModelError> {
         let (n, k) = (self.out_features, self.in_features);
         debug_assert!(x.len() >= m * k && y.len() >= m * n);
         match &self.weights {
             Weights::F32(w) => kernels::matmul_t(x, m, w, n, k, y),
-            Weights::F16(w) => kernels::matmul_t_widen(x, m, w, n, k, y, |s, d| {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+            Weights::F16(w) => kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[j * k..(j + 1) * k], d)
             }),
-            Weights::Bf16(w) => kernels::matmul_t_widen(x, m, w, n, k, y, |s, d| {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(s, d)
+            Weights::Bf16(w) => kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[j * k..(j + 1) * k], d)
             }),
             Weights::Quantized(q) => {
-                let mm = QMatMul::QTensor(q.clone());
-                for i in 0..m {
-                    let xi = Tensor::from_slice(&x[i * k..(i + 1) * k], (1, k), &Device::Cpu)?;
-                    let yi = mm.forward(&xi)?.flatten_all()?.to_vec1::<f32>()?;
-                    y[i * n..(i + 1) * n].copy_from_slice(&yi);
+                let widen = match batching {
+                    Batching::Throughput if m >= DEQUANT_MIN_ROWS => row_dequantizer(q.dtype()),
+                    _ => None,
+                };
+                if let Some(widen) = widen {
+                    let data = q.data()?;
+                    let row_bytes = k / q.dtype().block_size() * q.dtype().type_size();
+                    if data.len() < n * row_bytes {
+                        return Err(ModelError::Shape(format!(
+                            "quantized weight holds {} bytes, expected {}",
+                            data.len(),
+                            n * row_bytes
+                        )));
+                    }
+                    kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
+                        widen(&data[j * row_bytes..(j + 1) * row_bytes], d)
+                    });
+                } else {
+                    let mm = QMatMul::QTensor(q.clone());
+                    for i in 0..m {
+                        let xi = Tensor::from_slice(&x[i * k..(i + 1) * k], (1, k), &Device::Cpu)?;
+                        let yi = mm.forward(&xi)?.flatten_all()?.to_vec1::<f32>()?;
+                        y[i * n..(i + 1) * n].copy_from_slice(&yi);
+                    }
                 }
             }
         }
@@ -149,6 +193,41 @@ impl Linear {
         };
         Linear::new(weights, n, k)
     }
+}
+
+/// Dequantizes one weight row: GGUF blocks of type `B`, raw bytes in, `k` f32 values out.
+fn dequantize_row<B: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    // SAFETY: every block type is a `#[repr(C)]` struct of integers and f16 values, valid for any bit
+    // pattern; `align_to` only yields the part of `bytes` that is correctly aligned for `B`.
+    let (head, blocks, tail) = unsafe { bytes.align_to::<B>() };
+    // candle keeps CPU blocks in a `Vec<B>` and GGUF blocks never straddle rows, so a row's bytes are
+    // always whole, aligned blocks.
+    assert!(
+        head.is_empty() && tail.is_empty(),
+        "quantized row is not a whole number of aligned blocks"
+    );
+    B::to_float(blocks, out);
+}
+
+/// Writes one weight row, given as raw GGUF blocks, as f32 values.
+type RowDequantizer = fn(&[u8], &mut [f32]);
+
+/// The row dequantizer of a GGUF block type, if it is one.
+fn row_dequantizer(dtype: GgmlDType) -> Option<RowDequantizer> {
+    use candle_core::quantized::k_quants::*;
+    Some(match dtype {
+        GgmlDType::Q4_0 => dequantize_row::<BlockQ4_0>,
+        GgmlDType::Q4_1 => dequantize_row::<BlockQ4_1>,
+        GgmlDType::Q5_0 => dequantize_row::<BlockQ5_0>,
+        GgmlDType::Q5_1 => dequantize_row::<BlockQ5_1>,
+        GgmlDType::Q8_0 => dequantize_row::<BlockQ8_0>,
+        GgmlDType::Q2K => dequantize_row::<BlockQ2K>,
+        GgmlDType::Q3K => dequantize_row::<BlockQ3K>,
+        GgmlDType::Q4K => dequantize_row::<BlockQ4K>,
+        GgmlDType::Q5K => dequantize_row::<BlockQ5K>,
+        GgmlDType::Q6K => dequantize_row::<BlockQ6K>,
+        _ => return None,
+    })
 }
 
 fn concat_vec<T: Copy>(
@@ -271,14 +350,62 @@ mod tests {
                 .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
                 .collect();
             let mut y = vec![0f32; m * 17];
-            fused.forward(&x, m, &mut y).unwrap();
+            fused.forward(&x, m, &mut y, Batching::Invariant).unwrap();
             for i in 0..m {
                 let (mut ya, mut yb) = (vec![0f32; 12], vec![0f32; 5]);
-                a.forward(&x[i * k..(i + 1) * k], 1, &mut ya).unwrap();
-                b.forward(&x[i * k..(i + 1) * k], 1, &mut yb).unwrap();
+                a.forward(&x[i * k..(i + 1) * k], 1, &mut ya, Batching::Invariant)
+                    .unwrap();
+                b.forward(&x[i * k..(i + 1) * k], 1, &mut yb, Batching::Invariant)
+                    .unwrap();
                 ya.extend(yb);
                 assert_eq!(ya, y[i * 17..(i + 1) * 17].to_vec(), "{format}");
             }
+        }
+    }
+
+    #[test]
+    fn throughput_batches_multiply_the_dequantized_weights() {
+        // Under Throughput a large batch of a quantized layer multiplies the dequantized matrix with
+        // the f32 kernel, exactly; small batches stay on the one-row path.
+        let (n, k, m) = (9, 256, DEQUANT_MIN_ROWS + 1);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 53 % 97) as f32) / 48.0 - 1.0)
+            .collect();
+        for dtype in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
+            let q = lin(WeightFormat::Quantized(dtype), n, k, 3);
+            let Weights::Quantized(qt) = q.weights() else {
+                panic!("{dtype:?} did not quantize")
+            };
+            let dense: Vec<f32> = qt
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let f = Linear::new(Weights::F32(Arc::new(dense)), n, k).unwrap();
+            let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
+            f.forward(&x, m, &mut want, Batching::Invariant).unwrap();
+            q.forward(&x, m, &mut got, Batching::Throughput).unwrap();
+            assert_eq!(want, got, "{dtype:?}");
+
+            let (mut one, mut alone) = (vec![0f32; n], vec![0f32; n]);
+            q.forward(&x[..k], 1, &mut one, Batching::Throughput)
+                .unwrap();
+            q.forward(&x[..k], 1, &mut alone, Batching::Invariant)
+                .unwrap();
+            assert_eq!(
+                one, alone,
+                "{dtype:?}: a single row must keep the integer path"
+            );
         }
     }
 }

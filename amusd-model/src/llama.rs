@@ -6,7 +6,7 @@
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels;
-use crate::linear::{Linear, Weights};
+use crate::linear::{Batching, Linear, Weights};
 use crate::ModelError;
 use candle_core::{Device, Tensor};
 
@@ -28,6 +28,8 @@ pub struct Llama {
     pub norm: Vec<f32>,
     /// `[vocab, hidden]`; often the same storage as `embed` (tied embeddings).
     pub lm_head: Linear,
+    /// [`Batching::Invariant`] unless this model only drafts (see [`Batching`]).
+    pub batching: Batching,
     inv_freq: Vec<f32>,
 }
 
@@ -115,6 +117,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            batching: Batching::Invariant,
             inv_freq,
         })
     }
@@ -169,7 +172,7 @@ impl Llama {
         for (layer, block) in self.blocks.iter().enumerate() {
             normed.copy_from_slice(&x);
             kernels::rms_norm(&mut normed, &block.attn_norm, cfg.rms_eps);
-            block.wqkv.forward(&normed, m, &mut qkv)?;
+            block.wqkv.forward(&normed, m, &mut qkv, self.batching)?;
 
             let (keys, values) = cache.layer_mut(layer);
             for i in 0..m {
@@ -202,19 +205,21 @@ impl Llama {
                     out,
                 );
             }
-            block.wo.forward(&attn, m, &mut proj)?;
+            block.wo.forward(&attn, m, &mut proj, self.batching)?;
             add_in_place(&mut x, &proj);
 
             normed.copy_from_slice(&x);
             kernels::rms_norm(&mut normed, &block.ffn_norm, cfg.rms_eps);
-            block.w_gate_up.forward(&normed, m, &mut gate_up)?;
+            block
+                .w_gate_up
+                .forward(&normed, m, &mut gate_up, self.batching)?;
             for i in 0..m {
                 let row = &gate_up[i * 2 * ff..(i + 1) * 2 * ff];
                 let a = &mut act[i * ff..(i + 1) * ff];
                 a.copy_from_slice(&row[..ff]);
                 kernels::silu_mul(a, &row[ff..]);
             }
-            block.w_down.forward(&act, m, &mut proj)?;
+            block.w_down.forward(&act, m, &mut proj, self.batching)?;
             add_in_place(&mut x, &proj);
         }
         cache.set_len(start_pos + m);
@@ -228,7 +233,8 @@ impl Llama {
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, cfg.rms_eps);
         let mut data = vec![0f32; rows * cfg.vocab_size];
-        self.lm_head.forward(&hidden, rows, &mut data)?;
+        self.lm_head
+            .forward(&hidden, rows, &mut data, self.batching)?;
         Ok(Logits {
             data,
             rows,

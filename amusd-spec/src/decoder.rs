@@ -1,6 +1,6 @@
 //! Greedy decoders with a rollback-able cache, and the two roles built on them.
 
-use amusd_model::{KvCache, Llama, LogitsFor};
+use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
 use crate::SpecError;
 
@@ -26,6 +26,9 @@ pub trait Decoder {
     ) -> Result<Vec<u32>, SpecError>;
     /// Forgets positions from `len` on.
     fn truncate(&mut self, len: usize);
+    /// Whether a position's result may depend on the batch it was computed in (see
+    /// [`Batching`]). Required, not defaulted, so that wrappers cannot silently drop it.
+    fn set_batching(&mut self, batching: Batching);
 }
 
 /// A [`Llama`] with its own KV cache.
@@ -82,6 +85,9 @@ impl Decoder for LlamaDecoder {
     fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);
     }
+    fn set_batching(&mut self, batching: Batching) {
+        self.model.batching = batching;
+    }
 }
 
 impl<D: Decoder + ?Sized> Decoder for Box<D> {
@@ -107,6 +113,9 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     }
     fn truncate(&mut self, len: usize) {
         (**self).truncate(len)
+    }
+    fn set_batching(&mut self, batching: Batching) {
+        (**self).set_batching(batching)
     }
 }
 
@@ -165,7 +174,10 @@ pub struct Sync {
 }
 
 impl<D: Decoder> Drafter<D> {
-    pub fn new(decoder: D) -> Self {
+    pub fn new(mut decoder: D) -> Self {
+        // The draft's logits only choose proposals and the verify model decides every token, so the
+        // draft may batch for speed: its prompt prefill is many times faster in a quantized format.
+        decoder.set_batching(Batching::Throughput);
         Self {
             decoder,
             seq: Vec::new(),

@@ -196,6 +196,8 @@ impl Decoder for FakeDecoder {
     fn truncate(&mut self, len: usize) {
         self.seen.truncate(len);
     }
+    /// The fake model's tokens do not depend on batching.
+    fn set_batching(&mut self, _: amusd_model::Batching) {}
 }
 
 #[cfg(test)]

@@ -557,6 +557,9 @@ impl<D: Decoder> Decoder for Timed<D> {
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }
+    fn set_batching(&mut self, batching: amusd_model::Batching) {
+        self.inner.set_batching(batching)
+    }
 }
 
 /// What happened when during one generation, in µs since the request started.
@@ -1689,7 +1692,9 @@ fn render_svg(title: &str, plots: &[Plot]) -> String {
         LEFT - 45.0,
         A_TOP + A_H / 2.0
     );
-    for p in plots {
+    // A legend in the panel's top-left corner rather than labels at the line ends: the lines end at
+    // the same height whenever the outputs are identical, and their labels would overlap.
+    for (i, p) in plots.iter().enumerate() {
         let color = match p.strategy {
             Strategy::Ar => COLOR_AR_LINE,
             Strategy::Sd => COLOR_SD_LINE,
@@ -1709,8 +1714,8 @@ fn render_svg(title: &str, plots: &[Plot]) -> String {
         let _ = writeln!(
             s,
             r#"<text x="{:.1}" y="{:.1}" fill="{color}" font-weight="bold">{} ({last} tokens, {:.2} s)</text>"#,
-            x(end_t) + 6.0,
-            y(last as f64) + 4.0,
+            LEFT + 10.0,
+            A_TOP + 18.0 + 16.0 * i as f64,
             p.strategy.name(),
             end_t / 1e3
         );
