@@ -103,47 +103,48 @@ fn expect_error(case: &str, args: &[&str], mentions: &[&str]) -> String {
 
 const STRATEGIES: [&str; 3] = ["ar", "sd", "amusd"];
 
+/// [`expect_error`] under each of `strategies` with the given models and further arguments.
+fn expect_error_per_strategy(
+    case: &str,
+    strategies: &[&str],
+    (verify, draft): (&str, &str),
+    rest: &[&str],
+    mentions: &[&str],
+) {
+    for strategy in strategies {
+        let mut args = vec![
+            "--strategy",
+            strategy,
+            "--verify-model",
+            verify,
+            "--draft-model",
+            draft,
+        ];
+        args.extend_from_slice(rest);
+        expect_error(&format!("{case}, {strategy}"), &args, mentions);
+    }
+}
+
 /// The model cases with the spec as the verify model, for every strategy, and as the draft model of
 /// sd and amusd (with a good verify model).
 fn expect_model_error(case: &str, spec: &str, mentions: &[&str]) {
     let f = fixtures();
     let good = s(&f.hf);
-    for strategy in STRATEGIES {
-        expect_error(
-            &format!("{case}: verify model, {strategy}"),
-            &[
-                "--strategy",
-                strategy,
-                "--verify-model",
-                spec,
-                "--draft-model",
-                good,
-                "--prompt",
-                "hello",
-                "--max-new-tokens",
-                "4",
-            ],
-            mentions,
-        );
-    }
-    for strategy in ["sd", "amusd"] {
-        expect_error(
-            &format!("{case}: draft model, {strategy}"),
-            &[
-                "--strategy",
-                strategy,
-                "--verify-model",
-                good,
-                "--draft-model",
-                spec,
-                "--prompt",
-                "hello",
-                "--max-new-tokens",
-                "4",
-            ],
-            mentions,
-        );
-    }
+    let rest = ["--prompt", "hello", "--max-new-tokens", "4"];
+    expect_error_per_strategy(
+        &format!("{case}: verify model"),
+        &STRATEGIES,
+        (spec, good),
+        &rest,
+        mentions,
+    );
+    expect_error_per_strategy(
+        &format!("{case}: draft model"),
+        &["sd", "amusd"],
+        (good, spec),
+        &rest,
+        mentions,
+    );
 }
 
 #[test]
@@ -273,23 +274,14 @@ fn cuda_on_a_cpu_build() {
 fn empty_prompt() {
     let f = fixtures();
     let model = s(&f.hf);
-    for strategy in STRATEGIES {
-        for prompt in ["", "   "] {
-            expect_error(
-                &format!("empty prompt {prompt:?}, {strategy}"),
-                &[
-                    "--strategy",
-                    strategy,
-                    "--verify-model",
-                    model,
-                    "--draft-model",
-                    model,
-                    "--prompt",
-                    prompt,
-                ],
-                &["prompt", "empty"],
-            );
-        }
+    for prompt in ["", "   "] {
+        expect_error_per_strategy(
+            &format!("empty prompt {prompt:?}"),
+            &STRATEGIES,
+            (model, model),
+            &["--prompt", prompt],
+            &["prompt", "empty"],
+        );
     }
 }
 
@@ -301,22 +293,13 @@ fn prompt_file_with_invalid_utf8() {
     std::fs::write(&path, b"caf\xe9 au lait").unwrap();
     let f = fixtures();
     let model = s(&f.hf);
-    for strategy in STRATEGIES {
-        expect_error(
-            &format!("prompt file with invalid UTF-8, {strategy}"),
-            &[
-                "--strategy",
-                strategy,
-                "--verify-model",
-                model,
-                "--draft-model",
-                model,
-                "--prompt-file",
-                s(&path),
-            ],
-            &["latin1-prompt.txt", "UTF-8"],
-        );
-    }
+    expect_error_per_strategy(
+        "prompt file with invalid UTF-8",
+        &STRATEGIES,
+        (model, model),
+        &["--prompt-file", s(&path)],
+        &["latin1-prompt.txt", "UTF-8"],
+    );
 }
 
 #[test]
@@ -325,25 +308,13 @@ fn prompt_longer_than_the_context() {
     let prompt = words.join(" ");
     let f = fixtures();
     let model = s(&f.hf);
-    for strategy in STRATEGIES {
-        expect_error(
-            &format!("600-word prompt, context 512, {strategy}"),
-            &[
-                "--strategy",
-                strategy,
-                "--verify-model",
-                model,
-                "--draft-model",
-                model,
-                "--raw",
-                "--prompt",
-                &prompt,
-                "--max-new-tokens",
-                "16",
-            ],
-            &["512"],
-        );
-    }
+    expect_error_per_strategy(
+        "600-word prompt, context 512",
+        &STRATEGIES,
+        (model, model),
+        &["--raw", "--prompt", &prompt, "--max-new-tokens", "16"],
+        &["512"],
+    );
 }
 
 fn vocab_fixtures() -> (tempfile::TempDir, PathBuf, PathBuf) {

@@ -79,6 +79,14 @@ impl Run {
     }
 }
 
+/// The first position where two token sequences differ (the shorter length if one is a prefix).
+pub fn first_difference(a: &[u32], b: &[u32]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
+
 pub fn tokens_of(v: &serde_json::Value) -> Vec<u32> {
     v["tokens"]
         .as_array()

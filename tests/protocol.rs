@@ -107,11 +107,7 @@ impl Case {
         let out = run.json();
         let got = amusd_e2e::tokens_of(&out);
         if got != expected {
-            let first = got
-                .iter()
-                .zip(&expected)
-                .position(|(a, b)| a != b)
-                .unwrap_or(got.len().min(expected.len()));
+            let first = amusd_e2e::first_difference(&got, &expected);
             panic!(
                 "{name}: amusd committed {} tokens, greedy gives {}; first difference at {first}\n\
                  verify {verify}, draft {draft}, max-lookahead {lookahead}, max-verify-batch {batch}\n\

@@ -92,11 +92,7 @@ fn ar_sd_and_amusd_are_token_identical_on_humaneval_and_mt_bench() {
             let json = run.json();
             let got = run.tokens();
             if got != expected {
-                let first = got
-                    .iter()
-                    .zip(&expected)
-                    .position(|(a, b)| a != b)
-                    .unwrap_or(got.len().min(expected.len()));
+                let first = amusd_e2e::first_difference(&got, &expected);
                 panic!(
                     "{name}: {strategy} differs from ar at generated token {first} \
                      ({} vs {} tokens)\nprompt: {prompt:?}\nar: {expected:?}\n{strategy}: {got:?}\n\

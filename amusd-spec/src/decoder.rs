@@ -31,6 +31,18 @@ pub trait Decoder {
     fn set_batching(&mut self, batching: Batching);
 }
 
+/// The error of a request for `len` positions from a decoder that can hold `capacity`.
+pub(crate) fn check_reservation(len: usize, capacity: usize) -> Result<(), SpecError> {
+    if len > capacity {
+        return Err(amusd_model::ModelError::ContextOverflow {
+            tokens: len,
+            capacity,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// A [`Llama`] with its own KV cache.
 pub struct LlamaDecoder {
     pub model: Llama,
@@ -58,13 +70,7 @@ impl Decoder for LlamaDecoder {
     }
 
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
-        if len > self.capacity() {
-            return Err(amusd_model::ModelError::ContextOverflow {
-                tokens: len,
-                capacity: self.capacity(),
-            }
-            .into());
-        }
+        check_reservation(len, self.capacity())?;
         self.cache.truncate(0);
         self.cache.reserve(len);
         Ok(())

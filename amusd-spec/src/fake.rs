@@ -142,13 +142,7 @@ impl Decoder for FakeDecoder {
         self.model.vocab as usize
     }
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
-        if len > self.capacity() {
-            return Err(amusd_model::ModelError::ContextOverflow {
-                tokens: len,
-                capacity: self.capacity(),
-            }
-            .into());
-        }
+        crate::decoder::check_reservation(len, self.capacity())?;
         self.seen.clear();
         self.reserved = len;
         Ok(())
@@ -165,13 +159,7 @@ impl Decoder for FakeDecoder {
                 self.seen.len()
             )));
         }
-        if start + tokens.len() > self.reserved {
-            return Err(amusd_model::ModelError::ContextOverflow {
-                tokens: start + tokens.len(),
-                capacity: self.reserved,
-            }
-            .into());
-        }
+        crate::decoder::check_reservation(start + tokens.len(), self.reserved)?;
         if let Some(t) = tokens.iter().find(|&&t| t >= self.model.vocab) {
             return Err(SpecError::Protocol(format!(
                 "token {t} outside the fake vocabulary"
