@@ -22,6 +22,8 @@ cargo build --release --workspace --bins
 mkdir -p "$OUT"
 amusd=./target/release/amusd
 
+# Read before the run writes its results, which would count as local changes.
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || echo ' (with local changes)')"
 started=$(date +%s)
 for spec in "humaneval:$HUMANEVAL" "mt-bench:$MT_BENCH" "refactor:$REFACTOR"; do
     dataset=${spec%%:*}
@@ -38,7 +40,7 @@ elapsed=$(( $(date +%s) - started ))
     echo "Written by \`scripts/bench.sh\` (HUMANEVAL=$HUMANEVAL MT_BENCH=$MT_BENCH REFACTOR=$REFACTOR" \
         "MAX_NEW=$MAX_NEW) in ${elapsed} s."
     echo
-    echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "- commit: $commit"
     echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
     echo "- $(rustc --version)"
     echo "- models: verify SmolLM2-135M-Instruct f32 (dequantized from Q4_1) on cpu:1;" \
