@@ -363,3 +363,149 @@ fn draft_and_verify_vocabularies_differ() {
 fn name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
 }
+
+/// A copy of the tiny Hugging Face checkpoint in `dir/name`, its `config.json` passed through `edit`.
+fn edited_hf_copy(dir: &Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let f = fixtures();
+    let to = dir.join(name);
+    std::fs::create_dir(&to).unwrap();
+    for entry in std::fs::read_dir(&f.hf).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+    let config = to.join("config.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, edit(text)).unwrap();
+    to
+}
+
+/// Overwrites `bytes[at..at + new.len()]`, checking that `old` was there.
+fn patch(bytes: &mut [u8], at: usize, old: &[u8], new: &[u8]) {
+    assert_eq!(&bytes[at..at + old.len()], old, "fixture layout changed");
+    bytes[at..at + new.len()].copy_from_slice(new);
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{:?} not in the fixture", String::from_utf8_lossy(needle)))
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = scratch();
+    let hf = edited_hf_copy(dir.path(), "gpt2-hf", |c| {
+        c.replace("LlamaForCausalLM", "GPT2LMHeadModel")
+            .replace("\"llama\"", "\"gpt2\"")
+    });
+    expect_model_error(
+        "HF checkpoint of another architecture",
+        s(&hf),
+        &["GPT2LMHeadModel"],
+    );
+
+    // GGUF metadata value: key, type 8 (string), u64 length 5, "llama".
+    let mut bytes = std::fs::read(&fixtures().gguf).unwrap();
+    let key = b"general.architecture";
+    let value = find(&bytes, key) + key.len() + 4 + 8;
+    patch(&mut bytes, value, b"llama", b"qwen2");
+    let path = dir.path().join("qwen2.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    expect_model_error("GGUF of another architecture", s(&path), &["qwen2"]);
+}
+
+#[test]
+fn unsupported_tensor_types() {
+    let dir = scratch();
+    // Integer weights: the safetensors header's first "F32" becomes "I32" (same size, valid file).
+    let hf = edited_hf_copy(dir.path(), "int-hf", |c| c);
+    let st = hf.join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let at = find(&bytes, b"\"dtype\":\"F32\"") + b"\"dtype\":\"".len();
+    patch(&mut bytes, at, b"F32", b"I32");
+    std::fs::write(&st, bytes).unwrap();
+    expect_model_error("safetensors with an I32 weight", s(&hf), &["I32", "f32"]);
+
+    // A GGUF tensor of type 99: tensor info is name, u32 n_dims, n_dims u64 dims, u32 type.
+    let mut bytes = std::fs::read(&fixtures().gguf).unwrap();
+    let name = b"token_embd.weight";
+    let dims_at = find(&bytes, name) + name.len();
+    let n_dims = u32::from_le_bytes(bytes[dims_at..dims_at + 4].try_into().unwrap()) as usize;
+    let type_at = dims_at + 4 + 8 * n_dims;
+    patch(
+        &mut bytes,
+        type_at,
+        &0u32.to_le_bytes(),
+        &99u32.to_le_bytes(),
+    );
+    let path = dir.path().join("type99.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    expect_model_error(
+        "GGUF tensor of type 99",
+        s(&path),
+        &["type99.gguf", "GGML type 99"],
+    );
+}
+
+#[test]
+fn max_new_tokens_zero_or_past_the_context() {
+    let f = fixtures();
+    let model = s(&f.hf);
+    expect_error_per_strategy(
+        "--max-new-tokens 0",
+        &STRATEGIES,
+        (model, model),
+        &["--prompt", "hello", "--max-new-tokens", "0"],
+        &["--max-new-tokens", "at least 1"],
+    );
+    expect_error_per_strategy(
+        "--max-new-tokens 100000000",
+        &STRATEGIES,
+        (model, model),
+        &["--prompt", "hello", "--max-new-tokens", "100000000"],
+        &["--max-new-tokens", "context"],
+    );
+}
+
+#[test]
+fn worker_started_by_hand_with_wrong_arguments() {
+    for worker in ["amusd-draft-worker", "amusd-verify-worker"] {
+        let cases: [(&str, &[&str], &[&str]); 3] = [
+            ("no arguments", &[], &["--region", "--model"]),
+            (
+                "a region that does not exist",
+                &["--region", "/amusd-no-such-region", "--model", "x.gguf"],
+                &["/amusd-no-such-region", "coordinator"],
+            ),
+            (
+                "an unknown device",
+                &[
+                    "--region", "/amusd-x", "--model", "x.gguf", "--device", "tpu:0",
+                ],
+                &["tpu:0"],
+            ),
+        ];
+        for (case, args, mentions) in cases {
+            let mut cmd = std::process::Command::new(amusd_e2e::bin(worker));
+            cmd.args(args);
+            let run = amusd_e2e::run(&mut cmd, Duration::from_secs(60));
+            let _ = writeln!(
+                std::io::stderr(),
+                "[bad input] {worker}, {case}\n  stderr: {}",
+                run.stderr.trim_end().replace('\n', "\n          ")
+            );
+            let ctx = format!("{worker}, {case}:\n{}", run.describe());
+            assert!(
+                run.status.code().is_some_and(|c| c != 0),
+                "expected a non-zero exit; {ctx}"
+            );
+            assert!(!run.stderr.contains("panicked"), "{ctx}");
+            for m in mentions {
+                assert!(
+                    run.stderr.contains(m),
+                    "stderr does not mention '{m}'; {ctx}"
+                );
+            }
+        }
+    }
+}

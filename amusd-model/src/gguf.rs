@@ -39,9 +39,21 @@ impl GgufFile {
             });
         }
         reader.rewind().map_err(io)?;
-        let content = Content::read(&mut reader).map_err(|e| ModelError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("bad GGUF header: {e}"),
+        let content = Content::read(&mut reader).map_err(|e| {
+            let msg = e.to_string();
+            // candle's words for a tensor type id it does not know: the file may be sound, only
+            // newer than candle, so "corrupt, fetch it again" would send the user the wrong way.
+            match msg.strip_prefix("unknown dtype for tensor ") {
+                Some(id) => ModelError::Unsupported(format!(
+                    "{}: a tensor is stored as GGML type {id}, which amusd cannot read; \
+                     convert the model to f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 or a k-quant",
+                    path.display()
+                )),
+                None => ModelError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("bad GGUF header: {msg}"),
+                },
+            }
         })?;
         Ok(Self {
             content,

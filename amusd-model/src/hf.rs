@@ -207,8 +207,22 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         reason: format!("bad safetensors: {e}"),
     })?;
     let load = |name: &str| -> Result<candle_core::Tensor, ModelError> {
-        st.get(name)
+        let view = st
+            .get(name)
             .map_err(|_| ModelError::MissingTensor(name.to_string()))?;
+        // Integer tensors would convert to floats without complaint: weights are floats or nothing.
+        use safetensors::Dtype;
+        if !matches!(
+            view.dtype(),
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64
+        ) {
+            return Err(ModelError::Unsupported(format!(
+                "tensor '{name}' is {:?} in {}; amusd loads f32, f16, bf16 or f64 safetensors \
+                 (quantized checkpoints: use a GGUF)",
+                view.dtype(),
+                dir.display()
+            )));
+        }
         st.load(name, &Device::Cpu)
             .map_err(|e| ModelError::Corrupt {
                 path: dir.to_path_buf(),

@@ -213,6 +213,9 @@ pub fn encode_conversation(
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens 0 generates nothing; pass at least 1");
+    }
     let text = if args.prompt_ids.is_some() {
         String::new()
     } else {
