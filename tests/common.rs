@@ -96,9 +96,18 @@ pub fn tokens_of(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-/// Runs `cmd` to completion with stdin closed, capturing stdout and stderr; kills it and fails if it
-/// takes longer than `timeout`.
-pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
+/// A started command whose stdout and stderr are being collected.
+pub struct Running {
+    child: std::process::Child,
+    pub pid: u32,
+    started: Instant,
+    what: String,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+/// Starts `cmd` with stdin closed, collecting stdout and stderr.
+pub fn spawn(cmd: &mut Command) -> Running {
     let started = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -106,7 +115,6 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-    let pid = child.id();
     let reader = |mut r: Box<dyn Read + Send>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();
@@ -116,39 +124,74 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
     };
     let out = reader(Box::new(child.stdout.take().unwrap()));
     let err = reader(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("cannot wait for the child") {
-            break s;
+    Running {
+        pid: child.id(),
+        child,
+        started,
+        what: format!("{cmd:?}"),
+        out,
+        err,
+    }
+}
+
+impl Running {
+    /// Waits for the command to exit; kills it and fails if it takes longer than `timeout` (counted
+    /// from its start).
+    pub fn wait(mut self, timeout: Duration) -> Run {
+        let (what, pid) = (&self.what, self.pid);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("cannot wait for the child") {
+                break s;
+            }
+            if self.started.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                // The pipes may be held open by grandchildren (workers): do not wait for them.
+                panic!("{what} (pid {pid}) did not finish within {timeout:?}; killed it");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The coordinator has exited; its workers must have too, so the pipes close. Bound the wait
+        // anyway so a leaked worker fails the test instead of hanging it.
+        let join = |h: std::thread::JoinHandle<String>, stream: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !h.is_finished() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{what} (pid {pid}) exited but its {stream} stayed open for 10 s: a worker outlived it"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            h.join().unwrap()
+        };
+        let stdout = join(self.out, "stdout");
+        let stderr = join(self.err, "stderr");
+        Run {
+            pid,
+            status,
+            stdout,
+            stderr,
+            elapsed: self.started.elapsed(),
         }
-        if started.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            // The pipes may be held open by grandchildren (workers): do not wait for them.
-            panic!("{cmd:?} (pid {pid}) did not finish within {timeout:?}; killed it");
-        }
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed, capturing stdout and stderr; kills it and fails if it
+/// takes longer than `timeout`.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Run {
+    spawn(cmd).wait(timeout)
+}
+
+/// Polls `condition` until it holds; fails after `timeout`. For waiting on another process's state,
+/// which offers nothing to block on.
+pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
-    };
-    // The coordinator has exited; its workers must have too, so the pipes close. Bound the wait
-    // anyway so a leaked worker fails the test instead of hanging it.
-    let join = |h: std::thread::JoinHandle<String>, what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !h.is_finished() {
-            assert!(
-                Instant::now() < deadline,
-                "{cmd:?} (pid {pid}) exited but its {what} stayed open for 10 s: a worker outlived it"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        h.join().unwrap()
-    };
-    let stdout = join(out, "stdout");
-    let stderr = join(err, "stderr");
-    Run {
-        pid,
-        status,
-        stdout,
-        stderr,
-        elapsed: started.elapsed(),
     }
 }
 
