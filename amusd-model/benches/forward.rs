@@ -61,10 +61,9 @@ fn main() {
             eprintln!("unknown format {f}");
             continue;
         };
-        let model = GgufFile::open(&path)
+        let mut model = GgufFile::open(&path)
             .and_then(|mut g| g.load_llama(format))
             .expect("load");
-        let mut model = model;
         let mut cache = model.new_cache(CONTEXT + 64);
         let context: Vec<u32> = (0..CONTEXT as u32)
             .map(|i| (i * 7919) % 40000 + 100)

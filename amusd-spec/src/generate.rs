@@ -149,7 +149,6 @@ pub fn autoregressive<D: Decoder>(
         verifier.decoder.capacity(),
         prompt.len(),
         stop.max_new_tokens,
-        0,
     )?;
     // The last generated token is never fed back, so `prompt + max_new - 1` positions suffice.
     verifier.decoder.reset(prompt.len() + stop.max_new_tokens)?;
@@ -182,7 +181,6 @@ pub fn speculative<D: Decoder, P: Decoder>(
         verifier.decoder.capacity(),
         prompt.len(),
         stop.max_new_tokens,
-        0,
     )?;
     let capacity = prompt.len() + stop.max_new_tokens;
     verifier.decoder.reset(capacity)?;
@@ -213,25 +211,13 @@ pub fn speculative<D: Decoder, P: Decoder>(
     Ok(c.finish())
 }
 
-/// Refuses requests that cannot fit in the model's context, before any work is done.
-pub fn check_fits(
-    capacity: usize,
-    prompt: usize,
-    max_new: usize,
-    slack: usize,
-) -> Result<(), SpecError> {
+/// Refuses requests that cannot fit in the model's context, before any work is done. Every strategy
+/// reserves exactly `prompt + max_new` positions, so one check serves them all.
+pub fn check_fits(capacity: usize, prompt: usize, max_new: usize) -> Result<(), SpecError> {
     if prompt == 0 {
         return Err(SpecError::Protocol(
             "the prompt is empty: give at least one token".into(),
         ));
     }
-    let need = prompt.saturating_add(max_new).saturating_add(slack);
-    if need > capacity {
-        return Err(amusd_model::ModelError::ContextOverflow {
-            tokens: need,
-            capacity,
-        }
-        .into());
-    }
-    Ok(())
+    crate::decoder::check_reservation(prompt.saturating_add(max_new), capacity)
 }

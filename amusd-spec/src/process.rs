@@ -49,6 +49,24 @@ impl std::fmt::Display for WorkerFailure {
     }
 }
 
+/// A worker binary's exit: its error on stderr as `PROGRAM: error: ...`, unless the coordinator
+/// (`supervised`) already quotes it from the region.
+pub fn worker_exit(
+    program: &str,
+    supervised: bool,
+    result: Result<(), WorkerFailure>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if !(supervised && e.in_region) {
+                eprintln!("{program}: error: {e}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a worker to completion. Errors before the region is attached can only be returned; after
 /// that they are also written to the worker's `last_error` for the coordinator to quote.
 pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {

@@ -401,7 +401,7 @@ pub fn run_request(
     on_tokens: &mut dyn FnMut(&[u32]),
     supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
 ) -> Result<Generation, SpecError> {
-    crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens, 0)?;
+    crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens)?;
     let max_new = u32::try_from(stop.max_new_tokens)
         .map_err(|_| SpecError::Protocol("max_new_tokens too large".into()))?;
     let cursors = [

@@ -182,7 +182,7 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
         .flatten()
         .map(|t| t.context_length)
         .fold(amusd_shm::TOKEN_CAPACITY, usize::min);
-    amusd_spec::generate::check_fits(context, prompt.len(), args.max_new_tokens, 0)?;
+    amusd_spec::generate::check_fits(context, prompt.len(), args.max_new_tokens)?;
     let mut engine = Engine::start(m, &verify_spec, &draft_spec)?;
     let mut stream = verify_text.as_ref().map(|t| t.tokenizer.stream(true));
     let json = args.json;

@@ -259,17 +259,33 @@ fn read_jsonl<T: DeserializeOwned>(reader: impl BufRead, path: &Path, fix: &str)
     Ok(out)
 }
 
-fn humaneval_tasks() -> Result<Vec<HumanEvalTask>> {
-    let path = amusd_model::paths::amusd_home().join("datasets/HumanEval.jsonl.gz");
-    ensure_asset(&path, "humaneval")?;
+fn dataset_path(rel: &str) -> PathBuf {
+    amusd_model::paths::amusd_home().join("datasets").join(rel)
+}
+
+/// How to repair a fetched dataset that does not parse.
+fn refetch_hint(asset: &str) -> String {
+    format!("delete it and run scripts/fetch-assets.sh {asset}")
+}
+
+/// Reads a fetched dataset (`rel` under `$AMUSD_HOME/datasets`, gzipped if it ends in `.gz`),
+/// fetching it first when it is missing.
+fn read_dataset<T: DeserializeOwned>(rel: &str, asset: &str) -> Result<Vec<T>> {
+    let path = dataset_path(rel);
+    ensure_asset(&path, asset)?;
     let file =
         std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let fix = "delete it and run scripts/fetch-assets.sh humaneval";
-    read_jsonl(
-        BufReader::new(flate2::read::GzDecoder::new(file)),
-        &path,
-        fix,
-    )
+    let fix = refetch_hint(asset);
+    if rel.ends_with(".gz") {
+        let gz = flate2::read::GzDecoder::new(file);
+        read_jsonl(BufReader::new(gz), &path, &fix)
+    } else {
+        read_jsonl(BufReader::new(file), &path, &fix)
+    }
+}
+
+fn humaneval_tasks() -> Result<Vec<HumanEvalTask>> {
+    read_dataset("HumanEval.jsonl.gz", "humaneval")
 }
 
 #[derive(Deserialize)]
@@ -281,12 +297,8 @@ struct MtBenchQuestion {
 }
 
 fn mt_bench() -> Result<Vec<Sample>> {
-    let path = amusd_model::paths::amusd_home().join("datasets/mt_bench/question.jsonl");
-    ensure_asset(&path, "mt-bench")?;
-    let file =
-        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let fix = "delete it and run scripts/fetch-assets.sh mt-bench";
-    let questions: Vec<MtBenchQuestion> = read_jsonl(BufReader::new(file), &path, fix)?;
+    let rel = "mt_bench/question.jsonl";
+    let questions: Vec<MtBenchQuestion> = read_dataset(rel, "mt-bench")?;
     questions
         .into_iter()
         .enumerate()
@@ -294,9 +306,10 @@ fn mt_bench() -> Result<Vec<Sample>> {
             let mut turns = q.turns.into_iter();
             let Some(first) = turns.next() else {
                 bail!(
-                    "{}: question {} has no turns; {fix}",
-                    path.display(),
-                    q.question_id
+                    "{}: question {} has no turns; {}",
+                    dataset_path(rel).display(),
+                    q.question_id,
+                    refetch_hint("mt-bench")
                 );
             };
             let id = match (&q.question_id, q.category) {
@@ -908,7 +921,6 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     if strategies.contains(&Strategy::Amusd) {
         capacity = capacity.min(TOKEN_CAPACITY);
     }
-    let slack = 0;
     let all = dataset.load()?;
     let available = all.len();
     let want = args.num_samples.unwrap_or(available);
@@ -923,7 +935,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             &sample.conversation,
             false,
         )?;
-        if check_fits(capacity, first_prompt.len(), args.max_new_tokens, slack).is_err() {
+        if check_fits(capacity, first_prompt.len(), args.max_new_tokens).is_err() {
             eprintln!(
                 "amusd: skipping sample {} ({}): {} prompt tokens + {} new tokens do not fit the context of {capacity}",
                 sample.index,

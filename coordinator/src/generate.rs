@@ -247,7 +247,6 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         verify.llama.config.max_position,
         prompt.len(),
         args.max_new_tokens,
-        0,
     )?;
     let tokenizer = verify.tokenizer.clone();
     let mut stream = tokenizer.stream(true);

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amusd_shm::Role;
-use amusd_spec::process::{worker_main, WorkerConfig};
+use amusd_spec::process::{worker_exit, worker_main, WorkerConfig};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -42,21 +42,13 @@ struct Args {
 fn main() -> ExitCode {
     let a = Args::parse();
     let cfg = WorkerConfig {
-        region: a.region.clone(),
-        model: a.model.clone(),
-        device: a.device.clone(),
+        region: a.region,
+        model: a.model,
+        device: a.device,
         role: Role::Verify,
         max_lookahead: a.max_lookahead,
         max_verify_batch: a.max_verify_batch,
         wait_for_draft: Duration::from_micros(a.verify_wait_us),
     };
-    match worker_main(&cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            if !(a.supervised && e.in_region) {
-                eprintln!("amusd-verify-worker: error: {e}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    worker_exit("amusd-verify-worker", a.supervised, worker_main(&cfg))
 }
