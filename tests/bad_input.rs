@@ -112,14 +112,7 @@ fn expect_error_per_strategy(
     mentions: &[&str],
 ) {
     for strategy in strategies {
-        let mut args = vec![
-            "--strategy",
-            strategy,
-            "--verify-model",
-            verify,
-            "--draft-model",
-            draft,
-        ];
+        let mut args = amusd_e2e::model_args(strategy, verify, draft);
         args.extend_from_slice(rest);
         expect_error(&format!("{case}, {strategy}"), &args, mentions);
     }

@@ -195,6 +195,18 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
     }
 }
 
+/// `--strategy S --verify-model V --draft-model D`: how most `amusd generate` calls start.
+pub fn model_args<'a>(strategy: &'a str, verify: &'a str, draft: &'a str) -> Vec<&'a str> {
+    vec![
+        "--strategy",
+        strategy,
+        "--verify-model",
+        verify,
+        "--draft-model",
+        draft,
+    ]
+}
+
 /// Runs `amusd ARGS...` with a timeout.
 pub fn amusd_run(args: &[&str], timeout: Duration) -> Run {
     run(amusd().args(args), timeout)

@@ -36,24 +36,18 @@ fn expected(verify: &str) -> Vec<u32> {
 }
 
 fn generate_args(verify: &str, draft: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "generate",
-        "--strategy",
-        "amusd",
-        "--verify-model",
-        verify,
-        "--draft-model",
-        draft,
+    let max_new = MAX_NEW.to_string();
+    let mut args = vec!["generate"];
+    args.extend(amusd_e2e::model_args("amusd", verify, draft));
+    args.extend([
         "--prompt-ids",
         "1,2,3",
         "--max-new-tokens",
-        &MAX_NEW.to_string(),
+        &max_new,
         "--json",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|a| a.to_string()));
-    args
+    ]);
+    args.extend_from_slice(extra);
+    args.into_iter().map(String::from).collect()
 }
 
 /// Starts a slow amusd run and waits until it has committed some tokens; returns it and its region.

@@ -29,21 +29,16 @@ fn distinct(tokens: &[u32]) -> usize {
 
 fn generate(strategy: &str, verify: &str, draft: &str, prompt: &str, max_new: usize) -> Run {
     let max_new = max_new.to_string();
-    let mut args = vec![
-        "generate",
-        "--strategy",
-        strategy,
-        "--verify-model",
-        verify,
-        "--draft-model",
-        draft,
+    let mut args = vec!["generate"];
+    args.extend(amusd_e2e::model_args(strategy, verify, draft));
+    args.extend([
         "--prompt",
         prompt,
         "--raw",
         "--max-new-tokens",
         &max_new,
         "--json",
-    ];
+    ]);
     if strategy == "amusd" {
         // A tiny verify model steps in microseconds, usually before the draft has published
         // anything; waiting for the draft makes it take part in every step, so the drafting and
