@@ -880,10 +880,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     } else {
         None
     };
-    if let Some(spec) = &draft_spec {
-        let draft_text = load_text(&spec.parse()?).context("cannot load the draft model")?;
-        check_same_vocabulary(&text.tokenizer, &draft_text.tokenizer)?;
-    }
+    let draft_context = match &draft_spec {
+        Some(spec) => {
+            let draft_text = load_text(&spec.parse()?).context("cannot load the draft model")?;
+            check_same_vocabulary(&text.tokenizer, &draft_text.tokenizer)?;
+            Some(draft_text.context_length)
+        }
+        None => None,
+    };
 
     let mut in_proc = if in_process {
         let verify = load_model(&verify_spec, "verify")?;
@@ -914,7 +918,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
 
     // Pick the samples that fit the context (and the region's token buffer): every strategy reserves
     // exactly prompt + max_new positions, so one check serves them all.
-    let mut capacity = text.context_length;
+    // The draft must hold the request too: sd and amusd reserve the same positions in both models.
+    let mut capacity = text.context_length.min(draft_context.unwrap_or(usize::MAX));
     if let Some(p) = &in_proc {
         capacity = capacity.min(p.max_position);
     }
