@@ -2,13 +2,13 @@
 //!
 //! Speculative decoding is only exact if the verify model's logits at a position do not depend on
 //! how many other positions were computed in the same forward pass. BLAS-style GEMMs break that:
-//! they pick blockings and micro-kernels (and a GEMV path for one row) by problem shape, so the
+//! they pick blockings, split the reduction and take a GEMV path for one row by problem shape, so the
 //! reduction order of a dot product, and hence its rounding, changes with the batch size.
 //!
-//! Every output element here is produced by one function, [`dot`], whose reduction order depends only
-//! on the length of the reduced dimension. Tiling is over *independent* outputs (several weight rows
-//! at once share the loads of one activation row), never over the reduction, so an element's bits are
-//! the same whether it was computed alone, in a 4-row tile, or in a 32-token batch.
+//! Here every matrix-multiply output is one chain of fused multiply-adds in index order
+//! ([`matmul_packed`]), and every other dot product goes through [`dot`], whose order depends only on
+//! its length. Tiling is over *independent* outputs, never over the reduction, so an element's bits
+//! are the same whether it was computed alone or inside a 32-token batch.
 
 /// Lanes of independent partial sums in [`dot`]. Fixed: changing it changes every result's rounding.
 const LANES: usize = 16;
@@ -50,58 +50,395 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let n = a.len().min(b.len());
     let body = n - n % LANES;
-    let mut acc = [0f32; LANES];
-    let mut c = 0;
-    while c < body {
-        fma_lanes(&mut acc, lanes(a, c), lanes(b, c));
-        c += LANES;
-    }
-    let mut s = reduce(acc);
+    let mut s = simd::dot_body(&a[..body], &b[..body]);
     for i in body..n {
         s = a[i].mul_add(b[i], s);
     }
     s
 }
 
-/// Explicit SIMD for the hot loop. LLVM's auto-vectoriser picks 128-bit vectors for the portable code,
-/// which leaves most of the machine idle. Each path keeps lane `l` of a 16-lane accumulator summing
-/// elements `l, l + 16, ...` with FMAs in order, and reduces through [`reduce`], so all paths are
-/// bit-identical to [`dot`] (an FMA rounds once, however it is issued).
+/// The portable [`dot`] body: the definition the SIMD version must match bit for bit.
+#[inline(always)]
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    allow(dead_code)
+)]
+fn dot_body_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for c in (0..a.len()).step_by(LANES) {
+        fma_lanes(&mut acc, lanes(a, c), lanes(b, c));
+    }
+    reduce(acc)
+}
+
+/// Output columns (weight rows) per packed panel: four 16-lane vectors.
+pub const PANEL: usize = 64;
+
+/// Activation rows per register tile: 6 rows x 4 vectors of accumulators, plus the 4 weight vectors
+/// of the current reduction step and one broadcast, fill 29 of AVX-512's 32 vector registers.
+const TILE_ROWS: usize = 6;
+
+/// A weight matrix `[n, k]` (`n` output rows of `k` inputs) stored for [`matmul_packed`]: panels of
+/// [`PANEL`] consecutive rows, each laid out reduction-major (`panel[p * PANEL + c]` is element `p`
+/// of row `b * PANEL + c`), the last panel padded with zero rows.
+///
+/// That layout lets the kernel hold one accumulator per *output* in a vector lane and walk the
+/// reduction as a single chain of fused multiply-adds, so no output ever needs a horizontal sum.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed<T> {
+    n: usize,
+    k: usize,
+    data: Vec<T>,
+}
+
+/// Element types a packed matrix may hold. Each widens to f32 exactly, so a product over f16 or
+/// bf16 weights has the bits of the f32 product over the widened matrix.
+pub trait Widen: Copy + Default + Send + Sync + 'static {
+    fn widen(self) -> f32;
+
+    /// 16 consecutive values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable values.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+
+    /// 8 consecutive values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable values.
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        not(target_feature = "avx512f")
+    ))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Widen for f32 {
+    fn widen(self) -> f32 {
+        self
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        not(target_feature = "avx512f")
+    ))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl Widen for half::f16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        not(target_feature = "avx512f")
+    ))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+}
+
+impl Widen for half::bf16 {
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32: zero-extend each value and move it up.
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p.cast()),
+        )))
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        not(target_feature = "avx512f")
+    ))]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p.cast()),
+        )))
+    }
+}
+
+impl<T: Widen> Packed<T> {
+    /// Packs a row-major `[n, k]` matrix.
+    pub fn from_rows(rows: &[T], n: usize, k: usize) -> Self {
+        Self::from_vec(rows.to_vec(), n, k)
+    }
+
+    /// Packs a row-major `[n, k]` matrix in place. A panel's rows occupy the same bytes before and
+    /// after packing, so each is transposed through one scratch panel; no second copy of the matrix
+    /// is allocated, which kept loading an f32 model as fast as it was before packing (page faults
+    /// on a fresh 540 MB dominated).
+    pub fn from_vec(rows: Vec<T>, n: usize, k: usize) -> Self {
+        assert_eq!(rows.len(), n * k, "packing a {n}x{k} matrix");
+        let mut data = rows;
+        data.resize(n.div_ceil(PANEL) * PANEL * k, T::default());
+        let mut scratch = vec![T::default(); PANEL * k];
+        for panel in data.chunks_exact_mut(PANEL * k) {
+            scratch.copy_from_slice(panel);
+            // Written in order; the reads walk 64 rows side by side, each cache line of them used
+            // for 16 consecutive steps.
+            for (p, out) in panel.chunks_exact_mut(PANEL).enumerate() {
+                for (c, o) in out.iter_mut().enumerate() {
+                    *o = scratch[c * k + p];
+                }
+            }
+        }
+        Self { n, k, data }
+    }
+
+    /// The matrix whose rows are those of `parts` in order (all `k` wide).
+    pub fn stack(parts: &[&Self]) -> Self {
+        let k = parts.first().map_or(0, |p| p.k);
+        assert!(
+            parts.iter().all(|p| p.k == k),
+            "stacking matrices of different widths"
+        );
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let (last, init) = parts.split_last().expect("stacking no matrices");
+        if init.iter().all(|p| p.n.is_multiple_of(PANEL)) {
+            // Whole panels: the stacked matrix's panels are the parts' panels in order.
+            let mut data = Vec::with_capacity(n.div_ceil(PANEL) * PANEL * k);
+            for p in init {
+                data.extend_from_slice(&p.data);
+            }
+            data.extend_from_slice(&last.data);
+            return Self { n, k, data };
+        }
+        let rows: Vec<T> = parts.iter().flat_map(|p| p.to_rows()).collect();
+        Self::from_rows(&rows, n, k)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Number of panels, `ceil(n / PANEL)`.
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(PANEL)
+    }
+
+    /// Panel `b`: `k * PANEL` values, reduction-major.
+    pub fn panel(&self, b: usize) -> &[T] {
+        &self.data[b * PANEL * self.k..(b + 1) * PANEL * self.k]
+    }
+
+    /// Writes row `j` as f32 into `dst` (`k` values): a strided gather, for embedding lookups.
+    pub fn row_into(&self, j: usize, dst: &mut [f32]) {
+        let panel = self.panel(j / PANEL);
+        for (p, d) in dst.iter_mut().enumerate().take(self.k) {
+            *d = panel[p * PANEL + j % PANEL].widen();
+        }
+    }
+
+    /// The matrix back in row-major order.
+    pub fn to_rows(&self) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.n * self.k);
+        for j in 0..self.n {
+            let panel = self.panel(j / PANEL);
+            out.extend((0..self.k).map(|p| panel[p * PANEL + j % PANEL]));
+        }
+        out
+    }
+}
+
+/// `y[i, j] = sum_p x[i, p] * w[j, p]` for `x: [m, k]` and `y: [m, n]` row-major, `w` packed.
+///
+/// Every output is one chain of fused multiply-adds over `p = 0, 1, ..., k-1`, starting from zero,
+/// whichever tile, batch size or instruction set computes it: its bits depend on its own row of `x`
+/// and of `w` only, which is what makes batched verification exact. Panels are the outer loop so
+/// each is read from memory once and reused from cache by every activation row: a k-token
+/// verification costs little more than one token while it is bandwidth-bound.
+pub fn matmul_packed<T: Widen>(x: &[f32], m: usize, w: &Packed<T>, y: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert!(x.len() >= m * k && y.len() >= m * n);
+    for b in 0..w.panels() {
+        panel_product(x, m, k, w.panel(b), y, n, b * PANEL);
+    }
+}
+
+/// As [`matmul_packed`] for weights kept in a form the kernel cannot read (block-quantized rows):
+/// `widen_panel(b, dst)` writes panel `b` as f32 into `dst` (`k * PANEL` values, same layout). The
+/// results are bit-identical to [`matmul_packed`] on the widened matrix.
+pub fn matmul_widened(
+    x: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+    mut widen_panel: impl FnMut(usize, &mut [f32]),
+) {
+    assert!(x.len() >= m * k && y.len() >= m * n);
+    let mut buf = vec![0f32; PANEL * k];
+    for b in 0..n.div_ceil(PANEL) {
+        widen_panel(b, &mut buf);
+        panel_product(x, m, k, &buf, y, n, b * PANEL);
+    }
+}
+
+/// Output columns `j0..min(j0 + PANEL, n)` of `y`, from one f32 panel.
+fn panel_product<T: Widen>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[T],
+    y: &mut [f32],
+    n: usize,
+    j0: usize,
+) {
+    assert!(panel.len() >= k * PANEL && x.len() >= m * k && j0 < n && y.len() >= m * n);
+    let cols = (n - j0).min(PANEL);
+    let mut i = 0;
+    while i + TILE_ROWS <= m {
+        tile::<TILE_ROWS, T>(x, i, k, panel, y, n, j0, cols);
+        i += TILE_ROWS;
+    }
+    match m - i {
+        0 => {}
+        1 => tile::<1, T>(x, i, k, panel, y, n, j0, cols),
+        2 => tile::<2, T>(x, i, k, panel, y, n, j0, cols),
+        3 => tile::<3, T>(x, i, k, panel, y, n, j0, cols),
+        4 => tile::<4, T>(x, i, k, panel, y, n, j0, cols),
+        _ => tile::<5, T>(x, i, k, panel, y, n, j0, cols),
+    }
+}
+
+/// Rows `i..i + R` of the panel product, written to `y[.., j0..j0 + cols]`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn tile<const R: usize, T: Widen>(
+    x: &[f32],
+    i: usize,
+    k: usize,
+    panel: &[T],
+    y: &mut [f32],
+    n: usize,
+    j0: usize,
+    cols: usize,
+) {
+    let xs: [&[f32]; R] = std::array::from_fn(|r| &x[(i + r) * k..(i + r + 1) * k]);
+    let acc = simd::tile(xs, &panel[..k * PANEL]);
+    for (r, row) in acc.iter().enumerate() {
+        y[(i + r) * n + j0..(i + r) * n + j0 + cols].copy_from_slice(&row[..cols]);
+    }
+}
+
+/// The register tile. Each lane holds one output's accumulator and takes exactly one FMA per
+/// reduction step, in order, so every path below gives the same bits (an FMA rounds once, however
+/// it is issued).
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod simd {
-    use super::{reduce, LANES};
+    use super::{Widen, LANES, PANEL};
     use std::arch::x86_64::*;
+    /// How many reduction steps (of `PANEL` weights, 256 bytes of f32) ahead the tile prefetches.
+    /// The hardware prefetcher alone fell behind once a tile had several rows' FMAs per step: a
+    /// k = 8 forward of the f32 model took 77 ms without it, 59-62 ms at 8, 16, 32 or 64 steps
+    /// ahead, 1-token forwards unchanged (one core, 200-token context).
+    const PREFETCH_STEPS: usize = 16;
 
-    /// `out[r][j] = dot(xs[r], ws[j])` for up to 3 activation rows and exactly 4 weight rows.
+    /// [`super::dot`] over a multiple of 16 elements: one vector of lanes, then the pairwise tree
+    /// of [`super::reduce`] done as halving vector adds (each lane adds the same pair, so the same
+    /// bits) instead of a store and fifteen scalar adds: attention scores are short dots, where the
+    /// reduction was most of the cost.
     #[inline(always)]
-    pub fn tile<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 4], body: usize) -> [[f32; 4]; R] {
-        // SAFETY: every load reads 16 floats at offset c < body <= len of each slice (checked by the
-        // caller's asserts: all rows have length >= body, body a multiple of 16); avx512f is enabled
-        // at compile time (cfg above).
+    pub fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        assert!(n.is_multiple_of(LANES) && b.len() == n);
+        // SAFETY: avx512f is enabled at compile time; loads read 16 floats at c < n, inside both
+        // slices (asserted).
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let mut acc = _mm512_setzero_ps();
             let mut c = 0;
-            while c < body {
-                let w = [
-                    _mm512_loadu_ps(ws[0].as_ptr().add(c)),
-                    _mm512_loadu_ps(ws[1].as_ptr().add(c)),
-                    _mm512_loadu_ps(ws[2].as_ptr().add(c)),
-                    _mm512_loadu_ps(ws[3].as_ptr().add(c)),
-                ];
-                for r in 0..R {
-                    let x = _mm512_loadu_ps(xs[r].as_ptr().add(c));
-                    for j in 0..4 {
-                        acc[r][j] = _mm512_fmadd_ps(x, w[j], acc[r][j]);
-                    }
-                }
+            while c < n {
+                acc = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(c)),
+                    _mm512_loadu_ps(b.as_ptr().add(c)),
+                    acc,
+                );
                 c += LANES;
             }
-            let mut out = [[0f32; 4]; R];
-            for r in 0..R {
-                for j in 0..4 {
-                    let mut lanes = [0f32; LANES];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r][j]);
-                    out[r][j] = reduce(lanes);
+            let lo = _mm512_castps512_ps256(acc);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc)));
+            let s8 = _mm256_add_ps(lo, hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
+
+    #[inline(always)]
+    pub fn tile<const R: usize, T: Widen>(xs: [&[f32]; R], panel: &[T]) -> [[f32; PANEL]; R] {
+        let k = panel.len() / PANEL;
+        assert!(xs.iter().all(|x| x.len() == k));
+        // SAFETY: avx512f is enabled at compile time (cfg above). Weight loads read PANEL floats at
+        // offset p * PANEL with p < k, inside `panel` (k * PANEL long); activation reads are at p < k
+        // of rows of length k (both asserted); stores write R * PANEL floats into `out`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; R];
+            let w = panel.as_ptr();
+            for p in 0..k {
+                let wp = w.add(p * PANEL);
+                // A prefetch never faults, so running past the panel's end (into the next panel,
+                // which is read next) is harmless; wrapping_add keeps the pointer arithmetic defined.
+                let ahead = wp.wrapping_add(PREFETCH_STEPS * PANEL).cast::<i8>();
+                for line in 0..PANEL * size_of::<T>() / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+                }
+                let wv = [
+                    T::load16(wp),
+                    T::load16(wp.add(16)),
+                    T::load16(wp.add(32)),
+                    T::load16(wp.add(48)),
+                ];
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*xs[r].get_unchecked(p));
+                    for v in 0..4 {
+                        acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+                    }
+                }
+            }
+            let mut out = [[0f32; PANEL]; R];
+            for (o, a) in out.iter_mut().zip(&acc) {
+                for (v, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(16 * v), *a);
                 }
             }
             out
@@ -113,167 +450,105 @@ mod simd {
     target_arch = "x86_64",
     target_feature = "avx2",
     target_feature = "fma",
+    target_feature = "f16c",
     not(target_feature = "avx512f")
 ))]
 mod simd {
-    use super::{reduce, LANES};
+    use super::{Widen, PANEL};
     use std::arch::x86_64::*;
 
-    /// As the AVX-512 version, with each 16-lane accumulator split over two 8-lane registers.
+    pub(super) use super::dot_body_portable as dot_body;
+
+    /// Sixteen vector registers cannot hold a 64-column tile of several rows, so the panel is
+    /// done in strips as wide as the registers allow: one row keeps 8 independent chains over all
+    /// 64 columns (a single pass, as memory-bound decoding wants), 2-3 rows take 32-column strips,
+    /// more rows 16-column strips (at most 12 accumulators).
     #[inline(always)]
-    pub fn tile<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 4], body: usize) -> [[f32; 4]; R] {
-        // SAFETY: as in the AVX-512 version; avx2 and fma are enabled at compile time.
+    pub fn tile<const R: usize, T: Widen>(xs: [&[f32]; R], panel: &[T]) -> [[f32; PANEL]; R] {
+        let k = panel.len() / PANEL;
+        assert!(R <= 6 && xs.iter().all(|x| x.len() == k));
+        let mut out = [[0f32; PANEL]; R];
+        match R {
+            1 => strip::<R, 8, T>(&xs, panel, 0, &mut out),
+            2 | 3 => {
+                for col in [0, 32] {
+                    strip::<R, 4, T>(&xs, panel, col, &mut out);
+                }
+            }
+            _ => {
+                for col in [0, 16, 32, 48] {
+                    strip::<R, 2, T>(&xs, panel, col, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// Columns `col..col + 8 * V` of the tile.
+    #[inline(always)]
+    fn strip<const R: usize, const V: usize, T: Widen>(
+        xs: &[&[f32]; R],
+        panel: &[T],
+        col: usize,
+        out: &mut [[f32; PANEL]; R],
+    ) {
+        let k = panel.len() / PANEL;
+        assert!(col + 8 * V <= PANEL && xs.iter().all(|x| x.len() == k));
+        // SAFETY: avx2, fma and f16c are enabled at compile time (cfg above). Weight loads read 8
+        // values at p * PANEL + col + 8 * v with p < k and col + 8 * V <= PANEL, inside `panel`
+        // (k * PANEL long); activation reads are at p < k of rows of length k; stores write 8
+        // floats at col + 8 * v + 8 <= PANEL of each `out` row (all asserted).
         unsafe {
-            let mut acc = [[[_mm256_setzero_ps(); 2]; 4]; R];
-            let mut c = 0;
-            while c < body {
+            let mut acc = [[_mm256_setzero_ps(); V]; R];
+            let w = panel.as_ptr().add(col);
+            for p in 0..k {
+                let wp = w.add(p * PANEL);
+                let wv: [__m256; V] = std::array::from_fn(|v| T::load8(wp.add(8 * v)));
                 for r in 0..R {
-                    let x0 = _mm256_loadu_ps(xs[r].as_ptr().add(c));
-                    let x1 = _mm256_loadu_ps(xs[r].as_ptr().add(c + 8));
-                    for j in 0..4 {
-                        let w0 = _mm256_loadu_ps(ws[j].as_ptr().add(c));
-                        let w1 = _mm256_loadu_ps(ws[j].as_ptr().add(c + 8));
-                        acc[r][j][0] = _mm256_fmadd_ps(x0, w0, acc[r][j][0]);
-                        acc[r][j][1] = _mm256_fmadd_ps(x1, w1, acc[r][j][1]);
+                    let xv = _mm256_set1_ps(*xs[r].get_unchecked(p));
+                    for v in 0..V {
+                        acc[r][v] = _mm256_fmadd_ps(xv, wv[v], acc[r][v]);
                     }
                 }
-                c += LANES;
             }
-            let mut out = [[0f32; 4]; R];
-            for r in 0..R {
-                for j in 0..4 {
-                    let mut lanes = [0f32; LANES];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[r][j][0]);
-                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[r][j][1]);
-                    out[r][j] = reduce(lanes);
+            for (o, a) in out.iter_mut().zip(&acc) {
+                for (v, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(col + 8 * v), *a);
                 }
             }
-            out
         }
     }
 }
 
-#[cfg(not(all(
-    target_arch = "x86_64",
-    any(
-        target_feature = "avx512f",
-        all(target_feature = "avx2", target_feature = "fma")
+#[cfg(not(any(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c",
+        not(target_feature = "avx512f")
     )
 )))]
 mod simd {
-    use super::{fma_lanes, lanes, reduce, LANES};
+    use super::{Widen, PANEL};
 
-    /// Portable version: the same lanes and order, vectorised as well as the compiler manages.
+    pub(super) use super::dot_body_portable as dot_body;
+
+    /// Portable version: the same chains, vectorised as well as the compiler manages.
     #[inline(always)]
-    pub fn tile<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 4], body: usize) -> [[f32; 4]; R] {
-        let mut acc = [[[0f32; LANES]; 4]; R];
-        let mut c = 0;
-        while c < body {
+    pub fn tile<const R: usize, T: Widen>(xs: [&[f32]; R], panel: &[T]) -> [[f32; PANEL]; R] {
+        let k = panel.len() / PANEL;
+        let mut acc = [[0f32; PANEL]; R];
+        for (p, wp) in panel.chunks_exact(PANEL).enumerate().take(k) {
             for r in 0..R {
-                for j in 0..4 {
-                    fma_lanes(&mut acc[r][j], lanes(xs[r], c), lanes(ws[j], c));
+                let xv = xs[r][p];
+                for (a, w) in acc[r].iter_mut().zip(wp) {
+                    *a = xv.mul_add(w.widen(), *a);
                 }
             }
-            c += LANES;
         }
-        acc.map(|row| row.map(reduce))
-    }
-}
-
-/// Dot products of `R` activation rows with 4 weight rows, each bit-identical to [`dot`].
-#[inline(always)]
-fn tile<const R: usize>(xs: [&[f32]; R], ws: [&[f32]; 4]) -> [[f32; 4]; R] {
-    let n = xs[0].len();
-    assert!(xs.iter().all(|x| x.len() == n) && ws.iter().all(|w| w.len() == n));
-    let body = n - n % LANES;
-    let mut out = simd::tile(xs, ws, body);
-    for r in 0..R {
-        for j in 0..4 {
-            for i in body..n {
-                out[r][j] = xs[r][i].mul_add(ws[j][i], out[r][j]);
-            }
-        }
-    }
-    out
-}
-
-/// `y[i, j] = dot(x[i, :], w[j, :])` for `x: [m, k]`, `w: [n, k]`, `y: [m, n]`, all row-major.
-///
-/// Weight rows are the outer loop so each block of four rows is read from memory once and reused from
-/// L1 for every activation row: a k-token verification costs little more than one token while it is
-/// bandwidth-bound, which is what makes speculative verification pay on a CPU.
-pub fn matmul_t(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    matmul_t_rows(x, m, k, y, n, 0, n, |j| &w[j * k..(j + 1) * k]);
-}
-
-/// As [`matmul_t`] for weights stored in another form: `widen_row(j, dst)` writes weight row `j` as
-/// f32 into `dst` (`k` values). Each block of four rows is widened once and then multiplied as f32 by
-/// every activation row, so the results are bit-identical to [`matmul_t`] on the widened matrix
-/// (f16 and bf16 widen exactly; a block-quantized row widens to its dequantized values).
-pub fn matmul_t_widen(
-    x: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    y: &mut [f32],
-    widen_row: impl Fn(usize, &mut [f32]),
-) {
-    assert!(x.len() >= m * k && y.len() >= m * n);
-    let mut buf = vec![0f32; 4 * k];
-    let mut j0 = 0;
-    while j0 < n {
-        let rows = (n - j0).min(4);
-        for r in 0..rows {
-            widen_row(j0 + r, &mut buf[r * k..(r + 1) * k]);
-        }
-        matmul_t_rows(x, m, k, y, n, j0, j0 + rows, |j| {
-            let r = j - j0;
-            &buf[r * k..(r + 1) * k]
-        });
-        j0 += rows;
-    }
-}
-
-/// Computes output columns `j_begin..j_end` of `y: [m, n]`, fetching weight row `j` with `row(j)`.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn matmul_t_rows<'w>(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    y: &mut [f32],
-    n: usize,
-    j_begin: usize,
-    j_end: usize,
-    row: impl Fn(usize) -> &'w [f32],
-) {
-    let xr = |i: usize| &x[i * k..(i + 1) * k];
-    let mut j = j_begin;
-    while j + 4 <= j_end {
-        let w = [row(j), row(j + 1), row(j + 2), row(j + 3)];
-        let mut i = 0;
-        // Three activation rows at a time reuse each loaded weight vector three times.
-        while i + 3 <= m {
-            let out = tile::<3>([xr(i), xr(i + 1), xr(i + 2)], w);
-            for (r, o) in out.iter().enumerate() {
-                y[(i + r) * n + j..(i + r) * n + j + 4].copy_from_slice(o);
-            }
-            i += 3;
-        }
-        while i < m {
-            let [o] = tile::<1>([xr(i)], w);
-            y[i * n + j..i * n + j + 4].copy_from_slice(&o);
-            i += 1;
-        }
-        j += 4;
-    }
-    while j < j_end {
-        let wj = row(j);
-        for i in 0..m {
-            y[i * n + j] = dot(&x[i * k..(i + 1) * k], wj);
-        }
-        j += 1;
+        acc
     }
 }
 
@@ -389,40 +664,87 @@ mod tests {
             .collect()
     }
 
+    /// The defining order: one FMA chain over the reduction, from zero.
+    fn chain(x: &[f32], w: &[f32]) -> f32 {
+        x.iter().zip(w).fold(0f32, |acc, (a, b)| a.mul_add(*b, acc))
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// Each output row is bit-identical to computing that row alone, and close to f64 truth.
         #[test]
-        fn matmul_rows_are_batch_invariant(m in 1usize..33, n in 1usize..23, k in 1usize..70, seed: u64) {
+        fn dot_matches_its_portable_definition(len in 0usize..200, seed: u64) {
+            let (a, b) = (vals(len, seed), vals(len, !seed));
+            let body = len - len % LANES;
+            let mut want = dot_body_portable(&a[..body], &b[..body]);
+            for i in body..len {
+                want = a[i].mul_add(b[i], want);
+            }
+            prop_assert_eq!(want.to_bits(), dot(&a, &b).to_bits());
+        }
+
+        /// Each output is bit-identical to its FMA chain (so to computing its row alone, on any
+        /// instruction set), and close to f64 truth.
+        #[test]
+        fn matmul_outputs_are_their_fma_chains(m in 1usize..33, n in 1usize..150, k in 1usize..70, seed: u64) {
             let x = vals(m * k, seed);
             let w = vals(n * k, seed ^ 0xdead);
-            let mut y = vec![0f32; m * n];
-            matmul_t(&x, m, &w, n, k, &mut y);
-            for i in 0..m {
-                let mut yi = vec![0f32; n];
-                matmul_t(&x[i * k..(i + 1) * k], 1, &w, n, k, &mut yi);
-                prop_assert_eq!(
-                    yi.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                    y[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                );
-            }
+            let mut y = vec![f32::NAN; m * n];
+            matmul_packed(&x, m, &Packed::from_rows(&w, n, k), &mut y);
+            let want: Vec<f32> = (0..m * n)
+                .map(|e| chain(&x[e / n * k..(e / n + 1) * k], &w[e % n * k..(e % n + 1) * k]))
+                .collect();
+            prop_assert_eq!(bits(&want), bits(&y));
             for (a, b) in y.iter().zip(naive(&x, m, &w, n, k)) {
                 prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
             }
         }
 
         #[test]
-        fn widened_matmul_matches_f32(m in 1usize..9, n in 1usize..13, k in 1usize..40, seed: u64) {
+        fn widened_matmul_matches_f32(m in 1usize..9, n in 1usize..130, k in 1usize..40, seed: u64) {
             let x = vals(m * k, seed);
             let w16: Vec<half::f16> = vals(n * k, !seed).into_iter().map(half::f16::from_f32).collect();
             let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-            matmul_t(&x, m, &w32, n, k, &mut a);
-            matmul_t_widen(&x, m, n, k, &mut b, |j, dst| {
-                for (d, s) in dst.iter_mut().zip(&w16[j * k..(j + 1) * k]) { *d = s.to_f32(); }
-            });
-            prop_assert_eq!(a, b);
+            matmul_packed(&x, m, &Packed::from_rows(&w32, n, k), &mut a);
+            matmul_packed(&x, m, &Packed::from_rows(&w16, n, k), &mut b);
+            prop_assert_eq!(bits(&a), bits(&b));
+            let wb: Vec<half::bf16> = w32.iter().map(|v| half::bf16::from_f32(*v)).collect();
+            let wb32: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
+            matmul_packed(&x, m, &Packed::from_rows(&wb32, n, k), &mut a);
+            matmul_packed(&x, m, &Packed::from_rows(&wb, n, k), &mut b);
+            prop_assert_eq!(bits(&a), bits(&b));
+            // The path quantized weights take: f32 panels written by a callback.
+            let p32 = Packed::from_rows(&wb32, n, k);
+            matmul_widened(&x, m, n, k, &mut b, |j, dst| dst.copy_from_slice(p32.panel(j)));
+            prop_assert_eq!(bits(&a), bits(&b));
+        }
+
+        #[test]
+        fn packing_round_trips(n in 1usize..150, k in 1usize..40, seed: u64) {
+            let w = vals(n * k, seed);
+            let p = Packed::from_rows(&w, n, k);
+            prop_assert_eq!(p.to_rows(), w.clone());
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                p.row_into(j, &mut row);
+                prop_assert_eq!(&row[..], &w[j * k..(j + 1) * k]);
+            }
+        }
+
+        #[test]
+        fn stacking_equals_packing_the_stacked_rows(ns in proptest::collection::vec(1usize..140, 1..4), k in 1usize..20, seed: u64) {
+            // Sizes that are whole panels take the copying path, others the repacking one.
+            let ns: Vec<usize> = ns.into_iter().map(|n| if n > 100 { PANEL * (n % 3 + 1) } else { n }).collect();
+            let rows: Vec<Vec<f32>> = ns.iter().enumerate().map(|(i, &n)| vals(n * k, seed ^ i as u64)).collect();
+            let parts: Vec<Packed<f32>> = rows.iter().zip(&ns).map(|(r, &n)| Packed::from_rows(r, n, k)).collect();
+            let stacked = Packed::stack(&parts.iter().collect::<Vec<_>>());
+            let all: Vec<f32> = rows.concat();
+            prop_assert_eq!(stacked, Packed::from_rows(&all, ns.iter().sum(), k));
         }
     }
 

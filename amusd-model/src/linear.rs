@@ -9,15 +9,17 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, GgmlType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
-use crate::kernels;
+use crate::kernels::{self, Packed, Widen, PANEL};
 use crate::ModelError;
 
 /// How a weight matrix is stored. All variants hold `out_features` rows of `in_features` values.
 #[derive(Clone)]
 pub enum Weights {
-    F32(Arc<Vec<f32>>),
-    F16(Arc<Vec<half::f16>>),
-    Bf16(Arc<Vec<half::bf16>>),
+    F32(Arc<Packed<f32>>),
+    /// Widened to f32 in registers: the products have the bits of [`Weights::F32`] over the
+    /// widened matrix.
+    F16(Arc<Packed<half::f16>>),
+    Bf16(Arc<Packed<half::bf16>>),
     /// A GGUF block-quantized matrix, multiplied by candle's kernels one activation row at a time.
     /// candle chooses a different algorithm for larger batches; running every row through the
     /// single-row path keeps the result batch-invariant.
@@ -57,15 +59,18 @@ impl Linear {
         out_features: usize,
         in_features: usize,
     ) -> Result<Self, ModelError> {
-        let len = match &weights {
-            Weights::F32(w) => w.len(),
-            Weights::F16(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
-            Weights::Quantized(q) => q.shape().elem_count(),
+        let (rows, cols) = match &weights {
+            Weights::F32(w) => (w.rows(), w.cols()),
+            Weights::F16(w) => (w.rows(), w.cols()),
+            Weights::Bf16(w) => (w.rows(), w.cols()),
+            Weights::Quantized(q) => match q.shape().dims() {
+                &[r, c] => (r, c),
+                _ => (0, 0),
+            },
         };
-        if len != out_features * in_features {
+        if (rows, cols) != (out_features, in_features) {
             return Err(ModelError::Shape(format!(
-                "linear weight has {len} elements, expected {out_features}x{in_features}"
+                "linear weight is {rows}x{cols}, expected {out_features}x{in_features}"
             )));
         }
         Ok(Self {
@@ -108,13 +113,9 @@ impl Linear {
         let (n, k) = (self.out_features, self.in_features);
         debug_assert!(x.len() >= m * k && y.len() >= m * n);
         match &self.weights {
-            Weights::F32(w) => kernels::matmul_t(x, m, w, n, k, y),
-            Weights::F16(w) => kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[j * k..(j + 1) * k], d)
-            }),
-            Weights::Bf16(w) => kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&w[j * k..(j + 1) * k], d)
-            }),
+            Weights::F32(w) => kernels::matmul_packed(x, m, w, y),
+            Weights::F16(w) => kernels::matmul_packed(x, m, w, y),
+            Weights::Bf16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Quantized(q) => {
                 let widen = match batching {
                     Batching::Throughput if m >= DEQUANT_MIN_ROWS => row_dequantizer(q.dtype()),
@@ -130,8 +131,22 @@ impl Linear {
                             n * row_bytes
                         )));
                     }
-                    kernels::matmul_t_widen(x, m, n, k, y, |j, d| {
-                        widen(&data[j * row_bytes..(j + 1) * row_bytes], d)
+                    // Quantized blocks run along a row, so dequantize a panel's rows, then lay them
+                    // out reduction-major.
+                    let mut rows = vec![0f32; PANEL * k];
+                    kernels::matmul_widened(x, m, n, k, y, |b, panel| {
+                        let first = b * PANEL;
+                        let count = (n - first).min(PANEL);
+                        for (c, row) in rows.chunks_exact_mut(k).take(count).enumerate() {
+                            let j = first + c;
+                            widen(&data[j * row_bytes..(j + 1) * row_bytes], row);
+                        }
+                        panel.fill(0.0);
+                        for (c, row) in rows.chunks_exact(k).take(count).enumerate() {
+                            for (p, &v) in row.iter().enumerate() {
+                                panel[p * PANEL + c] = v;
+                            }
+                        }
                     });
                 } else {
                     let mm = QMatMul::QTensor(q.clone());
@@ -158,16 +173,16 @@ impl Linear {
         }
         let n: usize = parts.iter().map(|p| p.out_features).sum();
         let weights = match &parts[0].weights {
-            Weights::F32(_) => Weights::F32(Arc::new(concat_vec(parts, |w| match w {
-                Weights::F32(v) => Some(v.as_slice()),
+            Weights::F32(_) => Weights::F32(Arc::new(concat_packed(parts, |w| match w {
+                Weights::F32(v) => Some(v),
                 _ => None,
             })?)),
-            Weights::F16(_) => Weights::F16(Arc::new(concat_vec(parts, |w| match w {
-                Weights::F16(v) => Some(v.as_slice()),
+            Weights::F16(_) => Weights::F16(Arc::new(concat_packed(parts, |w| match w {
+                Weights::F16(v) => Some(v),
                 _ => None,
             })?)),
-            Weights::Bf16(_) => Weights::Bf16(Arc::new(concat_vec(parts, |w| match w {
-                Weights::Bf16(v) => Some(v.as_slice()),
+            Weights::Bf16(_) => Weights::Bf16(Arc::new(concat_packed(parts, |w| match w {
+                Weights::Bf16(v) => Some(v),
                 _ => None,
             })?)),
             Weights::Quantized(q0) => {
@@ -230,17 +245,19 @@ fn row_dequantizer(dtype: GgmlDType) -> Option<RowDequantizer> {
     })
 }
 
-fn concat_vec<T: Copy>(
+fn concat_packed<T: Widen>(
     parts: &[Linear],
-    get: impl Fn(&Weights) -> Option<&[T]>,
-) -> Result<Vec<T>, ModelError> {
-    let mut out = Vec::new();
-    for p in parts {
-        let s = get(&p.weights)
-            .ok_or_else(|| ModelError::Shape("cannot fuse layers of different storage".into()))?;
-        out.extend_from_slice(s);
-    }
-    Ok(out)
+    get: impl Fn(&Weights) -> Option<&Arc<Packed<T>>>,
+) -> Result<Packed<T>, ModelError> {
+    let packed = parts
+        .iter()
+        .map(|p| {
+            get(&p.weights)
+                .map(|w| &**w)
+                .ok_or_else(|| ModelError::Shape("cannot fuse layers of different storage".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Packed::stack(&packed))
 }
 
 /// Converts a dense f32 matrix into the requested storage.
@@ -251,13 +268,17 @@ pub fn weights_from_f32(
     format: WeightFormat,
 ) -> Result<Weights, ModelError> {
     Ok(match format {
-        WeightFormat::F32 => Weights::F32(Arc::new(data)),
-        WeightFormat::F16 => Weights::F16(Arc::new(
+        WeightFormat::F32 => Weights::F32(Arc::new(Packed::from_vec(data, rows, cols))),
+        WeightFormat::F16 => Weights::F16(Arc::new(Packed::from_vec(
             data.iter().map(|v| half::f16::from_f32(*v)).collect(),
-        )),
-        WeightFormat::Bf16 => Weights::Bf16(Arc::new(
+            rows,
+            cols,
+        ))),
+        WeightFormat::Bf16 => Weights::Bf16(Arc::new(Packed::from_vec(
             data.iter().map(|v| half::bf16::from_f32(*v)).collect(),
-        )),
+            rows,
+            cols,
+        ))),
         WeightFormat::Quantized(dtype) => {
             if !cols.is_multiple_of(dtype.block_size()) {
                 return Err(ModelError::Unsupported(format!(
@@ -391,7 +412,12 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let f = Linear::new(Weights::F32(Arc::new(dense)), n, k).unwrap();
+            let f = Linear::new(
+                weights_from_f32(dense, n, k, WeightFormat::F32).unwrap(),
+                n,
+                k,
+            )
+            .unwrap();
             let (mut want, mut got) = (vec![0f32; m * n], vec![0f32; m * n]);
             f.forward(&x, m, &mut want, Batching::Invariant).unwrap();
             q.forward(&x, m, &mut got, Batching::Throughput).unwrap();

@@ -5,7 +5,7 @@
 
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels;
+use crate::kernels::{self, Packed, Widen};
 use crate::linear::{Batching, Linear, Weights};
 use crate::ModelError;
 use candle_core::{Device, Tensor};
@@ -246,27 +246,9 @@ impl Llama {
         let h = self.config.hidden_size;
         let mut x = vec![0f32; tokens.len() * h];
         match self.embed.weights() {
-            Weights::F32(w) => {
-                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    dst.copy_from_slice(&w[t as usize * h..(t as usize + 1) * h]);
-                }
-            }
-            Weights::F16(w) => {
-                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &w[t as usize * h..(t as usize + 1) * h],
-                        dst,
-                    );
-                }
-            }
-            Weights::Bf16(w) => {
-                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &w[t as usize * h..(t as usize + 1) * h],
-                        dst,
-                    );
-                }
-            }
+            Weights::F32(w) => gather_rows(w, tokens, &mut x),
+            Weights::F16(w) => gather_rows(w, tokens, &mut x),
+            Weights::Bf16(w) => gather_rows(w, tokens, &mut x),
             Weights::Quantized(q) => {
                 let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
                 x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
@@ -302,6 +284,13 @@ impl RopeTable {
     fn at(&self, i: usize) -> (&[f32], &[f32]) {
         let r = i * self.half..(i + 1) * self.half;
         (&self.cos[r.clone()], &self.sin[r])
+    }
+}
+
+/// Writes row `tokens[i]` of `w` into the `i`-th `w.cols()`-wide row of `x`.
+fn gather_rows<T: Widen>(w: &Packed<T>, tokens: &[u32], x: &mut [f32]) {
+    for (dst, &t) in x.chunks_exact_mut(w.cols()).zip(tokens) {
+        w.row_into(t as usize, dst);
     }
 }
 
