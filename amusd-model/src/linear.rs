@@ -141,12 +141,7 @@ impl Linear {
                             let j = first + c;
                             widen(&data[j * row_bytes..(j + 1) * row_bytes], row);
                         }
-                        panel.fill(0.0);
-                        for (c, row) in rows.chunks_exact(k).take(count).enumerate() {
-                            for (p, &v) in row.iter().enumerate() {
-                                panel[p * PANEL + c] = v;
-                            }
-                        }
+                        kernels::pack_panel(&rows[..count * k], k, panel);
                     });
                 } else {
                     let mm = QMatMul::QTensor(q.clone());
