@@ -13,6 +13,7 @@ use candle_core::Device;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::linear::{weights_from_f32, Linear, WeightFormat, Weights};
 use crate::llama::{Block, Llama};
+use crate::qexact::{BlockKind, BlockPacked};
 use crate::ModelError;
 
 /// An open GGUF file: its header (metadata and tensor directory) and a reader for tensor data.
@@ -117,6 +118,10 @@ impl GgufFile {
                 weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?
             }
             (WeightFormat::AsStored, _) => Weights::Quantized(Arc::new(t)),
+            // f32 arithmetic on the checkpoint's values: widened in registers, never expanded.
+            (WeightFormat::F32, have) if BlockKind::from_ggml(have).is_some() => Weights::Blocked(
+                Arc::new(BlockPacked::from_ggml(have, &t.data()?, rows, cols)?),
+            ),
             (WeightFormat::Quantized(want), have) if want == have => {
                 Weights::Quantized(Arc::new(t))
             }

@@ -249,6 +249,11 @@ impl Llama {
             Weights::F32(w) => gather_rows(w, tokens, &mut x),
             Weights::F16(w) => gather_rows(w, tokens, &mut x),
             Weights::Bf16(w) => gather_rows(w, tokens, &mut x),
+            Weights::Blocked(w) => {
+                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+                    w.row_into(t as usize, dst);
+                }
+            }
             Weights::Quantized(q) => {
                 let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
                 x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
@@ -344,6 +349,59 @@ mod tests {
             .unwrap()
     }
 
+    /// The block types the verify model widens in registers.
+    const BLOCKED: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
+
+    /// The tiny model written as a GGUF of block type `BLOCKED[i]`.
+    fn tiny_blocked(i: usize) -> std::path::PathBuf {
+        tiny_paths()
+            .0
+            .path()
+            .join(format!("tiny-{:?}.gguf", BLOCKED[i]))
+    }
+
+    fn blocked_model(i: usize, format: WeightFormat) -> Llama {
+        static WRITTEN: OnceLock<()> = OnceLock::new();
+        WRITTEN.get_or_init(|| {
+            for (i, dtype) in BLOCKED.iter().enumerate() {
+                TinyModel::default()
+                    .write_gguf(&tiny_blocked(i), *dtype)
+                    .unwrap();
+            }
+        });
+        GgufFile::open(&tiny_blocked(i))
+            .unwrap()
+            .load_llama(format)
+            .unwrap()
+    }
+
+    /// `f32` on a block-quantized file keeps the blocks and widens them in registers; its logits
+    /// have the bits of the model dequantized to f32 at load.
+    #[test]
+    fn f32_over_stored_blocks_equals_f32_dense() {
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 259).collect();
+        for (i, dtype) in BLOCKED.iter().enumerate() {
+            let (a, b) = (
+                blocked_model(i, WeightFormat::F32),
+                blocked_model(i, WeightFormat::F32Dense),
+            );
+            assert!(a.lm_head.storage_name().starts_with("f32["), "{dtype:?}");
+            assert_eq!(b.lm_head.storage_name(), "f32");
+            let (mut ca, mut cb) = (a.new_cache(64), b.new_cache(64));
+            let la = a.forward(&tokens, 0, &mut ca, LogitsFor::All).unwrap();
+            let lb = b.forward(&tokens, 0, &mut cb, LogitsFor::All).unwrap();
+            for r in 0..tokens.len() {
+                assert_eq!(bits(&la, r), bits(&lb, r), "{dtype:?} row {r}");
+            }
+        }
+    }
+
     fn bits(l: &Logits, row: usize) -> Vec<u32> {
         l.row(row).iter().map(|v| v.to_bits()).collect()
     }
@@ -425,6 +483,33 @@ mod tests {
         }
     }
 
+    /// On the real checkpoint (q4_1 layers, q8_0 embedding), the verify model's f32 arithmetic
+    /// over the stored blocks gives the logits of the model dequantized at load, bit for bit.
+    #[test]
+    fn real_model_f32_over_blocks_equals_f32_dense() {
+        let path = crate::default_model_path();
+        assert!(
+            path.is_file(),
+            "{} is missing: run scripts/fetch-assets.sh model",
+            path.display()
+        );
+        let load = |f| GgufFile::open(&path).unwrap().load_llama(f).unwrap();
+        let (a, b) = (load(WeightFormat::F32), load(WeightFormat::F32Dense));
+        let prompt: Vec<u32> = (0..20).map(|i| (i * 7919) % 40000 + 100).collect();
+        let (mut ca, mut cb) = (a.new_cache(64), b.new_cache(64));
+        for (start, chunk) in [
+            (0, &prompt[..12]),
+            (12, &prompt[12..13]),
+            (13, &prompt[13..]),
+        ] {
+            let la = a.forward(chunk, start, &mut ca, LogitsFor::All).unwrap();
+            let lb = b.forward(chunk, start, &mut cb, LogitsFor::All).unwrap();
+            for r in 0..chunk.len() {
+                assert_eq!(bits(&la, r), bits(&lb, r), "position {}", start + r);
+            }
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -432,13 +517,17 @@ mod tests {
         /// inside a k-token batch, after arbitrary rollbacks, for every weight storage.
         #[test]
         fn batched_forward_is_bit_identical_to_one_at_a_time(
-            seed: u64, plen in 1usize..20, k in 1usize..33, rollback in 0usize..20, fmt in 0usize..5,
+            seed: u64, plen in 1usize..20, k in 1usize..33, rollback in 0usize..20, fmt in 0usize..10,
         ) {
             let format = [
                 WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16,
                 WeightFormat::Quantized(GgmlDType::Q8_0), WeightFormat::Quantized(GgmlDType::Q4_1),
-            ][fmt];
-            let m = gguf_model(format);
+            ].get(fmt).copied().unwrap_or(WeightFormat::F32);
+            // Indices past the list: f32 arithmetic over a file stored in a block type.
+            let m = match fmt.checked_sub(5) {
+                Some(i) => blocked_model(i, WeightFormat::F32),
+                None => gguf_model(format),
+            };
             let mut s = seed | 1;
             let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s % 259) as u32 };
             let prompt: Vec<u32> = (0..plen).map(|_| next()).collect();
