@@ -21,6 +21,7 @@ pub mod linear;
 pub mod llama;
 pub mod loader;
 pub mod paths;
+pub mod qkernels;
 pub mod testing;
 pub mod tokenizer;
 
