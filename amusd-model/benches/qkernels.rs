@@ -1,8 +1,10 @@
 //! Cost of the draft model's integer matmuls ([`amusd_model::qkernels`]) at the model's real shapes,
 //! side by side with candle's single-row `QMatMul` (m = 1), which the draft used before.
 //!
-//! `nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`; prints the
-//! median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the samples.
+//! `RAYON_NUM_THREADS=1 nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`
+//! prints the median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the
+//! samples (`AMUSD_BENCH_STAT=min`: the fastest;
+//! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes.
 
 use std::time::Instant;
 
@@ -21,20 +23,50 @@ const SHAPES: [(usize, usize); 6] = [
 ];
 const MS: [usize; 4] = [1, 4, 8, 200];
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median, or with `AMUSD_BENCH_STAT=min` the minimum (steadier on a shared machine).
+fn summary(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    if std::env::var("AMUSD_BENCH_STAT").is_ok_and(|s| s == "min") {
+        v[0]
+    } else {
+        v[v.len() / 2]
+    }
 }
 
-/// Median seconds of `reps` calls of `f`, after one warm-up call.
+/// Nanoseconds this thread has run on a CPU (Linux's schedstat): unlike wall time, it leaves out
+/// the time other processes held the core.
+fn cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Seconds per call of `f` over `reps` samples, after one warm-up call: wall time of one call, or
+/// with `AMUSD_BENCH_CLOCK=cpu` this thread's CPU time per call over at least 50 ms of calls
+/// (the kernel accounts CPU time at scheduler ticks, so a sample must span many).
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    let cpu = std::env::var("AMUSD_BENCH_CLOCK").is_ok_and(|s| s == "cpu");
     f();
-    median(
+    summary(
         (0..reps)
             .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
+                let (t, c0) = (Instant::now(), cpu_ns());
+                if !cpu {
+                    f();
+                    return t.elapsed().as_secs_f64();
+                }
+                let mut calls = 0;
+                while calls == 0 || t.elapsed().as_secs_f64() < 0.05 {
+                    f();
+                    calls += 1;
+                }
+                match (c0, cpu_ns()) {
+                    (Some(c0), Some(c1)) => (c1 - c0) as f64 * 1e-9 / calls as f64,
+                    _ => t.elapsed().as_secs_f64() / calls as f64,
+                }
             })
             .collect(),
     )
@@ -66,7 +98,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
-    println!("path {:?}, median of {reps}; ms per call (GB/s of weight bytes)", Path::detect());
+    let shapes: Vec<String> = std::env::var("AMUSD_BENCH_SHAPES")
+        .map(|s| s.split(',').map(String::from).collect())
+        .unwrap_or_default();
+    println!("path {:?}, {reps} samples; ms per call (GB/s of weight bytes)", Path::detect());
     print!("{:<6} {:>12}", "dtype", "n x k");
     for m in MS {
         print!(" {:>16}", format!("m={m}"));
@@ -74,6 +109,9 @@ fn main() {
     println!(" {:>16}", "candle m=1");
     for dtype in dtypes {
         for (n, k) in SHAPES {
+            if !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
+                continue;
+            }
             let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
             let q = QTensor::quantize(&wt, dtype).expect("quantize");
             let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
@@ -82,7 +120,7 @@ fn main() {
             for m in MS {
                 let x = values(m * k, 2);
                 let mut y = vec![0f32; m * n];
-                let s = time(reps.min(if m > 8 { 5 } else { reps }), || {
+                let s = time(if m > 8 { reps.div_ceil(3) } else { reps }, || {
                     matmul_int(&x, m, &w, &mut y)
                 });
                 print!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
