@@ -89,9 +89,7 @@ fn main() {
             .collect();
         let all = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0];
         all.into_iter()
-            .filter(|d| {
-                args.is_empty() || args.contains(&format!("{d:?}").to_lowercase())
-            })
+            .filter(|d| args.is_empty() || args.contains(&format!("{d:?}").to_lowercase()))
             .collect()
     };
     let reps: usize = std::env::var("AMUSD_BENCH_REPS")
@@ -101,7 +99,10 @@ fn main() {
     let shapes: Vec<String> = std::env::var("AMUSD_BENCH_SHAPES")
         .map(|s| s.split(',').map(String::from).collect())
         .unwrap_or_default();
-    println!("path {:?}, {reps} samples; ms per call (GB/s of weight bytes)", Path::detect());
+    println!(
+        "path {:?}, {reps} samples; ms per call (GB/s of weight bytes)",
+        Path::detect()
+    );
     print!("{:<6} {:>12}", "dtype", "n x k");
     for m in MS {
         print!(" {:>16}", format!("m={m}"));
@@ -116,7 +117,11 @@ fn main() {
             let q = QTensor::quantize(&wt, dtype).expect("quantize");
             let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
             let gb = w.bytes() as f64 / 1e9;
-            print!("{:<6} {:>12}", format!("{dtype:?}").to_lowercase(), format!("{n}x{k}"));
+            print!(
+                "{:<6} {:>12}",
+                format!("{dtype:?}").to_lowercase(),
+                format!("{n}x{k}")
+            );
             for m in MS {
                 let x = values(m * k, 2);
                 let mut y = vec![0f32; m * n];

@@ -213,10 +213,7 @@ impl IntPacked {
         let first = parts
             .first()
             .ok_or_else(|| ModelError::Shape("stacking no matrices".into()))?;
-        if parts
-            .iter()
-            .any(|p| p.kind != first.kind || p.k != first.k)
-        {
+        if parts.iter().any(|p| p.kind != first.kind || p.k != first.k) {
             return Err(ModelError::Shape(
                 "cannot stack matrices of different types or widths".into(),
             ));
@@ -366,7 +363,10 @@ pub fn matmul_int(x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
 pub fn matmul_int_on(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert!(x.len() >= m * k && y.len() >= m * n, "matmul_int buffers");
-    assert!(path.available(), "{path:?} kernels need a CPU that has them");
+    assert!(
+        path.available(),
+        "{path:?} kernels need a CPU that has them"
+    );
     let acts = QuantActs::new(x, m, k);
     match path {
         Path::Portable => matmul_portable(&acts, m, w, y),
@@ -407,9 +407,7 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
                 let p = 4 * g + e;
                 isum += match kind {
                     Kind::Q8_0 => q as i8 as i32 * x[p] as i32,
-                    _ => {
-                        (q & 0x0F) as i32 * x[p] as i32 + (q >> 4) as i32 * x[p + QK / 2] as i32
-                    }
+                    _ => (q & 0x0F) as i32 * x[p] as i32 + (q >> 4) as i32 * x[p + QK / 2] as i32,
                 };
             }
         }
@@ -508,9 +506,9 @@ mod avx2 {
             Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
             Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
         };
-        for (o, v) in out.iter_mut().zip(&acc) {
-            _mm256_storeu_ps(o.as_mut_ptr(), v[0]);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), v[1]);
+        for (t, o) in out.iter_mut().take(T).enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0][t]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1][t]);
         }
     }
 
@@ -592,10 +590,8 @@ mod avx2 {
             for (t, sum) in s16.iter_mut().enumerate() {
                 let xl = bcast4(x.q[t].add(b * QK + 4 * g));
                 let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
-                let p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, xl),
-                    _mm256_maddubs_epi16(hi, xh),
-                );
+                let p =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
                 *sum = _mm256_add_epi16(*sum, p);
             }
         }
@@ -616,10 +612,10 @@ mod avx2 {
         panel: *const u8,
         nb: usize,
         x: &Tile<T>,
-    ) -> [[__m256; 2]; T] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    ) -> [[__m256; T]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
         let block_bytes = ROWS * 34;
-        for v in 0..2 {
+        for (v, half) in acc.iter_mut().enumerate() {
             for b in 0..nb {
                 let blk = panel.add(b * block_bytes);
                 if v == 0 {
@@ -630,7 +626,7 @@ mod avx2 {
                 let isum = block_q8(blk.add(2 * ROWS + 32 * v), x, b);
                 let dw = scales8(blk.add(16 * v));
                 for t in 0..T {
-                    acc[t][v] = combine(acc[t][v], isum[t], dw, *x.d[t].add(b));
+                    half[t] = combine(half[t], isum[t], dw, *x.d[t].add(b));
                 }
             }
         }
@@ -647,11 +643,11 @@ mod avx2 {
         panel: *const u8,
         nb: usize,
         x: &Tile<T>,
-    ) -> [[__m256; 2]; T] {
+    ) -> [[__m256; T]; 2] {
         let scales = if MIN { 2 } else { 1 };
         let block_bytes = ROWS * (2 * scales + QK / 2);
-        let mut acc = [[_mm256_setzero_ps(); 2]; T];
-        for v in 0..2 {
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        for (v, half) in acc.iter_mut().enumerate() {
             for b in 0..nb {
                 let blk = panel.add(b * block_bytes);
                 if v == 0 {
@@ -667,10 +663,9 @@ mod avx2 {
                     if !MIN {
                         isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * *x.s[t].add(b)));
                     }
-                    acc[t][v] = combine(acc[t][v], isum, dw, *x.d[t].add(b));
+                    half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
                     if MIN {
-                        acc[t][v] =
-                            _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), acc[t][v]);
+                        half[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), half[t]);
                     }
                 }
             }
@@ -763,7 +758,8 @@ mod tests {
                 for i in 0..m {
                     for j in 0..n {
                         let (xi, wj) = (&x[i * k..(i + 1) * k], &dense[j * k..(j + 1) * k]);
-                        let exact: f64 = xi.iter().zip(wj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let exact: f64 =
+                            xi.iter().zip(wj).map(|(a, b)| *a as f64 * *b as f64).sum();
                         // Rounding x to 8 bits moves each value by at most half a step of its
                         // block's scale; the f32 arithmetic adds a little on top.
                         let mut bound = 0f64;
@@ -793,7 +789,11 @@ mod tests {
             let (bytes, dense) = quantized(dtype, n, k, 3);
             let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
             assert_eq!(w.to_ggml(), bytes, "{dtype:?}");
-            assert_eq!(w.bytes(), ROWS * 2 * k / QK * dtype.type_size(), "{dtype:?}");
+            assert_eq!(
+                w.bytes(),
+                ROWS * 2 * k / QK * dtype.type_size(),
+                "{dtype:?}"
+            );
             let mut row = vec![0f32; k];
             for j in 0..n {
                 w.row_into(j, &mut row);
