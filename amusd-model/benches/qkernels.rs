@@ -22,6 +22,10 @@ const SHAPES: [(usize, usize); 6] = [
     (576, 1536),
 ];
 const MS: [usize; 4] = [1, 4, 8, 200];
+/// The matrices one layer of SmolLM2-135M multiplies (fused qkv, o, fused gate/up, down), and its
+/// layer count: the summary line adds them up.
+const LAYER: [(usize, usize); 4] = [(960, 576), (576, 576), (3072, 576), (576, 1536)];
+const LAYERS: usize = 30;
 
 /// The median, or with `AMUSD_BENCH_STAT=min` the minimum (steadier on a shared machine).
 fn summary(mut v: Vec<f64>) -> f64 {
@@ -109,6 +113,8 @@ fn main() {
     }
     println!(" {:>16}", "candle m=1");
     for dtype in dtypes {
+        let mut layer = [0f64; MS.len()];
+        let mut measured = 0;
         for (n, k) in SHAPES {
             if !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
                 continue;
@@ -122,13 +128,18 @@ fn main() {
                 format!("{dtype:?}").to_lowercase(),
                 format!("{n}x{k}")
             );
-            for m in MS {
+            let in_layer = LAYER.contains(&(n, k));
+            measured += usize::from(in_layer);
+            for (c, m) in MS.into_iter().enumerate() {
                 let x = values(m * k, 2);
                 let mut y = vec![0f32; m * n];
                 let s = time(if m > 8 { reps.div_ceil(3) } else { reps }, || {
                     matmul_int(&x, m, &w, &mut y)
                 });
                 print!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
+                if in_layer {
+                    layer[c] += s;
+                }
             }
             let mm = QMatMul::QTensor(std::sync::Arc::new(q));
             let x = Tensor::from_vec(values(k, 2), (1, k), &Device::Cpu).expect("tensor");
@@ -136,6 +147,13 @@ fn main() {
                 mm.forward(&x).expect("candle matmul");
             });
             println!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
+        }
+        if measured == LAYER.len() {
+            print!("{:<6} {:>12}", "", format!("{LAYERS} layers"));
+            for t in layer {
+                print!(" {:>16}", format!("{:.2}", t * LAYERS as f64 * 1e3));
+            }
+            println!("   (the matmuls of one forward, weights in cache; without the head)");
         }
     }
 }
