@@ -22,6 +22,7 @@ pub mod llama;
 pub mod loader;
 pub mod paths;
 pub mod qexact;
+pub mod qkernels;
 pub mod testing;
 pub mod tokenizer;
 

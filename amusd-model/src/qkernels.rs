@@ -1,0 +1,879 @@
+//! Integer matrix multiplies over GGUF block-quantized weights: the draft model's kernels.
+//!
+//! This module owns [`IntPacked`] (a q4_0, q4_1 or q8_0 matrix repacked at load into panels of the
+//! same quantized bits) and [`matmul_int`] (activations quantized per 32-block to 8 bits, as GGUF does,
+//! then integer dot products per block, combined in f32).
+//!
+//! Every output is defined by [`dot_portable`]: per block, an exact integer sum, then one or two fused
+//! multiply-adds into a single f32 accumulator, blocks in index order from zero. The SIMD paths keep
+//! that order per output (lane = output row, tiles over independent outputs only), so every path
+//! gives the same bits and an output does not depend on the batch size `m`. The integer sums are
+//! exact, which is what lets the SIMD code reorder them freely.
+//!
+//! Paths are chosen at run time ([`Path::detect`]). Only AVX2 exists besides the portable one: an
+//! AVX-512 VNNI (`vpdpbusd`) path would slot in as another [`Path`] variant whose panel kernels
+//! replace `maddubs + madd` by one `dpbusd` per step over the same layout; it is not written because
+//! no machine here can test it.
+
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+use crate::ModelError;
+
+/// Output rows per packed panel: two AVX2 vectors of eight 32-bit lanes, one lane per output row.
+pub const ROWS: usize = 16;
+
+/// Values per GGUF block (q4_0, q4_1, q8_0) and per quantized activation block.
+const QK: usize = 32;
+
+/// Activation rows per tile in the SIMD kernels: each weight vector loaded is used this many times.
+const TILE: usize = 4;
+
+/// The SIMD kernels' blocking of a batch: chunks of `CHUNK` activation rows (a multiple of
+/// [`TILE`]) times groups of `GROUP` panels, tile by tile within them. A group's weights (at most
+/// ~150 KB) stay in L2 while every tile of the chunk reads them, and each tile writes `GROUP * ROWS`
+/// consecutive outputs per row. Panel by panel over a whole batch instead, a panel's outputs lie one
+/// row of `y` apart, and for `n` a multiple of 1024 those rows share a few cache sets and evict each
+/// other half-written: a 200-row batch through the 3072-row gate/up then ran ~1.5-3x slower per
+/// output than through the 576-row `o`.
+const CHUNK: usize = 32;
+const GROUP: usize = 16;
+
+/// The block types these kernels multiply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Kind {
+    fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q4_0 => Some(Self::Q4_0),
+            GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q8_0 => Some(Self::Q8_0),
+            _ => None,
+        }
+    }
+
+    fn dtype(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    /// f16 values that precede the quants in a block: the scale, and for q4_1 the minimum.
+    fn scales(self) -> usize {
+        match self {
+            Self::Q4_1 => 2,
+            _ => 1,
+        }
+    }
+
+    /// Bytes of quants in a block: nibbles for the q4 types.
+    fn quant_bytes(self) -> usize {
+        match self {
+            Self::Q8_0 => QK,
+            _ => QK / 2,
+        }
+    }
+
+    /// Bytes of one stored GGUF block.
+    fn block_bytes(self) -> usize {
+        2 * self.scales() + self.quant_bytes()
+    }
+}
+
+/// A GGUF block-quantized weight matrix `[n, k]` repacked at load for integer dot products.
+///
+/// Panels of [`ROWS`] consecutive rows; within a panel, block `b` of all its rows is stored
+/// together as `ROWS` f16 scales, (q4_1) `ROWS` f16 minimums, then the quant bytes in groups of four:
+/// bytes `4g..4g + 4` of row `r`'s block at `(g * ROWS + r) * 4`. A 32-bit lane thus holds four
+/// consecutive quant bytes of one output row, so one vector load feeds eight rows. The bytes are the
+/// stored ones (nibbles stay nibbles, as GGUF pairs them: low nibble of byte `j` is element `j`, high
+/// is `j + 16`), reordered; the last panel is padded with zero rows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntPacked {
+    kind: Kind,
+    n: usize,
+    k: usize,
+    data: Vec<u8>,
+}
+
+impl IntPacked {
+    pub fn supports(dtype: GgmlDType) -> bool {
+        Kind::of(dtype).is_some()
+    }
+
+    /// `bytes`: the tensor's raw GGUF blocks, row-major (as candle's `QTensor::data()` returns).
+    pub fn from_ggml(
+        dtype: GgmlDType,
+        bytes: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Result<Self, ModelError> {
+        let kind = Kind::of(dtype).ok_or_else(|| {
+            ModelError::Unsupported(format!("no integer kernel for {dtype:?} weights"))
+        })?;
+        if !k.is_multiple_of(QK) {
+            return Err(ModelError::Shape(format!(
+                "{dtype:?} matrix with {k} columns is not whole blocks of {QK}"
+            )));
+        }
+        let bb = kind.block_bytes();
+        let nb = k / QK;
+        if bytes.len() != n * nb * bb {
+            return Err(ModelError::Shape(format!(
+                "{dtype:?} {n}x{k} matrix should hold {} bytes, got {}",
+                n * nb * bb,
+                bytes.len()
+            )));
+        }
+        let mut w = Self {
+            kind,
+            n,
+            k,
+            data: vec![0; n.div_ceil(ROWS) * ROWS * nb * bb],
+        };
+        for (j, row) in bytes.chunks_exact(nb * bb).enumerate() {
+            for (b, block) in row.chunks_exact(bb).enumerate() {
+                w.put_block(j, b, block);
+            }
+        }
+        Ok(w)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.kind.dtype()
+    }
+
+    /// Resident size in bytes: the stored size plus the zero rows that pad the last panel.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Row `j` dequantized to f32 exactly as candle's `to_float` does (for embedding lookups).
+    pub fn row_into(&self, j: usize, dst: &mut [f32]) {
+        let mut block = vec![0u8; self.kind.block_bytes()];
+        for (b, out) in dst[..self.k].chunks_exact_mut(QK).enumerate() {
+            self.get_block(j, b, &mut block);
+            let s = 2 * self.kind.scales();
+            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let qs = &block[s..];
+            match self.kind {
+                Kind::Q8_0 => {
+                    for (o, &q) in out.iter_mut().zip(qs) {
+                        *o = q as i8 as f32 * d;
+                    }
+                }
+                Kind::Q4_0 => {
+                    for (i, &q) in qs.iter().enumerate() {
+                        out[i] = ((q & 0x0F) as i16 - 8) as f32 * d;
+                        out[i + QK / 2] = ((q >> 4) as i16 - 8) as f32 * d;
+                    }
+                }
+                Kind::Q4_1 => {
+                    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                    for (i, &q) in qs.iter().enumerate() {
+                        out[i] = (q & 0x0F) as f32 * d + m;
+                        out[i + QK / 2] = (q >> 4) as f32 * d + m;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The stored GGUF blocks back in row-major order.
+    pub fn to_ggml(&self) -> Vec<u8> {
+        let bb = self.kind.block_bytes();
+        let nb = self.k / QK;
+        let mut out = vec![0u8; self.n * nb * bb];
+        for (j, row) in out.chunks_exact_mut(nb * bb).enumerate() {
+            for (b, block) in row.chunks_exact_mut(bb).enumerate() {
+                self.get_block(j, b, block);
+            }
+        }
+        out
+    }
+
+    /// Rows of `parts` stacked (fusing Q/K/V and gate/up); same dtype and k. Each output of the
+    /// stacked matrix is computed exactly as in its own part.
+    pub fn stack(parts: &[&Self]) -> Result<Self, ModelError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| ModelError::Shape("stacking no matrices".into()))?;
+        if parts.iter().any(|p| p.kind != first.kind || p.k != first.k) {
+            return Err(ModelError::Shape(
+                "cannot stack matrices of different types or widths".into(),
+            ));
+        }
+        // Load-time only, so the simple way: back to GGUF rows and repack.
+        let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_ggml()).collect();
+        let n = parts.iter().map(|p| p.n).sum();
+        Self::from_ggml(first.kind.dtype(), &bytes, n, first.k)
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(ROWS)
+    }
+
+    /// Bytes of block `b` of a whole panel (all its rows).
+    fn panel_block_bytes(&self) -> usize {
+        ROWS * self.kind.block_bytes()
+    }
+
+    /// Panel `p`: its blocks in order, [`Self::panel_block_bytes`] each.
+    fn panel(&self, p: usize) -> &[u8] {
+        let len = self.k / QK * self.panel_block_bytes();
+        &self.data[p * len..(p + 1) * len]
+    }
+
+    /// Offsets in `data` of row `j`, block `b`: its scales and its quant bytes (first group).
+    fn offsets(&self, j: usize, b: usize) -> (usize, usize) {
+        let (p, r) = (j / ROWS, j % ROWS);
+        let base = (p * self.k / QK + b) * self.panel_block_bytes();
+        (base + 2 * r, base + 2 * ROWS * self.kind.scales() + 4 * r)
+    }
+
+    fn put_block(&mut self, j: usize, b: usize, block: &[u8]) {
+        let (scales, quants) = self.offsets(j, b);
+        for s in 0..self.kind.scales() {
+            self.data[scales + 2 * ROWS * s..][..2].copy_from_slice(&block[2 * s..2 * s + 2]);
+        }
+        let qs = &block[2 * self.kind.scales()..];
+        for (g, four) in qs.chunks_exact(4).enumerate() {
+            self.data[quants + 4 * ROWS * g..][..4].copy_from_slice(four);
+        }
+    }
+
+    fn get_block(&self, j: usize, b: usize, block: &mut [u8]) {
+        let (scales, quants) = self.offsets(j, b);
+        for s in 0..self.kind.scales() {
+            block[2 * s..2 * s + 2].copy_from_slice(&self.data[scales + 2 * ROWS * s..][..2]);
+        }
+        let qs = &mut block[2 * self.kind.scales()..];
+        for (g, four) in qs.chunks_exact_mut(4).enumerate() {
+            four.copy_from_slice(&self.data[quants + 4 * ROWS * g..][..4]);
+        }
+    }
+}
+
+/// Activation rows quantized per 32-block to 8 bits, q8_0 style, with what each block type needs.
+struct QuantActs {
+    nb: usize,
+    /// `m * k` quants.
+    q: Vec<i8>,
+    /// Per block: the scale `max|x| / 127`.
+    d: Vec<f32>,
+    /// Per block: the sum of the quants.
+    s: Vec<i32>,
+    /// Per block: `d * s`, the block's sum as the quants represent it (q4_1's minimum term).
+    ds: Vec<f32>,
+}
+
+impl QuantActs {
+    /// One portable function for every path: the quantized activations are part of the result's
+    /// definition. Rounds half to even, as ggml's AVX quantizer does.
+    fn new(x: &[f32], m: usize, k: usize) -> Self {
+        let nb = k / QK;
+        let mut a = Self {
+            nb,
+            q: vec![0; m * k],
+            d: vec![0.0; m * nb],
+            s: vec![0; m * nb],
+            ds: vec![0.0; m * nb],
+        };
+        let blocks = x[..m * k].chunks_exact(QK).zip(a.q.chunks_exact_mut(QK));
+        for (i, (xs, qs)) in blocks.enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut s = 0i32;
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * id).round_ties_even() as i8;
+                s += *q as i32;
+            }
+            a.d[i] = d;
+            a.s[i] = s;
+            a.ds[i] = d * s as f32;
+        }
+        a
+    }
+
+    fn row(&self, i: usize) -> &[i8] {
+        &self.q[i * self.nb * QK..(i + 1) * self.nb * QK]
+    }
+}
+
+/// A kernel implementation; all give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    Portable,
+    /// `vpmaddubsw` + `vpmaddwd` on 256-bit vectors (needs AVX2, FMA, F16C).
+    Avx2,
+}
+
+impl Path {
+    /// The fastest path this CPU runs.
+    pub fn detect() -> Self {
+        if Self::Avx2.available() {
+            Self::Avx2
+        } else {
+            Self::Portable
+        }
+    }
+
+    pub fn available(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Self::Avx2 => false,
+        }
+    }
+}
+
+/// `y[m, n] = x[m, k] W^T`: activations quantized per 32-block to 8 bits (scale `max|x|/127`,
+/// rounded to nearest), integer dot products per block, block results combined in f32 in block
+/// order, on the fastest path this CPU has.
+pub fn matmul_int(x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
+    matmul_int_on(Path::detect(), x, m, w, y)
+}
+
+/// [`matmul_int`] on a given path.
+///
+/// # Panics
+/// If the CPU lacks `path` or a buffer is too short.
+pub fn matmul_int_on(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert!(x.len() >= m * k && y.len() >= m * n, "matmul_int buffers");
+    assert!(
+        path.available(),
+        "{path:?} kernels need a CPU that has them"
+    );
+    let acts = QuantActs::new(x, m, k);
+    match path {
+        Path::Portable => matmul_portable(&acts, m, w, y),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C.
+        Path::Avx2 => unsafe { avx2::matmul(&acts, m, w, y) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Path::Avx2 => unreachable!("not available"),
+    }
+}
+
+fn matmul_portable(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
+    let n = w.n;
+    for p in 0..w.panels() {
+        let panel = w.panel(p);
+        let count = (n - p * ROWS).min(ROWS);
+        for i in 0..m {
+            for r in 0..count {
+                y[i * n + p * ROWS + r] = dot_portable(w, panel, r, a, i);
+            }
+        }
+    }
+}
+
+/// Output row `r` of `panel` times activation row `i`: the definition every path computes.
+fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) -> f32 {
+    let kind = w.kind;
+    let qx = a.row(i);
+    let f16_at = |bytes: &[u8], o: usize| f16::from_le_bytes([bytes[o], bytes[o + 1]]).to_f32();
+    let mut acc = 0f32;
+    for (b, blk) in panel.chunks_exact(w.panel_block_bytes()).enumerate() {
+        let qs = &blk[2 * ROWS * kind.scales()..];
+        let x = &qx[b * QK..(b + 1) * QK];
+        let mut isum = 0i32;
+        for g in 0..kind.quant_bytes() / 4 {
+            for e in 0..4 {
+                let q = qs[(g * ROWS + r) * 4 + e];
+                let p = 4 * g + e;
+                isum += match kind {
+                    Kind::Q8_0 => q as i8 as i32 * x[p] as i32,
+                    _ => (q & 0x0F) as i32 * x[p] as i32 + (q >> 4) as i32 * x[p + QK / 2] as i32,
+                };
+            }
+        }
+        let ab = i * a.nb + b;
+        if kind == Kind::Q4_0 {
+            isum -= 8 * a.s[ab];
+        }
+        acc = (isum as f32).mul_add(f16_at(blk, 2 * r) * a.d[ab], acc);
+        if kind == Kind::Q4_1 {
+            acc = f16_at(blk, 2 * (ROWS + r)).mul_add(a.ds[ab], acc);
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! Lane = output row: a 256-bit vector holds four quant bytes of each of eight rows, multiplied
+    //! by the same four activation bytes broadcast to every lane.
+
+    use std::arch::x86_64::*;
+
+    use super::{IntPacked, Kind, QuantActs, CHUNK, GROUP, QK, ROWS, TILE};
+
+    /// How far ahead of the bytes being multiplied the kernels prefetch. Panels lie one after the
+    /// other, so this runs into the next panel, which is read next.
+    const PREFETCH_BYTES: usize = 4096;
+
+    /// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
+    /// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn prefetch(p: *const u8) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+    }
+
+    /// The activation rows of one tile: where their quants and per-block values start.
+    struct Tile<const T: usize> {
+        q: [*const i8; T],
+        d: [*const f32; T],
+        s: [*const i32; T],
+        ds: [*const f32; T],
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `a` must hold `m` rows of `w.cols()` values and `y`
+    /// `m * w.rows()` outputs.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
+        let n = w.n;
+        let panels = w.panels();
+        for c0 in (0..m).step_by(CHUNK) {
+            let chunk = c0..(c0 + CHUNK).min(m);
+            for g0 in (0..panels).step_by(GROUP) {
+                for i0 in chunk.clone().step_by(TILE) {
+                    let t = (chunk.end - i0).min(TILE);
+                    for p in g0..(g0 + GROUP).min(panels) {
+                        let panel = w.panel(p).as_ptr();
+                        let mut out = [[0f32; ROWS]; TILE];
+                        match t {
+                            4 => tile::<4>(w, panel, a, i0, &mut out),
+                            3 => tile::<3>(w, panel, a, i0, &mut out),
+                            2 => tile::<2>(w, panel, a, i0, &mut out),
+                            _ => tile::<1>(w, panel, a, i0, &mut out),
+                        }
+                        let count = (n - p * ROWS).min(ROWS);
+                        for (di, o) in out.iter().take(t).enumerate() {
+                            let row = (i0 + di) * n + p * ROWS;
+                            y[row..row + count].copy_from_slice(&o[..count]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const T: usize>(
+        w: &IntPacked,
+        panel: *const u8,
+        a: &QuantActs,
+        i0: usize,
+        out: &mut [[f32; ROWS]; TILE],
+    ) {
+        let nb = a.nb;
+        let rows = Tile::<T> {
+            q: std::array::from_fn(|t| a.q.as_ptr().add((i0 + t) * nb * QK)),
+            d: std::array::from_fn(|t| a.d.as_ptr().add((i0 + t) * nb)),
+            s: std::array::from_fn(|t| a.s.as_ptr().add((i0 + t) * nb)),
+            ds: std::array::from_fn(|t| a.ds.as_ptr().add((i0 + t) * nb)),
+        };
+        let acc = match w.kind {
+            Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
+            Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
+            Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
+        };
+        for (t, o) in out.iter_mut().take(T).enumerate() {
+            _mm256_storeu_ps(o.as_mut_ptr(), acc[0][t]);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1][t]);
+        }
+    }
+
+    /// Four activation quants at `p`, broadcast to every 32-bit lane.
+    ///
+    /// # Safety
+    /// `p` must point to four readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bcast4(p: *const i8) -> __m256i {
+        _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
+    }
+
+    /// The f16 scales of 8 rows at `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable bytes.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn scales8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    /// `acc + isum * (dw * dx)` per lane, fused: [`super::dot_portable`]'s step.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn combine(acc: __m256, isum: __m256i, dw: __m256, dx: f32) -> __m256 {
+        _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(isum),
+            _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
+            acc,
+        )
+    }
+
+    /// The integer sums of block `b` of eight rows of q8_0 weights (`q`: their first group of
+    /// quants) with each row of the tile. ggml's sign trick, `maddubs(|w|, sign(x, w))`, keeps the
+    /// unsigned operand at most 128, so a pair of products (at most 2 * 128 * 127) cannot saturate;
+    /// each step is widened to i32 at once since two steps could.
+    ///
+    /// Eight rows at a time, not the panel's sixteen: sixteen rows' sums for four activation rows
+    /// and the weights shared by them overflow AVX2's sixteen registers. The panel kernels walk
+    /// each half of a panel in turn, since within one block the compiler kept the first half's
+    /// activation broadcasts for the second, spilling them.
+    ///
+    /// # Safety
+    /// `q` points to a block's quants inside a panel; the CPU must have AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_q8<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m256i; T] {
+        let ones = _mm256_set1_epi16(1);
+        let mut isum = [_mm256_setzero_si256(); T];
+        for g in 0..QK / 4 {
+            let w = _mm256_loadu_si256(q.add(g * 4 * ROWS).cast());
+            let a = _mm256_abs_epi8(w);
+            for (t, sum) in isum.iter_mut().enumerate() {
+                let xb = bcast4(x.q[t].add(b * QK + 4 * g));
+                let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, w));
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
+            }
+        }
+        isum
+    }
+
+    /// [`block_q8`] for q4 nibbles (0..15), the unsigned operand: a pair of products is at most
+    /// 2 * 15 * 127 = 3810, so a whole block's eight steps (30480) still fit the i16 lanes and are
+    /// widened to i32 once per block.
+    ///
+    /// # Safety
+    /// As [`block_q8`].
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn block_q4<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m256i; T] {
+        let nibble = _mm256_set1_epi8(0x0F);
+        let mut s16 = [_mm256_setzero_si256(); T];
+        for g in 0..QK / 8 {
+            let w = _mm256_loadu_si256(q.add(g * 4 * ROWS).cast());
+            let lo = _mm256_and_si256(w, nibble);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
+            for (t, sum) in s16.iter_mut().enumerate() {
+                let xl = bcast4(x.q[t].add(b * QK + 4 * g));
+                let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
+                let p =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+                *sum = _mm256_add_epi16(*sum, p);
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        for sum in s16.iter_mut() {
+            *sum = _mm256_madd_epi16(*sum, ones);
+        }
+        s16
+    }
+
+    /// A panel of q8_0 weights times a tile: per half panel and block, [`block_q8`], then
+    /// [`combine`]. The second half reads the panel again from cache.
+    ///
+    /// # Safety
+    /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panel_q8<const T: usize>(
+        panel: *const u8,
+        nb: usize,
+        x: &Tile<T>,
+    ) -> [[__m256; T]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        let block_bytes = ROWS * 34;
+        for (v, half) in acc.iter_mut().enumerate() {
+            for b in 0..nb {
+                let blk = panel.add(b * block_bytes);
+                if v == 0 {
+                    for line in 0..block_bytes.div_ceil(64) {
+                        prefetch(blk.add(64 * line));
+                    }
+                }
+                let isum = block_q8(blk.add(2 * ROWS + 32 * v), x, b);
+                let dw = scales8(blk.add(16 * v));
+                for t in 0..T {
+                    half[t] = combine(half[t], isum[t], dw, *x.d[t].add(b));
+                }
+            }
+        }
+        acc
+    }
+
+    /// A panel of q4_0 / q4_1 weights times a tile: [`block_q4`], then q4_0's offset of -8 as
+    /// `- 8 * sum(x)`, or q4_1's minimum as `m * d_x * sum(x)` in a second fused step.
+    ///
+    /// # Safety
+    /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn panel_q4<const T: usize, const MIN: bool>(
+        panel: *const u8,
+        nb: usize,
+        x: &Tile<T>,
+    ) -> [[__m256; T]; 2] {
+        let scales = if MIN { 2 } else { 1 };
+        let block_bytes = ROWS * (2 * scales + QK / 2);
+        let mut acc = [[_mm256_setzero_ps(); T]; 2];
+        for (v, half) in acc.iter_mut().enumerate() {
+            for b in 0..nb {
+                let blk = panel.add(b * block_bytes);
+                if v == 0 {
+                    for line in 0..block_bytes.div_ceil(64) {
+                        prefetch(blk.add(64 * line));
+                    }
+                }
+                let isum = block_q4(blk.add(2 * ROWS * scales + 32 * v), x, b);
+                let dw = scales8(blk.add(16 * v));
+                let mw = scales8(blk.add(2 * ROWS + 16 * v));
+                for t in 0..T {
+                    let mut isum = isum[t];
+                    if !MIN {
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * *x.s[t].add(b)));
+                    }
+                    half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
+                    if MIN {
+                        half[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), half[t]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    const DTYPES: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+
+    fn random(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// A random `[n, k]` matrix quantized by candle: its GGUF bytes and its dequantized values.
+    fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let t = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let dense = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        (q.data().unwrap().to_vec(), dense)
+    }
+
+    fn product(path: Path, x: &[f32], m: usize, w: &IntPacked) -> Vec<f32> {
+        let mut y = vec![f32::NAN; m * w.rows()];
+        matmul_int_on(path, x, m, w, &mut y);
+        y
+    }
+
+    fn paths() -> Vec<Path> {
+        [Path::Portable, Path::Avx2]
+            .into_iter()
+            .filter(|p| p.available())
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Every path equals the portable one bit for bit, and every row of a batch equals that
+        /// row multiplied alone.
+        #[test]
+        fn paths_agree_and_batches_are_invariant(
+            d in 0..3usize, n in 1..70usize, blocks in 1..7usize, m in 1..=40usize, seed: u64,
+        ) {
+            let (dtype, k) = (DTYPES[d], blocks * QK);
+            let (bytes, _) = quantized(dtype, n, k, seed);
+            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            let x: Vec<f32> = random(m * k, seed ^ 1).iter().map(|v| v * 3.0).collect();
+            let want = product(Path::Portable, &x, m, &w);
+            for path in paths() {
+                let got = product(path, &x, m, &w);
+                prop_assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{:?} {:?}", path, dtype
+                );
+                for i in 0..m {
+                    let alone = product(path, &x[i * k..(i + 1) * k], 1, &w);
+                    prop_assert_eq!(&alone[..], &got[i * n..(i + 1) * n], "{:?} {:?} row {}", path, dtype, i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_are_close_to_the_dequantized_f32_product() {
+        let (n, k, m) = (37, 256, 5);
+        for dtype in DTYPES {
+            let (bytes, dense) = quantized(dtype, n, k, 7);
+            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            let x = random(m * k, 8);
+            for path in paths() {
+                let y = product(path, &x, m, &w);
+                for i in 0..m {
+                    for j in 0..n {
+                        let (xi, wj) = (&x[i * k..(i + 1) * k], &dense[j * k..(j + 1) * k]);
+                        let exact: f64 =
+                            xi.iter().zip(wj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        // Rounding x to 8 bits moves each value by at most half a step of its
+                        // block's scale; the f32 arithmetic adds a little on top.
+                        let mut bound = 0f64;
+                        for (xb, wb) in xi.chunks(QK).zip(wj.chunks(QK)) {
+                            let step = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+                            let mass: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                            bound += 0.5 * step * mass;
+                        }
+                        let mass: f64 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs() as f64).sum();
+                        bound += 1e-5 * mass;
+                        let err = (y[i * n + j] as f64 - exact).abs();
+                        assert!(
+                            err <= bound,
+                            "{path:?} {dtype:?} y[{i},{j}] = {} vs {exact}: error {err} > {bound}",
+                            y[i * n + j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_dequantize_exactly_as_candle_does() {
+        let (n, k) = (21, 96);
+        for dtype in DTYPES {
+            let (bytes, dense) = quantized(dtype, n, k, 3);
+            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            assert_eq!(w.to_ggml(), bytes, "{dtype:?}");
+            assert_eq!(
+                w.bytes(),
+                ROWS * 2 * k / QK * dtype.type_size(),
+                "{dtype:?}"
+            );
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                w.row_into(j, &mut row);
+                assert_eq!(
+                    row.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    dense[j * k..(j + 1) * k]
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<_>>(),
+                    "{dtype:?} row {j}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_equals_packing_the_stacked_rows() {
+        let k = 64;
+        for dtype in DTYPES {
+            let parts: Vec<(Vec<u8>, usize)> = [(5, 1), (16, 2), (23, 3)]
+                .into_iter()
+                .map(|(n, seed)| (quantized(dtype, n, k, seed).0, n))
+                .collect();
+            let packed: Vec<IntPacked> = parts
+                .iter()
+                .map(|(b, n)| IntPacked::from_ggml(dtype, b, *n, k).unwrap())
+                .collect();
+            let stacked = IntPacked::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
+            let all: Vec<u8> = parts.iter().flat_map(|(b, _)| b.clone()).collect();
+            let want = IntPacked::from_ggml(dtype, &all, 44, k).unwrap();
+            assert_eq!(stacked, want, "{dtype:?}");
+            let x = random(3 * k, 4);
+            let y = product(Path::detect(), &x, 3, &stacked);
+            let mut off = 0;
+            for p in &packed {
+                let yp = product(Path::detect(), &x, 3, p);
+                for i in 0..3 {
+                    let got = &y[i * 44 + off..i * 44 + off + p.rows()];
+                    assert_eq!(got, &yp[i * p.rows()..(i + 1) * p.rows()], "{dtype:?}");
+                }
+                off += p.rows();
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_what_it_cannot_multiply() {
+        let (bytes, _) = quantized(GgmlDType::Q8_0, 2, 64, 1);
+        assert!(IntPacked::from_ggml(GgmlDType::Q8_0, &bytes[1..], 2, 64).is_err());
+        assert!(IntPacked::from_ggml(GgmlDType::Q8_0, &bytes, 2, 48).is_err());
+        assert!(IntPacked::from_ggml(GgmlDType::Q6K, &bytes, 2, 64).is_err());
+        assert!(!IntPacked::supports(GgmlDType::F16));
+        let a = IntPacked::from_ggml(GgmlDType::Q8_0, &bytes, 2, 64).unwrap();
+        let (b4, _) = quantized(GgmlDType::Q4_0, 2, 64, 1);
+        let b = IntPacked::from_ggml(GgmlDType::Q4_0, &b4, 2, 64).unwrap();
+        assert!(IntPacked::stack(&[&a, &b]).is_err());
+    }
+
+    #[test]
+    fn zero_and_integer_activations_quantize_exactly() {
+        // A block of zeros has scale 0 and contributes nothing; a block whose values are already
+        // multiples of max/127 is quantized without error, so the product is the f32 one.
+        let (n, k) = (3, 64);
+        let (bytes, dense) = quantized(GgmlDType::Q8_0, n, k, 9);
+        let w = IntPacked::from_ggml(GgmlDType::Q8_0, &bytes, n, k).unwrap();
+        let mut x = vec![0f32; k];
+        for (p, v) in x.iter_mut().enumerate().skip(QK) {
+            *v = ((p * 37 % 255) as f32 - 127.0) / 4.0;
+        }
+        x[QK] = 127.0 / 4.0;
+        for path in paths() {
+            let y = product(path, &x, 1, &w);
+            for j in 0..n {
+                let exact: f64 = x
+                    .iter()
+                    .zip(&dense[j * k..(j + 1) * k])
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                assert!((y[j] as f64 - exact).abs() < 1e-4, "{path:?} {j}");
+            }
+        }
+    }
+}
