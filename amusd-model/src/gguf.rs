@@ -11,7 +11,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::linear::{weights_from_f32, Linear, WeightFormat, Weights};
+use crate::linear::{quantized_weights, weights_from_f32, Linear, WeightFormat, Weights};
 use crate::llama::{Block, Llama};
 use crate::qexact::{BlockKind, BlockPacked};
 use crate::ModelError;
@@ -117,14 +117,12 @@ impl GgufFile {
             (WeightFormat::AsStored, GgmlDType::BF16) => {
                 weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?
             }
-            (WeightFormat::AsStored, _) => Weights::Quantized(Arc::new(t)),
+            (WeightFormat::AsStored, _) => quantized_weights(t)?,
             // f32 arithmetic on the checkpoint's values: widened in registers, never expanded.
             (WeightFormat::F32, have) if BlockKind::from_ggml(have).is_some() => Weights::Blocked(
                 Arc::new(BlockPacked::from_ggml(have, &t.data()?, rows, cols)?),
             ),
-            (WeightFormat::Quantized(want), have) if want == have => {
-                Weights::Quantized(Arc::new(t))
-            }
+            (WeightFormat::Quantized(want), have) if want == have => quantized_weights(t)?,
             (other, _) => weights_from_f32(self.dequant(&t)?, rows, cols, other)?,
         };
         Linear::new(weights, rows, cols)

@@ -14,6 +14,14 @@
 const LANES: usize = 16;
 
 /// Reduces `acc` in a fixed pairwise order.
+// The portable dot body's parts; SIMD builds use them only in tests.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        any(target_feature = "avx512f", target_feature = "avx2")
+    ),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn reduce(acc: [f32; LANES]) -> f32 {
     let mut a = acc;
@@ -29,6 +37,14 @@ fn reduce(acc: [f32; LANES]) -> f32 {
 
 /// One step of every lane: `acc[l] += a[l] * b[l]`, fused. Fixed-size arrays so the compiler sees
 /// no bounds checks and emits one vector FMA per register.
+// The portable dot body's parts; SIMD builds use them only in tests.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        any(target_feature = "avx512f", target_feature = "avx2")
+    ),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn fma_lanes(acc: &mut [f32; LANES], a: &[f32; LANES], b: &[f32; LANES]) {
     for l in 0..LANES {
@@ -36,6 +52,14 @@ fn fma_lanes(acc: &mut [f32; LANES], a: &[f32; LANES], b: &[f32; LANES]) {
     }
 }
 
+// The portable dot body's parts; SIMD builds use them only in tests.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        any(target_feature = "avx512f", target_feature = "avx2")
+    ),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn lanes(s: &[f32], c: usize) -> &[f32; LANES] {
     s[c..c + LANES].try_into().expect("LANES-wide chunk")
@@ -60,7 +84,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The portable [`dot`] body: the definition the SIMD version must match bit for bit.
 #[inline(always)]
 #[cfg_attr(
-    all(target_arch = "x86_64", target_feature = "avx512f"),
+    all(
+        target_arch = "x86_64",
+        any(target_feature = "avx512f", target_feature = "avx2")
+    ),
     allow(dead_code)
 )]
 fn dot_body_portable(a: &[f32], b: &[f32]) -> f32 {
@@ -463,10 +490,35 @@ mod simd {
     not(target_feature = "avx512f")
 ))]
 mod simd {
-    use super::{Widen, PANEL};
+    use super::{Widen, LANES, PANEL};
     use std::arch::x86_64::*;
 
-    pub(super) use super::dot_body_portable as dot_body;
+    /// [`super::dot`] over a multiple of 16 elements: the 16 lanes as two vectors, then the
+    /// pairwise tree of [`super::reduce`] as halving vector adds (each lane adds the same pair, so
+    /// the same bits). Attention scores are short dots (64 elements), where a scalar tree of
+    /// fifteen adds was a tenth of a decoding forward.
+    #[inline(always)]
+    pub fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        assert!(n.is_multiple_of(LANES) && b.len() == n);
+        // SAFETY: avx2 and fma are enabled at compile time (cfg above); loads read 8 floats at
+        // c and c + 8 with c + 16 <= n, inside both slices (asserted).
+        unsafe {
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut c = 0;
+            while c < n {
+                let (pa, pb) = (a.as_ptr().add(c), b.as_ptr().add(c));
+                lo = _mm256_fmadd_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb), lo);
+                hi = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)), hi);
+                c += LANES;
+            }
+            let s8 = _mm256_add_ps(lo, hi);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+            _mm_cvtss_f32(s1)
+        }
+    }
 
     /// Sixteen vector registers cannot hold a 64-column tile of several rows, so the panel is
     /// done in strips as wide as the registers allow: one row keeps 8 independent chains over all

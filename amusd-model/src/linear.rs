@@ -11,6 +11,7 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::kernels::{self, Packed, Widen, PANEL};
 use crate::qexact::{self, BlockPacked};
+use crate::qkernels::{self, IntPacked};
 use crate::ModelError;
 
 /// How a weight matrix is stored. All variants hold `out_features` rows of `in_features` values.
@@ -25,7 +26,12 @@ pub enum Weights {
     /// registers to exactly its dequantized f32 value, so the products have the bits of
     /// [`Weights::F32`] over the dequantized matrix, at the stored size (see [`crate::qexact`]).
     Blocked(Arc<BlockPacked>),
-    /// A GGUF block-quantized matrix, multiplied by candle's kernels one activation row at a time.
+    /// GGUF blocks kept as stored, multiplied with integer dot products against activations
+    /// quantized to 8 bits per block (see [`crate::qkernels`]): the draft model's arithmetic.
+    /// Batch-invariant like every other storage.
+    Int(Arc<IntPacked>),
+    /// A GGUF block-quantized matrix of a type without an integer kernel (q5_0, q5_1, k-quants),
+    /// multiplied by candle's kernels one activation row at a time.
     /// candle chooses a different algorithm for larger batches; running every row through the
     /// single-row path keeps the result batch-invariant.
     Quantized(Arc<QTensor>),
@@ -69,6 +75,7 @@ impl Linear {
             Weights::F16(w) => (w.rows(), w.cols()),
             Weights::Bf16(w) => (w.rows(), w.cols()),
             Weights::Blocked(w) => (w.rows(), w.cols()),
+            Weights::Int(w) => (w.rows(), w.cols()),
             Weights::Quantized(q) => match q.shape().dims() {
                 &[r, c] => (r, c),
                 _ => (0, 0),
@@ -105,6 +112,7 @@ impl Linear {
             Weights::F16(_) => "f16".into(),
             Weights::Bf16(_) => "bf16".into(),
             Weights::Blocked(w) => format!("f32[{:?}]", w.kind().ggml()).to_lowercase(),
+            Weights::Int(w) => format!("{:?}", w.dtype()).to_lowercase(),
             Weights::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
         }
     }
@@ -124,6 +132,7 @@ impl Linear {
             Weights::F16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Bf16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Blocked(w) => qexact::matmul(x, m, w, y),
+            Weights::Int(w) => qkernels::matmul_int(x, m, w, y),
             Weights::Quantized(q) => {
                 let widen = match batching {
                     Batching::Throughput if m >= DEQUANT_MIN_ROWS => row_dequantizer(q.dtype()),
@@ -199,6 +208,18 @@ impl Linear {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 Weights::Blocked(Arc::new(BlockPacked::stack(&blocked)?))
+            }
+            Weights::Int(_) => {
+                let int = parts
+                    .iter()
+                    .map(|p| match &p.weights {
+                        Weights::Int(w) => Ok(&**w),
+                        _ => Err(ModelError::Shape(
+                            "cannot fuse layers of different storage".into(),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Weights::Int(Arc::new(IntPacked::stack(&int)?))
             }
             Weights::Quantized(q0) => {
                 let dtype = q0.dtype();
@@ -304,13 +325,24 @@ pub fn weights_from_f32(
                 )));
             }
             let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
-            Weights::Quantized(Arc::new(QTensor::quantize(&t, dtype)?))
+            quantized_weights(QTensor::quantize(&t, dtype)?)?
         }
         WeightFormat::AsStored => {
             return Err(ModelError::Unsupported(
                 "weight format 'as stored' needs a stored type".into(),
             ))
         }
+    })
+}
+
+/// A block-quantized tensor as weights: the integer kernels where the type has them, candle's
+/// otherwise.
+pub fn quantized_weights(t: QTensor) -> Result<Weights, ModelError> {
+    Ok(match t.shape().dims() {
+        &[n, k] if IntPacked::supports(t.dtype()) => {
+            Weights::Int(Arc::new(IntPacked::from_ggml(t.dtype(), &t.data()?, n, k)?))
+        }
+        _ => Weights::Quantized(Arc::new(t)),
     })
 }
 
@@ -409,6 +441,20 @@ mod tests {
     }
 
     #[test]
+    fn integer_kernels_take_the_types_they_support() {
+        for (dtype, int) in [
+            (GgmlDType::Q8_0, true),
+            (GgmlDType::Q4_0, true),
+            (GgmlDType::Q4_1, true),
+            (GgmlDType::Q5_0, false),
+            (GgmlDType::Q6K, false),
+        ] {
+            let q = lin(WeightFormat::Quantized(dtype), 9, 256, 3);
+            assert_eq!(matches!(q.weights(), Weights::Int(_)), int, "{dtype:?}");
+        }
+    }
+
+    #[test]
     fn throughput_batches_multiply_the_dequantized_weights() {
         // Under Throughput a large batch of a quantized layer multiplies the dequantized matrix with
         // the f32 kernel, exactly; small batches stay on the one-row path.
@@ -416,10 +462,8 @@ mod tests {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 53 % 97) as f32) / 48.0 - 1.0)
             .collect();
+        // Types with integer kernels (q4_0, q4_1, q8_0) never take candle's paths.
         for dtype in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
             GgmlDType::Q4K,

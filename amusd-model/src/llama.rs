@@ -254,6 +254,11 @@ impl Llama {
                     w.row_into(t as usize, dst);
                 }
             }
+            Weights::Int(w) => {
+                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
+                    w.row_into(t as usize, dst);
+                }
+            }
             Weights::Quantized(q) => {
                 let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
                 x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
