@@ -49,6 +49,23 @@ fn answers_the_capital_of_france() {
     assert_eq!(out["strategy"], "ar");
 }
 
+/// The draft model's prefill is faster than the verify model's, so the draft gets ahead from the
+/// first tokens and even a short answer has accepted drafts; the text equals `ar`'s.
+#[test]
+fn a_short_amusd_answer_accepts_drafts() {
+    let prompt = "Name three primary colors.";
+    let amusd = generate("amusd", prompt, 48);
+    let out = amusd.json();
+    let m = &out["metrics"];
+    let (drafted, accepted) = (m["proposed"].as_u64(), m["accepted"].as_u64());
+    assert!(
+        drafted > Some(0) && accepted > Some(0),
+        "drafted {drafted:?}, accepted {accepted:?}\n{}",
+        amusd.describe()
+    );
+    assert_eq!(out["tokens"], generate("ar", prompt, 48).json()["tokens"]);
+}
+
 #[test]
 fn ar_sd_and_amusd_are_token_identical_on_humaneval_and_mt_bench() {
     const PER_DATASET: usize = 10;
