@@ -777,6 +777,7 @@ mod tests {
                 prompt: &[1, 2, 3],
                 max_new_tokens: 8,
                 stop_tokens: &[],
+                sampling: Default::default(),
             })
             .unwrap();
             let len = wait_until(&shm.verified.verified_len, |v| v >= 5, deadline())
