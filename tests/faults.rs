@@ -30,7 +30,7 @@ fn expected(verify: &str) -> Vec<u32> {
         max_new_tokens: MAX_NEW,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, &PROMPT, &stop, &mut |_| {})
+    autoregressive(&mut v, &PROMPT, &stop, &Default::default(), &mut |_| {})
         .unwrap()
         .tokens
 }

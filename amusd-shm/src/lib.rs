@@ -77,8 +77,7 @@ pub use layout::{
 };
 pub use region::{
     DraftSnapshot, EventBatch, EventRecord, RequestSnapshot, RequestSpec, SamplingFields,
-    VerifiedSnapshot,
-    WorkerSnapshot, READABLE_EVENTS, SEQLOCK_READ_BUDGET,
+    VerifiedSnapshot, WorkerSnapshot, READABLE_EVENTS, SEQLOCK_READ_BUDGET,
 };
 pub use shm::{
     parse_header, validate_header, HeaderInfo, RegionInfo, Shm, UnlinkOnDrop, NAME_PREFIX,

@@ -240,9 +240,17 @@ mod tests {
             any::<u64>(),
             proptest::bool::weighted(0.2),
         )
-            .prop_map(|(temperature, top_k, top_p, min_p, seed, greedy_draft)| RequestSampling {
-                params: SamplingParams { temperature, top_k, top_p, min_p, seed },
-                greedy_draft,
+            .prop_map(|(temperature, top_k, top_p, min_p, seed, greedy_draft)| {
+                RequestSampling {
+                    params: SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                        seed,
+                    },
+                    greedy_draft,
+                }
             })
     }
 

@@ -281,9 +281,8 @@ impl Sampler {
         }));
         let scaled = &self.scaled;
         self.survivors.clear();
-        self.survivors.extend(
-            (0..scaled.len() as u32).filter(|&i| scaled[i as usize] > f32::NEG_INFINITY),
-        );
+        self.survivors
+            .extend((0..scaled.len() as u32).filter(|&i| scaled[i as usize] > f32::NEG_INFINITY));
         let top = first_max(scaled, &self.survivors)?;
         let s_max = scaled[top as usize];
         let by_rank = |a: &u32, b: &u32| {
@@ -345,7 +344,11 @@ fn top_p(
         None
     };
     const LIKELY: f32 = 1e-4;
-    let mut head: Vec<u32> = survivors.iter().copied().filter(|&i| q(i) >= LIKELY).collect();
+    let mut head: Vec<u32> = survivors
+        .iter()
+        .copied()
+        .filter(|&i| q(i) >= LIKELY)
+        .collect();
     head.sort_unstable_by(by_rank);
     if let Some(n) = keep_prefix(&head) {
         head.truncate(n);
@@ -404,7 +407,11 @@ mod tests {
     #[test]
     fn philox_matches_the_published_known_answers() {
         let cases = [
-            ([0; 4], [0; 2], [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]),
+            (
+                [0; 4],
+                [0; 2],
+                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+            ),
             (
                 [u32::MAX; 4],
                 [u32::MAX; 2],
@@ -427,7 +434,11 @@ mod tests {
     fn noise_reference_values_are_pinned() {
         for ((seed, pos, tok), bits, g_bits) in PINNED {
             assert_eq!(noise_bits(seed, pos, tok), bits, "{seed} {pos} {tok}");
-            assert_eq!(gumbel(seed, pos, tok).to_bits(), g_bits, "{seed} {pos} {tok}");
+            assert_eq!(
+                gumbel(seed, pos, tok).to_bits(),
+                g_bits,
+                "{seed} {pos} {tok}"
+            );
         }
     }
 
@@ -436,7 +447,11 @@ mod tests {
     const PINNED: [((u64, u64, u32), u64, u64); 4] = [
         ((0, 0, 0), 0xe169c58d6627e8d5, 0x40007e484179cd9f),
         ((42, 17, 1234), 0x9190c35e9020e1c9, 0x3fe24b8fbe03050d),
-        ((u64::MAX, 1 << 40, 49_151), 0xe89363460872d8f4, 0x4002c01e51447aae),
+        (
+            (u64::MAX, 1 << 40, 49_151),
+            0xe89363460872d8f4,
+            0x4002c01e51447aae,
+        ),
         ((7, 8191, 3), 0xb0efca00764721c8, 0x3fefde87cb4bed30),
     ];
 
@@ -468,13 +483,27 @@ mod tests {
 
     #[test]
     fn noise_bounds_hold_at_the_extremes() {
-        let extremes = [0u64, 1, 0xfff, 0x1000, u64::MAX, u64::MAX - 0xfff, u64::MAX << 12];
+        let extremes = [
+            0u64,
+            1,
+            0xfff,
+            0x1000,
+            u64::MAX,
+            u64::MAX - 0xfff,
+            u64::MAX << 12,
+        ];
         let more = (0..200_000u32).map(|i| noise_bits(3, 9, i));
-        let shifted = (0..64).map(|k| u64::MAX << k).chain((0..64).map(|k| !(1u64 << k)));
+        let shifted = (0..64)
+            .map(|k| u64::MAX << k)
+            .chain((0..64).map(|k| !(1u64 << k)));
         for bits in extremes.into_iter().chain(more).chain(shifted) {
             let g = gumbel_of_bits(bits);
             assert!(g.is_finite(), "{bits:#x}");
-            assert!(g < noise_bound(bits) + 1e-9, "{bits:#x}: {g} vs {}", noise_bound(bits));
+            assert!(
+                g < noise_bound(bits) + 1e-9,
+                "{bits:#x}: {g} vs {}",
+                noise_bound(bits)
+            );
             assert!(g < NOISE_MAX, "{bits:#x}");
         }
     }
@@ -486,7 +515,12 @@ mod tests {
             ..SamplingParams::GREEDY
         };
         for t in [-1.0, f32::NAN, f32::INFINITY, 1e-9] {
-            let e = SamplingParams { temperature: t, ..ok }.validate().unwrap_err();
+            let e = SamplingParams {
+                temperature: t,
+                ..ok
+            }
+            .validate()
+            .unwrap_err();
             assert!(matches!(e, SamplingError::Temperature(_)), "{t}");
         }
         for p in [0.0, -0.1, 1.5, f32::NAN] {
@@ -497,7 +531,13 @@ mod tests {
             let e = SamplingParams { min_p: m, ..ok }.validate().unwrap_err();
             assert!(matches!(e, SamplingError::MinP(_)), "{m}");
         }
-        assert!(SamplingParams { top_p: 1.0, min_p: 1.0, ..ok }.validate().is_ok());
+        assert!(SamplingParams {
+            top_p: 1.0,
+            min_p: 1.0,
+            ..ok
+        }
+        .validate()
+        .is_ok());
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
         let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0, 1));
         assert_eq!(s.survivors(&logits).len(), 50);
@@ -533,7 +573,10 @@ mod tests {
             .collect();
         let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits).to_vec());
         assert_eq!(survivors(params(1.0, 2, 1.0, 0.0, 0)), vec![1, 3]);
-        assert_eq!(survivors(params(1.0, 100, 1.0, 0.0, 0)), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(
+            survivors(params(1.0, 100, 1.0, 0.0, 0)),
+            vec![0, 1, 2, 3, 4, 5]
+        );
         // 0.5 + 0.25 reaches 0.7 of the mass; 0.5 alone does not.
         assert_eq!(survivors(params(1.0, 0, 0.7, 0.0, 0)), vec![1, 3]);
         assert_eq!(survivors(params(1.0, 0, 0.3, 0.0, 0)), vec![1]);
@@ -544,7 +587,14 @@ mod tests {
         // Ties at the top-k boundary go to the lowest id.
         assert_eq!(survivors(params(1.0, 2, 1.0, 0.0, 0)).len(), 2);
         let flat = [1.0f32; 5];
-        assert_eq!(sorted(Sampler::new(params(1.0, 2, 1.0, 0.0, 0)).survivors(&flat).to_vec()), vec![0, 1]);
+        assert_eq!(
+            sorted(
+                Sampler::new(params(1.0, 2, 1.0, 0.0, 0))
+                    .survivors(&flat)
+                    .to_vec()
+            ),
+            vec![0, 1]
+        );
     }
 
     /// The full computation the pruned one must equal: every survivor's key, ties to the lowest id.
@@ -553,7 +603,8 @@ mod tests {
         let survivors = sorted(s.survivors(logits).to_vec());
         let mut best: Option<(f64, u32)> = None;
         for i in survivors {
-            let key = f64::from(logits[i as usize] / p.temperature) + gumbel(p.seed, position as u64, i);
+            let key =
+                f64::from(logits[i as usize] / p.temperature) + gumbel(p.seed, position as u64, i);
             if best.is_none_or(|(b, _)| key > b) {
                 best = Some((key, i));
             }

@@ -549,9 +549,21 @@ mod tests {
         crate::RequestSampling {
             params: crate::SamplingParams {
                 temperature: [0.3, 0.7, 1.0, 1.5][rng.gen_range(0..4)],
-                top_k: if rng.gen_bool(0.5) { 0 } else { rng.gen_range(1..30) },
-                top_p: if rng.gen_bool(0.5) { 1.0 } else { rng.gen_range(0.3..1.0) },
-                min_p: if rng.gen_bool(0.5) { 0.0 } else { rng.gen_range(0.0..0.3) },
+                top_k: if rng.gen_bool(0.5) {
+                    0
+                } else {
+                    rng.gen_range(1..30)
+                },
+                top_p: if rng.gen_bool(0.5) {
+                    1.0
+                } else {
+                    rng.gen_range(0.3..1.0)
+                },
+                min_p: if rng.gen_bool(0.5) {
+                    0.0
+                } else {
+                    rng.gen_range(0.0..0.3)
+                },
                 seed: rng.gen(),
             },
             greedy_draft: rng.gen_bool(0.2),
@@ -607,7 +619,8 @@ mod tests {
                 max_new_tokens: rng.gen_range(0..120),
             };
             let sampling = random_sampling(&mut rng);
-            let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {}).unwrap();
+            let want =
+                autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {}).unwrap();
             let mut streamed = Vec::new();
             let got = run_request(
                 &region,
