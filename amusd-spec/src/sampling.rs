@@ -612,6 +612,99 @@ mod tests {
         best.unwrap().1
     }
 
+    /// The first-position logits of a tiny random-weight model (written as a Hugging Face directory
+    /// and loaded as any model is) after the prompt `[1, 2, 3]`.
+    fn tiny_model_logits() -> Vec<f32> {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = amusd_model::testing::TinyModel {
+            seed: 11,
+            tie_embeddings: false,
+            ..Default::default()
+        };
+        tiny.write_hf(dir.path()).unwrap();
+        let spec = format!("{}:f32", dir.path().display()).parse().unwrap();
+        let model = amusd_model::load(&spec).unwrap().llama;
+        let mut cache = model.new_cache(8);
+        let logits = model
+            .forward(&[1, 2, 3], 0, &mut cache, amusd_model::LogitsFor::Last)
+            .unwrap();
+        logits.row(0).to_vec()
+    }
+
+    /// Pearson's chi-square critical value at significance 0.001 (Wilson-Hilferty).
+    fn chi2_critical(df: usize) -> f64 {
+        let (k, z) = (df as f64, 3.090);
+        k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+    }
+
+    /// Over 20,000 seeds, the token sampled at the first position follows softmax(logits / T)
+    /// restricted to the survivors of top-k / top-p / min-p (chi-square at a fixed significance,
+    /// fixed seeds, so the test is deterministic), and masked tokens never appear.
+    #[test]
+    fn sampled_tokens_follow_the_masked_softmax() {
+        const DRAWS: u64 = 20_000;
+        let logits = tiny_model_logits();
+        let spread = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+            - logits.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        assert!(
+            spread > 1.0,
+            "the tiny model's logits are too flat to test: {spread}"
+        );
+        let configs = [
+            params(1.0, 0, 1.0, 0.0, 0),
+            params(0.5, 20, 1.0, 0.0, 1 << 32),
+            params(1.5, 0, 0.8, 0.0, 2 << 32),
+            params(0.7, 0, 1.0, 0.2, 3 << 32),
+            params(1.0, 60, 0.9, 0.05, 4 << 32),
+        ];
+        for base in configs {
+            let mut s = Sampler::new(base);
+            let kept = sorted(s.survivors(&logits).to_vec());
+            assert!(kept.len() > 3, "{base:?}: only {} survivors", kept.len());
+            // softmax in f64 over the survivors, of the same f32 scaled logits the sampler uses.
+            let scaled: Vec<f64> = kept
+                .iter()
+                .map(|&i| f64::from(logits[i as usize] / base.temperature))
+                .collect();
+            let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scaled.iter().map(|v| (v - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut counts = vec![0u64; logits.len()];
+            for k in 0..DRAWS {
+                s.params.seed = base.seed + k;
+                counts[s.choose(&logits, 3) as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                assert!(
+                    c == 0 || kept.contains(&(i as u32)),
+                    "{base:?}: masked token {i} sampled {c} times"
+                );
+            }
+            // Bins with an expected count under 5 are pooled into one.
+            let (mut chi2, mut bins, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0.0);
+            for (w, &i) in weights.iter().zip(&kept) {
+                let e = w / total * DRAWS as f64;
+                let o = counts[i as usize] as f64;
+                if e < 5.0 {
+                    (pooled_e, pooled_o) = (pooled_e + e, pooled_o + o);
+                } else {
+                    chi2 += (o - e) * (o - e) / e;
+                    bins += 1;
+                }
+            }
+            if pooled_e > 0.0 {
+                chi2 += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e;
+                bins += 1;
+            }
+            let critical = chi2_critical(bins - 1);
+            assert!(
+                chi2 < critical,
+                "{base:?}: chi-square {chi2:.1} >= {critical:.1} with {} dof",
+                bins - 1
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 

@@ -194,11 +194,13 @@ impl SamplingArgs {
 /// The sampling parameters as printed in JSON output and bench records.
 pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
     let p = &s.params;
+    // Through their shortest decimal form, so 0.7 prints as 0.7, not as the f64 of an f32.
+    let num = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
     serde_json::json!({
-        "temperature": p.temperature,
+        "temperature": num(p.temperature),
         "top_k": p.top_k,
-        "top_p": p.top_p,
-        "min_p": p.min_p,
+        "top_p": num(p.top_p),
+        "min_p": num(p.min_p),
         "seed": p.seed,
         "greedy_draft": s.greedy_draft,
     })
