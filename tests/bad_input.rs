@@ -502,3 +502,33 @@ fn worker_started_by_hand_with_wrong_arguments() {
         }
     }
 }
+
+#[test]
+fn sampling_values_out_of_range() {
+    let f = fixtures();
+    let model = s(&f.hf);
+    let cases: [(&str, &str, &[&str]); 9] = [
+        ("--temperature", "-1", &["temperature", "-1"]),
+        ("--temperature", "nan", &["temperature", "NaN"]),
+        ("--temperature", "inf", &["temperature", "inf"]),
+        ("--top-p", "0", &["top-p", "(0, 1]"]),
+        ("--top-p", "1.5", &["top-p", "1.5"]),
+        ("--top-p", "nan", &["top-p", "NaN"]),
+        ("--min-p", "-0.5", &["min-p", "[0, 1]"]),
+        ("--min-p", "2", &["min-p", "2"]),
+        ("--min-p", "inf", &["min-p", "inf"]),
+    ];
+    for (flag, value, mentions) in cases {
+        let mut args = vec!["--prompt", "hello", flag, value];
+        if flag != "--temperature" {
+            args.extend(["--temperature", "0.7"]);
+        }
+        expect_error_per_strategy(
+            &format!("{flag} {value}"),
+            &STRATEGIES,
+            (model, model),
+            &args,
+            mentions,
+        );
+    }
+}

@@ -9,7 +9,7 @@ use amusd_e2e::{amusd, amusd_run, assert_cleaned_up, shm_entries_of, spawn, wait
 use amusd_e2e::{workers_of, Running};
 use amusd_spec::fake::{FakeDecoder, FakeModel};
 use amusd_spec::generate::autoregressive;
-use amusd_spec::{StopCriteria, Verifier};
+use amusd_spec::{RequestSampling, SamplingParams, StopCriteria, Verifier};
 
 const PROMPT: [u32; 3] = [1, 2, 3];
 const MAX_NEW: usize = 200;
@@ -25,12 +25,17 @@ fn models(verify_us: u64) -> (String, String) {
 
 /// Greedy decoding with the verify model: what every run must commit.
 fn expected(verify: &str) -> Vec<u32> {
+    expected_with(verify, &RequestSampling::default())
+}
+
+/// Autoregressive decoding with the verify model and this sampling.
+fn expected_with(verify: &str, sampling: &RequestSampling) -> Vec<u32> {
     let stop = StopCriteria {
         stop_ids: Vec::new(),
         max_new_tokens: MAX_NEW,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, &PROMPT, &stop, &mut |_| {})
+    autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_| {})
         .unwrap()
         .tokens
 }
@@ -138,6 +143,44 @@ fn worker_kill_mid_request_restarts_the_worker_and_loses_nothing() {
         let run = running.wait(Duration::from_secs(120));
         assert!(run.status.success(), "{worker}: {}", run.describe());
         assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
+        assert!(
+            run.stderr.contains("worker restarts 1"),
+            "{worker}: the restart is not reported\n{}",
+            run.describe()
+        );
+        assert_cleaned_up(&run);
+    }
+}
+
+/// The restarted worker reads the request's sampling from the region and, the noise being a function
+/// of (seed, position, token), chooses exactly the tokens its predecessor would have.
+#[test]
+fn a_worker_killed_while_sampling_samples_the_same_tokens_after_its_restart() {
+    let sampling = RequestSampling::new(SamplingParams {
+        temperature: 1.0,
+        top_k: 50,
+        seed: 9,
+        ..SamplingParams::GREEDY
+    });
+    let flags = ["--temperature", "1", "--top-k", "50", "--seed", "9"];
+    for worker in ["verify", "draft"] {
+        let (verify, draft) = models(20000);
+        let want = expected_with(&verify, &sampling);
+        assert_ne!(
+            want,
+            expected(&verify),
+            "sampling should differ from greedy"
+        );
+        let (running, region) = start_slow_run(&verify, &draft, &flags);
+        let kill = amusd_run(
+            &["worker-kill", worker, "--region", &region],
+            Duration::from_secs(30),
+        );
+        assert!(kill.status.success(), "{}", kill.describe());
+        let run = running.wait(Duration::from_secs(120));
+        assert!(run.status.success(), "{worker}: {}", run.describe());
+        assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
+        assert_eq!(run.json()["sampling"]["seed"], 9, "{}", run.describe());
         assert!(
             run.stderr.contains("worker restarts 1"),
             "{worker}: the restart is not reported\n{}",

@@ -52,7 +52,14 @@ impl Case {
             max_new_tokens: MAX_NEW,
         };
         let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-        let g = autoregressive(&mut v, &self.prompt, &stop, &mut |_| {}).unwrap();
+        let g = autoregressive(
+            &mut v,
+            &self.prompt,
+            &stop,
+            &Default::default(),
+            &mut |_| {},
+        )
+        .unwrap();
 
         // The same by hand from the model's definition, so a bug shared by `autoregressive` and the
         // workers cannot hide.

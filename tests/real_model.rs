@@ -13,21 +13,24 @@ use amusd_e2e::{
 const TIMEOUT: Duration = Duration::from_secs(300);
 
 fn generate(strategy: &str, prompt: &str, max_new: usize) -> Run {
+    generate_with(strategy, prompt, max_new, &[])
+}
+
+fn generate_with(strategy: &str, prompt: &str, max_new: usize, extra: &[&str]) -> Run {
     require_default_model();
     let max_new = max_new.to_string();
-    let run = amusd_run(
-        &[
-            "generate",
-            "--strategy",
-            strategy,
-            "--prompt",
-            prompt,
-            "--max-new-tokens",
-            &max_new,
-            "--json",
-        ],
-        TIMEOUT,
-    );
+    let mut args = vec![
+        "generate",
+        "--strategy",
+        strategy,
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &max_new,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let run = amusd_run(&args, TIMEOUT);
     assert!(
         run.status.success(),
         "{strategy} failed on {prompt:?}: {}",
@@ -160,5 +163,131 @@ fn ar_sd_and_amusd_are_token_identical_on_humaneval_and_mt_bench() {
     assert!(
         leaked.is_empty(),
         "these runs left amusd entries in /dev/shm: {leaked:?}"
+    );
+}
+
+/// Sampling keeps the strategies identical: for each temperature the issue names, with and without
+/// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
+/// gives the same text again and another seed a different one.
+#[test]
+fn sampling_is_token_identical_across_strategies() {
+    const MAX_NEW: usize = 32;
+    require_default_model();
+    let mut prompts = humaneval_prompts(2);
+    prompts.extend(mt_bench_prompts(2));
+    assert_eq!(
+        prompts.len(),
+        4,
+        "the datasets have fewer prompts than expected"
+    );
+    let configs: [&[&str]; 4] = [
+        &["--temperature", "0.3", "--seed", "1"],
+        &[
+            "--temperature",
+            "0.7",
+            "--seed",
+            "2",
+            "--top-k",
+            "40",
+            "--min-p",
+            "0.05",
+        ],
+        &["--temperature", "1.0", "--seed", "3", "--top-p", "0.9"],
+        &["--temperature", "1.5", "--seed", "4"],
+    ];
+    let (mut proposed, mut accepted, mut differs_from_greedy) = (0.0, 0.0, 0);
+    for (k, prompt) in prompts.iter().enumerate() {
+        for flags in configs {
+            let runs: Vec<(&str, Run)> = ["ar", "sd", "amusd"]
+                .into_iter()
+                .map(|s| (s, generate_with(s, prompt, MAX_NEW, flags)))
+                .collect();
+            let expected = runs[0].1.tokens();
+            assert!(
+                !expected.is_empty(),
+                "prompt {k} {flags:?}: ar generated nothing"
+            );
+            for (strategy, run) in &runs[1..] {
+                let got = run.tokens();
+                assert_eq!(
+                    got,
+                    expected,
+                    "prompt {k} {flags:?}: {strategy} differs from ar at generated token {}\n{}",
+                    amusd_e2e::first_difference(&got, &expected),
+                    run.describe()
+                );
+                let m = &run.json()["metrics"];
+                proposed += m["proposed"].as_f64().unwrap_or(0.0);
+                accepted += m["accepted"].as_f64().unwrap_or(0.0);
+                if *strategy == "amusd" {
+                    assert_cleaned_up(run);
+                }
+            }
+            let seed = flags[3].parse::<u64>().unwrap();
+            assert_eq!(runs[0].1.json()["sampling"]["seed"], seed);
+            if k == 0 {
+                differs_from_greedy +=
+                    usize::from(expected != generate("ar", prompt, MAX_NEW).tokens());
+            }
+        }
+    }
+    assert!(
+        accepted > 0.3 * proposed && proposed > 0.0,
+        "{accepted} of {proposed} drafted tokens accepted while sampling"
+    );
+    assert!(
+        differs_from_greedy >= 2,
+        "sampling gave the greedy text {} times of 4",
+        4 - differs_from_greedy
+    );
+
+    // The same seed twice: the same text; another seed: another text.
+    let prompt = &prompts[2];
+    let at = |seed: &str| {
+        generate_with(
+            "ar",
+            prompt,
+            MAX_NEW,
+            &["--temperature", "1.0", "--seed", seed],
+        )
+        .tokens()
+    };
+    let first = at("11");
+    assert_eq!(at("11"), first, "the same seed gave another text");
+    assert_ne!(at("12"), first, "another seed gave the same text");
+}
+
+/// With a temperature and no seed, a random seed is chosen and reported, so the run can be repeated.
+#[test]
+fn a_random_seed_is_reported_and_repeats_the_run() {
+    let prompt = "Name three colours.";
+    let run = generate_with("ar", prompt, 16, &["--temperature", "1.0"]);
+    let seed = run.json()["sampling"]["seed"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no seed in the JSON output: {}", run.describe()));
+    let again = generate_with(
+        "ar",
+        prompt,
+        16,
+        &["--temperature", "1.0", "--seed", &seed.to_string()],
+    );
+    assert_eq!(again.tokens(), run.tokens());
+    let text = amusd_run(
+        &[
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "1.0",
+        ],
+        TIMEOUT,
+    );
+    assert!(text.status.success(), "{}", text.describe());
+    assert!(
+        text.stderr.contains(", seed "),
+        "the summary does not print the seed: {}",
+        text.describe()
     );
 }

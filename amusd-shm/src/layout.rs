@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -304,6 +304,27 @@ pub struct RequestSection {
     /// Why the request failed (empty otherwise). Writer: coordinator, inside the request seqlock,
     /// before `state`. Readers: workers (seqlock read), `amusd dump`.
     pub error_text: ShmText<ERROR_TEXT_LEN>,
+    /// The sampling noise's seed (layout 2). Writer: coordinator, Relaxed inside the request
+    /// seqlock, at submit. Readers: workers, seqlock read, when they take up the request (a worker
+    /// started for this request reads this request's values, never another's), `amusd dump`.
+    pub sampling_seed: AtomicU64,
+    /// The temperature as f32 bits; 0.0 is greedy (layout 2). Writer: coordinator, Relaxed inside
+    /// the request seqlock, at submit. Readers: as `sampling_seed`.
+    pub temperature_bits: AtomicU32,
+    /// top-k, 0 = off (layout 2). Writer: coordinator, Relaxed inside the request seqlock, at
+    /// submit. Readers: as `sampling_seed`.
+    pub top_k: AtomicU32,
+    /// top-p as f32 bits, 1.0 = off (layout 2). Writer: coordinator, Relaxed inside the request
+    /// seqlock, at submit. Readers: as `sampling_seed`.
+    pub top_p_bits: AtomicU32,
+    /// min-p as f32 bits, 0.0 = off (layout 2). Writer: coordinator, Relaxed inside the request
+    /// seqlock, at submit. Readers: as `sampling_seed`.
+    pub min_p_bits: AtomicU32,
+    /// 1: the draft proposes its greedy tokens instead of sampling with the request's noise (the
+    /// scheme of llama.cpp, kept for comparison); 0: it samples as the verify model does (layout
+    /// 2). Writer: coordinator, Relaxed inside the request seqlock, at submit. Readers: the draft
+    /// worker (seqlock read, at take-up), `amusd dump`.
+    pub greedy_draft: AtomicU32,
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -505,7 +526,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 1);
+        assert_eq!(LAYOUT_VERSION, 2);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 460_544);
@@ -532,6 +553,12 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, stop_tokens), 24);
         assert_eq!(offset_of!(RequestSection, finish_reason), 56);
         assert_eq!(offset_of!(RequestSection, error_text), 64);
+        assert_eq!(offset_of!(RequestSection, sampling_seed), 328);
+        assert_eq!(offset_of!(RequestSection, temperature_bits), 336);
+        assert_eq!(offset_of!(RequestSection, top_k), 340);
+        assert_eq!(offset_of!(RequestSection, top_p_bits), 344);
+        assert_eq!(offset_of!(RequestSection, min_p_bits), 348);
+        assert_eq!(offset_of!(RequestSection, greedy_draft), 352);
         assert_eq!(size_of::<RequestSection>(), 384);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);

@@ -76,8 +76,8 @@ pub use layout::{
     MAX_STOP_TOKENS, MODEL_TEXT_LEN, REGION_SIZE, TOKEN_CAPACITY,
 };
 pub use region::{
-    DraftSnapshot, EventBatch, EventRecord, RequestSnapshot, RequestSpec, VerifiedSnapshot,
-    WorkerSnapshot, READABLE_EVENTS, SEQLOCK_READ_BUDGET,
+    DraftSnapshot, EventBatch, EventRecord, RequestSnapshot, RequestSpec, SamplingFields,
+    VerifiedSnapshot, WorkerSnapshot, READABLE_EVENTS, SEQLOCK_READ_BUDGET,
 };
 pub use shm::{
     parse_header, validate_header, HeaderInfo, RegionInfo, Shm, UnlinkOnDrop, NAME_PREFIX,

@@ -33,6 +33,44 @@ pub struct RequestSpec<'a> {
     pub max_new_tokens: u32,
     /// At most [`MAX_STOP_TOKENS`] token ids that end generation.
     pub stop_tokens: &'a [u32],
+    /// How the workers choose tokens.
+    pub sampling: SamplingFields,
+}
+
+/// A request's sampling parameters as the region carries them: the f32s as their IEEE bits, so
+/// they travel exactly. `amusd-spec` gives them their meaning and validates them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SamplingFields {
+    /// The noise's seed.
+    pub seed: u64,
+    /// Temperature (f32 bits); 0.0 is greedy.
+    pub temperature_bits: u32,
+    /// top-k; 0 = off.
+    pub top_k: u32,
+    /// top-p (f32 bits); 1.0 = off.
+    pub top_p_bits: u32,
+    /// min-p (f32 bits); 0.0 = off.
+    pub min_p_bits: u32,
+    /// The draft proposes greedy tokens rather than samples.
+    pub greedy_draft: bool,
+}
+
+impl SamplingFields {
+    /// Greedy decoding, every filter off.
+    pub const GREEDY: Self = Self {
+        seed: 0,
+        temperature_bits: 0,
+        top_k: 0,
+        top_p_bits: 0x3f80_0000, // 1.0f32
+        min_p_bits: 0,
+        greedy_draft: false,
+    };
+}
+
+impl Default for SamplingFields {
+    fn default() -> Self {
+        Self::GREEDY
+    }
 }
 
 /// A consistent copy of the request section (see [`Region::read_request`]).
@@ -54,6 +92,8 @@ pub struct RequestSnapshot {
     pub finish_reason: FinishReason,
     /// Error text (empty unless failed).
     pub error_text: String,
+    /// Sampling parameters.
+    pub sampling: SamplingFields,
     /// Whether the coordinator asked the workers to exit.
     pub shutdown: bool,
 }
@@ -438,6 +478,13 @@ impl Region {
         }
         rq.finish_reason.store(FinishReason::None.as_u32(), r);
         rq.error_text.clear();
+        let sm = &spec.sampling;
+        rq.sampling_seed.store(sm.seed, r);
+        rq.temperature_bits.store(sm.temperature_bits, r);
+        rq.top_k.store(sm.top_k, r);
+        rq.top_p_bits.store(sm.top_p_bits, r);
+        rq.min_p_bits.store(sm.min_p_bits, r);
+        rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
         store_range(&self.verified.tokens, 0, spec.prompt);
         self.verified
             .verified_len
@@ -494,7 +541,7 @@ impl Region {
     pub fn read_request(&self) -> Result<RequestSnapshot, ShmError> {
         let rq = &self.request;
         let r = Ordering::Relaxed;
-        let (word, id, state, prompt_len, max_new, stops, reason, err, shutdown) =
+        let (word, id, state, prompt_len, max_new, stops, reason, err, sampling, shutdown) =
             seq_read(&self.control.request_word, "request section", |word| {
                 let n_stop = (rq.n_stop_tokens.load(r) as usize).min(MAX_STOP_TOKENS);
                 (
@@ -506,6 +553,14 @@ impl Region {
                     load_range(&rq.stop_tokens, 0, n_stop),
                     rq.finish_reason.load(r),
                     rq.error_text.get(),
+                    SamplingFields {
+                        seed: rq.sampling_seed.load(r),
+                        temperature_bits: rq.temperature_bits.load(r),
+                        top_k: rq.top_k.load(r),
+                        top_p_bits: rq.top_p_bits.load(r),
+                        min_p_bits: rq.min_p_bits.load(r),
+                        greedy_draft: rq.greedy_draft.load(r) != 0,
+                    },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
             })?;
@@ -524,6 +579,7 @@ impl Region {
                 value: reason as u64,
             })?,
             error_text: err,
+            sampling,
             shutdown,
         })
     }
@@ -925,6 +981,14 @@ mod tests {
             prompt: &[1, 2, 3],
             max_new_tokens: 100,
             stop_tokens: &[2, 7],
+            sampling: SamplingFields {
+                seed: u64::MAX - 1,
+                temperature_bits: 0.7f32.to_bits(),
+                top_k: 40,
+                top_p_bits: 0.9f32.to_bits(),
+                min_p_bits: 0.05f32.to_bits(),
+                greedy_draft: true,
+            },
         };
         let w0 = r.request_word();
         r.submit_request(&spec).unwrap();
@@ -935,6 +999,7 @@ mod tests {
         assert_eq!(snap.prompt_len, 3);
         assert_eq!(snap.max_new_tokens, 100);
         assert_eq!(snap.stop_tokens, vec![2, 7]);
+        assert_eq!(snap.sampling, spec.sampling);
         assert_eq!(snap.finish_reason, FinishReason::None);
         assert_eq!(r.verified_len(), 3);
         assert_eq!(r.read_verified(0, usize::MAX), vec![1, 2, 3]);
@@ -986,6 +1051,7 @@ mod tests {
             prompt: &[5],
             max_new_tokens: 1,
             stop_tokens: &[],
+            sampling: SamplingFields::GREEDY,
         })
         .unwrap();
         let snap = r.read_request().unwrap();
@@ -1046,6 +1112,7 @@ mod tests {
             prompt: &[10, 11],
             max_new_tokens: 10,
             stop_tokens: &[],
+            sampling: SamplingFields::GREEDY,
         })
         .unwrap();
         assert_eq!(r.publish_verified(2, &[12, 13]).unwrap(), 4);
@@ -1210,6 +1277,7 @@ mod tests {
                         prompt: &prompt,
                         max_new_tokens: 0,
                         stop_tokens: &[],
+                        sampling: SamplingFields::GREEDY,
                     })
                     .unwrap();
                     r.finish_request(id, FinishReason::Length, "").unwrap();
@@ -1370,6 +1438,7 @@ mod tests {
             prompt: &[1],
             max_new_tokens: 1,
             stop_tokens: &[],
+            sampling: SamplingFields::GREEDY,
         })
         .unwrap();
         assert!(waiter.join().unwrap().is_some());

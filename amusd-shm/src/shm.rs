@@ -607,8 +607,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "region {name} has layout version 7, this amusd speaks 1: it was made by another \
-                 amusd build; use matching binaries, or remove it with `amusd dump --gc`"
+                "region {name} has layout version 7, this amusd speaks {LAYOUT_VERSION}: it was made \
+                 by another amusd build; use matching binaries, or remove it with `amusd dump --gc`"
             )
         );
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -777,6 +777,7 @@ mod tests {
                 prompt: &[1, 2, 3],
                 max_new_tokens: 8,
                 stop_tokens: &[],
+                sampling: Default::default(),
             })
             .unwrap();
             let len = wait_until(&shm.verified.verified_len, |v| v >= 5, deadline())
@@ -907,10 +908,10 @@ mod tests {
                 })
             ));
             let mut c = b.clone();
-            c[8] = 2;
+            c[8] = 99;
             assert!(matches!(
                 validate_header(&c),
-                Err(ShmError::WrongVersion { found: 2, .. })
+                Err(ShmError::WrongVersion { found: 99, .. })
             ));
         }
 

@@ -1,13 +1,14 @@
-//! Greedy decoders with a rollback-able cache, and the two roles built on them.
+//! Decoders with a rollback-able cache, and the two roles built on them.
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
+use crate::sampling::Sampler;
 use crate::SpecError;
 
-/// A model that predicts greedy next tokens and caches the positions it has seen.
+/// A model that predicts next tokens and caches the positions it has seen.
 ///
-/// Implementations keep keys and values for positions `0..cached()`; [`Decoder::greedy`] at `start`
-/// forgets everything from `start` on first, which is how both roles roll back.
+/// Implementations keep keys and values for positions `0..cached()`; [`Decoder::next_tokens`] at
+/// `start` forgets everything from `start` on first, which is how both roles roll back.
 pub trait Decoder {
     /// Positions currently cached.
     fn cached(&self) -> usize;
@@ -16,13 +17,14 @@ pub trait Decoder {
     fn vocab_size(&self) -> usize;
     /// Prepares an empty cache for a request of up to `len` positions.
     fn reset(&mut self, len: usize) -> Result<(), SpecError>;
-    /// Runs `tokens` at positions `start..` and returns the greedy token following each position from
-    /// row `first_row` on.
-    fn greedy(
+    /// Runs `tokens` at positions `start..` and returns the token `sampler` chooses after each
+    /// position from row `first_row` on (row `r` chooses the token at position `start + r + 1`).
+    fn next_tokens(
         &mut self,
         tokens: &[u32],
         start: usize,
         first_row: usize,
+        sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError>;
     /// Forgets positions from `len` on.
     fn truncate(&mut self, len: usize);
@@ -76,16 +78,21 @@ impl Decoder for LlamaDecoder {
         Ok(())
     }
 
-    fn greedy(
+    fn next_tokens(
         &mut self,
         tokens: &[u32],
         start: usize,
         first_row: usize,
+        sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
         let logits =
             self.model
                 .forward(tokens, start, &mut self.cache, LogitsFor::From(first_row))?;
-        Ok(logits.argmax())
+        // `forward` clamps the first row to the last one.
+        let first = start + first_row.min(tokens.len() - 1);
+        Ok((0..logits.rows)
+            .map(|r| sampler.choose(logits.row(r), first + r + 1))
+            .collect())
     }
 
     fn truncate(&mut self, len: usize) {
@@ -109,13 +116,14 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         (**self).reset(len)
     }
-    fn greedy(
+    fn next_tokens(
         &mut self,
         tokens: &[u32],
         start: usize,
         first_row: usize,
+        sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
-        (**self).greedy(tokens, start, first_row)
+        (**self).next_tokens(tokens, start, first_row, sampler)
     }
     fn truncate(&mut self, len: usize) {
         (**self).truncate(len)
@@ -126,18 +134,23 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
 }
 
 /// The verifying role: given the committed tokens and some draft tokens, returns the verify model's own
-/// greedy token at every draft position plus one.
+/// token (as its [`Sampler`] chooses) at every draft position plus one.
 ///
 /// Invariant between calls: the cache holds exactly `committed[..committed.len() - 1]` or a prefix of
 /// it (the last committed token is always fed with the draft, since its logits predict the first draft
 /// position).
 pub struct Verifier<D: Decoder> {
     pub decoder: D,
+    /// How the verify model's tokens are chosen; set per request (greedy by default).
+    pub sampler: Sampler,
 }
 
 impl<D: Decoder> Verifier<D> {
     pub fn new(decoder: D) -> Self {
-        Self { decoder }
+        Self {
+            decoder,
+            sampler: Sampler::default(),
+        }
     }
 
     /// One batched forward over `committed[cached..] ++ draft`. Returns `draft.len() + 1` tokens:
@@ -151,7 +164,8 @@ impl<D: Decoder> Verifier<D> {
         let mut input = Vec::with_capacity(n - start + draft.len());
         input.extend_from_slice(&committed[start..]);
         input.extend_from_slice(draft);
-        self.decoder.greedy(&input, start, n - 1 - start)
+        self.decoder
+            .next_tokens(&input, start, n - 1 - start, &mut self.sampler)
     }
 
     /// Drops cached positions that are not committed, after `committed_len` tokens were committed.
@@ -160,10 +174,13 @@ impl<D: Decoder> Verifier<D> {
     }
 }
 
-/// The drafting role: extends its own copy of the sequence one greedy token at a time, and rolls back
-/// to agree with the committed tokens whenever they diverge from it.
+/// The drafting role: extends its own copy of the sequence one token at a time, and rolls back to
+/// agree with the committed tokens whenever they diverge from it.
 pub struct Drafter<D: Decoder> {
     pub decoder: D,
+    /// How proposals are chosen: the request's sampling (the same noise as the verify model, on the
+    /// draft's logits), set per request; greedy by default.
+    pub sampler: Sampler,
     /// The draft's sequence: committed tokens it has adopted, then its own proposals.
     seq: Vec<u32>,
     /// `seq[..agreed]` is known to equal the committed tokens.
@@ -186,6 +203,7 @@ impl<D: Decoder> Drafter<D> {
         decoder.set_batching(Batching::Throughput);
         Self {
             decoder,
+            sampler: Sampler::default(),
             seq: Vec::new(),
             agreed: 0,
         }
@@ -235,7 +253,7 @@ impl<D: Decoder> Drafter<D> {
         let last = input.len() - 1;
         let tok = *self
             .decoder
-            .greedy(input, start, last)?
+            .next_tokens(input, start, last, &mut self.sampler)?
             .last()
             .ok_or_else(|| SpecError::Protocol("decoder returned no token".into()))?;
         self.seq.push(tok);

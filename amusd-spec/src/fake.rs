@@ -3,10 +3,13 @@
 //! The "true" next token is a hash of the position and the last few tokens, so any slip in rollback or
 //! caching changes everything after it. A draft configured with `err=R` replaces the true token with
 //! a different one at a rate R, also decided by a hash of the context, so runs are reproducible.
+//! When sampling, the model's logits are a hash-made background shared by every model of one seed
+//! plus a peak at its own token: a draft then proposes the verify model's sample most of the time.
 
 use std::time::Duration;
 
 use crate::decoder::Decoder;
+use crate::sampling::Sampler;
 use crate::SpecError;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -75,13 +78,38 @@ impl FakeModel {
         spec == "fake" || spec.starts_with("fake:")
     }
 
-    /// The token this model predicts after `context`.
-    pub fn next(&self, context: &[u32]) -> u32 {
+    fn context_hash(&self, context: &[u32]) -> u64 {
         let n = context.len() as u64;
         let mut h = mix(self.seed ^ n.wrapping_mul(0x9e3779b97f4a7c15));
         for &t in context.iter().rev().take(3) {
             h = mix(h ^ t as u64);
         }
+        h
+    }
+
+    /// Logits after `context`: a background in [0, 2) from the context hash (the same for every
+    /// `err`), the eos id far below unless predicted, and +8 on [`Self::next`].
+    pub fn logits(&self, context: &[u32]) -> Vec<f32> {
+        let h = self.context_hash(context);
+        let peak = self.next(context);
+        (0..self.vocab)
+            .map(|j| {
+                let r = mix(h ^ u64::from(j + 1).wrapping_mul(0xa24baed4963ee407));
+                let background = (r >> 40) as f32 / (1u64 << 24) as f32 * 2.0;
+                if j == peak {
+                    background + 8.0
+                } else if j == self.eos && self.eos_every > 0 {
+                    background - 20.0
+                } else {
+                    background
+                }
+            })
+            .collect()
+    }
+
+    /// The token this model predicts after `context` (its greedy choice).
+    pub fn next(&self, context: &[u32]) -> u32 {
+        let h = self.context_hash(context);
         let truth = if self.eos_every > 0 && h.is_multiple_of(self.eos_every) {
             self.eos
         } else {
@@ -147,11 +175,12 @@ impl Decoder for FakeDecoder {
         self.reserved = len;
         Ok(())
     }
-    fn greedy(
+    fn next_tokens(
         &mut self,
         tokens: &[u32],
         start: usize,
         first_row: usize,
+        sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
         if start > self.seen.len() {
             return Err(SpecError::Protocol(format!(
@@ -176,7 +205,11 @@ impl Decoder for FakeDecoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.seen.push(t);
             if i >= first_row {
-                out.push(self.model.next(&self.seen));
+                out.push(if sampler.params.is_greedy() {
+                    self.model.next(&self.seen)
+                } else {
+                    sampler.choose(&self.model.logits(&self.seen), self.seen.len())
+                });
             }
         }
         Ok(out)
@@ -194,7 +227,32 @@ mod tests {
     use crate::decoder::{Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
+    use crate::sampling::{RequestSampling, SamplingParams};
     use proptest::prelude::*;
+
+    /// Greedy, or sampling with or without filters, with a sampling or a greedy draft.
+    pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
+        (
+            prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
+            prop_oneof![Just(0u32), 1u32..20],
+            prop_oneof![Just(1.0f32), 0.3f32..1.0],
+            prop_oneof![Just(0.0f32), 0.0f32..0.3],
+            any::<u64>(),
+            proptest::bool::weighted(0.2),
+        )
+            .prop_map(|(temperature, top_k, top_p, min_p, seed, greedy_draft)| {
+                RequestSampling {
+                    params: SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        min_p,
+                        seed,
+                    },
+                    greedy_draft,
+                }
+            })
+    }
 
     fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
         (0..len as u64)
@@ -206,18 +264,18 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(300))]
 
         /// Synchronous speculative decoding commits exactly the autoregressive tokens, whatever the
-        /// draft's error rate and lookahead.
+        /// draft's error rate, the lookahead and the sampling.
         #[test]
-        fn sd_equals_ar(seed: u64, err in 0.0f64..1.0, lookahead in 1usize..12, plen in 1usize..20, max_new in 0usize..80) {
+        fn sd_equals_ar(seed: u64, err in 0.0f64..1.0, lookahead in 1usize..12, plen in 1usize..20, max_new in 0usize..80, sampling in any_sampling()) {
             let truth = FakeModel { seed, eos_every: 40, ..Default::default() };
             let draft = FakeModel { err, ..truth.clone() };
             let p = prompt(seed, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
             let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-            let ar = autoregressive(&mut v, &p, &stop, &mut |_| {}).unwrap();
+            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| {}).unwrap();
             let mut d = Drafter::new(FakeDecoder::new(draft));
             let mut streamed = Vec::new();
-            let sd = speculative(&mut v, &mut d, &p, &stop, lookahead, &mut |t| streamed.extend_from_slice(t)).unwrap();
+            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| streamed.extend_from_slice(t)).unwrap();
             prop_assert_eq!(&ar.tokens, &sd.tokens);
             prop_assert_eq!(&streamed, &sd.tokens);
             prop_assert_eq!(ar.finish, sd.finish);

@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::decoder::{Decoder, Drafter, Verifier};
 pub use crate::policy::Finish as FinishReason;
 use crate::policy::{accept, StopCriteria};
+use crate::sampling::RequestSampling;
 use crate::SpecError;
 
 /// Timings and acceptance figures of one generation. Times in seconds.
@@ -138,13 +139,15 @@ impl<'a> Committer<'a> {
     }
 }
 
-/// Plain greedy decoding: one verify-model token per forward pass.
+/// Plain decoding: one verify-model token per forward pass.
 pub fn autoregressive<D: Decoder>(
     verifier: &mut Verifier<D>,
     prompt: &[u32],
     stop: &StopCriteria,
+    sampling: &RequestSampling,
     on_tokens: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation, SpecError> {
+    verifier.sampler = sampling.verifier();
     check_fits(
         verifier.decoder.capacity(),
         prompt.len(),
@@ -171,10 +174,13 @@ pub fn speculative<D: Decoder, P: Decoder>(
     drafter: &mut Drafter<P>,
     prompt: &[u32],
     stop: &StopCriteria,
+    sampling: &RequestSampling,
     lookahead: usize,
     on_tokens: &mut dyn FnMut(&[u32]),
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
+    verifier.sampler = sampling.verifier();
+    drafter.sampler = sampling.drafter();
     // Drafts are clipped to the token budget, so sd fits wherever ar does: the same requests succeed
     // under every strategy.
     check_fits(

@@ -4,8 +4,9 @@
 //! batched forward pass, and [`policy`] decides what is committed. The same three pieces run
 //! autoregressive decoding (a verifier with nothing to check), synchronous speculative decoding
 //! ([`generate::speculative`]) and the two AMUSD worker processes ([`worker`]), so the strategies
-//! cannot drift apart: their greedy outputs are identical by construction, given the batch-invariant
-//! forward pass of `amusd-model`.
+//! cannot drift apart: their outputs are identical by construction, given the batch-invariant
+//! forward pass of `amusd-model` and a [`sampling`] whose choice at a position depends only on the
+//! logits there, the seed and the position.
 
 pub mod bind;
 pub mod decoder;
@@ -13,11 +14,13 @@ pub mod fake;
 pub mod generate;
 pub mod policy;
 pub mod process;
+pub mod sampling;
 pub mod worker;
 
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 pub use generate::{FinishReason, Generation, Metrics};
 pub use policy::StopCriteria;
+pub use sampling::{RequestSampling, Sampler, SamplingError, SamplingParams};
 
 /// Errors of the decoding loops.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +31,8 @@ pub enum SpecError {
     Shm(#[from] amusd_shm::ShmError),
     #[error("{0}")]
     Protocol(String),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),
 }

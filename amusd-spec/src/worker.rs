@@ -13,18 +13,20 @@
 //! prefix. That check is cheap (a few thousand integer compares at most) and makes the candidates'
 //! validity a pure function of one consistent snapshot, whatever rollbacks or worker restarts
 //! happened in between. Exactness never depends on it: a candidate is only committed when it equals
-//! the verify model's own greedy token.
+//! the verify model's own token, which its sampler chooses from the logits, the request's seed and
+//! the position alone (see [`crate::sampling`]), so a restarted worker chooses the same tokens.
 
 use std::time::{Duration, Instant};
 
 use amusd_shm::{
     now_us, EventKind, EventRecord, FinishReason as ShmFinish, Party, Region, RequestSpec,
-    RequestState, Role, ShmError, Spin, WorkerState, TOKEN_CAPACITY,
+    RequestState, Role, SamplingFields, ShmError, Spin, WorkerState, TOKEN_CAPACITY,
 };
 
 use crate::decoder::{Decoder, Drafter, Verifier};
 use crate::generate::{Committer, FinishReason, Generation};
 use crate::policy::{accept, StopCriteria};
+use crate::sampling::{RequestSampling, SamplingParams};
 use crate::SpecError;
 
 /// How often the coordinator checks its workers while a request runs.
@@ -40,7 +42,38 @@ struct Held {
     /// Prompt plus budget: no position at or past this is ever committed.
     limit: usize,
     stop: StopCriteria,
+    sampling: RequestSampling,
     committed: Vec<u32>,
+}
+
+/// The region's form of a request's sampling.
+pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
+    let p = &s.params;
+    SamplingFields {
+        seed: p.seed,
+        temperature_bits: p.temperature.to_bits(),
+        top_k: p.top_k,
+        top_p_bits: p.top_p.to_bits(),
+        min_p_bits: p.min_p.to_bits(),
+        greedy_draft: s.greedy_draft,
+    }
+}
+
+/// A request's sampling from the region's fields, validated (the coordinator validated them, so an
+/// error here means a corrupt region).
+pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
+    let params = SamplingParams {
+        temperature: f32::from_bits(f.temperature_bits),
+        top_k: f.top_k,
+        top_p: f32::from_bits(f.top_p_bits),
+        min_p: f32::from_bits(f.min_p_bits),
+        seed: f.seed,
+    }
+    .validate()?;
+    Ok(RequestSampling {
+        params,
+        greedy_draft: f.greedy_draft,
+    })
 }
 
 impl Held {
@@ -106,6 +139,7 @@ fn take_up(region: &Region, req: &amusd_shm::RequestSnapshot) -> Result<Option<H
             stop_ids: req.stop_tokens.clone(),
             max_new_tokens: req.max_new_tokens as usize,
         },
+        sampling: sampling_of(&req.sampling)?,
         committed: snap.tokens,
     }))
 }
@@ -165,6 +199,7 @@ pub fn run_draft<D: Decoder>(
                     if let Some(h) = take_up(region, &req)? {
                         let prompt = &h.committed[..h.prompt_len];
                         drafter.start(prompt, h.limit)?;
+                        drafter.sampler = h.sampling.drafter();
                         // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
                         // mid-rewrite.
                         region_len = region.draft_rewrite(h.id, 0, prompt)?;
@@ -296,6 +331,7 @@ pub fn run_verify<D: Decoder>(
             if held.is_none() {
                 if let Some(h) = take_up(region, &req)? {
                     verifier.decoder.reset(h.limit)?;
+                    verifier.sampler = h.sampling.verifier();
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
                     region.set_worker_state(role, WorkerState::Busy);
@@ -398,6 +434,7 @@ pub fn run_request(
     request_id: u64,
     prompt: &[u32],
     stop: &StopCriteria,
+    sampling: &RequestSampling,
     on_tokens: &mut dyn FnMut(&[u32]),
     supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
 ) -> Result<Generation, SpecError> {
@@ -417,6 +454,7 @@ pub fn run_request(
         prompt,
         max_new_tokens: max_new,
         stop_tokens: &stop.stop_ids,
+        sampling: sampling_fields(sampling),
     })?;
     let mut seen = prompt.len();
     let result = (|| -> Result<(), SpecError> {
@@ -503,6 +541,35 @@ mod tests {
     use rand::{Rng, SeedableRng};
     use std::sync::Arc;
 
+    /// Greedy half of the time, otherwise sampling with random filters and seed.
+    fn random_sampling(rng: &mut rand::rngs::StdRng) -> crate::RequestSampling {
+        if rng.gen_bool(0.5) {
+            return crate::RequestSampling::default();
+        }
+        crate::RequestSampling {
+            params: crate::SamplingParams {
+                temperature: [0.3, 0.7, 1.0, 1.5][rng.gen_range(0..4)],
+                top_k: if rng.gen_bool(0.5) {
+                    0
+                } else {
+                    rng.gen_range(1..30)
+                },
+                top_p: if rng.gen_bool(0.5) {
+                    1.0
+                } else {
+                    rng.gen_range(0.3..1.0)
+                },
+                min_p: if rng.gen_bool(0.5) {
+                    0.0
+                } else {
+                    rng.gen_range(0.0..0.3)
+                },
+                seed: rng.gen(),
+            },
+            greedy_draft: rng.gen_bool(0.2),
+        }
+    }
+
     /// Both workers as threads over one in-process region, fake models, many requests with heavy
     /// rollback and random limits: every committed sequence must equal autoregressive decoding.
     fn run_protocol(requests: usize, seed: u64, us: u64) {
@@ -551,13 +618,16 @@ mod tests {
                 stop_ids: vec![truth.eos],
                 max_new_tokens: rng.gen_range(0..120),
             };
-            let want = autoregressive(&mut reference, &prompt, &stop, &mut |_| {}).unwrap();
+            let sampling = random_sampling(&mut rng);
+            let want =
+                autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {}).unwrap();
             let mut streamed = Vec::new();
             let got = run_request(
                 &region,
                 i as u64 + 1,
                 &prompt,
                 &stop,
+                &sampling,
                 &mut |t| streamed.extend_from_slice(t),
                 &mut |_| Ok(()),
             )

@@ -8,12 +8,13 @@ use amusd_model::loader::{load_text, ModelText};
 use amusd_shm::Role;
 use amusd_spec::fake::FakeModel;
 use amusd_spec::worker::run_request;
-use amusd_spec::{Generation, SpecError, StopCriteria};
+use amusd_spec::{Generation, RequestSampling, SpecError, StopCriteria};
 use anyhow::{bail, Context, Result};
 
 use crate::generate::ChaosSignal;
 use crate::generate::{
-    check_same_vocabulary, encode_conversation, finish_output, GenerateArgs, ModelArgs, Strategy,
+    check_same_vocabulary, encode_conversation, finish_output, sampling_json, GenerateArgs,
+    ModelArgs, Output, Strategy,
 };
 use crate::output::{print_text, Spinner};
 use crate::supervisor::{install_signal_handlers, Policy, Supervisor, WorkerSpec};
@@ -127,6 +128,7 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         stop: &StopCriteria,
+        sampling: &RequestSampling,
         on_tokens: &mut dyn FnMut(&[u32]),
     ) -> Result<Generation> {
         let id = self.next_id;
@@ -148,13 +150,18 @@ impl Engine {
             id,
             prompt,
             stop,
+            sampling,
             on_tokens,
             &mut supervise,
         )?)
     }
 }
 
-pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
+pub fn generate(
+    args: &GenerateArgs,
+    messages: &[Message],
+    sampling: &RequestSampling,
+) -> Result<ExitCode> {
     let m = &args.models;
     let verify_spec = m.verify_spec()?;
     let draft_spec = m.draft_spec()?;
@@ -195,7 +202,7 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
             }
         }
     };
-    let result = engine.generate(&prompt, &stop, &mut on_tokens);
+    let result = engine.generate(&prompt, &stop, sampling, &mut on_tokens);
     let restarts = engine.sup.restarts;
     let worst = engine.sup.worst_recovery;
     let injected = engine.chaos.as_ref().map_or(0, |c| c.injected);
@@ -207,10 +214,23 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
     }
     let g = result?;
     match &verify_text {
-        Some(t) => finish_output(Strategy::Amusd, &t.tokenizer, prompt.len(), &g, json)?,
+        Some(t) => {
+            let out = Output {
+                strategy: Strategy::Amusd,
+                prompt_tokens: prompt.len(),
+                sampling,
+                json,
+            };
+            finish_output(&out, &t.tokenizer, &g)?
+        }
         None => println!(
             "{}",
-            serde_json::json!({"strategy": "amusd", "tokens": g.tokens, "finish_reason": g.finish})
+            serde_json::json!({
+                "strategy": "amusd",
+                "tokens": g.tokens,
+                "finish_reason": g.finish,
+                "sampling": sampling_json(sampling),
+            })
         ),
     }
     if restarts > 0 || injected > 0 {

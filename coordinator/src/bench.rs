@@ -70,7 +70,8 @@ use amusd_model::loader::{load_text, ModelText};
 use amusd_shm::{now_us, EventKind, EventRecord, Role, READABLE_EVENTS, TOKEN_CAPACITY};
 use amusd_spec::generate::{autoregressive, check_fits, speculative};
 use amusd_spec::{
-    Decoder, Drafter, FinishReason, Generation, LlamaDecoder, SpecError, StopCriteria, Verifier,
+    Decoder, Drafter, FinishReason, Generation, LlamaDecoder, RequestSampling, Sampler,
+    SamplingParams, SpecError, StopCriteria, Verifier,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -80,7 +81,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::amusd::Engine;
 use crate::generate::{
-    check_same_vocabulary, encode_conversation, load_model, ModelArgs, Strategy,
+    check_same_vocabulary, encode_conversation, load_model, sampling_label, ModelArgs,
+    SamplingArgs, Strategy,
 };
 use crate::supervisor::INTERRUPTED;
 
@@ -113,6 +115,8 @@ pub struct BenchArgs {
     pub plot_sample: usize,
     #[command(flatten)]
     pub models: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 #[derive(Args, Debug)]
@@ -428,7 +432,67 @@ struct Record {
     prompt_tokens: usize,
     #[serde(default)]
     finish_reason: String,
+    /// Records written before sampling existed are greedy.
+    #[serde(default)]
+    sampling: SamplingRecord,
     metrics: RecordMetrics,
+}
+
+/// The sampling parameters of a record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SamplingRecord {
+    temperature: f32,
+    top_k: u32,
+    top_p: f32,
+    min_p: f32,
+    seed: u64,
+    #[serde(default)]
+    greedy_draft: bool,
+}
+
+impl Default for SamplingRecord {
+    fn default() -> Self {
+        Self::of(&RequestSampling::default())
+    }
+}
+
+impl SamplingRecord {
+    fn of(s: &RequestSampling) -> Self {
+        let p = &s.params;
+        Self {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            seed: p.seed,
+            greedy_draft: s.greedy_draft,
+        }
+    }
+
+    fn sampling(&self) -> RequestSampling {
+        RequestSampling {
+            params: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                seed: self.seed,
+            },
+            greedy_draft: self.greedy_draft,
+        }
+    }
+}
+
+impl Record {
+    /// What the report groups by: the dataset, and the sampling unless greedy.
+    fn group(&self) -> String {
+        let sampling = self.sampling.sampling();
+        if sampling.params.is_greedy() && !sampling.greedy_draft {
+            self.dataset.clone()
+        } else {
+            format!("{} ({})", self.dataset, sampling_label(&sampling))
+        }
+    }
 }
 
 fn first_turn() -> usize {
@@ -552,14 +616,15 @@ impl<D: Decoder> Decoder for Timed<D> {
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         self.inner.reset(len)
     }
-    fn greedy(
+    fn next_tokens(
         &mut self,
         tokens: &[u32],
         start: usize,
         first_row: usize,
+        sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
         let t0 = now_us();
-        let out = self.inner.greedy(tokens, start, first_row);
+        let out = self.inner.next_tokens(tokens, start, first_row, sampler);
         self.spans.borrow_mut().push(Span {
             t0,
             t1: now_us(),
@@ -605,6 +670,7 @@ impl InProcess {
         strategy: Strategy,
         prompt: &[u32],
         stop: &StopCriteria,
+        sampling: &RequestSampling,
     ) -> Result<(Generation, Trace)> {
         self.verify_spans.borrow_mut().clear();
         self.draft_spans.borrow_mut().clear();
@@ -612,12 +678,15 @@ impl InProcess {
         let start = now_us();
         let mut on_tokens = |ids: &[u32]| commits.push((now_us(), ids.len()));
         let g = match (strategy, self.drafter.as_mut()) {
-            (Strategy::Ar, _) => autoregressive(&mut self.verifier, prompt, stop, &mut on_tokens)?,
+            (Strategy::Ar, _) => {
+                autoregressive(&mut self.verifier, prompt, stop, sampling, &mut on_tokens)?
+            }
             (Strategy::Sd, Some(drafter)) => speculative(
                 &mut self.verifier,
                 drafter,
                 prompt,
                 stop,
+                sampling,
                 self.lookahead,
                 &mut on_tokens,
             )?,
@@ -646,6 +715,7 @@ fn amusd_generate(
     engine: &mut Engine,
     prompt: &[u32],
     stop: &StopCriteria,
+    sampling: &RequestSampling,
 ) -> Result<(Generation, Trace)> {
     let shm = engine.sup.shm_handle();
     let region = shm.region();
@@ -655,7 +725,9 @@ fn amusd_generate(
     ];
     let mut commits = Vec::new();
     let start = now_us();
-    let g = engine.generate(prompt, stop, &mut |ids| commits.push((now_us(), ids.len())))?;
+    let g = engine.generate(prompt, stop, sampling, &mut |ids| {
+        commits.push((now_us(), ids.len()))
+    })?;
     let mut trace = Trace {
         commits: commits
             .into_iter()
@@ -722,6 +794,7 @@ struct RunContext<'a> {
     text: &'a ModelText,
     samples: &'a [Prepared],
     stop: StopCriteria,
+    sampling: RequestSampling,
     dataset: String,
     warmup: usize,
     plot_sample: Option<usize>,
@@ -799,6 +872,7 @@ impl RunContext<'_> {
                         FinishReason::Stop => "stop".into(),
                         FinishReason::Length => "length".into(),
                     },
+                    sampling: SamplingRecord::of(&self.sampling),
                     metrics: RecordMetrics::of(&g),
                 });
                 if turn == 1 && self.plot_sample == Some(k) {
@@ -862,6 +936,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens 0 generates nothing; pass at least 1");
+    }
+    let sampling = args.sampling.resolve()?;
+    if !sampling.params.is_greedy() {
+        eprintln!("amusd: sampling with {}", sampling_label(&sampling));
     }
     let m = &args.models;
     let in_process = strategies.iter().any(|&s| s != Strategy::Amusd);
@@ -983,6 +1061,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             stop_ids: text.eos_ids.clone(),
             max_new_tokens: args.max_new_tokens,
         },
+        sampling,
         dataset: dataset_name.clone(),
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
@@ -1013,7 +1092,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     &reference,
                     &mut mismatches,
                     &mut done,
-                    &mut |prompt, stop| p.generate(strategy, prompt, stop),
+                    &mut |prompt, stop| p.generate(strategy, prompt, stop, &sampling),
                 ),
                 None => Err(anyhow::anyhow!("internal: no in-process models")),
             },
@@ -1032,7 +1111,9 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                             &reference,
                             &mut mismatches,
                             &mut done,
-                            &mut |prompt, stop| amusd_generate(&mut engine, prompt, stop),
+                            &mut |prompt, stop| {
+                                amusd_generate(&mut engine, prompt, stop, &sampling)
+                            },
                         )
                     })
             }
@@ -1144,15 +1225,15 @@ fn ratio(num: usize, den: usize) -> Option<f64> {
 
 /// Groups records by dataset (in order of appearance) and strategy (ar, sd, amusd, then others).
 fn summarize(records: &[Record]) -> Vec<Row> {
-    let mut datasets: Vec<&str> = Vec::new();
+    let mut datasets: Vec<String> = Vec::new();
     for r in records {
-        if !datasets.contains(&r.dataset.as_str()) {
-            datasets.push(&r.dataset);
+        if !datasets.contains(&r.group()) {
+            datasets.push(r.group());
         }
     }
     let mut rows = Vec::new();
-    for ds in datasets {
-        let of_ds: Vec<&Record> = records.iter().filter(|r| r.dataset == ds).collect();
+    for ds in &datasets {
+        let of_ds: Vec<&Record> = records.iter().filter(|r| &r.group() == ds).collect();
         let mut strategies: Vec<&str> = Vec::new();
         for known in ["ar", "sd", "amusd"] {
             if of_ds.iter().any(|r| r.strategy == known) {
@@ -1851,6 +1932,7 @@ mod tests {
             dataset: "d".into(),
             prompt_tokens: 10,
             finish_reason: "length".into(),
+            sampling: SamplingRecord::default(),
             metrics: RecordMetrics {
                 total_time: 1.0,
                 tokens_generated: tokens.len(),

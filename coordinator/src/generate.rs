@@ -8,7 +8,9 @@ use amusd_model::loader::{self, LoadedModel, ModelSpec};
 use amusd_model::tokenizer::Tokenizer;
 use amusd_model::DeviceSpec;
 use amusd_spec::generate::{autoregressive, speculative};
-use amusd_spec::{Drafter, Generation, LlamaDecoder, StopCriteria, Verifier};
+use amusd_spec::{
+    Drafter, Generation, LlamaDecoder, RequestSampling, SamplingParams, StopCriteria, Verifier,
+};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
@@ -130,6 +132,103 @@ pub fn parse_device(s: &str) -> Result<DeviceSpec> {
     Ok(d)
 }
 
+/// How tokens are chosen; shared by `generate` and `bench`.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding. Output stays identical across ar, sd and amusd
+    /// for a given seed.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: u32,
+    /// Keep the most likely tokens that make up probability P (1: off).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub top_p: f32,
+    /// Keep tokens at least M times as likely as the most likely one (0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "M",
+        allow_hyphen_values = true
+    )]
+    pub min_p: f32,
+    /// Seed of the sampling noise. Default with --temperature > 0: a random one, printed in the
+    /// summary and the JSON output so the run can be repeated.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
+    /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
+    #[arg(long)]
+    pub greedy_draft: bool,
+}
+
+impl SamplingArgs {
+    /// The validated parameters, with a random seed when sampling without one.
+    pub fn resolve(&self) -> Result<RequestSampling> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: 0,
+        };
+        let mut params = params
+            .validate()
+            .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+        if !params.is_greedy() {
+            params.seed = self.seed.unwrap_or_else(rand::random);
+        }
+        Ok(RequestSampling {
+            params,
+            greedy_draft: self.greedy_draft,
+        })
+    }
+}
+
+/// The sampling parameters as printed in JSON output and bench records.
+pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
+    let p = &s.params;
+    // Through their shortest decimal form, so 0.7 prints as 0.7, not as the f64 of an f32.
+    let num = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
+    serde_json::json!({
+        "temperature": num(p.temperature),
+        "top_k": p.top_k,
+        "top_p": num(p.top_p),
+        "min_p": num(p.min_p),
+        "seed": p.seed,
+        "greedy_draft": s.greedy_draft,
+    })
+}
+
+/// `greedy`, or the parameters that differ from greedy's, seed included.
+pub fn sampling_label(s: &RequestSampling) -> String {
+    let p = &s.params;
+    if p.is_greedy() {
+        return "greedy".into();
+    }
+    let mut out = format!("temperature {}", p.temperature);
+    if p.top_k > 0 {
+        out.push_str(&format!(", top-k {}", p.top_k));
+    }
+    if p.top_p < 1.0 {
+        out.push_str(&format!(", top-p {}", p.top_p));
+    }
+    if p.min_p > 0.0 {
+        out.push_str(&format!(", min-p {}", p.min_p));
+    }
+    out.push_str(&format!(", seed {}", p.seed));
+    if s.greedy_draft {
+        out.push_str(", greedy draft");
+    }
+    out
+}
+
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     #[arg(long, value_enum, default_value = "ar")]
@@ -156,6 +255,8 @@ pub struct GenerateArgs {
     pub prompt_ids: Option<Vec<u32>>,
     #[command(flatten)]
     pub models: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
 }
 
 /// Loads a model from a spec, with a spinner.
@@ -216,6 +317,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens 0 generates nothing; pass at least 1");
     }
+    let sampling = args.sampling.resolve()?;
     let text = if args.prompt_ids.is_some() {
         String::new()
     } else {
@@ -229,7 +331,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let m = &args.models;
     let verify_device = m.verify_device()?;
     if args.strategy == Strategy::Amusd {
-        return crate::amusd::generate(&args, &messages);
+        return crate::amusd::generate(&args, &messages, &sampling);
     }
     amusd_spec::bind::bind_current_process(verify_device)?;
     let verify = load_model(&m.verify_spec()?, "verify")?;
@@ -262,7 +364,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let mut verifier = Verifier::new(LlamaDecoder::new(verify.llama));
     let generation = match args.strategy {
-        Strategy::Ar => autoregressive(&mut verifier, &prompt, &stop, &mut on_tokens)?,
+        Strategy::Ar => autoregressive(&mut verifier, &prompt, &stop, &sampling, &mut on_tokens)?,
         Strategy::Sd => {
             let draft = load_model(&m.draft_spec()?, "draft")?;
             check_same_vocabulary(&tokenizer, &draft.tokenizer)?;
@@ -272,38 +374,52 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
                 &mut drafter,
                 &prompt,
                 &stop,
+                &sampling,
                 m.lookahead,
                 &mut on_tokens,
             )?
         }
         Strategy::Amusd => unreachable!(),
     };
-    finish_output(args.strategy, &tokenizer, prompt.len(), &generation, json)?;
+    let out = Output {
+        strategy: args.strategy,
+        prompt_tokens: prompt.len(),
+        sampling: &sampling,
+        json,
+    };
+    finish_output(&out, &tokenizer, &generation)?;
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a generation's output reports besides the generation itself.
+pub struct Output<'a> {
+    pub strategy: Strategy,
+    pub prompt_tokens: usize,
+    pub sampling: &'a RequestSampling,
+    pub json: bool,
+}
+
 /// Prints the trailing newline and summary, or the JSON object.
-pub fn finish_output(
-    strategy: Strategy,
-    tokenizer: &Tokenizer,
-    prompt_tokens: usize,
-    g: &Generation,
-    json: bool,
-) -> Result<()> {
+pub fn finish_output(out: &Output<'_>, tokenizer: &Tokenizer, g: &Generation) -> Result<()> {
     let text = tokenizer.decode(&g.tokens, true)?;
-    if json {
-        let out = serde_json::json!({
-            "strategy": strategy.name(),
-            "prompt_tokens": prompt_tokens,
+    if out.json {
+        let json = serde_json::json!({
+            "strategy": out.strategy.name(),
+            "prompt_tokens": out.prompt_tokens,
             "tokens": g.tokens,
             "text": text,
             "finish_reason": g.finish,
+            "sampling": sampling_json(out.sampling),
             "metrics": summary_json(&g.metrics),
         });
-        println!("{out}");
+        println!("{json}");
     } else {
         println!();
-        eprintln!("{}", summary_line(strategy, &g.metrics));
+        eprintln!(
+            "{}; {}",
+            summary_line(out.strategy, &g.metrics),
+            sampling_label(out.sampling)
+        );
     }
     Ok(())
 }

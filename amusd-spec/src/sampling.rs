@@ -1,0 +1,726 @@
+//! Sampling that keeps speculative decoding exact: Gumbel-max with counter-based noise.
+//!
+//! # Why the strategies still agree
+//! A token is chosen as `argmax_i (s_i + g_i)` over the tokens that survive masking, where `s` are
+//! the processed logits and `g_i` is Gumbel(0, 1) noise that depends only on `(seed, position,
+//! i)`: `position` is the absolute index the chosen token will have in the sequence (prompt
+//! included). So the verify model's token at a position is a pure function of its logits there, the
+//! seed and the position; given the batch-invariant forward pass of `amusd-model` those logits are
+//! the same whichever strategy computed them, and nothing else enters. Verification stays "accept
+//! while the draft's token equals the verify model's", `ar`, `sd` and `amusd` commit the same tokens,
+//! and a rollback or a restarted worker needs no generator state: the noise of a position is
+//! recomputed, not remembered. The draft uses the same noise on its own logits, so where its
+//! distribution is close to the verify model's it proposes the same sample.
+//!
+//! Gumbel-max is an exact sampler: with independent Gumbel(0, 1) noise, `argmax (s_i + g_i)` is
+//! distributed as `softmax(s)` over the survivors. Every position (and every token) has its own
+//! counter, so the noise is independent across positions. The noise is a function of the
+//! position, not of the prompt: two requests with the same seed share it (each one is still an
+//! exact sample; only their correlation is fixed).
+//!
+//! # The noise: Philox4x32-10
+//! The counter-based generator of Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3"
+//! (SC'11), as in Random123, cuRAND, JAX and PyTorch: ten rounds of two 32x32->64-bit multiplies,
+//! it passes TestU01's BigCrush for any counter pattern, and a CUDA port would compute the same
+//! bits. No crate provides it in a well-kept state (the `philox` crate is an unmaintained 0.0.0), so
+//! it is the 20 lines below, checked against Random123's published known-answer vectors. Counter =
+//! `[token, position low 32 bits, position high 32 bits, 0]`, key = the seed's two halves. The
+//! first two output words make 64 bits `x`; `u = ((x >> 12) + 0.5) / 2^52` is uniform on (0, 1)
+//! (never 0 or 1: every such value is exact in f64), and `g = -ln(-ln u)`, computed in f64 with the `libm` crate (a pure-Rust port of
+//! musl's libm) so the noise is bit-for-bit the same on every platform.
+//!
+//! # Logits processing, in this fixed order
+//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the raw logits, exactly as before sampling
+//!    existed (top-k, top-p and min-p never remove the argmax, so they are moot).
+//! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf).
+//! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
+//! 4. top-p (`p < 1`): with `q_i = expf(s_i - s_max)` (f32) and `Z` their f32 sum over the
+//!    survivors in increasing id order, keep the shortest run of survivors in decreasing `s` order
+//!    (ties: lowest id first) whose f32 running sum of `q` reaches `p * Z`.
+//! 5. min-p (`m > 0`): keep survivors with `expf(s_i - s_max) >= m` (f32), i.e. a probability at
+//!    least `m` times the most likely token's.
+//! 6. Choose `argmax (s_i + g_i)` over the survivors, the sum in f64 (`s_i` widened exactly), ties
+//!    to the lowest id.
+//!
+//! Only the survivors' noise matters, and most tokens cannot win: a token is skipped, without its
+//! two logarithms, when a bound on its noise read from the generator's bits (or the largest noise
+//! any bits can give) cannot lift it above the best key so far. The bounds are strict, so the
+//! choice is exactly the one the full computation makes.
+
+use amusd_model::kernels;
+
+/// Sampling parameters that fail [`SamplingParams::validate`].
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    #[error("temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {0}")]
+    Temperature(f32),
+    #[error("top-p must be in (0, 1] (1 turns it off), got {0}")]
+    TopP(f32),
+    #[error("min-p must be in [0, 1] (0 turns it off), got {0}")]
+    MinP(f32),
+}
+
+/// The smallest temperature other than 0: below it, logits divided by it overflow f32.
+pub const MIN_TEMPERATURE: f32 = 1e-3;
+
+/// How a request chooses its tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0: greedy. Otherwise logits are divided by it.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 turns it off (as llama.cpp and OpenAI-style servers).
+    pub top_k: u32,
+    /// Keep the most likely tokens whose probabilities add up to `top_p`; 1 turns it off.
+    pub top_p: f32,
+    /// Keep tokens at least `min_p` times as likely as the most likely one; 0 turns it off.
+    pub min_p: f32,
+    /// The noise's key: the same seed gives the same tokens.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::GREEDY
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding: temperature 0, every filter off.
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        seed: 0,
+    };
+
+    /// `self` if every value is in its domain.
+    pub fn validate(self) -> Result<Self, SamplingError> {
+        let t = self.temperature;
+        if !(t == 0.0 || (t.is_finite() && t >= MIN_TEMPERATURE)) {
+            return Err(SamplingError::Temperature(t));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(SamplingError::TopP(self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(SamplingError::MinP(self.min_p));
+        }
+        Ok(self)
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+}
+
+/// A request's sampling: the verify model's parameters, and whether the draft samples with them
+/// (the default) or proposes its greedy tokens (llama.cpp's scheme, kept to compare acceptance).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RequestSampling {
+    pub params: SamplingParams,
+    pub greedy_draft: bool,
+}
+
+impl RequestSampling {
+    pub fn new(params: SamplingParams) -> Self {
+        Self {
+            params,
+            greedy_draft: false,
+        }
+    }
+
+    /// The verify model's sampler.
+    pub fn verifier(&self) -> Sampler {
+        Sampler::new(self.params)
+    }
+
+    /// The draft model's sampler.
+    pub fn drafter(&self) -> Sampler {
+        Sampler::new(if self.greedy_draft {
+            SamplingParams::GREEDY
+        } else {
+            self.params
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The noise
+// ---------------------------------------------------------------------------------------------
+
+const PHILOX_M0: u32 = 0xD251_1F53;
+const PHILOX_M1: u32 = 0xCD9E_8D57;
+const PHILOX_W0: u32 = 0x9E37_79B9;
+const PHILOX_W1: u32 = 0xBB67_AE85;
+
+/// Philox4x32 with 10 rounds (Random123's `philox4x32_R(10, ctr, key)`).
+pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
+    for round in 0..10 {
+        if round > 0 {
+            key[0] = key[0].wrapping_add(PHILOX_W0);
+            key[1] = key[1].wrapping_add(PHILOX_W1);
+        }
+        let p0 = u64::from(PHILOX_M0) * u64::from(ctr[0]);
+        let p1 = u64::from(PHILOX_M1) * u64::from(ctr[2]);
+        ctr = [
+            (p1 >> 32) as u32 ^ ctr[1] ^ key[0],
+            p1 as u32,
+            (p0 >> 32) as u32 ^ ctr[3] ^ key[1],
+            p0 as u32,
+        ];
+    }
+    ctr
+}
+
+/// The 64 random bits of `(seed, position, token)`.
+pub fn noise_bits(seed: u64, position: u64, token: u32) -> u64 {
+    let out = philox4x32_10(
+        [token, position as u32, (position >> 32) as u32, 0],
+        [seed as u32, (seed >> 32) as u32],
+    );
+    u64::from(out[0]) | (u64::from(out[1]) << 32)
+}
+
+/// The uniform on (0, 1) made of `bits`: `((bits >> 12) + 0.5) / 2^52`, exact in f64 (with one
+/// more bit, `1 - 2^-54` would round to 1).
+pub fn uniform(bits: u64) -> f64 {
+    ((bits >> 12) as f64 + 0.5) * (1.0 / (1u64 << 52) as f64)
+}
+
+/// Gumbel(0, 1) noise made of `bits`: `-ln(-ln u)`.
+pub fn gumbel_of_bits(bits: u64) -> f64 {
+    -libm::log(-libm::log(uniform(bits)))
+}
+
+/// The Gumbel noise of token `token` at `position` under `seed`.
+pub fn gumbel(seed: u64, position: u64, token: u32) -> f64 {
+    gumbel_of_bits(noise_bits(seed, position, token))
+}
+
+/// Above any noise: the largest `u` is `1 - 2^-53`, whose noise is `-ln(-ln u) < 53 ln 2 = 36.74`.
+const NOISE_MAX: f64 = 37.5;
+
+/// An upper bound of [`gumbel_of_bits`] read from the bits alone: with `L` leading one bits in
+/// the 52 that make `u`, `1 - u >= 2^-(L+1)`, and `-ln u > 1 - u`, so
+/// `-ln(-ln u) < -ln(1 - u) <= (L + 1) ln 2` (the callers add a margin for rounding).
+fn noise_bound(bits: u64) -> f64 {
+    let ones = bits.leading_ones().min(52);
+    f64::from(ones + 1) * std::f64::consts::LN_2
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sampler
+// ---------------------------------------------------------------------------------------------
+
+/// Chooses tokens from logits under [`SamplingParams`]; owns scratch buffers so that choosing
+/// allocates nothing after the first call.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    pub params: SamplingParams,
+    scaled: Vec<f32>,
+    survivors: Vec<u32>,
+}
+
+impl Default for Sampler {
+    fn default() -> Self {
+        Self::new(SamplingParams::GREEDY)
+    }
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        Self {
+            params,
+            scaled: Vec::new(),
+            survivors: Vec::new(),
+        }
+    }
+
+    /// The token at absolute `position` (its index in the sequence, prompt included), given the
+    /// logits that predict it.
+    pub fn choose(&mut self, logits: &[f32], position: usize) -> u32 {
+        if self.params.is_greedy() {
+            return kernels::argmax(logits);
+        }
+        let Some(top) = self.mask(logits) else {
+            // Every logit NaN or -inf: nothing to sample from; answer as greedy does.
+            return kernels::argmax(logits);
+        };
+        gumbel_argmax(
+            &self.scaled,
+            &self.survivors,
+            top,
+            self.params.seed,
+            position as u64,
+        )
+    }
+
+    /// The tokens that may be chosen at these logits (steps 2 to 5 of the module docs), in no
+    /// particular order. Empty when greedy.
+    pub fn survivors(&mut self, logits: &[f32]) -> &[u32] {
+        self.survivors.clear();
+        if !self.params.is_greedy() {
+            self.mask(logits);
+        }
+        &self.survivors
+    }
+
+    /// Fills `scaled` and `survivors`; returns the survivor with the largest scaled logit (lowest id
+    /// on ties), `None` when there is none.
+    fn mask(&mut self, logits: &[f32]) -> Option<u32> {
+        let p = self.params;
+        self.scaled.clear();
+        self.scaled.extend(logits.iter().map(|&l| {
+            let s = l / p.temperature;
+            if s.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                s
+            }
+        }));
+        let scaled = &self.scaled;
+        self.survivors.clear();
+        self.survivors
+            .extend((0..scaled.len() as u32).filter(|&i| scaled[i as usize] > f32::NEG_INFINITY));
+        let top = first_max(scaled, &self.survivors)?;
+        let s_max = scaled[top as usize];
+        let by_rank = |a: &u32, b: &u32| {
+            let (sa, sb) = (scaled[*a as usize], scaled[*b as usize]);
+            sb.partial_cmp(&sa)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(b))
+        };
+        let k = p.top_k as usize;
+        if k > 0 && k < self.survivors.len() {
+            self.survivors.select_nth_unstable_by(k - 1, by_rank);
+            self.survivors.truncate(k);
+            // Back to id order: the order top-p sums in.
+            self.survivors.sort_unstable();
+        }
+        if p.top_p < 1.0 {
+            top_p(scaled, &mut self.survivors, s_max, p.top_p, by_rank);
+        }
+        if p.min_p > 0.0 {
+            self.survivors
+                .retain(|&i| i == top || libm::expf(scaled[i as usize] - s_max) >= p.min_p);
+        }
+        Some(top)
+    }
+}
+
+/// The survivor with the largest value, lowest id on ties.
+fn first_max(scaled: &[f32], survivors: &[u32]) -> Option<u32> {
+    let mut best: Option<u32> = None;
+    for &i in survivors {
+        if best.is_none_or(|b| scaled[i as usize] > scaled[b as usize]) {
+            best = Some(i);
+        }
+    }
+    best
+}
+
+/// Step 4 of the module docs. `survivors` come in increasing id order. Only the most likely ones
+/// are sorted when they already hold the needed mass (a threshold set is a prefix of the ranking,
+/// so its running sums are those of the full ranking); otherwise all of them.
+fn top_p(
+    scaled: &[f32],
+    survivors: &mut Vec<u32>,
+    s_max: f32,
+    p: f32,
+    by_rank: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
+) {
+    let q = |i: u32| libm::expf(scaled[i as usize] - s_max);
+    let z: f32 = survivors.iter().map(|&i| q(i)).sum();
+    let target = p * z;
+    let keep_prefix = |ranked: &[u32]| -> Option<usize> {
+        let mut cum = 0f32;
+        for (n, &i) in ranked.iter().enumerate() {
+            cum += q(i);
+            if cum >= target {
+                return Some(n + 1);
+            }
+        }
+        None
+    };
+    const LIKELY: f32 = 1e-4;
+    let mut head: Vec<u32> = survivors
+        .iter()
+        .copied()
+        .filter(|&i| q(i) >= LIKELY)
+        .collect();
+    head.sort_unstable_by(by_rank);
+    if let Some(n) = keep_prefix(&head) {
+        head.truncate(n);
+        *survivors = head;
+        return;
+    }
+    survivors.sort_unstable_by(by_rank);
+    // Rounding may leave the running sum a hair under `p * Z` for p near 1: then keep everything.
+    let n = keep_prefix(survivors).unwrap_or(survivors.len());
+    survivors.truncate(n);
+}
+
+/// Step 6 of the module docs, starting from `top` (the survivor with the largest scaled logit) so
+/// that most others are pruned by the noise bounds.
+fn gumbel_argmax(scaled: &[f32], survivors: &[u32], top: u32, seed: u64, position: u64) -> u32 {
+    let mut best_id = top;
+    let mut best = f64::from(scaled[top as usize]) + gumbel(seed, position, top);
+    for &i in survivors {
+        let s = f64::from(scaled[i as usize]);
+        // The bounds are exact; the margin covers the rounding of the sums (1e-12 relative at most).
+        let margin = 1e-6 + s.abs() * 1e-12;
+        if i == top || s + NOISE_MAX + margin <= best {
+            continue;
+        }
+        let bits = noise_bits(seed, position, i);
+        if s + noise_bound(bits) + margin <= best {
+            continue;
+        }
+        let key = s + gumbel_of_bits(bits);
+        if key > best || (key == best && i < best_id) {
+            best = key;
+            best_id = i;
+        }
+    }
+    best_id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params(temperature: f32, top_k: u32, top_p: f32, min_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+        }
+        .validate()
+        .unwrap()
+    }
+
+    /// Random123's `kat_vectors`, the three `philox4x32 10` lines.
+    #[test]
+    fn philox_matches_the_published_known_answers() {
+        let cases = [
+            (
+                [0; 4],
+                [0; 2],
+                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
+            ),
+            (
+                [u32::MAX; 4],
+                [u32::MAX; 2],
+                [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
+            ),
+            (
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0],
+                [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
+            ),
+        ];
+        for (ctr, key, want) in cases {
+            assert_eq!(philox4x32_10(ctr, key), want);
+        }
+    }
+
+    /// The noise is part of what a seed means: changing any of these values changes every sampled
+    /// text, so it must be a deliberate, documented change.
+    #[test]
+    fn noise_reference_values_are_pinned() {
+        for ((seed, pos, tok), bits, g_bits) in PINNED {
+            assert_eq!(noise_bits(seed, pos, tok), bits, "{seed} {pos} {tok}");
+            assert_eq!(
+                gumbel(seed, pos, tok).to_bits(),
+                g_bits,
+                "{seed} {pos} {tok}"
+            );
+        }
+    }
+
+    /// `((seed, position, token), bits, gumbel's f64 bits)`. The first is Random123's all-zero
+    /// known answer (its first two words).
+    const PINNED: [((u64, u64, u32), u64, u64); 4] = [
+        ((0, 0, 0), 0xe169c58d6627e8d5, 0x40007e484179cd9f),
+        ((42, 17, 1234), 0x9190c35e9020e1c9, 0x3fe24b8fbe03050d),
+        (
+            (u64::MAX, 1 << 40, 49_151),
+            0xe89363460872d8f4,
+            0x4002c01e51447aae,
+        ),
+        ((7, 8191, 3), 0xb0efca00764721c8, 0x3fefde87cb4bed30),
+    ];
+
+    /// Kolmogorov-Smirnov on 10^6 uniforms (one position, a million token ids, and a million
+    /// positions of one token): D must stay under the 0.1% critical value 1.949 / sqrt(n).
+    #[test]
+    fn noise_is_uniform() {
+        let n = 1_000_000usize;
+        let streams: [Box<dyn Fn(usize) -> u64>; 2] = [
+            Box::new(|i| noise_bits(12345, 77, i as u32)),
+            Box::new(|i| noise_bits(999, i as u64, 5)),
+        ];
+        for stream in streams {
+            let mut u: Vec<f64> = (0..n).map(|i| uniform(stream(i))).collect();
+            u.sort_unstable_by(f64::total_cmp);
+            let d = u
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| {
+                    let (lo, hi) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                    (x - lo).abs().max(hi - x)
+                })
+                .fold(0.0, f64::max);
+            let critical = 1.949 / (n as f64).sqrt();
+            assert!(d < critical, "KS D = {d} >= {critical}");
+            assert!(u[0] > 0.0 && u[n - 1] < 1.0);
+        }
+    }
+
+    #[test]
+    fn noise_bounds_hold_at_the_extremes() {
+        let extremes = [
+            0u64,
+            1,
+            0xfff,
+            0x1000,
+            u64::MAX,
+            u64::MAX - 0xfff,
+            u64::MAX << 12,
+        ];
+        let more = (0..200_000u32).map(|i| noise_bits(3, 9, i));
+        let shifted = (0..64)
+            .map(|k| u64::MAX << k)
+            .chain((0..64).map(|k| !(1u64 << k)));
+        for bits in extremes.into_iter().chain(more).chain(shifted) {
+            let g = gumbel_of_bits(bits);
+            assert!(g.is_finite(), "{bits:#x}");
+            assert!(
+                g < noise_bound(bits) + 1e-9,
+                "{bits:#x}: {g} vs {}",
+                noise_bound(bits)
+            );
+            assert!(g < NOISE_MAX, "{bits:#x}");
+        }
+    }
+
+    #[test]
+    fn bad_values_are_refused_and_zero_top_k_is_off() {
+        let ok = SamplingParams {
+            temperature: 0.7,
+            ..SamplingParams::GREEDY
+        };
+        for t in [-1.0, f32::NAN, f32::INFINITY, 1e-9] {
+            let e = SamplingParams {
+                temperature: t,
+                ..ok
+            }
+            .validate()
+            .unwrap_err();
+            assert!(matches!(e, SamplingError::Temperature(_)), "{t}");
+        }
+        for p in [0.0, -0.1, 1.5, f32::NAN] {
+            let e = SamplingParams { top_p: p, ..ok }.validate().unwrap_err();
+            assert!(matches!(e, SamplingError::TopP(_)), "{p}");
+        }
+        for m in [-0.1, 1.01, f32::NAN, f32::INFINITY] {
+            let e = SamplingParams { min_p: m, ..ok }.validate().unwrap_err();
+            assert!(matches!(e, SamplingError::MinP(_)), "{m}");
+        }
+        assert!(SamplingParams {
+            top_p: 1.0,
+            min_p: 1.0,
+            ..ok
+        }
+        .validate()
+        .is_ok());
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
+        let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0, 1));
+        assert_eq!(s.survivors(&logits).len(), 50);
+    }
+
+    #[test]
+    fn greedy_is_the_argmax_whatever_the_filters() {
+        let logits = [0.5f32, 3.0, -1.0, 3.0, f32::NAN];
+        let mut s = Sampler::new(SamplingParams {
+            top_k: 1,
+            top_p: 0.1,
+            min_p: 0.9,
+            seed: 99,
+            ..SamplingParams::GREEDY
+        });
+        for pos in 0..10 {
+            assert_eq!(s.choose(&logits, pos), kernels::argmax(&logits));
+        }
+    }
+
+    fn sorted(mut v: Vec<u32>) -> Vec<u32> {
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn filters_keep_what_the_docs_say() {
+        // Probabilities at T = 1: 0.5, 0.25, 0.125, 0.0625, ... (ln 2 apart), ids shuffled.
+        let ranks = [3usize, 0, 5, 1, 4, 2];
+        let logits: Vec<f32> = ranks
+            .iter()
+            .map(|&r| -(r as f32) * std::f32::consts::LN_2)
+            .collect();
+        let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits).to_vec());
+        assert_eq!(survivors(params(1.0, 2, 1.0, 0.0, 0)), vec![1, 3]);
+        assert_eq!(
+            survivors(params(1.0, 100, 1.0, 0.0, 0)),
+            vec![0, 1, 2, 3, 4, 5]
+        );
+        // 0.5 + 0.25 reaches 0.7 of the mass; 0.5 alone does not.
+        assert_eq!(survivors(params(1.0, 0, 0.7, 0.0, 0)), vec![1, 3]);
+        assert_eq!(survivors(params(1.0, 0, 0.3, 0.0, 0)), vec![1]);
+        // At least a quarter of the top probability: ranks 0, 1, 2.
+        assert_eq!(survivors(params(1.0, 0, 1.0, 0.24, 0)), vec![1, 3, 5]);
+        // Temperature 0.5 squares the ratios: a quarter is now rank 1.
+        assert_eq!(survivors(params(0.5, 0, 1.0, 0.24, 0)), vec![1, 3]);
+        // Ties at the top-k boundary go to the lowest id.
+        assert_eq!(survivors(params(1.0, 2, 1.0, 0.0, 0)).len(), 2);
+        let flat = [1.0f32; 5];
+        assert_eq!(
+            sorted(
+                Sampler::new(params(1.0, 2, 1.0, 0.0, 0))
+                    .survivors(&flat)
+                    .to_vec()
+            ),
+            vec![0, 1]
+        );
+    }
+
+    /// The full computation the pruned one must equal: every survivor's key, ties to the lowest id.
+    fn reference_choice(s: &mut Sampler, logits: &[f32], position: usize) -> u32 {
+        let p = s.params;
+        let survivors = sorted(s.survivors(logits).to_vec());
+        let mut best: Option<(f64, u32)> = None;
+        for i in survivors {
+            let key =
+                f64::from(logits[i as usize] / p.temperature) + gumbel(p.seed, position as u64, i);
+            if best.is_none_or(|(b, _)| key > b) {
+                best = Some((key, i));
+            }
+        }
+        best.unwrap().1
+    }
+
+    /// The first-position logits of a tiny random-weight model (written as a Hugging Face directory
+    /// and loaded as any model is) after the prompt `[1, 2, 3]`.
+    fn tiny_model_logits() -> Vec<f32> {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = amusd_model::testing::TinyModel {
+            seed: 11,
+            tie_embeddings: false,
+            ..Default::default()
+        };
+        tiny.write_hf(dir.path()).unwrap();
+        let spec = format!("{}:f32", dir.path().display()).parse().unwrap();
+        let model = amusd_model::load(&spec).unwrap().llama;
+        let mut cache = model.new_cache(8);
+        let logits = model
+            .forward(&[1, 2, 3], 0, &mut cache, amusd_model::LogitsFor::Last)
+            .unwrap();
+        logits.row(0).to_vec()
+    }
+
+    /// Pearson's chi-square critical value at significance 0.001 (Wilson-Hilferty).
+    fn chi2_critical(df: usize) -> f64 {
+        let (k, z) = (df as f64, 3.090);
+        k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+    }
+
+    /// Over 20,000 seeds, the token sampled at the first position follows softmax(logits / T)
+    /// restricted to the survivors of top-k / top-p / min-p (chi-square at a fixed significance,
+    /// fixed seeds, so the test is deterministic), and masked tokens never appear.
+    #[test]
+    fn sampled_tokens_follow_the_masked_softmax() {
+        const DRAWS: u64 = 20_000;
+        let logits = tiny_model_logits();
+        let spread = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+            - logits.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+        assert!(
+            spread > 1.0,
+            "the tiny model's logits are too flat to test: {spread}"
+        );
+        let configs = [
+            params(1.0, 0, 1.0, 0.0, 0),
+            params(0.5, 20, 1.0, 0.0, 1 << 32),
+            params(1.5, 0, 0.8, 0.0, 2 << 32),
+            params(0.7, 0, 1.0, 0.2, 3 << 32),
+            params(1.0, 60, 0.9, 0.05, 4 << 32),
+        ];
+        for base in configs {
+            let mut s = Sampler::new(base);
+            let kept = sorted(s.survivors(&logits).to_vec());
+            assert!(kept.len() > 3, "{base:?}: only {} survivors", kept.len());
+            // softmax in f64 over the survivors, of the same f32 scaled logits the sampler uses.
+            let scaled: Vec<f64> = kept
+                .iter()
+                .map(|&i| f64::from(logits[i as usize] / base.temperature))
+                .collect();
+            let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scaled.iter().map(|v| (v - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            let mut counts = vec![0u64; logits.len()];
+            for k in 0..DRAWS {
+                s.params.seed = base.seed + k;
+                counts[s.choose(&logits, 3) as usize] += 1;
+            }
+            for (i, &c) in counts.iter().enumerate() {
+                assert!(
+                    c == 0 || kept.contains(&(i as u32)),
+                    "{base:?}: masked token {i} sampled {c} times"
+                );
+            }
+            // Bins with an expected count under 5 are pooled into one.
+            let (mut chi2, mut bins, mut pooled_e, mut pooled_o) = (0.0, 0usize, 0.0, 0.0);
+            for (w, &i) in weights.iter().zip(&kept) {
+                let e = w / total * DRAWS as f64;
+                let o = counts[i as usize] as f64;
+                if e < 5.0 {
+                    (pooled_e, pooled_o) = (pooled_e + e, pooled_o + o);
+                } else {
+                    chi2 += (o - e) * (o - e) / e;
+                    bins += 1;
+                }
+            }
+            if pooled_e > 0.0 {
+                chi2 += (pooled_o - pooled_e) * (pooled_o - pooled_e) / pooled_e;
+                bins += 1;
+            }
+            let critical = chi2_critical(bins - 1);
+            assert!(
+                chi2 < critical,
+                "{base:?}: chi-square {chi2:.1} >= {critical:.1} with {} dof",
+                bins - 1
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn pruning_changes_no_choice(
+            seed: u64,
+            position in 0usize..100_000,
+            logits in proptest::collection::vec(-30.0f32..30.0, 1..400),
+            temperature in prop_oneof![Just(0.001f32), 0.05f32..3.0, Just(50.0f32)],
+            top_k in prop_oneof![Just(0u32), 1u32..50],
+            top_p in prop_oneof![Just(1.0f32), 0.05f32..1.0],
+            min_p in prop_oneof![Just(0.0f32), 0.0f32..0.5],
+        ) {
+            let mut s = Sampler::new(params(temperature, top_k, top_p, min_p, seed));
+            let want = reference_choice(&mut s, &logits, position);
+            prop_assert_eq!(s.choose(&logits, position), want);
+        }
+    }
+}
