@@ -1,10 +1,11 @@
 //! The worker processes' common plumbing: argument checks, device binding, attaching to the region,
 //! loading the model, reporting errors, following the coordinator's life.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use amusd_model::{DeviceSpec, ModelSpec};
-use amusd_shm::{Role, Shm, WorkerState};
+use amusd_shm::{Region, Role, Shm, WorkerState};
 
 use crate::decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 use crate::fake::{FakeDecoder, FakeModel};
@@ -21,12 +22,19 @@ pub struct WorkerConfig {
     pub max_lookahead: usize,
     pub max_verify_batch: usize,
     pub wait_for_draft: Duration,
+    /// Started by the coordinator: its parent must be the region's coordinator.
+    pub supervised: bool,
 }
+
+/// How often a loading worker heartbeats.
+const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Loads a real model (`PATH[:FORMAT]`) or a fake one (`fake:...`), returning it and a display name.
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
     if FakeModel::is_fake(spec) {
         let m = FakeModel::parse(spec)?;
+        // Stands for reading and packing weights.
+        std::thread::sleep(Duration::from_millis(m.load_ms));
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
@@ -74,21 +82,22 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
         error,
         in_region: false,
     };
+    // First of all, so that no window is left in which the coordinator could die unnoticed; the
+    // parent is checked once the region says who the coordinator is.
+    die_with_parent();
     let device: DeviceSpec = cfg
         .device
         .parse()
         .map_err(|e: amusd_model::ModelError| early(e.into()))?;
     crate::bind::bind_current_process(device).map_err(early)?;
-    die_with_parent();
     let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
+    let alive = coordinator_watch(region, cfg.supervised).map_err(early)?;
     region.register_worker(cfg.role, &cfg.device, &cfg.model);
     let result = (|| {
         region.set_worker_state(cfg.role, WorkerState::Loading);
-        let (decoder, name) = load_decoder(&cfg.model)?;
+        let (decoder, name) = load_with_heartbeat(region, cfg.role, &cfg.model)?;
         region.worker(cfg.role).model.set(&name);
-        let coordinator = region.coordinator_pid();
-        let alive = move || coordinator_alive(coordinator);
         match cfg.role {
             Role::Draft => {
                 let mut drafter = Drafter::new(decoder);
@@ -98,7 +107,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     &DraftOptions {
                         max_lookahead: cfg.max_lookahead.max(1),
                     },
-                    &alive,
+                    &*alive,
                 )
             }
             Role::Verify => {
@@ -107,7 +116,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     max_verify_batch: cfg.max_verify_batch.max(1),
                     wait_for_draft: cfg.wait_for_draft,
                 };
-                run_verify(region, &mut verifier, &opts, &alive)
+                run_verify(region, &mut verifier, &opts, &*alive)
             }
         }
     })();
@@ -122,7 +131,8 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
 }
 
 /// Asks the kernel to kill this process when its parent (the coordinator) dies, so a crashed
-/// coordinator leaves no worker behind.
+/// coordinator leaves no worker behind. A parent that died before this call is caught by
+/// [`coordinator_watch`], which compares `getppid()` afterwards.
 fn die_with_parent() {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
     unsafe {
@@ -130,13 +140,55 @@ fn die_with_parent() {
     }
 }
 
-/// Whether the coordinator process still exists (the parent-death signal covers a direct parent;
-/// this also covers a worker started by hand).
-fn coordinator_alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
+/// Checks that the region's coordinator is alive and returns how to keep checking. A supervised
+/// worker's parent must be the coordinator (after `PR_SET_PDEATHSIG`, so from then on the kernel
+/// kills us with it; if it died before, we were re-parented and stop here), and stays it: a cheap
+/// `getppid()` per loop. A worker started by hand follows the coordinator's pid and start time, so a
+/// reused pid does not keep it alive.
+fn coordinator_watch(
+    region: &Region,
+    supervised: bool,
+) -> Result<Box<dyn Fn() -> bool + '_>, SpecError> {
+    let coordinator = region.coordinator_pid();
+    let gone = || {
+        SpecError::Protocol(format!(
+            "the coordinator (pid {coordinator}) of this region is not running; nothing to serve"
+        ))
+    };
+    if supervised {
+        let parent = std::os::unix::process::parent_id();
+        if parent != coordinator {
+            return Err(gone());
+        }
+        return Ok(Box::new(move || {
+            std::os::unix::process::parent_id() == coordinator
+        }));
     }
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    if !region.coordinator_alive() {
+        return Err(gone());
+    }
+    Ok(Box::new(|| region.coordinator_alive()))
+}
+
+/// Loads the model while a second thread heartbeats, so the coordinator's hang check covers a
+/// loading worker whatever the model's size: a stopped process stops both threads. (A load that
+/// runs but never ends is what `--load-timeout-s` is for.)
+fn load_with_heartbeat(
+    region: &Region,
+    role: Role,
+    spec: &str,
+) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let beat = s.spawn(|| {
+            while !done.load(Ordering::Acquire) {
+                region.heartbeat(role);
+                std::thread::park_timeout(LOAD_HEARTBEAT);
+            }
+        });
+        let loaded = load_decoder(spec);
+        done.store(true, Ordering::Release);
+        beat.thread().unpark();
+        loaded
+    })
 }

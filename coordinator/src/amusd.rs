@@ -208,10 +208,15 @@ pub fn generate(args: &GenerateArgs, messages: &[Message]) -> Result<ExitCode> {
     let g = result?;
     match &verify_text {
         Some(t) => finish_output(Strategy::Amusd, &t.tokenizer, prompt.len(), &g, json)?,
-        None => println!(
-            "{}",
-            serde_json::json!({"strategy": "amusd", "tokens": g.tokens, "finish_reason": g.finish})
-        ),
+        None => {
+            let mut metrics = crate::generate::summary_json(&g.metrics);
+            metrics["drafted"] = g.metrics.draft_times.len().into();
+            println!(
+                "{}",
+                serde_json::json!({"strategy": "amusd", "tokens": g.tokens,
+                    "finish_reason": g.finish, "metrics": metrics})
+            )
+        }
     }
     if restarts > 0 || injected > 0 {
         eprintln!(
