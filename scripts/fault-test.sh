@@ -24,7 +24,7 @@ max_new="${2:-64}"
 bin="${AMUSD_BIN:-./target/release}"
 amusd="$bin/amusd"
 [ -x "$amusd" ] || cargo build --release
-deadline=240
+deadline=300
 prompt="Write a Python function that returns the n-th Fibonacci number, with a docstring and an example."
 tmp="$(mktemp -d)"
 chmod 755 "$tmp"
@@ -47,13 +47,20 @@ can_switch_user=0
   || { echo "fault-test: the undisturbed ar run failed" >&2; exit 1; }
 ref="$(tokens "$tmp/ref.json")"
 
+# A hang timeout that a healthy worker meets on a machine loaded several times over (other builds):
+# a 64-position prefill chunk or a slow load must not be taken for a hang.
 gen_args=(generate --strategy amusd --prompt "$prompt" --max-new-tokens "$max_new" --json
-          --hang-timeout-ms 1500)
+          --hang-timeout-ms "${HANG_MS:-5000}" --max-restarts 6)
 
+# Kills $pid after the deadline unless killed first (then it takes its sleep with it).
+watch() {
+  ( sleep "$deadline" & s=$!; trap 'kill $s; exit' TERM; wait $s; kill -9 "$pid" 2>/dev/null ) &
+  watchdog=$!
+}
 # Starts amusd in the background with a hard deadline; sets $pid.
 start() {
   "$amusd" "${gen_args[@]}" "$@" > "$tmp/run.json" 2> "$tmp/run.err" & pid=$!
-  ( sleep "$deadline"; kill -9 "$pid" 2>/dev/null ) & watchdog=$!
+  watch
 }
 # Waits for it; sets $rc (137 after the deadline).
 finish() {
@@ -157,7 +164,7 @@ import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print
       unshare -m sh -c 'mount -t tmpfs -o size=256k tmpfs /dev/shm || exit 99
         "$0" "$@"; rc=$?; ls /dev/shm | grep -q "^amusd-" && exit 98; exit $rc' \
         "$amusd" "${gen_args[@]}" > "$tmp/run.json" 2> "$tmp/run.err" & pid=$!
-      ( sleep "$deadline"; kill -9 "$pid" 2>/dev/null ) & watchdog=$!
+      watch
       finish
       if [ "$rc" -eq 99 ]; then note="cannot mount a tmpfs: skipped"; want=skip; fi
       [ "$rc" -eq 98 ] && note="region left in the full /dev/shm"
@@ -191,7 +198,7 @@ import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print
   if [ "$want" = skip ]; then
     ok[$s]=$((ok[$s] + 1))
   elif [ "$want" = error ]; then
-    if [ "$rc" -eq 1 ] && grep -q "^amusd: error: no room in /dev/shm" "$tmp/run.err" \
+    if [ "$rc" -ne 0 ] && [ "$rc" -lt 90 ] && grep -q "^amusd: error: no room in /dev/shm" "$tmp/run.err" \
         && [ "$(wc -l < "$tmp/run.err")" -le 2 ]; then
       clean_errors=$((clean_errors + 1)); ok[$s]=$((ok[$s] + 1))
     else

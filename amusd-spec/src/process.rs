@@ -33,8 +33,11 @@ const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
     if FakeModel::is_fake(spec) {
         let m = FakeModel::parse(spec)?;
-        // Stands for reading and packing weights.
-        std::thread::sleep(Duration::from_millis(m.load_ms));
+        // Stands for reading and packing weights: CPU work, as the loading heartbeat expects.
+        let until = std::time::Instant::now() + Duration::from_millis(m.load_ms);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
@@ -170,19 +173,27 @@ fn coordinator_watch(
     Ok(Box::new(|| region.coordinator_alive()))
 }
 
-/// Loads the model while a second thread heartbeats, so the coordinator's hang check covers a
-/// loading worker whatever the model's size: a stopped process stops both threads. (A load that
-/// runs but never ends is what `--load-timeout-s` is for.)
+/// Loads the model while a second thread heartbeats for it as long as the load makes progress:
+/// the loading thread used CPU since the last beat or waits for the disk. So the coordinator's hang
+/// check catches a stopped load (both threads stop) and a wedged one (asleep, using no CPU) within
+/// the hang timeout, whatever the model's size.
 fn load_with_heartbeat(
     region: &Region,
     role: Role,
     spec: &str,
 ) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
     let done = AtomicBool::new(false);
+    // SAFETY: gettid() takes no arguments and cannot fail.
+    let loader = unsafe { libc::gettid() };
     std::thread::scope(|s| {
         let beat = s.spawn(|| {
+            let mut last = None;
             while !done.load(Ordering::Acquire) {
-                region.heartbeat(role);
+                let now = thread_progress(loader);
+                if now.is_none_or(|(cpu, in_io)| in_io || Some(cpu) != last) {
+                    region.heartbeat(role);
+                }
+                last = now.map(|(cpu, _)| cpu);
                 std::thread::park_timeout(LOAD_HEARTBEAT);
             }
         });
@@ -191,4 +202,51 @@ fn load_with_heartbeat(
         beat.thread().unpark();
         loaded
     })
+}
+
+/// A thread of this process: its CPU time in clock ticks, and whether it waits for I/O (state D).
+/// `None` if `/proc` cannot tell (then the load counts as progressing).
+fn thread_progress(tid: libc::pid_t) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Field 2, the thread name, is in parentheses and may contain anything; fields 3 on follow.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime, fields.first() == Some(&"D")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_at_work_shows_progress_and_an_idle_one_does_not() {
+        // SAFETY: gettid() takes no arguments and cannot fail.
+        let me = unsafe { libc::gettid() };
+        let (before, _) = thread_progress(me).expect("/proc/self/task/TID/stat");
+        let start = std::time::Instant::now();
+        // Spin until the kernel has accounted at least one clock tick to this thread.
+        while thread_progress(me).unwrap().0 == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no CPU time accounted"
+            );
+            std::hint::spin_loop();
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<libc::pid_t>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let idle = std::thread::spawn(move || {
+            // SAFETY: as above.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            // Asleep (a wedged load): no CPU time.
+            stop_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let a = thread_progress(tid).unwrap();
+        let b = thread_progress(tid).unwrap();
+        assert_eq!(a.0, b.0);
+        assert!(!b.1, "an asleep thread is not waiting for I/O");
+        stop_tx.send(()).unwrap();
+        idle.join().unwrap();
+    }
 }
