@@ -145,7 +145,12 @@ for i in $(seq 1 "$n"); do
       if wait_dump "w['draft']['pid'] > 0 and w['verify']['pid'] > 0 and v['verified']['len'] > 0"; then
         read -r dpid vpid < <("$amusd" dump "$region" --json | python3 -c '
 import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print(w["draft"]["pid"], w["verify"]["pid"])')
-        off=$(( $(pid_offset "$region" "$dpid" "$vpid") + 512 ))
+        # A worker restarted since the dump (a false hang on a loaded machine) has another pid:
+        # then there is nothing to corrupt safely this run.
+        if ! base=$(pid_offset "$region" "$dpid" "$vpid" 2>/dev/null); then
+          note="a worker restarted before the corruption; not corrupted"
+        else
+        off=$((base + 512))
         poke "$region" "$off" "$sentinel"
         if "$amusd" worker-kill verify --region "$region" 2>> "$tmp/run.err"; then
           note="worker-kill signalled the sentinel's pid"; stray=$((stray + 1))
@@ -156,6 +161,7 @@ import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print
             && { note="worker-kill signalled pid -1"; stray=$((stray + 1)); }
         fi
         poke "$region" "$off" "$vpid"
+        fi
       fi
       finish ;;
     full)
