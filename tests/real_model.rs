@@ -291,3 +291,52 @@ fn a_random_seed_is_reported_and_repeats_the_run() {
         text.describe()
     );
 }
+
+/// Fault tolerance on the real model, in the suite (scripts/fault-test.sh runs many more): seeded
+/// SIGKILLs and SIGSTOPs of either worker mid-request change no token.
+#[test]
+fn chaos_on_the_real_model_changes_no_token() {
+    const PROMPT: &str = "Write a Python function that returns the n-th Fibonacci number.";
+    let want = generate("ar", PROMPT, 96).tokens();
+    require_default_model();
+    let run = amusd_run(
+        &[
+            "generate",
+            "--strategy",
+            "amusd",
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "96",
+            "--json",
+            "--chaos",
+            "7",
+            "--chaos-signal",
+            "mixed",
+            "--chaos-faults",
+            "3",
+            "--chaos-rate",
+            "0.3",
+            "--hang-timeout-ms",
+            "2000",
+        ],
+        TIMEOUT,
+    );
+    let got = run.tokens();
+    assert_eq!(
+        got,
+        want,
+        "first difference at {}\n{}",
+        amusd_e2e::first_difference(&got, &want),
+        run.describe()
+    );
+    let injected: u32 = run
+        .stderr
+        .split("faults injected ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no fault summary\n{}", run.describe()));
+    assert!(injected >= 2, "only {injected} faults: {}", run.describe());
+    assert_cleaned_up(&run);
+}

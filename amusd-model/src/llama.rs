@@ -446,14 +446,7 @@ mod tests {
     /// equal k-token-batch logits bit for bit, after a rollback.
     #[test]
     fn real_model_batched_forward_is_bit_identical() {
-        let path = crate::default_model_path();
-        if !path.is_file() {
-            eprintln!(
-                "skipped: {} is missing (scripts/fetch-assets.sh model)",
-                path.display()
-            );
-            return;
-        }
+        let path = crate::testing::require_default_model();
         let m = GgufFile::open(&path)
             .unwrap()
             .load_llama(WeightFormat::F32)

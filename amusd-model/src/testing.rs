@@ -13,6 +13,18 @@ use candle_core::{Device, Tensor};
 
 use crate::ModelError;
 
+/// The default model, for tests that need the real checkpoint. Panics with how to fetch it when it
+/// is missing: such a test must fail, not pass without checking anything.
+pub fn require_default_model() -> std::path::PathBuf {
+    let path = crate::default_model_path();
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-assets.sh (scripts/test.sh does) before the tests",
+        path.display()
+    );
+    path
+}
+
 pub const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";

@@ -667,48 +667,23 @@ pub(crate) mod tests {
     use proptest::prelude::*;
     use std::sync::OnceLock;
 
-    /// Where `scripts/fetch-assets.sh model` puts the model.
-    fn real_gguf_path() -> PathBuf {
-        let home = match std::env::var_os("AMUSD_HOME") {
-            Some(home) if !home.is_empty() => PathBuf::from(home),
-            _ => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/amusd"),
-        };
-        home.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    /// The real model's metadata; fails the test (saying how to fetch it) when it is missing.
+    pub(crate) fn real_gguf_metadata() -> &'static HashMap<String, Value> {
+        static METADATA: OnceLock<HashMap<String, Value>> = OnceLock::new();
+        METADATA.get_or_init(|| {
+            let path = crate::testing::require_default_model();
+            let mut file = std::fs::File::open(&path).expect("readable model file");
+            gguf_file::Content::read(&mut file)
+                .expect("readable GGUF")
+                .metadata
+        })
     }
 
-    /// The real model's metadata, or `None` (with a note) when the file has not been fetched.
-    pub(crate) fn real_gguf_metadata() -> Option<&'static HashMap<String, Value>> {
-        static METADATA: OnceLock<Option<HashMap<String, Value>>> = OnceLock::new();
-        METADATA
-            .get_or_init(|| {
-                let path = real_gguf_path();
-                let mut file = match std::fs::File::open(&path) {
-                    Ok(file) => file,
-                    Err(_) => {
-                        eprintln!(
-                            "skipping: {} is absent (run scripts/fetch-assets.sh model)",
-                            path.display()
-                        );
-                        return None;
-                    }
-                };
-                Some(
-                    gguf_file::Content::read(&mut file)
-                        .expect("readable GGUF")
-                        .metadata,
-                )
-            })
-            .as_ref()
-    }
-
-    fn smollm() -> Option<&'static Tokenizer> {
-        static TOKENIZER: OnceLock<Option<Tokenizer>> = OnceLock::new();
-        TOKENIZER
-            .get_or_init(|| {
-                real_gguf_metadata()
-                    .map(|m| Tokenizer::from_gguf_metadata(m).expect("tokenizer builds"))
-            })
-            .as_ref()
+    fn smollm() -> &'static Tokenizer {
+        static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
+        TOKENIZER.get_or_init(|| {
+            Tokenizer::from_gguf_metadata(real_gguf_metadata()).expect("tokenizer builds")
+        })
     }
 
     fn assert_round_trip(tok: &Tokenizer, text: &str) {
@@ -725,7 +700,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_metadata_is_read() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         assert!(!tok.is_approximate());
         assert_eq!(tok.vocab_size(), 49152);
         let special = tok.special_tokens();
@@ -739,7 +714,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_round_trips() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         for text in [
             "def f(x):\n\tif x:\n        return [i * 2 for i in range(x)]\n\treturn None\n",
             "a  b   c    d\n\n\n  \n\t\t end   ",
@@ -756,7 +731,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_special_tokens_are_single_ids() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         let ids = tok
             .encode("Hello <|im_start|>user\nHi<|im_end|>", false)
             .unwrap();
@@ -777,7 +752,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_digits_are_split() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         let ids = tok.encode("12345", false).unwrap();
         assert_eq!(ids.len(), 5, "{ids:?}");
         let digits: Vec<u32> = "12345"
@@ -789,7 +764,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_common_words_are_single_tokens() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         for (text, vocab_form) in [("Hello", "Hello"), (" world", "Ġworld")] {
             let ids = tok.encode(text, false).unwrap();
             assert_eq!(ids.len(), 1, "{text:?} -> {ids:?}");
@@ -805,7 +780,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_stream_never_splits_characters() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         let text = "Hi 👋🏽! 你好，世界 🚀🚀 ok\n日本語のテキスト";
         let ids = tok.encode(text, false).unwrap();
         let pieces = stream_all(tok, &ids, false);
@@ -825,7 +800,7 @@ pub(crate) mod tests {
 
     #[test]
     fn smollm_stream_matches_decode_on_special_and_cut_sequences() {
-        let Some(tok) = smollm() else { return };
+        let tok = smollm();
         let ids = tok
             .encode("<|im_start|>assistant\n🚀 done<|im_end|>", false)
             .unwrap();
@@ -1038,7 +1013,7 @@ pub(crate) mod tests {
 
         #[test]
         fn smollm_round_trips_arbitrary_text(text in r"[\PC\t\n ]{0,48}") {
-            let Some(tok) = smollm() else { return Ok(()) };
+            let tok = smollm();
             let ids = tok.encode(&text, false).unwrap();
             prop_assert_eq!(&tok.decode(&ids, false).unwrap(), &text);
             prop_assert_eq!(stream_all(tok, &ids, false).concat(), text);

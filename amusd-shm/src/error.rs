@@ -275,6 +275,19 @@ pub enum ShmError {
         waited_us: u64,
     },
 
+    /// `/dev/shm` has no room for the region's pages.
+    #[error(
+        "no room in /dev/shm for shared-memory region {name} ({size} bytes): free space there \
+         (`df -h /dev/shm`; remove stale regions with `amusd dump --gc`) or, in a container, give \
+         it more (`docker run --shm-size=256m`)"
+    )]
+    NoSpace {
+        /// The region's name.
+        name: String,
+        /// Bytes the region needs.
+        size: u64,
+    },
+
     /// A value read from the region is out of its domain.
     #[error(
         "region field {field} holds {value}, which this amusd does not understand: the region is \

@@ -354,8 +354,9 @@ pub struct DraftBuffer {
     /// odd store (Relaxed) + `fence(Release)` before a rewrite, even store with Release after it.
     /// Reader: verify worker, Acquire before and (after `fence(Acquire)`) again after a read.
     /// A draft worker killed mid-rewrite leaves it odd: readers then fail with
-    /// [`crate::ShmError::Unstable`] instead of spinning forever, and the restarted draft worker
-    /// repairs it by completing a rewrite (which always ends on an even value).
+    /// [`crate::ShmError::Unstable`] instead of spinning forever; the coordinator repairs it when
+    /// it reaps the dead worker (`Region::repair_draft_epoch`, emptying the draft while it has no
+    /// writer), and so would the restarted draft worker's first rewrite.
     pub draft_epoch: AtomicU32,
     /// Length of the draft sequence (prompt copy plus drafted tokens); futex word for the verify
     /// worker. Writer: draft worker: Release after the slots of an append, then `futex_wake`;

@@ -80,6 +80,7 @@ pub use region::{
     VerifiedSnapshot, WorkerSnapshot, READABLE_EVENTS, SEQLOCK_READ_BUDGET,
 };
 pub use shm::{
-    parse_header, validate_header, HeaderInfo, RegionInfo, Shm, UnlinkOnDrop, NAME_PREFIX,
+    escape_name, parse_header, validate_header, HeaderInfo, RegionInfo, Shm, UnlinkOnDrop,
+    NAME_PREFIX,
 };
 pub use text::ShmText;

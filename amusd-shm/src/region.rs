@@ -345,6 +345,13 @@ impl Region {
         self.header.coordinator_pid.load(Ordering::Relaxed)
     }
 
+    /// Whether the coordinator named by the header is alive: its pid is a valid pid, exists, and
+    /// (when the header records it) has the recorded start time, so a reused pid does not count.
+    pub fn coordinator_alive(&self) -> bool {
+        let ticks = self.header.coordinator_start_ticks.load(Ordering::Relaxed);
+        crate::shm::process_alive(self.coordinator_pid(), ticks) == Some(true)
+    }
+
     // -----------------------------------------------------------------------------------------
     // Bells and shutdown
     // -----------------------------------------------------------------------------------------
@@ -727,6 +734,25 @@ impl Region {
         Ok(end)
     }
 
+    /// Coordinator, after reaping the draft worker and before starting its replacement: if the dead
+    /// worker left the epoch odd (killed mid-rewrite), empty the draft and make the epoch even, so
+    /// the verify worker does not spin [`SEQLOCK_READ_BUDGET`] on every step until the replacement
+    /// rewrites. Safe because the draft buffer has no writer while its worker is dead. Returns
+    /// whether a repair was needed.
+    pub fn repair_draft_epoch(&self) -> bool {
+        let d = &self.draft;
+        if d.draft_epoch.load(Ordering::Acquire) & 1 == 0 {
+            return false;
+        }
+        let odd = seq_open(&d.draft_epoch);
+        d.draft_request_id.store(0, Ordering::Relaxed);
+        d.draft_len.store(0, Ordering::Relaxed);
+        seq_close(&d.draft_epoch, odd);
+        futex_wake(&d.draft_len);
+        self.ring(Party::Verify);
+        true
+    }
+
     /// Verify worker: a consistent snapshot of the draft at positions `from..min(len, from+max)`
     /// (seqlock read on `draft_epoch`; retried). Fails with [`ShmError::Unstable`] after
     /// [`SEQLOCK_READ_BUDGET`] if the epoch stays odd or keeps changing, e.g. because the draft
@@ -967,6 +993,24 @@ mod tests {
 
     fn region() -> Arc<Region> {
         Arc::from(Region::new_boxed())
+    }
+
+    #[test]
+    fn coordinator_repairs_an_epoch_left_odd_by_a_killed_draft_worker() {
+        let r = region();
+        r.draft_rewrite(4, 0, &[1, 2, 3]).unwrap();
+        assert!(!r.repair_draft_epoch(), "an even epoch needs no repair");
+        assert_eq!(r.read_draft(0, 8).unwrap().tokens, vec![1, 2, 3]);
+        // A draft worker killed between the odd and the even store of a rewrite.
+        seq_open(&r.draft.draft_epoch);
+        assert!(matches!(r.read_draft(0, 8), Err(ShmError::Unstable { .. })));
+        assert!(r.repair_draft_epoch());
+        let d = r.read_draft(0, 8).unwrap();
+        assert_eq!((d.request_id, d.len, d.epoch % 2), (0, 0, 0));
+        // The replacement's appends work again.
+        r.draft_rewrite(4, 0, &[1]).unwrap();
+        r.draft_append(&[5]).unwrap();
+        assert_eq!(r.read_draft(0, 8).unwrap().tokens, vec![1, 5]);
     }
 
     #[test]

@@ -209,20 +209,11 @@ fn os_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(Errno) -> ShmError
     }
 }
 
-fn map_region(fd: &OwnedFd, name: &str) -> Result<NonNull<Region>, ShmError> {
+fn map_region(fd: &OwnedFd, name: &str, prot: ProtFlags) -> Result<NonNull<Region>, ShmError> {
     // SAFETY: a fresh shared mapping of a shm object at least REGION_SIZE bytes long (checked or
     // set by the caller); it aliases no Rust object of this process.
-    let p = unsafe {
-        mmap(
-            None,
-            REGION_LEN,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            fd,
-            0,
-        )
-    }
-    .map_err(os_err("mmap", name))?;
+    let p = unsafe { mmap(None, REGION_LEN, prot, MapFlags::MAP_SHARED, fd, 0) }
+        .map_err(os_err("mmap", name))?;
     Ok(p.cast())
 }
 
@@ -236,7 +227,7 @@ pub(crate) fn process_start_ticks(pid: u32) -> Option<u64> {
 
 /// Whether `pid` (with start time `start_ticks`, 0 = unknown) is alive; `None` if `pid` cannot be
 /// a process id.
-fn process_alive(pid: u32, start_ticks: u64) -> Option<bool> {
+pub(crate) fn process_alive(pid: u32, start_ticks: u64) -> Option<bool> {
     // Never pass 0 or a negative pid to kill(2): those address process groups.
     if pid == 0 || pid > i32::MAX as u32 {
         return None;
@@ -253,6 +244,52 @@ fn process_alive(pid: u32, start_ticks: u64) -> Option<bool> {
         }
     }
     Some(true)
+}
+
+/// `name` with everything but printable ASCII escaped (`\u{1b}`, `\n`, ...), for terminals.
+pub fn escape_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() {
+                c.to_string()
+            } else {
+                c.escape_default().to_string()
+            }
+        })
+        .collect()
+}
+
+/// A `/dev/shm` entry's metadata and first [`HEADER_LEN`] bytes; `None` if it is not a regular
+/// file (a FIFO, a socket, a link...). The entry is opened with `O_NONBLOCK | O_NOFOLLOW` and
+/// judged by `fstat` on what was opened, so an entry swapped for a FIFO or a link after the
+/// directory was read can neither block the open nor be followed.
+fn read_entry(
+    path: &std::path::Path,
+) -> Option<(std::fs::Metadata, Result<Vec<u8>, std::io::Error>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let lmeta = std::fs::symlink_metadata(path).ok()?;
+    if !lmeta.is_file() {
+        return None;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        // Listed with the reason (e.g. another user's region, unreadable to us).
+        Err(e) => return Some((lmeta, Err(e))),
+    };
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(HEADER_LEN);
+    let read = (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut bytes)
+        .map(|_| bytes);
+    Some((meta, read))
 }
 
 fn pid_from_name(file_name: &str) -> Option<u32> {
@@ -301,7 +338,18 @@ impl Shm {
         let setup = || -> Result<Shm, ShmError> {
             nix::unistd::ftruncate(&fd, REGION_SIZE as libc::off_t)
                 .map_err(os_err("ftruncate", name))?;
-            let region = map_region(&fd, name)?;
+            // Reserve every page now: on a full /dev/shm (Docker gives containers 64 MiB) a lazily
+            // backed region would raise SIGBUS at some later store, mid-request.
+            nix::fcntl::posix_fallocate(fd.as_raw_fd(), 0, REGION_SIZE as libc::off_t).map_err(
+                |e| match e {
+                    Errno::ENOSPC => ShmError::NoSpace {
+                        name: name.to_string(),
+                        size: REGION_SIZE as u64,
+                    },
+                    e => os_err("posix_fallocate", name)(e),
+                },
+            )?;
+            let region = map_region(&fd, name, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)?;
             let shm = Shm {
                 region,
                 name: name.to_string(),
@@ -325,9 +373,27 @@ impl Shm {
     /// size, or whose header does not validate ([`validate_header`]); each with its own
     /// [`ShmError`] variant.
     pub fn attach(name: &str) -> Result<Shm, ShmError> {
+        // O_NONBLOCK: a FIFO put in a region's place must not block the open (shm_open adds
+        // O_NOFOLLOW itself); the fstat below then refuses what is not a region.
+        let oflag = OFlag::O_RDWR | OFlag::O_NONBLOCK;
+        Shm::attach_with(name, oflag, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)
+    }
+
+    /// [`attach`](Self::attach) for inspection (`amusd dump`): opened and mapped read-only, so a
+    /// reader can never disturb a live run. Only the reading methods of [`Region`] may be used on
+    /// it: a store into the read-only mapping faults (SIGSEGV).
+    pub fn attach_read_only(name: &str) -> Result<Shm, ShmError> {
+        Shm::attach_with(
+            name,
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK,
+            ProtFlags::PROT_READ,
+        )
+    }
+
+    fn attach_with(name: &str, oflag: OFlag, prot: ProtFlags) -> Result<Shm, ShmError> {
         check_name(name)?;
         let euid = nix::unistd::geteuid().as_raw();
-        let fd = shm_open(name, OFlag::O_RDWR, Mode::empty()).map_err(|e| match e {
+        let fd = shm_open(name, oflag, Mode::empty()).map_err(|e| match e {
             Errno::ENOENT => ShmError::NotFound {
                 name: name.to_string(),
             },
@@ -367,7 +433,7 @@ impl Shm {
             });
         }
         let shm = Shm {
-            region: map_region(&fd, name)?,
+            region: map_region(&fd, name, prot)?,
             name: name.to_string(),
         };
         parse_header_for(name, &shm.header_bytes())?;
@@ -420,27 +486,26 @@ impl Shm {
             if !file_name.starts_with(NAME_PREFIX) {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() {
-                continue;
-            }
             let name = format!("/{file_name}");
-            let mut bytes = Vec::with_capacity(HEADER_LEN);
-            let read = std::fs::File::open(entry.path())
-                .and_then(|f| f.take(HEADER_LEN as u64).read_to_end(&mut bytes));
+            // Names are chosen by whoever made the entry (any user may write /dev/shm): never
+            // print one raw.
+            let shown = escape_name(&name);
+            let Some((meta, read)) = read_entry(&entry.path()) else {
+                continue;
+            };
             let parsed = match read {
-                Err(e) => Err(format!("cannot read {name}: {e}")),
-                Ok(_) => parse_header_for(&name, &bytes).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("cannot read {shown}: {e}")),
+                Ok(bytes) => parse_header_for(&shown, &bytes).map_err(|e| e.to_string()),
             };
             let size_problem = if meta.size() < REGION_SIZE as u64 {
                 Some(ShmError::Truncated {
-                    name: name.clone(),
+                    name: shown.clone(),
                     size: meta.size(),
                     expected: REGION_SIZE as u64,
                 })
             } else if meta.size() != REGION_SIZE as u64 {
                 Some(ShmError::SizeMismatch {
-                    name: name.clone(),
+                    name: shown.clone(),
                     size: meta.size(),
                     expected: REGION_SIZE as u64,
                 })
@@ -843,9 +908,9 @@ mod tests {
         // The header is not trusted across versions: the pid comes from the name (ours, alive).
         assert_eq!(v.coordinator_alive, Some(true));
 
+        // Another amusd starting meanwhile (any user's, any test's) may collect the orphans first:
+        // check that they are gone, not who removed them.
         let removed = Shm::gc();
-        assert!(removed.contains(&orphan.name().to_string()), "{removed:?}");
-        assert!(removed.contains(&headless_name), "{removed:?}");
         assert!(!removed.contains(&alive.name().to_string()));
         assert!(!removed.contains(&old.name().to_string()));
         assert_gone(orphan.name());
@@ -857,6 +922,73 @@ mod tests {
         let names = [alive.name().to_string(), old.name().to_string()];
         drop((alive, orphan, headless, old));
         names.iter().for_each(|n| assert_gone(n));
+    }
+
+    #[test]
+    fn create_reserves_every_page() {
+        // A lazily backed region would SIGBUS mid-request on a full /dev/shm; a reserved one fails
+        // at creation with NoSpace instead.
+        let shm = Shm::create(&Shm::fresh_name()).unwrap().unlink_on_drop();
+        let meta = std::fs::metadata(path_of(shm.name())).unwrap();
+        assert!(
+            meta.blocks() * 512 >= REGION_SIZE as u64,
+            "{} of {REGION_SIZE} bytes reserved",
+            meta.blocks() * 512
+        );
+    }
+
+    #[test]
+    fn list_neither_blocks_on_nor_follows_what_is_not_a_region() {
+        let region = Shm::create(&Shm::fresh_name()).unwrap().unlink_on_drop();
+        let fifo = format!("{SHM_DIR}/amusd-fifo-{}", std::process::id());
+        let link = format!("{SHM_DIR}/amusd-link-{}", std::process::id());
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&link);
+        nix::unistd::mkfifo(fifo.as_str(), Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+        std::os::unix::fs::symlink(path_of(region.name()), &link).unwrap();
+        // In a thread, so that a blocking open fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let paths = (fifo.clone(), link.clone());
+        std::thread::spawn(move || {
+            // Called directly, as if the entries had been swapped in after the directory was read.
+            let fifo = read_entry(Path::new(&paths.0)).is_none();
+            let link = read_entry(Path::new(&paths.1)).is_none();
+            let listed = Shm::list();
+            let _ = tx.send((fifo, link, listed));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(20));
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::remove_file(&link).unwrap();
+        let (fifo_skipped, link_skipped, listed) = got.expect("reading a FIFO entry blocked");
+        assert!(fifo_skipped && link_skipped);
+        assert!(listed.iter().any(|r| r.name == region.name()));
+        assert!(!listed
+            .iter()
+            .any(|r| r.name.contains("-fifo-") || r.name.contains("-link-")));
+    }
+
+    #[test]
+    fn names_are_escaped_for_terminals() {
+        assert_eq!(escape_name("/amusd-1-ab"), "/amusd-1-ab");
+        assert_eq!(
+            escape_name("/amusd-\u{1b}[2J\n\u{202e}"),
+            "/amusd-\\u{1b}[2J\\n\\u{202e}"
+        );
+    }
+
+    #[test]
+    fn read_only_attach_reads_a_live_region() {
+        let owner = Shm::create(&Shm::fresh_name()).unwrap().unlink_on_drop();
+        owner.publish_verified(0, &[7, 8]).unwrap();
+        let view = Shm::attach_read_only(owner.name()).unwrap();
+        assert_eq!(view.read_verified(0, 2), vec![7, 8]);
+        assert_eq!(view.read_draft(0, 4).unwrap().len, 0);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let line = maps
+            .lines()
+            .find(|l| l.contains(&format!("{}{}", SHM_DIR, owner.name())) && l.contains(" r--s "))
+            .unwrap_or_else(|| panic!("no read-only mapping of the region:\n{maps}"));
+        assert!(line.contains("r--s"));
     }
 
     #[test]

@@ -45,6 +45,24 @@ pub(crate) fn check_reservation(len: usize, capacity: usize) -> Result<(), SpecE
     Ok(())
 }
 
+/// Runs up to `max` positions of `tokens[cached..len - 1]` into `decoder`'s cache.
+fn prefill_chunk<D: Decoder>(
+    decoder: &mut D,
+    tokens: &[u32],
+    max: usize,
+) -> Result<usize, SpecError> {
+    let start = decoder.cached();
+    let end = tokens
+        .len()
+        .saturating_sub(1)
+        .min(start.saturating_add(max));
+    if end <= start {
+        return Ok(0);
+    }
+    decoder.greedy(&tokens[start..end], start, end - start - 1)?;
+    Ok(end - start)
+}
+
 /// A [`Llama`] with its own KV cache.
 pub struct LlamaDecoder {
     pub model: Llama,
@@ -168,6 +186,14 @@ impl<D: Decoder> Verifier<D> {
             .next_tokens(&input, start, n - 1 - start, &mut self.sampler)
     }
 
+    /// Feeds the cache up to `max` of the committed positions it lacks, leaving the last committed
+    /// token (which [`verify`](Self::verify) feeds with the draft). Returns how many it fed; 0 when
+    /// caught up. A long prefill run in chunks this way gives a worker room to heartbeat between
+    /// them; the verify model being batch-invariant, chunking changes no logit.
+    pub fn prefill(&mut self, committed: &[u32], max: usize) -> Result<usize, SpecError> {
+        prefill_chunk(&mut self.decoder, committed, max)
+    }
+
     /// Drops cached positions that are not committed, after `committed_len` tokens were committed.
     pub fn commit(&mut self, committed_len: usize) {
         self.decoder.truncate(committed_len.saturating_sub(1));
@@ -244,6 +270,11 @@ impl<D: Decoder> Drafter<D> {
         }
         self.agreed = committed.len();
         out
+    }
+
+    /// Feeds the cache up to `max` positions of the sequence it lacks (as [`Verifier::prefill`]).
+    pub fn prefill(&mut self, max: usize) -> Result<usize, SpecError> {
+        prefill_chunk(&mut self.decoder, &self.seq, max)
     }
 
     /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).

@@ -24,6 +24,9 @@ pub struct FakeModel {
     pub eos: u32,
     pub eos_every: u64,
     pub capacity: usize,
+    /// Simulated model loading time, in milliseconds (`load_ms=`), so tests can act on a worker
+    /// while it loads or while the other one does.
+    pub load_ms: u64,
 }
 
 impl Default for FakeModel {
@@ -36,6 +39,7 @@ impl Default for FakeModel {
             eos: 0,
             eos_every: 0,
             capacity: 1 << 16,
+            load_ms: 0,
         }
     }
 }
@@ -65,6 +69,7 @@ impl FakeModel {
                 "eos" => m.eos = v.parse().map_err(|_| bad())?,
                 "eos_every" => m.eos_every = v.parse().map_err(|_| bad())?,
                 "ctx" => m.capacity = v.parse().map_err(|_| bad())?,
+                "load_ms" => m.load_ms = v.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }

@@ -1,10 +1,11 @@
 //! The worker processes' common plumbing: argument checks, device binding, attaching to the region,
 //! loading the model, reporting errors, following the coordinator's life.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use amusd_model::{DeviceSpec, ModelSpec};
-use amusd_shm::{Role, Shm, WorkerState};
+use amusd_shm::{Region, Role, Shm, WorkerState};
 
 use crate::decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 use crate::fake::{FakeDecoder, FakeModel};
@@ -21,12 +22,22 @@ pub struct WorkerConfig {
     pub max_lookahead: usize,
     pub max_verify_batch: usize,
     pub wait_for_draft: Duration,
+    /// Started by the coordinator: its parent must be the region's coordinator.
+    pub supervised: bool,
 }
+
+/// How often a loading worker heartbeats.
+const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Loads a real model (`PATH[:FORMAT]`) or a fake one (`fake:...`), returning it and a display name.
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
     if FakeModel::is_fake(spec) {
         let m = FakeModel::parse(spec)?;
+        // Stands for reading and packing weights: CPU work, as the loading heartbeat expects.
+        let until = std::time::Instant::now() + Duration::from_millis(m.load_ms);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
@@ -74,21 +85,22 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
         error,
         in_region: false,
     };
+    // First of all, so that no window is left in which the coordinator could die unnoticed; the
+    // parent is checked once the region says who the coordinator is.
+    die_with_parent();
     let device: DeviceSpec = cfg
         .device
         .parse()
         .map_err(|e: amusd_model::ModelError| early(e.into()))?;
     crate::bind::bind_current_process(device).map_err(early)?;
-    die_with_parent();
     let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
+    let alive = coordinator_watch(region, cfg.supervised).map_err(early)?;
     region.register_worker(cfg.role, &cfg.device, &cfg.model);
     let result = (|| {
         region.set_worker_state(cfg.role, WorkerState::Loading);
-        let (decoder, name) = load_decoder(&cfg.model)?;
+        let (decoder, name) = load_with_heartbeat(region, cfg.role, &cfg.model)?;
         region.worker(cfg.role).model.set(&name);
-        let coordinator = region.coordinator_pid();
-        let alive = move || coordinator_alive(coordinator);
         match cfg.role {
             Role::Draft => {
                 let mut drafter = Drafter::new(decoder);
@@ -98,7 +110,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     &DraftOptions {
                         max_lookahead: cfg.max_lookahead.max(1),
                     },
-                    &alive,
+                    &*alive,
                 )
             }
             Role::Verify => {
@@ -107,7 +119,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     max_verify_batch: cfg.max_verify_batch.max(1),
                     wait_for_draft: cfg.wait_for_draft,
                 };
-                run_verify(region, &mut verifier, &opts, &alive)
+                run_verify(region, &mut verifier, &opts, &*alive)
             }
         }
     })();
@@ -122,7 +134,8 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
 }
 
 /// Asks the kernel to kill this process when its parent (the coordinator) dies, so a crashed
-/// coordinator leaves no worker behind.
+/// coordinator leaves no worker behind. A parent that died before this call is caught by
+/// [`coordinator_watch`], which compares `getppid()` afterwards.
 fn die_with_parent() {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches no memory of ours.
     unsafe {
@@ -130,13 +143,110 @@ fn die_with_parent() {
     }
 }
 
-/// Whether the coordinator process still exists (the parent-death signal covers a direct parent;
-/// this also covers a worker started by hand).
-fn coordinator_alive(pid: u32) -> bool {
-    if pid == 0 {
-        return false;
+/// Checks that the region's coordinator is alive and returns how to keep checking. A supervised
+/// worker's parent must be the coordinator (after `PR_SET_PDEATHSIG`, so from then on the kernel
+/// kills us with it; if it died before, we were re-parented and stop here), and stays it: a cheap
+/// `getppid()` per loop. A worker started by hand follows the coordinator's pid and start time, so a
+/// reused pid does not keep it alive.
+fn coordinator_watch(
+    region: &Region,
+    supervised: bool,
+) -> Result<Box<dyn Fn() -> bool + '_>, SpecError> {
+    let coordinator = region.coordinator_pid();
+    let gone = || {
+        SpecError::Protocol(format!(
+            "the coordinator (pid {coordinator}) of this region is not running; nothing to serve"
+        ))
+    };
+    if supervised {
+        let parent = std::os::unix::process::parent_id();
+        if parent != coordinator {
+            return Err(gone());
+        }
+        return Ok(Box::new(move || {
+            std::os::unix::process::parent_id() == coordinator
+        }));
     }
-    // SAFETY: kill with signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    if !region.coordinator_alive() {
+        return Err(gone());
+    }
+    Ok(Box::new(|| region.coordinator_alive()))
+}
+
+/// Loads the model while a second thread heartbeats for it as long as the load makes progress:
+/// the loading thread used CPU since the last beat or waits for the disk. So the coordinator's hang
+/// check catches a stopped load (both threads stop) and a wedged one (asleep, using no CPU) within
+/// the hang timeout, whatever the model's size.
+fn load_with_heartbeat(
+    region: &Region,
+    role: Role,
+    spec: &str,
+) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
+    let done = AtomicBool::new(false);
+    // SAFETY: gettid() takes no arguments and cannot fail.
+    let loader = unsafe { libc::gettid() };
+    std::thread::scope(|s| {
+        let beat = s.spawn(|| {
+            let mut last = None;
+            while !done.load(Ordering::Acquire) {
+                let now = thread_progress(loader);
+                if now.is_none_or(|(cpu, in_io)| in_io || Some(cpu) != last) {
+                    region.heartbeat(role);
+                }
+                last = now.map(|(cpu, _)| cpu);
+                std::thread::park_timeout(LOAD_HEARTBEAT);
+            }
+        });
+        let loaded = load_decoder(spec);
+        done.store(true, Ordering::Release);
+        beat.thread().unpark();
+        loaded
+    })
+}
+
+/// A thread of this process: its CPU time in clock ticks, and whether it waits for I/O (state D).
+/// `None` if `/proc` cannot tell (then the load counts as progressing).
+fn thread_progress(tid: libc::pid_t) -> Option<(u64, bool)> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // Field 2, the thread name, is in parentheses and may contain anything; fields 3 on follow.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime, fields.first() == Some(&"D")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_at_work_shows_progress_and_an_idle_one_does_not() {
+        // SAFETY: gettid() takes no arguments and cannot fail.
+        let me = unsafe { libc::gettid() };
+        let (before, _) = thread_progress(me).expect("/proc/self/task/TID/stat");
+        let start = std::time::Instant::now();
+        // Spin until the kernel has accounted at least one clock tick to this thread.
+        while thread_progress(me).unwrap().0 == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no CPU time accounted"
+            );
+            std::hint::spin_loop();
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<libc::pid_t>();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let idle = std::thread::spawn(move || {
+            // SAFETY: as above.
+            tx.send(unsafe { libc::gettid() }).unwrap();
+            // Asleep (a wedged load): no CPU time.
+            stop_rx.recv().unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let a = thread_progress(tid).unwrap();
+        let b = thread_progress(tid).unwrap();
+        assert_eq!(a.0, b.0);
+        assert!(!b.1, "an asleep thread is not waiting for I/O");
+        stop_tx.send(()).unwrap();
+        idle.join().unwrap();
+    }
 }

@@ -35,6 +35,13 @@ pub const SUPERVISE_EVERY: Duration = Duration::from_millis(20);
 /// How long an idle worker sleeps between liveness checks and heartbeats.
 pub const IDLE_POLL: Duration = Duration::from_millis(100);
 
+/// Most positions one prefill forward runs: a worker heartbeats between chunks, so a long prompt
+/// on a slow machine does not look like a hang (about 150 ms for the f32 verify model here).
+pub const PREFILL_CHUNK: usize = 64;
+
+/// How long a worker waits before retrying a read that found the coordinator mid-update.
+const RETRY: Duration = Duration::from_millis(1);
+
 /// The request a worker is working on.
 struct Held {
     id: u64,
@@ -100,6 +107,19 @@ fn read_request(region: &Region) -> Result<Option<amusd_shm::RequestSnapshot>, S
     }
 }
 
+/// [`Region::verified_snapshot`]; `Ok(None)` while the coordinator is mid-update for too long (it
+/// was descheduled inside its seqlock write: retry, as for the request).
+fn verified_snapshot(
+    region: &Region,
+    from: usize,
+) -> Result<Option<amusd_shm::VerifiedSnapshot>, SpecError> {
+    match region.verified_snapshot(from, TOKEN_CAPACITY) {
+        Ok(s) => Ok(Some(s)),
+        Err(ShmError::Unstable { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Takes up the running request, or lets go of a finished one. Returns the request to work on.
 fn track_request(
     region: &Region,
@@ -122,9 +142,12 @@ fn track_request(
 }
 
 /// A fresh [`Held`] for `req`, with every token committed so far (more than the prompt when this
-/// worker replaces one that died mid-request). `None` if the buffer already belongs to another request.
+/// worker replaces one that died mid-request). `None` if the buffer already belongs to another request
+/// or could not be read consistently yet.
 fn take_up(region: &Region, req: &amusd_shm::RequestSnapshot) -> Result<Option<Held>, SpecError> {
-    let snap = region.verified_snapshot(0, TOKEN_CAPACITY)?;
+    let Some(snap) = verified_snapshot(region, 0)? else {
+        return Ok(None);
+    };
     if snap.request_id != req.request_id
         || snap.tokens.len() < req.prompt_len
         || req.prompt_len == 0
@@ -237,7 +260,9 @@ fn draft_step<D: Decoder>(
     region_len: &mut usize,
 ) -> Result<Next, SpecError> {
     let status = region.worker(Role::Draft);
-    let snap = region.verified_snapshot(h.committed.len(), TOKEN_CAPACITY)?;
+    let Some(snap) = verified_snapshot(region, h.committed.len())? else {
+        return Ok(Next::Wait(RETRY));
+    };
     if snap.request_id != h.id {
         return Ok(Next::Wait(IDLE_POLL));
     }
@@ -261,12 +286,17 @@ fn draft_step<D: Decoder>(
     let seq_len = drafter.seq().len();
     let own_stop =
         seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
-    let mut drafted = false;
-    if !h.finished()
+    let mut worked = false;
+    let wants = !h.finished()
         && !own_stop
         && seq_len < h.limit
-        && drafter.ahead(h.committed.len()) < opts.max_lookahead
-    {
+        && drafter.ahead(h.committed.len()) < opts.max_lookahead;
+    // A long prompt is prefilled in chunks, one per loop iteration (each heartbeats); the last
+    // chunk goes with the first drafted token.
+    if wants && seq_len.saturating_sub(drafter.decoder.cached()) > PREFILL_CHUNK {
+        drafter.prefill(PREFILL_CHUNK)?;
+        worked = true;
+    } else if wants {
         let t0 = now_us();
         drafter.draft_one()?;
         region
@@ -278,7 +308,7 @@ fn draft_step<D: Decoder>(
         status
             .tokens
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        drafted = true;
+        worked = true;
     }
     let seq = drafter.seq();
     if *published < seq.len() {
@@ -289,7 +319,7 @@ fn draft_step<D: Decoder>(
         };
         *published = seq.len();
     }
-    Ok(if drafted {
+    Ok(if worked {
         Next::Work
     } else {
         Next::Wait(IDLE_POLL)
@@ -372,6 +402,12 @@ fn verify_step<D: Decoder>(
     waiting_since: &mut Option<Instant>,
 ) -> Result<Next, SpecError> {
     let v = h.committed.len();
+    // A long prefill runs in chunks, one per loop iteration (each heartbeats); the last chunk goes
+    // with the first verification.
+    if v.saturating_sub(verifier.decoder.cached()) > PREFILL_CHUNK {
+        verifier.prefill(&h.committed, PREFILL_CHUNK)?;
+        return Ok(Next::Work);
+    }
     // Leave room for the verify model's own token after the candidates.
     let room = opts.max_verify_batch.min(h.limit - v - 1);
     let mut candidates = match region.read_draft(0, v + room) {
@@ -573,6 +609,10 @@ mod tests {
     /// Both workers as threads over one in-process region, fake models, many requests with heavy
     /// rollback and random limits: every committed sequence must equal autoregressive decoding.
     fn run_protocol(requests: usize, seed: u64, us: u64) {
+        run_protocol_with(requests, seed, us, 40);
+    }
+
+    fn run_protocol_with(requests: usize, seed: u64, us: u64, max_prompt: usize) {
         let region: Arc<Region> = Arc::from(Region::new_boxed());
         let truth = FakeModel {
             seed,
@@ -612,7 +652,7 @@ mod tests {
             ..truth.clone()
         }));
         for i in 0..requests {
-            let plen = rng.gen_range(1..40);
+            let plen = rng.gen_range(1..max_prompt);
             let prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(0..truth.vocab)).collect();
             let stop = StopCriteria {
                 stop_ids: vec![truth.eos],
@@ -650,6 +690,36 @@ mod tests {
         for seed in 0..8 {
             run_protocol(150, seed, 0);
         }
+    }
+
+    #[test]
+    fn long_prompts_prefilled_in_chunks_commit_exactly() {
+        for seed in 200..203 {
+            run_protocol_with(20, seed, 0, 4 * PREFILL_CHUNK);
+        }
+    }
+
+    #[test]
+    fn a_coordinator_stalled_mid_update_is_waited_out() {
+        let region = Region::new_boxed();
+        region
+            .submit_request(&RequestSpec {
+                request_id: 3,
+                prompt: &[1, 2, 3],
+                max_new_tokens: 4,
+                stop_tokens: &[],
+            })
+            .unwrap();
+        let req = region.read_request().unwrap();
+        // The coordinator descheduled inside a seqlock write: the word stays odd past the budget.
+        let word = &region.control.request_word;
+        word.fetch_add(1, std::sync::atomic::Ordering::Release);
+        assert!(matches!(take_up(&region, &req), Ok(None)));
+        word.fetch_add(1, std::sync::atomic::Ordering::Release);
+        let held = take_up(&region, &req)
+            .unwrap()
+            .expect("taken up once stable");
+        assert_eq!(held.committed, vec![1, 2, 3]);
     }
 
     #[test]

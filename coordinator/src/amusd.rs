@@ -223,15 +223,20 @@ pub fn generate(
             };
             finish_output(&out, &t.tokenizer, &g)?
         }
-        None => println!(
-            "{}",
-            serde_json::json!({
-                "strategy": "amusd",
-                "tokens": g.tokens,
-                "finish_reason": g.finish,
-                "sampling": sampling_json(sampling),
-            })
-        ),
+        None => {
+            let mut metrics = crate::generate::summary_json(&g.metrics);
+            metrics["drafted"] = g.metrics.draft_times.len().into();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "strategy": "amusd",
+                    "tokens": g.tokens,
+                    "finish_reason": g.finish,
+                    "sampling": sampling_json(sampling),
+                    "metrics": metrics,
+                })
+            )
+        }
     }
     if restarts > 0 || injected > 0 {
         eprintln!(

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amusd_model::tokenizer::Tokenizer;
-use amusd_shm::{unix_ms, RegionInfo, Role, Shm, TOKEN_CAPACITY};
+use amusd_shm::{escape_name, unix_ms, RegionInfo, Role, Shm, TOKEN_CAPACITY};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -34,7 +34,7 @@ pub struct DumpArgs {
 pub fn run(args: DumpArgs) -> Result<ExitCode> {
     if args.gc {
         for name in Shm::gc() {
-            eprintln!("removed {name}");
+            eprintln!("removed {}", escape_name(&name));
         }
     }
     let tokenizer = match &args.tokenizer {
@@ -76,7 +76,7 @@ fn list_json(regions: &[RegionInfo]) -> serde_json::Value {
     json!(regions
         .iter()
         .map(|r| json!({
-            "name": r.name,
+            "name": escape_name(&r.name),
             "size": r.size,
             "owner_uid": r.owner_uid,
             "coordinator_pid": r.coordinator_pid,
@@ -130,7 +130,9 @@ fn decode(t: Option<&Tokenizer>, ids: &[u32]) -> Option<String> {
 }
 
 fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde_json::Value> {
-    let shm = Shm::attach(name).with_context(|| format!("cannot inspect {name}"))?;
+    // Read-only: inspecting a live run can never disturb it.
+    let shm = Shm::attach_read_only(name)
+        .with_context(|| format!("cannot inspect {}", escape_name(name)))?;
     let r = shm.region();
     let alive = Shm::list()
         .into_iter()
@@ -177,7 +179,7 @@ fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde
         })
         .collect();
     Ok(json!({
-        "name": name,
+        "name": escape_name(name),
         "coordinator_pid": r.coordinator_pid(),
         "coordinator_alive": alive,
         "token_capacity": TOKEN_CAPACITY,
@@ -317,28 +319,19 @@ pub fn kill(args: KillArgs) -> Result<ExitCode> {
             }
         }
     };
-    let shm = Shm::attach(&name)?;
+    let shm = Shm::attach_read_only(&name)?;
     let role = match args.worker {
         Which::Draft => Role::Draft,
         Which::Verify => Role::Verify,
     };
-    let pid = shm.region().worker_snapshot(role).pid;
-    if pid == 0 {
-        bail!("the {} worker of {name} has not started", role.name());
-    }
     let sig = match args.signal {
         Sig::Kill => libc::SIGKILL,
         Sig::Term => libc::SIGTERM,
         Sig::Stop => libc::SIGSTOP,
         Sig::Cont => libc::SIGCONT,
     };
-    // SAFETY: kill() sends a signal to a pid read from our own region; no memory is touched.
-    if unsafe { libc::kill(pid as libc::pid_t, sig) } != 0 {
-        bail!(
-            "cannot signal pid {pid}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    let name = escape_name(&name);
+    let pid = crate::signal::signal_worker(shm.region(), &name, role, sig)?;
     eprintln!(
         "sent {:?} to the {} worker (pid {pid}) of {name}",
         args.signal,

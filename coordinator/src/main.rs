@@ -6,6 +6,7 @@ mod bench;
 mod dump;
 mod generate;
 mod output;
+mod signal;
 mod supervisor;
 
 use std::process::ExitCode;

@@ -39,9 +39,11 @@ pub struct WorkerSpec {
 /// Supervision settings.
 #[derive(Clone, Debug)]
 pub struct Policy {
-    /// How long a worker may take to load its model.
+    /// How long a worker may take to load its model (a load that runs but never ends; a stopped
+    /// one is caught by the hang check, as loading workers heartbeat).
     pub load_timeout: Duration,
-    /// A busy worker without a heartbeat for this long is killed and restarted.
+    /// A worker without a heartbeat for this long, whatever its state, is killed and restarted;
+    /// so is one that has not registered in the region this long after its start.
     pub hang_timeout: Duration,
     /// Restarts allowed per worker before the request fails.
     pub max_restarts: u32,
@@ -54,7 +56,18 @@ struct Worker {
     started: Instant,
     /// When the worker was found dead or hung, until its replacement is ready.
     down_since: Option<Instant>,
+    /// Killed as hung and not reaped yet: its state in the region is stale until then.
+    killed: bool,
 }
+
+/// The least time a started worker gets to register in the region before it counts as hung: the
+/// exec and dynamic loading of a worker binary can take a while on a loaded machine.
+const MIN_REGISTER_TIME: Duration = Duration::from_secs(5);
+
+/// The last committed progress of the running request: (request id, committed length, when it
+/// changed). A request that makes none for `load_timeout + hang_timeout` fails, whatever the cause:
+/// `generate` and `bench` never wait forever.
+type Progress = (u64, usize, Instant);
 
 /// The region and the worker processes. Dropping it stops the workers and unlinks the region.
 pub struct Supervisor {
@@ -66,6 +79,7 @@ pub struct Supervisor {
     pub restarts: u32,
     /// The longest time from a worker found dead or hung to its replacement being ready.
     pub worst_recovery: Option<Duration>,
+    progress: Option<Progress>,
 }
 
 fn worker_binary(role: Role) -> &'static str {
@@ -99,6 +113,7 @@ impl Supervisor {
             bin_dir,
             restarts: 0,
             worst_recovery: None,
+            progress: None,
         };
         for spec in specs {
             sup.workers.push(Worker {
@@ -107,6 +122,7 @@ impl Supervisor {
                 restarts: 0,
                 started: Instant::now(),
                 down_since: None,
+                killed: false,
             });
         }
         for i in 0..sup.workers.len() {
@@ -148,6 +164,7 @@ impl Supervisor {
                 .with_context(|| format!("cannot start the {} worker", w.spec.role.name()))?,
         );
         w.started = Instant::now();
+        w.killed = false;
         Ok(())
     }
 
@@ -171,96 +188,151 @@ impl Supervisor {
     }
 
     /// One supervision pass: reaps dead workers and restarts them (within the retry budget), kills
-    /// hung ones, turns Ctrl-C into an error. `during_request` enables the hang check (a loading
-    /// worker is allowed `load_timeout` instead).
+    /// hung ones (in every state: loading, idle or busy), fails a request that makes no progress,
+    /// turns Ctrl-C into an error. `during_request`: a request is running.
     pub fn check(&mut self, during_request: bool) -> Result<()> {
         if INTERRUPTED.load(Ordering::SeqCst) {
             bail!("interrupted");
         }
         for i in 0..self.workers.len() {
-            let role = self.workers[i].spec.role;
-            let exited = match self.workers[i].child.as_mut() {
-                Some(c) => c.try_wait().context("cannot wait for a worker")?,
-                None => None,
-            };
-            if let Some(status) = exited {
-                self.workers[i].child = None;
-                let exit = exit_status(status);
-                self.shm.mark_worker_dead(role, exit);
-                let last_error = self.shm.worker_snapshot(role).last_error;
-                let w = &mut self.workers[i];
-                if w.restarts >= self.policy.max_restarts {
-                    let why = if last_error.is_empty() {
-                        format!("{exit:?}")
-                    } else {
-                        last_error
-                    };
-                    bail!(
-                        "the {} worker keeps failing ({} restarts): {why}",
-                        role.name(),
-                        w.restarts
-                    );
-                }
-                // A worker that failed while loading will fail again: give up at once.
-                if !last_error.is_empty() && !during_request && w.restarts == 0 {
-                    bail!("the {} worker failed: {last_error}", role.name());
-                }
-                w.restarts += 1;
-                w.down_since.get_or_insert_with(Instant::now);
-                self.restarts += 1;
-                self.shm.count_restart(role);
-                eprintln!(
-                    "amusd: {} worker exited ({exit:?}); restarting ({}/{})",
-                    role.name(),
-                    w.restarts,
-                    self.policy.max_restarts
-                );
-                self.spawn(i)?;
+            if self.reap(i, during_request)? {
                 continue;
             }
-            let state = self.shm.worker_state(role);
-            let w = &mut self.workers[i];
-            if matches!(state, Some(WorkerState::Ready | WorkerState::Busy)) {
-                if let Some(t) = w.down_since.take() {
-                    let took = t.elapsed();
-                    eprintln!(
-                        "amusd: {} worker back after {} ms",
-                        role.name(),
-                        took.as_millis()
-                    );
-                    self.worst_recovery = Some(self.worst_recovery.map_or(took, |w| w.max(took)));
-                }
-            }
-            let loading = matches!(
-                state,
-                Some(WorkerState::Absent | WorkerState::Starting | WorkerState::Loading)
+            self.check_alive(i)?;
+        }
+        if during_request {
+            self.check_progress()?;
+        } else {
+            self.progress = None;
+        }
+        Ok(())
+    }
+
+    /// Reaps worker `i` if it exited, and restarts it. Returns whether it had exited.
+    fn reap(&mut self, i: usize, during_request: bool) -> Result<bool> {
+        let role = self.workers[i].spec.role;
+        let exited = match self.workers[i].child.as_mut() {
+            Some(c) => c.try_wait().context("cannot wait for a worker")?,
+            None => None,
+        };
+        let Some(status) = exited else {
+            return Ok(false);
+        };
+        self.workers[i].child = None;
+        let exit = exit_status(status);
+        self.shm.mark_worker_dead(role, exit);
+        if role == Role::Draft && self.shm.repair_draft_epoch() {
+            eprintln!("amusd: the draft worker died mid-rewrite; draft buffer emptied");
+        }
+        let last_error = self.shm.worker_snapshot(role).last_error;
+        let w = &mut self.workers[i];
+        if w.restarts >= self.policy.max_restarts {
+            let why = if last_error.is_empty() {
+                format!("{exit:?}")
+            } else {
+                last_error
+            };
+            bail!(
+                "the {} worker keeps failing ({} restarts): {why}",
+                role.name(),
+                w.restarts
             );
-            if loading && w.started.elapsed() > self.policy.load_timeout {
-                bail!(
-                    "the {} worker did not load its model within {:?}",
-                    role.name(),
-                    self.policy.load_timeout
-                );
-            }
-            let hung = during_request
-                && state == Some(WorkerState::Busy)
-                && self
-                    .shm
-                    .heartbeat_age_ms(role)
-                    .is_some_and(|a| a > self.policy.hang_timeout.as_millis() as u64);
-            if hung {
+        }
+        // A worker that failed while loading will fail again: give up at once.
+        if !last_error.is_empty() && !during_request && w.restarts == 0 {
+            bail!("the {} worker failed: {last_error}", role.name());
+        }
+        w.restarts += 1;
+        w.down_since.get_or_insert_with(Instant::now);
+        self.restarts += 1;
+        self.shm.count_restart(role);
+        eprintln!(
+            "amusd: {} worker exited ({exit:?}); restarting ({}/{})",
+            role.name(),
+            w.restarts,
+            self.policy.max_restarts
+        );
+        self.spawn(i)?;
+        Ok(true)
+    }
+
+    /// Notes a recovered worker; kills a silent one; fails on a load that takes too long.
+    fn check_alive(&mut self, i: usize) -> Result<()> {
+        let role = self.workers[i].spec.role;
+        let state = self.shm.worker_state(role);
+        let w = &mut self.workers[i];
+        if w.killed {
+            return Ok(());
+        }
+        if matches!(state, Some(WorkerState::Ready | WorkerState::Busy)) {
+            if let Some(t) = w.down_since.take() {
+                let took = t.elapsed();
                 eprintln!(
-                    "amusd: {} worker sent no heartbeat for {:?}; killing it",
+                    "amusd: {} worker back after {} ms",
                     role.name(),
-                    self.policy.hang_timeout
+                    took.as_millis()
                 );
-                w.down_since.get_or_insert_with(Instant::now);
-                if let Some(c) = w.child.as_mut() {
-                    // SIGCONT too, in case it was stopped: a stopped process dies of SIGKILL
-                    // anyway, but say what happened consistently.
-                    let _ = c.kill();
+                self.worst_recovery = Some(self.worst_recovery.map_or(took, |w| w.max(took)));
+            }
+        }
+        let loading = matches!(state, Some(WorkerState::Starting | WorkerState::Loading));
+        if loading && w.started.elapsed() > self.policy.load_timeout {
+            bail!(
+                "the {} worker did not load its model within {:?}",
+                role.name(),
+                self.policy.load_timeout
+            );
+        }
+        // Absent or Dead: this incarnation has not registered (the coordinator writes Dead before
+        // starting a replacement), so the heartbeat in the region is not its own.
+        let registered = matches!(
+            state,
+            Some(
+                WorkerState::Starting
+                    | WorkerState::Loading
+                    | WorkerState::Ready
+                    | WorkerState::Busy
+            )
+        );
+        let (silent, limit) = if registered {
+            let age = self.shm.heartbeat_age_ms(role).unwrap_or(0);
+            (Duration::from_millis(age), self.policy.hang_timeout)
+        } else {
+            let limit = self.policy.hang_timeout.max(MIN_REGISTER_TIME);
+            (w.started.elapsed(), limit)
+        };
+        if silent > limit {
+            let what = match state {
+                Some(s) if registered => format!("sent no heartbeat for {limit:?} ({s:?})"),
+                _ => format!("did not register within {limit:?}"),
+            };
+            eprintln!("amusd: {} worker {what}; killing it", role.name());
+            w.down_since.get_or_insert_with(Instant::now);
+            w.killed = true;
+            if let Some(c) = w.child.as_mut() {
+                // Our own unreaped child: its pid cannot have been reused. A stopped process dies
+                // of SIGKILL too.
+                let _ = c.kill();
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the running request if no token was committed for `load_timeout + hang_timeout`.
+    fn check_progress(&mut self) -> Result<()> {
+        let now = (self.shm.request_id(), self.shm.verified_len());
+        let limit = self.policy.load_timeout + self.policy.hang_timeout;
+        match self.progress {
+            Some((id, len, since)) if (id, len) == now => {
+                if since.elapsed() > limit {
+                    bail!(
+                        "request {id} made no progress for {limit:?} (stuck at {len} tokens): \
+                         giving up; see `amusd dump` while it runs, raise --load-timeout-s for \
+                         slow model loads"
+                    );
                 }
             }
+            _ => self.progress = Some((now.0, now.1, Instant::now())),
         }
         Ok(())
     }

@@ -49,6 +49,7 @@ fn main() -> ExitCode {
         max_lookahead: a.max_lookahead,
         max_verify_batch: a.max_verify_batch,
         wait_for_draft: Duration::from_micros(a.verify_wait_us),
+        supervised: a.supervised,
     };
     worker_exit("amusd-verify-worker", a.supervised, worker_main(&cfg))
 }
