@@ -31,7 +31,7 @@ chmod 755 "$tmp"
 sleep 100000 & sentinel=$!
 cleanup() {
   kill "$sentinel" 2>/dev/null
-  [ -n "${swapper:-}" ] && kill "$swapper" 2>/dev/null
+  [ -n "${swapper:-}" ] && { pkill -u 65534 -f "amusd-hostile-swap-" 2>/dev/null; kill "$swapper" 2>/dev/null; }
   rm -f /dev/shm/amusd-hostile-* 2>/dev/null
   rm -rf "$tmp"
 }
@@ -182,11 +182,14 @@ import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print
         esc="/dev/shm/amusd-hostile-$(printf '\033[31m')$i"
         other_user sh -c "printf x > '$esc'"
         f="/dev/shm/amusd-hostile-swap-$i"
-        other_user sh -c "while :; do rm -f '$f'; : > '$f'; rm -f '$f'; mkfifo '$f'; done" & swapper=$!
+        # Bounded by `timeout` and killed by name: `$!` is the subshell running the function, and
+        # killing it alone left the other user's loop spinning.
+        other_user timeout 120 sh -c "while :; do rm -f '$f'; : > '$f'; rm -f '$f'; mkfifo '$f'; done" & swapper=$!
         start
         finish
         timeout 20 "$amusd" dump > "$tmp/dump.txt" 2>&1; drc=$?
-        kill "$swapper"; wait "$swapper" 2>/dev/null; swapper=""
+        pkill -u 65534 -f "amusd-hostile-swap-$i'" 2>/dev/null; kill "$swapper" 2>/dev/null
+        wait "$swapper" 2>/dev/null; swapper=""
         rm -f "$esc" "$f"
         [ $drc -ne 0 ] && { note="amusd dump failed ($drc)"; rc=1; }
         grep -q $'\033' "$tmp/dump.txt" && { note="amusd dump printed a raw escape"; rc=1; }
