@@ -59,7 +59,13 @@ fn prefill_chunk<D: Decoder>(
     if end <= start {
         return Ok(0);
     }
-    decoder.greedy(&tokens[start..end], start, end - start - 1)?;
+    // Only the cache matters here; the token chosen after the chunk is discarded.
+    decoder.next_tokens(
+        &tokens[start..end],
+        start,
+        end - start - 1,
+        &mut Sampler::default(),
+    )?;
     Ok(end - start)
 }
 
