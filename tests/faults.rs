@@ -250,7 +250,7 @@ fn expected_for(verify: &str, prompt: &[u32], max_new: usize) -> Vec<u32> {
         max_new_tokens: max_new,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, prompt, &stop, &mut |_| {})
+    autoregressive(&mut v, prompt, &stop, &Default::default(), &mut |_| {})
         .unwrap()
         .tokens
 }

@@ -708,6 +708,7 @@ mod tests {
                 prompt: &[1, 2, 3],
                 max_new_tokens: 4,
                 stop_tokens: &[],
+                sampling: Default::default(),
             })
             .unwrap();
         let req = region.read_request().unwrap();
