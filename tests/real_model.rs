@@ -142,7 +142,7 @@ fn ar_sd_and_amusd_are_token_identical_on_humaneval_and_mt_bench() {
         100.0 * accepted[0] / proposed[0].max(1.0),
         100.0 * accepted[1] / proposed[1].max(1.0),
     );
-    // A q8_0 draft of the same model agrees with the f32 verify model most of the time; if nothing
+    // The default draft (the stored q4_1 blocks, integer kernels) of the same model agrees with the f32 verify model most of the time; if nothing
     // were drafted or accepted, sd and amusd would trivially equal ar.
     for (i, strategy) in ["sd", "amusd"].iter().enumerate() {
         assert!(

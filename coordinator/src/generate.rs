@@ -43,7 +43,8 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT] or fake:... (tests). Default: SmolLM2-135M-Instruct in q8_0.
+    /// Draft model: PATH[:FORMAT] or fake:... (tests). Default: SmolLM2-135M-Instruct as stored
+    /// (q4_1 layers, q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
     /// Device of the verify model (and of the whole process for ar and sd).
@@ -111,7 +112,7 @@ impl ModelArgs {
         match &self.draft_model {
             Some(s) => Ok(s.clone()),
             None => Ok(format!(
-                "{}:q8_0",
+                "{}:stored",
                 crate::assets::ensure_default_model()?.display()
             )),
         }
