@@ -713,17 +713,7 @@ mod tests {
         y
     }
 
-    fn vals(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testing::test_values as vals;
 
     /// The defining order: one FMA chain over the reduction, from zero.
     fn chain(x: &[f32], w: &[f32]) -> f32 {

@@ -801,8 +801,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::kernels::{matmul_packed, Packed};
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
+    use crate::testing::{quantized_matrix as quantized, test_values as vals};
     use proptest::prelude::*;
 
     const KINDS: [GgmlDType; 5] = [
@@ -812,32 +811,6 @@ mod tests {
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
     ];
-
-    fn vals(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        (0..len)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// A quantized matrix: its GGUF bytes and candle's dequantization of them.
-    fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-        let t = Tensor::from_vec(vals(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        let dense = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (q.data().unwrap().to_vec(), dense)
-    }
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|v| v.to_bits()).collect()

@@ -682,8 +682,6 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
 
@@ -696,19 +694,7 @@ mod tests {
         (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
     }
 
-    /// A random `[n, k]` matrix quantized by candle: its GGUF bytes and its dequantized values.
-    fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
-        let t = Tensor::from_vec(random(n * k, seed), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&t, dtype).unwrap();
-        let dense = q
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        (q.data().unwrap().to_vec(), dense)
-    }
+    use crate::testing::quantized_matrix as quantized;
 
     fn product(path: Path, x: &[f32], m: usize, w: &IntPacked) -> Vec<f32> {
         let mut y = vec![f32::NAN; m * w.rows()];

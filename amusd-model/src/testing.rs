@@ -365,3 +365,29 @@ pub fn permute_for_interleaved(w: &[f32], rows: usize, cols: usize, head_dim: us
     }
     out
 }
+
+/// `len` values in [-1, 1) from a fixed LCG: test inputs that are the same on every platform.
+pub fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A `[n, k]` matrix of [`test_values`] quantized by candle to `dtype`: its GGUF bytes and candle's
+/// dequantization of them.
+pub fn quantized_matrix(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+    let t = Tensor::from_vec(test_values(n * k, seed), (n, k), &Device::Cpu).expect("tensor");
+    let q = QTensor::quantize(&t, dtype).expect("quantize");
+    let dense = q
+        .dequantize(&Device::Cpu)
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.to_vec1())
+        .expect("dequantize");
+    (q.data().expect("blocks").to_vec(), dense)
+}
