@@ -52,6 +52,30 @@ fn answers_the_capital_of_france() {
     assert_eq!(out["strategy"], "ar");
 }
 
+/// A prompt piped to standard input is the prompt (the shell's trailing newline dropped), and
+/// `generate` without `--strategy` runs amusd.
+#[test]
+fn a_piped_prompt_and_the_default_strategy() {
+    require_default_model();
+    let prompt = "What is the capital of France?";
+    let mut child = amusd_e2e::amusd()
+        .args(["generate", "--max-new-tokens", "16", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("amusd starts");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(format!("{prompt}\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "piped prompt failed: {stderr}");
+    let piped: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(piped["strategy"], "amusd", "{stderr}");
+    assert_eq!(piped["tokens"], generate("ar", prompt, 16).json()["tokens"]);
+}
+
 /// The draft model's prefill is faster than the verify model's, so the draft gets ahead from the
 /// first tokens and even a short answer has accepted drafts; the text equals `ar`'s.
 #[test]

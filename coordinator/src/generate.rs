@@ -232,12 +232,14 @@ pub fn sampling_label(s: &RequestSampling) -> String {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    #[arg(long, value_enum, default_value = "ar")]
+    /// How to decode: the tool's own method by default, `ar` for the verify model alone.
+    #[arg(long, value_enum, default_value = "amusd")]
     pub strategy: Strategy,
-    /// The user's message (the chat template is applied unless --raw).
+    /// The user's message (the chat template is applied unless --raw). Without --prompt or
+    /// --prompt-file, the prompt is read from standard input when that is not a terminal.
     #[arg(long, short, conflicts_with = "prompt_file")]
     pub prompt: Option<String>,
-    /// Read the prompt from a file (UTF-8).
+    /// Read the prompt from a file (UTF-8); `-` reads standard input.
     #[arg(long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
     /// Feed the prompt to the model as is, without the chat template.
@@ -269,23 +271,45 @@ pub fn load_model(spec: &str, role: &str) -> Result<LoadedModel> {
 
 /// The prompt text from `--prompt` or `--prompt-file`.
 pub fn prompt_text(args: &GenerateArgs) -> Result<String> {
-    let text = match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            let bytes = std::fs::read(f)
-                .with_context(|| format!("cannot read the prompt file {}", f.display()))?;
-            String::from_utf8(bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "the prompt file {} is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8",
-                    f.display(),
-                    e.utf8_error().valid_up_to()
-                )
-            })?
-        }
-        (None, None) => bail!("no prompt: pass --prompt TEXT or --prompt-file FILE"),
+    use std::io::{IsTerminal, Read};
+    let stdin = std::path::Path::new("-");
+    let file = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => return check_prompt(p.clone()),
+        (None, Some(f)) => f.as_path(),
+        (None, None) if !std::io::stdin().is_terminal() => stdin,
+        (None, None) => bail!(
+            "no prompt: pass --prompt TEXT or --prompt-file FILE, or pipe it to standard input"
+        ),
     };
+    let mut bytes = Vec::new();
+    if file == stdin {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read the prompt from standard input")?;
+    } else {
+        bytes = std::fs::read(file)
+            .with_context(|| format!("cannot read the prompt file {}", file.display()))?;
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the prompt in {} is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8",
+            if file == stdin { "standard input".to_string() } else { file.display().to_string() },
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    // `echo ... | amusd generate` should mean what `--prompt ...` means: the shell's newline is
+    // not part of the message.
+    let text = if file == stdin {
+        text.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        text
+    };
+    check_prompt(text)
+}
+
+fn check_prompt(text: String) -> Result<String> {
     if text.trim().is_empty() {
-        bail!("the prompt is empty: pass some text with --prompt or --prompt-file");
+        bail!("the prompt is empty: pass some text with --prompt, --prompt-file or standard input");
     }
     Ok(text)
 }
