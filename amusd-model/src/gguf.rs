@@ -267,6 +267,31 @@ fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
     }
 }
 
+/// Checks that `bytes` bytes are the row-major blocks of an `[n, k]` matrix of `dtype`, whose
+/// blocks hold `block_values` values in `block_bytes` bytes: what the kernels that repack stored
+/// blocks (`qexact`, `qkernels`) rely on.
+pub(crate) fn check_block_matrix(
+    dtype: GgmlDType,
+    bytes: usize,
+    n: usize,
+    k: usize,
+    block_values: usize,
+    block_bytes: usize,
+) -> Result<(), ModelError> {
+    if !k.is_multiple_of(block_values) {
+        return Err(ModelError::Shape(format!(
+            "{dtype:?} matrix with {k} columns is not whole blocks of {block_values}"
+        )));
+    }
+    let want = n * (k / block_values) * block_bytes;
+    if bytes != want {
+        return Err(ModelError::Shape(format!(
+            "{dtype:?} {n}x{k} matrix holds {bytes} bytes, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,27 +198,17 @@ impl Linear {
                 _ => None,
             })?)),
             Weights::Blocked(_) => {
-                let blocked = parts
-                    .iter()
-                    .map(|p| match &p.weights {
-                        Weights::Blocked(w) => Ok(&**w),
-                        _ => Err(ModelError::Shape(
-                            "cannot fuse layers of different storage".into(),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let blocked = same_storage(parts, |w| match w {
+                    Weights::Blocked(v) => Some(v),
+                    _ => None,
+                })?;
                 Weights::Blocked(Arc::new(BlockPacked::stack(&blocked)?))
             }
             Weights::Int(_) => {
-                let int = parts
-                    .iter()
-                    .map(|p| match &p.weights {
-                        Weights::Int(w) => Ok(&**w),
-                        _ => Err(ModelError::Shape(
-                            "cannot fuse layers of different storage".into(),
-                        )),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let int = same_storage(parts, |w| match w {
+                    Weights::Int(v) => Some(v),
+                    _ => None,
+                })?;
                 Weights::Int(Arc::new(IntPacked::stack(&int)?))
             }
             Weights::Quantized(q0) => {
@@ -285,15 +275,22 @@ fn concat_packed<T: Widen>(
     parts: &[Linear],
     get: impl Fn(&Weights) -> Option<&Arc<Packed<T>>>,
 ) -> Result<Packed<T>, ModelError> {
-    let packed = parts
+    Ok(Packed::stack(&same_storage(parts, get)?))
+}
+
+/// Every part's matrix of the storage `get` picks out; an error if a part is stored otherwise.
+fn same_storage<'a, T>(
+    parts: &'a [Linear],
+    get: impl Fn(&'a Weights) -> Option<&'a Arc<T>>,
+) -> Result<Vec<&'a T>, ModelError> {
+    parts
         .iter()
         .map(|p| {
             get(&p.weights)
                 .map(|w| &**w)
                 .ok_or_else(|| ModelError::Shape("cannot fuse layers of different storage".into()))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Packed::stack(&packed))
+        .collect()
 }
 
 /// Converts a dense f32 matrix into the requested storage.

@@ -15,6 +15,7 @@
 
 use candle_core::quantized::GgmlDType;
 
+use crate::gguf::check_block_matrix;
 use crate::kernels::PANEL;
 use crate::ModelError;
 
@@ -172,18 +173,7 @@ impl BlockPacked {
         let kind = BlockKind::from_ggml(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("{dtype:?} weights cannot be widened in registers"))
         })?;
-        if !k.is_multiple_of(GROUP) {
-            return Err(ModelError::Shape(format!(
-                "{dtype:?} matrix with {k} columns, not a multiple of {GROUP}"
-            )));
-        }
-        let want = n * k / GROUP * kind.block_bytes();
-        if bytes.len() != want {
-            return Err(ModelError::Shape(format!(
-                "{dtype:?} {n}x{k} matrix holds {} bytes, expected {want}",
-                bytes.len()
-            )));
-        }
+        check_block_matrix(dtype, bytes.len(), n, k, GROUP, kind.block_bytes())?;
         let groups = n * k / GROUP;
         let mut dec = Decoded {
             d: vec![0; groups],

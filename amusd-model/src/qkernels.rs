@@ -124,20 +124,9 @@ impl IntPacked {
         let kind = Kind::of(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("no integer kernel for {dtype:?} weights"))
         })?;
-        if !k.is_multiple_of(QK) {
-            return Err(ModelError::Shape(format!(
-                "{dtype:?} matrix with {k} columns is not whole blocks of {QK}"
-            )));
-        }
         let bb = kind.block_bytes();
+        crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, QK, bb)?;
         let nb = k / QK;
-        if bytes.len() != n * nb * bb {
-            return Err(ModelError::Shape(format!(
-                "{dtype:?} {n}x{k} matrix should hold {} bytes, got {}",
-                n * nb * bb,
-                bytes.len()
-            )));
-        }
         let mut w = Self {
             kind,
             n,
