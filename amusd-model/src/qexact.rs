@@ -379,10 +379,10 @@ pub fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) 
     assert!(isa == Isa::Portable || Isa::available().contains(&isa));
     let mut acc = vec![0f32; m * PANEL];
     let mut wide = vec![0f32; GROUP * PANEL];
+    let rows: Vec<&[f32]> = x[..m * k].chunks_exact(k).collect();
     for b in 0..n.div_ceil(PANEL) {
         let (panel, j0) = (w.panel(b), b * PANEL);
         if m < WIDEN_ONCE_ROWS {
-            let rows: Vec<&[f32]> = x[..m * k].chunks_exact(k).collect();
             for (xs, out) in rows
                 .chunks(DIRECT_ROWS)
                 .zip(acc.chunks_mut(DIRECT_ROWS * PANEL))
