@@ -270,6 +270,25 @@ impl<T: Widen> Packed<T> {
         self.k
     }
 
+    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
+    pub fn first_rows(&self, keep: usize) -> Self {
+        assert!(
+            keep <= self.n && keep.is_multiple_of(PANEL),
+            "first {keep} rows of {}",
+            self.n
+        );
+        Self {
+            n: keep,
+            k: self.k,
+            data: self.data[..keep * self.k].to_vec(),
+        }
+    }
+
+    /// Resident bytes, the padding of the last panel included.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.data.as_slice())
+    }
+
     /// Number of panels, `ceil(n / PANEL)`.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(PANEL)

@@ -43,8 +43,9 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT] or fake:... (tests). Default: SmolLM2-135M-Instruct as stored
-    /// (q4_1 layers, q8_0 embedding), run by the integer kernels.
+    /// Draft model: PATH[:FORMAT][:head=N] or fake:... (tests); head=N keeps the output head's
+    /// first N token ids (the frequent ones), so each draft token reads fewer bytes. Default:
+    /// SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
     /// Device of the verify model (and of the whole process for ar and sd).
@@ -100,6 +101,10 @@ pub enum ChaosSignal {
 impl ModelArgs {
     pub fn verify_spec(&self) -> Result<String> {
         match &self.verify_model {
+            Some(s) if s.parse::<ModelSpec>().is_ok_and(|m| m.head.is_some()) => bail!(
+                "--verify-model {s}: head=N restricts a draft model's proposals; the verify model's \
+                 logits decide the output and must cover the whole vocabulary"
+            ),
             Some(s) => Ok(s.clone()),
             None => Ok(format!(
                 "{}:f32",
