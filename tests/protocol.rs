@@ -57,7 +57,7 @@ impl Case {
             &self.prompt,
             &stop,
             &Default::default(),
-            &mut |_| {},
+            &mut |_| std::ops::ControlFlow::Continue(()),
         )
         .unwrap();
 

@@ -234,6 +234,7 @@ mod tests {
     use crate::policy::StopCriteria;
     use crate::sampling::{RequestSampling, SamplingParams};
     use proptest::prelude::*;
+    use std::ops::ControlFlow;
 
     /// Greedy, or sampling with or without filters, with a sampling or a greedy draft.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
@@ -277,10 +278,10 @@ mod tests {
             let p = prompt(seed, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
             let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| {}).unwrap();
+            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| ControlFlow::Continue(())).unwrap();
             let mut d = Drafter::new(FakeDecoder::new(draft));
             let mut streamed = Vec::new();
-            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| streamed.extend_from_slice(t)).unwrap();
+            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
             prop_assert_eq!(&ar.tokens, &sd.tokens);
             prop_assert_eq!(&streamed, &sd.tokens);
             prop_assert_eq!(ar.finish, sd.finish);
