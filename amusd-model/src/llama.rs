@@ -220,7 +220,7 @@ impl Llama {
             for i in 0..m {
                 let q = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
                 let out = &mut attn[i * q_dim..(i + 1) * q_dim];
-                kernels::attend(
+                crate::attention::attend(
                     q,
                     keys,
                     values,
