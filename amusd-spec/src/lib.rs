@@ -12,6 +12,7 @@ pub mod bind;
 pub mod decoder;
 pub mod fake;
 pub mod generate;
+mod philox;
 pub mod policy;
 pub mod process;
 pub mod sampling;
