@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use amusd_model::chat::Message;
 use amusd_model::loader::{load_text, ModelText};
+use amusd_proc::bind::SavedAffinity;
 use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
@@ -23,30 +24,6 @@ use crate::args::{sampling_label, ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, InProcess, Request, Trace, Workers};
 use crate::prompt::{check_same_vocabulary, encode_conversation};
 use crate::supervisor::INTERRUPTED;
-
-/// Undoes the pinning of [`amusd_spec::bind::bind_current_process`] for the amusd coordinator, which
-/// `amusd generate` runs unpinned: pinned to the verify core it would steal time from the verify
-/// worker's core on every wake-up.
-pub(super) struct SavedAffinity(libc::cpu_set_t);
-
-impl SavedAffinity {
-    pub(super) fn current() -> Option<Self> {
-        // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size into it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            (libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0)
-                .then_some(Self(set))
-        }
-    }
-
-    pub(super) fn restore(&self) {
-        // SAFETY: passes a valid cpu_set_t of the size given. Failure leaves the pinning in place,
-        // which costs some speed but no correctness.
-        unsafe {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.0);
-        }
-    }
-}
 
 /// A sample with its first prompt tokenized.
 pub(super) struct Prepared {
