@@ -40,8 +40,9 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
-    let loaded = amusd_model::load(&spec)?;
-    Ok((Box::new(LlamaDecoder::new(loaded.llama)), loaded.name))
+    // Weights only: the coordinator tokenizes, a worker never does.
+    let (llama, name) = amusd_model::loader::load_weights(&spec)?;
+    Ok((Box::new(LlamaDecoder::new(llama)), name))
 }
 
 /// Why a worker stopped with an error.
