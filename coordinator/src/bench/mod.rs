@@ -52,7 +52,8 @@
 //! `metrics` holds the fields of the paper's released `results/*.json` — `total_time` (s),
 //! `tokens_generated`, `time_per_token` (s, `total_time / tokens_generated`), `draft_times` and
 //! `verify_times` (s, one per forward), `accepted_tokens` (draft tokens accepted by each verify step)
-//! — and ours: `ttft` (s), `decode_ms_per_token` (null when fewer than two tokens were generated),
+//! — and ours: `ttft` (s), `decode_ms_per_token` (decode time after the first commit over
+//! `decode_tokens`, the tokens committed after it; null when nothing was), `decode_tokens`,
 //! `acceptance_rate`, `proposed`, `accepted`, `verify_steps`, `rollbacks`, `tokens_hash` (FNV-1a 64 of
 //! the token ids as little-endian u32, hex) and `tokens`.
 

@@ -128,6 +128,10 @@ pub(super) struct RecordMetrics {
     pub(super) accepted_tokens: Vec<usize>,
     pub(super) ttft: f64,
     pub(super) decode_ms_per_token: Option<f64>,
+    /// Tokens after the first commit, the denominator of `decode_ms_per_token`. Absent from records
+    /// written before it existed, whose denominator was `tokens_generated - 1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) decode_tokens: Option<usize>,
     pub(super) acceptance_rate: f64,
     pub(super) proposed: usize,
     pub(super) accepted: usize,
@@ -150,7 +154,8 @@ impl RecordMetrics {
             ttft: m.ttft,
             // With one token there is no decode phase; Metrics would fall back to the total time,
             // which is mostly prefill and would skew a mean of decode rates.
-            decode_ms_per_token: (m.new_tokens >= 2).then(|| m.ms_per_token()),
+            decode_ms_per_token: (m.decode_tokens > 0).then(|| m.ms_per_token()),
+            decode_tokens: Some(m.decode_tokens),
             acceptance_rate: m.acceptance_rate(),
             proposed: m.proposed,
             accepted: m.accepted,

@@ -18,8 +18,15 @@ pub(super) struct Row {
     pub(super) generations: usize,
     pub(super) ttft_ms: f64,
     pub(super) ms_per_token: Option<f64>,
+    /// Some record predates `decode_tokens`: its ms/token divides by `tokens - 1`.
+    pub(super) old_denominator: bool,
     pub(super) speedup_ar: Option<f64>,
     pub(super) speedup_sd: Option<f64>,
+    /// Generated tokens over request time, pooled.
+    pub(super) e2e_tokens_per_s: Option<f64>,
+    pub(super) e2e_speedup_ar: Option<f64>,
+    /// Draft forwards, tokens offered to the verify model, tokens it accepted; summed.
+    pub(super) drafting: Option<(usize, usize, usize)>,
     pub(super) acceptance: Option<f64>,
     pub(super) tokens_per_step: Option<f64>,
     pub(super) rollbacks_per_100: Option<f64>,
@@ -71,11 +78,24 @@ fn strategies_of<'r>(records: &[&'r Record]) -> Vec<&'r str> {
     strategies
 }
 
-/// What every row of one dataset is compared with: ar's tokens and the baselines' decode rates.
+/// What every row of one dataset is compared with: ar's tokens and the baselines' rates.
 struct Group<'r> {
     reference: HashMap<(usize, usize), &'r Vec<u32>>,
     ar_ms: Option<f64>,
     sd_ms: Option<f64>,
+    ar_e2e: Option<f64>,
+}
+
+/// Generated tokens over request time (prompt processing included), pooled over `strategy`'s
+/// generations.
+fn e2e_rate(records: &[&Record], strategy: &str) -> Option<f64> {
+    let (tokens, secs) = records
+        .iter()
+        .filter(|r| r.strategy == strategy)
+        .fold((0usize, 0.0), |(n, t), r| {
+            (n + r.metrics.tokens_generated, t + r.metrics.total_time)
+        });
+    (secs > 0.0).then(|| tokens as f64 / secs)
 }
 
 /// Mean decode ms/token of `strategy`'s generations.
@@ -98,6 +118,7 @@ impl<'r> Group<'r> {
                 .collect(),
             ar_ms: decode_mean(records, "ar"),
             sd_ms: decode_mean(records, "sd"),
+            ar_e2e: e2e_rate(records, "ar"),
         }
     }
 
@@ -120,6 +141,7 @@ impl<'r> Group<'r> {
             })
             .collect();
         let drafts = st != "ar";
+        let e2e = e2e_rate(records, st);
         Row {
             dataset: ds.to_string(),
             strategy: st.to_string(),
@@ -131,8 +153,21 @@ impl<'r> Group<'r> {
             generations: gens.len(),
             ttft_ms: mean(gens.iter().map(|r| r.metrics.ttft * 1e3)).unwrap_or(0.0),
             ms_per_token: ms,
+            old_denominator: drafts && gens.iter().any(|r| r.metrics.decode_tokens.is_none()),
             speedup_ar: speedup(self.ar_ms),
             speedup_sd: speedup(self.sd_ms),
+            e2e_tokens_per_s: e2e,
+            e2e_speedup_ar: match (e2e, self.ar_e2e) {
+                (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+                _ => None,
+            },
+            drafting: drafts.then(|| {
+                (
+                    sum(|m| m.draft_times.len()),
+                    sum(|m| m.proposed),
+                    sum(|m| m.accepted),
+                )
+            }),
             acceptance: drafts
                 .then(|| ratio(sum(|m| m.accepted), sum(|m| m.proposed)))
                 .flatten(),
@@ -151,12 +186,18 @@ impl<'r> Group<'r> {
 }
 
 /// What the columns mean; printed under every table.
-pub(super) const FOOTNOTE: &str = "ms/token: decode time after the first token / (tokens - 1), arithmetic mean over generations \
-(an mt-bench turn is one generation); speedup = mean ms/token of ar (of sd) / this strategy's mean ms/token. \
-ttft includes prefill. accept = accepted / proposed draft tokens and tokens/step = tokens / verify forwards, \
-both pooled over generations; identical = generations token-for-token equal to ar's.";
+const FOOTNOTE: &str = "ms/token: decode time after the first commit / tokens committed after it, arithmetic mean \
+over generations (an mt-bench turn is one generation); * marks rows with records written before that \
+definition, which divided by tokens - 1 and so counted sd's first-round tokens, committed inside the ttft, \
+as decoded (flattering sd). speedup = mean ms/token of ar (of sd) / this strategy's. ttft includes prefill. \
+e2e tokens/s: generated tokens / request time, prompt processing included, pooled over generations; \
+e2e vs ar: its ratio to ar's. draft fwd: draft forward passes (one per drafted token); offered: draft tokens \
+given to a verify step (sd: every drafted token; amusd: the valid ones beyond the committed tokens that a \
+verify step took; the rest were drafted too far ahead or rolled back); accepted: offered tokens the verify \
+model accepted; all three summed over generations. accept = accepted / offered and tokens/step = tokens / \
+verify forwards, both pooled; identical = generations token-for-token equal to ar's.";
 
-const HEADER: [&str; 11] = [
+const HEADER: [&str; 16] = [
     "dataset",
     "strategy",
     "samples",
@@ -164,6 +205,11 @@ const HEADER: [&str; 11] = [
     "ms/token",
     "speedup vs ar",
     "speedup vs sd",
+    "e2e tokens/s",
+    "e2e vs ar",
+    "draft fwd",
+    "offered",
+    "accepted",
     "accept",
     "tokens/step",
     "rollbacks/100 tok",
@@ -193,15 +239,26 @@ fn cells(r: &Row) -> Vec<String> {
             format!("{} ({} gens)", r.samples, r.generations)
         },
         format!("{:.0}", r.ttft_ms),
-        opt(r.ms_per_token, &|v| format!("{v:.1}")),
+        opt(r.ms_per_token, &|v| {
+            format!("{v:.1}{}", if r.old_denominator { "*" } else { "" })
+        }),
         opt(r.speedup_ar, &|v| format!("{v:.2}×")),
         opt(r.speedup_sd, &|v| format!("{v:.2}×")),
+        opt(r.e2e_tokens_per_s, &|v| format!("{v:.1}")),
+        opt(r.e2e_speedup_ar, &|v| format!("{v:.2}×")),
+        count(r.drafting.map(|d| d.0)),
+        count(r.drafting.map(|d| d.1)),
+        count(r.drafting.map(|d| d.2)),
         opt(r.acceptance, &|v| format!("{:.1}%", 100.0 * v)),
         opt(r.tokens_per_step, &|v| format!("{v:.2}")),
         opt(r.rollbacks_per_100, &|v| format!("{v:.1}")),
         r.identical
             .map_or("—".to_string(), |(n, of)| format!("{n}/{of}")),
     ]
+}
+
+fn count(v: Option<usize>) -> String {
+    v.map_or("—".to_string(), |n| n.to_string())
 }
 
 fn markdown_table(body: &[Vec<String>]) -> String {
@@ -301,6 +358,7 @@ mod tests {
                 accepted_tokens: vec![],
                 ttft: 0.1,
                 decode_ms_per_token: Some(ms),
+                decode_tokens: Some(tokens.len().saturating_sub(1)),
                 acceptance_rate: 0.5,
                 proposed: 4,
                 accepted: 2,
@@ -310,6 +368,15 @@ mod tests {
                 tokens,
             },
         }
+    }
+
+    #[test]
+    fn records_without_decode_tokens_are_marked() {
+        let mut old = record("sd", 0, 20.0, vec![1, 2, 3, 4]);
+        old.metrics.decode_tokens = None;
+        let rows = summarize(&[record("ar", 0, 40.0, vec![1, 2, 3, 4]), old]);
+        assert!(!rows[0].old_denominator && rows[1].old_denominator);
+        assert!(render_report(&rows, true).contains("| 20.0* |"));
     }
 
     #[test]
@@ -325,6 +392,12 @@ mod tests {
         assert_eq!(rows[1].identical, Some((1, 1)));
         assert_eq!(rows[2].identical, Some((0, 1)));
         assert_eq!(rows[0].acceptance, None);
+        assert_eq!(rows[1].drafting, Some((0, 4, 2)));
+        assert_eq!(rows[0].drafting, None);
+        // 4 tokens in 1 s each: every strategy's e2e rate is 4 tokens/s.
+        assert_eq!(rows[2].e2e_tokens_per_s, Some(4.0));
+        assert_eq!(rows[2].e2e_speedup_ar, Some(1.0));
+        assert!(!rows[1].old_denominator);
         let md = render_report(&rows, true);
         assert!(md.contains("| d | amusd |"));
     }
