@@ -8,13 +8,13 @@
 //! forward pass of `amusd-model` and a [`sampling`] whose choice at a position depends only on the
 //! logits there, the seed and the position.
 
-pub mod bind;
 pub mod decoder;
+/// A deterministic fake model for protocol tests (the `fake` feature; always in this crate's tests).
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod generate;
 mod philox;
 pub mod policy;
-pub mod process;
 pub mod sampling;
 pub mod worker;
 
@@ -34,6 +34,7 @@ pub enum SpecError {
     Protocol(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[cfg(any(test, feature = "fake"))]
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),
 }

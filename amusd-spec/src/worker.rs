@@ -86,9 +86,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
 impl Held {
     /// True once the committed tokens end the request (stop token or budget).
     fn finished(&self) -> bool {
-        let n = self.committed.len();
-        n >= self.limit
-            || (n > self.prompt_len && self.stop.stop_ids.contains(&self.committed[n - 1]))
+        self.stop.ends(&self.committed[self.prompt_len..])
     }
 }
 
@@ -284,8 +282,7 @@ fn draft_step<D: Decoder>(
         ));
     }
     let seq_len = drafter.seq().len();
-    let own_stop =
-        seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
+    let own_stop = seq_len > h.committed.len() && h.stop.is_stop(drafter.seq()[seq_len - 1]);
     let mut worked = false;
     let wants = !h.finished()
         && !own_stop
@@ -418,7 +415,7 @@ fn verify_step<D: Decoder>(
         Err(e) => return Err(e.into()),
     };
     // Nothing after a proposed stop token can be committed.
-    if let Some(i) = candidates.iter().position(|t| h.stop.stop_ids.contains(t)) {
+    if let Some(i) = candidates.iter().position(|&t| h.stop.is_stop(t)) {
         candidates.truncate(i + 1);
     }
     // With `room == 0` only the verify model's own token fits the budget: no draft to wait for.

@@ -157,7 +157,7 @@ impl Supervisor {
             .arg(w.spec.device.to_string())
             .args(&w.spec.extra_args)
             .arg("--supervised")
-            .envs(amusd_spec::bind::child_env(w.spec.device))
+            .envs(amusd_proc::bind::child_env(w.spec.device))
             .stdin(std::process::Stdio::null());
         w.child = Some(
             cmd.spawn()

@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use amusd_proc::{worker_exit, worker_main, WorkerConfig};
 use amusd_shm::Role;
-use amusd_spec::process::{worker_exit, worker_main, WorkerConfig};
 use clap::Parser;
 
 #[derive(Parser)]

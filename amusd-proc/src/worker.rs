@@ -7,10 +7,9 @@ use std::time::Duration;
 use amusd_model::{DeviceSpec, ModelSpec};
 use amusd_shm::{Region, Role, Shm, WorkerState};
 
-use crate::decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
-use crate::fake::{FakeDecoder, FakeModel};
-use crate::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
-use crate::SpecError;
+use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
+use amusd_spec::{Decoder, Drafter, LlamaDecoder, SpecError, Verifier};
 
 /// What a worker process is told on its command line.
 #[derive(Clone, Debug)]
@@ -41,8 +40,9 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
-    let loaded = amusd_model::load(&spec)?;
-    Ok((Box::new(LlamaDecoder::new(loaded.llama)), loaded.name))
+    // Weights only: the coordinator tokenizes, a worker never does.
+    let (llama, name) = amusd_model::loader::load_weights(&spec)?;
+    Ok((Box::new(LlamaDecoder::new(llama)), name))
 }
 
 /// Why a worker stopped with an error.
@@ -92,7 +92,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
         .device
         .parse()
         .map_err(|e: amusd_model::ModelError| early(e.into()))?;
-    crate::bind::bind_current_process(device).map_err(early)?;
+    crate::bind::bind_current_process(device).map_err(|e| early(e.into()))?;
     let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
     let alive = coordinator_watch(region, cfg.supervised).map_err(early)?;
