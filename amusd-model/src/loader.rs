@@ -152,8 +152,19 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
         Some(dir) => crate::hf::load_llama(dir, spec.format)?.0,
         None => GgufFile::open(path)?.load_llama(spec.format)?,
     };
-    let name = format!("{}:{}", file_name(path), llama.lm_head.storage_name());
+    let mut name = format!("{}:{}", file_name(path), llama.lm_head.storage_name());
+    let mut llama = llama;
+    apply_head(spec, &mut llama, &mut name)?;
     Ok((llama, name))
+}
+
+/// A draft's `head=N`: restricts the output head and says so in the model's name.
+fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
+    if let Some(n) = spec.head {
+        llama.restrict_head(n)?;
+        name.push_str(&format!(", head {}", llama.lm_head.out_features()));
+    }
+    Ok(())
 }
 
 fn file_name(path: &Path) -> String {
@@ -164,15 +175,12 @@ fn file_name(path: &Path) -> String {
 
 /// Loads a GGUF file or a Hugging Face checkpoint directory.
 pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
-    let mut m = load_weights(spec)?;
-    if let Some(n) = spec.head {
-        m.llama.restrict_head(n)?;
-        m.name = format!("{}, head {}", m.name, m.llama.lm_head.out_features());
-    }
+    let mut m = load_all(spec)?;
+    apply_head(spec, &mut m.llama, &mut m.name)?;
     Ok(m)
 }
 
-fn load_weights(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+fn load_all(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
