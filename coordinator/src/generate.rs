@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::args::{sampling_json, sampling_label, ModelArgs, SamplingArgs, Strategy};
-use crate::backend::{bind_in_process, Backend, InProcess, Request, Workers};
+use crate::backend::{bind_in_process, Backend, Request, Workers};
 use crate::output::print_text;
 use crate::prompt::{prompt_text, Texts};
 use crate::supervisor::INTERRUPTED;
@@ -80,19 +80,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Strategy::Ar | Strategy::Sd => usize::MAX,
     };
     check_fits(texts.context(limit), prompt.len(), args.max_new_tokens)?;
-    let mut backend = match strategy {
-        Strategy::Ar => Backend::Ar(InProcess::load(&verify_spec, None, m.lookahead)?),
-        Strategy::Sd => Backend::Sd(InProcess::load(
-            &verify_spec,
-            draft_spec.as_deref(),
-            m.lookahead,
-        )?),
-        Strategy::Amusd => Backend::Amusd(Workers::start(
-            m,
-            &verify_spec,
-            draft_spec.as_deref().unwrap_or_default(),
-        )?),
-    };
+    let mut backend = Backend::open(strategy, m, &verify_spec, draft_spec.as_deref())?;
     let tokenizer = texts.verify.as_ref().map(|t| &t.tokenizer);
     let request = Request {
         prompt: &prompt,
