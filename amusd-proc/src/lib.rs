@@ -5,4 +5,5 @@
 pub mod bind;
 pub mod worker;
 
-pub use worker::{worker_exit, worker_main, WorkerConfig, WorkerFailure};
+pub use amusd_spec::worker::{DraftOptions, VerifyOptions};
+pub use worker::{worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure};

@@ -17,12 +17,25 @@ pub struct WorkerConfig {
     pub region: String,
     pub model: String,
     pub device: String,
-    pub role: Role,
-    pub max_lookahead: usize,
-    pub max_verify_batch: usize,
-    pub wait_for_draft: Duration,
     /// Started by the coordinator: its parent must be the region's coordinator.
     pub supervised: bool,
+    pub role: RoleOptions,
+}
+
+/// The worker's role, with that role's options.
+#[derive(Clone, Debug)]
+pub enum RoleOptions {
+    Draft(DraftOptions),
+    Verify(VerifyOptions),
+}
+
+impl RoleOptions {
+    pub fn role(&self) -> Role {
+        match self {
+            Self::Draft(_) => Role::Draft,
+            Self::Verify(_) => Role::Verify,
+        }
+    }
 }
 
 /// How often a loading worker heartbeats.
@@ -96,35 +109,30 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
     let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
     let alive = coordinator_watch(region, cfg.supervised).map_err(early)?;
-    region.register_worker(cfg.role, &cfg.device, &cfg.model);
+    let role = cfg.role.role();
+    region.register_worker(role, &cfg.device, &cfg.model);
     let result = (|| {
-        region.set_worker_state(cfg.role, WorkerState::Loading);
-        let (decoder, name) = load_with_heartbeat(region, cfg.role, &cfg.model)?;
-        region.worker(cfg.role).model.set(&name);
-        match cfg.role {
-            Role::Draft => {
-                let mut drafter = Drafter::new(decoder);
-                run_draft(
-                    region,
-                    &mut drafter,
-                    &DraftOptions {
-                        max_lookahead: cfg.max_lookahead.max(1),
-                    },
-                    &*alive,
-                )
-            }
-            Role::Verify => {
-                let mut verifier = Verifier::new(decoder);
-                let opts = VerifyOptions {
-                    max_verify_batch: cfg.max_verify_batch.max(1),
-                    wait_for_draft: cfg.wait_for_draft,
+        region.set_worker_state(role, WorkerState::Loading);
+        let (decoder, name) = load_with_heartbeat(region, role, &cfg.model)?;
+        region.worker(role).model.set(&name);
+        match &cfg.role {
+            RoleOptions::Draft(opts) => {
+                let opts = DraftOptions {
+                    max_lookahead: opts.max_lookahead.max(1),
                 };
-                run_verify(region, &mut verifier, &opts, &*alive)
+                run_draft(region, &mut Drafter::new(decoder), &opts, &*alive)
+            }
+            RoleOptions::Verify(opts) => {
+                let opts = VerifyOptions {
+                    max_verify_batch: opts.max_verify_batch.max(1),
+                    ..opts.clone()
+                };
+                run_verify(region, &mut Verifier::new(decoder), &opts, &*alive)
             }
         }
     })();
     result.map_err(|error| {
-        region.worker(cfg.role).last_error.set(&error.to_string());
+        region.worker(role).last_error.set(&error.to_string());
         region.ring(amusd_shm::Party::Coordinator);
         WorkerFailure {
             error,

@@ -6,8 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::decoder::{Decoder, Drafter, Verifier};
-pub use crate::policy::Finish as FinishReason;
-use crate::policy::{accept, StopCriteria};
+use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::RequestSampling;
 use crate::SpecError;
 
@@ -87,12 +86,12 @@ impl Metrics {
 #[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     pub tokens: Vec<u32>,
-    pub finish: FinishReason,
+    pub finish: Finish,
     pub metrics: Metrics,
 }
 
 /// Receives each batch of committed tokens as it lands; `ControlFlow::Break` cancels the request
-/// (it ends with [`FinishReason::Cancelled`]).
+/// (it ends with [`Finish::Cancelled`]).
 pub type OnTokens<'a> = dyn FnMut(&[u32]) -> ControlFlow<()> + 'a;
 
 /// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
@@ -106,7 +105,7 @@ pub(crate) struct Committer<'a> {
     /// Tokens of the first commit (they land inside the ttft).
     first_commit: usize,
     pub metrics: Metrics,
-    pub finish: Option<FinishReason>,
+    pub finish: Option<Finish>,
 }
 
 impl<'a> Committer<'a> {
@@ -115,7 +114,7 @@ impl<'a> Committer<'a> {
             prompt_tokens: prompt.len(),
             ..Default::default()
         };
-        let finish = (stop.max_new_tokens == 0).then_some(FinishReason::Length);
+        let finish = (stop.max_new_tokens == 0).then_some(Finish::Length);
         Self {
             committed: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -146,7 +145,7 @@ impl<'a> Committer<'a> {
             flow = (self.on_tokens)(&tokens[..keep]);
         }
         // A request that ended anyway keeps its own reason.
-        let cancelled = flow.is_break().then_some(FinishReason::Cancelled);
+        let cancelled = flow.is_break().then_some(Finish::Cancelled);
         self.finish = self.finish.or(finish).or(cancelled);
     }
 
@@ -166,7 +165,7 @@ impl<'a> Committer<'a> {
         }
         Generation {
             tokens: self.committed[self.prompt_len..].to_vec(),
-            finish: self.finish.unwrap_or(FinishReason::Length),
+            finish: self.finish.unwrap_or(Finish::Length),
             metrics: self.metrics,
         }
     }
@@ -226,8 +225,8 @@ pub fn speculative<D: Decoder, P: Decoder>(
     drafter.start(prompt, capacity)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     while !c.done() {
-        let sync = drafter.sync(&c.committed);
-        c.metrics.rollbacks += sync.rollback_to.is_some() as usize;
+        let rollback = drafter.sync(&c.committed);
+        c.metrics.rollbacks += rollback.is_some() as usize;
         // Never draft past the budget: those tokens could not be committed anyway.
         let n_draft = lookahead.min((stop.max_new_tokens - c.generated()).saturating_sub(1));
         let mut draft = Vec::with_capacity(n_draft);
@@ -283,7 +282,7 @@ mod tests {
         let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut once).unwrap();
         assert_eq!(
             (ar.finish, ar.tokens.len(), calls),
-            (FinishReason::Cancelled, 1, 1)
+            (Finish::Cancelled, 1, 1)
         );
         let mut d = Drafter::new(FakeDecoder::new(model));
         let mut streamed = Vec::new();
@@ -292,7 +291,7 @@ mod tests {
             ControlFlow::Break(())
         })
         .unwrap();
-        assert_eq!(sd.finish, FinishReason::Cancelled);
+        assert_eq!(sd.finish, Finish::Cancelled);
         assert_eq!(sd.tokens, streamed);
         assert!(sd.tokens.len() < 50);
     }

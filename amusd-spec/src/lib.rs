@@ -19,8 +19,8 @@ pub mod sampling;
 pub mod worker;
 
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
-pub use generate::{FinishReason, Generation, Metrics};
-pub use policy::StopCriteria;
+pub use generate::{Generation, Metrics};
+pub use policy::{Finish, StopCriteria};
 pub use sampling::{RequestSampling, Sampler, SamplingError, SamplingParams};
 
 /// Errors of the decoding loops.

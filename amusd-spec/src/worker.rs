@@ -24,8 +24,8 @@ use amusd_shm::{
 };
 
 use crate::decoder::{Decoder, Drafter, Verifier};
-use crate::generate::{Committer, FinishReason, Generation, OnTokens};
-use crate::policy::{accept, StopCriteria};
+use crate::generate::{Committer, Generation, OnTokens};
+use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
 use crate::SpecError;
 
@@ -266,8 +266,7 @@ fn draft_step<D: Decoder>(
     }
     h.committed.extend_from_slice(&snap.tokens);
     let before = drafter.seq().len();
-    let sync = drafter.sync(&h.committed);
-    if let Some(p) = sync.rollback_to {
+    if let Some(p) = drafter.sync(&h.committed) {
         *published = (*published).min(p);
         status
             .rollbacks
@@ -359,6 +358,7 @@ pub fn run_verify<D: Decoder>(
                 if let Some(h) = take_up(region, &req)? {
                     verifier.decoder.reset(h.limit)?;
                     verifier.sampler = h.sampling.verifier();
+                    // Marks the take-up, an instant: the prefill runs in the following steps.
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
                     region.set_worker_state(role, WorkerState::Busy);
@@ -435,7 +435,7 @@ fn verify_step<D: Decoder>(
     let (keep, finish) = h.stop.clip(v - h.prompt_len, &tokens);
     // The stop token itself is committed too: the coordinator and the draft see from the buffer
     // alone that the request has ended.
-    let commit_len = keep + usize::from(finish == Some(FinishReason::Stop));
+    let commit_len = keep + usize::from(finish == Some(Finish::Stop));
     let commit = &tokens[..commit_len];
     region.publish_verified(v, commit)?;
     h.committed.extend_from_slice(commit);
@@ -513,8 +513,8 @@ pub fn run_request(
     })();
     let reason = match (&result, c.finish) {
         (Err(_), _) => ShmFinish::Error,
-        (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
-        (Ok(()), Some(FinishReason::Cancelled)) => ShmFinish::Cancelled,
+        (Ok(()), Some(Finish::Stop)) => ShmFinish::Stop,
+        (Ok(()), Some(Finish::Cancelled)) => ShmFinish::Cancelled,
         (Ok(()), _) => ShmFinish::Length,
     };
     let error_text = result
@@ -733,14 +733,14 @@ mod tests {
             .unwrap()
         };
         let cancelled = run(1, 200, &mut |_| ControlFlow::Break(()));
-        assert_eq!(cancelled.finish, FinishReason::Cancelled);
+        assert_eq!(cancelled.finish, Finish::Cancelled);
         assert!(!cancelled.tokens.is_empty() && cancelled.tokens.len() < 200);
         assert_eq!(
             region.read_request().unwrap().finish_reason,
             ShmFinish::Cancelled
         );
         let full = run(2, 10, &mut |_| ControlFlow::Continue(()));
-        assert_eq!(full.finish, FinishReason::Length);
+        assert_eq!(full.finish, Finish::Length);
         let n = full.tokens.len().min(cancelled.tokens.len());
         assert_eq!(full.tokens[..n], cancelled.tokens[..n]);
         region.request_shutdown();

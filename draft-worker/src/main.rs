@@ -3,10 +3,8 @@
 //! its model once and serves requests until told to stop.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
-use amusd_proc::{worker_exit, worker_main, WorkerConfig};
-use amusd_shm::Role;
+use amusd_proc::{worker_exit, worker_main, DraftOptions, RoleOptions, WorkerConfig};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -25,15 +23,9 @@ struct Args {
     /// cpu, cpu:N (pinned, single-threaded) or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Draft: most tokens drafted beyond the committed length.
+    /// Most tokens drafted beyond the committed length.
     #[arg(long, default_value_t = 8)]
     max_lookahead: usize,
-    /// Verify: most draft tokens checked per forward pass.
-    #[arg(long, default_value_t = 16)]
-    max_verify_batch: usize,
-    /// Verify: microseconds to wait for a draft token before stepping alone.
-    #[arg(long, default_value_t = 0)]
-    verify_wait_us: u64,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -45,11 +37,10 @@ fn main() -> ExitCode {
         region: a.region,
         model: a.model,
         device: a.device,
-        role: Role::Draft,
-        max_lookahead: a.max_lookahead,
-        max_verify_batch: a.max_verify_batch,
-        wait_for_draft: Duration::from_micros(a.verify_wait_us),
         supervised: a.supervised,
+        role: RoleOptions::Draft(DraftOptions {
+            max_lookahead: a.max_lookahead,
+        }),
     };
     worker_exit("amusd-draft-worker", a.supervised, worker_main(&cfg))
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use amusd_spec::{FinishReason, Generation, RequestSampling, SamplingParams};
+use amusd_spec::{Finish, Generation, RequestSampling, SamplingParams};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -93,9 +93,9 @@ impl Record {
             dataset: dataset.into(),
             prompt_tokens,
             finish_reason: match g.finish {
-                FinishReason::Stop => "stop".into(),
-                FinishReason::Length => "length".into(),
-                FinishReason::Cancelled => "cancelled".into(),
+                Finish::Stop => "stop".into(),
+                Finish::Length => "length".into(),
+                Finish::Cancelled => "cancelled".into(),
             },
             sampling: SamplingRecord::of(sampling),
             metrics: RecordMetrics::of(g),

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use amusd_shm::{EventKind, EventRecord, Role};
-use amusd_spec::{FinishReason, Generation};
+use amusd_spec::{Finish, Generation};
 
 use crate::args::Strategy;
 use crate::backend::Trace;
@@ -160,8 +160,7 @@ pub(super) fn sd_lanes(g: &Generation, trace: &Trace) -> Vec<Lane> {
 /// amusd: a drafted token is rejected when a later rollback discards its position, matched when it
 /// survives within the committed tokens, unused when it lies past the end.
 pub(super) fn amusd_lanes(g: &Generation, trace: &Trace) -> Vec<Lane> {
-    let end =
-        g.metrics.prompt_tokens + g.tokens.len() + usize::from(g.finish == FinishReason::Stop);
+    let end = g.metrics.prompt_tokens + g.tokens.len() + usize::from(g.finish == Finish::Stop);
     // (event, position, rejected)
     let mut drafted: Vec<(&EventRecord, usize, bool)> = Vec::new();
     let mut ticks = Vec::new();
