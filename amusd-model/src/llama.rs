@@ -178,79 +178,111 @@ impl Llama {
         cache.check_room(start_pos, m)?;
         cache.truncate(start_pos);
 
-        let (h, q_dim, kv_dim, ff) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-        );
-        let qkv_dim = q_dim + 2 * kv_dim;
+        debug_assert_eq!(cache.kv_dim(), cfg.kv_dim());
         let mut x = self.embed_tokens(tokens)?;
-        let mut normed = vec![0f32; m * h];
-        let mut qkv = vec![0f32; m * qkv_dim];
-        let mut attn = vec![0f32; m * q_dim];
-        let mut proj = vec![0f32; m * h];
-        let mut gate_up = vec![0f32; m * 2 * ff];
-        let mut act = vec![0f32; m * ff];
-        let mut scores = Vec::new();
+        let mut s = Scratch::new(cfg, m);
         let rope = self.rope_table(start_pos, m);
-        debug_assert_eq!(cache.kv_dim(), kv_dim);
-
         for (layer, block) in self.blocks.iter().enumerate() {
-            normed.copy_from_slice(&x);
-            kernels::rms_norm(&mut normed, &block.attn_norm, cfg.rms_eps);
-            block.wqkv.forward(&normed, m, &mut qkv, self.batching)?;
-
             let (keys, values) = cache.layer_mut(layer);
-            for i in 0..m {
-                let row = &mut qkv[i * qkv_dim..(i + 1) * qkv_dim];
-                let (q, kv) = row.split_at_mut(q_dim);
-                let (k, v) = kv.split_at_mut(kv_dim);
-                let (cos, sin) = rope.at(i);
-                for head in q
-                    .chunks_exact_mut(cfg.head_dim)
-                    .chain(k.chunks_exact_mut(cfg.head_dim))
-                {
-                    apply_rope(head, cos, sin, cfg.rope_style);
-                }
-                let pos = start_pos + i;
-                keys[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(k);
-                values[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(v);
-            }
-            for i in 0..m {
-                let q = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
-                let out = &mut attn[i * q_dim..(i + 1) * q_dim];
-                crate::attention::attend(
-                    q,
-                    keys,
-                    values,
-                    start_pos + i,
-                    cfg.n_heads,
-                    cfg.n_kv_heads,
-                    cfg.head_dim,
-                    &mut scores,
-                    out,
-                );
-            }
-            block.wo.forward(&attn, m, &mut proj, self.batching)?;
-            add_in_place(&mut x, &proj);
-
-            normed.copy_from_slice(&x);
-            kernels::rms_norm(&mut normed, &block.ffn_norm, cfg.rms_eps);
-            block
-                .w_gate_up
-                .forward(&normed, m, &mut gate_up, self.batching)?;
-            for i in 0..m {
-                let row = &gate_up[i * 2 * ff..(i + 1) * 2 * ff];
-                let a = &mut act[i * ff..(i + 1) * ff];
-                a.copy_from_slice(&row[..ff]);
-                kernels::silu_mul(a, &row[ff..]);
-            }
-            block.w_down.forward(&act, m, &mut proj, self.batching)?;
-            add_in_place(&mut x, &proj);
+            let kv = CacheLayer {
+                keys,
+                values,
+                start_pos,
+            };
+            self.attention(block, kv, &rope, &mut x, &mut s)?;
+            self.feed_forward(block, &mut x, &mut s)?;
         }
         cache.set_len(start_pos + m);
+        self.logits(&x, m, which)
+    }
 
+    /// `x += attention(rms_norm(x))` for one block: Q, K and V, rotary embeddings, the new keys
+    /// and values into the cache, each row attending causally, the output projection.
+    fn attention(
+        &self,
+        block: &Block,
+        kv: CacheLayer<'_>,
+        rope: &RopeTable,
+        x: &mut [f32],
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        let cfg = &self.config;
+        let (q_dim, kv_dim, m) = (cfg.q_dim(), cfg.kv_dim(), s.rows);
+        let qkv_dim = q_dim + 2 * kv_dim;
+        s.normed.copy_from_slice(x);
+        kernels::rms_norm(&mut s.normed, &block.attn_norm, cfg.rms_eps);
+        block
+            .wqkv
+            .forward(&s.normed, m, &mut s.qkv, self.batching)?;
+        let CacheLayer {
+            keys,
+            values,
+            start_pos,
+        } = kv;
+        for (i, row) in s.qkv.chunks_exact_mut(qkv_dim).enumerate() {
+            let (q, kv) = row.split_at_mut(q_dim);
+            let (k, v) = kv.split_at_mut(kv_dim);
+            let (cos, sin) = rope.at(i);
+            for head in q
+                .chunks_exact_mut(cfg.head_dim)
+                .chain(k.chunks_exact_mut(cfg.head_dim))
+            {
+                apply_rope(head, cos, sin, cfg.rope_style);
+            }
+            let pos = start_pos + i;
+            keys[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(k);
+            values[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(v);
+        }
+        for (i, out) in s.attn.chunks_exact_mut(q_dim).enumerate() {
+            crate::attention::attend(
+                &s.qkv[i * qkv_dim..i * qkv_dim + q_dim],
+                keys,
+                values,
+                start_pos + i,
+                cfg.n_heads,
+                cfg.n_kv_heads,
+                cfg.head_dim,
+                &mut s.scores,
+                out,
+            );
+        }
+        block.wo.forward(&s.attn, m, &mut s.proj, self.batching)?;
+        add_in_place(x, &s.proj);
+        Ok(())
+    }
+
+    /// `x += down(silu(gate(rms_norm(x))) * up(rms_norm(x)))` for one block.
+    fn feed_forward(
+        &self,
+        block: &Block,
+        x: &mut [f32],
+        s: &mut Scratch,
+    ) -> Result<(), ModelError> {
+        let (ff, m) = (self.config.intermediate_size, s.rows);
+        s.normed.copy_from_slice(x);
+        kernels::rms_norm(&mut s.normed, &block.ffn_norm, self.config.rms_eps);
+        block
+            .w_gate_up
+            .forward(&s.normed, m, &mut s.gate_up, self.batching)?;
+        for (row, a) in s
+            .gate_up
+            .chunks_exact(2 * ff)
+            .zip(s.act.chunks_exact_mut(ff))
+        {
+            a.copy_from_slice(&row[..ff]);
+            kernels::silu_mul(a, &row[ff..]);
+        }
+        block
+            .w_down
+            .forward(&s.act, m, &mut s.proj, self.batching)?;
+        add_in_place(x, &s.proj);
+        Ok(())
+    }
+
+    /// The logits of the rows `which` asks for, from the last block's output `x` (`m` rows); ids
+    /// beyond a restricted head ([`Self::restrict_head`]) get -inf.
+    fn logits(&self, x: &[f32], m: usize, which: LogitsFor) -> Result<Logits, ModelError> {
+        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
         let first = match which {
             LogitsFor::All => 0,
             LogitsFor::Last => m - 1,
@@ -258,28 +290,21 @@ impl Llama {
         };
         let rows = m - first;
         let mut hidden = x[first * h..].to_vec();
-        kernels::rms_norm(&mut hidden, &self.norm, cfg.rms_eps);
+        kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
         let head = self.lm_head.out_features();
-        let mut data = vec![f32::NEG_INFINITY; rows * cfg.vocab_size];
-        if head == cfg.vocab_size {
+        let mut data = vec![f32::NEG_INFINITY; rows * vocab];
+        if head == vocab {
             self.lm_head
                 .forward(&hidden, rows, &mut data, self.batching)?;
         } else {
             let mut part = vec![0f32; rows * head];
             self.lm_head
                 .forward(&hidden, rows, &mut part, self.batching)?;
-            for (out, row) in data
-                .chunks_exact_mut(cfg.vocab_size)
-                .zip(part.chunks_exact(head))
-            {
+            for (out, row) in data.chunks_exact_mut(vocab).zip(part.chunks_exact(head)) {
                 out[..head].copy_from_slice(row);
             }
         }
-        Ok(Logits {
-            data,
-            rows,
-            vocab: cfg.vocab_size,
-        })
+        Ok(Logits { data, rows, vocab })
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
@@ -324,6 +349,46 @@ impl Llama {
 }
 
 /// Cosines and sines of the rotation angles of each position in a pass, `[position][pair]`.
+/// One layer of the KV cache and where this forward's rows start in it.
+struct CacheLayer<'a> {
+    keys: &'a mut [f32],
+    values: &'a mut [f32],
+    start_pos: usize,
+}
+
+/// A forward pass's activation buffers, `rows` tokens wide, reused by every block.
+struct Scratch {
+    rows: usize,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate_up: Vec<f32>,
+    act: Vec<f32>,
+    scores: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(cfg: &LlamaConfig, m: usize) -> Self {
+        let (h, q, kv, ff) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        Self {
+            rows: m,
+            normed: vec![0.0; m * h],
+            qkv: vec![0.0; m * (q + 2 * kv)],
+            attn: vec![0.0; m * q],
+            proj: vec![0.0; m * h],
+            gate_up: vec![0.0; m * 2 * ff],
+            act: vec![0.0; m * ff],
+            scores: Vec::new(),
+        }
+    }
+}
+
 struct RopeTable {
     cos: Vec<f32>,
     sin: Vec<f32>,
