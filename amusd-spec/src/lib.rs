@@ -33,6 +33,10 @@ pub enum SpecError {
     Protocol(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    /// Returned by a request's `supervise` callback to end it early (the client went away); the
+    /// request then ends as Cancelled and returns what was committed.
+    #[error("the request was cancelled")]
+    Cancelled,
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),
 }

@@ -464,7 +464,8 @@ fn verify_step<D: Decoder>(
 /// when they end with a stop token or fill the budget, and wait for both workers to let go of it.
 ///
 /// `supervise` runs every [`SUPERVISE_EVERY`] or so: the coordinator checks its workers
-/// there (and restarts them); an error from it fails the request.
+/// there (and restarts them); an error from it fails the request, except
+/// [`SpecError::Cancelled`], which ends it early with the tokens committed so far.
 pub fn run_request(
     region: &Region,
     request_id: u64,
@@ -514,7 +515,10 @@ pub fn run_request(
         }
         Ok(())
     })();
+    let cancelled = matches!(result, Err(SpecError::Cancelled));
+    let result = if cancelled { Ok(()) } else { result };
     let reason = match (&result, c.finish) {
+        _ if cancelled => ShmFinish::Cancelled,
         (Err(_), _) => ShmFinish::Error,
         (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
         (Ok(()), _) => ShmFinish::Length,
@@ -538,7 +542,10 @@ pub fn run_request(
         {
             break;
         }
-        supervise(region)?;
+        match supervise(region) {
+            Ok(()) | Err(SpecError::Cancelled) => {}
+            Err(e) => return Err(e),
+        }
         region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
     }
     collect_metrics(region, request_id, cursors, &mut c.metrics);

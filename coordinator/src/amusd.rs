@@ -131,6 +131,19 @@ impl Engine {
         sampling: &RequestSampling,
         on_tokens: &mut dyn FnMut(&[u32]),
     ) -> Result<Generation> {
+        self.generate_until(prompt, stop, sampling, on_tokens, &|| false)
+    }
+
+    /// [`generate`](Self::generate) that ends early, with what was committed, once `cancelled`
+    /// says so (polled at every supervision check).
+    pub fn generate_until(
+        &mut self,
+        prompt: &[u32],
+        stop: &StopCriteria,
+        sampling: &RequestSampling,
+        on_tokens: &mut dyn FnMut(&[u32]),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generation> {
         let id = self.next_id;
         self.next_id += 1;
         let shm = self.sup.shm_handle();
@@ -139,6 +152,9 @@ impl Engine {
         let chaos = &mut self.chaos;
         let mut left = chaos.as_ref().map_or(0, |c| c.faults);
         let mut supervise = |_: &amusd_shm::Region| {
+            if cancelled() {
+                return Err(SpecError::Cancelled);
+            }
             if let Some(c) = chaos.as_mut() {
                 c.maybe_strike(sup, &mut left);
             }
@@ -247,7 +263,7 @@ pub fn generate(
     Ok(ExitCode::SUCCESS)
 }
 
-fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
+pub(crate) fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
     if FakeModel::is_fake(spec) {
         return Ok(None);
     }
@@ -257,7 +273,7 @@ fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
     })?))
 }
 
-fn fake_stop(spec: &str) -> Vec<u32> {
+pub(crate) fn fake_stop(spec: &str) -> Vec<u32> {
     match FakeModel::parse(spec) {
         Ok(m) if m.eos_every > 0 => vec![m.eos],
         _ => Vec::new(),

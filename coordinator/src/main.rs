@@ -6,6 +6,7 @@ mod bench;
 mod dump;
 mod generate;
 mod output;
+mod serve;
 mod signal;
 mod supervisor;
 
@@ -30,6 +31,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Run a dataset through several strategies, check they agree, record timings.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the OpenAI API (chat and text completions, streamed or not) on one worker pair.
+    Serve(Box<serve::ServeArgs>),
     /// Print the paper-style table from `amusd bench` results.
     Report(bench::ReportArgs),
     /// List amusd shared-memory regions, or show one: request, buffers, workers, recent events.
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Report(args) => bench::report(args),
         Command::Dump(args) => dump::run(args),
         Command::WorkerKill(args) => dump::kill(args),
