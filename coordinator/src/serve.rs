@@ -94,7 +94,14 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         }
     };
     server.serve(listener, shutdown)?;
-    eprintln!("amusd: shut down; workers stopped, region removed");
+    eprintln!(
+        "amusd: shut down{}",
+        if args.strategy == Strategy::Amusd {
+            "; workers stopped, region removed"
+        } else {
+            ""
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -238,11 +245,11 @@ fn factory(
                         ))),
                         _ => None,
                     };
-                    Backend::Local {
+                    Backend::Local(Box::new(Local {
                         verifier,
                         drafter,
                         lookahead: models.lookahead,
-                    }
+                    }))
                 }
             };
             Ok(Box::new(ServeGenerator {
@@ -257,13 +264,15 @@ fn factory(
 
 enum Backend {
     Pair(Box<Engine>),
-    /// `ar` (no drafter) or `sd`, in this process. Not cancellable midway: a cancelled request
-    /// runs to its end, its tokens dropped.
-    Local {
-        verifier: Verifier<LlamaDecoder>,
-        drafter: Option<Drafter<LlamaDecoder>>,
-        lookahead: usize,
-    },
+    Local(Box<Local>),
+}
+
+/// `ar` (no drafter) or `sd`, in this process. Not cancellable midway: a cancelled request runs to
+/// its end, its tokens dropped.
+struct Local {
+    verifier: Verifier<LlamaDecoder>,
+    drafter: Option<Drafter<LlamaDecoder>>,
+    lookahead: usize,
 }
 
 struct ServeGenerator {
@@ -289,26 +298,26 @@ impl Generator for ServeGenerator {
             Backend::Pair(engine) => engine
                 .generate_until(&req.prompt, &stop, &sampling, on_tokens, cancelled)
                 .map_err(|e| failed(format!("{e:#}")))?,
-            Backend::Local {
-                verifier,
-                drafter: None,
-                ..
-            } => autoregressive(verifier, &req.prompt, &stop, &sampling, on_tokens)
-                .map_err(|e| failed(e.to_string()))?,
-            Backend::Local {
-                verifier,
-                drafter: Some(drafter),
-                lookahead,
-            } => speculative(
-                verifier,
-                drafter,
-                &req.prompt,
-                &stop,
-                &sampling,
-                *lookahead,
-                on_tokens,
-            )
-            .map_err(|e| failed(e.to_string()))?,
+            Backend::Local(local) => {
+                let Local {
+                    verifier,
+                    drafter,
+                    lookahead,
+                } = local.as_mut();
+                let g = match drafter {
+                    None => autoregressive(verifier, &req.prompt, &stop, &sampling, on_tokens),
+                    Some(d) => speculative(
+                        verifier,
+                        d,
+                        &req.prompt,
+                        &stop,
+                        &sampling,
+                        *lookahead,
+                        on_tokens,
+                    ),
+                };
+                g.map_err(|e| failed(e.to_string()))?
+            }
         };
         Ok(GenStats {
             stopped_by_model: g.finish == FinishReason::Stop,
@@ -324,14 +333,14 @@ impl Generator for ServeGenerator {
                 .sup
                 .check(false)
                 .map_err(|e| GenError::Failed(format!("{e:#}"))),
-            Backend::Local { .. } => Ok(()),
+            Backend::Local(_) => Ok(()),
         }
     }
 
     fn worker_restarts(&self) -> u64 {
         match &self.backend {
             Backend::Pair(engine) => u64::from(engine.sup.restarts),
-            Backend::Local { .. } => 0,
+            Backend::Local(_) => 0,
         }
     }
 }
