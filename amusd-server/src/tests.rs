@@ -414,3 +414,31 @@ async fn health_is_503_until_the_generator_is_loaded() {
     assert_eq!(status, 200);
     assert_eq!(call(&s, health()).await.0, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_timeout_is_cancelled_with_504() {
+    let (cancel_tx, cancelled) = mpsc::channel();
+    let hooks = Hooks {
+        cancelled: Some(cancel_tx),
+        token_delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let hooks = Arc::new(Mutex::new(hooks));
+    let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: Some(Duration::from_millis(50)),
+        retry_after_s: 1,
+    };
+    let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    // 60 tokens of 5 ms each: well past 50 ms.
+    let (status, v) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":60}"#).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("timeout"),
+        "{v}"
+    );
+    cancelled
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the generator was not told to stop");
+}
