@@ -8,6 +8,7 @@ mod dump;
 mod generate;
 mod output;
 mod prompt;
+mod serve;
 mod signal;
 mod supervisor;
 
@@ -32,6 +33,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Run a dataset through several strategies, check they agree, record timings.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the OpenAI API (chat and text completions, streamed or not) on one worker pair.
+    Serve(Box<serve::ServeArgs>),
     /// Print the paper-style table from `amusd bench` results.
     Report(bench::ReportArgs),
     /// List amusd shared-memory regions, or show one: request, buffers, workers, recent events.
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(*args),
+        Command::Serve(args) => serve::run(*args),
         Command::Report(args) => bench::report(args),
         Command::Dump(args) => dump::run(args),
         Command::WorkerKill(args) => signal::kill(args),

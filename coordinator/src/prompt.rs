@@ -143,6 +143,14 @@ impl Texts {
         }
     }
 
+    /// The ids that end a generation: the verify model's, or a fake model's.
+    pub fn stop_ids(&self) -> Vec<u32> {
+        match &self.verify {
+            Some(t) => t.eos_ids.clone(),
+            None => self.fake_stop.clone(),
+        }
+    }
+
     /// The longest request (prompt plus new tokens) both models can hold, at most `limit`.
     pub fn context(&self, limit: usize) -> usize {
         [&self.verify, &self.draft]

@@ -73,6 +73,11 @@ impl Workers {
         })
     }
 
+    /// Between requests: restarts a worker that died while idle (a long-running server calls it).
+    pub fn check_idle(&mut self) -> Result<()> {
+        self.sup.check(false)
+    }
+
     pub fn fault_stats(&self) -> FaultStats {
         FaultStats {
             injected: self.chaos.as_ref().map_or(0, |c| c.injected),

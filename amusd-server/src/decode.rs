@@ -1,0 +1,286 @@
+//! The decode thread: takes jobs from the bounded queue one at a time, runs them through the
+//! [`Generator`], turns tokens into text (stop strings applied) and sends it to the request's
+//! handler. The async side never touches the model.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use serde::Serialize;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::error::ApiError;
+use crate::generator::{
+    Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, IDLE_EVERY,
+};
+use crate::metrics::Metrics;
+use crate::stop::StopMatcher;
+
+/// One queued request.
+pub struct Job {
+    pub request: GenRequest,
+    pub stop: Vec<String>,
+    pub arrived: Instant,
+    /// `--request-timeout`, counted from arrival.
+    pub deadline: Option<Instant>,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the decode thread tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Done(Summary),
+    Failed(ApiError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Finish {
+    Stop,
+    Length,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// llama.cpp's server `timings` object, so dashboards made for it read ours.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Timings {
+    pub prompt_n: usize,
+    /// From the start of generation to the first token (prefill and first step).
+    pub prompt_ms: f64,
+    pub predicted_n: usize,
+    /// From the first token to the last.
+    pub predicted_ms: f64,
+    pub predicted_per_second: f64,
+    pub draft_n: u64,
+    pub draft_n_accepted: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    pub finish: Finish,
+    pub usage: Usage,
+    pub timings: Timings,
+}
+
+/// State shared by the handlers and the decode thread.
+#[derive(Default)]
+pub struct Shared {
+    pub metrics: Metrics,
+    /// The generator is loaded (`/health` says 200).
+    pub ready: AtomicBool,
+    /// Shutting down: the running request is cancelled, queued ones are refused.
+    pub shutting_down: AtomicBool,
+    /// Numbers response ids.
+    pub next_id: AtomicU64,
+}
+
+/// Builds the generator, then serves jobs until every sender is gone. `loaded` hears whether the
+/// generator could be built.
+pub fn run(
+    factory: GeneratorFactory,
+    codec: Arc<dyn Codec>,
+    jobs: Receiver<Job>,
+    shared: Arc<Shared>,
+    loaded: tokio::sync::oneshot::Sender<Result<(), String>>,
+) -> Result<(), GenError> {
+    let mut gen = match factory() {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = loaded.send(Err(e.to_string()));
+            return Err(e);
+        }
+    };
+    shared.ready.store(true, Ordering::SeqCst);
+    let _ = loaded.send(Ok(()));
+    let mut restarts = gen.worker_restarts();
+    loop {
+        match jobs.recv_timeout(IDLE_EVERY) {
+            Ok(job) => {
+                shared.metrics.queue_depth.dec();
+                serve(gen.as_mut(), codec.as_ref(), job, &shared);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = gen.idle() {
+                    eprintln!("amusd: serve: {e}");
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        let now = gen.worker_restarts();
+        shared
+            .metrics
+            .worker_restarts
+            .inc_by(now.saturating_sub(restarts));
+        restarts = now;
+    }
+}
+
+/// Tokens to text for one job, stop strings applied.
+struct Progress<'a> {
+    text: Box<dyn crate::generator::TextStream + 'a>,
+    stop: StopMatcher,
+    events: &'a UnboundedSender<Event>,
+    tokens: usize,
+    first_token: Option<Instant>,
+}
+
+impl Progress<'_> {
+    fn push(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if self.stop.stopped() {
+                return;
+            }
+            self.first_token.get_or_insert_with(Instant::now);
+            self.tokens += 1;
+            let piece = self.text.push(id);
+            let out = self.stop.push(&piece);
+            self.send(out);
+        }
+    }
+
+    /// The end of the text: what the detokenizer and the stop matcher held back.
+    fn flush(&mut self) {
+        if !self.stop.stopped() {
+            let piece = self.text.finish();
+            let out = self.stop.push(&piece);
+            self.send(out);
+            let rest = self.stop.finish();
+            self.send(rest);
+        }
+    }
+
+    fn send(&self, text: String) {
+        if !text.is_empty() {
+            let _ = self.events.send(Event::Text(text));
+        }
+    }
+}
+
+fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) {
+    if job.events.is_closed() {
+        return; // The client left while it waited.
+    }
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        let _ = job.events.send(Event::Failed(shutting_down()));
+        return;
+    }
+    let started = Instant::now();
+    let mut p = Progress {
+        text: codec.text_stream(),
+        stop: StopMatcher::new(&job.stop),
+        events: &job.events,
+        tokens: 0,
+        first_token: None,
+    };
+    let stop_hit = Cell::new(false);
+    let timed_out = || job.deadline.is_some_and(|d| Instant::now() >= d);
+    let cancelled = || {
+        stop_hit.get()
+            || job.events.is_closed()
+            || shared.shutting_down.load(Ordering::SeqCst)
+            || timed_out()
+    };
+    let result = gen.generate(
+        &job.request,
+        &mut |ids| {
+            p.push(ids);
+            stop_hit.set(p.stop.stopped());
+        },
+        &cancelled,
+    );
+    let end = Instant::now();
+    let stats = result.as_ref().ok().cloned().unwrap_or_default();
+    let outcome = match result {
+        _ if job.events.is_closed() => return,
+        Ok(_) if stop_hit.get() => Ok(Finish::Stop),
+        _ if shared.shutting_down.load(Ordering::SeqCst) => Err(shutting_down()),
+        _ if timed_out() => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request ran past the server's --request-timeout; ask for fewer tokens",
+        )),
+        Ok(s) if s.stopped_by_model => Ok(Finish::Stop),
+        Ok(_) => Ok(Finish::Length),
+        Err(GenError::BadRequest(m)) => Err(ApiError::bad_request(m)),
+        Err(GenError::Failed(m)) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("generation failed: {m}"),
+        )),
+    };
+    let event = match outcome {
+        Ok(finish) => {
+            p.flush();
+            let summary = summarize(&job, &p, finish, started, end, &stats);
+            record(&shared.metrics, &job, &summary, p.first_token);
+            shared.metrics.rollbacks.inc_by(stats.rollbacks);
+            Event::Done(summary)
+        }
+        Err(e) => Event::Failed(e),
+    };
+    let _ = job.events.send(event);
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the server is shutting down; retry on another instance",
+    )
+}
+
+fn summarize(
+    job: &Job,
+    p: &Progress<'_>,
+    finish: Finish,
+    started: Instant,
+    end: Instant,
+    stats: &GenStats,
+) -> Summary {
+    let first = p.first_token.unwrap_or(end);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let predicted_ms = ms(end - first);
+    let prompt_n = job.request.prompt.len();
+    Summary {
+        finish,
+        usage: Usage {
+            prompt_tokens: prompt_n,
+            completion_tokens: p.tokens,
+            total_tokens: prompt_n + p.tokens,
+        },
+        timings: Timings {
+            prompt_n,
+            prompt_ms: ms(first - started),
+            predicted_n: p.tokens,
+            predicted_ms,
+            predicted_per_second: if p.tokens > 1 && predicted_ms > 0.0 {
+                (p.tokens - 1) as f64 * 1e3 / predicted_ms
+            } else {
+                0.0
+            },
+            draft_n: stats.draft_n,
+            draft_n_accepted: stats.draft_n_accepted,
+        },
+    }
+}
+
+fn record(m: &Metrics, job: &Job, s: &Summary, first_token: Option<Instant>) {
+    m.prompt_tokens.inc_by(s.usage.prompt_tokens as u64);
+    m.completion_tokens.inc_by(s.usage.completion_tokens as u64);
+    if let Some(first) = first_token {
+        m.ttft.observe((first - job.arrived).as_secs_f64());
+    }
+    if s.usage.completion_tokens > 1 {
+        m.per_token
+            .observe(s.timings.predicted_ms * 1e-3 / (s.usage.completion_tokens - 1) as f64);
+    }
+    m.draft_proposed.inc_by(s.timings.draft_n);
+    m.draft_accepted.inc_by(s.timings.draft_n_accepted);
+}

@@ -1,0 +1,122 @@
+//! What the server needs from a model: a [`Codec`] (text to token ids and back, shared by every
+//! request handler) and a [`Generator`] (the decode loop, owned by the one decode thread).
+
+use std::time::Duration;
+
+/// One message of a chat conversation, as the client sent it (content parts already joined).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// Sampling parameters of one request, validated (temperature 0 is greedy).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: u32,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    /// None when sampling: the generator picks one (and the response cannot be repeated).
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: None,
+        }
+    }
+}
+
+/// What the decode thread asks the generator for.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+}
+
+/// Figures a generator reports about one finished (or cancelled) request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenStats {
+    /// The model produced an end-of-sequence token (else it ran out of budget or was cancelled).
+    pub stopped_by_model: bool,
+    /// Draft tokens proposed and accepted (0 for plain decoding).
+    pub draft_n: u64,
+    pub draft_n_accepted: u64,
+    pub rollbacks: u64,
+}
+
+/// Why a generation failed. The message is shown to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    /// The request cannot be served as asked (e.g. too long for a model's context): a 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The model or its workers failed: a 500.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Text to token ids and back. Shared by the async handlers (validation needs the prompt's length)
+/// and the decode thread.
+pub trait Codec: Send + Sync {
+    /// The name `/v1/models` lists and responses carry.
+    fn model_id(&self) -> &str;
+    /// Most tokens a request may hold, prompt plus generated.
+    fn context_length(&self) -> usize;
+    /// Token ids are below this.
+    fn vocab_size(&self) -> usize;
+    /// A conversation rendered with the model's chat template, ready for the assistant's turn.
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
+    /// A plain completion prompt.
+    fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String>;
+    /// An incremental decoder: its pieces, concatenated, are the decoding of all ids pushed.
+    fn text_stream(&self) -> Box<dyn TextStream + '_>;
+}
+
+/// Incremental detokenization that never emits part of a UTF-8 character.
+pub trait TextStream {
+    /// The text that `id` completes (often empty inside a multi-byte character).
+    fn push(&mut self, id: u32) -> String;
+    /// Whatever is held back at the end (an incomplete character renders as U+FFFD).
+    fn finish(&mut self) -> String;
+}
+
+/// The decode loop. Lives on the decode thread only, so it needs not be `Send`.
+pub trait Generator {
+    /// Generates for `req`, calling `on_tokens` with the tokens as they are committed. `cancelled`
+    /// is polled often (at least every few tens of milliseconds while the request runs); once it
+    /// says true the generator should stop soon and return what it has.
+    fn generate(
+        &mut self,
+        req: &GenRequest,
+        on_tokens: &mut dyn FnMut(&[u32]),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<GenStats, GenError>;
+
+    /// Called when no request has come for a while: supervise workers, and the like.
+    fn idle(&mut self) -> Result<(), GenError> {
+        Ok(())
+    }
+
+    /// Worker restarts so far (monotonic), for `/metrics`.
+    fn worker_restarts(&self) -> u64 {
+        0
+    }
+}
+
+/// Builds the generator on the decode thread (loading can take a while; `/health` says 503 until
+/// it is done).
+pub type GeneratorFactory = Box<dyn FnOnce() -> Result<Box<dyn Generator>, GenError> + Send>;
+
+/// How often an idle decode thread calls [`Generator::idle`].
+pub const IDLE_EVERY: Duration = Duration::from_millis(200);

@@ -1,0 +1,501 @@
+//! The request bodies of `/v1/chat/completions` and `/v1/completions`, parsed and validated into a
+//! [`Validated`] request, or an [`ApiError`] that names the field at fault. Unknown fields are
+//! ignored, as OpenAI clients expect; known ones that would change the result and that we do not
+//! implement are refused by name.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::generator::{ChatMessage, Sampling};
+
+/// Both endpoints' fields; which of `messages` / `prompt` is required depends on the endpoint.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRequest {
+    pub messages: Option<Vec<RawMessage>>,
+    pub prompt: Option<Value>,
+    pub max_tokens: Option<u64>,
+    pub max_completion_tokens: Option<u64>,
+    pub stop: Option<Value>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    // Known but not implemented: refused when they would change the result.
+    pub n: Option<u64>,
+    pub best_of: Option<u64>,
+    pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub response_format: Option<Value>,
+    pub echo: Option<bool>,
+    pub suffix: Option<Value>,
+    pub logit_bias: Option<Value>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RawMessage {
+    pub role: String,
+    #[serde(default)]
+    pub content: Value,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    pub include_usage: Option<bool>,
+}
+
+/// The endpoint a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+/// What to tokenize.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// A request that passed validation (the prompt is not tokenized yet).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Validated {
+    pub endpoint: Endpoint,
+    pub input: Input,
+    /// None: as many as the context allows.
+    pub max_tokens: Option<usize>,
+    pub stop: Vec<String>,
+    pub sampling: Sampling,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Parses a body; a syntax or type error names where it is.
+pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the body must be a JSON object, such as {\"messages\": [...]}",
+        ));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
+    })
+}
+
+/// Validates a parsed body for `endpoint`.
+pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiError> {
+    refuse_unsupported(&raw)?;
+    let sampling = sampling(&raw)?;
+    let input = match endpoint {
+        Endpoint::Chat => Input::Chat(messages(raw.messages)?),
+        Endpoint::Completions => prompt(raw.prompt)?,
+    };
+    let max_tokens = match (raw.max_completion_tokens, raw.max_tokens) {
+        (Some(0), _) | (None, Some(0)) => {
+            return Err(ApiError::bad_param(
+                "max_tokens",
+                "max_tokens is 0: nothing would be generated; pass at least 1",
+            ))
+        }
+        (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        (None, None) => None,
+    };
+    Ok(Validated {
+        endpoint,
+        input,
+        max_tokens,
+        stop: stop(raw.stop)?,
+        sampling,
+        stream: raw.stream.unwrap_or(false),
+        include_usage: raw
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+    })
+}
+
+fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
+    let set = |v: &Option<Value>| match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    };
+    let text_format = r
+        .response_format
+        .as_ref()
+        .is_none_or(|f| f.is_null() || f["type"] == "text");
+    let tool_choice_none = r
+        .tool_choice
+        .as_ref()
+        .is_none_or(|c| c.is_null() || c == "none");
+    let refused = [
+        ("n", r.n.is_some_and(|n| n != 1)),
+        ("best_of", r.best_of.is_some_and(|n| n != 1)),
+        ("logprobs", set(&r.logprobs)),
+        ("top_logprobs", set(&r.top_logprobs)),
+        ("tools", set(&r.tools)),
+        ("tool_choice", !tool_choice_none),
+        ("functions", set(&r.functions)),
+        ("function_call", set(&r.function_call)),
+        ("response_format", !text_format),
+        ("echo", r.echo == Some(true)),
+        ("suffix", set(&r.suffix)),
+        ("logit_bias", set(&r.logit_bias)),
+        (
+            "presence_penalty",
+            r.presence_penalty.is_some_and(|p| p != 0.0),
+        ),
+        (
+            "frequency_penalty",
+            r.frequency_penalty.is_some_and(|p| p != 0.0),
+        ),
+    ];
+    let names: Vec<&str> = refused.iter().filter(|r| r.1).map(|r| r.0).collect();
+    match names.first() {
+        None => Ok(()),
+        Some(first) => Err(ApiError::bad_param(
+            first,
+            format!(
+                "unsupported parameter{}: {} (this server generates one choice of plain text; \
+                 remove {})",
+                if names.len() > 1 { "s" } else { "" },
+                names.join(", "),
+                if names.len() > 1 { "them" } else { "it" },
+            ),
+        )),
+    }
+}
+
+fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>, ApiError> {
+    let raw = raw.ok_or_else(|| {
+        ApiError::bad_param(
+            "messages",
+            "messages is missing: pass a list of {role, content}",
+        )
+    })?;
+    if raw.is_empty() {
+        return Err(ApiError::bad_param(
+            "messages",
+            "messages is empty: pass at least one message",
+        ));
+    }
+    raw.into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::bad_param(
+                        &format!("messages[{i}].role"),
+                        format!("messages[{i}].role {other:?} is not supported: use system, developer, user or assistant"),
+                    ))
+                }
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content: content(&m.content, i)?,
+            })
+        })
+        .collect()
+}
+
+/// A message's content: a string, or a list of `{"type": "text", "text": ...}` parts (joined).
+fn content(v: &Value, i: usize) -> Result<String, ApiError> {
+    let param = format!("messages[{i}].content");
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match (p["type"].as_str(), p["text"].as_str()) {
+                (Some("text"), Some(t)) => Ok(t),
+                _ => Err(ApiError::bad_param(
+                    &param,
+                    format!("{param}: only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|t| t.concat()),
+        _ => Err(ApiError::bad_param(
+            &param,
+            format!("{param} must be a string or a list of text parts"),
+        )),
+    }
+}
+
+fn prompt(v: Option<Value>) -> Result<Input, ApiError> {
+    let bad = || {
+        ApiError::bad_param(
+            "prompt",
+            "prompt must be a non-empty string, a list of one string, or a list of token ids",
+        )
+    };
+    let input = match v.ok_or_else(bad)? {
+        Value::String(s) => Input::Text(s),
+        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+            Input::Text(a[0].as_str().unwrap_or_default().to_string())
+        }
+        Value::Array(a) if a.len() > 1 && a.iter().all(Value::is_string) => {
+            return Err(ApiError::bad_param(
+                "prompt",
+                "several prompts in one request are not supported: send one request per prompt",
+            ))
+        }
+        Value::Array(a) => Input::Tokens(
+            a.iter()
+                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                .collect::<Option<Vec<u32>>>()
+                .ok_or_else(bad)?,
+        ),
+        _ => return Err(bad()),
+    };
+    match &input {
+        Input::Text(s) if s.is_empty() => Err(bad()),
+        Input::Tokens(t) if t.is_empty() => Err(bad()),
+        _ => Ok(input),
+    }
+}
+
+fn stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::bad_param("stop", "stop must be a string or a list of strings");
+    let stops = match v {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .map(|s| match s {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    Ok(stops.into_iter().filter(|s| !s.is_empty()).collect())
+}
+
+fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
+    let temperature = r.temperature.unwrap_or(0.0);
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        return Err(ApiError::bad_param(
+            "temperature",
+            format!("temperature {temperature} must be 0 (greedy) or more"),
+        ));
+    }
+    let top_p = r.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad_param(
+            "top_p",
+            format!("top_p {top_p} must be in (0, 1] (1: off)"),
+        ));
+    }
+    let min_p = r.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::bad_param(
+            "min_p",
+            format!("min_p {min_p} must be in [0, 1] (0: off)"),
+        ));
+    }
+    // Like llama.cpp: zero or negative top_k means no top-k.
+    let top_k = r.top_k.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32;
+    Ok(Sampling {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        seed: r.seed,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &str, endpoint: Endpoint) -> Result<Validated, ApiError> {
+        validate(parse(body.as_bytes())?, endpoint)
+    }
+
+    fn err(body: &str, endpoint: Endpoint) -> ApiError {
+        check(body, endpoint).expect_err(body)
+    }
+
+    #[test]
+    fn a_chat_request_with_every_parameter() {
+        let v = check(
+            r#"{"model":"x","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+                "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
+                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"stream":true,
+                "stream_options":{"include_usage":true},"n":1,"logprobs":false,
+                "unknown_field":{"ignored":true}}"#,
+            Endpoint::Chat,
+        )
+        .unwrap();
+        assert_eq!(
+            v.input,
+            Input::Chat(vec![
+                ChatMessage {
+                    role: "system".into(),
+                    content: "be brief".into()
+                },
+                ChatMessage {
+                    role: "user".into(),
+                    content: "hi there".into()
+                },
+            ])
+        );
+        assert_eq!(v.max_tokens, Some(7), "max_completion_tokens wins");
+        assert_eq!(v.stop, vec!["\n".to_string()]);
+        assert_eq!(
+            v.sampling,
+            Sampling {
+                temperature: 0.5,
+                top_k: 0,
+                top_p: 0.9,
+                min_p: 0.1,
+                seed: Some(42)
+            }
+        );
+        assert!(v.stream && v.include_usage);
+    }
+
+    #[test]
+    fn completion_prompts() {
+        let text = |b: &str| check(b, Endpoint::Completions).map(|v| v.input);
+        assert_eq!(text(r#"{"prompt":"abc"}"#), Ok(Input::Text("abc".into())));
+        assert_eq!(text(r#"{"prompt":["abc"]}"#), Ok(Input::Text("abc".into())));
+        assert_eq!(
+            text(r#"{"prompt":[1,2,3]}"#),
+            Ok(Input::Tokens(vec![1, 2, 3]))
+        );
+        for bad in [
+            r#"{"prompt":""}"#,
+            r#"{"prompt":[]}"#,
+            r#"{"prompt":["a","b"]}"#,
+            r#"{"prompt":7}"#,
+            r#"{}"#,
+        ] {
+            assert_eq!(
+                err(bad, Endpoint::Completions).param.as_deref(),
+                Some("prompt")
+            );
+        }
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let cases = [
+            (r#"{"messages":[]}"#, "messages"),
+            (r#"{"max_tokens":1}"#, "messages"),
+            (r#"{"messages":"hi"}"#, "messages"),
+            (
+                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                "messages[0].role",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":5}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":0}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":-3}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#,
+                "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"temperature":-1}"#,
+                "temperature",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_p":0}"#,
+                "top_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"min_p":2}"#,
+                "min_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,
+                "stop",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
+                "stream",
+            ),
+        ];
+        for (body, param) in cases {
+            let e = err(body, Endpoint::Chat);
+            assert_eq!(e.status, 400, "{body}");
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+            assert!(
+                e.message.contains(param.split('[').next().unwrap()),
+                "{e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_a_400_that_says_so() {
+        for body in ["{", "not json", "[1,2]", ""] {
+            let e = err(body, Endpoint::Chat);
+            assert_eq!(e.status, 400);
+            assert!(e.message.contains("JSON"), "{body}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn unsupported_parameters_are_refused_by_name() {
+        let base = r#""messages":[{"role":"user","content":"x"}]"#;
+        for (extra, name) in [
+            (r#""n":2"#, "n"),
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""tools":[{"type":"function"}]"#, "tools"),
+            (r#""tool_choice":"auto""#, "tool_choice"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (r#""presence_penalty":0.5"#, "presence_penalty"),
+            (r#""logit_bias":{"5":10}"#, "logit_bias"),
+        ] {
+            let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
+            assert_eq!(e.param.as_deref(), Some(name), "{extra}");
+            assert!(e.message.contains(name), "{e:?}");
+        }
+        // Their neutral values are accepted.
+        check(
+            &format!(
+                r#"{{{base},"n":1,"logprobs":false,"tools":[],"tool_choice":"none",
+                "response_format":{{"type":"text"}},"presence_penalty":0,"logit_bias":{{}}}}"#
+            ),
+            Endpoint::Chat,
+        )
+        .unwrap();
+    }
+}

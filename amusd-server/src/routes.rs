@@ -1,0 +1,335 @@
+//! The HTTP side: routes, validation, the queue's admission (429 beyond it), and moving the decode
+//! thread's events to the client, whole or as server-sent events.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{self, Stream};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::decode::{Event, Job, Shared};
+use crate::error::ApiError;
+use crate::generator::{Codec, GenRequest};
+use crate::request::{self, Endpoint, Input, Validated};
+use crate::response::Head;
+
+/// Server settings that handlers need.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+    /// Seconds a request may take from arrival to its last token.
+    pub request_timeout: Option<Duration>,
+    /// The `Retry-After` of a 429, in seconds.
+    pub retry_after_s: u64,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub codec: Arc<dyn Codec>,
+    pub jobs: SyncSender<Job>,
+    pub shared: Arc<Shared>,
+    pub limits: Limits,
+    /// Unique per server start, so response ids do not repeat across restarts.
+    pub started_ns: u128,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Counts every response by endpoint and status.
+async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let endpoint = match path {
+        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics" => {
+            path.to_string()
+        }
+        _ => "other".to_string(),
+    };
+    let resp = next.run(req).await;
+    s.shared
+        .metrics
+        .count_request(&endpoint, resp.status().as_u16());
+    resp
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models, /health or /metrics",
+    )
+}
+
+async fn models(State(s): State<AppState>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": s.codec.model_id(), "object": "model", "created": 0, "owned_by": "amusd"}],
+    }))
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    if s.shared.ready.load(Ordering::SeqCst) {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        let e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "loading the models: the draft and verify workers are not ready yet",
+        );
+        (
+            e.status,
+            Json(json!({"status": "loading", "error": e.body()["error"]})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.shared.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(s, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    handle(s, body, Endpoint::Completions)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn handle(
+    s: AppState,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let arrived = Instant::now();
+    let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
+    let v = request::validate(request::parse(&body)?, endpoint)?;
+    let prompt = tokenize(&s.codec, &v).await?;
+    let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
+    let (tx, rx) = unbounded_channel();
+    let job = Job {
+        request: GenRequest {
+            prompt,
+            max_tokens,
+            sampling: v.sampling.clone(),
+        },
+        stop: v.stop.clone(),
+        arrived,
+        deadline: s.limits.request_timeout.map(|t| arrived + t),
+        events: tx,
+    };
+    admit(&s, job)?;
+    let head = Head {
+        endpoint,
+        id: response_id(&s, endpoint),
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        model: s.codec.model_id().to_string(),
+        include_usage: v.include_usage,
+    };
+    if v.stream {
+        Ok(Sse::new(sse_stream(head, rx))
+            .keep_alive(KeepAlive::default())
+            .into_response())
+    } else {
+        collect(head, rx).await.map(|v| Json(v).into_response())
+    }
+}
+
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over the server's limit of {limit} bytes; send a shorter prompt"),
+        )
+    } else {
+        ApiError::new(
+            e.status(),
+            format!("cannot read the request body: {}", e.body_text()),
+        )
+    }
+}
+
+/// The prompt's token ids (tokenizing is CPU work: off the async threads).
+async fn tokenize(codec: &Arc<dyn Codec>, v: &Validated) -> Result<Vec<u32>, ApiError> {
+    let codec = codec.clone();
+    let input = v.input.clone();
+    let (param, ids) = tokio::task::spawn_blocking(move || match input {
+        Input::Chat(m) => ("messages", codec.encode_chat(&m)),
+        Input::Text(t) => ("prompt", codec.encode_prompt(&t)),
+        Input::Tokens(ids) => {
+            let vocab = codec.vocab_size();
+            let ids = match ids.iter().find(|&&t| t as usize >= vocab) {
+                Some(t) => Err(format!(
+                    "token id {t} is out of the vocabulary (0..{vocab})"
+                )),
+                None => Ok(ids),
+            };
+            ("prompt", ids)
+        }
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("tokenizer failed: {e}"),
+        )
+    })?;
+    let ids = ids.map_err(|m| ApiError::bad_param(param, format!("{param}: {m}")))?;
+    if ids.is_empty() {
+        return Err(ApiError::bad_param(
+            param,
+            format!("{param} gives no tokens"),
+        ));
+    }
+    Ok(ids)
+}
+
+/// The tokens a request may generate: what it asked for, if the context has room for it.
+fn budget(codec: &dyn Codec, v: &Validated, prompt: usize) -> Result<usize, ApiError> {
+    let context = codec.context_length();
+    let param = match v.input {
+        Input::Chat(_) => "messages",
+        _ => "prompt",
+    };
+    if prompt >= context {
+        return Err(ApiError::bad_param(
+            param,
+            format!("the prompt is {prompt} tokens, and the model's context holds {context} in all; shorten it"),
+        ));
+    }
+    let room = context - prompt;
+    match v.max_tokens {
+        None => Ok(room),
+        Some(n) if n > room => Err(ApiError::bad_param(
+            "max_tokens",
+            format!(
+                "max_tokens {n} does not fit: the context holds {context} tokens and the prompt takes {prompt}; pass at most {room}"
+            ),
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+/// Queues a job, first come first served; a full queue is a 429.
+fn admit(s: &AppState, job: Job) -> Result<(), ApiError> {
+    if s.shared.shutting_down.load(Ordering::SeqCst) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down",
+        ));
+    }
+    s.shared.metrics.queue_depth.inc();
+    let refused = match s.jobs.try_send(job) {
+        Ok(()) => return Ok(()),
+        Err(TrySendError::Full(_)) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the server is busy: its request queue is full; retry after the Retry-After delay",
+        )
+        .retry_after(s.limits.retry_after_s),
+        Err(TrySendError::Disconnected(_)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the decode thread has stopped; restart the server",
+        ),
+    };
+    s.shared.metrics.queue_depth.dec();
+    Err(refused)
+}
+
+fn response_id(s: &AppState, endpoint: Endpoint) -> String {
+    let n = s.shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    format!("{prefix}-{:x}-{n}", s.started_ns)
+}
+
+async fn collect(head: Head, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(summary) => return Ok(head.full(&text, &summary)),
+            Event::Failed(e) => return Err(e),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the decode thread dropped the request",
+    ))
+}
+
+/// The SSE stream: the opening chunk, one chunk per text piece, the closing chunks, `[DONE]`; on a
+/// failure, the error object and the end. Dropping it (the client left) closes `rx`, which the
+/// decode thread takes as a cancellation.
+fn sse_stream(
+    head: Head,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let opening: Vec<String> = head.opening().iter().map(Value::to_string).collect();
+    let state = (head, Some(rx), std::collections::VecDeque::from(opening));
+    stream::unfold(state, |(head, mut rx, mut queued)| async move {
+        loop {
+            if let Some(data) = queued.pop_front() {
+                return Some((Ok(SseEvent::default().data(data)), (head, rx, queued)));
+            }
+            let event = rx.as_mut()?.recv().await;
+            match event {
+                Some(Event::Text(t)) => queued.push_back(head.text(&t).to_string()),
+                Some(Event::Done(s)) => {
+                    queued.extend(head.closing(&s).iter().map(Value::to_string));
+                    queued.push_back("[DONE]".into());
+                    rx = None;
+                }
+                Some(Event::Failed(e)) => {
+                    queued.push_back(e.body().to_string());
+                    rx = None;
+                }
+                None => {
+                    let e = ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "the decode thread dropped the request",
+                    );
+                    queued.push_back(e.body().to_string());
+                    rx = None;
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,444 @@
+//! The server against a fake generator: no model, no network (requests go straight to the router).
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::generator::*;
+use crate::{Limits, Server};
+
+/// ASCII text, one token per byte.
+struct FakeCodec;
+
+impl Codec for FakeCodec {
+    fn model_id(&self) -> &str {
+        "fake"
+    }
+    fn context_length(&self) -> usize {
+        64
+    }
+    fn vocab_size(&self) -> usize {
+        128
+    }
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        let text: String = messages
+            .iter()
+            .map(|m| format!("{}:{}\n", m.role, m.content))
+            .collect();
+        self.encode_prompt(&text)
+    }
+    fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        if !prompt.is_ascii() {
+            return Err("the fake codec takes ASCII only".into());
+        }
+        Ok(prompt.bytes().map(u32::from).collect())
+    }
+    fn text_stream(&self) -> Box<dyn TextStream + '_> {
+        struct Ascii;
+        impl TextStream for Ascii {
+            fn push(&mut self, id: u32) -> String {
+                char::from_u32(id).map(String::from).unwrap_or_default()
+            }
+            fn finish(&mut self) -> String {
+                String::new()
+            }
+        }
+        Box::new(Ascii)
+    }
+}
+
+/// Hooks into the fake generator's run, for the tests to act at known moments.
+#[derive(Default)]
+struct Hooks {
+    /// Told when a request starts.
+    started: Option<mpsc::Sender<()>>,
+    /// Waited on before generating each request.
+    gate: Option<mpsc::Receiver<()>>,
+    /// Told when a request saw its cancellation.
+    cancelled: Option<mpsc::Sender<()>>,
+    token_delay: Duration,
+}
+
+/// Lowercase letters from the prompt's sum; the seed, when sampling, shifts them.
+struct FakeGen(Arc<Mutex<Hooks>>);
+
+impl Generator for FakeGen {
+    fn generate(
+        &mut self,
+        req: &GenRequest,
+        on_tokens: &mut dyn FnMut(&[u32]),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<GenStats, GenError> {
+        let h = self.0.lock().unwrap();
+        if let Some(s) = &h.started {
+            let _ = s.send(());
+        }
+        if let Some(g) = &h.gate {
+            let _ = g.recv();
+        }
+        let base: u32 = req.prompt.iter().sum::<u32>() + req.sampling.seed.unwrap_or(0) as u32;
+        for i in 0..req.max_tokens as u32 {
+            if cancelled() {
+                if let Some(c) = &h.cancelled {
+                    let _ = c.send(());
+                }
+                break;
+            }
+            on_tokens(&[u32::from(b'a') + (base + i * 7) % 26]);
+            // Simulated compute, so a request lasts long enough to be cancelled.
+            std::thread::sleep(h.token_delay);
+        }
+        Ok(GenStats {
+            draft_n: 3,
+            draft_n_accepted: 2,
+            ..Default::default()
+        })
+    }
+}
+
+fn server(hooks: Hooks, queue: usize) -> Server {
+    let hooks = Arc::new(Mutex::new(hooks));
+    let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: None,
+        retry_after_s: 3,
+    };
+    Server::start(Arc::new(FakeCodec), factory, queue, limits).unwrap()
+}
+
+fn post(path: &str, body: &str) -> Request<Body> {
+    Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+async fn call(s: &Server, req: Request<Body>) -> (StatusCode, String, axum::http::HeaderMap) {
+    let resp = s.router.clone().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (
+        parts.status,
+        String::from_utf8(bytes.to_vec()).unwrap(),
+        parts.headers,
+    )
+}
+
+async fn json_call(s: &Server, path: &str, body: &str) -> (StatusCode, Value) {
+    let (status, text, _) = call(s, post(path, body)).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")),
+    )
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(String::from)
+        .collect()
+}
+
+/// The text of a streamed response, and its chunks.
+fn streamed_text(body: &str, chat: bool) -> (String, Vec<Value>) {
+    let data = sse_data(body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .filter_map(|c| {
+            let choice = &c["choices"][0];
+            if chat {
+                choice["delta"]["content"].as_str()
+            } else {
+                choice["text"].as_str()
+            }
+        })
+        .collect();
+    (text, chunks)
+}
+
+const CHAT: &str = "/v1/chat/completions";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_and_whole_responses_agree_with_stop_strings() {
+    let s = server(Hooks::default(), 4);
+    let body = |stream: bool, stop: &str| {
+        json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 20,
+               "stream": stream, "stop": stop, "stream_options": {"include_usage": true}})
+        .to_string()
+    };
+    // No stop string first: the whole budget.
+    let (status, whole) = json_call(&s, CHAT, &body(false, "")).await;
+    assert_eq!(status, 200, "{whole}");
+    let full = whole["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(full.len(), 20);
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(whole["usage"]["completion_tokens"], 20);
+    assert_eq!(whole["timings"]["draft_n_accepted"], 2);
+    // A stop string from the middle of that text: both forms cut before it.
+    let stop = &full[7..9];
+    let cut = &full[..full.find(stop).unwrap()];
+    let (_, whole) = json_call(&s, CHAT, &body(false, stop)).await;
+    assert_eq!(whole["choices"][0]["message"]["content"], cut);
+    assert_eq!(whole["choices"][0]["finish_reason"], "stop");
+    let (status, text, headers) = call(&s, post(CHAT, &body(true, stop))).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let (streamed, chunks) = streamed_text(&text, true);
+    assert_eq!(streamed, cut);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let last = &chunks[chunks.len() - 1];
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(
+        last["usage"]["prompt_tokens"],
+        whole["usage"]["prompt_tokens"]
+    );
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn completions_stream_and_seeds() {
+    let s = server(Hooks::default(), 4);
+    let req = |stream: bool, seed: u64| {
+        json!({"prompt": "abc", "max_tokens": 9, "stream": stream, "temperature": 0.8,
+               "seed": seed})
+        .to_string()
+    };
+    let (_, whole) = json_call(&s, "/v1/completions", &req(false, 5)).await;
+    assert_eq!(whole["object"], "text_completion");
+    let text = whole["choices"][0]["text"].as_str().unwrap();
+    let (_, again) = json_call(&s, "/v1/completions", &req(false, 5)).await;
+    assert_eq!(again["choices"][0]["text"], text, "same seed, same text");
+    let (_, other) = json_call(&s, "/v1/completions", &req(false, 6)).await;
+    assert_ne!(other["choices"][0]["text"], text);
+    let (_, body, _) = call(&s, post("/v1/completions", &req(true, 5))).await;
+    assert_eq!(streamed_text(&body, false).0, text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_queue_gives_429_with_retry_after() {
+    let (started_tx, started) = mpsc::channel();
+    let (open, gate) = mpsc::channel();
+    let hooks = Hooks {
+        started: Some(started_tx),
+        gate: Some(gate),
+        ..Default::default()
+    };
+    let s = Arc::new(server(hooks, 2));
+    let body = r#"{"prompt":"x","max_tokens":2}"#;
+    let spawn = |s: &Arc<Server>| {
+        let s = s.clone();
+        tokio::spawn(async move { json_call(&s, "/v1/completions", body).await })
+    };
+    // One running (held at the gate), two queued: the fourth is refused.
+    let running = spawn(&s);
+    tokio::task::spawn_blocking(move || started.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the first request never started");
+    let queued = [spawn(&s), spawn(&s)];
+    let mut depth = 0;
+    while depth < 2 {
+        depth = metric(&s, "amusd_queue_depth ").await;
+        tokio::task::yield_now().await;
+    }
+    let (status, text, headers) = call(&s, post("/v1/completions", body)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    assert_eq!(headers["retry-after"], "3");
+    assert!(text.contains("rate_limit_exceeded"), "{text}");
+    for _ in 0..3 {
+        open.send(()).unwrap();
+    }
+    assert_eq!(running.await.unwrap().0, 200);
+    for q in queued {
+        assert_eq!(q.await.unwrap().0, 200, "queued requests are all served");
+    }
+    let text = s.shared.metrics.encode();
+    assert!(
+        text.contains(r#"amusd_http_requests_total{endpoint="/v1/completions",status="429"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"amusd_http_requests_total{endpoint="/v1/completions",status="200"} 3"#),
+        "{text}"
+    );
+}
+
+/// The value of the first metric line starting with `prefix`.
+async fn metric(s: &Server, prefix: &str) -> i64 {
+    let (_, text, _) = call(s, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_mid_stream_cancels_its_request() {
+    let (cancel_tx, cancelled) = mpsc::channel();
+    let hooks = Hooks {
+        cancelled: Some(cancel_tx),
+        token_delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let s = server(hooks, 2);
+    let body = r#"{"prompt":"x","max_tokens":60,"stream":true}"#;
+    let resp = s
+        .router
+        .clone()
+        .oneshot(post("/v1/completions", body))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    // The first chunk arrives, then the client hangs up.
+    body.frame().await.unwrap().unwrap();
+    drop(body);
+    tokio::task::spawn_blocking(move || cancelled.recv_timeout(Duration::from_secs(30)))
+        .await
+        .unwrap()
+        .expect("the generator was not told to stop");
+    let (status, v) = json_call(&s, "/v1/completions", r#"{"prompt":"y","max_tokens":3}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_openai_errors() {
+    let s = server(Hooks::default(), 2);
+    let long = "x".repeat(70);
+    let huge = "y".repeat(5000);
+    let cases = [
+        (CHAT, "{not json".to_string(), 400, None),
+        (
+            CHAT,
+            r#"{"messages":[]}"#.to_string(),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt":"{long}"}}"#),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"é"}"#.to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":[1,500]}"#.to_string(),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"a","max_tokens":100000}"#.to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"a","max_tokens":0}"#.to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"a","n":3}"#.to_string(),
+            400,
+            Some("n"),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt":"{huge}"}}"#),
+            413,
+            None,
+        ),
+        ("/v1/nothing", "{}".to_string(), 404, None),
+    ];
+    for (path, body, status, param) in cases {
+        let (got, v) = json_call(&s, path, &body).await;
+        assert_eq!(got, status, "{path} {body:.80}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        assert_eq!(v["error"]["param"].as_str(), param, "{v}");
+    }
+    // The server still answers.
+    let (status, _) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_is_503_until_the_generator_is_loaded() {
+    let (open, gate) = mpsc::channel::<()>();
+    let factory: GeneratorFactory = Box::new(move || {
+        let _ = gate.recv();
+        Ok(Box::new(FakeGen(Default::default())) as _)
+    });
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: None,
+        retry_after_s: 1,
+    };
+    let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    let health = || Request::get("/health").body(Body::empty()).unwrap();
+    assert_eq!(call(&s, health()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (_, models, _) = call(&s, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
+    assert!(models.contains(r#""id":"fake""#), "{models}");
+    open.send(()).unwrap();
+    // A request queued while loading is served once loading is done.
+    let (status, _) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&s, health()).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_timeout_is_cancelled_with_504() {
+    let (cancel_tx, cancelled) = mpsc::channel();
+    let hooks = Hooks {
+        cancelled: Some(cancel_tx),
+        token_delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let hooks = Arc::new(Mutex::new(hooks));
+    let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: Some(Duration::from_millis(50)),
+        retry_after_s: 1,
+    };
+    let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    // 60 tokens of 5 ms each: well past 50 ms.
+    let (status, v) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":60}"#).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("timeout"),
+        "{v}"
+    );
+    cancelled
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the generator was not told to stop");
+}

@@ -1,0 +1,319 @@
+//! `amusd serve`: the OpenAI-compatible server of `amusd-server` on today's decoding code. This file
+//! only adapts: the model's tokenizer and chat template as the server's `Codec`, and the worker
+//! pair (`amusd`) or the in-process loops (`ar`, `sd`) as its `Generator`.
+
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use amusd_model::chat::Message;
+use amusd_model::loader::ModelText;
+use amusd_model::tokenizer::TokenStream;
+use amusd_server::{
+    ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Limits,
+    Sampling, Server, TextStream,
+};
+use amusd_spec::fake::FakeModel;
+use amusd_spec::{Finish, RequestSampling, SamplingParams, StopCriteria};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::args::{ModelArgs, Strategy};
+use crate::backend::{bind_in_process, Backend, Request};
+use crate::prompt::{encode_conversation, Texts};
+use crate::supervisor::{install_signal_handlers, INTERRUPTED};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    #[arg(long, value_enum, default_value = "amusd")]
+    pub strategy: Strategy,
+    /// Requests that may wait while one runs; beyond, 429 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// Seconds a request may take from arrival to its last token (0: no limit).
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise.
+    #[arg(long)]
+    pub greedy_draft: bool,
+    #[command(flatten)]
+    pub models: ModelArgs,
+}
+
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    install_signal_handlers();
+    let m = &args.models;
+    let verify_spec = m.verify_spec()?;
+    let draft_spec = m.draft_spec()?;
+    let fake = FakeModel::is_fake(&verify_spec);
+    if fake && args.strategy != Strategy::Amusd {
+        bail!("fake models are served with --strategy amusd only");
+    }
+    if args.strategy != Strategy::Amusd {
+        bind_in_process(m.verify_device()?)?;
+    } else {
+        // Checked now, so a bad device is an error before the port opens.
+        m.verify_device()?;
+        m.draft_device()?;
+    }
+    let codec = Arc::new(codec(&verify_spec, &draft_spec, args.strategy)?);
+    let model_id = codec.model_id.clone();
+    let factory = factory(&args, codec.stop_ids.clone(), verify_spec, draft_spec);
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        request_timeout: (args.request_timeout > 0)
+            .then(|| Duration::from_secs(args.request_timeout)),
+        retry_after_s: 1,
+    };
+    let listener = std::net::TcpListener::bind((args.host.as_str(), args.port))
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let server = Server::start(codec, factory, args.queue, limits)?;
+    eprintln!(
+        "amusd: serving {model_id} on http://{} (strategy {}; /health says 200 once the models are loaded)",
+        listener.local_addr()?,
+        args.strategy.name()
+    );
+    // SIGTERM and Ctrl-C set INTERRUPTED (the workers' supervisor reads it too).
+    let shutdown = async {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    server.serve(listener, shutdown)?;
+    eprintln!(
+        "amusd: shut down{}",
+        if args.strategy == Strategy::Amusd {
+            "; workers stopped, region removed"
+        } else {
+            ""
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The tokenizer side, loaded before the port opens so bad model paths fail at once.
+fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<TextCodec> {
+    let name = |spec: &str| {
+        let path = spec.rsplit_once(':').map_or(spec, |(p, _)| p);
+        std::path::Path::new(path)
+            .file_name()
+            .map_or(spec.to_string(), |n| n.to_string_lossy().into_owned())
+    };
+    let draft = (strategy != Strategy::Ar).then_some(draft_spec);
+    let texts = Texts::load(verify_spec, draft)?;
+    let context = texts.context(amusd_shm::TOKEN_CAPACITY);
+    let stop_ids = texts.stop_ids();
+    let Some(verify) = texts.verify else {
+        let fake = FakeModel::parse(verify_spec)?;
+        return Ok(TextCodec {
+            model_id: "fake".into(),
+            context: fake.capacity.min(context),
+            stop_ids,
+            text: None,
+            vocab: fake.vocab as usize,
+        });
+    };
+    Ok(TextCodec {
+        model_id: name(verify_spec),
+        context,
+        stop_ids,
+        vocab: verify.tokenizer.vocab_size(),
+        text: Some(verify),
+    })
+}
+
+/// The verify model's tokenizer and chat template; a fake model's ids are the prompt's bytes, and
+/// its text is the ids in decimal.
+struct TextCodec {
+    model_id: String,
+    context: usize,
+    stop_ids: Vec<u32>,
+    vocab: usize,
+    text: Option<ModelText>,
+}
+
+impl Codec for TextCodec {
+    fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    fn context_length(&self) -> usize {
+        self.context
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+        let Some(t) = &self.text else {
+            let joined: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+            return self.encode_prompt(&joined.join("\n"));
+        };
+        let messages: Vec<Message> = messages
+            .iter()
+            .map(|m| Message {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+            .collect();
+        encode_conversation(&t.tokenizer, t.chat_template.as_ref(), &messages, false)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
+        match &self.text {
+            Some(t) => t.tokenizer.encode(prompt, true).map_err(|e| e.to_string()),
+            None => Ok(prompt
+                .bytes()
+                .map(|b| u32::from(b) % self.vocab as u32)
+                .collect()),
+        }
+    }
+
+    fn text_stream(&self) -> Box<dyn TextStream + '_> {
+        match &self.text {
+            Some(t) => Box::new(Detokenizer(t.tokenizer.stream(true))),
+            None => Box::new(Decimal),
+        }
+    }
+}
+
+struct Detokenizer<'a>(TokenStream<'a>);
+
+impl TextStream for Detokenizer<'_> {
+    fn push(&mut self, id: u32) -> String {
+        self.0.step(id).unwrap_or_default()
+    }
+
+    fn finish(&mut self) -> String {
+        self.0.finish().unwrap_or_default()
+    }
+}
+
+/// A fake model's text: each id in decimal, then a space.
+struct Decimal;
+
+impl TextStream for Decimal {
+    fn push(&mut self, id: u32) -> String {
+        format!("{id} ")
+    }
+
+    fn finish(&mut self) -> String {
+        String::new()
+    }
+}
+
+/// Builds the generator on the decode thread: the worker pair, or the in-process models.
+fn factory(
+    args: &ServeArgs,
+    stop_ids: Vec<u32>,
+    verify_spec: String,
+    draft_spec: String,
+) -> GeneratorFactory {
+    let models = args.models.clone();
+    let (strategy, greedy_draft) = (args.strategy, args.greedy_draft);
+    Box::new(move || {
+        let draft = (strategy != Strategy::Ar).then_some(draft_spec.as_str());
+        let backend = Backend::open(strategy, &models, &verify_spec, draft)
+            .map_err(|e| GenError::Failed(format!("{e:#}")))?;
+        Ok(Box::new(ServeGenerator {
+            backend,
+            stop_ids,
+            greedy_draft,
+        }) as Box<dyn Generator>)
+    })
+}
+
+struct ServeGenerator {
+    backend: Backend,
+    stop_ids: Vec<u32>,
+    greedy_draft: bool,
+}
+
+impl Generator for ServeGenerator {
+    fn generate(
+        &mut self,
+        req: &GenRequest,
+        on_tokens: &mut dyn FnMut(&[u32]),
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<GenStats, GenError> {
+        let stop = StopCriteria {
+            stop_ids: self.stop_ids.clone(),
+            max_new_tokens: req.max_tokens,
+        };
+        let sampling = request_sampling(&req.sampling, self.greedy_draft)?;
+        let request = Request {
+            prompt: &req.prompt,
+            stop: &stop,
+            sampling: &sampling,
+        };
+        // A request is cancelled between commits: the client's tokens keep arriving every few
+        // milliseconds, so a hang-up ends the work at the next batch.
+        let mut on_tokens = |ids: &[u32]| {
+            on_tokens(ids);
+            if cancelled() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        };
+        let g = self
+            .backend
+            .generate(&request, &mut on_tokens)
+            .map_err(|e| GenError::Failed(format!("{e:#}")))?
+            .generation;
+        Ok(GenStats {
+            stopped_by_model: g.finish == Finish::Stop,
+            draft_n: g.metrics.proposed as u64,
+            draft_n_accepted: g.metrics.accepted as u64,
+            rollbacks: g.metrics.rollbacks as u64,
+        })
+    }
+
+    fn idle(&mut self) -> Result<(), GenError> {
+        match &mut self.backend {
+            Backend::Amusd(w) => w
+                .check_idle()
+                .map_err(|e| GenError::Failed(format!("{e:#}"))),
+            _ => Ok(()),
+        }
+    }
+
+    fn worker_restarts(&self) -> u64 {
+        match &self.backend {
+            Backend::Amusd(w) => u64::from(w.fault_stats().restarts),
+            _ => 0,
+        }
+    }
+}
+
+/// The server's sampling as the decoders take it; a sampled request without a seed gets a random one.
+fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling, GenError> {
+    let mut params = SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        seed: 0,
+    }
+    .validate()
+    .map_err(|e| GenError::BadRequest(format!("bad sampling parameter: {e}")))?;
+    if !params.is_greedy() {
+        params.seed = s.seed.unwrap_or_else(rand::random);
+    }
+    Ok(RequestSampling {
+        params,
+        greedy_draft,
+    })
+}

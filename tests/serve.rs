@@ -1,0 +1,246 @@
+//! `amusd serve` with fake models (no weights, known outputs): concurrent clients, the queue's 429,
+//! a client that leaves mid-stream, a verify worker killed mid-stream, bad input, SIGTERM.
+
+mod serve_common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use amusd_e2e::bin;
+use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::generate::autoregressive;
+use amusd_spec::{Finish, StopCriteria, Verifier};
+use serde_json::json;
+use serve_common::{chunk_text, reply_text, start, Served};
+
+const READY: Duration = Duration::from_secs(60);
+const EXIT: Duration = Duration::from_secs(60);
+
+fn models(verify: &str, draft: &str) -> Vec<String> {
+    ["--verify-model", verify, "--draft-model", draft]
+        .map(String::from)
+        .to_vec()
+}
+
+fn serve(verify: &str, draft: &str, extra: &[&str]) -> Served {
+    let mut args = models(verify, draft);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    start(&args, READY)
+}
+
+/// What greedy decoding with the fake verify model gives for a completion prompt (the fake codec
+/// takes the prompt's bytes as ids and prints each id in decimal): the text and finish reason.
+fn expected(verify: &str, prompt: &str, max_new: usize) -> (String, &'static str) {
+    let truth = FakeModel::parse(verify).unwrap();
+    let ids: Vec<u32> = prompt.bytes().map(|b| u32::from(b) % truth.vocab).collect();
+    let stop = StopCriteria {
+        stop_ids: if truth.eos_every > 0 {
+            vec![truth.eos]
+        } else {
+            Vec::new()
+        },
+        max_new_tokens: max_new,
+    };
+    let mut v = Verifier::new(FakeDecoder::new(truth));
+    let g = autoregressive(&mut v, &ids, &stop, &Default::default(), &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap();
+    let text = g.tokens.iter().map(|t| format!("{t} ")).collect();
+    let finish = if g.finish == Finish::Stop {
+        "stop"
+    } else {
+        "length"
+    };
+    (text, finish)
+}
+
+#[test]
+fn eight_clients_at_once_are_all_served_exactly() {
+    let verify = "fake:vocab=512,seed=11,us=200,eos_every=40";
+    let draft = "fake:vocab=512,seed=11,eos_every=40,err=0.15,us=100";
+    let s = serve(verify, draft, &["--queue", "8"]);
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..8)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let prompt = format!("client {i} asks");
+                    let body = json!({"prompt": prompt, "max_tokens": 48, "stream": i % 2 == 0});
+                    let (text, finish) = if i % 2 == 0 {
+                        s.stream("/v1/completions", &body).rest()
+                    } else {
+                        let r = s.post("/v1/completions", &body);
+                        assert_eq!(r.status, 200, "{}", r.json);
+                        let f = r.json["choices"][0]["finish_reason"]
+                            .as_str()
+                            .map(String::from);
+                        (reply_text(&r.json), f)
+                    };
+                    let (want, want_finish) = expected(verify, &prompt, 48);
+                    assert_eq!(text, want, "client {i}");
+                    assert_eq!(finish.as_deref(), Some(want_finish), "client {i}");
+                })
+            })
+            .collect();
+        for c in clients {
+            c.join().expect("a client failed");
+        }
+    });
+    let served = s.metric(r#"amusd_http_requests_total{endpoint="/v1/completions",status="200"} "#);
+    assert_eq!(served, 8.0);
+    s.terminate(EXIT);
+}
+
+/// One request runs (slowly), one waits in a queue of one, the third is refused with 429; the
+/// running one's client hangs up, and the waiting one is served at once and exactly.
+#[test]
+fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
+    // Undisturbed, the long request would take 20 s or more (4000 draft forwards of 5 ms).
+    let verify = "fake:vocab=512,seed=5,us=5000";
+    let draft = "fake:vocab=512,seed=5,us=5000";
+    let s = serve(verify, draft, &["--queue", "1"]);
+    let mut long = s.stream(
+        "/v1/completions",
+        &json!({"prompt": "long", "max_tokens": 4000, "stream": true}),
+    );
+    let first = long.next_data().expect("a first chunk");
+    assert!(!chunk_text(&serde_json::from_str(&first).unwrap()).is_empty());
+    std::thread::scope(|scope| {
+        let queued = scope.spawn(|| {
+            let r = s.post(
+                "/v1/completions",
+                &json!({"prompt": "next", "max_tokens": 8}),
+            );
+            (r, Instant::now())
+        });
+        amusd_e2e::wait_until("one queued request", Duration::from_secs(30), || {
+            s.metric("amusd_queue_depth ") == 1.0
+        });
+        let refused = s.post(
+            "/v1/completions",
+            &json!({"prompt": "third", "max_tokens": 8}),
+        );
+        assert_eq!(refused.status, 429, "{}", refused.json);
+        assert!(refused.retry_after.is_some(), "429 without Retry-After");
+        assert_eq!(refused.json["error"]["code"], "rate_limit_exceeded");
+        let left = Instant::now();
+        drop(long);
+        let (r, done) = queued.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert_eq!(reply_text(&r.json), expected(verify, "next", 8).0);
+        // Far less than the 20 s the abandoned request had left: it was cancelled.
+        let waited = done - left;
+        assert!(
+            waited < Duration::from_secs(15),
+            "the queued request waited {waited:?}"
+        );
+    });
+    s.terminate(EXIT);
+}
+
+#[test]
+fn a_verify_worker_killed_mid_stream_leaves_the_text_unchanged() {
+    let verify = "fake:vocab=512,seed=9,us=1000";
+    let draft = "fake:vocab=512,seed=9,err=0.1,us=500";
+    let s = serve(verify, draft, &[]);
+    let body = json!({"messages": [{"role": "user", "content": "tell me"}], "max_tokens": 1500, "stream": true});
+    let mut stream = s.stream("/v1/chat/completions", &body);
+    // The opening chunk (role), then the first text: the request is being decoded.
+    let mut text = String::new();
+    while text.is_empty() {
+        let d = stream.next_data().expect("the stream ended early");
+        text.push_str(&chunk_text(&serde_json::from_str(&d).unwrap()));
+    }
+    let kill = Command::new(bin("amusd"))
+        .args(["worker-kill", "verify", "--region", &s.region()])
+        .output()
+        .unwrap();
+    assert!(
+        kill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&kill.stderr)
+    );
+    let (rest, finish) = stream.rest();
+    text.push_str(&rest);
+    // The chat prompt of a fake model is the messages' contents.
+    assert_eq!(text, expected(verify, "tell me", 1500).0);
+    assert_eq!(finish.as_deref(), Some("length"));
+    amusd_e2e::wait_until(
+        "a worker restart in /metrics",
+        Duration::from_secs(30),
+        || s.metric("amusd_worker_restarts_total ") >= 1.0,
+    );
+    let log = s.terminate(EXIT);
+    assert!(log.contains("verify"), "{log}");
+}
+
+#[test]
+fn bad_input_is_refused_and_sigterm_mid_stream_exits_cleanly() {
+    let verify = "fake:vocab=512,seed=2,us=2000,ctx=256";
+    let draft = "fake:vocab=512,seed=2,us=1000";
+    let s = serve(verify, draft, &["--max-body-bytes", "2000"]);
+    let long_prompt = "x".repeat(300);
+    let cases = [
+        ("/v1/chat/completions", "{\"messages\": [".to_string(), 400),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": []}"#.to_string(),
+            400,
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#.to_string(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt": "{long_prompt}"}}"#),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 1000000}"#.to_string(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "max_tokens": 0}"#.to_string(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt": "x", "temperature": "warm"}"#.to_string(),
+            400,
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"prompt": "{}"}}"#, "y".repeat(3000)),
+            413,
+        ),
+        ("/v1/nowhere", "{}".to_string(), 404),
+    ];
+    for (path, body, status) in cases {
+        let r = s.post_raw(path, &body);
+        assert_eq!(r.status, status, "{path} {body:.60}: {}", r.json);
+        let msg = r.json["error"]["message"].as_str().unwrap_or_default();
+        assert!(!msg.is_empty(), "{}", r.json);
+    }
+    // Still serving, then SIGTERM while a stream runs: the process exits 0, region removed.
+    let r = s.post("/v1/completions", &json!({"prompt": "ok", "max_tokens": 4}));
+    assert_eq!(reply_text(&r.json), expected(verify, "ok", 4).0);
+    let mut stream = s.stream(
+        "/v1/completions",
+        &json!({"prompt": "go", "max_tokens": 200, "stream": true}),
+    );
+    stream.next_data().expect("a first chunk");
+    let started = Instant::now();
+    let log = s.terminate(EXIT);
+    while stream.next_data().is_some() {}
+    assert!(
+        log.contains("shut down"),
+        "{log} after {:?}",
+        started.elapsed()
+    );
+}
