@@ -12,6 +12,7 @@ pub mod bind;
 pub mod decoder;
 pub mod fake;
 pub mod generate;
+pub mod lookup;
 pub mod policy;
 pub mod process;
 pub mod sampling;
@@ -33,6 +34,8 @@ pub enum SpecError {
     Protocol(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Lookup(#[from] lookup::BadRange),
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),
 }

@@ -9,6 +9,7 @@ use amusd_shm::{Region, Role, Shm, WorkerState};
 
 use crate::decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 use crate::fake::{FakeDecoder, FakeModel};
+use crate::lookup::{NgramRange, NoModel};
 use crate::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
 use crate::SpecError;
 
@@ -22,6 +23,11 @@ pub struct WorkerConfig {
     pub max_lookahead: usize,
     pub max_verify_batch: usize,
     pub wait_for_draft: Duration,
+    /// Draft: prompt lookup ahead of the model (`--lookup MIN-MAX`); a model spec `lookup[:MIN-MAX]`
+    /// makes the lookup draft alone instead.
+    pub lookup: Option<NgramRange>,
+    /// Draft: the longest lookup run proposed at once.
+    pub lookup_max_run: usize,
     /// Started by the coordinator: its parent must be the region's coordinator.
     pub supervised: bool,
 }
@@ -31,6 +37,9 @@ const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Loads a real model (`PATH[:FORMAT]`) or a fake one (`fake:...`), returning it and a display name.
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
+    if let Some(range) = crate::lookup::parse_spec(spec) {
+        return Ok((Box::new(NoModel), format!("prompt lookup {}", range?)));
+    }
     if FakeModel::is_fake(spec) {
         let m = FakeModel::parse(spec)?;
         // Stands for reading and packing weights: CPU work, as the loading heartbeat expects.
@@ -103,7 +112,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
         region.worker(cfg.role).model.set(&name);
         match cfg.role {
             Role::Draft => {
-                let mut drafter = Drafter::new(decoder);
+                let mut drafter = with_lookup(Drafter::new(decoder), cfg)?;
                 run_draft(
                     region,
                     &mut drafter,
@@ -130,6 +139,22 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
             error,
             in_region: true,
         }
+    })
+}
+
+/// The draft worker's drafter with the lookup its configuration asks for: alone for a model spec
+/// `lookup[:MIN-MAX]`, ahead of the model for `--lookup`.
+fn with_lookup<D: Decoder>(
+    drafter: Drafter<D>,
+    cfg: &WorkerConfig,
+) -> Result<Drafter<D>, SpecError> {
+    let max_run = cfg.lookup_max_run.max(1);
+    Ok(match crate::lookup::parse_spec(&cfg.model) {
+        Some(range) => drafter.with_lookup(range?, true, max_run),
+        None => match cfg.lookup {
+            Some(range) => drafter.with_lookup(range, false, max_run),
+            None => drafter,
+        },
     })
 }
 

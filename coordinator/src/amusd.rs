@@ -85,7 +85,7 @@ impl Engine {
                 role: Role::Draft,
                 model: draft_spec.to_string(),
                 device: m.draft_device()?,
-                extra_args: vec!["--max-lookahead".into(), m.max_lookahead.to_string()],
+                extra_args: draft_args(m),
             },
             WorkerSpec {
                 role: Role::Verify,
@@ -165,6 +165,9 @@ pub fn generate(
     let m = &args.models;
     let verify_spec = m.verify_spec()?;
     let draft_spec = m.draft_spec()?;
+    // A bad lookup range, or lookup both alone and ahead of a model, is the user's error: say so
+    // before any worker starts.
+    m.lookup_alone()?;
     let verify_text = text_of(&verify_spec, "verify")?;
     let draft_text = text_of(&draft_spec, "draft")?;
     if let (Some(v), Some(d)) = (&verify_text, &draft_text) {
@@ -219,6 +222,7 @@ pub fn generate(
                 strategy: Strategy::Amusd,
                 prompt_tokens: prompt.len(),
                 sampling,
+                drafter: m.drafter_label(),
                 json,
             };
             finish_output(&out, &t.tokenizer, &g)?
@@ -230,6 +234,7 @@ pub fn generate(
                 "{}",
                 serde_json::json!({
                     "strategy": "amusd",
+                    "drafter": m.drafter_label(),
                     "tokens": g.tokens,
                     "finish_reason": g.finish,
                     "sampling": sampling_json(sampling),
@@ -247,8 +252,23 @@ pub fn generate(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The draft worker's options: its lookahead, and prompt lookup ahead of its model if asked.
+fn draft_args(m: &ModelArgs) -> Vec<String> {
+    let mut args = vec![
+        "--max-lookahead".into(),
+        m.max_lookahead.to_string(),
+        "--lookup-max-run".into(),
+        m.lookup_max_run.to_string(),
+    ];
+    if let Some(range) = m.draft_lookup {
+        args.extend(["--lookup".into(), range.to_string()]);
+    }
+    args
+}
+
+/// A model's tokenizer and metadata; `None` for a fake model or prompt lookup (no model).
 fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
-    if FakeModel::is_fake(spec) {
+    if FakeModel::is_fake(spec) || amusd_spec::lookup::parse_spec(spec).is_some() {
         return Ok(None);
     }
     let s = spec.parse()?;

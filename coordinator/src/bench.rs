@@ -657,7 +657,7 @@ struct Trace {
 /// ar and sd, in this process. The verify model serves both.
 struct InProcess {
     verifier: Verifier<Timed<LlamaDecoder>>,
-    drafter: Option<Drafter<Timed<LlamaDecoder>>>,
+    drafter: Option<Drafter<Timed<Box<dyn Decoder>>>>,
     verify_spans: Rc<RefCell<Vec<Span>>>,
     draft_spans: Rc<RefCell<Vec<Span>>>,
     lookahead: usize,
@@ -959,6 +959,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         None
     };
     let draft_context = match &draft_spec {
+        // Prompt lookup alone: no draft model, no context of its own.
+        Some(_) if m.lookup_alone()?.is_some() => None,
         Some(spec) => {
             let draft_text = load_text(&spec.parse()?).context("cannot load the draft model")?;
             check_same_vocabulary(&text.tokenizer, &draft_text.tokenizer)?;
@@ -973,10 +975,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         let draft_spans = Rc::new(RefCell::new(Vec::new()));
         let max_position = verify.llama.config.max_position;
         let drafter = match (&draft_spec, strategies.contains(&Strategy::Sd)) {
-            (Some(spec), true) => Some(Drafter::new(Timed {
-                inner: LlamaDecoder::new(load_model(spec, "draft")?.llama),
+            (Some(_), true) => Some(m.drafter(&text.tokenizer, |inner| Timed {
+                inner,
                 spans: draft_spans.clone(),
-            })),
+            })?),
             _ => None,
         };
         Some(InProcess {

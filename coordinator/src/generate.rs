@@ -8,8 +8,10 @@ use amusd_model::loader::{self, LoadedModel, ModelSpec};
 use amusd_model::tokenizer::Tokenizer;
 use amusd_model::DeviceSpec;
 use amusd_spec::generate::{autoregressive, speculative};
+use amusd_spec::lookup::{NgramRange, NoModel};
 use amusd_spec::{
-    Drafter, Generation, LlamaDecoder, RequestSampling, SamplingParams, StopCriteria, Verifier,
+    Decoder, Drafter, Generation, LlamaDecoder, RequestSampling, SamplingParams, StopCriteria,
+    Verifier,
 };
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -43,10 +45,20 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT] or fake:... (tests). Default: SmolLM2-135M-Instruct as stored
-    /// (q4_1 layers, q8_0 embedding), run by the integer kernels.
+    /// Draft model: PATH[:FORMAT], lookup[:MIN-MAX] (prompt lookup alone, no model: the longest
+    /// suffix of MAX down to MIN tokens found earlier proposes what followed it) or fake:...
+    /// (tests). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding), run by
+    /// the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
+    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match its tokens are
+    /// proposed at once, elsewhere the model drafts. MIN-MAX: suffix lengths tried (default 2-4).
+    #[arg(long, value_name = "MIN-MAX", num_args = 0..=1, default_missing_value = NgramRange::DEFAULT_TEXT)]
+    pub draft_lookup: Option<NgramRange>,
+    /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
+    /// lookup's right guesses up to this, and halve on a wrong one).
+    #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
+    pub lookup_max_run: usize,
     /// Device of the verify model (and of the whole process for ar and sd).
     #[arg(long, default_value = "cpu:1")]
     pub verify_device: String,
@@ -115,6 +127,59 @@ impl ModelArgs {
                 "{}:stored",
                 crate::assets::ensure_default_model()?.display()
             )),
+        }
+    }
+
+    /// The lookup's n-gram range when it drafts alone (`--draft-model lookup[:MIN-MAX]`).
+    pub fn lookup_alone(&self) -> Result<Option<NgramRange>> {
+        match self
+            .draft_model
+            .as_deref()
+            .and_then(amusd_spec::lookup::parse_spec)
+        {
+            Some(range) => {
+                if self.draft_lookup.is_some() {
+                    bail!("--draft-lookup adds prompt lookup to a draft model; with --draft-model lookup there is none: pass one of them");
+                }
+                Ok(Some(range?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The in-process drafter (sd): prompt lookup alone, or the draft model with the lookup
+    /// ahead of it if asked. `tokenizer`: the verify model's, whose vocabulary the draft must share.
+    /// `wrap` wraps the decoder (`bench` times its forwards).
+    pub fn drafter<D: Decoder>(
+        &self,
+        tokenizer: &Tokenizer,
+        wrap: impl FnOnce(Box<dyn Decoder>) -> D,
+    ) -> Result<Drafter<D>> {
+        let max_run = self.lookup_max_run.max(1);
+        if let Some(range) = self.lookup_alone()? {
+            return Ok(Drafter::new(wrap(Box::new(NoModel))).with_lookup(range, true, max_run));
+        }
+        let draft = load_model(&self.draft_spec()?, "draft")?;
+        check_same_vocabulary(tokenizer, &draft.tokenizer)?;
+        let drafter = Drafter::new(wrap(Box::new(LlamaDecoder::new(draft.llama))));
+        Ok(match self.draft_lookup {
+            Some(range) => drafter.with_lookup(range, false, max_run),
+            None => drafter,
+        })
+    }
+
+    /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX` or
+    /// `model+lookup MIN-MAX`.
+    pub fn drafter_label(&self) -> String {
+        match (
+            self.draft_model
+                .as_deref()
+                .and_then(amusd_spec::lookup::parse_spec),
+            self.draft_lookup,
+        ) {
+            (Some(Ok(r)), _) => format!("lookup {r}"),
+            (_, Some(r)) => format!("model+lookup {r}"),
+            _ => "model".into(),
         }
     }
 
@@ -391,9 +456,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let generation = match args.strategy {
         Strategy::Ar => autoregressive(&mut verifier, &prompt, &stop, &sampling, &mut on_tokens)?,
         Strategy::Sd => {
-            let draft = load_model(&m.draft_spec()?, "draft")?;
-            check_same_vocabulary(&tokenizer, &draft.tokenizer)?;
-            let mut drafter = Drafter::new(LlamaDecoder::new(draft.llama));
+            let mut drafter = m.drafter(&tokenizer, |d| d)?;
             speculative(
                 &mut verifier,
                 &mut drafter,
@@ -410,6 +473,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         strategy: args.strategy,
         prompt_tokens: prompt.len(),
         sampling: &sampling,
+        drafter: m.drafter_label(),
         json,
     };
     finish_output(&out, &tokenizer, &generation)?;
@@ -421,6 +485,8 @@ pub struct Output<'a> {
     pub strategy: Strategy,
     pub prompt_tokens: usize,
     pub sampling: &'a RequestSampling,
+    /// How sd and amusd draft ([`ModelArgs::drafter_label`]).
+    pub drafter: String,
     pub json: bool,
 }
 
@@ -430,6 +496,7 @@ pub fn finish_output(out: &Output<'_>, tokenizer: &Tokenizer, g: &Generation) ->
     if out.json {
         let json = serde_json::json!({
             "strategy": out.strategy.name(),
+            "drafter": out.drafter,
             "prompt_tokens": out.prompt_tokens,
             "tokens": g.tokens,
             "text": text,
@@ -440,8 +507,13 @@ pub fn finish_output(out: &Output<'_>, tokenizer: &Tokenizer, g: &Generation) ->
         println!("{json}");
     } else {
         println!();
+        let drafter = if out.strategy == Strategy::Ar {
+            String::new()
+        } else {
+            format!("; {} draft", out.drafter)
+        };
         eprintln!(
-            "{}; {}",
+            "{}; {}{drafter}",
             summary_line(out.strategy, &g.metrics),
             sampling_label(out.sampling)
         );
@@ -459,6 +531,10 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
         "total_time_s": m.total_time,
         "proposed": m.proposed,
         "accepted": m.accepted,
+        "proposed_lookup": m.proposed_lookup,
+        "accepted_lookup": m.accepted_lookup,
+        "proposed_model": m.proposed - m.proposed_lookup,
+        "accepted_model": m.accepted - m.accepted_lookup,
         "acceptance_rate": m.acceptance_rate(),
         "verify_steps": m.verify_steps,
         "tokens_per_verify_step": m.tokens_per_step(),
@@ -490,6 +566,15 @@ pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
             m.tokens_per_step(),
             m.rollbacks
         ));
+        if m.proposed_lookup > 0 {
+            s.push_str(&format!(
+                "; by source: lookup {}/{} accepted, model {}/{}",
+                m.accepted_lookup,
+                m.proposed_lookup,
+                m.accepted - m.accepted_lookup,
+                m.proposed - m.proposed_lookup
+            ));
+        }
     }
     s
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amusd_shm::Role;
+use amusd_spec::lookup::NgramRange;
 use amusd_spec::process::{worker_exit, worker_main, WorkerConfig};
 use clap::Parser;
 
@@ -34,6 +35,13 @@ struct Args {
     /// Verify: microseconds to wait for a draft token before stepping alone.
     #[arg(long, default_value_t = 0)]
     verify_wait_us: u64,
+    /// Draft: prompt lookup ahead of the model, with suffixes of MIN to MAX tokens (a model
+    /// `lookup[:MIN-MAX]` drafts with the lookup alone instead).
+    #[arg(long, value_name = "MIN-MAX")]
+    lookup: Option<NgramRange>,
+    /// Draft: the longest lookup run proposed at once.
+    #[arg(long, default_value_t = NgramRange::MAX_RUN)]
+    lookup_max_run: usize,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -49,6 +57,8 @@ fn main() -> ExitCode {
         max_lookahead: a.max_lookahead,
         max_verify_batch: a.max_verify_batch,
         wait_for_draft: Duration::from_micros(a.verify_wait_us),
+        lookup: a.lookup,
+        lookup_max_run: a.lookup_max_run,
         supervised: a.supervised,
     };
     worker_exit("amusd-draft-worker", a.supervised, worker_main(&cfg))

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use amusd_shm::Role;
+use amusd_spec::lookup::NgramRange;
 use amusd_spec::process::{worker_exit, worker_main, WorkerConfig};
 use clap::Parser;
 
@@ -49,6 +50,8 @@ fn main() -> ExitCode {
         max_lookahead: a.max_lookahead,
         max_verify_batch: a.max_verify_batch,
         wait_for_draft: Duration::from_micros(a.verify_wait_us),
+        lookup: None,
+        lookup_max_run: NgramRange::MAX_RUN,
         supervised: a.supervised,
     };
     worker_exit("amusd-verify-worker", a.supervised, worker_main(&cfg))
