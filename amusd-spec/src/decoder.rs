@@ -322,8 +322,8 @@ impl<D: Decoder> Drafter<D> {
         }
         if committed.len() > self.seq.len() {
             out.adopted = committed.len() - self.seq.len();
-            for p in self.seq.len()..committed.len() {
-                self.push(committed[p], Source::Model, None);
+            for &t in &committed[self.seq.len()..] {
+                self.push(t, Source::Model, None);
             }
         }
         self.agreed = committed.len();
