@@ -95,7 +95,7 @@ impl Engine {
                     "--max-verify-batch".into(),
                     m.max_verify_batch.to_string(),
                     "--verify-wait-us".into(),
-                    m.verify_wait_us.to_string(),
+                    m.verify_wait_us().to_string(),
                 ],
             },
         ];
