@@ -210,6 +210,28 @@ fn unknown_weight_format() {
     expect_model_error("unknown weight format", &spec, &["q9_9"]);
 }
 
+#[test]
+fn restricted_head_on_the_verify_model() {
+    let f = fixtures();
+    let verify = format!("{}:f32:head=128", s(&f.gguf));
+    for strategy in ["ar", "amusd"] {
+        expect_error(
+            "head=N on the verify model",
+            &[
+                "--verify-model",
+                &verify,
+                "--strategy",
+                strategy,
+                "--prompt",
+                "hi",
+            ],
+            &["--verify-model", "head=N", "whole vocabulary"],
+        );
+    }
+    let bad = format!("{}:head=0", s(&f.gguf));
+    expect_model_error("a head of zero ids", &bad, &["head size '0'"]);
+}
+
 fn expect_device_error(case: &str, flag: &str, device: &str, mentions: &[&str]) {
     let f = fixtures();
     let model = s(&f.gguf);

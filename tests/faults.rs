@@ -35,9 +35,11 @@ fn expected_with(verify: &str, sampling: &RequestSampling) -> Vec<u32> {
         max_new_tokens: MAX_NEW,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_| {})
-        .unwrap()
-        .tokens
+    autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap()
+    .tokens
 }
 
 fn generate_args(verify: &str, draft: &str, extra: &[&str]) -> Vec<String> {
@@ -250,9 +252,11 @@ fn expected_for(verify: &str, prompt: &[u32], max_new: usize) -> Vec<u32> {
         max_new_tokens: max_new,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, prompt, &stop, &Default::default(), &mut |_| {})
-        .unwrap()
-        .tokens
+    autoregressive(&mut v, prompt, &stop, &Default::default(), &mut |_| {
+        std::ops::ControlFlow::Continue(())
+    })
+    .unwrap()
+    .tokens
 }
 
 /// The state of `role` ("draft"/"verify") in `region`, from `amusd dump --json`.

@@ -3,7 +3,7 @@
 //! verify model itself (everything accepted) or an unrelated model (almost nothing accepted, rollback
 //! after rollback).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use amusd_e2e::{amusd_run, assert_cleaned_up, s, tiny_gguf, tiny_hf, GgmlDType, Run, TinyModel};
@@ -193,6 +193,20 @@ fn strategies_agree_with_a_quantized_gguf_draft_of_the_same_weights() {
     let verify = tiny_hf(dir.path(), "verify", &model);
     let draft = tiny_gguf(dir.path(), "draft-q8_0.gguf", &model, GgmlDType::Q8_0);
     let (sd, amusd) = strategies_agree(&verify, &draft, "hello", 40);
+    for (name, v) in [("sd", &sd), ("amusd", &amusd)] {
+        assert!(metric(v, "proposed") > 0.0, "{name} drafted nothing: {v}");
+    }
+}
+
+#[test]
+fn strategies_agree_with_a_draft_whose_head_is_restricted() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = untied(7);
+    let verify = tiny_hf(dir.path(), "verify", &model);
+    // The same weights, proposing only token ids below 128: whatever the verify model chooses
+    // above them is rejected and corrected, never lost.
+    let draft = PathBuf::from(format!("{}:head=128", s(&verify)));
+    let (sd, amusd) = strategies_agree(&verify, &draft, "Once upon a time", 40);
     for (name, v) in [("sd", &sd), ("amusd", &amusd)] {
         assert!(metric(v, "proposed") > 0.0, "{name} drafted nothing: {v}");
     }

@@ -1,9 +1,10 @@
 //! Cost of one forward pass over k new tokens at a ~200-token context, per weight format.
 //!
-//! `cargo bench -p amusd-model --bench forward [-- FORMAT...]`, single-threaded on one core when run
+//! `cargo bench -p amusd-model --bench forward [-- FORMAT[:head=N]...]`, single-threaded on one core when run
 //! under `taskset -c N` with RAYON_NUM_THREADS=1 (scripts/bench-forward.sh does both). Uses the
 //! default model (scripts/fetch-assets.sh model) or `AMUSD_BENCH_MODEL`.
 
+use std::hint::black_box;
 use std::time::Instant;
 
 use amusd_model::gguf::GgufFile;
@@ -15,6 +16,38 @@ const KS: [usize; 6] = [1, 2, 4, 8, 16, 32];
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// Single-core read bandwidth, GB/s: the best of a few passes summing a buffer far larger than the
+/// caches. A one-token forward of a model larger than the caches cannot beat bytes / this.
+fn read_bandwidth() -> f64 {
+    let buf: Vec<u64> = (0..32usize << 20).map(|i| i as u64).collect();
+    let best = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            black_box(buf.iter().fold(0u64, |a, &v| a.wrapping_add(v)));
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    std::mem::size_of_val(buf.as_slice()) as f64 / best / 1e9
+}
+
+/// Single-core f32 fused multiply-add peak, GFLOP/s: ten independent chains of eight lanes (enough
+/// to cover the FMA latency on two units), which the compiler turns into vector FMAs.
+fn fma_peak() -> f64 {
+    let (x, y) = (black_box(1.000_001f32), black_box(1e-7f32));
+    let mut acc = [[1f32; 8]; 10];
+    let iters = 20_000_000u64;
+    let t = Instant::now();
+    for _ in 0..iters {
+        for chain in acc.iter_mut() {
+            for v in chain.iter_mut() {
+                *v = v.mul_add(x, y);
+            }
+        }
+    }
+    black_box(&acc);
+    (iters * 10 * 8 * 2) as f64 / t.elapsed().as_secs_f64() / 1e9
 }
 
 fn main() {
@@ -43,27 +76,38 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
+    let (bandwidth, peak) = (read_bandwidth(), fma_peak());
     println!(
-        "model {}  context {CONTEXT}  median of {reps}",
+        "model {}  context {CONTEXT}  median of {reps}\n\
+         this core: memory read {bandwidth:.1} GB/s, f32 FMA peak {peak:.0} GFLOP/s",
         path.display()
     );
-    print!("{:<6} {:>10}", "format", "ms/token");
+    print!("{:<18} {:>10}", "format", "ms/token");
     for k in KS {
         print!(" {:>9}", format!("k={k}"));
     }
     println!(
-        " {:>12} {:>12}   (k: cost of one forward over k new tokens relative to k=1; \
-         prefill: {CONTEXT} tokens, ms, batch-invariant / as a draft model runs it)",
-        "prefill", "prefill draft"
+        " {:>12} {:>12} {:>7} {:>7} {:>8} {:>8}   (k: cost of one forward over k new tokens relative \
+         to k=1; prefill: {CONTEXT} tokens, ms, batch-invariant / as a draft model runs it; MB: weights \
+         read per forward; GB/s at k=1, GFLOP/s of the matrix products at k=1 and k=32)",
+        "prefill", "prefill draft", "MB", "GB/s", "GF k=1", "GF k=32"
     );
     for f in formats {
-        let Some(format) = WeightFormat::parse(&f) else {
+        // FORMAT or FORMAT:head=N (a draft whose output head keeps the first N token ids).
+        let (name, head) = match f.split_once(":head=") {
+            Some((name, n)) => (name, Some(n.parse::<usize>().expect("head=N"))),
+            None => (f.as_str(), None),
+        };
+        let Some(format) = WeightFormat::parse(name) else {
             eprintln!("unknown format {f}");
             continue;
         };
         let mut model = GgufFile::open(&path)
             .and_then(|mut g| g.load_llama(format))
             .expect("load");
+        if let Some(n) = head {
+            model.restrict_head(n).expect("head");
+        }
         let mut cache = model.new_cache(CONTEXT + 64);
         let context: Vec<u32> = (0..CONTEXT as u32)
             .map(|i| (i * 7919) % 40000 + 100)
@@ -99,10 +143,18 @@ fn main() {
                 .collect();
             times.push(median(samples));
         }
-        print!("{:<6} {:>10.1}", f, times[0]);
+        print!("{:<18} {:>10.1}", f, times[0]);
         for t in &times {
             print!(" {:>9.2}", t / times[0]);
         }
-        println!(" {prefill_exact:>12.0} {prefill_draft:>12.0}");
+        let (bytes, macs) = model.matmul_cost();
+        let (t1, t32) = (times[0] * 1e-3, times[KS.len() - 1] * 1e-3);
+        println!(
+            " {prefill_exact:>12.0} {prefill_draft:>12.0} {:>7.1} {:>7.1} {:>8.1} {:>8.1}",
+            bytes as f64 / 1e6,
+            bytes as f64 / t1 / 1e9,
+            2.0 * macs as f64 / t1 / 1e9,
+            2.0 * macs as f64 * 32.0 / t32 / 1e9,
+        );
     }
 }

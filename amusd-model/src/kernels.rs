@@ -270,6 +270,25 @@ impl<T: Widen> Packed<T> {
         self.k
     }
 
+    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
+    pub fn first_rows(&self, keep: usize) -> Self {
+        assert!(
+            keep <= self.n && keep.is_multiple_of(PANEL),
+            "first {keep} rows of {}",
+            self.n
+        );
+        Self {
+            n: keep,
+            k: self.k,
+            data: self.data[..keep * self.k].to_vec(),
+        }
+    }
+
+    /// Resident bytes, the padding of the last panel included.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(self.data.as_slice())
+    }
+
     /// Number of panels, `ceil(n / PANEL)`.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(PANEL)
@@ -646,54 +665,6 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Causal attention of one query row over the cached keys and values of positions `0..=pos`.
-///
-/// `q` holds `n_heads` heads of `head_dim`; `keys`/`values` are laid out `[position][kv_head][head_dim]`.
-/// Each head's scores, softmax and weighted sum run over positions in order, so the result for a
-/// position does not depend on which other queries share the forward pass.
-#[allow(clippy::too_many_arguments)]
-pub fn attend(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    pos: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let group = n_heads / n_kv_heads;
-    let kv_stride = n_kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    scores.resize(pos + 1, 0.0);
-    for h in 0..n_heads {
-        let g = h / group;
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (t, s) in scores.iter_mut().enumerate() {
-            let off = t * kv_stride + g * head_dim;
-            *s = dot(qh, &keys[off..off + head_dim]) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
-        oh.fill(0.0);
-        for (t, &s) in scores.iter().enumerate() {
-            let off = t * kv_stride + g * head_dim;
-            let p = s * inv;
-            for (o, v) in oh.iter_mut().zip(&values[off..off + head_dim]) {
-                *o = p.mul_add(*v, *o);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,29 +775,6 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5, f32::NAN, 0.7]), 3);
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
-    }
-
-    #[test]
-    fn attention_is_a_convex_combination_of_values() {
-        let (nh, nkv, hd, pos) = (4, 2, 8, 5);
-        let q = vals(nh * hd, 1);
-        let keys = vals((pos + 1) * nkv * hd, 2);
-        let values = vec![0.25f32; (pos + 1) * nkv * hd];
-        let mut out = vec![0f32; nh * hd];
-        attend(
-            &q,
-            &keys,
-            &values,
-            pos,
-            nh,
-            nkv,
-            hd,
-            &mut Vec::new(),
-            &mut out,
-        );
-        for v in out {
-            assert!((v - 0.25).abs() < 1e-6);
-        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! speculative decoding needs control of every reduction order (see [`kernels`]). candle reads,
 //! dequantizes and requantizes the weights and multiplies the block-quantized ones.
 
+pub mod attention;
 pub mod cache;
 pub mod chat;
 pub mod config;

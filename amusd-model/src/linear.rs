@@ -236,6 +236,46 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Bytes of weights one forward reads: what bounds a one-token forward on memory bandwidth.
+    pub fn bytes(&self) -> usize {
+        match &self.weights {
+            Weights::F32(w) => w.bytes(),
+            Weights::F16(w) => w.bytes(),
+            Weights::Bf16(w) => w.bytes(),
+            Weights::Blocked(w) => w.bytes(),
+            Weights::Int(w) => w.bytes(),
+            Weights::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    /// The layer computing only the first `keep` outputs (a multiple of [`PANEL`]), each exactly as
+    /// this layer computes it: a draft's output head restricted to its most frequent tokens.
+    pub fn first_rows(&self, keep: usize) -> Result<Linear, ModelError> {
+        let (n, k) = (self.out_features, self.in_features);
+        if keep == 0 || keep > n || !keep.is_multiple_of(PANEL) {
+            return Err(ModelError::Shape(format!(
+                "cannot keep the first {keep} of {n} rows: a positive multiple of {PANEL} up to {n}"
+            )));
+        }
+        let weights = match &self.weights {
+            Weights::F32(w) => Weights::F32(Arc::new(w.first_rows(keep))),
+            Weights::F16(w) => Weights::F16(Arc::new(w.first_rows(keep))),
+            Weights::Bf16(w) => Weights::Bf16(Arc::new(w.first_rows(keep))),
+            Weights::Blocked(w) => Weights::Blocked(Arc::new(w.first_rows(keep))),
+            Weights::Int(w) => Weights::Int(Arc::new(w.first_rows(keep))),
+            Weights::Quantized(q) => {
+                // GGUF blocks never straddle rows: the first rows are a prefix of the raw bytes.
+                let data = q.data()?;
+                let bytes = data[..data.len() / n * keep].to_vec();
+                let storage = QStorage::from_data(bytes.into(), &Device::Cpu, q.dtype())?;
+                Weights::Quantized(Arc::new(QTensor::new(storage, (keep, k))?))
+            }
+        };
+        Linear::new(weights, keep, k)
+    }
+}
+
 /// Dequantizes one weight row: GGUF blocks of type `B`, raw bytes in, `k` f32 values out.
 fn dequantize_row<B: GgmlType>(bytes: &[u8], out: &mut [f32]) {
     // SAFETY: every block type is a `#[repr(C)]` struct of integers and f16 values, valid for any bit
@@ -434,6 +474,47 @@ mod tests {
                 ya.extend(yb);
                 assert_eq!(ya, y[i * 17..(i + 1) * 17].to_vec(), "{format}");
             }
+        }
+    }
+
+    #[test]
+    fn the_first_rows_compute_what_the_whole_layer_computes() {
+        let (n, k, keep, m) = (150, 64, 128, 3);
+        let (bytes, _) = crate::testing::quantized_matrix(GgmlDType::Q4_1, n, k, 5);
+        let blocked = Weights::Blocked(Arc::new(
+            BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes, n, k).unwrap(),
+        ));
+        let mut layers: Vec<Linear> = [
+            WeightFormat::F32,
+            WeightFormat::F16,
+            WeightFormat::Bf16,
+            WeightFormat::Quantized(GgmlDType::Q8_0),
+            WeightFormat::Quantized(GgmlDType::Q4_1),
+            WeightFormat::Quantized(GgmlDType::Q5_0),
+        ]
+        .into_iter()
+        .map(|f| lin(f, n, k, 4))
+        .collect();
+        layers.push(Linear::new(blocked, n, k).unwrap());
+        let x = crate::testing::test_values(m * k, 6);
+        for full in layers {
+            let head = full.first_rows(keep).unwrap();
+            assert_eq!(head.out_features(), keep);
+            assert_eq!(head.storage_name(), full.storage_name());
+            let (mut y_full, mut y_head) = (vec![0f32; m * n], vec![0f32; m * keep]);
+            full.forward(&x, m, &mut y_full, Batching::Invariant)
+                .unwrap();
+            head.forward(&x, m, &mut y_head, Batching::Invariant)
+                .unwrap();
+            for i in 0..m {
+                assert_eq!(
+                    y_head[i * keep..(i + 1) * keep],
+                    y_full[i * n..i * n + keep],
+                    "{}",
+                    full.storage_name()
+                );
+            }
+            assert!(full.first_rows(100).is_err() && full.first_rows(192).is_err());
         }
     }
 

@@ -122,6 +122,33 @@ impl Llama {
         })
     }
 
+    /// Restricts the output head to the token ids below `keep` (rounded up to a whole panel of
+    /// rows): a draft model that reads fewer bytes per token. The other tokens get logit -inf, so
+    /// neither greedy nor sampled choice proposes them; the embedding stays whole, so the model still
+    /// reads any token. BPE vocabularies number tokens in merge order, roughly by frequency in the
+    /// tokenizer's training text, so the first ids are the frequent ones: FR-Spec's frequency-ranked
+    /// draft head without a corpus to count. Never for a verify model: its logits decide the output.
+    pub fn restrict_head(&mut self, keep: usize) -> Result<(), ModelError> {
+        let keep = keep.next_multiple_of(kernels::PANEL);
+        if keep < self.lm_head.out_features() {
+            self.lm_head = self.lm_head.first_rows(keep)?;
+        }
+        Ok(())
+    }
+
+    /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
+    pub fn matmul_cost(&self) -> (usize, usize) {
+        let layers = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]);
+        layers
+            .chain([&self.lm_head])
+            .fold((0, 0), |(bytes, macs), l| {
+                (bytes + l.bytes(), macs + l.in_features() * l.out_features())
+            })
+    }
+
     /// A fresh cache able to hold `capacity` positions (capped at the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
         KvCache::new(&self.config, capacity.min(self.config.max_position))
@@ -193,7 +220,7 @@ impl Llama {
             for i in 0..m {
                 let q = &qkv[i * qkv_dim..i * qkv_dim + q_dim];
                 let out = &mut attn[i * q_dim..(i + 1) * q_dim];
-                kernels::attend(
+                crate::attention::attend(
                     q,
                     keys,
                     values,
@@ -232,9 +259,22 @@ impl Llama {
         let rows = m - first;
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, cfg.rms_eps);
-        let mut data = vec![0f32; rows * cfg.vocab_size];
-        self.lm_head
-            .forward(&hidden, rows, &mut data, self.batching)?;
+        let head = self.lm_head.out_features();
+        let mut data = vec![f32::NEG_INFINITY; rows * cfg.vocab_size];
+        if head == cfg.vocab_size {
+            self.lm_head
+                .forward(&hidden, rows, &mut data, self.batching)?;
+        } else {
+            let mut part = vec![0f32; rows * head];
+            self.lm_head
+                .forward(&hidden, rows, &mut part, self.batching)?;
+            for (out, row) in data
+                .chunks_exact_mut(cfg.vocab_size)
+                .zip(part.chunks_exact(head))
+            {
+                out[..head].copy_from_slice(row);
+            }
+        }
         Ok(Logits {
             data,
             rows,
@@ -428,6 +468,28 @@ mod tests {
             .fold(0f32, f32::max);
         assert!(max_diff < 1e-3, "max |hf - gguf| = {max_diff}");
         assert_eq!(a.argmax(), b.argmax());
+    }
+
+    /// A restricted head gives the full head's logits for the ids it keeps and -inf for the rest;
+    /// the model still reads every token.
+    #[test]
+    fn a_restricted_head_keeps_the_first_ids_exactly() {
+        let full = gguf_model(WeightFormat::AsStored);
+        let mut head = gguf_model(WeightFormat::AsStored);
+        head.restrict_head(100).unwrap();
+        assert_eq!(head.lm_head.out_features(), 128, "rounded up to a panel");
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 200) % 259).collect();
+        let (mut c1, mut c2) = (full.new_cache(32), head.new_cache(32));
+        let a = full.forward(&tokens, 0, &mut c1, LogitsFor::All).unwrap();
+        let b = head.forward(&tokens, 0, &mut c2, LogitsFor::All).unwrap();
+        for r in 0..tokens.len() {
+            let (ra, rb) = (a.row(r), b.row(r));
+            assert_eq!(ra[..128], rb[..128], "row {r}");
+            assert!(rb[128..].iter().all(|&v| v == f32::NEG_INFINITY), "row {r}");
+        }
+        let vocab = full.config.vocab_size;
+        head.restrict_head(vocab).unwrap();
+        assert_eq!(head.lm_head.out_features(), 128, "keeping more is a no-op");
     }
 
     #[test]

@@ -12,11 +12,14 @@ use crate::tokenizer::Tokenizer;
 pub use crate::paths::{amusd_home, default_model_path, DEFAULT_MODEL_FILE};
 use crate::ModelError;
 
-/// A model file or directory and how to run its weights: `PATH[:FORMAT]`, e.g. `model.gguf:f32`.
+/// A model file or directory, how to run its weights and, for a draft model, how much of its output
+/// head to keep: `PATH[:FORMAT][:head=N]`, e.g. `model.gguf:f32` or `model.gguf:stored:head=16384`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
     pub path: PathBuf,
     pub format: WeightFormat,
+    /// Keep only the output head's first `N` token ids ([`Llama::restrict_head`]).
+    pub head: Option<usize>,
 }
 
 impl FromStr for ModelSpec {
@@ -25,14 +28,26 @@ impl FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
             return Err(ModelError::Spec(
-                "empty model spec; expected PATH[:FORMAT]".into(),
+                "empty model spec; expected PATH[:FORMAT][:head=N]".into(),
             ));
+        }
+        if let Some((rest, n)) = s.rsplit_once(":head=") {
+            let head = n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+                ModelError::Spec(format!(
+                    "bad head size '{n}' in '{s}': expected a positive number of token ids"
+                ))
+            })?;
+            return Ok(Self {
+                head: Some(head),
+                ..rest.parse()?
+            });
         }
         if let Some((path, fmt)) = s.rsplit_once(':') {
             if let Some(format) = WeightFormat::parse(fmt) {
                 return Ok(Self {
                     path: path.into(),
                     format,
+                    head: None,
                 });
             }
             // A colon in a path is legal; only complain when the path without the suffix exists.
@@ -46,13 +61,18 @@ impl FromStr for ModelSpec {
         Ok(Self {
             path: s.into(),
             format: WeightFormat::AsStored,
+            head: None,
         })
     }
 }
 
 impl std::fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.path.display(), self.format)
+        write!(f, "{}:{}", self.path.display(), self.format)?;
+        match self.head {
+            Some(n) => write!(f, ":head={n}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -116,6 +136,15 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
 
 /// Loads a GGUF file or a Hugging Face checkpoint directory.
 pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+    let mut m = load_weights(spec)?;
+    if let Some(n) = spec.head {
+        m.llama.restrict_head(n)?;
+        m.name = format!("{}, head {}", m.name, m.llama.lm_head.out_features());
+    }
+    Ok(m)
+}
+
+fn load_weights(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
@@ -209,6 +238,7 @@ fn finish(m: LoadedModel) -> Result<LoadedModel, ModelError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::GgmlDType;
 
     #[test]
     fn parses_specs() {
@@ -218,7 +248,18 @@ mod tests {
             (PathBuf::from("m.gguf"), WeightFormat::F32)
         );
         let s: ModelSpec = "dir/model".parse().unwrap();
-        assert_eq!(s.format, WeightFormat::AsStored);
+        assert_eq!((s.format, s.head), (WeightFormat::AsStored, None));
         assert!("".parse::<ModelSpec>().is_err());
+        let s: ModelSpec = "m.gguf:q4_1:head=16384".parse().unwrap();
+        assert_eq!(
+            (s.format, s.head),
+            (WeightFormat::Quantized(GgmlDType::Q4_1), Some(16384))
+        );
+        assert_eq!(s.to_string(), "m.gguf:q4_1:head=16384");
+        let s: ModelSpec = "m.gguf:head=64".parse().unwrap();
+        assert_eq!(s.to_string(), "m.gguf:stored:head=64");
+        for bad in ["m.gguf:head=0", "m.gguf:f32:head=", "m.gguf:head=lots"] {
+            assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
+        }
     }
 }

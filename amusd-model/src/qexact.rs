@@ -304,6 +304,22 @@ impl BlockPacked {
         self.data.len()
     }
 
+    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
+    pub fn first_rows(&self, keep: usize) -> Self {
+        assert!(
+            keep <= self.n && keep.is_multiple_of(PANEL),
+            "first {keep} rows of {}",
+            self.n
+        );
+        let len = self.k / GROUP * self.kind.group_bytes();
+        Self {
+            kind: self.kind,
+            n: keep,
+            k: self.k,
+            data: self.data[..keep / PANEL * len].to_vec(),
+        }
+    }
+
     fn panel(&self, b: usize) -> &[u8] {
         let len = self.k / GROUP * self.kind.group_bytes();
         &self.data[b * len..(b + 1) * len]

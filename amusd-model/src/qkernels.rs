@@ -158,6 +158,22 @@ impl IntPacked {
         self.data.len()
     }
 
+    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
+    pub fn first_rows(&self, keep: usize) -> Self {
+        assert!(
+            keep <= self.n && keep.is_multiple_of(ROWS),
+            "first {keep} rows of {}",
+            self.n
+        );
+        let panel = ROWS * self.k / QK * self.kind.block_bytes();
+        Self {
+            kind: self.kind,
+            n: keep,
+            k: self.k,
+            data: self.data[..keep / ROWS * panel].to_vec(),
+        }
+    }
+
     /// Row `j` dequantized to f32 exactly as candle's `to_float` does (for embedding lookups).
     pub fn row_into(&self, j: usize, dst: &mut [f32]) {
         let mut block = vec![0u8; self.kind.block_bytes()];

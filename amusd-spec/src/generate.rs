@@ -1,5 +1,6 @@
 //! In-process generation: autoregressive (`ar`) and synchronous speculative decoding (`sd`).
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -73,12 +74,16 @@ pub struct Generation {
     pub metrics: Metrics,
 }
 
+/// Receives each batch of committed tokens as it lands; `ControlFlow::Break` cancels the request
+/// (it ends with [`FinishReason::Cancelled`]).
+pub type OnTokens<'a> = dyn FnMut(&[u32]) -> ControlFlow<()> + 'a;
+
 /// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
 pub(crate) struct Committer<'a> {
     pub committed: Vec<u32>,
     prompt_len: usize,
     stop: &'a StopCriteria,
-    on_tokens: &'a mut dyn FnMut(&[u32]),
+    on_tokens: &'a mut OnTokens<'a>,
     started: Instant,
     first_token: Option<Instant>,
     pub metrics: Metrics,
@@ -86,11 +91,7 @@ pub(crate) struct Committer<'a> {
 }
 
 impl<'a> Committer<'a> {
-    pub fn new(
-        prompt: &[u32],
-        stop: &'a StopCriteria,
-        on_tokens: &'a mut dyn FnMut(&[u32]),
-    ) -> Self {
+    pub fn new(prompt: &[u32], stop: &'a StopCriteria, on_tokens: &'a mut OnTokens<'a>) -> Self {
         let metrics = Metrics {
             prompt_tokens: prompt.len(),
             ..Default::default()
@@ -115,12 +116,15 @@ impl<'a> Committer<'a> {
     /// Commits what the policy accepted, clipped by the stop rules.
     pub fn push(&mut self, tokens: &[u32]) {
         let (keep, finish) = self.stop.clip(self.generated(), tokens);
+        let mut flow = ControlFlow::Continue(());
         if keep > 0 {
             self.first_token.get_or_insert_with(Instant::now);
             self.committed.extend_from_slice(&tokens[..keep]);
-            (self.on_tokens)(&tokens[..keep]);
+            flow = (self.on_tokens)(&tokens[..keep]);
         }
-        self.finish = self.finish.or(finish);
+        // A request that ended anyway keeps its own reason.
+        let cancelled = flow.is_break().then_some(FinishReason::Cancelled);
+        self.finish = self.finish.or(finish).or(cancelled);
     }
 
     pub fn done(&self) -> bool {
@@ -150,7 +154,7 @@ pub fn autoregressive<D: Decoder>(
     prompt: &[u32],
     stop: &StopCriteria,
     sampling: &RequestSampling,
-    on_tokens: &mut dyn FnMut(&[u32]),
+    on_tokens: &mut OnTokens<'_>,
 ) -> Result<Generation, SpecError> {
     verifier.sampler = sampling.verifier();
     check_fits(
@@ -181,7 +185,7 @@ pub fn speculative<D: Decoder, P: Decoder>(
     stop: &StopCriteria,
     sampling: &RequestSampling,
     lookahead: usize,
-    on_tokens: &mut dyn FnMut(&[u32]),
+    on_tokens: &mut OnTokens<'_>,
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
     verifier.sampler = sampling.verifier();
@@ -252,4 +256,41 @@ pub fn check_fits(capacity: usize, prompt: usize, max_new: usize) -> Result<(), 
         ));
     }
     crate::decoder::check_reservation(prompt.saturating_add(max_new), capacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeDecoder, FakeModel};
+
+    #[test]
+    fn a_callback_that_breaks_cancels_ar_and_sd_after_that_batch() {
+        let model = FakeModel::default();
+        let stop = StopCriteria {
+            stop_ids: Vec::new(),
+            max_new_tokens: 50,
+        };
+        let sampling = RequestSampling::default();
+        let mut v = Verifier::new(FakeDecoder::new(model.clone()));
+        let mut calls = 0;
+        let mut once = |_: &[u32]| {
+            calls += 1;
+            ControlFlow::Break(())
+        };
+        let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut once).unwrap();
+        assert_eq!(
+            (ar.finish, ar.tokens.len(), calls),
+            (FinishReason::Cancelled, 1, 1)
+        );
+        let mut d = Drafter::new(FakeDecoder::new(model));
+        let mut streamed = Vec::new();
+        let sd = speculative(&mut v, &mut d, &[1, 2, 3], &stop, &sampling, 4, &mut |t| {
+            streamed.extend_from_slice(t);
+            ControlFlow::Break(())
+        })
+        .unwrap();
+        assert_eq!(sd.finish, FinishReason::Cancelled);
+        assert_eq!(sd.tokens, streamed);
+        assert!(sd.tokens.len() < 50);
+    }
 }

@@ -215,49 +215,51 @@ impl NgramIndex {
     }
 }
 
-/// How many lookup tokens to propose, from how the lookup's guesses fared: additive increase, one
-/// per right guess, and halving on a wrong one (AIMD, as TCP sizes its window).
+/// How many lookup tokens to propose, from how the lookup's recent guesses fared: as many as its
+/// current streak of right guesses (so runs double while they are accepted: a run of k right
+/// tokens adds k to the streak), none until the streak reaches [`Self::TRUST`], and back to
+/// none on a wrong guess.
 ///
-/// A wrong lookup token costs a verify slot (a forward over k + 1 positions costs about 1.4x one
-/// position at k = 1, 4.4x at k = 8 on the verify model here), and in the combined drafter it also
-/// displaces a model token that is right ~97% of the time. So the lookup earns its length: long
-/// runs only after long right runs. Every guess counts, proposed or not (the drafter records the
-/// lookup's first guess where the model drafted), so a lookup gated off by a wrong run comes back
-/// once its guesses are right again.
+/// A wrong lookup token is not free: it takes a slot in the verify forward (k + 1 positions cost
+/// about 1.4x one position at k = 1, 4.4x at k = 8 on the verify model here), and in the combined
+/// drafter it displaces a model token that is right ~97% of the time. Outside text that copies its
+/// context, n-gram matches are right about half the time, worse than the model; inside, they are
+/// right run after run. A streak tells the two apart: the lookup drafts while the text copies, and
+/// the model drafts elsewhere. Every guess counts, proposed or not (the drafter records the
+/// lookup's guess where the model drafts), so the lookup comes back as soon as the text copies
+/// again. Drafting alone, the lookup proposes at least `floor` = 1 token: with no model behind it,
+/// a guess is worth a verify slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupGate {
-    cap: usize,
+    streak: usize,
     floor: usize,
     max: usize,
 }
 
 impl LookupGate {
-    /// Initial cap: a short first try.
-    pub const START: usize = 2;
+    /// Right guesses in a row before the lookup's runs are trusted over the model.
+    pub const TRUST: usize = 2;
 
-    /// `floor` 0 lets the gate close (the combined drafter then drafts with the model); a lookup
-    /// drafting alone keeps at least 1, having nothing better to propose.
     pub fn new(floor: usize, max: usize) -> Self {
-        let max = max.max(floor).max(1);
         Self {
-            cap: Self::START.clamp(floor, max),
+            streak: 0,
             floor,
-            max,
+            max: max.max(floor).max(1),
         }
     }
 
-    /// Lookup tokens to propose now (0: gated off).
+    /// Lookup tokens to propose now (0: the model drafts).
     pub fn cap(&self) -> usize {
-        self.cap
+        if self.streak >= Self::TRUST {
+            self.streak.min(self.max)
+        } else {
+            self.floor
+        }
     }
 
     /// A guess was checked against the committed token.
     pub fn observe(&mut self, right: bool) {
-        self.cap = if right {
-            (self.cap + 1).min(self.max)
-        } else {
-            (self.cap / 2).max(self.floor)
-        };
+        self.streak = if right { self.streak + 1 } else { 0 };
     }
 }
 
@@ -480,25 +482,31 @@ mod tests {
     }
 
     #[test]
-    fn the_gate_grows_by_right_guesses_and_halves_on_a_wrong_one() {
+    fn the_gate_trusts_a_streak_and_drops_it_on_a_wrong_guess() {
         let mut g = LookupGate::new(0, 16);
-        assert_eq!(g.cap(), LookupGate::START);
+        assert_eq!(
+            g.cap(),
+            0,
+            "the model drafts until the lookup has shown it is right"
+        );
+        g.observe(true);
+        assert_eq!(g.cap(), 0);
+        g.observe(true);
+        assert_eq!(g.cap(), LookupGate::TRUST);
         for _ in 0..30 {
             g.observe(true);
         }
-        assert_eq!(g.cap(), 16);
+        assert_eq!(g.cap(), 16, "bounded by the longest run");
         g.observe(false);
-        assert_eq!(g.cap(), 8);
-        for _ in 0..5 {
-            g.observe(false);
-        }
-        assert_eq!(g.cap(), 0, "closed");
-        g.observe(true);
-        assert_eq!(g.cap(), 1, "reopened by a right guess");
+        assert_eq!(g.cap(), 0, "a wrong guess hands back to the model");
         let mut alone = LookupGate::new(1, 8);
-        alone.observe(false);
-        alone.observe(false);
         assert_eq!(alone.cap(), 1, "alone, the lookup always proposes");
+        for _ in 0..5 {
+            alone.observe(true);
+        }
+        assert_eq!(alone.cap(), 5);
+        alone.observe(false);
+        assert_eq!(alone.cap(), 1);
     }
 
     proptest! {

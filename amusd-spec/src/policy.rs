@@ -25,6 +25,8 @@ pub enum Finish {
     Stop,
     /// `max_new_tokens` were generated.
     Length,
+    /// The caller's token callback asked to stop.
+    Cancelled,
 }
 
 /// Stop tokens and the token budget of one request.

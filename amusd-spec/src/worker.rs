@@ -24,7 +24,7 @@ use amusd_shm::{
 };
 
 use crate::decoder::{Decoder, Drafter, Verifier};
-use crate::generate::{Committer, FinishReason, Generation};
+use crate::generate::{Committer, FinishReason, Generation, OnTokens};
 use crate::lookup::Source;
 use crate::policy::{accept, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
@@ -492,7 +492,7 @@ pub fn run_request(
     prompt: &[u32],
     stop: &StopCriteria,
     sampling: &RequestSampling,
-    on_tokens: &mut dyn FnMut(&[u32]),
+    on_tokens: &mut OnTokens<'_>,
     supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
 ) -> Result<Generation, SpecError> {
     crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens)?;
@@ -538,6 +538,7 @@ pub fn run_request(
     let reason = match (&result, c.finish) {
         (Err(_), _) => ShmFinish::Error,
         (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
+        (Ok(()), Some(FinishReason::Cancelled)) => ShmFinish::Cancelled,
         (Ok(()), _) => ShmFinish::Length,
     };
     let error_text = result
@@ -600,6 +601,7 @@ mod tests {
     use crate::fake::{FakeDecoder, FakeModel};
     use crate::generate::autoregressive;
     use rand::{Rng, SeedableRng};
+    use std::ops::ControlFlow;
     use std::sync::Arc;
 
     /// Greedy half of the time, otherwise sampling with random filters and seed.
@@ -721,8 +723,10 @@ mod tests {
                 max_new_tokens: rng.gen_range(0..120),
             };
             let sampling = random_sampling(&mut rng);
-            let want =
-                autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {}).unwrap();
+            let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {
+                ControlFlow::Continue(())
+            })
+            .unwrap();
             let mut streamed = Vec::new();
             let got = run_request(
                 &region,
@@ -730,7 +734,10 @@ mod tests {
                 &prompt,
                 &stop,
                 &sampling,
-                &mut |t| streamed.extend_from_slice(t),
+                &mut |t| {
+                    streamed.extend_from_slice(t);
+                    ControlFlow::Continue(())
+                },
                 &mut |_| Ok(()),
             )
             .unwrap();
@@ -754,6 +761,66 @@ mod tests {
             t.join().unwrap();
         }
         total
+    }
+
+    #[test]
+    fn a_cancelled_request_ends_and_the_next_one_is_served() {
+        let region: Arc<Region> = Arc::from(Region::new_boxed());
+        // Slow enough (~0.5 s for the whole budget) that the first batch reaches the callback long
+        // before the budget is filled, however loaded the machine.
+        let truth = FakeModel {
+            us_per_token: 5000,
+            ..Default::default()
+        };
+        let threads = {
+            let (r1, r2, t1, t2) = (region.clone(), region.clone(), truth.clone(), truth.clone());
+            [
+                std::thread::spawn(move || {
+                    let mut d = Drafter::new(FakeDecoder::new(t1));
+                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead: 4 }, &|| true).unwrap();
+                }),
+                std::thread::spawn(move || {
+                    let mut v = Verifier::new(FakeDecoder::new(t2));
+                    let opts = VerifyOptions {
+                        max_verify_batch: 4,
+                        wait_for_draft: Duration::ZERO,
+                    };
+                    run_verify(&r2, &mut v, &opts, &|| true).unwrap();
+                }),
+            ]
+        };
+        let sampling = crate::RequestSampling::default();
+        let run = |id: u64, max_new_tokens: usize, on_tokens: &mut OnTokens<'_>| {
+            let stop = StopCriteria {
+                stop_ids: Vec::new(),
+                max_new_tokens,
+            };
+            run_request(
+                &region,
+                id,
+                &[5, 6, 7],
+                &stop,
+                &sampling,
+                on_tokens,
+                &mut |_| Ok(()),
+            )
+            .unwrap()
+        };
+        let cancelled = run(1, 200, &mut |_| ControlFlow::Break(()));
+        assert_eq!(cancelled.finish, FinishReason::Cancelled);
+        assert!(!cancelled.tokens.is_empty() && cancelled.tokens.len() < 200);
+        assert_eq!(
+            region.read_request().unwrap().finish_reason,
+            ShmFinish::Cancelled
+        );
+        let full = run(2, 10, &mut |_| ControlFlow::Continue(()));
+        assert_eq!(full.finish, FinishReason::Length);
+        let n = full.tokens.len().min(cancelled.tokens.len());
+        assert_eq!(full.tokens[..n], cancelled.tokens[..n]);
+        region.request_shutdown();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@
 //!
 //! # Measurement
 //!
-//! ar and sd run in this process, pinned to the verify device; amusd runs through one [`Engine`] whose
+//! ar and sd run in this process, pinned to the verify device; amusd runs through one [`Workers`] backend whose
 //! two workers serve every sample. Each model is loaded once per bench. Strategies run one after the
 //! other (ar first: it is the reference for the exactness check), each after an untimed warm-up
 //! generation. Every strategy is timed by the same code ([`amusd_spec::Metrics`]): time to first token
@@ -56,34 +56,28 @@
 //! `acceptance_rate`, `proposed`, `accepted`, `verify_steps`, `rollbacks`, `tokens_hash` (FNV-1a 64 of
 //! the token ids as little-endian u32, hex) and `tokens`.
 
-use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
 use amusd_model::chat::Message;
 use amusd_model::loader::{load_text, ModelText};
-use amusd_shm::{now_us, EventKind, EventRecord, Role, READABLE_EVENTS, TOKEN_CAPACITY};
-use amusd_spec::generate::{autoregressive, check_fits, speculative};
-use amusd_spec::{
-    Decoder, Drafter, FinishReason, Generation, LlamaDecoder, RequestSampling, Sampler,
-    SamplingParams, SpecError, StopCriteria, Verifier,
-};
+use amusd_shm::{EventKind, EventRecord, Role, TOKEN_CAPACITY};
+use amusd_spec::generate::check_fits;
+use amusd_spec::{FinishReason, Generation, RequestSampling, SamplingParams, StopCriteria};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::amusd::Engine;
-use crate::generate::{
-    check_same_vocabulary, encode_conversation, load_model, sampling_label, ModelArgs,
-    SamplingArgs, Strategy,
-};
+use crate::args::{sampling_label, ModelArgs, SamplingArgs, Strategy};
+use crate::backend::{Backend, InProcess, Request, Trace, Workers};
+use crate::prompt::{check_same_vocabulary, encode_conversation};
 use crate::supervisor::INTERRUPTED;
 
 #[derive(Args, Debug)]
@@ -427,6 +421,10 @@ struct Record {
     #[serde(default = "first_turn")]
     turn: usize,
     strategy: String,
+    /// How sd and amusd drafted: `model`, `lookup MIN-MAX` or `model+lookup MIN-MAX` (empty for
+    /// ar, and in records written before prompt lookup, which drafted with the model).
+    #[serde(default)]
+    drafter: String,
     dataset: String,
     #[serde(default)]
     prompt_tokens: usize,
@@ -493,6 +491,14 @@ impl Record {
             format!("{} ({})", self.dataset, sampling_label(&sampling))
         }
     }
+
+    /// The report's row: the strategy, and how it drafted unless with the model alone.
+    fn row(&self) -> String {
+        match self.drafter.as_str() {
+            "" | "model" => self.strategy.clone(),
+            d => format!("{} [{d}]", self.strategy),
+        }
+    }
 }
 
 fn first_turn() -> usize {
@@ -515,6 +521,11 @@ struct RecordMetrics {
     accepted: usize,
     verify_steps: usize,
     rollbacks: usize,
+    /// Of `proposed` and `accepted`, the tokens drafted by prompt lookup.
+    #[serde(default)]
+    proposed_lookup: usize,
+    #[serde(default)]
+    accepted_lookup: usize,
     tokens_hash: String,
     tokens: Vec<u32>,
 }
@@ -538,6 +549,8 @@ impl RecordMetrics {
             accepted: m.accepted,
             verify_steps: m.verify_steps,
             rollbacks: m.rollbacks,
+            proposed_lookup: m.proposed_lookup,
+            accepted_lookup: m.accepted_lookup,
             tokens_hash: tokens_hash(&g.tokens),
             tokens: g.tokens.clone(),
         }
@@ -587,168 +600,6 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
 // Running the strategies
 // ---------------------------------------------------------------------------------------------
 
-/// One forward pass, CLOCK_MONOTONIC µs (the clock the workers' event rings use).
-#[derive(Clone, Copy, Debug)]
-struct Span {
-    t0: u64,
-    t1: u64,
-    /// Tokens fed (more than one on a prefill or catch-up).
-    n_in: usize,
-}
-
-/// A [`Decoder`] that logs when each forward pass ran. `Metrics` keeps only durations; the timeline
-/// needs start times too. Two clock reads per forward are noise next to a forward pass.
-struct Timed<D> {
-    inner: D,
-    spans: Rc<RefCell<Vec<Span>>>,
-}
-
-impl<D: Decoder> Decoder for Timed<D> {
-    fn cached(&self) -> usize {
-        self.inner.cached()
-    }
-    fn capacity(&self) -> usize {
-        self.inner.capacity()
-    }
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
-        self.inner.reset(len)
-    }
-    fn next_tokens(
-        &mut self,
-        tokens: &[u32],
-        start: usize,
-        first_row: usize,
-        sampler: &mut Sampler,
-    ) -> Result<Vec<u32>, SpecError> {
-        let t0 = now_us();
-        let out = self.inner.next_tokens(tokens, start, first_row, sampler);
-        self.spans.borrow_mut().push(Span {
-            t0,
-            t1: now_us(),
-            n_in: tokens.len(),
-        });
-        out
-    }
-    fn truncate(&mut self, len: usize) {
-        self.inner.truncate(len)
-    }
-    fn set_batching(&mut self, batching: amusd_model::Batching) {
-        self.inner.set_batching(batching)
-    }
-}
-
-/// What happened when during one generation, in µs since the request started.
-#[derive(Default, Debug)]
-struct Trace {
-    /// Each time tokens reached the caller: (time, how many).
-    commits: Vec<(u64, usize)>,
-    /// In-process forwards (ar, sd).
-    verify: Vec<Span>,
-    draft: Vec<Span>,
-    /// The workers' events (amusd).
-    events: Vec<(Role, EventRecord)>,
-    /// Worker events overwritten before they could be read (the timeline misses them).
-    lost_events: u64,
-}
-
-/// ar and sd, in this process. The verify model serves both.
-struct InProcess {
-    verifier: Verifier<Timed<LlamaDecoder>>,
-    drafter: Option<Drafter<Timed<Box<dyn Decoder>>>>,
-    verify_spans: Rc<RefCell<Vec<Span>>>,
-    draft_spans: Rc<RefCell<Vec<Span>>>,
-    lookahead: usize,
-    max_position: usize,
-}
-
-impl InProcess {
-    fn generate(
-        &mut self,
-        strategy: Strategy,
-        prompt: &[u32],
-        stop: &StopCriteria,
-        sampling: &RequestSampling,
-    ) -> Result<(Generation, Trace)> {
-        self.verify_spans.borrow_mut().clear();
-        self.draft_spans.borrow_mut().clear();
-        let mut commits = Vec::new();
-        let start = now_us();
-        let mut on_tokens = |ids: &[u32]| commits.push((now_us(), ids.len()));
-        let g = match (strategy, self.drafter.as_mut()) {
-            (Strategy::Ar, _) => {
-                autoregressive(&mut self.verifier, prompt, stop, sampling, &mut on_tokens)?
-            }
-            (Strategy::Sd, Some(drafter)) => speculative(
-                &mut self.verifier,
-                drafter,
-                prompt,
-                stop,
-                sampling,
-                self.lookahead,
-                &mut on_tokens,
-            )?,
-            _ => bail!("internal: {} cannot run in process", strategy.name()),
-        };
-        let rel = |s: &Span| Span {
-            t0: s.t0.saturating_sub(start),
-            t1: s.t1.saturating_sub(start),
-            n_in: s.n_in,
-        };
-        let trace = Trace {
-            commits: commits
-                .into_iter()
-                .map(|(t, n)| (t.saturating_sub(start), n))
-                .collect(),
-            verify: self.verify_spans.borrow().iter().map(rel).collect(),
-            draft: self.draft_spans.borrow().iter().map(rel).collect(),
-            ..Default::default()
-        };
-        Ok((g, trace))
-    }
-}
-
-/// One amusd request, with the workers' events read back from the region's rings.
-fn amusd_generate(
-    engine: &mut Engine,
-    prompt: &[u32],
-    stop: &StopCriteria,
-    sampling: &RequestSampling,
-) -> Result<(Generation, Trace)> {
-    let shm = engine.sup.shm_handle();
-    let region = shm.region();
-    let cursors = [
-        (Role::Draft, region.events(Role::Draft).head()),
-        (Role::Verify, region.events(Role::Verify).head()),
-    ];
-    let mut commits = Vec::new();
-    let start = now_us();
-    let g = engine.generate(prompt, stop, sampling, &mut |ids| {
-        commits.push((now_us(), ids.len()))
-    })?;
-    let mut trace = Trace {
-        commits: commits
-            .into_iter()
-            .map(|(t, n)| (t.saturating_sub(start), n))
-            .collect(),
-        ..Default::default()
-    };
-    // `generate` returns only once both workers have let go of the request, so everything since
-    // the cursors belongs to it: the ring holds no event of a later request yet.
-    for (role, cursor) in cursors {
-        let batch = region.events(role).events_since(cursor, READABLE_EVENTS);
-        trace.lost_events += batch.lost;
-        trace.events.extend(batch.events.into_iter().map(|mut e| {
-            e.t_start_us = e.t_start_us.saturating_sub(start);
-            e.t_end_us = e.t_end_us.saturating_sub(start);
-            (role, e)
-        }));
-    }
-    Ok((g, trace))
-}
-
 /// Undoes the pinning of [`amusd_spec::bind::bind_current_process`] for the amusd coordinator, which
 /// `amusd generate` runs unpinned: pinned to the verify core it would steal time from the verify
 /// worker's core on every wake-up.
@@ -786,9 +637,6 @@ struct Outcome {
     plot: Option<(Generation, Trace)>,
 }
 
-/// One strategy's generation function: prompt and stop criteria in, the generation and its trace out.
-type GenerateFn<'g> = dyn FnMut(&[u32], &StopCriteria) -> Result<(Generation, Trace)> + 'g;
-
 /// What a strategy run needs besides the backend.
 struct RunContext<'a> {
     text: &'a ModelText,
@@ -796,6 +644,8 @@ struct RunContext<'a> {
     stop: StopCriteria,
     sampling: RequestSampling,
     dataset: String,
+    /// How sd and amusd draft (recorded with each of their generations).
+    drafter: String,
     warmup: usize,
     plot_sample: Option<usize>,
 }
@@ -810,24 +660,40 @@ impl RunContext<'_> {
         )
     }
 
-    /// Runs every sample (every turn) through `generate`, which serves one strategy. Stops at the
-    /// first error (or Ctrl-C), keeping what was done in `done`.
+    /// One request on `backend`, the sampling the bench's.
+    fn generate(
+        &self,
+        backend: &mut Backend,
+        prompt: &[u32],
+        stop: &StopCriteria,
+    ) -> Result<(Generation, Trace)> {
+        let request = Request {
+            prompt,
+            stop,
+            sampling: &self.sampling,
+        };
+        let c = backend.generate(&request, &mut |_| ControlFlow::Continue(()))?;
+        Ok((c.generation, c.trace))
+    }
+
+    /// Runs every sample (every turn) through `backend`. Stops at the first error (or Ctrl-C),
+    /// keeping what was done in `done`.
     fn run_strategy(
         &self,
-        strategy: Strategy,
+        backend: &mut Backend,
         pb: &ProgressBar,
         reference: &HashMap<(usize, usize), Vec<u32>>,
         mismatches: &mut Vec<String>,
         done: &mut Outcome,
-        generate: &mut GenerateFn<'_>,
     ) -> Result<()> {
+        let strategy = backend.strategy();
         if let Some(first) = self.samples.first() {
             let warm = StopCriteria {
                 stop_ids: self.stop.stop_ids.clone(),
                 max_new_tokens: self.stop.max_new_tokens.min(16),
             };
             for _ in 0..self.warmup {
-                generate(&first.first_prompt, &warm)?;
+                self.generate(backend, &first.first_prompt, &warm)?;
             }
         }
         for (k, p) in self.samples.iter().enumerate() {
@@ -839,14 +705,16 @@ impl RunContext<'_> {
                 } else {
                     self.encode(&conversation)?
                 };
-                let (g, trace) = generate(&prompt, &self.stop).with_context(|| {
-                    format!(
-                        "{} failed on sample {} ({})",
-                        strategy.name(),
-                        s.index,
-                        s.id
-                    )
-                })?;
+                let (g, trace) =
+                    self.generate(backend, &prompt, &self.stop)
+                        .with_context(|| {
+                            format!(
+                                "{} failed on sample {} ({})",
+                                strategy.name(),
+                                s.index,
+                                s.id
+                            )
+                        })?;
                 if INTERRUPTED.load(Ordering::SeqCst) {
                     bail!("interrupted");
                 }
@@ -866,11 +734,17 @@ impl RunContext<'_> {
                     sample_id: s.id.clone(),
                     turn,
                     strategy: strategy.name().into(),
+                    drafter: if strategy == Strategy::Ar {
+                        String::new()
+                    } else {
+                        self.drafter.clone()
+                    },
                     dataset: self.dataset.clone(),
                     prompt_tokens: prompt.len(),
                     finish_reason: match g.finish {
                         FinishReason::Stop => "stop".into(),
                         FinishReason::Length => "length".into(),
+                        FinishReason::Cancelled => "cancelled".into(),
                     },
                     sampling: SamplingRecord::of(&self.sampling),
                     metrics: RecordMetrics::of(&g),
@@ -970,28 +844,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     };
 
     let mut in_proc = if in_process {
-        let verify = load_model(&verify_spec, "verify")?;
-        let verify_spans = Rc::new(RefCell::new(Vec::new()));
-        let draft_spans = Rc::new(RefCell::new(Vec::new()));
-        let max_position = verify.llama.config.max_position;
-        let drafter = match (&draft_spec, strategies.contains(&Strategy::Sd)) {
-            (Some(_), true) => Some(m.drafter(&text.tokenizer, |inner| Timed {
-                inner,
-                spans: draft_spans.clone(),
-            })?),
-            _ => None,
-        };
-        Some(InProcess {
-            verifier: Verifier::new(Timed {
-                inner: LlamaDecoder::new(verify.llama),
-                spans: verify_spans.clone(),
-            }),
-            drafter,
-            verify_spans,
-            draft_spans,
-            lookahead: m.lookahead,
-            max_position,
-        })
+        let sd_draft = draft_spec
+            .as_deref()
+            .filter(|_| strategies.contains(&Strategy::Sd));
+        Some(InProcess::load(&verify_spec, sd_draft, m)?)
     } else {
         None
     };
@@ -1001,7 +857,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     // The draft must hold the request too: sd and amusd reserve the same positions in both models.
     let mut capacity = text.context_length.min(draft_context.unwrap_or(usize::MAX));
     if let Some(p) = &in_proc {
-        capacity = capacity.min(p.max_position);
+        capacity = capacity.min(p.max_position());
     }
     if strategies.contains(&Strategy::Amusd) {
         capacity = capacity.min(TOKEN_CAPACITY);
@@ -1065,6 +921,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         },
         sampling,
         dataset: dataset_name.clone(),
+        drafter: m.drafter_label(),
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
     };
@@ -1086,18 +943,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             records: Vec::new(),
             plot: None,
         };
-        let result = match strategy {
-            Strategy::Ar | Strategy::Sd => match in_proc.as_mut() {
-                Some(p) => ctx.run_strategy(
-                    strategy,
-                    &pb,
-                    &reference,
-                    &mut mismatches,
-                    &mut done,
-                    &mut |prompt, stop| p.generate(strategy, prompt, stop, &sampling),
-                ),
-                None => Err(anyhow::anyhow!("internal: no in-process models")),
-            },
+        let backend = match strategy {
+            Strategy::Ar | Strategy::Sd => in_proc
+                .take()
+                .ok_or_else(|| anyhow::anyhow!("internal: no in-process models"))
+                .map(|p| match strategy {
+                    Strategy::Ar => Backend::Ar(p),
+                    _ => Backend::Sd(p),
+                }),
             Strategy::Amusd => {
                 // The in-process models are done with; free their memory for the workers.
                 in_proc = None;
@@ -1105,21 +958,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                     a.restore();
                 }
                 let draft = draft_spec.as_deref().unwrap_or_default();
-                pb.suspend(|| Engine::start(m, &verify_spec, draft))
-                    .and_then(|mut engine| {
-                        ctx.run_strategy(
-                            strategy,
-                            &pb,
-                            &reference,
-                            &mut mismatches,
-                            &mut done,
-                            &mut |prompt, stop| {
-                                amusd_generate(&mut engine, prompt, stop, &sampling)
-                            },
-                        )
-                    })
+                pb.suspend(|| Workers::start(m, &verify_spec, draft))
+                    .map(Backend::Amusd)
             }
         };
+        let result = backend.and_then(|mut backend| {
+            let r = ctx.run_strategy(&mut backend, &pb, &reference, &mut mismatches, &mut done);
+            in_proc = backend.into_in_process();
+            r
+        });
         if strategy == Strategy::Ar {
             for r in &done.records {
                 reference.insert((r.sample_index, r.turn), r.metrics.tokens.clone());
@@ -1212,6 +1059,8 @@ struct Row {
     acceptance: Option<f64>,
     tokens_per_step: Option<f64>,
     rollbacks_per_100: Option<f64>,
+    /// Of the accepted draft tokens, the share drafted by prompt lookup (rows that used it).
+    from_lookup: Option<f64>,
     /// Generations equal to ar's, of those that have an ar counterpart.
     identical: Option<(usize, usize)>,
 }
@@ -1236,15 +1085,16 @@ fn summarize(records: &[Record]) -> Vec<Row> {
     let mut rows = Vec::new();
     for ds in &datasets {
         let of_ds: Vec<&Record> = records.iter().filter(|r| &r.group() == ds).collect();
-        let mut strategies: Vec<&str> = Vec::new();
+        // One row per strategy and drafter: ar, sd, amusd (model drafts), then the others.
+        let mut strategies: Vec<String> = Vec::new();
         for known in ["ar", "sd", "amusd"] {
-            if of_ds.iter().any(|r| r.strategy == known) {
-                strategies.push(known);
+            if of_ds.iter().any(|r| r.row() == known) {
+                strategies.push(known.into());
             }
         }
         for r in &of_ds {
-            if !strategies.contains(&r.strategy.as_str()) {
-                strategies.push(&r.strategy);
+            if !strategies.contains(&r.row()) {
+                strategies.push(r.row());
             }
         }
         let reference: HashMap<(usize, usize), &Vec<u32>> = of_ds
@@ -1256,17 +1106,17 @@ fn summarize(records: &[Record]) -> Vec<Row> {
             mean(
                 of_ds
                     .iter()
-                    .filter(|r| r.strategy == strategy)
+                    .filter(|r| r.row() == strategy)
                     .filter_map(|r| r.metrics.decode_ms_per_token),
             )
         };
         let (ar_ms, sd_ms) = (decode_mean("ar"), decode_mean("sd"));
         for st in strategies {
-            let gens: Vec<&&Record> = of_ds.iter().filter(|r| r.strategy == st).collect();
+            let gens: Vec<&&Record> = of_ds.iter().filter(|r| r.row() == st).collect();
             let sum =
                 |f: fn(&RecordMetrics) -> usize| gens.iter().map(|r| f(&r.metrics)).sum::<usize>();
             let tokens = sum(|m| m.tokens_generated);
-            let ms = decode_mean(st);
+            let ms = decode_mean(&st);
             let speedup = |base: Option<f64>| match (base, ms) {
                 (Some(b), Some(v)) if v > 0.0 => Some(b / v),
                 _ => None,
@@ -1282,7 +1132,7 @@ fn summarize(records: &[Record]) -> Vec<Row> {
             let drafts = st != "ar";
             rows.push(Row {
                 dataset: ds.to_string(),
-                strategy: st.to_string(),
+                strategy: st.clone(),
                 samples: gens
                     .iter()
                     .map(|r| r.sample_index)
@@ -1300,6 +1150,9 @@ fn summarize(records: &[Record]) -> Vec<Row> {
                 rollbacks_per_100: drafts
                     .then(|| ratio(100 * sum(|m| m.rollbacks), tokens))
                     .flatten(),
+                from_lookup: (sum(|m| m.proposed_lookup) > 0)
+                    .then(|| ratio(sum(|m| m.accepted_lookup), sum(|m| m.accepted)))
+                    .flatten(),
                 identical: (drafts && !compared.is_empty()).then(|| {
                     (
                         compared.iter().filter(|&&same| same).count(),
@@ -1316,7 +1169,9 @@ fn summarize(records: &[Record]) -> Vec<Row> {
 const FOOTNOTE: &str = "ms/token: decode time after the first token / (tokens - 1), arithmetic mean over generations \
 (an mt-bench turn is one generation); speedup = mean ms/token of ar (of sd) / this strategy's mean ms/token. \
 ttft includes prefill. accept = accepted / proposed draft tokens and tokens/step = tokens / verify forwards, \
-both pooled over generations; identical = generations token-for-token equal to ar's.";
+both pooled over generations; from lookup = accepted tokens drafted by prompt lookup / all accepted \
+draft tokens; [lookup MIN-MAX]: prompt lookup drafts alone, [model+lookup MIN-MAX]: ahead of the draft \
+model; identical = generations token-for-token equal to ar's.";
 
 fn render_report(rows: &[Row], markdown: bool) -> String {
     let header = [
@@ -1330,6 +1185,7 @@ fn render_report(rows: &[Row], markdown: bool) -> String {
         "accept",
         "tokens/step",
         "rollbacks/100 tok",
+        "from lookup",
         "identical",
     ];
     let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("—".to_string(), f);
@@ -1351,6 +1207,7 @@ fn render_report(rows: &[Row], markdown: bool) -> String {
                 opt(r.acceptance, &|v| format!("{:.1}%", 100.0 * v)),
                 opt(r.tokens_per_step, &|v| format!("{v:.2}")),
                 opt(r.rollbacks_per_100, &|v| format!("{v:.1}")),
+                opt(r.from_lookup, &|v| format!("{:.1}%", 100.0 * v)),
                 r.identical
                     .map_or("—".to_string(), |(n, of)| format!("{n}/{of}")),
             ]
@@ -1931,6 +1788,7 @@ mod tests {
             sample_id: String::new(),
             turn: 1,
             strategy: strategy.into(),
+            drafter: String::new(),
             dataset: "d".into(),
             prompt_tokens: 10,
             finish_reason: "length".into(),
@@ -1949,6 +1807,8 @@ mod tests {
                 accepted: 2,
                 verify_steps: 2,
                 rollbacks: 1,
+                proposed_lookup: 0,
+                accepted_lookup: 0,
                 tokens_hash: tokens_hash(&tokens),
                 tokens,
             },

@@ -1,11 +1,13 @@
 //! `amusd`: the coordinator command line.
 
-mod amusd;
+mod args;
 mod assets;
+mod backend;
 mod bench;
 mod dump;
 mod generate;
 mod output;
+mod prompt;
 mod signal;
 mod supervisor;
 

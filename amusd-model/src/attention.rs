@@ -1,0 +1,388 @@
+//! Causal attention of one query row over the cached keys and values.
+//!
+//! [`attend_reference`] is the definition: each head's scores are [`kernels::dot`]s scaled by
+//! `1/sqrt(head_dim)`, the softmax runs over positions in order, and each output element is one
+//! fused multiply-add chain over positions in order. The AVX2 path computes the same operations on
+//! the same values in the same order per output (it only shares work across positions and keeps
+//! the chains in registers), so its results have the same bits, whatever the batch: the verify
+//! model's batch invariance does not depend on which path runs. Chosen at run time; tested against
+//! the reference bit for bit.
+
+use crate::kernels::dot;
+
+/// Causal attention of one query row over the cached keys and values of positions `0..=pos`.
+///
+/// `q` holds `n_heads` heads of `head_dim`; `keys`/`values` are laid out `[position][kv_head][head_dim]`.
+/// Each head's scores, softmax and weighted sum run over positions in order, so the result for a
+/// position does not depend on which other queries share the forward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable(head_dim, n_heads / n_kv_heads.max(1)) {
+        let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim);
+        shape.check(q, keys, values, out);
+        // SAFETY: `usable` checked at run time that the CPU has AVX2 and FMA and the shape is one
+        // the path takes; `check` asserted every slice is as long as the shape needs.
+        unsafe { avx2::attend(&shape, q, keys, values, scores, out) };
+        return;
+    }
+    attend_reference(
+        q, keys, values, pos, n_heads, n_kv_heads, head_dim, scores, out,
+    );
+}
+
+/// The portable definition of [`attend`].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_reference(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    pos: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim);
+    scores.resize(pos + 1, 0.0);
+    for h in 0..n_heads {
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let mut max = f32::NEG_INFINITY;
+        for (t, s) in scores.iter_mut().enumerate() {
+            let off = shape.kv_offset(t, h);
+            *s = dot(qh, &keys[off..off + head_dim]) * shape.scale;
+            max = max.max(*s);
+        }
+        let inv = softmax_in_place(scores, max);
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        oh.fill(0.0);
+        for (t, &s) in scores.iter().enumerate() {
+            let off = shape.kv_offset(t, h);
+            let p = s * inv;
+            for (o, v) in oh.iter_mut().zip(&values[off..off + head_dim]) {
+                *o = p.mul_add(*v, *o);
+            }
+        }
+    }
+}
+
+/// `scores[t] = exp(scores[t] - max)` in order; returns `1 / sum`. Shared by both paths: the
+/// exponentials are libm's, and the sum runs in position order.
+fn softmax_in_place(scores: &mut [f32], max: f32) -> f32 {
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    1.0 / sum
+}
+
+/// One attention call's dimensions.
+struct Shape {
+    pos: usize,
+    n_heads: usize,
+    head_dim: usize,
+    /// Query heads per key/value head.
+    group: usize,
+    kv_stride: usize,
+    scale: f32,
+}
+
+impl Shape {
+    fn new(pos: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            pos,
+            n_heads,
+            head_dim,
+            group: n_heads / n_kv_heads,
+            kv_stride: n_kv_heads * head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Where position `t`'s key (or value) for query head `h` starts.
+    fn kv_offset(&self, t: usize, h: usize) -> usize {
+        t * self.kv_stride + h / self.group * self.head_dim
+    }
+
+    fn check(&self, q: &[f32], keys: &[f32], values: &[f32], out: &[f32]) {
+        let (width, cached) = (
+            self.n_heads * self.head_dim,
+            (self.pos + 1) * self.kv_stride,
+        );
+        assert!(
+            q.len() >= width
+                && out.len() >= width
+                && keys.len() >= cached
+                && values.len() >= cached,
+            "attention buffers shorter than their shape"
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{softmax_in_place, Shape};
+    use crate::kernels::dot;
+    use std::arch::x86_64::*;
+
+    /// The dot products' lane width: [`crate::kernels::dot`] accumulates 16 lanes.
+    const LANES: usize = 16;
+
+    /// Most query heads per key/value head this path takes (Llama 3 has 4, SmolLM2 3).
+    const MAX_GROUP: usize = 16;
+
+    pub fn usable(head_dim: usize, group: usize) -> bool {
+        head_dim > 0
+            && head_dim.is_multiple_of(LANES)
+            && (1..=MAX_GROUP).contains(&group)
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+    }
+
+    /// Positions per block of the weighted sums: the block's values (32 x 256 bytes for 64-wide
+    /// heads) stay in L1 while every query head of the group reads them.
+    const BLOCK: usize = 32;
+
+    /// The query heads that share a key/value head are done together, a few positions at a time,
+    /// so each key and value row comes from L2 once rather than once per query head (the cache of
+    /// a layer outgrows L1 within a few dozen positions, and attention was bound by L2 reads).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA, `head_dim` a multiple of 16, at most [`MAX_GROUP`] query
+    /// heads per key/value head, and every slice the length `shape` needs ([`Shape::check`]).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn attend(
+        shape: &Shape,
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let (hd, n, group) = (shape.head_dim, shape.pos + 1, shape.group);
+        scores.resize(group * n, 0.0);
+        for first in (0..shape.n_heads).step_by(group) {
+            let heads = first..first + group;
+            group_scores(shape, q, keys, first, scores);
+            let mut inv = [0f32; MAX_GROUP];
+            for (i, s) in scores.chunks_exact_mut(n).enumerate() {
+                let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                inv[i] = softmax_in_place(s, max);
+            }
+            let v = values.as_ptr().add(shape.kv_offset(0, first));
+            for t0 in (0..n).step_by(BLOCK) {
+                let t1 = (t0 + BLOCK).min(n);
+                for (i, h) in heads.clone().enumerate() {
+                    let s = &scores[i * n + t0..i * n + t1];
+                    let (vt, o) = (v.add(t0 * shape.kv_stride), out.as_mut_ptr().add(h * hd));
+                    let mut col = 0;
+                    while col < hd {
+                        let (vc, oc) = (vt.add(col), o.add(col));
+                        if hd - col >= 64 {
+                            weighted_sum::<8>(s, inv[i], vc, shape.kv_stride, oc, t0 == 0);
+                            col += 64;
+                        } else {
+                            weighted_sum::<2>(s, inv[i], vc, shape.kv_stride, oc, t0 == 0);
+                            col += 16;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scaled scores of query heads `first..first + group` (one key/value head) into
+    /// `scores[i * n..]`, four positions at a time for all heads.
+    ///
+    /// # Safety
+    /// As [`attend`].
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn group_scores(
+        shape: &Shape,
+        q: &[f32],
+        keys: &[f32],
+        first: usize,
+        scores: &mut [f32],
+    ) {
+        let (hd, n) = (shape.head_dim, shape.pos + 1);
+        let scale = _mm_set1_ps(shape.scale);
+        let quads = n / 4 * 4;
+        for t in (0..quads).step_by(4) {
+            let k = keys.as_ptr().add(shape.kv_offset(t, first));
+            for i in 0..shape.group {
+                let qh = q.as_ptr().add((first + i) * hd);
+                let four = dot4(qh, k, shape.kv_stride, hd);
+                _mm_storeu_ps(scores.as_mut_ptr().add(i * n + t), _mm_mul_ps(four, scale));
+            }
+        }
+        for t in quads..n {
+            let off = shape.kv_offset(t, first);
+            for i in 0..shape.group {
+                let qh = &q[(first + i) * hd..(first + i + 1) * hd];
+                scores[i * n + t] = dot(qh, &keys[off..off + hd]) * shape.scale;
+            }
+        }
+    }
+
+    /// Four dots of `q` with the keys at `k`, `k + stride`, ..., each with the lanes and pairwise
+    /// tree of [`crate::kernels::dot`]: lane `l` is one FMA chain over elements `l, l + 16, ...`,
+    /// then the 16 lanes are halved 8, 4, 2, 1 with the same pairs. Done for four dots at once by
+    /// transposing the halves between registers: every add is one the single dot makes.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `q` readable for `hd` floats, `k + i * stride` for `hd` floats, `i < 4`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot4(q: *const f32, k: *const f32, stride: usize, hd: usize) -> __m128 {
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c < hd {
+            let (qlo, qhi) = (_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(q.add(c + 8)));
+            for i in 0..4 {
+                let ki = k.add(i * stride + c);
+                lo[i] = _mm256_fmadd_ps(qlo, _mm256_loadu_ps(ki), lo[i]);
+                hi[i] = _mm256_fmadd_ps(qhi, _mm256_loadu_ps(ki.add(8)), hi[i]);
+            }
+            c += LANES;
+        }
+        // 16 -> 8 lanes: l + (l + 8).
+        let s8: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(lo[i], hi[i]));
+        // 8 -> 4: l + (l + 4), two dots per register: [dot 0 | dot 1], [dot 2 | dot 3].
+        let s01 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(s8[0], s8[1]),
+            _mm256_permute2f128_ps::<0x31>(s8[0], s8[1]),
+        );
+        let s23 = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(s8[2], s8[3]),
+            _mm256_permute2f128_ps::<0x31>(s8[2], s8[3]),
+        );
+        // 4 -> 2: l + (l + 2): [d0 l0, d0 l1, d2 l0, d2 l1 | d1 l0, d1 l1, d3 l0, d3 l1].
+        let s2 = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
+            _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
+        );
+        // 2 -> 1: l0 + l1: [d0, d2, d0, d2 | d1, d3, d1, d3].
+        let s1 = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b10_00_10_00>(s2, s2),
+            _mm256_shuffle_ps::<0b11_01_11_01>(s2, s2),
+        );
+        _mm_unpacklo_ps(_mm256_castps256_ps128(s1), _mm256_extractf128_ps::<1>(s1))
+    }
+
+    /// `out[c] += sum over t of (scores[t] * inv) * v[t][c]` for `8 * R` columns (from zero when
+    /// `fresh`), each one FMA chain over positions in order, held in registers within the block
+    /// and in `out` between blocks (a stored f32 reloads exactly).
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `v + t * stride` readable and `out` writable for `8 * R` floats, for every
+    /// position `t` of `scores`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weighted_sum<const R: usize>(
+        scores: &[f32],
+        inv: f32,
+        v: *const f32,
+        stride: usize,
+        out: *mut f32,
+        fresh: bool,
+    ) {
+        let mut acc: [__m256; R] = std::array::from_fn(|r| {
+            if fresh {
+                _mm256_setzero_ps()
+            } else {
+                _mm256_loadu_ps(out.add(8 * r))
+            }
+        });
+        for (t, &s) in scores.iter().enumerate() {
+            let p = _mm256_set1_ps(s * inv);
+            let vt = v.add(t * stride);
+            for (r, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt.add(8 * r)), *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.add(8 * r), *a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::test_values;
+    use proptest::prelude::*;
+
+    /// [`attend`]'s signature.
+    type Attend = fn(&[f32], &[f32], &[f32], usize, usize, usize, usize, &mut Vec<f32>, &mut [f32]);
+
+    fn run(f: Attend, (nh, nkv, hd, pos): (usize, usize, usize, usize), seed: u64) -> Vec<u32> {
+        let q = test_values(nh * hd, seed);
+        let keys = test_values((pos + 1) * nkv * hd, seed + 1);
+        let values = test_values((pos + 1) * nkv * hd, seed + 2);
+        let mut out = vec![f32::NAN; nh * hd];
+        f(
+            &q,
+            &keys,
+            &values,
+            pos,
+            nh,
+            nkv,
+            hd,
+            &mut Vec::new(),
+            &mut out,
+        );
+        out.iter().map(|v| v.to_bits()).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn the_dispatched_path_has_the_reference_bits(
+            kv in 1usize..4, group in 1usize..4, chunks in 1usize..10, pos in 0usize..70, seed: u64,
+        ) {
+            let shape = (kv * group, kv, 16 * chunks, pos);
+            prop_assert_eq!(run(attend, shape, seed), run(attend_reference, shape, seed));
+        }
+    }
+
+    #[test]
+    fn odd_head_sizes_take_the_reference() {
+        let shape = (4, 2, 12, 9);
+        assert_eq!(run(attend, shape, 3), run(attend_reference, shape, 3));
+    }
+
+    #[test]
+    fn attention_is_a_convex_combination_of_values() {
+        let (nh, nkv, hd, pos) = (4, 2, 16, 5);
+        let q = test_values(nh * hd, 1);
+        let keys = test_values((pos + 1) * nkv * hd, 2);
+        let values = vec![0.25f32; (pos + 1) * nkv * hd];
+        let mut out = vec![0f32; nh * hd];
+        attend(
+            &q,
+            &keys,
+            &values,
+            pos,
+            nh,
+            nkv,
+            hd,
+            &mut Vec::new(),
+            &mut out,
+        );
+        for v in out {
+            assert!((v - 0.25).abs() < 1e-6);
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The options `generate` and `bench` share: strategy, models and devices, sampling.
+
+use amusd_model::{DeviceSpec, ModelSpec};
+use amusd_spec::lookup::{self, NgramRange};
+use amusd_spec::{RequestSampling, SamplingParams};
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    /// Autoregressive greedy decoding with the verify model alone.
+    Ar,
+    /// Synchronous speculative decoding in one process: draft and verify take turns.
+    Sd,
+    /// Asynchronous multi-device speculative decoding: two worker processes, one per device.
+    Amusd,
+}
+
+impl Strategy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ar => "ar",
+            Self::Sd => "sd",
+            Self::Amusd => "amusd",
+        }
+    }
+}
+
+/// Which models run where; shared by `generate` and `bench`.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Verify model: PATH[:FORMAT] (a .gguf file or a Hugging Face directory; FORMAT is one of
+    /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
+    #[arg(long, value_name = "SPEC")]
+    pub verify_model: Option<String>,
+    /// Draft model: PATH[:FORMAT][:head=N], lookup[:MIN-MAX] (prompt lookup alone, no model: the
+    /// longest suffix of MAX down to MIN tokens found earlier proposes what followed it) or
+    /// fake:... (tests); head=N keeps the output head's first N token ids (the frequent ones), so
+    /// each draft token reads fewer bytes. Default: SmolLM2-135M-Instruct as stored (q4_1 layers,
+    /// q8_0 embedding), run by the integer kernels.
+    #[arg(long, value_name = "SPEC")]
+    pub draft_model: Option<String>,
+    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match its tokens are
+    /// proposed at once, elsewhere the model drafts. MIN-MAX: suffix lengths tried (default 2-4).
+    #[arg(long, value_name = "MIN-MAX", num_args = 0..=1, default_missing_value = NgramRange::DEFAULT_TEXT)]
+    pub draft_lookup: Option<NgramRange>,
+    /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
+    /// lookup's right guesses up to this, and halve on a wrong one).
+    #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
+    pub lookup_max_run: usize,
+    /// Device of the verify model (and of the whole process for ar and sd).
+    #[arg(long, default_value = "cpu:1")]
+    pub verify_device: String,
+    /// Device of the draft worker (amusd).
+    #[arg(long, default_value = "cpu:0")]
+    pub draft_device: String,
+    /// sd: draft tokens proposed per verify step.
+    #[arg(long, default_value_t = 5)]
+    pub lookahead: usize,
+    /// amusd: how far the draft may run ahead of the verified tokens.
+    #[arg(long, default_value_t = 8)]
+    pub max_lookahead: usize,
+    /// amusd: most draft tokens one verify forward checks.
+    #[arg(long, default_value_t = 16)]
+    pub max_verify_batch: usize,
+    /// amusd: how long the verify worker waits for a draft token before taking an autoregressive
+    /// step itself, in microseconds. Default: 0 with a model draft (its next token is a forward
+    /// away: waiting never paid); 300 with prompt lookup, whose next run is microseconds away.
+    #[arg(long, value_name = "US")]
+    pub verify_wait_us: Option<u64>,
+    /// amusd: seconds a worker may take to load its model.
+    #[arg(long, default_value_t = 300)]
+    pub load_timeout_s: u64,
+    /// amusd: a busy worker silent for this long is killed and restarted.
+    #[arg(long, default_value_t = 10_000)]
+    pub hang_timeout_ms: u64,
+    /// amusd: restarts allowed per worker.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// amusd fault injection: kill a random worker at random moments, seeded.
+    #[arg(long, value_name = "SEED")]
+    pub chaos: Option<u64>,
+    /// With --chaos: how many faults to inject per request at most.
+    #[arg(long, default_value_t = 2)]
+    pub chaos_faults: u32,
+    /// With --chaos: the signal (kill, or stop, which the heartbeat check then catches).
+    #[arg(long, value_enum, default_value = "kill")]
+    pub chaos_signal: ChaosSignal,
+    /// With --chaos: chance of a fault at each 20 ms supervision check.
+    #[arg(long, default_value_t = 0.03)]
+    pub chaos_rate: f64,
+}
+
+/// The verify worker's default wait for a draft token when prompt lookup drafts: a lookup run is
+/// published within ~100 µs of the commit that woke the draft worker (futex wake, sync, lookup), so
+/// a short wait takes a whole run instead of stepping alone, and costs ~2% of a verify step when
+/// nothing comes (see the README).
+pub const LOOKUP_VERIFY_WAIT_US: u64 = 300;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ChaosSignal {
+    Kill,
+    Stop,
+    /// Either, chosen at random for each fault.
+    Mixed,
+}
+
+impl ModelArgs {
+    pub fn verify_spec(&self) -> Result<String> {
+        match &self.verify_model {
+            Some(s) if s.parse::<ModelSpec>().is_ok_and(|m| m.head.is_some()) => bail!(
+                "--verify-model {s}: head=N restricts a draft model's proposals; the verify model's \
+                 logits decide the output and must cover the whole vocabulary"
+            ),
+            Some(s) => Ok(s.clone()),
+            None => Ok(format!(
+                "{}:f32",
+                crate::assets::ensure_default_model()?.display()
+            )),
+        }
+    }
+
+    pub fn draft_spec(&self) -> Result<String> {
+        match &self.draft_model {
+            Some(s) => Ok(s.clone()),
+            None => Ok(format!(
+                "{}:stored",
+                crate::assets::ensure_default_model()?.display()
+            )),
+        }
+    }
+
+    /// The lookup's n-gram range when it drafts alone (`--draft-model lookup[:MIN-MAX]`).
+    pub fn lookup_alone(&self) -> Result<Option<NgramRange>> {
+        match self.draft_model.as_deref().and_then(lookup::parse_spec) {
+            Some(range) => {
+                if self.draft_lookup.is_some() {
+                    bail!("--draft-lookup adds prompt lookup to a draft model, and --draft-model lookup has none: pass one of them");
+                }
+                Ok(Some(range?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether prompt lookup drafts, alone or ahead of the model.
+    pub fn uses_lookup(&self) -> bool {
+        self.draft_lookup.is_some()
+            || self
+                .draft_model
+                .as_deref()
+                .and_then(lookup::parse_spec)
+                .is_some()
+    }
+
+    /// The verify worker's wait for a draft token (`--verify-wait-us`, or its default).
+    pub fn verify_wait_us(&self) -> u64 {
+        let default = if self.uses_lookup() {
+            LOOKUP_VERIFY_WAIT_US
+        } else {
+            0
+        };
+        self.verify_wait_us.unwrap_or(default)
+    }
+
+    /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX` or
+    /// `model+lookup MIN-MAX`.
+    pub fn drafter_label(&self) -> String {
+        match (
+            self.draft_model.as_deref().and_then(lookup::parse_spec),
+            self.draft_lookup,
+        ) {
+            (Some(Ok(r)), _) => format!("lookup {r}"),
+            (_, Some(r)) => format!("model+lookup {r}"),
+            _ => "model".into(),
+        }
+    }
+
+    pub fn verify_device(&self) -> Result<DeviceSpec> {
+        parse_device(&self.verify_device)
+    }
+
+    pub fn draft_device(&self) -> Result<DeviceSpec> {
+        parse_device(&self.draft_device)
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<DeviceSpec> {
+    let d: DeviceSpec = s.parse()?;
+    d.check_available()?;
+    Ok(d)
+}
+
+/// How tokens are chosen; shared by `generate` and `bench`.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 is greedy decoding. Output stays identical across ar, sd and amusd
+    /// for a given seed.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0: off).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: u32,
+    /// Keep the most likely tokens that make up probability P (1: off).
+    #[arg(
+        long,
+        default_value_t = 1.0,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub top_p: f32,
+    /// Keep tokens at least M times as likely as the most likely one (0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "M",
+        allow_hyphen_values = true
+    )]
+    pub min_p: f32,
+    /// Seed of the sampling noise. Default with --temperature > 0: a random one, printed in the
+    /// summary and the JSON output so the run can be repeated.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
+    /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
+    #[arg(long)]
+    pub greedy_draft: bool,
+}
+
+impl SamplingArgs {
+    /// The validated parameters, with a random seed when sampling without one.
+    pub fn resolve(&self) -> Result<RequestSampling> {
+        let params = SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: 0,
+        };
+        let mut params = params
+            .validate()
+            .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+        if !params.is_greedy() {
+            params.seed = self.seed.unwrap_or_else(rand::random);
+        }
+        Ok(RequestSampling {
+            params,
+            greedy_draft: self.greedy_draft,
+        })
+    }
+}
+
+/// The sampling parameters as printed in JSON output and bench records.
+pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
+    let p = &s.params;
+    // Through their shortest decimal form, so 0.7 prints as 0.7, not as the f64 of an f32.
+    let num = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
+    serde_json::json!({
+        "temperature": num(p.temperature),
+        "top_k": p.top_k,
+        "top_p": num(p.top_p),
+        "min_p": num(p.min_p),
+        "seed": p.seed,
+        "greedy_draft": s.greedy_draft,
+    })
+}
+
+/// `greedy`, or the parameters that differ from greedy's, seed included.
+pub fn sampling_label(s: &RequestSampling) -> String {
+    let p = &s.params;
+    if p.is_greedy() {
+        return "greedy".into();
+    }
+    let mut out = format!("temperature {}", p.temperature);
+    if p.top_k > 0 {
+        out.push_str(&format!(", top-k {}", p.top_k));
+    }
+    if p.top_p < 1.0 {
+        out.push_str(&format!(", top-p {}", p.top_p));
+    }
+    if p.min_p > 0.0 {
+        out.push_str(&format!(", min-p {}", p.min_p));
+    }
+    out.push_str(&format!(", seed {}", p.seed));
+    if s.greedy_draft {
+        out.push_str(", greedy draft");
+    }
+    out
+}

@@ -1,0 +1,73 @@
+//! One road from a request to its tokens, whatever the strategy. `generate` and `bench` (and a
+//! long-running server) load a [`Backend`] once and call [`Backend::generate`] for each request;
+//! the token callback streams what is committed and may cancel the request.
+
+mod chaos;
+mod in_process;
+mod trace;
+mod workers;
+
+use amusd_spec::generate::OnTokens;
+use amusd_spec::{Generation, RequestSampling, StopCriteria};
+use anyhow::Result;
+
+pub use in_process::{bind_in_process, InProcess};
+pub use trace::Trace;
+pub use workers::Workers;
+
+use crate::args::Strategy;
+
+/// One request: its prompt tokens, when to stop, how to choose tokens.
+pub struct Request<'a> {
+    pub prompt: &'a [u32],
+    pub stop: &'a StopCriteria,
+    pub sampling: &'a RequestSampling,
+}
+
+/// A finished request and when each of its forward passes ran.
+pub struct Completion {
+    pub generation: Generation,
+    pub trace: Trace,
+}
+
+/// The models of one strategy, loaded and ready for requests.
+pub enum Backend {
+    /// Autoregressive decoding with the verify model, in this process.
+    Ar(InProcess),
+    /// Synchronous speculative decoding, in this process.
+    Sd(InProcess),
+    /// The two worker processes.
+    Amusd(Workers),
+}
+
+impl Backend {
+    pub fn strategy(&self) -> Strategy {
+        match self {
+            Self::Ar(_) => Strategy::Ar,
+            Self::Sd(_) => Strategy::Sd,
+            Self::Amusd(_) => Strategy::Amusd,
+        }
+    }
+
+    /// Runs one request to its end (or until `on_tokens` breaks).
+    pub fn generate(
+        &mut self,
+        request: &Request<'_>,
+        on_tokens: &mut OnTokens<'_>,
+    ) -> Result<Completion> {
+        match self {
+            Self::Ar(p) => p.generate(false, request, on_tokens),
+            Self::Sd(p) => p.generate(true, request, on_tokens),
+            Self::Amusd(w) => w.generate(request, on_tokens),
+        }
+    }
+
+    /// The in-process models back, to serve the other in-process strategy (`bench` runs ar and sd
+    /// on one loaded verify model).
+    pub fn into_in_process(self) -> Option<InProcess> {
+        match self {
+            Self::Ar(p) | Self::Sd(p) => Some(p),
+            Self::Amusd(_) => None,
+        }
+    }
+}

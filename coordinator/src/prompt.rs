@@ -1,0 +1,172 @@
+//! From the user's text to prompt tokens: the prompt itself, the models' tokenizers and chat
+//! templates (without their weights), and the checks that draft and verify speak the same tokens.
+
+use amusd_model::chat::{ChatTemplate, Message};
+use amusd_model::loader::{load_text, ModelText};
+use amusd_model::tokenizer::Tokenizer;
+use amusd_spec::fake::FakeModel;
+use anyhow::{bail, Context, Result};
+
+use std::path::Path;
+
+/// The prompt text from `--prompt` or `--prompt-file` (`-`: standard input), or from standard
+/// input when neither is given and it is not a terminal.
+pub fn prompt_text(prompt: Option<&str>, prompt_file: Option<&Path>) -> Result<String> {
+    use std::io::{IsTerminal, Read};
+    let stdin = Path::new("-");
+    let file = match (prompt, prompt_file) {
+        (Some(p), _) => return check_prompt(p.to_string()),
+        (None, Some(f)) => f,
+        (None, None) if !std::io::stdin().is_terminal() => stdin,
+        (None, None) => bail!(
+            "no prompt: pass --prompt TEXT or --prompt-file FILE, or pipe it to standard input"
+        ),
+    };
+    let mut bytes = Vec::new();
+    if file == stdin {
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .context("cannot read the prompt from standard input")?;
+    } else {
+        bytes = std::fs::read(file)
+            .with_context(|| format!("cannot read the prompt file {}", file.display()))?;
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the prompt in {} is not valid UTF-8 (first bad byte at offset {}); convert it to UTF-8",
+            if file == stdin { "standard input".to_string() } else { file.display().to_string() },
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    // `echo ... | amusd generate` should mean what `--prompt ...` means: the shell's newline is
+    // not part of the message.
+    let text = if file == stdin {
+        text.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        text
+    };
+    check_prompt(text)
+}
+
+fn check_prompt(text: String) -> Result<String> {
+    if text.trim().is_empty() {
+        bail!("the prompt is empty: pass some text with --prompt, --prompt-file or standard input");
+    }
+    Ok(text)
+}
+
+/// Token ids of a conversation: rendered with the model's chat template (ChatML if it has none) and
+/// tokenized without adding specials (the template writes them), or the raw text as is.
+pub fn encode_conversation(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    messages: &[Message],
+    raw: bool,
+) -> Result<Vec<u32>> {
+    if raw {
+        let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+        return Ok(tokenizer.encode(&text.join("\n"), true)?);
+    }
+    let fallback;
+    let template = match template {
+        Some(t) => t,
+        None => {
+            fallback = ChatTemplate::chatml();
+            &fallback
+        }
+    };
+    let text = template.render(messages, true)?;
+    Ok(tokenizer.encode(&text, false)?)
+}
+
+/// Draft and verify must share one vocabulary, token for token, or draft ids mean nothing to the
+/// verify model.
+pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()> {
+    let (v, d) = (verify.vocab_size(), draft.vocab_size());
+    if v != d {
+        bail!("vocabulary mismatch: the verify model has {v} tokens, the draft {d}; pick a draft from the same model family");
+    }
+    for id in 0..v as u32 {
+        if verify.id_to_token(id) != draft.id_to_token(id) {
+            bail!(
+                "vocabulary mismatch at token {id} ({:?} vs {:?}); pick a draft from the same model family",
+                verify.id_to_token(id),
+                draft.id_to_token(id)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The tokenizer side of the verify model and of the draft (when the strategy has one); `None`
+/// for a fake model (`fake:...`, tests), which has no tokenizer.
+pub struct Texts {
+    pub verify: Option<ModelText>,
+    pub draft: Option<ModelText>,
+    fake_stop: Vec<u32>,
+}
+
+impl Texts {
+    /// Reads both models' text side (cheap: no weights) and checks that they share a vocabulary.
+    pub fn load(verify_spec: &str, draft_spec: Option<&str>) -> Result<Self> {
+        let verify = text_of(verify_spec, "verify")?;
+        let draft = match draft_spec {
+            Some(spec) => text_of(spec, "draft")?,
+            None => None,
+        };
+        if let (Some(v), Some(d)) = (&verify, &draft) {
+            check_same_vocabulary(&v.tokenizer, &d.tokenizer)?;
+        }
+        Ok(Self {
+            verify,
+            draft,
+            fake_stop: fake_stop(verify_spec),
+        })
+    }
+
+    /// The prompt's token ids and the stop ids: `ids` as given (fake models), or the conversation
+    /// encoded with the verify model's tokenizer and chat template.
+    pub fn prompt(
+        &self,
+        messages: &[Message],
+        raw: bool,
+        ids: Option<&[u32]>,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        match (&self.verify, ids) {
+            (Some(t), Some(ids)) => Ok((ids.to_vec(), t.eos_ids.clone())),
+            (None, Some(ids)) => Ok((ids.to_vec(), self.fake_stop.clone())),
+            (Some(t), None) => Ok((
+                encode_conversation(&t.tokenizer, t.chat_template.as_ref(), messages, raw)?,
+                t.eos_ids.clone(),
+            )),
+            (None, None) => bail!("a fake verify model needs --prompt-ids"),
+        }
+    }
+
+    /// The longest request (prompt plus new tokens) both models can hold, at most `limit`.
+    pub fn context(&self, limit: usize) -> usize {
+        [&self.verify, &self.draft]
+            .into_iter()
+            .flatten()
+            .map(|t| t.context_length)
+            .fold(limit, usize::min)
+    }
+}
+
+/// A model's tokenizer and metadata; `None` for a fake model or prompt lookup (no model).
+fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
+    if FakeModel::is_fake(spec) || amusd_spec::lookup::parse_spec(spec).is_some() {
+        return Ok(None);
+    }
+    let s = spec.parse()?;
+    Ok(Some(load_text(&s).with_context(|| {
+        format!("cannot load the {role} model")
+    })?))
+}
+
+fn fake_stop(spec: &str) -> Vec<u32> {
+    match FakeModel::parse(spec) {
+        Ok(m) if m.eos_every > 0 => vec![m.eos],
+        _ => Vec::new(),
+    }
+}
