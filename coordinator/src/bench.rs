@@ -1815,6 +1815,35 @@ mod tests {
         }
     }
 
+    /// Each drafter gets its own row beside the model-drafted ones, with its share of accepted
+    /// tokens from the lookup; records from before the drafter field count as model drafts.
+    #[test]
+    fn report_has_a_row_per_drafter_with_the_lookup_share() {
+        let mut lookup = record("amusd", 0, 5.0, vec![1, 2, 3, 4]);
+        lookup.drafter = "lookup 2-4".into();
+        (
+            lookup.metrics.proposed_lookup,
+            lookup.metrics.accepted_lookup,
+        ) = (4, 2);
+        let mut model = record("amusd", 0, 10.0, vec![1, 2, 3, 4]);
+        model.drafter = "model".into();
+        let rows = summarize(&[
+            record("ar", 0, 40.0, vec![1, 2, 3, 4]),
+            model,
+            lookup,
+            record("amusd", 1, 10.0, vec![5]),
+        ]);
+        let names: Vec<&str> = rows.iter().map(|r| r.strategy.as_str()).collect();
+        assert_eq!(names, ["ar", "amusd", "amusd [lookup 2-4]"]);
+        assert_eq!(rows[1].generations, 2, "an old record is a model draft");
+        assert_eq!(rows[2].speedup_ar, Some(8.0));
+        assert_eq!(rows[2].from_lookup, Some(1.0));
+        assert_eq!(rows[1].from_lookup, None);
+        let md = render_report(&rows, true);
+        assert!(md.contains("| d | amusd [lookup 2-4] |"), "{md}");
+        assert!(md.contains("| 100.0% |"), "{md}");
+    }
+
     #[test]
     fn report_computes_speedups_and_identity() {
         let rows = summarize(&[
