@@ -48,12 +48,14 @@
 //! # Output
 //!
 //! `--output FILE` writes a JSON list, one record per generation (one line each):
-//! `{sample_index, sample_id, turn, strategy, dataset, prompt_tokens, finish_reason, metrics}`.
+//! `{sample_index, sample_id, turn, strategy, drafter, dataset, prompt_tokens, finish_reason, metrics}`
+//! (`drafter`: `model`, `lookup MIN-MAX` or `model+lookup MIN-MAX` for sd and amusd, empty for ar).
 //! `metrics` holds the fields of the paper's released `results/*.json` — `total_time` (s),
 //! `tokens_generated`, `time_per_token` (s, `total_time / tokens_generated`), `draft_times` and
 //! `verify_times` (s, one per forward), `accepted_tokens` (draft tokens accepted by each verify step)
 //! — and ours: `ttft` (s), `decode_ms_per_token` (null when fewer than two tokens were generated),
-//! `acceptance_rate`, `proposed`, `accepted`, `verify_steps`, `rollbacks`, `tokens_hash` (FNV-1a 64 of
+//! `acceptance_rate`, `proposed`, `accepted`, `proposed_lookup` and `accepted_lookup` (of those, the
+//! tokens drafted by prompt lookup), `verify_steps`, `rollbacks`, `tokens_hash` (FNV-1a 64 of
 //! the token ids as little-endian u32, hex) and `tokens`.
 
 use std::collections::{BTreeSet, HashMap};
