@@ -161,7 +161,7 @@ impl Case {
             m[k].as_u64()
                 .unwrap_or_else(|| panic!("{name}: no {k} in {m}"))
         };
-        let (drafted, proposed) = (n("drafted"), n("proposed"));
+        let (drafted, proposed) = (n("draft_forwards"), n("proposed"));
         assert!(
             drafted > 0,
             "{name}: the draft worker drafted nothing ({m})"

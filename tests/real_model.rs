@@ -409,3 +409,37 @@ fn chaos_on_the_real_model_changes_no_token() {
     assert!(injected >= 2, "only {injected} faults: {}", run.describe());
     assert_cleaned_up(&run);
 }
+
+/// A stream cut in the middle of a character still prints its last bytes (as U+FFFD, as `decode`
+/// renders them): the printed text is the whole decoded text, not a prefix that lost its tail.
+#[test]
+fn a_stream_cut_mid_character_prints_its_tail() {
+    let model = require_default_model();
+    let prompt = "Write 'good morning' in Japanese, Chinese and Korean.";
+    let full = generate("ar", prompt, 48).json();
+    let tokens = amusd_e2e::tokens_of(&full);
+    let spec = format!("{}:f32", model.display());
+    let text = amusd_model::loader::load_text(&spec.parse().unwrap()).unwrap();
+    let decode = |n: usize| text.tokenizer.decode(&tokens[..n], true).unwrap();
+    let cut = (1..=tokens.len())
+        .find(|&n| decode(n).ends_with('\u{FFFD}'))
+        .unwrap_or_else(|| panic!("no prefix of {:?} ends mid-character", decode(tokens.len())));
+    let max_new = cut.to_string();
+    let args = [
+        "generate",
+        "--strategy",
+        "ar",
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        &max_new,
+    ];
+    let run = amusd_run(&args, TIMEOUT);
+    assert!(run.status.success(), "{}", run.describe());
+    assert_eq!(
+        run.stdout,
+        format!("{}\n", decode(cut)),
+        "{}",
+        run.describe()
+    );
+}

@@ -12,8 +12,9 @@ use candle_core::Device;
 
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::linear::{quantized_weights, weights_from_f32, Linear, WeightFormat, Weights};
-use crate::llama::{Block, Llama};
+use crate::llama::Llama;
 use crate::qexact::{BlockKind, BlockPacked};
+use crate::weights::{assemble, check_len, Tensor, WeightSource};
 use crate::ModelError;
 
 /// An open GGUF file: its header (metadata and tensor directory) and a reader for tensor data.
@@ -91,6 +92,22 @@ impl GgufFile {
             .to_vec1::<f32>()?)
     }
 
+    /// The vocabulary size as the embedding matrix's row count, for files whose metadata lacks it.
+    fn embedding_rows(&self) -> Result<usize, ModelError> {
+        let name = "token_embd.weight";
+        let t = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        match t.shape.dims() {
+            &[rows, _] => Ok(rows),
+            dims => Err(ModelError::Shape(format!(
+                "tensor '{name}' is {dims:?}, expected [vocabulary, hidden]"
+            ))),
+        }
+    }
+
     /// Reads a matrix and converts it to `format`, checking it is `rows x cols`.
     fn linear(
         &mut self,
@@ -157,12 +174,7 @@ impl GgufFile {
         };
         let vocab_size = match meta_usize(md, "llama.vocab_size") {
             Ok(v) => v,
-            Err(_) => self
-                .content
-                .tensor_infos
-                .get("token_embd.weight")
-                .map(|t| t.shape.dims()[0])
-                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?,
+            Err(_) => self.embedding_rows()?,
         };
         let mut cfg = LlamaConfig {
             vocab_size,
@@ -188,38 +200,51 @@ impl GgufFile {
     /// Builds the model, converting every matrix to `format`.
     pub fn load_llama(&mut self, format: WeightFormat) -> Result<Llama, ModelError> {
         let cfg = self.config()?;
-        let (h, q, kv, ff, v) = (
-            cfg.hidden_size,
-            cfg.q_dim(),
-            cfg.kv_dim(),
-            cfg.intermediate_size,
-            cfg.vocab_size,
-        );
-        let embed = self.linear("token_embd.weight", v, h, format)?;
-        let lm_head = if self.has_tensor("output.weight") {
-            self.linear("output.weight", v, h, format)?
-        } else {
-            embed.clone()
-        };
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        for i in 0..cfg.n_layers {
-            let p = format!("blk.{i}");
-            let wq = self.linear(&format!("{p}.attn_q.weight"), q, h, format)?;
-            let wk = self.linear(&format!("{p}.attn_k.weight"), kv, h, format)?;
-            let wv = self.linear(&format!("{p}.attn_v.weight"), kv, h, format)?;
-            let gate = self.linear(&format!("{p}.ffn_gate.weight"), ff, h, format)?;
-            let up = self.linear(&format!("{p}.ffn_up.weight"), ff, h, format)?;
-            blocks.push(Block {
-                attn_norm: self.tensor_f32(&format!("{p}.attn_norm.weight"))?,
-                wqkv: Linear::concat(&[wq, wk, wv])?,
-                wo: self.linear(&format!("{p}.attn_output.weight"), h, q, format)?,
-                ffn_norm: self.tensor_f32(&format!("{p}.ffn_norm.weight"))?,
-                w_gate_up: Linear::concat(&[gate, up])?,
-                w_down: self.linear(&format!("{p}.ffn_down.weight"), h, ff, format)?,
-            });
-        }
-        let norm = self.tensor_f32("output_norm.weight")?;
-        Llama::new(cfg, embed, blocks, norm, lm_head)
+        assemble(cfg, &mut GgufWeights { file: self, format })
+    }
+}
+
+/// A GGUF file as a [`WeightSource`]: llama.cpp's tensor names.
+struct GgufWeights<'a> {
+    file: &'a mut GgufFile,
+    format: WeightFormat,
+}
+
+fn gguf_name(t: Tensor) -> String {
+    let layer = |i: usize, what: &str| format!("blk.{i}.{what}.weight");
+    match t {
+        Tensor::Embedding => "token_embd.weight".into(),
+        Tensor::Output => "output.weight".into(),
+        Tensor::OutputNorm => "output_norm.weight".into(),
+        Tensor::AttnNorm(i) => layer(i, "attn_norm"),
+        Tensor::Query(i) => layer(i, "attn_q"),
+        Tensor::Key(i) => layer(i, "attn_k"),
+        Tensor::Value(i) => layer(i, "attn_v"),
+        Tensor::AttnOutput(i) => layer(i, "attn_output"),
+        Tensor::FfnNorm(i) => layer(i, "ffn_norm"),
+        Tensor::Gate(i) => layer(i, "ffn_gate"),
+        Tensor::Up(i) => layer(i, "ffn_up"),
+        Tensor::Down(i) => layer(i, "ffn_down"),
+    }
+}
+
+impl WeightSource for GgufWeights<'_> {
+    fn has(&self, t: Tensor) -> bool {
+        self.file.has_tensor(&gguf_name(t))
+    }
+
+    /// A GGUF file without `output.weight` ties it; one with it does not.
+    fn tied_output(&self) -> bool {
+        false
+    }
+
+    fn linear(&mut self, t: Tensor, rows: usize, cols: usize) -> Result<Linear, ModelError> {
+        self.file.linear(&gguf_name(t), rows, cols, self.format)
+    }
+
+    fn vector(&mut self, t: Tensor, len: usize) -> Result<Vec<f32>, ModelError> {
+        let name = gguf_name(t);
+        check_len(&name, self.file.tensor_f32(&name)?, len)
     }
 }
 
@@ -325,6 +350,42 @@ mod tests {
     #[test]
     fn the_tiny_file_loads() {
         try_load(tiny_bytes()).unwrap();
+    }
+
+    #[test]
+    fn an_embedding_that_is_not_a_matrix_is_an_error_when_the_vocabulary_size_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("t.gguf");
+        std::fs::write(&src, tiny_bytes()).unwrap();
+        let mut g = GgufFile::open(&src).unwrap();
+        assert!(g.content.metadata.contains_key("llama.vocab_size"));
+        let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+        let mut tensors = Vec::new();
+        for n in names {
+            let t = if n == "token_embd.weight" {
+                // A vector: candle writes no 0-d tensor, and `[rows, _]` rejects both alike (the
+                // old `dims()[0]` panicked on a 0-d one and took a vector's length as the vocabulary).
+                let vector = candle_core::Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu);
+                QTensor::quantize(&vector.unwrap(), GgmlDType::F32).unwrap()
+            } else {
+                g.tensor(&n).unwrap()
+            };
+            tensors.push((n, t));
+        }
+        let metadata: Vec<(&str, &Value)> = g
+            .content
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "llama.vocab_size")
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let bad = dir.path().join("bad.gguf");
+        let mut f = File::create(&bad).unwrap();
+        candle_core::quantized::gguf_file::write(&mut f, &metadata, &tensors).unwrap();
+        drop(f);
+        let err = GgufFile::open(&bad).unwrap().config().unwrap_err();
+        assert!(err.to_string().contains("token_embd.weight"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use serde::Deserialize;
 
 use crate::config::{llama3_freq_factors, LlamaConfig, RopeStyle};
 use crate::linear::{weights_from_f32, Linear, WeightFormat};
-use crate::llama::{Block, Llama};
+use crate::llama::Llama;
+use crate::weights::{assemble, check_len, Tensor, WeightSource};
 use crate::ModelError;
 
 /// The fields of `config.json` amusd reads.
@@ -206,8 +207,45 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         path: files[0].clone(),
         reason: format!("bad safetensors: {e}"),
     })?;
-    let load = |name: &str| -> Result<candle_core::Tensor, ModelError> {
-        let view = st
+    let mut src = HfWeights {
+        st,
+        dir,
+        format,
+        tied: hf.tie_word_embeddings,
+    };
+    Ok((assemble(cfg, &mut src)?, hf))
+}
+
+/// A safetensors checkpoint as a [`WeightSource`]: Hugging Face's tensor names.
+struct HfWeights<'a> {
+    st: MmapedSafetensors,
+    dir: &'a Path,
+    format: WeightFormat,
+    tied: bool,
+}
+
+fn hf_name(t: Tensor) -> String {
+    let layer = |i: usize, what: &str| format!("model.layers.{i}.{what}.weight");
+    match t {
+        Tensor::Embedding => "model.embed_tokens.weight".into(),
+        Tensor::Output => "lm_head.weight".into(),
+        Tensor::OutputNorm => "model.norm.weight".into(),
+        Tensor::AttnNorm(i) => layer(i, "input_layernorm"),
+        Tensor::Query(i) => layer(i, "self_attn.q_proj"),
+        Tensor::Key(i) => layer(i, "self_attn.k_proj"),
+        Tensor::Value(i) => layer(i, "self_attn.v_proj"),
+        Tensor::AttnOutput(i) => layer(i, "self_attn.o_proj"),
+        Tensor::FfnNorm(i) => layer(i, "post_attention_layernorm"),
+        Tensor::Gate(i) => layer(i, "mlp.gate_proj"),
+        Tensor::Up(i) => layer(i, "mlp.up_proj"),
+        Tensor::Down(i) => layer(i, "mlp.down_proj"),
+    }
+}
+
+impl HfWeights<'_> {
+    fn load(&self, name: &str) -> Result<candle_core::Tensor, ModelError> {
+        let view = self
+            .st
             .get(name)
             .map_err(|_| ModelError::MissingTensor(name.to_string()))?;
         // Integer tensors would convert to floats without complaint: weights are floats or nothing.
@@ -220,24 +258,37 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
                 "tensor '{name}' is {:?} in {}; amusd loads f32, f16, bf16 or f64 safetensors \
                  (quantized checkpoints: use a GGUF)",
                 view.dtype(),
-                dir.display()
+                self.dir.display()
             )));
         }
-        st.load(name, &Device::Cpu)
+        self.st
+            .load(name, &Device::Cpu)
             .map_err(|e| ModelError::Corrupt {
-                path: dir.to_path_buf(),
+                path: self.dir.to_path_buf(),
                 reason: format!("tensor '{name}': {e}"),
             })
-    };
-    let linear = |name: &str, rows: usize, cols: usize| -> Result<Linear, ModelError> {
-        let t = load(name)?;
+    }
+}
+
+impl WeightSource for HfWeights<'_> {
+    fn has(&self, t: Tensor) -> bool {
+        self.st.get(&hf_name(t)).is_ok()
+    }
+
+    fn tied_output(&self) -> bool {
+        self.tied
+    }
+
+    fn linear(&mut self, t: Tensor, rows: usize, cols: usize) -> Result<Linear, ModelError> {
+        let name = hf_name(t);
+        let t = self.load(&name)?;
         if t.dims() != [rows, cols] {
             return Err(ModelError::Shape(format!(
                 "tensor '{name}' is {:?}, expected [{rows}, {cols}]",
                 t.dims()
             )));
         }
-        let format = match (format, t.dtype()) {
+        let format = match (self.format, t.dtype()) {
             (WeightFormat::AsStored, DType::F16) => WeightFormat::F16,
             (WeightFormat::AsStored, DType::BF16) => WeightFormat::Bf16,
             (WeightFormat::AsStored, _) => WeightFormat::F32,
@@ -245,52 +296,15 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         };
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         Linear::new(weights_from_f32(data, rows, cols, format)?, rows, cols)
-    };
-    let vector = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
-        let v = load(name)?
+    }
+
+    fn vector(&mut self, t: Tensor, len: usize) -> Result<Vec<f32>, ModelError> {
+        let name = hf_name(t);
+        let v = self
+            .load(&name)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        if v.len() != len {
-            return Err(ModelError::Shape(format!(
-                "tensor '{name}' has {} values, expected {len}",
-                v.len()
-            )));
-        }
-        Ok(v)
-    };
-    let (h, q, kv, ff, v) = (
-        cfg.hidden_size,
-        cfg.q_dim(),
-        cfg.kv_dim(),
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    );
-    let embed = linear("model.embed_tokens.weight", v, h)?;
-    let lm_head = if hf.tie_word_embeddings || st.get("lm_head.weight").is_err() {
-        embed.clone()
-    } else {
-        linear("lm_head.weight", v, h)?
-    };
-    let mut blocks = Vec::with_capacity(cfg.n_layers);
-    for i in 0..cfg.n_layers {
-        let p = format!("model.layers.{i}");
-        blocks.push(Block {
-            attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
-            wqkv: Linear::concat(&[
-                linear(&format!("{p}.self_attn.q_proj.weight"), q, h)?,
-                linear(&format!("{p}.self_attn.k_proj.weight"), kv, h)?,
-                linear(&format!("{p}.self_attn.v_proj.weight"), kv, h)?,
-            ])?,
-            wo: linear(&format!("{p}.self_attn.o_proj.weight"), h, q)?,
-            ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
-            w_gate_up: Linear::concat(&[
-                linear(&format!("{p}.mlp.gate_proj.weight"), ff, h)?,
-                linear(&format!("{p}.mlp.up_proj.weight"), ff, h)?,
-            ])?,
-            w_down: linear(&format!("{p}.mlp.down_proj.weight"), h, ff)?,
-        });
+        check_len(&name, v, len)
     }
-    let norm = vector("model.norm.weight", h)?;
-    Ok((Llama::new(cfg, embed, blocks, norm, lm_head)?, hf))
 }

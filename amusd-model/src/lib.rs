@@ -26,6 +26,7 @@ pub mod qexact;
 pub mod qkernels;
 pub mod testing;
 pub mod tokenizer;
+pub mod weights;
 
 pub use cache::KvCache;
 pub use config::LlamaConfig;

@@ -104,16 +104,10 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
         path: path.clone(),
         source,
     })?;
-    let dir = if meta.is_dir() {
-        Some(path.as_path())
-    } else if path.extension().is_some_and(|e| e == "safetensors") {
-        path.parent()
-    } else {
-        None
-    };
-    if let Some(dir) = dir {
+    if let Some(dir) = hf_dir(path, meta.is_dir()) {
         let hf = crate::hf::HfConfig::read(dir)?;
         let (tokenizer, chat_template, eos_ids) = hf_text(dir, &hf)?;
+        check_vocab(&tokenizer, hf.vocab_size)?;
         return Ok(ModelText {
             tokenizer,
             chat_template,
@@ -122,45 +116,78 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
         });
     }
     let mut gguf = GgufFile::open(path)?;
-    let context_length = gguf.config()?.max_position;
+    let config = gguf.config()?;
     let tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata())?;
+    check_vocab(&tokenizer, config.vocab_size)?;
     let chat_template = ChatTemplate::from_gguf_metadata(gguf.metadata())?;
     let eos_ids = stop_ids(&tokenizer);
     Ok(ModelText {
         tokenizer,
         chat_template,
         eos_ids,
-        context_length,
+        context_length: config.max_position,
     })
 }
 
-/// Loads a GGUF file or a Hugging Face checkpoint directory.
-pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
-    let mut m = load_weights(spec)?;
-    if let Some(n) = spec.head {
-        m.llama.restrict_head(n)?;
-        m.name = format!("{}, head {}", m.name, m.llama.lm_head.out_features());
+/// The Hugging Face checkpoint directory `path` names: the directory itself, or the one holding
+/// the named `config.json` or safetensors file. `None` for anything else (a GGUF file).
+fn hf_dir(path: &Path, is_dir: bool) -> Option<&Path> {
+    if is_dir {
+        return Some(path);
     }
-    Ok(m)
+    let named = path.extension().is_some_and(|e| e == "safetensors")
+        || path.file_name().is_some_and(|n| n == "config.json");
+    named.then(|| path.parent().unwrap_or(Path::new(".")))
 }
 
-fn load_weights(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+/// Loads only the weights, for a process that never tokenizes (the workers): the model and a
+/// short name (file name and weight format).
+pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
         source,
     })?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    if meta.is_dir() {
-        return load_hf_dir(path, spec.format, &file_name);
+    let llama = match hf_dir(path, meta.is_dir()) {
+        Some(dir) => crate::hf::load_llama(dir, spec.format)?.0,
+        None => GgufFile::open(path)?.load_llama(spec.format)?,
+    };
+    let mut name = format!("{}:{}", file_name(path), llama.lm_head.storage_name());
+    let mut llama = llama;
+    apply_head(spec, &mut llama, &mut name)?;
+    Ok((llama, name))
+}
+
+/// A draft's `head=N`: restricts the output head and says so in the model's name.
+fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
+    if let Some(n) = spec.head {
+        llama.restrict_head(n)?;
+        name.push_str(&format!(", head {}", llama.lm_head.out_features()));
     }
-    if path.extension().is_some_and(|e| e == "safetensors")
-        || path.file_name().is_some_and(|n| n == "config.json")
-    {
-        let dir = path.parent().unwrap_or(Path::new("."));
+    Ok(())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Loads a GGUF file or a Hugging Face checkpoint directory.
+pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+    let mut m = load_all(spec)?;
+    apply_head(spec, &mut m.llama, &mut m.name)?;
+    Ok(m)
+}
+
+fn load_all(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
+    let path = &spec.path;
+    let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let file_name = file_name(path);
+    if let Some(dir) = hf_dir(path, meta.is_dir()) {
         return load_hf_dir(dir, spec.format, &file_name);
     }
     let mut gguf = GgufFile::open(path)?;
@@ -226,13 +253,19 @@ fn stop_ids(t: &Tokenizer) -> Vec<u32> {
 }
 
 fn finish(m: LoadedModel) -> Result<LoadedModel, ModelError> {
-    let (tv, mv) = (m.tokenizer.vocab_size(), m.llama.config.vocab_size);
+    check_vocab(&m.tokenizer, m.llama.config.vocab_size)?;
+    Ok(m)
+}
+
+/// Every token id the tokenizer can produce must have a row in the embedding.
+fn check_vocab(tokenizer: &Tokenizer, model_vocab: usize) -> Result<(), ModelError> {
+    let (tv, mv) = (tokenizer.vocab_size(), model_vocab);
     if tv > mv {
         return Err(ModelError::Config(format!(
             "the tokenizer has {tv} tokens but the model's embedding only {mv}: tokenizer and weights do not belong together"
         )));
     }
-    Ok(m)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -260,6 +293,24 @@ mod tests {
         assert_eq!(s.to_string(), "m.gguf:stored:head=64");
         for bad in ["m.gguf:head=0", "m.gguf:f32:head=", "m.gguf:head=lots"] {
             assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_named_by_its_directory_its_config_or_its_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::testing::TinyModel::default()
+            .write_hf(dir.path())
+            .unwrap();
+        for p in [
+            dir.path().to_path_buf(),
+            dir.path().join("config.json"),
+            dir.path().join("model.safetensors"),
+        ] {
+            let spec: ModelSpec = p.to_str().unwrap().parse().unwrap();
+            let text = load_text(&spec).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let (llama, _) = load_weights(&spec).unwrap();
+            assert_eq!(text.context_length, llama.config.max_position);
         }
     }
 }

@@ -130,7 +130,9 @@ u32_enum! {
         VerifyStep = 3,
         /// A plain autoregressive step (`count` tokens committed at `position`).
         ArStep = 4,
-        /// A prefill of `count` prompt tokens.
+        /// The verify worker took up a request with `count` committed tokens to prefill. An
+        /// instant (start = end): the prefill itself runs in the steps that follow (in chunks,
+        /// then with the first verification), which carry its time.
         Prefill = 5,
         /// The draft worker's prompt lookup drafted `count` tokens at `position` at once (layout
         /// 3).

@@ -15,7 +15,6 @@ pub trait Decoder {
     fn cached(&self) -> usize;
     /// The most positions one request can reach.
     fn capacity(&self) -> usize;
-    fn vocab_size(&self) -> usize;
     /// Prepares an empty cache for a request of up to `len` positions.
     fn reset(&mut self, len: usize) -> Result<(), SpecError>;
     /// Runs `tokens` at positions `start..` and returns the token `sampler` chooses after each
@@ -92,10 +91,6 @@ impl Decoder for LlamaDecoder {
         self.model.config.max_position
     }
 
-    fn vocab_size(&self) -> usize {
-        self.model.config.vocab_size
-    }
-
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         check_reservation(len, self.capacity())?;
         self.cache.truncate(0);
@@ -134,9 +129,6 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     }
     fn capacity(&self) -> usize {
         (**self).capacity()
-    }
-    fn vocab_size(&self) -> usize {
-        (**self).vocab_size()
     }
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         (**self).reset(len)
@@ -227,15 +219,6 @@ pub struct Drafter<D: Decoder> {
     model: bool,
 }
 
-/// What [`Drafter::sync`] had to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Sync {
-    /// The first position where the draft disagreed with the committed tokens, if any.
-    pub rollback_to: Option<usize>,
-    /// Committed tokens the draft adopted because it had not drafted that far.
-    pub adopted: usize,
-}
-
 impl<D: Decoder> Drafter<D> {
     pub fn new(mut decoder: D) -> Self {
         // The draft's logits only choose proposals and the verify model decides every token, so the
@@ -302,9 +285,10 @@ impl<D: Decoder> Drafter<D> {
     }
 
     /// Makes the sequence agree with `committed`: on the first disagreement, drops the draft from there
-    /// (rolling back its cache in O(1)), then adopts any committed tokens it lacks.
-    pub fn sync(&mut self, committed: &[u32]) -> Sync {
-        let mut out = Sync::default();
+    /// (rolling back its cache in O(1)), then adopts any committed tokens it lacks. Returns the
+    /// position rolled back to, if the draft disagreed.
+    pub fn sync(&mut self, committed: &[u32]) -> Option<usize> {
+        let mut rollback_to = None;
         let common = self.seq.len().min(committed.len());
         let from = self.agreed.min(common);
         let diverged = (from..common).find(|&p| self.seq[p] != committed[p]);
@@ -318,16 +302,15 @@ impl<D: Decoder> Drafter<D> {
             if let Some(l) = self.lookup.as_mut() {
                 l.truncate(p);
             }
-            out.rollback_to = Some(p);
+            rollback_to = Some(p);
         }
         if committed.len() > self.seq.len() {
-            out.adopted = committed.len() - self.seq.len();
             for &t in &committed[self.seq.len()..] {
                 self.push(t, Source::Model, None);
             }
         }
         self.agreed = committed.len();
-        out
+        rollback_to
     }
 
     /// Feeds the cache up to `max` positions of the sequence it lacks (as [`Verifier::prefill`]).

@@ -187,9 +187,6 @@ impl Decoder for FakeDecoder {
     fn capacity(&self) -> usize {
         self.model.capacity
     }
-    fn vocab_size(&self) -> usize {
-        self.model.vocab as usize
-    }
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         crate::decoder::check_reservation(len, self.capacity())?;
         self.seen.clear();

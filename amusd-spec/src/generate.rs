@@ -7,8 +7,7 @@ use serde::Serialize;
 
 use crate::decoder::{Decoder, Drafter, Verifier};
 use crate::lookup::Source;
-pub use crate::policy::Finish as FinishReason;
-use crate::policy::{accept, StopCriteria};
+use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::RequestSampling;
 use crate::SpecError;
 
@@ -19,11 +18,18 @@ pub struct Metrics {
     pub new_tokens: usize,
     /// From the start of the request to the first generated token (prefill included).
     pub ttft: f64,
-    /// From the first generated token to the last; `decode_time / (new_tokens - 1)` is the per-token
-    /// decode cost, the same definition for every strategy.
+    /// From the first commit to the last; `decode_time / decode_tokens` is the per-token decode
+    /// cost, the same definition for every strategy.
     pub decode_time: f64,
+    /// Tokens committed after the first commit: the tokens `decode_time` produced (sd's first round
+    /// commits several tokens inside the ttft, which must not count again).
+    pub decode_tokens: usize,
+    /// From the start of the request to the last token, prompt processing included.
     pub total_time: f64,
+    /// Draft tokens offered to the verify model (sd: every drafted token; amusd: the valid draft
+    /// tokens beyond the committed ones that a verify step took).
     pub proposed: usize,
+    /// Of those, the ones the verify model accepted.
     pub accepted: usize,
     pub verify_steps: usize,
     pub rollbacks: usize,
@@ -40,12 +46,27 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Decode ms per token after the first commit; the total time when nothing followed it.
     pub fn ms_per_token(&self) -> f64 {
-        if self.new_tokens > 1 {
-            1e3 * self.decode_time / (self.new_tokens - 1) as f64
+        if self.decode_tokens > 0 {
+            1e3 * self.decode_time / self.decode_tokens as f64
         } else {
             1e3 * self.total_time
         }
+    }
+
+    /// Tokens per second end to end: generated tokens over the whole request, prompt included.
+    pub fn e2e_tokens_per_s(&self) -> f64 {
+        if self.total_time > 0.0 {
+            self.new_tokens as f64 / self.total_time
+        } else {
+            0.0
+        }
+    }
+
+    /// Draft forward passes (one per drafted token, whether or not it was ever offered).
+    pub fn draft_forwards(&self) -> usize {
+        self.draft_times.len()
     }
 
     pub fn acceptance_rate(&self) -> f64 {
@@ -70,12 +91,12 @@ impl Metrics {
 #[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     pub tokens: Vec<u32>,
-    pub finish: FinishReason,
+    pub finish: Finish,
     pub metrics: Metrics,
 }
 
 /// Receives each batch of committed tokens as it lands; `ControlFlow::Break` cancels the request
-/// (it ends with [`FinishReason::Cancelled`]).
+/// (it ends with [`Finish::Cancelled`]).
 pub type OnTokens<'a> = dyn FnMut(&[u32]) -> ControlFlow<()> + 'a;
 
 /// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
@@ -86,8 +107,10 @@ pub(crate) struct Committer<'a> {
     on_tokens: &'a mut OnTokens<'a>,
     started: Instant,
     first_token: Option<Instant>,
+    /// Tokens of the first commit (they land inside the ttft).
+    first_commit: usize,
     pub metrics: Metrics,
-    pub finish: Option<FinishReason>,
+    pub finish: Option<Finish>,
 }
 
 impl<'a> Committer<'a> {
@@ -96,7 +119,7 @@ impl<'a> Committer<'a> {
             prompt_tokens: prompt.len(),
             ..Default::default()
         };
-        let finish = (stop.max_new_tokens == 0).then_some(FinishReason::Length);
+        let finish = (stop.max_new_tokens == 0).then_some(Finish::Length);
         Self {
             committed: prompt.to_vec(),
             prompt_len: prompt.len(),
@@ -104,6 +127,7 @@ impl<'a> Committer<'a> {
             on_tokens,
             started: Instant::now(),
             first_token: None,
+            first_commit: 0,
             metrics,
             finish,
         }
@@ -118,12 +142,15 @@ impl<'a> Committer<'a> {
         let (keep, finish) = self.stop.clip(self.generated(), tokens);
         let mut flow = ControlFlow::Continue(());
         if keep > 0 {
-            self.first_token.get_or_insert_with(Instant::now);
+            if self.first_token.is_none() {
+                self.first_token = Some(Instant::now());
+                self.first_commit = keep;
+            }
             self.committed.extend_from_slice(&tokens[..keep]);
             flow = (self.on_tokens)(&tokens[..keep]);
         }
         // A request that ended anyway keeps its own reason.
-        let cancelled = flow.is_break().then_some(FinishReason::Cancelled);
+        let cancelled = flow.is_break().then_some(Finish::Cancelled);
         self.finish = self.finish.or(finish).or(cancelled);
     }
 
@@ -135,6 +162,7 @@ impl<'a> Committer<'a> {
         let end = Instant::now();
         let m = &mut self.metrics;
         m.new_tokens = self.committed.len() - self.prompt_len;
+        m.decode_tokens = m.new_tokens.saturating_sub(self.first_commit);
         m.total_time = (end - self.started).as_secs_f64();
         if let Some(first) = self.first_token {
             m.ttft = (first - self.started).as_secs_f64();
@@ -142,7 +170,7 @@ impl<'a> Committer<'a> {
         }
         Generation {
             tokens: self.committed[self.prompt_len..].to_vec(),
-            finish: self.finish.unwrap_or(FinishReason::Length),
+            finish: self.finish.unwrap_or(Finish::Length),
             metrics: self.metrics,
         }
     }
@@ -202,8 +230,8 @@ pub fn speculative<D: Decoder, P: Decoder>(
     drafter.start(prompt, capacity)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     while !c.done() {
-        let sync = drafter.sync(&c.committed);
-        c.metrics.rollbacks += sync.rollback_to.is_some() as usize;
+        let rollback = drafter.sync(&c.committed);
+        c.metrics.rollbacks += rollback.is_some() as usize;
         // Never draft past the budget: those tokens could not be committed anyway.
         let v = c.committed.len();
         let max_len = v + (stop.max_new_tokens - c.generated()).saturating_sub(1);
@@ -280,7 +308,7 @@ mod tests {
         let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut once).unwrap();
         assert_eq!(
             (ar.finish, ar.tokens.len(), calls),
-            (FinishReason::Cancelled, 1, 1)
+            (Finish::Cancelled, 1, 1)
         );
         let mut d = Drafter::new(FakeDecoder::new(model));
         let mut streamed = Vec::new();
@@ -289,8 +317,36 @@ mod tests {
             ControlFlow::Break(())
         })
         .unwrap();
-        assert_eq!(sd.finish, FinishReason::Cancelled);
+        assert_eq!(sd.finish, Finish::Cancelled);
         assert_eq!(sd.tokens, streamed);
         assert!(sd.tokens.len() < 50);
+    }
+
+    #[test]
+    fn decode_time_counts_only_the_tokens_after_the_first_commit() {
+        let model = FakeModel::default();
+        let stop = StopCriteria {
+            stop_ids: Vec::new(),
+            max_new_tokens: 20,
+        };
+        let sampling = RequestSampling::default();
+        let mut v = Verifier::new(FakeDecoder::new(model.clone()));
+        let mut d = Drafter::new(FakeDecoder::new(model));
+        let mut first = None;
+        let sd = speculative(&mut v, &mut d, &[1, 2, 3], &stop, &sampling, 4, &mut |t| {
+            first.get_or_insert(t.len());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let first = first.unwrap();
+        // A perfect draft: the first round commits the lookahead plus the verify model's token.
+        assert_eq!(first, 5);
+        assert_eq!(sd.metrics.decode_tokens, 20 - first);
+        let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ar.metrics.decode_tokens, 19);
+        assert!(ar.metrics.e2e_tokens_per_s() > 0.0);
     }
 }

@@ -8,19 +8,20 @@
 //! forward pass of `amusd-model` and a [`sampling`] whose choice at a position depends only on the
 //! logits there, the seed and the position.
 
-pub mod bind;
 pub mod decoder;
+/// A deterministic fake model for protocol tests (the `fake` feature; always in this crate's tests).
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod generate;
 pub mod lookup;
+mod philox;
 pub mod policy;
-pub mod process;
 pub mod sampling;
 pub mod worker;
 
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
-pub use generate::{FinishReason, Generation, Metrics};
-pub use policy::StopCriteria;
+pub use generate::{Generation, Metrics};
+pub use policy::{Finish, StopCriteria};
 pub use sampling::{RequestSampling, Sampler, SamplingError, SamplingParams};
 
 /// Errors of the decoding loops.
@@ -36,6 +37,7 @@ pub enum SpecError {
     Sampling(#[from] SamplingError),
     #[error(transparent)]
     Lookup(#[from] lookup::BadRange),
+    #[cfg(any(test, feature = "fake"))]
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),
 }

@@ -358,9 +358,6 @@ impl Decoder for NoModel {
     fn capacity(&self) -> usize {
         usize::MAX
     }
-    fn vocab_size(&self) -> usize {
-        0
-    }
     fn reset(&mut self, _: usize) -> Result<(), SpecError> {
         Ok(())
     }

@@ -37,6 +37,17 @@ pub struct StopCriteria {
 }
 
 impl StopCriteria {
+    /// Whether `token` ends a generation.
+    pub fn is_stop(&self, token: u32) -> bool {
+        self.stop_ids.contains(&token)
+    }
+
+    /// Whether `generated` (the tokens after the prompt, a stop token included) ends the request:
+    /// it fills the budget or ends with a stop token.
+    pub fn ends(&self, generated: &[u32]) -> bool {
+        generated.len() >= self.max_new_tokens || generated.last().is_some_and(|&t| self.is_stop(t))
+    }
+
     /// Of `tokens`, proposed after `generated` tokens were already emitted, how many to keep and
     /// whether the generation ends with them.
     pub fn clip(&self, generated: usize, tokens: &[u32]) -> (usize, Option<Finish>) {
@@ -45,7 +56,7 @@ impl StopCriteria {
             if i == budget {
                 return (i, Some(Finish::Length));
             }
-            if self.stop_ids.contains(t) {
+            if self.is_stop(*t) {
                 return (i, Some(Finish::Stop));
             }
         }
@@ -66,6 +77,19 @@ mod tests {
         assert_eq!(accept(&[1, 2, 3], &[1, 2, 3, 4]), (vec![1, 2, 3, 4], 3));
         assert_eq!(accept(&[5], &[1, 2]), (vec![1], 0));
         assert_eq!(accept(&[], &[7]), (vec![7], 0));
+    }
+
+    #[test]
+    fn a_request_ends_with_a_stop_token_or_the_budget() {
+        let s = StopCriteria {
+            stop_ids: vec![0],
+            max_new_tokens: 3,
+        };
+        assert!(!s.ends(&[]));
+        assert!(!s.ends(&[5, 6]));
+        assert!(s.ends(&[5, 0]));
+        assert!(s.ends(&[5, 6, 7]));
+        assert!(s.ends(&[0]));
     }
 
     #[test]

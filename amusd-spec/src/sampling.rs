@@ -49,6 +49,9 @@
 
 use amusd_model::kernels;
 
+use crate::philox::noise_bits8;
+pub use crate::philox::{noise_bits, philox4x32_10};
+
 /// Sampling parameters that fail [`SamplingParams::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
 pub enum SamplingError {
@@ -149,39 +152,6 @@ impl RequestSampling {
 // The noise
 // ---------------------------------------------------------------------------------------------
 
-const PHILOX_M0: u32 = 0xD251_1F53;
-const PHILOX_M1: u32 = 0xCD9E_8D57;
-const PHILOX_W0: u32 = 0x9E37_79B9;
-const PHILOX_W1: u32 = 0xBB67_AE85;
-
-/// Philox4x32 with 10 rounds (Random123's `philox4x32_R(10, ctr, key)`).
-pub fn philox4x32_10(mut ctr: [u32; 4], mut key: [u32; 2]) -> [u32; 4] {
-    for round in 0..10 {
-        if round > 0 {
-            key[0] = key[0].wrapping_add(PHILOX_W0);
-            key[1] = key[1].wrapping_add(PHILOX_W1);
-        }
-        let p0 = u64::from(PHILOX_M0) * u64::from(ctr[0]);
-        let p1 = u64::from(PHILOX_M1) * u64::from(ctr[2]);
-        ctr = [
-            (p1 >> 32) as u32 ^ ctr[1] ^ key[0],
-            p1 as u32,
-            (p0 >> 32) as u32 ^ ctr[3] ^ key[1],
-            p0 as u32,
-        ];
-    }
-    ctr
-}
-
-/// The 64 random bits of `(seed, position, token)`.
-pub fn noise_bits(seed: u64, position: u64, token: u32) -> u64 {
-    let out = philox4x32_10(
-        [token, position as u32, (position >> 32) as u32, 0],
-        [seed as u32, (seed >> 32) as u32],
-    );
-    u64::from(out[0]) | (u64::from(out[1]) << 32)
-}
-
 /// The uniform on (0, 1) made of `bits`: `((bits >> 12) + 0.5) / 2^52`, exact in f64 (with one
 /// more bit, `1 - 2^-54` would round to 1).
 pub fn uniform(bits: u64) -> f64 {
@@ -220,6 +190,8 @@ pub struct Sampler {
     pub params: SamplingParams,
     scaled: Vec<f32>,
     survivors: Vec<u32>,
+    /// top-p's `q` of each survivor, computed once.
+    weights: Vec<f32>,
 }
 
 impl Default for Sampler {
@@ -234,6 +206,7 @@ impl Sampler {
             params,
             scaled: Vec::new(),
             survivors: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -281,8 +254,13 @@ impl Sampler {
         }));
         let scaled = &self.scaled;
         self.survivors.clear();
-        self.survivors
-            .extend((0..scaled.len() as u32).filter(|&i| scaled[i as usize] > f32::NEG_INFINITY));
+        if scaled.iter().all(|&s| s > f32::NEG_INFINITY) {
+            self.survivors.extend(0..scaled.len() as u32);
+        } else {
+            self.survivors.extend(
+                (0..scaled.len() as u32).filter(|&i| scaled[i as usize] > f32::NEG_INFINITY),
+            );
+        }
         let top = first_max(scaled, &self.survivors)?;
         let s_max = scaled[top as usize];
         let by_rank = |a: &u32, b: &u32| {
@@ -293,19 +271,50 @@ impl Sampler {
         };
         let k = p.top_k as usize;
         if k > 0 && k < self.survivors.len() {
+            within_reach_of_the_top(scaled, &mut self.survivors, s_max, k);
             self.survivors.select_nth_unstable_by(k - 1, by_rank);
             self.survivors.truncate(k);
             // Back to id order: the order top-p sums in.
             self.survivors.sort_unstable();
         }
         if p.top_p < 1.0 {
-            top_p(scaled, &mut self.survivors, s_max, p.top_p, by_rank);
+            top_p(
+                scaled,
+                &mut self.survivors,
+                &mut self.weights,
+                s_max,
+                p.top_p,
+            );
         }
         if p.min_p > 0.0 {
-            self.survivors
-                .retain(|&i| i == top || libm::expf(scaled[i as usize] - s_max) >= p.min_p);
+            // expf is within an ulp, so below ln(min_p) - 1 it is surely under min_p: skip it there.
+            let far = libm::logf(p.min_p) - 1.0;
+            self.survivors.retain(|&i| {
+                let x = scaled[i as usize] - s_max;
+                i == top || (x >= far && libm::expf(x) >= p.min_p)
+            });
         }
         Some(top)
+    }
+}
+
+/// Drops survivors that cannot be among the `k` largest (as a superset, in id order): a cutoff
+/// below the maximum that at least `k` survivors reach is at most the k-th largest value, so every
+/// member of the top k is at or above it. Makes top-k's selection run over a few hundred tokens,
+/// not the whole vocabulary.
+fn within_reach_of_the_top(scaled: &[f32], survivors: &mut Vec<u32>, s_max: f32, k: usize) {
+    let mut depth = 8f32;
+    while depth < 1e30 {
+        let cut = s_max - depth;
+        let reach = survivors
+            .iter()
+            .filter(|&&i| scaled[i as usize] >= cut)
+            .count();
+        if reach >= k {
+            survivors.retain(|&i| scaled[i as usize] >= cut);
+            return;
+        }
+        depth *= 4.0;
     }
 }
 
@@ -323,15 +332,11 @@ fn first_max(scaled: &[f32], survivors: &[u32]) -> Option<u32> {
 /// Step 4 of the module docs. `survivors` come in increasing id order. Only the most likely ones
 /// are sorted when they already hold the needed mass (a threshold set is a prefix of the ranking,
 /// so its running sums are those of the full ranking); otherwise all of them.
-fn top_p(
-    scaled: &[f32],
-    survivors: &mut Vec<u32>,
-    s_max: f32,
-    p: f32,
-    by_rank: impl Fn(&u32, &u32) -> std::cmp::Ordering + Copy,
-) {
+fn top_p(scaled: &[f32], survivors: &mut Vec<u32>, weights: &mut Vec<f32>, s_max: f32, p: f32) {
     let q = |i: u32| libm::expf(scaled[i as usize] - s_max);
-    let z: f32 = survivors.iter().map(|&i| q(i)).sum();
+    weights.clear();
+    weights.extend(survivors.iter().map(|&i| q(i)));
+    let z: f32 = weights.iter().sum();
     let target = p * z;
     let keep_prefix = |ranked: &[u32]| -> Option<usize> {
         let mut cum = 0f32;
@@ -343,44 +348,81 @@ fn top_p(
         }
         None
     };
-    const LIKELY: f32 = 1e-4;
-    let mut head: Vec<u32> = survivors
-        .iter()
-        .copied()
-        .filter(|&i| q(i) >= LIKELY)
-        .collect();
-    head.sort_unstable_by(by_rank);
-    if let Some(n) = keep_prefix(&head) {
-        head.truncate(n);
-        *survivors = head;
-        return;
+    // Ever larger heads of the ranking (a threshold set is a prefix of it) until one holds the
+    // needed mass: sorting the whole vocabulary is a last resort.
+    for likely in [1e-4f32, 1e-6, 1e-8] {
+        let mut head: Vec<u32> = survivors
+            .iter()
+            .zip(weights.iter())
+            .filter(|(_, &w)| w >= likely)
+            .map(|(&i, _)| i)
+            .collect();
+        sort_by_rank(scaled, &mut head);
+        if let Some(n) = keep_prefix(&head) {
+            head.truncate(n);
+            *survivors = head;
+            return;
+        }
     }
-    survivors.sort_unstable_by(by_rank);
+    sort_by_rank(scaled, survivors);
     // Rounding may leave the running sum a hair under `p * Z` for p near 1: then keep everything.
     let n = keep_prefix(survivors).unwrap_or(survivors.len());
     survivors.truncate(n);
 }
 
+/// Sorts ids by decreasing value, ties to the lowest id (`by_rank`'s order), through one integer
+/// key per id: the value's bits mapped to an order-preserving unsigned integer (zero's sign
+/// dropped, as comparison ignores it), inverted, above the id.
+fn sort_by_rank(scaled: &[f32], ids: &mut [u32]) {
+    let key = |i: u32| {
+        let s = scaled[i as usize];
+        let b = if s == 0.0 { 0 } else { s.to_bits() };
+        let ordered = if b >> 31 == 1 { !b } else { b | 1 << 31 };
+        (u64::from(!ordered) << 32) | u64::from(i)
+    };
+    let mut keys: Vec<u64> = ids.iter().map(|&i| key(i)).collect();
+    keys.sort_unstable();
+    for (id, k) in ids.iter_mut().zip(keys) {
+        *id = k as u32;
+    }
+}
+
 /// Step 6 of the module docs, starting from `top` (the survivor with the largest scaled logit) so
-/// that most others are pruned by the noise bounds.
+/// that most others are pruned by the noise bounds. Survivors go eight at a time: a group none of
+/// which could beat the best even with the largest noise is skipped whole, the others get their
+/// bits from one batch of the generator.
 fn gumbel_argmax(scaled: &[f32], survivors: &[u32], top: u32, seed: u64, position: u64) -> u32 {
     let mut best_id = top;
     let mut best = f64::from(scaled[top as usize]) + gumbel(seed, position, top);
-    for &i in survivors {
-        let s = f64::from(scaled[i as usize]);
-        // The bounds are exact; the margin covers the rounding of the sums (1e-12 relative at most).
-        let margin = 1e-6 + s.abs() * 1e-12;
-        if i == top || s + NOISE_MAX + margin <= best {
+    // The bounds are exact; the margin covers the rounding of the sums (1e-12 relative at most).
+    let margin = |s: f64| 1e-6 + s.abs() * 1e-12;
+    for group in survivors.chunks(8) {
+        // A cheap f32 screen first: below `best - NOISE_MAX - 1` (f32 rounding there is far under
+        // the 1 of slack) no token can win.
+        let cut = (best - NOISE_MAX - 1.0) as f32;
+        if group.iter().all(|&i| scaled[i as usize] < cut) {
             continue;
         }
-        let bits = noise_bits(seed, position, i);
-        if s + noise_bound(bits) + margin <= best {
+        let could_win = |i: u32, best: f64| {
+            let s = f64::from(scaled[i as usize]);
+            i != top && s + NOISE_MAX + margin(s) > best
+        };
+        if !group.iter().any(|&i| could_win(i, best)) {
             continue;
         }
-        let key = s + gumbel_of_bits(bits);
-        if key > best || (key == best && i < best_id) {
-            best = key;
-            best_id = i;
+        let mut ids = [top; 8];
+        ids[..group.len()].copy_from_slice(group);
+        let bits = noise_bits8(seed, position, &ids);
+        for (&i, &bits) in group.iter().zip(&bits) {
+            let s = f64::from(scaled[i as usize]);
+            if !could_win(i, best) || s + noise_bound(bits) + margin(s) <= best {
+                continue;
+            }
+            let key = s + gumbel_of_bits(bits);
+            if key > best || (key == best && i < best_id) {
+                best = key;
+                best_id = i;
+            }
         }
     }
     best_id
@@ -401,31 +443,6 @@ mod tests {
         }
         .validate()
         .unwrap()
-    }
-
-    /// Random123's `kat_vectors`, the three `philox4x32 10` lines.
-    #[test]
-    fn philox_matches_the_published_known_answers() {
-        let cases = [
-            (
-                [0; 4],
-                [0; 2],
-                [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8],
-            ),
-            (
-                [u32::MAX; 4],
-                [u32::MAX; 2],
-                [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd],
-            ),
-            (
-                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
-                [0xa4093822, 0x299f31d0],
-                [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1],
-            ),
-        ];
-        for (ctr, key, want) in cases {
-            assert_eq!(philox4x32_10(ctr, key), want);
-        }
     }
 
     /// The noise is part of what a seed means: changing any of these values changes every sampled
@@ -721,6 +738,22 @@ mod tests {
             let mut s = Sampler::new(params(temperature, top_k, top_p, min_p, seed));
             let want = reference_choice(&mut s, &logits, position);
             prop_assert_eq!(s.choose(&logits, position), want);
+        }
+
+        #[test]
+        fn ranking_by_keys_is_ranking_by_comparison(
+            picks in proptest::collection::vec(0usize..8, 0..300),
+        ) {
+            let pool = [0.0f32, -0.0, 1.5, -1.5, f32::INFINITY, 1e-30, -7.25, 1.5];
+            let scaled: Vec<f32> = picks.iter().map(|&i| pool[i]).collect();
+            let mut ids: Vec<u32> = (0..scaled.len() as u32).rev().collect();
+            let mut want = ids.clone();
+            want.sort_unstable_by(|a, b| {
+                let (sa, sb) = (scaled[*a as usize], scaled[*b as usize]);
+                sb.partial_cmp(&sa).unwrap().then(a.cmp(b))
+            });
+            sort_by_rank(&scaled, &mut ids);
+            prop_assert_eq!(ids, want);
         }
     }
 }

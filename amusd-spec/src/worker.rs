@@ -24,9 +24,9 @@ use amusd_shm::{
 };
 
 use crate::decoder::{Decoder, Drafter, Verifier};
-use crate::generate::{Committer, FinishReason, Generation, OnTokens};
+use crate::generate::{Committer, Generation, OnTokens};
 use crate::lookup::Source;
-use crate::policy::{accept, StopCriteria};
+use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
 use crate::SpecError;
 
@@ -87,9 +87,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
 impl Held {
     /// True once the committed tokens end the request (stop token or budget).
     fn finished(&self) -> bool {
-        let n = self.committed.len();
-        n >= self.limit
-            || (n > self.prompt_len && self.stop.stop_ids.contains(&self.committed[n - 1]))
+        self.stop.ends(&self.committed[self.prompt_len..])
     }
 }
 
@@ -193,6 +191,11 @@ fn event(
 pub struct DraftOptions {
     /// Most tokens drafted beyond the committed length.
     pub max_lookahead: usize,
+    /// Prompt lookup ahead of the model (`--lookup MIN-MAX`); a model spec `lookup[:MIN-MAX]`
+    /// makes the lookup draft alone instead.
+    pub lookup: Option<crate::lookup::NgramRange>,
+    /// The longest lookup run proposed at once.
+    pub lookup_max_run: usize,
 }
 
 /// The draft worker: drafts continuously up to `max_lookahead` tokens ahead of the committed
@@ -269,8 +272,7 @@ fn draft_step<D: Decoder>(
     }
     h.committed.extend_from_slice(&snap.tokens);
     let before = drafter.seq().len();
-    let sync = drafter.sync(&h.committed);
-    if let Some(p) = sync.rollback_to {
+    if let Some(p) = drafter.sync(&h.committed) {
         *published = (*published).min(p);
         status
             .rollbacks
@@ -285,8 +287,7 @@ fn draft_step<D: Decoder>(
         ));
     }
     let seq_len = drafter.seq().len();
-    let own_stop =
-        seq_len > h.committed.len() && h.stop.stop_ids.contains(&drafter.seq()[seq_len - 1]);
+    let own_stop = seq_len > h.committed.len() && h.stop.is_stop(drafter.seq()[seq_len - 1]);
     let mut worked = false;
     // How far ahead to draft is `Drafter::extend`'s to decide (a lookup run may go further).
     let wants = !h.finished() && !own_stop && seq_len < h.limit;
@@ -370,6 +371,7 @@ pub fn run_verify<D: Decoder>(
                 if let Some(h) = take_up(region, &req)? {
                     verifier.decoder.reset(h.limit)?;
                     verifier.sampler = h.sampling.verifier();
+                    // Marks the take-up, an instant: the prefill runs in the following steps.
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
                     region.set_worker_state(role, WorkerState::Busy);
@@ -426,7 +428,7 @@ fn verify_step<D: Decoder>(
         Err(e) => return Err(e.into()),
     };
     // Nothing after a proposed stop token can be committed.
-    if let Some(i) = candidates.iter().position(|t| h.stop.stop_ids.contains(t)) {
+    if let Some(i) = candidates.iter().position(|&t| h.stop.is_stop(t)) {
         candidates.truncate(i + 1);
         sources.truncate(i + 1);
     }
@@ -447,7 +449,7 @@ fn verify_step<D: Decoder>(
     let (keep, finish) = h.stop.clip(v - h.prompt_len, &tokens);
     // The stop token itself is committed too: the coordinator and the draft see from the buffer
     // alone that the request has ended.
-    let commit_len = keep + usize::from(finish == Some(FinishReason::Stop));
+    let commit_len = keep + usize::from(finish == Some(Finish::Stop));
     let commit = &tokens[..commit_len];
     region.publish_verified(v, commit)?;
     h.committed.extend_from_slice(commit);
@@ -537,8 +539,8 @@ pub fn run_request(
     })();
     let reason = match (&result, c.finish) {
         (Err(_), _) => ShmFinish::Error,
-        (Ok(()), Some(FinishReason::Stop)) => ShmFinish::Stop,
-        (Ok(()), Some(FinishReason::Cancelled)) => ShmFinish::Cancelled,
+        (Ok(()), Some(Finish::Stop)) => ShmFinish::Stop,
+        (Ok(()), Some(Finish::Cancelled)) => ShmFinish::Cancelled,
         (Ok(()), _) => ShmFinish::Length,
     };
     let error_text = result
@@ -698,7 +700,12 @@ mod tests {
                         let range = crate::lookup::NgramRange { min, max: 4 };
                         d = d.with_lookup(range, l.alone, l.max_run);
                     }
-                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead }, &|| true).unwrap();
+                    let opts = DraftOptions {
+                        max_lookahead,
+                        lookup: None,
+                        lookup_max_run: 16,
+                    };
+                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(vt));
@@ -777,7 +784,12 @@ mod tests {
             [
                 std::thread::spawn(move || {
                     let mut d = Drafter::new(FakeDecoder::new(t1));
-                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead: 4 }, &|| true).unwrap();
+                    let opts = DraftOptions {
+                        max_lookahead: 4,
+                        lookup: None,
+                        lookup_max_run: 16,
+                    };
+                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(t2));
@@ -807,14 +819,14 @@ mod tests {
             .unwrap()
         };
         let cancelled = run(1, 200, &mut |_| ControlFlow::Break(()));
-        assert_eq!(cancelled.finish, FinishReason::Cancelled);
+        assert_eq!(cancelled.finish, Finish::Cancelled);
         assert!(!cancelled.tokens.is_empty() && cancelled.tokens.len() < 200);
         assert_eq!(
             region.read_request().unwrap().finish_reason,
             ShmFinish::Cancelled
         );
         let full = run(2, 10, &mut |_| ControlFlow::Continue(()));
-        assert_eq!(full.finish, FinishReason::Length);
+        assert_eq!(full.finish, Finish::Length);
         let n = full.tokens.len().min(cancelled.tokens.len());
         assert_eq!(full.tokens[..n], cancelled.tokens[..n]);
         region.request_shutdown();

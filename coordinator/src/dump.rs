@@ -1,13 +1,12 @@
-//! `amusd dump`: the state of amusd's shared-memory regions, live or left by a crashed run; and
-//! `amusd worker-kill`, which signals one worker of a running amusd.
+//! `amusd dump`: the state of amusd's shared-memory regions, live or left by a crashed run.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use amusd_model::tokenizer::Tokenizer;
 use amusd_shm::{escape_name, unix_ms, RegionInfo, Role, Shm, TOKEN_CAPACITY};
-use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use anyhow::{Context, Result};
+use clap::Args;
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -64,7 +63,7 @@ pub fn run(args: DumpArgs) -> Result<ExitCode> {
     }
 }
 
-fn normalise(name: &str) -> String {
+pub fn normalise(name: &str) -> String {
     if name.starts_with('/') {
         name.to_string()
     } else {
@@ -273,69 +272,4 @@ fn print_region(v: &serde_json::Value) {
             );
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Which {
-    Draft,
-    Verify,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Sig {
-    Kill,
-    Term,
-    Stop,
-    Cont,
-}
-
-#[derive(Args, Debug)]
-pub struct KillArgs {
-    pub worker: Which,
-    /// The region of the run (default: the only live one).
-    #[arg(long)]
-    pub region: Option<String>,
-    #[arg(long, value_enum, default_value = "kill")]
-    pub signal: Sig,
-}
-
-pub fn kill(args: KillArgs) -> Result<ExitCode> {
-    let name = match args.region {
-        Some(n) => normalise(&n),
-        None => {
-            let live: Vec<_> = Shm::list()
-                .into_iter()
-                .filter(|r| r.coordinator_alive == Some(true))
-                .collect();
-            match live.as_slice() {
-                [one] => one.name.clone(),
-                [] => bail!(
-                    "no running amusd found; start one with `amusd generate --strategy amusd ...`"
-                ),
-                _ => bail!(
-                    "{} amusd runs are live; pick one with --region (see `amusd dump`)",
-                    live.len()
-                ),
-            }
-        }
-    };
-    let shm = Shm::attach_read_only(&name)?;
-    let role = match args.worker {
-        Which::Draft => Role::Draft,
-        Which::Verify => Role::Verify,
-    };
-    let sig = match args.signal {
-        Sig::Kill => libc::SIGKILL,
-        Sig::Term => libc::SIGTERM,
-        Sig::Stop => libc::SIGSTOP,
-        Sig::Cont => libc::SIGCONT,
-    };
-    let name = escape_name(&name);
-    let pid = crate::signal::signal_worker(shm.region(), &name, role, sig)?;
-    eprintln!(
-        "sent {:?} to the {} worker (pid {pid}) of {name}",
-        args.signal,
-        role.name()
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::args::{sampling_json, sampling_label, ModelArgs, SamplingArgs, Strategy};
-use crate::backend::{bind_in_process, Backend, InProcess, Request, Workers};
+use crate::backend::{bind_in_process, Backend, Request, Workers};
 use crate::output::print_text;
 use crate::prompt::{prompt_text, Texts};
 use crate::supervisor::INTERRUPTED;
@@ -83,15 +83,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Strategy::Ar | Strategy::Sd => usize::MAX,
     };
     check_fits(texts.context(limit), prompt.len(), args.max_new_tokens)?;
-    let mut backend = match strategy {
-        Strategy::Ar => Backend::Ar(InProcess::load(&verify_spec, None, m)?),
-        Strategy::Sd => Backend::Sd(InProcess::load(&verify_spec, draft_spec.as_deref(), m)?),
-        Strategy::Amusd => Backend::Amusd(Workers::start(
-            m,
-            &verify_spec,
-            draft_spec.as_deref().unwrap_or_default(),
-        )?),
-    };
+    let mut backend = Backend::open(strategy, m, &verify_spec, draft_spec.as_deref())?;
     let tokenizer = texts.verify.as_ref().map(|t| &t.tokenizer);
     let request = Request {
         prompt: &prompt,
@@ -176,7 +168,7 @@ pub struct Output<'a> {
     pub strategy: Strategy,
     pub prompt_tokens: usize,
     pub sampling: &'a RequestSampling,
-    /// How sd and amusd draft ([`ModelArgs::drafter_label`]).
+    /// How sd and amusd draft ([`crate::args::ModelArgs::drafter_label`]).
     pub drafter: String,
     pub json: bool,
 }
@@ -211,9 +203,8 @@ pub fn finish_output(
         "sampling": sampling_json(out.sampling),
         "metrics": summary_json(&g.metrics),
     });
-    match tokenizer {
-        Some(t) => json["text"] = t.decode(&g.tokens, true)?.into(),
-        None => json["metrics"]["drafted"] = g.metrics.draft_times.len().into(),
+    if let Some(t) = tokenizer {
+        json["text"] = t.decode(&g.tokens, true)?.into();
     }
     println!("{json}");
     Ok(())
@@ -224,9 +215,12 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
         "prompt_tokens": m.prompt_tokens,
         "new_tokens": m.new_tokens,
         "ttft_ms": m.ttft * 1e3,
+        "decode_tokens": m.decode_tokens,
         "decode_ms_per_token": m.ms_per_token(),
         "tokens_per_s": if m.ms_per_token() > 0.0 { 1e3 / m.ms_per_token() } else { 0.0 },
+        "e2e_tokens_per_s": m.e2e_tokens_per_s(),
         "total_time_s": m.total_time,
+        "draft_forwards": m.draft_forwards(),
         "proposed": m.proposed,
         "accepted": m.accepted,
         "proposed_lookup": m.proposed_lookup,
@@ -247,17 +241,19 @@ pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
         0.0
     };
     let mut s = format!(
-        "[{}] prompt {} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s)",
+        "[{}] prompt {} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s), end to end {:.1} tokens/s",
         strategy.name(),
         m.prompt_tokens,
         m.new_tokens,
         m.ttft * 1e3,
         m.ms_per_token(),
-        tps
+        tps,
+        m.e2e_tokens_per_s()
     );
     if strategy != Strategy::Ar {
         s.push_str(&format!(
-            "; drafted {}, accepted {} ({:.0}%), {:.2} tokens/verify step, {} rollbacks",
+            "; draft forwards {}, offered {}, accepted {} ({:.0}%), {:.2} tokens/verify step, {} rollbacks",
+            m.draft_forwards(),
             m.proposed,
             m.accepted,
             100.0 * m.acceptance_rate(),

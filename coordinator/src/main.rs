@@ -37,7 +37,7 @@ enum Command {
     /// List amusd shared-memory regions, or show one: request, buffers, workers, recent events.
     Dump(dump::DumpArgs),
     /// Send a signal to one worker of a running amusd (fault testing).
-    WorkerKill(dump::KillArgs),
+    WorkerKill(signal::KillArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(*args),
         Command::Report(args) => bench::report(args),
         Command::Dump(args) => dump::run(args),
-        Command::WorkerKill(args) => dump::kill(args),
+        Command::WorkerKill(args) => signal::kill(args),
     };
     match result {
         Ok(code) => code,

@@ -3,9 +3,19 @@
 //! region's live coordinator, and only then signalled through the pidfd.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::ExitCode;
 
-use amusd_shm::{Region, Role, WorkerState};
+use amusd_shm::{escape_name, Region, Role, Shm, WorkerState};
 use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+
+/// A worker's role from its name on the command line.
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::ALL
+        .into_iter()
+        .find(|r| r.name() == s)
+        .ok_or_else(|| format!("'{s}' is not a worker: expected draft or verify"))
+}
 
 /// A process pinned by a pidfd: its pid cannot be reused while this is held.
 struct Pidfd {
@@ -97,4 +107,74 @@ pub fn signal_worker(region: &Region, name: &str, role: Role, sig: libc::c_int) 
     proc.send(sig)
         .map_err(|e| anyhow::anyhow!("cannot signal pid {pid}: {e}"))?;
     Ok(pid)
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Sig {
+    Kill,
+    Term,
+    Stop,
+    Cont,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// draft or verify.
+    #[arg(value_parser = parse_role)]
+    pub worker: Role,
+    /// The region of the run (default: the only live one).
+    #[arg(long)]
+    pub region: Option<String>,
+    #[arg(long, value_enum, default_value = "kill")]
+    pub signal: Sig,
+}
+
+pub fn kill(args: KillArgs) -> Result<ExitCode> {
+    let name = match args.region {
+        Some(n) => crate::dump::normalise(&n),
+        None => {
+            let live: Vec<_> = Shm::list()
+                .into_iter()
+                .filter(|r| r.coordinator_alive == Some(true))
+                .collect();
+            match live.as_slice() {
+                [one] => one.name.clone(),
+                [] => bail!(
+                    "no running amusd found; start one with `amusd generate --strategy amusd ...`"
+                ),
+                _ => bail!(
+                    "{} amusd runs are live; pick one with --region (see `amusd dump`)",
+                    live.len()
+                ),
+            }
+        }
+    };
+    let shm = Shm::attach_read_only(&name)?;
+    let role = args.worker;
+    let sig = match args.signal {
+        Sig::Kill => libc::SIGKILL,
+        Sig::Term => libc::SIGTERM,
+        Sig::Stop => libc::SIGSTOP,
+        Sig::Cont => libc::SIGCONT,
+    };
+    let name = escape_name(&name);
+    let pid = signal_worker(shm.region(), &name, role, sig)?;
+    eprintln!(
+        "sent {:?} to the {} worker (pid {pid}) of {name}",
+        args.signal,
+        role.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_named_by_their_role() {
+        assert_eq!(parse_role("draft"), Ok(Role::Draft));
+        assert_eq!(parse_role("verify"), Ok(Role::Verify));
+        assert!(parse_role("coordinator").is_err());
+    }
 }

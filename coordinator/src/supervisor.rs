@@ -131,8 +131,6 @@ impl Supervisor {
         Ok(sup)
     }
 
-    /// A handle on the region that does not borrow the supervisor, so the request loop can read the
-    /// region while the supervision callback holds the supervisor mutably.
     /// The pid of `role`'s current process.
     pub fn pid(&self, role: Role) -> Option<u32> {
         self.workers
@@ -142,6 +140,8 @@ impl Supervisor {
             .map(|c| c.id())
     }
 
+    /// A handle on the region that does not borrow the supervisor, so the request loop can read the
+    /// region while the supervision callback holds the supervisor mutably.
     pub fn shm_handle(&self) -> Arc<UnlinkOnDrop> {
         self.shm.clone()
     }
@@ -157,7 +157,7 @@ impl Supervisor {
             .arg(w.spec.device.to_string())
             .args(&w.spec.extra_args)
             .arg("--supervised")
-            .envs(amusd_spec::bind::child_env(w.spec.device))
+            .envs(amusd_proc::bind::child_env(w.spec.device))
             .stdin(std::process::Stdio::null());
         w.child = Some(
             cmd.spawn()

@@ -5,9 +5,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use amusd_shm::Role;
-use amusd_spec::lookup::NgramRange;
-use amusd_spec::process::{worker_exit, worker_main, WorkerConfig};
+use amusd_proc::{worker_exit, worker_main, RoleOptions, VerifyOptions, WorkerConfig};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -26,13 +24,10 @@ struct Args {
     /// cpu, cpu:N (pinned, single-threaded) or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Draft: most tokens drafted beyond the committed length.
-    #[arg(long, default_value_t = 8)]
-    max_lookahead: usize,
-    /// Verify: most draft tokens checked per forward pass.
+    /// Most draft tokens checked per forward pass.
     #[arg(long, default_value_t = 16)]
     max_verify_batch: usize,
-    /// Verify: microseconds to wait for a draft token before stepping alone.
+    /// Microseconds to wait for a draft token before stepping alone.
     #[arg(long, default_value_t = 0)]
     verify_wait_us: u64,
     /// Started by the coordinator, which reports this worker's errors from the region.
@@ -46,13 +41,11 @@ fn main() -> ExitCode {
         region: a.region,
         model: a.model,
         device: a.device,
-        role: Role::Verify,
-        max_lookahead: a.max_lookahead,
-        max_verify_batch: a.max_verify_batch,
-        wait_for_draft: Duration::from_micros(a.verify_wait_us),
-        lookup: None,
-        lookup_max_run: NgramRange::MAX_RUN,
         supervised: a.supervised,
+        role: RoleOptions::Verify(VerifyOptions {
+            max_verify_batch: a.max_verify_batch,
+            wait_for_draft: Duration::from_micros(a.verify_wait_us),
+        }),
     };
     worker_exit("amusd-verify-worker", a.supervised, worker_main(&cfg))
 }

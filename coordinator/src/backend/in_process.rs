@@ -16,7 +16,7 @@ use crate::output::Spinner;
 /// Binds this process to the verify model's device for ar and sd. Call before any model loads or
 /// any prompt is tokenized: the compute pools read their thread count once, when they start.
 pub fn bind_in_process(verify_device: DeviceSpec) -> Result<()> {
-    Ok(amusd_spec::bind::bind_current_process(verify_device)?)
+    Ok(amusd_proc::bind::bind_current_process(verify_device)?)
 }
 
 /// The in-process models. The verify model serves both ar and sd.

@@ -9,13 +9,13 @@ mod workers;
 
 use amusd_spec::generate::OnTokens;
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 pub use in_process::{bind_in_process, InProcess};
 pub use trace::Trace;
 pub use workers::Workers;
 
-use crate::args::Strategy;
+use crate::args::{ModelArgs, Strategy};
 
 /// One request: its prompt tokens, when to stop, how to choose tokens.
 pub struct Request<'a> {
@@ -41,6 +41,22 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Loads the models of `strategy`: the verify model (and the draft, for sd) in this process,
+    /// or the two workers for amusd (`draft_spec` is needed by sd and amusd).
+    pub fn open(
+        strategy: Strategy,
+        m: &ModelArgs,
+        verify_spec: &str,
+        draft_spec: Option<&str>,
+    ) -> Result<Self> {
+        let draft = || draft_spec.context("sd and amusd need a draft model");
+        Ok(match strategy {
+            Strategy::Ar => Self::Ar(InProcess::load(verify_spec, None, m)?),
+            Strategy::Sd => Self::Sd(InProcess::load(verify_spec, Some(draft()?), m)?),
+            Strategy::Amusd => Self::Amusd(Workers::start(m, verify_spec, draft()?)?),
+        })
+    }
+
     pub fn strategy(&self) -> Strategy {
         match self {
             Self::Ar(_) => Strategy::Ar,

@@ -69,9 +69,6 @@ impl<D: Decoder> Decoder for Timed<D> {
     fn capacity(&self) -> usize {
         self.inner.capacity()
     }
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
     fn reset(&mut self, len: usize) -> Result<(), SpecError> {
         self.inner.reset(len)
     }

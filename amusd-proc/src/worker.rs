@@ -7,11 +7,10 @@ use std::time::Duration;
 use amusd_model::{DeviceSpec, ModelSpec};
 use amusd_shm::{Region, Role, Shm, WorkerState};
 
-use crate::decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
-use crate::fake::{FakeDecoder, FakeModel};
-use crate::lookup::{NgramRange, NoModel};
-use crate::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
-use crate::SpecError;
+use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::lookup::{self, NoModel};
+use amusd_spec::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
+use amusd_spec::{Decoder, Drafter, LlamaDecoder, SpecError, Verifier};
 
 /// What a worker process is told on its command line.
 #[derive(Clone, Debug)]
@@ -19,17 +18,25 @@ pub struct WorkerConfig {
     pub region: String,
     pub model: String,
     pub device: String,
-    pub role: Role,
-    pub max_lookahead: usize,
-    pub max_verify_batch: usize,
-    pub wait_for_draft: Duration,
-    /// Draft: prompt lookup ahead of the model (`--lookup MIN-MAX`); a model spec `lookup[:MIN-MAX]`
-    /// makes the lookup draft alone instead.
-    pub lookup: Option<NgramRange>,
-    /// Draft: the longest lookup run proposed at once.
-    pub lookup_max_run: usize,
     /// Started by the coordinator: its parent must be the region's coordinator.
     pub supervised: bool,
+    pub role: RoleOptions,
+}
+
+/// The worker's role, with that role's options.
+#[derive(Clone, Debug)]
+pub enum RoleOptions {
+    Draft(DraftOptions),
+    Verify(VerifyOptions),
+}
+
+impl RoleOptions {
+    pub fn role(&self) -> Role {
+        match self {
+            Self::Draft(_) => Role::Draft,
+            Self::Verify(_) => Role::Verify,
+        }
+    }
 }
 
 /// How often a loading worker heartbeats.
@@ -37,7 +44,7 @@ const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Loads a real model (`PATH[:FORMAT]`) or a fake one (`fake:...`), returning it and a display name.
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
-    if let Some(range) = crate::lookup::parse_spec(spec) {
+    if let Some(range) = lookup::parse_spec(spec) {
         return Ok((Box::new(NoModel), format!("prompt lookup {}", range?)));
     }
     if FakeModel::is_fake(spec) {
@@ -50,8 +57,9 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
         return Ok((Box::new(FakeDecoder::new(m)), spec.to_string()));
     }
     let spec: ModelSpec = spec.parse()?;
-    let loaded = amusd_model::load(&spec)?;
-    Ok((Box::new(LlamaDecoder::new(loaded.llama)), loaded.name))
+    // Weights only: the coordinator tokenizes, a worker never does.
+    let (llama, name) = amusd_model::loader::load_weights(&spec)?;
+    Ok((Box::new(LlamaDecoder::new(llama)), name))
 }
 
 /// Why a worker stopped with an error.
@@ -101,39 +109,37 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
         .device
         .parse()
         .map_err(|e: amusd_model::ModelError| early(e.into()))?;
-    crate::bind::bind_current_process(device).map_err(early)?;
+    crate::bind::bind_current_process(device).map_err(|e| early(e.into()))?;
     let shm = Shm::attach(&cfg.region).map_err(|e| early(e.into()))?;
     let region = shm.region();
     let alive = coordinator_watch(region, cfg.supervised).map_err(early)?;
-    region.register_worker(cfg.role, &cfg.device, &cfg.model);
+    let role = cfg.role.role();
+    region.register_worker(role, &cfg.device, &cfg.model);
     let result = (|| {
-        region.set_worker_state(cfg.role, WorkerState::Loading);
-        let (decoder, name) = load_with_heartbeat(region, cfg.role, &cfg.model)?;
-        region.worker(cfg.role).model.set(&name);
-        match cfg.role {
-            Role::Draft => {
-                let mut drafter = with_lookup(Drafter::new(decoder), cfg)?;
-                run_draft(
-                    region,
-                    &mut drafter,
-                    &DraftOptions {
-                        max_lookahead: cfg.max_lookahead.max(1),
-                    },
-                    &*alive,
-                )
-            }
-            Role::Verify => {
-                let mut verifier = Verifier::new(decoder);
-                let opts = VerifyOptions {
-                    max_verify_batch: cfg.max_verify_batch.max(1),
-                    wait_for_draft: cfg.wait_for_draft,
+        region.set_worker_state(role, WorkerState::Loading);
+        let (decoder, name) = load_with_heartbeat(region, role, &cfg.model)?;
+        region.worker(role).model.set(&name);
+        match &cfg.role {
+            RoleOptions::Draft(opts) => {
+                let opts = DraftOptions {
+                    max_lookahead: opts.max_lookahead.max(1),
+                    lookup_max_run: opts.lookup_max_run.max(1),
+                    ..opts.clone()
                 };
-                run_verify(region, &mut verifier, &opts, &*alive)
+                let mut drafter = with_lookup(Drafter::new(decoder), &cfg.model, &opts)?;
+                run_draft(region, &mut drafter, &opts, &*alive)
+            }
+            RoleOptions::Verify(opts) => {
+                let opts = VerifyOptions {
+                    max_verify_batch: opts.max_verify_batch.max(1),
+                    ..opts.clone()
+                };
+                run_verify(region, &mut Verifier::new(decoder), &opts, &*alive)
             }
         }
     })();
     result.map_err(|error| {
-        region.worker(cfg.role).last_error.set(&error.to_string());
+        region.worker(role).last_error.set(&error.to_string());
         region.ring(amusd_shm::Party::Coordinator);
         WorkerFailure {
             error,
@@ -142,17 +148,17 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
     })
 }
 
-/// The draft worker's drafter with the lookup its configuration asks for: alone for a model spec
+/// The draft worker's drafter with the lookup it is asked for: alone for a model spec
 /// `lookup[:MIN-MAX]`, ahead of the model for `--lookup`.
 fn with_lookup<D: Decoder>(
     drafter: Drafter<D>,
-    cfg: &WorkerConfig,
+    model: &str,
+    opts: &DraftOptions,
 ) -> Result<Drafter<D>, SpecError> {
-    let max_run = cfg.lookup_max_run.max(1);
-    Ok(match crate::lookup::parse_spec(&cfg.model) {
-        Some(range) => drafter.with_lookup(range?, true, max_run),
-        None => match cfg.lookup {
-            Some(range) => drafter.with_lookup(range, false, max_run),
+    Ok(match lookup::parse_spec(model) {
+        Some(range) => drafter.with_lookup(range?, true, opts.lookup_max_run),
+        None => match opts.lookup {
+            Some(range) => drafter.with_lookup(range, false, opts.lookup_max_run),
             None => drafter,
         },
     })

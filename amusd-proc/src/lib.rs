@@ -1,0 +1,10 @@
+//! The operating-system side of amusd's processes: binding a process to its device, and the
+//! worker processes' main loop around the algorithm of `amusd-spec` (attaching to the region,
+//! loading the model with a heartbeat, following the coordinator's life, reporting errors).
+
+pub mod bind;
+pub mod worker;
+
+pub use amusd_spec::lookup::NgramRange;
+pub use amusd_spec::worker::{DraftOptions, VerifyOptions};
+pub use worker::{worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure};

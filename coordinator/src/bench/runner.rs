@@ -1,0 +1,574 @@
+//! Running the strategies over the samples: models loaded once per strategy, ar first (the
+//! reference), every other output checked against ar's as it is produced.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+
+use amusd_model::chat::Message;
+use amusd_model::loader::{load_text, ModelText};
+use amusd_proc::bind::SavedAffinity;
+use amusd_shm::TOKEN_CAPACITY;
+use amusd_spec::generate::check_fits;
+use amusd_spec::{Generation, RequestSampling, StopCriteria};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::datasets::{Dataset, Sample};
+use super::records::{write_records, Record};
+use super::report::{render_report, summarize};
+use super::timeline::{build_plot, render_svg};
+use super::BenchArgs;
+use crate::args::{sampling_label, ModelArgs, Strategy};
+use crate::backend::{bind_in_process, Backend, InProcess, Request, Trace, Workers};
+use crate::prompt::{check_same_vocabulary, encode_conversation};
+use crate::supervisor::INTERRUPTED;
+
+/// A sample with its first prompt tokenized.
+pub(super) struct Prepared {
+    pub(super) sample: Sample,
+    pub(super) first_prompt: Vec<u32>,
+}
+
+/// Everything one strategy produced.
+pub(super) struct Outcome {
+    pub(super) records: Vec<Record>,
+    /// The trace of the plotted sample's first turn.
+    pub(super) plot: Option<(Generation, Trace)>,
+}
+
+/// What a strategy run needs besides the backend.
+pub(super) struct RunContext<'a> {
+    pub(super) text: &'a ModelText,
+    pub(super) samples: &'a [Prepared],
+    pub(super) stop: StopCriteria,
+    pub(super) sampling: RequestSampling,
+    pub(super) dataset: String,
+    /// How sd and amusd draft (recorded with each of their generations).
+    pub(super) drafter: String,
+    pub(super) warmup: usize,
+    pub(super) plot_sample: Option<usize>,
+}
+
+impl RunContext<'_> {
+    pub(super) fn encode(&self, conversation: &[Message]) -> Result<Vec<u32>> {
+        encode_conversation(
+            &self.text.tokenizer,
+            self.text.chat_template.as_ref(),
+            conversation,
+            false,
+        )
+    }
+
+    /// One request on `backend`, the sampling the bench's.
+    pub(super) fn generate(
+        &self,
+        backend: &mut Backend,
+        prompt: &[u32],
+        stop: &StopCriteria,
+    ) -> Result<(Generation, Trace)> {
+        let request = Request {
+            prompt,
+            stop,
+            sampling: &self.sampling,
+        };
+        let c = backend.generate(&request, &mut |_| ControlFlow::Continue(()))?;
+        Ok((c.generation, c.trace))
+    }
+
+    /// Runs every sample (every turn) through `backend`. Stops at the first error (or Ctrl-C),
+    /// keeping what was done in `done`.
+    pub(super) fn run_strategy(
+        &self,
+        backend: &mut Backend,
+        pb: &ProgressBar,
+        reference: &HashMap<(usize, usize), Vec<u32>>,
+        mismatches: &mut Vec<String>,
+        done: &mut Outcome,
+    ) -> Result<()> {
+        let strategy = backend.strategy();
+        if let Some(first) = self.samples.first() {
+            let warm = StopCriteria {
+                stop_ids: self.stop.stop_ids.clone(),
+                max_new_tokens: self.stop.max_new_tokens.min(16),
+            };
+            for _ in 0..self.warmup {
+                self.generate(backend, &first.first_prompt, &warm)?;
+            }
+        }
+        for (k, p) in self.samples.iter().enumerate() {
+            let s = &p.sample;
+            let mut conversation = s.conversation.clone();
+            for turn in 1..=s.follow_ups.len() + 1 {
+                let prompt = if turn == 1 {
+                    p.first_prompt.clone()
+                } else {
+                    self.encode(&conversation)?
+                };
+                let (g, trace) =
+                    self.generate(backend, &prompt, &self.stop)
+                        .with_context(|| {
+                            format!(
+                                "{} failed on sample {} ({})",
+                                strategy.name(),
+                                s.index,
+                                s.id
+                            )
+                        })?;
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    bail!("interrupted");
+                }
+                if let Some(want) = reference.get(&(s.index, turn)) {
+                    if let Some(m) = mismatch(strategy, s, turn, want, &g.tokens) {
+                        pb.suspend(|| eprintln!("amusd: {m}"));
+                        mismatches.push(m);
+                    }
+                }
+                if turn <= s.follow_ups.len() {
+                    let answer = self.text.tokenizer.decode(&g.tokens, true)?;
+                    conversation.push(Message::assistant(answer));
+                    conversation.push(Message::user(s.follow_ups[turn - 1].clone()));
+                }
+                done.records.push(
+                    Record::of(
+                        s,
+                        turn,
+                        strategy,
+                        &self.dataset,
+                        prompt.len(),
+                        &self.sampling,
+                        &g,
+                    )
+                    .drafted_by(&self.drafter),
+                );
+                if turn == 1 && self.plot_sample == Some(k) {
+                    done.plot = Some((g, trace));
+                }
+            }
+            pb.inc(1);
+        }
+        Ok(())
+    }
+}
+
+/// Describes how `got` differs from the reference `want`, if it does.
+pub(super) fn mismatch(
+    strategy: Strategy,
+    s: &Sample,
+    turn: usize,
+    want: &[u32],
+    got: &[u32],
+) -> Option<String> {
+    if want == got {
+        return None;
+    }
+    let at = want
+        .iter()
+        .zip(got)
+        .position(|(a, b)| a != b)
+        .unwrap_or(want.len().min(got.len()));
+    let show = |t: &[u32]| {
+        t.get(at)
+            .map_or("the end".to_string(), |v| format!("token {v}"))
+    };
+    Some(format!(
+        "{} output differs from ar on sample {} ({}) turn {turn} at position {at}: ar has {}, {} has {} (lengths {} and {})",
+        strategy.name(),
+        s.index,
+        s.id,
+        show(want),
+        strategy.name(),
+        show(got),
+        want.len(),
+        got.len()
+    ))
+}
+
+/// What the options ask for, validated.
+pub(super) struct Plan {
+    /// ar first: it is the reference every other output is checked against as it is produced.
+    pub strategies: Vec<Strategy>,
+    pub dataset: Dataset,
+    pub dataset_name: String,
+    pub sampling: RequestSampling,
+}
+
+impl Plan {
+    pub fn new(args: &BenchArgs) -> Result<Self> {
+        let strategies: Vec<Strategy> = [Strategy::Ar, Strategy::Sd, Strategy::Amusd]
+            .into_iter()
+            .filter(|s| args.strategies.contains(s))
+            .collect();
+        if strategies.is_empty() {
+            bail!("no strategy: pass --strategies ar,sd,amusd (or a subset)");
+        }
+        if args.num_samples == Some(0) {
+            bail!("--num-samples 0 runs nothing; pass at least 1");
+        }
+        if args.max_new_tokens == 0 {
+            bail!("--max-new-tokens 0 generates nothing; pass at least 1");
+        }
+        let dataset = Dataset::parse(&args.dataset)?;
+        let sampling = args.sampling.resolve()?;
+        if !sampling.params.is_greedy() {
+            eprintln!("amusd: sampling with {}", sampling_label(&sampling));
+        }
+        Ok(Self {
+            strategies,
+            dataset_name: dataset.name(),
+            dataset,
+            sampling,
+        })
+    }
+}
+
+/// The models, loaded once: the text side of both, the backends.
+pub(super) struct Models {
+    pub(super) text: ModelText,
+    /// The longest request every strategy run can hold.
+    pub(super) capacity: usize,
+    pub(super) backends: Backends,
+}
+
+/// Where each strategy's backend comes from.
+pub(super) struct Backends {
+    verify_spec: String,
+    draft_spec: Option<String>,
+    /// ar and sd, in this process, sharing one verify model.
+    in_process: Option<InProcess>,
+    /// The affinity before binding to the verify core, given back to the amusd coordinator.
+    saved_affinity: Option<SavedAffinity>,
+}
+
+impl Models {
+    pub fn load(m: &ModelArgs, strategies: &[Strategy]) -> Result<Self> {
+        let runs = |s| strategies.contains(&s);
+        let in_process = runs(Strategy::Ar) || runs(Strategy::Sd);
+        let saved_affinity = SavedAffinity::current();
+        if in_process {
+            bind_in_process(m.verify_device()?)?;
+        }
+        crate::supervisor::install_signal_handlers();
+        let verify_spec = m.verify_spec()?;
+        let text = load_text(&verify_spec.parse()?).context("cannot load the verify model")?;
+        let draft_spec = if runs(Strategy::Sd) || runs(Strategy::Amusd) {
+            Some(m.draft_spec()?)
+        } else {
+            None
+        };
+        // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
+        // reserve the same positions in the draft), and amusd in the region's token buffer.
+        let mut capacity = text.context_length;
+        // Prompt lookup alone has no draft model, no context of its own.
+        if let Some(spec) = draft_spec
+            .as_ref()
+            .filter(|_| m.lookup_alone().ok().flatten().is_none())
+        {
+            let draft = load_text(&spec.parse()?).context("cannot load the draft model")?;
+            check_same_vocabulary(&text.tokenizer, &draft.tokenizer)?;
+            capacity = capacity.min(draft.context_length);
+        }
+        let in_process = if in_process {
+            let sd_draft = draft_spec.as_deref().filter(|_| runs(Strategy::Sd));
+            let p = InProcess::load(&verify_spec, sd_draft, m)?;
+            capacity = capacity.min(p.max_position());
+            Some(p)
+        } else {
+            None
+        };
+        if runs(Strategy::Amusd) {
+            capacity = capacity.min(TOKEN_CAPACITY);
+        }
+        Ok(Self {
+            text,
+            capacity,
+            backends: Backends {
+                verify_spec,
+                draft_spec,
+                in_process,
+                saved_affinity,
+            },
+        })
+    }
+}
+
+impl Backends {
+    /// The backend of `strategy`: the in-process models for ar and sd; for amusd, the workers
+    /// (the in-process models freed first, and this process unpinned).
+    pub(super) fn backend(
+        &mut self,
+        strategy: Strategy,
+        m: &ModelArgs,
+        pb: &ProgressBar,
+    ) -> Result<Backend> {
+        match strategy {
+            Strategy::Ar | Strategy::Sd => {
+                let p = self
+                    .in_process
+                    .take()
+                    .context("internal: no in-process models")?;
+                Ok(match strategy {
+                    Strategy::Ar => Backend::Ar(p),
+                    _ => Backend::Sd(p),
+                })
+            }
+            Strategy::Amusd => {
+                self.in_process = None;
+                if let Some(a) = &self.saved_affinity {
+                    a.restore();
+                }
+                let draft = self.draft_spec.as_deref().unwrap_or_default();
+                let workers = pb.suspend(|| Workers::start(m, &self.verify_spec, draft))?;
+                Ok(Backend::Amusd(workers))
+            }
+        }
+    }
+}
+
+/// The samples to run: the first `--num-samples` whose first prompt fits the context.
+pub(super) fn select_samples(
+    args: &BenchArgs,
+    plan: &Plan,
+    models: &Models,
+) -> Result<Vec<Prepared>> {
+    let (name, capacity, text) = (&plan.dataset_name, models.capacity, &models.text);
+    let all = plan.dataset.load()?;
+    let available = all.len();
+    let want = args.num_samples.unwrap_or(available);
+    let mut samples = Vec::new();
+    for sample in all {
+        if samples.len() == want {
+            break;
+        }
+        let first_prompt = encode_conversation(
+            &text.tokenizer,
+            text.chat_template.as_ref(),
+            &sample.conversation,
+            false,
+        )?;
+        if check_fits(capacity, first_prompt.len(), args.max_new_tokens).is_err() {
+            eprintln!(
+                "amusd: skipping sample {} ({}): {} prompt tokens + {} new tokens do not fit the context of {capacity}",
+                sample.index,
+                sample.id,
+                first_prompt.len(),
+                args.max_new_tokens
+            );
+            continue;
+        }
+        samples.push(Prepared {
+            sample,
+            first_prompt,
+        });
+    }
+    check_selection(args, name, samples.len(), want, available)?;
+    Ok(samples)
+}
+
+pub(super) fn check_selection(
+    args: &BenchArgs,
+    name: &str,
+    n: usize,
+    want: usize,
+    available: usize,
+) -> Result<()> {
+    if n == 0 {
+        bail!(
+            "no sample of {name} fits the context with --max-new-tokens {}",
+            args.max_new_tokens
+        );
+    }
+    if n < want && args.num_samples.is_some() {
+        eprintln!("amusd: {name} has only {n} usable samples of {available}; running those");
+    }
+    if args.plot.is_some() && args.plot_sample >= n {
+        bail!(
+            "--plot-sample {} is out of range: {n} samples are run (0..={})",
+            args.plot_sample,
+            n - 1
+        );
+    }
+    Ok(())
+}
+
+/// What every strategy produced, and the first error if one stopped the run.
+pub(super) struct Run {
+    pub(super) records: Vec<Record>,
+    pub(super) plots: Vec<(Strategy, (Generation, Trace))>,
+    pub(super) mismatches: Vec<String>,
+    /// ar's tokens by (sample index, turn).
+    pub(super) reference: HashMap<(usize, usize), Vec<u32>>,
+    pub(super) failure: Option<anyhow::Error>,
+}
+
+/// Runs every strategy in turn over the samples, stopping at the first error.
+pub(super) fn run_all(
+    args: &BenchArgs,
+    plan: &Plan,
+    models: Models,
+    samples: &[Prepared],
+) -> Result<Run> {
+    let Models {
+        text,
+        backends: mut from,
+        ..
+    } = models;
+    let ctx = RunContext {
+        text: &text,
+        samples,
+        stop: StopCriteria {
+            stop_ids: text.eos_ids.clone(),
+            max_new_tokens: args.max_new_tokens,
+        },
+        sampling: plan.sampling,
+        dataset: plan.dataset_name.clone(),
+        drafter: args.models.drafter_label(),
+        warmup: args.warmup,
+        plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
+    };
+    let pb = progress_bar((samples.len() * plan.strategies.len()) as u64)?;
+    let mut run = Run {
+        records: Vec::new(),
+        plots: Vec::new(),
+        mismatches: Vec::new(),
+        reference: HashMap::new(),
+        failure: None,
+    };
+    for &strategy in &plan.strategies {
+        pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
+        let mut done = Outcome {
+            records: Vec::new(),
+            plot: None,
+        };
+        let result = from
+            .backend(strategy, &args.models, &pb)
+            .and_then(|mut backend| {
+                let r = ctx.run_strategy(
+                    &mut backend,
+                    &pb,
+                    &run.reference,
+                    &mut run.mismatches,
+                    &mut done,
+                );
+                from.in_process = backend.into_in_process();
+                r
+            });
+        if strategy == Strategy::Ar {
+            for r in &done.records {
+                run.reference
+                    .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
+            }
+        }
+        run.records.extend(done.records);
+        run.plots.extend(done.plot.map(|p| (strategy, p)));
+        if let Err(e) = result {
+            run.failure = Some(e);
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(run)
+}
+
+pub(super) fn progress_bar(len: u64) -> Result<ProgressBar> {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg:>14} [{bar:30}] {pos}/{len} samples, {elapsed_precise} (eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(pb)
+}
+
+/// Writes the records and the plot, prints the table, and says whether every output equalled ar's.
+pub(super) fn conclude(
+    args: &BenchArgs,
+    plan: &Plan,
+    samples: &[Prepared],
+    run: Run,
+) -> Result<ExitCode> {
+    if let Some(path) = &args.output {
+        write_records(path, &run.records)?;
+    }
+    if let Some(e) = run.failure {
+        let kept = match &args.output {
+            Some(p) if !run.records.is_empty() => format!(
+                " ({} finished generations written to {})",
+                run.records.len(),
+                p.display()
+            ),
+            _ => String::new(),
+        };
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            eprintln!("amusd: interrupted{kept}");
+            return Ok(ExitCode::from(130));
+        }
+        return Err(e.context(format!("bench stopped{kept}")));
+    }
+    if let Some(path) = &args.plot {
+        write_plot(path, args, plan, samples, &run.plots)?;
+    }
+    print!("{}", render_report(&summarize(&run.records), false));
+    let checked = run
+        .records
+        .iter()
+        .filter(|r| r.strategy != "ar" && run.reference.contains_key(&(r.sample_index, r.turn)))
+        .count();
+    if !run.mismatches.is_empty() {
+        eprintln!(
+            "amusd: exactness FAILED: {} of {checked} outputs differ from ar's (listed above)",
+            run.mismatches.len()
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if checked > 0 {
+        eprintln!("amusd: exactness: all {checked} sd/amusd outputs equal ar's");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn write_plot(
+    path: &std::path::Path,
+    args: &BenchArgs,
+    plan: &Plan,
+    samples: &[Prepared],
+    plots: &[(Strategy, (Generation, Trace))],
+) -> Result<()> {
+    let s = &samples[args.plot_sample].sample;
+    let title = format!(
+        "{} sample {} ({}), turn 1, max {} new tokens",
+        plan.dataset_name, s.index, s.id, args.max_new_tokens
+    );
+    let plots: Vec<_> = plots
+        .iter()
+        .map(|(st, (g, t))| build_plot(*st, g, t))
+        .collect();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+    }
+    std::fs::write(path, render_svg(&title, &plots))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mismatch_names_the_first_difference() {
+        let s = Sample {
+            index: 3,
+            id: "x".into(),
+            conversation: vec![],
+            follow_ups: vec![],
+        };
+        assert!(mismatch(Strategy::Sd, &s, 1, &[1, 2], &[1, 2]).is_none());
+        let m = mismatch(Strategy::Sd, &s, 1, &[1, 2, 3], &[1, 5]).unwrap_or_default();
+        assert!(m.contains("position 1"), "{m}");
+        let m = mismatch(Strategy::Sd, &s, 1, &[1, 2], &[1, 2, 3]).unwrap_or_default();
+        assert!(m.contains("position 2") && m.contains("the end"), "{m}");
+    }
+}
