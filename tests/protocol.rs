@@ -23,20 +23,33 @@ struct Case {
     max_lookahead: usize,
     max_verify_batch: usize,
     prompt: Vec<u32>,
+    /// The fake models' `pos=0`: text that repeats itself, prompt lookup's best case.
+    repeating: bool,
 }
 
 impl Case {
     fn verify_spec(&self) -> String {
         format!(
-            "fake:vocab={},seed={},eos_every={},us={}",
-            self.vocab, self.seed, self.eos_every, self.verify_us
+            "fake:vocab={},seed={},eos_every={},us={},pos={}{}",
+            self.vocab,
+            self.seed,
+            self.eos_every,
+            self.verify_us,
+            u8::from(!self.repeating),
+            // Repeating text with a few breaks, where long lookup runs go wrong part-way.
+            if self.repeating { ",err=0.03" } else { "" }
         )
     }
 
     fn draft_spec(&self) -> String {
         format!(
-            "fake:vocab={},seed={},eos_every={},err={},us={}",
-            self.vocab, self.seed, self.eos_every, self.err, self.draft_us
+            "fake:vocab={},seed={},eos_every={},err={},us={},pos={}",
+            self.vocab,
+            self.seed,
+            self.eos_every,
+            self.err,
+            self.draft_us,
+            u8::from(!self.repeating)
         )
     }
 
@@ -84,34 +97,39 @@ impl Case {
 
     /// Runs the case and checks the tokens; returns the run's metrics.
     fn check(&self, name: &str) -> serde_json::Value {
+        self.check_with(name, None, &[])
+    }
+
+    /// [`check`](Self::check) with another draft spec (`lookup:...`) or more options.
+    fn check_with(&self, name: &str, draft: Option<&str>, extra: &[&str]) -> serde_json::Value {
         let (expected, finish) = self.expected();
         let prompt_ids: Vec<String> = self.prompt.iter().map(|t| t.to_string()).collect();
-        let (verify, draft) = (self.verify_spec(), self.draft_spec());
+        let verify = self.verify_spec();
+        let draft = draft.map_or_else(|| self.draft_spec(), str::to_string);
         let lookahead = self.max_lookahead.to_string();
         let batch = self.max_verify_batch.to_string();
         let max_new = MAX_NEW.to_string();
         let prompt_ids = prompt_ids.join(",");
-        let run = amusd_run(
-            &[
-                "generate",
-                "--strategy",
-                "amusd",
-                "--verify-model",
-                &verify,
-                "--draft-model",
-                &draft,
-                "--prompt-ids",
-                &prompt_ids,
-                "--max-new-tokens",
-                &max_new,
-                "--max-lookahead",
-                &lookahead,
-                "--max-verify-batch",
-                &batch,
-                "--json",
-            ],
-            Duration::from_secs(120),
-        );
+        let mut args = vec![
+            "generate",
+            "--strategy",
+            "amusd",
+            "--verify-model",
+            &verify,
+            "--draft-model",
+            &draft,
+            "--prompt-ids",
+            &prompt_ids,
+            "--max-new-tokens",
+            &max_new,
+            "--max-lookahead",
+            &lookahead,
+            "--max-verify-batch",
+            &batch,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let run = amusd_run(&args, Duration::from_secs(120));
         let out = run.json();
         let got = amusd_e2e::tokens_of(&out);
         if got != expected {
@@ -186,6 +204,7 @@ fn amusd_equals_greedy_across_seeds_error_rates_and_limits() {
             max_lookahead: la,
             max_verify_batch: batch,
             prompt: prompt(seed, plen, vocab),
+            repeating: false,
         };
         let name = format!("run {i} (seed {seed}, err {err}, lookahead {la}, batch {batch})");
         // With an instant verify model the request may end before the draft worker is scheduled;
@@ -216,6 +235,7 @@ fn slow_draft() {
         max_lookahead: 8,
         max_verify_batch: 16,
         prompt: vec![1, 2, 3],
+        repeating: false,
     }
     .check_drafted("slow draft");
 }
@@ -232,10 +252,69 @@ fn slow_verify() {
         max_lookahead: 8,
         max_verify_batch: 16,
         prompt: vec![1, 2, 3],
+        repeating: false,
     }
     .check_drafted("slow verify");
     assert!(
         proposed > 0,
         "slow verify: no draft token was proposed to verification"
     );
+}
+
+/// Prompt lookup through the binaries: drafting alone (`--draft-model lookup:3-4`, the draft
+/// worker loads no model) and ahead of the model (`--draft-lookup`), on text that repeats itself
+/// with the verify model's errors breaking long runs, and on text that does not. Every run commits
+/// exactly the greedy tokens; on repeating text the lookup's tokens are proposed and accepted.
+#[test]
+fn prompt_lookup_alone_and_ahead_of_the_model() {
+    for (i, repeating) in [true, false].into_iter().enumerate() {
+        let case = Case {
+            seed: 31 + i as u64,
+            vocab: if repeating { 8 } else { 512 },
+            eos_every: 0,
+            err: 0.05,
+            draft_us: 100,
+            // A verify step slow next to a lookup (which takes microseconds), so that the draft
+            // is there when the verify worker looks, however loaded the machine.
+            verify_us: 2000,
+            max_lookahead: 8,
+            max_verify_batch: 16,
+            prompt: prompt(31, 12, if repeating { 8 } else { 512 }),
+            repeating,
+        };
+        for (how, draft, extra) in [
+            // Suffixes of 3 or 4 tokens: the fake model's next token depends on the last 3.
+            ("alone", Some("lookup:3-4"), &[][..]),
+            (
+                "ahead of the model",
+                None,
+                &["--draft-lookup=3-4", "--lookup-max-run", "24"][..],
+            ),
+        ] {
+            let name = format!("lookup {how}, repeating {repeating}");
+            let m = case.check_with(&name, draft, extra);
+            let n = |k: &str| {
+                m[k].as_u64()
+                    .unwrap_or_else(|| panic!("{name}: no {k} in {m}"))
+            };
+            assert!(n("accepted_lookup") <= n("proposed_lookup"), "{name}: {m}");
+            if draft.is_some() {
+                assert_eq!(
+                    n("proposed_model"),
+                    0,
+                    "{name}: no model, no model tokens: {m}"
+                );
+            }
+            if repeating {
+                // Not all of it: the verify model's errors are copied by later lookups too, and
+                // ahead of the model the lookup drafts only after a streak of right guesses.
+                let share = if draft.is_some() { 3 } else { 5 };
+                assert!(
+                    n("accepted_lookup") * share > MAX_NEW as u64,
+                    "{name}: 1/{share} of the tokens should come from the lookup: {m}"
+                );
+                eprintln!("{name}: {m}");
+            }
+        }
+    }
 }

@@ -190,6 +190,51 @@ fn ar_sd_and_amusd_are_token_identical_on_humaneval_and_mt_bench() {
     );
 }
 
+/// Prompt lookup, alone and ahead of the draft model, changes no token: on a request to re-type
+/// code (where the lookup's drafts are accepted) and on a HumanEval prompt, ar = sd = amusd.
+#[test]
+fn prompt_lookup_alone_and_combined_is_token_identical() {
+    const MAX_NEW: usize = 48;
+    require_default_model();
+    let code = "def mean(values):\n    total = 0\n    for v in values:\n        total += v\n    return total / len(values)\n";
+    let prompts = [
+        format!(
+            "Add a docstring to this function and show the whole function:\n```python\n{code}```"
+        ),
+        humaneval_prompts(1).remove(0),
+    ];
+    for (k, prompt) in prompts.iter().enumerate() {
+        let expected = generate("ar", prompt, MAX_NEW).tokens();
+        for strategy in ["sd", "amusd"] {
+            for how in [
+                &["--draft-model", "lookup:2-4"][..],
+                &["--draft-lookup"][..],
+            ] {
+                let run = generate_with(strategy, prompt, MAX_NEW, how);
+                let got = run.tokens();
+                assert_eq!(
+                    got,
+                    expected,
+                    "prompt {k}, {strategy} {how:?}: {}",
+                    run.describe()
+                );
+                let m = &run.json()["metrics"];
+                let n = |key: &str| m[key].as_u64().unwrap_or_else(|| panic!("no {key} in {m}"));
+                assert!(n("accepted_lookup") <= n("proposed_lookup"), "{m}");
+                if k == 0 {
+                    assert!(
+                        n("accepted_lookup") >= 8,
+                        "{strategy} {how:?}: the code is re-typed, the lookup should draft it: {m}"
+                    );
+                }
+                if how[0] == "--draft-model" {
+                    assert_eq!(n("proposed_model"), 0, "{strategy} {how:?}: {m}");
+                }
+            }
+        }
+    }
+}
+
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
 /// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.

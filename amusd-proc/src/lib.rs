@@ -5,5 +5,6 @@
 pub mod bind;
 pub mod worker;
 
+pub use amusd_spec::lookup::NgramRange;
 pub use amusd_spec::worker::{DraftOptions, VerifyOptions};
 pub use worker::{worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure};

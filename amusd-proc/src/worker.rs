@@ -8,6 +8,7 @@ use amusd_model::{DeviceSpec, ModelSpec};
 use amusd_shm::{Region, Role, Shm, WorkerState};
 
 use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::lookup::{self, NoModel};
 use amusd_spec::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
 use amusd_spec::{Decoder, Drafter, LlamaDecoder, SpecError, Verifier};
 
@@ -43,6 +44,9 @@ const LOAD_HEARTBEAT: Duration = Duration::from_millis(100);
 
 /// Loads a real model (`PATH[:FORMAT]`) or a fake one (`fake:...`), returning it and a display name.
 pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
+    if let Some(range) = lookup::parse_spec(spec) {
+        return Ok((Box::new(NoModel), format!("prompt lookup {}", range?)));
+    }
     if FakeModel::is_fake(spec) {
         let m = FakeModel::parse(spec)?;
         // Stands for reading and packing weights: CPU work, as the loading heartbeat expects.
@@ -119,8 +123,11 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
             RoleOptions::Draft(opts) => {
                 let opts = DraftOptions {
                     max_lookahead: opts.max_lookahead.max(1),
+                    lookup_max_run: opts.lookup_max_run.max(1),
+                    ..opts.clone()
                 };
-                run_draft(region, &mut Drafter::new(decoder), &opts, &*alive)
+                let mut drafter = with_lookup(Drafter::new(decoder), &cfg.model, &opts)?;
+                run_draft(region, &mut drafter, &opts, &*alive)
             }
             RoleOptions::Verify(opts) => {
                 let opts = VerifyOptions {
@@ -138,6 +145,22 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
             error,
             in_region: true,
         }
+    })
+}
+
+/// The draft worker's drafter with the lookup it is asked for: alone for a model spec
+/// `lookup[:MIN-MAX]`, ahead of the model for `--lookup`.
+fn with_lookup<D: Decoder>(
+    drafter: Drafter<D>,
+    model: &str,
+    opts: &DraftOptions,
+) -> Result<Drafter<D>, SpecError> {
+    Ok(match lookup::parse_spec(model) {
+        Some(range) => drafter.with_lookup(range?, true, opts.lookup_max_run),
+        None => match opts.lookup {
+            Some(range) => drafter.with_lookup(range, false, opts.lookup_max_run),
+            None => drafter,
+        },
     })
 }
 

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -134,6 +134,23 @@ u32_enum! {
         /// instant (start = end): the prefill itself runs in the steps that follow (in chunks,
         /// then with the first verification), which carry its time.
         Prefill = 5,
+        /// The draft worker's prompt lookup drafted `count` tokens at `position` at once (layout
+        /// 3).
+        LookupDraft = 6,
+        /// Of the `VerifyStep` just before it (same `position`): `count` of its proposed tokens
+        /// came from prompt lookup, `accepted` of them were accepted (layout 3). Pushed only when
+        /// `count > 0`.
+        LookupVerified = 7,
+    }
+}
+
+u32_enum! {
+    /// [`DraftBuffer::sources`]: where a draft token came from (layout 3).
+    pub enum TokenSource {
+        /// The draft model (and every prompt or adopted committed token).
+        Model = 0,
+        /// Prompt lookup: copied from what followed an earlier occurrence of the context's suffix.
+        Lookup = 1,
     }
 }
 
@@ -368,6 +385,11 @@ pub struct DraftBuffer {
     /// `draft_len` (Relaxed) before the Release store of the new `draft_len`; rewrites store any
     /// slot (Relaxed) inside the odd epoch. Reader: verify worker, Relaxed, in a seqlock read.
     pub tokens: [AtomicU32; TOKEN_CAPACITY],
+    /// [`TokenSource`] of each slot of `tokens` (layout 3), so the verify worker can count accepted
+    /// tokens by source. Writer: draft worker, with the slot in `tokens` and under the same rules
+    /// (appends before the Release store of `draft_len`, rewrites inside the odd epoch). Reader:
+    /// verify worker, Relaxed, in the same seqlock read as the tokens.
+    pub sources: [AtomicU32; TOKEN_CAPACITY],
 }
 
 /// One worker's status block. Writer: the worker itself (Relaxed unless said otherwise), except
@@ -529,10 +551,10 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 2);
+        assert_eq!(LAYOUT_VERSION, 3);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 460_544);
+        assert_eq!(size_of::<Region>(), 493_312);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 
@@ -540,9 +562,9 @@ mod tests {
         assert_eq!(offset_of!(Region, request), 128);
         assert_eq!(offset_of!(Region, verified), 512);
         assert_eq!(offset_of!(Region, draft), 33_344);
-        assert_eq!(offset_of!(Region, workers), 66_176);
-        assert_eq!(offset_of!(Region, draft_events), 67_200);
-        assert_eq!(offset_of!(Region, verify_events), 263_872);
+        assert_eq!(offset_of!(Region, workers), 98_944);
+        assert_eq!(offset_of!(Region, draft_events), 99_968);
+        assert_eq!(offset_of!(Region, verify_events), 296_640);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);
@@ -571,6 +593,7 @@ mod tests {
         assert_eq!(offset_of!(DraftBuffer, draft_epoch), 8);
         assert_eq!(offset_of!(DraftBuffer, draft_len), 12);
         assert_eq!(offset_of!(DraftBuffer, tokens), 16);
+        assert_eq!(offset_of!(DraftBuffer, sources), 32_784);
 
         assert_eq!(size_of::<WorkerStatus>(), 512);
         assert_eq!(offset_of!(WorkerStatus, pid), 0);

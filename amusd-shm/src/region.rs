@@ -124,6 +124,8 @@ pub struct DraftSnapshot {
     pub from: usize,
     /// Draft tokens at positions `from..min(len, from + max)`.
     pub tokens: Vec<u32>,
+    /// Where each of `tokens` came from (a value this build never writes reads as the model).
+    pub sources: Vec<TokenSource>,
 }
 
 /// A copy of a worker's status block.
@@ -259,6 +261,14 @@ fn load_range(slots: &[AtomicU32], from: usize, to: usize) -> Vec<u32> {
         .iter()
         .map(|t| t.load(Ordering::Relaxed))
         .collect()
+}
+
+/// Stores the sources of `n` slots from `from`; slots past `sources` get [`TokenSource::Model`].
+fn store_sources(slots: &[AtomicU32], from: usize, n: usize, sources: &[TokenSource]) {
+    for (i, slot) in slots[from..from + n].iter().enumerate() {
+        let s = sources.get(i).copied().unwrap_or(TokenSource::Model);
+        slot.store(s.as_u32(), Ordering::Relaxed);
+    }
 }
 
 fn store_range(slots: &[AtomicU32], from: usize, tokens: &[u32]) {
@@ -674,6 +684,16 @@ impl Region {
     /// length. Fails if the buffer would overflow, or if the epoch is odd (a previous draft worker
     /// died mid-rewrite: begin with [`draft_rewrite`](Self::draft_rewrite)).
     pub fn draft_append(&self, tokens: &[u32]) -> Result<usize, ShmError> {
+        self.draft_append_from(tokens, &[])
+    }
+
+    /// [`draft_append`](Self::draft_append) with each token's source (`sources[i]` for
+    /// `tokens[i]`; tokens without one are [`TokenSource::Model`]), stored with the slots.
+    pub fn draft_append_from(
+        &self,
+        tokens: &[u32],
+        sources: &[TokenSource],
+    ) -> Result<usize, ShmError> {
         let d = &self.draft;
         let epoch = d.draft_epoch.load(Ordering::Relaxed);
         if epoch & 1 == 1 {
@@ -689,6 +709,7 @@ impl Region {
             });
         }
         store_range(&d.tokens, cur, tokens);
+        store_sources(&d.sources, cur, tokens.len(), sources);
         d.draft_len.store(end as u32, Ordering::Release);
         futex_wake(&d.draft_len);
         self.ring(Party::Verify);
@@ -711,6 +732,18 @@ impl Region {
         from: usize,
         tokens: &[u32],
     ) -> Result<usize, ShmError> {
+        self.draft_rewrite_from(request_id, from, tokens, &[])
+    }
+
+    /// [`draft_rewrite`](Self::draft_rewrite) with each token's source, as
+    /// [`draft_append_from`](Self::draft_append_from).
+    pub fn draft_rewrite_from(
+        &self,
+        request_id: u64,
+        from: usize,
+        tokens: &[u32],
+        sources: &[TokenSource],
+    ) -> Result<usize, ShmError> {
         let d = &self.draft;
         let cur = (d.draft_len.load(Ordering::Relaxed) as usize).min(TOKEN_CAPACITY);
         if from > cur {
@@ -727,6 +760,7 @@ impl Region {
         let odd = seq_open(&d.draft_epoch);
         d.draft_request_id.store(request_id, Ordering::Relaxed);
         store_range(&d.tokens, from, tokens);
+        store_sources(&d.sources, from, tokens.len(), sources);
         d.draft_len.store(end as u32, Ordering::Relaxed);
         seq_close(&d.draft_epoch, odd);
         futex_wake(&d.draft_len);
@@ -772,6 +806,10 @@ impl Region {
                 len,
                 from,
                 tokens: load_range(&d.tokens, from, to),
+                sources: load_range(&d.sources, from, to)
+                    .into_iter()
+                    .map(|v| TokenSource::from_u32(v).unwrap_or(TokenSource::Model))
+                    .collect(),
             }
         })
     }
@@ -1176,6 +1214,26 @@ mod tests {
             r.publish_verified(4, &big),
             Err(ShmError::CapacityExceeded { .. })
         ));
+    }
+
+    #[test]
+    fn draft_sources_travel_with_their_tokens() {
+        use TokenSource::{Lookup, Model};
+        let r = region();
+        r.draft_rewrite_from(2, 0, &[1, 2, 3], &[Model, Model, Lookup])
+            .unwrap();
+        r.draft_append_from(&[4, 5], &[Lookup]).unwrap();
+        let s = r.read_draft(1, 10).unwrap();
+        assert_eq!(s.tokens, vec![2, 3, 4, 5]);
+        assert_eq!(
+            s.sources,
+            vec![Model, Lookup, Lookup, Model],
+            "unsaid: model"
+        );
+        // A rollback rewrites the sources with the tokens.
+        r.draft_rewrite_from(2, 2, &[30], &[Model]).unwrap();
+        r.draft_append(&[6]).unwrap();
+        assert_eq!(r.read_draft(0, 10).unwrap().sources, vec![Model; 4]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
+use crate::lookup::{Lookup, NgramRange, Source};
 use crate::sampling::Sampler;
 use crate::SpecError;
 
@@ -209,6 +210,13 @@ pub struct Drafter<D: Decoder> {
     seq: Vec<u32>,
     /// `seq[..agreed]` is known to equal the committed tokens.
     agreed: usize,
+    /// Prompt lookup, drafting alone or ahead of the model (see [`crate::lookup`]); kept in step
+    /// with `seq`.
+    lookup: Option<Lookup>,
+    /// Whether the model drafts: false when the lookup drafts alone (the decoder is [`NoModel`]).
+    ///
+    /// [`NoModel`]: crate::lookup::NoModel
+    model: bool,
 }
 
 impl<D: Decoder> Drafter<D> {
@@ -221,6 +229,37 @@ impl<D: Decoder> Drafter<D> {
             sampler: Sampler::default(),
             seq: Vec::new(),
             agreed: 0,
+            lookup: None,
+            model: true,
+        }
+    }
+
+    /// Adds prompt lookup: `alone`, it is the only drafter (the model is never run); otherwise a
+    /// lookup run goes first wherever its gate allows one, and the model drafts the rest.
+    /// `max_run` bounds one lookup run.
+    pub fn with_lookup(mut self, range: NgramRange, alone: bool, max_run: usize) -> Self {
+        self.lookup = Some(Lookup::new(range, alone, max_run));
+        self.model = !alone;
+        self
+    }
+
+    /// Where the token at `position` came from (the model for committed tokens it adopted).
+    pub fn source(&self, position: usize) -> Source {
+        self.lookup
+            .as_ref()
+            .map_or(Source::Model, |l| l.source(position))
+    }
+
+    /// The sources of the sequence's tokens from `from` on.
+    pub fn sources(&self, from: usize) -> Vec<Source> {
+        (from..self.seq.len()).map(|p| self.source(p)).collect()
+    }
+
+    /// Appends to the sequence, keeping the lookup in step.
+    fn push(&mut self, token: u32, source: Source, guess: Option<u32>) {
+        self.seq.push(token);
+        if let Some(l) = self.lookup.as_mut() {
+            l.push(token, source, guess);
         }
     }
 
@@ -230,6 +269,9 @@ impl<D: Decoder> Drafter<D> {
         self.seq.clear();
         self.seq.extend_from_slice(prompt);
         self.agreed = prompt.len();
+        if let Some(l) = self.lookup.as_mut() {
+            l.start(prompt);
+        }
         Ok(())
     }
 
@@ -249,13 +291,23 @@ impl<D: Decoder> Drafter<D> {
         let mut rollback_to = None;
         let common = self.seq.len().min(committed.len());
         let from = self.agreed.min(common);
-        if let Some(p) = (from..common).find(|&p| self.seq[p] != committed[p]) {
+        let diverged = (from..common).find(|&p| self.seq[p] != committed[p]);
+        if let Some(l) = self.lookup.as_mut() {
+            // Guesses past a divergence were made on a wrong prefix: they say nothing.
+            l.score(committed, from..diverged.map_or(common, |p| p + 1));
+        }
+        if let Some(p) = diverged {
             self.seq.truncate(p);
             self.decoder.truncate(p);
+            if let Some(l) = self.lookup.as_mut() {
+                l.truncate(p);
+            }
             rollback_to = Some(p);
         }
         if committed.len() > self.seq.len() {
-            self.seq.extend_from_slice(&committed[self.seq.len()..]);
+            for &t in &committed[self.seq.len()..] {
+                self.push(t, Source::Model, None);
+            }
         }
         self.agreed = committed.len();
         rollback_to
@@ -263,11 +315,59 @@ impl<D: Decoder> Drafter<D> {
 
     /// Feeds the cache up to `max` positions of the sequence it lacks (as [`Verifier::prefill`]).
     pub fn prefill(&mut self, max: usize) -> Result<usize, SpecError> {
+        if !self.model {
+            return Ok(0);
+        }
         prefill_chunk(&mut self.decoder, &self.seq, max)
+    }
+
+    /// Positions of the sequence the model has yet to see (0 without a model).
+    pub fn pending_prefill(&self) -> usize {
+        if self.model {
+            self.seq.len().saturating_sub(self.decoder.cached())
+        } else {
+            0
+        }
+    }
+
+    /// Drafts what comes next: a lookup run where the lookup has a match and its gate allows one,
+    /// else one model token. Model tokens stop `lookahead` ahead of `committed_len`; a lookup run
+    /// may reach as far as the gate's cap when that is longer (a run the lookup has earned is
+    /// cheap to verify in one forward). Nothing is drafted at or past `max_len`, nor after a stop
+    /// token in a lookup run. Returns how many tokens were drafted (0: nothing to draft) and by
+    /// which source.
+    pub fn extend(
+        &mut self,
+        committed_len: usize,
+        lookahead: usize,
+        max_len: usize,
+        stop_ids: &[u32],
+    ) -> Result<(usize, Source), SpecError> {
+        let ahead = self.ahead(committed_len);
+        let left = max_len.saturating_sub(self.seq.len());
+        let room = |limit: usize| limit.saturating_sub(ahead).min(left);
+        let run = match &self.lookup {
+            Some(l) => l.propose(room(lookahead.max(l.cap())), stop_ids),
+            None => Vec::new(),
+        };
+        if !run.is_empty() {
+            for &t in &run {
+                self.push(t, Source::Lookup, Some(t));
+            }
+            return Ok((run.len(), Source::Lookup));
+        }
+        if self.model && room(lookahead) > 0 {
+            self.draft_one()?;
+            return Ok((1, Source::Model));
+        }
+        Ok((0, Source::Model))
     }
 
     /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).
     pub fn draft_one(&mut self) -> Result<u32, SpecError> {
+        // What the lookup would have proposed here, scored once the position is committed, so a
+        // closed gate can reopen.
+        let guess = self.lookup.as_ref().and_then(Lookup::guess);
         let start = self.decoder.cached().min(self.seq.len() - 1);
         let input = &self.seq[start..];
         let last = input.len() - 1;
@@ -276,7 +376,7 @@ impl<D: Decoder> Drafter<D> {
             .next_tokens(input, start, last, &mut self.sampler)?
             .last()
             .ok_or_else(|| SpecError::Protocol("decoder returned no token".into()))?;
-        self.seq.push(tok);
+        self.push(tok, Source::Model, guess);
         Ok(tok)
     }
 }

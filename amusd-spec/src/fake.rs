@@ -27,6 +27,10 @@ pub struct FakeModel {
     /// Simulated model loading time, in milliseconds (`load_ms=`), so tests can act on a worker
     /// while it loads or while the other one does.
     pub load_ms: u64,
+    /// Whether the true token depends on the position too (`pos=1`, the default). With `pos=0` it
+    /// depends on the last three tokens only, so text repeats itself as soon as three tokens do:
+    /// prompt lookup's best case (its errors, `err`, still fall by position).
+    pub positional: bool,
 }
 
 impl Default for FakeModel {
@@ -40,6 +44,7 @@ impl Default for FakeModel {
             eos_every: 0,
             capacity: 1 << 16,
             load_ms: 0,
+            positional: true,
         }
     }
 }
@@ -53,7 +58,7 @@ fn mix(mut x: u64) -> u64 {
 }
 
 impl FakeModel {
-    /// Parses `fake:vocab=512,seed=7,err=0.3,us=200,eos_every=64`.
+    /// Parses `fake:vocab=512,seed=7,err=0.3,us=200,eos_every=64,pos=0`.
     pub fn parse(spec: &str) -> Result<Self, SpecError> {
         let bad = || SpecError::FakeSpec(spec.to_string());
         let rest = spec.strip_prefix("fake").ok_or_else(bad)?;
@@ -70,6 +75,7 @@ impl FakeModel {
                 "eos_every" => m.eos_every = v.parse().map_err(|_| bad())?,
                 "ctx" => m.capacity = v.parse().map_err(|_| bad())?,
                 "load_ms" => m.load_ms = v.parse().map_err(|_| bad())?,
+                "pos" => m.positional = v.parse::<u8>().map_err(|_| bad())? != 0,
                 _ => return Err(bad()),
             }
         }
@@ -84,7 +90,11 @@ impl FakeModel {
     }
 
     fn context_hash(&self, context: &[u32]) -> u64 {
-        let n = context.len() as u64;
+        let n = if self.positional {
+            context.len() as u64
+        } else {
+            0
+        };
         let mut h = mix(self.seed ^ n.wrapping_mul(0x9e3779b97f4a7c15));
         for &t in context.iter().rev().take(3) {
             h = mix(h ^ t as u64);
@@ -127,7 +137,13 @@ impl FakeModel {
             }
         };
         if self.err > 0.0 {
-            let e = mix(h ^ 0x5bd1e995 ^ self.seed.rotate_left(17));
+            // Errors fall by position in either mode (positional hashes include it already).
+            let at = if self.positional {
+                h
+            } else {
+                mix(h ^ (context.len() as u64).wrapping_mul(0xd6e8feb86659fd93))
+            };
+            let e = mix(at ^ 0x5bd1e995 ^ self.seed.rotate_left(17));
             if (e as f64 / u64::MAX as f64) < self.err {
                 let wrong = (truth + 1 + (e % (self.vocab as u64 - 1)) as u32) % self.vocab;
                 return wrong;
@@ -226,7 +242,7 @@ impl Decoder for FakeDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::{Drafter, Verifier};
+    use crate::decoder::{Decoder, Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
     use crate::sampling::{RequestSampling, SamplingParams};
@@ -285,6 +301,103 @@ mod tests {
             prop_assert!(sd.tokens.len() <= max_new);
             prop_assert!(!sd.tokens.contains(&truth.eos));
         }
+    }
+
+    /// A prompt of `period` tokens repeated: lookup finds matches from the first drafted token.
+    fn periodic_prompt(seed: u64, period: usize, len: usize, vocab: u32) -> Vec<u32> {
+        let p = prompt(seed, period, vocab);
+        (0..len).map(|i| p[i % period]).collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// With prompt lookup drafting alone or ahead of the model, sd still commits exactly the
+        /// autoregressive tokens: on text that repeats itself (`pos=0`, long right runs broken by
+        /// the verify model's positional errors: long wrong runs) and on text that does not.
+        #[test]
+        fn sd_with_lookup_equals_ar(
+            seed: u64, positional: bool, alone: bool, err in 0.0f64..0.3, lookahead in 1usize..8,
+            min in 1usize..4, extra in 0usize..3, max_run in 1usize..40, plen in 1usize..60,
+            max_new in 0usize..120, sampling in any_sampling(),
+        ) {
+            let truth = FakeModel { seed, vocab: 12, eos_every: 90, positional, err, ..Default::default() };
+            let p = periodic_prompt(seed, 7, plen, truth.vocab);
+            let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
+            let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| ControlFlow::Continue(())).unwrap();
+            let range = crate::lookup::NgramRange { min, max: min + extra };
+            let decoder: Box<dyn Decoder> = if alone {
+                Box::new(crate::lookup::NoModel)
+            } else {
+                Box::new(FakeDecoder::new(FakeModel { err: 0.0, ..truth.clone() }))
+            };
+            let mut d = Drafter::new(decoder).with_lookup(range, alone, max_run);
+            let mut streamed = Vec::new();
+            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
+            prop_assert_eq!(&ar.tokens, &sd.tokens);
+            prop_assert_eq!(&streamed, &sd.tokens);
+            prop_assert_eq!(ar.finish, sd.finish);
+            let m = &sd.metrics;
+            prop_assert!(m.accepted_lookup <= m.accepted && m.proposed_lookup <= m.proposed);
+            prop_assert!(m.accepted_lookup <= m.proposed_lookup);
+            if alone {
+                prop_assert_eq!(m.proposed_lookup, m.proposed, "no model, no model tokens");
+            }
+        }
+    }
+
+    /// Text that repeats itself: the lookup's runs grow to `max_run` and are accepted; where the
+    /// verify model's positional errors break the pattern, a long run is rejected part-way.
+    #[test]
+    fn lookup_runs_grow_on_repeating_text_and_fail_long_where_it_breaks() {
+        let truth = FakeModel {
+            seed: 5,
+            vocab: 6,
+            positional: false,
+            err: 0.02,
+            ..Default::default()
+        };
+        let p = periodic_prompt(5, 9, 40, truth.vocab);
+        let stop = StopCriteria {
+            stop_ids: vec![],
+            max_new_tokens: 600,
+        };
+        let sampling = RequestSampling::default();
+        let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+        let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let range = crate::lookup::NgramRange { min: 3, max: 4 };
+        let mut d = Drafter::new(crate::lookup::NoModel).with_lookup(range, true, 24);
+        let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, 4, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(ar.tokens, sd.tokens);
+        let m = &sd.metrics;
+        let longest = m.accepted_per_step.iter().max().copied().unwrap_or(0);
+        assert!(
+            longest >= 20,
+            "runs grow to the cap: longest accepted {longest}"
+        );
+        assert!(
+            m.accepted_lookup * 10 >= sd.tokens.len() * 7,
+            "most tokens come from the lookup: {} of {}",
+            m.accepted_lookup,
+            sd.tokens.len()
+        );
+        let wasted = m.proposed_lookup - m.accepted_lookup;
+        assert!(
+            wasted >= 8,
+            "some long runs fail part-way: {wasted} tokens rejected"
+        );
+        assert!(
+            m.verify_steps * 3 < sd.tokens.len(),
+            "{} steps",
+            m.verify_steps
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::decoder::{Decoder, Drafter, Verifier};
+use crate::lookup::Source;
 use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::RequestSampling;
 use crate::SpecError;
@@ -38,6 +39,10 @@ pub struct Metrics {
     pub verify_times: Vec<f64>,
     /// Draft tokens accepted by each verify step.
     pub accepted_per_step: Vec<usize>,
+    /// Of `proposed`, the tokens drafted by prompt lookup (the rest came from the draft model).
+    pub proposed_lookup: usize,
+    /// Of `accepted`, the tokens drafted by prompt lookup.
+    pub accepted_lookup: usize,
 }
 
 impl Metrics {
@@ -228,17 +233,38 @@ pub fn speculative<D: Decoder, P: Decoder>(
         let rollback = drafter.sync(&c.committed);
         c.metrics.rollbacks += rollback.is_some() as usize;
         // Never draft past the budget: those tokens could not be committed anyway.
-        let n_draft = lookahead.min((stop.max_new_tokens - c.generated()).saturating_sub(1));
-        let mut draft = Vec::with_capacity(n_draft);
-        for _ in 0..n_draft {
+        let v = c.committed.len();
+        let max_len = v + (stop.max_new_tokens - c.generated()).saturating_sub(1);
+        loop {
             let t = Instant::now();
-            draft.push(drafter.draft_one()?);
-            c.metrics.draft_times.push(t.elapsed().as_secs_f64());
+            let (n, source) = drafter.extend(v, lookahead, max_len, &stop.stop_ids)?;
+            if n == 0 {
+                break;
+            }
+            if source == Source::Model {
+                c.metrics.draft_times.push(t.elapsed().as_secs_f64());
+            }
+            // Nothing after a proposed stop token can be committed.
+            if drafter
+                .seq()
+                .last()
+                .is_some_and(|t| stop.stop_ids.contains(t))
+            {
+                break;
+            }
         }
+        let draft = drafter.seq()[v..].to_vec();
         let t = Instant::now();
         let verified = verifier.verify(&c.committed, &draft)?;
         c.metrics.verify_times.push(t.elapsed().as_secs_f64());
         let (tokens, n_accepted) = accept(&draft, &verified);
+        let from_lookup = |n: usize| {
+            (v..v + n)
+                .filter(|&p| drafter.source(p) == Source::Lookup)
+                .count()
+        };
+        c.metrics.proposed_lookup += from_lookup(draft.len());
+        c.metrics.accepted_lookup += from_lookup(n_accepted);
         c.metrics.verify_steps += 1;
         c.metrics.proposed += draft.len();
         c.metrics.accepted += n_accepted;

@@ -13,6 +13,7 @@ pub mod decoder;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod generate;
+pub mod lookup;
 mod philox;
 pub mod policy;
 pub mod sampling;
@@ -34,6 +35,8 @@ pub enum SpecError {
     Protocol(String),
     #[error(transparent)]
     Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Lookup(#[from] lookup::BadRange),
     #[cfg(any(test, feature = "fake"))]
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),

@@ -25,6 +25,7 @@ use amusd_shm::{
 
 use crate::decoder::{Decoder, Drafter, Verifier};
 use crate::generate::{Committer, Generation, OnTokens};
+use crate::lookup::Source;
 use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
 use crate::SpecError;
@@ -190,6 +191,11 @@ fn event(
 pub struct DraftOptions {
     /// Most tokens drafted beyond the committed length.
     pub max_lookahead: usize,
+    /// Prompt lookup ahead of the model (`--lookup MIN-MAX`); a model spec `lookup[:MIN-MAX]`
+    /// makes the lookup draft alone instead.
+    pub lookup: Option<crate::lookup::NgramRange>,
+    /// The longest lookup run proposed at once.
+    pub lookup_max_run: usize,
 }
 
 /// The draft worker: drafts continuously up to `max_lookahead` tokens ahead of the committed
@@ -283,35 +289,42 @@ fn draft_step<D: Decoder>(
     let seq_len = drafter.seq().len();
     let own_stop = seq_len > h.committed.len() && h.stop.is_stop(drafter.seq()[seq_len - 1]);
     let mut worked = false;
-    let wants = !h.finished()
-        && !own_stop
-        && seq_len < h.limit
-        && drafter.ahead(h.committed.len()) < opts.max_lookahead;
+    // How far ahead to draft is `Drafter::extend`'s to decide (a lookup run may go further).
+    let wants = !h.finished() && !own_stop && seq_len < h.limit;
     // A long prompt is prefilled in chunks, one per loop iteration (each heartbeats); the last
     // chunk goes with the first drafted token.
-    if wants && seq_len.saturating_sub(drafter.decoder.cached()) > PREFILL_CHUNK {
+    if wants && drafter.pending_prefill() > PREFILL_CHUNK {
         drafter.prefill(PREFILL_CHUNK)?;
         worked = true;
     } else if wants {
         let t0 = now_us();
-        drafter.draft_one()?;
-        region
-            .events(Role::Draft)
-            .push(&event(EventKind::DraftToken, h.id, t0, seq_len, 1, 0));
-        status
-            .steps
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        status
-            .tokens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        worked = true;
+        let (n, source) = drafter.extend(
+            h.committed.len(),
+            opts.max_lookahead,
+            h.limit,
+            &h.stop.stop_ids,
+        )?;
+        if n > 0 {
+            let kind = match source {
+                Source::Model => EventKind::DraftToken,
+                Source::Lookup => EventKind::LookupDraft,
+            };
+            region
+                .events(Role::Draft)
+                .push(&event(kind, h.id, t0, seq_len, n, 0));
+            let r = std::sync::atomic::Ordering::Relaxed;
+            status.steps.fetch_add(1, r);
+            status.tokens.fetch_add(n as u64, r);
+            worked = true;
+        }
     }
     let seq = drafter.seq();
     if *published < seq.len() {
+        let (tokens, sources) = (&seq[*published..], drafter.sources(*published));
         *region_len = if *region_len > *published {
-            region.draft_rewrite(h.id, *published, &seq[*published..])?
+            region.draft_rewrite_from(h.id, *published, tokens, &sources)?
         } else {
-            region.draft_append(&seq[*published..])?
+            region.draft_append_from(tokens, &sources)?
         };
         *published = seq.len();
     }
@@ -407,16 +420,17 @@ fn verify_step<D: Decoder>(
     }
     // Leave room for the verify model's own token after the candidates.
     let room = opts.max_verify_batch.min(h.limit - v - 1);
-    let mut candidates = match region.read_draft(0, v + room) {
+    let (mut candidates, mut sources) = match region.read_draft(0, v + room) {
         Ok(d) if d.request_id == h.id && d.tokens.len() > v && d.tokens[..v] == h.committed[..] => {
-            d.tokens[v..].to_vec()
+            (d.tokens[v..].to_vec(), d.sources[v..].to_vec())
         }
-        Ok(_) | Err(ShmError::Unstable { .. }) => Vec::new(),
+        Ok(_) | Err(ShmError::Unstable { .. }) => (Vec::new(), Vec::new()),
         Err(e) => return Err(e.into()),
     };
     // Nothing after a proposed stop token can be committed.
     if let Some(i) = candidates.iter().position(|&t| h.stop.is_stop(t)) {
         candidates.truncate(i + 1);
+        sources.truncate(i + 1);
     }
     // With `room == 0` only the verify model's own token fits the budget: no draft to wait for.
     if candidates.is_empty() && room > 0 && !opts.wait_for_draft.is_zero() {
@@ -445,9 +459,21 @@ fn verify_step<D: Decoder>(
     } else {
         EventKind::VerifyStep
     };
-    region
-        .events(Role::Verify)
-        .push(&event(kind, h.id, t0, v, candidates.len(), n_accepted));
+    let events = region.events(Role::Verify);
+    events.push(&event(kind, h.id, t0, v, candidates.len(), n_accepted));
+    let from_lookup = |s: &[Source]| s.iter().filter(|&&s| s == Source::Lookup).count();
+    let lookup_proposed = from_lookup(&sources);
+    if lookup_proposed > 0 {
+        let lookup_accepted = from_lookup(&sources[..n_accepted]);
+        events.push(&event(
+            EventKind::LookupVerified,
+            h.id,
+            t0,
+            v,
+            lookup_proposed,
+            lookup_accepted,
+        ));
+    }
     let status = region.worker(Role::Verify);
     let r = std::sync::atomic::Ordering::Relaxed;
     status.steps.fetch_add(1, r);
@@ -561,7 +587,11 @@ fn collect_metrics(region: &Region, request_id: u64, cursors: [u64; 2], m: &mut 
                     m.accepted += e.accepted as usize;
                     m.accepted_per_step.push(e.accepted as usize);
                 }
-                EventKind::Prefill => {}
+                EventKind::LookupVerified => {
+                    m.proposed_lookup += e.count as usize;
+                    m.accepted_lookup += e.accepted as usize;
+                }
+                EventKind::Prefill | EventKind::LookupDraft => {}
             }
         }
     }
@@ -612,11 +642,36 @@ mod tests {
     }
 
     fn run_protocol_with(requests: usize, seed: u64, us: u64, max_prompt: usize) {
+        run_protocol_lookup(requests, seed, us, max_prompt, None);
+    }
+
+    /// How a protocol test drafts with prompt lookup: alone or ahead of the model, and whether
+    /// the text repeats itself (the fake models' `pos=0`).
+    #[derive(Clone, Copy)]
+    struct LookupSetup {
+        alone: bool,
+        repeating: bool,
+        max_run: usize,
+    }
+
+    fn run_protocol_lookup(
+        requests: usize,
+        seed: u64,
+        us: u64,
+        max_prompt: usize,
+        lookup: Option<LookupSetup>,
+    ) -> crate::Metrics {
         let region: Arc<Region> = Arc::from(Region::new_boxed());
+        let repeating = lookup.is_some_and(|l| l.repeating);
         let truth = FakeModel {
             seed,
-            eos_every: 50,
+            // Repeating text runs longer, so that it has time to repeat.
+            eos_every: if repeating { 400 } else { 50 },
             us_per_token: us,
+            positional: !repeating,
+            // Small enough that text repeats soon, with errors breaking long runs.
+            vocab: if repeating { 8 } else { 512 },
+            err: if repeating { 0.03 } else { 0.0 },
             ..Default::default()
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -633,8 +688,24 @@ mod tests {
             let vt = truth.clone();
             [
                 std::thread::spawn(move || {
-                    let mut d = Drafter::new(FakeDecoder::new(draft_model));
-                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead }, &|| true).unwrap();
+                    let decoder: Box<dyn Decoder> = match lookup {
+                        Some(l) if l.alone => Box::new(crate::lookup::NoModel),
+                        _ => Box::new(FakeDecoder::new(draft_model)),
+                    };
+                    let mut d = Drafter::new(decoder);
+                    if let Some(l) = lookup {
+                        // On repeating text a 3-token suffix decides what follows (the fake
+                        // model's context): matches are right but where errors break them.
+                        let min = if l.repeating { 3 } else { 2 };
+                        let range = crate::lookup::NgramRange { min, max: 4 };
+                        d = d.with_lookup(range, l.alone, l.max_run);
+                    }
+                    let opts = DraftOptions {
+                        max_lookahead,
+                        lookup: None,
+                        lookup_max_run: 16,
+                    };
+                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(vt));
@@ -650,6 +721,7 @@ mod tests {
             us_per_token: 0,
             ..truth.clone()
         }));
+        let mut total = crate::Metrics::default();
         for i in 0..requests {
             let plen = rng.gen_range(1..max_prompt);
             let prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(0..truth.vocab)).collect();
@@ -682,11 +754,20 @@ mod tests {
             );
             assert_eq!(streamed, want.tokens);
             assert_eq!(got.finish, want.finish);
+            let m = &got.metrics;
+            assert!(m.accepted_lookup <= m.proposed_lookup && m.accepted_lookup <= m.accepted);
+            total.proposed += m.proposed;
+            total.accepted += m.accepted;
+            total.proposed_lookup += m.proposed_lookup;
+            total.accepted_lookup += m.accepted_lookup;
+            total.new_tokens += m.new_tokens;
+            total.verify_steps += m.verify_steps;
         }
         region.request_shutdown();
         for t in threads {
             t.join().unwrap();
         }
+        total
     }
 
     #[test]
@@ -703,7 +784,12 @@ mod tests {
             [
                 std::thread::spawn(move || {
                     let mut d = Drafter::new(FakeDecoder::new(t1));
-                    run_draft(&r1, &mut d, &DraftOptions { max_lookahead: 4 }, &|| true).unwrap();
+                    let opts = DraftOptions {
+                        max_lookahead: 4,
+                        lookup: None,
+                        lookup_max_run: 16,
+                    };
+                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(t2));
@@ -753,6 +839,40 @@ mod tests {
     fn workers_commit_exactly_the_autoregressive_tokens() {
         for seed in 0..8 {
             run_protocol(150, seed, 0);
+        }
+    }
+
+    #[test]
+    fn workers_with_prompt_lookup_commit_exactly_the_autoregressive_tokens() {
+        for (k, seed) in (300..306).enumerate() {
+            let setup = LookupSetup {
+                alone: k % 2 == 0,
+                repeating: k % 3 != 2,
+                max_run: 4 + 6 * k,
+            };
+            let m = run_protocol_lookup(60, seed, 0, 40, Some(setup));
+            if setup.alone {
+                assert_eq!(m.proposed_lookup, m.proposed, "no model, no model tokens");
+            }
+        }
+    }
+
+    /// Text that repeats itself, broken by the verify model's errors: the lookup drafts long runs,
+    /// many right, some wrong part-way (long wrong runs), and the workers still commit exactly
+    /// the autoregressive tokens.
+    #[test]
+    fn workers_survive_long_wrong_lookup_runs() {
+        for alone in [true, false] {
+            let setup = LookupSetup {
+                alone,
+                repeating: true,
+                max_run: 32,
+            };
+            let m = run_protocol_lookup(40, 400, 20, 40, Some(setup));
+            let wasted = m.proposed_lookup - m.accepted_lookup;
+            // Until the text repeats there is nothing to look up; after, most of it is.
+            assert!(m.accepted_lookup * 3 > m.new_tokens, "{m:?}");
+            assert!(wasted >= 20, "few rejected lookup tokens: {m:?}");
         }
     }
 

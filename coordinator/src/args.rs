@@ -1,6 +1,7 @@
 //! The options `generate` and `bench` share: strategy, models and devices, sampling.
 
 use amusd_model::{DeviceSpec, ModelSpec};
+use amusd_spec::lookup::{self, NgramRange};
 use amusd_spec::{RequestSampling, SamplingParams};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
@@ -32,11 +33,21 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT][:head=N] or fake:... (tests); head=N keeps the output head's
-    /// first N token ids (the frequent ones), so each draft token reads fewer bytes. Default:
-    /// SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding), run by the integer kernels.
+    /// Draft model: PATH[:FORMAT][:head=N], lookup[:MIN-MAX] (prompt lookup alone, no model: the
+    /// longest suffix of MAX down to MIN tokens found earlier proposes what followed it) or
+    /// fake:... (tests); head=N keeps the output head's first N token ids (the frequent ones), so
+    /// each draft token reads fewer bytes. Default: SmolLM2-135M-Instruct as stored (q4_1 layers,
+    /// q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
+    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match its tokens are
+    /// proposed at once, elsewhere the model drafts. MIN-MAX: suffix lengths tried (default 2-4).
+    #[arg(long, value_name = "MIN-MAX", num_args = 0..=1, default_missing_value = NgramRange::DEFAULT_TEXT)]
+    pub draft_lookup: Option<NgramRange>,
+    /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
+    /// lookup's right guesses up to this, and halve on a wrong one).
+    #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
+    pub lookup_max_run: usize,
     /// Device of the verify model (and of the whole process for ar and sd).
     #[arg(long, default_value = "cpu:1")]
     pub verify_device: String,
@@ -53,9 +64,10 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 16)]
     pub max_verify_batch: usize,
     /// amusd: how long the verify worker waits for a draft token before taking an autoregressive
-    /// step itself, in microseconds.
-    #[arg(long, default_value_t = 0)]
-    pub verify_wait_us: u64,
+    /// step itself, in microseconds. Default: 0 with a model draft (its next token is a forward
+    /// away: waiting never paid); 300 with prompt lookup, whose next run is microseconds away.
+    #[arg(long, value_name = "US")]
+    pub verify_wait_us: Option<u64>,
     /// amusd: seconds a worker may take to load its model.
     #[arg(long, default_value_t = 300)]
     pub load_timeout_s: u64,
@@ -78,6 +90,12 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 0.03)]
     pub chaos_rate: f64,
 }
+
+/// The verify worker's default wait for a draft token when prompt lookup drafts: a lookup run is
+/// published within ~100 µs of the commit that woke the draft worker (futex wake, sync, lookup), so
+/// a short wait takes a whole run instead of stepping alone, and costs ~2% of a verify step when
+/// nothing comes (see the README).
+pub const LOOKUP_VERIFY_WAIT_US: u64 = 300;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ChaosSignal {
@@ -109,6 +127,52 @@ impl ModelArgs {
                 "{}:stored",
                 crate::assets::ensure_default_model()?.display()
             )),
+        }
+    }
+
+    /// The lookup's n-gram range when it drafts alone (`--draft-model lookup[:MIN-MAX]`).
+    pub fn lookup_alone(&self) -> Result<Option<NgramRange>> {
+        match self.draft_model.as_deref().and_then(lookup::parse_spec) {
+            Some(range) => {
+                if self.draft_lookup.is_some() {
+                    bail!("--draft-lookup adds prompt lookup to a draft model, and --draft-model lookup has none: pass one of them");
+                }
+                Ok(Some(range?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Whether prompt lookup drafts, alone or ahead of the model.
+    pub fn uses_lookup(&self) -> bool {
+        self.draft_lookup.is_some()
+            || self
+                .draft_model
+                .as_deref()
+                .and_then(lookup::parse_spec)
+                .is_some()
+    }
+
+    /// The verify worker's wait for a draft token (`--verify-wait-us`, or its default).
+    pub fn verify_wait_us(&self) -> u64 {
+        let default = if self.uses_lookup() {
+            LOOKUP_VERIFY_WAIT_US
+        } else {
+            0
+        };
+        self.verify_wait_us.unwrap_or(default)
+    }
+
+    /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX` or
+    /// `model+lookup MIN-MAX`.
+    pub fn drafter_label(&self) -> String {
+        match (
+            self.draft_model.as_deref().and_then(lookup::parse_spec),
+            self.draft_lookup,
+        ) {
+            (Some(Ok(r)), _) => format!("lookup {r}"),
+            (_, Some(r)) => format!("model+lookup {r}"),
+            _ => "model".into(),
         }
     }
 

@@ -63,6 +63,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         bind_in_process(verify_device)?;
     }
     let verify_spec = m.verify_spec()?;
+    // A bad lookup range, or lookup both alone and ahead of a model, is the user's error: said
+    // before anything loads.
+    m.lookup_alone()?;
     let draft_spec = match strategy {
         Strategy::Ar => None,
         Strategy::Sd | Strategy::Amusd => Some(m.draft_spec()?),
@@ -101,6 +104,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         strategy,
         prompt_tokens: prompt.len(),
         sampling: &sampling,
+        drafter: m.drafter_label(),
         json: args.json,
     };
     finish_output(&out, tokenizer, &result?)?;
@@ -164,6 +168,8 @@ pub struct Output<'a> {
     pub strategy: Strategy,
     pub prompt_tokens: usize,
     pub sampling: &'a RequestSampling,
+    /// How sd and amusd draft ([`crate::args::ModelArgs::drafter_label`]).
+    pub drafter: String,
     pub json: bool,
 }
 
@@ -176,8 +182,13 @@ pub fn finish_output(
 ) -> Result<()> {
     if !out.json {
         println!();
+        let drafter = if out.strategy == Strategy::Ar {
+            String::new()
+        } else {
+            format!("; {} draft", out.drafter)
+        };
         eprintln!(
-            "{}; {}",
+            "{}; {}{drafter}",
             summary_line(out.strategy, &g.metrics),
             sampling_label(out.sampling)
         );
@@ -185,6 +196,7 @@ pub fn finish_output(
     }
     let mut json = serde_json::json!({
         "strategy": out.strategy.name(),
+        "drafter": out.drafter,
         "prompt_tokens": out.prompt_tokens,
         "tokens": g.tokens,
         "finish_reason": g.finish,
@@ -211,6 +223,10 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
         "draft_forwards": m.draft_forwards(),
         "proposed": m.proposed,
         "accepted": m.accepted,
+        "proposed_lookup": m.proposed_lookup,
+        "accepted_lookup": m.accepted_lookup,
+        "proposed_model": m.proposed - m.proposed_lookup,
+        "accepted_model": m.accepted - m.accepted_lookup,
         "acceptance_rate": m.acceptance_rate(),
         "verify_steps": m.verify_steps,
         "tokens_per_verify_step": m.tokens_per_step(),
@@ -244,6 +260,15 @@ pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
             m.tokens_per_step(),
             m.rollbacks
         ));
+        if m.proposed_lookup > 0 {
+            s.push_str(&format!(
+                "; by source: lookup {}/{} accepted, model {}/{}",
+                m.accepted_lookup,
+                m.proposed_lookup,
+                m.accepted - m.accepted_lookup,
+                m.proposed - m.proposed_lookup
+            ));
+        }
     }
     s
 }

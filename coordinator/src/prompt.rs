@@ -161,8 +161,9 @@ impl Texts {
     }
 }
 
+/// A model's tokenizer and metadata; `None` for a fake model or prompt lookup (no model).
 fn text_of(spec: &str, role: &str) -> Result<Option<ModelText>> {
-    if FakeModel::is_fake(spec) {
+    if FakeModel::is_fake(spec) || amusd_spec::lookup::parse_spec(spec).is_some() {
         return Ok(None);
     }
     let s = spec.parse()?;

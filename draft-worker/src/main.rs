@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use amusd_proc::NgramRange;
 use amusd_proc::{worker_exit, worker_main, DraftOptions, RoleOptions, WorkerConfig};
 use clap::Parser;
 
@@ -26,6 +27,13 @@ struct Args {
     /// Most tokens drafted beyond the committed length.
     #[arg(long, default_value_t = 8)]
     max_lookahead: usize,
+    /// Prompt lookup ahead of the model, with suffixes of MIN to MAX tokens (a model
+    /// `lookup[:MIN-MAX]` drafts with the lookup alone instead).
+    #[arg(long, value_name = "MIN-MAX")]
+    lookup: Option<NgramRange>,
+    /// The longest lookup run proposed at once.
+    #[arg(long, default_value_t = NgramRange::MAX_RUN)]
+    lookup_max_run: usize,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -40,6 +48,8 @@ fn main() -> ExitCode {
         supervised: a.supervised,
         role: RoleOptions::Draft(DraftOptions {
             max_lookahead: a.max_lookahead,
+            lookup: a.lookup,
+            lookup_max_run: a.lookup_max_run,
         }),
     };
     worker_exit("amusd-draft-worker", a.supervised, worker_main(&cfg))

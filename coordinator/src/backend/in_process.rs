@@ -4,11 +4,13 @@ use amusd_model::loader::{self, LoadedModel, ModelSpec};
 use amusd_model::DeviceSpec;
 use amusd_shm::now_us;
 use amusd_spec::generate::{autoregressive, speculative, OnTokens};
-use amusd_spec::{Drafter, LlamaDecoder, Verifier};
+use amusd_spec::lookup::NoModel;
+use amusd_spec::{Decoder, Drafter, LlamaDecoder, Verifier};
 use anyhow::{Context, Result};
 
 use super::trace::{Timed, Trace};
 use super::{Completion, Request};
+use crate::args::ModelArgs;
 use crate::output::Spinner;
 
 /// Binds this process to the verify model's device for ar and sd. Call before any model loads or
@@ -20,25 +22,25 @@ pub fn bind_in_process(verify_device: DeviceSpec) -> Result<()> {
 /// The in-process models. The verify model serves both ar and sd.
 pub struct InProcess {
     verifier: Verifier<Timed<LlamaDecoder>>,
-    drafter: Option<Drafter<Timed<LlamaDecoder>>>,
+    drafter: Option<Drafter<Timed<Box<dyn Decoder>>>>,
     /// sd: draft tokens per verify step.
     lookahead: usize,
 }
 
 impl InProcess {
-    /// Loads the verify model, and the draft if `draft_spec` is given (sd needs one).
-    pub fn load(verify_spec: &str, draft_spec: Option<&str>, lookahead: usize) -> Result<Self> {
+    /// Loads the verify model, and the draft if `draft_spec` is given (sd needs one): a model,
+    /// or prompt lookup (`lookup[:MIN-MAX]`, no model), with the lookup ahead of the model if `m`
+    /// asks for it.
+    pub fn load(verify_spec: &str, draft_spec: Option<&str>, m: &ModelArgs) -> Result<Self> {
         let verify = load_model(verify_spec, "verify")?;
         let drafter = match draft_spec {
-            Some(spec) => Some(Drafter::new(Timed::new(LlamaDecoder::new(
-                load_model(spec, "draft")?.llama,
-            )))),
+            Some(spec) => Some(load_drafter(spec, m)?),
             None => None,
         };
         Ok(Self {
             verifier: Verifier::new(Timed::new(LlamaDecoder::new(verify.llama))),
             drafter,
-            lookahead,
+            lookahead: m.lookahead,
         })
     }
 
@@ -96,6 +98,22 @@ impl InProcess {
         };
         Ok(Completion { generation, trace })
     }
+}
+
+/// The sd drafter of `spec`: prompt lookup alone, or the draft model, with the lookup ahead of it
+/// if `m` asks for it.
+fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decoder>>>> {
+    let max_run = m.lookup_max_run.max(1);
+    if let Some(range) = m.lookup_alone()? {
+        let no_model: Box<dyn Decoder> = Box::new(NoModel);
+        return Ok(Drafter::new(Timed::new(no_model)).with_lookup(range, true, max_run));
+    }
+    let model: Box<dyn Decoder> = Box::new(LlamaDecoder::new(load_model(spec, "draft")?.llama));
+    let drafter = Drafter::new(Timed::new(model));
+    Ok(match m.draft_lookup {
+        Some(range) => drafter.with_lookup(range, false, max_run),
+        None => drafter,
+    })
 }
 
 /// Loads a model from a spec, with a spinner.

@@ -51,8 +51,8 @@ impl Backend {
     ) -> Result<Self> {
         let draft = || draft_spec.context("sd and amusd need a draft model");
         Ok(match strategy {
-            Strategy::Ar => Self::Ar(InProcess::load(verify_spec, None, m.lookahead)?),
-            Strategy::Sd => Self::Sd(InProcess::load(verify_spec, Some(draft()?), m.lookahead)?),
+            Strategy::Ar => Self::Ar(InProcess::load(verify_spec, None, m)?),
+            Strategy::Sd => Self::Sd(InProcess::load(verify_spec, Some(draft()?), m)?),
             Strategy::Amusd => Self::Amusd(Workers::start(m, verify_spec, draft()?)?),
         })
     }

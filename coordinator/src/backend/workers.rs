@@ -16,6 +16,21 @@ use crate::args::ModelArgs;
 use crate::output::Spinner;
 use crate::supervisor::{install_signal_handlers, Policy, Supervisor, WorkerSpec};
 
+/// The draft worker's options: its lookahead, and prompt lookup ahead of its model if asked (a
+/// draft spec `lookup[:MIN-MAX]` makes the lookup draft alone).
+fn draft_args(m: &ModelArgs) -> Vec<String> {
+    let mut args = vec![
+        "--max-lookahead".into(),
+        m.max_lookahead.to_string(),
+        "--lookup-max-run".into(),
+        m.lookup_max_run.to_string(),
+    ];
+    if let Some(range) = m.draft_lookup {
+        args.extend(["--lookup".into(), range.to_string()]);
+    }
+    args
+}
+
 /// Both workers, loaded once, serving requests one after another.
 pub struct Workers {
     sup: Supervisor,
@@ -39,7 +54,7 @@ impl Workers {
                 role: Role::Draft,
                 model: draft_spec.to_string(),
                 device: m.draft_device()?,
-                extra_args: vec!["--max-lookahead".into(), m.max_lookahead.to_string()],
+                extra_args: draft_args(m),
             },
             WorkerSpec {
                 role: Role::Verify,
@@ -49,7 +64,7 @@ impl Workers {
                     "--max-verify-batch".into(),
                     m.max_verify_batch.to_string(),
                     "--verify-wait-us".into(),
-                    m.verify_wait_us.to_string(),
+                    m.verify_wait_us().to_string(),
                 ],
             },
         ];

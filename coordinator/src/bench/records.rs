@@ -18,6 +18,10 @@ pub(super) struct Record {
     #[serde(default = "first_turn")]
     pub(super) turn: usize,
     pub(super) strategy: String,
+    /// How sd and amusd drafted: `model`, `lookup MIN-MAX` or `model+lookup MIN-MAX` (empty for
+    /// ar, and in records written before prompt lookup, which drafted with the model).
+    #[serde(default)]
+    pub(super) drafter: String,
     pub(super) dataset: String,
     #[serde(default)]
     pub(super) prompt_tokens: usize,
@@ -90,6 +94,7 @@ impl Record {
             sample_id: sample.id.clone(),
             turn,
             strategy: strategy.name().into(),
+            drafter: String::new(),
             dataset: dataset.into(),
             prompt_tokens,
             finish_reason: match g.finish {
@@ -99,6 +104,22 @@ impl Record {
             },
             sampling: SamplingRecord::of(sampling),
             metrics: RecordMetrics::of(g),
+        }
+    }
+
+    /// The record of a strategy that drafts with `drafter` (ar's records keep none).
+    pub(super) fn drafted_by(mut self, drafter: &str) -> Self {
+        if self.strategy != Strategy::Ar.name() {
+            self.drafter = drafter.into();
+        }
+        self
+    }
+
+    /// The report's row: the strategy, and how it drafted unless with the model alone.
+    pub(super) fn row(&self) -> String {
+        match self.drafter.as_str() {
+            "" | "model" => self.strategy.clone(),
+            d => format!("{} [{d}]", self.strategy),
         }
     }
 
@@ -137,6 +158,11 @@ pub(super) struct RecordMetrics {
     pub(super) accepted: usize,
     pub(super) verify_steps: usize,
     pub(super) rollbacks: usize,
+    /// Of `proposed` and `accepted`, the tokens drafted by prompt lookup.
+    #[serde(default)]
+    pub(super) proposed_lookup: usize,
+    #[serde(default)]
+    pub(super) accepted_lookup: usize,
     pub(super) tokens_hash: String,
     pub(super) tokens: Vec<u32>,
 }
@@ -161,6 +187,8 @@ impl RecordMetrics {
             accepted: m.accepted,
             verify_steps: m.verify_steps,
             rollbacks: m.rollbacks,
+            proposed_lookup: m.proposed_lookup,
+            accepted_lookup: m.accepted_lookup,
             tokens_hash: tokens_hash(&g.tokens),
             tokens: g.tokens.clone(),
         }

@@ -30,6 +30,8 @@ pub(super) struct Row {
     pub(super) acceptance: Option<f64>,
     pub(super) tokens_per_step: Option<f64>,
     pub(super) rollbacks_per_100: Option<f64>,
+    /// Of the accepted draft tokens, the share drafted by prompt lookup (rows that used it).
+    pub(super) from_lookup: Option<f64>,
     /// Generations equal to ar's, of those that have an ar counterpart.
     pub(super) identical: Option<(usize, usize)>,
 }
@@ -56,23 +58,24 @@ pub(super) fn summarize(records: &[Record]) -> Vec<Row> {
         let of_ds: Vec<&Record> = records.iter().filter(|r| &r.group() == ds).collect();
         let group = Group::new(&of_ds);
         for st in strategies_of(&of_ds) {
-            rows.push(group.row(ds, st, &of_ds));
+            rows.push(group.row(ds, &st, &of_ds));
         }
     }
     rows
 }
 
-/// The strategies of a dataset's records: ar, sd, amusd, then any other in order of appearance.
-fn strategies_of<'r>(records: &[&'r Record]) -> Vec<&'r str> {
-    let mut strategies: Vec<&str> = Vec::new();
+/// The rows of a dataset's records, one per strategy and drafter ([`Record::row`]): ar, sd,
+/// amusd (model drafts), then any other in order of appearance.
+fn strategies_of(records: &[&Record]) -> Vec<String> {
+    let mut strategies: Vec<String> = Vec::new();
     for known in ["ar", "sd", "amusd"] {
-        if records.iter().any(|r| r.strategy == known) {
-            strategies.push(known);
+        if records.iter().any(|r| r.row() == known) {
+            strategies.push(known.into());
         }
     }
     for r in records {
-        if !strategies.contains(&r.strategy.as_str()) {
-            strategies.push(&r.strategy);
+        if !strategies.contains(&r.row()) {
+            strategies.push(r.row());
         }
     }
     strategies
@@ -91,7 +94,7 @@ struct Group<'r> {
 fn e2e_rate(records: &[&Record], strategy: &str) -> Option<f64> {
     let (tokens, secs) = records
         .iter()
-        .filter(|r| r.strategy == strategy)
+        .filter(|r| r.row() == strategy)
         .fold((0usize, 0.0), |(n, t), r| {
             (n + r.metrics.tokens_generated, t + r.metrics.total_time)
         });
@@ -103,7 +106,7 @@ fn decode_mean(records: &[&Record], strategy: &str) -> Option<f64> {
     mean(
         records
             .iter()
-            .filter(|r| r.strategy == strategy)
+            .filter(|r| r.row() == strategy)
             .filter_map(|r| r.metrics.decode_ms_per_token),
     )
 }
@@ -123,7 +126,7 @@ impl<'r> Group<'r> {
     }
 
     fn row(&self, ds: &str, st: &str, records: &[&Record]) -> Row {
-        let gens: Vec<&&Record> = records.iter().filter(|r| r.strategy == st).collect();
+        let gens: Vec<&&Record> = records.iter().filter(|r| r.row() == st).collect();
         let sum =
             |f: fn(&RecordMetrics) -> usize| gens.iter().map(|r| f(&r.metrics)).sum::<usize>();
         let tokens = sum(|m| m.tokens_generated);
@@ -175,6 +178,9 @@ impl<'r> Group<'r> {
             rollbacks_per_100: drafts
                 .then(|| ratio(100 * sum(|m| m.rollbacks), tokens))
                 .flatten(),
+            from_lookup: (sum(|m| m.proposed_lookup) > 0)
+                .then(|| ratio(sum(|m| m.accepted_lookup), sum(|m| m.accepted)))
+                .flatten(),
             identical: (drafts && !compared.is_empty()).then(|| {
                 (
                     compared.iter().filter(|&&same| same).count(),
@@ -195,9 +201,11 @@ e2e vs ar: its ratio to ar's. draft fwd: draft forward passes (one per drafted t
 given to a verify step (sd: every drafted token; amusd: the valid ones beyond the committed tokens that a \
 verify step took; the rest were drafted too far ahead or rolled back); accepted: offered tokens the verify \
 model accepted; all three summed over generations. accept = accepted / offered and tokens/step = tokens / \
-verify forwards, both pooled; identical = generations token-for-token equal to ar's.";
+verify forwards, both pooled; from lookup = accepted tokens drafted by prompt lookup / all accepted; \
+[lookup MIN-MAX]: prompt lookup drafts alone, [model+lookup MIN-MAX]: ahead of the draft model; \
+identical = generations token-for-token equal to ar's.";
 
-const HEADER: [&str; 16] = [
+const HEADER: [&str; 17] = [
     "dataset",
     "strategy",
     "samples",
@@ -213,6 +221,7 @@ const HEADER: [&str; 16] = [
     "accept",
     "tokens/step",
     "rollbacks/100 tok",
+    "from lookup",
     "identical",
 ];
 
@@ -252,6 +261,7 @@ fn cells(r: &Row) -> Vec<String> {
         opt(r.acceptance, &|v| format!("{:.1}%", 100.0 * v)),
         opt(r.tokens_per_step, &|v| format!("{v:.2}")),
         opt(r.rollbacks_per_100, &|v| format!("{v:.1}")),
+        opt(r.from_lookup, &|v| format!("{:.1}%", 100.0 * v)),
         r.identical
             .map_or("—".to_string(), |(n, of)| format!("{n}/{of}")),
     ]
@@ -345,6 +355,7 @@ mod tests {
             sample_id: String::new(),
             turn: 1,
             strategy: strategy.into(),
+            drafter: String::new(),
             dataset: "d".into(),
             prompt_tokens: 10,
             finish_reason: "length".into(),
@@ -364,6 +375,8 @@ mod tests {
                 accepted: 2,
                 verify_steps: 2,
                 rollbacks: 1,
+                proposed_lookup: 0,
+                accepted_lookup: 0,
                 tokens_hash: tokens_hash(&tokens),
                 tokens,
             },
@@ -377,6 +390,35 @@ mod tests {
         let rows = summarize(&[record("ar", 0, 40.0, vec![1, 2, 3, 4]), old]);
         assert!(!rows[0].old_denominator && rows[1].old_denominator);
         assert!(render_report(&rows, true).contains("| 20.0* |"));
+    }
+
+    /// Each drafter gets its own row beside the model-drafted ones, with its share of accepted
+    /// tokens from the lookup; records from before the drafter field count as model drafts.
+    #[test]
+    fn report_has_a_row_per_drafter_with_the_lookup_share() {
+        let mut lookup = record("amusd", 0, 5.0, vec![1, 2, 3, 4]);
+        lookup.drafter = "lookup 2-4".into();
+        (
+            lookup.metrics.proposed_lookup,
+            lookup.metrics.accepted_lookup,
+        ) = (4, 2);
+        let mut model = record("amusd", 0, 10.0, vec![1, 2, 3, 4]);
+        model.drafter = "model".into();
+        let rows = summarize(&[
+            record("ar", 0, 40.0, vec![1, 2, 3, 4]),
+            model,
+            lookup,
+            record("amusd", 1, 10.0, vec![5]),
+        ]);
+        let names: Vec<&str> = rows.iter().map(|r| r.strategy.as_str()).collect();
+        assert_eq!(names, ["ar", "amusd", "amusd [lookup 2-4]"]);
+        assert_eq!(rows[1].generations, 2, "an old record is a model draft");
+        assert_eq!(rows[2].speedup_ar, Some(8.0));
+        assert_eq!(rows[2].from_lookup, Some(1.0));
+        assert_eq!(rows[1].from_lookup, None);
+        let md = render_report(&rows, true);
+        assert!(md.contains("| d | amusd [lookup 2-4] |"), "{md}");
+        assert!(md.contains("| 100.0% |"), "{md}");
     }
 
     #[test]

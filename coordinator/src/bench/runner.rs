@@ -45,6 +45,8 @@ pub(super) struct RunContext<'a> {
     pub(super) stop: StopCriteria,
     pub(super) sampling: RequestSampling,
     pub(super) dataset: String,
+    /// How sd and amusd draft (recorded with each of their generations).
+    pub(super) drafter: String,
     pub(super) warmup: usize,
     pub(super) plot_sample: Option<usize>,
 }
@@ -128,15 +130,18 @@ impl RunContext<'_> {
                     conversation.push(Message::assistant(answer));
                     conversation.push(Message::user(s.follow_ups[turn - 1].clone()));
                 }
-                done.records.push(Record::of(
-                    s,
-                    turn,
-                    strategy,
-                    &self.dataset,
-                    prompt.len(),
-                    &self.sampling,
-                    &g,
-                ));
+                done.records.push(
+                    Record::of(
+                        s,
+                        turn,
+                        strategy,
+                        &self.dataset,
+                        prompt.len(),
+                        &self.sampling,
+                        &g,
+                    )
+                    .drafted_by(&self.drafter),
+                );
                 if turn == 1 && self.plot_sample == Some(k) {
                     done.plot = Some((g, trace));
                 }
@@ -255,14 +260,18 @@ impl Models {
         // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
         // reserve the same positions in the draft), and amusd in the region's token buffer.
         let mut capacity = text.context_length;
-        if let Some(spec) = &draft_spec {
+        // Prompt lookup alone has no draft model, no context of its own.
+        if let Some(spec) = draft_spec
+            .as_ref()
+            .filter(|_| m.lookup_alone().ok().flatten().is_none())
+        {
             let draft = load_text(&spec.parse()?).context("cannot load the draft model")?;
             check_same_vocabulary(&text.tokenizer, &draft.tokenizer)?;
             capacity = capacity.min(draft.context_length);
         }
         let in_process = if in_process {
             let sd_draft = draft_spec.as_deref().filter(|_| runs(Strategy::Sd));
-            let p = InProcess::load(&verify_spec, sd_draft, m.lookahead)?;
+            let p = InProcess::load(&verify_spec, sd_draft, m)?;
             capacity = capacity.min(p.max_position());
             Some(p)
         } else {
@@ -414,6 +423,7 @@ pub(super) fn run_all(
         },
         sampling: plan.sampling,
         dataset: plan.dataset_name.clone(),
+        drafter: args.models.drafter_label(),
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
     };
