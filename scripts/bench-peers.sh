@@ -22,17 +22,7 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 # The same prompts for both programs, as {"conversation": [...]} lines.
-python3 - "$N" "$home/datasets" > "$tmp/prompts.jsonl" <<'PY'
-import gzip, json, sys
-n, root = int(sys.argv[1]), sys.argv[2]
-he = [json.loads(l) for l in gzip.open(f"{root}/HumanEval.jsonl.gz", "rt") if l.strip()][:n]
-mt = [json.loads(l) for l in open(f"{root}/mt_bench/question.jsonl") if l.strip()][:n]
-for p in he:
-    text = "Complete the following Python function:\n```python\n" + p["prompt"] + "```"
-    print(json.dumps({"conversation": [{"role": "user", "content": text}]}))
-for q in mt:
-    print(json.dumps({"conversation": [{"role": "user", "content": q["turns"][0]}]}))
-PY
+scripts/first-turn-prompts.py "$N" "$home/datasets" > "$tmp/prompts.jsonl"
 
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || echo ' (with local changes)')"
 echo "== forward costs" >&2

@@ -19,17 +19,7 @@ tmp="$(mktemp -d)"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"' EXIT
 
-python3 - "$N" "$home/datasets" > "$tmp/prompts.jsonl" <<'PY'
-import gzip, json, sys
-n, root = int(sys.argv[1]), sys.argv[2]
-he = [json.loads(l) for l in gzip.open(f"{root}/HumanEval.jsonl.gz", "rt") if l.strip()][:n]
-mt = [json.loads(l) for l in open(f"{root}/mt_bench/question.jsonl") if l.strip()][:n]
-for p in he:
-    text = "Complete the following Python function:\n```python\n" + p["prompt"] + "```"
-    print(json.dumps({"conversation": [{"role": "user", "content": text}]}))
-for q in mt:
-    print(json.dumps({"conversation": [{"role": "user", "content": q["turns"][0]}]}))
-PY
+scripts/first-turn-prompts.py "$N" "$home/datasets" > "$tmp/prompts.jsonl"
 
 wait_health() { for _ in $(seq 1 600); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.5; done; echo "no health at $1" >&2; exit 1; }
 echo "| server | clients | ok | requests/s | tokens/s | ttft p50 ms | ttft p99 ms | latency p50 ms | latency p99 ms |"
