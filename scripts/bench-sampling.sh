@@ -16,6 +16,7 @@ TEMPERATURES=${TEMPERATURES:-"0 0.3 0.7 1.0 1.5"}
 DATASETS=${DATASETS:-"humaneval mt-bench"}
 OUT=${OUT:-results/sampling}
 
+commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || echo ' (with local changes)')"
 scripts/fetch-assets.sh
 cargo build --release --bin amusd
 mkdir -p "$OUT"
@@ -35,7 +36,7 @@ done
 {
     echo "# Sampling: amusd against ar, and a greedy draft against the same target"
     echo
-    echo "\`SAMPLES=$SAMPLES MAX_NEW=$MAX_NEW SEED=$SEED scripts/bench-sampling.sh\`"
+    echo "\`SAMPLES=$SAMPLES MAX_NEW=$MAX_NEW SEED=$SEED scripts/bench-sampling.sh\` at commit $commit, $(date -u +%Y-%m-%d)."
     echo
     "$amusd" report "$OUT"/*.json --markdown
 } >"$OUT/REPORT.md"

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
+use minijinja::syntax::SyntaxConfig;
 use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -108,8 +109,13 @@ impl ChatTemplate {
         let mut env = Environment::new();
         // transformers renders with trim_blocks and lstrip_blocks on; templates are written for it,
         // and without them block tags leave stray newlines and indentation in the prompt.
-        env.set_trim_blocks(true);
-        env.set_lstrip_blocks(true);
+        env.set_syntax(
+            SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .expect("the default delimiters with trimming form a valid syntax"),
+        );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         let source = source.into();
@@ -255,7 +261,7 @@ impl ChatTemplate {
             .map_err(|e| ChatError::Render(one_line(&e.to_string())))?;
         template
             .render(context! {
-                messages => messages,
+                messages => minijinja::value::Serde(messages),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,

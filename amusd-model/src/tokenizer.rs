@@ -142,35 +142,7 @@ impl Tokenizer {
             return Err(TokenizerError::UnsupportedModel(model.to_string()));
         }
         let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?;
-        let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|merge| {
-                merge
-                    .split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| {
-                        bad(
-                            "tokenizer.ggml.merges",
-                            format!("entry {merge:?} is not two tokens separated by a space"),
-                        )
-                    })
-            })
-            .collect::<Result<Merges>>()?;
-
-        // Later duplicates would overwrite earlier ids; keep the first so that the id the model was
-        // trained with for that string wins.
-        let mut vocab = Vocab::with_capacity(tokens.len());
-        for (id, token) in tokens.iter().enumerate() {
-            let id = u32::try_from(id)
-                .map_err(|_| bad("tokenizer.ggml.tokens", "more than 2^32 tokens"))?;
-            vocab.entry(token.to_string()).or_insert(id);
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-
-        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let mut inner = tokenizers::Tokenizer::new(gguf_bpe(metadata, &tokens)?);
         let pre = match metadata.get("tokenizer.ggml.pre") {
             Some(v) => v
                 .to_string()
@@ -182,66 +154,8 @@ impl Tokenizer {
         };
         let approximate = configure_pre_tokenizer(&mut inner, pre)?;
         inner.with_decoder(Some(ByteLevel::new(false, true, true)));
-
-        let types = match metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|e| bad("tokenizer.ggml.token_type", e))?
-                .as_slice(),
-            None => &[],
-        };
-        let mut specials = Vec::new();
-        let mut user_defined = Vec::new();
-        for (id, ty) in types.iter().enumerate() {
-            let ty = gguf_int(ty).ok_or_else(|| {
-                bad(
-                    "tokenizer.ggml.token_type",
-                    format!("entry {id} is {ty:?}, not an integer"),
-                )
-            })?;
-            let Some(token) = tokens.get(id) else { break };
-            match ty {
-                TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL => {
-                    specials.push(AddedToken::from(token.to_string(), true))
-                }
-                TOKEN_TYPE_USER_DEFINED => {
-                    user_defined.push(AddedToken::from(token.to_string(), false).normalized(false))
-                }
-                _ => {}
-            }
-        }
-        inner
-            .add_special_tokens(specials)
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-        inner
-            .add_tokens(user_defined)
-            .map_err(|e| TokenizerError::Build(e.to_string()))?;
-
-        let id = |key: &'static str| gguf_token_id(metadata, key, tokens.len());
-        let special = SpecialTokens {
-            bos: id("tokenizer.ggml.bos_token_id")?,
-            eos: id("tokenizer.ggml.eos_token_id")?,
-            eot: id("tokenizer.ggml.eot_token_id")?,
-            pad: id("tokenizer.ggml.padding_token_id")?,
-            unk: id("tokenizer.ggml.unknown_token_id")?,
-        };
-        let flag = |key: &'static str| match metadata.get(key) {
-            Some(v) => v.to_bool().map_err(|e| bad(key, e)),
-            None => Ok(false),
-        };
-        let add_bos = flag("tokenizer.ggml.add_bos_token")?;
-        let add_eos = flag("tokenizer.ggml.add_eos_token")?;
-        if add_bos && special.bos.is_none() {
-            return Err(TokenizerError::MissingMetadata(
-                "tokenizer.ggml.bos_token_id",
-            ));
-        }
-        if add_eos && special.eos.is_none() {
-            return Err(TokenizerError::MissingMetadata(
-                "tokenizer.ggml.eos_token_id",
-            ));
-        }
-
+        add_typed_tokens(&mut inner, metadata, &tokens)?;
+        let (special, add_bos, add_eos) = gguf_special_tokens(metadata, tokens.len())?;
         Ok(Self {
             inner,
             special,
@@ -399,6 +313,111 @@ fn configure_pre_tokenizer(inner: &mut tokenizers::Tokenizer, pre: &str) -> Resu
     };
     inner.with_pre_tokenizer(Some(pre_tokenizer));
     Ok(approximate)
+}
+
+/// The BPE model from `tokenizer.ggml.{tokens, merges}`.
+fn gguf_bpe(metadata: &HashMap<String, Value>, tokens: &[&str]) -> Result<BPE> {
+    let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|merge| {
+            merge
+                .split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    bad(
+                        "tokenizer.ggml.merges",
+                        format!("entry {merge:?} is not two tokens separated by a space"),
+                    )
+                })
+        })
+        .collect::<Result<Merges>>()?;
+    // Later duplicates would overwrite earlier ids; keep the first so that the id the model was
+    // trained with for that string wins.
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        let id =
+            u32::try_from(id).map_err(|_| bad("tokenizer.ggml.tokens", "more than 2^32 tokens"))?;
+        vocab.entry(token.to_string()).or_insert(id);
+    }
+    BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| TokenizerError::Build(e.to_string()))
+}
+
+/// Registers the unknown and control tokens (`tokenizer.ggml.token_type` 2 and 3) as special added
+/// tokens and the user-defined ones (4) as plain added tokens, as llama.cpp treats them.
+fn add_typed_tokens(
+    inner: &mut tokenizers::Tokenizer,
+    metadata: &HashMap<String, Value>,
+    tokens: &[&str],
+) -> Result<()> {
+    let types = match metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| bad("tokenizer.ggml.token_type", e))?
+            .as_slice(),
+        None => &[],
+    };
+    let mut specials = Vec::new();
+    let mut user_defined = Vec::new();
+    for (id, ty) in types.iter().enumerate() {
+        let ty = gguf_int(ty).ok_or_else(|| {
+            bad(
+                "tokenizer.ggml.token_type",
+                format!("entry {id} is {ty:?}, not an integer"),
+            )
+        })?;
+        let Some(token) = tokens.get(id) else { break };
+        match ty {
+            TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL => {
+                specials.push(AddedToken::from(token.to_string(), true))
+            }
+            TOKEN_TYPE_USER_DEFINED => {
+                user_defined.push(AddedToken::from(token.to_string(), false).normalized(false))
+            }
+            _ => {}
+        }
+    }
+    inner
+        .add_special_tokens(specials)
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    inner
+        .add_tokens(user_defined)
+        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    Ok(())
+}
+
+/// The special token ids and the add-BOS / add-EOS flags; a flag set without its id is an error.
+fn gguf_special_tokens(
+    metadata: &HashMap<String, Value>,
+    vocab_len: usize,
+) -> Result<(SpecialTokens, bool, bool)> {
+    let id = |key: &'static str| gguf_token_id(metadata, key, vocab_len);
+    let special = SpecialTokens {
+        bos: id("tokenizer.ggml.bos_token_id")?,
+        eos: id("tokenizer.ggml.eos_token_id")?,
+        eot: id("tokenizer.ggml.eot_token_id")?,
+        pad: id("tokenizer.ggml.padding_token_id")?,
+        unk: id("tokenizer.ggml.unknown_token_id")?,
+    };
+    let flag = |key: &'static str| match metadata.get(key) {
+        Some(v) => v.to_bool().map_err(|e| bad(key, e)),
+        None => Ok(false),
+    };
+    let add_bos = flag("tokenizer.ggml.add_bos_token")?;
+    let add_eos = flag("tokenizer.ggml.add_eos_token")?;
+    if add_bos && special.bos.is_none() {
+        return Err(TokenizerError::MissingMetadata(
+            "tokenizer.ggml.bos_token_id",
+        ));
+    }
+    if add_eos && special.eos.is_none() {
+        return Err(TokenizerError::MissingMetadata(
+            "tokenizer.ggml.eos_token_id",
+        ));
+    }
+    Ok((special, add_bos, add_eos))
 }
 
 fn bad(key: &str, reason: impl fmt::Display) -> TokenizerError {

@@ -4,7 +4,7 @@ use std::io::Read;
 use std::mem::offset_of;
 use std::num::NonZeroUsize;
 use std::ops::Deref;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 
@@ -340,7 +340,7 @@ impl Shm {
                 .map_err(os_err("ftruncate", name))?;
             // Reserve every page now: on a full /dev/shm (Docker gives containers 64 MiB) a lazily
             // backed region would raise SIGBUS at some later store, mid-request.
-            nix::fcntl::posix_fallocate(fd.as_raw_fd(), 0, REGION_SIZE as libc::off_t).map_err(
+            nix::fcntl::posix_fallocate(&fd, 0, REGION_SIZE as libc::off_t).map_err(
                 |e| match e {
                     Errno::ENOSPC => ShmError::NoSpace {
                         name: name.to_string(),
@@ -409,7 +409,7 @@ impl Shm {
             },
             e => os_err("shm_open", name)(e),
         })?;
-        let st = fstat(fd.as_raw_fd()).map_err(os_err("fstat", name))?;
+        let st = fstat(&fd).map_err(os_err("fstat", name))?;
         if st.st_uid != euid {
             return Err(ShmError::WrongOwner {
                 name: name.to_string(),
@@ -746,12 +746,7 @@ mod tests {
             return;
         }
         let obj = RawObject::new(REGION_SIZE);
-        nix::unistd::fchown(
-            obj.1.as_raw_fd(),
-            Some(nix::unistd::Uid::from_raw(12345)),
-            None,
-        )
-        .unwrap();
+        nix::unistd::fchown(&obj.1, Some(nix::unistd::Uid::from_raw(12345)), None).unwrap();
         let e = Shm::attach(&obj.0).unwrap_err();
         assert!(
             matches!(

@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "amusd",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("AMUSD_COMMIT"), ")"),
     about = "Asynchronous multi-device speculative decoding (AMUSD)"
 )]
 struct Cli {

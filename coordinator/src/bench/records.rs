@@ -31,6 +31,10 @@ pub(super) struct Record {
     #[serde(default)]
     pub(super) sampling: SamplingRecord,
     pub(super) metrics: RecordMetrics,
+    /// The commit the binary was built from (`-modified`: with uncommitted code changes); empty
+    /// in records written before it was recorded.
+    #[serde(default)]
+    pub(super) commit: String,
 }
 
 /// The sampling parameters of a record.
@@ -104,6 +108,7 @@ impl Record {
             },
             sampling: SamplingRecord::of(sampling),
             metrics: RecordMetrics::of(g),
+            commit: env!("AMUSD_COMMIT").into(),
         }
     }
 

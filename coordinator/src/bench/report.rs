@@ -341,7 +341,24 @@ pub fn report(args: ReportArgs) -> Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     out.write_all(render_report(&summarize(&records), args.markdown).as_bytes())?;
+    writeln!(out, "\n{}", commits_line(&records))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which code the records were measured with: the commits their binaries were built from.
+fn commits_line(records: &[Record]) -> String {
+    let mut commits: Vec<&str> = records.iter().map(|r| r.commit.as_str()).collect();
+    commits.sort_unstable();
+    commits.dedup();
+    let named: Vec<&str> = commits.iter().copied().filter(|c| !c.is_empty()).collect();
+    let mut line = format!("Built from commit {}", named.join(", "));
+    if named.is_empty() {
+        line = "Built from: not recorded".into();
+    } else if named.len() < commits.len() {
+        line.push_str(" (some records do not say)");
+    }
+    line.push('.');
+    line
 }
 
 #[cfg(test)]
@@ -380,6 +397,7 @@ mod tests {
                 tokens_hash: tokens_hash(&tokens),
                 tokens,
             },
+            commit: "abc1234".into(),
         }
     }
 
@@ -442,5 +460,23 @@ mod tests {
         assert!(!rows[1].old_denominator);
         let md = render_report(&rows, true);
         assert!(md.contains("| d | amusd |"));
+    }
+
+    #[test]
+    fn the_commits_line_names_each_commit_once_and_says_when_some_are_missing() {
+        let a = record("ar", 0, 10.0, vec![1]);
+        let mut b = a.clone();
+        b.commit = "def5678-modified".into();
+        assert_eq!(
+            commits_line(&[a.clone(), b.clone(), a.clone()]),
+            "Built from commit abc1234, def5678-modified."
+        );
+        let mut old = a.clone();
+        old.commit.clear();
+        assert_eq!(
+            commits_line(&[a, old.clone()]),
+            "Built from commit abc1234 (some records do not say)."
+        );
+        assert_eq!(commits_line(&[old]), "Built from: not recorded.");
     }
 }

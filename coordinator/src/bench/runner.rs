@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 
 use amusd_model::chat::Message;
-use amusd_model::loader::{load_text, ModelText};
+use amusd_model::loader::ModelText;
 use amusd_proc::bind::SavedAffinity;
 use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
@@ -22,7 +22,7 @@ use super::timeline::{build_plot, render_svg};
 use super::BenchArgs;
 use crate::args::{sampling_label, ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, InProcess, Request, Trace, Workers};
-use crate::prompt::{check_same_vocabulary, encode_conversation};
+use crate::prompt::{encode_conversation, Texts};
 use crate::supervisor::INTERRUPTED;
 
 /// A sample with its first prompt tokenized.
@@ -251,7 +251,6 @@ impl Models {
         }
         crate::supervisor::install_signal_handlers();
         let verify_spec = m.verify_spec()?;
-        let text = load_text(&verify_spec.parse()?).context("cannot load the verify model")?;
         let draft_spec = if runs(Strategy::Sd) || runs(Strategy::Amusd) {
             Some(m.draft_spec()?)
         } else {
@@ -259,16 +258,11 @@ impl Models {
         };
         // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
         // reserve the same positions in the draft), and amusd in the region's token buffer.
-        let mut capacity = text.context_length;
-        // Prompt lookup alone has no draft model, no context of its own.
-        if let Some(spec) = draft_spec
-            .as_ref()
-            .filter(|_| m.lookup_alone().ok().flatten().is_none())
-        {
-            let draft = load_text(&spec.parse()?).context("cannot load the draft model")?;
-            check_same_vocabulary(&text.tokenizer, &draft.tokenizer)?;
-            capacity = capacity.min(draft.context_length);
-        }
+        let texts = Texts::load(&verify_spec, draft_spec.as_deref())?;
+        let mut capacity = texts.context(usize::MAX);
+        let text = texts
+            .verify
+            .context("bench needs a real verify model: a fake one has no tokenizer")?;
         let in_process = if in_process {
             let sd_draft = draft_spec.as_deref().filter(|_| runs(Strategy::Sd));
             let p = InProcess::load(&verify_spec, sd_draft, m)?;
