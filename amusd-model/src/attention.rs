@@ -12,7 +12,7 @@ use crate::kernels::dot;
 
 /// Causal attention of one query row over the cached keys and values of positions `0..=pos`.
 ///
-/// `q` holds `n_heads` heads of `head_dim`; `keys`/`values` are laid out `[position][kv_head][head_dim]`.
+/// `q` holds `n_heads` heads of `head_dim`; `keys`/`values` are laid out as `layout` says.
 /// Each head's scores, softmax and weighted sum run over positions in order, so the result for a
 /// position does not depend on which other queries share the forward pass.
 #[allow(clippy::too_many_arguments)]
@@ -20,6 +20,7 @@ pub fn attend(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
+    layout: KvLayout,
     pos: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -29,7 +30,7 @@ pub fn attend(
 ) {
     #[cfg(target_arch = "x86_64")]
     if avx2::usable(head_dim, n_heads / n_kv_heads.max(1)) {
-        let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim);
+        let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim, layout);
         shape.check(q, keys, values, out);
         // SAFETY: `usable` checked at run time that the CPU has AVX2 and FMA and the shape is one
         // the path takes; `check` asserted every slice is as long as the shape needs.
@@ -37,7 +38,7 @@ pub fn attend(
         return;
     }
     attend_reference(
-        q, keys, values, pos, n_heads, n_kv_heads, head_dim, scores, out,
+        q, keys, values, layout, pos, n_heads, n_kv_heads, head_dim, scores, out,
     );
 }
 
@@ -47,6 +48,7 @@ pub fn attend_reference(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
+    layout: KvLayout,
     pos: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -54,7 +56,8 @@ pub fn attend_reference(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim);
+    let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim, layout);
+    shape.check(q, keys, values, out);
     scores.resize(pos + 1, 0.0);
     for h in 0..n_heads {
         let qh = &q[h * head_dim..(h + 1) * head_dim];
@@ -88,38 +91,76 @@ fn softmax_in_place(scores: &mut [f32], max: f32) -> f32 {
     1.0 / sum
 }
 
+/// Where one layer's cached keys (and values) lie: key/value head `j`'s row for position `t`
+/// starts at `j * head_stride + t * pos_stride`. Only addressing: every layout gives the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub head_stride: usize,
+    pub pos_stride: usize,
+}
+
+impl KvLayout {
+    /// `[position][kv_head][head_dim]`: a position's heads side by side.
+    pub fn position_major(n_kv_heads: usize, head_dim: usize) -> Self {
+        Self {
+            head_stride: head_dim,
+            pos_stride: n_kv_heads * head_dim,
+        }
+    }
+
+    /// `[kv_head][position][head_dim]` with room for `capacity` positions per head: the KV cache's
+    /// layout, so that attention streams each head's rows from contiguous memory.
+    pub fn head_major(capacity: usize, head_dim: usize) -> Self {
+        Self {
+            head_stride: capacity * head_dim,
+            pos_stride: head_dim,
+        }
+    }
+}
+
 /// One attention call's dimensions.
 struct Shape {
     pos: usize,
     n_heads: usize,
+    n_kv_heads: usize,
     head_dim: usize,
     /// Query heads per key/value head.
     group: usize,
-    kv_stride: usize,
+    head_stride: usize,
+    /// Distance between consecutive positions' rows of one key/value head.
+    pos_stride: usize,
     scale: f32,
 }
 
 impl Shape {
-    fn new(pos: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+    fn new(
+        pos: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        layout: KvLayout,
+    ) -> Self {
         Self {
             pos,
             n_heads,
+            n_kv_heads,
             head_dim,
             group: n_heads / n_kv_heads,
-            kv_stride: n_kv_heads * head_dim,
+            head_stride: layout.head_stride,
+            pos_stride: layout.pos_stride,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
 
     /// Where position `t`'s key (or value) for query head `h` starts.
     fn kv_offset(&self, t: usize, h: usize) -> usize {
-        t * self.kv_stride + h / self.group * self.head_dim
+        t * self.pos_stride + h / self.group * self.head_stride
     }
 
     fn check(&self, q: &[f32], keys: &[f32], values: &[f32], out: &[f32]) {
         let (width, cached) = (
             self.n_heads * self.head_dim,
-            (self.pos + 1) * self.kv_stride,
+            (self.n_kv_heads - 1) * self.head_stride + self.pos * self.pos_stride + self.head_dim,
         );
         assert!(
             q.len() >= width
@@ -186,15 +227,15 @@ mod avx2 {
                 let t1 = (t0 + BLOCK).min(n);
                 for (i, h) in heads.clone().enumerate() {
                     let s = &scores[i * n + t0..i * n + t1];
-                    let (vt, o) = (v.add(t0 * shape.kv_stride), out.as_mut_ptr().add(h * hd));
+                    let (vt, o) = (v.add(t0 * shape.pos_stride), out.as_mut_ptr().add(h * hd));
                     let mut col = 0;
                     while col < hd {
                         let (vc, oc) = (vt.add(col), o.add(col));
                         if hd - col >= 64 {
-                            weighted_sum::<8>(s, inv[i], vc, shape.kv_stride, oc, t0 == 0);
+                            weighted_sum::<8>(s, inv[i], vc, shape.pos_stride, oc, t0 == 0);
                             col += 64;
                         } else {
-                            weighted_sum::<2>(s, inv[i], vc, shape.kv_stride, oc, t0 == 0);
+                            weighted_sum::<2>(s, inv[i], vc, shape.pos_stride, oc, t0 == 0);
                             col += 16;
                         }
                     }
@@ -223,7 +264,7 @@ mod avx2 {
             let k = keys.as_ptr().add(shape.kv_offset(t, first));
             for i in 0..shape.group {
                 let qh = q.as_ptr().add((first + i) * hd);
-                let four = dot4(qh, k, shape.kv_stride, hd);
+                let four = dot4(qh, k, shape.pos_stride, hd);
                 _mm_storeu_ps(scores.as_mut_ptr().add(i * n + t), _mm_mul_ps(four, scale));
             }
         }
@@ -326,17 +367,58 @@ mod tests {
     use proptest::prelude::*;
 
     /// [`attend`]'s signature.
-    type Attend = fn(&[f32], &[f32], &[f32], usize, usize, usize, usize, &mut Vec<f32>, &mut [f32]);
+    type Attend = fn(
+        &[f32],
+        &[f32],
+        &[f32],
+        KvLayout,
+        usize,
+        usize,
+        usize,
+        usize,
+        &mut Vec<f32>,
+        &mut [f32],
+    ) -> ();
 
-    fn run(f: Attend, (nh, nkv, hd, pos): (usize, usize, usize, usize), seed: u64) -> Vec<u32> {
+    /// Keys and values of `pos + 1` positions (the same values whatever the layout: element `e` of
+    /// head `j` at position `t` is drawn once), laid out head-major with `spare` unused positions
+    /// per head, or position-major.
+    fn cache(
+        (nkv, hd, pos): (usize, usize, usize),
+        seed: u64,
+        head_major: Option<usize>,
+    ) -> (Vec<f32>, KvLayout) {
+        let drawn = test_values((pos + 1) * nkv * hd, seed);
+        let layout = match head_major {
+            Some(spare) => KvLayout::head_major(pos + 1 + spare, hd),
+            None => KvLayout::position_major(nkv, hd),
+        };
+        let mut buf = vec![f32::NAN; (nkv - 1) * layout.head_stride + pos * layout.pos_stride + hd];
+        for t in 0..=pos {
+            for j in 0..nkv {
+                let src = &drawn[(t * nkv + j) * hd..(t * nkv + j + 1) * hd];
+                let at = j * layout.head_stride + t * layout.pos_stride;
+                buf[at..at + hd].copy_from_slice(src);
+            }
+        }
+        (buf, layout)
+    }
+
+    fn run_in(
+        f: Attend,
+        (nh, nkv, hd, pos): (usize, usize, usize, usize),
+        seed: u64,
+        head_major: Option<usize>,
+    ) -> Vec<u32> {
         let q = test_values(nh * hd, seed);
-        let keys = test_values((pos + 1) * nkv * hd, seed + 1);
-        let values = test_values((pos + 1) * nkv * hd, seed + 2);
+        let (keys, layout) = cache((nkv, hd, pos), seed + 1, head_major);
+        let (values, _) = cache((nkv, hd, pos), seed + 2, head_major);
         let mut out = vec![f32::NAN; nh * hd];
         f(
             &q,
             &keys,
             &values,
+            layout,
             pos,
             nh,
             nkv,
@@ -347,6 +429,10 @@ mod tests {
         out.iter().map(|v| v.to_bits()).collect()
     }
 
+    fn run(f: Attend, shape: (usize, usize, usize, usize), seed: u64) -> Vec<u32> {
+        run_in(f, shape, seed, Some(3))
+    }
+
     proptest! {
         #[test]
         fn the_dispatched_path_has_the_reference_bits(
@@ -354,6 +440,17 @@ mod tests {
         ) {
             let shape = (kv * group, kv, 16 * chunks, pos);
             prop_assert_eq!(run(attend, shape, seed), run(attend_reference, shape, seed));
+        }
+
+        #[test]
+        fn the_layout_changes_no_bit(
+            kv in 1usize..4, group in 1usize..4, chunks in 1usize..5, pos in 0usize..40,
+            spare in 0usize..5, seed: u64,
+        ) {
+            let shape = (kv * group, kv, 16 * chunks, pos);
+            let position_major = run_in(attend_reference, shape, seed, None);
+            prop_assert_eq!(&run_in(attend_reference, shape, seed, Some(spare)), &position_major);
+            prop_assert_eq!(&run_in(attend, shape, seed, Some(spare)), &position_major);
         }
     }
 
@@ -374,6 +471,7 @@ mod tests {
             &q,
             &keys,
             &values,
+            KvLayout::position_major(nkv, hd),
             pos,
             nh,
             nkv,

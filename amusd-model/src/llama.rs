@@ -182,11 +182,13 @@ impl Llama {
         let mut x = self.embed_tokens(tokens)?;
         let mut s = Scratch::new(cfg, m);
         let rope = self.rope_table(start_pos, m);
+        let layout = cache.layout();
         for (layer, block) in self.blocks.iter().enumerate() {
             let (keys, values) = cache.layer_mut(layer);
             let kv = CacheLayer {
                 keys,
                 values,
+                layout,
                 start_pos,
             };
             self.attention(block, kv, &rope, &mut x, &mut s)?;
@@ -217,6 +219,7 @@ impl Llama {
         let CacheLayer {
             keys,
             values,
+            layout,
             start_pos,
         } = kv;
         for (i, row) in s.qkv.chunks_exact_mut(qkv_dim).enumerate() {
@@ -229,15 +232,19 @@ impl Llama {
             {
                 apply_rope(head, cos, sin, cfg.rope_style);
             }
-            let pos = start_pos + i;
-            keys[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(k);
-            values[pos * kv_dim..(pos + 1) * kv_dim].copy_from_slice(v);
+            let (pos, hd) = (start_pos + i, cfg.head_dim);
+            for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+                let at = j * layout.head_stride + pos * layout.pos_stride;
+                keys[at..at + hd].copy_from_slice(kh);
+                values[at..at + hd].copy_from_slice(vh);
+            }
         }
         for (i, out) in s.attn.chunks_exact_mut(q_dim).enumerate() {
             crate::attention::attend(
                 &s.qkv[i * qkv_dim..i * qkv_dim + q_dim],
                 keys,
                 values,
+                layout,
                 start_pos + i,
                 cfg.n_heads,
                 cfg.n_kv_heads,
@@ -353,6 +360,7 @@ impl Llama {
 struct CacheLayer<'a> {
     keys: &'a mut [f32],
     values: &'a mut [f32],
+    layout: crate::attention::KvLayout,
     start_pos: usize,
 }
 
