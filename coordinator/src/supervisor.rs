@@ -45,14 +45,19 @@ pub struct Policy {
     /// A worker without a heartbeat for this long, whatever its state, is killed and restarted;
     /// so is one that has not registered in the region this long after its start.
     pub hang_timeout: Duration,
-    /// Restarts allowed per worker before the request fails.
+    /// Restarts allowed per worker within one request (and the idle time before it) before the
+    /// request fails; each completed request gives the budget back, so a long-running server
+    /// survives a crash now and then, however many it has seen.
     pub max_restarts: u32,
 }
 
 struct Worker {
     spec: WorkerSpec,
     child: Option<Child>,
+    /// Restarts since the last completed request (see [`Policy::max_restarts`]).
     restarts: u32,
+    /// Some incarnation of this worker has completed a request: its model loads.
+    served: bool,
     started: Instant,
     /// When the worker was found dead or hung, until its replacement is ready.
     down_since: Option<Instant>,
@@ -120,6 +125,7 @@ impl Supervisor {
                 spec,
                 child: None,
                 restarts: 0,
+                served: false,
                 started: Instant::now(),
                 down_since: None,
                 killed: false,
@@ -208,6 +214,14 @@ impl Supervisor {
         Ok(())
     }
 
+    /// A request completed: every worker's restart budget is whole again.
+    pub fn request_done(&mut self) {
+        for w in &mut self.workers {
+            w.restarts = 0;
+            w.served = true;
+        }
+    }
+
     /// Reaps worker `i` if it exited, and restarts it. Returns whether it had exited.
     fn reap(&mut self, i: usize, during_request: bool) -> Result<bool> {
         let role = self.workers[i].spec.role;
@@ -238,8 +252,8 @@ impl Supervisor {
                 w.restarts
             );
         }
-        // A worker that failed while loading will fail again: give up at once.
-        if !last_error.is_empty() && !during_request && w.restarts == 0 {
+        // A worker that failed while loading, and never loaded, will fail again: give up at once.
+        if !last_error.is_empty() && !during_request && w.restarts == 0 && !w.served {
             bail!("the {} worker failed: {last_error}", role.name());
         }
         w.restarts += 1;

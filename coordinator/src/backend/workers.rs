@@ -136,6 +136,7 @@ impl Workers {
             &mut on_tokens,
             &mut supervise,
         )?;
+        self.sup.request_done();
         let mut trace = Trace {
             commits,
             ..Default::default()
