@@ -74,7 +74,7 @@ pub struct ModelArgs {
     /// amusd: a busy worker silent for this long is killed and restarted.
     #[arg(long, default_value_t = 10_000)]
     pub hang_timeout_ms: u64,
-    /// amusd: restarts allowed per worker.
+    /// amusd: restarts allowed per worker within one request (a completed request gives them back).
     #[arg(long, default_value_t = 3)]
     pub max_restarts: u32,
     /// amusd fault injection: kill a random worker at random moments, seeded.
