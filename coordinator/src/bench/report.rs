@@ -347,18 +347,22 @@ pub fn report(args: ReportArgs) -> Result<ExitCode> {
 
 /// Which code the records were measured with: the commits their binaries were built from.
 fn commits_line(records: &[Record]) -> String {
-    let mut commits: Vec<&str> = records.iter().map(|r| r.commit.as_str()).collect();
-    commits.sort_unstable();
-    commits.dedup();
-    let named: Vec<&str> = commits.iter().copied().filter(|c| !c.is_empty()).collect();
-    let mut line = format!("Built from commit {}", named.join(", "));
-    if named.is_empty() {
-        line = "Built from: not recorded".into();
-    } else if named.len() < commits.len() {
-        line.push_str(" (some records do not say)");
+    let mut named: Vec<&str> = records
+        .iter()
+        .map(|r| r.commit.as_str())
+        .filter(|c| !c.is_empty())
+        .collect();
+    let unnamed = named.len() < records.len();
+    named.sort_unstable();
+    named.dedup();
+    match (named.is_empty(), unnamed) {
+        (true, _) => "Built from: not recorded.".into(),
+        (false, false) => format!("Built from commit {}.", named.join(", ")),
+        (false, true) => format!(
+            "Built from commit {} (some records do not say).",
+            named.join(", ")
+        ),
     }
-    line.push('.');
-    line
 }
 
 #[cfg(test)]
