@@ -238,6 +238,24 @@ fn prompt_lookup_alone_and_combined_is_token_identical() {
     }
 }
 
+/// The default model's vocabulary has a built-in frequency ranking, so a draft's `head=N` keeps its
+/// most frequent tokens (not its first ids), and such a draft changes no token of sd or amusd.
+#[test]
+fn a_draft_head_of_the_most_frequent_tokens_changes_no_token() {
+    const MAX_NEW: usize = 48;
+    let draft = format!("{}:stored:head=8192", require_default_model().display());
+    let (model, name) = amusd_model::loader::load_weights(&draft.parse().unwrap()).unwrap();
+    assert_eq!(model.lm_head.out_features(), 8192, "{name}");
+    assert!(name.ends_with("head 8192 (most frequent)"), "{name}");
+    drop(model);
+    let prompt = humaneval_prompts(1).remove(0);
+    let expected = generate("ar", &prompt, MAX_NEW).tokens();
+    for strategy in ["sd", "amusd"] {
+        let run = generate_with(strategy, &prompt, MAX_NEW, &["--draft-model", &draft]);
+        assert_eq!(run.tokens(), expected, "{strategy}: {}", run.describe());
+    }
+}
+
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
 /// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.

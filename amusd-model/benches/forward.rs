@@ -93,7 +93,7 @@ fn main() {
         "prefill", "prefill draft", "MB", "GB/s", "GF k=1", "GF k=32"
     );
     for f in formats {
-        // FORMAT or FORMAT:head=N (a draft whose output head keeps the first N token ids).
+        // FORMAT or FORMAT:head=N (a draft whose output head keeps the N most frequent tokens).
         let (name, head) = match f.split_once(":head=") {
             Some((name, n)) => (name, Some(n.parse::<usize>().expect("head=N"))),
             None => (f.as_str(), None),
@@ -106,7 +106,7 @@ fn main() {
             .and_then(|mut g| g.load_llama(format))
             .expect("load");
         if let Some(n) = head {
-            model.restrict_head(n).expect("head");
+            amusd_model::loader::keep_frequent_head(&path, &mut model, n).expect("head");
         }
         let mut cache = model.new_cache(CONTEXT + 64);
         let context: Vec<u32> = (0..CONTEXT as u32)

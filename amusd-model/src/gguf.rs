@@ -68,6 +68,22 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// The vocabulary's token strings in id order (`tokenizer.ggml.tokens`); empty when the file
+    /// has none.
+    pub fn token_strings(&self) -> Vec<&str> {
+        let Some(Ok(values)) = self
+            .metadata()
+            .get("tokenizer.ggml.tokens")
+            .map(Value::to_vec)
+        else {
+            return Vec::new();
+        };
+        values
+            .iter()
+            .map(|v| v.to_string().map_or("", |s| s.as_str()))
+            .collect()
+    }
+
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }

@@ -270,18 +270,13 @@ impl<T: Widen> Packed<T> {
         self.k
     }
 
-    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
-    pub fn first_rows(&self, keep: usize) -> Self {
-        assert!(
-            keep <= self.n && keep.is_multiple_of(PANEL),
-            "first {keep} rows of {}",
-            self.n
-        );
-        Self {
-            n: keep,
-            k: self.k,
-            data: self.data[..keep * self.k].to_vec(),
+    /// The matrix of rows `ids`, in that order (each below [`Self::rows`]).
+    pub fn select_rows(&self, ids: &[u32]) -> Self {
+        let mut rows = Vec::with_capacity(ids.len() * self.k);
+        for &j in ids {
+            self.extend_row(j as usize, &mut rows);
         }
+        Self::from_vec(rows, ids.len(), self.k)
     }
 
     /// Resident bytes, the padding of the last panel included.
@@ -311,10 +306,14 @@ impl<T: Widen> Packed<T> {
     pub fn to_rows(&self) -> Vec<T> {
         let mut out = Vec::with_capacity(self.n * self.k);
         for j in 0..self.n {
-            let panel = self.panel(j / PANEL);
-            out.extend((0..self.k).map(|p| panel[p * PANEL + j % PANEL]));
+            self.extend_row(j, &mut out);
         }
         out
+    }
+
+    fn extend_row(&self, j: usize, out: &mut Vec<T>) {
+        let panel = self.panel(j / PANEL);
+        out.extend((0..self.k).map(|p| panel[p * PANEL + j % PANEL]));
     }
 }
 

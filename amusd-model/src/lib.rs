@@ -24,6 +24,7 @@ pub mod loader;
 pub mod paths;
 pub mod qexact;
 pub mod qkernels;
+pub mod ranking;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

@@ -249,30 +249,36 @@ impl Linear {
         }
     }
 
-    /// The layer computing only the first `keep` outputs (a multiple of [`PANEL`]), each exactly as
-    /// this layer computes it: a draft's output head restricted to its most frequent tokens.
-    pub fn first_rows(&self, keep: usize) -> Result<Linear, ModelError> {
+    /// The layer computing only the outputs `ids` (in that order), each exactly as this layer
+    /// computes it: a draft's output head restricted to its most frequent tokens.
+    pub fn select_rows(&self, ids: &[u32]) -> Result<Linear, ModelError> {
         let (n, k) = (self.out_features, self.in_features);
-        if keep == 0 || keep > n || !keep.is_multiple_of(PANEL) {
+        if ids.is_empty() || ids.iter().any(|&j| j as usize >= n) {
             return Err(ModelError::Shape(format!(
-                "cannot keep the first {keep} of {n} rows: a positive multiple of {PANEL} up to {n}"
+                "cannot keep {} rows of {n}: ids must exist and be at least one",
+                ids.len()
             )));
         }
         let weights = match &self.weights {
-            Weights::F32(w) => Weights::F32(Arc::new(w.first_rows(keep))),
-            Weights::F16(w) => Weights::F16(Arc::new(w.first_rows(keep))),
-            Weights::Bf16(w) => Weights::Bf16(Arc::new(w.first_rows(keep))),
-            Weights::Blocked(w) => Weights::Blocked(Arc::new(w.first_rows(keep))),
-            Weights::Int(w) => Weights::Int(Arc::new(w.first_rows(keep))),
+            Weights::F32(w) => Weights::F32(Arc::new(w.select_rows(ids))),
+            Weights::F16(w) => Weights::F16(Arc::new(w.select_rows(ids))),
+            Weights::Bf16(w) => Weights::Bf16(Arc::new(w.select_rows(ids))),
+            Weights::Blocked(w) => Weights::Blocked(Arc::new(w.select_rows(ids))),
+            Weights::Int(w) => Weights::Int(Arc::new(w.select_rows(ids))),
             Weights::Quantized(q) => {
-                // GGUF blocks never straddle rows: the first rows are a prefix of the raw bytes.
+                // GGUF blocks never straddle rows: each row is its own run of bytes.
                 let data = q.data()?;
-                let bytes = data[..data.len() / n * keep].to_vec();
+                let row = data.len() / n;
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .flat_map(|&j| &data[j as usize * row..(j as usize + 1) * row])
+                    .copied()
+                    .collect();
                 let storage = QStorage::from_data(bytes.into(), &Device::Cpu, q.dtype())?;
-                Weights::Quantized(Arc::new(QTensor::new(storage, (keep, k))?))
+                Weights::Quantized(Arc::new(QTensor::new(storage, (ids.len(), k))?))
             }
         };
-        Linear::new(weights, keep, k)
+        Linear::new(weights, ids.len(), k)
     }
 }
 
@@ -478,8 +484,13 @@ mod tests {
     }
 
     #[test]
-    fn the_first_rows_compute_what_the_whole_layer_computes() {
-        let (n, k, keep, m) = (150, 64, 128, 3);
+    fn selected_rows_compute_what_the_whole_layer_computes() {
+        let (n, k, m) = (150, 64, 3);
+        let ids: Vec<u32> = [149, 0, 7, 64, 65, 3, 100, 128, 127]
+            .into_iter()
+            .chain(10..40)
+            .collect();
+        let keep = ids.len();
         let (bytes, _) = crate::testing::quantized_matrix(GgmlDType::Q4_1, n, k, 5);
         let blocked = Weights::Blocked(Arc::new(
             BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes, n, k).unwrap(),
@@ -498,7 +509,7 @@ mod tests {
         layers.push(Linear::new(blocked, n, k).unwrap());
         let x = crate::testing::test_values(m * k, 6);
         for full in layers {
-            let head = full.first_rows(keep).unwrap();
+            let head = full.select_rows(&ids).unwrap();
             assert_eq!(head.out_features(), keep);
             assert_eq!(head.storage_name(), full.storage_name());
             let (mut y_full, mut y_head) = (vec![0f32; m * n], vec![0f32; m * keep]);
@@ -507,14 +518,16 @@ mod tests {
             head.forward(&x, m, &mut y_head, Batching::Invariant)
                 .unwrap();
             for i in 0..m {
-                assert_eq!(
-                    y_head[i * keep..(i + 1) * keep],
-                    y_full[i * n..i * n + keep],
-                    "{}",
-                    full.storage_name()
-                );
+                for (c, &j) in ids.iter().enumerate() {
+                    assert_eq!(
+                        y_head[i * keep + c].to_bits(),
+                        y_full[i * n + j as usize].to_bits(),
+                        "{} row {i} id {j}",
+                        full.storage_name()
+                    );
+                }
             }
-            assert!(full.first_rows(100).is_err() && full.first_rows(192).is_err());
+            assert!(full.select_rows(&[]).is_err() && full.select_rows(&[3, 150]).is_err());
         }
     }
 

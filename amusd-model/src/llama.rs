@@ -31,6 +31,8 @@ pub struct Llama {
     /// [`Batching::Invariant`] unless this model only drafts (see [`Batching`]).
     pub batching: Batching,
     inv_freq: Vec<f32>,
+    /// The token each row of a restricted `lm_head` scores ([`Self::restrict_head`]).
+    head_ids: Option<Vec<u32>>,
 }
 
 /// Which positions of a forward pass need logits.
@@ -119,20 +121,30 @@ impl Llama {
             lm_head,
             batching: Batching::Invariant,
             inv_freq,
+            head_ids: None,
         })
     }
 
-    /// Restricts the output head to the token ids below `keep` (rounded up to a whole panel of
-    /// rows): a draft model that reads fewer bytes per token. The other tokens get logit -inf, so
-    /// neither greedy nor sampled choice proposes them; the embedding stays whole, so the model still
-    /// reads any token. BPE vocabularies number tokens in merge order, roughly by frequency in the
-    /// tokenizer's training text, so the first ids are the frequent ones: FR-Spec's frequency-ranked
-    /// draft head without a corpus to count. Never for a verify model: its logits decide the output.
-    pub fn restrict_head(&mut self, keep: usize) -> Result<(), ModelError> {
-        let keep = keep.next_multiple_of(kernels::PANEL);
-        if keep < self.lm_head.out_features() {
-            self.lm_head = self.lm_head.first_rows(keep)?;
+    /// Restricts the output head to the token ids `keep` (increasing; see [`crate::ranking`]): a
+    /// draft model that reads fewer bytes per token. The other tokens get logit -inf, so neither
+    /// greedy nor sampled choice proposes them; the embedding stays whole, so the model still reads
+    /// any token. Keeping every id is a no-op. Never for a verify model: its logits decide the
+    /// output.
+    pub fn restrict_head(&mut self, keep: &[u32]) -> Result<(), ModelError> {
+        let vocab = self.config.vocab_size;
+        if keep.len() >= vocab {
+            return Ok(());
         }
+        if self.head_ids.is_some() {
+            return Err(ModelError::Shape(
+                "the output head is already restricted".into(),
+            ));
+        }
+        if !keep.windows(2).all(|w| w[0] < w[1]) {
+            return Err(ModelError::Shape("head ids must increase".into()));
+        }
+        self.lm_head = self.lm_head.select_rows(keep)?;
+        self.head_ids = Some(keep.to_vec());
         Ok(())
     }
 
@@ -298,17 +310,23 @@ impl Llama {
         let rows = m - first;
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
-        let head = self.lm_head.out_features();
         let mut data = vec![f32::NEG_INFINITY; rows * vocab];
-        if head == vocab {
-            self.lm_head
-                .forward(&hidden, rows, &mut data, self.batching)?;
-        } else {
-            let mut part = vec![0f32; rows * head];
-            self.lm_head
-                .forward(&hidden, rows, &mut part, self.batching)?;
-            for (out, row) in data.chunks_exact_mut(vocab).zip(part.chunks_exact(head)) {
-                out[..head].copy_from_slice(row);
+        match &self.head_ids {
+            None => self
+                .lm_head
+                .forward(&hidden, rows, &mut data, self.batching)?,
+            Some(ids) => {
+                let mut part = vec![0f32; rows * ids.len()];
+                self.lm_head
+                    .forward(&hidden, rows, &mut part, self.batching)?;
+                for (out, row) in data
+                    .chunks_exact_mut(vocab)
+                    .zip(part.chunks_exact(ids.len()))
+                {
+                    for (&id, &v) in ids.iter().zip(row) {
+                        out[id as usize] = v;
+                    }
+                }
             }
         }
         Ok(Logits { data, rows, vocab })
@@ -546,23 +564,36 @@ mod tests {
     /// A restricted head gives the full head's logits for the ids it keeps and -inf for the rest;
     /// the model still reads every token.
     #[test]
-    fn a_restricted_head_keeps_the_first_ids_exactly() {
+    fn a_restricted_head_keeps_its_ids_exactly() {
         let full = gguf_model(WeightFormat::AsStored);
         let mut head = gguf_model(WeightFormat::AsStored);
-        head.restrict_head(100).unwrap();
-        assert_eq!(head.lm_head.out_features(), 128, "rounded up to a panel");
+        let vocab = full.config.vocab_size;
+        let keep: Vec<u32> = (0..vocab as u32).filter(|i| i % 3 != 1).collect();
+        head.restrict_head(&keep).unwrap();
+        assert_eq!(head.lm_head.out_features(), keep.len());
         let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 200) % 259).collect();
         let (mut c1, mut c2) = (full.new_cache(32), head.new_cache(32));
         let a = full.forward(&tokens, 0, &mut c1, LogitsFor::All).unwrap();
         let b = head.forward(&tokens, 0, &mut c2, LogitsFor::All).unwrap();
         for r in 0..tokens.len() {
-            let (ra, rb) = (a.row(r), b.row(r));
-            assert_eq!(ra[..128], rb[..128], "row {r}");
-            assert!(rb[128..].iter().all(|&v| v == f32::NEG_INFINITY), "row {r}");
+            for (id, (&va, &vb)) in a.row(r).iter().zip(b.row(r)).enumerate() {
+                let want = if id % 3 != 1 { va } else { f32::NEG_INFINITY };
+                assert_eq!(vb.to_bits(), want.to_bits(), "row {r} id {id}");
+            }
         }
-        let vocab = full.config.vocab_size;
-        head.restrict_head(vocab).unwrap();
-        assert_eq!(head.lm_head.out_features(), 128, "keeping more is a no-op");
+        let all: Vec<u32> = (0..vocab as u32).collect();
+        head.restrict_head(&all).unwrap();
+        assert_eq!(
+            head.lm_head.out_features(),
+            keep.len(),
+            "keeping all is a no-op"
+        );
+        assert!(
+            head.restrict_head(&keep[..10]).is_err(),
+            "restricting twice"
+        );
+        let mut other = gguf_model(WeightFormat::AsStored);
+        assert!(other.restrict_head(&[5, 3]).is_err(), "ids out of order");
     }
 
     #[test]

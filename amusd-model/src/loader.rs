@@ -5,8 +5,10 @@ use std::str::FromStr;
 
 use crate::chat::ChatTemplate;
 use crate::gguf::GgufFile;
+use crate::kernels::PANEL;
 use crate::linear::WeightFormat;
 use crate::llama::Llama;
+use crate::ranking::TokenRanking;
 use crate::tokenizer::Tokenizer;
 
 pub use crate::paths::{amusd_home, default_model_path, DEFAULT_MODEL_FILE};
@@ -18,7 +20,7 @@ use crate::ModelError;
 pub struct ModelSpec {
     pub path: PathBuf,
     pub format: WeightFormat,
-    /// Keep only the output head's first `N` token ids ([`Llama::restrict_head`]).
+    /// Keep only the output head's `N` most frequent token ids ([`keep_frequent_head`]).
     pub head: Option<usize>,
 }
 
@@ -161,10 +163,45 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
 /// A draft's `head=N`: restricts the output head and says so in the model's name.
 fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
     if let Some(n) = spec.head {
-        llama.restrict_head(n)?;
-        name.push_str(&format!(", head {}", llama.lm_head.out_features()));
+        let order = keep_frequent_head(&spec.path, llama, n)?;
+        name.push_str(&format!(
+            ", head {} ({order})",
+            llama.lm_head.out_features()
+        ));
     }
     Ok(())
+}
+
+/// Keeps the output head's `n` most frequent tokens (rounded up to a whole panel of rows) by the
+/// built-in ranking of the vocabulary of the model at `path`, or its first `n` ids when there is
+/// none. Returns which: "most frequent" or "first ids".
+pub fn keep_frequent_head(
+    path: &Path,
+    llama: &mut Llama,
+    n: usize,
+) -> Result<&'static str, ModelError> {
+    let ranking = head_ranking(path)?;
+    let vocab = llama.config.vocab_size;
+    llama.restrict_head(&ranking.top(n.next_multiple_of(PANEL), vocab))?;
+    Ok(if ranking.by_frequency() {
+        "most frequent"
+    } else {
+        "first ids"
+    })
+}
+
+/// The built-in frequency ranking of the model's vocabulary, or id order.
+fn head_ranking(path: &Path) -> Result<TokenRanking, ModelError> {
+    if let Some(dir) = hf_dir(path, path.is_dir()) {
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
+        let tokens: Vec<String> = (0..tokenizer.vocab_size() as u32)
+            .map(|id| tokenizer.id_to_token(id).unwrap_or_default())
+            .collect();
+        return Ok(TokenRanking::for_vocab(&tokens));
+    }
+    Ok(TokenRanking::for_vocab(
+        &GgufFile::open(path)?.token_strings(),
+    ))
 }
 
 fn file_name(path: &Path) -> String {

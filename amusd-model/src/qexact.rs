@@ -221,17 +221,18 @@ impl BlockPacked {
         Self { kind, n, k, data }
     }
 
-    fn unpack(&self) -> Decoded {
-        let (n, k, groups) = (self.n, self.k, self.k / GROUP);
+    /// The rows `rows` decoded, in that order.
+    fn unpack(&self, rows: impl ExactSizeIterator<Item = usize>) -> Decoded {
+        let (n, k, groups) = (rows.len(), self.k, self.k / GROUP);
         let mut dec = Decoded {
             d: vec![0; n * groups],
             m: vec![0; n * groups],
             q: vec![0; n * k],
         };
-        for row in 0..n {
+        for (i, row) in rows.enumerate() {
             for g in 0..groups {
-                let gi = row * groups + g;
-                let q = &mut dec.q[row * k + g * GROUP..row * k + (g + 1) * GROUP];
+                let gi = i * groups + g;
+                let q = &mut dec.q[i * k + g * GROUP..i * k + (g + 1) * GROUP];
                 (dec.d[gi], dec.m[gi]) = self.read(row, g, q);
             }
         }
@@ -278,7 +279,7 @@ impl BlockPacked {
             q: vec![],
         };
         for p in parts {
-            let dec = p.unpack();
+            let dec = p.unpack(0..p.n);
             all.d.extend(dec.d);
             all.m.extend(dec.m);
             all.q.extend(dec.q);
@@ -304,20 +305,10 @@ impl BlockPacked {
         self.data.len()
     }
 
-    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
-    pub fn first_rows(&self, keep: usize) -> Self {
-        assert!(
-            keep <= self.n && keep.is_multiple_of(PANEL),
-            "first {keep} rows of {}",
-            self.n
-        );
-        let len = self.k / GROUP * self.kind.group_bytes();
-        Self {
-            kind: self.kind,
-            n: keep,
-            k: self.k,
-            data: self.data[..keep / PANEL * len].to_vec(),
-        }
+    /// The matrix of rows `ids`, in that order (each below [`Self::rows`]).
+    pub fn select_rows(&self, ids: &[u32]) -> Self {
+        let dec = self.unpack(ids.iter().map(|&j| j as usize));
+        Self::pack(self.kind, ids.len(), self.k, &dec)
     }
 
     fn panel(&self, b: usize) -> &[u8] {
@@ -377,10 +368,10 @@ pub fn matmul(x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) {
 /// smaller ones widen in registers for every tile of up to [`DIRECT_ROWS`]. Measured (q4_1
 /// gate/up, in cache, one core): m = 2 and 4 cost 1.3x and 1.5x of one row widened in registers,
 /// 2.3x and 2.5x through the buffer; at m = 8 the buffer wins, 3.3x against 3.7x.
-const WIDEN_ONCE_ROWS: usize = 8;
+const WIDEN_ONCE_ROWS: usize = 9;
 
 /// Rows per tile when widening in registers.
-const DIRECT_ROWS: usize = 4;
+const DIRECT_ROWS: usize = 8;
 
 /// [`matmul`] on a given instruction set, which must be in [`Isa::available`].
 ///
@@ -549,6 +540,10 @@ mod avx2 {
             2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
             3 => strips::<3, 2, NIB, OFF, BIAS>(xs, panel, out),
             4 => strips::<4, 2, NIB, OFF, BIAS>(xs, panel, out),
+            5 => strips::<5, 1, NIB, OFF, BIAS>(xs, panel, out),
+            6 => strips::<6, 1, NIB, OFF, BIAS>(xs, panel, out),
+            7 => strips::<7, 1, NIB, OFF, BIAS>(xs, panel, out),
+            8 => strips::<8, 1, NIB, OFF, BIAS>(xs, panel, out),
             r => unreachable!("a direct tile of {r} rows"),
         }
     }

@@ -158,20 +158,11 @@ impl IntPacked {
         self.data.len()
     }
 
-    /// The matrix of the first `keep` rows (a whole number of panels): the same panels, fewer.
-    pub fn first_rows(&self, keep: usize) -> Self {
-        assert!(
-            keep <= self.n && keep.is_multiple_of(ROWS),
-            "first {keep} rows of {}",
-            self.n
-        );
-        let panel = ROWS * self.k / QK * self.kind.block_bytes();
-        Self {
-            kind: self.kind,
-            n: keep,
-            k: self.k,
-            data: self.data[..keep / ROWS * panel].to_vec(),
-        }
+    /// The matrix of rows `ids`, in that order (each below [`Self::rows`]): the same blocks.
+    pub fn select_rows(&self, ids: &[u32]) -> Self {
+        let bytes = self.ggml_rows(ids.iter().map(|&j| j as usize));
+        Self::from_ggml(self.kind.dtype(), &bytes, ids.len(), self.k)
+            .expect("whole rows of blocks this type packs")
     }
 
     /// Row `j` dequantized to f32 exactly as candle's `to_float` does (for embedding lookups).
@@ -207,11 +198,16 @@ impl IntPacked {
 
     /// The stored GGUF blocks back in row-major order.
     pub fn to_ggml(&self) -> Vec<u8> {
+        self.ggml_rows(0..self.n)
+    }
+
+    /// The stored GGUF blocks of `rows`, in that order.
+    fn ggml_rows(&self, rows: impl ExactSizeIterator<Item = usize>) -> Vec<u8> {
         let bb = self.kind.block_bytes();
         let nb = self.k / QK;
-        let mut out = vec![0u8; self.n * nb * bb];
-        for (j, row) in out.chunks_exact_mut(nb * bb).enumerate() {
-            for (b, block) in row.chunks_exact_mut(bb).enumerate() {
+        let mut out = vec![0u8; rows.len() * nb * bb];
+        for (out, j) in out.chunks_exact_mut(nb * bb).zip(rows) {
+            for (b, block) in out.chunks_exact_mut(bb).enumerate() {
                 self.get_block(j, b, block);
             }
         }

@@ -35,8 +35,9 @@ pub struct ModelArgs {
     pub verify_model: Option<String>,
     /// Draft model: PATH[:FORMAT][:head=N], lookup[:MIN-MAX] (prompt lookup alone, no model: the
     /// longest suffix of MAX down to MIN tokens found earlier proposes what followed it) or
-    /// fake:... (tests); head=N keeps the output head's first N token ids (the frequent ones), so
-    /// each draft token reads fewer bytes. Default: SmolLM2-135M-Instruct as stored (q4_1 layers,
+    /// fake:... (tests); head=N keeps the output head's N most frequent token ids (a built-in
+    /// ranking for the default model's vocabulary, else the first N ids), so each draft token
+    /// reads fewer bytes. Default: SmolLM2-135M-Instruct as stored (q4_1 layers,
     /// q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
