@@ -350,6 +350,9 @@ impl<D: Decoder> Drafter<D> {
             Some(l) => l.propose(room(lookahead.max(l.cap())), stop_ids),
             None => Vec::new(),
         };
+        if !run.is_empty() && self.model {
+            return self.draft_checked(&run, max_len, stop_ids);
+        }
         if !run.is_empty() {
             for &t in &run {
                 self.push(t, Source::Lookup, Some(t));
@@ -361,6 +364,46 @@ impl<D: Decoder> Drafter<D> {
             return Ok((1, Source::Model));
         }
         Ok((0, Source::Model))
+    }
+
+    /// A lookup run checked by the draft model in one forward before it is proposed: the run's
+    /// longest prefix the model itself would have drafted, then the model's own next token (the
+    /// first it disagrees on, or the one after the run). So the drafts are the model's, as from
+    /// [`Self::draft_one`], but a right run yields many per forward, and a wrong one costs a wider
+    /// forward instead of a verify step and a rollback. Returns what [`Self::extend`] does.
+    fn draft_checked(
+        &mut self,
+        run: &[u32],
+        max_len: usize,
+        stop_ids: &[u32],
+    ) -> Result<(usize, Source), SpecError> {
+        let len = self.seq.len();
+        let start = self.decoder.cached().min(len - 1);
+        let mut input = self.seq[start..].to_vec();
+        input.extend_from_slice(run);
+        let own = self
+            .decoder
+            .next_tokens(&input, start, len - 1 - start, &mut self.sampler)?;
+        let agree = run.iter().zip(&own).take_while(|(a, b)| a == b).count();
+        for &t in &run[..agree] {
+            self.push(t, Source::Lookup, Some(t));
+        }
+        // The cache holds the run's positions; those past the agreed prefix are the run's, not the
+        // model's.
+        self.decoder.truncate(len + agree);
+        let stopped = agree > 0 && stop_ids.contains(&run[agree - 1]);
+        if self.seq.len() < max_len && !stopped {
+            let tok = *own
+                .get(agree)
+                .ok_or_else(|| SpecError::Protocol("decoder returned too few tokens".into()))?;
+            self.push(tok, Source::Model, run.get(agree).copied());
+        }
+        let source = if agree > 0 {
+            Source::Lookup
+        } else {
+            Source::Model
+        };
+        Ok((self.seq.len() - len, source))
     }
 
     /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).

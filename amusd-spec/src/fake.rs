@@ -400,6 +400,51 @@ mod tests {
         );
     }
 
+    /// Ahead of a model, a lookup run is checked by the draft model before it is proposed: every
+    /// draft token is the draft model's own greedy choice, so a wrong run never reaches the verify
+    /// model; on repeating text most tokens come from runs the model confirmed, several a forward.
+    #[test]
+    fn a_lookup_run_ahead_of_the_model_proposes_only_the_models_tokens() {
+        let draft = FakeModel {
+            seed: 5,
+            vocab: 6,
+            positional: false,
+            err: 0.03,
+            ..Default::default()
+        };
+        let p = periodic_prompt(5, 9, 40, draft.vocab);
+        let range = crate::lookup::NgramRange { min: 3, max: 4 };
+        let mut d = Drafter::new(FakeDecoder::new(draft.clone())).with_lookup(range, false, 16);
+        d.start(&p, 400).unwrap();
+        let (mut steps, mut from_lookup) = (0, 0);
+        while d.seq().len() < 300 {
+            // Every draft is committed as is, which is what lets the lookup's gate open.
+            let committed = d.seq().to_vec();
+            d.sync(&committed);
+            let (n, source) = d.extend(committed.len(), 1, 300, &[]).unwrap();
+            assert!(n >= 1);
+            steps += 1;
+            for pos in committed.len()..d.seq().len() {
+                assert_eq!(d.seq()[pos], draft.next(&d.seq()[..pos]), "position {pos}");
+                from_lookup += usize::from(d.source(pos) == crate::lookup::Source::Lookup);
+            }
+            assert_eq!(
+                d.decoder.cached(),
+                d.seq().len() - 1,
+                "the cache holds the agreed run"
+            );
+        }
+        let drafted = d.seq().len() - p.len();
+        assert!(
+            from_lookup * 3 > drafted,
+            "{from_lookup} of {drafted} from lookup runs"
+        );
+        assert!(
+            steps * 3 < drafted * 2,
+            "{steps} forwards for {drafted} tokens"
+        );
+    }
+
     #[test]
     fn parses_specs() {
         let m = FakeModel::parse("fake:vocab=100,seed=3,err=0.25,us=10").unwrap();

@@ -859,7 +859,8 @@ mod tests {
 
     /// Text that repeats itself, broken by the verify model's errors: the lookup drafts long runs,
     /// many right, some wrong part-way (long wrong runs), and the workers still commit exactly
-    /// the autoregressive tokens.
+    /// the autoregressive tokens. Ahead of a model, the model checks each run first, so wrong ones
+    /// reach the verify worker only where the draft model errs with the lookup.
     #[test]
     fn workers_survive_long_wrong_lookup_runs() {
         for alone in [true, false] {
@@ -873,7 +874,7 @@ mod tests {
             // Both kinds of run happened (how many of each depends on how far ahead the draft
             // thread got, which a loaded machine changes); exactness is checked inside.
             assert!(m.accepted_lookup > 0, "no accepted lookup tokens: {m:?}");
-            assert!(wasted > 0, "no rejected lookup tokens: {m:?}");
+            assert!(!alone || wasted > 0, "no rejected lookup tokens: {m:?}");
         }
     }
 
