@@ -421,7 +421,7 @@ mod tests {
             // Every draft is committed as is, which is what lets the lookup's gate open.
             let committed = d.seq().to_vec();
             d.sync(&committed);
-            let (n, source) = d.extend(committed.len(), 1, 300, &[]).unwrap();
+            let (n, _) = d.extend(committed.len(), 1, 300, &[]).unwrap();
             assert!(n >= 1);
             steps += 1;
             for pos in committed.len()..d.seq().len() {
