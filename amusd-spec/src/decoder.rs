@@ -238,7 +238,7 @@ impl<D: Decoder> Drafter<D> {
     /// lookup run goes first wherever its gate allows one, and the model drafts the rest.
     /// `max_run` bounds one lookup run.
     pub fn with_lookup(mut self, range: NgramRange, alone: bool, max_run: usize) -> Self {
-        self.lookup = Some(Lookup::new(range, alone, max_run));
+        self.lookup = Some(Lookup::new(range, max_run));
         self.model = !alone;
         self
     }

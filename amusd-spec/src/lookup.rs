@@ -217,18 +217,17 @@ impl NgramIndex {
 
 /// How many lookup tokens to propose, from how the lookup's recent guesses fared: as many as its
 /// current streak of right guesses (so runs double while they are accepted: a run of k right
-/// tokens adds k to the streak), none until the streak reaches [`Self::TRUST`], and back to
-/// none on a wrong guess.
+/// tokens adds k to the streak) once the streak reaches [`Self::TRUST`], `floor` until then and
+/// again after a wrong guess.
 ///
-/// A wrong lookup token is not free: it takes a slot in the verify forward (k + 1 positions cost
-/// about 1.4x one position at k = 1, 4.4x at k = 8 on the verify model here), and in the combined
-/// drafter it displaces a model token that is right ~97% of the time. Outside text that copies its
-/// context, n-gram matches are right about half the time, worse than the model; inside, they are
-/// right run after run. A streak tells the two apart: the lookup drafts while the text copies, and
-/// the model drafts elsewhere. Every guess counts, proposed or not (the drafter records the
-/// lookup's guess where the model drafts), so the lookup comes back as soon as the text copies
-/// again. Drafting alone, the lookup proposes at least `floor` = 1 token: with no model behind it,
-/// a guess is worth a verify slot.
+/// Outside text that copies its context, n-gram matches are right about half the time; inside,
+/// they are right run after run. A streak tells the two apart, so long runs are tried only while
+/// the text copies. Every guess counts, proposed or not (the drafter records the lookup's guess
+/// where the model drafts), so the lookup comes back as soon as the text copies again. The floor
+/// is 1: alone, a guess is worth a verify slot; ahead of the model, the model checks the guess in
+/// the forward that drafts its own next token anyway (two positions cost ~1.1-1.3x one), so a
+/// right guess is a second token for little. A wrong run costs its width in that forward (k = 8
+/// costs ~2-3x k = 1 on the draft model), which is what the streak bounds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupGate {
     streak: usize,
@@ -277,12 +276,11 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// `alone`: no model behind it, so the gate never closes. `max_run`: the longest run proposed
-    /// at once.
-    pub fn new(range: NgramRange, alone: bool, max_run: usize) -> Self {
+    /// `max_run`: the longest run proposed at once.
+    pub fn new(range: NgramRange, max_run: usize) -> Self {
         Self {
             index: NgramIndex::new(range),
-            gate: LookupGate::new(usize::from(alone), max_run),
+            gate: LookupGate::new(1, max_run),
             guesses: Vec::new(),
             sources: Vec::new(),
         }
@@ -497,7 +495,7 @@ mod tests {
         g.observe(false);
         assert_eq!(g.cap(), 0, "a wrong guess hands back to the model");
         let mut alone = LookupGate::new(1, 8);
-        assert_eq!(alone.cap(), 1, "alone, the lookup always proposes");
+        assert_eq!(alone.cap(), 1, "with a floor, the lookup always proposes");
         for _ in 0..5 {
             alone.observe(true);
         }
