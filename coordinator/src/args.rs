@@ -41,12 +41,13 @@ pub struct ModelArgs {
     /// q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
-    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match its tokens are
-    /// proposed at once, elsewhere the model drafts. MIN-MAX: suffix lengths tried (default 2-4).
+    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match, the draft model
+    /// checks the lookup's run in one forward and proposes the part it agrees with plus its own
+    /// next token; elsewhere it drafts one token. MIN-MAX: suffix lengths tried (default 2-4).
     #[arg(long, value_name = "MIN-MAX", num_args = 0..=1, default_missing_value = NgramRange::DEFAULT_TEXT)]
     pub draft_lookup: Option<NgramRange>,
     /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
-    /// lookup's right guesses up to this, and halve on a wrong one).
+    /// lookup's streak of right guesses up to this, and drop to one guess on a wrong one).
     #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
     pub lookup_max_run: usize,
     /// Device of the verify model (and of the whole process for ar and sd).
