@@ -235,7 +235,8 @@ impl<D: Decoder> Drafter<D> {
     }
 
     /// Adds prompt lookup: `alone`, it is the only drafter (the model is never run); otherwise a
-    /// lookup run goes first wherever its gate allows one, and the model drafts the rest.
+    /// lookup run goes first wherever its gate allows one, checked by the model in one forward,
+    /// and the model drafts the rest.
     /// `max_run` bounds one lookup run.
     pub fn with_lookup(mut self, range: NgramRange, alone: bool, max_run: usize) -> Self {
         self.lookup = Some(Lookup::new(range, max_run));
@@ -330,12 +331,14 @@ impl<D: Decoder> Drafter<D> {
         }
     }
 
-    /// Drafts what comes next: a lookup run where the lookup has a match and its gate allows one,
-    /// else one model token. Model tokens stop `lookahead` ahead of `committed_len`; a lookup run
+    /// Drafts what comes next: a lookup run where the lookup has a match and its gate allows one
+    /// (checked by the model first when there is one: `draft_checked`), else one model
+    /// token. Model tokens stop `lookahead` ahead of `committed_len`; a lookup run
     /// may reach as far as the gate's cap when that is longer (a run the lookup has earned is
     /// cheap to verify in one forward). Nothing is drafted at or past `max_len`, nor after a stop
-    /// token in a lookup run. Returns how many tokens were drafted (0: nothing to draft) and by
-    /// which source.
+    /// token in a lookup run. Returns how many tokens were drafted (0: nothing to draft) and
+    /// [`Source::Model`] if the model ran a forward for them ([`Source::Lookup`]: the lookup
+    /// drafted alone); [`Self::source`] says where each token came from.
     pub fn extend(
         &mut self,
         committed_len: usize,
@@ -370,7 +373,8 @@ impl<D: Decoder> Drafter<D> {
     /// longest prefix the model itself would have drafted, then the model's own next token (the
     /// first it disagrees on, or the one after the run). So the drafts are the model's, as from
     /// [`Self::draft_one`], but a right run yields many per forward, and a wrong one costs a wider
-    /// forward instead of a verify step and a rollback. Returns what [`Self::extend`] does.
+    /// forward instead of a verify step and a rollback. Returns what [`Self::extend`] does: the
+    /// model ran, whichever source each token is recorded with.
     fn draft_checked(
         &mut self,
         run: &[u32],
@@ -398,12 +402,7 @@ impl<D: Decoder> Drafter<D> {
                 .ok_or_else(|| SpecError::Protocol("decoder returned too few tokens".into()))?;
             self.push(tok, Source::Model, run.get(agree).copied());
         }
-        let source = if agree > 0 {
-            Source::Lookup
-        } else {
-            Source::Model
-        };
-        Ok((self.seq.len() - len, source))
+        Ok((self.seq.len() - len, Source::Model))
     }
 
     /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).
