@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prompt-lookup drafting (issue 13), measured: on the RefactorChat stand-in, HumanEval and MT-Bench,
-# sd and amusd with the model draft, with prompt lookup alone (--draft-model lookup) and with both
-# (--draft-lookup), each run beside its own ar; then llama.cpp's n-gram speculation (ngram-simple,
-# ngram-mod) and AR on the same first-turn prompts, if ../shared/peers/llamacpp.sh has built it.
+# sd and amusd with the model draft alone (--no-draft-lookup), with prompt lookup alone
+# (--draft-model lookup) and with both (the default), each run beside its own ar; then llama.cpp's
+# n-gram speculation (ngram-simple, ngram-mod) and AR on the same first-turn prompts, if
+# ../shared/peers/llamacpp.sh has built it.
 # Writes $OUT/<dataset>-<drafter>.json, $OUT/llamacpp.md and $OUT/REPORT.md.
 #
 #   scripts/bench-lookup.sh                                  # 20 samples, 256 tokens (~1.5 h idle)
@@ -33,7 +34,7 @@ files=()
 for dataset in $DATASETS; do
     for drafter in $DRAFTERS; do
         case "$drafter" in
-            model) flags=() ;;
+            model) flags=(--no-draft-lookup) ;;
             lookup) flags=(--draft-model lookup) ;;
             combined) flags=(--draft-lookup) ;;
             *) echo "bench-lookup: unknown drafter $drafter (model, lookup, combined)" >&2; exit 2 ;;
@@ -129,8 +130,8 @@ elapsed=$(( $(date +%s) - started ))
     echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores;" \
         "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- $(rustc --version)"
-    echo "- drafters: \`model\` (the default draft model), \`lookup 2-4\` (\`--draft-model lookup\`, no model)," \
-        "\`model+lookup 2-4\` (\`--draft-lookup\`); every run has its own ar beside it; greedy"
+    echo "- drafters: \`model\` (the default draft model, \`--no-draft-lookup\`), \`lookup 2-4\` (\`--draft-model lookup\`, no model)," \
+        "\`model+lookup 2-4\` (the default, \`--draft-lookup\`); every run has its own ar beside it; greedy"
     echo
     "$amusd" report --markdown "${files[@]}"
     if [ -f "$OUT/llamacpp.md" ]; then

@@ -226,7 +226,10 @@ impl IntPacked {
             ));
         }
         // Load-time only, so the simple way: back to GGUF rows and repack.
-        let bytes: Vec<u8> = parts.iter().flat_map(|p| p.to_ggml()).collect();
+        let mut bytes = Vec::new();
+        for p in parts {
+            bytes.extend_from_slice(&p.to_ggml());
+        }
         let n = parts.iter().map(|p| p.n).sum();
         Self::from_ggml(first.kind.dtype(), &bytes, n, first.k)
     }

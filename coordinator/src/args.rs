@@ -41,11 +41,15 @@ pub struct ModelArgs {
     /// q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
-    /// sd/amusd: prompt lookup ahead of the draft model: where it finds a match, the draft model
-    /// checks the lookup's run in one forward and proposes the part it agrees with plus its own
-    /// next token; elsewhere it drafts one token. MIN-MAX: suffix lengths tried (default 2-4).
+    /// sd/amusd: prompt lookup ahead of the draft model, on by default: where it finds a match,
+    /// the draft model checks the lookup's run in one forward and proposes the part it agrees
+    /// with plus its own next token; elsewhere it drafts one token. MIN-MAX: suffix lengths tried
+    /// (default 2-4).
     #[arg(long, value_name = "MIN-MAX", num_args = 0..=1, default_missing_value = NgramRange::DEFAULT_TEXT)]
     pub draft_lookup: Option<NgramRange>,
+    /// sd/amusd: draft with the model alone, no prompt lookup ahead of it.
+    #[arg(long, conflicts_with = "draft_lookup")]
+    pub no_draft_lookup: bool,
     /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
     /// lookup's streak of right guesses up to this, and drop to one guess on a wrong one).
     #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
@@ -145,9 +149,24 @@ impl ModelArgs {
         }
     }
 
+    /// The lookup's n-gram range ahead of the draft model: on unless `--no-draft-lookup` or the
+    /// lookup drafts alone. On by default because checking a run costs one forward of the draft
+    /// model and makes every draft token the model's own (README, "Prompt lookup").
+    pub fn lookup_ahead(&self) -> Option<NgramRange> {
+        let alone = self
+            .draft_model
+            .as_deref()
+            .and_then(lookup::parse_spec)
+            .is_some();
+        if alone || self.no_draft_lookup {
+            return None;
+        }
+        Some(self.draft_lookup.unwrap_or(NgramRange::DEFAULT))
+    }
+
     /// Whether prompt lookup drafts, alone or ahead of the model.
     pub fn uses_lookup(&self) -> bool {
-        self.draft_lookup.is_some()
+        self.lookup_ahead().is_some()
             || self
                 .draft_model
                 .as_deref()
@@ -170,7 +189,7 @@ impl ModelArgs {
     pub fn drafter_label(&self) -> String {
         match (
             self.draft_model.as_deref().and_then(lookup::parse_spec),
-            self.draft_lookup,
+            self.lookup_ahead(),
         ) {
             (Some(Ok(r)), _) => format!("lookup {r}"),
             (_, Some(r)) => format!("model+lookup {r}"),

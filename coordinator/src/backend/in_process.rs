@@ -110,7 +110,7 @@ fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decod
     }
     let model: Box<dyn Decoder> = Box::new(LlamaDecoder::new(load_model(spec, "draft")?.llama));
     let drafter = Drafter::new(Timed::new(model));
-    Ok(match m.draft_lookup {
+    Ok(match m.lookup_ahead() {
         Some(range) => drafter.with_lookup(range, false, max_run),
         None => drafter,
     })

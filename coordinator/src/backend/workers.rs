@@ -25,7 +25,7 @@ fn draft_args(m: &ModelArgs) -> Vec<String> {
         "--lookup-max-run".into(),
         m.lookup_max_run.to_string(),
     ];
-    if let Some(range) = m.draft_lookup {
+    if let Some(range) = m.lookup_ahead() {
         args.extend(["--lookup".into(), range.to_string()]);
     }
     args

@@ -81,12 +81,24 @@ fn strategies_of(records: &[&Record]) -> Vec<String> {
     strategies
 }
 
-/// What every row of one dataset is compared with: ar's tokens and the baselines' rates.
+/// What every row of one dataset is compared with: ar's tokens and rates, and sd's.
 struct Group<'r> {
     reference: HashMap<(usize, usize), &'r Vec<u32>>,
     ar_ms: Option<f64>,
-    sd_ms: Option<f64>,
     ar_e2e: Option<f64>,
+}
+
+/// The sd row a row is compared with: sd with the same drafter (`amusd [X]` with `sd [X]`), so
+/// the ratio is AMUSD's own gain; rows without such a twin (ar, or an sd run with another drafter
+/// only) compare with sd's model-drafted row.
+fn sd_twin(records: &[&Record], row: &str) -> Option<f64> {
+    let drafter = row.split_once(' ').map_or("", |(_, d)| d);
+    let twin = if drafter.is_empty() {
+        "sd".to_string()
+    } else {
+        format!("sd {drafter}")
+    };
+    decode_mean(records, &twin).or_else(|| decode_mean(records, "sd"))
 }
 
 /// Generated tokens over request time (prompt processing included), pooled over `strategy`'s
@@ -120,7 +132,6 @@ impl<'r> Group<'r> {
                 .map(|r| ((r.sample_index, r.turn), &r.metrics.tokens))
                 .collect(),
             ar_ms: decode_mean(records, "ar"),
-            sd_ms: decode_mean(records, "sd"),
             ar_e2e: e2e_rate(records, "ar"),
         }
     }
@@ -158,7 +169,7 @@ impl<'r> Group<'r> {
             ms_per_token: ms,
             old_denominator: drafts && gens.iter().any(|r| r.metrics.decode_tokens.is_none()),
             speedup_ar: speedup(self.ar_ms),
-            speedup_sd: speedup(self.sd_ms),
+            speedup_sd: speedup(sd_twin(records, st)),
             e2e_tokens_per_s: e2e,
             e2e_speedup_ar: match (e2e, self.ar_e2e) {
                 (Some(v), Some(b)) if b > 0.0 => Some(v / b),
@@ -441,6 +452,44 @@ mod tests {
         let md = render_report(&rows, true);
         assert!(md.contains("| d | amusd [lookup 2-4] |"), "{md}");
         assert!(md.contains("| 100.0% |"), "{md}");
+    }
+
+    /// `amusd [X]` is compared with `sd [X]`, AMUSD's own gain; without that twin, with sd.
+    #[test]
+    fn speedup_vs_sd_compares_rows_with_the_same_drafter() {
+        let with = |st: &str, ms: f64, drafter: &str| {
+            let mut r = record(st, 0, ms, vec![1, 2]);
+            r.drafter = drafter.into();
+            r
+        };
+        let rows = summarize(&[
+            record("ar", 0, 40.0, vec![1, 2]),
+            with("sd", 30.0, "model+lookup 2-4"),
+            with("amusd", 10.0, "model+lookup 2-4"),
+            with("amusd", 8.0, "lookup 2-4"),
+        ]);
+        let names: Vec<&str> = rows.iter().map(|r| r.strategy.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "ar",
+                "sd [model+lookup 2-4]",
+                "amusd [model+lookup 2-4]",
+                "amusd [lookup 2-4]"
+            ]
+        );
+        assert_eq!(rows[1].speedup_sd, Some(1.0));
+        assert_eq!(rows[2].speedup_sd, Some(3.0));
+        assert_eq!(rows[3].speedup_sd, None, "no sd twin and no plain sd row");
+        let rows = summarize(&[
+            record("sd", 0, 20.0, vec![1, 2]),
+            with("amusd", 10.0, "lookup 2-4"),
+        ]);
+        assert_eq!(
+            rows[1].speedup_sd,
+            Some(2.0),
+            "falls back to the model-drafted sd"
+        );
     }
 
     #[test]
