@@ -25,6 +25,7 @@ pub mod paths;
 pub mod qexact;
 pub mod qkernels;
 pub mod ranking;
+pub mod softmax;
 pub mod testing;
 pub mod tokenizer;
 pub mod weights;

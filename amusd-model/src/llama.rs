@@ -3,6 +3,7 @@
 //! Activations live in plain row-major host buffers (`[tokens, width]`) and every reduction goes through
 //! [`crate::kernels`], whose results do not depend on how many tokens share a pass.
 
+use crate::attention::QueryRows;
 use crate::cache::KvCache;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels::{self, Packed, Widen};
@@ -251,20 +252,23 @@ impl Llama {
                 values[at..at + hd].copy_from_slice(vh);
             }
         }
-        for (i, out) in s.attn.chunks_exact_mut(q_dim).enumerate() {
-            crate::attention::attend(
-                &s.qkv[i * qkv_dim..i * qkv_dim + q_dim],
-                keys,
-                values,
-                layout,
-                start_pos + i,
-                cfg.n_heads,
-                cfg.n_kv_heads,
-                cfg.head_dim,
-                &mut s.scores,
-                out,
-            );
-        }
+        let rows = QueryRows {
+            q: &s.qkv,
+            stride: qkv_dim,
+            rows: m,
+            first_pos: start_pos,
+        };
+        crate::attention::attend_rows(
+            rows,
+            keys,
+            values,
+            layout,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            &mut s.scores,
+            &mut s.attn,
+        );
         block.wo.forward(&s.attn, m, &mut s.proj, self.batching)?;
         add_in_place(x, &s.proj);
         Ok(())
