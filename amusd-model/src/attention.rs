@@ -48,7 +48,7 @@ const ROW_TILE: usize = 8;
 /// Every row's result has the bits of [`attend`] on that row alone: the rows only share memory
 /// reads, so a verify forward reads each layer's cache once per tile of [`ROW_TILE`] rows rather
 /// than once per row. (Measured: no gain separable from this VM's drift at 300-1000 positions,
-/// where the second row's reads hit L2/L3 anyway; it pays where the cache outgrows them.)
+/// where the second row's reads hit L2/L3 anyway; it can only pay where the cache outgrows them.)
 #[allow(clippy::too_many_arguments)]
 pub fn attend_rows(
     rows: QueryRows<'_>,
