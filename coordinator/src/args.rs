@@ -136,9 +136,14 @@ impl ModelArgs {
         }
     }
 
+    /// `--draft-model lookup[:MIN-MAX]`, parsed: the lookup drafts alone.
+    fn alone_spec(&self) -> Option<Result<NgramRange, lookup::BadRange>> {
+        self.draft_model.as_deref().and_then(lookup::parse_spec)
+    }
+
     /// The lookup's n-gram range when it drafts alone (`--draft-model lookup[:MIN-MAX]`).
     pub fn lookup_alone(&self) -> Result<Option<NgramRange>> {
-        match self.draft_model.as_deref().and_then(lookup::parse_spec) {
+        match self.alone_spec() {
             Some(range) => {
                 if self.draft_lookup.is_some() {
                     bail!("--draft-lookup adds prompt lookup to a draft model, and --draft-model lookup has none: pass one of them");
@@ -153,12 +158,7 @@ impl ModelArgs {
     /// lookup drafts alone. On by default because checking a run costs one forward of the draft
     /// model and makes every draft token the model's own (README, "Prompt lookup").
     pub fn lookup_ahead(&self) -> Option<NgramRange> {
-        let alone = self
-            .draft_model
-            .as_deref()
-            .and_then(lookup::parse_spec)
-            .is_some();
-        if alone || self.no_draft_lookup {
+        if self.alone_spec().is_some() || self.no_draft_lookup {
             return None;
         }
         Some(self.draft_lookup.unwrap_or(NgramRange::DEFAULT))
@@ -166,12 +166,7 @@ impl ModelArgs {
 
     /// Whether prompt lookup drafts, alone or ahead of the model.
     pub fn uses_lookup(&self) -> bool {
-        self.lookup_ahead().is_some()
-            || self
-                .draft_model
-                .as_deref()
-                .and_then(lookup::parse_spec)
-                .is_some()
+        self.alone_spec().is_some() || self.lookup_ahead().is_some()
     }
 
     /// The verify worker's wait for a draft token (`--verify-wait-us`, or its default).
@@ -187,10 +182,7 @@ impl ModelArgs {
     /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX` or
     /// `model+lookup MIN-MAX`.
     pub fn drafter_label(&self) -> String {
-        match (
-            self.draft_model.as_deref().and_then(lookup::parse_spec),
-            self.lookup_ahead(),
-        ) {
+        match (self.alone_spec(), self.lookup_ahead()) {
             (Some(Ok(r)), _) => format!("lookup {r}"),
             (_, Some(r)) => format!("model+lookup {r}"),
             _ => "model".into(),

@@ -122,10 +122,7 @@ impl Record {
 
     /// The report's row: the strategy, and how it drafted unless with the model alone.
     pub(super) fn row(&self) -> String {
-        match self.drafter.as_str() {
-            "" | "model" => self.strategy.clone(),
-            d => format!("{} [{d}]", self.strategy),
-        }
+        row_label(&self.strategy, &self.drafter)
     }
 
     /// What the report groups by: the dataset, and the sampling unless greedy.
@@ -237,6 +234,14 @@ pub(super) fn read_records(path: &Path) -> Result<Vec<Record>> {
             path.display()
         )
     })
+}
+
+/// The report's row of `strategy` drafting with `drafter` ([`Record::row`]).
+pub(super) fn row_label(strategy: &str, drafter: &str) -> String {
+    match drafter {
+        "" | "model" => strategy.to_string(),
+        d => format!("{strategy} [{d}]"),
+    }
 }
 
 #[cfg(test)]

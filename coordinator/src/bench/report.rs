@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 
-use super::records::{read_records, Record, RecordMetrics};
+use super::records::{read_records, row_label, Record, RecordMetrics};
 use super::ReportArgs;
 
 /// One line of the table: a strategy on a dataset.
@@ -88,17 +88,12 @@ struct Group<'r> {
     ar_e2e: Option<f64>,
 }
 
-/// The sd row a row is compared with: sd with the same drafter (`amusd [X]` with `sd [X]`), so
-/// the ratio is AMUSD's own gain; rows without such a twin (ar, or an sd run with another drafter
-/// only) compare with sd's model-drafted row.
-fn sd_twin(records: &[&Record], row: &str) -> Option<f64> {
-    let drafter = row.split_once(' ').map_or("", |(_, d)| d);
-    let twin = if drafter.is_empty() {
-        "sd".to_string()
-    } else {
-        format!("sd {drafter}")
-    };
-    decode_mean(records, &twin).or_else(|| decode_mean(records, "sd"))
+/// The mean ms/token a row is compared with: sd drafting as the row's records did (`amusd [X]`
+/// with `sd [X]`), so the ratio is AMUSD's own gain; rows without such a twin (ar, or an sd run
+/// with another drafter only) compare with sd's model-drafted row.
+fn sd_twin(records: &[&Record], gens: &[&&Record]) -> Option<f64> {
+    let drafter = gens.first().map_or("", |r| r.drafter.as_str());
+    decode_mean(records, &row_label("sd", drafter)).or_else(|| decode_mean(records, "sd"))
 }
 
 /// Generated tokens over request time (prompt processing included), pooled over `strategy`'s
@@ -169,7 +164,7 @@ impl<'r> Group<'r> {
             ms_per_token: ms,
             old_denominator: drafts && gens.iter().any(|r| r.metrics.decode_tokens.is_none()),
             speedup_ar: speedup(self.ar_ms),
-            speedup_sd: speedup(sd_twin(records, st)),
+            speedup_sd: speedup(sd_twin(records, &gens)),
             e2e_tokens_per_s: e2e,
             e2e_speedup_ar: match (e2e, self.ar_e2e) {
                 (Some(v), Some(b)) if b > 0.0 => Some(v / b),
