@@ -213,23 +213,27 @@ fn unknown_weight_format() {
 #[test]
 fn restricted_head_on_the_verify_model() {
     let f = fixtures();
-    let verify = format!("{}:f32:head=128", s(&f.gguf));
-    for strategy in ["ar", "amusd"] {
-        expect_error(
-            "head=N on the verify model",
-            &[
-                "--verify-model",
-                &verify,
-                "--strategy",
-                strategy,
-                "--prompt",
-                "hi",
-            ],
-            &["--verify-model", "head=N", "whole vocabulary"],
-        );
+    for head in ["128", "screen", "screen:8"] {
+        let verify = format!("{}:f32:head={head}", s(&f.gguf));
+        for strategy in ["ar", "amusd"] {
+            expect_error(
+                &format!("head={head} on the verify model"),
+                &[
+                    "--verify-model",
+                    &verify,
+                    "--strategy",
+                    strategy,
+                    "--prompt",
+                    "hi",
+                ],
+                &["--verify-model", "head=screen", "whole vocabulary"],
+            );
+        }
     }
-    let bad = format!("{}:head=0", s(&f.gguf));
-    expect_model_error("a head of zero ids", &bad, &["head size '0'"]);
+    for head in ["0", "screen:0", "sceen"] {
+        let bad = format!("{}:head={head}", s(&f.gguf));
+        expect_model_error("a bad head", &bad, &[&format!("bad head '{head}'")]);
+    }
 }
 
 fn expect_device_error(case: &str, flag: &str, device: &str, mentions: &[&str]) {

@@ -256,6 +256,39 @@ fn a_draft_head_of_the_most_frequent_tokens_changes_no_token() {
     }
 }
 
+/// The default draft screens its head (a q4_0 copy picks 32 candidates, the stored head scores
+/// them): on a code prompt and a conversation, teacher-forced, its top token is the full head's
+/// at (nearly) every position. Measured: 6144 of 6144 positions of prose and Python.
+#[test]
+fn the_screened_draft_head_proposes_what_the_full_head_does() {
+    let path = require_default_model();
+    let spec = |head: &str| format!("{}:stored:head={head}", path.display());
+    let full = amusd_model::load(&spec("full").parse().unwrap()).unwrap();
+    let (screened, name) = amusd_model::loader::load_weights(&spec("screen").parse().unwrap())
+        .expect("screened draft");
+    assert!(name.ends_with("head screened by q4_0 (top 32)"), "{name}");
+    assert!(screened.matmul_cost().0 < full.llama.matmul_cost().0 * 9 / 10);
+    let mut texts = humaneval_prompts(1);
+    texts.extend(mt_bench_prompts(1));
+    let (mut same, mut total) = (0, 0);
+    for text in texts {
+        let tokens = full.tokenizer.encode(&text, false).unwrap();
+        let argmax = |m: &amusd_model::Llama| {
+            let mut cache = m.new_cache(tokens.len());
+            let all = amusd_model::LogitsFor::All;
+            m.forward(&tokens, 0, &mut cache, all).unwrap().argmax()
+        };
+        let (a, b) = (argmax(&full.llama), argmax(&screened));
+        same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        total += a.len();
+    }
+    assert!(total > 100, "only {total} positions");
+    assert!(
+        same * 100 >= total * 99,
+        "{same} of {total} positions agree"
+    );
+}
+
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
 /// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.

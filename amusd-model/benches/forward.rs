@@ -1,14 +1,13 @@
 //! Cost of one forward pass over k new tokens at a ~200-token context, per weight format.
 //!
-//! `cargo bench -p amusd-model --bench forward [-- FORMAT[:head=N]...]`, single-threaded on one core when run
+//! `cargo bench -p amusd-model --bench forward [-- FORMAT[:head=HEAD][:kv=f16]...]`, single-threaded on one core when run
 //! under `taskset -c N` with RAYON_NUM_THREADS=1 (scripts/bench-forward.sh does both). Uses the
 //! default model (scripts/fetch-assets.sh model) or `AMUSD_BENCH_MODEL`.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use amusd_model::gguf::GgufFile;
-use amusd_model::{Batching, LogitsFor, WeightFormat};
+use amusd_model::{Batching, LogitsFor, ModelSpec};
 
 const CONTEXT: usize = 200;
 const KS: [usize; 6] = [1, 2, 4, 8, 16, 32];
@@ -93,21 +92,15 @@ fn main() {
         "prefill", "prefill draft", "MB", "GB/s", "GF k=1", "GF k=32"
     );
     for f in formats {
-        // FORMAT or FORMAT:head=N (a draft whose output head keeps the N most frequent tokens).
-        let (name, head) = match f.split_once(":head=") {
-            Some((name, n)) => (name, Some(n.parse::<usize>().expect("head=N"))),
-            None => (f.as_str(), None),
+        // FORMAT[:head=HEAD][:kv=f16]: the rest of a model spec (a draft's head and KV cache).
+        let spec = match format!("{}:{f}", path.display()).parse::<ModelSpec>() {
+            Ok(spec) => spec,
+            Err(e) => {
+                eprintln!("{f}: {e}");
+                continue;
+            }
         };
-        let Some(format) = WeightFormat::parse(name) else {
-            eprintln!("unknown format {f}");
-            continue;
-        };
-        let mut model = GgufFile::open(&path)
-            .and_then(|mut g| g.load_llama(format))
-            .expect("load");
-        if let Some(n) = head {
-            amusd_model::loader::keep_frequent_head(&path, &mut model, n).expect("head");
-        }
+        let (mut model, _) = amusd_model::loader::load_weights(&spec).expect("load");
         let mut cache = model.new_cache(CONTEXT + 64);
         let context: Vec<u32> = (0..CONTEXT as u32)
             .map(|i| (i * 7919) % 40000 + 100)

@@ -7,9 +7,63 @@
 //! the chains in registers), so its results have the same bits, whatever the batch: the verify
 //! model's batch invariance does not depend on which path runs. Chosen at run time; tested against
 //! the reference bit for bit.
+//!
+//! The cache holds f32 or f16 values ([`KvElem`]); an f16 value widens to f32 exactly, so attention
+//! over an f16 cache has the bits of attention over an f32 cache holding the same values. The
+//! verify model keeps f32 (its keys and values are what its arithmetic defines); a draft may store
+//! f16 and read half the bytes, which is what a one-row forward's attention is bound by.
 
-use crate::kernels::dot;
+use crate::kernels::{dot, Widen};
 use crate::softmax::softmax_in_place;
+
+/// What a KV cache may hold: a [`Widen`] type attention can also load eight at a time.
+pub trait KvElem: Widen {
+    /// Rounds an f32 for storage in the cache.
+    fn narrow(v: f32) -> Self;
+
+    /// 8 consecutive values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable values, and the CPU must have AVX2 and F16C; only ever
+    /// inlined into functions that enable them.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn kv_load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    fn narrow(v: f32) -> Self {
+        v
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn kv_load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller guarantees 8 readable floats and AVX.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+}
+
+impl KvElem for half::f16 {
+    fn narrow(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn kv_load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable f16 values (16 bytes) and F16C; the load is
+        // unaligned.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+/// `dot(q, k)` over `k` widened to f32 (exactly), through `buf`: [`dot`]'s lanes and tree.
+fn dot_widened<T: KvElem>(q: &[f32], k: &[T], buf: &mut Vec<f32>) -> f32 {
+    buf.clear();
+    buf.extend(k.iter().map(|v| v.widen()));
+    dot(q, buf)
+}
 
 /// Consecutive query rows of one forward pass: row `i` sits at position `first_pos + i` and its
 /// `n_heads` heads start at `q[i * stride]`.
@@ -50,10 +104,10 @@ const ROW_TILE: usize = 8;
 /// than once per row. (Measured: no gain separable from this VM's drift at 300-1000 positions,
 /// where the second row's reads hit L2/L3 anyway; it can only pay where the cache outgrows them.)
 #[allow(clippy::too_many_arguments)]
-pub fn attend_rows(
+pub fn attend_rows<T: KvElem>(
     rows: QueryRows<'_>,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: KvLayout,
     n_heads: usize,
     n_kv_heads: usize,
@@ -105,10 +159,10 @@ pub fn attend_rows(
 /// Each head's scores, softmax and weighted sum run over positions in order, so the result for a
 /// position does not depend on which other queries share the forward pass.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend<T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: KvLayout,
     pos: usize,
     n_heads: usize,
@@ -130,10 +184,10 @@ pub fn attend(
 
 /// The portable definition of [`attend`].
 #[allow(clippy::too_many_arguments)]
-pub fn attend_reference(
+pub fn attend_reference<T: KvElem>(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: &[T],
+    values: &[T],
     layout: KvLayout,
     pos: usize,
     n_heads: usize,
@@ -145,11 +199,12 @@ pub fn attend_reference(
     let shape = Shape::new(pos, n_heads, n_kv_heads, head_dim, layout);
     shape.check(q, keys, values, out);
     scores.resize(pos + 1, 0.0);
+    let mut widened = Vec::with_capacity(head_dim);
     for h in 0..n_heads {
         let qh = &q[h * head_dim..(h + 1) * head_dim];
         for (t, s) in scores.iter_mut().enumerate() {
             let off = shape.kv_offset(t, h);
-            *s = dot(qh, &keys[off..off + head_dim]) * shape.scale;
+            *s = dot_widened(qh, &keys[off..off + head_dim], &mut widened) * shape.scale;
         }
         let inv = softmax_in_place(scores);
         let oh = &mut out[h * head_dim..(h + 1) * head_dim];
@@ -158,7 +213,7 @@ pub fn attend_reference(
             let off = shape.kv_offset(t, h);
             let p = s * inv;
             for (o, v) in oh.iter_mut().zip(&values[off..off + head_dim]) {
-                *o = p.mul_add(*v, *o);
+                *o = p.mul_add(v.widen(), *o);
             }
         }
     }
@@ -230,7 +285,7 @@ impl Shape {
         t * self.pos_stride + h / self.group * self.head_stride
     }
 
-    fn check(&self, q: &[f32], keys: &[f32], values: &[f32], out: &[f32]) {
+    fn check<T>(&self, q: &[f32], keys: &[T], values: &[T], out: &[f32]) {
         let (width, cached) = (
             self.n_heads * self.head_dim,
             (self.n_kv_heads - 1) * self.head_stride + self.pos * self.pos_stride + self.head_dim,
@@ -247,8 +302,7 @@ impl Shape {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{softmax_in_place, QueryRows, Shape};
-    use crate::kernels::dot;
+    use super::{dot_widened, softmax_in_place, KvElem, QueryRows, Shape};
     use std::arch::x86_64::*;
 
     /// The dot products' lane width: [`crate::kernels::dot`] accumulates 16 lanes.
@@ -263,6 +317,7 @@ mod avx2 {
             && (1..=MAX_GROUP).contains(&group)
             && is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
 
     /// Positions per block of the weighted sums: the block's values (32 x 256 bytes for 64-wide
@@ -275,15 +330,15 @@ mod avx2 {
     /// reads bound attention). Row `i` covers positions `0..=first_pos + i`.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, `head_dim` a multiple of 16, at most [`MAX_GROUP`] query
+    /// The CPU must have AVX2, FMA and F16C, `head_dim` a multiple of 16, at most [`MAX_GROUP`] query
     /// heads per key/value head, at most [`super::ROW_TILE`] rows, `shape.pos` the last row's
     /// position, and every slice the length `shape` needs ([`Shape::check`]) for every row.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn attend_tile(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_tile<T: KvElem>(
         shape: &Shape,
         rows: &QueryRows,
-        keys: &[f32],
-        values: &[f32],
+        keys: &[T],
+        values: &[T],
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
@@ -309,10 +364,10 @@ mod avx2 {
                     while col < hd {
                         let (vc, oc) = (vt.add(col), o.add(col));
                         if hd - col >= 64 {
-                            weighted_sum::<8>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
+                            weighted_sum::<T, 8>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
                             col += 64;
                         } else {
-                            weighted_sum::<2>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
+                            weighted_sum::<T, 2>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
                             col += 16;
                         }
                     }
@@ -327,11 +382,11 @@ mod avx2 {
     ///
     /// # Safety
     /// As [`attend_tile`].
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn group_scores(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn group_scores<T: KvElem>(
         shape: &Shape,
         rows: &QueryRows,
-        keys: &[f32],
+        keys: &[T],
         first: usize,
         scores: &mut [f32],
     ) {
@@ -350,13 +405,14 @@ mod avx2 {
                 }
             }
         }
+        let mut widened = Vec::with_capacity(hd);
         for i in 0..rows.rows {
             for t in len(i) / 4 * 4..len(i) {
                 let off = shape.kv_offset(t, first);
                 for g in 0..group {
                     let qh = &rows.q[i * rows.stride + (first + g) * hd..][..hd];
                     scores[(i * group + g) * n_max + t] =
-                        dot(qh, &keys[off..off + hd]) * shape.scale;
+                        dot_widened(qh, &keys[off..off + hd], &mut widened) * shape.scale;
                 }
             }
         }
@@ -370,8 +426,8 @@ mod avx2 {
     /// # Safety
     /// AVX2 and FMA; `q` readable for `hd` floats, `k + i * stride` for `hd` floats, `i < 4`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn dot4(q: *const f32, k: *const f32, stride: usize, hd: usize) -> __m128 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot4<T: KvElem>(q: *const f32, k: *const T, stride: usize, hd: usize) -> __m128 {
         let mut lo = [_mm256_setzero_ps(); 4];
         let mut hi = [_mm256_setzero_ps(); 4];
         let mut c = 0;
@@ -379,8 +435,8 @@ mod avx2 {
             let (qlo, qhi) = (_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(q.add(c + 8)));
             for i in 0..4 {
                 let ki = k.add(i * stride + c);
-                lo[i] = _mm256_fmadd_ps(qlo, _mm256_loadu_ps(ki), lo[i]);
-                hi[i] = _mm256_fmadd_ps(qhi, _mm256_loadu_ps(ki.add(8)), hi[i]);
+                lo[i] = _mm256_fmadd_ps(qlo, T::kv_load8(ki), lo[i]);
+                hi[i] = _mm256_fmadd_ps(qhi, T::kv_load8(ki.add(8)), hi[i]);
             }
             c += LANES;
         }
@@ -416,11 +472,11 @@ mod avx2 {
     /// AVX2 and FMA; `v + t * stride` readable and `out` writable for `8 * R` floats, for every
     /// position `t` of `scores`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weighted_sum<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_sum<T: KvElem, const R: usize>(
         scores: &[f32],
         inv: f32,
-        v: *const f32,
+        v: *const T,
         stride: usize,
         out: *mut f32,
         fresh: bool,
@@ -436,7 +492,7 @@ mod avx2 {
             let p = _mm256_set1_ps(s * inv);
             let vt = v.add(t * stride);
             for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt.add(8 * r)), *a);
+                *a = _mm256_fmadd_ps(p, T::kv_load8(vt.add(8 * r)), *a);
             }
         }
         for (r, a) in acc.iter().enumerate() {
@@ -451,7 +507,7 @@ mod tests {
     use crate::testing::test_values;
     use proptest::prelude::*;
 
-    /// [`attend`]'s signature.
+    /// [`attend`]'s signature over an f32 cache.
     type Attend = fn(
         &[f32],
         &[f32],
@@ -603,6 +659,38 @@ mod tests {
             let position_major = run_in(attend_reference, shape, seed, None);
             prop_assert_eq!(&run_in(attend_reference, shape, seed, Some(spare)), &position_major);
             prop_assert_eq!(&run_in(attend, shape, seed, Some(spare)), &position_major);
+        }
+    }
+
+    proptest! {
+        /// An f16 cache attends exactly as an f32 cache holding the same (widened) values, on the
+        /// dispatched path as on the reference, one row or several.
+        #[test]
+        fn an_f16_cache_has_the_bits_of_its_values_in_f32(
+            kv in 1usize..4, group in 1usize..4, chunks in 1usize..5, pos in 0usize..40,
+            m in 1usize..10, seed: u64,
+        ) {
+            let (nh, nkv, hd) = (kv * group, kv, 16 * chunks);
+            let (width, last) = (nh * hd, pos + m - 1);
+            let q = test_values(m * width, seed);
+            let (keys, layout) = cache((nkv, hd, last), seed + 1, Some(2));
+            let (values, _) = cache((nkv, hd, last), seed + 2, Some(2));
+            let half = |v: &[f32]| -> Vec<half::f16> { v.iter().map(|&x| half::f16::from_f32(x)).collect() };
+            let (k16, v16) = (half(&keys), half(&values));
+            let widen = |v: &[half::f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
+            let (k32, v32) = (widen(&k16), widen(&v16));
+            let rows = QueryRows { q: &q, stride: width, rows: m, first_pos: pos };
+            let (mut a, mut b) = (vec![f32::NAN; m * width], vec![f32::NAN; m * width]);
+            attend_rows(rows, &k16, &v16, layout, nh, nkv, hd, &mut Vec::new(), &mut a);
+            for (i, o) in b.chunks_exact_mut(width).enumerate() {
+                let qi = &q[i * width..(i + 1) * width];
+                attend_reference(qi, &k32, &v32, layout, pos + i, nh, nkv, hd, &mut Vec::new(), o);
+            }
+            let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
+            prop_assert_eq!(bits(&a), bits(&b));
+            let mut c = vec![f32::NAN; width];
+            attend_reference(&q[..width], &k16, &v16, layout, pos, nh, nkv, hd, &mut Vec::new(), &mut c);
+            prop_assert_eq!(bits(&c), bits(&b[..width]));
         }
     }
 

@@ -1,8 +1,79 @@
 //! The KV cache: preallocated per request, appended in place, rolled back in O(1).
 
-use crate::attention::KvLayout;
+use half::f16;
+
+use crate::attention::{KvElem, KvLayout};
 use crate::config::LlamaConfig;
 use crate::ModelError;
+
+/// What a cache stores its keys and values as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// The values the model computed: the verify model's (its arithmetic defines them).
+    #[default]
+    F32,
+    /// Rounded to f16: half the bytes for attention to read, for a draft model, whose logits only
+    /// choose proposals.
+    F16,
+}
+
+impl KvPrecision {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KvPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// One layer's keys and values, as the cache stores them.
+pub(crate) enum LayerKv<'a> {
+    F32(&'a mut [f32], &'a mut [f32]),
+    F16(&'a mut [f16], &'a mut [f16]),
+}
+
+/// Every layer's keys and values of one element type.
+struct Store<T> {
+    keys: Vec<Vec<T>>,
+    values: Vec<Vec<T>>,
+}
+
+impl<T: KvElem> Store<T> {
+    fn new(layers: usize, len: usize) -> Self {
+        Self {
+            keys: (0..layers).map(|_| vec![T::default(); len]).collect(),
+            values: (0..layers).map(|_| vec![T::default(); len]).collect(),
+        }
+    }
+
+    /// Reallocates every buffer to `len`, moving each head's first `used` values from `old` to
+    /// `new` offsets.
+    fn grow(&mut self, len: usize, heads: usize, (old, new): (KvLayout, KvLayout), used: usize) {
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let mut grown = vec![T::default(); len];
+            for j in 0..heads {
+                let (from, to) = (j * old.head_stride, j * new.head_stride);
+                grown[to..to + used].copy_from_slice(&buf[from..from + used]);
+            }
+            *buf = grown;
+        }
+    }
+}
+
+enum Stores {
+    F32(Store<f32>),
+    F16(Store<f16>),
+}
 
 /// Keys and values of every layer for positions `0..len`, laid out `[kv_head][position][head_dim]`
 /// ([`KvLayout::head_major`]): attention reads one head's rows over every position, and from
@@ -13,8 +84,7 @@ use crate::ModelError;
 /// speculative loops can see and control exactly what is cached. Rolling back is [`KvCache::truncate`]:
 /// entries past `len` are dead and are overwritten by the next forward.
 pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    store: Stores,
     kv_dim: usize,
     head_dim: usize,
     len: usize,
@@ -24,15 +94,14 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for `capacity` positions. The memory is zero-initialised by the allocator, so pages are
     /// only committed as positions are written.
-    pub fn new(cfg: &LlamaConfig, capacity: usize) -> Self {
-        let kv_dim = cfg.kv_dim();
+    pub fn new(cfg: &LlamaConfig, capacity: usize, precision: KvPrecision) -> Self {
+        let (kv_dim, layers) = (cfg.kv_dim(), cfg.n_layers);
+        let store = match precision {
+            KvPrecision::F32 => Stores::F32(Store::new(layers, capacity * kv_dim)),
+            KvPrecision::F16 => Stores::F16(Store::new(layers, capacity * kv_dim)),
+        };
         Self {
-            keys: (0..cfg.n_layers)
-                .map(|_| vec![0f32; capacity * kv_dim])
-                .collect(),
-            values: (0..cfg.n_layers)
-                .map(|_| vec![0f32; capacity * kv_dim])
-                .collect(),
+            store,
             kv_dim,
             head_dim: cfg.head_dim,
             len: 0,
@@ -52,6 +121,13 @@ impl KvCache {
         self.capacity
     }
 
+    pub fn precision(&self) -> KvPrecision {
+        match self.store {
+            Stores::F32(_) => KvPrecision::F32,
+            Stores::F16(_) => KvPrecision::F16,
+        }
+    }
+
     /// Forgets every position from `len` on. O(1): nothing is moved or freed.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
@@ -61,15 +137,12 @@ impl KvCache {
     /// it reallocates, and moves each head's rows to their new place.
     pub fn reserve(&mut self, capacity: usize) {
         if capacity > self.capacity {
-            let (old, new) = (self.layout(), KvLayout::head_major(capacity, self.head_dim));
+            let layouts = (self.layout(), KvLayout::head_major(capacity, self.head_dim));
+            let (len, heads) = (capacity * self.kv_dim, self.kv_dim / self.head_dim);
             let used = self.len * self.head_dim;
-            for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-                let mut grown = vec![0f32; capacity * self.kv_dim];
-                for j in 0..self.kv_dim / self.head_dim {
-                    let (from, to) = (j * old.head_stride, j * new.head_stride);
-                    grown[to..to + used].copy_from_slice(&buf[from..from + used]);
-                }
-                *buf = grown;
+            match &mut self.store {
+                Stores::F32(s) => s.grow(len, heads, layouts, used),
+                Stores::F16(s) => s.grow(len, heads, layouts, used),
             }
             self.capacity = capacity;
         }
@@ -97,8 +170,11 @@ impl KvCache {
     }
 
     /// Keys and values of `layer`, mutable, for the forward pass to append to and attend over.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32]) {
-        (&mut self.keys[layer], &mut self.values[layer])
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> LayerKv<'_> {
+        match &mut self.store {
+            Stores::F32(s) => LayerKv::F32(&mut s.keys[layer], &mut s.values[layer]),
+            Stores::F16(s) => LayerKv::F16(&mut s.keys[layer], &mut s.values[layer]),
+        }
     }
 
     pub(crate) fn kv_dim(&self) -> usize {

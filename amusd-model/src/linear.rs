@@ -249,6 +249,32 @@ impl Linear {
         }
     }
 
+    /// Writes weight row `ids[i]`, as f32, into the `i`-th `in_features`-wide row of `out`: the
+    /// input embeddings of tokens, and a requantization's source values.
+    pub fn rows_into(&self, ids: &[u32], out: &mut [f32]) -> Result<(), ModelError> {
+        let k = self.in_features;
+        if let Some(&j) = ids.iter().find(|&&j| j as usize >= self.out_features) {
+            return Err(ModelError::Shape(format!(
+                "row {j} of a {}-row matrix",
+                self.out_features
+            )));
+        }
+        let rows = out[..ids.len() * k].chunks_exact_mut(k).zip(ids);
+        match &self.weights {
+            Weights::F32(w) => rows.for_each(|(dst, &j)| w.row_into(j as usize, dst)),
+            Weights::F16(w) => rows.for_each(|(dst, &j)| w.row_into(j as usize, dst)),
+            Weights::Bf16(w) => rows.for_each(|(dst, &j)| w.row_into(j as usize, dst)),
+            Weights::Blocked(w) => rows.for_each(|(dst, &j)| w.row_into(j as usize, dst)),
+            Weights::Int(w) => rows.for_each(|(dst, &j)| w.row_into(j as usize, dst)),
+            Weights::Quantized(q) => {
+                let ids = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                let x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
+                out[..x.len()].copy_from_slice(&x);
+            }
+        }
+        Ok(())
+    }
+
     /// The layer computing only the outputs `ids` (in that order), each exactly as this layer
     /// computes it: a draft's output head restricted to its most frequent tokens.
     pub fn select_rows(&self, ids: &[u32]) -> Result<Linear, ModelError> {

@@ -3,13 +3,13 @@
 //! Activations live in plain row-major host buffers (`[tokens, width]`) and every reduction goes through
 //! [`crate::kernels`], whose results do not depend on how many tokens share a pass.
 
-use crate::attention::QueryRows;
-use crate::cache::KvCache;
+use crate::attention::{attend_rows, KvElem, KvLayout, QueryRows};
+use crate::cache::{KvCache, KvPrecision, LayerKv};
 use crate::config::{LlamaConfig, RopeStyle};
-use crate::kernels::{self, Packed, Widen};
-use crate::linear::{Batching, Linear, Weights};
+use crate::kernels;
+use crate::linear::{Batching, Linear};
+use crate::screen::ScreenedHead;
 use crate::ModelError;
-use candle_core::{Device, Tensor};
 
 /// One transformer block. Q, K and V are fused into `wqkv`, gate and up into `w_gate_up`.
 pub struct Block {
@@ -31,9 +31,13 @@ pub struct Llama {
     pub lm_head: Linear,
     /// [`Batching::Invariant`] unless this model only drafts (see [`Batching`]).
     pub batching: Batching,
+    /// What [`Self::new_cache`]'s caches store: f32 unless this model only drafts.
+    pub kv_precision: KvPrecision,
     inv_freq: Vec<f32>,
     /// The token each row of a restricted `lm_head` scores ([`Self::restrict_head`]).
     head_ids: Option<Vec<u32>>,
+    /// A coarse copy of `lm_head` that picks the rows it computes ([`Self::screen_head`]).
+    screen: Option<ScreenedHead>,
 }
 
 /// Which positions of a forward pass need logits.
@@ -123,6 +127,8 @@ impl Llama {
             batching: Batching::Invariant,
             inv_freq,
             head_ids: None,
+            screen: None,
+            kv_precision: KvPrecision::F32,
         })
     }
 
@@ -136,9 +142,9 @@ impl Llama {
         if keep.len() >= vocab {
             return Ok(());
         }
-        if self.head_ids.is_some() {
+        if self.head_ids.is_some() || self.screen.is_some() {
             return Err(ModelError::Shape(
-                "the output head is already restricted".into(),
+                "the output head is already restricted or screened".into(),
             ));
         }
         if !keep.windows(2).all(|w| w[0] < w[1]) {
@@ -149,22 +155,47 @@ impl Llama {
         Ok(())
     }
 
+    /// Screens the output head ([`crate::screen`]): a q4_0 copy ranks the vocabulary and only
+    /// each row's `keep` best candidates are scored by the head as stored. A draft model's head
+    /// then reads about half the bytes; never for a verify model, whose logits decide the output.
+    pub fn screen_head(&mut self, keep: usize) -> Result<(), ModelError> {
+        if self.head_ids.is_some() || self.screen.is_some() {
+            return Err(ModelError::Shape(
+                "the output head is already restricted or screened".into(),
+            ));
+        }
+        self.screen = Some(ScreenedHead::new(&self.lm_head, keep)?);
+        Ok(())
+    }
+
+    /// The screen of the output head, if it has one.
+    pub fn head_screen(&self) -> Option<&ScreenedHead> {
+        self.screen.as_ref()
+    }
+
     /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
     pub fn matmul_cost(&self) -> (usize, usize) {
         let layers = self
             .blocks
             .iter()
             .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]);
-        layers
-            .chain([&self.lm_head])
-            .fold((0, 0), |(bytes, macs), l| {
-                (bytes + l.bytes(), macs + l.in_features() * l.out_features())
-            })
+        let (bytes, macs) = layers.fold((0, 0), |(bytes, macs), l| {
+            (bytes + l.bytes(), macs + l.in_features() * l.out_features())
+        });
+        let head = match &self.screen {
+            Some(screen) => screen.cost(&self.lm_head),
+            None => (
+                self.lm_head.bytes(),
+                self.lm_head.in_features() * self.lm_head.out_features(),
+            ),
+        };
+        (bytes + head.0, macs + head.1)
     }
 
     /// A fresh cache able to hold `capacity` positions (capped at the model's context).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(&self.config, capacity.min(self.config.max_position))
+        let capacity = capacity.min(self.config.max_position);
+        KvCache::new(&self.config, capacity, self.kv_precision)
     }
 
     /// Runs `tokens` at positions `start_pos..`, after forgetting whatever `cache` held from
@@ -197,10 +228,8 @@ impl Llama {
         let rope = self.rope_table(start_pos, m);
         let layout = cache.layout();
         for (layer, block) in self.blocks.iter().enumerate() {
-            let (keys, values) = cache.layer_mut(layer);
             let kv = CacheLayer {
-                keys,
-                values,
+                kv: cache.layer_mut(layer),
                 layout,
                 start_pos,
             };
@@ -229,15 +258,10 @@ impl Llama {
         block
             .wqkv
             .forward(&s.normed, m, &mut s.qkv, self.batching)?;
-        let CacheLayer {
-            keys,
-            values,
-            layout,
-            start_pos,
-        } = kv;
+        let mut kv = kv;
         for (i, row) in s.qkv.chunks_exact_mut(qkv_dim).enumerate() {
-            let (q, kv) = row.split_at_mut(q_dim);
-            let (k, v) = kv.split_at_mut(kv_dim);
+            let (q, rest) = row.split_at_mut(q_dim);
+            let (k, v) = rest.split_at_mut(kv_dim);
             let (cos, sin) = rope.at(i);
             for head in q
                 .chunks_exact_mut(cfg.head_dim)
@@ -245,30 +269,20 @@ impl Llama {
             {
                 apply_rope(head, cos, sin, cfg.rope_style);
             }
-            let (pos, hd) = (start_pos + i, cfg.head_dim);
-            for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-                let at = j * layout.head_stride + pos * layout.pos_stride;
-                keys[at..at + hd].copy_from_slice(kh);
-                values[at..at + hd].copy_from_slice(vh);
-            }
+            kv.put(i, k, v, cfg.head_dim);
         }
         let rows = QueryRows {
             q: &s.qkv,
             stride: qkv_dim,
             rows: m,
-            first_pos: start_pos,
+            first_pos: kv.start_pos,
         };
-        crate::attention::attend_rows(
-            rows,
-            keys,
-            values,
-            layout,
-            cfg.n_heads,
-            cfg.n_kv_heads,
-            cfg.head_dim,
-            &mut s.scores,
-            &mut s.attn,
-        );
+        let heads = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let (scores, out) = (&mut s.scores, &mut s.attn);
+        match kv.kv {
+            LayerKv::F32(k, v) => attend(rows, k, v, kv.layout, heads, scores, out),
+            LayerKv::F16(k, v) => attend(rows, k, v, kv.layout, heads, scores, out),
+        }
         block.wo.forward(&s.attn, m, &mut s.proj, self.batching)?;
         add_in_place(x, &s.proj);
         Ok(())
@@ -315,11 +329,14 @@ impl Llama {
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
         let mut data = vec![f32::NEG_INFINITY; rows * vocab];
-        match &self.head_ids {
-            None => self
+        match (&self.head_ids, &self.screen) {
+            (None, Some(screen)) => {
+                screen.forward(&self.lm_head, &hidden, rows, &mut data, self.batching)?
+            }
+            (None, None) => self
                 .lm_head
                 .forward(&hidden, rows, &mut data, self.batching)?,
-            Some(ids) => {
+            (Some(ids), _) => {
                 let mut part = vec![0f32; rows * ids.len()];
                 self.lm_head
                     .forward(&hidden, rows, &mut part, self.batching)?;
@@ -337,27 +354,8 @@ impl Llama {
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let h = self.config.hidden_size;
-        let mut x = vec![0f32; tokens.len() * h];
-        match self.embed.weights() {
-            Weights::F32(w) => gather_rows(w, tokens, &mut x),
-            Weights::F16(w) => gather_rows(w, tokens, &mut x),
-            Weights::Bf16(w) => gather_rows(w, tokens, &mut x),
-            Weights::Blocked(w) => {
-                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    w.row_into(t as usize, dst);
-                }
-            }
-            Weights::Int(w) => {
-                for (dst, &t) in x.chunks_exact_mut(h).zip(tokens) {
-                    w.row_into(t as usize, dst);
-                }
-            }
-            Weights::Quantized(q) => {
-                let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-                x = q.embedding(&ids)?.flatten_all()?.to_vec1::<f32>()?;
-            }
-        }
+        let mut x = vec![0f32; tokens.len() * self.config.hidden_size];
+        self.embed.rows_into(tokens, &mut x)?;
         Ok(x)
     }
 
@@ -380,10 +378,39 @@ impl Llama {
 /// Cosines and sines of the rotation angles of each position in a pass, `[position][pair]`.
 /// One layer of the KV cache and where this forward's rows start in it.
 struct CacheLayer<'a> {
-    keys: &'a mut [f32],
-    values: &'a mut [f32],
-    layout: crate::attention::KvLayout,
+    kv: LayerKv<'a>,
+    layout: KvLayout,
     start_pos: usize,
+}
+
+impl CacheLayer<'_> {
+    /// Stores row `i`'s keys `k` and values `v` (`n_kv_heads` heads of `hd`) at its position.
+    fn put(&mut self, i: usize, k: &[f32], v: &[f32], hd: usize) {
+        let (layout, pos) = (self.layout, self.start_pos + i);
+        match &mut self.kv {
+            LayerKv::F32(keys, values) => put_rows(layout, pos, (keys, values), (k, v), hd),
+            LayerKv::F16(keys, values) => put_rows(layout, pos, (keys, values), (k, v), hd),
+        }
+    }
+}
+
+/// Stores one position's keys and values (`hd`-wide heads) where `layout` puts position `pos`.
+fn put_rows<T: KvElem>(
+    layout: KvLayout,
+    pos: usize,
+    (keys, values): (&mut [T], &mut [T]),
+    (k, v): (&[f32], &[f32]),
+    hd: usize,
+) {
+    for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+        let at = j * layout.head_stride + pos * layout.pos_stride;
+        for (dst, &x) in keys[at..at + hd].iter_mut().zip(kh) {
+            *dst = T::narrow(x);
+        }
+        for (dst, &x) in values[at..at + hd].iter_mut().zip(vh) {
+            *dst = T::narrow(x);
+        }
+    }
 }
 
 /// A forward pass's activation buffers, `rows` tokens wide, reused by every block.
@@ -432,11 +459,19 @@ impl RopeTable {
     }
 }
 
-/// Writes row `tokens[i]` of `w` into the `i`-th `w.cols()`-wide row of `x`.
-fn gather_rows<T: Widen>(w: &Packed<T>, tokens: &[u32], x: &mut [f32]) {
-    for (dst, &t) in x.chunks_exact_mut(w.cols()).zip(tokens) {
-        w.row_into(t as usize, dst);
-    }
+/// [`attend_rows`] with the model's head counts `(n_heads, n_kv_heads, head_dim)`.
+fn attend<T: KvElem>(
+    rows: QueryRows<'_>,
+    keys: &[T],
+    values: &[T],
+    layout: KvLayout,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_rows(
+        rows, keys, values, layout, n_heads, n_kv_heads, head_dim, scores, out,
+    );
 }
 
 fn apply_rope(head: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
@@ -600,6 +635,78 @@ mod tests {
         assert!(other.restrict_head(&[5, 3]).is_err(), "ids out of order");
     }
 
+    /// A screened head gives each row's candidates the full head's logits bit for bit and the rest
+    /// the coarse copy's; screening every id is the full head; a row's logits do not depend on
+    /// the rows beside it.
+    #[test]
+    fn a_screened_head_scores_its_candidates_exactly() {
+        let full = gguf_model(WeightFormat::AsStored);
+        let vocab = full.config.vocab_size;
+        let tokens: Vec<u32> = (0..12).map(|i| (i * 37 + 200) % 259).collect();
+        let mut c = full.new_cache(32);
+        let want = full.forward(&tokens, 0, &mut c, LogitsFor::All).unwrap();
+        for keep in [4, vocab] {
+            let mut screened = gguf_model(WeightFormat::AsStored);
+            screened.screen_head(keep).unwrap();
+            let mut c = screened.new_cache(32);
+            let got = screened
+                .forward(&tokens, 0, &mut c, LogitsFor::All)
+                .unwrap();
+            for r in 0..tokens.len() {
+                let same = (bits(&got, r).iter().zip(bits(&want, r)))
+                    .filter(|(a, b)| *a == b)
+                    .count();
+                assert!(same >= keep, "row {r}: {same} exact logits, {keep} kept");
+                assert!(keep == vocab || same < vocab, "row {r}: no coarse logit");
+                let mut alone = screened.new_cache(32);
+                let one = screened
+                    .forward(&tokens[..=r], 0, &mut alone, LogitsFor::Last)
+                    .unwrap();
+                assert_eq!(bits(&one, 0), bits(&got, r), "row {r} alone");
+            }
+            assert!(screened.screen_head(keep).is_err(), "screening twice");
+            assert!(screened.restrict_head(&[1, 2]).is_err(), "and restricting");
+        }
+    }
+
+    /// A cache grown between forwards ([`KvCache::reserve`]) holds what it held: the next logits
+    /// are those of a cache that was large from the start, for either precision; and an f16 cache
+    /// changes the logits only by its rounding.
+    #[test]
+    fn a_grown_cache_keeps_its_positions() {
+        let tokens: Vec<u32> = (0..20).map(|i| (i * 37 + 11) % 259).collect();
+        let mut rows = Vec::new();
+        for kv in [KvPrecision::F32, KvPrecision::F16] {
+            let mut m = gguf_model(WeightFormat::F32);
+            m.kv_precision = kv;
+            let (mut small, mut large) = (m.new_cache(12), m.new_cache(64));
+            assert_eq!(small.precision(), kv);
+            m.forward(&tokens[..12], 0, &mut small, LogitsFor::Last)
+                .unwrap();
+            small.reserve(64);
+            let a = m
+                .forward(&tokens[12..], 12, &mut small, LogitsFor::All)
+                .unwrap();
+            m.forward(&tokens[..12], 0, &mut large, LogitsFor::Last)
+                .unwrap();
+            let b = m
+                .forward(&tokens[12..], 12, &mut large, LogitsFor::All)
+                .unwrap();
+            assert_eq!(a.data, b.data, "{kv}");
+            rows.push(a);
+        }
+        let (f32_row, f16_row) = (rows[0].row(7), rows[1].row(7));
+        assert_ne!(f32_row, f16_row, "f16 rounding changed nothing");
+        let close = f32_row
+            .iter()
+            .zip(f16_row)
+            .all(|(a, b)| (a - b).abs() < 0.05);
+        assert!(
+            close,
+            "f16 rounding changed the logits by more than expected"
+        );
+    }
+
     #[test]
     fn refuses_overflow_and_bad_tokens() {
         let m = gguf_model(WeightFormat::F32);
@@ -686,16 +793,20 @@ mod tests {
         #[test]
         fn batched_forward_is_bit_identical_to_one_at_a_time(
             seed: u64, plen in 1usize..20, k in 1usize..33, rollback in 0usize..20, fmt in 0usize..10,
+            kv16: bool,
         ) {
             let format = [
                 WeightFormat::F32, WeightFormat::F16, WeightFormat::Bf16,
                 WeightFormat::Quantized(GgmlDType::Q8_0), WeightFormat::Quantized(GgmlDType::Q4_1),
             ].get(fmt).copied().unwrap_or(WeightFormat::F32);
             // Indices past the list: f32 arithmetic over a file stored in a block type.
-            let m = match fmt.checked_sub(5) {
+            let mut m = match fmt.checked_sub(5) {
                 Some(i) => blocked_model(i, WeightFormat::F32),
                 None => gguf_model(format),
             };
+            if kv16 {
+                m.kv_precision = KvPrecision::F16;
+            }
             let mut s = seed | 1;
             let mut next = || { s ^= s << 13; s ^= s >> 7; s ^= s << 17; (s % 259) as u32 };
             let prompt: Vec<u32> = (0..plen).map(|_| next()).collect();

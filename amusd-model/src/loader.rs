@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::cache::KvPrecision;
 use crate::chat::ChatTemplate;
 use crate::gguf::GgufFile;
 use crate::kernels::PANEL;
@@ -14,14 +15,60 @@ use crate::tokenizer::Tokenizer;
 pub use crate::paths::{amusd_home, default_model_path, DEFAULT_MODEL_FILE};
 use crate::ModelError;
 
-/// A model file or directory, how to run its weights and, for a draft model, how much of its output
-/// head to keep: `PATH[:FORMAT][:head=N]`, e.g. `model.gguf:f32` or `model.gguf:stored:head=16384`.
+/// A model file or directory, how to run its weights and, for a draft model, how to compute its
+/// output head and store its KV cache: `PATH[:FORMAT][:head=HEAD][:kv=f32|f16]`, e.g.
+/// `model.gguf:f32` or `model.gguf:stored:head=screen:kv=f16`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
     pub path: PathBuf,
     pub format: WeightFormat,
-    /// Keep only the output head's `N` most frequent token ids ([`keep_frequent_head`]).
-    pub head: Option<usize>,
+    /// `None`: the whole head, unless the caller's role chooses otherwise (a draft screens it).
+    pub head: Option<HeadChoice>,
+    /// `None`: f32, unless the caller's role chooses otherwise (a draft stores f16).
+    pub kv: Option<KvPrecision>,
+}
+
+/// How a model computes its output head (`head=...` in a [`ModelSpec`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadChoice {
+    /// `head=full`: every row, as stored.
+    Whole,
+    /// `head=N`: only the `N` most frequent token ids ([`keep_frequent_head`]).
+    Frequent(usize),
+    /// `head=screen[:K]`: a q4_0 copy picks each position's `K` candidates, the head as stored
+    /// scores them ([`crate::screen`]).
+    Screened(usize),
+}
+
+impl FromStr for HeadChoice {
+    type Err = ModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            ModelError::Spec(format!(
+                "bad head '{s}': expected full, screen, screen:K or a number of token ids N"
+            ))
+        };
+        let positive = |n: &str| n.parse::<usize>().ok().filter(|&n| n > 0);
+        Ok(match s {
+            "full" => Self::Whole,
+            "screen" => Self::Screened(crate::screen::DEFAULT_KEEP),
+            _ => match s.strip_prefix("screen:") {
+                Some(k) => Self::Screened(positive(k).ok_or_else(bad)?),
+                None => Self::Frequent(positive(s).ok_or_else(bad)?),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for HeadChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Whole => write!(f, "full"),
+            Self::Frequent(n) => write!(f, "{n}"),
+            Self::Screened(k) => write!(f, "screen:{k}"),
+        }
+    }
 }
 
 impl FromStr for ModelSpec {
@@ -30,17 +77,23 @@ impl FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
             return Err(ModelError::Spec(
-                "empty model spec; expected PATH[:FORMAT][:head=N]".into(),
+                "empty model spec; expected PATH[:FORMAT][:head=HEAD][:kv=f32|f16]".into(),
             ));
         }
-        if let Some((rest, n)) = s.rsplit_once(":head=") {
-            let head = n.parse::<usize>().ok().filter(|&n| n > 0).ok_or_else(|| {
+        if let Some((rest, kv)) = s.rsplit_once(":kv=") {
+            let kv = KvPrecision::parse(kv).ok_or_else(|| {
                 ModelError::Spec(format!(
-                    "bad head size '{n}' in '{s}': expected a positive number of token ids"
+                    "bad KV cache type '{kv}' in '{s}': expected f32 or f16"
                 ))
             })?;
             return Ok(Self {
-                head: Some(head),
+                kv: Some(kv),
+                ..rest.parse()?
+            });
+        }
+        if let Some((rest, head)) = s.rsplit_once(":head=") {
+            return Ok(Self {
+                head: Some(head.parse()?),
                 ..rest.parse()?
             });
         }
@@ -50,6 +103,7 @@ impl FromStr for ModelSpec {
                     path: path.into(),
                     format,
                     head: None,
+                    kv: None,
                 });
             }
             // A colon in a path is legal; only complain when the path without the suffix exists.
@@ -64,6 +118,7 @@ impl FromStr for ModelSpec {
             path: s.into(),
             format: WeightFormat::AsStored,
             head: None,
+            kv: None,
         })
     }
 }
@@ -71,8 +126,11 @@ impl FromStr for ModelSpec {
 impl std::fmt::Display for ModelSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.path.display(), self.format)?;
-        match self.head {
-            Some(n) => write!(f, ":head={n}"),
+        if let Some(head) = self.head {
+            write!(f, ":head={head}")?;
+        }
+        match self.kv {
+            Some(kv) => write!(f, ":kv={kv}"),
             None => Ok(()),
         }
     }
@@ -160,16 +218,34 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     Ok((llama, name))
 }
 
-/// A draft's `head=N`: restricts the output head and says so in the model's name.
+/// A draft's `head=...` and `kv=...` from its spec, said in the model's name.
 fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
-    if let Some(n) = spec.head {
-        let order = keep_frequent_head(&spec.path, llama, n)?;
-        name.push_str(&format!(
-            ", head {} ({order})",
-            llama.lm_head.out_features()
-        ));
+    if let Some(head) = spec.head {
+        name.push_str(&choose_head(&spec.path, llama, head)?);
+    }
+    if let Some(kv) = spec.kv {
+        llama.kv_precision = kv;
+        if kv != KvPrecision::F32 {
+            name.push_str(&format!(", {kv} KV cache"));
+        }
     }
     Ok(())
+}
+
+/// Restricts or screens the output head of the model loaded from `path` as `head` says; returns
+/// what it did, for the model's name (", head ...", or "" for the whole head).
+pub fn choose_head(path: &Path, llama: &mut Llama, head: HeadChoice) -> Result<String, ModelError> {
+    Ok(match head {
+        HeadChoice::Whole => String::new(),
+        HeadChoice::Frequent(n) => {
+            let order = keep_frequent_head(path, llama, n)?;
+            format!(", head {} ({order})", llama.lm_head.out_features())
+        }
+        HeadChoice::Screened(k) => {
+            llama.screen_head(k)?;
+            format!(", head screened by q4_0 (top {k})")
+        }
+    })
 }
 
 /// Keeps the output head's `n` most frequent tokens (rounded up to a whole panel of rows) by the
@@ -323,12 +399,37 @@ mod tests {
         let s: ModelSpec = "m.gguf:q4_1:head=16384".parse().unwrap();
         assert_eq!(
             (s.format, s.head),
-            (WeightFormat::Quantized(GgmlDType::Q4_1), Some(16384))
+            (
+                WeightFormat::Quantized(GgmlDType::Q4_1),
+                Some(HeadChoice::Frequent(16384))
+            )
         );
         assert_eq!(s.to_string(), "m.gguf:q4_1:head=16384");
         let s: ModelSpec = "m.gguf:head=64".parse().unwrap();
         assert_eq!(s.to_string(), "m.gguf:stored:head=64");
-        for bad in ["m.gguf:head=0", "m.gguf:f32:head=", "m.gguf:head=lots"] {
+        for (spec, head) in [
+            (
+                "m.gguf:head=screen",
+                HeadChoice::Screened(crate::screen::DEFAULT_KEEP),
+            ),
+            ("m.gguf:stored:head=screen:8", HeadChoice::Screened(8)),
+            ("m.gguf:head=full", HeadChoice::Whole),
+            ("m.gguf:head=screen:4:kv=f16", HeadChoice::Screened(4)),
+        ] {
+            let s: ModelSpec = spec.parse().unwrap();
+            assert_eq!(s.head, Some(head), "{spec}");
+            assert_eq!(s.kv.is_some(), spec.contains(":kv="), "{spec}");
+            assert_eq!(s.to_string().parse::<ModelSpec>().unwrap(), s, "{spec}");
+        }
+        for bad in [
+            "m.gguf:head=0",
+            "m.gguf:f32:head=",
+            "m.gguf:head=lots",
+            "m.gguf:head=screen:0",
+            "m.gguf:head=screen:",
+            "m.gguf:kv=f8",
+            "m.gguf:kv=",
+        ] {
             assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
         }
     }

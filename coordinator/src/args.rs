@@ -1,6 +1,7 @@
 //! The options `generate` and `bench` share: strategy, models and devices, sampling.
 
-use amusd_model::{DeviceSpec, ModelSpec};
+use amusd_model::{DeviceSpec, HeadChoice, KvPrecision, ModelSpec};
+use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
 use amusd_spec::{RequestSampling, SamplingParams};
 use anyhow::{bail, Result};
@@ -33,12 +34,15 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT][:head=N], lookup[:MIN-MAX] (prompt lookup alone, no model: the
-    /// longest suffix of MAX down to MIN tokens found earlier proposes what followed it) or
-    /// fake:... (tests); head=N keeps the output head's N most frequent token ids (a built-in
-    /// ranking for the default model's vocabulary, else the first N ids), so each draft token
-    /// reads fewer bytes. Default: SmolLM2-135M-Instruct as stored (q4_1 layers,
-    /// q8_0 embedding), run by the integer kernels.
+    /// Draft model: PATH[:FORMAT][:head=HEAD][:kv=f16|f32], lookup[:MIN-MAX] (prompt lookup
+    /// alone, no model: the longest suffix of MAX down to MIN tokens found earlier proposes what
+    /// followed it) or fake:... (tests). HEAD is how the draft scores the vocabulary: screen[:K]
+    /// (the default; a q4_0 copy of the output head picks K candidates, 32 unless given, and the
+    /// head as stored scores them, ~half the head's bytes), full (the whole head as stored), or N
+    /// (only the N most frequent token ids, by a built-in ranking for the default model's
+    /// vocabulary, else the first N ids). kv: what the draft's KV cache stores (default f16, half
+    /// the bytes attention reads). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0
+    /// embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
     /// sd/amusd: prompt lookup ahead of the draft model, on by default: where it finds a match,
@@ -114,10 +118,16 @@ pub enum ChaosSignal {
 impl ModelArgs {
     pub fn verify_spec(&self) -> Result<String> {
         match &self.verify_model {
-            Some(s) if s.parse::<ModelSpec>().is_ok_and(|m| m.head.is_some()) => bail!(
-                "--verify-model {s}: head=N restricts a draft model's proposals; the verify model's \
-                 logits decide the output and must cover the whole vocabulary"
-            ),
+            Some(s)
+                if s.parse::<ModelSpec>()
+                    .is_ok_and(|m| !matches!(m.head, None | Some(HeadChoice::Whole))) =>
+            {
+                bail!(
+                    "--verify-model {s}: head=N and head=screen approximate a draft model's \
+                     proposals; the verify model's logits decide the output and must be exact \
+                     over the whole vocabulary"
+                )
+            }
             Some(s) => Ok(s.clone()),
             None => Ok(format!(
                 "{}:f32",
@@ -126,14 +136,25 @@ impl ModelArgs {
         }
     }
 
+    /// The draft's spec, its head screened ([`amusd_model::screen`]) unless it says `head=...`
+    /// and its KV cache f16 unless it says `kv=...`: a draft only needs its top token right, and
+    /// both find it reading fewer bytes.
     pub fn draft_spec(&self) -> Result<String> {
-        match &self.draft_model {
-            Some(s) => Ok(s.clone()),
-            None => Ok(format!(
+        let given = match &self.draft_model {
+            Some(s) if lookup::parse_spec(s).is_some() || FakeModel::is_fake(s) => {
+                return Ok(s.clone())
+            }
+            Some(s) => s.clone(),
+            None => format!(
                 "{}:stored",
                 crate::assets::ensure_default_model()?.display()
-            )),
-        }
+            ),
+        };
+        let mut spec: ModelSpec = given.parse()?;
+        spec.head
+            .get_or_insert(HeadChoice::Screened(amusd_model::screen::DEFAULT_KEEP));
+        spec.kv.get_or_insert(KvPrecision::F16);
+        Ok(spec.to_string())
     }
 
     /// `--draft-model lookup[:MIN-MAX]`, parsed: the lookup drafts alone.
