@@ -81,7 +81,7 @@ fn main() {
          this core: memory read {bandwidth:.1} GB/s, f32 FMA peak {peak:.0} GFLOP/s",
         path.display()
     );
-    print!("{:<18} {:>10}", "format", "ms/token");
+    print!("{:<26} {:>10}", "format", "ms/token");
     for k in KS {
         print!(" {:>9}", format!("k={k}"));
     }
@@ -136,7 +136,7 @@ fn main() {
                 .collect();
             times.push(median(samples));
         }
-        print!("{:<18} {:>10.1}", f, times[0]);
+        print!("{:<26} {:>10.1}", f, times[0]);
         for t in &times {
             print!(" {:>9.2}", t / times[0]);
         }
