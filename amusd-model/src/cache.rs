@@ -92,8 +92,9 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A cache for `capacity` positions. The memory is zero-initialised by the allocator, so pages are
-    /// only committed as positions are written.
+    /// A cache for `capacity` positions. An f32 cache is zero-initialised by the allocator, so its
+    /// pages are only committed as positions are written; an f16 one is written out at allocation
+    /// (half the bytes; a request reserves only its own length).
     pub fn new(cfg: &LlamaConfig, capacity: usize, precision: KvPrecision) -> Self {
         let (kv_dim, layers) = (cfg.kv_dim(), cfg.n_layers);
         let store = match precision {
