@@ -34,10 +34,17 @@ pub struct Llama {
     /// What [`Self::new_cache`]'s caches store: f32 unless this model only drafts.
     pub kv_precision: KvPrecision,
     inv_freq: Vec<f32>,
-    /// The token each row of a restricted `lm_head` scores ([`Self::restrict_head`]).
-    head_ids: Option<Vec<u32>>,
-    /// A coarse copy of `lm_head` that picks the rows it computes ([`Self::screen_head`]).
-    screen: Option<ScreenedHead>,
+    /// How `lm_head` is used: whole, restricted or screened (at most one of these).
+    head: Head,
+}
+
+/// How a model computes its logits from `lm_head`.
+enum Head {
+    Whole,
+    /// `lm_head` holds only these token ids' rows ([`Llama::restrict_head`]).
+    Restricted(Vec<u32>),
+    /// A coarse copy of `lm_head` picks the rows it computes ([`Llama::screen_head`]).
+    Screened(ScreenedHead),
 }
 
 /// Which positions of a forward pass need logits.
@@ -126,8 +133,7 @@ impl Llama {
             lm_head,
             batching: Batching::Invariant,
             inv_freq,
-            head_ids: None,
-            screen: None,
+            head: Head::Whole,
             kv_precision: KvPrecision::F32,
         })
     }
@@ -142,16 +148,12 @@ impl Llama {
         if keep.len() >= vocab {
             return Ok(());
         }
-        if self.head_ids.is_some() || self.screen.is_some() {
-            return Err(ModelError::Shape(
-                "the output head is already restricted or screened".into(),
-            ));
-        }
+        self.check_head_whole()?;
         if !keep.windows(2).all(|w| w[0] < w[1]) {
             return Err(ModelError::Shape("head ids must increase".into()));
         }
         self.lm_head = self.lm_head.select_rows(keep)?;
-        self.head_ids = Some(keep.to_vec());
+        self.head = Head::Restricted(keep.to_vec());
         Ok(())
     }
 
@@ -159,18 +161,19 @@ impl Llama {
     /// each row's `keep` best candidates are scored by the head as stored. A draft model's head
     /// then reads about half the bytes; never for a verify model, whose logits decide the output.
     pub fn screen_head(&mut self, keep: usize) -> Result<(), ModelError> {
-        if self.head_ids.is_some() || self.screen.is_some() {
-            return Err(ModelError::Shape(
-                "the output head is already restricted or screened".into(),
-            ));
-        }
-        self.screen = Some(ScreenedHead::new(&self.lm_head, keep)?);
+        self.check_head_whole()?;
+        self.head = Head::Screened(ScreenedHead::new(&self.lm_head, keep)?);
         Ok(())
     }
 
-    /// The screen of the output head, if it has one.
-    pub fn head_screen(&self) -> Option<&ScreenedHead> {
-        self.screen.as_ref()
+    /// The head can be restricted or screened once, and not both.
+    fn check_head_whole(&self) -> Result<(), ModelError> {
+        match self.head {
+            Head::Whole => Ok(()),
+            _ => Err(ModelError::Shape(
+                "the output head is already restricted or screened".into(),
+            )),
+        }
     }
 
     /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
@@ -182,9 +185,9 @@ impl Llama {
         let (bytes, macs) = layers.fold((0, 0), |(bytes, macs), l| {
             (bytes + l.bytes(), macs + l.in_features() * l.out_features())
         });
-        let head = match &self.screen {
-            Some(screen) => screen.cost(&self.lm_head),
-            None => (
+        let head = match &self.head {
+            Head::Screened(screen) => screen.cost(&self.lm_head),
+            _ => (
                 self.lm_head.bytes(),
                 self.lm_head.in_features() * self.lm_head.out_features(),
             ),
@@ -280,8 +283,8 @@ impl Llama {
         let heads = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
         let (scores, out) = (&mut s.scores, &mut s.attn);
         match kv.kv {
-            LayerKv::F32(k, v) => attend(rows, k, v, kv.layout, heads, scores, out),
-            LayerKv::F16(k, v) => attend(rows, k, v, kv.layout, heads, scores, out),
+            LayerKv::F32(k, v) => attend_layer(rows, k, v, kv.layout, heads, scores, out),
+            LayerKv::F16(k, v) => attend_layer(rows, k, v, kv.layout, heads, scores, out),
         }
         block.wo.forward(&s.attn, m, &mut s.proj, self.batching)?;
         add_in_place(x, &s.proj);
@@ -329,14 +332,14 @@ impl Llama {
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
         let mut data = vec![f32::NEG_INFINITY; rows * vocab];
-        match (&self.head_ids, &self.screen) {
-            (None, Some(screen)) => {
+        match &self.head {
+            Head::Screened(screen) => {
                 screen.forward(&self.lm_head, &hidden, rows, &mut data, self.batching)?
             }
-            (None, None) => self
+            Head::Whole => self
                 .lm_head
                 .forward(&hidden, rows, &mut data, self.batching)?,
-            (Some(ids), _) => {
+            Head::Restricted(ids) => {
                 let mut part = vec![0f32; rows * ids.len()];
                 self.lm_head
                     .forward(&hidden, rows, &mut part, self.batching)?;
@@ -459,8 +462,8 @@ impl RopeTable {
     }
 }
 
-/// [`attend_rows`] with the model's head counts `(n_heads, n_kv_heads, head_dim)`.
-fn attend<T: KvElem>(
+/// [`attend_rows`] over one layer's cache, with the model's `(n_heads, n_kv_heads, head_dim)`.
+fn attend_layer<T: KvElem>(
     rows: QueryRows<'_>,
     keys: &[T],
     values: &[T],

@@ -61,10 +61,6 @@ impl ScreenedHead {
         })
     }
 
-    pub fn keep(&self) -> usize {
-        self.keep
-    }
-
     /// Bytes read and multiply-adds per row: the coarse head, then `keep` rows of the stored one.
     pub fn cost(&self, head: &Linear) -> (usize, usize) {
         let (n, k) = (head.out_features(), head.in_features());
