@@ -1,0 +1,298 @@
+//! The AVX2 kernels (with FMA and F16C): eight outputs per vector.
+
+// Register tiles are indexed by row and vector; iterators would hide which register is which.
+#![allow(clippy::needless_range_loop)]
+use super::*;
+use std::arch::x86_64::*;
+
+/// Groups ahead to prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
+const PREFETCH_GROUPS: usize = 2;
+
+fn check() {
+    assert!(
+        Isa::Avx2.supported(),
+        "AVX2 kernel on a CPU without AVX2, FMA and F16C"
+    );
+}
+
+pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
+    check();
+    let k = xs[0].len();
+    assert!(xs.iter().all(|x| x.len() == k) && out.len() == xs.len() * PANEL);
+    assert!(k.is_multiple_of(GROUP) && panel.len() == k / GROUP * kind.group_bytes());
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked); `rows_of` reads `k` values of each
+    // row, `k / GROUP` groups of `panel` and writes `xs.len() * PANEL` outputs (asserted).
+    unsafe {
+        match kind {
+            BlockKind::Q4_0 => rows_of::<true, false, 8>(xs, panel, out),
+            BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
+            BlockKind::Q5_0 | BlockKind::Q8_0 => rows_of::<false, false, 0>(xs, panel, out),
+            BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
+        }
+    }
+}
+
+/// 16 vector registers hold 8 accumulators besides the weights: one row takes all 64 columns
+/// in one pass (8 independent FMA chains hide the FMA latency, and decoding reads each byte
+/// once), more rows take narrower strips.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+    xs: &[&[f32]],
+    panel: &[u8],
+    out: &mut [f32],
+) {
+    match xs.len() {
+        1 => strips::<1, 8, NIB, OFF, BIAS>(xs, panel, out),
+        2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
+        3 => strips::<3, 2, NIB, OFF, BIAS>(xs, panel, out),
+        4 => strips::<4, 2, NIB, OFF, BIAS>(xs, panel, out),
+        5 => strips::<5, 1, NIB, OFF, BIAS>(xs, panel, out),
+        6 => strips::<6, 1, NIB, OFF, BIAS>(xs, panel, out),
+        7 => strips::<7, 1, NIB, OFF, BIAS>(xs, panel, out),
+        8 => strips::<8, 1, NIB, OFF, BIAS>(xs, panel, out),
+        r => unreachable!("a direct tile of {r} rows"),
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn strips<
+    const R: usize,
+    const V: usize,
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+>(
+    xs: &[&[f32]],
+    panel: &[u8],
+    out: &mut [f32],
+) {
+    let xs: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
+    let k = panel.len() / group_bytes::<NIB, OFF>() * GROUP;
+    for col in (0..PANEL).step_by(8 * V) {
+        let acc = strip::<R, V, NIB, OFF, BIAS>(&xs, k, panel, col);
+        for r in 0..R {
+            for v in 0..V {
+                _mm256_storeu_ps(out.as_mut_ptr().add(r * PANEL + col + 8 * v), acc[r][v]);
+            }
+        }
+    }
+}
+
+/// Columns `col .. col + 8 V` of `R` rows, every group, widening in registers. Each lane is
+/// one output's accumulator and takes one FMA per reduction step, in order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn strip<
+    const R: usize,
+    const V: usize,
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+>(
+    xs: &[*const f32; R],
+    k: usize,
+    panel: &[u8],
+    col: usize,
+) -> [[__m256; V]; R] {
+    let gb = group_bytes::<NIB, OFF>();
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    for g in 0..k / GROUP {
+        let base = panel.as_ptr().add(g * gb);
+        let ahead = base.wrapping_add(PREFETCH_GROUPS * gb);
+        for line in (0..gb).step_by(64) {
+            // A prefetch never faults; wrapping_add keeps the arithmetic defined past the end.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        }
+        let sc: [(__m256, __m256); V] = std::array::from_fn(|v| scales::<OFF>(base, col + 8 * v));
+        let q = base.add(scale_bytes::<OFF>() + col);
+        let p0 = g * GROUP;
+        if NIB {
+            for s in 0..GROUP / 2 {
+                for v in 0..V {
+                    let (wl, wh) =
+                        nibble_pair::<OFF, BIAS>(q.add(s * PANEL + 8 * v), sc[v].0, sc[v].1);
+                    for r in 0..R {
+                        let x = xs[r].add(p0 + 2 * s);
+                        acc[r][v] = _mm256_fmadd_ps(_mm256_set1_ps(*x), wl, acc[r][v]);
+                        acc[r][v] = _mm256_fmadd_ps(_mm256_set1_ps(*x.add(1)), wh, acc[r][v]);
+                    }
+                }
+            }
+        } else {
+            for t in 0..GROUP {
+                for v in 0..V {
+                    let w = byte::<OFF>(q.add(t * PANEL + 8 * v), sc[v].0, sc[v].1);
+                    for r in 0..R {
+                        let x = _mm256_set1_ps(*xs[r].add(p0 + t));
+                        acc[r][v] = _mm256_fmadd_ps(x, w, acc[r][v]);
+                    }
+                }
+            }
+        }
+    }
+    acc
+}
+
+pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
+    check();
+    assert!(group.len() >= kind.group_bytes() && wide.len() == GROUP * PANEL);
+    // SAFETY: the CPU has AVX2, FMA and F16C (checked); `widen_group_of` reads one group
+    // (`kind.group_bytes()`, asserted) and writes `GROUP * PANEL` floats (asserted).
+    unsafe {
+        match kind {
+            BlockKind::Q4_0 => widen_group_of::<true, false, 8>(group, wide),
+            BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
+            BlockKind::Q5_0 | BlockKind::Q8_0 => widen_group_of::<false, false, 0>(group, wide),
+            BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+    group: &[u8],
+    wide: &mut [f32],
+) {
+    let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
+    for v in 0..8 {
+        let (scale, offset) = scales::<OFF>(base, 8 * v);
+        let q = base.add(scale_bytes::<OFF>() + 8 * v);
+        let o = out.add(8 * v);
+        if NIB {
+            for s in 0..GROUP / 2 {
+                let (wl, wh) = nibble_pair::<OFF, BIAS>(q.add(s * PANEL), scale, offset);
+                _mm256_storeu_ps(o.add(2 * s * PANEL), wl);
+                _mm256_storeu_ps(o.add((2 * s + 1) * PANEL), wh);
+            }
+        } else {
+            for t in 0..GROUP {
+                _mm256_storeu_ps(
+                    o.add(t * PANEL),
+                    byte::<OFF>(q.add(t * PANEL), scale, offset),
+                );
+            }
+        }
+    }
+}
+
+pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) {
+    check();
+    assert!(x.len() >= (m - 1) * k + GROUP && wide.len() == GROUP * PANEL);
+    assert!(acc.len() == m * PANEL);
+    let mut i = 0;
+    while i < m {
+        let r = (m - i).min(6);
+        let (xs, a) = (&x[i * k..], &mut acc[i * PANEL..(i + r) * PANEL]);
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked); `tile` reads GROUP values of each
+        // of its `r` rows of `x` (the last at (r - 1) k, inside `xs` by the assert above), all
+        // of `wide`, and reads and writes `r * PANEL` accumulators.
+        unsafe {
+            match r {
+                1 => tile::<1, 8>(xs, k, wide, a),
+                2 => tile::<2, 4>(xs, k, wide, a),
+                3 => tile::<3, 4>(xs, k, wide, a),
+                4 => tile::<4, 2>(xs, k, wide, a),
+                5 => tile::<5, 2>(xs, k, wide, a),
+                _ => tile::<6, 2>(xs, k, wide, a),
+            }
+        }
+        i += r;
+    }
+}
+
+/// `R` rows over the widened group, in strips of `8 V` columns: 16 vector registers hold at
+/// most 12 accumulators besides the weights and a broadcast.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32], acc: &mut [f32]) {
+    let (w, a) = (wide.as_ptr(), acc.as_mut_ptr());
+    for col in (0..PANEL).step_by(8 * V) {
+        let mut s: [[__m256; V]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|v| _mm256_loadu_ps(a.add(r * PANEL + col + 8 * v)))
+        });
+        for t in 0..GROUP {
+            let wt: [__m256; V] =
+                std::array::from_fn(|v| _mm256_loadu_ps(w.add(t * PANEL + col + 8 * v)));
+            for r in 0..R {
+                let xv = _mm256_set1_ps(*x.as_ptr().add(r * k + t));
+                for v in 0..V {
+                    s[r][v] = _mm256_fmadd_ps(xv, wt[v], s[r][v]);
+                }
+            }
+        }
+        for r in 0..R {
+            for v in 0..V {
+                _mm256_storeu_ps(a.add(r * PANEL + col + 8 * v), s[r][v]);
+            }
+        }
+    }
+}
+
+const fn scale_bytes<const OFF: bool>() -> usize {
+    if OFF {
+        4 * PANEL
+    } else {
+        2 * PANEL
+    }
+}
+
+const fn group_bytes<const NIB: bool, const OFF: bool>() -> usize {
+    scale_bytes::<OFF>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
+}
+
+/// The scales (and offsets) of columns `col .. col + 8` of the group at `base`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scales<const OFF: bool>(base: *const u8, col: usize) -> (__m256, __m256) {
+    let sp = base.cast::<u16>().add(col);
+    let scale = _mm256_cvtph_ps(_mm_loadu_si128(sp.cast()));
+    let offset = if OFF {
+        _mm256_cvtph_ps(_mm_loadu_si128(sp.add(PANEL).cast()))
+    } else {
+        _mm256_setzero_ps()
+    };
+    (scale, offset)
+}
+
+/// Two reduction steps of 8 columns from 8 bytes of nibble pairs at `q`, widened.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn nibble_pair<const OFF: bool, const BIAS: i32>(
+    q: *const u8,
+    scale: __m256,
+    offset: __m256,
+) -> (__m256, __m256) {
+    let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(q.cast()));
+    let mut lo = _mm256_and_si256(b, _mm256_set1_epi32(0x0F));
+    let mut hi = _mm256_srli_epi32::<4>(b);
+    if BIAS != 0 {
+        lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(BIAS));
+        hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(BIAS));
+    }
+    (
+        widen::<OFF>(lo, scale, offset),
+        widen::<OFF>(hi, scale, offset),
+    )
+}
+
+/// One reduction step of 8 columns from 8 signed bytes at `q`, widened.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn byte<const OFF: bool>(q: *const u8, scale: __m256, offset: __m256) -> __m256 {
+    widen::<OFF>(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.cast())),
+        scale,
+        offset,
+    )
+}
+
+/// Integers `qi` times the scales, plus the offsets if the type has them. `q * d` is exact,
+/// so `fma(q, d, m)` is the once-rounded `q * d + m` (module doc).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn widen<const OFF: bool>(qi: __m256i, scale: __m256, offset: __m256) -> __m256 {
+    let qf = _mm256_cvtepi32_ps(qi);
+    if OFF {
+        _mm256_fmadd_ps(qf, scale, offset)
+    } else {
+        _mm256_mul_ps(qf, scale)
+    }
+}
