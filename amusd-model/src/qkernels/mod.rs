@@ -10,16 +10,15 @@
 //! gives the same bits and an output does not depend on the batch size `m`. The integer sums are
 //! exact, which is what lets the SIMD code reorder them freely.
 //!
-//! Paths are chosen at run time ([`Path::detect`]). Only AVX2 exists besides the portable one: an
-//! AVX-512 VNNI (`vpdpbusd`) path would slot in as another [`Path`] variant whose panel kernels
-//! replace `maddubs + madd` by one `dpbusd` per step over the same layout; it is not written because
-//! no machine here can test it. (VNNI's `vpdpbusd` is u8 x i8 like `maddubs` but accumulates in
-//! i32 without saturating, so q8_0 would not need the i16 pair bound; the sums stay the same.)
+//! Paths are chosen at run time ([`Path::detect`]): AVX-512 VNNI (`vpdpbusd`, one 512-bit load
+//! feeds a panel's sixteen rows), AVX2 (`maddubs + madd`), portable. Both SIMD paths form the same
+//! exact integer sums, so the bits never depend on the CPU.
 //!
-//! Cost, measured on one Zen 3 core (`benches/qkernels.rs`): one activation row runs at 13-30 GB/s of
-//! weights (the higher figures with the matrix in cache), against 3-8 GB/s for candle's one-row
-//! path. A batch is compute-bound, ~50 GMAC/s for q4_0/q4_1 and ~40 for q8_0 (q8_0 needs the sign
-//! trick and a widening per step): four rows cost ~2.7x one row.
+//! Cost, one row (decoding), one core of the Xeon this was written on (`examples`-style probe over
+//! `matmul_int_on`, best of 30): q4_1 gate/up (3072 x 576) in cache 99 us with AVX2, 25 us with VNNI;
+//! forty copies (too many for L2) 75 -> 48 us; q8_0 168 -> 78 us. A 64-row batch (prefill) 1.4x
+//! faster with VNNI. On Zen 3 (AVX2 only) one row ran at 13-30 GB/s of weights against 3-8 GB/s for
+//! candle's one-row path.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
@@ -332,29 +331,39 @@ pub enum Path {
     Portable,
     /// `vpmaddubsw` + `vpmaddwd` on 256-bit vectors (needs AVX2, FMA, F16C).
     Avx2,
+    /// `vpdpbusd` on 512-bit vectors (needs AVX512F, AVX512BW, AVX512-VNNI).
+    Avx512Vnni,
 }
 
 impl Path {
     /// The fastest path this CPU runs.
     pub fn detect() -> Self {
-        if Self::Avx2.available() {
-            Self::Avx2
-        } else {
-            Self::Portable
-        }
+        [Self::Avx512Vnni, Self::Avx2]
+            .into_iter()
+            .find(|p| p.available())
+            .unwrap_or(Self::Portable)
     }
 
     pub fn available(self) -> bool {
-        match self {
-            Self::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => {
-                is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Self::Portable => true,
+                Self::Avx2 => {
+                    is_x86_feature_detected!("avx2")
+                        && is_x86_feature_detected!("fma")
+                        && is_x86_feature_detected!("f16c")
+                }
+                Self::Avx512Vnni => {
+                    is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            Self::Avx2 => false,
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Portable
         }
     }
 }
@@ -383,8 +392,11 @@ pub fn matmul_int_on(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &mut [f3
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C.
         Path::Avx2 => unsafe { avx2::matmul(&acts, m, w, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked that the CPU has AVX512F, AVX512BW and AVX512-VNNI.
+        Path::Avx512Vnni => unsafe { avx512::matmul(&acts, m, w, y) },
         #[cfg(not(target_arch = "x86_64"))]
-        Path::Avx2 => unreachable!("not available"),
+        Path::Avx2 | Path::Avx512Vnni => unreachable!("not available"),
     }
 }
 
@@ -433,256 +445,66 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
     acc
 }
 
+/// A SIMD path's kernel for one tile: activation rows `i0..i0 + t` (`t <= TILE`) times the panel
+/// at `panel` into `out[..t]`.
+type TileKernel =
+    unsafe fn(&IntPacked, *const u8, &QuantActs, usize, usize, &mut [[f32; ROWS]; TILE]);
+
+/// The SIMD paths' walk over a batch ([`CHUNK`] and [`GROUP`] say why this order): `kernel` for
+/// every tile and panel, results copied into `y`.
+///
+/// # Safety
+/// The CPU must run `kernel`; `a` must hold `m` rows of `w.cols()` values and `y` `m * w.rows()`
+/// outputs.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! Lane = output row: a 256-bit vector holds four quant bytes of each of eight rows, multiplied
-    //! by the same four activation bytes broadcast to every lane.
-
-    use std::arch::x86_64::*;
-
-    use super::{IntPacked, Kind, QuantActs, CHUNK, GROUP, QK, ROWS, TILE};
-
-    /// How far ahead of the bytes being multiplied the kernels prefetch. Panels lie one after the
-    /// other, so this runs into the next panel, which is read next.
-    const PREFETCH_BYTES: usize = 4096;
-
-    /// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
-    /// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn prefetch(p: *const u8) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
-    }
-
-    /// The activation rows of one tile: where their quants and per-block values start.
-    struct Tile<const T: usize> {
-        q: [*const i8; T],
-        d: [*const f32; T],
-        s: [*const i32; T],
-        ds: [*const f32; T],
-    }
-
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `a` must hold `m` rows of `w.cols()` values and `y`
-    /// `m * w.rows()` outputs.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
-        let n = w.n;
-        let panels = w.panels();
-        for c0 in (0..m).step_by(CHUNK) {
-            let chunk = c0..(c0 + CHUNK).min(m);
-            for g0 in (0..panels).step_by(GROUP) {
-                for i0 in chunk.clone().step_by(TILE) {
-                    let t = (chunk.end - i0).min(TILE);
-                    for p in g0..(g0 + GROUP).min(panels) {
-                        let panel = w.panel(p).as_ptr();
-                        let mut out = [[0f32; ROWS]; TILE];
-                        match t {
-                            4 => tile::<4>(w, panel, a, i0, &mut out),
-                            3 => tile::<3>(w, panel, a, i0, &mut out),
-                            2 => tile::<2>(w, panel, a, i0, &mut out),
-                            _ => tile::<1>(w, panel, a, i0, &mut out),
-                        }
-                        let count = (n - p * ROWS).min(ROWS);
-                        for (di, o) in out.iter().take(t).enumerate() {
-                            let row = (i0 + di) * n + p * ROWS;
-                            y[row..row + count].copy_from_slice(&o[..count]);
-                        }
+unsafe fn tiled(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32], kernel: TileKernel) {
+    let (n, panels) = (w.n, w.panels());
+    for c0 in (0..m).step_by(CHUNK) {
+        let chunk = c0..(c0 + CHUNK).min(m);
+        for g0 in (0..panels).step_by(GROUP) {
+            for i0 in chunk.clone().step_by(TILE) {
+                let t = (chunk.end - i0).min(TILE);
+                for p in g0..(g0 + GROUP).min(panels) {
+                    let mut out = [[0f32; ROWS]; TILE];
+                    kernel(w, w.panel(p).as_ptr(), a, i0, t, &mut out);
+                    let count = (n - p * ROWS).min(ROWS);
+                    for (di, o) in out.iter().take(t).enumerate() {
+                        let row = (i0 + di) * n + p * ROWS;
+                        y[row..row + count].copy_from_slice(&o[..count]);
                     }
                 }
             }
         }
-    }
-
-    /// # Safety
-    /// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tile<const T: usize>(
-        w: &IntPacked,
-        panel: *const u8,
-        a: &QuantActs,
-        i0: usize,
-        out: &mut [[f32; ROWS]; TILE],
-    ) {
-        let nb = a.nb;
-        let rows = Tile::<T> {
-            q: std::array::from_fn(|t| a.q.as_ptr().add((i0 + t) * nb * QK)),
-            d: std::array::from_fn(|t| a.d.as_ptr().add((i0 + t) * nb)),
-            s: std::array::from_fn(|t| a.s.as_ptr().add((i0 + t) * nb)),
-            ds: std::array::from_fn(|t| a.ds.as_ptr().add((i0 + t) * nb)),
-        };
-        let acc = match w.kind {
-            Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
-            Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
-            Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
-        };
-        for (t, o) in out.iter_mut().take(T).enumerate() {
-            _mm256_storeu_ps(o.as_mut_ptr(), acc[0][t]);
-            _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1][t]);
-        }
-    }
-
-    /// Four activation quants at `p`, broadcast to every 32-bit lane.
-    ///
-    /// # Safety
-    /// `p` must point to four readable bytes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn bcast4(p: *const i8) -> __m256i {
-        _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
-    }
-
-    /// The f16 scales of 8 rows at `p`, widened.
-    ///
-    /// # Safety
-    /// `p` must point to 16 readable bytes.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn scales8(p: *const u8) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
-
-    /// `acc + isum * (dw * dx)` per lane, fused: [`super::dot_portable`]'s step.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn combine(acc: __m256, isum: __m256i, dw: __m256, dx: f32) -> __m256 {
-        _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(isum),
-            _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
-            acc,
-        )
-    }
-
-    /// The integer sums of block `b` of eight rows of q8_0 weights (`q`: their first group of
-    /// quants) with each row of the tile. ggml's sign trick, `maddubs(|w|, sign(x, w))`, keeps the
-    /// unsigned operand at most 128, so a pair of products (at most 2 * 128 * 127) cannot saturate;
-    /// each step is widened to i32 at once since two steps could.
-    ///
-    /// Eight rows at a time, not the panel's sixteen: sixteen rows' sums for four activation rows
-    /// and the weights shared by them overflow AVX2's sixteen registers. The panel kernels walk
-    /// each half of a panel in turn, since within one block the compiler kept the first half's
-    /// activation broadcasts for the second, spilling them.
-    ///
-    /// # Safety
-    /// `q` points to a block's quants inside a panel; the CPU must have AVX2.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_q8<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m256i; T] {
-        let ones = _mm256_set1_epi16(1);
-        let mut isum = [_mm256_setzero_si256(); T];
-        for g in 0..QK / 4 {
-            let w = _mm256_loadu_si256(q.add(g * 4 * ROWS).cast());
-            let a = _mm256_abs_epi8(w);
-            for (t, sum) in isum.iter_mut().enumerate() {
-                let xb = bcast4(x.q[t].add(b * QK + 4 * g));
-                let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, w));
-                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(p, ones));
-            }
-        }
-        isum
-    }
-
-    /// [`block_q8`] for q4 nibbles (0..15), the unsigned operand: a pair of products is at most
-    /// 2 * 15 * 127 = 3810, so a whole block's eight steps (30480) still fit the i16 lanes and are
-    /// widened to i32 once per block.
-    ///
-    /// # Safety
-    /// As [`block_q8`].
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    unsafe fn block_q4<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m256i; T] {
-        let nibble = _mm256_set1_epi8(0x0F);
-        let mut s16 = [_mm256_setzero_si256(); T];
-        for g in 0..QK / 8 {
-            let w = _mm256_loadu_si256(q.add(g * 4 * ROWS).cast());
-            let lo = _mm256_and_si256(w, nibble);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble);
-            for (t, sum) in s16.iter_mut().enumerate() {
-                let xl = bcast4(x.q[t].add(b * QK + 4 * g));
-                let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
-                let p =
-                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
-                *sum = _mm256_add_epi16(*sum, p);
-            }
-        }
-        let ones = _mm256_set1_epi16(1);
-        for sum in s16.iter_mut() {
-            *sum = _mm256_madd_epi16(*sum, ones);
-        }
-        s16
-    }
-
-    /// A panel of q8_0 weights times a tile: per half panel and block, [`block_q8`], then
-    /// [`combine`]. The second half reads the panel again from cache.
-    ///
-    /// # Safety
-    /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn panel_q8<const T: usize>(
-        panel: *const u8,
-        nb: usize,
-        x: &Tile<T>,
-    ) -> [[__m256; T]; 2] {
-        let mut acc = [[_mm256_setzero_ps(); T]; 2];
-        let block_bytes = ROWS * 34;
-        for (v, half) in acc.iter_mut().enumerate() {
-            for b in 0..nb {
-                let blk = panel.add(b * block_bytes);
-                if v == 0 {
-                    for line in 0..block_bytes.div_ceil(64) {
-                        prefetch(blk.add(64 * line));
-                    }
-                }
-                let isum = block_q8(blk.add(2 * ROWS + 32 * v), x, b);
-                let dw = scales8(blk.add(16 * v));
-                for t in 0..T {
-                    half[t] = combine(half[t], isum[t], dw, *x.d[t].add(b));
-                }
-            }
-        }
-        acc
-    }
-
-    /// A panel of q4_0 / q4_1 weights times a tile: [`block_q4`], then q4_0's offset of -8 as
-    /// `- 8 * sum(x)`, or q4_1's minimum as `m * d_x * sum(x)` in a second fused step.
-    ///
-    /// # Safety
-    /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn panel_q4<const T: usize, const MIN: bool>(
-        panel: *const u8,
-        nb: usize,
-        x: &Tile<T>,
-    ) -> [[__m256; T]; 2] {
-        let scales = if MIN { 2 } else { 1 };
-        let block_bytes = ROWS * (2 * scales + QK / 2);
-        let mut acc = [[_mm256_setzero_ps(); T]; 2];
-        for (v, half) in acc.iter_mut().enumerate() {
-            for b in 0..nb {
-                let blk = panel.add(b * block_bytes);
-                if v == 0 {
-                    for line in 0..block_bytes.div_ceil(64) {
-                        prefetch(blk.add(64 * line));
-                    }
-                }
-                let isum = block_q4(blk.add(2 * ROWS * scales + 32 * v), x, b);
-                let dw = scales8(blk.add(16 * v));
-                let mw = scales8(blk.add(2 * ROWS + 16 * v));
-                for t in 0..T {
-                    let mut isum = isum[t];
-                    if !MIN {
-                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * *x.s[t].add(b)));
-                    }
-                    half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
-                    if MIN {
-                        half[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), half[t]);
-                    }
-                }
-            }
-        }
-        acc
     }
 }
+
+/// The activation rows of one tile: where their quants and per-block values start.
+#[cfg(target_arch = "x86_64")]
+struct Tile<const T: usize> {
+    q: [*const i8; T],
+    d: [*const f32; T],
+    s: [*const i32; T],
+    ds: [*const f32; T],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const T: usize> Tile<T> {
+    /// Rows `i0..i0 + T` of `a` (the caller keeps them in bounds before reading through them).
+    fn new(a: &QuantActs, i0: usize) -> Self {
+        let nb = a.nb;
+        Self {
+            q: std::array::from_fn(|t| a.q.as_ptr().wrapping_add((i0 + t) * nb * QK)),
+            d: std::array::from_fn(|t| a.d.as_ptr().wrapping_add((i0 + t) * nb)),
+            s: std::array::from_fn(|t| a.s.as_ptr().wrapping_add((i0 + t) * nb)),
+            ds: std::array::from_fn(|t| a.ds.as_ptr().wrapping_add((i0 + t) * nb)),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -707,7 +529,7 @@ mod tests {
     }
 
     fn paths() -> Vec<Path> {
-        [Path::Portable, Path::Avx2]
+        [Path::Portable, Path::Avx2, Path::Avx512Vnni]
             .into_iter()
             .filter(|p| p.available())
             .collect()

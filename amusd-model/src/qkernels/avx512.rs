@@ -1,0 +1,184 @@
+//! The AVX-512 VNNI kernels. Lane = output row, as in the AVX2 path, but a 512-bit vector holds
+//! four quant bytes of each of a panel's sixteen rows, so one load feeds the whole panel, and
+//! `vpdpbusd` multiplies u8 by i8 and adds four products into i32 lanes in one instruction, without
+//! the i16 saturation `maddubs` has. The integer sums are the AVX2 path's exactly, and the f32
+//! steps are the same per lane, so the bits are the same.
+//!
+//! `vpdpbusd` takes its unsigned operand first: nibbles already are; q8_0's signed weights are
+//! offset by 128 (`w ^ 0x80`) and the block's `128 * sum(x)` taken back out of the exact sum.
+
+use std::arch::x86_64::*;
+
+use super::{tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
+
+/// How far ahead of the bytes being multiplied the kernels prefetch (as in the AVX2 path).
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
+/// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn prefetch(p: *const u8) {
+    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
+}
+
+/// # Safety
+/// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `a` must hold `m` rows of `w.cols()`
+/// values and `y` `m * w.rows()` outputs.
+pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
+    tiled(a, m, w, y, tile_of)
+}
+
+/// [`tile`] for `t` rows.
+///
+/// # Safety
+/// As [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_of(
+    w: &IntPacked,
+    panel: *const u8,
+    a: &QuantActs,
+    i0: usize,
+    t: usize,
+    out: &mut [[f32; ROWS]; TILE],
+) {
+    match t {
+        4 => tile::<4>(w, panel, a, i0, out),
+        3 => tile::<3>(w, panel, a, i0, out),
+        2 => tile::<2>(w, panel, a, i0, out),
+        _ => tile::<1>(w, panel, a, i0, out),
+    }
+}
+
+/// # Safety
+/// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const T: usize>(
+    w: &IntPacked,
+    panel: *const u8,
+    a: &QuantActs,
+    i0: usize,
+    out: &mut [[f32; ROWS]; TILE],
+) {
+    let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
+    let acc = match w.kind {
+        Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
+        Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
+        Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
+    };
+    for (t, o) in out.iter_mut().take(T).enumerate() {
+        _mm512_storeu_ps(o.as_mut_ptr(), acc[t]);
+    }
+}
+
+/// Four activation quants at `p`, broadcast to every 32-bit lane.
+///
+/// # Safety
+/// `p` must point to four readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn bcast4(p: *const i8) -> __m512i {
+    _mm512_set1_epi32(p.cast::<i32>().read_unaligned())
+}
+
+/// The f16 scales of the panel's 16 rows at `p`, widened.
+///
+/// # Safety
+/// `p` must point to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn scales16(p: *const u8) -> __m512 {
+    _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+/// `acc + isum * (dw * dx)` per lane, fused: [`super::dot_portable`]'s step.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn combine(acc: __m512, isum: __m512i, dw: __m512, dx: f32) -> __m512 {
+    _mm512_fmadd_ps(
+        _mm512_cvtepi32_ps(isum),
+        _mm512_mul_ps(dw, _mm512_set1_ps(dx)),
+        acc,
+    )
+}
+
+/// A panel of q8_0 weights times a tile: per block, eight `dpbusd` steps over the offset weights,
+/// less `128 * sum(x)`, then [`combine`].
+///
+/// # Safety
+/// As [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> [__m512; T] {
+    let block_bytes = ROWS * 34;
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let blk = panel.add(b * block_bytes);
+        for line in 0..block_bytes.div_ceil(64) {
+            prefetch(blk.add(64 * line));
+        }
+        let q = blk.add(2 * ROWS);
+        let mut isum = [_mm512_setzero_si512(); T];
+        for g in 0..QK / 4 {
+            let w = _mm512_xor_si512(_mm512_loadu_si512(q.add(g * 4 * ROWS).cast()), flip);
+            for (t, sum) in isum.iter_mut().enumerate() {
+                *sum = _mm512_dpbusd_epi32(*sum, w, bcast4(x.q[t].add(b * QK + 4 * g)));
+            }
+        }
+        let dw = scales16(blk);
+        for t in 0..T {
+            let isum = _mm512_sub_epi32(isum[t], _mm512_set1_epi32(128 * *x.s[t].add(b)));
+            acc[t] = combine(acc[t], isum, dw, *x.d[t].add(b));
+        }
+    }
+    acc
+}
+
+/// A panel of q4_0 / q4_1 weights times a tile: per block, the low and high nibbles of four
+/// 64-byte steps through `dpbusd`, then q4_0's offset of -8 as `- 8 * sum(x)`, or q4_1's minimum
+/// as `m * d_x * sum(x)` in a second fused step.
+///
+/// # Safety
+/// As [`tile`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn panel_q4<const T: usize, const MIN: bool>(
+    panel: *const u8,
+    nb: usize,
+    x: &Tile<T>,
+) -> [__m512; T] {
+    let scales = if MIN { 2 } else { 1 };
+    let block_bytes = ROWS * (2 * scales + QK / 2);
+    let nibble = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); T];
+    for b in 0..nb {
+        let blk = panel.add(b * block_bytes);
+        for line in 0..block_bytes.div_ceil(64) {
+            prefetch(blk.add(64 * line));
+        }
+        let q = blk.add(2 * ROWS * scales);
+        let mut isum = [_mm512_setzero_si512(); T];
+        for g in 0..QK / 8 {
+            let w = _mm512_loadu_si512(q.add(g * 4 * ROWS).cast());
+            let lo = _mm512_and_si512(w, nibble);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+            for (t, sum) in isum.iter_mut().enumerate() {
+                let xl = bcast4(x.q[t].add(b * QK + 4 * g));
+                let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
+                *sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*sum, lo, xl), hi, xh);
+            }
+        }
+        let dw = scales16(blk);
+        for t in 0..T {
+            let mut isum = isum[t];
+            if !MIN {
+                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * *x.s[t].add(b)));
+            }
+            acc[t] = combine(acc[t], isum, dw, *x.d[t].add(b));
+            if MIN {
+                let mw = scales16(blk.add(2 * ROWS));
+                acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.ds[t].add(b)), acc[t]);
+            }
+        }
+    }
+    acc
+}
