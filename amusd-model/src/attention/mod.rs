@@ -2,11 +2,11 @@
 //!
 //! [`attend_reference`] is the definition: each head's scores are [`kernels::dot`]s scaled by
 //! `1/sqrt(head_dim)`, the softmax is [`crate::softmax`]'s, and each output element is one
-//! fused multiply-add chain over positions in order. The AVX2 path computes the same operations on
-//! the same values in the same order per output (it only shares work across positions and keeps
-//! the chains in registers), so its results have the same bits, whatever the batch: the verify
-//! model's batch invariance does not depend on which path runs. Chosen at run time; tested against
-//! the reference bit for bit.
+//! fused multiply-add chain over positions in order. The AVX2 and AVX-512 paths (`simd`) compute the
+//! same operations on the same values in the same order per output (they only share work across
+//! positions and keep the chains in registers), so their results have the same bits, whatever the
+//! batch: the verify model's batch invariance does not depend on which path runs. Chosen at run
+//! time; every path this CPU has is tested against the reference bit for bit.
 //!
 //! The cache holds f32 or f16 values ([`KvElem`]); an f16 value widens to f32 exactly, so attention
 //! over an f16 cache has the bits of attention over an f32 cache holding the same values. The
@@ -28,6 +28,14 @@ pub trait KvElem: Widen {
     /// inlined into functions that enable them.
     #[cfg(target_arch = "x86_64")]
     unsafe fn kv_load8(p: *const Self) -> std::arch::x86_64::__m256;
+
+    /// 16 consecutive values from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable values, and the CPU must have AVX512F; only ever inlined into
+    /// functions that enable it.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn kv_load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
@@ -40,6 +48,13 @@ impl KvElem for f32 {
     unsafe fn kv_load8(p: *const Self) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller guarantees 8 readable floats and AVX.
         unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn kv_load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller guarantees 16 readable floats and AVX512F.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
     }
 }
 
@@ -55,6 +70,15 @@ impl KvElem for half::f16 {
         // SAFETY: the caller guarantees 8 readable f16 values (16 bytes) and F16C; the load is
         // unaligned.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn kv_load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 16 readable f16 values (32 bytes) and AVX512F; the load
+        // is unaligned.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 }
 
@@ -115,41 +139,87 @@ pub fn attend_rows<T: KvElem>(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let heads = (n_heads, n_kv_heads, head_dim);
+    let path = *Path::usable(head_dim, n_heads / n_kv_heads.max(1))
+        .last()
+        .expect("the reference always runs");
+    attend_rows_on(path, rows, keys, values, layout, heads, scores, out)
+}
+
+/// An implementation of [`attend_rows`]; all give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Reference,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Path {
+    /// The paths that take heads of `head_dim` in groups of `group` on this CPU, slowest first.
+    fn usable(head_dim: usize, group: usize) -> Vec<Self> {
+        let mut v = vec![Self::Reference];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if simd::usable::<simd::Avx2>(head_dim, group) {
+                v.push(Self::Avx2);
+            }
+            if simd::usable::<simd::Avx512>(head_dim, group) {
+                v.push(Self::Avx512);
+            }
+        }
+        v
+    }
+}
+
+/// [`attend_rows`] on `path`, which must be one of [`Path::usable`] for the shape.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows_on<T: KvElem>(
+    path: Path,
+    rows: QueryRows<'_>,
+    keys: &[T],
+    values: &[T],
+    layout: KvLayout,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let width = n_heads * head_dim;
     assert!(
         out.len() >= rows.rows * width,
         "attention output shorter than its rows"
     );
-    #[cfg(target_arch = "x86_64")]
-    if avx2::usable(head_dim, n_heads / n_kv_heads.max(1)) {
-        for first in (0..rows.rows).step_by(ROW_TILE) {
-            let tile = rows.slice(first..(first + ROW_TILE).min(rows.rows));
-            let last = tile.first_pos + tile.rows - 1;
-            let shape = Shape::new(last, n_heads, n_kv_heads, head_dim, layout);
-            let out = &mut out[first * width..(first + tile.rows) * width];
-            for i in 0..tile.rows {
-                shape.check(tile.row(i, width), keys, values, &out[i * width..]);
-            }
-            // SAFETY: `usable` checked at run time that the CPU has AVX2 and FMA and the shape is
-            // one the path takes; `check` asserted that every row's query and output, and the
-            // cache up to the tile's last position, are as long as the shape needs.
-            unsafe { avx2::attend_tile(&shape, &tile, keys, values, scores, out) };
+    assert!(Path::usable(head_dim, n_heads / n_kv_heads.max(1)).contains(&path));
+    if path == Path::Reference {
+        for i in 0..rows.rows {
+            let (q, o) = (rows.row(i, width), &mut out[i * width..(i + 1) * width]);
+            let (pos, heads) = (rows.first_pos + i, (n_heads, n_kv_heads, head_dim));
+            attend_reference(
+                q, keys, values, layout, pos, heads.0, heads.1, heads.2, scores, o,
+            );
         }
         return;
     }
-    for i in 0..rows.rows {
-        attend_reference(
-            rows.row(i, width),
-            keys,
-            values,
-            layout,
-            rows.first_pos + i,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            scores,
-            &mut out[i * width..(i + 1) * width],
-        );
+    for first in (0..rows.rows).step_by(ROW_TILE) {
+        let tile = rows.slice(first..(first + ROW_TILE).min(rows.rows));
+        let last = tile.first_pos + tile.rows - 1;
+        let shape = Shape::new(last, n_heads, n_kv_heads, head_dim, layout);
+        let out = &mut out[first * width..(first + tile.rows) * width];
+        for i in 0..tile.rows {
+            shape.check(tile.row(i, width), keys, values, &out[i * width..]);
+        }
+        // SAFETY: `path` is usable (asserted): the CPU has its features and the shape is one the
+        // path takes; `check` asserted that every row's query and output, and the cache up to the
+        // tile's last position, are as long as the shape needs.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match path {
+                Path::Avx2 => simd::attend_tile_avx2(&shape, &tile, keys, values, scores, out),
+                Path::Avx512 => simd::attend_tile_avx512(&shape, &tile, keys, values, scores, out),
+                Path::Reference => unreachable!("handled above"),
+            }
+        }
     }
 }
 
@@ -301,205 +371,7 @@ impl Shape {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{dot_widened, softmax_in_place, KvElem, QueryRows, Shape};
-    use std::arch::x86_64::*;
-
-    /// The dot products' lane width: [`crate::kernels::dot`] accumulates 16 lanes.
-    const LANES: usize = 16;
-
-    /// Most query heads per key/value head this path takes (Llama 3 has 4, SmolLM2 3).
-    const MAX_GROUP: usize = 16;
-
-    pub fn usable(head_dim: usize, group: usize) -> bool {
-        head_dim > 0
-            && head_dim.is_multiple_of(LANES)
-            && (1..=MAX_GROUP).contains(&group)
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-
-    /// Positions per block of the weighted sums: the block's values (32 x 256 bytes for 64-wide
-    /// heads) stay in L1 while every query head of the group reads them.
-    const BLOCK: usize = 32;
-
-    /// The query heads that share a key/value head, and the tile's rows, are done together, a few
-    /// positions at a time, so each key and value row comes from memory once rather than once per
-    /// query head and row (the cache of a layer outgrows L1 within a few dozen positions, and its
-    /// reads bound attention). Row `i` covers positions `0..=first_pos + i`.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2, FMA and F16C, `head_dim` a multiple of 16, at most [`MAX_GROUP`] query
-    /// heads per key/value head, at most [`super::ROW_TILE`] rows, `shape.pos` the last row's
-    /// position, and every slice the length `shape` needs ([`Shape::check`]) for every row.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn attend_tile<T: KvElem>(
-        shape: &Shape,
-        rows: &QueryRows,
-        keys: &[T],
-        values: &[T],
-        scores: &mut Vec<f32>,
-        out: &mut [f32],
-    ) {
-        let (hd, n_max, group, m) = (shape.head_dim, shape.pos + 1, shape.group, rows.rows);
-        let width = shape.n_heads * hd;
-        let len = |i: usize| rows.first_pos + i + 1;
-        scores.resize(m * group * n_max, 0.0);
-        for first in (0..shape.n_heads).step_by(group) {
-            group_scores(shape, rows, keys, first, scores);
-            let mut inv = [0f32; MAX_GROUP * super::ROW_TILE];
-            for (j, s) in scores.chunks_exact_mut(n_max).enumerate() {
-                inv[j] = softmax_in_place(&mut s[..len(j / group)]);
-            }
-            let v = values.as_ptr().add(shape.kv_offset(0, first));
-            for t0 in (0..n_max).step_by(BLOCK) {
-                for j in (0..m * group).filter(|j| len(j / group) > t0) {
-                    let (i, h) = (j / group, first + j % group);
-                    let t1 = (t0 + BLOCK).min(len(i));
-                    let s = &scores[j * n_max + t0..j * n_max + t1];
-                    let vt = v.add(t0 * shape.pos_stride);
-                    let o = out.as_mut_ptr().add(i * width + h * hd);
-                    let mut col = 0;
-                    while col < hd {
-                        let (vc, oc) = (vt.add(col), o.add(col));
-                        if hd - col >= 64 {
-                            weighted_sum::<T, 8>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
-                            col += 64;
-                        } else {
-                            weighted_sum::<T, 2>(s, inv[j], vc, shape.pos_stride, oc, t0 == 0);
-                            col += 16;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The scaled scores of query heads `first..first + group` (one key/value head) of every row
-    /// into `scores[(i * group + g) * n_max..]`, four positions at a time for all rows and heads
-    /// (row `i` up to its own position).
-    ///
-    /// # Safety
-    /// As [`attend_tile`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn group_scores<T: KvElem>(
-        shape: &Shape,
-        rows: &QueryRows,
-        keys: &[T],
-        first: usize,
-        scores: &mut [f32],
-    ) {
-        let (hd, n_max, group) = (shape.head_dim, shape.pos + 1, shape.group);
-        let len = |i: usize| rows.first_pos + i + 1;
-        let scale = _mm_set1_ps(shape.scale);
-        for t in (0..n_max / 4 * 4).step_by(4) {
-            let k = keys.as_ptr().add(shape.kv_offset(t, first));
-            for i in (0..rows.rows).filter(|&i| t + 4 <= len(i)) {
-                let q = rows.q.as_ptr().add(i * rows.stride);
-                for g in 0..group {
-                    let qh = q.add((first + g) * hd);
-                    let four = dot4(qh, k, shape.pos_stride, hd);
-                    let at = scores.as_mut_ptr().add((i * group + g) * n_max + t);
-                    _mm_storeu_ps(at, _mm_mul_ps(four, scale));
-                }
-            }
-        }
-        let mut widened = Vec::with_capacity(hd);
-        for i in 0..rows.rows {
-            for t in len(i) / 4 * 4..len(i) {
-                let off = shape.kv_offset(t, first);
-                for g in 0..group {
-                    let qh = &rows.q[i * rows.stride + (first + g) * hd..][..hd];
-                    scores[(i * group + g) * n_max + t] =
-                        dot_widened(qh, &keys[off..off + hd], &mut widened) * shape.scale;
-                }
-            }
-        }
-    }
-
-    /// Four dots of `q` with the keys at `k`, `k + stride`, ..., each with the lanes and pairwise
-    /// tree of [`crate::kernels::dot`]: lane `l` is one FMA chain over elements `l, l + 16, ...`,
-    /// then the 16 lanes are halved 8, 4, 2, 1 with the same pairs. Done for four dots at once by
-    /// transposing the halves between registers: every add is one the single dot makes.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `q` readable for `hd` floats, `k + i * stride` for `hd` floats, `i < 4`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot4<T: KvElem>(q: *const f32, k: *const T, stride: usize, hd: usize) -> __m128 {
-        let mut lo = [_mm256_setzero_ps(); 4];
-        let mut hi = [_mm256_setzero_ps(); 4];
-        let mut c = 0;
-        while c < hd {
-            let (qlo, qhi) = (_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(q.add(c + 8)));
-            for i in 0..4 {
-                let ki = k.add(i * stride + c);
-                lo[i] = _mm256_fmadd_ps(qlo, T::kv_load8(ki), lo[i]);
-                hi[i] = _mm256_fmadd_ps(qhi, T::kv_load8(ki.add(8)), hi[i]);
-            }
-            c += LANES;
-        }
-        // 16 -> 8 lanes: l + (l + 8).
-        let s8: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(lo[i], hi[i]));
-        // 8 -> 4: l + (l + 4), two dots per register: [dot 0 | dot 1], [dot 2 | dot 3].
-        let s01 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(s8[0], s8[1]),
-            _mm256_permute2f128_ps::<0x31>(s8[0], s8[1]),
-        );
-        let s23 = _mm256_add_ps(
-            _mm256_permute2f128_ps::<0x20>(s8[2], s8[3]),
-            _mm256_permute2f128_ps::<0x31>(s8[2], s8[3]),
-        );
-        // 4 -> 2: l + (l + 2): [d0 l0, d0 l1, d2 l0, d2 l1 | d1 l0, d1 l1, d3 l0, d3 l1].
-        let s2 = _mm256_add_ps(
-            _mm256_shuffle_ps::<0b01_00_01_00>(s01, s23),
-            _mm256_shuffle_ps::<0b11_10_11_10>(s01, s23),
-        );
-        // 2 -> 1: l0 + l1: [d0, d2, d0, d2 | d1, d3, d1, d3].
-        let s1 = _mm256_add_ps(
-            _mm256_shuffle_ps::<0b10_00_10_00>(s2, s2),
-            _mm256_shuffle_ps::<0b11_01_11_01>(s2, s2),
-        );
-        _mm_unpacklo_ps(_mm256_castps256_ps128(s1), _mm256_extractf128_ps::<1>(s1))
-    }
-
-    /// `out[c] += sum over t of (scores[t] * inv) * v[t][c]` for `8 * R` columns (from zero when
-    /// `fresh`), each one FMA chain over positions in order, held in registers within the block
-    /// and in `out` between blocks (a stored f32 reloads exactly).
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `v + t * stride` readable and `out` writable for `8 * R` floats, for every
-    /// position `t` of `scores`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn weighted_sum<T: KvElem, const R: usize>(
-        scores: &[f32],
-        inv: f32,
-        v: *const T,
-        stride: usize,
-        out: *mut f32,
-        fresh: bool,
-    ) {
-        let mut acc: [__m256; R] = std::array::from_fn(|r| {
-            if fresh {
-                _mm256_setzero_ps()
-            } else {
-                _mm256_loadu_ps(out.add(8 * r))
-            }
-        });
-        for (t, &s) in scores.iter().enumerate() {
-            let p = _mm256_set1_ps(s * inv);
-            let vt = v.add(t * stride);
-            for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(p, T::kv_load8(vt.add(8 * r)), *a);
-            }
-        }
-        for (r, a) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.add(8 * r), *a);
-        }
-    }
-}
+mod simd;
 
 #[cfg(test)]
 mod tests {
@@ -577,7 +449,7 @@ mod tests {
     /// `m` query rows from position `first` (rows `stride` apart, wider than their heads) through
     /// [`attend_rows`], or each row alone through [`attend_reference`].
     fn run_rows(
-        together: bool,
+        together: Option<Path>,
         (nh, nkv, hd): (usize, usize, usize),
         (first, m): (usize, usize),
         seed: u64,
@@ -588,7 +460,7 @@ mod tests {
         let (keys, layout) = cache((nkv, hd, last), seed + 1, Some(3));
         let (values, _) = cache((nkv, hd, last), seed + 2, Some(3));
         let mut out = vec![f32::NAN; m * width];
-        if together {
+        if let Some(path) = together {
             let rows = QueryRows {
                 q: &q,
                 stride,
@@ -596,14 +468,14 @@ mod tests {
                 first_pos: first,
             };
             let mut scores = Vec::new();
-            attend_rows(
+            let heads = (nh, nkv, hd);
+            attend_rows_on(
+                path,
                 rows,
                 &keys,
                 &values,
                 layout,
-                nh,
-                nkv,
-                hd,
+                heads,
                 &mut scores,
                 &mut out,
             );
@@ -636,10 +508,10 @@ mod tests {
             m in 1usize..20, seed: u64,
         ) {
             let heads = (kv * group, kv, 16 * chunks);
-            prop_assert_eq!(
-                run_rows(true, heads, (first, m), seed),
-                run_rows(false, heads, (first, m), seed)
-            );
+            let alone = run_rows(None, heads, (first, m), seed);
+            for path in Path::usable(heads.2, group) {
+                prop_assert_eq!(&run_rows(Some(path), heads, (first, m), seed), &alone, "{:?}", path);
+            }
         }
 
         #[test]
@@ -680,14 +552,17 @@ mod tests {
             let widen = |v: &[half::f16]| -> Vec<f32> { v.iter().map(|x| x.to_f32()).collect() };
             let (k32, v32) = (widen(&k16), widen(&v16));
             let rows = QueryRows { q: &q, stride: width, rows: m, first_pos: pos };
-            let (mut a, mut b) = (vec![f32::NAN; m * width], vec![f32::NAN; m * width]);
-            attend_rows(rows, &k16, &v16, layout, nh, nkv, hd, &mut Vec::new(), &mut a);
+            let mut b = vec![f32::NAN; m * width];
             for (i, o) in b.chunks_exact_mut(width).enumerate() {
                 let qi = &q[i * width..(i + 1) * width];
                 attend_reference(qi, &k32, &v32, layout, pos + i, nh, nkv, hd, &mut Vec::new(), o);
             }
             let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
-            prop_assert_eq!(bits(&a), bits(&b));
+            for path in Path::usable(hd, group) {
+                let mut a = vec![f32::NAN; m * width];
+                attend_rows_on(path, rows, &k16, &v16, layout, (nh, nkv, hd), &mut Vec::new(), &mut a);
+                prop_assert_eq!(bits(&a), bits(&b), "{:?}", path);
+            }
             let mut c = vec![f32::NAN; width];
             attend_reference(&q[..width], &k16, &v16, layout, pos, nh, nkv, hd, &mut Vec::new(), &mut c);
             prop_assert_eq!(bits(&c), bits(&b[..width]));
