@@ -1,5 +1,6 @@
 //! Cost of the draft model's integer matmuls ([`amusd_model::qkernels`]) at the model's real shapes,
-//! side by side with candle's single-row `QMatMul` (m = 1), which the draft used before.
+//! on every SIMD path this CPU has, side by side with candle's single-row `QMatMul` (m = 1), which
+//! the draft used before.
 //!
 //! `RAYON_NUM_THREADS=1 nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`
 //! prints the median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the
@@ -8,7 +9,7 @@
 
 use std::time::Instant;
 
-use amusd_model::qkernels::{matmul_int, IntPacked, Path};
+use amusd_model::qkernels::{matmul_int_on, IntPacked, Path};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 
@@ -103,57 +104,72 @@ fn main() {
     let shapes: Vec<String> = std::env::var("AMUSD_BENCH_SHAPES")
         .map(|s| s.split(',').map(String::from).collect())
         .unwrap_or_default();
-    println!(
-        "path {:?}, {reps} samples; ms per call (GB/s of weight bytes)",
-        Path::detect()
-    );
-    print!("{:<6} {:>12}", "dtype", "n x k");
+    let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2]
+        .into_iter()
+        .filter(|p| p.available())
+        .collect();
+    println!("paths {paths:?}, {reps} samples; ms per call (GB/s of weight bytes)");
+    print!("{:<6} {:>12} {:<10}", "dtype", "n x k", "path");
     for m in MS {
         print!(" {:>16}", format!("m={m}"));
     }
     println!(" {:>16}", "candle m=1");
     for dtype in dtypes {
-        let mut layer = [0f64; MS.len()];
-        let mut measured = 0;
-        for (n, k) in SHAPES {
-            if !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
-                continue;
-            }
-            let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
-            let q = QTensor::quantize(&wt, dtype).expect("quantize");
-            let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
-            let gb = w.bytes() as f64 / 1e9;
-            print!(
-                "{:<6} {:>12}",
-                format!("{dtype:?}").to_lowercase(),
-                format!("{n}x{k}")
-            );
-            let in_layer = LAYER.contains(&(n, k));
-            measured += usize::from(in_layer);
-            for (c, m) in MS.into_iter().enumerate() {
-                let x = values(m * k, 2);
-                let mut y = vec![0f32; m * n];
-                let s = time(if m > 8 { reps.div_ceil(3) } else { reps }, || {
-                    matmul_int(&x, m, &w, &mut y)
-                });
-                print!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
-                if in_layer {
-                    layer[c] += s;
-                }
-            }
-            let mm = QMatMul::QTensor(std::sync::Arc::new(q));
-            let x = Tensor::from_vec(values(k, 2), (1, k), &Device::Cpu).expect("tensor");
-            let s = time(reps, || {
-                mm.forward(&x).expect("candle matmul");
+        for &path in &paths {
+            shapes_on(path, dtype, reps, &shapes);
+        }
+    }
+}
+
+/// Every shape (or those `AMUSD_BENCH_SHAPES` names) of `dtype` through `path`, and the sum over one
+/// forward's layers.
+fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
+    let mut layer = [0f64; MS.len()];
+    let mut measured = 0;
+    for (n, k) in SHAPES {
+        if !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
+            continue;
+        }
+        let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&wt, dtype).expect("quantize");
+        let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
+        let gb = w.bytes() as f64 / 1e9;
+        print!(
+            "{:<6} {:>12} {:<10}",
+            format!("{dtype:?}").to_lowercase(),
+            format!("{n}x{k}"),
+            format!("{path:?}")
+        );
+        let in_layer = LAYER.contains(&(n, k));
+        measured += usize::from(in_layer);
+        for (c, m) in MS.into_iter().enumerate() {
+            let x = values(m * k, 2);
+            let mut y = vec![0f32; m * n];
+            let s = time(if m > 8 { reps.div_ceil(3) } else { reps }, || {
+                matmul_int_on(path, &x, m, &w, &mut y)
             });
-            println!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
-        }
-        if measured == LAYER.len() {
-            print!("{:<6} {:>12}", "", format!("{LAYERS} layers"));
-            for t in layer {
-                print!(" {:>16}", format!("{:.2}", t * LAYERS as f64 * 1e3));
+            print!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
+            if in_layer {
+                layer[c] += s;
             }
-            println!("   (the matmuls of one forward, weights in cache; without the head)");
         }
+        let mm = QMatMul::QTensor(std::sync::Arc::new(q));
+        let x = Tensor::from_vec(values(k, 2), (1, k), &Device::Cpu).expect("tensor");
+        let s = time(reps, || {
+            mm.forward(&x).expect("candle matmul");
+        });
+        println!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
+    }
+    if measured == LAYER.len() {
+        print!(
+            "{:<6} {:>12} {:<10}",
+            "",
+            format!("{LAYERS} layers"),
+            format!("{path:?}")
+        );
+        for t in layer {
+            print!(" {:>16}", format!("{:.2}", t * LAYERS as f64 * 1e3));
+        }
+        println!("   (the matmuls of one forward, weights in cache; without the head)");
     }
 }
