@@ -5,7 +5,9 @@
 //! `RAYON_NUM_THREADS=1 nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`
 //! prints the median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the
 //! samples (`AMUSD_BENCH_STAT=min`: the fastest;
-//! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes.
+//! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes,
+//! `AMUSD_BENCH_COPIES=N` cycles our kernels through N copies of each matrix (the uncached case;
+//! candle's column stays on one).
 
 use std::time::Instant;
 
@@ -124,6 +126,11 @@ fn main() {
 /// Every shape (or those `AMUSD_BENCH_SHAPES` names) of `dtype` through `path`, and the sum over one
 /// forward's layers.
 fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
+    let copies: usize = std::env::var("AMUSD_BENCH_COPIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
     let mut layer = [0f64; MS.len()];
     let mut measured = 0;
     for (n, k) in SHAPES {
@@ -133,6 +140,9 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
         let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&wt, dtype).expect("quantize");
         let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
+        // `AMUSD_BENCH_COPIES=N`: cycle through N copies, so that with enough of them nothing
+        // stays cached (a decoding forward streams its weights from memory).
+        let copies: Vec<IntPacked> = (0..copies).map(|_| w.clone()).collect();
         let gb = w.bytes() as f64 / 1e9;
         print!(
             "{:<6} {:>12} {:<10}",
@@ -146,8 +156,10 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
             let x = values(m * k, 2);
             let mut y = vec![0f32; m * n];
             let s = time(if m > 8 { reps.div_ceil(3) } else { reps }, || {
-                matmul_int_on(path, &x, m, &w, &mut y)
-            });
+                for w in &copies {
+                    matmul_int_on(path, &x, m, w, &mut y)
+                }
+            }) / copies.len() as f64;
             print!(" {:>16}", format!("{:.3} ({:.1})", s * 1e3, gb / s));
             if in_layer {
                 layer[c] += s;

@@ -14,11 +14,12 @@
 //! feeds a panel's sixteen rows), AVX2 (`maddubs + madd`), portable. Both SIMD paths form the same
 //! exact integer sums, so the bits never depend on the CPU.
 //!
-//! Cost, one row (decoding), one core of the Xeon this was written on (`examples`-style probe over
-//! `matmul_int_on`, best of 30): q4_1 gate/up (3072 x 576) in cache 99 us with AVX2, 25 us with VNNI;
-//! forty copies (too many for L2) 75 -> 48 us; q8_0 168 -> 78 us. A 64-row batch (prefill) 1.4x
-//! faster with VNNI. On Zen 3 (AVX2 only) one row ran at 13-30 GB/s of weights against 3-8 GB/s for
-//! candle's one-row path.
+//! Cost on one core of a 2-core AVX-512 Xeon VM (`AMUSD_BENCH_COPIES=100 AMUSD_BENCH_SHAPES=3072x576
+//! taskset -c 1 cargo bench -p amusd-model --bench qkernels -- q4_1`, 100 copies of the gate/up so
+//! nothing stays cached, at 2a0b11c): one row 11.6 GB/s with VNNI against 10.2 with AVX2 (the
+//! probe in `benches/forward.rs` reads 11.5-13.4 GB/s on that VM: decoding is at the bandwidth);
+//! 4 / 8 / 200 rows 1.4x / 1.5x / 1.5x faster with VNNI. On Zen 3 (AVX2 only) one row ran at
+//! 13-30 GB/s of weights against 3-8 GB/s for candle's one-row path.
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
