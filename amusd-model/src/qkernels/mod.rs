@@ -16,7 +16,7 @@
 //!
 //! Cost on one core of a 2-core AVX-512 Xeon VM (`AMUSD_BENCH_COPIES=100 AMUSD_BENCH_SHAPES=3072x576
 //! taskset -c 1 cargo bench -p amusd-model --bench qkernels -- q4_1`, 100 copies of the gate/up so
-//! nothing stays cached, at 2a0b11c): one row 11.6 GB/s with VNNI against 10.2 with AVX2 (the
+//! nothing stays cached, at 02b9ba6): one row 11.6 GB/s with VNNI against 10.2 with AVX2 (the
 //! probe in `benches/forward.rs` reads 11.5-13.4 GB/s on that VM: decoding is at the bandwidth);
 //! 4 / 8 / 200 rows 1.4x / 1.5x / 1.5x faster with VNNI. On Zen 3 (AVX2 only) one row ran at
 //! 13-30 GB/s of weights against 3-8 GB/s for candle's one-row path.
