@@ -5,9 +5,6 @@
 use super::*;
 use std::arch::x86_64::*;
 
-/// Groups ahead to prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
-const PREFETCH_GROUPS: usize = 2;
-
 fn check() {
     assert!(
         Isa::Avx2.supported(),
@@ -224,18 +221,6 @@ unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32]
             }
         }
     }
-}
-
-const fn scale_bytes<const OFF: bool>() -> usize {
-    if OFF {
-        4 * PANEL
-    } else {
-        2 * PANEL
-    }
-}
-
-const fn group_bytes<const NIB: bool, const OFF: bool>() -> usize {
-    scale_bytes::<OFF>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
 }
 
 /// The scales (and offsets) of columns `col .. col + 8` of the group at `base`.

@@ -8,9 +8,6 @@
 use super::*;
 use std::arch::x86_64::*;
 
-/// Groups ahead to prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
-const PREFETCH_GROUPS: usize = 2;
-
 /// Outputs per vector.
 const LANES: usize = 16;
 
@@ -224,18 +221,6 @@ unsafe fn tile<const R: usize>(x: &[f32], k: usize, wide: &[f32], acc: &mut [f32
             _mm512_storeu_ps(a.add(r * PANEL + LANES * v), s[r][v]);
         }
     }
-}
-
-const fn scale_bytes<const OFF: bool>() -> usize {
-    if OFF {
-        4 * PANEL
-    } else {
-        2 * PANEL
-    }
-}
-
-const fn group_bytes<const NIB: bool, const OFF: bool>() -> usize {
-    scale_bytes::<OFF>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
 }
 
 /// The scales (and offsets) of columns `col .. col + 16` of the group at `base`.

@@ -518,6 +518,26 @@ mod portable {
     }
 }
 
+/// Groups ahead the SIMD paths prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_GROUPS: usize = 2;
+
+/// [`BlockKind::group_bytes`]'s scale part as a constant of the SIMD kernels' type parameters.
+#[cfg(target_arch = "x86_64")]
+const fn scale_bytes<const OFF: bool>() -> usize {
+    if OFF {
+        4 * PANEL
+    } else {
+        2 * PANEL
+    }
+}
+
+/// [`BlockKind::group_bytes`] as a constant of the SIMD kernels' type parameters.
+#[cfg(target_arch = "x86_64")]
+const fn group_bytes<const NIB: bool, const OFF: bool>() -> usize {
+    scale_bytes::<OFF>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]

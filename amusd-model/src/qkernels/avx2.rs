@@ -3,19 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
-
-/// How far ahead of the bytes being multiplied the kernels prefetch. Panels lie one after the
-/// other, so this runs into the next panel, which is read next.
-const PREFETCH_BYTES: usize = 4096;
-
-/// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
-/// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn prefetch(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
-}
+use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
 
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `a` must hold `m` rows of `w.cols()` values and `y`

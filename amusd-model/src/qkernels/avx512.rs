@@ -9,18 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
-
-/// How far ahead of the bytes being multiplied the kernels prefetch (as in the AVX2 path).
-const PREFETCH_BYTES: usize = 4096;
-
-/// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
-/// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn prefetch(p: *const u8) {
-    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast());
-}
+use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
 
 /// # Safety
 /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `a` must hold `m` rows of `w.cols()`

@@ -493,6 +493,21 @@ unsafe fn tiled(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32], kernel: T
     }
 }
 
+/// How far ahead of the bytes being multiplied the SIMD kernels prefetch. Panels lie one after the
+/// other, so this runs into the next panel, which is read next.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 4096;
+
+/// Prefetches the cache line `PREFETCH_BYTES` past `p`. A prefetch never faults, so running past
+/// the matrix's end is harmless; `wrapping_add` keeps the pointer arithmetic defined.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES).cast()) }
+}
+
 /// The activation rows of one tile: where their quants and per-block values start.
 #[cfg(target_arch = "x86_64")]
 struct Tile<const T: usize> {
