@@ -140,9 +140,7 @@ pub fn attend_rows<T: KvElem>(
     out: &mut [f32],
 ) {
     let heads = (n_heads, n_kv_heads, head_dim);
-    let path = *Path::usable(head_dim, n_heads / n_kv_heads.max(1))
-        .last()
-        .expect("the reference always runs");
+    let path = Path::best(head_dim, n_heads / n_kv_heads.max(1));
     attend_rows_on(path, rows, keys, values, layout, heads, scores, out)
 }
 
@@ -157,23 +155,46 @@ enum Path {
 }
 
 impl Path {
-    /// The paths that take heads of `head_dim` in groups of `group` on this CPU, slowest first.
-    fn usable(head_dim: usize, group: usize) -> Vec<Self> {
-        let mut v = vec![Self::Reference];
+    /// Whether this path takes heads of `head_dim` in groups of `group` on this CPU.
+    fn runs(self, head_dim: usize, group: usize) -> bool {
+        match self {
+            Self::Reference => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => simd::usable::<simd::Avx2>(head_dim, group),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => simd::usable::<simd::Avx512>(head_dim, group),
+        }
+    }
+
+    /// The fastest path that [`Self::runs`] the shape (checked per call, without allocating: std
+    /// caches the feature detection).
+    fn best(head_dim: usize, group: usize) -> Self {
         #[cfg(target_arch = "x86_64")]
-        {
-            if simd::usable::<simd::Avx2>(head_dim, group) {
-                v.push(Self::Avx2);
-            }
-            if simd::usable::<simd::Avx512>(head_dim, group) {
-                v.push(Self::Avx512);
+        for path in [Self::Avx512, Self::Avx2] {
+            if path.runs(head_dim, group) {
+                return path;
             }
         }
-        v
+        Self::Reference
+    }
+
+    /// Every path that runs the shape, slowest first (tests run them all).
+    #[cfg(test)]
+    fn usable(head_dim: usize, group: usize) -> Vec<Self> {
+        let all = [
+            Self::Reference,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512,
+        ];
+        all.into_iter()
+            .filter(|p| p.runs(head_dim, group))
+            .collect()
     }
 }
 
-/// [`attend_rows`] on `path`, which must be one of [`Path::usable`] for the shape.
+/// [`attend_rows`] on `path`, which must run the shape ([`Path::runs`]).
 #[allow(clippy::too_many_arguments)]
 fn attend_rows_on<T: KvElem>(
     path: Path,
@@ -190,7 +211,7 @@ fn attend_rows_on<T: KvElem>(
         out.len() >= rows.rows * width,
         "attention output shorter than its rows"
     );
-    assert!(Path::usable(head_dim, n_heads / n_kv_heads.max(1)).contains(&path));
+    assert!(path.runs(head_dim, n_heads / n_kv_heads.max(1)));
     if path == Path::Reference {
         for i in 0..rows.rows {
             let (q, o) = (rows.row(i, width), &mut out[i * width..(i + 1) * width]);
@@ -209,7 +230,7 @@ fn attend_rows_on<T: KvElem>(
         for i in 0..tile.rows {
             shape.check(tile.row(i, width), keys, values, &out[i * width..]);
         }
-        // SAFETY: `path` is usable (asserted): the CPU has its features and the shape is one the
+        // SAFETY: `path` runs the shape (asserted): the CPU has its features and the shape is one the
         // path takes; `check` asserted that every row's query and output, and the cache up to the
         // tile's last position, are as long as the shape needs.
         #[cfg(target_arch = "x86_64")]

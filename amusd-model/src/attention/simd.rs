@@ -163,6 +163,7 @@ unsafe fn group_scores<T: KvElem, W: Width>(
 ) {
     let (hd, n_max, group) = (shape.head_dim, shape.pos + 1, shape.group);
     let len = |i: usize| rows.first_pos + i + 1;
+    let scale = _mm_set1_ps(shape.scale);
     for t in (0..n_max / 4 * 4).step_by(4) {
         let k = keys.as_ptr().add(shape.kv_offset(t, first));
         for i in (0..rows.rows).filter(|&i| t + 4 <= len(i)) {
@@ -171,7 +172,7 @@ unsafe fn group_scores<T: KvElem, W: Width>(
                 let qh = q.add((first + g) * hd);
                 let four = W::dot4(qh, k, shape.pos_stride, hd);
                 let at = scores.as_mut_ptr().add((i * group + g) * n_max + t);
-                _mm_storeu_ps(at, _mm_mul_ps(four, _mm_set1_ps(shape.scale)));
+                _mm_storeu_ps(at, _mm_mul_ps(four, scale));
             }
         }
     }

@@ -337,11 +337,12 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU supports, detected at run time.
+    /// The best this CPU supports, detected at run time (per call, without allocating).
     pub fn detect() -> Self {
-        *Self::available()
-            .last()
-            .expect("portable is always available")
+        [Self::Avx512, Self::Avx2]
+            .into_iter()
+            .find(|isa| isa.supported())
+            .unwrap_or(Self::Portable)
     }
 
     /// Every instruction set this CPU can run, slowest first (tests run them all).
