@@ -68,7 +68,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 5)]
     pub lookahead: usize,
     /// amusd: how far the draft may run ahead of the verified tokens.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = amusd_spec::worker::DEFAULT_MAX_LOOKAHEAD)]
     pub max_lookahead: usize,
     /// amusd: most draft tokens one verify forward checks.
     #[arg(long, default_value_t = 16)]

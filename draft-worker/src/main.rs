@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Most tokens drafted beyond the committed length.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = amusd_proc::DEFAULT_MAX_LOOKAHEAD)]
     max_lookahead: usize,
     /// Prompt lookup ahead of the model, with suffixes of MIN to MAX tokens (a model
     /// `lookup[:MIN-MAX]` drafts with the lookup alone instead).
