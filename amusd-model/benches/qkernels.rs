@@ -106,9 +106,15 @@ fn main() {
     let shapes: Vec<String> = std::env::var("AMUSD_BENCH_SHAPES")
         .map(|s| s.split(',').map(String::from).collect())
         .unwrap_or_default();
-    let paths: Vec<Path> = [Path::Avx512Vnni, Path::Avx2]
+    let copies: usize = std::env::var("AMUSD_BENCH_COPIES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1usize)
+        .max(1);
+    let paths: Vec<Path> = Path::ALL
         .into_iter()
-        .filter(|p| p.available())
+        .rev()
+        .filter(|&p| p != Path::Portable && p.available())
         .collect();
     println!("paths {paths:?}, {reps} samples; ms per call (GB/s of weight bytes)");
     print!("{:<6} {:>12} {:<10}", "dtype", "n x k", "path");
@@ -118,19 +124,14 @@ fn main() {
     println!(" {:>16}", "candle m=1");
     for dtype in dtypes {
         for &path in &paths {
-            shapes_on(path, dtype, reps, &shapes);
+            shapes_on(path, dtype, reps, copies, &shapes);
         }
     }
 }
 
 /// Every shape (or those `AMUSD_BENCH_SHAPES` names) of `dtype` through `path`, and the sum over one
 /// forward's layers.
-fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
-    let copies: usize = std::env::var("AMUSD_BENCH_COPIES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1usize)
-        .max(1);
+fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &[String]) {
     let mut layer = [0f64; MS.len()];
     let mut measured = 0;
     for (n, k) in SHAPES {
@@ -182,6 +183,7 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, shapes: &[String]) {
         for t in layer {
             print!(" {:>16}", format!("{:.2}", t * LAYERS as f64 * 1e3));
         }
-        println!("   (the matmuls of one forward, weights in cache; without the head)");
+        let cached = if copies == 1 { "in cache" } else { "uncached" };
+        println!("   (the matmuls of one forward, weights {cached}; without the head)");
     }
 }

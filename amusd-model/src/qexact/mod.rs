@@ -337,17 +337,21 @@ pub enum Isa {
 }
 
 impl Isa {
+    /// Every instruction set, slowest first.
+    pub const ALL: [Self; 3] = [Self::Portable, Self::Avx2, Self::Avx512];
+
     /// The best this CPU supports, detected at run time (per call, without allocating).
     pub fn detect() -> Self {
-        [Self::Avx512, Self::Avx2]
+        Self::ALL
             .into_iter()
+            .rev()
             .find(|isa| isa.supported())
             .unwrap_or(Self::Portable)
     }
 
     /// Every instruction set this CPU can run, slowest first (tests run them all).
     pub fn available() -> Vec<Self> {
-        [Self::Portable, Self::Avx2, Self::Avx512]
+        Self::ALL
             .into_iter()
             .filter(|isa| isa.supported())
             .collect()

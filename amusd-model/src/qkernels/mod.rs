@@ -351,10 +351,14 @@ pub enum Path {
 }
 
 impl Path {
+    /// Every path, slowest first.
+    pub const ALL: [Self; 3] = [Self::Portable, Self::Avx2, Self::Avx512Vnni];
+
     /// The fastest path this CPU runs.
     pub fn detect() -> Self {
-        [Self::Avx512Vnni, Self::Avx2]
+        Self::ALL
             .into_iter()
+            .rev()
             .find(|p| p.available())
             .unwrap_or(Self::Portable)
     }
@@ -559,10 +563,7 @@ mod tests {
     }
 
     fn paths() -> Vec<Path> {
-        [Path::Portable, Path::Avx2, Path::Avx512Vnni]
-            .into_iter()
-            .filter(|p| p.available())
-            .collect()
+        Path::ALL.into_iter().filter(|p| p.available()).collect()
     }
 
     proptest! {
