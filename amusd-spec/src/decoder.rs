@@ -2,7 +2,7 @@
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
-use crate::lookup::{Lookup, NgramRange, Source};
+use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
 use crate::sampling::Sampler;
 use crate::SpecError;
 
@@ -239,7 +239,12 @@ impl<D: Decoder> Drafter<D> {
     /// and the model drafts the rest.
     /// `max_run` bounds one lookup run.
     pub fn with_lookup(mut self, range: NgramRange, alone: bool, max_run: usize) -> Self {
-        self.lookup = Some(Lookup::new(range, max_run));
+        let floor = if alone {
+            LookupGate::FLOOR_ALONE
+        } else {
+            LookupGate::FLOOR_CHECKED
+        };
+        self.lookup = Some(Lookup::new(range, floor, max_run));
         self.model = !alone;
         self
     }

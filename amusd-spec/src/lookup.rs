@@ -218,16 +218,19 @@ impl NgramIndex {
 /// How many lookup tokens to propose, from how the lookup's recent guesses fared: as many as its
 /// current streak of right guesses (so runs double while they are accepted: a run of k right
 /// tokens adds k to the streak) once the streak reaches [`Self::TRUST`], `floor` until then and
-/// again after a wrong guess.
+/// again after a wrong guess (never fewer than `floor`).
 ///
 /// Outside text that copies its context, n-gram matches are right about half the time; inside,
 /// they are right run after run. A streak tells the two apart, so long runs are tried only while
 /// the text copies. Every guess counts, proposed or not (the drafter records the lookup's guess
-/// where the model drafts), so the lookup comes back as soon as the text copies again. The floor
-/// is 1: alone, a guess is worth a verify slot; ahead of the model, the model checks the guess in
-/// the forward that drafts its own next token anyway (two positions cost ~1.1-1.3x one), so a
-/// right guess is a second token for little. A wrong run costs its width in that forward (k = 8
-/// costs ~2-3x k = 1 on the draft model), which is what the streak bounds.
+/// where the model drafts), so the lookup comes back as soon as the text copies again.
+///
+/// The floor depends on who checks a guess first. Alone ([`Self::FLOOR_ALONE`]), a guess is
+/// worth a verify slot and no more. Ahead of the model ([`Self::FLOOR_CHECKED`]), the model checks
+/// the guesses in the forward that drafts its own next token anyway: three positions cost the
+/// draft model ~1.3x one, so two right guesses are two more tokens for little, and they make the
+/// streak trusted at once. A wrong run costs its width in that forward (k = 8 costs ~2-3x k = 1
+/// on the draft model), which is what the streak bounds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupGate {
     streak: usize,
@@ -238,6 +241,12 @@ pub struct LookupGate {
 impl LookupGate {
     /// Right guesses in a row before the lookup's runs are trusted over the model.
     pub const TRUST: usize = 2;
+    /// The floor of a lookup drafting alone: its guesses go straight to the verify model.
+    pub const FLOOR_ALONE: usize = 1;
+    /// The floor of a lookup ahead of the draft model, which checks its guesses first (measured
+    /// against 1 and 3 on the refactor set, 20 samples x 256 tokens: the README's *Defaults,
+    /// measured*).
+    pub const FLOOR_CHECKED: usize = 2;
 
     pub fn new(floor: usize, max: usize) -> Self {
         Self {
@@ -249,11 +258,12 @@ impl LookupGate {
 
     /// Lookup tokens to propose now (0: the model drafts).
     pub fn cap(&self) -> usize {
-        if self.streak >= Self::TRUST {
-            self.streak.min(self.max)
+        let trusted = if self.streak >= Self::TRUST {
+            self.streak
         } else {
-            self.floor
-        }
+            0
+        };
+        trusted.max(self.floor).min(self.max)
     }
 
     /// A guess was checked against the committed token.
@@ -276,11 +286,12 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// `max_run`: the longest run proposed at once.
-    pub fn new(range: NgramRange, max_run: usize) -> Self {
+    /// `floor`: the lookup tokens proposed while the gate does not trust the lookup (see
+    /// [`LookupGate`]); `max_run`: the longest run proposed at once.
+    pub fn new(range: NgramRange, floor: usize, max_run: usize) -> Self {
         Self {
             index: NgramIndex::new(range),
-            gate: LookupGate::new(1, max_run),
+            gate: LookupGate::new(floor, max_run),
             guesses: Vec::new(),
             sources: Vec::new(),
         }
@@ -502,6 +513,16 @@ mod tests {
         assert_eq!(alone.cap(), 5);
         alone.observe(false);
         assert_eq!(alone.cap(), 1);
+        let mut checked = LookupGate::new(LookupGate::FLOOR_CHECKED, 8);
+        assert_eq!(checked.cap(), 2);
+        checked.observe(true);
+        assert_eq!(checked.cap(), 2, "the floor, until the streak passes it");
+        for _ in 0..2 {
+            checked.observe(true);
+        }
+        assert_eq!(checked.cap(), 3);
+        checked.observe(false);
+        assert_eq!(checked.cap(), 2, "a wrong guess drops back to the floor");
     }
 
     proptest! {

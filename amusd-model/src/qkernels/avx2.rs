@@ -5,11 +5,14 @@ use std::arch::x86_64::*;
 
 use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
 
+/// Activation rows per tile: what the registers hold (see [`super::TILE`]).
+const HEIGHT: usize = 4;
+
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `a` must hold `m` rows of `w.cols()` values and `y`
 /// `m * w.rows()` outputs.
 pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
-    tiled(a, m, w, y, tile_of)
+    tiled(a, m, w, y, tile_of, HEIGHT)
 }
 
 /// [`tile`] for `t` rows.

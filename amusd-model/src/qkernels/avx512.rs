@@ -11,11 +11,14 @@ use std::arch::x86_64::*;
 
 use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
 
+/// Activation rows per tile: what the registers hold (see [`super::TILE`]).
+const HEIGHT: usize = 8;
+
 /// # Safety
 /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `a` must hold `m` rows of `w.cols()`
 /// values and `y` `m * w.rows()` outputs.
 pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
-    tiled(a, m, w, y, tile_of)
+    tiled(a, m, w, y, tile_of, HEIGHT)
 }
 
 /// [`tile`] for `t` rows.
@@ -32,6 +35,10 @@ unsafe fn tile_of(
     out: &mut [[f32; ROWS]; TILE],
 ) {
     match t {
+        8 => tile::<8>(w, panel, a, i0, out),
+        7 => tile::<7>(w, panel, a, i0, out),
+        6 => tile::<6>(w, panel, a, i0, out),
+        5 => tile::<5>(w, panel, a, i0, out),
         4 => tile::<4>(w, panel, a, i0, out),
         3 => tile::<3>(w, panel, a, i0, out),
         2 => tile::<2>(w, panel, a, i0, out),
