@@ -19,7 +19,11 @@
 //! nothing stays cached, at 02b9ba6): one row 11.6 GB/s with VNNI against 10.2 with AVX2 (the
 //! probe in `benches/forward.rs` reads 11.5-13.4 GB/s on that VM: decoding is at the bandwidth);
 //! 4 / 8 / 200 rows 1.4x / 1.5x / 1.5x faster with VNNI. On Zen 3 (AVX2 only) one row ran at
-//! 13-30 GB/s of weights against 3-8 GB/s for candle's one-row path.
+//! 13-30 GB/s of weights against 3-8 GB/s for candle's one-row path. AVX-512 tiles of eight rows
+//! rather than four (commit d8c23c3; `AMUSD_BENCH_REPS=60 AMUSD_BENCH_STAT=min`, the two builds
+//! alternating three times on the shared VM, best of each): q4_1 gate/up 8 rows 0.122 -> 0.104 ms,
+//! 200 rows 3.20 -> 2.80; q4_1 down 0.084 -> 0.067, 1.99 -> 1.59; q4_0 gate/up 0.128 -> 0.118,
+//! 3.08 -> 2.87; one and four rows unchanged (the same tile).
 
 use candle_core::quantized::GgmlDType;
 use half::f16;
