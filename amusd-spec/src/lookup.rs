@@ -228,9 +228,9 @@ impl NgramIndex {
 /// The floor depends on who checks a guess first. Alone ([`Self::FLOOR_ALONE`]), a guess is
 /// worth a verify slot and no more. Ahead of the model ([`Self::FLOOR_CHECKED`]), the model checks
 /// the guesses in the forward that drafts its own next token anyway: three positions cost the
-/// draft model ~1.3x one, so two right guesses are two more tokens for little, and they make the
-/// streak trusted at once. A wrong run costs its width in that forward (k = 8 costs ~2-3x k = 1
-/// on the draft model), which is what the streak bounds.
+/// draft model ~1.3-1.4x one, so two right guesses are two more tokens for little, and they make
+/// the streak trusted at once. A wrong run costs its width in that forward (k = 8 costs ~2-3x
+/// k = 1 on the draft model), which is what the streak bounds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupGate {
     streak: usize,
