@@ -55,7 +55,8 @@ pub struct ModelArgs {
     #[arg(long, conflicts_with = "draft_lookup")]
     pub no_draft_lookup: bool,
     /// sd/amusd with prompt lookup: the longest lookup run proposed at once (runs grow with the
-    /// lookup's streak of right guesses up to this, and drop to one guess on a wrong one).
+    /// lookup's streak of right guesses up to this, and drop back on a wrong one: to two guesses
+    /// ahead of the draft model, to one when the lookup drafts alone).
     #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
     pub lookup_max_run: usize,
     /// Device of the verify model (and of the whole process for ar and sd).
