@@ -171,26 +171,25 @@ unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     }
 }
 
-pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) {
+/// # Safety
+/// `sums` holds `m` rows.
+pub unsafe fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], sums: SumRows) {
     check();
     assert!(x.len() >= (m - 1) * k + GROUP && wide.len() == GROUP * PANEL);
-    assert!(acc.len() == m * PANEL);
     let mut i = 0;
     while i < m {
         let r = (m - i).min(6);
-        let (xs, a) = (&x[i * k..], &mut acc[i * PANEL..(i + r) * PANEL]);
+        let (xs, a) = (&x[i * k..], sums.from(i));
         // SAFETY: the CPU has AVX2, FMA and F16C (checked); `tile` reads GROUP values of each
         // of its `r` rows of `x` (the last at (r - 1) k, inside `xs` by the assert above), all
-        // of `wide`, and reads and writes `r * PANEL` accumulators.
-        unsafe {
-            match r {
-                1 => tile::<1, 8>(xs, k, wide, a),
-                2 => tile::<2, 4>(xs, k, wide, a),
-                3 => tile::<3, 4>(xs, k, wide, a),
-                4 => tile::<4, 2>(xs, k, wide, a),
-                5 => tile::<5, 2>(xs, k, wide, a),
-                _ => tile::<6, 2>(xs, k, wide, a),
-            }
+        // of `wide`, and the sums of `r` rows (the caller's).
+        match r {
+            1 => tile::<1, 8>(xs, k, wide, a),
+            2 => tile::<2, 4>(xs, k, wide, a),
+            3 => tile::<3, 4>(xs, k, wide, a),
+            4 => tile::<4, 2>(xs, k, wide, a),
+            5 => tile::<5, 2>(xs, k, wide, a),
+            _ => tile::<6, 2>(xs, k, wide, a),
         }
         i += r;
     }
@@ -199,11 +198,14 @@ pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) 
 /// `R` rows over the widened group, in strips of `8 V` columns: 16 vector registers hold at
 /// most 12 accumulators besides the weights and a broadcast.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32], acc: &mut [f32]) {
-    let (w, a) = (wide.as_ptr(), acc.as_mut_ptr());
+unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32], sums: SumRows) {
+    let w = wide.as_ptr();
     for col in (0..PANEL).step_by(8 * V) {
         let mut s: [[__m256; V]; R] = std::array::from_fn(|r| {
-            std::array::from_fn(|v| _mm256_loadu_ps(a.add(r * PANEL + col + 8 * v)))
+            std::array::from_fn(|v| match sums.fresh {
+                true => _mm256_setzero_ps(),
+                false => _mm256_loadu_ps(sums.src.add(r * PANEL + col + 8 * v)),
+            })
         });
         for t in 0..GROUP {
             let wt: [__m256; V] =
@@ -217,7 +219,7 @@ unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32]
         }
         for r in 0..R {
             for v in 0..V {
-                _mm256_storeu_ps(a.add(r * PANEL + col + 8 * v), s[r][v]);
+                _mm256_storeu_ps(sums.dst.add(r * sums.stride + col + 8 * v), s[r][v]);
             }
         }
     }

@@ -172,26 +172,25 @@ unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     }
 }
 
-pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) {
+/// # Safety
+/// `sums` holds `m` rows.
+pub unsafe fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], sums: SumRows) {
     check();
     assert!(x.len() >= (m - 1) * k + GROUP && wide.len() == GROUP * PANEL);
-    assert!(acc.len() == m * PANEL);
     let mut i = 0;
     while i < m {
         let r = (m - i).min(6);
-        let (xs, a) = (&x[i * k..], &mut acc[i * PANEL..(i + r) * PANEL]);
+        let (xs, a) = (&x[i * k..], sums.from(i));
         // SAFETY: the CPU has AVX512F (checked); `tile` reads GROUP values of each of its `r`
         // rows of `x` (the last at (r - 1) k, inside `xs` by the assert above), all of `wide`,
-        // and reads and writes `r * PANEL` accumulators.
-        unsafe {
-            match r {
-                1 => tile::<1>(xs, k, wide, a),
-                2 => tile::<2>(xs, k, wide, a),
-                3 => tile::<3>(xs, k, wide, a),
-                4 => tile::<4>(xs, k, wide, a),
-                5 => tile::<5>(xs, k, wide, a),
-                _ => tile::<6>(xs, k, wide, a),
-            }
+        // and the sums of `r` rows (the caller's).
+        match r {
+            1 => tile::<1>(xs, k, wide, a),
+            2 => tile::<2>(xs, k, wide, a),
+            3 => tile::<3>(xs, k, wide, a),
+            4 => tile::<4>(xs, k, wide, a),
+            5 => tile::<5>(xs, k, wide, a),
+            _ => tile::<6>(xs, k, wide, a),
         }
         i += r;
     }
@@ -200,11 +199,14 @@ pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) 
 /// `R` rows over the widened group, the whole panel at once: 24 accumulators and the step's four
 /// weight vectors fit the 32 registers.
 #[target_feature(enable = "avx512f")]
-unsafe fn tile<const R: usize>(x: &[f32], k: usize, wide: &[f32], acc: &mut [f32]) {
+unsafe fn tile<const R: usize>(x: &[f32], k: usize, wide: &[f32], sums: SumRows) {
     const V: usize = PANEL / LANES;
-    let (w, a) = (wide.as_ptr(), acc.as_mut_ptr());
+    let w = wide.as_ptr();
     let mut s: [[__m512; V]; R] = std::array::from_fn(|r| {
-        std::array::from_fn(|v| _mm512_loadu_ps(a.add(r * PANEL + LANES * v)))
+        std::array::from_fn(|v| match sums.fresh {
+            true => _mm512_setzero_ps(),
+            false => _mm512_loadu_ps(sums.src.add(r * PANEL + LANES * v)),
+        })
     });
     for t in 0..GROUP {
         let wt: [__m512; V] =
@@ -218,7 +220,7 @@ unsafe fn tile<const R: usize>(x: &[f32], k: usize, wide: &[f32], acc: &mut [f32
     }
     for r in 0..R {
         for v in 0..V {
-            _mm512_storeu_ps(a.add(r * PANEL + LANES * v), s[r][v]);
+            _mm512_storeu_ps(sums.dst.add(r * sums.stride + LANES * v), s[r][v]);
         }
     }
 }

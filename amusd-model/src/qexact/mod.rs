@@ -413,18 +413,84 @@ pub fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) 
     let rows: Vec<&[f32]> = x[..m * k].chunks_exact(k).collect();
     for b in 0..n.div_ceil(PANEL) {
         let (panel, j0) = (w.panel(b), b * PANEL);
+        let cols = (n - j0).min(PANEL);
         if m < isa.widen_once_rows() {
             direct(isa, w.kind, &rows, panel, &mut acc);
         } else {
-            acc.fill(0.0);
-            for g in 0..k / GROUP {
+            let groups = k / GROUP;
+            for g in 0..groups {
                 widen_group(isa, w.kind, &panel[g * w.kind.group_bytes()..], &mut wide);
-                gemm_group(isa, &x[g * GROUP..], m, k, &wide, &mut acc);
+                // A whole panel's last group leaves its sums in `y` itself.
+                let out = (g + 1 == groups && cols == PANEL).then(|| (&mut y[j0..], n));
+                let sums = Sums {
+                    acc: &mut acc,
+                    fresh: g == 0,
+                    out,
+                };
+                gemm_group(isa, &x[g * GROUP..], m, k, &wide, sums);
+            }
+            if cols == PANEL {
+                continue;
             }
         }
-        let cols = (n - j0).min(PANEL);
         for (i, a) in acc.chunks_exact(PANEL).enumerate() {
             y[i * n + j0..i * n + j0 + cols].copy_from_slice(&a[..cols]);
+        }
+    }
+}
+
+/// One group's running sums in [`gemm_group`]: row `i`'s `PANEL` sums are read from
+/// `acc[i * PANEL..]`, or start from zero when `fresh` (a panel's first group), and are written
+/// back there, or with `out = (rows, stride)` to `rows[i * stride..]` (a whole panel's last group,
+/// straight into the output rather than through `acc` and a copy). Sums stored as f32 reload
+/// exactly, so each output stays one FMA chain in order.
+struct Sums<'a> {
+    acc: &'a mut [f32],
+    fresh: bool,
+    out: Option<(&'a mut [f32], usize)>,
+}
+
+impl Sums<'_> {
+    /// The rows of `m` sums, checked.
+    fn rows(&mut self, m: usize) -> SumRows {
+        assert!(self.acc.len() == m * PANEL, "gemm_group accumulators");
+        let acc = self.acc.as_mut_ptr();
+        let (dst, stride) = match &mut self.out {
+            Some((rows, stride)) => {
+                assert!(*stride >= PANEL && rows.len() >= (m - 1) * *stride + PANEL);
+                (rows.as_mut_ptr(), *stride)
+            }
+            None => (acc, PANEL),
+        };
+        SumRows {
+            src: acc.cast_const(),
+            dst,
+            stride,
+            fresh: self.fresh,
+        }
+    }
+}
+
+/// [`Sums`] as the kernels take them: row `r`'s sums are read at `src + r * PANEL` (unless
+/// `fresh`) and written at `dst + r * stride`; the two alias only as the same rows.
+#[derive(Clone, Copy)]
+struct SumRows {
+    src: *const f32,
+    dst: *mut f32,
+    stride: usize,
+    fresh: bool,
+}
+
+impl SumRows {
+    /// The rows from row `r` on.
+    ///
+    /// # Safety
+    /// Row `r` exists.
+    unsafe fn from(self, r: usize) -> Self {
+        Self {
+            src: self.src.add(r * PANEL),
+            dst: self.dst.add(r * self.stride),
+            ..self
         }
     }
 }
@@ -461,20 +527,25 @@ fn widen_group(isa: Isa, kind: BlockKind, group: &[u8], wide: &mut [f32]) {
     }
 }
 
-/// `acc[i][c] += x[i][t] * wide[t][c]` over the group's steps `t` in order, one FMA each, for
+/// `sums[i][c] += x[i][t] * wide[t][c]` over the group's steps `t` in order, one FMA each, for
 /// every row `i < m` (row `i` of `x` starts at `x[i * k]`).
-fn gemm_group(isa: Isa, x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) {
+fn gemm_group(isa: Isa, x: &[f32], m: usize, k: usize, wide: &[f32], mut sums: Sums) {
     assert!(x.len() >= (m - 1) * k + GROUP && wide.len() == GROUP * PANEL);
-    assert!(acc.len() == m * PANEL);
-    match isa {
-        Isa::Portable => portable::gemm_group(x, m, k, wide, acc),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::gemm_group(x, m, k, wide, acc),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::gemm_group(x, m, k, wide, acc),
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => {
-            unreachable!("x86 instruction sets are never detected elsewhere")
+    let rows = sums.rows(m);
+    // SAFETY: `rows` asserted that its source holds `m * PANEL` sums and that its destination has
+    // `PANEL` values at each of `m` rows `stride` apart; `x` and `wide` are as long as the tiles
+    // read (asserted above).
+    unsafe {
+        match isa {
+            Isa::Portable => portable::gemm_group(x, m, k, wide, rows),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::gemm_group(x, m, k, wide, rows),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::gemm_group(x, m, k, wide, rows),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => {
+                unreachable!("x86 instruction sets are never detected elsewhere")
+            }
         }
     }
 }
@@ -490,7 +561,15 @@ mod portable {
         for (g, group) in panel.chunks_exact(kind.group_bytes()).enumerate() {
             widen_group(kind, group, &mut wide);
             for (x, o) in xs.iter().zip(out.chunks_exact_mut(PANEL)) {
-                gemm_group(&x[g * GROUP..], 1, 0, &wide, o);
+                // SAFETY: one row: `o` holds its PANEL sums, read and written in place.
+                let dst = o.as_mut_ptr();
+                let rows = SumRows {
+                    src: dst,
+                    dst,
+                    stride: PANEL,
+                    fresh: false,
+                };
+                unsafe { gemm_group(&x[g * GROUP..], 1, 0, &wide, rows) };
             }
         }
     }
@@ -511,14 +590,22 @@ mod portable {
         }
     }
 
-    pub fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], acc: &mut [f32]) {
-        for (i, a) in acc.chunks_exact_mut(PANEL).take(m).enumerate() {
+    /// # Safety
+    /// `sums` holds `m` rows.
+    pub unsafe fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], sums: SumRows) {
+        for i in 0..m {
+            let row = sums.from(i);
+            let mut a = [0f32; PANEL];
+            if !sums.fresh {
+                a.copy_from_slice(std::slice::from_raw_parts(row.src, PANEL));
+            }
             let xi = &x[i * k..i * k + GROUP];
             for (t, wt) in wide.chunks_exact(PANEL).enumerate() {
                 for (a, w) in a.iter_mut().zip(wt) {
                     *a = xi[t].mul_add(*w, *a);
                 }
             }
+            std::slice::from_raw_parts_mut(row.dst, PANEL).copy_from_slice(&a);
         }
     }
 }
