@@ -1,7 +1,7 @@
 //! The AVX-512 kernels (AVX512F): sixteen outputs per vector, so a panel is four vectors wide and
 //! each widening instruction serves twice the weights of the AVX2 path. The arithmetic is the
-//! AVX2 path's lane for lane (same conversions, same `fma(q, d, m)`, same chain order), so both
-//! give the portable reference's bits.
+//! AVX2 path's lane for lane (the same f32 values of the quants, looked up or converted; the same
+//! `fma(q, d, m)`; the same chain order), so both give the portable reference's bits.
 
 // Register tiles are indexed by row and vector; iterators would hide which register is which.
 #![allow(clippy::needless_range_loop)]
@@ -239,7 +239,11 @@ unsafe fn scales<const OFF: bool>(base: *const u8, col: usize) -> (__m512, __m51
     (scale, offset)
 }
 
-/// Two reduction steps of 16 columns from 16 bytes of nibble pairs at `q`, widened.
+/// Two reduction steps of 16 columns from 16 bytes of nibble pairs at `q`, widened. The low
+/// nibbles are looked up (`vpermps` reads an index's low four bits only, so it needs no mask, and
+/// the table holds each nibble less `BIAS` as f32: what converting the integer gives), the high
+/// ones shifted down and converted, or for a biased type looked up too; a lookup and a
+/// conversion run on different ports.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn nibble_pair<const OFF: bool, const BIAS: i32>(
@@ -247,17 +251,29 @@ unsafe fn nibble_pair<const OFF: bool, const BIAS: i32>(
     scale: __m512,
     offset: __m512,
 ) -> (__m512, __m512) {
+    let table = _mm512_loadu_ps(const { &nibble_values(BIAS) }.as_ptr());
     let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(q.cast()));
-    let mut lo = _mm512_and_si512(b, _mm512_set1_epi32(0x0F));
-    let mut hi = _mm512_srli_epi32::<4>(b);
-    if BIAS != 0 {
-        lo = _mm512_sub_epi32(lo, _mm512_set1_epi32(BIAS));
-        hi = _mm512_sub_epi32(hi, _mm512_set1_epi32(BIAS));
-    }
+    let hi = _mm512_srli_epi32::<4>(b);
+    let hi = if BIAS != 0 {
+        _mm512_permutexvar_ps(hi, table)
+    } else {
+        _mm512_cvtepi32_ps(hi)
+    };
     (
-        widen::<OFF>(lo, scale, offset),
-        widen::<OFF>(hi, scale, offset),
+        scaled::<OFF>(_mm512_permutexvar_ps(b, table), scale, offset),
+        scaled::<OFF>(hi, scale, offset),
     )
+}
+
+/// `n - bias` as f32 for each nibble `n`.
+const fn nibble_values(bias: i32) -> [f32; 16] {
+    let mut v = [0f32; 16];
+    let mut n = 0;
+    while n < 16 {
+        v[n] = (n as i32 - bias) as f32;
+        n += 1;
+    }
+    v
 }
 
 /// One reduction step of 16 columns from 16 signed bytes at `q`, widened.
@@ -268,12 +284,18 @@ unsafe fn byte<const OFF: bool>(q: *const u8, scale: __m512, offset: __m512) -> 
     widen::<OFF>(qi, scale, offset)
 }
 
-/// Integers `qi` times the scales, plus the offsets if the type has them. `q * d` is exact,
-/// so `fma(q, d, m)` is the once-rounded `q * d + m` (module doc of `qexact`).
+/// Integers `qi` times the scales, plus the offsets if the type has them.
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn widen<const OFF: bool>(qi: __m512i, scale: __m512, offset: __m512) -> __m512 {
-    let qf = _mm512_cvtepi32_ps(qi);
+    scaled::<OFF>(_mm512_cvtepi32_ps(qi), scale, offset)
+}
+
+/// `qf` (integers as f32) times the scales, plus the offsets if the type has them. `q * d` is
+/// exact, so `fma(q, d, m)` is the once-rounded `q * d + m` (module doc of `qexact`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn scaled<const OFF: bool>(qf: __m512, scale: __m512, offset: __m512) -> __m512 {
     if OFF {
         _mm512_fmadd_ps(qf, scale, offset)
     } else {
