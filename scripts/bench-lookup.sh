@@ -9,7 +9,8 @@
 #   scripts/bench-lookup.sh                                  # 20 samples, 256 tokens (~1.5 h idle)
 #   SAMPLES=5 MAX_NEW=128 DATASETS=refactor scripts/bench-lookup.sh    # a quick look
 #
-# Run it on an otherwise idle machine: strategies are timed one after the other on the same cores.
+# Run it on an otherwise idle machine: strategies take turns per sample on the same cores, but the
+# drafters run one after the other (compare each drafter's amusd with the ar beside it).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

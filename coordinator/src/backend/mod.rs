@@ -77,13 +77,4 @@ impl Backend {
             Self::Amusd(w) => w.generate(request, on_tokens),
         }
     }
-
-    /// The in-process models back, to serve the other in-process strategy (`bench` runs ar and sd
-    /// on one loaded verify model).
-    pub fn into_in_process(self) -> Option<InProcess> {
-        match self {
-            Self::Ar(p) | Self::Sd(p) => Some(p),
-            Self::Amusd(_) => None,
-        }
-    }
 }

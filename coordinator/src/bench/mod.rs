@@ -40,9 +40,11 @@
 //! # Measurement
 //!
 //! ar and sd run in this process, pinned to the verify device; amusd runs through one [`Workers`] backend whose
-//! two workers serve every sample. Each model is loaded once per bench. Strategies run one after the
-//! other (ar first: it is the reference for the exactness check), each after an untimed warm-up
-//! generation. Every strategy is timed by the same code ([`amusd_spec::Metrics`]): time to first token
+//! two workers serve every sample. Each model is loaded once per bench. After an untimed warm-up
+//! generation of each strategy, every sample goes through every strategy in turn (ar first: it is
+//! the reference for the exactness check), so a machine whose speed drifts during the run (a shared
+//! VM does, by 15% and more over minutes) slows all strategies alike and the ratios between them
+//! stay fair. Every strategy is timed by the same code ([`amusd_spec::Metrics`]): time to first token
 //! (prefill included) and decode ms/token after it.
 //!
 //! # Output

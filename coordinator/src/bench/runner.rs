@@ -1,5 +1,7 @@
-//! Running the strategies over the samples: models loaded once per strategy, ar first (the
-//! reference), every other output checked against ar's as it is produced.
+//! Running the strategies over the samples: models loaded once, each sample through every
+//! strategy in turn (ar first: the reference, every other output checked against ar's as it is
+//! produced), so a machine whose speed drifts over the run slows all strategies alike and the
+//! ratios between them stay fair.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -24,6 +26,7 @@ use crate::args::{sampling_label, ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, InProcess, Request, Trace, Workers};
 use crate::prompt::{encode_conversation, Texts};
 use crate::supervisor::INTERRUPTED;
+use amusd_model::DeviceSpec;
 
 /// A sample with its first prompt tokenized.
 pub(super) struct Prepared {
@@ -31,10 +34,10 @@ pub(super) struct Prepared {
     pub(super) first_prompt: Vec<u32>,
 }
 
-/// Everything one strategy produced.
+/// What one strategy produced for one sample.
 pub(super) struct Outcome {
     pub(super) records: Vec<Record>,
-    /// The trace of the plotted sample's first turn.
+    /// The trace of the plotted sample's first turn, if this is the plotted sample.
     pub(super) plot: Option<(Generation, Trace)>,
 }
 
@@ -77,17 +80,8 @@ impl RunContext<'_> {
         Ok((c.generation, c.trace))
     }
 
-    /// Runs every sample (every turn) through `backend`. Stops at the first error (or Ctrl-C),
-    /// keeping what was done in `done`.
-    pub(super) fn run_strategy(
-        &self,
-        backend: &mut Backend,
-        pb: &ProgressBar,
-        reference: &HashMap<(usize, usize), Vec<u32>>,
-        mismatches: &mut Vec<String>,
-        done: &mut Outcome,
-    ) -> Result<()> {
-        let strategy = backend.strategy();
+    /// The untimed warm-up generations on `backend`, before its first timed one.
+    pub(super) fn warm_up(&self, backend: &mut Backend) -> Result<()> {
         if let Some(first) = self.samples.first() {
             let warm = StopCriteria {
                 stop_ids: self.stop.stop_ids.clone(),
@@ -97,56 +91,69 @@ impl RunContext<'_> {
                 self.generate(backend, &first.first_prompt, &warm)?;
             }
         }
-        for (k, p) in self.samples.iter().enumerate() {
-            let s = &p.sample;
-            let mut conversation = s.conversation.clone();
-            for turn in 1..=s.follow_ups.len() + 1 {
-                let prompt = if turn == 1 {
-                    p.first_prompt.clone()
-                } else {
-                    self.encode(&conversation)?
-                };
-                let (g, trace) =
-                    self.generate(backend, &prompt, &self.stop)
-                        .with_context(|| {
-                            format!(
-                                "{} failed on sample {} ({})",
-                                strategy.name(),
-                                s.index,
-                                s.id
-                            )
-                        })?;
-                if INTERRUPTED.load(Ordering::SeqCst) {
-                    bail!("interrupted");
-                }
-                if let Some(want) = reference.get(&(s.index, turn)) {
-                    if let Some(m) = mismatch(strategy, s, turn, want, &g.tokens) {
-                        pb.suspend(|| eprintln!("amusd: {m}"));
-                        mismatches.push(m);
-                    }
-                }
-                if turn <= s.follow_ups.len() {
-                    let answer = self.text.tokenizer.decode(&g.tokens, true)?;
-                    conversation.push(Message::assistant(answer));
-                    conversation.push(Message::user(s.follow_ups[turn - 1].clone()));
-                }
-                done.records.push(
-                    Record::of(
-                        s,
-                        turn,
-                        strategy,
-                        &self.dataset,
-                        prompt.len(),
-                        &self.sampling,
-                        &g,
+        Ok(())
+    }
+
+    /// Runs sample `k` (every turn) through `backend`, keeping its records (and plot) in `done`.
+    /// Stops at the first error (or Ctrl-C).
+    pub(super) fn run_sample(
+        &self,
+        backend: &mut Backend,
+        k: usize,
+        pb: &ProgressBar,
+        reference: &HashMap<(usize, usize), Vec<u32>>,
+        mismatches: &mut Vec<String>,
+        done: &mut Outcome,
+    ) -> Result<()> {
+        let strategy = backend.strategy();
+        let p = &self.samples[k];
+        let s = &p.sample;
+        let mut conversation = s.conversation.clone();
+        for turn in 1..=s.follow_ups.len() + 1 {
+            let prompt = if turn == 1 {
+                p.first_prompt.clone()
+            } else {
+                self.encode(&conversation)?
+            };
+            let (g, trace) = self
+                .generate(backend, &prompt, &self.stop)
+                .with_context(|| {
+                    format!(
+                        "{} failed on sample {} ({})",
+                        strategy.name(),
+                        s.index,
+                        s.id
                     )
-                    .drafted_by(&self.drafter),
-                );
-                if turn == 1 && self.plot_sample == Some(k) {
-                    done.plot = Some((g, trace));
+                })?;
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                bail!("interrupted");
+            }
+            if let Some(want) = reference.get(&(s.index, turn)) {
+                if let Some(m) = mismatch(strategy, s, turn, want, &g.tokens) {
+                    pb.suspend(|| eprintln!("amusd: {m}"));
+                    mismatches.push(m);
                 }
             }
-            pb.inc(1);
+            if turn <= s.follow_ups.len() {
+                let answer = self.text.tokenizer.decode(&g.tokens, true)?;
+                conversation.push(Message::assistant(answer));
+                conversation.push(Message::user(s.follow_ups[turn - 1].clone()));
+            }
+            done.records.push(
+                Record::of(
+                    s,
+                    turn,
+                    strategy,
+                    &self.dataset,
+                    prompt.len(),
+                    &self.sampling,
+                    &g,
+                )
+                .drafted_by(&self.drafter),
+            );
+            if turn == 1 && self.plot_sample == Some(k) {
+                done.plot = Some((g, trace));
+            }
         }
         Ok(())
     }
@@ -231,12 +238,16 @@ pub(super) struct Models {
     pub(super) backends: Backends,
 }
 
-/// Where each strategy's backend comes from.
+/// Every strategy's backend, kept for the whole run: the in-process models, on which ar and sd
+/// take turns with this process bound to the verify core, and the amusd workers, started on first
+/// use and run with this process unbound.
 pub(super) struct Backends {
     verify_spec: String,
     draft_spec: Option<String>,
+    verify_device: DeviceSpec,
     /// ar and sd, in this process, sharing one verify model.
     in_process: Option<InProcess>,
+    workers: Option<Workers>,
     /// The affinity before binding to the verify core, given back to the amusd coordinator.
     saved_affinity: Option<SavedAffinity>,
 }
@@ -280,7 +291,9 @@ impl Models {
             backends: Backends {
                 verify_spec,
                 draft_spec,
+                verify_device: m.verify_device()?,
                 in_process,
+                workers: None,
                 saved_affinity,
             },
         })
@@ -288,35 +301,47 @@ impl Models {
 }
 
 impl Backends {
-    /// The backend of `strategy`: the in-process models for ar and sd; for amusd, the workers
-    /// (the in-process models freed first, and this process unpinned).
-    pub(super) fn backend(
+    /// Runs `f` on the backend of `strategy`: the in-process models for ar and sd (this process
+    /// bound to the verify core); for amusd, the workers (this process unbound; pinned to the
+    /// verify core it would steal time from the verify worker on every wake-up).
+    fn with<R>(
         &mut self,
         strategy: Strategy,
         m: &ModelArgs,
         pb: &ProgressBar,
-    ) -> Result<Backend> {
-        match strategy {
+        f: impl FnOnce(&mut Backend) -> Result<R>,
+    ) -> Result<R> {
+        let mut backend = match strategy {
             Strategy::Ar | Strategy::Sd => {
+                bind_in_process(self.verify_device)?;
                 let p = self
                     .in_process
                     .take()
                     .context("internal: no in-process models")?;
-                Ok(match strategy {
+                match strategy {
                     Strategy::Ar => Backend::Ar(p),
                     _ => Backend::Sd(p),
-                })
+                }
             }
             Strategy::Amusd => {
-                self.in_process = None;
                 if let Some(a) = &self.saved_affinity {
                     a.restore();
                 }
-                let draft = self.draft_spec.as_deref().unwrap_or_default();
-                let workers = pb.suspend(|| Workers::start(m, &self.verify_spec, draft))?;
-                Ok(Backend::Amusd(workers))
+                Backend::Amusd(match self.workers.take() {
+                    Some(w) => w,
+                    None => {
+                        let draft = self.draft_spec.as_deref().unwrap_or_default();
+                        pb.suspend(|| Workers::start(m, &self.verify_spec, draft))?
+                    }
+                })
             }
+        };
+        let result = f(&mut backend);
+        match backend {
+            Backend::Ar(p) | Backend::Sd(p) => self.in_process = Some(p),
+            Backend::Amusd(w) => self.workers = Some(w),
         }
+        result
     }
 }
 
@@ -396,7 +421,8 @@ pub(super) struct Run {
     pub(super) failure: Option<anyhow::Error>,
 }
 
-/// Runs every strategy in turn over the samples, stopping at the first error.
+/// Warms every strategy up, then runs each sample through every strategy in turn, stopping at
+/// the first error.
 pub(super) fn run_all(
     args: &BenchArgs,
     plan: &Plan,
@@ -429,36 +455,37 @@ pub(super) fn run_all(
         reference: HashMap::new(),
         failure: None,
     };
-    for &strategy in &plan.strategies {
-        pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
-        let mut done = Outcome {
-            records: Vec::new(),
-            plot: None,
-        };
-        let result = from
-            .backend(strategy, &args.models, &pb)
-            .and_then(|mut backend| {
-                let r = ctx.run_strategy(
-                    &mut backend,
-                    &pb,
-                    &run.reference,
-                    &mut run.mismatches,
-                    &mut done,
-                );
-                from.in_process = backend.into_in_process();
-                r
-            });
-        if strategy == Strategy::Ar {
-            for r in &done.records {
-                run.reference
-                    .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
-            }
+    let mut warm_up = || -> Result<()> {
+        for &strategy in &plan.strategies {
+            pb.set_message(format!("warm-up {}", strategy.name()));
+            from.with(strategy, &args.models, &pb, |b| ctx.warm_up(b))?;
         }
-        run.records.extend(done.records);
-        run.plots.extend(done.plot.map(|p| (strategy, p)));
-        if let Err(e) = result {
-            run.failure = Some(e);
-            break;
+        Ok(())
+    };
+    run.failure = warm_up().err();
+    'samples: for k in (0..samples.len()).filter(|_| run.failure.is_none()) {
+        for &strategy in &plan.strategies {
+            pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
+            let mut done = Outcome {
+                records: Vec::new(),
+                plot: None,
+            };
+            let result = from.with(strategy, &args.models, &pb, |b| {
+                ctx.run_sample(b, k, &pb, &run.reference, &mut run.mismatches, &mut done)
+            });
+            if strategy == Strategy::Ar {
+                for r in &done.records {
+                    run.reference
+                        .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
+                }
+            }
+            run.records.extend(done.records);
+            run.plots.extend(done.plot.map(|p| (strategy, p)));
+            pb.inc(1);
+            if let Err(e) = result {
+                run.failure = Some(e);
+                break 'samples;
+            }
         }
     }
     pb.finish_and_clear();
