@@ -6,8 +6,8 @@
 #   scripts/bench.sh                      # the committed run
 #   HUMANEVAL=164 MT_BENCH=80 REFACTOR=164 MAX_NEW=256 scripts/bench.sh   # the full datasets
 #
-# Run it on an otherwise idle machine: every strategy is timed on the same cores, one after the
-# other, and anything else running skews the ratios.
+# Run it on an otherwise idle machine: every strategy is timed on the same cores (each sample
+# through ar, sd and amusd in turn), and anything else running skews the ratios.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
