@@ -12,22 +12,13 @@
 use std::time::Instant;
 
 use amusd_model::attention::{attend_rows, KvElem, KvLayout, QueryRows};
+use amusd_model::testing::test_values;
 
 const LAYERS: usize = 30;
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;
 const ROWS: [usize; 4] = [1, 4, 8, 16];
-
-/// Deterministic values in [-1, 1).
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    (0..len)
-        .map(|i| {
-            let h = (i as u32).wrapping_mul(2654435761) ^ seed.wrapping_mul(0x9E37_79B9);
-            (h % 2001) as f32 / 1000.0 - 1.0
-        })
-        .collect()
-}
 
 /// Every layer's keys and values, head-major as the KV cache lays them out.
 struct Caches<T> {
@@ -39,10 +30,10 @@ struct Caches<T> {
 impl<T: KvElem> Caches<T> {
     fn new(capacity: usize) -> Self {
         let len = KV_HEADS * capacity * HEAD_DIM;
-        let fill = |seed| values(len, seed).into_iter().map(T::narrow).collect();
+        let fill = |seed| test_values(len, seed).into_iter().map(T::narrow).collect();
         Self {
-            keys: (0..LAYERS).map(|l| fill(2 * l as u32)).collect(),
-            values: (0..LAYERS).map(|l| fill(2 * l as u32 + 1)).collect(),
+            keys: (0..LAYERS).map(|l| fill(2 * l as u64)).collect(),
+            values: (0..LAYERS).map(|l| fill(2 * l as u64 + 1)).collect(),
             layout: KvLayout::head_major(capacity, HEAD_DIM),
         }
     }
@@ -51,7 +42,7 @@ impl<T: KvElem> Caches<T> {
     /// `reps` samples.
     fn time(&self, positions: usize, rows: usize, reps: usize) -> f64 {
         let width = HEADS * HEAD_DIM;
-        let q = values(rows * width, 7);
+        let q = test_values(rows * width, 7);
         let (mut scores, mut out) = (Vec::new(), vec![0.0; rows * width]);
         let mut forward = || {
             for l in 0..LAYERS {
