@@ -83,9 +83,9 @@ pub unsafe fn attend_tile<T: KvElem>(
     out: &mut [f32],
 ) {
     let n_max = shape.pos + 1;
+    scores.resize(rows.rows * shape.group * n_max, 0.0);
     for first in (0..shape.n_heads).step_by(shape.group) {
         let pairs = Pairs { shape, rows, first };
-        scores.resize(pairs.count() * n_max, 0.0);
         let kv = shape.kv_offset(0, first);
         pair_scores(&pairs, keys[kv..].as_ptr(), scores);
         for (j, s) in scores.chunks_exact_mut(n_max).enumerate() {
