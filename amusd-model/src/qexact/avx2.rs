@@ -179,7 +179,7 @@ pub unsafe fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], sums: SumR
     let mut i = 0;
     while i < m {
         let r = (m - i).min(6);
-        let (xs, a) = (&x[i * k..], sums.from(i));
+        let (xs, a) = (&x[i * k..], sums.starting_at(i));
         // SAFETY: the CPU has AVX2, FMA and F16C (checked); `tile` reads GROUP values of each
         // of its `r` rows of `x` (the last at (r - 1) k, inside `xs` by the assert above), all
         // of `wide`, and the sums of `r` rows (the caller's).

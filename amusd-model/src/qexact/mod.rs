@@ -486,7 +486,7 @@ impl SumRows {
     ///
     /// # Safety
     /// Row `r` exists.
-    unsafe fn from(self, r: usize) -> Self {
+    unsafe fn starting_at(self, r: usize) -> Self {
         Self {
             src: self.src.add(r * PANEL),
             dst: self.dst.add(r * self.stride),
@@ -594,7 +594,7 @@ mod portable {
     /// `sums` holds `m` rows.
     pub unsafe fn gemm_group(x: &[f32], m: usize, k: usize, wide: &[f32], sums: SumRows) {
         for i in 0..m {
-            let row = sums.from(i);
+            let row = sums.starting_at(i);
             let mut a = [0f32; PANEL];
             if !sums.fresh {
                 a.copy_from_slice(std::slice::from_raw_parts(row.src, PANEL));

@@ -301,9 +301,9 @@ impl Models {
 }
 
 impl Backends {
-    /// Runs `f` on the backend of `strategy`: the in-process models for ar and sd (this process
-    /// bound to the verify core); for amusd, the workers (this process unbound; pinned to the
-    /// verify core it would steal time from the verify worker on every wake-up).
+    /// Runs `f` on the backend of `strategy`: the in-process models for ar and sd, with this
+    /// process bound to the verify core; for amusd, the workers, with this process unbound (pinned
+    /// to the verify core, it would steal time from the verify worker on every wake-up).
     fn with<R>(
         &mut self,
         strategy: Strategy,
@@ -455,23 +455,47 @@ pub(super) fn run_all(
         reference: HashMap::new(),
         failure: None,
     };
-    let mut warm_up = || -> Result<()> {
-        for &strategy in &plan.strategies {
-            pb.set_message(format!("warm-up {}", strategy.name()));
-            from.with(strategy, &args.models, &pb, |b| ctx.warm_up(b))?;
-        }
-        Ok(())
-    };
-    run.failure = warm_up().err();
-    'samples: for k in (0..samples.len()).filter(|_| run.failure.is_none()) {
+    let result = warm_up(&ctx, plan, &mut from, &args.models, &pb)
+        .and_then(|()| run_samples(&ctx, plan, &mut from, &args.models, &pb, &mut run));
+    run.failure = result.err();
+    pb.finish_and_clear();
+    Ok(run)
+}
+
+/// Every strategy's warm-up generations, in the order they will run.
+fn warm_up(
+    ctx: &RunContext,
+    plan: &Plan,
+    from: &mut Backends,
+    m: &ModelArgs,
+    pb: &ProgressBar,
+) -> Result<()> {
+    for &strategy in &plan.strategies {
+        pb.set_message(format!("warm-up {}", strategy.name()));
+        from.with(strategy, m, pb, |b| ctx.warm_up(b))?;
+    }
+    Ok(())
+}
+
+/// Each sample through every strategy in turn, into `run`; stops at the first error, keeping
+/// what was done.
+fn run_samples(
+    ctx: &RunContext,
+    plan: &Plan,
+    from: &mut Backends,
+    m: &ModelArgs,
+    pb: &ProgressBar,
+    run: &mut Run,
+) -> Result<()> {
+    for k in 0..ctx.samples.len() {
         for &strategy in &plan.strategies {
             pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
             let mut done = Outcome {
                 records: Vec::new(),
                 plot: None,
             };
-            let result = from.with(strategy, &args.models, &pb, |b| {
-                ctx.run_sample(b, k, &pb, &run.reference, &mut run.mismatches, &mut done)
+            let result = from.with(strategy, m, pb, |b| {
+                ctx.run_sample(b, k, pb, &run.reference, &mut run.mismatches, &mut done)
             });
             if strategy == Strategy::Ar {
                 for r in &done.records {
@@ -482,14 +506,10 @@ pub(super) fn run_all(
             run.records.extend(done.records);
             run.plots.extend(done.plot.map(|p| (strategy, p)));
             pb.inc(1);
-            if let Err(e) = result {
-                run.failure = Some(e);
-                break 'samples;
-            }
+            result?;
         }
     }
-    pb.finish_and_clear();
-    Ok(run)
+    Ok(())
 }
 
 pub(super) fn progress_bar(len: u64) -> Result<ProgressBar> {
