@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Prompt-lookup drafting (issue 13), measured: on the RefactorChat stand-in, HumanEval and MT-Bench,
-# sd and amusd with the model draft alone (--no-draft-lookup), with prompt lookup alone
-# (--draft-model lookup) and with both (the default), each run beside its own ar; then llama.cpp's
-# n-gram speculation (ngram-simple, ngram-mod) and AR on the same first-turn prompts, if
-# ../shared/peers/llamacpp.sh has built it.
-# Writes $OUT/<dataset>-<drafter>.json, $OUT/llamacpp.md and $OUT/REPORT.md.
+# sd and amusd with the model draft alone, with prompt lookup alone (--draft-model lookup) and with
+# both (the default), beside ar; then llama.cpp's n-gram speculation (ngram-simple, ngram-mod) and
+# AR on the same first-turn prompts, if ../shared/peers/llamacpp.sh has built it. The model draft
+# and the combined one run in one bench (--compare-lookup): each sample goes through ar, then sd
+# and amusd with each drafter, so the machine's drift cannot favour either; the lookup alone needs
+# workers of its own and runs in a second bench, beside its own ar.
+# Writes $OUT/<dataset>-<drafters>.json, $OUT/llamacpp.md and $OUT/REPORT.md.
 #
 #   scripts/bench-lookup.sh                                  # 20 samples, 256 tokens (~1.5 h idle)
 #   SAMPLES=5 MAX_NEW=128 DATASETS=refactor scripts/bench-lookup.sh    # a quick look
 #
-# Run it on an otherwise idle machine: strategies take turns per sample on the same cores, but the
-# drafters run one after the other (compare each drafter's amusd with the ar beside it).
+# Run it on an otherwise idle machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -32,13 +33,28 @@ trap 'rm -rf "$tmp"' EXIT
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || echo ' (with local changes)')"
 started=$(date +%s)
 files=()
+for drafter in $DRAFTERS; do
+    case "$drafter" in
+        model | lookup | combined) ;;
+        *) echo "bench-lookup: unknown drafter $drafter (model, lookup, combined)" >&2; exit 2 ;;
+    esac
+done
+# The model draft and the combined one side by side in one run where both are asked for.
+both=0
+[[ " $DRAFTERS " == *" model "* && " $DRAFTERS " == *" combined "* ]] && both=1
+runs=()
+for drafter in $DRAFTERS; do
+    if [ "$both" = 1 ] && [ "$drafter" = model ]; then continue; fi
+    if [ "$both" = 1 ] && [ "$drafter" = combined ]; then drafter=model+combined; fi
+    runs+=("$drafter")
+done
 for dataset in $DATASETS; do
-    for drafter in $DRAFTERS; do
+    for drafter in "${runs[@]}"; do
         case "$drafter" in
             model) flags=(--no-draft-lookup) ;;
             lookup) flags=(--draft-model lookup) ;;
             combined) flags=(--draft-lookup) ;;
-            *) echo "bench-lookup: unknown drafter $drafter (model, lookup, combined)" >&2; exit 2 ;;
+            model+combined) flags=(--draft-lookup --compare-lookup) ;;
         esac
         echo "== $dataset, $drafter draft: $SAMPLES samples, $MAX_NEW new tokens" >&2
         "$amusd" bench --dataset "$dataset" --num-samples "$SAMPLES" --max-new-tokens "$MAX_NEW" \
@@ -131,10 +147,42 @@ elapsed=$(( $(date +%s) - started ))
     echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores;" \
         "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- $(rustc --version)"
-    echo "- drafters: \`model\` (the default draft model, \`--no-draft-lookup\`), \`lookup 2-4\` (\`--draft-model lookup\`, no model)," \
-        "\`model+lookup 2-4\` (the default, \`--draft-lookup\`); every run has its own ar beside it; greedy"
+    echo "- drafters: \`model\` (the default draft model without lookup), \`lookup 2-4\` (\`--draft-model lookup\`, no model)," \
+        "\`model+lookup 2-4\` (the default, \`--draft-lookup\`); the model draft and the combined one run sample by sample" \
+        "in one bench (\`--compare-lookup\`, one ar beside both), the lookup alone in a bench of its own; greedy"
     echo
     "$amusd" report --markdown "${files[@]}"
+    compared=("$OUT"/*-model+combined.json)
+    if [ -f "${compared[0]}" ]; then
+        echo
+        echo "## The combined draft against the model draft, sample by sample"
+        echo
+        python3 - "${compared[@]}" <<'PY'
+import json, math, sys
+print("| dataset | strategy | generations | model ms/token | combined ms/token | ratio of means | per-generation ratio: geometric mean (min-max) |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for path in sys.argv[1:]:
+    recs = json.load(open(path))
+    for strategy in ("sd", "amusd"):
+        ms = {}
+        for r in recs:
+            d = r["metrics"]["decode_ms_per_token"]
+            if r["strategy"] == strategy and d:
+                ms.setdefault(r["drafter"] == "model", {})[(r["sample_index"], r["turn"])] = d
+        model, combined = ms.get(True, {}), ms.get(False, {})
+        keys = sorted(model.keys() & combined.keys())
+        if not keys:
+            continue
+        ratios = [model[k] / combined[k] for k in keys]
+        mm = sum(model[k] for k in keys) / len(keys)
+        mc = sum(combined[k] for k in keys) / len(keys)
+        gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        print(f"| {recs[0]['dataset']} | {strategy} | {len(keys)} | {mm:.1f} | {mc:.1f} | {mm / mc:.2f}x | {gm:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+PY
+        echo
+        echo "ratio: the model draft's decode ms/token over the combined draft's (above 1: the lookup made it faster)," \
+            "each pair run back to back on the same sample."
+    fi
     if [ -f "$OUT/llamacpp.md" ]; then
         echo
         echo "## llama.cpp n-gram speculation (first turns, 1 thread on cpu:1, F32 target)"

@@ -220,3 +220,99 @@ fn bench_rejects_a_malformed_conversation_file() {
         run.describe()
     );
 }
+
+/// `--compare-lookup`: each sample runs through amusd twice on the same workers, with the lookup
+/// ahead of the draft model and with the model alone; both equal ar, the model-alone runs draft
+/// nothing by lookup, and the report gives each drafter its row.
+#[test]
+fn bench_compares_the_draft_with_and_without_lookup() {
+    require_default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("compare.json");
+    let run = amusd_run(
+        &[
+            "bench",
+            "--dataset",
+            "refactor",
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            &MAX_NEW.to_string(),
+            "--strategies",
+            "ar,amusd",
+            "--compare-lookup",
+            "--output",
+            s(&out),
+        ],
+        TIMEOUT,
+    );
+    assert!(run.status.success(), "{}", run.describe());
+    assert!(
+        run.stderr.contains("all 4 sd/amusd outputs equal ar's"),
+        "{}",
+        run.describe()
+    );
+    let text = std::fs::read_to_string(&out).expect("bench wrote its --output file");
+    let records: Vec<serde_json::Value> = serde_json::from_str(&text).expect("one JSON list");
+    let amusd = |drafter: &str| -> Vec<&serde_json::Value> {
+        records
+            .iter()
+            .filter(|r| r["strategy"] == "amusd" && r["drafter"] == drafter)
+            .collect()
+    };
+    let (alone, combined) = (amusd("model"), amusd("model+lookup 2-4"));
+    assert_eq!((alone.len(), combined.len()), (2, 2), "{text}");
+    for r in &alone {
+        assert_eq!(r["metrics"]["proposed_lookup"], 0, "lookup drafted: {r}");
+    }
+    let order: Vec<(u64, &str)> = records
+        .iter()
+        .map(|r| {
+            let drafter = r["drafter"].as_str().unwrap_or_default();
+            (r["sample_index"].as_u64().unwrap_or(99), drafter)
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            (0, ""),
+            (0, "model+lookup 2-4"),
+            (0, "model"),
+            (1, ""),
+            (1, "model+lookup 2-4"),
+            (1, "model")
+        ],
+        "each sample through every arm in turn"
+    );
+    let report = amusd_run(&["report", "--markdown", s(&out)], Duration::from_secs(30));
+    assert!(report.status.success(), "{}", report.describe());
+    for row in [
+        "| refactor-standin | amusd |",
+        "| refactor-standin | amusd [model+lookup 2-4] |",
+    ] {
+        assert!(
+            report.stdout.contains(row),
+            "no row {row}: {}",
+            report.stdout
+        );
+    }
+}
+
+#[test]
+fn compare_lookup_needs_a_draft_model_with_the_lookup() {
+    for flags in [&["--no-draft-lookup"][..], &["--draft-model", "lookup"]] {
+        let mut args = vec!["bench", "--dataset", "refactor", "--compare-lookup"];
+        args.extend_from_slice(flags);
+        let run = amusd_run(&args, Duration::from_secs(60));
+        assert!(
+            !run.status.success(),
+            "{flags:?} accepted: {}",
+            run.describe()
+        );
+        assert!(
+            run.stderr.starts_with("amusd: error:") && run.stderr.contains("--compare-lookup"),
+            "{}",
+            run.describe()
+        );
+    }
+}

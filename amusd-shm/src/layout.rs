@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -344,6 +344,11 @@ pub struct RequestSection {
     /// 2). Writer: coordinator, Relaxed inside the request seqlock, at submit. Readers: the draft
     /// worker (seqlock read, at take-up), `amusd dump`.
     pub greedy_draft: AtomicU32,
+    /// 1: the draft model drafts alone for this request, its prompt lookup left out (bench runs
+    /// compare the two on the same workers this way); 0: the lookup runs ahead of the model, if
+    /// the draft worker has one (layout 4). Writer: coordinator, Relaxed inside the request
+    /// seqlock, at submit. Readers: the draft worker (seqlock read, at take-up), `amusd dump`.
+    pub no_draft_lookup: AtomicU32,
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -551,7 +556,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 3);
+        assert_eq!(LAYOUT_VERSION, 4);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 493_312);
@@ -584,6 +589,7 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, top_p_bits), 344);
         assert_eq!(offset_of!(RequestSection, min_p_bits), 348);
         assert_eq!(offset_of!(RequestSection, greedy_draft), 352);
+        assert_eq!(offset_of!(RequestSection, no_draft_lookup), 356);
         assert_eq!(size_of::<RequestSection>(), 384);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);

@@ -53,6 +53,8 @@ pub struct SamplingFields {
     pub min_p_bits: u32,
     /// The draft proposes greedy tokens rather than samples.
     pub greedy_draft: bool,
+    /// The draft model drafts alone, without its prompt lookup.
+    pub no_draft_lookup: bool,
 }
 
 impl SamplingFields {
@@ -64,6 +66,7 @@ impl SamplingFields {
         top_p_bits: 0x3f80_0000, // 1.0f32
         min_p_bits: 0,
         greedy_draft: false,
+        no_draft_lookup: false,
     };
 }
 
@@ -502,6 +505,7 @@ impl Region {
         rq.top_p_bits.store(sm.top_p_bits, r);
         rq.min_p_bits.store(sm.min_p_bits, r);
         rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
+        rq.no_draft_lookup.store(u32::from(sm.no_draft_lookup), r);
         store_range(&self.verified.tokens, 0, spec.prompt);
         self.verified
             .verified_len
@@ -577,6 +581,7 @@ impl Region {
                         top_p_bits: rq.top_p_bits.load(r),
                         min_p_bits: rq.min_p_bits.load(r),
                         greedy_draft: rq.greedy_draft.load(r) != 0,
+                        no_draft_lookup: rq.no_draft_lookup.load(r) != 0,
                     },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
@@ -1070,6 +1075,7 @@ mod tests {
                 top_p_bits: 0.9f32.to_bits(),
                 min_p_bits: 0.05f32.to_bits(),
                 greedy_draft: true,
+                no_draft_lookup: true,
             },
         };
         let w0 = r.request_word();

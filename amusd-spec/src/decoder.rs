@@ -3,7 +3,7 @@
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
-use crate::sampling::Sampler;
+use crate::sampling::{RequestSampling, Sampler};
 use crate::SpecError;
 
 /// A model that predicts next tokens and caches the positions it has seen.
@@ -217,6 +217,9 @@ pub struct Drafter<D: Decoder> {
     ///
     /// [`NoModel`]: crate::lookup::NoModel
     model: bool,
+    /// The current request turned the lookup off ([`RequestSampling::no_draft_lookup`]): the
+    /// model drafts alone. The lookup's index still follows the sequence.
+    lookup_off: bool,
 }
 
 impl<D: Decoder> Drafter<D> {
@@ -231,7 +234,15 @@ impl<D: Decoder> Drafter<D> {
             agreed: 0,
             lookup: None,
             model: true,
+            lookup_off: false,
         }
+    }
+
+    /// Drafts the next request as it asks: with its sampler (or greedily), and with the lookup
+    /// unless it turns the lookup off (which a lookup without a model ignores).
+    pub fn set_request(&mut self, sampling: &RequestSampling) {
+        self.sampler = sampling.drafter();
+        self.lookup_off = sampling.no_draft_lookup && self.model;
     }
 
     /// Adds prompt lookup: `alone`, it is the only drafter (the model is never run); otherwise a
@@ -355,8 +366,8 @@ impl<D: Decoder> Drafter<D> {
         let left = max_len.saturating_sub(self.seq.len());
         let room = |limit: usize| limit.saturating_sub(ahead).min(left);
         let run = match &self.lookup {
-            Some(l) => l.propose(room(lookahead.max(l.cap())), stop_ids),
-            None => Vec::new(),
+            Some(l) if !self.lookup_off => l.propose(room(lookahead.max(l.cap())), stop_ids),
+            _ => Vec::new(),
         };
         if !run.is_empty() && self.model {
             return self.draft_checked(&run, max_len, stop_ids);

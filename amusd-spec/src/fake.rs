@@ -249,7 +249,8 @@ mod tests {
     use proptest::prelude::*;
     use std::ops::ControlFlow;
 
-    /// Greedy, or sampling with or without filters, with a sampling or a greedy draft.
+    /// Greedy, or sampling with or without filters, with a sampling or a greedy draft, with or
+    /// without the draft's prompt lookup.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
         (
             prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
@@ -258,19 +259,23 @@ mod tests {
             prop_oneof![Just(0.0f32), 0.0f32..0.3],
             any::<u64>(),
             proptest::bool::weighted(0.2),
+            proptest::bool::weighted(0.25),
         )
-            .prop_map(|(temperature, top_k, top_p, min_p, seed, greedy_draft)| {
-                RequestSampling {
-                    params: SamplingParams {
-                        temperature,
-                        top_k,
-                        top_p,
-                        min_p,
-                        seed,
-                    },
-                    greedy_draft,
-                }
-            })
+            .prop_map(
+                |(temperature, top_k, top_p, min_p, seed, greedy_draft, no_draft_lookup)| {
+                    RequestSampling {
+                        params: SamplingParams {
+                            temperature,
+                            top_k,
+                            top_p,
+                            min_p,
+                            seed,
+                        },
+                        greedy_draft,
+                        no_draft_lookup,
+                    }
+                },
+            )
     }
 
     fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
@@ -343,6 +348,8 @@ mod tests {
             prop_assert!(m.accepted_lookup <= m.proposed_lookup);
             if alone {
                 prop_assert_eq!(m.proposed_lookup, m.proposed, "no model, no model tokens");
+            } else if sampling.no_draft_lookup {
+                prop_assert_eq!(m.proposed_lookup, 0, "the request turned the lookup off");
             }
         }
     }

@@ -217,7 +217,7 @@ pub fn speculative<D: Decoder, P: Decoder>(
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
     verifier.sampler = sampling.verifier();
-    drafter.sampler = sampling.drafter();
+    drafter.set_request(sampling);
     // Drafts are clipped to the token budget, so sd fits wherever ar does: the same requests succeed
     // under every strategy.
     check_fits(

@@ -117,19 +117,25 @@ impl SamplingParams {
     }
 }
 
-/// A request's sampling: the verify model's parameters, and whether the draft samples with them
-/// (the default) or proposes its greedy tokens (llama.cpp's scheme, kept to compare acceptance).
+/// A request's sampling: the verify model's parameters, and how the draft proposes: sampling with
+/// them (the default) or its greedy tokens (llama.cpp's scheme, kept to compare acceptance); with
+/// its prompt lookup ahead of the model, if it has one, or with the model alone. Neither choice
+/// changes a committed token.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct RequestSampling {
     pub params: SamplingParams,
     pub greedy_draft: bool,
+    /// The draft model drafts alone for this request: a drafter with prompt lookup ahead of its
+    /// model leaves the lookup out (to compare the two on the same workers, request by request).
+    /// A lookup that drafts alone has no model to fall back on and ignores it.
+    pub no_draft_lookup: bool,
 }
 
 impl RequestSampling {
     pub fn new(params: SamplingParams) -> Self {
         Self {
             params,
-            greedy_draft: false,
+            ..Self::default()
         }
     }
 

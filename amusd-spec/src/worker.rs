@@ -64,6 +64,7 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         top_p_bits: p.top_p.to_bits(),
         min_p_bits: p.min_p.to_bits(),
         greedy_draft: s.greedy_draft,
+        no_draft_lookup: s.no_draft_lookup,
     }
 }
 
@@ -81,6 +82,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
     Ok(RequestSampling {
         params,
         greedy_draft: f.greedy_draft,
+        no_draft_lookup: f.no_draft_lookup,
     })
 }
 
@@ -231,7 +233,7 @@ pub fn run_draft<D: Decoder>(
                     if let Some(h) = take_up(region, &req)? {
                         let prompt = &h.committed[..h.prompt_len];
                         drafter.start(prompt, h.limit)?;
-                        drafter.sampler = h.sampling.drafter();
+                        drafter.set_request(&h.sampling);
                         // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
                         // mid-rewrite.
                         region_len = region.draft_rewrite(h.id, 0, prompt)?;
@@ -346,7 +348,9 @@ pub struct VerifyOptions {
     /// Most draft tokens checked by one forward pass.
     pub max_verify_batch: usize,
     /// When no valid draft token is there: wait this long for one before taking an autoregressive
-    /// step (0: step at once).
+    /// step (0: step at once). The wait is for prompt lookup's runs, so a request that turns the
+    /// lookup off ([`RequestSampling::no_draft_lookup`]) steps at once, as it would on workers
+    /// started without lookup.
     pub wait_for_draft: Duration,
 }
 
@@ -438,11 +442,15 @@ fn verify_step<D: Decoder>(
         sources.truncate(i + 1);
     }
     // With `room == 0` only the verify model's own token fits the budget: no draft to wait for.
-    if candidates.is_empty() && room > 0 && !opts.wait_for_draft.is_zero() {
+    let wait = match h.sampling.no_draft_lookup {
+        true => Duration::ZERO,
+        false => opts.wait_for_draft,
+    };
+    if candidates.is_empty() && room > 0 && !wait.is_zero() {
         // A deadline, not a single wait: the bell also rings for things other than a new draft
         // token (the draft's rollback rewrites, the coordinator), and those must not cut it short.
         let since = *waiting_since.get_or_insert_with(Instant::now);
-        let left = opts.wait_for_draft.saturating_sub(since.elapsed());
+        let left = wait.saturating_sub(since.elapsed());
         if !left.is_zero() {
             return Ok(Next::Wait(left));
         }
@@ -611,10 +619,15 @@ mod tests {
     use std::ops::ControlFlow;
     use std::sync::Arc;
 
-    /// Greedy half of the time, otherwise sampling with random filters and seed.
+    /// Greedy half of the time, otherwise sampling with random filters and seed; the draft's
+    /// prompt lookup off for a quarter of the requests.
     fn random_sampling(rng: &mut rand::rngs::StdRng) -> crate::RequestSampling {
+        let no_draft_lookup = rng.gen_bool(0.25);
         if rng.gen_bool(0.5) {
-            return crate::RequestSampling::default();
+            return crate::RequestSampling {
+                no_draft_lookup,
+                ..Default::default()
+            };
         }
         crate::RequestSampling {
             params: crate::SamplingParams {
@@ -637,6 +650,7 @@ mod tests {
                 seed: rng.gen(),
             },
             greedy_draft: rng.gen_bool(0.2),
+            no_draft_lookup,
         }
     }
 
@@ -761,6 +775,9 @@ mod tests {
             assert_eq!(got.finish, want.finish);
             let m = &got.metrics;
             assert!(m.accepted_lookup <= m.proposed_lookup && m.accepted_lookup <= m.accepted);
+            if sampling.no_draft_lookup && lookup.is_some_and(|l| !l.alone) {
+                assert_eq!(m.proposed_lookup, 0, "request {i} turned the lookup off");
+            }
             total.proposed += m.proposed;
             total.accepted += m.accepted;
             total.proposed_lookup += m.proposed_lookup;

@@ -281,6 +281,7 @@ impl SamplingArgs {
         Ok(RequestSampling {
             params,
             greedy_draft: self.greedy_draft,
+            no_draft_lookup: false,
         })
     }
 }

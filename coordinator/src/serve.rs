@@ -315,5 +315,6 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
     Ok(RequestSampling {
         params,
         greedy_draft,
+        no_draft_lookup: false,
     })
 }

@@ -45,7 +45,10 @@
 //! the reference for the exactness check), so a machine whose speed drifts during the run (a shared
 //! VM does, by 15% and more over minutes) slows all strategies alike and the ratios between them
 //! stay fair. Every strategy is timed by the same code ([`amusd_spec::Metrics`]): time to first token
-//! (prefill included) and decode ms/token after it.
+//! (prefill included) and decode ms/token after it. `--compare-lookup` compares two drafters the
+//! same way: sd and amusd run each sample once with prompt lookup ahead of the draft model and
+//! once with the model alone (the request turns the lookup off: `RequestSampling::no_draft_lookup`,
+//! carried to the draft worker in the region), on the same models and workers.
 //!
 //! # Output
 //!
@@ -95,6 +98,12 @@ pub struct BenchArgs {
     /// Write one record per generation to this JSON file.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// sd and amusd run each sample a second time with the draft model alone (the request turns
+    /// the lookup off, on the same models and workers), beside the run with prompt lookup ahead
+    /// of it: the two drafters compared under the same drift of the machine. Their records say
+    /// `drafter: "model"`. Needs a draft model with the lookup (the default).
+    #[arg(long)]
+    pub compare_lookup: bool,
     /// Draw an SVG timeline of one sample (its first turn): tokens over time, and every draft and
     /// verify forward of each strategy.
     #[arg(long, value_name = "FILE.svg")]

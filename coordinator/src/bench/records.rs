@@ -78,6 +78,8 @@ impl SamplingRecord {
                 seed: self.seed,
             },
             greedy_draft: self.greedy_draft,
+            // A record says how it drafted in `drafter`.
+            no_draft_lookup: false,
         }
     }
 }

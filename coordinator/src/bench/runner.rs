@@ -64,17 +64,22 @@ impl RunContext<'_> {
         )
     }
 
-    /// One request on `backend`, the sampling the bench's.
+    /// One request on `backend`, the sampling the bench's, drafting as `arm` says.
     pub(super) fn generate(
         &self,
         backend: &mut Backend,
+        arm: Arm,
         prompt: &[u32],
         stop: &StopCriteria,
     ) -> Result<(Generation, Trace)> {
+        let sampling = RequestSampling {
+            no_draft_lookup: arm.no_lookup,
+            ..self.sampling
+        };
         let request = Request {
             prompt,
             stop,
-            sampling: &self.sampling,
+            sampling: &sampling,
         };
         let c = backend.generate(&request, &mut |_| ControlFlow::Continue(()))?;
         Ok((c.generation, c.trace))
@@ -87,26 +92,31 @@ impl RunContext<'_> {
                 stop_ids: self.stop.stop_ids.clone(),
                 max_new_tokens: self.stop.max_new_tokens.min(16),
             };
+            let arm = Arm::new(backend.strategy(), false);
             for _ in 0..self.warmup {
-                self.generate(backend, &first.first_prompt, &warm)?;
+                self.generate(backend, arm, &first.first_prompt, &warm)?;
             }
         }
         Ok(())
     }
 
-    /// Runs sample `k` (every turn) through `backend`, keeping its records (and plot) in `done`.
-    /// Stops at the first error (or Ctrl-C).
+    /// Runs sample `k` (every turn) through `backend` as `arm`, keeping its records (and plot) in
+    /// `done`. Stops at the first error (or Ctrl-C).
     pub(super) fn run_sample(
         &self,
         backend: &mut Backend,
+        arm: Arm,
         k: usize,
         pb: &ProgressBar,
-        reference: &HashMap<(usize, usize), Vec<u32>>,
-        mismatches: &mut Vec<String>,
+        exact: &mut Exactness,
         done: &mut Outcome,
     ) -> Result<()> {
         let strategy = backend.strategy();
         let p = &self.samples[k];
+        let drafter = match arm.no_lookup {
+            true => "model",
+            false => &self.drafter,
+        };
         let s = &p.sample;
         let mut conversation = s.conversation.clone();
         for turn in 1..=s.follow_ups.len() + 1 {
@@ -116,22 +126,17 @@ impl RunContext<'_> {
                 self.encode(&conversation)?
             };
             let (g, trace) = self
-                .generate(backend, &prompt, &self.stop)
+                .generate(backend, arm, &prompt, &self.stop)
                 .with_context(|| {
-                    format!(
-                        "{} failed on sample {} ({})",
-                        strategy.name(),
-                        s.index,
-                        s.id
-                    )
+                    format!("{} failed on sample {} ({})", arm.name(), s.index, s.id)
                 })?;
             if INTERRUPTED.load(Ordering::SeqCst) {
                 bail!("interrupted");
             }
-            if let Some(want) = reference.get(&(s.index, turn)) {
-                if let Some(m) = mismatch(strategy, s, turn, want, &g.tokens) {
+            if let Some(want) = exact.reference.get(&(s.index, turn)) {
+                if let Some(m) = mismatch(&arm.name(), s, turn, want, &g.tokens) {
                     pb.suspend(|| eprintln!("amusd: {m}"));
-                    mismatches.push(m);
+                    exact.mismatches.push(m);
                 }
             }
             if turn <= s.follow_ups.len() {
@@ -149,9 +154,10 @@ impl RunContext<'_> {
                     &self.sampling,
                     &g,
                 )
-                .drafted_by(&self.drafter),
+                .drafted_by(drafter),
             );
-            if turn == 1 && self.plot_sample == Some(k) {
+            // The plot shows the drafters as configured.
+            if turn == 1 && self.plot_sample == Some(k) && !arm.no_lookup {
                 done.plot = Some((g, trace));
             }
         }
@@ -161,7 +167,7 @@ impl RunContext<'_> {
 
 /// Describes how `got` differs from the reference `want`, if it does.
 pub(super) fn mismatch(
-    strategy: Strategy,
+    name: &str,
     s: &Sample,
     turn: usize,
     want: &[u32],
@@ -180,22 +186,49 @@ pub(super) fn mismatch(
             .map_or("the end".to_string(), |v| format!("token {v}"))
     };
     Some(format!(
-        "{} output differs from ar on sample {} ({}) turn {turn} at position {at}: ar has {}, {} has {} (lengths {} and {})",
-        strategy.name(),
+        "{name} output differs from ar on sample {} ({}) turn {turn} at position {at}: ar has {}, {name} has {} (lengths {} and {})",
         s.index,
         s.id,
         show(want),
-        strategy.name(),
         show(got),
         want.len(),
         got.len()
     ))
 }
 
+/// One strategy as the bench runs it: sd and amusd draft as the options say, or with
+/// `--compare-lookup` also with the draft model alone (each such request turns the lookup off, on
+/// the same models and workers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Arm {
+    pub strategy: Strategy,
+    pub no_lookup: bool,
+}
+
+impl Arm {
+    fn new(strategy: Strategy, no_lookup: bool) -> Self {
+        Self {
+            strategy,
+            no_lookup,
+        }
+    }
+
+    /// The strategy's name, marked when its draft model drafts alone.
+    pub(super) fn name(self) -> String {
+        match self.no_lookup {
+            true => format!("{} (model draft alone)", self.strategy.name()),
+            false => self.strategy.name().into(),
+        }
+    }
+}
+
 /// What the options ask for, validated.
 pub(super) struct Plan {
     /// ar first: it is the reference every other output is checked against as it is produced.
     pub strategies: Vec<Strategy>,
+    /// What runs each sample, in turn: the strategies, and with `--compare-lookup` sd and amusd a
+    /// second time with the draft model alone, each beside its counterpart.
+    pub arms: Vec<Arm>,
     pub dataset: Dataset,
     pub dataset_name: String,
     pub sampling: RequestSampling,
@@ -210,6 +243,7 @@ impl Plan {
         if strategies.is_empty() {
             bail!("no strategy: pass --strategies ar,sd,amusd (or a subset)");
         }
+        let arms = arms(&strategies, args)?;
         if args.num_samples == Some(0) {
             bail!("--num-samples 0 runs nothing; pass at least 1");
         }
@@ -223,11 +257,33 @@ impl Plan {
         }
         Ok(Self {
             strategies,
+            arms,
             dataset_name: dataset.name(),
             dataset,
             sampling,
         })
     }
+}
+
+/// Each strategy's arm, and with `--compare-lookup` sd's and amusd's with the draft model alone.
+fn arms(strategies: &[Strategy], args: &BenchArgs) -> Result<Vec<Arm>> {
+    if args.compare_lookup {
+        let m = &args.models;
+        if m.lookup_ahead().is_none() {
+            bail!("--compare-lookup compares a draft model with and without prompt lookup ahead of it: it needs a draft model and the lookup (drop --no-draft-lookup, and --draft-model lookup)");
+        }
+        if !strategies.iter().any(|&s| s != Strategy::Ar) {
+            bail!("--compare-lookup compares drafters: run sd or amusd");
+        }
+    }
+    let mut arms = Vec::new();
+    for &s in strategies {
+        arms.push(Arm::new(s, false));
+        if args.compare_lookup && s != Strategy::Ar {
+            arms.push(Arm::new(s, true));
+        }
+    }
+    Ok(arms)
 }
 
 /// The models, loaded once: the text side of both, the backends.
@@ -415,10 +471,16 @@ pub(super) fn check_selection(
 pub(super) struct Run {
     pub(super) records: Vec<Record>,
     pub(super) plots: Vec<(Strategy, (Generation, Trace))>,
-    pub(super) mismatches: Vec<String>,
+    pub(super) exact: Exactness,
+    pub(super) failure: Option<anyhow::Error>,
+}
+
+/// ar's outputs, which every other is checked against as it is produced, and what differed.
+#[derive(Default)]
+pub(super) struct Exactness {
     /// ar's tokens by (sample index, turn).
     pub(super) reference: HashMap<(usize, usize), Vec<u32>>,
-    pub(super) failure: Option<anyhow::Error>,
+    pub(super) mismatches: Vec<String>,
 }
 
 /// Warms every strategy up, then runs each sample through every strategy in turn, stopping at
@@ -447,12 +509,11 @@ pub(super) fn run_all(
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
     };
-    let pb = progress_bar((samples.len() * plan.strategies.len()) as u64)?;
+    let pb = progress_bar((samples.len() * plan.arms.len()) as u64)?;
     let mut run = Run {
         records: Vec::new(),
         plots: Vec::new(),
-        mismatches: Vec::new(),
-        reference: HashMap::new(),
+        exact: Exactness::default(),
         failure: None,
     };
     let result = warm_up(&ctx, plan, &mut from, &args.models, &pb)
@@ -488,18 +549,20 @@ fn run_samples(
     run: &mut Run,
 ) -> Result<()> {
     for k in 0..ctx.samples.len() {
-        for &strategy in &plan.strategies {
+        for &arm in &plan.arms {
+            let strategy = arm.strategy;
             pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
             let mut done = Outcome {
                 records: Vec::new(),
                 plot: None,
             };
             let result = from.with(strategy, m, pb, |b| {
-                ctx.run_sample(b, k, pb, &run.reference, &mut run.mismatches, &mut done)
+                ctx.run_sample(b, arm, k, pb, &mut run.exact, &mut done)
             });
             if strategy == Strategy::Ar {
                 for r in &done.records {
-                    run.reference
+                    run.exact
+                        .reference
                         .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
                 }
             }
@@ -555,12 +618,14 @@ pub(super) fn conclude(
     let checked = run
         .records
         .iter()
-        .filter(|r| r.strategy != "ar" && run.reference.contains_key(&(r.sample_index, r.turn)))
+        .filter(|r| {
+            r.strategy != "ar" && run.exact.reference.contains_key(&(r.sample_index, r.turn))
+        })
         .count();
-    if !run.mismatches.is_empty() {
+    if !run.exact.mismatches.is_empty() {
         eprintln!(
             "amusd: exactness FAILED: {} of {checked} outputs differ from ar's (listed above)",
-            run.mismatches.len()
+            run.exact.mismatches.len()
         );
         return Ok(ExitCode::from(1));
     }
@@ -606,10 +671,13 @@ mod tests {
             conversation: vec![],
             follow_ups: vec![],
         };
-        assert!(mismatch(Strategy::Sd, &s, 1, &[1, 2], &[1, 2]).is_none());
-        let m = mismatch(Strategy::Sd, &s, 1, &[1, 2, 3], &[1, 5]).unwrap_or_default();
-        assert!(m.contains("position 1"), "{m}");
-        let m = mismatch(Strategy::Sd, &s, 1, &[1, 2], &[1, 2, 3]).unwrap_or_default();
+        assert!(mismatch("sd", &s, 1, &[1, 2], &[1, 2]).is_none());
+        let m = mismatch("sd", &s, 1, &[1, 2, 3], &[1, 5]).unwrap_or_default();
+        assert!(
+            m.contains("position 1") && m.starts_with("sd output"),
+            "{m}"
+        );
+        let m = mismatch("sd", &s, 1, &[1, 2], &[1, 2, 3]).unwrap_or_default();
         assert!(m.contains("position 2") && m.contains("the end"), "{m}");
     }
 }
