@@ -35,8 +35,10 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     }
 }
 
-/// 32 vector registers: up to four rows (larger batches widen once, [`Isa::widen_once_rows`])
-/// take the whole panel (four vectors) in one pass, reading each weight byte once.
+/// 32 vector registers: up to four rows take the whole panel (four vectors, 16 accumulators) in
+/// one pass, reading each weight byte once; five to eight take half of it (two vectors, up to 16
+/// accumulators) per pass, so each weight is widened once for up to eight rows. Larger batches
+/// widen once into a buffer ([`Isa::widen_once_rows`]).
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     xs: &[&[f32]],
@@ -48,6 +50,10 @@ unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
         2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
         3 => strips::<3, 4, NIB, OFF, BIAS>(xs, panel, out),
         4 => strips::<4, 4, NIB, OFF, BIAS>(xs, panel, out),
+        5 => strips::<5, 2, NIB, OFF, BIAS>(xs, panel, out),
+        6 => strips::<6, 2, NIB, OFF, BIAS>(xs, panel, out),
+        7 => strips::<7, 2, NIB, OFF, BIAS>(xs, panel, out),
+        8 => strips::<8, 2, NIB, OFF, BIAS>(xs, panel, out),
         r => unreachable!("a direct tile of {r} rows"),
     }
 }

@@ -386,12 +386,14 @@ impl Isa {
     /// Batches at least this large widen each group once into an f32 buffer shared by all rows;
     /// smaller ones widen in registers, in one tile. Measured (q4_1 and q8_0 gate/up, in cache,
     /// one core): with AVX2, m = 2 and 4 cost 1.3x and 1.5x of one row widened in registers, 2.3x
-    /// and 2.5x through the buffer, and at m = 8 the buffer wins, 3.3x against 3.7x; with AVX-512
-    /// (twice the accumulator registers, two FMA ports) the buffer is level at m = 4 and ahead from
-    /// m = 5 on.
+    /// and 2.5x through the buffer, and at m = 8 the buffer wins, 3.3x against 3.7x. With AVX-512
+    /// (32 registers) 5 to 8 rows fit a tile half a panel wide, and the verify model's forward at
+    /// 400 positions ran 17% / 13% / 7% faster at k = 5 / 6 / 8 than through the buffer (both
+    /// builds at once on the two cores, then swapped); at 12 and 16 rows, tiles of 8 rows (each
+    /// widening the panel again) were level with the buffer, so it takes over from 9.
     fn widen_once_rows(self) -> usize {
         match self {
-            Self::Avx512 => 5,
+            Self::Avx512 => 9,
             Self::Portable | Self::Avx2 => 9,
         }
     }
@@ -668,6 +670,29 @@ mod tests {
                     bits(&dense[j * k..(j + 1) * k]),
                     "{dtype:?} row {j}"
                 );
+            }
+        }
+    }
+
+    /// Every batch size up to two tiles past the widen-once threshold, every type and instruction
+    /// set, with a partial last panel: each register tile and the buffer path give the reference's
+    /// bits (the proptest below draws sizes at random).
+    #[test]
+    fn every_tile_height_equals_the_dequantized_f32_product() {
+        let (n, k) = (PANEL + 24, 2 * GROUP);
+        for dtype in KINDS {
+            let (bytes, dense) = quantized(dtype, n, k, 11);
+            let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            let reference = Packed::from_rows(&dense, n, k);
+            for m in 1..=20 {
+                let x = vals(m * k, m as u64);
+                let mut want = vec![0f32; m * n];
+                matmul_packed(&x, m, &reference, &mut want);
+                for isa in Isa::available() {
+                    let mut got = vec![f32::NAN; m * n];
+                    matmul_on(isa, &x, m, &w, &mut got);
+                    assert_eq!(bits(&want), bits(&got), "{dtype:?} {isa:?} m = {m}");
+                }
             }
         }
     }
