@@ -126,8 +126,9 @@ pub struct RequestSampling {
     pub params: SamplingParams,
     pub greedy_draft: bool,
     /// The draft model drafts alone for this request: a drafter with prompt lookup ahead of its
-    /// model leaves the lookup out (to compare the two on the same workers, request by request).
-    /// A lookup that drafts alone has no model to fall back on and ignores it.
+    /// model leaves the lookup out (to compare the two on the same workers, request by request),
+    /// and the verify worker steps without its wait for lookup runs (`--verify-wait-us`). A
+    /// lookup that drafts alone has no model to fall back on and keeps drafting.
     pub no_draft_lookup: bool,
 }
 
