@@ -1,5 +1,6 @@
 //! `amusd serve` on the real model (SmolLM2-135M-Instruct, the worker pair): chat and completions,
-//! streamed and not, equal `amusd generate --strategy ar`; a seeded sampled request equals ar's
+//! streamed and not, and without prompt lookup (`"prompt_lookup": false`), equal `amusd generate
+//! --strategy ar`; a seeded sampled request equals ar's
 //! sample; and the official `openai` Python client (pinned, in a venv under target/) checks the same
 //! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
 //! requests of 24 tokens.
@@ -54,6 +55,16 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     streamed["stream"] = true.into();
     let (text, _) = s.stream("/v1/chat/completions", &streamed).rest();
     assert_eq!(text, chat_ar, "streamed chat vs ar");
+    // The draft model alone for this request: the same text.
+    let mut model_alone = chat.clone();
+    model_alone["prompt_lookup"] = false.into();
+    let r = s.post("/v1/chat/completions", &model_alone);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(
+        reply_text(&r.json),
+        chat_ar,
+        "chat without prompt lookup vs ar"
+    );
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())

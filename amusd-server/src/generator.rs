@@ -22,6 +22,9 @@ pub struct Sampling {
     pub min_p: f32,
     /// None when sampling: the generator picks one (and the response cannot be repeated).
     pub seed: Option<u64>,
+    /// Whether the draft may run prompt lookup ahead of its model for this request (where it
+    /// has one); false drafts with the model alone. The text is the same either way.
+    pub prompt_lookup: bool,
 }
 
 impl Default for Sampling {
@@ -32,6 +35,7 @@ impl Default for Sampling {
             top_p: 1.0,
             min_p: 0.0,
             seed: None,
+            prompt_lookup: true,
         }
     }
 }

@@ -22,6 +22,8 @@ pub struct RawRequest {
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
     pub seed: Option<u64>,
+    /// Ours: false drafts this request with the draft model alone, without prompt lookup.
+    pub prompt_lookup: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     // Known but not implemented: refused when they would change the result.
@@ -320,6 +322,7 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         top_p,
         min_p,
         seed: r.seed,
+        prompt_lookup: r.prompt_lookup.unwrap_or(true),
     })
 }
 
@@ -341,7 +344,7 @@ mod tests {
             r#"{"model":"x","messages":[{"role":"developer","content":"be brief"},
                 {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
-                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"stream":true,
+                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"stream":true,
                 "stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
             Endpoint::Chat,
@@ -369,10 +372,23 @@ mod tests {
                 top_k: 0,
                 top_p: 0.9,
                 min_p: 0.1,
-                seed: Some(42)
+                seed: Some(42),
+                prompt_lookup: false,
             }
         );
         assert!(v.stream && v.include_usage);
+    }
+
+    #[test]
+    fn defaults_are_greedy_with_prompt_lookup() {
+        let v = check(r#"{"prompt":"hi"}"#, Endpoint::Completions).unwrap();
+        assert_eq!(v.sampling, Sampling::default());
+        assert!(v.sampling.prompt_lookup && v.sampling.temperature == 0.0);
+        let e = err(
+            r#"{"prompt":"hi","prompt_lookup":"no"}"#,
+            Endpoint::Completions,
+        );
+        assert!(format!("{e:?}").contains("prompt_lookup"), "{e:?}");
     }
 
     #[test]

@@ -315,6 +315,23 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
     Ok(RequestSampling {
         params,
         greedy_draft,
-        no_draft_lookup: false,
+        no_draft_lookup: !s.prompt_lookup,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_can_leave_prompt_lookup_out() {
+        let on = request_sampling(&Sampling::default(), false).unwrap();
+        assert!(!on.no_draft_lookup && on.params.is_greedy() && !on.greedy_draft);
+        let off = Sampling {
+            prompt_lookup: false,
+            ..Sampling::default()
+        };
+        let off = request_sampling(&off, true).unwrap();
+        assert!(off.no_draft_lookup && off.greedy_draft);
+    }
 }
