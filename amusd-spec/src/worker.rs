@@ -442,9 +442,10 @@ fn verify_step<D: Decoder>(
         sources.truncate(i + 1);
     }
     // With `room == 0` only the verify model's own token fits the budget: no draft to wait for.
-    let wait = match h.sampling.no_draft_lookup {
-        true => Duration::ZERO,
-        false => opts.wait_for_draft,
+    let wait = if h.sampling.no_draft_lookup {
+        Duration::ZERO
+    } else {
+        opts.wait_for_draft
     };
     if candidates.is_empty() && room > 0 && !wait.is_zero() {
         // A deadline, not a single wait: the bell also rings for things other than a new draft

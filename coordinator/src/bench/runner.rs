@@ -113,9 +113,10 @@ impl RunContext<'_> {
     ) -> Result<()> {
         let strategy = backend.strategy();
         let p = &self.samples[k];
-        let drafter = match arm.no_lookup {
-            true => "model",
-            false => &self.drafter,
+        let drafter = if arm.no_lookup {
+            "model"
+        } else {
+            &self.drafter
         };
         let s = &p.sample;
         let mut conversation = s.conversation.clone();
@@ -215,9 +216,10 @@ impl Arm {
 
     /// The strategy's name, marked when its draft model drafts alone.
     pub(super) fn name(self) -> String {
-        match self.no_lookup {
-            true => format!("{} (model draft alone)", self.strategy.name()),
-            false => self.strategy.name().into(),
+        if self.no_lookup {
+            format!("{} (model draft alone)", self.strategy.name())
+        } else {
+            self.strategy.name().into()
         }
     }
 }
@@ -483,6 +485,16 @@ pub(super) struct Exactness {
     pub(super) mismatches: Vec<String>,
 }
 
+impl Exactness {
+    /// Keeps ar's `records` as the outputs the other strategies must equal.
+    fn adopt_reference(&mut self, records: &[Record]) {
+        for r in records {
+            self.reference
+                .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
+        }
+    }
+}
+
 /// Warms every strategy up, then runs each sample through every strategy in turn, stopping at
 /// the first error.
 pub(super) fn run_all(
@@ -551,7 +563,7 @@ fn run_samples(
     for k in 0..ctx.samples.len() {
         for &arm in &plan.arms {
             let strategy = arm.strategy;
-            pb.set_message(format!("{} {}", plan.dataset_name, strategy.name()));
+            pb.set_message(format!("{} {}", plan.dataset_name, arm.name()));
             let mut done = Outcome {
                 records: Vec::new(),
                 plot: None,
@@ -560,11 +572,7 @@ fn run_samples(
                 ctx.run_sample(b, arm, k, pb, &mut run.exact, &mut done)
             });
             if strategy == Strategy::Ar {
-                for r in &done.records {
-                    run.exact
-                        .reference
-                        .insert((r.sample_index, r.turn), r.metrics.tokens.clone());
-                }
+                run.exact.adopt_reference(&done.records);
             }
             run.records.extend(done.records);
             run.plots.extend(done.plot.map(|p| (strategy, p)));
