@@ -24,6 +24,22 @@ const PAIRS: usize = 4;
 /// stay in L1 while every group of pairs reads them.
 const BLOCK: usize = 32;
 
+/// How many positions ahead of the one being read the scans prefetch: a one-row forward's
+/// attention streams every cached key and value once, and the hardware prefetcher alone leaves it
+/// at about half the core's bandwidth (it restarts at every 4 KiB page). 32 positions are 4-8 KiB
+/// of a 64-wide head, enough to cover the memory latency at full bandwidth.
+const AHEAD: usize = 32;
+
+/// Prefetches the `hd` values of position `t` from `base`, one cache line at a time. A prefetch
+/// never faults, and `wrapping_add` keeps the arithmetic defined past the cache's end.
+#[inline(always)]
+unsafe fn prefetch_position<T>(base: *const T, t: usize, stride: usize, hd: usize) {
+    let row = base.wrapping_add(t * stride).cast::<u8>();
+    for line in (0..hd * std::mem::size_of::<T>()).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast());
+    }
+}
+
 /// Whether this path takes heads of `head_dim` on this CPU.
 pub fn usable(head_dim: usize) -> bool {
     head_dim > 0 && head_dim.is_multiple_of(LANES) && is_x86_feature_detected!("avx512f")
@@ -118,6 +134,9 @@ unsafe fn pair_scores<T: KvElem>(pairs: &Pairs, k: *const T, scores: &mut [f32])
     let out = scores.as_mut_ptr();
     for t in (0..n_max / 4 * 4).step_by(4) {
         let kt = k.add(t * shape.pos_stride);
+        for p in 0..4 {
+            prefetch_position(k, t + AHEAD + p, shape.pos_stride, hd);
+        }
         for g in pairs.first_reaching(t + 3) / PAIRS..quads.len() {
             let (j0, q) = (g * PAIRS, &quads[g]);
             let d = match count - j0 {
@@ -244,6 +263,7 @@ unsafe fn weighted_sums<T: KvElem>(pairs: &Pairs, v: *const T, probs: &[f32], ou
                 from: t0,
                 to: end(j0),
                 fresh: t0 == 0,
+                prefetch: j0 == pairs.first_reaching(t0),
             };
             match n {
                 1 => columns::<T, 1>(shape, &p, v, &o, span),
@@ -256,6 +276,7 @@ unsafe fn weighted_sums<T: KvElem>(pairs: &Pairs, v: *const T, probs: &[f32], ou
                     from: end(j0),
                     to: end(j0 + a),
                     fresh: false,
+                    prefetch: false,
                 };
                 columns::<T, 1>(shape, &[p[a]; PAIRS], v, &[o[a]; PAIRS], rest);
             }
@@ -263,12 +284,15 @@ unsafe fn weighted_sums<T: KvElem>(pairs: &Pairs, v: *const T, probs: &[f32], ou
     }
 }
 
-/// Positions `from..to` of a weighted sum; `fresh`: the chains start there, from zero.
+/// Positions `from..to` of a weighted sum; `fresh`: the chains start there, from zero;
+/// `prefetch`: this is the block's first pass over the values, which prefetches the next block's
+/// (the passes after it find the block in L1).
 #[derive(Clone, Copy)]
 struct Span {
     from: usize,
     to: usize,
     fresh: bool,
+    prefetch: bool,
 }
 
 /// [`weighted`] over the head's columns: 64 at a time, then 16.
@@ -319,6 +343,9 @@ unsafe fn weighted<T: KvElem, const P: usize, const V: usize>(
         })
     });
     for t in span.from..span.to {
+        if V == 4 && span.prefetch {
+            prefetch_position(v, t + AHEAD, stride, LANES * V);
+        }
         let vt: [__m512; V] = std::array::from_fn(|c| T::kv_load16(v.add(t * stride + LANES * c)));
         for a in 0..P {
             let pa = _mm512_set1_ps(*p[a].add(t));

@@ -421,7 +421,9 @@ pub fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) 
         } else {
             let groups = k / GROUP;
             for g in 0..groups {
-                widen_group(isa, w.kind, &panel[g * w.kind.group_bytes()..], &mut wide);
+                let group = &panel[g * w.kind.group_bytes()..];
+                prefetch_ahead(group, w.kind.group_bytes());
+                widen_group(isa, w.kind, group, &mut wide);
                 // A whole panel's last group leaves its sums in `y` itself.
                 let out = (g + 1 == groups && cols == PANEL).then(|| (&mut y[j0..], n));
                 let sums = Sums {
@@ -610,6 +612,28 @@ mod portable {
             std::slice::from_raw_parts_mut(row.dst, PANEL).copy_from_slice(&a);
         }
     }
+}
+
+/// Groups ahead of the one being widened that the widen-once path prefetches: the rows' FMAs over
+/// a group take long enough to hide the memory latency of the next ones.
+const WIDEN_AHEAD: usize = 2;
+
+/// Prefetches the group [`WIDEN_AHEAD`] groups of `bytes` past `group`'s start (panels lie one
+/// after the other, so past a panel's end is the next panel, read next). A prefetch never faults,
+/// and `wrapping_add` keeps the arithmetic defined past the matrix's end.
+#[inline]
+fn prefetch_ahead(group: &[u8], bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let next = group.as_ptr().wrapping_add(WIDEN_AHEAD * bytes);
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast()) }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (group, bytes);
 }
 
 /// Groups ahead the SIMD paths prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
