@@ -643,13 +643,6 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// `gate = silu(gate) * up`, elementwise.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * *u;
-    }
-}
-
 /// Index of the largest value; ties go to the lowest index and NaN never wins, so the choice is a
 /// pure function of the logits' bits. Every greedy position of both models pays for one over the
 /// whole vocabulary; the AVX path (chosen at run time) returns what [`argmax_reference`] does.

@@ -26,6 +26,7 @@ pub mod qexact;
 pub mod qkernels;
 pub mod ranking;
 pub mod screen;
+pub mod silu;
 pub mod softmax;
 pub mod testing;
 pub mod tokenizer;

@@ -9,6 +9,7 @@ use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels;
 use crate::linear::{Batching, Linear};
 use crate::screen::ScreenedHead;
+use crate::silu;
 use crate::ModelError;
 
 /// One transformer block. Q, K and V are fused into `wqkv`, gate and up into `w_gate_up`.
@@ -310,7 +311,7 @@ impl Llama {
             .zip(s.act.chunks_exact_mut(ff))
         {
             a.copy_from_slice(&row[..ff]);
-            kernels::silu_mul(a, &row[ff..]);
+            silu::silu_mul(a, &row[ff..]);
         }
         block
             .w_down
