@@ -14,6 +14,41 @@ use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 8;
 
+/// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the same
+/// maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the same
+/// scale and reciprocal, the same product rounded half to even by the conversion (the default
+/// rounding mode), and NaN to 0 as Rust's `as i8` gives (the conversion's 0x80000000 keeps a zero
+/// low byte). The quants lie in -127..=127, so keeping each one's low byte is exact.
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512BW; `a` holds `x.len() / QK` blocks.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub unsafe fn quantize(x: &[f32], a: &mut QuantActs) {
+    let blocks = x.len() / QK;
+    assert!(a.q.len() >= blocks * QK && a.d.len() >= blocks && a.s.len() >= blocks);
+    assert!(a.ds.len() >= blocks);
+    let sign = _mm512_set1_ps(-0.0);
+    for b in 0..blocks {
+        let xs = x.as_ptr().add(b * QK);
+        let (v0, v1) = (_mm512_loadu_ps(xs), _mm512_loadu_ps(xs.add(16)));
+        let abs = |v: __m512| _mm512_andnot_ps(sign, v);
+        let m = _mm512_max_ps(abs(v1), _mm512_max_ps(abs(v0), _mm512_setzero_ps()));
+        let amax = _mm512_reduce_max_ps(m);
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
+        let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        let q = a.q.as_mut_ptr().add(b * QK);
+        _mm_storeu_si128(q.cast(), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(q.add(16).cast(), _mm512_cvtepi32_epi8(q1));
+        // Sign-extend the stored bytes: a NaN's 0x80000000 sums as the 0 it stored.
+        let stored = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.cast()));
+        let stored1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16).cast()));
+        let s = _mm512_reduce_add_epi32(_mm512_add_epi32(stored, stored1));
+        (a.d[b], a.s[b], a.ds[b]) = (d, s, d * s as f32);
+    }
+}
+
 /// # Safety
 /// The CPU must have AVX512F, AVX512BW and AVX512-VNNI; `a` must hold `m` rows of `w.cols()`
 /// values and `y` `m * w.rows()` outputs.

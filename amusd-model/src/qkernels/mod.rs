@@ -314,8 +314,9 @@ fn abs_max(xs: &[f32]) -> f32 {
 }
 
 impl QuantActs {
-    /// One portable function for every path: the quantized activations are part of the result's
-    /// definition. Rounds half to even, as ggml's AVX quantizer does.
+    /// The quantized activations are part of the result's definition: [`Self::quantize_block`]
+    /// defines them, and the AVX-512 quantizer (where the CPU has it; tested bit for bit) computes
+    /// the same. Rounds half to even, as ggml's AVX quantizer does.
     fn new(x: &[f32], m: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut a = Self {
@@ -325,21 +326,30 @@ impl QuantActs {
             s: vec![0; m * nb],
             ds: vec![0.0; m * nb],
         };
+        #[cfg(target_arch = "x86_64")]
+        if Path::Avx512Vnni.available() {
+            // SAFETY: the CPU has AVX512F and AVX512BW (checked); `a` holds `m * nb` blocks.
+            unsafe { avx512::quantize(&x[..m * k], &mut a) };
+            return a;
+        }
         let blocks = x[..m * k].chunks_exact(QK).zip(a.q.chunks_exact_mut(QK));
         for (i, (xs, qs)) in blocks.enumerate() {
-            let amax = abs_max(xs);
-            let d = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut s = 0i32;
-            for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round_ties_even() as i8;
-                s += *q as i32;
-            }
-            a.d[i] = d;
-            a.s[i] = s;
-            a.ds[i] = d * s as f32;
+            (a.d[i], a.s[i], a.ds[i]) = Self::quantize_block(xs, qs);
         }
         a
+    }
+
+    /// One block: its quants into `qs`, and its scale, quant sum and `scale * sum`.
+    fn quantize_block(xs: &[f32], qs: &mut [i8]) -> (f32, i32, f32) {
+        let amax = abs_max(xs);
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut s = 0i32;
+        for (q, v) in qs.iter_mut().zip(xs) {
+            *q = (v * id).round_ties_even() as i8;
+            s += *q as i32;
+        }
+        (d, s, d * s as f32)
     }
 
     fn row(&self, i: usize) -> &[i8] {
@@ -586,6 +596,33 @@ mod tests {
 
         /// The lane-parallel maximum is the one-chain fold's, bit for bit, NaNs and signed zeros
         /// included.
+        /// The AVX-512 quantizer gives the definition's quants, scales and sums, whatever the
+        /// values (NaN, infinities, signed zeros, subnormals, wide ranges).
+        #[test]
+        fn the_quantizer_has_the_definitions_bits(
+            xs in proptest::collection::vec(
+                prop_oneof![
+                    4 => -3.0f32..3.0,
+                    1 => any::<f32>(),
+                    1 => Just(f32::NAN),
+                    1 => Just(-0.0f32),
+                    1 => Just(f32::INFINITY),
+                    1 => Just(1e-40f32),
+                ],
+                QK..8 * QK,
+            ),
+        ) {
+            let k = xs.len() / QK * QK;
+            let got = QuantActs::new(&xs[..k], 1, k);
+            for (b, block) in xs[..k].chunks_exact(QK).enumerate() {
+                let mut qs = [0i8; QK];
+                let (d, s, ds) = QuantActs::quantize_block(block, &mut qs);
+                prop_assert_eq!(&got.q[b * QK..(b + 1) * QK], &qs[..]);
+                prop_assert_eq!((got.d[b].to_bits(), got.s[b]), (d.to_bits(), s));
+                prop_assert_eq!(got.ds[b].to_bits(), ds.to_bits());
+            }
+        }
+
         #[test]
         fn abs_max_is_the_folded_maximum(
             xs in proptest::collection::vec(
