@@ -7,7 +7,7 @@
 //! true value), and the sum runs in 8 lanes (score `i` into lane `i % 8`, in order) reduced by a
 //! fixed tree. The portable path and the AVX2 path execute the same IEEE operations in the same
 //! order, so they give the same bits (tested), and the verify model's batch invariance does not
-//! depend on which one runs.
+//! depend on which one runs. The AVX-512 path does the same on sixteen lanes.
 
 /// Below this, `exp` is taken as 0 (`e^-87` is 1.6e-38, and the sum holds at least `e^0 = 1`).
 const FLOOR: f32 = -87.0;
@@ -31,6 +31,11 @@ const LANES: usize = 8;
 /// Replaces each score `s` by `exp(s - max)` and returns `1 / sum` of the results; `max` is the
 /// largest score (so the sum is at least 1).
 pub fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::usable() {
+        // SAFETY: `usable` checked at run time that the CPU has AVX512F.
+        return unsafe { avx512::softmax_in_place(scores) };
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2::usable() {
         // SAFETY: `usable` checked at run time that the CPU has AVX2 and FMA.
@@ -152,6 +157,83 @@ mod avx2 {
     }
 }
 
+/// The AVX2 path's operations on sixteen lanes. The sums keep the definition's eight lanes and
+/// order: a vector's low half holds scores `i..i + 8` and its high half `i + 8..i + 16`, so each
+/// sum lane takes the low half's value, then the high half's.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    pub fn usable() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// [`portable::exp`] on 16 lanes, operation for operation.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(x, _mm512_set1_ps(CEIL));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(LOG2E)),
+        );
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+        let r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+        let mut p = _mm512_set1_ps(POLY[0]);
+        for &c in &POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(
+            _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r),
+            _mm512_set1_ps(1.0),
+        );
+        let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let kept = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(FLOOR));
+        _mm512_maskz_mov_ps(kept, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)))
+    }
+
+    /// # Safety
+    /// The CPU must have AVX512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softmax_in_place(scores: &mut [f32]) -> f32 {
+        let (len, at) = (scores.len(), scores.as_mut_ptr());
+        let (body, half) = (len / 16 * 16, len / LANES * LANES);
+        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..body).step_by(16) {
+            top = _mm512_max_ps(top, _mm512_loadu_ps(at.add(i)));
+        }
+        // Max is exact in any order; ±0 ties give the same differences below.
+        let max = scores[body..]
+            .iter()
+            .fold(_mm512_reduce_max_ps(top), |m, &v| m.max(v));
+        let shift = _mm512_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..body).step_by(16) {
+            let e = exp(_mm512_sub_ps(_mm512_loadu_ps(at.add(i)), shift));
+            _mm512_storeu_ps(at.add(i), e);
+            sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            sum = _mm256_add_ps(sum, high);
+        }
+        if half > body {
+            let x = _mm512_castps256_ps512(_mm256_loadu_ps(at.add(body)));
+            let e = _mm512_castps512_ps256(exp(_mm512_sub_ps(x, shift)));
+            _mm256_storeu_ps(at.add(body), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        let mut lanes = [0f32; LANES];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        for (l, s) in scores[half..].iter_mut().enumerate() {
+            *s = portable::exp(*s - max);
+            lanes[l] += *s;
+        }
+        reciprocal_of_sum(lanes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,10 +278,17 @@ mod tests {
             n in 1usize..80, scale in prop::sample::select(vec![0.1f32, 10.0, 300.0]), seed: u64,
         ) {
             let scores: Vec<f32> = test_values(n, seed).iter().map(|v| v * scale).collect();
-            let (mut a, mut b) = (scores.clone(), scores);
+            let (mut a, mut b) = (scores.clone(), scores.clone());
             let (ia, ib) = (softmax_in_place(&mut a), portable::softmax_in_place(&mut b));
             prop_assert_eq!(ia.to_bits(), ib.to_bits());
             prop_assert_eq!(bits(&a), bits(&b));
+            #[cfg(target_arch = "x86_64")]
+            if avx2::usable() {
+                let mut c = scores;
+                // SAFETY: `usable` checked that the CPU has AVX2 and FMA.
+                let ic = unsafe { avx2::softmax_in_place(&mut c) };
+                prop_assert_eq!((ic.to_bits(), bits(&c)), (ib.to_bits(), bits(&b)));
+            }
         }
     }
 }
