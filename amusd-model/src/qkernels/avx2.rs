@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
+use super::{prefetch, tiled, IntPacked, Kind, OutRows, QuantActs, Tile, QK, ROWS};
 
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 4;
@@ -26,7 +26,7 @@ unsafe fn tile_of(
     a: &QuantActs,
     i0: usize,
     t: usize,
-    out: &mut [[f32; ROWS]; TILE],
+    out: OutRows,
 ) {
     match t {
         4 => tile::<4>(w, panel, a, i0, out),
@@ -37,14 +37,15 @@ unsafe fn tile_of(
 }
 
 /// # Safety
-/// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`.
+/// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`, and
+/// `out` has `T` rows of `ROWS` writable floats.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile<const T: usize>(
     w: &IntPacked,
     panel: *const u8,
     a: &QuantActs,
     i0: usize,
-    out: &mut [[f32; ROWS]; TILE],
+    out: OutRows,
 ) {
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
@@ -52,9 +53,10 @@ unsafe fn tile<const T: usize>(
         Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
         Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
     };
-    for (t, o) in out.iter_mut().take(T).enumerate() {
-        _mm256_storeu_ps(o.as_mut_ptr(), acc[0][t]);
-        _mm256_storeu_ps(o.as_mut_ptr().add(8), acc[1][t]);
+    for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
+        let o = out.at.add(t * out.stride);
+        _mm256_storeu_ps(o, *low);
+        _mm256_storeu_ps(o.add(8), *high);
     }
 }
 

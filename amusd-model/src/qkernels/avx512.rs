@@ -9,7 +9,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{prefetch, tiled, IntPacked, Kind, QuantActs, Tile, QK, ROWS, TILE};
+use super::{prefetch, tiled, IntPacked, Kind, OutRows, QuantActs, Tile, QK, ROWS};
 
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 8;
@@ -67,7 +67,7 @@ unsafe fn tile_of(
     a: &QuantActs,
     i0: usize,
     t: usize,
-    out: &mut [[f32; ROWS]; TILE],
+    out: OutRows,
 ) {
     match t {
         8 => tile::<8>(w, panel, a, i0, out),
@@ -82,14 +82,15 @@ unsafe fn tile_of(
 }
 
 /// # Safety
-/// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`.
+/// As [`matmul`]; `panel` points to a whole panel of `w`, rows `i0..i0 + T` exist in `a`, and
+/// `out` has `T` rows of `ROWS` writable floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile<const T: usize>(
     w: &IntPacked,
     panel: *const u8,
     a: &QuantActs,
     i0: usize,
-    out: &mut [[f32; ROWS]; TILE],
+    out: OutRows,
 ) {
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
@@ -97,8 +98,8 @@ unsafe fn tile<const T: usize>(
         Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
         Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
     };
-    for (t, o) in out.iter_mut().take(T).enumerate() {
-        _mm512_storeu_ps(o.as_mut_ptr(), acc[t]);
+    for (t, row) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.at.add(t * out.stride), *row);
     }
 }
 

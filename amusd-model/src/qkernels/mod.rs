@@ -481,13 +481,22 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
     acc
 }
 
+/// Where a tile's kernel stores its rows' outputs: row `t`'s [`ROWS`] values at `at + t * stride`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct OutRows {
+    at: *mut f32,
+    stride: usize,
+}
+
 /// A SIMD path's kernel for one tile: activation rows `i0..i0 + t` (`t` at most the path's tile
-/// height, itself at most [`TILE`]) times the panel at `panel` into `out[..t]`.
-type TileKernel =
-    unsafe fn(&IntPacked, *const u8, &QuantActs, usize, usize, &mut [[f32; ROWS]; TILE]);
+/// height, itself at most [`TILE`]) times the panel at `panel` into `out`'s first `t` rows.
+#[cfg(target_arch = "x86_64")]
+type TileKernel = unsafe fn(&IntPacked, *const u8, &QuantActs, usize, usize, OutRows);
 
 /// The SIMD paths' walk over a batch ([`CHUNK`] and [`GROUP`] say why this order): `kernel` for
-/// every tile of `height` rows (the last may be shorter) and panel, results copied into `y`.
+/// every tile of `height` rows (the last may be shorter) and panel. A whole panel's outputs go
+/// straight into `y`; the last, partial one's through a buffer.
 ///
 /// # Safety
 /// The CPU must run `kernel`, which must take tiles of up to `height` rows; `a` must hold `m` rows
@@ -502,17 +511,25 @@ unsafe fn tiled(
     height: usize,
 ) {
     assert!((1..=TILE).contains(&height) && CHUNK.is_multiple_of(height));
+    assert!(y.len() >= m * w.n, "matmul_int output");
     let (n, panels) = (w.n, w.panels());
+    let mut partial = [[0f32; ROWS]; TILE];
     for c0 in (0..m).step_by(CHUNK) {
         let chunk = c0..(c0 + CHUNK).min(m);
         for g0 in (0..panels).step_by(GROUP) {
             for i0 in chunk.clone().step_by(height) {
                 let t = (chunk.end - i0).min(height);
                 for p in g0..(g0 + GROUP).min(panels) {
-                    let mut out = [[0f32; ROWS]; TILE];
-                    kernel(w, w.panel(p).as_ptr(), a, i0, t, &mut out);
                     let count = (n - p * ROWS).min(ROWS);
-                    for (di, o) in out.iter().take(t).enumerate() {
+                    let panel = w.panel(p).as_ptr();
+                    if count == ROWS {
+                        let at = y.as_mut_ptr().add(i0 * n + p * ROWS);
+                        kernel(w, panel, a, i0, t, OutRows { at, stride: n });
+                        continue;
+                    }
+                    let at = partial.as_mut_ptr().cast::<f32>();
+                    kernel(w, panel, a, i0, t, OutRows { at, stride: ROWS });
+                    for (di, o) in partial.iter().take(t).enumerate() {
                         let row = (i0 + di) * n + p * ROWS;
                         y[row..row + count].copy_from_slice(&o[..count]);
                     }
