@@ -25,18 +25,19 @@ const PAIRS: usize = 4;
 const BLOCK: usize = 32;
 
 /// How many positions ahead of the one being read the scans prefetch: a one-row forward's
-/// attention streams every cached key and value once, and the hardware prefetcher alone leaves it
-/// at about half the core's bandwidth (it restarts at every 4 KiB page). 32 positions are 4-8 KiB
-/// of a 64-wide head, enough to cover the memory latency at full bandwidth.
+/// attention streams every cached key and value once, and with the hardware prefetcher alone it
+/// ran at about half the core's bandwidth (measured; `benches/attention.rs`). 32 positions are
+/// 4-8 KiB of a 64-wide head, enough to cover the memory latency at full bandwidth.
 const AHEAD: usize = 32;
 
-/// Prefetches the `hd` values of position `t` from `base`, one cache line at a time. A prefetch
-/// never faults, and `wrapping_add` keeps the arithmetic defined past the cache's end.
+/// Prefetches the `hd` values of position `t` from `base`, one cache line at a time.
 #[inline(always)]
-unsafe fn prefetch_position<T>(base: *const T, t: usize, stride: usize, hd: usize) {
+fn prefetch_position<T>(base: *const T, t: usize, stride: usize, hd: usize) {
     let row = base.wrapping_add(t * stride).cast::<u8>();
     for line in (0..hd * std::mem::size_of::<T>()).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast());
+        // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally (it never
+        // faults); `wrapping_add` keeps the arithmetic defined past the cache's end.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast()) }
     }
 }
 
