@@ -3,12 +3,12 @@
 //! The forward used to call libm's `expf` once per gate value: 46 080 calls a row, about a tenth
 //! of a 200-token prefill. [`expf`] is glibc's `expf` (since 2.28, from Arm's optimized-routines)
 //! written out: the same double-precision operations, fused where glibc's FMA build fuses them,
-//! and the same 32-entry table, so on a glibc machine with FMA (the build `expf` resolves to there)
+//! and the same 32-entry table. On a glibc machine with FMA (where `expf` resolves to that build)
 //! it returns libm's bits for every input (all 2^32 compared once, glibc 2.36; the test compares
-//! every 509th), and every output recorded before this module stays valid. Being ours, it returns those bits on every platform. The AVX-512 path runs the
-//! same operations eight doubles at a time (two vectors per sixteen gate values) and hands the rare
-//! lanes that need glibc's special cases (`|x| >= 88`, infinities, NaN) to the scalar code, so both
-//! paths give the same bits (tested).
+//! every 509th), so every output recorded before this module stays valid; being ours, it returns
+//! those bits on every platform. The AVX-512 path runs the same operations eight doubles at a time
+//! (two vectors per sixteen gate values) and hands the rare lanes that need glibc's special cases
+//! (`|x| >= 88`, infinities, NaN) to the scalar code, so both paths give the same bits (tested).
 
 /// `N / ln 2` for the table's `N = 32` steps per octave.
 const INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe);

@@ -14,9 +14,9 @@ use super::{prefetch, tiled, IntPacked, Kind, OutRows, QuantActs, Tile, QK, ROWS
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 8;
 
-/// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the same
-/// maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the same
-/// scale and reciprocal, the same product rounded half to even by the conversion (the default
+/// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the
+/// same maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the
+/// same scale and reciprocal, the same product rounded half to even by the conversion (the default
 /// rounding mode), and NaN to 0 as Rust's `as i8` gives (the conversion's 0x80000000 keeps a zero
 /// low byte). The quants lie in -127..=127, so keeping each one's low byte is exact.
 ///

@@ -611,8 +611,6 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// The lane-parallel maximum is the one-chain fold's, bit for bit, NaNs and signed zeros
-        /// included.
         /// The AVX-512 quantizer gives the definition's quants, scales and sums, whatever the
         /// values (NaN, infinities, signed zeros, subnormals, wide ranges).
         #[test]
@@ -640,6 +638,8 @@ mod tests {
             }
         }
 
+        /// The lane-parallel maximum is the one-chain fold's, bit for bit, NaNs and signed zeros
+        /// included.
         #[test]
         fn abs_max_is_the_folded_maximum(
             xs in proptest::collection::vec(
