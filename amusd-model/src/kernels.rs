@@ -419,7 +419,7 @@ fn tile<const R: usize, T: Widen>(
 /// it is issued).
 #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
 mod simd {
-    use super::{Widen, LANES, PANEL};
+    use super::{prefetch_range, Widen, LANES, PANEL};
     use std::arch::x86_64::*;
     /// How many reduction steps (of `PANEL` weights, 256 bytes of f32) ahead the tile prefetches.
     /// The hardware prefetcher alone fell behind once a tile had several rows' FMAs per step: a
@@ -470,12 +470,9 @@ mod simd {
             let w = panel.as_ptr();
             for p in 0..k {
                 let wp = w.add(p * PANEL);
-                // A prefetch never faults, so running past the panel's end (into the next panel,
-                // which is read next) is harmless; wrapping_add keeps the pointer arithmetic defined.
-                let ahead = wp.wrapping_add(PREFETCH_STEPS * PANEL).cast::<i8>();
-                for line in 0..PANEL * size_of::<T>() / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                }
+                // Running past the panel's end reaches the next panel, which is read next.
+                let ahead = wp.wrapping_add(PREFETCH_STEPS * PANEL).cast::<u8>();
+                prefetch_range(ahead, PANEL * size_of::<T>());
                 let wv = [
                     T::load16(wp),
                     T::load16(wp.add(16)),
@@ -641,6 +638,22 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
             *v = *v * scale * *w;
         }
     }
+}
+
+/// Prefetches every cache line of the `bytes` bytes at `start` into L1. A prefetch never faults
+/// and reads nothing architecturally, so `start` may lie past the end of its buffer (the kernels
+/// prefetch a fixed distance ahead and run off the end of the last panel or position); callers
+/// compute it with `wrapping_add`, which keeps that arithmetic defined. A no-op off x86-64.
+#[inline(always)]
+pub fn prefetch_range(start: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: SSE is part of x86-64, and a prefetch neither faults nor reads architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(line).cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, bytes);
 }
 
 /// Index of the largest value; ties go to the lowest index and NaN never wins, so the choice is a

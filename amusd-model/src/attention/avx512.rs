@@ -10,6 +10,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{dot_widened, softmax_in_place, KvElem, QueryRows, Shape};
+use crate::kernels::prefetch_range;
 use std::arch::x86_64::*;
 
 /// Lanes of a vector, and of [`crate::kernels::dot`]'s chains.
@@ -30,15 +31,11 @@ const BLOCK: usize = 32;
 /// 4-8 KiB of a 64-wide head, enough to cover the memory latency at full bandwidth.
 const AHEAD: usize = 32;
 
-/// Prefetches the `hd` values of position `t` from `base`, one cache line at a time.
+/// Prefetches the `hd` values of position `t` from `base`.
 #[inline(always)]
 fn prefetch_position<T>(base: *const T, t: usize, stride: usize, hd: usize) {
     let row = base.wrapping_add(t * stride).cast::<u8>();
-    for line in (0..hd * std::mem::size_of::<T>()).step_by(64) {
-        // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally (it never
-        // faults); `wrapping_add` keeps the arithmetic defined past the cache's end.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(line).cast()) }
-    }
+    prefetch_range(row, hd * std::mem::size_of::<T>());
 }
 
 /// Whether this path takes heads of `head_dim` on this CPU.

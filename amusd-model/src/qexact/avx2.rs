@@ -94,11 +94,7 @@ unsafe fn strip<
     let mut acc = [[_mm256_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
         let base = panel.as_ptr().add(g * gb);
-        let ahead = base.wrapping_add(PREFETCH_GROUPS * gb);
-        for line in (0..gb).step_by(64) {
-            // A prefetch never faults; wrapping_add keeps the arithmetic defined past the end.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-        }
+        prefetch_range(base.wrapping_add(PREFETCH_GROUPS * gb), gb);
         let sc: [(__m256, __m256); V] = std::array::from_fn(|v| scales::<OFF>(base, col + 8 * v));
         let q = base.add(scale_bytes::<OFF>() + col);
         let p0 = g * GROUP;

@@ -16,7 +16,7 @@
 use candle_core::quantized::GgmlDType;
 
 use crate::gguf::check_block_matrix;
-use crate::kernels::PANEL;
+use crate::kernels::{prefetch_range, PANEL};
 use crate::ModelError;
 
 /// Reduction steps per scale (GGUF's block size for every supported type).
@@ -422,7 +422,9 @@ pub fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) 
             let groups = k / GROUP;
             for g in 0..groups {
                 let group = &panel[g * w.kind.group_bytes()..];
-                prefetch_ahead(group, w.kind.group_bytes());
+                // Panels lie one after the other: past a panel's end is the next panel, read next.
+                let bytes = w.kind.group_bytes();
+                prefetch_range(group.as_ptr().wrapping_add(WIDEN_AHEAD * bytes), bytes);
                 widen_group(isa, w.kind, group, &mut wide);
                 // A whole panel's last group leaves its sums in `y` itself.
                 let out = (g + 1 == groups && cols == PANEL).then(|| (&mut y[j0..], n));
@@ -617,24 +619,6 @@ mod portable {
 /// Groups ahead of the one being widened that the widen-once path prefetches: the rows' FMAs over
 /// a group take long enough to hide the memory latency of the next ones.
 const WIDEN_AHEAD: usize = 2;
-
-/// Prefetches the group [`WIDEN_AHEAD`] groups of `bytes` past `group`'s start (panels lie one
-/// after the other, so past a panel's end is the next panel, read next). A prefetch never faults,
-/// and `wrapping_add` keeps the arithmetic defined past the matrix's end.
-#[inline]
-fn prefetch_ahead(group: &[u8], bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let next = group.as_ptr().wrapping_add(WIDEN_AHEAD * bytes);
-        for line in (0..bytes).step_by(64) {
-            // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(line).cast()) }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (group, bytes);
-}
 
 /// Groups ahead the SIMD paths prefetch when decoding; one group of a q4_1 panel is 1280 bytes.
 #[cfg(target_arch = "x86_64")]
