@@ -10,10 +10,12 @@
 //! every other token keeps its coarse logit (an estimate, so a sampling draft still sees the whole
 //! vocabulary). Each row's result depends on that row alone: the screen is batch-invariant.
 
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
-use crate::linear::{quantized_weights, Batching, Linear};
+use candle_core::quantized::GgmlDType;
+
+use crate::linear::{Batching, Linear, Weights};
+use crate::qkernels::{abs_max, IntPacked};
 use crate::ModelError;
 
 /// Candidates a row scores with the stored head when none is asked for (see the module doc).
@@ -49,14 +51,11 @@ impl ScreenedHead {
         for first in (0..n).step_by(LOAD_CHUNK) {
             let ids: Vec<u32> = (first as u32..n.min(first + LOAD_CHUNK) as u32).collect();
             head.rows_into(&ids, &mut rows)?;
-            let t = Tensor::from_slice(&rows[..ids.len() * k], (ids.len(), k), &Device::Cpu)?;
-            blocks.extend_from_slice(&QTensor::quantize(&t, COARSE)?.data()?);
+            quantize_q4_0(&rows[..ids.len() * k], &mut blocks);
         }
-        let storage =
-            candle_core::quantized::QStorage::from_data(blocks.into(), &Device::Cpu, COARSE)?;
-        let coarse = QTensor::new(storage, (n, k))?;
+        let coarse = IntPacked::from_ggml(COARSE, &blocks, n, k)?;
         Ok(Self {
-            coarse: Linear::new(quantized_weights(coarse)?, n, k)?,
+            coarse: Linear::new(Weights::Int(Arc::new(coarse)), n, k)?,
             keep: keep.min(n),
         })
     }
@@ -92,6 +91,40 @@ impl ScreenedHead {
             }
         }
         Ok(())
+    }
+}
+
+/// `xs` (whole 32-value blocks) as GGUF q4_0 blocks appended to `out`: ggml's reference
+/// quantizer, bit for bit as candle's `BlockQ4_0::from_float` computes it (tested), without its
+/// tensor copies: the scale is the first value of largest magnitude over -8 (stored as f16), and
+/// each value `x` becomes `min(15, trunc(x / scale + 8.5))`, saturating at 0.
+fn quantize_q4_0(xs: &[f32], out: &mut Vec<u8>) {
+    const QK: usize = 32;
+    for block in xs.chunks_exact(QK) {
+        // The first value reaching the largest magnitude (NaN never does): where ggml's running
+        // `amax < |x|` comparison last moved. +0 when every value is zero or NaN, as there.
+        let amax = abs_max(block);
+        let max = match amax > 0.0 {
+            true => block
+                .iter()
+                .copied()
+                .find(|v| v.abs() == amax)
+                .unwrap_or(0.0),
+            false => 0.0,
+        };
+        let d = max / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        // `min(15, v as u8)`: the cast saturates (NaN to 0), so clamping first changes nothing.
+        let mut q = [0u8; QK];
+        for (o, &x) in q.iter_mut().zip(block) {
+            *o = (x * id + 8.5).clamp(0.0, 15.0) as u8;
+        }
+        let mut qs = [0u8; QK / 2];
+        for (j, o) in qs.iter_mut().enumerate() {
+            *o = q[j] | (q[QK / 2 + j] << 4);
+        }
+        out.extend_from_slice(&half::f16::from_f32(d).to_le_bytes());
+        out.extend_from_slice(&qs);
     }
 }
 
@@ -136,6 +169,72 @@ mod tests {
             got.sort_by(|a, b| b.total_cmp(a));
             prop_assert_eq!(got, want);
         }
+    }
+
+    /// Candle's quantizer, the definition [`quantize_q4_0`] follows.
+    fn candle_q4_0(xs: &[f32]) -> Vec<u8> {
+        use candle_core::quantized::QTensor;
+        use candle_core::{Device, Tensor};
+        let t = Tensor::from_slice(xs, (1, xs.len()), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, COARSE)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    }
+
+    proptest! {
+        #[test]
+        fn the_q4_0_quantizer_is_candles(
+            values in proptest::collection::vec(-4f32..4.0, 32..=96),
+            specials in proptest::collection::vec((0usize..96, 0usize..8), 0..6),
+        ) {
+            let mut xs = values[..values.len() / 32 * 32].to_vec();
+            let edge = [0.0, -0.0, f32::NAN, 1e-40, -3.5, 3.5, f32::INFINITY, -1e30];
+            for (at, e) in specials {
+                let n = xs.len();
+                xs[at % n] = edge[e];
+            }
+            let mut ours = Vec::new();
+            quantize_q4_0(&xs, &mut ours);
+            prop_assert_eq!(ours, candle_q4_0(&xs));
+        }
+    }
+
+    /// A sweep through values whose scaled magnitudes fall next to the rounding boundaries of a
+    /// scale that is not a power of two: where a fused `x * id + 8.5` would truncate otherwise.
+    #[test]
+    fn the_q4_0_quantizer_rounds_as_candles_does() {
+        let mut xs = Vec::new();
+        for i in 0..31 * 4096 {
+            if xs.len() % 32 == 0 {
+                xs.push(-7.0);
+            }
+            xs.push(-7.0 + i as f32 * (14.0 / (31.0 * 4096.0)));
+        }
+        xs.resize(xs.len().next_multiple_of(32), 0.0);
+        let mut ours = Vec::new();
+        quantize_q4_0(&xs, &mut ours);
+        assert_eq!(ours, candle_q4_0(&xs));
+    }
+
+    #[test]
+    fn the_q4_0_quantizer_keeps_the_first_of_tied_magnitudes() {
+        for block in [[0f32; 32], [-0.0; 32], [f32::NAN; 32]] {
+            let mut ours = Vec::new();
+            quantize_q4_0(&block, &mut ours);
+            assert_eq!(ours, candle_q4_0(&block));
+        }
+        let mut tied = [0.5f32; 32];
+        (tied[3], tied[9]) = (-2.0, 2.0);
+        let mut ours = Vec::new();
+        quantize_q4_0(&tied, &mut ours);
+        assert_eq!(ours, candle_q4_0(&tied));
+        tied[3] = 2.0;
+        tied[9] = -2.0;
+        ours.clear();
+        quantize_q4_0(&tied, &mut ours);
+        assert_eq!(ours, candle_q4_0(&tied));
     }
 
     #[test]

@@ -232,12 +232,29 @@ impl IntPacked {
                 "cannot stack matrices of different types or widths".into(),
             ));
         }
-        // Load-time only, so the simple way: back to GGUF rows and repack.
+        let n = parts.iter().map(|p| p.n).sum();
+        // Parts of whole panels (every one but the last, whose padding rows are at the end):
+        // the stacked panels are theirs, in order. SmolLM2's Q/K/V and gate/up all are.
+        if parts[..parts.len() - 1]
+            .iter()
+            .all(|p| p.n.is_multiple_of(ROWS))
+        {
+            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+            for p in parts {
+                data.extend_from_slice(&p.data);
+            }
+            return Ok(Self {
+                kind: first.kind,
+                n,
+                k: first.k,
+                data,
+            });
+        }
+        // Otherwise back to GGUF rows and repack.
         let mut bytes = Vec::new();
         for p in parts {
             bytes.extend_from_slice(&p.to_ggml());
         }
-        let n = parts.iter().map(|p| p.n).sum();
         Self::from_ggml(first.kind.dtype(), &bytes, n, first.k)
     }
 
@@ -301,7 +318,7 @@ struct QuantActs {
 
 /// `max(0, |x|...)`, NaNs ignored (as `f32::max` ignores them). Eight running maxima, not one
 /// chain: max is exact, so the grouping cannot change the result, and the compiler vectorises it.
-fn abs_max(xs: &[f32]) -> f32 {
+pub(crate) fn abs_max(xs: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = xs.chunks_exact(8);
     for c in &mut chunks {
@@ -742,18 +759,21 @@ mod tests {
     #[test]
     fn stacking_equals_packing_the_stacked_rows() {
         let k = 64;
-        for dtype in DTYPES {
-            let parts: Vec<(Vec<u8>, usize)> = [(5, 1), (16, 2), (23, 3)]
+        // Repacked rows, and whole panels but in the last part (concatenated).
+        let shapes = [[(5, 1), (16, 2), (23, 3)], [(16, 1), (32, 2), (7, 3)]];
+        for (dtype, shape) in DTYPES.into_iter().flat_map(|d| shapes.map(|s| (d, s))) {
+            let parts: Vec<(Vec<u8>, usize)> = shape
                 .into_iter()
                 .map(|(n, seed)| (quantized(dtype, n, k, seed).0, n))
                 .collect();
+            let total = parts.iter().map(|(_, n)| n).sum();
             let packed: Vec<IntPacked> = parts
                 .iter()
                 .map(|(b, n)| IntPacked::from_ggml(dtype, b, *n, k).unwrap())
                 .collect();
             let stacked = IntPacked::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
             let all: Vec<u8> = parts.iter().flat_map(|(b, _)| b.clone()).collect();
-            let want = IntPacked::from_ggml(dtype, &all, 44, k).unwrap();
+            let want = IntPacked::from_ggml(dtype, &all, total, k).unwrap();
             assert_eq!(stacked, want, "{dtype:?}");
             let x = random(3 * k, 4);
             let y = product(Path::detect(), &x, 3, &stacked);
@@ -761,7 +781,7 @@ mod tests {
             for p in &packed {
                 let yp = product(Path::detect(), &x, 3, p);
                 for i in 0..3 {
-                    let got = &y[i * 44 + off..i * 44 + off + p.rows()];
+                    let got = &y[i * total + off..i * total + off + p.rows()];
                     assert_eq!(got, &yp[i * p.rows()..(i + 1) * p.rows()], "{dtype:?}");
                 }
                 off += p.rows();
