@@ -129,6 +129,29 @@ impl BlockKind {
         }
         (d, m)
     }
+
+    /// Writes one block (scale `d`, offset `m`, integers `q`) as column `c` of a panel's group
+    /// (laid out as [`Self::group_bytes`] says).
+    fn put(self, group: &mut [u8], c: usize, d: u16, m: u16, q: &[i8; GROUP]) {
+        group[2 * c..2 * c + 2].copy_from_slice(&d.to_le_bytes());
+        let mut vals = 2 * PANEL;
+        if self.has_offset() {
+            group[vals + 2 * c..vals + 2 * c + 2].copy_from_slice(&m.to_le_bytes());
+            vals += 2 * PANEL;
+        }
+        let out = &mut group[vals + c..];
+        if self.nibbles() {
+            let bias = self.bias() as i8;
+            for (s, pair) in q.chunks_exact(2).enumerate() {
+                let (lo, hi) = ((pair[0] + bias) as u8, (pair[1] + bias) as u8);
+                out[s * PANEL] = lo | (hi << 4);
+            }
+        } else {
+            for (t, &v) in q.iter().enumerate() {
+                out[t * PANEL] = v as u8;
+            }
+        }
+    }
 }
 
 /// The exact f32 value of integer `q` scaled by `d` plus `m`, as [`BlockKind::decode`] defines it.
@@ -174,48 +197,37 @@ impl BlockPacked {
             ModelError::Unsupported(format!("{dtype:?} weights cannot be widened in registers"))
         })?;
         check_block_matrix(dtype, bytes.len(), n, k, GROUP, kind.block_bytes())?;
-        let groups = n * k / GROUP;
-        let mut dec = Decoded {
-            d: vec![0; groups],
-            m: vec![0; groups],
-            q: vec![0; n * k],
-        };
-        for (i, block) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
-            let q: &mut [i8; GROUP] = (&mut dec.q[i * GROUP..(i + 1) * GROUP])
-                .try_into()
-                .expect("GROUP values");
-            (dec.d[i], dec.m[i]) = kind.decode(block, q);
+        let (groups, gb) = (k / GROUP, kind.group_bytes());
+        let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
+        let mut q = [0i8; GROUP];
+        for (row, blocks) in bytes.chunks_exact(groups * kind.block_bytes()).enumerate() {
+            let panel = &mut data[row / PANEL * groups * gb..][..groups * gb];
+            let blocks = blocks.chunks_exact(kind.block_bytes());
+            for (block, group) in blocks.zip(panel.chunks_exact_mut(gb)) {
+                let (d, m) = kind.decode(block, &mut q);
+                kind.put(group, row % PANEL, d, m, &q);
+            }
         }
-        Ok(Self::pack(kind, n, k, &dec))
+        Ok(Self { kind, n, k, data })
     }
 
     fn pack(kind: BlockKind, n: usize, k: usize, dec: &Decoded) -> Self {
         let (groups, gb) = (k / GROUP, kind.group_bytes());
         let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
-        for (pi, panel) in data.chunks_exact_mut(groups * gb).enumerate() {
-            for (g, out) in panel.chunks_exact_mut(gb).enumerate() {
-                for c in 0..PANEL.min(n - pi * PANEL) {
-                    let row = pi * PANEL + c;
-                    let (d, m) = (dec.d[row * groups + g], dec.m[row * groups + g]);
-                    out[2 * c..2 * c + 2].copy_from_slice(&d.to_le_bytes());
-                    let mut vals = 2 * PANEL;
-                    if kind.has_offset() {
-                        out[vals + 2 * c..vals + 2 * c + 2].copy_from_slice(&m.to_le_bytes());
-                        vals += 2 * PANEL;
-                    }
-                    let q = &dec.q[row * k + g * GROUP..row * k + (g + 1) * GROUP];
-                    if kind.nibbles() {
-                        let bias = kind.bias() as i8;
-                        for s in 0..GROUP / 2 {
-                            let (lo, hi) = ((q[2 * s] + bias) as u8, (q[2 * s + 1] + bias) as u8);
-                            out[vals + s * PANEL + c] = lo | (hi << 4);
-                        }
-                    } else {
-                        for (t, &v) in q.iter().enumerate() {
-                            out[vals + t * PANEL + c] = v as u8;
-                        }
-                    }
-                }
+        for (row, panel) in (0..n).map(|row| (row, row / PANEL * groups * gb)) {
+            for (g, group) in data[panel..][..groups * gb]
+                .chunks_exact_mut(gb)
+                .enumerate()
+            {
+                let (d, m) = (dec.d[row * groups + g], dec.m[row * groups + g]);
+                let q = &dec.q[row * k + g * GROUP..row * k + (g + 1) * GROUP];
+                kind.put(
+                    group,
+                    row % PANEL,
+                    d,
+                    m,
+                    q.try_into().expect("GROUP values"),
+                );
             }
         }
         Self { kind, n, k, data }
