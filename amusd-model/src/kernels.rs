@@ -248,14 +248,10 @@ impl<T: Widen> Packed<T> {
             parts.iter().all(|p| p.k == k),
             "stacking matrices of different widths"
         );
+        assert!(!parts.is_empty(), "stacking no matrices");
         let n: usize = parts.iter().map(|p| p.n).sum();
-        let (_, init) = parts.split_last().expect("stacking no matrices");
-        if init.iter().all(|p| p.n.is_multiple_of(PANEL)) {
-            // Whole panels: the stacked matrix's panels are the parts' panels in order.
-            let mut data = Vec::with_capacity(n.div_ceil(PANEL) * PANEL * k);
-            for p in parts {
-                data.extend_from_slice(&p.data);
-            }
+        let panels: Vec<_> = parts.iter().map(|p| (p.n, p.data.as_slice())).collect();
+        if let Some(data) = whole_panels(&panels, PANEL) {
             return Self { n, k, data };
         }
         let rows: Vec<T> = parts.iter().flat_map(|p| p.to_rows()).collect();
@@ -638,6 +634,22 @@ pub fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
             *v = *v * scale * *w;
         }
     }
+}
+
+/// The storage of matrices stacked by rows (each part given as its rows and its packed data) when
+/// every part but the last fills whole panels of `panel_rows` rows: the parts' panels in order,
+/// the last part's padding rows staying last. `None` when an earlier part ends mid-panel (or
+/// there are no parts): its rows must be repacked.
+pub(crate) fn whole_panels<T: Copy>(parts: &[(usize, &[T])], panel_rows: usize) -> Option<Vec<T>> {
+    let (_, init) = parts.split_last()?;
+    if !init.iter().all(|(n, _)| n.is_multiple_of(panel_rows)) {
+        return None;
+    }
+    let mut data = Vec::with_capacity(parts.iter().map(|(_, d)| d.len()).sum());
+    for (_, d) in parts {
+        data.extend_from_slice(d);
+    }
+    Some(data)
 }
 
 /// Prefetches every cache line of the `bytes` bytes at `start` into L1. A prefetch never faults

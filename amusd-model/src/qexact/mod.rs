@@ -214,20 +214,13 @@ impl BlockPacked {
     fn pack(kind: BlockKind, n: usize, k: usize, dec: &Decoded) -> Self {
         let (groups, gb) = (k / GROUP, kind.group_bytes());
         let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
-        for (row, panel) in (0..n).map(|row| (row, row / PANEL * groups * gb)) {
-            for (g, group) in data[panel..][..groups * gb]
-                .chunks_exact_mut(gb)
-                .enumerate()
-            {
+        for row in 0..n {
+            let panel = &mut data[row / PANEL * groups * gb..][..groups * gb];
+            for (g, group) in panel.chunks_exact_mut(gb).enumerate() {
                 let (d, m) = (dec.d[row * groups + g], dec.m[row * groups + g]);
-                let q = &dec.q[row * k + g * GROUP..row * k + (g + 1) * GROUP];
-                kind.put(
-                    group,
-                    row % PANEL,
-                    d,
-                    m,
-                    q.try_into().expect("GROUP values"),
-                );
+                let q = &dec.q[row * k + g * GROUP..][..GROUP];
+                let q = q.try_into().expect("GROUP values");
+                kind.put(group, row % PANEL, d, m, q);
             }
         }
         Self { kind, n, k, data }
@@ -286,16 +279,8 @@ impl BlockPacked {
             ));
         }
         let n = parts.iter().map(|p| p.n).sum();
-        // Parts of whole panels (every one but the last, whose padding rows are at the end):
-        // the stacked panels are theirs, in order. SmolLM2's Q/K/V and gate/up all are.
-        if parts[..parts.len() - 1]
-            .iter()
-            .all(|p| p.n.is_multiple_of(PANEL))
-        {
-            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-            for p in parts {
-                data.extend_from_slice(&p.data);
-            }
+        let panels: Vec<_> = parts.iter().map(|p| (p.n, p.data.as_slice())).collect();
+        if let Some(data) = crate::kernels::whole_panels(&panels, PANEL) {
             return Ok(Self {
                 kind: first.kind,
                 n,

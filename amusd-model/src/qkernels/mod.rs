@@ -233,16 +233,8 @@ impl IntPacked {
             ));
         }
         let n = parts.iter().map(|p| p.n).sum();
-        // Parts of whole panels (every one but the last, whose padding rows are at the end):
-        // the stacked panels are theirs, in order. SmolLM2's Q/K/V and gate/up all are.
-        if parts[..parts.len() - 1]
-            .iter()
-            .all(|p| p.n.is_multiple_of(ROWS))
-        {
-            let mut data = Vec::with_capacity(parts.iter().map(|p| p.data.len()).sum());
-            for p in parts {
-                data.extend_from_slice(&p.data);
-            }
+        let panels: Vec<_> = parts.iter().map(|p| (p.n, p.data.as_slice())).collect();
+        if let Some(data) = crate::kernels::whole_panels(&panels, ROWS) {
             return Ok(Self {
                 kind: first.kind,
                 n,
