@@ -7,7 +7,7 @@
 // Register tiles are indexed by dot and vector; iterators would hide which register is which.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dot_widened, softmax_in_place, KvElem, QueryRows, Shape};
+use super::{dot_widened, prefetch_position, softmax_in_place, KvElem, QueryRows, Shape, AHEAD};
 use std::arch::x86_64::*;
 
 /// The dot products' lane width: [`crate::kernels::dot`] accumulates 16 lanes.
@@ -61,6 +61,9 @@ pub unsafe fn attend_tile<T: KvElem>(
         }
         let v = values.as_ptr().add(shape.kv_offset(0, first));
         for t0 in (0..n_max).step_by(BLOCK) {
+            // The block's first pass over the values prefetches the next block's; the passes
+            // after it find the block in L1.
+            let mut prefetch = true;
             for j in (0..m * group).filter(|j| len(j / group) > t0) {
                 let (i, h) = (j / group, first + j % group);
                 let t1 = (t0 + BLOCK).min(len(i));
@@ -70,14 +73,16 @@ pub unsafe fn attend_tile<T: KvElem>(
                 let mut col = 0;
                 while col < hd {
                     let (vc, oc, fresh) = (vt.add(col), o.add(col), t0 == 0);
+                    let sums = Sums { fresh, prefetch };
                     if hd - col >= 64 {
-                        weighted_sum::<T, 8>(s, inv[j], vc, shape.pos_stride, oc, fresh);
+                        weighted_sum::<T, 8>(s, inv[j], vc, shape.pos_stride, oc, sums);
                         col += 64;
                     } else {
-                        weighted_sum::<T, 2>(s, inv[j], vc, shape.pos_stride, oc, fresh);
+                        weighted_sum::<T, 2>(s, inv[j], vc, shape.pos_stride, oc, sums);
                         col += 16;
                     }
                 }
+                prefetch = false;
             }
         }
     }
@@ -101,7 +106,11 @@ unsafe fn group_scores<T: KvElem>(
     let (hd, n_max, group) = (shape.head_dim, shape.pos + 1, shape.group);
     let len = |i: usize| rows.first_pos + i + 1;
     let scale = _mm_set1_ps(shape.scale);
+    let head = keys.as_ptr().add(shape.kv_offset(0, first));
     for t in (0..n_max / 4 * 4).step_by(4) {
+        for p in 0..4 {
+            prefetch_position(head, t + AHEAD + p, shape.pos_stride, hd);
+        }
         let k = keys.as_ptr().add(shape.kv_offset(t, first));
         for i in (0..rows.rows).filter(|&i| t + 4 <= len(i)) {
             let q = rows.q.as_ptr().add(i * rows.stride);
@@ -182,6 +191,14 @@ unsafe fn reduce4(s8: [__m256; 4]) -> __m128 {
     _mm_unpacklo_ps(_mm256_castps256_ps128(s1), _mm256_extractf128_ps::<1>(s1))
 }
 
+/// How [`weighted_sum`] treats its span: `fresh`, the chains start there, from zero; `prefetch`,
+/// it prefetches the values [`AHEAD`] positions on (the block's first pass).
+#[derive(Clone, Copy)]
+struct Sums {
+    fresh: bool,
+    prefetch: bool,
+}
+
 /// `out[c] += sum over t of (scores[t] * inv) * v[t][c]` for `8 R` columns (from zero when
 /// `fresh`), each one FMA chain over positions in order, held in registers within the block and in
 /// `out` between blocks (a stored f32 reloads exactly).
@@ -197,16 +214,19 @@ unsafe fn weighted_sum<T: KvElem, const R: usize>(
     v: *const T,
     stride: usize,
     out: *mut f32,
-    fresh: bool,
+    sums: Sums,
 ) {
     let mut acc: [__m256; R] = std::array::from_fn(|r| {
-        if fresh {
+        if sums.fresh {
             _mm256_setzero_ps()
         } else {
             _mm256_loadu_ps(out.add(8 * r))
         }
     });
     for (t, &s) in scores.iter().enumerate() {
+        if sums.prefetch {
+            prefetch_position(v, t + AHEAD, stride, 8 * R);
+        }
         let p = _mm256_set1_ps(s * inv);
         let vt = v.add(t * stride);
         for (r, a) in acc.iter_mut().enumerate() {

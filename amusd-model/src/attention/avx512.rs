@@ -9,8 +9,7 @@
 // Register tiles are indexed by pair, position and vector; iterators would hide which is which.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dot_widened, softmax_in_place, KvElem, QueryRows, Shape};
-use crate::kernels::prefetch_range;
+use super::{dot_widened, prefetch_position, softmax_in_place, KvElem, QueryRows, Shape, AHEAD};
 use std::arch::x86_64::*;
 
 /// Lanes of a vector, and of [`crate::kernels::dot`]'s chains.
@@ -24,19 +23,6 @@ const PAIRS: usize = 4;
 /// Positions per block of the weighted sums: the block's values (32 x 256 bytes for 64-wide heads)
 /// stay in L1 while every group of pairs reads them.
 const BLOCK: usize = 32;
-
-/// How many positions ahead of the one being read the scans prefetch: a one-row forward's
-/// attention streams every cached key and value once, and with the hardware prefetcher alone it
-/// ran at about half the core's bandwidth (measured; `benches/attention.rs`). 32 positions are
-/// 4-8 KiB of a 64-wide head, enough to cover the memory latency at full bandwidth.
-const AHEAD: usize = 32;
-
-/// Prefetches the `hd` values of position `t` from `base`.
-#[inline(always)]
-fn prefetch_position<T>(base: *const T, t: usize, stride: usize, hd: usize) {
-    let row = base.wrapping_add(t * stride).cast::<u8>();
-    prefetch_range(row, hd * std::mem::size_of::<T>());
-}
 
 /// Whether this path takes heads of `head_dim` on this CPU.
 pub fn usable(head_dim: usize) -> bool {
