@@ -146,9 +146,10 @@ pub fn attend_rows<T: KvElem>(
 }
 
 /// How many positions ahead of the one being read the SIMD scans prefetch: a one-row forward's
-/// attention streams every cached key and value once, and with the hardware prefetcher alone it
-/// ran at about half the core's bandwidth (measured; `benches/attention.rs`). 32 positions are
-/// 4-8 KiB of a 64-wide head, enough to cover the memory latency at full bandwidth.
+/// attention streams every cached key and value once, and the hardware prefetcher alone leaves it
+/// at about half the core's bandwidth (it restarts at every 4 KiB page; `benches/attention.rs`).
+/// 32 positions are 4-8 KiB of a 64-wide head, enough to cover the memory latency at full
+/// bandwidth.
 #[cfg(target_arch = "x86_64")]
 const AHEAD: usize = 32;
 
