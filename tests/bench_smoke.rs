@@ -161,7 +161,11 @@ fn bench_and_report_on_every_dataset() {
             // Prompt lookup drafts ahead of the model by default, and the row says so.
             let row = rows
                 .iter()
-                .find(|r| r.starts_with(&format!("| {dataset} | {strategy} [model+lookup 2-4] |")))
+                .find(|r| {
+                    r.starts_with(&format!(
+                        "| {dataset} | {strategy} [model+lookup 2-4+history] |"
+                    ))
+                })
                 .unwrap_or_else(|| panic!("no {dataset}/{strategy} row: {}", report.stdout));
             assert!(
                 row.contains(&format!("{gens}/{gens}")),
@@ -260,7 +264,7 @@ fn bench_compares_the_draft_with_and_without_lookup() {
             .filter(|r| r["strategy"] == "amusd" && r["drafter"] == drafter)
             .collect()
     };
-    let (alone, combined) = (amusd("model"), amusd("model+lookup 2-4"));
+    let (alone, combined) = (amusd("model"), amusd("model+lookup 2-4+history"));
     assert_eq!((alone.len(), combined.len()), (2, 2), "{text}");
     for r in &alone {
         assert_eq!(r["metrics"]["proposed_lookup"], 0, "lookup drafted: {r}");
@@ -276,10 +280,10 @@ fn bench_compares_the_draft_with_and_without_lookup() {
         order,
         [
             (0, ""),
-            (0, "model+lookup 2-4"),
+            (0, "model+lookup 2-4+history"),
             (0, "model"),
             (1, ""),
-            (1, "model+lookup 2-4"),
+            (1, "model+lookup 2-4+history"),
             (1, "model")
         ],
         "each sample through every arm in turn"
@@ -288,7 +292,7 @@ fn bench_compares_the_draft_with_and_without_lookup() {
     assert!(report.status.success(), "{}", report.describe());
     for row in [
         "| refactor-standin | amusd |",
-        "| refactor-standin | amusd [model+lookup 2-4] |",
+        "| refactor-standin | amusd [model+lookup 2-4+history] |",
     ] {
         assert!(
             report.stdout.contains(row),

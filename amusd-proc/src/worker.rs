@@ -8,6 +8,7 @@ use amusd_model::{DeviceSpec, ModelSpec};
 use amusd_shm::{Region, Role, Shm, WorkerState};
 
 use amusd_spec::fake::{FakeDecoder, FakeModel};
+use amusd_spec::history::NgramHistory;
 use amusd_spec::lookup::{self, NoModel};
 use amusd_spec::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
 use amusd_spec::{Decoder, Drafter, LlamaDecoder, SpecError, Verifier};
@@ -149,7 +150,8 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
 }
 
 /// The draft worker's drafter with the lookup it is asked for: alone for a model spec
-/// `lookup[:MIN-MAX]`, ahead of the model for `--lookup`.
+/// `lookup[:MIN-MAX]`, ahead of the model for `--lookup` (with the n-gram history for
+/// `--history`).
 fn with_lookup<D: Decoder>(
     drafter: Drafter<D>,
     model: &str,
@@ -158,6 +160,9 @@ fn with_lookup<D: Decoder>(
     Ok(match lookup::parse_spec(model) {
         Some(range) => drafter.with_lookup(range?, true, opts.lookup_max_run),
         None => match opts.lookup {
+            Some(range) if opts.history => drafter
+                .with_lookup(range, false, opts.lookup_max_run)
+                .with_history(NgramHistory::default()),
             Some(range) => drafter.with_lookup(range, false, opts.lookup_max_run),
             None => drafter,
         },

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -151,6 +151,9 @@ u32_enum! {
         Model = 0,
         /// Prompt lookup: copied from what followed an earlier occurrence of the context's suffix.
         Lookup = 1,
+        /// The n-gram history across requests: what usually followed the context's last tokens
+        /// in earlier committed text (layout 5).
+        History = 2,
     }
 }
 
@@ -556,7 +559,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 4);
+        assert_eq!(LAYOUT_VERSION, 5);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 493_312);

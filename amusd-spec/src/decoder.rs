@@ -2,6 +2,7 @@
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
+use crate::history::NgramHistory;
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
 use crate::sampling::{RequestSampling, Sampler};
 use crate::SpecError;
@@ -220,6 +221,11 @@ pub struct Drafter<D: Decoder> {
     /// The current request turned the lookup off ([`RequestSampling::no_draft_lookup`]): the
     /// model drafts alone. The lookup's index still follows the sequence.
     lookup_off: bool,
+    /// What followed short contexts in earlier committed text, this request's included (see
+    /// [`crate::history`]); guesses where the lookup has no match.
+    history: Option<NgramHistory>,
+    /// The committed tokens of this request the history has learnt.
+    learnt: usize,
 }
 
 impl<D: Decoder> Drafter<D> {
@@ -235,7 +241,25 @@ impl<D: Decoder> Drafter<D> {
             lookup: None,
             model: true,
             lookup_off: false,
+            history: None,
+            learnt: 0,
         }
+    }
+
+    /// Adds the n-gram history across requests: where the lookup finds no match, the history's
+    /// guesses for the next tokens go into the model's forward beside its own (a model drafter
+    /// with the lookup only; a request that turns the lookup off turns this off too).
+    pub fn with_history(mut self, history: NgramHistory) -> Self {
+        self.history = Some(history);
+        self
+    }
+
+    /// The history learns the committed tokens it has not seen yet.
+    fn learn(&mut self, committed: &[u32]) {
+        if let Some(h) = self.history.as_mut() {
+            h.learn(committed, self.learnt);
+        }
+        self.learnt = committed.len();
     }
 
     /// Drafts the next request as it asks: with its sampler (or greedily), and with the lookup
@@ -289,6 +313,8 @@ impl<D: Decoder> Drafter<D> {
         if let Some(l) = self.lookup.as_mut() {
             l.start(prompt);
         }
+        self.learnt = 0;
+        self.learn(prompt);
         Ok(())
     }
 
@@ -327,6 +353,7 @@ impl<D: Decoder> Drafter<D> {
             }
         }
         self.agreed = committed.len();
+        self.learn(committed);
         rollback_to
     }
 
@@ -348,10 +375,10 @@ impl<D: Decoder> Drafter<D> {
     }
 
     /// Drafts what comes next: a lookup run where the lookup has a match and its gate allows one
-    /// (checked by the model first when there is one: `draft_checked`), else one model
-    /// token. Model tokens stop `lookahead` ahead of `committed_len`; a lookup run
-    /// may reach as far as the gate's cap when that is longer (a run the lookup has earned is
-    /// cheap to verify in one forward). Nothing is drafted at or past `max_len`, nor after a stop
+    /// (checked by the model first when there is one: `draft_checked`), else the n-gram history's
+    /// run where it has one (checked the same way), else one model token. Model tokens stop
+    /// `lookahead` ahead of `committed_len`; a lookup run may reach as far as the gate's cap when
+    /// that is longer (a run the lookup has earned is cheap to verify in one forward). Nothing is drafted at or past `max_len`, nor after a stop
     /// token in a lookup run. Returns how many tokens were drafted (0: nothing to draft) and
     /// [`Source::Model`] if the model ran a forward for them ([`Source::Lookup`]: the lookup
     /// drafted alone); [`Self::source`] says where each token came from.
@@ -370,7 +397,7 @@ impl<D: Decoder> Drafter<D> {
             _ => Vec::new(),
         };
         if !run.is_empty() && self.model {
-            return self.draft_checked(&run, max_len, stop_ids);
+            return self.draft_checked(&run, Source::Lookup, max_len, stop_ids);
         }
         if !run.is_empty() {
             for &t in &run {
@@ -379,21 +406,26 @@ impl<D: Decoder> Drafter<D> {
             return Ok((run.len(), Source::Lookup));
         }
         if self.model && room(lookahead) > 0 {
+            let run = self.history_run(room(lookahead).min(NgramHistory::MAX_RUN), stop_ids);
+            if !run.is_empty() {
+                return self.draft_checked(&run, Source::History, max_len, stop_ids);
+            }
             self.draft_one()?;
             return Ok((1, Source::Model));
         }
         Ok((0, Source::Model))
     }
 
-    /// A lookup run checked by the draft model in one forward before it is proposed: the run's
-    /// longest prefix the model itself would have drafted, then the model's own next token (the
-    /// first it disagrees on, or the one after the run). So the drafts are the model's, as from
+    /// A lookup or history run (`source`) checked by the draft model in one forward before it is
+    /// proposed: the run's longest prefix the model itself would have drafted, then the model's
+    /// own next token (the first it disagrees on, or the one after the run). So the drafts are the model's, as from
     /// [`Self::draft_one`], but a right run yields many per forward, and a wrong one costs a wider
     /// forward instead of a verify step and a rollback. Returns what [`Self::extend`] does: the
     /// model ran, whichever source each token is recorded with.
     fn draft_checked(
         &mut self,
         run: &[u32],
+        source: Source,
         max_len: usize,
         stop_ids: &[u32],
     ) -> Result<(usize, Source), SpecError> {
@@ -405,8 +437,10 @@ impl<D: Decoder> Drafter<D> {
             .decoder
             .next_tokens(&input, start, len - 1 - start, &mut self.sampler)?;
         let agree = run.iter().zip(&own).take_while(|(a, b)| a == b).count();
+        // A history run is not the lookup's guess: its gate only hears of its own.
+        let lookup_guess = |t: u32| (source == Source::Lookup).then_some(t);
         for &t in &run[..agree] {
-            self.push(t, Source::Lookup, Some(t));
+            self.push(t, source, lookup_guess(t));
         }
         // The cache holds the run's positions; those past the agreed prefix are the run's, not the
         // model's.
@@ -416,9 +450,23 @@ impl<D: Decoder> Drafter<D> {
             let tok = *own
                 .get(agree)
                 .ok_or_else(|| SpecError::Protocol("decoder returned too few tokens".into()))?;
-            self.push(tok, Source::Model, run.get(agree).copied());
+            self.push(
+                tok,
+                Source::Model,
+                run.get(agree).copied().and_then(lookup_guess),
+            );
         }
         Ok((self.seq.len() - len, Source::Model))
+    }
+
+    /// The history's run after the sequence (up to `max`), unless the lookup is off.
+    fn history_run(&self, max: usize, stop_ids: &[u32]) -> Vec<u32> {
+        match &self.history {
+            Some(h) if self.lookup.is_some() && !self.lookup_off => {
+                h.propose(&self.seq, max, stop_ids)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Drafts one token after the current sequence (catching the cache up on adopted tokens first).

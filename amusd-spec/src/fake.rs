@@ -317,14 +317,16 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// With prompt lookup drafting alone or ahead of the model, sd still commits exactly the
-        /// autoregressive tokens: on text that repeats itself (`pos=0`, long right runs broken by
-        /// the verify model's positional errors: long wrong runs) and on text that does not.
+        /// With prompt lookup drafting alone or ahead of the model (with or without the n-gram
+        /// history, which a second request runs with what the first taught it), sd still commits
+        /// exactly the autoregressive tokens: on text that repeats itself (`pos=0`, long right
+        /// runs broken by the verify model's positional errors: long wrong runs) and on text that
+        /// does not.
         #[test]
         fn sd_with_lookup_equals_ar(
             seed: u64, positional: bool, alone: bool, err in 0.0f64..0.3, lookahead in 1usize..8,
             min in 1usize..4, extra in 0usize..3, max_run in 1usize..40, plen in 1usize..60,
-            max_new in 0usize..120, sampling in any_sampling(),
+            max_new in 0usize..120, sampling in any_sampling(), history: bool,
         ) {
             let truth = FakeModel { seed, vocab: 12, eos_every: 90, positional, err, ..Default::default() };
             let p = periodic_prompt(seed, 7, plen, truth.vocab);
@@ -338,20 +340,38 @@ mod tests {
                 Box::new(FakeDecoder::new(FakeModel { err: 0.0, ..truth.clone() }))
             };
             let mut d = Drafter::new(decoder).with_lookup(range, alone, max_run);
-            let mut streamed = Vec::new();
-            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
-            prop_assert_eq!(&ar.tokens, &sd.tokens);
-            prop_assert_eq!(&streamed, &sd.tokens);
-            prop_assert_eq!(ar.finish, sd.finish);
-            let m = &sd.metrics;
-            prop_assert!(m.accepted_lookup <= m.accepted && m.proposed_lookup <= m.proposed);
-            prop_assert!(m.accepted_lookup <= m.proposed_lookup);
-            if alone {
-                prop_assert_eq!(m.proposed_lookup, m.proposed, "no model, no model tokens");
-            } else if sampling.no_draft_lookup {
-                prop_assert_eq!(m.proposed_lookup, 0, "the request turned the lookup off");
+            if history {
+                // Taught by other text first, so it also guesses wrong.
+                let mut h = crate::history::NgramHistory::new(8);
+                h.learn(&prompt(seed ^ 1, 200, truth.vocab), 0);
+                d = d.with_history(h);
+            }
+            for _request in 0..1 + usize::from(history) {
+                let mut streamed = Vec::new();
+                let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
+                prop_assert_eq!(&ar.tokens, &sd.tokens);
+                prop_assert_eq!(&streamed, &sd.tokens);
+                prop_assert_eq!(ar.finish, sd.finish);
+                check_lookup_metrics(&sd.metrics, alone, &sampling)?;
             }
         }
+    }
+
+    /// The lookup's counts are within the totals; all of them without a model, none when the
+    /// request turned the lookup off.
+    fn check_lookup_metrics(
+        m: &crate::Metrics,
+        alone: bool,
+        sampling: &RequestSampling,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        prop_assert!(m.accepted_lookup <= m.accepted && m.proposed_lookup <= m.proposed);
+        prop_assert!(m.accepted_lookup <= m.proposed_lookup);
+        if alone {
+            prop_assert_eq!(m.proposed_lookup, m.proposed, "no model, no model tokens");
+        } else if sampling.no_draft_lookup {
+            prop_assert_eq!(m.proposed_lookup, 0, "the request turned the lookup off");
+        }
+        Ok(())
     }
 
     /// Text that repeats itself: the lookup's runs grow to `max_run` and are accepted; where the
@@ -449,6 +469,49 @@ mod tests {
         assert!(
             steps * 3 < drafted * 2,
             "{steps} forwards for {drafted} tokens"
+        );
+    }
+
+    /// The n-gram history carries what one request committed over to the next: run again on the
+    /// same prompt (text the lookup finds no match in), the draft model confirms the history's
+    /// runs several tokens a forward, and every token drafted is still its own.
+    #[test]
+    fn the_history_drafts_a_second_request_from_what_the_first_committed() {
+        let draft = FakeModel {
+            seed: 11,
+            vocab: 1000,
+            ..Default::default()
+        };
+        let p = prompt(11, 30, draft.vocab);
+        let range = crate::lookup::NgramRange::DEFAULT;
+        let mut d = Drafter::new(FakeDecoder::new(draft.clone()))
+            .with_lookup(range, false, 16)
+            .with_history(crate::history::NgramHistory::new(12));
+        let mut request = || {
+            d.start(&p, 400).unwrap();
+            let (mut forwards, mut from_history) = (0, 0);
+            while d.seq().len() < p.len() + 150 {
+                let committed = d.seq().to_vec();
+                d.sync(&committed);
+                d.extend(committed.len(), 4, 400, &[]).unwrap();
+                forwards += 1;
+                for pos in committed.len()..d.seq().len() {
+                    assert_eq!(d.seq()[pos], draft.next(&d.seq()[..pos]), "position {pos}");
+                    from_history += usize::from(d.source(pos) == crate::lookup::Source::History);
+                }
+            }
+            (forwards, from_history, d.seq().len() - p.len())
+        };
+        let (first, _, _) = request();
+        let (second, from_history, drafted) = request();
+        assert!(
+            first >= 140,
+            "{first} forwards: the first request had no history to draft from"
+        );
+        assert!(second * 3 < first, "{second} forwards against {first}");
+        assert!(
+            from_history * 3 > drafted * 2,
+            "{from_history} of {drafted} from the history"
         );
     }
 

@@ -13,6 +13,7 @@ pub mod decoder;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod generate;
+pub mod history;
 pub mod lookup;
 mod philox;
 pub mod policy;

@@ -90,7 +90,7 @@ pub struct NgramIndex {
     prev: Vec<Vec<u32>>,
 }
 
-fn ngram_hash(gram: &[u32]) -> u64 {
+pub(crate) fn ngram_hash(gram: &[u32]) -> u64 {
     // FNV-1a over the ids, then a finaliser: cheap, and collisions are checked anyway.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ gram.len() as u64;
     for &t in gram {

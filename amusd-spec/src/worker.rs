@@ -203,6 +203,9 @@ pub struct DraftOptions {
     pub lookup: Option<crate::lookup::NgramRange>,
     /// The longest lookup run proposed at once.
     pub lookup_max_run: usize,
+    /// With the lookup ahead of the model: the n-gram history across requests too (see
+    /// [`crate::history`]).
+    pub history: bool,
 }
 
 /// The draft worker: drafts continuously up to `max_lookahead` tokens ahead of the committed
@@ -313,7 +316,7 @@ fn draft_step<D: Decoder>(
         )?;
         if n > 0 {
             let kind = match source {
-                Source::Model => EventKind::DraftToken,
+                Source::Model | Source::History => EventKind::DraftToken,
                 Source::Lookup => EventKind::LookupDraft,
             };
             region
@@ -719,11 +722,14 @@ mod tests {
                         let min = if l.repeating { 3 } else { 2 };
                         let range = crate::lookup::NgramRange { min, max: 4 };
                         d = d.with_lookup(range, l.alone, l.max_run);
+                        // The history learns across the requests, as in a worker.
+                        d = d.with_history(crate::history::NgramHistory::new(12));
                     }
                     let opts = DraftOptions {
                         max_lookahead,
                         lookup: None,
                         lookup_max_run: 16,
+                        history: false,
                     };
                     run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
@@ -811,6 +817,7 @@ mod tests {
                         max_lookahead: 4,
                         lookup: None,
                         lookup_max_run: 16,
+                        history: false,
                     };
                     run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),

@@ -59,6 +59,12 @@ pub struct ModelArgs {
     /// ahead of the draft model, to one when the lookup drafts alone).
     #[arg(long, default_value_t = NgramRange::MAX_RUN, value_name = "N")]
     pub lookup_max_run: usize,
+    /// sd/amusd with prompt lookup ahead of the draft model: no n-gram history. By default, where
+    /// the lookup finds no match in the request, the draft model also checks a short run guessed
+    /// from what followed the last two or three tokens in every request the drafter has served
+    /// (llama.cpp's dynamic n-gram cache, in 6 MiB), in the forward that drafts its own token.
+    #[arg(long)]
+    pub no_draft_history: bool,
     /// Device of the verify model (and of the whole process for ar and sd).
     #[arg(long, default_value = "cpu:1")]
     pub verify_device: String,
@@ -186,6 +192,11 @@ impl ModelArgs {
         Some(self.draft_lookup.unwrap_or(NgramRange::DEFAULT))
     }
 
+    /// Whether the n-gram history across requests drafts beside the lookup ahead of the model.
+    pub fn draft_history(&self) -> bool {
+        self.lookup_ahead().is_some() && !self.no_draft_history
+    }
+
     /// Whether prompt lookup drafts, alone or ahead of the model.
     pub fn uses_lookup(&self) -> bool {
         self.alone_spec().is_some() || self.lookup_ahead().is_some()
@@ -201,11 +212,12 @@ impl ModelArgs {
         self.verify_wait_us.unwrap_or(default)
     }
 
-    /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX` or
-    /// `model+lookup MIN-MAX`.
+    /// How the draft is made, for summaries and bench records: `model`, `lookup MIN-MAX`,
+    /// `model+lookup MIN-MAX` or `model+lookup MIN-MAX+history`.
     pub fn drafter_label(&self) -> String {
         match (self.alone_spec(), self.lookup_ahead()) {
             (Some(Ok(r)), _) => format!("lookup {r}"),
+            (_, Some(r)) if self.draft_history() => format!("model+lookup {r}+history"),
             (_, Some(r)) => format!("model+lookup {r}"),
             _ => "model".into(),
         }

@@ -34,6 +34,10 @@ struct Args {
     /// The longest lookup run proposed at once.
     #[arg(long, default_value_t = NgramRange::MAX_RUN)]
     lookup_max_run: usize,
+    /// With --lookup: where the lookup finds no match, guesses from the n-gram history of every
+    /// request this worker has served.
+    #[arg(long, requires = "lookup")]
+    history: bool,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
             max_lookahead: a.max_lookahead,
             lookup: a.lookup,
             lookup_max_run: a.lookup_max_run,
+            history: a.history,
         }),
     };
     worker_exit("amusd-draft-worker", a.supervised, worker_main(&cfg))

@@ -4,6 +4,7 @@ use amusd_model::loader::{self, LoadedModel, ModelSpec};
 use amusd_model::DeviceSpec;
 use amusd_shm::now_us;
 use amusd_spec::generate::{autoregressive, speculative, OnTokens};
+use amusd_spec::history::NgramHistory;
 use amusd_spec::lookup::NoModel;
 use amusd_spec::{Decoder, Drafter, LlamaDecoder, Verifier};
 use anyhow::{Context, Result};
@@ -100,8 +101,8 @@ impl InProcess {
     }
 }
 
-/// The sd drafter of `spec`: prompt lookup alone, or the draft model, with the lookup ahead of it
-/// if `m` asks for it.
+/// The sd drafter of `spec`: prompt lookup alone, or the draft model, with the lookup (and the
+/// n-gram history) ahead of it if `m` asks for it.
 fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decoder>>>> {
     let max_run = m.lookup_max_run.max(1);
     if let Some(range) = m.lookup_alone()? {
@@ -111,6 +112,9 @@ fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decod
     let model: Box<dyn Decoder> = Box::new(LlamaDecoder::new(load_model(spec, "draft")?.llama));
     let drafter = Drafter::new(Timed::new(model));
     Ok(match m.lookup_ahead() {
+        Some(range) if m.draft_history() => drafter
+            .with_lookup(range, false, max_run)
+            .with_history(NgramHistory::default()),
         Some(range) => drafter.with_lookup(range, false, max_run),
         None => drafter,
     })

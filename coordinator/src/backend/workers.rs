@@ -16,8 +16,8 @@ use crate::args::ModelArgs;
 use crate::output::Spinner;
 use crate::supervisor::{install_signal_handlers, Policy, Supervisor, WorkerSpec};
 
-/// The draft worker's options: its lookahead, and prompt lookup ahead of its model if asked (a
-/// draft spec `lookup[:MIN-MAX]` makes the lookup draft alone).
+/// The draft worker's options: its lookahead, and prompt lookup (with the n-gram history) ahead of
+/// its model if asked (a draft spec `lookup[:MIN-MAX]` makes the lookup draft alone).
 fn draft_args(m: &ModelArgs) -> Vec<String> {
     let mut args = vec![
         "--max-lookahead".into(),
@@ -27,6 +27,9 @@ fn draft_args(m: &ModelArgs) -> Vec<String> {
     ];
     if let Some(range) = m.lookup_ahead() {
         args.extend(["--lookup".into(), range.to_string()]);
+        if m.draft_history() {
+            args.push("--history".into());
+        }
     }
     args
 }

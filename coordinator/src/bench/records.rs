@@ -18,8 +18,9 @@ pub(super) struct Record {
     #[serde(default = "first_turn")]
     pub(super) turn: usize,
     pub(super) strategy: String,
-    /// How sd and amusd drafted: `model`, `lookup MIN-MAX` or `model+lookup MIN-MAX` (empty for
-    /// ar, and in records written before prompt lookup, which drafted with the model).
+    /// How sd and amusd drafted: `model`, `lookup MIN-MAX`, `model+lookup MIN-MAX` or
+    /// `model+lookup MIN-MAX+history` (empty for ar, and in records written before prompt
+    /// lookup, which drafted with the model).
     #[serde(default)]
     pub(super) drafter: String,
     pub(super) dataset: String,

@@ -208,7 +208,8 @@ given to a verify step (sd: every drafted token; amusd: the valid ones beyond th
 verify step took; the rest were drafted too far ahead or rolled back); accepted: offered tokens the verify \
 model accepted; all three summed over generations. accept = accepted / offered and tokens/step = tokens / \
 verify forwards, both pooled; from lookup = accepted tokens drafted by prompt lookup / all accepted; \
-[lookup MIN-MAX]: prompt lookup drafts alone, [model+lookup MIN-MAX]: ahead of the draft model; \
+[lookup MIN-MAX]: prompt lookup drafts alone, [model+lookup MIN-MAX]: ahead of the draft model, \
++history: with the n-gram history across requests (its tokens count as the model's in from lookup); \
 identical = generations token-for-token equal to ar's.";
 
 const HEADER: [&str; 17] = [
