@@ -35,7 +35,7 @@ impl NgramHistory {
     /// The longest run proposed at once: each guess leans on the one before it, and a wrong run
     /// costs the draft model's forward its width.
     pub const MAX_RUN: usize = 3;
-    /// 2^19 slots of 12 bytes, 6 MiB: a context per slot for some 170 000 tokens of text (three
+    /// 2^19 slots of 12 bytes, 6 MiB: a context per slot for some 260 000 tokens of text (two
     /// contexts each) before collisions start to overwrite older ones.
     pub const DEFAULT_SLOTS_LOG2: u32 = 19;
     /// Votes saturate here, so a habit that changes is unlearnt in a few occurrences.
