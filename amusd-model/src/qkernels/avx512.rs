@@ -14,6 +14,14 @@ use super::{prefetch, tiled, IntPacked, Kind, OutRows, QuantActs, Tile, QK, ROWS
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 8;
 
+/// Tiles of at most this many rows sum each block in two independent chains of `vpdpbusd` (the
+/// integer sum is exact, so the split changes no bit). In one chain a block's eight dependent
+/// steps at five cycles each outlast the ~14 cycles its instructions take to issue, which bounds
+/// the kernel whenever the weights come from cache (an L2-resident q4_1 matrix: 50 -> 55 GB/s at
+/// one row, 19 -> 22 at four). From five rows up the rows are chains enough, and a second set of
+/// sums would spill registers.
+const SPLIT_ROWS: usize = 4;
+
 /// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the
 /// same maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the
 /// same scale and reciprocal, the same product rounded half to even by the conversion (the default
@@ -150,13 +158,29 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
             prefetch(blk.add(64 * line));
         }
         let q = blk.add(2 * ROWS);
-        let mut isum = [_mm512_setzero_si512(); T];
+        // Even and odd steps in two dependent chains while the tile is short (see `SPLIT_ROWS`).
+        let split = T <= SPLIT_ROWS;
+        let mut even = [_mm512_setzero_si512(); T];
+        let mut odd = [_mm512_setzero_si512(); T];
         for g in 0..QK / 4 {
             let w = _mm512_xor_si512(_mm512_loadu_si512(q.add(g * 4 * ROWS).cast()), flip);
-            for (t, sum) in isum.iter_mut().enumerate() {
-                *sum = _mm512_dpbusd_epi32(*sum, w, bcast4(x.q[t].add(b * QK + 4 * g)));
+            for t in 0..T {
+                let x4 = bcast4(x.q[t].add(b * QK + 4 * g));
+                let sum = if split && g % 2 == 1 {
+                    &mut odd[t]
+                } else {
+                    &mut even[t]
+                };
+                *sum = _mm512_dpbusd_epi32(*sum, w, x4);
             }
         }
+        let isum: [__m512i; T] = std::array::from_fn(|t| {
+            if split {
+                _mm512_add_epi32(even[t], odd[t])
+            } else {
+                even[t]
+            }
+        });
         let dw = scales16(blk);
         for t in 0..T {
             let isum = _mm512_sub_epi32(isum[t], _mm512_set1_epi32(128 * *x.s[t].add(b)));
@@ -188,17 +212,32 @@ unsafe fn panel_q4<const T: usize, const MIN: bool>(
             prefetch(blk.add(64 * line));
         }
         let q = blk.add(2 * ROWS * scales);
-        let mut isum = [_mm512_setzero_si512(); T];
+        // Low and high nibbles in two dependent chains while the tile is short (see `SPLIT_ROWS`).
+        let split = T <= SPLIT_ROWS;
+        let mut slo = [_mm512_setzero_si512(); T];
+        let mut shi = [_mm512_setzero_si512(); T];
         for g in 0..QK / 8 {
             let w = _mm512_loadu_si512(q.add(g * 4 * ROWS).cast());
             let lo = _mm512_and_si512(w, nibble);
             let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
-            for (t, sum) in isum.iter_mut().enumerate() {
+            for t in 0..T {
                 let xl = bcast4(x.q[t].add(b * QK + 4 * g));
                 let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
-                *sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*sum, lo, xl), hi, xh);
+                if split {
+                    slo[t] = _mm512_dpbusd_epi32(slo[t], lo, xl);
+                    shi[t] = _mm512_dpbusd_epi32(shi[t], hi, xh);
+                } else {
+                    slo[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(slo[t], lo, xl), hi, xh);
+                }
             }
         }
+        let isum: [__m512i; T] = std::array::from_fn(|t| {
+            if split {
+                _mm512_add_epi32(slo[t], shi[t])
+            } else {
+                slo[t]
+            }
+        });
         let dw = scales16(blk);
         for t in 0..T {
             let mut isum = isum[t];
