@@ -22,6 +22,13 @@ const HEIGHT: usize = 8;
 /// sums would spill registers.
 const SPLIT_ROWS: usize = 4;
 
+/// Tiles of at most this many rows (all split, so the high nibbles' sums are kept apart) take the
+/// high nibbles in place, as `16 q`: `vpdpbusd` of bytes up to 240 by quants of magnitude at most
+/// 127 sums to 16 times the exact sum, which an arithmetic shift by four returns exactly. That
+/// saves a shift and a mask per 64 bytes of weights and costs a shift per row and block: fewer
+/// instructions up to three rows.
+const SHIFTED_ROWS: usize = 3;
+
 /// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the
 /// same maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the
 /// same scale and reciprocal, the same product rounded half to even by the conversion (the default
@@ -216,10 +223,17 @@ unsafe fn panel_q4<const T: usize, const MIN: bool>(
         let split = T <= SPLIT_ROWS;
         let mut slo = [_mm512_setzero_si512(); T];
         let mut shi = [_mm512_setzero_si512(); T];
+        // In place, a high nibble is 16 times itself: one mask instead of a shift and a mask per
+        // vector of weights, and one shift of each row's exact sum instead (see `SHIFTED_ROWS`).
+        let shifted = T <= SHIFTED_ROWS;
         for g in 0..QK / 8 {
             let w = _mm512_loadu_si512(q.add(g * 4 * ROWS).cast());
             let lo = _mm512_and_si512(w, nibble);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble);
+            let hi = if shifted {
+                _mm512_andnot_si512(nibble, w)
+            } else {
+                _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble)
+            };
             for t in 0..T {
                 let xl = bcast4(x.q[t].add(b * QK + 4 * g));
                 let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
@@ -231,12 +245,10 @@ unsafe fn panel_q4<const T: usize, const MIN: bool>(
                 }
             }
         }
-        let isum: [__m512i; T] = std::array::from_fn(|t| {
-            if split {
-                _mm512_add_epi32(slo[t], shi[t])
-            } else {
-                slo[t]
-            }
+        let isum: [__m512i; T] = std::array::from_fn(|t| match (split, shifted) {
+            (true, true) => _mm512_add_epi32(slo[t], _mm512_srai_epi32::<4>(shi[t])),
+            (true, false) => _mm512_add_epi32(slo[t], shi[t]),
+            _ => slo[t],
         });
         let dw = scales16(blk);
         for t in 0..T {
