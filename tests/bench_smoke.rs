@@ -20,7 +20,7 @@ const PAPER_FIELDS: [&str; 6] = [
     "accepted_tokens",
 ];
 
-fn bench(dataset: &str, out: &Path, plot: &Path) -> Run {
+fn bench(dataset: &str, out: &Path, plot: &Path, trace: &Path) -> Run {
     require_default_model();
     let run = amusd_run(
         &[
@@ -35,6 +35,8 @@ fn bench(dataset: &str, out: &Path, plot: &Path) -> Run {
             s(out),
             "--plot",
             s(plot),
+            "--trace",
+            s(trace),
         ],
         TIMEOUT,
     );
@@ -107,6 +109,51 @@ fn check_records(dataset: &str, out: &Path, turns_per_sample: usize) {
     }
 }
 
+/// Checks the `--trace` lines: one per generation, with the forwards (ar, sd) or the workers'
+/// events (amusd) that made it, and a commit for every token.
+fn check_trace(dataset: &str, path: &Path, turns_per_sample: usize) {
+    let text = std::fs::read_to_string(path).expect("bench wrote its --trace file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each --trace line is one JSON object"))
+        .collect();
+    for strategy in ["ar", "sd", "amusd"] {
+        let mine: Vec<_> = lines.iter().filter(|l| l["strategy"] == strategy).collect();
+        assert_eq!(
+            mine.len(),
+            2 * turns_per_sample,
+            "{dataset}: {strategy} trace lines"
+        );
+        for l in mine {
+            let n = |key: &str| l[key].as_array().map_or(0, Vec::len);
+            let committed: u64 = l["commits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["tokens"].as_u64().unwrap())
+                .sum();
+            assert!(
+                committed > 0,
+                "{dataset}: {strategy} committed nothing: {l}"
+            );
+            match strategy {
+                "ar" => assert!(n("verify_forwards") > 0 && n("draft_forwards") == 0, "{l}"),
+                "sd" => assert!(n("verify_forwards") > 0 && n("draft_forwards") > 0, "{l}"),
+                _ => {
+                    let steps = l["events"].as_array().unwrap().iter().filter(|e| {
+                        e["role"] == "verify"
+                            && (e["kind"] == "VerifyStep" || e["kind"] == "ArStep")
+                    });
+                    assert!(
+                        steps.count() > 0,
+                        "{dataset}: amusd without verify steps: {l}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bench_and_report_on_every_dataset() {
     let dir = tempfile::tempdir().unwrap();
@@ -115,13 +162,15 @@ fn bench_and_report_on_every_dataset() {
     for (dataset, turns) in [("humaneval", 1), ("mt-bench", 2), ("refactor", 1)] {
         let out = dir.path().join(format!("{dataset}.json"));
         let plot = dir.path().join(format!("{dataset}.svg"));
-        let run = bench(dataset, &out, &plot);
+        let trace = dir.path().join(format!("{dataset}.jsonl"));
+        let run = bench(dataset, &out, &plot, &trace);
         assert!(
             run.stderr.contains("equal ar's"),
             "{dataset}: no exactness verdict: {}",
             run.describe()
         );
         check_records(dataset, &out, turns);
+        check_trace(dataset, &trace, turns);
         let svg = std::fs::read_to_string(&plot).expect("bench wrote its --plot file");
         assert!(
             svg.starts_with("<svg") || svg.starts_with("<?xml"),
@@ -192,9 +241,11 @@ fn bench_on_a_conversation_file() {
     .unwrap();
     let out = dir.path().join("chats.json");
     let plot = dir.path().join("chats.svg");
-    let run = bench(s(&file), &out, &plot);
+    let trace = dir.path().join("chats.jsonl");
+    let run = bench(s(&file), &out, &plot, &trace);
     assert!(run.stderr.contains("equal ar's"), "{}", run.describe());
     check_records("file", &out, 1);
+    check_trace("file", &trace, 1);
 }
 
 #[test]

@@ -12,7 +12,7 @@ use amusd_spec::{Generation, RequestSampling, StopCriteria};
 use anyhow::{Context, Result};
 
 pub use in_process::{bind_in_process, InProcess};
-pub use trace::Trace;
+pub use trace::{Span, Trace};
 pub use workers::Workers;
 
 use crate::args::{ModelArgs, Strategy};

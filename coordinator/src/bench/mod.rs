@@ -67,6 +67,7 @@ mod records;
 mod report;
 mod runner;
 mod timeline;
+mod trace_lines;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -111,6 +112,10 @@ pub struct BenchArgs {
     /// Which sample --plot draws (0-based, among the samples run).
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub plot_sample: usize,
+    /// Write every generation's forward passes and worker events to this file, one JSON line per
+    /// generation (times in µs since its request started): what --plot draws, for every sample.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub trace: Option<PathBuf>,
     #[command(flatten)]
     pub models: ModelArgs,
     #[command(flatten)]

@@ -21,6 +21,7 @@ use super::datasets::{Dataset, Sample};
 use super::records::{write_records, Record};
 use super::report::{render_report, summarize};
 use super::timeline::{build_plot, render_svg};
+use super::trace_lines;
 use super::BenchArgs;
 use crate::args::{sampling_label, ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, InProcess, Request, Trace, Workers};
@@ -39,6 +40,8 @@ pub(super) struct Outcome {
     pub(super) records: Vec<Record>,
     /// The trace of the plotted sample's first turn, if this is the plotted sample.
     pub(super) plot: Option<(Generation, Trace)>,
+    /// Each generation's `--trace` line.
+    pub(super) traces: Vec<serde_json::Value>,
 }
 
 /// What a strategy run needs besides the backend.
@@ -52,6 +55,8 @@ pub(super) struct RunContext<'a> {
     pub(super) drafter: String,
     pub(super) warmup: usize,
     pub(super) plot_sample: Option<usize>,
+    /// Whether to keep every generation's trace (`--trace`).
+    pub(super) trace: bool,
 }
 
 impl RunContext<'_> {
@@ -157,6 +162,16 @@ impl RunContext<'_> {
                 )
                 .drafted_by(drafter),
             );
+            if self.trace {
+                let origin = trace_lines::Origin {
+                    sample_index: s.index,
+                    sample_id: &s.id,
+                    turn,
+                    strategy,
+                    drafter,
+                };
+                done.traces.push(trace_lines::line(&origin, &trace));
+            }
             // The plot shows the drafters as configured.
             if turn == 1 && self.plot_sample == Some(k) && !arm.no_lookup {
                 done.plot = Some((g, trace));
@@ -473,6 +488,7 @@ pub(super) fn check_selection(
 pub(super) struct Run {
     pub(super) records: Vec<Record>,
     pub(super) plots: Vec<(Strategy, (Generation, Trace))>,
+    pub(super) traces: Vec<serde_json::Value>,
     pub(super) exact: Exactness,
     pub(super) failure: Option<anyhow::Error>,
 }
@@ -520,11 +536,13 @@ pub(super) fn run_all(
         drafter: args.models.drafter_label(),
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
+        trace: args.trace.is_some(),
     };
     let pb = progress_bar((samples.len() * plan.arms.len()) as u64)?;
     let mut run = Run {
         records: Vec::new(),
         plots: Vec::new(),
+        traces: Vec::new(),
         exact: Exactness::default(),
         failure: None,
     };
@@ -567,6 +585,7 @@ fn run_samples(
             let mut done = Outcome {
                 records: Vec::new(),
                 plot: None,
+                traces: Vec::new(),
             };
             let result = from.with(strategy, m, pb, |b| {
                 ctx.run_sample(b, arm, k, pb, &mut run.exact, &mut done)
@@ -576,6 +595,7 @@ fn run_samples(
             }
             run.records.extend(done.records);
             run.plots.extend(done.plot.map(|p| (strategy, p)));
+            run.traces.extend(done.traces);
             pb.inc(1);
             result?;
         }
@@ -603,6 +623,9 @@ pub(super) fn conclude(
 ) -> Result<ExitCode> {
     if let Some(path) = &args.output {
         write_records(path, &run.records)?;
+    }
+    if let Some(path) = &args.trace {
+        trace_lines::write(path, &run.traces)?;
     }
     if let Some(e) = run.failure {
         let kept = match &args.output {
