@@ -435,6 +435,46 @@ mod tests {
         assert!(err.to_string().contains("token_embd.weight"), "{err}");
     }
 
+    /// The tiny file rewritten with metadata `key` set to `value`.
+    fn with_metadata(dir: &Path, key: &str, value: Value) -> std::path::PathBuf {
+        let src = dir.join("t.gguf");
+        std::fs::write(&src, tiny_bytes()).unwrap();
+        let mut g = GgufFile::open(&src).unwrap();
+        assert!(
+            g.content.metadata.contains_key(key),
+            "the tiny file has {key}"
+        );
+        let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+        let tensors: Vec<(String, QTensor)> = names
+            .into_iter()
+            .map(|n| (n.clone(), g.tensor(&n).unwrap()))
+            .collect();
+        let metadata: Vec<(&str, &Value)> = g
+            .content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), if k == key { &value } else { v }))
+            .collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let bad = dir.join("bad.gguf");
+        let mut f = File::create(&bad).unwrap();
+        candle_core::quantized::gguf_file::write(&mut f, &metadata, &tensors).unwrap();
+        bad
+    }
+
+    #[test]
+    fn an_absurd_layer_count_is_a_missing_tensor_not_an_allocation() {
+        // Found by `corrupted_files_fail_cleanly`: a flipped byte of the block count sized a
+        // vector of layers (286 GB) before any layer's tensors were looked for.
+        let dir = tempfile::tempdir().unwrap();
+        let bad = with_metadata(dir.path(), "llama.block_count", Value::U32(u32::MAX));
+        let err = GgufFile::open(&bad)
+            .and_then(|mut g| g.load_llama(WeightFormat::AsStored))
+            .err()
+            .expect("a file with one layer's tensors and a count of 2^32 - 1 does not load");
+        assert!(err.to_string().contains("blk.1"), "{err}");
+    }
+
     #[test]
     fn absurd_counts_are_refused() {
         let mut b = tiny_bytes().to_vec();

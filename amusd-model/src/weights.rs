@@ -51,7 +51,9 @@ pub fn assemble(cfg: LlamaConfig, src: &mut dyn WeightSource) -> Result<Llama, M
     } else {
         src.linear(Tensor::Output, v, h)?
     };
-    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    // The layer count is the file's word: a corrupt one must end at the first missing tensor,
+    // not in an allocation sized by it (a fuzzed block count once asked for 286 GB here).
+    let mut blocks = Vec::new();
     for i in 0..cfg.n_layers {
         blocks.push(Block {
             attn_norm: src.vector(Tensor::AttnNorm(i), h)?,
