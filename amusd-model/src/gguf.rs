@@ -399,62 +399,43 @@ mod tests {
         try_load(tiny_bytes()).unwrap();
     }
 
-    #[test]
-    fn an_embedding_that_is_not_a_matrix_is_an_error_when_the_vocabulary_size_is_missing() {
+    /// Whether the tiny file's metadata has `key` (so a test that changes it changes something).
+    fn tiny_has(key: &str) -> bool {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("t.gguf");
         std::fs::write(&src, tiny_bytes()).unwrap();
-        let mut g = GgufFile::open(&src).unwrap();
-        assert!(g.content.metadata.contains_key("llama.vocab_size"));
-        let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
-        let mut tensors = Vec::new();
-        for n in names {
-            let t = if n == "token_embd.weight" {
-                // A vector: candle writes no 0-d tensor, and `[rows, _]` rejects both alike (the
-                // old `dims()[0]` panicked on a 0-d one and took a vector's length as the vocabulary).
-                let vector = candle_core::Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu);
-                QTensor::quantize(&vector.unwrap(), GgmlDType::F32).unwrap()
-            } else {
-                g.tensor(&n).unwrap()
-            };
-            tensors.push((n, t));
-        }
-        let metadata: Vec<(&str, &Value)> = g
+        GgufFile::open(&src)
+            .unwrap()
             .content
             .metadata
-            .iter()
-            .filter(|(k, _)| k.as_str() != "llama.vocab_size")
-            .map(|(k, v)| (k.as_str(), v))
-            .collect();
-        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let bad = dir.path().join("bad.gguf");
-        let mut f = File::create(&bad).unwrap();
-        candle_core::quantized::gguf_file::write(&mut f, &metadata, &tensors).unwrap();
-        drop(f);
-        let err = GgufFile::open(&bad).unwrap().config().unwrap_err();
-        assert!(err.to_string().contains("token_embd.weight"), "{err}");
+            .contains_key(key)
     }
 
-    /// The tiny file rewritten with metadata `key` set to `value`.
-    fn with_metadata(dir: &Path, key: &str, value: Value) -> std::path::PathBuf {
+    /// The tiny file written again as `bad.gguf` in `dir`, each metadata value through `meta`
+    /// (`None` drops the key) and each tensor through `tensor`.
+    fn rewritten(
+        dir: &Path,
+        meta: impl Fn(&str, &Value) -> Option<Value>,
+        tensor: impl Fn(&str, QTensor) -> QTensor,
+    ) -> std::path::PathBuf {
         let src = dir.join("t.gguf");
         std::fs::write(&src, tiny_bytes()).unwrap();
         let mut g = GgufFile::open(&src).unwrap();
-        assert!(
-            g.content.metadata.contains_key(key),
-            "the tiny file has {key}"
-        );
         let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
         let tensors: Vec<(String, QTensor)> = names
             .into_iter()
-            .map(|n| (n.clone(), g.tensor(&n).unwrap()))
+            .map(|n| {
+                let t = tensor(&n, g.tensor(&n).unwrap());
+                (n, t)
+            })
             .collect();
-        let metadata: Vec<(&str, &Value)> = g
+        let metadata: Vec<(String, Value)> = g
             .content
             .metadata
             .iter()
-            .map(|(k, v)| (k.as_str(), if k == key { &value } else { v }))
+            .filter_map(|(k, v)| meta(k, v).map(|v| (k.clone(), v)))
             .collect();
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let bad = dir.join("bad.gguf");
         let mut f = File::create(&bad).unwrap();
@@ -463,11 +444,43 @@ mod tests {
     }
 
     #[test]
+    fn an_embedding_that_is_not_a_matrix_is_an_error_when_the_vocabulary_size_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(tiny_has("llama.vocab_size"));
+        let bad = rewritten(
+            dir.path(),
+            |k, v| (k != "llama.vocab_size").then(|| v.clone()),
+            |n, t| {
+                if n != "token_embd.weight" {
+                    return t;
+                }
+                // A vector: candle writes no 0-d tensor, and `[rows, _]` rejects both alike (the
+                // old `dims()[0]` panicked on a 0-d one and took a vector's length as the vocabulary).
+                let vector = candle_core::Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu);
+                QTensor::quantize(&vector.unwrap(), GgmlDType::F32).unwrap()
+            },
+        );
+        let err = GgufFile::open(&bad).unwrap().config().unwrap_err();
+        assert!(err.to_string().contains("token_embd.weight"), "{err}");
+    }
+
+    #[test]
     fn an_absurd_layer_count_is_a_missing_tensor_not_an_allocation() {
         // Found by `corrupted_files_fail_cleanly`: a flipped byte of the block count sized a
         // vector of layers (286 GB) before any layer's tensors were looked for.
         let dir = tempfile::tempdir().unwrap();
-        let bad = with_metadata(dir.path(), "llama.block_count", Value::U32(u32::MAX));
+        assert!(tiny_has("llama.block_count"));
+        let bad = rewritten(
+            dir.path(),
+            |k, v| {
+                Some(if k == "llama.block_count" {
+                    Value::U32(u32::MAX)
+                } else {
+                    v.clone()
+                })
+            },
+            |_, t| t,
+        );
         let err = GgufFile::open(&bad)
             .and_then(|mut g| g.load_llama(WeightFormat::AsStored))
             .err()

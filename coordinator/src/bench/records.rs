@@ -221,11 +221,17 @@ pub(super) fn write_records(path: &Path, records: &[Record]) -> Result<()> {
         out.push_str(if i + 1 < records.len() { ",\n" } else { "\n" });
     }
     out.push_str("]\n");
+    write_output(path, &out)
+}
+
+/// Writes one of the bench's output files (`--output`, `--plot`, `--trace`), creating its
+/// directory if need be.
+pub(super) fn write_output(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the directory {}", dir.display()))?;
     }
-    std::fs::write(path, out).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub(super) fn read_records(path: &Path) -> Result<Vec<Record>> {

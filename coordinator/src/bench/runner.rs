@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::datasets::{Dataset, Sample};
-use super::records::{write_records, Record};
+use super::records::{write_output, write_records, Record};
 use super::report::{render_report, summarize};
 use super::timeline::{build_plot, render_svg};
 use super::trace_lines;
@@ -682,12 +682,7 @@ pub(super) fn write_plot(
         .iter()
         .map(|(st, (g, t))| build_plot(*st, g, t))
         .collect();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    }
-    std::fs::write(path, render_svg(&title, &plots))
-        .with_context(|| format!("cannot write {}", path.display()))
+    write_output(path, &render_svg(&title, &plots))
 }
 
 #[cfg(test)]

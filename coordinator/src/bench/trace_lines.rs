@@ -2,12 +2,12 @@
 //! `--plot` draws for one sample, kept for all of them so where the time went can be read back
 //! (which party waited, how many tokens each verify step took, what each draft forward yielded).
 
-use std::io::Write;
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{json, Value};
 
+use super::records::write_output;
 use crate::args::Strategy;
 use crate::backend::{Span, Trace};
 
@@ -61,17 +61,10 @@ pub(super) fn line(origin: &Origin<'_>, trace: &Trace) -> Value {
 
 /// Writes `lines`, one JSON object per line.
 pub(super) fn write(path: &Path, lines: &[Value]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the directory {}", dir.display()))?;
-    }
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
-    let mut out = std::io::BufWriter::new(file);
+    let mut out = String::new();
     for l in lines {
-        serde_json::to_writer(&mut out, l)?;
-        out.write_all(b"\n")?;
+        out.push_str(&serde_json::to_string(l)?);
+        out.push('\n');
     }
-    out.flush()
-        .with_context(|| format!("cannot write {}", path.display()))
+    write_output(path, &out)
 }
