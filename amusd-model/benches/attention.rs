@@ -1,6 +1,7 @@
 //! Cost of attention per forward ([`amusd_model::attention::attend_rows`]) at SmolLM2-135M's shape
-//! (9 query heads, 3 key/value heads of 64, 30 layers), for a cache of f32 (the verify model's)
-//! and of f16 (the draft's), at a few context lengths and row counts.
+//! (9 query heads, 3 key/value heads of 64, 30 layers), for a cache of f32 (the verify model's),
+//! of f16 with keys in rows, and of f16 with keys in tiles (the draft's), at a few context lengths
+//! and row counts.
 //!
 //! `taskset -c 1 cargo bench -p amusd-model --bench attention` prints, per cache type, positions
 //! and rows, the ms one forward spends in attention over all 30 layers (each layer its own cache,
@@ -28,13 +29,17 @@ struct Caches<T> {
 }
 
 impl<T: KvElem> Caches<T> {
-    fn new(capacity: usize) -> Self {
-        let len = KV_HEADS * capacity * HEAD_DIM;
+    fn new(capacity: usize, tiled: bool) -> Self {
+        let layout = match tiled {
+            true => KvLayout::head_major_tiled(capacity, HEAD_DIM),
+            false => KvLayout::head_major(capacity, HEAD_DIM),
+        };
+        let len = KV_HEADS * layout.head_stride;
         let fill = |seed| test_values(len, seed).into_iter().map(T::narrow).collect();
         Self {
             keys: (0..LAYERS).map(|l| fill(2 * l as u64)).collect(),
             values: (0..LAYERS).map(|l| fill(2 * l as u64 + 1)).collect(),
-            layout: KvLayout::head_major(capacity, HEAD_DIM),
+            layout,
         }
     }
 
@@ -85,11 +90,11 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
         .unwrap_or_else(|| default.to_vec())
 }
 
-fn report<T: KvElem>(name: &str, positions: &[usize], reps: usize) {
+fn report<T: KvElem>(name: &str, tiled: bool, positions: &[usize], reps: usize) {
     let most = positions.iter().copied().max().unwrap_or(0);
-    let caches = Caches::<T>::new(most + 1);
+    let caches = Caches::<T>::new(most + 1, tiled);
     for &n in positions {
-        print!("{name:<5} {n:>9}");
+        print!("{name:<9} {n:>9}");
         for m in ROWS {
             let ms = caches.time(n, m, reps);
             let bytes = (2 * LAYERS * KV_HEADS * n * HEAD_DIM * std::mem::size_of::<T>()) as f64;
@@ -103,11 +108,12 @@ fn main() {
     let reps = env_list("AMUSD_BENCH_REPS", &[15])[0];
     let positions = env_list("AMUSD_BENCH_POSITIONS", &[300, 1000]);
     println!("attention of one forward, {LAYERS} layers; ms (GB/s of cache read), min of {reps}");
-    print!("{:<5} {:>9}", "cache", "positions");
+    print!("{:<9} {:>9}", "cache", "positions");
     for m in ROWS {
         print!(" {:>16}", format!("rows={m}"));
     }
     println!();
-    report::<f32>("f32", &positions, reps);
-    report::<half::f16>("f16", &positions, reps);
+    report::<f32>("f32", false, &positions, reps);
+    report::<half::f16>("f16", false, &positions, reps);
+    report::<half::f16>("f16 tiled", true, &positions, reps);
 }

@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use crate::attention::{KvElem, KvLayout};
+use crate::attention::{KvElem, KvLayout, KEY_TILE};
 use crate::config::LlamaConfig;
 use crate::ModelError;
 
@@ -13,7 +13,8 @@ pub enum KvPrecision {
     #[default]
     F32,
     /// Rounded to f16: half the bytes for attention to read, for a draft model, whose logits only
-    /// choose proposals.
+    /// choose proposals; the keys in tiles ([`crate::attention::KeyLayout::Tiles`]), which halve
+    /// the instructions of its scores.
     F16,
 }
 
@@ -57,7 +58,7 @@ impl<T: KvElem> Store<T> {
     }
 
     /// Reallocates every buffer to `len`, moving each head's first `used` values from `old` to
-    /// `new` offsets.
+    /// `new` offsets (a tiled head's keys lie in its first values too, tile by tile).
     fn grow(&mut self, len: usize, heads: usize, (old, new): (KvLayout, KvLayout), used: usize) {
         for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
             let mut grown = vec![T::default(); len];
@@ -97,9 +98,10 @@ impl KvCache {
     /// (half the bytes; a request reserves only its own length).
     pub fn new(cfg: &LlamaConfig, capacity: usize, precision: KvPrecision) -> Self {
         let (kv_dim, layers) = (cfg.kv_dim(), cfg.n_layers);
+        let len = Self::layout_of(precision, capacity, cfg.head_dim).head_stride * cfg.n_kv_heads;
         let store = match precision {
-            KvPrecision::F32 => Stores::F32(Store::new(layers, capacity * kv_dim)),
-            KvPrecision::F16 => Stores::F16(Store::new(layers, capacity * kv_dim)),
+            KvPrecision::F32 => Stores::F32(Store::new(layers, len)),
+            KvPrecision::F16 => Stores::F16(Store::new(layers, len)),
         };
         Self {
             store,
@@ -138,9 +140,13 @@ impl KvCache {
     /// it reallocates, and moves each head's rows to their new place.
     pub fn reserve(&mut self, capacity: usize) {
         if capacity > self.capacity {
-            let layouts = (self.layout(), KvLayout::head_major(capacity, self.head_dim));
-            let (len, heads) = (capacity * self.kv_dim, self.kv_dim / self.head_dim);
-            let used = self.len * self.head_dim;
+            let new = Self::layout_of(self.precision(), capacity, self.head_dim);
+            let layouts = (self.layout(), new);
+            let heads = self.kv_dim / self.head_dim;
+            let len = new.head_stride * heads;
+            // Whole key tiles (a tile's unused positions too), never past the old head's room.
+            let used =
+                (self.len.next_multiple_of(KEY_TILE) * self.head_dim).min(layouts.0.head_stride);
             match &mut self.store {
                 Stores::F32(s) => s.grow(len, heads, layouts, used),
                 Stores::F16(s) => s.grow(len, heads, layouts, used),
@@ -151,7 +157,16 @@ impl KvCache {
 
     /// Where each layer's keys and values lie.
     pub(crate) fn layout(&self) -> KvLayout {
-        KvLayout::head_major(self.capacity, self.head_dim)
+        Self::layout_of(self.precision(), self.capacity, self.head_dim)
+    }
+
+    /// The layout of a cache of `precision` with room for `capacity` positions: head-major, and
+    /// an f16 (draft) cache's keys in tiles.
+    fn layout_of(precision: KvPrecision, capacity: usize, head_dim: usize) -> KvLayout {
+        match precision {
+            KvPrecision::F32 => KvLayout::head_major(capacity, head_dim),
+            KvPrecision::F16 => KvLayout::head_major_tiled(capacity, head_dim),
+        }
     }
 
     pub(crate) fn check_room(&self, start: usize, n: usize) -> Result<(), ModelError> {

@@ -407,10 +407,11 @@ fn put_rows<T: KvElem>(
     hd: usize,
 ) {
     for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-        let at = j * layout.head_stride + pos * layout.pos_stride;
-        for (dst, &x) in keys[at..at + hd].iter_mut().zip(kh) {
-            *dst = T::narrow(x);
+        let (first, step) = layout.key_at(j, pos, hd);
+        for (d, &x) in kh.iter().enumerate() {
+            keys[first + d * step] = T::narrow(x);
         }
+        let at = j * layout.head_stride + pos * layout.pos_stride;
         for (dst, &x) in values[at..at + hd].iter_mut().zip(vh) {
             *dst = T::narrow(x);
         }

@@ -7,7 +7,9 @@
 // Register tiles are indexed by dot and vector; iterators would hide which register is which.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dot_widened, prefetch_position, softmax_in_place, KvElem, QueryRows, Shape, AHEAD};
+use super::{
+    dot_widened, prefetch_position, softmax_in_place, KeyLayout, KvElem, QueryRows, Shape, AHEAD,
+};
 use std::arch::x86_64::*;
 
 /// The dot products' lane width: [`crate::kernels::dot`] accumulates 16 lanes.
@@ -107,6 +109,11 @@ unsafe fn group_scores<T: KvElem>(
     let len = |i: usize| rows.first_pos + i + 1;
     let scale = _mm_set1_ps(shape.scale);
     let head = keys.as_ptr().add(shape.kv_offset(0, first));
+    if shape.keys == KeyLayout::Tiles {
+        // SAFETY: as this function's: the head's tiles up to the last row's position exist
+        // (`Shape::check`), and `scores` holds every pair's positions.
+        return super::tiled::scores_avx2(shape, rows, first, head, scores);
+    }
     for t in (0..n_max / 4 * 4).step_by(4) {
         for p in 0..4 {
             prefetch_position(head, t + AHEAD + p, shape.pos_stride, hd);

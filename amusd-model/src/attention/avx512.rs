@@ -9,7 +9,9 @@
 // Register tiles are indexed by pair, position and vector; iterators would hide which is which.
 #![allow(clippy::needless_range_loop)]
 
-use super::{dot_widened, prefetch_position, softmax_in_place, KvElem, QueryRows, Shape, AHEAD};
+use super::{
+    dot_widened, prefetch_position, softmax_in_place, KeyLayout, KvElem, QueryRows, Shape, AHEAD,
+};
 use std::arch::x86_64::*;
 
 /// Lanes of a vector, and of [`crate::kernels::dot`]'s chains.
@@ -87,7 +89,14 @@ pub unsafe fn attend_tile<T: KvElem>(
     for first in (0..shape.n_heads).step_by(shape.group) {
         let pairs = Pairs { shape, rows, first };
         let kv = shape.kv_offset(0, first);
-        pair_scores(&pairs, keys[kv..].as_ptr(), scores);
+        match shape.keys {
+            KeyLayout::Rows => pair_scores(&pairs, keys[kv..].as_ptr(), scores),
+            // SAFETY: as this function's: the head's tiles up to the last row's position exist
+            // (`Shape::check`), and `scores` was sized above.
+            KeyLayout::Tiles => {
+                super::tiled::scores_avx512(shape, rows, first, keys[kv..].as_ptr(), scores)
+            }
+        }
         for (j, s) in scores.chunks_exact_mut(n_max).enumerate() {
             let s = &mut s[..pairs.len(j)];
             let inv = softmax_in_place(s);

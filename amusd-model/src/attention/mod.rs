@@ -13,6 +13,12 @@
 //! over an f16 cache has the bits of attention over an f32 cache holding the same values. The
 //! verify model keeps f32 (its keys and values are what its arithmetic defines); a draft may store
 //! f16 and read half the bytes, which is what a one-row forward's attention is bound by.
+//!
+//! Keys lie in rows like the values ([`KeyLayout::Rows`], the definition above) or, in a draft's
+//! cache, in tiles of sixteen positions, dimension-major ([`KeyLayout::Tiles`], module `tiled`):
+//! there a score is one FMA chain over the dimensions, sixteen positions to a vector with nothing
+//! to reduce, about half the instructions of a row's dot. That is another definition of the
+//! scores (other bits), the same on every path and for every batch.
 
 use crate::kernels::{dot, Widen};
 use crate::softmax::softmax_in_place;
@@ -311,8 +317,7 @@ pub fn attend_reference<T: KvElem>(
     for h in 0..n_heads {
         let qh = &q[h * head_dim..(h + 1) * head_dim];
         for (t, s) in scores.iter_mut().enumerate() {
-            let off = shape.kv_offset(t, h);
-            *s = dot_widened(qh, &keys[off..off + head_dim], &mut widened) * shape.scale;
+            *s = shape.score(qh, keys, t, h, &mut widened);
         }
         let inv = softmax_in_place(scores);
         let oh = &mut out[h * head_dim..(h + 1) * head_dim];
@@ -327,13 +332,31 @@ pub fn attend_reference<T: KvElem>(
     }
 }
 
-/// Where one layer's cached keys (and values) lie: key/value head `j`'s row for position `t`
-/// starts at `j * head_stride + t * pos_stride`. Only addressing: every layout gives the same bits.
+/// Where one layer's cached keys and values lie: key/value head `j`'s value row for position `t`
+/// starts at `j * head_stride + t * pos_stride`, and so does its key row under
+/// [`KeyLayout::Rows`]. Among layouts with row keys, only addressing: they give the same bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvLayout {
     pub head_stride: usize,
     pub pos_stride: usize,
+    pub keys: KeyLayout,
 }
+
+/// How a key/value head's keys lie from its start (`j * head_stride`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// As the values: position `t`'s `head_dim` values at `t * pos_stride`. A score is
+    /// [`crate::kernels::dot`] (sixteen lane chains and a pairwise tree).
+    Rows,
+    /// Tiles of [`KEY_TILE`] positions, each `[head_dim][KEY_TILE]`: element `d` of position `t`
+    /// at `(t / KEY_TILE * head_dim + d) * KEY_TILE + t % KEY_TILE`. A score is one FMA chain over
+    /// `d` in order from zero ([`tiled::dot`]). Rollback stays a length: a tile's later positions
+    /// are simply overwritten.
+    Tiles,
+}
+
+/// Positions per key tile ([`KeyLayout::Tiles`]): one 512-bit vector of f32 scores.
+pub const KEY_TILE: usize = 16;
 
 impl KvLayout {
     /// `[position][kv_head][head_dim]`: a position's heads side by side.
@@ -341,6 +364,7 @@ impl KvLayout {
         Self {
             head_stride: head_dim,
             pos_stride: n_kv_heads * head_dim,
+            keys: KeyLayout::Rows,
         }
     }
 
@@ -350,6 +374,45 @@ impl KvLayout {
         Self {
             head_stride: capacity * head_dim,
             pos_stride: head_dim,
+            keys: KeyLayout::Rows,
+        }
+    }
+
+    /// [`Self::head_major`] with the keys in tiles ([`KeyLayout::Tiles`]), the room rounded up to
+    /// whole tiles: a draft's cache.
+    pub fn head_major_tiled(capacity: usize, head_dim: usize) -> Self {
+        Self {
+            head_stride: capacity.next_multiple_of(KEY_TILE) * head_dim,
+            pos_stride: head_dim,
+            keys: KeyLayout::Tiles,
+        }
+    }
+
+    /// Where element 0 of key/value head `j`'s key for position `t` lies, and how far apart its
+    /// elements are.
+    pub fn key_at(&self, j: usize, t: usize, head_dim: usize) -> (usize, usize) {
+        let head = j * self.head_stride;
+        match self.keys {
+            KeyLayout::Rows => (head + t * self.pos_stride, 1),
+            KeyLayout::Tiles => (head + tiled::offset(t, head_dim), KEY_TILE),
+        }
+    }
+
+    /// How many values of a buffer this layout reads for `positions` positions of `n_kv_heads`
+    /// heads: a key tile is read whole.
+    pub fn needed(&self, positions: usize, n_kv_heads: usize, head_dim: usize) -> usize {
+        if positions == 0 {
+            return 0;
+        }
+        let rows =
+            (n_kv_heads - 1) * self.head_stride + (positions - 1) * self.pos_stride + head_dim;
+        match self.keys {
+            KeyLayout::Rows => rows,
+            KeyLayout::Tiles => {
+                let tiles = (n_kv_heads - 1) * self.head_stride
+                    + positions.next_multiple_of(KEY_TILE) * head_dim;
+                rows.max(tiles)
+            }
         }
     }
 }
@@ -365,6 +428,7 @@ struct Shape {
     head_stride: usize,
     /// Distance between consecutive positions' rows of one key/value head.
     pos_stride: usize,
+    keys: KeyLayout,
     scale: f32,
 }
 
@@ -384,6 +448,7 @@ impl Shape {
             group: n_heads / n_kv_heads,
             head_stride: layout.head_stride,
             pos_stride: layout.pos_stride,
+            keys: layout.keys,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
@@ -394,17 +459,49 @@ impl Shape {
     }
 
     fn check<T>(&self, q: &[f32], keys: &[T], values: &[T], out: &[f32]) {
-        let (width, cached) = (
-            self.n_heads * self.head_dim,
-            (self.n_kv_heads - 1) * self.head_stride + self.pos * self.pos_stride + self.head_dim,
-        );
+        let layout = KvLayout {
+            head_stride: self.head_stride,
+            pos_stride: self.pos_stride,
+            keys: self.keys,
+        };
+        let values_layout = KvLayout {
+            keys: KeyLayout::Rows,
+            ..layout
+        };
+        let (n, nkv, hd) = (self.pos + 1, self.n_kv_heads, self.head_dim);
+        let width = self.n_heads * hd;
         assert!(
             q.len() >= width
                 && out.len() >= width
-                && keys.len() >= cached
-                && values.len() >= cached,
+                && keys.len() >= layout.needed(n, nkv, hd)
+                && values.len() >= values_layout.needed(n, nkv, hd),
             "attention buffers shorter than their shape"
         );
+    }
+
+    /// Where query head `h`'s key/value head starts.
+    fn kv_head(&self, h: usize) -> usize {
+        h / self.group * self.head_stride
+    }
+
+    /// Query `q`'s scaled score against position `t`'s key for query head `h`, as the layout
+    /// defines it.
+    fn score<T: KvElem>(
+        &self,
+        q: &[f32],
+        keys: &[T],
+        t: usize,
+        h: usize,
+        buf: &mut Vec<f32>,
+    ) -> f32 {
+        let dot = match self.keys {
+            KeyLayout::Rows => {
+                let off = self.kv_offset(t, h);
+                dot_widened(q, &keys[off..off + self.head_dim], buf)
+            }
+            KeyLayout::Tiles => tiled::dot(q, &keys[self.kv_head(h)..], t),
+        };
+        dot * self.scale
     }
 }
 
@@ -412,6 +509,7 @@ impl Shape {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod tiled;
 
 #[cfg(test)]
 mod tests {
@@ -441,20 +539,126 @@ mod tests {
         seed: u64,
         head_major: Option<usize>,
     ) -> (Vec<f32>, KvLayout) {
-        let drawn = test_values((pos + 1) * nkv * hd, seed);
         let layout = match head_major {
             Some(spare) => KvLayout::head_major(pos + 1 + spare, hd),
             None => KvLayout::position_major(nkv, hd),
         };
-        let mut buf = vec![f32::NAN; (nkv - 1) * layout.head_stride + pos * layout.pos_stride + hd];
+        (laid_out(layout, (nkv, hd, pos), seed, false), layout)
+    }
+
+    /// The values [`cache`] draws for `seed`, where `layout` puts them: as its keys (`keys`) or as
+    /// its values. Whatever no position occupies is NaN, so a read of it shows.
+    fn laid_out(
+        layout: KvLayout,
+        (nkv, hd, pos): (usize, usize, usize),
+        seed: u64,
+        keys: bool,
+    ) -> Vec<f32> {
+        let drawn = test_values((pos + 1) * nkv * hd, seed);
+        let mut buf = vec![f32::NAN; layout.needed(pos + 1, nkv, hd)];
         for t in 0..=pos {
             for j in 0..nkv {
                 let src = &drawn[(t * nkv + j) * hd..(t * nkv + j + 1) * hd];
-                let at = j * layout.head_stride + t * layout.pos_stride;
-                buf[at..at + hd].copy_from_slice(src);
+                let (first, step) = match keys {
+                    true => layout.key_at(j, t, hd),
+                    false => (j * layout.head_stride + t * layout.pos_stride, 1),
+                };
+                for (d, &x) in src.iter().enumerate() {
+                    buf[first + d * step] = x;
+                }
             }
         }
-        (buf, layout)
+        buf
+    }
+
+    /// `m` rows from position `first` over a cache whose keys lie in tiles (`spare` positions of
+    /// room past the last row), through `path` together, or each row alone through the reference;
+    /// f32 values, or the same values rounded to f16 (`half`).
+    fn run_tiled(
+        path: Option<Path>,
+        (nh, nkv, hd): (usize, usize, usize),
+        (first, m, spare): (usize, usize, usize),
+        seed: u64,
+        half: bool,
+    ) -> Vec<u32> {
+        let (width, last) = (nh * hd, first + m - 1);
+        let layout = KvLayout::head_major_tiled(last + 1 + spare, hd);
+        let mut keys = laid_out(layout, (nkv, hd, last), seed + 1, true);
+        let mut values = laid_out(layout, (nkv, hd, last), seed + 2, false);
+        // A tile's positions past the last row hold stale values in a real cache: finite ones.
+        keys.iter_mut()
+            .filter(|v| v.is_nan())
+            .for_each(|v| *v = 1e4);
+        values
+            .iter_mut()
+            .filter(|v| v.is_nan())
+            .for_each(|v| *v = 1e4);
+        let q = test_values(m * width, seed);
+        let mut out = vec![f32::NAN; m * width];
+        let narrow =
+            |v: &[f32]| -> Vec<half::f16> { v.iter().map(|&x| half::f16::from_f32(x)).collect() };
+        let (k16, v16) = (narrow(&keys), narrow(&values));
+        let rows = QueryRows {
+            q: &q,
+            stride: width,
+            rows: m,
+            first_pos: first,
+        };
+        let heads = (nh, nkv, hd);
+        match (path, half) {
+            (Some(p), false) => attend_rows_on(
+                p,
+                rows,
+                &keys,
+                &values,
+                layout,
+                heads,
+                &mut Vec::new(),
+                &mut out,
+            ),
+            (Some(p), true) => attend_rows_on(
+                p,
+                rows,
+                &k16,
+                &v16,
+                layout,
+                heads,
+                &mut Vec::new(),
+                &mut out,
+            ),
+            (None, _) => {
+                for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                    let qi = &q[i * width..(i + 1) * width];
+                    match half {
+                        false => attend_reference(
+                            qi,
+                            &keys,
+                            &values,
+                            layout,
+                            first + i,
+                            nh,
+                            nkv,
+                            hd,
+                            &mut Vec::new(),
+                            o,
+                        ),
+                        true => attend_reference(
+                            qi,
+                            &k16,
+                            &v16,
+                            layout,
+                            first + i,
+                            nh,
+                            nkv,
+                            hd,
+                            &mut Vec::new(),
+                            o,
+                        ),
+                    }
+                }
+            }
+        }
+        out.iter().map(|v| v.to_bits()).collect()
     }
 
     fn run_in(
@@ -607,6 +811,48 @@ mod tests {
             attend_reference(&q[..width], &k16, &v16, layout, pos, nh, nkv, hd, &mut Vec::new(), &mut c);
             prop_assert_eq!(bits(&c), bits(&b[..width]));
         }
+    }
+
+    proptest! {
+        /// Over keys in tiles every path has the reference's bits for each row, f32 or f16,
+        /// across tile and row-tile boundaries.
+        #[test]
+        fn tiled_keys_give_the_reference_bits_on_every_path(
+            kv in 1usize..4, group in 1usize..8, chunks in 1usize..5, first in 0usize..70,
+            m in 1usize..20, spare in 0usize..20, half: bool, seed: u64,
+        ) {
+            let heads = (kv * group, kv, 16 * chunks);
+            let alone = run_tiled(None, heads, (first, m, spare), seed, half);
+            for path in Path::usable(heads.2, group) {
+                let together = run_tiled(Some(path), heads, (first, m, spare), seed, half);
+                prop_assert_eq!(&together, &alone, "{:?}", path);
+            }
+        }
+
+        /// Tiled keys are the same keys: attention over them equals attention over row keys up to
+        /// the rounding of a different summation order.
+        #[test]
+        fn tiled_keys_attend_as_row_keys_do(
+            kv in 1usize..3, group in 1usize..4, chunks in 1usize..5, pos in 0usize..60, seed: u64,
+        ) {
+            let (nh, nkv, hd) = (kv * group, kv, 16 * chunks);
+            let rows = run(attend, (nh, nkv, hd, pos), seed);
+            let tiled = run_tiled(Some(Path::best(hd, group)), (nh, nkv, hd), (pos, 1, 0), seed, false);
+            for (a, b) in rows.iter().zip(&tiled) {
+                let (a, b) = (f32::from_bits(*a), f32::from_bits(*b));
+                prop_assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{} against {}", a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tiled_key_lies_where_the_layout_says() {
+        let layout = KvLayout::head_major_tiled(20, 4);
+        assert_eq!(layout.head_stride, 32 * 4);
+        // Position 17 is the second tile's second lane; element 3 three tile rows on.
+        assert_eq!(layout.key_at(1, 17, 4), (128 + 64 + 1, KEY_TILE));
+        assert_eq!(tiled::offset(17, 4) + 3 * KEY_TILE, 64 + 1 + 48);
+        assert_eq!(layout.needed(17, 2, 4), 128 + 32 * 4);
     }
 
     #[test]
