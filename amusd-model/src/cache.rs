@@ -77,7 +77,8 @@ enum Stores {
 }
 
 /// Keys and values of every layer for positions `0..len`, laid out `[kv_head][position][head_dim]`
-/// ([`KvLayout::head_major`]): attention reads one head's rows over every position, and from
+/// ([`KvLayout::head_major`]; an f16 cache's keys in tiles of positions within each head,
+/// [`KvLayout::head_major_tiled`]): attention reads one head's rows over every position, and from
 /// contiguous memory the hardware prefetcher streams them (position-major, a head's rows lay
 /// `kv_dim` apart and attention at 600 positions ran at a third of the memory bandwidth).
 ///
