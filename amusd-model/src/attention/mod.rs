@@ -576,86 +576,90 @@ mod tests {
     /// f32 values, or the same values rounded to f16 (`half`).
     fn run_tiled(
         path: Option<Path>,
-        (nh, nkv, hd): (usize, usize, usize),
+        heads: (usize, usize, usize),
         (first, m, spare): (usize, usize, usize),
         seed: u64,
         half: bool,
     ) -> Vec<u32> {
-        let (width, last) = (nh * hd, first + m - 1);
+        match half {
+            false => run_tiled_as::<f32>(path, heads, (first, m, spare), seed),
+            true => run_tiled_as::<half::f16>(path, heads, (first, m, spare), seed),
+        }
+    }
+
+    fn run_tiled_as<T: KvElem>(
+        path: Option<Path>,
+        (nh, nkv, hd): (usize, usize, usize),
+        (first, m, spare): (usize, usize, usize),
+        seed: u64,
+    ) -> Vec<u32> {
+        let last = first + m - 1;
         let layout = KvLayout::head_major_tiled(last + 1 + spare, hd);
-        let mut keys = laid_out(layout, (nkv, hd, last), seed + 1, true);
-        let mut values = laid_out(layout, (nkv, hd, last), seed + 2, false);
         // A tile's positions past the last row hold stale values in a real cache: finite ones.
-        keys.iter_mut()
-            .filter(|v| v.is_nan())
-            .for_each(|v| *v = 1e4);
-        values
-            .iter_mut()
-            .filter(|v| v.is_nan())
-            .for_each(|v| *v = 1e4);
-        let q = test_values(m * width, seed);
-        let mut out = vec![f32::NAN; m * width];
-        let narrow =
-            |v: &[f32]| -> Vec<half::f16> { v.iter().map(|&x| half::f16::from_f32(x)).collect() };
-        let (k16, v16) = (narrow(&keys), narrow(&values));
-        let rows = QueryRows {
-            q: &q,
-            stride: width,
-            rows: m,
-            first_pos: first,
+        let stored = |seed, keys| -> Vec<T> {
+            let v = laid_out(layout, (nkv, hd, last), seed, keys);
+            v.into_iter()
+                .map(|x| T::narrow(if x.is_nan() { 1e4 } else { x }))
+                .collect()
         };
-        let heads = (nh, nkv, hd);
-        match (path, half) {
-            (Some(p), false) => attend_rows_on(
-                p,
+        let (keys, values) = (stored(seed + 1, true), stored(seed + 2, false));
+        let q = test_values(m * nh * hd, seed);
+        attend_both(
+            path,
+            &q,
+            nh * hd,
+            (&keys, &values, layout),
+            (nh, nkv, hd),
+            (first, m),
+        )
+    }
+
+    /// `m` query rows `stride` apart from position `first` over `cache`, through `path`
+    /// together, or each row alone through [`attend_reference`]; the outputs' bits.
+    fn attend_both<T: KvElem>(
+        path: Option<Path>,
+        q: &[f32],
+        stride: usize,
+        (keys, values, layout): (&[T], &[T], KvLayout),
+        (nh, nkv, hd): (usize, usize, usize),
+        (first, m): (usize, usize),
+    ) -> Vec<u32> {
+        let width = nh * hd;
+        let mut out = vec![f32::NAN; m * width];
+        if let Some(path) = path {
+            let rows = QueryRows {
+                q,
+                stride,
+                rows: m,
+                first_pos: first,
+            };
+            let heads = (nh, nkv, hd);
+            attend_rows_on(
+                path,
                 rows,
-                &keys,
-                &values,
+                keys,
+                values,
                 layout,
                 heads,
                 &mut Vec::new(),
                 &mut out,
-            ),
-            (Some(p), true) => attend_rows_on(
-                p,
-                rows,
-                &k16,
-                &v16,
-                layout,
-                heads,
-                &mut Vec::new(),
-                &mut out,
-            ),
-            (None, _) => {
-                for (i, o) in out.chunks_exact_mut(width).enumerate() {
-                    let qi = &q[i * width..(i + 1) * width];
-                    match half {
-                        false => attend_reference(
-                            qi,
-                            &keys,
-                            &values,
-                            layout,
-                            first + i,
-                            nh,
-                            nkv,
-                            hd,
-                            &mut Vec::new(),
-                            o,
-                        ),
-                        true => attend_reference(
-                            qi,
-                            &k16,
-                            &v16,
-                            layout,
-                            first + i,
-                            nh,
-                            nkv,
-                            hd,
-                            &mut Vec::new(),
-                            o,
-                        ),
-                    }
-                }
+            );
+        } else {
+            for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                let qi = &q[i * stride..i * stride + width];
+                let pos = first + i;
+                attend_reference(
+                    qi,
+                    keys,
+                    values,
+                    layout,
+                    pos,
+                    nh,
+                    nkv,
+                    hd,
+                    &mut Vec::new(),
+                    o,
+                );
             }
         }
         out.iter().map(|v| v.to_bits()).collect()
@@ -698,49 +702,19 @@ mod tests {
         (first, m): (usize, usize),
         seed: u64,
     ) -> Vec<u32> {
-        let (width, stride) = (nh * hd, nh * hd + 5);
+        let stride = nh * hd + 5;
         let q = test_values(m * stride, seed);
         let last = first + m - 1;
         let (keys, layout) = cache((nkv, hd, last), seed + 1, Some(3));
         let (values, _) = cache((nkv, hd, last), seed + 2, Some(3));
-        let mut out = vec![f32::NAN; m * width];
-        if let Some(path) = together {
-            let rows = QueryRows {
-                q: &q,
-                stride,
-                rows: m,
-                first_pos: first,
-            };
-            let mut scores = Vec::new();
-            let heads = (nh, nkv, hd);
-            attend_rows_on(
-                path,
-                rows,
-                &keys,
-                &values,
-                layout,
-                heads,
-                &mut scores,
-                &mut out,
-            );
-        } else {
-            for (i, o) in out.chunks_exact_mut(width).enumerate() {
-                let qi = &q[i * stride..i * stride + width];
-                attend_reference(
-                    qi,
-                    &keys,
-                    &values,
-                    layout,
-                    first + i,
-                    nh,
-                    nkv,
-                    hd,
-                    &mut Vec::new(),
-                    o,
-                );
-            }
-        }
-        out.iter().map(|v| v.to_bits()).collect()
+        attend_both(
+            together,
+            &q,
+            stride,
+            (&keys, &values, layout),
+            (nh, nkv, hd),
+            (first, m),
+        )
     }
 
     proptest! {

@@ -31,36 +31,70 @@ pub(super) fn dot<T: KvElem>(q: &[f32], keys: &[T], t: usize) -> f32 {
     })
 }
 
+/// Up to `N` pairs of one key/value head scored together: how many, their queries and score rows
+/// (the array padded with the last pair's, never used past `p`), and the tiles they need (the last
+/// pair's row reaches furthest).
 #[cfg(target_arch = "x86_64")]
-/// Pairs of one key/value head: where pair `j`'s query starts and how many positions its row
-/// attends to.
-struct Pairs<'a> {
-    rows: &'a QueryRows<'a>,
+struct Group<const N: usize> {
+    p: usize,
+    q: [*const f32; N],
+    out: [*mut f32; N],
+    tiles: usize,
+    /// The key/value head's first group: the pass that streams its keys in.
+    leads: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<const N: usize> Group<N> {
+    /// The group's block from tile `tb` of the head at `keys` (`hd` wide, `n` score positions).
+    ///
+    /// # Safety
+    /// `keys` holds tile `tb`; the group's score rows hold `n` values.
+    unsafe fn block<T>(&self, keys: *const T, tb: usize, hd: usize, n: usize) -> Block<T, N> {
+        Block {
+            keys: keys.add(tb * KEY_TILE * hd),
+            hd,
+            // Only the first pass over the head streams it; later ones find it in cache.
+            prefetch: self.leads,
+            out: self.out.map(|o| o.add(tb * KEY_TILE)),
+            valid: n - tb * KEY_TILE,
+        }
+    }
+}
+
+/// The pairs of the key/value head whose first query head is `first` (pair `j`: row `j / group`,
+/// head `first + j % group`), `N` at a time, with their rows of `scores` (`shape.pos + 1` each).
+///
+/// # Safety
+/// Every query row of `rows` holds its heads and `scores` holds every pair's row.
+#[cfg(target_arch = "x86_64")]
+unsafe fn groups<const N: usize>(
+    shape: &Shape,
+    rows: &QueryRows,
     first: usize,
-    group: usize,
-    head_dim: usize,
-}
-
-#[cfg(target_arch = "x86_64")]
-impl Pairs<'_> {
-    fn count(&self) -> usize {
-        self.rows.rows * self.group
-    }
-
-    fn query(&self, j: usize) -> *const f32 {
-        let (i, g) = (j / self.group, j % self.group);
-        self.rows.q[i * self.rows.stride + (self.first + g) * self.head_dim..].as_ptr()
-    }
-
-    fn len(&self, j: usize) -> usize {
-        self.rows.first_pos + j / self.group + 1
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-/// How many tiles pairs `j0..j0 + p` need: the last pair's row reaches furthest.
-fn tiles_for(pairs: &Pairs, j0: usize, p: usize) -> usize {
-    pairs.len(j0 + p - 1).div_ceil(KEY_TILE)
+    scores: &mut [f32],
+) -> Vec<Group<N>> {
+    let (hd, n, group) = (shape.head_dim, shape.pos + 1, shape.group);
+    let count = rows.rows * group;
+    let query = |j: usize| {
+        let (i, g) = (j / group, j % group);
+        rows.q[i * rows.stride + (first + g) * hd..].as_ptr()
+    };
+    let base = scores.as_mut_ptr();
+    (0..count)
+        .step_by(N)
+        .map(|j0| {
+            let p = (count - j0).min(N);
+            let pair = |a: usize| j0 + a.min(p - 1);
+            Group {
+                p,
+                q: std::array::from_fn(|a| query(pair(a))),
+                out: std::array::from_fn(|a| base.add(pair(a) * n)),
+                tiles: (rows.first_pos + pair(N) / group + 1).div_ceil(KEY_TILE),
+                leads: j0 == 0,
+            }
+        })
+        .collect()
 }
 
 /// Tiles ahead of the block being scored that the AVX-512 path prefetches (128 positions): the
@@ -85,33 +119,14 @@ pub(super) unsafe fn scores_avx512<T: KvElem>(
     scores: &mut [f32],
 ) {
     use std::arch::x86_64::_mm512_set1_ps;
-    const PAIRS: usize = 6;
     const TILES: usize = 4;
-    let (hd, n) = (shape.head_dim, shape.pos + 1);
-    let pairs = Pairs {
-        rows,
-        first,
-        group: shape.group,
-        head_dim: hd,
-    };
-    let (count, scale) = (pairs.count(), _mm512_set1_ps(shape.scale));
-    for j0 in (0..count).step_by(PAIRS) {
-        let p = (count - j0).min(PAIRS);
-        let q: [*const f32; PAIRS] = std::array::from_fn(|a| pairs.query(j0 + a.min(p - 1)));
-        let out: [*mut f32; PAIRS] =
-            std::array::from_fn(|a| scores.as_mut_ptr().add((j0 + a.min(p - 1)) * n));
-        let tiles = tiles_for(&pairs, j0, p);
+    let (hd, n, scale) = (shape.head_dim, shape.pos + 1, _mm512_set1_ps(shape.scale));
+    for g in groups::<6>(shape, rows, first, scores) {
+        let (p, q) = (g.p, g.q);
         let mut tb = 0;
-        while tb < tiles {
-            let b = if tiles - tb >= TILES { TILES } else { 1 };
-            let at = Block {
-                keys: keys.add(tb * KEY_TILE * hd),
-                hd,
-                // Only the first pass over the head streams it; later ones find it in cache.
-                prefetch: j0 == 0,
-                out: out.map(|o| o.add(tb * KEY_TILE)),
-                valid: n - tb * KEY_TILE,
-            };
+        while tb < g.tiles {
+            let b = if g.tiles - tb >= TILES { TILES } else { 1 };
+            let at = g.block(keys, tb, hd, n);
             match (p, b) {
                 (1, TILES) => avx512_block::<T, 1, TILES>(&q, &at, scale),
                 (2, TILES) => avx512_block::<T, 2, TILES>(&q, &at, scale),
@@ -206,28 +221,11 @@ pub(super) unsafe fn scores_avx2<T: KvElem>(
     scores: &mut [f32],
 ) {
     use std::arch::x86_64::_mm256_set1_ps;
-    const PAIRS: usize = 5;
-    let (hd, n) = (shape.head_dim, shape.pos + 1);
-    let pairs = Pairs {
-        rows,
-        first,
-        group: shape.group,
-        head_dim: hd,
-    };
-    let (count, scale) = (pairs.count(), _mm256_set1_ps(shape.scale));
-    for j0 in (0..count).step_by(PAIRS) {
-        let p = (count - j0).min(PAIRS);
-        let q: [*const f32; PAIRS] = std::array::from_fn(|a| pairs.query(j0 + a.min(p - 1)));
-        let out: [*mut f32; PAIRS] =
-            std::array::from_fn(|a| scores.as_mut_ptr().add((j0 + a.min(p - 1)) * n));
-        for tb in 0..tiles_for(&pairs, j0, p) {
-            let at = Block {
-                keys: keys.add(tb * KEY_TILE * hd),
-                hd,
-                prefetch: j0 == 0,
-                out: out.map(|o| o.add(tb * KEY_TILE)),
-                valid: n - tb * KEY_TILE,
-            };
+    let (hd, n, scale) = (shape.head_dim, shape.pos + 1, _mm256_set1_ps(shape.scale));
+    for g in groups::<5>(shape, rows, first, scores) {
+        let (p, q) = (g.p, g.q);
+        for tb in 0..g.tiles {
+            let at = g.block(keys, tb, hd, n);
             match p {
                 1 => avx2_block::<T, 1>(&q, &at, scale),
                 2 => avx2_block::<T, 2>(&q, &at, scale),
