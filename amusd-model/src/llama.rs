@@ -59,6 +59,17 @@ pub enum LogitsFor {
     From(usize),
 }
 
+impl LogitsFor {
+    /// The first of `m` rows whose logits are asked for (`From` past the end: the last).
+    fn first(self, m: usize) -> usize {
+        match self {
+            Self::All => 0,
+            Self::Last => m - 1,
+            Self::From(i) => i.min(m - 1),
+        }
+    }
+}
+
 /// Logits of one forward pass, `rows x vocab`, row-major.
 pub struct Logits {
     pub data: Vec<f32>,
@@ -231,21 +242,27 @@ impl Llama {
         let mut s = Scratch::new(cfg, m);
         let rope = self.rope_table(start_pos, m);
         let layout = cache.layout();
+        let last = self.blocks.len().saturating_sub(1);
         for (layer, block) in self.blocks.iter().enumerate() {
             let kv = CacheLayer {
                 kv: cache.layer_mut(layer),
                 layout,
                 start_pos,
             };
-            self.attention(block, kv, &rope, &mut x, &mut s)?;
-            self.feed_forward(block, &mut x, &mut s)?;
+            // The last block's output feeds only the logits: the rows before the first one asked
+            // for need its keys and values, not its attention output or MLP (a prefill's last
+            // block is 97% of those rows' work; each row's result is its own, so no bit moves).
+            let from = if layer == last { which.first(m) } else { 0 };
+            self.attention(block, kv, &rope, &mut x, &mut s, from)?;
+            self.feed_forward(block, &mut x, &mut s, from)?;
         }
         cache.set_len(start_pos + m);
         self.logits(&x, m, which)
     }
 
     /// `x += attention(rms_norm(x))` for one block: Q, K and V, rotary embeddings, the new keys
-    /// and values into the cache, each row attending causally, the output projection.
+    /// and values into the cache, each row from `from` on attending causally, the output
+    /// projection (rows before `from` only store their keys and values).
     fn attention(
         &self,
         block: &Block,
@@ -253,6 +270,7 @@ impl Llama {
         rope: &RopeTable,
         x: &mut [f32],
         s: &mut Scratch,
+        from: usize,
     ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (q_dim, kv_dim, m) = (cfg.q_dim(), cfg.kv_dim(), s.rows);
@@ -275,48 +293,49 @@ impl Llama {
             }
             kv.put(i, k, v, cfg.head_dim);
         }
+        let (r, h) = (m - from, cfg.hidden_size);
         let rows = QueryRows {
-            q: &s.qkv,
+            q: &s.qkv[from * qkv_dim..],
             stride: qkv_dim,
-            rows: m,
-            first_pos: kv.start_pos,
+            rows: r,
+            first_pos: kv.start_pos + from,
         };
         let heads = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let (scores, out) = (&mut s.scores, &mut s.attn);
+        let (scores, out) = (&mut s.scores, &mut s.attn[..r * q_dim]);
         match kv.kv {
             LayerKv::F32(k, v) => attend_layer(rows, k, v, kv.layout, heads, scores, out),
             LayerKv::F16(k, v) => attend_layer(rows, k, v, kv.layout, heads, scores, out),
         }
-        block.wo.forward(&s.attn, m, &mut s.proj, self.batching)?;
-        add_in_place(x, &s.proj);
+        let proj = &mut s.proj[..r * h];
+        block
+            .wo
+            .forward(&s.attn[..r * q_dim], r, proj, self.batching)?;
+        add_in_place(&mut x[from * h..], proj);
         Ok(())
     }
 
-    /// `x += down(silu(gate(rms_norm(x))) * up(rms_norm(x)))` for one block.
+    /// `x += down(silu(gate(rms_norm(x))) * up(rms_norm(x)))` for one block's rows from `from` on.
     fn feed_forward(
         &self,
         block: &Block,
         x: &mut [f32],
         s: &mut Scratch,
+        from: usize,
     ) -> Result<(), ModelError> {
-        let (ff, m) = (self.config.intermediate_size, s.rows);
-        s.normed.copy_from_slice(x);
-        kernels::rms_norm(&mut s.normed, &block.ffn_norm, self.config.rms_eps);
-        block
-            .w_gate_up
-            .forward(&s.normed, m, &mut s.gate_up, self.batching)?;
-        for (row, a) in s
-            .gate_up
-            .chunks_exact(2 * ff)
-            .zip(s.act.chunks_exact_mut(ff))
-        {
+        let (ff, h) = (self.config.intermediate_size, self.config.hidden_size);
+        let r = s.rows - from;
+        let (x, normed) = (&mut x[from * h..], &mut s.normed[..r * h]);
+        normed.copy_from_slice(x);
+        kernels::rms_norm(normed, &block.ffn_norm, self.config.rms_eps);
+        let (gate_up, act) = (&mut s.gate_up[..r * 2 * ff], &mut s.act[..r * ff]);
+        block.w_gate_up.forward(normed, r, gate_up, self.batching)?;
+        for (row, a) in gate_up.chunks_exact(2 * ff).zip(act.chunks_exact_mut(ff)) {
             a.copy_from_slice(&row[..ff]);
             silu::silu_mul(a, &row[ff..]);
         }
-        block
-            .w_down
-            .forward(&s.act, m, &mut s.proj, self.batching)?;
-        add_in_place(x, &s.proj);
+        let proj = &mut s.proj[..r * h];
+        block.w_down.forward(act, r, proj, self.batching)?;
+        add_in_place(x, proj);
         Ok(())
     }
 
@@ -324,11 +343,7 @@ impl Llama {
     /// beyond a restricted head ([`Self::restrict_head`]) get -inf.
     fn logits(&self, x: &[f32], m: usize, which: LogitsFor) -> Result<Logits, ModelError> {
         let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
-        let first = match which {
-            LogitsFor::All => 0,
-            LogitsFor::Last => m - 1,
-            LogitsFor::From(i) => i.min(m - 1),
-        };
+        let first = which.first(m);
         let rows = m - first;
         let mut hidden = x[first * h..].to_vec();
         kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
@@ -840,6 +855,18 @@ mod tests {
                 prop_assert_eq!(&bits(&l, i), &reference[plen + i], "format {} row {}", format, i);
             }
             prop_assert_eq!(c2.len(), plen + k);
+
+            // Asking for the last rows only (the last block skips the others' attention output
+            // and MLP) gives those rows' bits, and keys and values the next forward reads alike.
+            let from = k / 2;
+            c2.truncate(plen);
+            let l = m.forward(&batch, plen, &mut c2, LogitsFor::From(from)).unwrap();
+            for i in from..k {
+                prop_assert_eq!(&bits(&l, i - from), &reference[plen + i], "from {} row {}", from, i);
+            }
+            c2.truncate(plen + from);
+            let l = m.forward(&batch[from..], plen + from, &mut c2, LogitsFor::All).unwrap();
+            prop_assert_eq!(&bits(&l, 0), &reference[plen + from], "after a partial last block");
         }
     }
 }
