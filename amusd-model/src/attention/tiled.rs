@@ -63,38 +63,33 @@ impl<const N: usize> Group<N> {
 }
 
 /// The pairs of the key/value head whose first query head is `first` (pair `j`: row `j / group`,
-/// head `first + j % group`), `N` at a time, with their rows of `scores` (`shape.pos + 1` each).
-///
-/// # Safety
-/// Every query row of `rows` holds its heads and `scores` holds every pair's row.
+/// head `first + j % group`), `N` at a time, with their rows of `scores` (`shape.pos + 1` each;
+/// the pointers are only computed here, and the caller keeps them inside `scores`).
 #[cfg(target_arch = "x86_64")]
-unsafe fn groups<const N: usize>(
+fn groups<'a, const N: usize>(
     shape: &Shape,
-    rows: &QueryRows,
+    rows: &'a QueryRows,
     first: usize,
     scores: &mut [f32],
-) -> Vec<Group<N>> {
+) -> impl Iterator<Item = Group<N>> + 'a {
     let (hd, n, group) = (shape.head_dim, shape.pos + 1, shape.group);
     let count = rows.rows * group;
-    let query = |j: usize| {
+    let query = move |j: usize| {
         let (i, g) = (j / group, j % group);
         rows.q[i * rows.stride + (first + g) * hd..].as_ptr()
     };
     let base = scores.as_mut_ptr();
-    (0..count)
-        .step_by(N)
-        .map(|j0| {
-            let p = (count - j0).min(N);
-            let pair = |a: usize| j0 + a.min(p - 1);
-            Group {
-                p,
-                q: std::array::from_fn(|a| query(pair(a))),
-                out: std::array::from_fn(|a| base.add(pair(a) * n)),
-                tiles: (rows.first_pos + pair(N) / group + 1).div_ceil(KEY_TILE),
-                leads: j0 == 0,
-            }
-        })
-        .collect()
+    (0..count).step_by(N).map(move |j0| {
+        let p = (count - j0).min(N);
+        let pair = |a: usize| j0 + a.min(p - 1);
+        Group {
+            p,
+            q: std::array::from_fn(|a| query(pair(a))),
+            out: std::array::from_fn(|a| base.wrapping_add(pair(a) * n)),
+            tiles: (rows.first_pos + pair(N) / group + 1).div_ceil(KEY_TILE),
+            leads: j0 == 0,
+        }
+    })
 }
 
 /// Tiles ahead of the block being scored that the AVX-512 path prefetches (128 positions): the
