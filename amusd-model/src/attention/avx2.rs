@@ -70,17 +70,17 @@ pub unsafe fn attend_tile<T: KvElem>(
                 let (i, h) = (j / group, first + j % group);
                 let t1 = (t0 + BLOCK).min(len(i));
                 let s = &scores[j * n_max + t0..j * n_max + t1];
-                let vt = v.add(t0 * shape.pos_stride);
+                let vt = v.add(t0 * shape.layout.pos_stride);
                 let o = out.as_mut_ptr().add(i * width + h * hd);
                 let mut col = 0;
                 while col < hd {
                     let (vc, oc, fresh) = (vt.add(col), o.add(col), t0 == 0);
                     let sums = Sums { fresh, prefetch };
                     if hd - col >= 64 {
-                        weighted_sum::<T, 8>(s, inv[j], vc, shape.pos_stride, oc, sums);
+                        weighted_sum::<T, 8>(s, inv[j], vc, shape.layout.pos_stride, oc, sums);
                         col += 64;
                     } else {
-                        weighted_sum::<T, 2>(s, inv[j], vc, shape.pos_stride, oc, sums);
+                        weighted_sum::<T, 2>(s, inv[j], vc, shape.layout.pos_stride, oc, sums);
                         col += 16;
                     }
                 }
@@ -109,21 +109,21 @@ unsafe fn group_scores<T: KvElem>(
     let len = |i: usize| rows.first_pos + i + 1;
     let scale = _mm_set1_ps(shape.scale);
     let head = keys.as_ptr().add(shape.kv_offset(0, first));
-    if shape.keys == KeyLayout::Tiles {
+    if shape.layout.keys == KeyLayout::Tiles {
         // SAFETY: as this function's: the head's tiles up to the last row's position exist
         // (`Shape::check`), and `scores` holds every pair's positions.
         return super::tiled::scores_avx2(shape, rows, first, head, scores);
     }
     for t in (0..n_max / 4 * 4).step_by(4) {
         for p in 0..4 {
-            prefetch_position(head, t + AHEAD + p, shape.pos_stride, hd);
+            prefetch_position(head, t + AHEAD + p, shape.layout.pos_stride, hd);
         }
         let k = keys.as_ptr().add(shape.kv_offset(t, first));
         for i in (0..rows.rows).filter(|&i| t + 4 <= len(i)) {
             let q = rows.q.as_ptr().add(i * rows.stride);
             for g in 0..group {
                 let qh = q.add((first + g) * hd);
-                let four = dot4(qh, k, shape.pos_stride, hd);
+                let four = dot4(qh, k, shape.layout.pos_stride, hd);
                 let at = scores.as_mut_ptr().add((i * group + g) * n_max + t);
                 _mm_storeu_ps(at, _mm_mul_ps(four, scale));
             }

@@ -89,7 +89,7 @@ pub unsafe fn attend_tile<T: KvElem>(
     for first in (0..shape.n_heads).step_by(shape.group) {
         let pairs = Pairs { shape, rows, first };
         let kv = shape.kv_offset(0, first);
-        match shape.keys {
+        match shape.layout.keys {
             KeyLayout::Rows => pair_scores(&pairs, keys[kv..].as_ptr(), scores),
             // SAFETY: as this function's: the head's tiles up to the last row's position exist
             // (`Shape::check`), and `scores` was sized above.
@@ -126,17 +126,17 @@ unsafe fn pair_scores<T: KvElem>(pairs: &Pairs, k: *const T, scores: &mut [f32])
         .collect();
     let out = scores.as_mut_ptr();
     for t in (0..n_max / 4 * 4).step_by(4) {
-        let kt = k.add(t * shape.pos_stride);
+        let kt = k.add(t * shape.layout.pos_stride);
         for p in 0..4 {
-            prefetch_position(k, t + AHEAD + p, shape.pos_stride, hd);
+            prefetch_position(k, t + AHEAD + p, shape.layout.pos_stride, hd);
         }
         for g in pairs.first_reaching(t + 3) / PAIRS..quads.len() {
             let (j0, q) = (g * PAIRS, &quads[g]);
             let d = match count - j0 {
-                1 => dots::<T, 1>(q, kt, shape.pos_stride, hd),
-                2 => dots::<T, 2>(q, kt, shape.pos_stride, hd),
-                3 => dots::<T, 3>(q, kt, shape.pos_stride, hd),
-                _ => dots::<T, 4>(q, kt, shape.pos_stride, hd),
+                1 => dots::<T, 1>(q, kt, shape.layout.pos_stride, hd),
+                2 => dots::<T, 2>(q, kt, shape.layout.pos_stride, hd),
+                3 => dots::<T, 3>(q, kt, shape.layout.pos_stride, hd),
+                _ => dots::<T, 4>(q, kt, shape.layout.pos_stride, hd),
             };
             let d = _mm512_mul_ps(d, scale);
             let at = |a: usize| out.add((j0 + a) * n_max + t);
@@ -156,7 +156,7 @@ unsafe fn pair_scores<T: KvElem>(pairs: &Pairs, k: *const T, scores: &mut [f32])
     for j in 0..count {
         let q = std::slice::from_raw_parts(pairs.query(j), hd);
         for t in pairs.len(j) / 4 * 4..pairs.len(j) {
-            let key = std::slice::from_raw_parts(k.add(t * shape.pos_stride), hd);
+            let key = std::slice::from_raw_parts(k.add(t * shape.layout.pos_stride), hd);
             scores[j * n_max + t] = dot_widened(q, key, &mut widened) * shape.scale;
         }
     }
@@ -304,10 +304,10 @@ unsafe fn columns<T: KvElem, const P: usize>(
     while col < shape.head_dim {
         let o: [*mut f32; PAIRS] = std::array::from_fn(|a| o[a].add(col));
         if shape.head_dim - col >= 64 {
-            weighted::<T, P, 4>(p, v.add(col), shape.pos_stride, &o, span);
+            weighted::<T, P, 4>(p, v.add(col), shape.layout.pos_stride, &o, span);
             col += 64;
         } else {
-            weighted::<T, P, 1>(p, v.add(col), shape.pos_stride, &o, span);
+            weighted::<T, P, 1>(p, v.add(col), shape.layout.pos_stride, &o, span);
             col += 16;
         }
     }

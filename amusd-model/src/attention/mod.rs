@@ -425,10 +425,8 @@ struct Shape {
     head_dim: usize,
     /// Query heads per key/value head.
     group: usize,
-    head_stride: usize,
-    /// Distance between consecutive positions' rows of one key/value head.
-    pos_stride: usize,
-    keys: KeyLayout,
+    /// Where the cache's keys and values lie.
+    layout: KvLayout,
     scale: f32,
 }
 
@@ -446,24 +444,18 @@ impl Shape {
             n_kv_heads,
             head_dim,
             group: n_heads / n_kv_heads,
-            head_stride: layout.head_stride,
-            pos_stride: layout.pos_stride,
-            keys: layout.keys,
+            layout,
             scale: 1.0 / (head_dim as f32).sqrt(),
         }
     }
 
     /// Where position `t`'s key (or value) for query head `h` starts.
     fn kv_offset(&self, t: usize, h: usize) -> usize {
-        t * self.pos_stride + h / self.group * self.head_stride
+        t * self.layout.pos_stride + h / self.group * self.layout.head_stride
     }
 
     fn check<T>(&self, q: &[f32], keys: &[T], values: &[T], out: &[f32]) {
-        let layout = KvLayout {
-            head_stride: self.head_stride,
-            pos_stride: self.pos_stride,
-            keys: self.keys,
-        };
+        let layout = self.layout;
         let values_layout = KvLayout {
             keys: KeyLayout::Rows,
             ..layout
@@ -479,11 +471,6 @@ impl Shape {
         );
     }
 
-    /// Where query head `h`'s key/value head starts.
-    fn kv_head(&self, h: usize) -> usize {
-        h / self.group * self.head_stride
-    }
-
     /// Query `q`'s scaled score against position `t`'s key for query head `h`, as the layout
     /// defines it.
     fn score<T: KvElem>(
@@ -494,12 +481,12 @@ impl Shape {
         h: usize,
         buf: &mut Vec<f32>,
     ) -> f32 {
-        let dot = match self.keys {
+        let dot = match self.layout.keys {
             KeyLayout::Rows => {
                 let off = self.kv_offset(t, h);
                 dot_widened(q, &keys[off..off + self.head_dim], buf)
             }
-            KeyLayout::Tiles => tiled::dot(q, &keys[self.kv_head(h)..], t),
+            KeyLayout::Tiles => tiled::dot(q, &keys[self.kv_offset(0, h)..], t),
         };
         dot * self.scale
     }
