@@ -289,6 +289,51 @@ fn the_screened_draft_head_proposes_what_the_full_head_does() {
     );
 }
 
+/// The default draft codes its q4_1 block scales to 8 bits (`stored-s8`): a tenth fewer bytes, and,
+/// teacher-forced on a code prompt and a conversation, its top token is the f32 verify model's as
+/// often as the stored draft's is (within a point).
+#[test]
+fn the_coded_draft_agrees_with_the_verify_model_as_the_stored_one_does() {
+    let path = require_default_model();
+    let load = |format: &str| {
+        let spec = format!("{}:{format}", path.display()).parse().unwrap();
+        amusd_model::loader::load_weights(&spec).unwrap()
+    };
+    let verify = amusd_model::load(&format!("{}:f32", path.display()).parse().unwrap()).unwrap();
+    let ((stored, _), (coded, name)) = (load("stored"), load("stored-s8"));
+    assert!(
+        name.contains("q8_0"),
+        "the embedding stays as stored: {name}"
+    );
+    assert!(coded.matmul_cost().0 * 100 < stored.matmul_cost().0 * 95);
+    let mut texts = humaneval_prompts(1);
+    texts.extend(mt_bench_prompts(1));
+    let (mut agree, mut total) = ([0usize; 2], 0);
+    for text in texts {
+        let tokens = verify.tokenizer.encode(&text, false).unwrap();
+        let argmax = |m: &amusd_model::Llama| {
+            let mut cache = m.new_cache(tokens.len());
+            let all = amusd_model::LogitsFor::All;
+            m.forward(&tokens, 0, &mut cache, all).unwrap().argmax()
+        };
+        let want = argmax(&verify.llama);
+        for (n, draft) in agree.iter_mut().zip([&stored, &coded]) {
+            *n += argmax(draft)
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a == b)
+                .count();
+        }
+        total += want.len();
+    }
+    assert!(total > 100, "only {total} positions");
+    assert!(agree[0] * 100 >= total * 90, "stored: {agree:?} of {total}");
+    assert!(
+        agree[1] * 100 + total >= agree[0] * 100,
+        "{agree:?} of {total}"
+    );
+}
+
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
 /// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.

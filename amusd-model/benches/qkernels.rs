@@ -7,7 +7,8 @@
 //! samples (`AMUSD_BENCH_STAT=min`: the fastest;
 //! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes,
 //! `AMUSD_BENCH_COPIES=N` cycles our kernels through N copies of each matrix (the uncached case;
-//! candle's column stays on one).
+//! candle's column stays on one), `AMUSD_BENCH_CODED=1` runs q4_1 with its block scales coded to
+//! 8 bits (`q4_1s8`, the draft's `stored-s8`).
 
 use std::time::Instant;
 
@@ -141,13 +142,18 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &
         let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
         let q = QTensor::quantize(&wt, dtype).expect("quantize");
         let w = IntPacked::from_ggml(dtype, &q.data().expect("data"), n, k).expect("pack");
+        let coded = std::env::var("AMUSD_BENCH_CODED").is_ok_and(|v| v == "1");
+        let w = match coded && dtype == GgmlDType::Q4_1 {
+            true => w.with_coded_scales().expect("q4_1 codes"),
+            false => w,
+        };
         // `AMUSD_BENCH_COPIES=N`: cycle through N copies, so that with enough of them nothing
         // stays cached (a decoding forward streams its weights from memory).
         let copies: Vec<IntPacked> = (0..copies).map(|_| w.clone()).collect();
         let gb = w.bytes() as f64 / 1e9;
         print!(
             "{:<6} {:>12} {:<10}",
-            format!("{dtype:?}").to_lowercase(),
+            w.type_name(),
             format!("{n}x{k}"),
             format!("{path:?}")
         );

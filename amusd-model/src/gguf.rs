@@ -172,21 +172,22 @@ impl GgufFile {
         }
         let stored = t.dtype();
         let weights = match (format, stored) {
-            (WeightFormat::AsStored, GgmlDType::F32) => {
+            (WeightFormat::AsStored | WeightFormat::StoredS8, GgmlDType::F32) => {
                 weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F32)?
             }
-            (WeightFormat::AsStored, GgmlDType::F16) => {
+            (WeightFormat::AsStored | WeightFormat::StoredS8, GgmlDType::F16) => {
                 weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::F16)?
             }
-            (WeightFormat::AsStored, GgmlDType::BF16) => {
+            (WeightFormat::AsStored | WeightFormat::StoredS8, GgmlDType::BF16) => {
                 weights_from_f32(self.dequant(&t)?, rows, cols, WeightFormat::Bf16)?
             }
-            (WeightFormat::AsStored, _) => quantized_weights(t)?,
+            (WeightFormat::AsStored, _) => quantized_weights(t, false)?,
+            (WeightFormat::StoredS8, _) => quantized_weights(t, true)?,
             // f32 arithmetic on the checkpoint's values: widened in registers, never expanded.
             (WeightFormat::F32, have) if BlockKind::from_ggml(have).is_some() => Weights::Blocked(
                 Arc::new(BlockPacked::from_ggml(have, &t.data()?, rows, cols)?),
             ),
-            (WeightFormat::Quantized(want), have) if want == have => quantized_weights(t)?,
+            (WeightFormat::Quantized(want), have) if want == have => quantized_weights(t, false)?,
             (other, _) => weights_from_f32(self.dequant(&t)?, rows, cols, other)?,
         };
         Linear::new(weights, rows, cols)

@@ -289,9 +289,9 @@ impl WeightSource for HfWeights<'_> {
             )));
         }
         let format = match (self.format, t.dtype()) {
-            (WeightFormat::AsStored, DType::F16) => WeightFormat::F16,
-            (WeightFormat::AsStored, DType::BF16) => WeightFormat::Bf16,
-            (WeightFormat::AsStored, _) => WeightFormat::F32,
+            (WeightFormat::AsStored | WeightFormat::StoredS8, DType::F16) => WeightFormat::F16,
+            (WeightFormat::AsStored | WeightFormat::StoredS8, DType::BF16) => WeightFormat::Bf16,
+            (WeightFormat::AsStored | WeightFormat::StoredS8, _) => WeightFormat::F32,
             (f, _) => f,
         };
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

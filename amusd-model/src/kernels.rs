@@ -280,6 +280,11 @@ impl<T: Widen> Packed<T> {
         std::mem::size_of_val(self.data.as_slice())
     }
 
+    /// Where the weights lie: start address and bytes.
+    pub fn span(&self) -> (usize, usize) {
+        (self.data.as_ptr() as usize, self.bytes())
+    }
+
     /// Number of panels, `ceil(n / PANEL)`.
     pub fn panels(&self) -> usize {
         self.n.div_ceil(PANEL)

@@ -17,6 +17,7 @@ pub mod device;
 mod error;
 pub mod gguf;
 pub mod hf;
+pub mod hugepages;
 pub mod kernels;
 pub mod linear;
 pub mod llama;

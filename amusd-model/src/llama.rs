@@ -188,6 +188,21 @@ impl Llama {
         }
     }
 
+    /// Collapses the memory of every weight matrix into transparent huge pages where the OS can
+    /// ([`crate::hugepages`]); returns how many 2 MiB regions it collapsed.
+    pub fn collapse_to_huge_pages(&self) -> usize {
+        let layers = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]);
+        let screen = match &self.head {
+            Head::Screened(screen) => Some(screen.coarse()),
+            _ => None,
+        };
+        let all = layers.chain([&self.embed, &self.lm_head]).chain(screen);
+        crate::hugepages::collapse(all.filter_map(Linear::span))
+    }
+
     /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
     pub fn matmul_cost(&self) -> (usize, usize) {
         let layers = self

@@ -215,6 +215,8 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     let mut name = format!("{}:{}", file_name(path), llama.lm_head.storage_name());
     let mut llama = llama;
     apply_head(spec, &mut llama, &mut name)?;
+    // Once every matrix (the screen's too) is where it stays.
+    llama.collapse_to_huge_pages();
     Ok((llama, name))
 }
 
@@ -290,6 +292,7 @@ fn file_name(path: &Path) -> String {
 pub fn load(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let mut m = load_all(spec)?;
     apply_head(spec, &mut m.llama, &mut m.name)?;
+    m.llama.collapse_to_huge_pages();
     Ok(m)
 }
 

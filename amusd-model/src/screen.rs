@@ -60,6 +60,11 @@ impl ScreenedHead {
         })
     }
 
+    /// The coarse copy's weights.
+    pub fn coarse(&self) -> &Linear {
+        &self.coarse
+    }
+
     /// Bytes read and multiply-adds per row: the coarse head, then `keep` rows of the stored one.
     pub fn cost(&self, head: &Linear) -> (usize, usize) {
         let (n, k) = (head.out_features(), head.in_features());

@@ -319,6 +319,11 @@ impl BlockPacked {
         self.data.len()
     }
 
+    /// Where the weights lie: start address and bytes.
+    pub fn span(&self) -> (usize, usize) {
+        (self.data.as_ptr() as usize, self.data.len())
+    }
+
     /// The matrix of rows `ids`, in that order (each below [`Self::rows`]).
     pub fn select_rows(&self, ids: &[u32]) -> Self {
         let dec = self.unpack(ids.iter().map(|&j| j as usize));

@@ -50,8 +50,9 @@ unsafe fn tile<const T: usize>(
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
         Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
-        Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
-        Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
+        Kind::Q4_0 => panel_q4::<T, false, false>(panel, nb, &rows),
+        Kind::Q4_1 => panel_q4::<T, true, false>(panel, nb, &rows),
+        Kind::Q4_1S8 => panel_q4::<T, true, true>(panel, nb, &rows),
     };
     for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
         let o = out.at.add(t * out.stride);
@@ -78,6 +79,21 @@ unsafe fn bcast4(p: *const i8) -> __m256i {
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn scales8(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
+
+/// The scales and minimums of rows `8v..8v + 8` of a coded block at `p` ([`super::coded::scales`]
+/// lane by lane), from their factors `fd` and `fm`.
+///
+/// # Safety
+/// `p` must point to 32 readable bytes; `v` is 0 or 1.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn coded8(p: *const u8, v: usize, fd: __m256, fm: __m256) -> (__m256, __m256) {
+    let cd = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(8 * v).cast())));
+    let cm = _mm_loadl_epi64(p.add(ROWS + 8 * v).cast());
+    let cm = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(cm));
+    let d = _mm256_mul_ps(fd, cd);
+    (d, _mm256_mul_ps(d, _mm256_mul_ps(fm, cm)))
 }
 
 /// `acc + isum * (dw * dx)` per lane, fused: [`super::dot_portable`]'s step.
@@ -176,31 +192,46 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
     acc
 }
 
-/// A panel of q4_0 / q4_1 weights times a tile: [`block_q4`], then q4_0's offset of -8 as
-/// `- 8 * sum(x)`, or q4_1's minimum as `m * d_x * sum(x)` in a second fused step.
+/// A panel of q4_0 / q4_1 / q4_1s8 weights times a tile: [`block_q4`], then q4_0's offset of -8
+/// as `- 8 * sum(x)`, or q4_1's minimum as `m * d_x * sum(x)` in a second fused step. `CODED`
+/// (with `MIN`): the scales are codes, after the panel's factors.
 ///
 /// # Safety
 /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_q4<const T: usize, const MIN: bool>(
+unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
     panel: *const u8,
     nb: usize,
     x: &Tile<T>,
 ) -> [[__m256; T]; 2] {
-    let scales = if MIN { 2 } else { 1 };
-    let block_bytes = ROWS * (2 * scales + QK / 2);
+    let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
+    let block_bytes = ROWS * (width * scales + QK / 2);
+    let blocks = panel.add(if CODED { 8 * ROWS } else { 0 });
     let mut acc = [[_mm256_setzero_ps(); T]; 2];
     for (v, half) in acc.iter_mut().enumerate() {
+        let (fd, fm) = match CODED {
+            true => (
+                _mm256_loadu_ps(panel.add(32 * v).cast()),
+                _mm256_loadu_ps(panel.add(4 * ROWS + 32 * v).cast()),
+            ),
+            false => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+        };
         for b in 0..nb {
-            let blk = panel.add(b * block_bytes);
+            let blk = blocks.add(b * block_bytes);
             if v == 0 {
                 for line in 0..block_bytes.div_ceil(64) {
                     prefetch(blk.add(64 * line));
                 }
             }
-            let isum = block_q4(blk.add(2 * ROWS * scales + 32 * v), x, b);
-            let dw = scales8(blk.add(16 * v));
-            let mw = scales8(blk.add(2 * ROWS + 16 * v));
+            let isum = block_q4(blk.add(width * ROWS * scales + 32 * v), x, b);
+            let (dw, mw) = match (CODED, MIN) {
+                (true, _) => coded8(blk, v, fd, fm),
+                (false, true) => (
+                    scales8(blk.add(16 * v)),
+                    scales8(blk.add(2 * ROWS + 16 * v)),
+                ),
+                (false, false) => (scales8(blk.add(16 * v)), _mm256_setzero_ps()),
+            };
             for t in 0..T {
                 let mut isum = isum[t];
                 if !MIN {

@@ -110,8 +110,9 @@ unsafe fn tile<const T: usize>(
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
         Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
-        Kind::Q4_0 => panel_q4::<T, false>(panel, nb, &rows),
-        Kind::Q4_1 => panel_q4::<T, true>(panel, nb, &rows),
+        Kind::Q4_0 => panel_q4::<T, false, false>(panel, nb, &rows),
+        Kind::Q4_1 => panel_q4::<T, true, false>(panel, nb, &rows),
+        Kind::Q4_1S8 => panel_q4::<T, true, true>(panel, nb, &rows),
     };
     for (t, row) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.at.add(t * out.stride), *row);
@@ -136,6 +137,20 @@ unsafe fn bcast4(p: *const i8) -> __m512i {
 #[target_feature(enable = "avx512f")]
 unsafe fn scales16(p: *const u8) -> __m512 {
     _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+}
+
+/// The scales and minimums of the 16 rows of a coded block at `p` ([`super::coded::scales`]
+/// lane by lane), from the panel's factors `fd` and `fm`.
+///
+/// # Safety
+/// `p` must point to 32 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn coded16(p: *const u8, fd: __m512, fm: __m512) -> (__m512, __m512) {
+    let cd = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(p.cast())));
+    let cm = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(ROWS).cast())));
+    let d = _mm512_mul_ps(fd, cd);
+    (d, _mm512_mul_ps(d, _mm512_mul_ps(fm, cm)))
 }
 
 /// `acc + isum * (dw * dx)` per lane, fused: [`super::dot_portable`]'s step.
@@ -197,28 +212,37 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
     acc
 }
 
-/// A panel of q4_0 / q4_1 weights times a tile: per block, the low and high nibbles of four
-/// 64-byte steps through `dpbusd`, then q4_0's offset of -8 as `- 8 * sum(x)`, or q4_1's minimum
-/// as `m * d_x * sum(x)` in a second fused step.
+/// A panel of q4_0 / q4_1 / q4_1s8 weights times a tile: per block, the low and high nibbles of
+/// four 64-byte steps through `dpbusd`, then q4_0's offset of -8 as `- 8 * sum(x)`, or q4_1's
+/// minimum as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are
+/// codes, after the panel's factors.
 ///
 /// # Safety
 /// As [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn panel_q4<const T: usize, const MIN: bool>(
+unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
     panel: *const u8,
     nb: usize,
     x: &Tile<T>,
 ) -> [__m512; T] {
-    let scales = if MIN { 2 } else { 1 };
-    let block_bytes = ROWS * (2 * scales + QK / 2);
+    let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
+    let block_bytes = ROWS * (width * scales + QK / 2);
+    let (fd, fm) = match CODED {
+        true => (
+            _mm512_loadu_ps(panel.cast()),
+            _mm512_loadu_ps(panel.add(4 * ROWS).cast()),
+        ),
+        false => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+    };
+    let blocks = panel.add(if CODED { 8 * ROWS } else { 0 });
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {
-        let blk = panel.add(b * block_bytes);
+        let blk = blocks.add(b * block_bytes);
         for line in 0..block_bytes.div_ceil(64) {
             prefetch(blk.add(64 * line));
         }
-        let q = blk.add(2 * ROWS * scales);
+        let q = blk.add(width * ROWS * scales);
         // Low and high nibbles in two dependent chains while the tile is short (see `SPLIT_ROWS`).
         let split = T <= SPLIT_ROWS;
         let mut slo = [_mm512_setzero_si512(); T];
@@ -250,7 +274,11 @@ unsafe fn panel_q4<const T: usize, const MIN: bool>(
             (true, false) => _mm512_add_epi32(slo[t], shi[t]),
             _ => slo[t],
         });
-        let dw = scales16(blk);
+        let (dw, mw) = match (CODED, MIN) {
+            (true, _) => coded16(blk, fd, fm),
+            (false, true) => (scales16(blk), scales16(blk.add(2 * ROWS))),
+            (false, false) => (scales16(blk), _mm512_setzero_ps()),
+        };
         for t in 0..T {
             let mut isum = isum[t];
             if !MIN {
@@ -258,7 +286,6 @@ unsafe fn panel_q4<const T: usize, const MIN: bool>(
             }
             acc[t] = combine(acc[t], isum, dw, *x.d[t].add(b));
             if MIN {
-                let mw = scales16(blk.add(2 * ROWS));
                 acc[t] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.ds[t].add(b)), acc[t]);
             }
         }

@@ -58,6 +58,9 @@ enum Kind {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// q4_1's nibbles with each block's scale and minimum as 8-bit codes against two f32 factors
+    /// per row ([`coded`]): 18 bytes a block instead of 20.
+    Q4_1S8,
 }
 
 impl Kind {
@@ -70,19 +73,37 @@ impl Kind {
         }
     }
 
-    fn dtype(self) -> GgmlDType {
+    fn name(self) -> &'static str {
         match self {
-            Self::Q4_0 => GgmlDType::Q4_0,
-            Self::Q4_1 => GgmlDType::Q4_1,
-            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_1S8 => "q4_1s8",
         }
     }
 
-    /// f16 values that precede the quants in a block: the scale, and for q4_1 the minimum.
+    /// Values that precede the quants in a block: the scale, and for q4_1 the minimum.
     fn scales(self) -> usize {
         match self {
-            Self::Q4_1 => 2,
+            Self::Q4_1 | Self::Q4_1S8 => 2,
             _ => 1,
+        }
+    }
+
+    /// Bytes of each of those values: an f16, or an 8-bit code.
+    fn scale_width(self) -> usize {
+        match self {
+            Self::Q4_1S8 => 1,
+            _ => 2,
+        }
+    }
+
+    /// Bytes at the start of each panel: the coded kind's per-row factors, `ROWS` f32 for the
+    /// scales then `ROWS` for the minimums.
+    fn header_bytes(self) -> usize {
+        match self {
+            Self::Q4_1S8 => 2 * ROWS * 4,
+            _ => 0,
         }
     }
 
@@ -94,16 +115,18 @@ impl Kind {
         }
     }
 
-    /// Bytes of one stored GGUF block.
+    /// Bytes of one block of one row: a stored GGUF block, or a coded one (two codes, then the
+    /// quants).
     fn block_bytes(self) -> usize {
-        2 * self.scales() + self.quant_bytes()
+        self.scale_width() * self.scales() + self.quant_bytes()
     }
 }
 
 /// A GGUF block-quantized weight matrix `[n, k]` repacked at load for integer dot products.
 ///
-/// Panels of [`ROWS`] consecutive rows; within a panel, block `b` of all its rows is stored
-/// together as `ROWS` f16 scales, (q4_1) `ROWS` f16 minimums, then the quant bytes in groups of four:
+/// Panels of [`ROWS`] consecutive rows; within a panel (after the coded kind's per-row factors),
+/// block `b` of all its rows is stored together as `ROWS` f16 scales (or their codes), (q4_1)
+/// `ROWS` f16 minimums (or their codes), then the quant bytes in groups of four:
 /// bytes `4g..4g + 4` of row `r`'s block at `(g * ROWS + r) * 4`. A 32-bit lane thus holds four
 /// consecutive quant bytes of one output row, so one vector load feeds eight rows. The bytes are the
 /// stored ones (nibbles stay nibbles, as GGUF pairs them: low nibble of byte `j` is element `j`, high
@@ -134,12 +157,7 @@ impl IntPacked {
         let bb = kind.block_bytes();
         crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, QK, bb)?;
         let nb = k / QK;
-        let mut w = Self {
-            kind,
-            n,
-            k,
-            data: vec![0; n.div_ceil(ROWS) * ROWS * nb * bb],
-        };
+        let mut w = Self::zeroed(kind, n, k);
         for (j, row) in bytes.chunks_exact(nb * bb).enumerate() {
             for (b, block) in row.chunks_exact(bb).enumerate() {
                 w.put_block(j, b, block);
@@ -156,8 +174,20 @@ impl IntPacked {
         self.k
     }
 
-    pub fn dtype(&self) -> GgmlDType {
-        self.kind.dtype()
+    /// The storage's name: the GGUF type, or `q4_1s8` for q4_1 with coded scales.
+    pub fn type_name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// A matrix of zero rows (zero blocks, zero factors).
+    fn zeroed(kind: Kind, n: usize, k: usize) -> Self {
+        let panel = kind.header_bytes() + k / QK * ROWS * kind.block_bytes();
+        Self {
+            kind,
+            n,
+            k,
+            data: vec![0; n.div_ceil(ROWS) * panel],
+        }
     }
 
     /// Resident size in bytes: the stored size plus the zero rows that pad the last panel.
@@ -165,11 +195,31 @@ impl IntPacked {
         self.data.len()
     }
 
+    /// Where the weights lie: start address and bytes.
+    pub fn span(&self) -> (usize, usize) {
+        (self.data.as_ptr() as usize, self.data.len())
+    }
+
     /// The matrix of rows `ids`, in that order (each below [`Self::rows`]): the same blocks.
     pub fn select_rows(&self, ids: &[u32]) -> Self {
-        let bytes = self.ggml_rows(ids.iter().map(|&j| j as usize));
-        Self::from_ggml(self.kind.dtype(), &bytes, ids.len(), self.k)
-            .expect("whole rows of blocks this type packs")
+        let mut out = Self::zeroed(self.kind, ids.len(), self.k);
+        for (to, &j) in ids.iter().enumerate() {
+            out.copy_row(to, self, j as usize);
+        }
+        out
+    }
+
+    /// Row `j` of `src` (same kind and width) as this matrix's row `to`: its blocks as they are
+    /// packed, and its factors.
+    fn copy_row(&mut self, to: usize, src: &Self, j: usize) {
+        let mut block = vec![0u8; self.kind.block_bytes()];
+        for b in 0..self.k / QK {
+            src.get_block(j, b, &mut block);
+            self.put_block(to, b, &block);
+        }
+        if let Some(f) = src.factors(j) {
+            self.set_factors(to, f);
+        }
     }
 
     /// Row `j` dequantized to f32 exactly as candle's `to_float` does (for embedding lookups).
@@ -177,8 +227,8 @@ impl IntPacked {
         let mut block = vec![0u8; self.kind.block_bytes()];
         for (b, out) in dst[..self.k].chunks_exact_mut(QK).enumerate() {
             self.get_block(j, b, &mut block);
-            let s = 2 * self.kind.scales();
-            let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+            let s = self.kind.scale_width() * self.kind.scales();
+            let (d, m) = self.block_scales(j, &block);
             let qs = &block[s..];
             match self.kind {
                 Kind::Q8_0 => {
@@ -192,8 +242,7 @@ impl IntPacked {
                         out[i + QK / 2] = ((q >> 4) as i16 - 8) as f32 * d;
                     }
                 }
-                Kind::Q4_1 => {
-                    let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+                Kind::Q4_1 | Kind::Q4_1S8 => {
                     for (i, &q) in qs.iter().enumerate() {
                         out[i] = (q & 0x0F) as f32 * d + m;
                         out[i + QK / 2] = (q >> 4) as f32 * d + m;
@@ -203,17 +252,43 @@ impl IntPacked {
         }
     }
 
-    /// The stored GGUF blocks back in row-major order.
-    pub fn to_ggml(&self) -> Vec<u8> {
-        self.ggml_rows(0..self.n)
+    /// Row `j`'s block as [`Self::get_block`] gives it: its scale and minimum (0 where the kind
+    /// has none) as every kernel computes them, [`dot_portable`]'s definition.
+    fn block_scales(&self, j: usize, block: &[u8]) -> (f32, f32) {
+        let f16_at = |o: usize| f16::from_le_bytes([block[o], block[o + 1]]).to_f32();
+        match self.kind {
+            Kind::Q4_0 | Kind::Q8_0 => (f16_at(0), 0.0),
+            Kind::Q4_1 => (f16_at(0), f16_at(2)),
+            Kind::Q4_1S8 => {
+                let (fd, fm) = self.factors(j).expect("a coded row has factors");
+                coded::scales(fd, fm, block[0], block[1])
+            }
+        }
     }
 
-    /// The stored GGUF blocks of `rows`, in that order.
-    fn ggml_rows(&self, rows: impl ExactSizeIterator<Item = usize>) -> Vec<u8> {
+    /// Row `j`'s factors of the coded kind (scale, minimum); `None` for the GGUF kinds.
+    fn factors(&self, j: usize) -> Option<(f32, f32)> {
+        if self.kind.header_bytes() == 0 {
+            return None;
+        }
+        let (base, r) = (j / ROWS * self.panel_len(), j % ROWS);
+        let f = |o: usize| f32::from_le_bytes(self.data[o..o + 4].try_into().unwrap());
+        Some((f(base + 4 * r), f(base + 4 * (ROWS + r))))
+    }
+
+    fn set_factors(&mut self, j: usize, (fd, fm): (f32, f32)) {
+        let (base, r) = (j / ROWS * self.panel_len(), j % ROWS);
+        self.data[base + 4 * r..][..4].copy_from_slice(&fd.to_le_bytes());
+        self.data[base + 4 * (ROWS + r)..][..4].copy_from_slice(&fm.to_le_bytes());
+    }
+
+    /// The stored GGUF blocks back in row-major order (the coded kind: its codes and quants).
+    #[cfg(test)]
+    fn to_ggml(&self) -> Vec<u8> {
         let bb = self.kind.block_bytes();
         let nb = self.k / QK;
-        let mut out = vec![0u8; rows.len() * nb * bb];
-        for (out, j) in out.chunks_exact_mut(nb * bb).zip(rows) {
+        let mut out = vec![0u8; self.n * nb * bb];
+        for (j, out) in out.chunks_exact_mut(nb * bb).enumerate() {
             for (b, block) in out.chunks_exact_mut(bb).enumerate() {
                 self.get_block(j, b, block);
             }
@@ -242,12 +317,13 @@ impl IntPacked {
                 data,
             });
         }
-        // Otherwise back to GGUF rows and repack.
-        let mut bytes = Vec::new();
-        for p in parts {
-            bytes.extend_from_slice(&p.to_ggml());
+        // Otherwise row by row.
+        let mut out = Self::zeroed(first.kind, n, first.k);
+        let rows = parts.iter().flat_map(|p| (0..p.n).map(move |j| (*p, j)));
+        for (to, (p, j)) in rows.enumerate() {
+            out.copy_row(to, p, j);
         }
-        Self::from_ggml(first.kind.dtype(), &bytes, n, first.k)
+        Ok(out)
     }
 
     fn panels(&self) -> usize {
@@ -259,25 +335,34 @@ impl IntPacked {
         ROWS * self.kind.block_bytes()
     }
 
-    /// Panel `p`: its blocks in order, [`Self::panel_block_bytes`] each.
+    /// Bytes of a panel: its header, then its blocks.
+    fn panel_len(&self) -> usize {
+        self.kind.header_bytes() + self.k / QK * self.panel_block_bytes()
+    }
+
+    /// Panel `p`: its header, then its blocks in order, [`Self::panel_block_bytes`] each.
     fn panel(&self, p: usize) -> &[u8] {
-        let len = self.k / QK * self.panel_block_bytes();
+        let len = self.panel_len();
         &self.data[p * len..(p + 1) * len]
     }
 
     /// Offsets in `data` of row `j`, block `b`: its scales and its quant bytes (first group).
     fn offsets(&self, j: usize, b: usize) -> (usize, usize) {
-        let (p, r) = (j / ROWS, j % ROWS);
-        let base = (p * self.k / QK + b) * self.panel_block_bytes();
-        (base + 2 * r, base + 2 * ROWS * self.kind.scales() + 4 * r)
+        let (p, r, width) = (j / ROWS, j % ROWS, self.kind.scale_width());
+        let base = p * self.panel_len() + self.kind.header_bytes() + b * self.panel_block_bytes();
+        (
+            base + width * r,
+            base + width * ROWS * self.kind.scales() + 4 * r,
+        )
     }
 
     fn put_block(&mut self, j: usize, b: usize, block: &[u8]) {
         let (scales, quants) = self.offsets(j, b);
+        let w = self.kind.scale_width();
         for s in 0..self.kind.scales() {
-            self.data[scales + 2 * ROWS * s..][..2].copy_from_slice(&block[2 * s..2 * s + 2]);
+            self.data[scales + w * ROWS * s..][..w].copy_from_slice(&block[w * s..w * (s + 1)]);
         }
-        let qs = &block[2 * self.kind.scales()..];
+        let qs = &block[w * self.kind.scales()..];
         for (g, four) in qs.chunks_exact(4).enumerate() {
             self.data[quants + 4 * ROWS * g..][..4].copy_from_slice(four);
         }
@@ -285,10 +370,11 @@ impl IntPacked {
 
     fn get_block(&self, j: usize, b: usize, block: &mut [u8]) {
         let (scales, quants) = self.offsets(j, b);
+        let w = self.kind.scale_width();
         for s in 0..self.kind.scales() {
-            block[2 * s..2 * s + 2].copy_from_slice(&self.data[scales + 2 * ROWS * s..][..2]);
+            block[w * s..w * (s + 1)].copy_from_slice(&self.data[scales + w * ROWS * s..][..w]);
         }
-        let qs = &mut block[2 * self.kind.scales()..];
+        let qs = &mut block[w * self.kind.scales()..];
         for (g, four) in qs.chunks_exact_mut(4).enumerate() {
             four.copy_from_slice(&self.data[quants + 4 * ROWS * g..][..4]);
         }
@@ -463,9 +549,11 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
     let kind = w.kind;
     let qx = a.row(i);
     let f16_at = |bytes: &[u8], o: usize| f16::from_le_bytes([bytes[o], bytes[o + 1]]).to_f32();
+    let f32_at = |o: usize| f32::from_le_bytes(panel[o..o + 4].try_into().unwrap());
+    let blocks = &panel[kind.header_bytes()..];
     let mut acc = 0f32;
-    for (b, blk) in panel.chunks_exact(w.panel_block_bytes()).enumerate() {
-        let qs = &blk[2 * ROWS * kind.scales()..];
+    for (b, blk) in blocks.chunks_exact(w.panel_block_bytes()).enumerate() {
+        let qs = &blk[kind.scale_width() * ROWS * kind.scales()..];
         let x = &qx[b * QK..(b + 1) * QK];
         let mut isum = 0i32;
         for g in 0..kind.quant_bytes() / 4 {
@@ -482,9 +570,17 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
         if kind == Kind::Q4_0 {
             isum -= 8 * a.s[ab];
         }
-        acc = (isum as f32).mul_add(f16_at(blk, 2 * r) * a.d[ab], acc);
-        if kind == Kind::Q4_1 {
-            acc = f16_at(blk, 2 * (ROWS + r)).mul_add(a.ds[ab], acc);
+        let (dw, mw) = match kind {
+            Kind::Q4_1S8 => {
+                let factors = (f32_at(4 * r), f32_at(4 * (ROWS + r)));
+                coded::scales(factors.0, factors.1, blk[r], blk[ROWS + r])
+            }
+            Kind::Q4_1 => (f16_at(blk, 2 * r), f16_at(blk, 2 * (ROWS + r))),
+            Kind::Q4_0 | Kind::Q8_0 => (f16_at(blk, 2 * r), 0.0),
+        };
+        acc = (isum as f32).mul_add(dw * a.d[ab], acc);
+        if matches!(kind, Kind::Q4_1 | Kind::Q4_1S8) {
+            acc = mw.mul_add(a.ds[ab], acc);
         }
     }
     acc
@@ -590,6 +686,7 @@ impl<const T: usize> Tile<T> {
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod coded;
 
 #[cfg(test)]
 mod tests {
@@ -606,6 +703,43 @@ mod tests {
     }
 
     use crate::testing::quantized_matrix as quantized;
+
+    /// The kinds under test: [`DTYPES`], then q4_1 with coded scales.
+    const KINDS: usize = DTYPES.len() + 1;
+
+    fn kind_name(kind: usize) -> &'static str {
+        DTYPES
+            .get(kind)
+            .map_or("q4_1s8", |d| Kind::of(*d).unwrap().name())
+    }
+
+    /// GGUF blocks of kind `kind`'s source type (q4_1 for the coded kind), and the matrix of kind
+    /// `kind` packed from them.
+    fn source(kind: usize, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        quantized(*DTYPES.get(kind).unwrap_or(&GgmlDType::Q4_1), n, k, seed)
+    }
+
+    fn pack(kind: usize, bytes: &[u8], n: usize, k: usize) -> IntPacked {
+        let w = IntPacked::from_ggml(*DTYPES.get(kind).unwrap_or(&GgmlDType::Q4_1), bytes, n, k);
+        match kind < DTYPES.len() {
+            true => w.unwrap(),
+            false => w.unwrap().with_coded_scales().unwrap(),
+        }
+    }
+
+    /// A random `[n, k]` matrix of kind `kind` and its weights as f32.
+    fn packed(kind: usize, n: usize, k: usize, seed: u64) -> (IntPacked, Vec<f32>) {
+        let (bytes, dense) = source(kind, n, k, seed);
+        let w = pack(kind, &bytes, n, k);
+        if kind < DTYPES.len() {
+            return (w, dense);
+        }
+        let mut dense = vec![0f32; n * k];
+        for (j, row) in dense.chunks_exact_mut(k).enumerate() {
+            w.row_into(j, row);
+        }
+        (w, dense)
+    }
 
     fn product(path: Path, x: &[f32], m: usize, w: &IntPacked) -> Vec<f32> {
         let mut y = vec![f32::NAN; m * w.rows()];
@@ -663,11 +797,10 @@ mod tests {
         /// row multiplied alone.
         #[test]
         fn paths_agree_and_batches_are_invariant(
-            d in 0..3usize, n in 1..70usize, blocks in 1..7usize, m in 1..=40usize, seed: u64,
+            d in 0..KINDS, n in 1..70usize, blocks in 1..7usize, m in 1..=40usize, seed: u64,
         ) {
-            let (dtype, k) = (DTYPES[d], blocks * QK);
-            let (bytes, _) = quantized(dtype, n, k, seed);
-            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            let (dtype, k) = (kind_name(d), blocks * QK);
+            let (w, _) = packed(d, n, k, seed);
             let x: Vec<f32> = random(m * k, seed ^ 1).iter().map(|v| v * 3.0).collect();
             let want = product(Path::Portable, &x, m, &w);
             for path in paths() {
@@ -688,9 +821,9 @@ mod tests {
     #[test]
     fn products_are_close_to_the_dequantized_f32_product() {
         let (n, k, m) = (37, 256, 5);
-        for dtype in DTYPES {
-            let (bytes, dense) = quantized(dtype, n, k, 7);
-            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+        for kind in 0..KINDS {
+            let (w, dense) = packed(kind, n, k, 7);
+            let dtype = kind_name(kind);
             let x = random(m * k, 8);
             for path in paths() {
                 let y = product(path, &x, m, &w);
@@ -712,7 +845,7 @@ mod tests {
                         let err = (y[i * n + j] as f64 - exact).abs();
                         assert!(
                             err <= bound,
-                            "{path:?} {dtype:?} y[{i},{j}] = {} vs {exact}: error {err} > {bound}",
+                            "{path:?} {dtype} y[{i},{j}] = {} vs {exact}: error {err} > {bound}",
                             y[i * n + j]
                         );
                     }
@@ -753,20 +886,26 @@ mod tests {
         let k = 64;
         // Repacked rows, and whole panels but in the last part (concatenated).
         let shapes = [[(5, 1), (16, 2), (23, 3)], [(16, 1), (32, 2), (7, 3)]];
-        for (dtype, shape) in DTYPES.into_iter().flat_map(|d| shapes.map(|s| (d, s))) {
+        for (kind, shape) in (0..KINDS).flat_map(|d| shapes.map(|s| (d, s))) {
+            let dtype = kind_name(kind);
             let parts: Vec<(Vec<u8>, usize)> = shape
                 .into_iter()
-                .map(|(n, seed)| (quantized(dtype, n, k, seed).0, n))
+                .map(|(n, seed)| (source(kind, n, k, seed).0, n))
                 .collect();
             let total = parts.iter().map(|(_, n)| n).sum();
-            let packed: Vec<IntPacked> = parts
-                .iter()
-                .map(|(b, n)| IntPacked::from_ggml(dtype, b, *n, k).unwrap())
-                .collect();
+            let packed: Vec<IntPacked> = parts.iter().map(|(b, n)| pack(kind, b, *n, k)).collect();
             let stacked = IntPacked::stack(&packed.iter().collect::<Vec<_>>()).unwrap();
             let all: Vec<u8> = parts.iter().flat_map(|(b, _)| b.clone()).collect();
-            let want = IntPacked::from_ggml(dtype, &all, total, k).unwrap();
-            assert_eq!(stacked, want, "{dtype:?}");
+            assert_eq!(stacked, pack(kind, &all, total, k), "{dtype}");
+            // Stacked, each part's rows are its own: the same blocks, codes and factors.
+            let ids: Vec<u32> = (0..total as u32).collect();
+            assert_eq!(stacked.select_rows(&ids), stacked, "{dtype}");
+            let mut off = 0;
+            for p in &packed {
+                let rows: Vec<u32> = (off as u32..(off + p.rows()) as u32).collect();
+                assert_eq!(&stacked.select_rows(&rows), p, "{dtype}");
+                off += p.rows();
+            }
             let x = random(3 * k, 4);
             let y = product(Path::detect(), &x, 3, &stacked);
             let mut off = 0;
@@ -774,7 +913,7 @@ mod tests {
                 let yp = product(Path::detect(), &x, 3, p);
                 for i in 0..3 {
                     let got = &y[i * total + off..i * total + off + p.rows()];
-                    assert_eq!(got, &yp[i * p.rows()..(i + 1) * p.rows()], "{dtype:?}");
+                    assert_eq!(got, &yp[i * p.rows()..(i + 1) * p.rows()], "{dtype}");
                 }
                 off += p.rows();
             }
