@@ -157,12 +157,14 @@ mod tests {
         (stored, coded)
     }
 
-    /// Each weight moves by at most what its scale's and its minimum's codes allow: half a
-    /// scale step for each of the (at most 15) steps it is away from its block's mean, plus half
-    /// a minimum step; a block's mean moves by the latter alone.
+    /// Each weight of a block whose codes are not the largest (which may clip an outlier, see
+    /// [`best_factor`]) moves by at most what its codes allow: half a scale step for each of the
+    /// (at most 15) steps it is away from its block's mean, plus half a minimum step; a block's
+    /// mean moves by the latter alone.
     #[test]
     fn weights_move_by_at_most_half_a_code() {
         let (n, k) = (37, 256);
+        let mut checked = 0;
         for seed in 0..4 {
             let (stored, coded) = coded(n, k, seed);
             let (mut want, mut got) = (vec![0f32; k], vec![0f32; k]);
@@ -173,6 +175,10 @@ mod tests {
                 let mut block = [0u8; 2 + QK / 2];
                 for (b, (w, g)) in want.chunks(QK).zip(got.chunks(QK)).enumerate() {
                     coded.get_block(j, b, &mut block);
+                    if block[0] == 255 || (block[1] as i8).unsigned_abs() == 127 {
+                        continue;
+                    }
+                    checked += 1;
                     let d = fd * block[0] as f32;
                     let min_err = d * fm / 2.0 * 1.0001 + 1e-6;
                     for (w, g) in w.iter().zip(g) {
@@ -186,6 +192,33 @@ mod tests {
                 }
             }
         }
+        assert!(checked > 4 * n * k / QK / 2, "{checked}");
+    }
+
+    /// The chosen factor loses no more than coding by the largest value would, and clips an
+    /// outlier whose exact code would coarsen every other value.
+    #[test]
+    fn the_factor_is_the_least_lossy_candidate() {
+        let decode = |v: f32, f: f32| f * code_scale(v, f) as f32;
+        let loss = |vs: &[f32], ws: &[f32], f: f32| -> f32 {
+            vs.iter().zip(ws).map(|(&v, &w)| w * (v - decode(v, f)).powi(2)).sum()
+        };
+        let mut values: Vec<f32> = (0..40).map(|i| 0.01 + 0.0003 * i as f32).collect();
+        let weights = vec![1.0; 41];
+        let top = values.iter().fold(0f32, |a, &v| a.max(v)) / 255.0;
+        let f = best_factor(&values, &weights[..40], 255.0, decode);
+        assert!(loss(&values, &weights, f) <= loss(&values, &weights, top));
+        // A value only a little above the rest: clipping it costs more than it saves.
+        values.push(0.03);
+        let f = best_factor(&values, &weights, 255.0, decode);
+        assert_eq!(f, 0.03 / 255.0);
+        // A far outlier with little weight: clipped.
+        values[40] = 100.0;
+        let mut light = weights.clone();
+        light[40] = 1e-12;
+        let f = best_factor(&values, &light, 255.0, decode);
+        assert!(f < 1.0 / 255.0, "{f}");
+        assert!(loss(&values, &light, f) < loss(&values, &light, 100.0 / 255.0));
     }
 
     #[test]
