@@ -144,11 +144,15 @@ for i in $(seq 1 "$n"); do
     corrupt)
       start
       if wait_dump "w['draft']['pid'] > 0 and w['verify']['pid'] > 0 and v['verified']['len'] > 0"; then
-        read -r dpid vpid < <("$amusd" dump "$region" --json | python3 -c '
-import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print(w["draft"]["pid"], w["verify"]["pid"])')
+        # The run may end (and remove its region) between the two dumps.
+        pids=$("$amusd" dump "$region" --json 2>/dev/null | python3 -c '
+import json,sys; w={x["role"]:x for x in json.load(sys.stdin)["workers"]}; print(w["draft"]["pid"], w["verify"]["pid"])' 2>/dev/null) || pids=""
+        read -r dpid vpid <<< "$pids"
         # A worker restarted since the dump (a false hang on a loaded machine) has another pid:
         # then there is nothing to corrupt safely this run.
-        if ! base=$(pid_offset "$region" "$dpid" "$vpid" 2>/dev/null); then
+        if [ -z "$pids" ]; then
+          note="the run ended before the corruption; not corrupted"
+        elif ! base=$(pid_offset "$region" "$dpid" "$vpid" 2>/dev/null); then
           note="a worker restarted before the corruption; not corrupted"
         else
         off=$((base + 512))
