@@ -256,6 +256,21 @@ fn a_draft_head_of_the_most_frequent_tokens_changes_no_token() {
     }
 }
 
+/// A code prompt and a conversation, tokenized: what the agreement tests teacher-force.
+fn agreement_texts(tokenizer: &amusd_model::tokenizer::Tokenizer) -> Vec<Vec<u32>> {
+    let mut texts = humaneval_prompts(1);
+    texts.extend(mt_bench_prompts(1));
+    let encode = |t: &String| tokenizer.encode(t, false).unwrap();
+    texts.iter().map(encode).collect()
+}
+
+/// `model`'s top token after each prefix of `tokens`, in one forward.
+fn teacher_forced_argmax(model: &amusd_model::Llama, tokens: &[u32]) -> Vec<u32> {
+    let mut cache = model.new_cache(tokens.len());
+    let all = amusd_model::LogitsFor::All;
+    model.forward(tokens, 0, &mut cache, all).unwrap().argmax()
+}
+
 /// The default draft screens its head (a q4_0 copy picks 32 candidates, the stored head scores
 /// them): on a code prompt and a conversation, teacher-forced, its top token is the full head's
 /// at (nearly) every position. Measured: 6144 of 6144 positions of prose and Python.
@@ -268,16 +283,9 @@ fn the_screened_draft_head_proposes_what_the_full_head_does() {
         .expect("screened draft");
     assert!(name.ends_with("head screened by q4_0 (top 32)"), "{name}");
     assert!(screened.matmul_cost().0 < full.llama.matmul_cost().0 * 9 / 10);
-    let mut texts = humaneval_prompts(1);
-    texts.extend(mt_bench_prompts(1));
     let (mut same, mut total) = (0, 0);
-    for text in texts {
-        let tokens = full.tokenizer.encode(&text, false).unwrap();
-        let argmax = |m: &amusd_model::Llama| {
-            let mut cache = m.new_cache(tokens.len());
-            let all = amusd_model::LogitsFor::All;
-            m.forward(&tokens, 0, &mut cache, all).unwrap().argmax()
-        };
+    for tokens in agreement_texts(&full.tokenizer) {
+        let argmax = |m| teacher_forced_argmax(m, &tokens);
         let (a, b) = (argmax(&full.llama), argmax(&screened));
         same += a.iter().zip(&b).filter(|(x, y)| x == y).count();
         total += a.len();
@@ -306,16 +314,9 @@ fn the_coded_draft_agrees_with_the_verify_model_as_the_stored_one_does() {
         "the embedding stays as stored: {name}"
     );
     assert!(coded.matmul_cost().0 * 100 < stored.matmul_cost().0 * 95);
-    let mut texts = humaneval_prompts(1);
-    texts.extend(mt_bench_prompts(1));
     let (mut agree, mut total) = ([0usize; 2], 0);
-    for text in texts {
-        let tokens = verify.tokenizer.encode(&text, false).unwrap();
-        let argmax = |m: &amusd_model::Llama| {
-            let mut cache = m.new_cache(tokens.len());
-            let all = amusd_model::LogitsFor::All;
-            m.forward(&tokens, 0, &mut cache, all).unwrap().argmax()
-        };
+    for tokens in agreement_texts(&verify.tokenizer) {
+        let argmax = |m| teacher_forced_argmax(m, &tokens);
         let want = argmax(&verify.llama);
         for (n, draft) in agree.iter_mut().zip([&stored, &coded]) {
             *n += argmax(draft)

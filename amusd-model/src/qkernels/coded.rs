@@ -201,7 +201,10 @@ mod tests {
     fn the_factor_is_the_least_lossy_candidate() {
         let decode = |v: f32, f: f32| f * code_scale(v, f) as f32;
         let loss = |vs: &[f32], ws: &[f32], f: f32| -> f32 {
-            vs.iter().zip(ws).map(|(&v, &w)| w * (v - decode(v, f)).powi(2)).sum()
+            vs.iter()
+                .zip(ws)
+                .map(|(&v, &w)| w * (v - decode(v, f)).powi(2))
+                .sum()
         };
         let mut values: Vec<f32> = (0..40).map(|i| 0.01 + 0.0003 * i as f32).collect();
         let weights = vec![1.0; 41];
