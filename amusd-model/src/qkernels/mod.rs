@@ -1,7 +1,8 @@
 //! Integer matrix multiplies over GGUF block-quantized weights: the draft model's kernels.
 //!
 //! This module owns [`IntPacked`] (a q4_0, q4_1 or q8_0 matrix repacked at load into panels of the
-//! same quantized bits, or a q4_1 one with its block scales coded to 8 bits, [`coded`]) and
+//! same quantized bits, or a q4_1 one with its block scales coded to 8 bits,
+//! [`IntPacked::with_coded_scales`]) and
 //! [`matmul_int`] (activations quantized per 32-block to 8 bits, as GGUF does,
 //! then integer dot products per block, combined in f32).
 //!
