@@ -188,13 +188,17 @@ impl Llama {
         }
     }
 
+    /// Every block's matrices, block by block.
+    fn layer_matrices(&self) -> impl Iterator<Item = &Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down])
+    }
+
     /// Collapses the memory of every weight matrix into transparent huge pages where the OS can
     /// ([`crate::hugepages`]); returns how many 2 MiB regions it collapsed.
     pub fn collapse_to_huge_pages(&self) -> usize {
-        let layers = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]);
+        let layers = self.layer_matrices();
         let screen = match &self.head {
             Head::Screened(screen) => Some(screen.coarse()),
             _ => None,
@@ -205,10 +209,7 @@ impl Llama {
 
     /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
     pub fn matmul_cost(&self) -> (usize, usize) {
-        let layers = self
-            .blocks
-            .iter()
-            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down]);
+        let layers = self.layer_matrices();
         let (bytes, macs) = layers.fold((0, 0), |(bytes, macs), l| {
             (bytes + l.bytes(), macs + l.in_features() * l.out_features())
         });

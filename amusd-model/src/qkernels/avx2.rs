@@ -206,7 +206,11 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
 ) -> [[__m256; T]; 2] {
     let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
     let block_bytes = ROWS * (width * scales + QK / 2);
-    let blocks = panel.add(if CODED { 8 * ROWS } else { 0 });
+    let blocks = panel.add(if CODED {
+        Kind::Q4_1S8.header_bytes()
+    } else {
+        0
+    });
     let mut acc = [[_mm256_setzero_ps(); T]; 2];
     for (v, half) in acc.iter_mut().enumerate() {
         let (fd, fm) = match CODED {

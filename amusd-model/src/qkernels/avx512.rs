@@ -234,7 +234,11 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
         ),
         false => (_mm512_setzero_ps(), _mm512_setzero_ps()),
     };
-    let blocks = panel.add(if CODED { 8 * ROWS } else { 0 });
+    let blocks = panel.add(if CODED {
+        Kind::Q4_1S8.header_bytes()
+    } else {
+        0
+    });
     let nibble = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm512_setzero_ps(); T];
     for b in 0..nb {

@@ -214,10 +214,12 @@ impl IntPacked {
     /// Row `j` of `src` (same kind and width) as this matrix's row `to`: its blocks as they are
     /// packed, and its factors.
     fn copy_row(&mut self, to: usize, src: &Self, j: usize) {
-        let mut block = vec![0u8; self.kind.block_bytes()];
+        // The largest block: q8_0's scale and 32 quants.
+        let mut buf = [0u8; 2 + QK];
+        let block = &mut buf[..self.kind.block_bytes()];
         for b in 0..self.k / QK {
-            src.get_block(j, b, &mut block);
-            self.put_block(to, b, &block);
+            src.get_block(j, b, block);
+            self.put_block(to, b, block);
         }
         if let Some(f) = src.factors(j) {
             self.set_factors(to, f);
