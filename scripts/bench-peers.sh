@@ -26,7 +26,7 @@ scripts/first-turn-prompts.py "$N" "$home/datasets" > "$tmp/prompts.jsonl"
 
 commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- . ":(exclude)$OUT" 2>/dev/null || echo ' (with local changes)')"
 echo "== forward costs" >&2
-scripts/bench-forward.sh f32 f32-dense stored:head=screen:kv=f16 stored q8_0 > "$tmp/forward.txt"
+scripts/bench-forward.sh f32 f32-dense stored:head=screen:kv=f16:acts=16 stored q8_0 > "$tmp/forward.txt"
 echo "== amusd bench: $(wc -l < "$tmp/prompts.jsonl") prompts, $MAX_NEW new tokens" >&2
 ./target/release/amusd bench --dataset "$tmp/prompts.jsonl" --max-new-tokens "$MAX_NEW" \
     --output "$tmp/amusd.json"

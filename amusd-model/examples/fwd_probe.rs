@@ -1,10 +1,11 @@
 //! Wall time of one model's forward passes as a worker runs them, for profiling (`perf record`)
 //! and for before/after comparisons of two builds: `PREFILLS` prefills of a `CTX`-token context,
 //! then `ITERS` forwards of `ROWS` new tokens at that context (the cache rolled back each time),
-//! printed as each prefill's ms and the forwards' median and minimum. The model is the default
-//! checkpoint under the spec `SPEC` (default `stored:head=screen:kv=f16`, the default draft; several,
-//! comma-separated, take turns forward by forward) run
-//! as a draft does (`Batching::Throughput`), or as the verify model does with `EXACT=1`.
+//! printed as each prefill's ms and the forwards' median, minimum and 10th / 90th percentiles. The
+//! model is the default checkpoint under the spec `SPEC` (default
+//! `stored:head=screen:kv=f16:acts=16`, the default draft; several, comma-separated, take turns
+//! forward by forward) run as a draft does (`Batching::Throughput`), or as the verify model does
+//! with `EXACT=1`.
 //!
 //!     cargo build --release -p amusd-model --example fwd_probe
 //!     EXACT=1 SPEC=f32 CTX=200 PREFILLS=5 taskset -c 1 target/release/examples/fwd_probe
@@ -28,7 +29,8 @@ struct Probe {
 }
 
 fn main() -> anyhow::Result<()> {
-    let specs = std::env::var("SPEC").unwrap_or_else(|_| "stored:head=screen:kv=f16".into());
+    let specs =
+        std::env::var("SPEC").unwrap_or_else(|_| "stored:head=screen:kv=f16:acts=16".into());
     let (ctx, rows) = (env_or("CTX", 300), env_or("ROWS", 1).max(1));
     let (iters, prefills) = (env_or("ITERS", 200).max(1), env_or("PREFILLS", 1).max(1));
     let path = amusd_model::default_model_path();
@@ -69,10 +71,12 @@ fn main() -> anyhow::Result<()> {
     for p in &mut probes {
         p.times.sort_by(|a, b| a.total_cmp(b));
         println!(
-            "{}: rows {rows} ctx {ctx}: median {:.2} ms, min {:.2}",
+            "{}: rows {rows} ctx {ctx}: median {:.2} ms, min {:.2}, p10 {:.2}, p90 {:.2}",
             p.spec,
             p.times[iters / 2],
-            p.times[0]
+            p.times[0],
+            p.times[iters / 10],
+            p.times[iters * 9 / 10]
         );
     }
     Ok(())

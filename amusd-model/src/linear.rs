@@ -11,7 +11,7 @@ use candle_core::{Device, Module, Tensor};
 
 use crate::kernels::{self, Packed, Widen, PANEL};
 use crate::qexact::{self, BlockPacked};
-use crate::qkernels::{self, IntPacked};
+use crate::qkernels::{self, IntActivations, IntPacked};
 use crate::ModelError;
 
 /// How a weight matrix is stored. All variants hold `out_features` rows of `in_features` values.
@@ -62,6 +62,8 @@ pub struct Linear {
     weights: Weights,
     in_features: usize,
     out_features: usize,
+    /// How [`Weights::Int`] takes its activations (8 bits unless set).
+    int_acts: IntActivations,
 }
 
 impl Linear {
@@ -90,7 +92,14 @@ impl Linear {
             weights,
             in_features,
             out_features,
+            int_acts: IntActivations::default(),
         })
+    }
+
+    /// How the integer kernels take this layer's activations, if its weights are
+    /// [`Weights::Int`] (other storage multiplies f32 activations).
+    pub fn set_int_activations(&mut self, acts: IntActivations) {
+        self.int_acts = acts;
     }
 
     pub fn in_features(&self) -> usize {
@@ -132,7 +141,7 @@ impl Linear {
             Weights::F16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Bf16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Blocked(w) => qexact::matmul(x, m, w, y),
-            Weights::Int(w) => qkernels::matmul_int(x, m, w, y),
+            Weights::Int(w) => qkernels::matmul_int_with(self.int_acts, x, m, w, y),
             Weights::Quantized(q) => {
                 let widen = match batching {
                     Batching::Throughput if m >= DEQUANT_MIN_ROWS => row_dequantizer(q.dtype()),
@@ -232,7 +241,9 @@ impl Linear {
                 Weights::Quantized(Arc::new(QTensor::new(storage, (n, k))?))
             }
         };
-        Linear::new(weights, n, k)
+        let mut fused = Linear::new(weights, n, k)?;
+        fused.int_acts = parts[0].int_acts;
+        Ok(fused)
     }
 }
 
@@ -317,7 +328,9 @@ impl Linear {
                 Weights::Quantized(Arc::new(QTensor::new(storage, (ids.len(), k))?))
             }
         };
-        Linear::new(weights, ids.len(), k)
+        let mut kept = Linear::new(weights, ids.len(), k)?;
+        kept.int_acts = self.int_acts;
+        Ok(kept)
     }
 }
 

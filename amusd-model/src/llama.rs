@@ -8,6 +8,7 @@ use crate::cache::{KvCache, KvPrecision, LayerKv};
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::kernels;
 use crate::linear::{Batching, Linear};
+use crate::qkernels::IntActivations;
 use crate::screen::ScreenedHead;
 use crate::silu;
 use crate::ModelError;
@@ -176,6 +177,17 @@ impl Llama {
         self.check_head_whole()?;
         self.head = Head::Screened(ScreenedHead::new(&self.lm_head, keep)?);
         Ok(())
+    }
+
+    /// How the integer kernels take activations ([`IntActivations`]) in every block and the
+    /// output head (a screened head's coarse copy keeps 8 bits: it only ranks candidates).
+    pub fn set_int_activations(&mut self, acts: IntActivations) {
+        for b in &mut self.blocks {
+            for l in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
+                l.set_int_activations(acts);
+            }
+        }
+        self.lm_head.set_int_activations(acts);
     }
 
     /// The head can be restricted or screened once, and not both.

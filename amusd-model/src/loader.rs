@@ -9,6 +9,7 @@ use crate::gguf::GgufFile;
 use crate::kernels::PANEL;
 use crate::linear::WeightFormat;
 use crate::llama::Llama;
+use crate::qkernels::IntActivations;
 use crate::ranking::TokenRanking;
 use crate::tokenizer::Tokenizer;
 
@@ -16,8 +17,9 @@ pub use crate::paths::{amusd_home, default_model_path, DEFAULT_MODEL_FILE};
 use crate::ModelError;
 
 /// A model file or directory, how to run its weights and, for a draft model, how to compute its
-/// output head and store its KV cache: `PATH[:FORMAT][:head=HEAD][:kv=f32|f16]`, e.g.
-/// `model.gguf:f32` or `model.gguf:stored:head=screen:kv=f16`.
+/// output head, store its KV cache and give its integer kernels activations:
+/// `PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16]`, e.g. `model.gguf:f32` or
+/// `model.gguf:stored:head=screen:kv=f16:acts=16`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
     pub path: PathBuf,
@@ -26,6 +28,8 @@ pub struct ModelSpec {
     pub head: Option<HeadChoice>,
     /// `None`: f32, unless the caller's role chooses otherwise (a draft stores f16).
     pub kv: Option<KvPrecision>,
+    /// `None`: 8 bits, unless the caller's role chooses otherwise (a draft takes 16).
+    pub acts: Option<IntActivations>,
 }
 
 /// How a model computes its output head (`head=...` in a [`ModelSpec`]).
@@ -77,8 +81,20 @@ impl FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
             return Err(ModelError::Spec(
-                "empty model spec; expected PATH[:FORMAT][:head=HEAD][:kv=f32|f16]".into(),
+                "empty model spec; expected PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16]"
+                    .into(),
             ));
+        }
+        if let Some((rest, acts)) = s.rsplit_once(":acts=") {
+            let acts = IntActivations::parse(acts).ok_or_else(|| {
+                ModelError::Spec(format!(
+                    "bad activation bits '{acts}' in '{s}': expected 8 or 16"
+                ))
+            })?;
+            return Ok(Self {
+                acts: Some(acts),
+                ..rest.parse()?
+            });
         }
         if let Some((rest, kv)) = s.rsplit_once(":kv=") {
             let kv = KvPrecision::parse(kv).ok_or_else(|| {
@@ -104,6 +120,7 @@ impl FromStr for ModelSpec {
                     format,
                     head: None,
                     kv: None,
+                    acts: None,
                 });
             }
             // A colon in a path is legal; only complain when the path without the suffix exists.
@@ -119,6 +136,7 @@ impl FromStr for ModelSpec {
             format: WeightFormat::AsStored,
             head: None,
             kv: None,
+            acts: None,
         })
     }
 }
@@ -129,8 +147,11 @@ impl std::fmt::Display for ModelSpec {
         if let Some(head) = self.head {
             write!(f, ":head={head}")?;
         }
-        match self.kv {
-            Some(kv) => write!(f, ":kv={kv}"),
+        if let Some(kv) = self.kv {
+            write!(f, ":kv={kv}")?;
+        }
+        match self.acts {
+            Some(acts) => write!(f, ":acts={acts}"),
             None => Ok(()),
         }
     }
@@ -220,7 +241,7 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     Ok((llama, name))
 }
 
-/// A draft's `head=...` and `kv=...` from its spec, said in the model's name.
+/// A draft's `head=...`, `kv=...` and `acts=...` from its spec, said in the model's name.
 fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
     if let Some(head) = spec.head {
         name.push_str(&choose_head(&spec.path, llama, head)?);
@@ -229,6 +250,12 @@ fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<
         llama.kv_precision = kv;
         if kv != KvPrecision::F32 {
             name.push_str(&format!(", {kv} KV cache"));
+        }
+    }
+    if let Some(acts) = spec.acts {
+        llama.set_int_activations(acts);
+        if acts != IntActivations::Bits8 {
+            name.push_str(&format!(", {acts}-bit activations"));
         }
     }
     Ok(())
@@ -418,10 +445,17 @@ mod tests {
             ("m.gguf:stored:head=screen:8", HeadChoice::Screened(8)),
             ("m.gguf:head=full", HeadChoice::Whole),
             ("m.gguf:head=screen:4:kv=f16", HeadChoice::Screened(4)),
+            ("m.gguf:head=full:acts=8", HeadChoice::Whole),
+            (
+                "m.gguf:stored:head=screen:kv=f32:acts=16",
+                HeadChoice::Screened(32),
+            ),
         ] {
             let s: ModelSpec = spec.parse().unwrap();
             assert_eq!(s.head, Some(head), "{spec}");
             assert_eq!(s.kv.is_some(), spec.contains(":kv="), "{spec}");
+            let acts = spec.rsplit_once(":acts=").map(|(_, a)| a.to_string());
+            assert_eq!(s.acts.map(|a| a.to_string()), acts, "{spec}");
             assert_eq!(s.to_string().parse::<ModelSpec>().unwrap(), s, "{spec}");
         }
         for bad in [
@@ -432,6 +466,9 @@ mod tests {
             "m.gguf:head=screen:",
             "m.gguf:kv=f8",
             "m.gguf:kv=",
+            "m.gguf:acts=4",
+            "m.gguf:acts=",
+            "m.gguf:acts=16:kv=f16",
         ] {
             assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
         }

@@ -1,5 +1,6 @@
 //! The options `generate` and `bench` share: strategy, models and devices, sampling.
 
+use amusd_model::qkernels::IntActivations;
 use amusd_model::{DeviceSpec, HeadChoice, KvPrecision, ModelSpec};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
@@ -34,15 +35,17 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT][:head=HEAD][:kv=f16|f32], lookup[:MIN-MAX] (prompt lookup
+    /// Draft model: PATH[:FORMAT][:head=HEAD][:kv=f16|f32][:acts=8|16], lookup[:MIN-MAX] (prompt lookup
     /// alone, no model: the longest suffix of MAX down to MIN tokens found earlier proposes what
     /// followed it) or fake:... (tests). HEAD is how the draft scores the vocabulary: screen[:K]
     /// (the default; a q4_0 copy of the output head picks K candidates, 32 unless given, and the
     /// head as stored scores them, ~half the head's bytes), full (the whole head as stored), or N
     /// (only the N most frequent token ids, by a built-in ranking for the default model's
     /// vocabulary, else the first N ids). kv: what the draft's KV cache stores (default f16, half
-    /// the bytes attention reads). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0
-    /// embedding), run by the integer kernels.
+    /// the bytes attention reads). acts: the integer kernels' activation bits (default 16: each
+    /// row and its 8-bit residual; the draft then proposes the verify model's token far more
+    /// often; 8: GGUF's). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding),
+    /// run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
     /// sd/amusd: prompt lookup ahead of the draft model, on by default: where it finds a match,
@@ -145,7 +148,9 @@ impl ModelArgs {
 
     /// The draft's spec, its head screened ([`amusd_model::screen`]) unless it says `head=...`
     /// and its KV cache f16 unless it says `kv=...`: a draft only needs its top token right, and
-    /// both find it reading fewer bytes.
+    /// both find it reading fewer bytes. Its integer kernels take 16-bit activations unless it
+    /// says `acts=8`: the top token is then the verify model's far more often, for little time
+    /// (`amusd_model::qkernels::IntActivations`).
     pub fn draft_spec(&self) -> Result<String> {
         let given = match &self.draft_model {
             Some(s) if lookup::parse_spec(s).is_some() || FakeModel::is_fake(s) => {
@@ -161,6 +166,7 @@ impl ModelArgs {
         spec.head
             .get_or_insert(HeadChoice::Screened(amusd_model::screen::DEFAULT_KEEP));
         spec.kv.get_or_insert(KvPrecision::F16);
+        spec.acts.get_or_insert(IntActivations::Bits16);
         Ok(spec.to_string())
     }
 
@@ -334,4 +340,36 @@ pub fn sampling_label(s: &RequestSampling) -> String {
         out.push_str(", greedy draft");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        models: ModelArgs,
+    }
+
+    fn draft_spec(given: &str) -> String {
+        let cli = Cli::parse_from(["amusd", "--draft-model", given]);
+        cli.models.draft_spec().unwrap()
+    }
+
+    /// A draft screens its head, stores an f16 cache and takes 16-bit activations unless its
+    /// spec says otherwise; what it says stays.
+    #[test]
+    fn a_draft_spec_gets_the_draft_defaults_it_does_not_override() {
+        assert_eq!(
+            draft_spec("m.gguf:stored"),
+            "m.gguf:stored:head=screen:32:kv=f16:acts=16"
+        );
+        assert_eq!(
+            draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=8"),
+            "m.gguf:q8_0:head=full:kv=f32:acts=8"
+        );
+        assert_eq!(draft_spec("lookup:2-4"), "lookup:2-4");
+    }
 }

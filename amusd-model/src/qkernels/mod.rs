@@ -4,7 +4,8 @@
 //! same quantized bits, or a q4_1 one with its block scales coded to 8 bits,
 //! [`IntPacked::with_coded_scales`]) and
 //! [`matmul_int`] (activations quantized per 32-block to 8 bits, as GGUF does,
-//! then integer dot products per block, combined in f32).
+//! then integer dot products per block, combined in f32), and [`matmul_int_with`], which can give
+//! the same kernels about 16-bit activations as two 8-bit rows ([`IntActivations`]).
 //!
 //! Every output is defined by `dot_portable`: per block, an exact integer sum, then one or two fused
 //! multiply-adds into a single f32 accumulator, blocks in index order from zero. The SIMD paths keep
@@ -521,15 +522,19 @@ pub fn matmul_int_on(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &mut [f3
         path.available(),
         "{path:?} kernels need a CPU that has them"
     );
-    let acts = QuantActs::new(x, m, k);
+    run(path, &QuantActs::new(x, m, k), m, w, y);
+}
+
+/// The kernels over activations quantized already (`m` rows).
+fn run(path: Path, acts: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
     match path {
-        Path::Portable => matmul_portable(&acts, m, w, y),
+        Path::Portable => matmul_portable(acts, m, w, y),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C.
-        Path::Avx2 => unsafe { avx2::matmul(&acts, m, w, y) },
+        Path::Avx2 => unsafe { avx2::matmul(acts, m, w, y) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX512F, AVX512BW and AVX512-VNNI.
-        Path::Avx512Vnni => unsafe { avx512::matmul(&acts, m, w, y) },
+        Path::Avx512Vnni => unsafe { avx512::matmul(acts, m, w, y) },
         #[cfg(not(target_arch = "x86_64"))]
         Path::Avx2 | Path::Avx512Vnni => unreachable!("not available"),
     }
@@ -691,6 +696,9 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod coded;
+mod residual;
+
+pub use residual::{matmul_int_with, matmul_int_with_on, IntActivations};
 
 #[cfg(test)]
 mod tests {
