@@ -44,7 +44,7 @@ elapsed=$(( $(date +%s) - started ))
     echo "- machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB"
     echo "- $(rustc --version)"
     echo "- models: verify SmolLM2-135M-Instruct in f32 arithmetic on its Q4_1 values (blocks widened in registers) on cpu:1;" \
-        "draft the same checkpoint as stored (q4_1 layers, q8_0 embedding, integer kernels; output head screened by a q4_0 copy, top 32; f16 KV cache) with prompt lookup 2-4" \
+        "draft the same checkpoint as stored (q4_1 layers, q8_0 embedding, integer kernels with 16-bit activations, value and residual, under amusd and 8-bit ones under sd; output head screened by a q4_0 copy, top 32; f16 KV cache) with prompt lookup 2-4" \
         "and the n-gram history ahead of it (the default) on cpu:0; each worker pinned and single-threaded;" \
         "ar and sd run in one process pinned to cpu:1"
     echo "- greedy decoding, $MAX_NEW new tokens at most, stop at <|im_end|>"

@@ -44,7 +44,7 @@ pub struct ModelArgs {
     /// vocabulary, else the first N ids). kv: what the draft's KV cache stores (default f16, half
     /// the bytes attention reads). acts: the integer kernels' activation bits (default 16: each
     /// row and its 8-bit residual; the draft then proposes the verify model's token far more
-    /// often; 8: GGUF's). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding),
+    /// often; 8: GGUF's, sd's default). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding),
     /// run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
@@ -146,12 +146,15 @@ impl ModelArgs {
         }
     }
 
-    /// The draft's spec, its head screened ([`amusd_model::screen`]) unless it says `head=...`
-    /// and its KV cache f16 unless it says `kv=...`: a draft only needs its top token right, and
-    /// both find it reading fewer bytes. Its integer kernels take 16-bit activations unless it
-    /// says `acts=8`: the top token is then the verify model's far more often, for little time
-    /// (`amusd_model::qkernels::IntActivations`).
-    pub fn draft_spec(&self) -> Result<String> {
+    /// The draft's spec for `strategy`, its head screened ([`amusd_model::screen`]) unless it
+    /// says `head=...` and its KV cache f16 unless it says `kv=...`: a draft only needs its top
+    /// token right, and both find it reading fewer bytes. Unless it says `acts=...`, its integer
+    /// kernels take 16-bit activations under amusd (its top token is then the verify model's at
+    /// 99.9% of positions instead of 96%, and a one-row forward on its own core costs about the
+    /// same) and 8-bit ones under sd, where its wider forwards, twice the arithmetic at 16 bits,
+    /// take turns with the verify model on one core (measured: level or slower end to end; see
+    /// `amusd_model::qkernels::IntActivations` and the README).
+    pub fn draft_spec(&self, strategy: Strategy) -> Result<String> {
         let given = match &self.draft_model {
             Some(s) if lookup::parse_spec(s).is_some() || FakeModel::is_fake(s) => {
                 return Ok(s.clone())
@@ -166,7 +169,10 @@ impl ModelArgs {
         spec.head
             .get_or_insert(HeadChoice::Screened(amusd_model::screen::DEFAULT_KEEP));
         spec.kv.get_or_insert(KvPrecision::F16);
-        spec.acts.get_or_insert(IntActivations::Bits16);
+        spec.acts.get_or_insert(match strategy {
+            Strategy::Amusd => IntActivations::Bits16,
+            Strategy::Ar | Strategy::Sd => IntActivations::Bits8,
+        });
         Ok(spec.to_string())
     }
 
@@ -353,23 +359,29 @@ mod tests {
         models: ModelArgs,
     }
 
-    fn draft_spec(given: &str) -> String {
+    fn draft_spec(given: &str, strategy: Strategy) -> String {
         let cli = Cli::parse_from(["amusd", "--draft-model", given]);
-        cli.models.draft_spec().unwrap()
+        cli.models.draft_spec(strategy).unwrap()
     }
 
-    /// A draft screens its head, stores an f16 cache and takes 16-bit activations unless its
-    /// spec says otherwise; what it says stays.
+    /// A draft screens its head, stores an f16 cache and takes 16-bit activations under amusd
+    /// (8-bit under sd) unless its spec says otherwise; what it says stays.
     #[test]
     fn a_draft_spec_gets_the_draft_defaults_it_does_not_override() {
         assert_eq!(
-            draft_spec("m.gguf:stored"),
+            draft_spec("m.gguf:stored", Strategy::Amusd),
             "m.gguf:stored:head=screen:32:kv=f16:acts=16"
         );
         assert_eq!(
-            draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=8"),
-            "m.gguf:q8_0:head=full:kv=f32:acts=8"
+            draft_spec("m.gguf:stored", Strategy::Sd),
+            "m.gguf:stored:head=screen:32:kv=f16:acts=8"
         );
-        assert_eq!(draft_spec("lookup:2-4"), "lookup:2-4");
+        for strategy in [Strategy::Sd, Strategy::Amusd] {
+            assert_eq!(
+                draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=16", strategy),
+                "m.gguf:q8_0:head=full:kv=f32:acts=16"
+            );
+            assert_eq!(draft_spec("lookup:2-4", strategy), "lookup:2-4");
+        }
     }
 }

@@ -68,7 +68,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     m.lookup_alone()?;
     let draft_spec = match strategy {
         Strategy::Ar => None,
-        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec()?),
+        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
     };
     let texts = Texts::load(&verify_spec, draft_spec.as_deref())?;
     let (prompt, stop_ids) = texts.prompt(&messages, args.raw, args.prompt_ids.as_deref())?;

@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     install_signal_handlers();
     let m = &args.models;
     let verify_spec = m.verify_spec()?;
-    let draft_spec = m.draft_spec()?;
+    let draft_spec = m.draft_spec(args.strategy)?;
     let fake = FakeModel::is_fake(&verify_spec);
     if fake && args.strategy != Strategy::Amusd {
         bail!("fake models are served with --strategy amusd only");

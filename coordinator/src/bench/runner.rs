@@ -316,7 +316,8 @@ pub(super) struct Models {
 /// use and run with this process unbound.
 pub(super) struct Backends {
     verify_spec: String,
-    draft_spec: Option<String>,
+    /// The amusd workers' draft (sd's is in `in_process`).
+    amusd_draft: Option<String>,
     verify_device: DeviceSpec,
     /// ar and sd, in this process, sharing one verify model.
     in_process: Option<InProcess>,
@@ -335,21 +336,18 @@ impl Models {
         }
         crate::supervisor::install_signal_handlers();
         let verify_spec = m.verify_spec()?;
-        let draft_spec = if runs(Strategy::Sd) || runs(Strategy::Amusd) {
-            Some(m.draft_spec()?)
-        } else {
-            None
-        };
+        // The draft's defaults depend on the strategy (`ModelArgs::draft_spec`).
+        let draft_for = |s| runs(s).then(|| m.draft_spec(s)).transpose();
+        let (sd_draft, draft_spec) = (draft_for(Strategy::Sd)?, draft_for(Strategy::Amusd)?);
         // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
         // reserve the same positions in the draft), and amusd in the region's token buffer.
-        let texts = Texts::load(&verify_spec, draft_spec.as_deref())?;
+        let texts = Texts::load(&verify_spec, draft_spec.as_deref().or(sd_draft.as_deref()))?;
         let mut capacity = texts.context(usize::MAX);
         let text = texts
             .verify
             .context("bench needs a real verify model: a fake one has no tokenizer")?;
         let in_process = if in_process {
-            let sd_draft = draft_spec.as_deref().filter(|_| runs(Strategy::Sd));
-            let p = InProcess::load(&verify_spec, sd_draft, m)?;
+            let p = InProcess::load(&verify_spec, sd_draft.as_deref(), m)?;
             capacity = capacity.min(p.max_position());
             Some(p)
         } else {
@@ -363,7 +361,7 @@ impl Models {
             capacity,
             backends: Backends {
                 verify_spec,
-                draft_spec,
+                amusd_draft: draft_spec,
                 verify_device: m.verify_device()?,
                 in_process,
                 workers: None,
@@ -403,7 +401,7 @@ impl Backends {
                 Backend::Amusd(match self.workers.take() {
                     Some(w) => w,
                     None => {
-                        let draft = self.draft_spec.as_deref().unwrap_or_default();
+                        let draft = self.amusd_draft.as_deref().unwrap_or_default();
                         pb.suspend(|| Workers::start(m, &self.verify_spec, draft))?
                     }
                 })
