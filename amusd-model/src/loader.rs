@@ -85,23 +85,21 @@ impl FromStr for ModelSpec {
                     .into(),
             ));
         }
-        if let Some((rest, acts)) = s.rsplit_once(":acts=") {
-            let acts = IntActivations::parse(acts).ok_or_else(|| {
-                ModelError::Spec(format!(
-                    "bad activation bits '{acts}' in '{s}': expected 8 or 16"
-                ))
-            })?;
+        let acts = spec_suffix(
+            s,
+            ":acts=",
+            IntActivations::parse,
+            "activation bits",
+            "8 or 16",
+        )?;
+        if let Some((rest, acts)) = acts {
             return Ok(Self {
                 acts: Some(acts),
                 ..rest.parse()?
             });
         }
-        if let Some((rest, kv)) = s.rsplit_once(":kv=") {
-            let kv = KvPrecision::parse(kv).ok_or_else(|| {
-                ModelError::Spec(format!(
-                    "bad KV cache type '{kv}' in '{s}': expected f32 or f16"
-                ))
-            })?;
+        let kv = spec_suffix(s, ":kv=", KvPrecision::parse, "KV cache type", "f32 or f16")?;
+        if let Some((rest, kv)) = kv {
             return Ok(Self {
                 kv: Some(kv),
                 ..rest.parse()?
@@ -139,6 +137,27 @@ impl FromStr for ModelSpec {
             acts: None,
         })
     }
+}
+
+/// `s` split at its last `key` (`:kv=`, `:acts=`) and the value after it, parsed by `parse`;
+/// `None` without the key, an error saying `what` is bad and what was `expected` if it does not
+/// parse.
+fn spec_suffix<'a, T>(
+    s: &'a str,
+    key: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    what: &str,
+    expected: &str,
+) -> Result<Option<(&'a str, T)>, ModelError> {
+    let Some((rest, value)) = s.rsplit_once(key) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ModelError::Spec(format!(
+            "bad {what} '{value}' in '{s}': expected {expected}"
+        ))
+    };
+    Ok(Some((rest, parse(value).ok_or_else(bad)?)))
 }
 
 impl std::fmt::Display for ModelSpec {

@@ -338,10 +338,10 @@ impl Models {
         let verify_spec = m.verify_spec()?;
         // The draft's defaults depend on the strategy (`ModelArgs::draft_spec`).
         let draft_for = |s| runs(s).then(|| m.draft_spec(s)).transpose();
-        let (sd_draft, draft_spec) = (draft_for(Strategy::Sd)?, draft_for(Strategy::Amusd)?);
+        let (sd_draft, amusd_draft) = (draft_for(Strategy::Sd)?, draft_for(Strategy::Amusd)?);
         // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
         // reserve the same positions in the draft), and amusd in the region's token buffer.
-        let texts = Texts::load(&verify_spec, draft_spec.as_deref().or(sd_draft.as_deref()))?;
+        let texts = Texts::load(&verify_spec, amusd_draft.as_deref().or(sd_draft.as_deref()))?;
         let mut capacity = texts.context(usize::MAX);
         let text = texts
             .verify
@@ -361,7 +361,7 @@ impl Models {
             capacity,
             backends: Backends {
                 verify_spec,
-                amusd_draft: draft_spec,
+                amusd_draft,
                 verify_device: m.verify_device()?,
                 in_process,
                 workers: None,
