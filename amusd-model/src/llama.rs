@@ -23,6 +23,22 @@ pub struct Block {
     pub w_down: Linear,
 }
 
+impl Block {
+    /// The block's four matrices, in forward order.
+    fn matrices(&self) -> [&Linear; 4] {
+        [&self.wqkv, &self.wo, &self.w_gate_up, &self.w_down]
+    }
+
+    fn matrices_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.wqkv,
+            &mut self.wo,
+            &mut self.w_gate_up,
+            &mut self.w_down,
+        ]
+    }
+}
+
 pub struct Llama {
     pub config: LlamaConfig,
     /// `[vocab, hidden]`; row lookups give the input embeddings.
@@ -182,10 +198,8 @@ impl Llama {
     /// How the integer kernels take activations ([`IntActivations`]) in every block and the
     /// output head (a screened head's coarse copy keeps 8 bits: it only ranks candidates).
     pub fn set_int_activations(&mut self, acts: IntActivations) {
-        for b in &mut self.blocks {
-            for l in [&mut b.wqkv, &mut b.wo, &mut b.w_gate_up, &mut b.w_down] {
-                l.set_int_activations(acts);
-            }
+        for l in self.blocks.iter_mut().flat_map(Block::matrices_mut) {
+            l.set_int_activations(acts);
         }
         self.lm_head.set_int_activations(acts);
     }
@@ -202,9 +216,7 @@ impl Llama {
 
     /// Every block's matrices, block by block.
     fn layer_matrices(&self) -> impl Iterator<Item = &Linear> {
-        self.blocks
-            .iter()
-            .flat_map(|b| [&b.wqkv, &b.wo, &b.w_gate_up, &b.w_down])
+        self.blocks.iter().flat_map(Block::matrices)
     }
 
     /// Collapses the memory of every weight matrix into transparent huge pages where the OS can

@@ -516,13 +516,20 @@ pub fn matmul_int(x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
 /// # Panics
 /// If the CPU lacks `path` or a buffer is too short.
 pub fn matmul_int_on(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
-    let (n, k) = (w.n, w.k);
-    assert!(x.len() >= m * k && y.len() >= m * n, "matmul_int buffers");
+    check_call(path, x, m, w, y);
+    run(path, &QuantActs::new(x, m, w.k), m, w, y);
+}
+
+/// The `# Panics` of every public product: buffers too short, or a path this CPU lacks.
+fn check_call(path: Path, x: &[f32], m: usize, w: &IntPacked, y: &[f32]) {
+    assert!(
+        x.len() >= m * w.k && y.len() >= m * w.n,
+        "matmul_int buffers"
+    );
     assert!(
         path.available(),
         "{path:?} kernels need a CPU that has them"
     );
-    run(path, &QuantActs::new(x, m, k), m, w, y);
 }
 
 /// The kernels over activations quantized already (`m` rows).

@@ -15,7 +15,7 @@
 //! `d / 254`). The sum of the two products is a definition like `dot_portable`'s: every path
 //! gives the same bits, and a row's result does not depend on the batch.
 
-use super::{run, IntPacked, Path, QuantActs, QK};
+use super::{check_call, run, IntPacked, Path, QuantActs, QK};
 
 /// How [`matmul_int_with`] gives activations to the integer kernels.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,12 +67,8 @@ pub fn matmul_int_with_on(
     if acts == IntActivations::Bits8 {
         return super::matmul_int_on(path, x, m, w, y);
     }
+    check_call(path, x, m, w, y);
     let (n, k) = (w.n, w.k);
-    assert!(x.len() >= m * k && y.len() >= m * n, "matmul_int buffers");
-    assert!(
-        path.available(),
-        "{path:?} kernels need a CPU that has them"
-    );
     let first = QuantActs::new(x, m, k);
     let mut r = vec![0f32; m * k];
     first.residual(&x[..m * k], &mut r);
