@@ -4,7 +4,8 @@
 //! `taskset -c 1 cargo bench -p amusd-model --bench qexact [-- DTYPE...]` prints the median us per
 //! call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
 //! `AMUSD_BENCH_COPIES=N` cycles through N copies of each matrix (100 copies of the gate/up, ~110
-//! MB, leave nothing in cache: the decoding case); `AMUSD_BENCH_REPS` sets the samples.
+//! MB, leave nothing in cache: the decoding case); `AMUSD_BENCH_REPS` sets the samples and
+//! `AMUSD_BENCH_MS=1,5,9` the batch sizes.
 
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use candle_core::quantized::GgmlDType;
 
 /// (n, k): the fused gate/up and the down projection of one layer.
 const SHAPES: [(usize, usize); 2] = [(3072, 576), (576, 1536)];
-const MS: [usize; 6] = [1, 2, 4, 8, 16, 64];
+const MS: &str = "1,2,4,8,16,64";
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -41,9 +42,15 @@ fn main() {
         env("AMUSD_BENCH_REPS", 15),
         env("AMUSD_BENCH_COPIES", 1).max(1),
     );
+    let ms: Vec<usize> = std::env::var("AMUSD_BENCH_MS")
+        .unwrap_or_else(|_| MS.into())
+        .split(',')
+        .filter_map(|m| m.trim().parse().ok())
+        .filter(|&m| m > 0)
+        .collect();
     println!("{reps} samples, {copies} copies of each matrix; us per call (GB/s, GFLOP/s)");
     print!("{:<6} {:>10} {:<9}", "dtype", "n x k", "isa");
-    for m in MS {
+    for &m in &ms {
         print!(" {:>20}", format!("m={m}"));
     }
     println!();
@@ -61,7 +68,7 @@ fn main() {
                     format!("{n}x{k}"),
                     format!("{isa:?}")
                 );
-                for m in MS {
+                for &m in &ms {
                     let x: Vec<f32> = (0..m * k)
                         .map(|i| ((i * 37) % 101) as f32 / 101.0 - 0.5)
                         .collect();

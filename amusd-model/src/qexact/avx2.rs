@@ -91,10 +91,11 @@ unsafe fn strip<
     col: usize,
 ) -> [[__m256; V]; R] {
     let gb = group_bytes::<NIB, OFF>();
+    let ahead = strip_prefetch(col, gb, panel.len());
     let mut acc = [[_mm256_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
         let base = panel.as_ptr().add(g * gb);
-        prefetch_range(base.wrapping_add(PREFETCH_GROUPS * gb), gb);
+        prefetch_range(base.wrapping_add(ahead), gb);
         let sc: [(__m256, __m256); V] = std::array::from_fn(|v| scales::<OFF>(base, col + 8 * v));
         let q = base.add(scale_bytes::<OFF>() + col);
         let p0 = g * GROUP;

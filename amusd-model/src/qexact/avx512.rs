@@ -99,10 +99,11 @@ unsafe fn strip<
     col: usize,
 ) -> [[__m512; V]; R] {
     let gb = group_bytes::<NIB, OFF>();
+    let ahead = strip_prefetch(col, gb, panel.len());
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
         let base = panel.as_ptr().add(g * gb);
-        prefetch_range(base.wrapping_add(PREFETCH_GROUPS * gb), gb);
+        prefetch_range(base.wrapping_add(ahead), gb);
         let sc: [(__m512, __m512); V] =
             std::array::from_fn(|v| scales::<OFF>(base, col + LANES * v));
         let q = base.add(scale_bytes::<OFF>() + col);
