@@ -91,6 +91,20 @@ fn check_records(dataset: &str, out: &Path, turns_per_sample: usize) {
             }
         }
     }
+    // A conversation's later turns keep what its earlier turn left cached; first turns start cold.
+    for r in &records {
+        let cached = r["metrics"]["cached_prompt_tokens"]
+            .as_u64()
+            .expect("cached_prompt_tokens");
+        let prompt = r["prompt_tokens"].as_u64().expect("prompt_tokens");
+        match r["turn"].as_u64() {
+            Some(1) => assert_eq!(cached, 0, "{dataset}: a first turn found a cache: {r}"),
+            _ => assert!(
+                cached > prompt / 2 && cached < prompt,
+                "{dataset}: a later turn kept {cached} of {prompt} prompt tokens: {r}"
+            ),
+        }
+    }
     // Every sd and amusd generation carries the same token hash as ar's for its sample and turn.
     for r in records.iter().filter(|r| r["strategy"] != "ar") {
         let ar = records

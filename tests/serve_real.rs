@@ -1,6 +1,7 @@
 //! `amusd serve` on the real model (SmolLM2-135M-Instruct, the worker pair): chat and completions,
 //! streamed and not, and without prompt lookup (`"prompt_lookup": false`), equal `amusd generate
-//! --strategy ar`; a seeded sampled request equals ar's
+//! --strategy ar`; a repeated prompt and a follow-up turn find their prefix cached, and answer as
+//! they do without the cache (`"cache_prompt": false`); a seeded sampled request equals ar's
 //! sample; and the official `openai` Python client (pinned, in a venv under target/) checks the same
 //! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
 //! requests of 24 tokens.
@@ -65,6 +66,26 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
         chat_ar,
         "chat without prompt lookup vs ar"
     );
+    // The same prompt again: every token but the last was cached (and the text is the same).
+    let prompt_n = r.json["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = &r.json["usage"]["prompt_tokens_details"]["cached_tokens"];
+    assert_eq!(cached.as_u64(), Some(prompt_n - 1), "{}", r.json);
+    assert_eq!(r.json["timings"]["cache_n"].as_u64(), Some(prompt_n - 1));
+    // A follow-up turn keeps the first turn's positions; without the cache, the same text.
+    let follow_up = json!({"messages": [
+        {"role": "user", "content": CHAT}, {"role": "assistant", "content": chat_ar},
+        {"role": "user", "content": "And of Italy?"}], "max_tokens": MAX});
+    let warm = s.post("/v1/chat/completions", &follow_up);
+    assert_eq!(warm.status, 200, "{}", warm.json);
+    let cached = warm.json["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert!(cached.unwrap() > prompt_n, "{}", warm.json);
+    let mut uncached = follow_up.clone();
+    uncached["cache_prompt"] = false.into();
+    let cold = s.post("/v1/chat/completions", &uncached);
+    assert_eq!(cold.status, 200, "{}", cold.json);
+    let cached = &cold.json["usage"]["prompt_tokens_details"]["cached_tokens"];
+    assert_eq!(cached.as_u64(), Some(0), "{}", cold.json);
+    assert_eq!(reply_text(&warm.json), reply_text(&cold.json), "follow-up");
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())

@@ -49,6 +49,13 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens: how many were found cached.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 /// llama.cpp's server `timings` object, so dashboards made for it read ours.
@@ -63,6 +70,8 @@ pub struct Timings {
     pub predicted_per_second: f64,
     pub draft_n: u64,
     pub draft_n_accepted: u64,
+    /// Prompt tokens reused from the previous request's cache.
+    pub cache_n: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -254,6 +263,9 @@ fn summarize(
             prompt_tokens: prompt_n,
             completion_tokens: p.tokens,
             total_tokens: prompt_n + p.tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: stats.cache_n,
+            },
         },
         timings: Timings {
             prompt_n,
@@ -267,6 +279,7 @@ fn summarize(
             },
             draft_n: stats.draft_n,
             draft_n_accepted: stats.draft_n_accepted,
+            cache_n: stats.cache_n,
         },
     }
 }

@@ -25,6 +25,10 @@ pub struct Sampling {
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
     /// has one); false drafts with the model alone. The text is the same either way.
     pub prompt_lookup: bool,
+    /// Whether the models keep what the previous request left cached where the prompt starts
+    /// with the same tokens (a conversation's earlier turns), as llama.cpp's server does by
+    /// default. The text is the same either way.
+    pub cache_prompt: bool,
 }
 
 impl Default for Sampling {
@@ -36,6 +40,7 @@ impl Default for Sampling {
             min_p: 0.0,
             seed: None,
             prompt_lookup: true,
+            cache_prompt: true,
         }
     }
 }
@@ -57,6 +62,8 @@ pub struct GenStats {
     pub draft_n: u64,
     pub draft_n_accepted: u64,
     pub rollbacks: u64,
+    /// Prompt tokens found cached from the previous request (not prefilled again).
+    pub cache_n: usize,
 }
 
 /// Why a generation failed. The message is shown to the client.

@@ -24,6 +24,9 @@ pub struct RawRequest {
     pub seed: Option<u64>,
     /// Ours: false drafts this request with the draft model alone, without prompt lookup.
     pub prompt_lookup: Option<bool>,
+    /// llama.cpp's: false prefills the whole prompt, not keeping what the previous request left
+    /// cached (the tokens are the same either way).
+    pub cache_prompt: Option<bool>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     // Known but not implemented: refused when they would change the result.
@@ -323,6 +326,7 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         min_p,
         seed: r.seed,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
+        cache_prompt: r.cache_prompt.unwrap_or(true),
     })
 }
 
@@ -344,7 +348,7 @@ mod tests {
             r#"{"model":"x","messages":[{"role":"developer","content":"be brief"},
                 {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
-                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"stream":true,
+                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
                 "stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
             Endpoint::Chat,
@@ -374,6 +378,7 @@ mod tests {
                 min_p: 0.1,
                 seed: Some(42),
                 prompt_lookup: false,
+                cache_prompt: false,
             }
         );
         assert!(v.stream && v.include_usage);
@@ -383,7 +388,8 @@ mod tests {
     fn defaults_are_greedy_with_prompt_lookup() {
         let v = check(r#"{"prompt":"hi"}"#, Endpoint::Completions).unwrap();
         assert_eq!(v.sampling, Sampling::default());
-        assert!(v.sampling.prompt_lookup && v.sampling.temperature == 0.0);
+        assert!(v.sampling.prompt_lookup && v.sampling.cache_prompt);
+        assert_eq!(v.sampling.temperature, 0.0);
         let e = err(
             r#"{"prompt":"hi","prompt_lookup":"no"}"#,
             Endpoint::Completions,

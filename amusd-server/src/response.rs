@@ -112,7 +112,7 @@ impl Head {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Finish, Timings, Usage};
+    use crate::decode::{Finish, PromptTokensDetails, Timings, Usage};
 
     fn summary() -> Summary {
         Summary {
@@ -121,6 +121,7 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 2,
                 total_tokens: 5,
+                prompt_tokens_details: PromptTokensDetails { cached_tokens: 1 },
             },
             timings: Timings {
                 prompt_n: 3,
@@ -130,6 +131,7 @@ mod tests {
                 predicted_per_second: 500.0,
                 draft_n: 4,
                 draft_n_accepted: 3,
+                cache_n: 1,
             },
         }
     }
@@ -152,6 +154,8 @@ mod tests {
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["choices"][0]["finish_reason"], "length");
         assert_eq!(full["usage"]["total_tokens"], 5);
+        assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 1);
+        assert_eq!(full["timings"]["cache_n"], 1);
         assert_eq!(full["timings"]["draft_n_accepted"], 3);
         assert_eq!(
             h.opening().unwrap()["choices"][0]["delta"]["role"],

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -130,9 +130,10 @@ u32_enum! {
         VerifyStep = 3,
         /// A plain autoregressive step (`count` tokens committed at `position`).
         ArStep = 4,
-        /// The verify worker took up a request with `count` committed tokens to prefill. An
-        /// instant (start = end): the prefill itself runs in the steps that follow (in chunks,
-        /// then with the first verification), which carry its time.
+        /// The verify worker took up a request with `count` committed tokens, `accepted` of them
+        /// already cached ([`RequestSection::cache_prompt`], layout 6). An instant (start =
+        /// end): the prefill of the rest runs in the steps that follow (in chunks, then with the
+        /// first verification), which carry its time.
         Prefill = 5,
         /// The draft worker's prompt lookup drafted `count` tokens at `position` at once (layout
         /// 3).
@@ -352,6 +353,12 @@ pub struct RequestSection {
     /// the draft worker has one (layout 4). Writer: coordinator, Relaxed inside the request
     /// seqlock, at submit. Readers: the draft worker (seqlock read, at take-up), `amusd dump`.
     pub no_draft_lookup: AtomicU32,
+    /// 1: each worker keeps the cached positions whose tokens begin this request's prompt (what
+    /// its previous request left: a conversation's earlier turns) and prefills only the rest; 0:
+    /// each prefills the whole prompt (layout 6). Changes no committed token. Writer:
+    /// coordinator, Relaxed inside the request seqlock, at submit. Readers: both workers (seqlock
+    /// read, at take-up), `amusd dump`.
+    pub cache_prompt: AtomicU32,
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -559,7 +566,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 5);
+        assert_eq!(LAYOUT_VERSION, 6);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 493_312);
@@ -593,6 +600,7 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, min_p_bits), 348);
         assert_eq!(offset_of!(RequestSection, greedy_draft), 352);
         assert_eq!(offset_of!(RequestSection, no_draft_lookup), 356);
+        assert_eq!(offset_of!(RequestSection, cache_prompt), 360);
         assert_eq!(size_of::<RequestSection>(), 384);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);

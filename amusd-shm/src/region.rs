@@ -55,6 +55,8 @@ pub struct SamplingFields {
     pub greedy_draft: bool,
     /// The draft model drafts alone, without its prompt lookup.
     pub no_draft_lookup: bool,
+    /// The workers keep the cached prefix the prompt shares with the previous request.
+    pub cache_prompt: bool,
 }
 
 impl SamplingFields {
@@ -67,6 +69,7 @@ impl SamplingFields {
         min_p_bits: 0,
         greedy_draft: false,
         no_draft_lookup: false,
+        cache_prompt: false,
     };
 }
 
@@ -506,6 +509,7 @@ impl Region {
         rq.min_p_bits.store(sm.min_p_bits, r);
         rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
         rq.no_draft_lookup.store(u32::from(sm.no_draft_lookup), r);
+        rq.cache_prompt.store(u32::from(sm.cache_prompt), r);
         store_range(&self.verified.tokens, 0, spec.prompt);
         self.verified
             .verified_len
@@ -582,6 +586,7 @@ impl Region {
                         min_p_bits: rq.min_p_bits.load(r),
                         greedy_draft: rq.greedy_draft.load(r) != 0,
                         no_draft_lookup: rq.no_draft_lookup.load(r) != 0,
+                        cache_prompt: rq.cache_prompt.load(r) != 0,
                     },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
@@ -1076,6 +1081,7 @@ mod tests {
                 min_p_bits: 0.05f32.to_bits(),
                 greedy_draft: true,
                 no_draft_lookup: true,
+                cache_prompt: true,
             },
         };
         let w0 = r.request_word();

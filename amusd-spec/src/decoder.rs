@@ -16,8 +16,13 @@ pub trait Decoder {
     fn cached(&self) -> usize;
     /// The most positions one request can reach.
     fn capacity(&self) -> usize;
-    /// Prepares an empty cache for a request of up to `len` positions.
-    fn reset(&mut self, len: usize) -> Result<(), SpecError>;
+    /// Prepares the cache for a request of up to `len` positions whose prompt is `prompt`. With
+    /// `reuse`, keeps the cached positions that hold the prompt's first tokens (the next turn of
+    /// a conversation starts with the last turn's prompt and answer), at most all but the
+    /// prompt's last token, which the caller feeds; otherwise it starts empty. Returns the
+    /// positions kept. A position's keys and values depend only on the tokens up to it, and the
+    /// verify model's are batch-invariant, so a kept position holds what a fresh prefill would.
+    fn start(&mut self, prompt: &[u32], len: usize, reuse: bool) -> Result<usize, SpecError>;
     /// Runs `tokens` at positions `start..` and returns the token `sampler` chooses after each
     /// position from row `first_row` on (row `r` chooses the token at position `start + r + 1`).
     fn next_tokens(
@@ -46,6 +51,17 @@ pub(crate) fn check_reservation(len: usize, capacity: usize) -> Result<(), SpecE
     Ok(())
 }
 
+/// How many of `cached` (the tokens at the cached positions) a request with `prompt` keeps: their
+/// common prefix, short of the prompt's last token.
+pub(crate) fn kept_prefix(cached: &[u32], prompt: &[u32]) -> usize {
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    common.min(prompt.len().saturating_sub(1))
+}
+
 /// Runs up to `max` positions of `tokens[cached..len - 1]` into `decoder`'s cache.
 fn prefill_chunk<D: Decoder>(
     decoder: &mut D,
@@ -70,16 +86,23 @@ fn prefill_chunk<D: Decoder>(
     Ok(end - start)
 }
 
-/// A [`Llama`] with its own KV cache.
+/// A [`Llama`] with its own KV cache, and the token at each cached position (so that the next
+/// request can keep the prefix it shares, [`Decoder::start`]).
 pub struct LlamaDecoder {
     pub model: Llama,
-    pub cache: KvCache,
+    cache: KvCache,
+    /// `tokens[p]` is the token whose keys and values the cache holds at `p`; as long as the cache.
+    tokens: Vec<u32>,
 }
 
 impl LlamaDecoder {
     pub fn new(model: Llama) -> Self {
         let cache = model.new_cache(0);
-        Self { model, cache }
+        Self {
+            model,
+            cache,
+            tokens: Vec::new(),
+        }
     }
 }
 
@@ -92,11 +115,16 @@ impl Decoder for LlamaDecoder {
         self.model.config.max_position
     }
 
-    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
+    fn start(&mut self, prompt: &[u32], len: usize, reuse: bool) -> Result<usize, SpecError> {
         check_reservation(len, self.capacity())?;
-        self.cache.truncate(0);
+        let keep = if reuse {
+            kept_prefix(&self.tokens, prompt)
+        } else {
+            0
+        };
+        self.truncate(keep);
         self.cache.reserve(len);
-        Ok(())
+        Ok(keep)
     }
 
     fn next_tokens(
@@ -106,9 +134,20 @@ impl Decoder for LlamaDecoder {
         first_row: usize,
         sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
-        let logits =
+        self.tokens.truncate(start);
+        let forward =
             self.model
-                .forward(tokens, start, &mut self.cache, LogitsFor::From(first_row))?;
+                .forward(tokens, start, &mut self.cache, LogitsFor::From(first_row));
+        let logits = match forward {
+            Ok(logits) => logits,
+            Err(e) => {
+                // Whatever a failed forward wrote is not known to match `tokens`.
+                self.cache.truncate(self.tokens.len());
+                return Err(e.into());
+            }
+        };
+        self.tokens.extend_from_slice(tokens);
+        debug_assert_eq!(self.tokens.len(), self.cache.len());
         // `forward` clamps the first row to the last one.
         let first = start + first_row.min(tokens.len() - 1);
         Ok((0..logits.rows)
@@ -118,6 +157,7 @@ impl Decoder for LlamaDecoder {
 
     fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);
+        self.tokens.truncate(len);
     }
     fn set_batching(&mut self, batching: Batching) {
         self.model.batching = batching;
@@ -131,8 +171,8 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     fn capacity(&self) -> usize {
         (**self).capacity()
     }
-    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
-        (**self).reset(len)
+    fn start(&mut self, prompt: &[u32], len: usize, reuse: bool) -> Result<usize, SpecError> {
+        (**self).start(prompt, len, reuse)
     }
     fn next_tokens(
         &mut self,
@@ -304,9 +344,10 @@ impl<D: Decoder> Drafter<D> {
         }
     }
 
-    /// Starts a request: the sequence becomes `prompt`.
-    pub fn start(&mut self, prompt: &[u32], capacity: usize) -> Result<(), SpecError> {
-        self.decoder.reset(capacity)?;
+    /// Starts a request: the sequence becomes `prompt`; with `reuse` the model keeps the cached
+    /// positions the prompt starts with ([`Decoder::start`]).
+    pub fn start(&mut self, prompt: &[u32], capacity: usize, reuse: bool) -> Result<(), SpecError> {
+        self.decoder.start(prompt, capacity, reuse)?;
         self.seq.clear();
         self.seq.extend_from_slice(prompt);
         self.agreed = prompt.len();
@@ -484,5 +525,87 @@ impl<D: Decoder> Drafter<D> {
             .ok_or_else(|| SpecError::Protocol("decoder returned no token".into()))?;
         self.push(tok, Source::Model, guess);
         Ok(tok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny random-weight model in f32 (the verify model's arithmetic, batch-invariant).
+    fn tiny_decoder() -> LlamaDecoder {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = amusd_model::testing::TinyModel {
+            seed: 5,
+            ..Default::default()
+        };
+        tiny.write_hf(dir.path()).unwrap();
+        let spec = format!("{}:f32", dir.path().display()).parse().unwrap();
+        LlamaDecoder::new(amusd_model::load(&spec).unwrap().llama)
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn the_kept_prefix_is_the_common_one_short_of_the_last_prompt_token() {
+        assert_eq!(kept_prefix(&[1, 2, 3, 4], &[1, 2, 9]), 2);
+        assert_eq!(
+            kept_prefix(&[1, 2, 3, 4], &[1, 2, 3]),
+            2,
+            "the last is fed again"
+        );
+        assert_eq!(kept_prefix(&[1, 2], &[1, 2, 3, 4]), 2);
+        assert_eq!(kept_prefix(&[5, 2], &[1, 2, 3]), 0);
+        assert_eq!(kept_prefix(&[1], &[]), 0);
+        assert_eq!(kept_prefix(&[], &[1, 2]), 0);
+    }
+
+    /// A conversation's next turn keeps the positions it shares with the last one, and the rest of
+    /// its prompt then gets the logits of a fresh prefill, bit for bit; without `reuse`, or after a
+    /// failed forward, nothing stale is kept.
+    #[test]
+    fn a_kept_prefix_gives_the_bits_of_a_fresh_prefill() {
+        let (mut warm, mut cold) = (tiny_decoder(), tiny_decoder());
+        let first: Vec<u32> = (1..31).collect();
+        assert_eq!(warm.start(&first, 64, true).unwrap(), 0);
+        let mut greedy = Sampler::default();
+        warm.next_tokens(&first, 0, first.len() - 1, &mut greedy)
+            .unwrap();
+        let second: Vec<u32> = first[..20].iter().copied().chain(40..52).collect();
+        assert_eq!(warm.start(&second, 64, true).unwrap(), 20);
+        assert_eq!(
+            (warm.cached(), cold.start(&second, 64, true).unwrap()),
+            (20, 0)
+        );
+        let all = LogitsFor::From(0);
+        let kept = warm
+            .model
+            .forward(&second[20..], 20, &mut warm.cache, all)
+            .unwrap();
+        let fresh = cold
+            .model
+            .forward(&second, 0, &mut cold.cache, all)
+            .unwrap();
+        for r in 0..second.len() - 20 {
+            assert_eq!(
+                bits(kept.row(r)),
+                bits(fresh.row(20 + r)),
+                "position {}",
+                20 + r
+            );
+        }
+        // (The forward above went around the token record; start again through `next_tokens`.)
+        warm.truncate(0);
+        warm.next_tokens(&second, 0, 0, &mut greedy).unwrap();
+        assert_eq!(warm.start(&second, 64, false).unwrap(), 0);
+        assert_eq!(warm.cached(), 0);
+        warm.next_tokens(&second, 0, 0, &mut greedy).unwrap();
+        // A forward that fails leaves the record and the cache in step, keeping nothing it fed.
+        let too_long: Vec<u32> = (0..80).map(|i| i % 50 + 1).collect();
+        assert!(warm.next_tokens(&too_long, 10, 0, &mut greedy).is_err());
+        assert_eq!(warm.cached(), warm.tokens.len());
+        assert!(warm.start(&second, 64, true).unwrap() <= 10);
     }
 }

@@ -165,7 +165,7 @@ impl FakeModel {
 pub struct FakeDecoder {
     pub model: FakeModel,
     seen: Vec<u32>,
-    /// Positions reserved by the last `reset`: like the real KV cache, a forward past it fails, so
+    /// Positions reserved by the last `start`: like the real KV cache, a forward past it fails, so
     /// the protocol tests catch a worker that reserves too little.
     reserved: usize,
 }
@@ -187,11 +187,16 @@ impl Decoder for FakeDecoder {
     fn capacity(&self) -> usize {
         self.model.capacity
     }
-    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
+    fn start(&mut self, prompt: &[u32], len: usize, reuse: bool) -> Result<usize, SpecError> {
         crate::decoder::check_reservation(len, self.capacity())?;
-        self.seen.clear();
+        let keep = if reuse {
+            crate::decoder::kept_prefix(&self.seen, prompt)
+        } else {
+            0
+        };
+        self.seen.truncate(keep);
         self.reserved = len;
-        Ok(())
+        Ok(keep)
     }
     fn next_tokens(
         &mut self,
@@ -250,7 +255,7 @@ mod tests {
     use std::ops::ControlFlow;
 
     /// Greedy, or sampling with or without filters, with a sampling or a greedy draft, with or
-    /// without the draft's prompt lookup.
+    /// without the draft's prompt lookup, keeping the previous request's cache or not.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
         (
             prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
@@ -260,9 +265,10 @@ mod tests {
             any::<u64>(),
             proptest::bool::weighted(0.2),
             proptest::bool::weighted(0.25),
+            any::<bool>(),
         )
             .prop_map(
-                |(temperature, top_k, top_p, min_p, seed, greedy_draft, no_draft_lookup)| {
+                |(temperature, top_k, top_p, min_p, seed, greedy_draft, no_draft_lookup, cache)| {
                     RequestSampling {
                         params: SamplingParams {
                             temperature,
@@ -273,6 +279,7 @@ mod tests {
                         },
                         greedy_draft,
                         no_draft_lookup,
+                        cache_prompt: cache,
                     }
                 },
             )
@@ -442,7 +449,7 @@ mod tests {
         let p = periodic_prompt(5, 9, 40, draft.vocab);
         let range = crate::lookup::NgramRange { min: 3, max: 4 };
         let mut d = Drafter::new(FakeDecoder::new(draft.clone())).with_lookup(range, false, 16);
-        d.start(&p, 400).unwrap();
+        d.start(&p, 400, false).unwrap();
         let (mut steps, mut from_lookup) = (0, 0);
         while d.seq().len() < 300 {
             // Every draft is committed as is, which is what lets the lookup's gate open.
@@ -488,7 +495,7 @@ mod tests {
             .with_lookup(range, false, 16)
             .with_history(crate::history::NgramHistory::new(12));
         let mut request = || {
-            d.start(&p, 400).unwrap();
+            d.start(&p, 400, false).unwrap();
             let (mut forwards, mut from_history) = (0, 0);
             while d.seq().len() < p.len() + 150 {
                 let committed = d.seq().to_vec();

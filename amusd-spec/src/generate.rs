@@ -43,6 +43,9 @@ pub struct Metrics {
     pub proposed_lookup: usize,
     /// Of `accepted`, the tokens drafted by prompt lookup.
     pub accepted_lookup: usize,
+    /// Prompt tokens the verify model found cached from the previous request and did not prefill
+    /// again ([`crate::RequestSampling::cache_prompt`]).
+    pub cached_prompt_tokens: usize,
 }
 
 impl Metrics {
@@ -191,8 +194,12 @@ pub fn autoregressive<D: Decoder>(
         stop.max_new_tokens,
     )?;
     // The last generated token is never fed back, so `prompt + max_new - 1` positions suffice.
-    verifier.decoder.reset(prompt.len() + stop.max_new_tokens)?;
+    let capacity = prompt.len() + stop.max_new_tokens;
+    let kept = verifier
+        .decoder
+        .start(prompt, capacity, sampling.cache_prompt)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
+    c.metrics.cached_prompt_tokens = kept;
     while !c.done() {
         let t = Instant::now();
         let next = verifier.verify(&c.committed, &[])?;
@@ -226,9 +233,12 @@ pub fn speculative<D: Decoder, P: Decoder>(
         stop.max_new_tokens,
     )?;
     let capacity = prompt.len() + stop.max_new_tokens;
-    verifier.decoder.reset(capacity)?;
-    drafter.start(prompt, capacity)?;
+    let kept = verifier
+        .decoder
+        .start(prompt, capacity, sampling.cache_prompt)?;
+    drafter.start(prompt, capacity, sampling.cache_prompt)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
+    c.metrics.cached_prompt_tokens = kept;
     while !c.done() {
         let rollback = drafter.sync(&c.committed);
         c.metrics.rollbacks += rollback.is_some() as usize;

@@ -367,8 +367,8 @@ impl Decoder for NoModel {
     fn capacity(&self) -> usize {
         usize::MAX
     }
-    fn reset(&mut self, _: usize) -> Result<(), SpecError> {
-        Ok(())
+    fn start(&mut self, _: &[u32], _: usize, _: bool) -> Result<usize, SpecError> {
+        Ok(0)
     }
     fn next_tokens(
         &mut self,

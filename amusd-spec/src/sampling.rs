@@ -130,6 +130,10 @@ pub struct RequestSampling {
     /// and the verify worker steps without its wait for lookup runs (`--verify-wait-us`). A
     /// lookup that drafts alone has no model to fall back on and keeps drafting.
     pub no_draft_lookup: bool,
+    /// Both models keep the cached positions this request's prompt starts with (left by the
+    /// previous request: a conversation's next turn), as llama.cpp's `cache_prompt` does; else
+    /// each prefills the whole prompt. Changes no token ([`crate::Decoder::start`]).
+    pub cache_prompt: bool,
 }
 
 impl RequestSampling {

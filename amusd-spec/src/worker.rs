@@ -65,6 +65,7 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         min_p_bits: p.min_p.to_bits(),
         greedy_draft: s.greedy_draft,
         no_draft_lookup: s.no_draft_lookup,
+        cache_prompt: s.cache_prompt,
     }
 }
 
@@ -83,6 +84,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         params,
         greedy_draft: f.greedy_draft,
         no_draft_lookup: f.no_draft_lookup,
+        cache_prompt: f.cache_prompt,
     })
 }
 
@@ -235,7 +237,7 @@ pub fn run_draft<D: Decoder>(
                 if held.is_none() {
                     if let Some(h) = take_up(region, &req)? {
                         let prompt = &h.committed[..h.prompt_len];
-                        drafter.start(prompt, h.limit)?;
+                        drafter.start(prompt, h.limit, h.sampling.cache_prompt)?;
                         drafter.set_request(&h.sampling);
                         // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
                         // mid-rewrite.
@@ -381,7 +383,10 @@ pub fn run_verify<D: Decoder>(
         if let Some(req) = track_request(region, role, &mut held)? {
             if held.is_none() {
                 if let Some(h) = take_up(region, &req)? {
-                    verifier.decoder.reset(h.limit)?;
+                    let prompt = &h.committed[..h.prompt_len];
+                    let kept = verifier
+                        .decoder
+                        .start(prompt, h.limit, h.sampling.cache_prompt)?;
                     verifier.sampler = h.sampling.verifier();
                     // Marks the take-up, an instant: the prefill runs in the following steps.
                     let t0 = now_us();
@@ -393,7 +398,7 @@ pub fn run_verify<D: Decoder>(
                         t0,
                         0,
                         h.committed.len(),
-                        0,
+                        kept,
                     ));
                     held = Some(h);
                     waiting_since = None;
@@ -608,7 +613,8 @@ fn collect_metrics(region: &Region, request_id: u64, cursors: [u64; 2], m: &mut 
                     m.proposed_lookup += e.count as usize;
                     m.accepted_lookup += e.accepted as usize;
                 }
-                EventKind::Prefill | EventKind::LookupDraft => {}
+                EventKind::Prefill => m.cached_prompt_tokens = e.accepted as usize,
+                EventKind::LookupDraft => {}
             }
         }
     }
@@ -624,12 +630,14 @@ mod tests {
     use std::sync::Arc;
 
     /// Greedy half of the time, otherwise sampling with random filters and seed; the draft's
-    /// prompt lookup off for a quarter of the requests.
+    /// prompt lookup off for a quarter of the requests; the previous request's cache kept for
+    /// half of them.
     fn random_sampling(rng: &mut rand::rngs::StdRng) -> crate::RequestSampling {
-        let no_draft_lookup = rng.gen_bool(0.25);
+        let (no_draft_lookup, cache_prompt) = (rng.gen_bool(0.25), rng.gen_bool(0.5));
         if rng.gen_bool(0.5) {
             return crate::RequestSampling {
                 no_draft_lookup,
+                cache_prompt,
                 ..Default::default()
             };
         }
@@ -655,17 +663,37 @@ mod tests {
             },
             greedy_draft: rng.gen_bool(0.2),
             no_draft_lookup,
+            cache_prompt,
         }
+    }
+
+    /// The next request's prompt: random, or half of the time the previous prompt and answer
+    /// (cut at a random point, as a turn of conversation may re-tokenize differently) and a few
+    /// new tokens, so that the workers' prompt caches have a prefix to keep.
+    fn next_prompt(
+        rng: &mut rand::rngs::StdRng,
+        previous: &[u32],
+        max_prompt: usize,
+        vocab: u32,
+    ) -> Vec<u32> {
+        let mut prompt = if rng.gen_bool(0.5) && !previous.is_empty() {
+            previous[..rng.gen_range(1..=previous.len())].to_vec()
+        } else {
+            Vec::new()
+        };
+        let plen = rng.gen_range(1..max_prompt);
+        prompt.extend((0..plen).map(|_| rng.gen_range(0..vocab)));
+        prompt
     }
 
     /// Both workers as threads over one in-process region, fake models, many requests with heavy
     /// rollback and random limits: every committed sequence must equal autoregressive decoding.
-    fn run_protocol(requests: usize, seed: u64, us: u64) {
-        run_protocol_with(requests, seed, us, 40);
+    fn run_protocol(requests: usize, seed: u64, us: u64) -> crate::Metrics {
+        run_protocol_with(requests, seed, us, 40)
     }
 
-    fn run_protocol_with(requests: usize, seed: u64, us: u64, max_prompt: usize) {
-        run_protocol_lookup(requests, seed, us, max_prompt, None);
+    fn run_protocol_with(requests: usize, seed: u64, us: u64, max_prompt: usize) -> crate::Metrics {
+        run_protocol_lookup(requests, seed, us, max_prompt, None)
     }
 
     /// How a protocol test drafts with prompt lookup: alone or ahead of the model, and whether
@@ -748,9 +776,9 @@ mod tests {
             ..truth.clone()
         }));
         let mut total = crate::Metrics::default();
+        let mut previous = Vec::new();
         for i in 0..requests {
-            let plen = rng.gen_range(1..max_prompt);
-            let prompt: Vec<u32> = (0..plen).map(|_| rng.gen_range(0..truth.vocab)).collect();
+            let prompt = next_prompt(&mut rng, &previous, max_prompt, truth.vocab);
             let stop = StopCriteria {
                 stop_ids: vec![truth.eos],
                 max_new_tokens: rng.gen_range(0..120),
@@ -782,6 +810,12 @@ mod tests {
             assert_eq!(got.finish, want.finish);
             let m = &got.metrics;
             assert!(m.accepted_lookup <= m.proposed_lookup && m.accepted_lookup <= m.accepted);
+            assert!(m.cached_prompt_tokens < prompt.len(), "request {i}: {m:?}");
+            assert!(
+                sampling.cache_prompt || m.cached_prompt_tokens == 0,
+                "request {i}"
+            );
+            previous = [prompt, got.tokens.clone()].concat();
             if sampling.no_draft_lookup && lookup.is_some_and(|l| !l.alone) {
                 assert_eq!(m.proposed_lookup, 0, "request {i} turned the lookup off");
             }
@@ -791,6 +825,7 @@ mod tests {
             total.accepted_lookup += m.accepted_lookup;
             total.new_tokens += m.new_tokens;
             total.verify_steps += m.verify_steps;
+            total.cached_prompt_tokens += m.cached_prompt_tokens;
         }
         region.request_shutdown();
         for t in threads {
@@ -865,11 +900,16 @@ mod tests {
         }
     }
 
+    /// Half of the prompts continue the previous request's (the protocol test's `next_prompt`),
+    /// and half of the requests keep the cached prefix: the verify worker then prefills only the
+    /// rest, and every request still commits exactly the autoregressive tokens.
     #[test]
     fn workers_commit_exactly_the_autoregressive_tokens() {
+        let mut cached = 0;
         for seed in 0..8 {
-            run_protocol(150, seed, 0);
+            cached += run_protocol(150, seed, 0).cached_prompt_tokens;
         }
+        assert!(cached > 1000, "only {cached} prompt tokens found cached");
     }
 
     #[test]

@@ -306,6 +306,8 @@ impl SamplingArgs {
             params,
             greedy_draft: self.greedy_draft,
             no_draft_lookup: false,
+            // One request per run (generate), or as the bench decides turn by turn.
+            cache_prompt: false,
         })
     }
 }

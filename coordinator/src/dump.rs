@@ -190,6 +190,7 @@ fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde
             "stop_tokens": q.stop_tokens,
             "sampling": amusd_spec::worker::sampling_of(&q.sampling).ok().map(|s| crate::args::sampling_json(&s)),
             "no_draft_lookup": q.sampling.no_draft_lookup,
+            "cache_prompt": q.sampling.cache_prompt,
             "finish_reason": format!("{:?}", q.finish_reason),
             "error": q.error_text,
             "shutdown": q.shutdown,

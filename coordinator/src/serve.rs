@@ -278,6 +278,7 @@ impl Generator for ServeGenerator {
             draft_n: g.metrics.proposed as u64,
             draft_n_accepted: g.metrics.accepted as u64,
             rollbacks: g.metrics.rollbacks as u64,
+            cache_n: g.metrics.cached_prompt_tokens,
         })
     }
 
@@ -316,6 +317,7 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         params,
         greedy_draft,
         no_draft_lookup: !s.prompt_lookup,
+        cache_prompt: s.cache_prompt,
     })
 }
 

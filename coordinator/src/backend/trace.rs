@@ -69,8 +69,8 @@ impl<D: Decoder> Decoder for Timed<D> {
     fn capacity(&self) -> usize {
         self.inner.capacity()
     }
-    fn reset(&mut self, len: usize) -> Result<(), SpecError> {
-        self.inner.reset(len)
+    fn start(&mut self, prompt: &[u32], len: usize, reuse: bool) -> Result<usize, SpecError> {
+        self.inner.start(prompt, len, reuse)
     }
     fn next_tokens(
         &mut self,

@@ -105,6 +105,11 @@ pub struct BenchArgs {
     /// `drafter: "model"`. Needs a draft model with the lookup (the default).
     #[arg(long)]
     pub compare_lookup: bool,
+    /// A conversation's later turns prefill their whole prompt, as its first turn does, instead of
+    /// keeping the positions the previous turn left cached (each strategy's own; the tokens are
+    /// the same either way)
+    #[arg(long)]
+    pub no_prompt_cache: bool,
     /// Draw an SVG timeline of one sample (its first turn): tokens over time, and every draft and
     /// verify forward of each strategy.
     #[arg(long, value_name = "FILE.svg")]

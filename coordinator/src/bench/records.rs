@@ -81,6 +81,7 @@ impl SamplingRecord {
             greedy_draft: self.greedy_draft,
             // A record says how it drafted in `drafter`.
             no_draft_lookup: false,
+            cache_prompt: false,
         }
     }
 }
@@ -168,6 +169,10 @@ pub(super) struct RecordMetrics {
     pub(super) proposed_lookup: usize,
     #[serde(default)]
     pub(super) accepted_lookup: usize,
+    /// Prompt tokens the verify model found cached from the previous turn (0 in records written
+    /// before the prompt cache, and on every first turn).
+    #[serde(default)]
+    pub(super) cached_prompt_tokens: usize,
     pub(super) tokens_hash: String,
     pub(super) tokens: Vec<u32>,
 }
@@ -194,6 +199,7 @@ impl RecordMetrics {
             rollbacks: m.rollbacks,
             proposed_lookup: m.proposed_lookup,
             accepted_lookup: m.accepted_lookup,
+            cached_prompt_tokens: m.cached_prompt_tokens,
             tokens_hash: tokens_hash(&g.tokens),
             tokens: g.tokens.clone(),
         }

@@ -201,7 +201,8 @@ impl<'r> Group<'r> {
 const FOOTNOTE: &str = "ms/token: decode time after the first commit / tokens committed after it, arithmetic mean \
 over generations (an mt-bench turn is one generation); * marks rows with records written before that \
 definition, which divided by tokens - 1 and so counted sd's first-round tokens, committed inside the ttft, \
-as decoded (flattering sd). speedup = mean ms/token of ar (of sd) / this strategy's. ttft includes prefill. \
+as decoded (flattering sd). speedup = mean ms/token of ar (of sd) / this strategy's. ttft includes prefill: of the whole \
+prompt, or where records have cached_prompt_tokens (a conversation's later turns), of the rest. \
 e2e tokens/s: generated tokens / request time, prompt processing included, pooled over generations; \
 e2e vs ar: its ratio to ar's. draft fwd: draft forward passes (one per drafted token); offered: draft tokens \
 given to a verify step (sd: every drafted token; amusd: the valid ones beyond the committed tokens that a \
@@ -405,6 +406,7 @@ mod tests {
                 rollbacks: 1,
                 proposed_lookup: 0,
                 accepted_lookup: 0,
+                cached_prompt_tokens: 0,
                 tokens_hash: tokens_hash(&tokens),
                 tokens,
             },

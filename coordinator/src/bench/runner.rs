@@ -57,6 +57,9 @@ pub(super) struct RunContext<'a> {
     pub(super) plot_sample: Option<usize>,
     /// Whether to keep every generation's trace (`--trace`).
     pub(super) trace: bool,
+    /// Whether a conversation's later turns keep what the previous turn left cached (the first
+    /// turn always prefills its whole prompt, as every peer's benchmark does).
+    pub(super) prompt_cache: bool,
 }
 
 impl RunContext<'_> {
@@ -69,16 +72,19 @@ impl RunContext<'_> {
         )
     }
 
-    /// One request on `backend`, the sampling the bench's, drafting as `arm` says.
+    /// One request on `backend`, the sampling the bench's, drafting as `arm` says; with
+    /// `cache_prompt`, keeping what the previous request left cached.
     pub(super) fn generate(
         &self,
         backend: &mut Backend,
         arm: Arm,
         prompt: &[u32],
         stop: &StopCriteria,
+        cache_prompt: bool,
     ) -> Result<(Generation, Trace)> {
         let sampling = RequestSampling {
             no_draft_lookup: arm.no_lookup,
+            cache_prompt,
             ..self.sampling
         };
         let request = Request {
@@ -99,7 +105,7 @@ impl RunContext<'_> {
             };
             let arm = Arm::new(backend.strategy(), false);
             for _ in 0..self.warmup {
-                self.generate(backend, arm, &first.first_prompt, &warm)?;
+                self.generate(backend, arm, &first.first_prompt, &warm, false)?;
             }
         }
         Ok(())
@@ -132,7 +138,13 @@ impl RunContext<'_> {
                 self.encode(&conversation)?
             };
             let (g, trace) = self
-                .generate(backend, arm, &prompt, &self.stop)
+                .generate(
+                    backend,
+                    arm,
+                    &prompt,
+                    &self.stop,
+                    turn > 1 && self.prompt_cache,
+                )
                 .with_context(|| {
                     format!("{} failed on sample {} ({})", arm.name(), s.index, s.id)
                 })?;
@@ -535,6 +547,7 @@ pub(super) fn run_all(
         warmup: args.warmup,
         plot_sample: args.plot.as_ref().map(|_| args.plot_sample),
         trace: args.trace.is_some(),
+        prompt_cache: !args.no_prompt_cache,
     };
     let pb = progress_bar((samples.len() * plan.arms.len()) as u64)?;
     let mut run = Run {
