@@ -48,6 +48,8 @@ elapsed=$(( $(date +%s) - started ))
         "and the n-gram history ahead of it (the default) on cpu:0; each worker pinned and single-threaded;" \
         "ar and sd run in one process pinned to cpu:1"
     echo "- greedy decoding, $MAX_NEW new tokens at most, stop at <|im_end|>"
+    echo "- every first turn prefills its whole prompt; MT-Bench's second turns keep the positions their first turn left" \
+        "cached, in each strategy's own caches, and prefill the rest (the records' cached_prompt_tokens; \`--no-prompt-cache\` turns it off)"
     echo
     "$amusd" report --markdown "$OUT/humaneval.json" "$OUT/mt-bench.json" "$OUT/refactor.json"
     echo
