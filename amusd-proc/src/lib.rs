@@ -6,5 +6,7 @@ pub mod bind;
 pub mod worker;
 
 pub use amusd_spec::lookup::NgramRange;
-pub use amusd_spec::worker::{DraftOptions, VerifyOptions, DEFAULT_MAX_LOOKAHEAD};
+pub use amusd_spec::worker::{
+    DraftOptions, VerifyOptions, DEFAULT_MAX_LOOKAHEAD, DEFAULT_MAX_VERIFY_BATCH,
+};
 pub use worker::{worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure};

@@ -192,8 +192,14 @@ fn event(
 
 /// How far the draft may run ahead of the committed tokens unless told otherwise. Far enough
 /// that the draft model keeps drafting while the verify model checks a long lookup run (at 8 it
-/// stood idle then); measured in the README (*Defaults, measured*).
-pub const DEFAULT_MAX_LOOKAHEAD: usize = 24;
+/// stood idle then), and, with a draft the verify model accepts nearly always, that the verify
+/// model's steps can be wide (each token of a wide step costs less); measured in the README
+/// (*Defaults, measured*).
+pub const DEFAULT_MAX_LOOKAHEAD: usize = 48;
+
+/// The most draft tokens one verify forward checks unless told otherwise (with
+/// [`DEFAULT_MAX_LOOKAHEAD`], measured together).
+pub const DEFAULT_MAX_VERIFY_BATCH: usize = 32;
 
 /// Draft worker options.
 #[derive(Clone, Debug)]

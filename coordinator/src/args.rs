@@ -81,7 +81,7 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = amusd_spec::worker::DEFAULT_MAX_LOOKAHEAD)]
     pub max_lookahead: usize,
     /// amusd: most draft tokens one verify forward checks.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = amusd_spec::worker::DEFAULT_MAX_VERIFY_BATCH)]
     pub max_verify_batch: usize,
     /// amusd: how long the verify worker waits for a draft token before taking an autoregressive
     /// step itself, in microseconds. Default: 0 with a model draft (its next token is a forward

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Most draft tokens checked per forward pass.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = amusd_proc::DEFAULT_MAX_VERIFY_BATCH)]
     max_verify_batch: usize,
     /// Microseconds to wait for a draft token before stepping alone.
     #[arg(long, default_value_t = 0)]
