@@ -211,6 +211,19 @@ impl<D: Decoder> Verifier<D> {
         }
     }
 
+    /// Starts a request of up to `capacity` positions: its sampling, and the cache, keeping the
+    /// positions the prompt shares with the previous request's if the request asks
+    /// ([`Decoder::start`]). Returns how many were kept.
+    pub fn start(
+        &mut self,
+        prompt: &[u32],
+        capacity: usize,
+        sampling: &RequestSampling,
+    ) -> Result<usize, SpecError> {
+        self.sampler = sampling.verifier();
+        self.decoder.start(prompt, capacity, sampling.cache_prompt)
+    }
+
     /// One batched forward over `committed[cached..] ++ draft`. Returns `draft.len() + 1` tokens:
     /// element `i` is the verify model's token for position `committed.len() + i`.
     pub fn verify(&mut self, committed: &[u32], draft: &[u32]) -> Result<Vec<u32>, SpecError> {

@@ -187,7 +187,6 @@ pub fn autoregressive<D: Decoder>(
     sampling: &RequestSampling,
     on_tokens: &mut OnTokens<'_>,
 ) -> Result<Generation, SpecError> {
-    verifier.sampler = sampling.verifier();
     check_fits(
         verifier.decoder.capacity(),
         prompt.len(),
@@ -195,9 +194,7 @@ pub fn autoregressive<D: Decoder>(
     )?;
     // The last generated token is never fed back, so `prompt + max_new - 1` positions suffice.
     let capacity = prompt.len() + stop.max_new_tokens;
-    let kept = verifier
-        .decoder
-        .start(prompt, capacity, sampling.cache_prompt)?;
+    let kept = verifier.start(prompt, capacity, sampling)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     c.metrics.cached_prompt_tokens = kept;
     while !c.done() {
@@ -223,7 +220,6 @@ pub fn speculative<D: Decoder, P: Decoder>(
     on_tokens: &mut OnTokens<'_>,
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
-    verifier.sampler = sampling.verifier();
     drafter.set_request(sampling);
     // Drafts are clipped to the token budget, so sd fits wherever ar does: the same requests succeed
     // under every strategy.
@@ -233,9 +229,7 @@ pub fn speculative<D: Decoder, P: Decoder>(
         stop.max_new_tokens,
     )?;
     let capacity = prompt.len() + stop.max_new_tokens;
-    let kept = verifier
-        .decoder
-        .start(prompt, capacity, sampling.cache_prompt)?;
+    let kept = verifier.start(prompt, capacity, sampling)?;
     drafter.start(prompt, capacity, sampling.cache_prompt)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     c.metrics.cached_prompt_tokens = kept;

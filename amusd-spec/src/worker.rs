@@ -390,10 +390,7 @@ pub fn run_verify<D: Decoder>(
             if held.is_none() {
                 if let Some(h) = take_up(region, &req)? {
                     let prompt = &h.committed[..h.prompt_len];
-                    let kept = verifier
-                        .decoder
-                        .start(prompt, h.limit, h.sampling.cache_prompt)?;
-                    verifier.sampler = h.sampling.verifier();
+                    let kept = verifier.start(prompt, h.limit, &h.sampling)?;
                     // Marks the take-up, an instant: the prefill runs in the following steps.
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
