@@ -37,8 +37,8 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
 
 /// 32 vector registers: up to four rows take the whole panel (four vectors, 16 accumulators) in
 /// one pass, reading each weight byte once; five to eight take half of it (two vectors, up to 16
-/// accumulators) per pass, so each weight is widened once for up to eight rows. Larger batches
-/// widen once into a buffer ([`Isa::widen_once_rows`]).
+/// accumulators) per pass, nine to sixteen a quarter (one vector, up to 16 accumulators), so each
+/// weight is widened once, in registers, for up to sixteen rows ([`Isa::direct_rows`]).
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     xs: &[&[f32]],
@@ -54,6 +54,14 @@ unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
         6 => strips::<6, 2, NIB, OFF, BIAS>(xs, panel, out),
         7 => strips::<7, 2, NIB, OFF, BIAS>(xs, panel, out),
         8 => strips::<8, 2, NIB, OFF, BIAS>(xs, panel, out),
+        9 => strips::<9, 1, NIB, OFF, BIAS>(xs, panel, out),
+        10 => strips::<10, 1, NIB, OFF, BIAS>(xs, panel, out),
+        11 => strips::<11, 1, NIB, OFF, BIAS>(xs, panel, out),
+        12 => strips::<12, 1, NIB, OFF, BIAS>(xs, panel, out),
+        13 => strips::<13, 1, NIB, OFF, BIAS>(xs, panel, out),
+        14 => strips::<14, 1, NIB, OFF, BIAS>(xs, panel, out),
+        15 => strips::<15, 1, NIB, OFF, BIAS>(xs, panel, out),
+        16 => strips::<16, 1, NIB, OFF, BIAS>(xs, panel, out),
         r => unreachable!("a direct tile of {r} rows"),
     }
 }

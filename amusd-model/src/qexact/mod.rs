@@ -402,26 +402,46 @@ pub fn matmul(x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) {
 }
 
 impl Isa {
+    /// The most rows one register tile of the direct path takes; larger batches below
+    /// [`Isa::widen_once_rows`] go through it in tiles of nearly equal height, each widening the
+    /// panel again. With AVX-512 (32 registers) up to 16 rows fit a tile a quarter of a panel wide
+    /// (16 accumulators), so each weight is widened once, in registers, beside its FMAs. The
+    /// verify model's forward at 300 positions (`EXACT=1 SPEC=f32 CTX=300 ROWS=m fwd_probe`, two
+    /// alternating rounds against the buffer from 9 rows): m = 9 42.4 / 43.7 -> 30.3 / 35.9 ms,
+    /// 12 53.3 / 53.3 -> 41.7 / 42.2, 16 66.3 / 75.7 -> 57.6 / 55.3; in tiles of at most 16 rows
+    /// against the buffer, m = 20 67.0 vs 79.0, 24 90.4 vs 109.8, 32 107.8 vs 123.7, 48 159.5 vs
+    /// 179.5, 64 205 / 239 vs 211 / 256 (level), 100 level. Tiles of up to 24 rows were no better.
+    fn direct_rows(self) -> usize {
+        match self {
+            Self::Avx512 => 16,
+            Self::Portable | Self::Avx2 => 8,
+        }
+    }
+
     /// Batches at least this large widen each group once into an f32 buffer shared by all rows;
-    /// smaller ones widen in registers, in one tile. Measured (q4_1 and q8_0 gate/up, in cache,
-    /// one core): with AVX2, m = 2 and 4 cost 1.3x and 1.5x of one row widened in registers, 2.3x
-    /// and 2.5x through the buffer, and at m = 8 the buffer wins, 3.3x against 3.7x. With AVX-512
-    /// (32 registers) 5 to 8 rows fit a tile half a panel wide, and the verify model's forward at
-    /// 400 positions ran 17% / 13% / 7% faster at k = 5 / 6 / 8 than through the buffer (both
-    /// builds at once on the two cores, then swapped); at 12 and 16 rows, tiles of 8 rows (each
-    /// widening the panel again) were level with the buffer, so it takes over from 9.
+    /// smaller ones widen in registers ([`Isa::direct_rows`]). Measured for AVX2 (q4_1 and q8_0
+    /// gate/up, in cache, one core): m = 2 and 4 cost 1.3x and 1.5x of one row widened in
+    /// registers, 2.3x and 2.5x through the buffer, and at m = 8 the buffer wins, 3.3x against
+    /// 3.7x. With AVX-512 the two are level from 64 rows (above); the buffer keeps prefill.
     fn widen_once_rows(self) -> usize {
         match self {
-            Self::Avx512 => 9,
+            Self::Avx512 => 64,
             Self::Portable | Self::Avx2 => 9,
         }
     }
 }
 
+/// `m` rows as consecutive tiles of at most `max`, their heights differing by one at most.
+fn row_tiles(m: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let tiles = m.div_ceil(max);
+    (0..tiles).map(move |t| t * m / tiles..(t + 1) * m / tiles)
+}
+
 /// [`matmul`] on a given instruction set, which must be in [`Isa::available`].
 ///
-/// Small batches (decoding, short verifications) widen each weight in registers straight into its
-/// FMAs: bandwidth is what decoding is short of. Large ones (prefill) widen one group of a panel at
+/// Small batches (decoding, verifications) widen each weight in registers straight into its
+/// FMAs, in row tiles as tall as the registers allow: bandwidth is what decoding is short of, and
+/// the widening runs on other ports than the FMAs. Large ones (prefill) widen one group of a panel at
 /// a time into an L1-resident f32 buffer and run every row over it, so each weight is widened once
 /// per forward; accumulators carry across groups through memory, which holds f32 exactly, so each
 /// output is still one FMA chain in order.
@@ -436,7 +456,10 @@ pub fn matmul_on(isa: Isa, x: &[f32], m: usize, w: &BlockPacked, y: &mut [f32]) 
         let (panel, j0) = (w.panel(b), b * PANEL);
         let cols = (n - j0).min(PANEL);
         if m < isa.widen_once_rows() {
-            direct(isa, w.kind, &rows, panel, &mut acc);
+            for tile in row_tiles(m, isa.direct_rows()) {
+                let out = &mut acc[tile.start * PANEL..tile.end * PANEL];
+                direct(isa, w.kind, &rows[tile], panel, out);
+            }
         } else {
             let groups = k / GROUP;
             for g in 0..groups {
@@ -520,8 +543,8 @@ impl SumRows {
     }
 }
 
-/// Fewer than [`Isa::widen_once_rows`] activation rows times one panel, widening in registers; `out` holds
-/// `xs.len()` rows of [`PANEL`] outputs.
+/// At most [`Isa::direct_rows`] activation rows times one panel, widening in registers; `out`
+/// holds `xs.len()` rows of [`PANEL`] outputs.
 fn direct(isa: Isa, kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     match isa {
         Isa::Portable => portable::direct(kind, xs, panel, out),
@@ -718,9 +741,9 @@ mod tests {
         }
     }
 
-    /// Every batch size up to two tiles past the widen-once threshold, every type and instruction
-    /// set, with a partial last panel: each register tile and the buffer path give the reference's
-    /// bits (the proptest below draws sizes at random).
+    /// Every register tile height, several tiles of them, and the buffer path past each
+    /// instruction set's threshold, every type and instruction set, with a partial last panel:
+    /// each gives the reference's bits (the proptest below draws sizes at random).
     #[test]
     fn every_tile_height_equals_the_dequantized_f32_product() {
         let (n, k) = (PANEL + 24, 2 * GROUP);
@@ -728,7 +751,7 @@ mod tests {
             let (bytes, dense) = quantized(dtype, n, k, 11);
             let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
             let reference = Packed::from_rows(&dense, n, k);
-            for m in 1..=20 {
+            for m in (1..=20).chain([31, 33, 47, 63, 64, 65]) {
                 let x = vals(m * k, m as u64);
                 let mut want = vec![0f32; m * n];
                 matmul_packed(&x, m, &reference, &mut want);
@@ -737,6 +760,26 @@ mod tests {
                     matmul_on(isa, &x, m, &w, &mut got);
                     assert_eq!(bits(&want), bits(&got), "{dtype:?} {isa:?} m = {m}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn row_tiles_cover_the_rows_in_nearly_equal_tiles() {
+        for max in [1, 8, 16] {
+            for m in 1..100 {
+                let tiles: Vec<_> = row_tiles(m, max).collect();
+                assert_eq!(tiles.len(), m.div_ceil(max), "m = {m}, max = {max}");
+                assert_eq!((tiles[0].start, tiles[tiles.len() - 1].end), (0, m));
+                assert!(tiles.windows(2).all(|t| t[0].end == t[1].start));
+                let (lo, hi) = (
+                    tiles.iter().map(|t| t.len()).min(),
+                    tiles.iter().map(|t| t.len()).max(),
+                );
+                assert!(
+                    hi.unwrap() <= max && hi.unwrap() - lo.unwrap() <= 1,
+                    "m = {m}, max = {max}"
+                );
             }
         }
     }
@@ -756,7 +799,7 @@ mod tests {
         /// bit, on every instruction set and batch size.
         #[test]
         fn matmul_equals_the_dequantized_f32_product(
-            kind in 0usize..5, m in 1usize..33, n in 1usize..150, groups in 1usize..5, seed: u64,
+            kind in 0usize..5, m in 1usize..70, n in 1usize..150, groups in 1usize..5, seed: u64,
         ) {
             let (dtype, k) = (KINDS[kind], groups * GROUP);
             let (bytes, dense) = quantized(dtype, n, k, seed);
