@@ -795,7 +795,7 @@ mod tests {
             s ^= s << 17;
             (s % 49152) as u32
         };
-        for k in [1usize, 3, 8, 12, 16, 33] {
+        for k in [1usize, 3, 5, 8, 12, 16, 33] {
             let prompt: Vec<u32> = (0..12).map(|_| next()).collect();
             let batch: Vec<u32> = (0..k).map(|_| next()).collect();
             let mut c1 = m.new_cache(64);

@@ -35,10 +35,15 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     }
 }
 
-/// 32 vector registers: up to four rows take the whole panel (four vectors, 16 accumulators) in
-/// one pass, reading each weight byte once; five to eight take half of it (two vectors, up to 16
-/// accumulators) per pass, nine to sixteen a quarter (one vector, up to 16 accumulators), so each
-/// weight is widened once, in registers, for up to sixteen rows ([`Isa::direct_rows`]).
+/// 32 vector registers: up to five rows take the whole panel (four vectors, up to 20
+/// accumulators) in one pass, reading each weight byte once; six to sixteen take a quarter of it
+/// (one vector, up to 16 accumulators) per pass, so each weight is widened once, in registers, for
+/// up to sixteen rows ([`Isa::direct_rows`]). Half-panel strips (two vectors) for five to eight
+/// rows were slower: the verify model's forward at 300 positions (`EXACT=1 SPEC=f32 CTX=300
+/// ROWS=m fwd_probe`, medians of three alternating rounds) took m = 5 22.7 / 21.8 / 22.2 ms
+/// with them against 20.8 / 18.2 / 21.5 with the whole panel, and m = 6 / 7 / 8 23-25 / 27-28 /
+/// 28-31 against 22-23 / 24-26 / 26-30 with quarter strips; three and four rows are fastest
+/// whole (m = 4: 16.3 / 17.3 against 19.6 / 21.1 in halves).
 #[target_feature(enable = "avx512f")]
 unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     xs: &[&[f32]],
@@ -50,10 +55,10 @@ unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
         2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
         3 => strips::<3, 4, NIB, OFF, BIAS>(xs, panel, out),
         4 => strips::<4, 4, NIB, OFF, BIAS>(xs, panel, out),
-        5 => strips::<5, 2, NIB, OFF, BIAS>(xs, panel, out),
-        6 => strips::<6, 2, NIB, OFF, BIAS>(xs, panel, out),
-        7 => strips::<7, 2, NIB, OFF, BIAS>(xs, panel, out),
-        8 => strips::<8, 2, NIB, OFF, BIAS>(xs, panel, out),
+        5 => strips::<5, 4, NIB, OFF, BIAS>(xs, panel, out),
+        6 => strips::<6, 1, NIB, OFF, BIAS>(xs, panel, out),
+        7 => strips::<7, 1, NIB, OFF, BIAS>(xs, panel, out),
+        8 => strips::<8, 1, NIB, OFF, BIAS>(xs, panel, out),
         9 => strips::<9, 1, NIB, OFF, BIAS>(xs, panel, out),
         10 => strips::<10, 1, NIB, OFF, BIAS>(xs, panel, out),
         11 => strips::<11, 1, NIB, OFF, BIAS>(xs, panel, out),
