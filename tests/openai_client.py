@@ -60,6 +60,12 @@ sampled = [
 check("seeded sample, twice", sampled[0], sampled[1])
 check("seeded sample = ar's", sampled[0], exp["sampled"])
 
+penalized = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=n, temperature=0,
+    frequency_penalty=exp["frequency_penalty"], presence_penalty=exp["presence_penalty"],
+)
+check("penalized = ar's", penalized.choices[0].message.content, exp["penalized"])
+
 for kw, name in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})

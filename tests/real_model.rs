@@ -450,6 +450,60 @@ fn sampling_is_token_identical_across_strategies() {
     assert_ne!(at("12"), first, "another seed gave the same text");
 }
 
+/// Repetition penalties keep the strategies identical, greedy and sampled: each row of a verify
+/// step is penalized by the tokens before it, the draft's alike. They change the text (else this
+/// test could not tell them ignored).
+#[test]
+fn penalties_are_token_identical_across_strategies() {
+    const MAX_NEW: usize = 48;
+    require_default_model();
+    let mut prompts = humaneval_prompts(1);
+    prompts.extend(mt_bench_prompts(1));
+    let configs: [&[&str]; 2] = [
+        &["--repeat-penalty", "1.3", "--repeat-last-n", "-1"],
+        &[
+            "--temperature",
+            "0.7",
+            "--seed",
+            "5",
+            "--frequency-penalty",
+            "0.8",
+            "--presence-penalty",
+            "0.5",
+        ],
+    ];
+    let mut changed = 0;
+    for (k, prompt) in prompts.iter().enumerate() {
+        for flags in configs {
+            let runs: Vec<(&str, Run)> = ["ar", "sd", "amusd"]
+                .into_iter()
+                .map(|s| (s, generate_with(s, prompt, MAX_NEW, flags)))
+                .collect();
+            let expected = runs[0].1.tokens();
+            for (strategy, run) in &runs[1..] {
+                let got = run.tokens();
+                assert_eq!(
+                    got,
+                    expected,
+                    "prompt {k} {flags:?}: {strategy} differs from ar at generated token {}\n{}",
+                    amusd_e2e::first_difference(&got, &expected),
+                    run.describe()
+                );
+            }
+            let unpenalized: Vec<&str> = flags
+                .chunks(2)
+                .filter(|f| !f[0].contains("penalty") && f[0] != "--repeat-last-n")
+                .flatten()
+                .copied()
+                .collect();
+            changed += usize::from(
+                expected != generate_with("ar", prompt, MAX_NEW, &unpenalized).tokens(),
+            );
+        }
+    }
+    assert!(changed >= 2, "the penalties changed {changed} of 4 texts");
+}
+
 /// With a temperature and no seed, a random seed is chosen and reported, so the run can be repeated.
 #[test]
 fn a_random_seed_is_reported_and_repeats_the_run() {

@@ -2,7 +2,7 @@
 //! streamed and not, and without prompt lookup (`"prompt_lookup": false`), equal `amusd generate
 //! --strategy ar`; a repeated prompt and a follow-up turn find their prefix cached, and answer as
 //! they do without the cache (`"cache_prompt": false`); a seeded sampled request equals ar's
-//! sample; and the official `openai` Python client (pinned, in a venv under target/) checks the same
+//! sample, and a request with repetition penalties ar's text under the same penalties; and the official `openai` Python client (pinned, in a venv under target/) checks the same
 //! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
 //! requests of 24 tokens.
 
@@ -47,6 +47,9 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let chat_ar = ar_text(&["--prompt", CHAT]);
     let raw_ar = ar_text(&["--raw", "--prompt", RAW]);
     let sampled_ar = ar_text(&["--prompt", CHAT, "--temperature", "0.8", "--seed", "7"]);
+    let penalties = ["--frequency-penalty", "1.5", "--presence-penalty", "0.5"];
+    let penalized_ar = ar_text(&[&["--prompt", CHAT][..], &penalties].concat());
+    assert_ne!(penalized_ar, chat_ar, "the penalties changed nothing");
     let s = start(&["--strategy", "amusd"], Duration::from_secs(300));
     let chat = json!({"messages": [{"role": "user", "content": CHAT}], "max_tokens": MAX});
     let r = s.post("/v1/chat/completions", &chat);
@@ -86,6 +89,13 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let cached = &cold.json["usage"]["prompt_tokens_details"]["cached_tokens"];
     assert_eq!(cached.as_u64(), Some(0), "{}", cold.json);
     assert_eq!(reply_text(&warm.json), reply_text(&cold.json), "follow-up");
+    // Repetition penalties (llama.cpp's names and window) give ar's text.
+    let mut penalized = chat.clone();
+    penalized["frequency_penalty"] = 1.5.into();
+    penalized["presence_penalty"] = 0.5.into();
+    let r = s.post("/v1/chat/completions", &penalized);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(reply_text(&r.json), penalized_ar, "penalized chat vs ar");
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -100,6 +110,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let expect = json!({
         "max_tokens": MAX, "chat_prompt": CHAT, "chat": chat_ar, "raw_prompt": RAW, "raw": raw_ar,
         "sampled": sampled_ar, "temperature": 0.8, "seed": 7,
+        "penalized": penalized_ar, "frequency_penalty": 1.5, "presence_penalty": 0.5,
     });
     let out = Command::new(python.trim())
         .arg(workspace().join("tests/openai_client.py"))

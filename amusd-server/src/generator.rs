@@ -22,6 +22,12 @@ pub struct Sampling {
     pub min_p: f32,
     /// None when sampling: the generator picks one (and the response cannot be repeated).
     pub seed: Option<u64>,
+    /// Penalties of the tokens in the last `repeat_last_n` (`u32::MAX`: all of them), as
+    /// llama.cpp's server applies them: 1, 0 and 0 are off.
+    pub repeat_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub repeat_last_n: u32,
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
     /// has one); false drafts with the model alone. The text is the same either way.
     pub prompt_lookup: bool,
@@ -39,6 +45,10 @@ impl Default for Sampling {
             top_p: 1.0,
             min_p: 0.0,
             seed: None,
+            repeat_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            repeat_last_n: 64,
             prompt_lookup: true,
             cache_prompt: true,
         }

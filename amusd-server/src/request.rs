@@ -27,6 +27,15 @@ pub struct RawRequest {
     /// llama.cpp's: false prefills the whole prompt, not keeping what the previous request left
     /// cached (the tokens are the same either way).
     pub cache_prompt: Option<bool>,
+    /// OpenAI's, applied as llama.cpp's server applies them: over the last `repeat_last_n`
+    /// tokens, the prompt's included.
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// llama.cpp's (vLLM calls it `repetition_penalty`; either is taken).
+    pub repeat_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// llama.cpp's: the penalties' window (default 64; -1: the whole sequence; 0: no penalty).
+    pub repeat_last_n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     // Known but not implemented: refused when they would change the result.
@@ -42,8 +51,6 @@ pub struct RawRequest {
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
     pub logit_bias: Option<Value>,
-    pub presence_penalty: Option<f32>,
-    pub frequency_penalty: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,14 +169,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         ("echo", r.echo == Some(true)),
         ("suffix", set(&r.suffix)),
         ("logit_bias", set(&r.logit_bias)),
-        (
-            "presence_penalty",
-            r.presence_penalty.is_some_and(|p| p != 0.0),
-        ),
-        (
-            "frequency_penalty",
-            r.frequency_penalty.is_some_and(|p| p != 0.0),
-        ),
     ];
     let names: Vec<&str> = refused.iter().filter(|r| r.1).map(|r| r.0).collect();
     match names.first() {
@@ -319,15 +318,58 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
     }
     // Like llama.cpp: zero or negative top_k means no top-k.
     let top_k = r.top_k.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32;
+    let (repeat_penalty, frequency_penalty, presence_penalty, repeat_last_n) = penalties(r)?;
     Ok(Sampling {
         temperature,
         top_k,
         top_p,
         min_p,
         seed: r.seed,
+        repeat_penalty,
+        frequency_penalty,
+        presence_penalty,
+        repeat_last_n,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
     })
+}
+
+/// The repeat, frequency and presence penalties and their window, checked.
+fn penalties(r: &RawRequest) -> Result<(f32, f32, f32, u32), ApiError> {
+    let (name, repeat) = match (r.repeat_penalty, r.repetition_penalty) {
+        (Some(p), _) => ("repeat_penalty", p),
+        (None, Some(p)) => ("repetition_penalty", p),
+        (None, None) => ("repeat_penalty", 1.0),
+    };
+    if !(repeat > 0.0 && repeat.is_finite()) {
+        return Err(ApiError::bad_param(
+            name,
+            format!("{name} {repeat} must be more than 0 (1: off)"),
+        ));
+    }
+    let additive = |name: &str, value: Option<f32>| {
+        let v = value.unwrap_or(0.0);
+        match (-2.0..=2.0).contains(&v) {
+            true => Ok(v),
+            false => Err(ApiError::bad_param(
+                name,
+                format!("{name} {v} must be in [-2, 2] (0: off)"),
+            )),
+        }
+    };
+    let frequency = additive("frequency_penalty", r.frequency_penalty)?;
+    let presence = additive("presence_penalty", r.presence_penalty)?;
+    let last_n = match r.repeat_last_n.unwrap_or(64) {
+        -1 => u32::MAX,
+        n @ 0.. => u32::try_from(n).unwrap_or(u32::MAX),
+        n => {
+            return Err(ApiError::bad_param(
+                "repeat_last_n",
+                format!("repeat_last_n {n} must be -1 (the whole sequence) or more"),
+            ))
+        }
+    };
+    Ok((repeat, frequency, presence, last_n))
 }
 
 #[cfg(test)]
@@ -349,6 +391,7 @@ mod tests {
                 {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
                 "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
+                "frequency_penalty":0.5,"presence_penalty":-0.25,"repetition_penalty":1.1,"repeat_last_n":-1,
                 "stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
             Endpoint::Chat,
@@ -377,6 +420,10 @@ mod tests {
                 top_p: 0.9,
                 min_p: 0.1,
                 seed: Some(42),
+                repeat_penalty: 1.1,
+                frequency_penalty: 0.5,
+                presence_penalty: -0.25,
+                repeat_last_n: u32::MAX,
                 prompt_lookup: false,
                 cache_prompt: false,
             }
@@ -467,6 +514,26 @@ mod tests {
                 "stop",
             ),
             (
+                r#"{"messages":[{"role":"user","content":"x"}],"frequency_penalty":2.5}"#,
+                "frequency_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"presence_penalty":-3}"#,
+                "presence_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"repeat_penalty":0}"#,
+                "repeat_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"repetition_penalty":-1}"#,
+                "repetition_penalty",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"repeat_last_n":-2}"#,
+                "repeat_last_n",
+            ),
+            (
                 r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
                 "stream",
             ),
@@ -503,7 +570,6 @@ mod tests {
                 r#""response_format":{"type":"json_object"}"#,
                 "response_format",
             ),
-            (r#""presence_penalty":0.5"#, "presence_penalty"),
             (r#""logit_bias":{"5":10}"#, "logit_bias"),
         ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -359,6 +359,19 @@ pub struct RequestSection {
     /// coordinator, Relaxed inside the request seqlock, at submit. Readers: both workers (seqlock
     /// read, at take-up), `amusd dump`.
     pub cache_prompt: AtomicU32,
+    /// The repeat penalty as f32 bits, 1.0 = off (layout 7). Writer: coordinator, Relaxed inside
+    /// the request seqlock, at submit. Readers: both workers (seqlock read, at take-up), `amusd
+    /// dump`.
+    pub repeat_penalty_bits: AtomicU32,
+    /// The frequency penalty as f32 bits, 0.0 = off (layout 7). Writer and readers: as
+    /// `repeat_penalty_bits`.
+    pub frequency_penalty_bits: AtomicU32,
+    /// The presence penalty as f32 bits, 0.0 = off (layout 7). Writer and readers: as
+    /// `repeat_penalty_bits`.
+    pub presence_penalty_bits: AtomicU32,
+    /// The penalties' window: the last this many tokens before a position; 0 = off, `u32::MAX` =
+    /// the whole sequence (layout 7). Writer and readers: as `repeat_penalty_bits`.
+    pub penalty_last_n: AtomicU32,
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -566,7 +579,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 6);
+        assert_eq!(LAYOUT_VERSION, 7);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 493_312);
@@ -601,6 +614,10 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, greedy_draft), 352);
         assert_eq!(offset_of!(RequestSection, no_draft_lookup), 356);
         assert_eq!(offset_of!(RequestSection, cache_prompt), 360);
+        assert_eq!(offset_of!(RequestSection, repeat_penalty_bits), 364);
+        assert_eq!(offset_of!(RequestSection, frequency_penalty_bits), 368);
+        assert_eq!(offset_of!(RequestSection, presence_penalty_bits), 372);
+        assert_eq!(offset_of!(RequestSection, penalty_last_n), 376);
         assert_eq!(size_of::<RequestSection>(), 384);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);

@@ -51,6 +51,14 @@ pub struct SamplingFields {
     pub top_p_bits: u32,
     /// min-p (f32 bits); 0.0 = off.
     pub min_p_bits: u32,
+    /// Repeat penalty (f32 bits); 1.0 = off.
+    pub repeat_penalty_bits: u32,
+    /// Frequency penalty (f32 bits); 0.0 = off.
+    pub frequency_penalty_bits: u32,
+    /// Presence penalty (f32 bits); 0.0 = off.
+    pub presence_penalty_bits: u32,
+    /// The penalties' window in tokens; 0 = off, `u32::MAX` = the whole sequence.
+    pub penalty_last_n: u32,
     /// The draft proposes greedy tokens rather than samples.
     pub greedy_draft: bool,
     /// The draft model drafts alone, without its prompt lookup.
@@ -67,6 +75,10 @@ impl SamplingFields {
         top_k: 0,
         top_p_bits: 0x3f80_0000, // 1.0f32
         min_p_bits: 0,
+        repeat_penalty_bits: 0x3f80_0000, // 1.0f32
+        frequency_penalty_bits: 0,
+        presence_penalty_bits: 0,
+        penalty_last_n: 64,
         greedy_draft: false,
         no_draft_lookup: false,
         cache_prompt: false,
@@ -507,6 +519,11 @@ impl Region {
         rq.top_k.store(sm.top_k, r);
         rq.top_p_bits.store(sm.top_p_bits, r);
         rq.min_p_bits.store(sm.min_p_bits, r);
+        rq.repeat_penalty_bits.store(sm.repeat_penalty_bits, r);
+        rq.frequency_penalty_bits
+            .store(sm.frequency_penalty_bits, r);
+        rq.presence_penalty_bits.store(sm.presence_penalty_bits, r);
+        rq.penalty_last_n.store(sm.penalty_last_n, r);
         rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
         rq.no_draft_lookup.store(u32::from(sm.no_draft_lookup), r);
         rq.cache_prompt.store(u32::from(sm.cache_prompt), r);
@@ -584,6 +601,10 @@ impl Region {
                         top_k: rq.top_k.load(r),
                         top_p_bits: rq.top_p_bits.load(r),
                         min_p_bits: rq.min_p_bits.load(r),
+                        repeat_penalty_bits: rq.repeat_penalty_bits.load(r),
+                        frequency_penalty_bits: rq.frequency_penalty_bits.load(r),
+                        presence_penalty_bits: rq.presence_penalty_bits.load(r),
+                        penalty_last_n: rq.penalty_last_n.load(r),
                         greedy_draft: rq.greedy_draft.load(r) != 0,
                         no_draft_lookup: rq.no_draft_lookup.load(r) != 0,
                         cache_prompt: rq.cache_prompt.load(r) != 0,
@@ -1079,6 +1100,10 @@ mod tests {
                 top_k: 40,
                 top_p_bits: 0.9f32.to_bits(),
                 min_p_bits: 0.05f32.to_bits(),
+                repeat_penalty_bits: 1.1f32.to_bits(),
+                frequency_penalty_bits: (-0.5f32).to_bits(),
+                presence_penalty_bits: 0.25f32.to_bits(),
+                penalty_last_n: u32::MAX,
                 greedy_draft: true,
                 no_draft_lookup: true,
                 cache_prompt: true,

@@ -667,13 +667,15 @@ mod tests {
         );
         h.magic.store(MAGIC, Ordering::Release);
 
-        h.version.store(7, Ordering::Relaxed);
+        let other = LAYOUT_VERSION + 1;
+        h.version.store(other, Ordering::Relaxed);
         let e = Shm::attach(&name).unwrap_err();
         assert_eq!(
             e.to_string(),
             format!(
-                "region {name} has layout version 7, this amusd speaks {LAYOUT_VERSION}: it was made \
-                 by another amusd build; use matching binaries, or remove it with `amusd dump --gc`"
+                "region {name} has layout version {other}, this amusd speaks {LAYOUT_VERSION}: it \
+                 was made by another amusd build; use matching binaries, or remove it with `amusd \
+                 dump --gc`"
             )
         );
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);

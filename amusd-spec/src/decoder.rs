@@ -151,7 +151,7 @@ impl Decoder for LlamaDecoder {
         // `forward` clamps the first row to the last one.
         let first = start + first_row.min(tokens.len() - 1);
         Ok((0..logits.rows)
-            .map(|r| sampler.choose(logits.row(r), first + r + 1))
+            .map(|r| sampler.choose(logits.row(r), &self.tokens[..first + r + 1]))
             .collect())
     }
 

@@ -228,10 +228,11 @@ impl Decoder for FakeDecoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.seen.push(t);
             if i >= first_row {
-                out.push(if sampler.params.is_greedy() {
+                let plain = sampler.params.is_greedy() && sampler.params.penalties.is_off();
+                out.push(if plain {
                     self.model.next(&self.seen)
                 } else {
-                    sampler.choose(&self.model.logits(&self.seen), self.seen.len())
+                    sampler.choose(&self.model.logits(&self.seen), &self.seen)
                 });
             }
         }
@@ -250,12 +251,32 @@ mod tests {
     use crate::decoder::{Decoder, Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
-    use crate::sampling::{RequestSampling, SamplingParams};
+    use crate::sampling::{Penalties, RequestSampling, SamplingParams};
     use proptest::prelude::*;
     use std::ops::ControlFlow;
 
-    /// Greedy, or sampling with or without filters, with a sampling or a greedy draft, with or
-    /// without the draft's prompt lookup, keeping the previous request's cache or not.
+    /// No penalty, or some of each kind over a window or the whole sequence.
+    fn any_penalties() -> impl Strategy<Value = Penalties> {
+        prop_oneof![
+            Just(Penalties::OFF),
+            (
+                prop_oneof![Just(1.0f32), 0.5f32..2.0],
+                -1.0f32..1.0,
+                -1.0f32..1.0,
+                prop_oneof![Just(u32::MAX), 1u32..40],
+            )
+                .prop_map(|(repeat, frequency, presence, last_n)| Penalties {
+                    repeat,
+                    frequency,
+                    presence,
+                    last_n,
+                }),
+        ]
+    }
+
+    /// Greedy, or sampling with or without filters, with or without penalties, with a sampling or
+    /// a greedy draft, with or without the draft's prompt lookup, keeping the previous request's
+    /// cache or not.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
         (
             prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
@@ -266,16 +287,28 @@ mod tests {
             proptest::bool::weighted(0.2),
             proptest::bool::weighted(0.25),
             any::<bool>(),
+            any_penalties(),
         )
             .prop_map(
-                |(temperature, top_k, top_p, min_p, seed, greedy_draft, no_draft_lookup, cache)| {
+                |(
+                    t,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed,
+                    greedy_draft,
+                    no_draft_lookup,
+                    cache,
+                    penalties,
+                )| {
                     RequestSampling {
                         params: SamplingParams {
-                            temperature,
+                            temperature: t,
                             top_k,
                             top_p,
                             min_p,
                             seed,
+                            penalties,
                         },
                         greedy_draft,
                         no_draft_lookup,

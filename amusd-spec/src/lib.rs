@@ -15,6 +15,7 @@ pub mod fake;
 pub mod generate;
 pub mod history;
 pub mod lookup;
+pub mod penalty;
 mod philox;
 pub mod policy;
 pub mod sampling;
@@ -23,7 +24,7 @@ pub mod worker;
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 pub use generate::{Generation, Metrics};
 pub use policy::{Finish, StopCriteria};
-pub use sampling::{RequestSampling, Sampler, SamplingError, SamplingParams};
+pub use sampling::{Penalties, RequestSampling, Sampler, SamplingError, SamplingParams};
 
 /// Errors of the decoding loops.
 #[derive(Debug, thiserror::Error)]

@@ -30,8 +30,10 @@
 //! musl's libm) so the noise is bit-for-bit the same on every platform.
 //!
 //! # Logits processing, in this fixed order
-//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the raw logits, exactly as before sampling
-//!    existed (top-k, top-p and min-p never remove the argmax, so they are moot).
+//! 0. Repetition penalties, if the request has any ([`crate::penalty`]): a function of the logits
+//!    and the tokens before the position.
+//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (penalized) logits, exactly as before
+//!    sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
 //! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf).
 //! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
 //! 4. top-p (`p < 1`): with `q_i = expf(s_i - s_max)` (f32) and `Z` their f32 sum over the
@@ -49,6 +51,7 @@
 
 use amusd_model::kernels;
 
+pub use crate::penalty::Penalties;
 use crate::philox::noise_bits8;
 pub use crate::philox::{noise_bits, philox4x32_10};
 
@@ -61,6 +64,12 @@ pub enum SamplingError {
     TopP(f32),
     #[error("min-p must be in [0, 1] (0 turns it off), got {0}")]
     MinP(f32),
+    #[error("the repeat penalty must be a finite number > 0 (1 turns it off), got {0}")]
+    RepeatPenalty(f32),
+    #[error("the frequency penalty must be in [-2, 2] (0 turns it off), got {0}")]
+    FrequencyPenalty(f32),
+    #[error("the presence penalty must be in [-2, 2] (0 turns it off), got {0}")]
+    PresencePenalty(f32),
 }
 
 /// The smallest temperature other than 0: below it, logits divided by it overflow f32.
@@ -79,6 +88,8 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// The noise's key: the same seed gives the same tokens.
     pub seed: u64,
+    /// Penalties for the tokens just seen, greedy or not.
+    pub penalties: Penalties,
 }
 
 impl Default for SamplingParams {
@@ -95,6 +106,7 @@ impl SamplingParams {
         top_p: 1.0,
         min_p: 0.0,
         seed: 0,
+        penalties: Penalties::OFF,
     };
 
     /// `self` if every value is in its domain.
@@ -109,6 +121,7 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(SamplingError::MinP(self.min_p));
         }
+        self.penalties.validate()?;
         Ok(self)
     }
 
@@ -199,6 +212,10 @@ fn noise_bound(bits: u64) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub params: SamplingParams,
+    /// The logits after the penalties, when there are any.
+    penalized: Vec<f32>,
+    /// The penalties' window, sorted.
+    window: Vec<u32>,
     scaled: Vec<f32>,
     survivors: Vec<u32>,
     /// top-p's `q` of each survivor, computed once.
@@ -215,15 +232,32 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Self {
             params,
+            penalized: Vec::new(),
+            window: Vec::new(),
             scaled: Vec::new(),
             survivors: Vec::new(),
             weights: Vec::new(),
         }
     }
 
-    /// The token at absolute `position` (its index in the sequence, prompt included), given the
-    /// logits that predict it.
-    pub fn choose(&mut self, logits: &[f32], position: usize) -> u32 {
+    /// The token after `prefix` (the sequence before it, prompt included: the token's position is
+    /// `prefix.len()`), given the logits that predict it.
+    pub fn choose(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
+        let penalties = self.params.penalties;
+        if penalties.is_off() {
+            return self.choose_at(logits, prefix.len());
+        }
+        let mut penalized = std::mem::take(&mut self.penalized);
+        penalized.clear();
+        penalized.extend_from_slice(logits);
+        penalties.apply(&mut penalized, prefix, &mut self.window);
+        let token = self.choose_at(&penalized, prefix.len());
+        self.penalized = penalized;
+        token
+    }
+
+    /// [`Sampler::choose`] after the penalties: the token at absolute `position`.
+    fn choose_at(&mut self, logits: &[f32], position: usize) -> u32 {
         if self.params.is_greedy() {
             return kernels::argmax(logits);
         }
@@ -240,8 +274,8 @@ impl Sampler {
         )
     }
 
-    /// The tokens that may be chosen at these logits (steps 2 to 5 of the module docs), in no
-    /// particular order. Empty when greedy.
+    /// The tokens that may be chosen at these (penalized) logits (steps 2 to 5 of the module
+    /// docs), in no particular order. Empty when greedy.
     pub fn survivors(&mut self, logits: &[f32]) -> &[u32] {
         self.survivors.clear();
         if !self.params.is_greedy() {
@@ -451,6 +485,7 @@ mod tests {
             top_p,
             min_p,
             seed,
+            penalties: Penalties::OFF,
         }
         .validate()
         .unwrap()
@@ -582,7 +617,44 @@ mod tests {
             ..SamplingParams::GREEDY
         });
         for pos in 0..10 {
-            assert_eq!(s.choose(&logits, pos), kernels::argmax(&logits));
+            assert_eq!(s.choose_at(&logits, pos), kernels::argmax(&logits));
+        }
+    }
+
+    /// With penalties, a choice is the one over the logits penalized by the tokens before the
+    /// position, and the position is the prefix's length; without, the prefix's tokens change
+    /// nothing.
+    #[test]
+    fn penalties_choose_over_the_penalized_logits() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32 / 8.0).collect();
+        // The most likely token recurs in the window.
+        let top = kernels::argmax(&logits);
+        let prefix: Vec<u32> = (0..200)
+            .map(|i| if i % 3 == 0 { top } else { (i * 7 % 64) as u32 })
+            .collect();
+        let penalties = Penalties {
+            repeat: 1.3,
+            frequency: 0.4,
+            presence: 0.2,
+            last_n: 48,
+        };
+        let mut penalized = logits.clone();
+        penalties.apply(&mut penalized, &prefix, &mut Vec::new());
+        assert_ne!(kernels::argmax(&penalized), kernels::argmax(&logits));
+        for temperature in [0.0, 0.8] {
+            let base = SamplingParams {
+                temperature,
+                seed: 5,
+                ..SamplingParams::GREEDY
+            };
+            let with = SamplingParams { penalties, ..base };
+            for len in [0, 1, 100, 200] {
+                let (mut a, mut b) = (Sampler::new(with), Sampler::new(base));
+                let mut over = logits.clone();
+                penalties.apply(&mut over, &prefix[..len], &mut Vec::new());
+                assert_eq!(a.choose(&logits, &prefix[..len]), b.choose_at(&over, len));
+                assert_eq!(b.choose(&logits, &prefix[..len]), b.choose_at(&logits, len));
+            }
         }
     }
 
@@ -700,7 +772,7 @@ mod tests {
             let mut counts = vec![0u64; logits.len()];
             for k in 0..DRAWS {
                 s.params.seed = base.seed + k;
-                counts[s.choose(&logits, 3) as usize] += 1;
+                counts[s.choose_at(&logits, 3) as usize] += 1;
             }
             for (i, &c) in counts.iter().enumerate() {
                 assert!(
@@ -748,7 +820,7 @@ mod tests {
         ) {
             let mut s = Sampler::new(params(temperature, top_k, top_p, min_p, seed));
             let want = reference_choice(&mut s, &logits, position);
-            prop_assert_eq!(s.choose(&logits, position), want);
+            prop_assert_eq!(s.choose_at(&logits, position), want);
         }
 
         #[test]

@@ -63,6 +63,10 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         top_k: p.top_k,
         top_p_bits: p.top_p.to_bits(),
         min_p_bits: p.min_p.to_bits(),
+        repeat_penalty_bits: p.penalties.repeat.to_bits(),
+        frequency_penalty_bits: p.penalties.frequency.to_bits(),
+        presence_penalty_bits: p.penalties.presence.to_bits(),
+        penalty_last_n: p.penalties.last_n,
         greedy_draft: s.greedy_draft,
         no_draft_lookup: s.no_draft_lookup,
         cache_prompt: s.cache_prompt,
@@ -78,6 +82,12 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         top_p: f32::from_bits(f.top_p_bits),
         min_p: f32::from_bits(f.min_p_bits),
         seed: f.seed,
+        penalties: crate::Penalties {
+            repeat: f32::from_bits(f.repeat_penalty_bits),
+            frequency: f32::from_bits(f.frequency_penalty_bits),
+            presence: f32::from_bits(f.presence_penalty_bits),
+            last_n: f.penalty_last_n,
+        },
     }
     .validate()?;
     Ok(RequestSampling {
@@ -658,8 +668,21 @@ mod tests {
     /// half of them.
     fn random_sampling(rng: &mut rand::rngs::StdRng) -> crate::RequestSampling {
         let (no_draft_lookup, cache_prompt) = (rng.gen_bool(0.25), rng.gen_bool(0.5));
+        let penalties = match rng.gen_bool(0.3) {
+            true => crate::Penalties {
+                repeat: rng.gen_range(0.8..1.5),
+                frequency: rng.gen_range(-0.5..0.5),
+                presence: rng.gen_range(-0.5..0.5),
+                last_n: [8, 64, u32::MAX][rng.gen_range(0..3)],
+            },
+            false => crate::Penalties::OFF,
+        };
         if rng.gen_bool(0.5) {
             return crate::RequestSampling {
+                params: crate::SamplingParams {
+                    penalties,
+                    ..crate::SamplingParams::GREEDY
+                },
                 no_draft_lookup,
                 cache_prompt,
                 ..Default::default()
@@ -684,6 +707,7 @@ mod tests {
                     rng.gen_range(0.0..0.3)
                 },
                 seed: rng.gen(),
+                penalties,
             },
             greedy_draft: rng.gen_bool(0.2),
             no_draft_lookup,

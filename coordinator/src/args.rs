@@ -4,7 +4,7 @@ use amusd_model::qkernels::IntActivations;
 use amusd_model::{DeviceSpec, HeadChoice, KvPrecision, ModelSpec};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
-use amusd_spec::{RequestSampling, SamplingParams};
+use amusd_spec::{Penalties, RequestSampling, SamplingParams};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
@@ -280,6 +280,37 @@ pub struct SamplingArgs {
     /// summary and the JSON output so the run can be repeated.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Divide the logit of each token seen in the last --repeat-last-n tokens by R if positive,
+    /// multiply it by R if not, as llama.cpp does (1: off). Greedy or not.
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    pub repeat_penalty: f32,
+    /// Lower the logit of each token seen in the last --repeat-last-n tokens by F per occurrence
+    /// (-2 to 2; 0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "F",
+        allow_hyphen_values = true
+    )]
+    pub frequency_penalty: f32,
+    /// Lower the logit of each token seen in the last --repeat-last-n tokens by P once (-2 to 2;
+    /// 0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub presence_penalty: f32,
+    /// The penalties' window: the last N tokens, the prompt's included (0: no penalty; -1: the
+    /// whole sequence).
+    #[arg(
+        long,
+        default_value_t = 64,
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
+    pub repeat_last_n: i64,
     /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
     /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
     #[arg(long)]
@@ -295,6 +326,12 @@ impl SamplingArgs {
             top_p: self.top_p,
             min_p: self.min_p,
             seed: 0,
+            penalties: Penalties {
+                repeat: self.repeat_penalty,
+                frequency: self.frequency_penalty,
+                presence: self.presence_penalty,
+                last_n: penalty_window(self.repeat_last_n)?,
+            },
         };
         let mut params = params
             .validate()
@@ -312,6 +349,15 @@ impl SamplingArgs {
     }
 }
 
+/// A `repeat_last_n` as llama.cpp takes it (-1: the whole sequence) as [`Penalties::last_n`].
+pub fn penalty_window(n: i64) -> Result<u32> {
+    match n {
+        -1 => Ok(u32::MAX),
+        0.. => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
+        _ => anyhow::bail!("bad sampling option: --repeat-last-n must be -1 or more, got {n}"),
+    }
+}
+
 /// The sampling parameters as printed in JSON output and bench records.
 pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
     let p = &s.params;
@@ -324,16 +370,27 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
         "min_p": num(p.min_p),
         "seed": p.seed,
         "greedy_draft": s.greedy_draft,
+        "repeat_penalty": num(p.penalties.repeat),
+        "frequency_penalty": num(p.penalties.frequency),
+        "presence_penalty": num(p.penalties.presence),
+        "repeat_last_n": match p.penalties.last_n {
+            u32::MAX => -1,
+            n => i64::from(n),
+        },
     })
 }
 
 /// `greedy`, or the parameters that differ from greedy's, seed included.
 pub fn sampling_label(s: &RequestSampling) -> String {
     let p = &s.params;
+    let mut out = match p.is_greedy() {
+        true => "greedy".to_string(),
+        false => format!("temperature {}", p.temperature),
+    };
+    out.push_str(&penalties_label(&p.penalties));
     if p.is_greedy() {
-        return "greedy".into();
+        return out;
     }
-    let mut out = format!("temperature {}", p.temperature);
     if p.top_k > 0 {
         out.push_str(&format!(", top-k {}", p.top_k));
     }
@@ -346,6 +403,28 @@ pub fn sampling_label(s: &RequestSampling) -> String {
     out.push_str(&format!(", seed {}", p.seed));
     if s.greedy_draft {
         out.push_str(", greedy draft");
+    }
+    out
+}
+
+/// The penalties that are on, each after a comma; empty when none is.
+fn penalties_label(p: &Penalties) -> String {
+    if p.is_off() {
+        return String::new();
+    }
+    let mut out = String::new();
+    if p.repeat != 1.0 {
+        out.push_str(&format!(", repeat penalty {}", p.repeat));
+    }
+    if p.frequency != 0.0 {
+        out.push_str(&format!(", frequency penalty {}", p.frequency));
+    }
+    if p.presence != 0.0 {
+        out.push_str(&format!(", presence penalty {}", p.presence));
+    }
+    match p.last_n {
+        u32::MAX => out.push_str(" (whole sequence)"),
+        n => out.push_str(&format!(" (last {n} tokens)")),
     }
     out
 }
@@ -384,6 +463,46 @@ mod tests {
                 "m.gguf:q8_0:head=full:kv=f32:acts=16"
             );
             assert_eq!(draft_spec("lookup:2-4", strategy), "lookup:2-4");
+        }
+    }
+
+    #[derive(Parser)]
+    struct SamplingCli {
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    }
+
+    fn sampling(args: &[&str]) -> Result<RequestSampling> {
+        let cli =
+            SamplingCli::try_parse_from(std::iter::once("amusd").chain(args.iter().copied()))?;
+        cli.sampling.resolve()
+    }
+
+    /// The penalties reach the parameters, llama.cpp's -1 window means the whole sequence, and
+    /// out-of-range values are refused with the option's meaning.
+    #[test]
+    fn penalty_options_are_parsed_and_checked() {
+        let s = sampling(&["--repeat-penalty", "1.2", "--frequency-penalty", "-0.5"]).unwrap();
+        let p = s.params.penalties;
+        assert_eq!(
+            (p.repeat, p.frequency, p.presence, p.last_n),
+            (1.2, -0.5, 0.0, 64)
+        );
+        assert_eq!(
+            sampling_label(&s),
+            "greedy, repeat penalty 1.2, frequency penalty -0.5 (last 64 tokens)"
+        );
+        let all = sampling(&["--presence-penalty", "1", "--repeat-last-n", "-1"]).unwrap();
+        assert_eq!(all.params.penalties.last_n, u32::MAX);
+        assert_eq!(sampling_json(&all)["repeat_last_n"], -1);
+        assert_eq!(sampling_label(&sampling(&[]).unwrap()), "greedy");
+        for bad in [
+            &["--repeat-penalty", "0"][..],
+            &["--frequency-penalty", "3"],
+            &["--repeat-last-n", "-2"],
+        ] {
+            let e = sampling(bad).unwrap_err().to_string();
+            assert!(e.contains("bad sampling option"), "{bad:?}: {e}");
         }
     }
 }

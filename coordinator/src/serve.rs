@@ -16,7 +16,7 @@ use amusd_server::{
     Sampling, Server, TextStream,
 };
 use amusd_spec::fake::FakeModel;
-use amusd_spec::{Finish, RequestSampling, SamplingParams, StopCriteria};
+use amusd_spec::{Finish, Penalties, RequestSampling, SamplingParams, StopCriteria};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -307,6 +307,12 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         top_p: s.top_p,
         min_p: s.min_p,
         seed: 0,
+        penalties: Penalties {
+            repeat: s.repeat_penalty,
+            frequency: s.frequency_penalty,
+            presence: s.presence_penalty,
+            last_n: s.repeat_last_n,
+        },
     }
     .validate()
     .map_err(|e| GenError::BadRequest(format!("bad sampling parameter: {e}")))?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use amusd_spec::{Finish, Generation, RequestSampling, SamplingParams};
+use amusd_spec::{Finish, Generation, Penalties, RequestSampling, SamplingParams};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +48,24 @@ pub(super) struct SamplingRecord {
     pub(super) seed: u64,
     #[serde(default)]
     pub(super) greedy_draft: bool,
+    /// Records written before penalties existed had none.
+    #[serde(default = "no_repeat_penalty")]
+    pub(super) repeat_penalty: f32,
+    #[serde(default)]
+    pub(super) frequency_penalty: f32,
+    #[serde(default)]
+    pub(super) presence_penalty: f32,
+    /// [`Penalties::last_n`]: `u32::MAX` is the whole sequence.
+    #[serde(default = "default_penalty_window")]
+    pub(super) penalty_last_n: u32,
+}
+
+fn no_repeat_penalty() -> f32 {
+    Penalties::OFF.repeat
+}
+
+fn default_penalty_window() -> u32 {
+    Penalties::OFF.last_n
 }
 
 impl Default for SamplingRecord {
@@ -66,6 +84,10 @@ impl SamplingRecord {
             min_p: p.min_p,
             seed: p.seed,
             greedy_draft: s.greedy_draft,
+            repeat_penalty: p.penalties.repeat,
+            frequency_penalty: p.penalties.frequency,
+            presence_penalty: p.penalties.presence,
+            penalty_last_n: p.penalties.last_n,
         }
     }
 
@@ -77,6 +99,12 @@ impl SamplingRecord {
                 top_p: self.top_p,
                 min_p: self.min_p,
                 seed: self.seed,
+                penalties: Penalties {
+                    repeat: self.repeat_penalty,
+                    frequency: self.frequency_penalty,
+                    presence: self.presence_penalty,
+                    last_n: self.penalty_last_n,
+                },
             },
             greedy_draft: self.greedy_draft,
             // A record says how it drafted in `drafter`.
