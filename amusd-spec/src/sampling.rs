@@ -162,10 +162,14 @@ impl RequestSampling {
         Sampler::new(self.params)
     }
 
-    /// The draft model's sampler.
+    /// The draft model's sampler: a greedy draft keeps the request's penalties, which the verify
+    /// model's greedy choices follow too.
     pub fn drafter(&self) -> Sampler {
         Sampler::new(if self.greedy_draft {
-            SamplingParams::GREEDY
+            SamplingParams {
+                penalties: self.params.penalties,
+                ..SamplingParams::GREEDY
+            }
         } else {
             self.params
         })

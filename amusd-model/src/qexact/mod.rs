@@ -441,7 +441,7 @@ fn row_tiles(m: usize, max: usize) -> impl Iterator<Item = std::ops::Range<usize
 ///
 /// Small batches (decoding, verifications) widen each weight in registers straight into its
 /// FMAs, in row tiles as tall as the registers allow: bandwidth is what decoding is short of, and
-/// the widening runs on other ports than the FMAs. Large ones (prefill) widen one group of a panel at
+/// most of the widening runs on other ports than the FMAs, between them. Large ones (prefill) widen one group of a panel at
 /// a time into an L1-resident f32 buffer and run every row over it, so each weight is widened once
 /// per forward; accumulators carry across groups through memory, which holds f32 exactly, so each
 /// output is still one FMA chain in order.
