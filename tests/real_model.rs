@@ -359,6 +359,32 @@ fn sixteen_bit_activations_make_the_draft_agree_with_the_verify_model() {
     assert!(agree[1] > agree[0], "{agree:?} of {total}");
 }
 
+/// `ar`, `sd` and `amusd` on prompt `k` with `flags`, each run's tokens checked equal to `ar`'s
+/// (the first run).
+fn identical_across_strategies(
+    k: usize,
+    prompt: &str,
+    max_new: usize,
+    flags: &[&str],
+) -> Vec<(&'static str, Run)> {
+    let runs: Vec<(&str, Run)> = ["ar", "sd", "amusd"]
+        .into_iter()
+        .map(|s| (s, generate_with(s, prompt, max_new, flags)))
+        .collect();
+    let expected = runs[0].1.tokens();
+    for (strategy, run) in &runs[1..] {
+        let got = run.tokens();
+        assert_eq!(
+            got,
+            expected,
+            "prompt {k} {flags:?}: {strategy} differs from ar at generated token {}\n{}",
+            amusd_e2e::first_difference(&got, &expected),
+            run.describe()
+        );
+    }
+    runs
+}
+
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
 /// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.
@@ -391,24 +417,13 @@ fn sampling_is_token_identical_across_strategies() {
     let (mut proposed, mut accepted, mut differs_from_greedy) = (0.0, 0.0, 0);
     for (k, prompt) in prompts.iter().enumerate() {
         for flags in configs {
-            let runs: Vec<(&str, Run)> = ["ar", "sd", "amusd"]
-                .into_iter()
-                .map(|s| (s, generate_with(s, prompt, MAX_NEW, flags)))
-                .collect();
+            let runs = identical_across_strategies(k, prompt, MAX_NEW, flags);
             let expected = runs[0].1.tokens();
             assert!(
                 !expected.is_empty(),
                 "prompt {k} {flags:?}: ar generated nothing"
             );
             for (strategy, run) in &runs[1..] {
-                let got = run.tokens();
-                assert_eq!(
-                    got,
-                    expected,
-                    "prompt {k} {flags:?}: {strategy} differs from ar at generated token {}\n{}",
-                    amusd_e2e::first_difference(&got, &expected),
-                    run.describe()
-                );
                 let m = &run.json()["metrics"];
                 proposed += m["proposed"].as_f64().unwrap_or(0.0);
                 accepted += m["accepted"].as_f64().unwrap_or(0.0);
@@ -475,21 +490,9 @@ fn penalties_are_token_identical_across_strategies() {
     let mut changed = 0;
     for (k, prompt) in prompts.iter().enumerate() {
         for flags in configs {
-            let runs: Vec<(&str, Run)> = ["ar", "sd", "amusd"]
-                .into_iter()
-                .map(|s| (s, generate_with(s, prompt, MAX_NEW, flags)))
-                .collect();
-            let expected = runs[0].1.tokens();
-            for (strategy, run) in &runs[1..] {
-                let got = run.tokens();
-                assert_eq!(
-                    got,
-                    expected,
-                    "prompt {k} {flags:?}: {strategy} differs from ar at generated token {}\n{}",
-                    amusd_e2e::first_difference(&got, &expected),
-                    run.describe()
-                );
-            }
+            let expected = identical_across_strategies(k, prompt, MAX_NEW, flags)[0]
+                .1
+                .tokens();
             let unpenalized: Vec<&str> = flags
                 .chunks(2)
                 .filter(|f| !f[0].contains("penalty") && f[0] != "--repeat-last-n")
