@@ -228,8 +228,7 @@ impl Decoder for FakeDecoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.seen.push(t);
             if i >= first_row {
-                let plain = sampler.params.is_greedy() && sampler.params.penalties.is_off();
-                out.push(if plain {
+                out.push(if sampler.params.is_plain_greedy() {
                     self.model.next(&self.seen)
                 } else {
                     sampler.choose(&self.model.logits(&self.seen), &self.seen)

@@ -128,6 +128,12 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
+
+    /// Greedy without penalties: every token is the argmax of the raw logits, as before sampling
+    /// existed.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.is_greedy() && self.penalties.is_off()
+    }
 }
 
 /// A request's sampling: the verify model's parameters, and how the draft proposes: sampling with

@@ -157,10 +157,10 @@ impl Record {
         row_label(&self.strategy, &self.drafter)
     }
 
-    /// What the report groups by: the dataset, and the sampling unless greedy.
+    /// What the report groups by: the dataset, and the sampling unless plain greedy.
     pub(super) fn group(&self) -> String {
         let sampling = self.sampling.sampling();
-        if sampling.params.is_greedy() && !sampling.greedy_draft {
+        if sampling.params.is_plain_greedy() && !sampling.greedy_draft {
             self.dataset.clone()
         } else {
             format!("{} ({})", self.dataset, sampling_label(&sampling))
