@@ -66,6 +66,11 @@ penalized = client.chat.completions.create(
 )
 check("penalized = ar's", penalized.choices[0].message.content, exp["penalized"])
 
+biased = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=n, temperature=0, logit_bias=exp["logit_bias"],
+)
+check("biased = ar's", biased.choices[0].message.content, exp["biased"])
+
 for kw, name in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})

@@ -507,6 +507,32 @@ fn penalties_are_token_identical_across_strategies() {
     assert!(changed >= 2, "the penalties changed {changed} of 4 texts");
 }
 
+/// A logit bias keeps the strategies identical, greedy and sampled: every row of a verify step is
+/// biased as `ar` biases its one, the draft's alike. Banning the unbiased answer's first token
+/// (`-inf`) keeps it out of the whole answer, so the bias cannot have gone unapplied.
+#[test]
+fn a_logit_bias_is_token_identical_across_strategies() {
+    const MAX_NEW: usize = 32;
+    require_default_model();
+    let prompt = &humaneval_prompts(1)[0];
+    let plain = generate_with("ar", prompt, MAX_NEW, &[]).tokens();
+    let (ban, boost) = (format!("{}-inf", plain[0]), format!("{}+2.5", plain[2]));
+    let configs: [&[&str]; 2] = [
+        &["--logit-bias", &ban, "--logit-bias", &boost],
+        &["--temperature", "0.7", "--seed", "3", "--logit-bias", &ban],
+    ];
+    for flags in configs {
+        let biased = identical_across_strategies(0, prompt, MAX_NEW, flags)[0]
+            .1
+            .tokens();
+        assert!(
+            !biased.contains(&plain[0]),
+            "{flags:?}: the banned token {} is in {biased:?}",
+            plain[0]
+        );
+    }
+}
+
 /// With a temperature and no seed, a random seed is chosen and reported, so the run can be repeated.
 #[test]
 fn a_random_seed_is_reported_and_repeats_the_run() {

@@ -2,7 +2,9 @@
 //! streamed and not, and without prompt lookup (`"prompt_lookup": false`), equal `amusd generate
 //! --strategy ar`; a repeated prompt and a follow-up turn find their prefix cached, and answer as
 //! they do without the cache (`"cache_prompt": false`); a seeded sampled request equals ar's
-//! sample, and a request with repetition penalties ar's text under the same penalties; and the official `openai` Python client (pinned, in a venv under target/) checks the same
+//! sample, and a request with repetition penalties or a logit bias ar's text under the same
+//! options (a token outside the vocabulary: a 400 naming `logit_bias`); and the official `openai`
+//! Python client (pinned, in a venv under target/) checks the same
 //! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
 //! requests of 24 tokens.
 
@@ -24,6 +26,14 @@ const RAW: &str = "The three primary colors are";
 
 /// `amusd generate --strategy ar --json ARGS...`'s text.
 fn ar_text(args: &[&str]) -> String {
+    ar_json(args)["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text in {args:?}'s output"))
+        .to_string()
+}
+
+/// `amusd generate --strategy ar --json ARGS...`'s output.
+fn ar_json(args: &[&str]) -> serde_json::Value {
     let max = MAX.to_string();
     let mut all = vec![
         "generate",
@@ -34,11 +44,7 @@ fn ar_text(args: &[&str]) -> String {
         &max,
     ];
     all.extend_from_slice(args);
-    let run = amusd_run(&all, Duration::from_secs(300));
-    run.json()["text"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no text: {}", run.describe()))
-        .to_string()
+    amusd_run(&all, Duration::from_secs(300)).json()
 }
 
 #[test]
@@ -50,6 +56,13 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let penalties = ["--frequency-penalty", "1.5", "--presence-penalty", "0.5"];
     let penalized_ar = ar_text(&[&["--prompt", CHAT][..], &penalties].concat());
     assert_ne!(penalized_ar, chat_ar, "the penalties changed nothing");
+    // A logit bias of -100 on the answer's first token: another answer.
+    let first = ar_json(&["--prompt", CHAT])["tokens"][0]
+        .as_u64()
+        .expect("no tokens in ar's output");
+    let ban = format!("{first}-100");
+    let biased_ar = ar_text(&["--prompt", CHAT, "--logit-bias", &ban]);
+    assert_ne!(biased_ar, chat_ar, "the logit bias changed nothing");
     let s = start(&["--strategy", "amusd"], Duration::from_secs(300));
     let chat = json!({"messages": [{"role": "user", "content": CHAT}], "max_tokens": MAX});
     let r = s.post("/v1/chat/completions", &chat);
@@ -96,6 +109,15 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let r = s.post("/v1/chat/completions", &penalized);
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(reply_text(&r.json), penalized_ar, "penalized chat vs ar");
+    let mut biased = chat.clone();
+    biased["logit_bias"] = json!({ first.to_string(): -100 });
+    let r = s.post("/v1/chat/completions", &biased);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(reply_text(&r.json), biased_ar, "biased chat vs ar");
+    biased["logit_bias"] = json!({ "4000000": 1 });
+    let r = s.post("/v1/chat/completions", &biased);
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert_eq!(r.json["error"]["param"], "logit_bias", "{}", r.json);
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -111,6 +133,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
         "max_tokens": MAX, "chat_prompt": CHAT, "chat": chat_ar, "raw_prompt": RAW, "raw": raw_ar,
         "sampled": sampled_ar, "temperature": 0.8, "seed": 7,
         "penalized": penalized_ar, "frequency_penalty": 1.5, "presence_penalty": 0.5,
+        "biased": biased_ar, "logit_bias": { first.to_string(): -100 },
     });
     let out = Command::new(python.trim())
         .arg(workspace().join("tests/openai_client.py"))

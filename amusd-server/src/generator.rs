@@ -28,6 +28,9 @@ pub struct Sampling {
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
     pub repeat_last_n: u32,
+    /// OpenAI's `logit_bias`: token ids and what their logits gain, before the penalties and the
+    /// temperature (ids ascending; the generator refuses more than it can carry).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
     /// has one); false drafts with the model alone. The text is the same either way.
     pub prompt_lookup: bool,
@@ -49,6 +52,7 @@ impl Default for Sampling {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             repeat_last_n: 64,
+            logit_bias: Vec::new(),
             prompt_lookup: true,
             cache_prompt: true,
         }

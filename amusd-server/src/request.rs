@@ -36,6 +36,8 @@ pub struct RawRequest {
     pub repetition_penalty: Option<f32>,
     /// llama.cpp's: the penalties' window (default 64; -1: the whole sequence; 0: no penalty).
     pub repeat_last_n: Option<i64>,
+    /// OpenAI's: token ids (as strings) to a bias in [-100, 100] added to their logits.
+    pub logit_bias: Option<Value>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     // Known but not implemented: refused when they would change the result.
@@ -50,7 +52,6 @@ pub struct RawRequest {
     pub response_format: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
-    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -168,7 +169,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         ("response_format", !text_format),
         ("echo", r.echo == Some(true)),
         ("suffix", set(&r.suffix)),
-        ("logit_bias", set(&r.logit_bias)),
     ];
     let names: Vec<&str> = refused.iter().filter(|r| r.1).map(|r| r.0).collect();
     match names.first() {
@@ -329,9 +329,40 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         frequency_penalty,
         presence_penalty,
         repeat_last_n,
+        logit_bias: logit_bias(r.logit_bias.as_ref())?,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
     })
+}
+
+/// OpenAI's `logit_bias`, checked: token ids (decimal strings) to numbers in [-100, 100]; the ids
+/// ascending. Whether they are in the vocabulary is the handler's check (it has the codec).
+fn logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| ApiError::bad_param("logit_bias", m);
+    let map =
+        match v {
+            None | Some(Value::Null) => return Ok(Vec::new()),
+            Some(Value::Object(m)) => m,
+            Some(_) => return Err(bad(
+                "logit_bias must be an object of token ids to biases, such as {\"15043\": -100}"
+                    .into(),
+            )),
+        };
+    let mut out = Vec::with_capacity(map.len());
+    for (key, value) in map {
+        let token = (key.parse::<u32>())
+            .map_err(|_| bad(format!("logit_bias: {key:?} is not a token id")))?;
+        let bias = (value.as_f64())
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                bad(format!(
+                    "logit_bias: the bias of token {key} must be a number in [-100, 100], got {value}"
+                ))
+            })?;
+        out.push((token, bias as f32));
+    }
+    out.sort_unstable_by_key(|&(token, _)| token);
+    Ok(out)
 }
 
 /// The repeat, frequency and presence penalties and their window, checked.
@@ -392,7 +423,7 @@ mod tests {
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
                 "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
                 "frequency_penalty":0.5,"presence_penalty":-0.25,"repetition_penalty":1.1,"repeat_last_n":-1,
-                "stream_options":{"include_usage":true},"n":1,"logprobs":false,
+                "logit_bias":{"198":-100,"15":2.5},"stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
             Endpoint::Chat,
         )
@@ -424,6 +455,7 @@ mod tests {
                 frequency_penalty: 0.5,
                 presence_penalty: -0.25,
                 repeat_last_n: u32::MAX,
+                logit_bias: vec![(15, 2.5), (198, -100.0)],
                 prompt_lookup: false,
                 cache_prompt: false,
             }
@@ -537,6 +569,22 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}],"stream":"yes"}"#,
                 "stream",
             ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":101}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"five":1}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":{"5":"up"}}"#,
+                "logit_bias",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":[5]}"#,
+                "logit_bias",
+            ),
         ];
         for (body, param) in cases {
             let e = err(body, Endpoint::Chat);
@@ -570,7 +618,6 @@ mod tests {
                 r#""response_format":{"type":"json_object"}"#,
                 "response_format",
             ),
-            (r#""logit_bias":{"5":10}"#, "logit_bias"),
         ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");

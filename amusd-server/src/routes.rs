@@ -138,6 +138,7 @@ async fn handle(
     let arrived = Instant::now();
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
     let v = request::validate(request::parse(&body)?, endpoint)?;
+    check_logit_bias(s.codec.as_ref(), &v)?;
     let prompt = tokenize(&s.codec, &v).await?;
     let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
     let (tx, rx) = unbounded_channel();
@@ -182,6 +183,18 @@ fn body_error(e: BytesRejection, limit: usize) -> ApiError {
             e.status(),
             format!("cannot read the request body: {}", e.body_text()),
         )
+    }
+}
+
+/// Refuses a logit bias that names a token past the model's vocabulary.
+fn check_logit_bias(codec: &dyn Codec, v: &Validated) -> Result<(), ApiError> {
+    let vocab = codec.vocab_size();
+    match v.sampling.logit_bias.iter().find(|b| b.0 as usize >= vocab) {
+        Some((t, _)) => Err(ApiError::bad_param(
+            "logit_bias",
+            format!("logit_bias: token id {t} is out of the vocabulary (0..{vocab})"),
+        )),
+        None => Ok(()),
     }
 }
 

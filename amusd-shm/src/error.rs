@@ -202,6 +202,15 @@ pub enum ShmError {
         max: usize,
     },
 
+    /// More logit-bias entries than the request section holds.
+    #[error("a logit bias of {given} tokens given, the request section holds at most {max}")]
+    TooManyLogitBias {
+        /// Entries given.
+        given: usize,
+        /// [`crate::MAX_LOGIT_BIAS`].
+        max: usize,
+    },
+
     /// Request id 0 is reserved for "no request".
     #[error("request id 0 is reserved for \"no request\"; use ids from 1")]
     InvalidRequestId,

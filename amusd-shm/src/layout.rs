@@ -20,13 +20,16 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
 
 /// Stop tokens a request can carry.
 pub const MAX_STOP_TOKENS: usize = 8;
+
+/// Tokens a request's logit bias can name ([`RequestSection::logit_bias`]).
+pub const MAX_LOGIT_BIAS: usize = 256;
 
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -372,6 +375,14 @@ pub struct RequestSection {
     /// The penalties' window: the last this many tokens before a position; 0 = off, `u32::MAX` =
     /// the whole sequence (layout 7). Writer and readers: as `repeat_penalty_bits`.
     pub penalty_last_n: AtomicU32,
+    /// How many entries of `logit_bias` hold (layout 8). Writer: coordinator, Relaxed inside the
+    /// request seqlock, at submit. Readers: both workers (seqlock read, at take-up, clamped to
+    /// [`MAX_LOGIT_BIAS`]), `amusd dump`.
+    pub n_logit_bias: AtomicU32,
+    /// The logit bias: entry `i < n_logit_bias` is a token id (low 32 bits) and the f32 bits of
+    /// what its logit gains (high 32 bits), ids ascending (layout 8). Writer and readers: as
+    /// `n_logit_bias`.
+    pub logit_bias: [AtomicU64; MAX_LOGIT_BIAS],
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -579,20 +590,20 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 7);
+        assert_eq!(LAYOUT_VERSION, 8);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 493_312);
+        assert_eq!(size_of::<Region>(), 495_360);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 
         assert_eq!(offset_of!(Region, control), 64);
         assert_eq!(offset_of!(Region, request), 128);
-        assert_eq!(offset_of!(Region, verified), 512);
-        assert_eq!(offset_of!(Region, draft), 33_344);
-        assert_eq!(offset_of!(Region, workers), 98_944);
-        assert_eq!(offset_of!(Region, draft_events), 99_968);
-        assert_eq!(offset_of!(Region, verify_events), 296_640);
+        assert_eq!(offset_of!(Region, verified), 2_560);
+        assert_eq!(offset_of!(Region, draft), 35_392);
+        assert_eq!(offset_of!(Region, workers), 100_992);
+        assert_eq!(offset_of!(Region, draft_events), 102_016);
+        assert_eq!(offset_of!(Region, verify_events), 298_688);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);
@@ -618,7 +629,9 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, frequency_penalty_bits), 368);
         assert_eq!(offset_of!(RequestSection, presence_penalty_bits), 372);
         assert_eq!(offset_of!(RequestSection, penalty_last_n), 376);
-        assert_eq!(size_of::<RequestSection>(), 384);
+        assert_eq!(offset_of!(RequestSection, n_logit_bias), 380);
+        assert_eq!(offset_of!(RequestSection, logit_bias), 384);
+        assert_eq!(size_of::<RequestSection>(), 2432);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);
         assert_eq!(offset_of!(VerifiedBuffer, tokens), 4);

@@ -23,7 +23,7 @@ pub const SEQLOCK_READ_BUDGET: Duration = Duration::from_millis(20);
 pub const READABLE_EVENTS: usize = EVENT_CAPACITY - 1;
 
 /// What the coordinator submits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestSpec<'a> {
     /// Nonzero, different from the previous request's.
     pub request_id: u64,
@@ -39,7 +39,7 @@ pub struct RequestSpec<'a> {
 
 /// A request's sampling parameters as the region carries them: the f32s as their IEEE bits, so
 /// they travel exactly. `amusd-spec` gives them their meaning and validates them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SamplingFields {
     /// The noise's seed.
     pub seed: u64,
@@ -65,6 +65,9 @@ pub struct SamplingFields {
     pub no_draft_lookup: bool,
     /// The workers keep the cached prefix the prompt shares with the previous request.
     pub cache_prompt: bool,
+    /// The logit bias: token ids and the f32 bits of their biases, at most
+    /// [`MAX_LOGIT_BIAS`].
+    pub logit_bias: Vec<(u32, u32)>,
 }
 
 impl SamplingFields {
@@ -82,6 +85,7 @@ impl SamplingFields {
         greedy_draft: false,
         no_draft_lookup: false,
         cache_prompt: false,
+        logit_bias: Vec::new(),
     };
 }
 
@@ -496,6 +500,12 @@ impl Region {
                 max: MAX_STOP_TOKENS,
             });
         }
+        if spec.sampling.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(ShmError::TooManyLogitBias {
+                given: spec.sampling.logit_bias.len(),
+                max: MAX_LOGIT_BIAS,
+            });
+        }
         if self.request.state.load(Ordering::Acquire) == RequestState::Running.as_u32() {
             return Err(ShmError::RequestRunning {
                 request_id: self.request.request_id.load(Ordering::Relaxed),
@@ -527,6 +537,10 @@ impl Region {
         rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
         rq.no_draft_lookup.store(u32::from(sm.no_draft_lookup), r);
         rq.cache_prompt.store(u32::from(sm.cache_prompt), r);
+        rq.n_logit_bias.store(sm.logit_bias.len() as u32, r);
+        for (slot, &(token, bias)) in rq.logit_bias.iter().zip(&sm.logit_bias) {
+            slot.store(u64::from(token) | u64::from(bias) << 32, r);
+        }
         store_range(&self.verified.tokens, 0, spec.prompt);
         self.verified
             .verified_len
@@ -586,6 +600,7 @@ impl Region {
         let (word, id, state, prompt_len, max_new, stops, reason, err, sampling, shutdown) =
             seq_read(&self.control.request_word, "request section", |word| {
                 let n_stop = (rq.n_stop_tokens.load(r) as usize).min(MAX_STOP_TOKENS);
+                let n_bias = (rq.n_logit_bias.load(r) as usize).min(MAX_LOGIT_BIAS);
                 (
                     word,
                     rq.request_id.load(r),
@@ -608,6 +623,13 @@ impl Region {
                         greedy_draft: rq.greedy_draft.load(r) != 0,
                         no_draft_lookup: rq.no_draft_lookup.load(r) != 0,
                         cache_prompt: rq.cache_prompt.load(r) != 0,
+                        logit_bias: rq.logit_bias[..n_bias]
+                            .iter()
+                            .map(|e| {
+                                let e = e.load(r);
+                                (e as u32, (e >> 32) as u32)
+                            })
+                            .collect(),
                     },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
@@ -1107,8 +1129,23 @@ mod tests {
                 greedy_draft: true,
                 no_draft_lookup: true,
                 cache_prompt: true,
+                logit_bias: vec![(5, 2.5f32.to_bits()), (49151, f32::NEG_INFINITY.to_bits())],
             },
         };
+        let too_many = SamplingFields {
+            logit_bias: vec![(1, 0); MAX_LOGIT_BIAS + 1],
+            ..SamplingFields::GREEDY
+        };
+        assert!(matches!(
+            r.submit_request(&RequestSpec {
+                sampling: too_many,
+                ..spec.clone()
+            }),
+            Err(ShmError::TooManyLogitBias {
+                given: 257,
+                max: 256
+            })
+        ));
         let w0 = r.request_word();
         r.submit_request(&spec).unwrap();
         assert_eq!(r.request_word(), w0 + 2);
@@ -1126,7 +1163,7 @@ mod tests {
         assert!(matches!(
             r.submit_request(&RequestSpec {
                 request_id: 10,
-                ..spec
+                ..spec.clone()
             }),
             Err(ShmError::RequestRunning { request_id: 9 })
         ));
@@ -1144,7 +1181,7 @@ mod tests {
         assert!(matches!(
             r.submit_request(&RequestSpec {
                 request_id: 0,
-                ..spec
+                ..spec.clone()
             }),
             Err(ShmError::InvalidRequestId)
         ));
@@ -1152,7 +1189,7 @@ mod tests {
             r.submit_request(&RequestSpec {
                 request_id: 11,
                 stop_tokens: &[0; 9],
-                ..spec
+                ..spec.clone()
             }),
             Err(ShmError::TooManyStopTokens { given: 9, max: 8 })
         ));
@@ -1160,7 +1197,7 @@ mod tests {
             r.submit_request(&RequestSpec {
                 request_id: 11,
                 max_new_tokens: TOKEN_CAPACITY as u32,
-                ..spec
+                ..spec.clone()
             }),
             Err(ShmError::CapacityExceeded { .. })
         ));

@@ -250,7 +250,7 @@ mod tests {
     use crate::decoder::{Decoder, Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
-    use crate::sampling::{Penalties, RequestSampling, SamplingParams};
+    use crate::sampling::{LogitBias, Penalties, RequestSampling, SamplingParams};
     use proptest::prelude::*;
     use std::ops::ControlFlow;
 
@@ -273,6 +273,20 @@ mod tests {
         ]
     }
 
+    /// No bias, or a few tokens of a small vocabulary biased either way (or banned): enough to
+    /// move the fake model's +8 peak now and then.
+    pub(crate) fn any_logit_bias() -> impl Strategy<Value = LogitBias> {
+        prop_oneof![
+            Just(LogitBias::NONE),
+            proptest::collection::btree_map(
+                0u32..64,
+                prop_oneof![-12.0f32..12.0, Just(f32::NEG_INFINITY)],
+                1..6
+            )
+            .prop_map(|m| LogitBias::new(m).unwrap()),
+        ]
+    }
+
     /// Greedy, or sampling with or without filters, with or without penalties, with a sampling or
     /// a greedy draft, with or without the draft's prompt lookup, keeping the previous request's
     /// cache or not.
@@ -286,7 +300,7 @@ mod tests {
             proptest::bool::weighted(0.2),
             proptest::bool::weighted(0.25),
             any::<bool>(),
-            any_penalties(),
+            (any_penalties(), any_logit_bias()),
         )
             .prop_map(
                 |(
@@ -298,7 +312,7 @@ mod tests {
                     greedy_draft,
                     no_draft_lookup,
                     cache,
-                    penalties,
+                    (penalties, logit_bias),
                 )| {
                     RequestSampling {
                         params: SamplingParams {
@@ -308,6 +322,7 @@ mod tests {
                             min_p,
                             seed,
                             penalties,
+                            logit_bias,
                         },
                         greedy_draft,
                         no_draft_lookup,

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod fake;
 pub mod generate;
 pub mod history;
+pub mod logit_bias;
 pub mod lookup;
 pub mod penalty;
 mod philox;
@@ -24,7 +25,7 @@ pub mod worker;
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 pub use generate::{Generation, Metrics};
 pub use policy::{Finish, StopCriteria};
-pub use sampling::{Penalties, RequestSampling, Sampler, SamplingError, SamplingParams};
+pub use sampling::{LogitBias, Penalties, RequestSampling, Sampler, SamplingError, SamplingParams};
 
 /// Errors of the decoding loops.
 #[derive(Debug, thiserror::Error)]

@@ -30,9 +30,10 @@
 //! musl's libm) so the noise is bit-for-bit the same on every platform.
 //!
 //! # Logits processing, in this fixed order
-//! 0. Repetition penalties, if the request has any ([`crate::penalty`]): a function of the logits
-//!    and the tokens before the position.
-//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (penalized) logits, exactly as before
+//! 0. The logit bias, if the request has one ([`crate::logit_bias`]), then the repetition
+//!    penalties, if it has any ([`crate::penalty`]): a function of the logits and the tokens before
+//!    the position.
+//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (biased, penalized) logits, exactly as before
 //!    sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
 //! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf).
 //! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
@@ -51,6 +52,7 @@
 
 use amusd_model::kernels;
 
+pub use crate::logit_bias::LogitBias;
 pub use crate::penalty::Penalties;
 use crate::philox::noise_bits8;
 pub use crate::philox::{noise_bits, philox4x32_10};
@@ -70,13 +72,21 @@ pub enum SamplingError {
     FrequencyPenalty(f32),
     #[error("the presence penalty must be in [-2, 2] (0 turns it off), got {0}")]
     PresencePenalty(f32),
+    #[error("the logit bias of token {0} must be in [-100, 100] or -inf, got {1}")]
+    LogitBias(u32, f32),
+    #[error("the logit bias names token {0} twice")]
+    LogitBiasTwice(u32),
+    #[error("the logit bias names {0} tokens; at most {max} may be biased", max = crate::logit_bias::MAX_ENTRIES)]
+    LogitBiasCount(usize),
+    #[error("the logit bias names token {0}, but the model's vocabulary has {1} tokens")]
+    LogitBiasToken(u32, usize),
 }
 
 /// The smallest temperature other than 0: below it, logits divided by it overflow f32.
 pub const MIN_TEMPERATURE: f32 = 1e-3;
 
 /// How a request chooses its tokens.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0: greedy. Otherwise logits are divided by it.
     pub temperature: f32,
@@ -90,6 +100,8 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Penalties for the tokens just seen, greedy or not.
     pub penalties: Penalties,
+    /// Added to given tokens' logits first, greedy or not.
+    pub logit_bias: LogitBias,
 }
 
 impl Default for SamplingParams {
@@ -107,6 +119,7 @@ impl SamplingParams {
         min_p: 0.0,
         seed: 0,
         penalties: Penalties::OFF,
+        logit_bias: LogitBias::NONE,
     };
 
     /// `self` if every value is in its domain.
@@ -129,10 +142,15 @@ impl SamplingParams {
         self.temperature == 0.0
     }
 
-    /// Greedy without penalties: every token is the argmax of the raw logits, as before sampling
-    /// existed.
+    /// Greedy without penalties or bias: every token is the argmax of the raw logits, as before
+    /// sampling existed.
     pub fn is_plain_greedy(&self) -> bool {
-        self.is_greedy() && self.penalties.is_off()
+        self.is_greedy() && !self.processes_logits()
+    }
+
+    /// Whether the logits change before temperature: a bias or a penalty.
+    fn processes_logits(&self) -> bool {
+        !(self.penalties.is_off() && self.logit_bias.is_empty())
     }
 }
 
@@ -140,7 +158,7 @@ impl SamplingParams {
 /// them (the default) or its greedy tokens (llama.cpp's scheme, kept to compare acceptance); with
 /// its prompt lookup ahead of the model, if it has one, or with the model alone. Neither choice
 /// changes a committed token.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RequestSampling {
     pub params: SamplingParams,
     pub greedy_draft: bool,
@@ -165,19 +183,20 @@ impl RequestSampling {
 
     /// The verify model's sampler.
     pub fn verifier(&self) -> Sampler {
-        Sampler::new(self.params)
+        Sampler::new(self.params.clone())
     }
 
-    /// The draft model's sampler: a greedy draft keeps the request's penalties, which the verify
-    /// model's greedy choices follow too.
+    /// The draft model's sampler: a greedy draft keeps the request's penalties and bias, which
+    /// the verify model's greedy choices follow too.
     pub fn drafter(&self) -> Sampler {
         Sampler::new(if self.greedy_draft {
             SamplingParams {
                 penalties: self.params.penalties,
+                logit_bias: self.params.logit_bias.clone(),
                 ..SamplingParams::GREEDY
             }
         } else {
-            self.params
+            self.params.clone()
         })
     }
 }
@@ -222,8 +241,8 @@ fn noise_bound(bits: u64) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     pub params: SamplingParams,
-    /// The logits after the penalties, when there are any.
-    penalized: Vec<f32>,
+    /// The logits after the bias and the penalties, when there are any.
+    processed: Vec<f32>,
     /// The penalties' window, sorted.
     window: Vec<u32>,
     scaled: Vec<f32>,
@@ -242,7 +261,7 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         Self {
             params,
-            penalized: Vec::new(),
+            processed: Vec::new(),
             window: Vec::new(),
             scaled: Vec::new(),
             survivors: Vec::new(),
@@ -253,20 +272,23 @@ impl Sampler {
     /// The token after `prefix` (the sequence before it, prompt included: the token's position is
     /// `prefix.len()`), given the logits that predict it.
     pub fn choose(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
-        let penalties = self.params.penalties;
-        if penalties.is_off() {
+        if !self.params.processes_logits() {
             return self.choose_at(logits, prefix.len());
         }
-        let mut penalized = std::mem::take(&mut self.penalized);
-        penalized.clear();
-        penalized.extend_from_slice(logits);
-        penalties.apply(&mut penalized, prefix, &mut self.window);
-        let token = self.choose_at(&penalized, prefix.len());
-        self.penalized = penalized;
+        let mut processed = std::mem::take(&mut self.processed);
+        processed.clear();
+        processed.extend_from_slice(logits);
+        self.params.logit_bias.apply(&mut processed);
+        let penalties = self.params.penalties;
+        if !penalties.is_off() {
+            penalties.apply(&mut processed, prefix, &mut self.window);
+        }
+        let token = self.choose_at(&processed, prefix.len());
+        self.processed = processed;
         token
     }
 
-    /// [`Sampler::choose`] after the penalties: the token at absolute `position`.
+    /// [`Sampler::choose`] after the bias and the penalties: the token at absolute `position`.
     fn choose_at(&mut self, logits: &[f32], position: usize) -> u32 {
         if self.params.is_greedy() {
             return kernels::argmax(logits);
@@ -297,7 +319,7 @@ impl Sampler {
     /// Fills `scaled` and `survivors`; returns the survivor with the largest scaled logit (lowest id
     /// on ties), `None` when there is none.
     fn mask(&mut self, logits: &[f32]) -> Option<u32> {
-        let p = self.params;
+        let p = &self.params;
         self.scaled.clear();
         self.scaled.extend(logits.iter().map(|&l| {
             let s = l / p.temperature;
@@ -496,6 +518,7 @@ mod tests {
             min_p,
             seed,
             penalties: Penalties::OFF,
+            logit_bias: LogitBias::NONE,
         }
         .validate()
         .unwrap()
@@ -590,24 +613,34 @@ mod tests {
         for t in [-1.0, f32::NAN, f32::INFINITY, 1e-9] {
             let e = SamplingParams {
                 temperature: t,
-                ..ok
+                ..ok.clone()
             }
             .validate()
             .unwrap_err();
             assert!(matches!(e, SamplingError::Temperature(_)), "{t}");
         }
         for p in [0.0, -0.1, 1.5, f32::NAN] {
-            let e = SamplingParams { top_p: p, ..ok }.validate().unwrap_err();
+            let e = SamplingParams {
+                top_p: p,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err();
             assert!(matches!(e, SamplingError::TopP(_)), "{p}");
         }
         for m in [-0.1, 1.01, f32::NAN, f32::INFINITY] {
-            let e = SamplingParams { min_p: m, ..ok }.validate().unwrap_err();
+            let e = SamplingParams {
+                min_p: m,
+                ..ok.clone()
+            }
+            .validate()
+            .unwrap_err();
             assert!(matches!(e, SamplingError::MinP(_)), "{m}");
         }
         assert!(SamplingParams {
             top_p: 1.0,
             min_p: 1.0,
-            ..ok
+            ..ok.clone()
         }
         .validate()
         .is_ok());
@@ -657,13 +690,60 @@ mod tests {
                 seed: 5,
                 ..SamplingParams::GREEDY
             };
-            let with = SamplingParams { penalties, ..base };
+            let with = SamplingParams {
+                penalties,
+                ..base.clone()
+            };
             for len in [0, 1, 100, 200] {
-                let (mut a, mut b) = (Sampler::new(with), Sampler::new(base));
+                let (mut a, mut b) = (Sampler::new(with.clone()), Sampler::new(base.clone()));
                 let mut over = logits.clone();
                 penalties.apply(&mut over, &prefix[..len], &mut Vec::new());
                 assert_eq!(a.choose(&logits, &prefix[..len]), b.choose_at(&over, len));
                 assert_eq!(b.choose(&logits, &prefix[..len]), b.choose_at(&logits, len));
+            }
+        }
+    }
+
+    /// With a logit bias, a choice is the one over the biased logits, biased before the
+    /// penalties (llama.cpp's order): a bias can make and unmake the argmax, and `-inf` bans.
+    #[test]
+    fn a_logit_bias_chooses_over_the_biased_logits_before_the_penalties() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32 / 8.0).collect();
+        let top = kernels::argmax(&logits);
+        let bias = LogitBias::new([(top, f32::NEG_INFINITY), (5, 3.0), (9, -1.5)]).unwrap();
+        let mut biased = logits.clone();
+        bias.apply(&mut biased);
+        let new_top = kernels::argmax(&biased);
+        assert!(new_top != top && biased[top as usize] == f32::NEG_INFINITY);
+        let penalties = Penalties {
+            repeat: 2.0,
+            ..Penalties::OFF
+        };
+        let prefix = [5u32, 9, 5];
+        let mut then_penalized = biased.clone();
+        penalties.apply(&mut then_penalized, &prefix, &mut Vec::new());
+        // Token 5's logit, 1.625 + 3 then halved: the order shows.
+        assert_eq!(then_penalized[5], (logits[5] + 3.0) / 2.0);
+        for temperature in [0.0, 0.8] {
+            let base = SamplingParams {
+                temperature,
+                seed: 11,
+                ..SamplingParams::GREEDY
+            };
+            let with = SamplingParams {
+                logit_bias: bias.clone(),
+                penalties,
+                ..base.clone()
+            };
+            assert!(!with.is_plain_greedy());
+            for pos in [0, 3, 40] {
+                let mut prefix = prefix.to_vec();
+                prefix.resize(pos.max(3), 1);
+                let (mut a, mut b) = (Sampler::new(with.clone()), Sampler::new(base.clone()));
+                let mut over = biased.clone();
+                penalties.apply(&mut over, &prefix, &mut Vec::new());
+                assert_eq!(a.choose(&logits, &prefix), b.choose_at(&over, prefix.len()));
+                assert_ne!(a.choose(&logits, &prefix), top);
             }
         }
     }
@@ -709,7 +789,7 @@ mod tests {
 
     /// The full computation the pruned one must equal: every survivor's key, ties to the lowest id.
     fn reference_choice(s: &mut Sampler, logits: &[f32], position: usize) -> u32 {
-        let p = s.params;
+        let p = s.params.clone();
         let survivors = sorted(s.survivors(logits).to_vec());
         let mut best: Option<(f64, u32)> = None;
         for i in survivors {
@@ -768,7 +848,7 @@ mod tests {
             params(1.0, 60, 0.9, 0.05, 4 << 32),
         ];
         for base in configs {
-            let mut s = Sampler::new(base);
+            let mut s = Sampler::new(base.clone());
             let kept = sorted(s.survivors(&logits).to_vec());
             assert!(kept.len() > 3, "{base:?}: only {} survivors", kept.len());
             // softmax in f64 over the survivors, of the same f32 scaled logits the sampler uses.

@@ -70,6 +70,9 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         greedy_draft: s.greedy_draft,
         no_draft_lookup: s.no_draft_lookup,
         cache_prompt: s.cache_prompt,
+        logit_bias: (p.logit_bias.entries().iter())
+            .map(|&(token, bias)| (token, bias.to_bits()))
+            .collect(),
     }
 }
 
@@ -88,6 +91,9 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
             presence: f32::from_bits(f.presence_penalty_bits),
             last_n: f.penalty_last_n,
         },
+        logit_bias: crate::LogitBias::new(
+            (f.logit_bias.iter()).map(|&(token, bias)| (token, f32::from_bits(bias))),
+        )?,
     }
     .validate()?;
     Ok(RequestSampling {
@@ -677,10 +683,19 @@ mod tests {
             },
             false => crate::Penalties::OFF,
         };
+        let logit_bias = match rng.gen_bool(0.3) {
+            true => crate::LogitBias::new(
+                (0..rng.gen_range(1..6))
+                    .map(|i| (i * 11 + rng.gen_range(0..11), rng.gen_range(-12.0..12.0))),
+            )
+            .unwrap(),
+            false => crate::LogitBias::NONE,
+        };
         if rng.gen_bool(0.5) {
             return crate::RequestSampling {
                 params: crate::SamplingParams {
                     penalties,
+                    logit_bias,
                     ..crate::SamplingParams::GREEDY
                 },
                 no_draft_lookup,
@@ -708,6 +723,7 @@ mod tests {
                 },
                 seed: rng.gen(),
                 penalties,
+                logit_bias,
             },
             greedy_draft: rng.gen_bool(0.2),
             no_draft_lookup,

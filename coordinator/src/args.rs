@@ -4,7 +4,7 @@ use amusd_model::qkernels::IntActivations;
 use amusd_model::{DeviceSpec, HeadChoice, KvPrecision, ModelSpec};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
-use amusd_spec::{Penalties, RequestSampling, SamplingParams};
+use amusd_spec::{LogitBias, Penalties, RequestSampling, SamplingParams};
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 
@@ -311,6 +311,16 @@ pub struct SamplingArgs {
         allow_hyphen_values = true
     )]
     pub repeat_last_n: i64,
+    /// Add BIAS to token ID's logit, before the penalties and the temperature, greedy or not:
+    /// `ID+BIAS` or `ID-BIAS` (BIAS up to 100, or `inf` with `-` to ban the token), as llama.cpp
+    /// takes it; repeat for more tokens.
+    #[arg(
+        long,
+        value_name = "ID(+|-)BIAS",
+        allow_hyphen_values = true,
+        value_parser = parse_logit_bias
+    )]
+    pub logit_bias: Vec<(u32, f32)>,
     /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
     /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
     #[arg(long)]
@@ -332,6 +342,8 @@ impl SamplingArgs {
                 presence: self.presence_penalty,
                 last_n: penalty_window(self.repeat_last_n)?,
             },
+            logit_bias: LogitBias::new(self.logit_bias.iter().copied())
+                .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?,
         };
         let mut params = params
             .validate()
@@ -347,6 +359,21 @@ impl SamplingArgs {
             cache_prompt: false,
         })
     }
+}
+
+/// A `--logit-bias` value, `ID+BIAS` or `ID-BIAS` (llama.cpp's form; `-inf` bans).
+fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let at = s.find(['+', '-']).ok_or_else(|| {
+        format!("expected ID+BIAS or ID-BIAS, e.g. 15043+1.5 or 2-inf; got {s:?}")
+    })?;
+    let (id, bias) = s.split_at(at);
+    let id = id
+        .parse()
+        .map_err(|_| format!("{id:?} is not a token id (in {s:?})"))?;
+    let bias: f32 = bias
+        .parse()
+        .map_err(|_| format!("{bias:?} is not a number (in {s:?})"))?;
+    Ok((id, bias))
 }
 
 /// A `repeat_last_n` as llama.cpp takes it (-1: the whole sequence) as [`Penalties::last_n`].
@@ -377,7 +404,17 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
             u32::MAX => -1,
             n => i64::from(n),
         },
+        "logit_bias": logit_bias_json(&p.logit_bias),
     })
+}
+
+/// A logit bias as OpenAI writes it: token ids (as strings) to biases; `-inf` as `null`.
+pub fn logit_bias_json(b: &LogitBias) -> serde_json::Value {
+    let num = |x: f32| x.to_string().parse::<f64>().ok().filter(|x| x.is_finite());
+    (b.entries().iter())
+        .map(|&(token, bias)| (token.to_string(), serde_json::json!(num(bias))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// `greedy`, or the parameters that differ from greedy's, seed included.
@@ -388,6 +425,12 @@ pub fn sampling_label(s: &RequestSampling) -> String {
         false => format!("temperature {}", p.temperature),
     };
     out.push_str(&penalties_label(&p.penalties));
+    if !p.logit_bias.is_empty() {
+        out.push_str(&format!(
+            ", logit bias on {} tokens",
+            p.logit_bias.entries().len()
+        ));
+    }
     if p.is_greedy() {
         return out;
     }
@@ -500,6 +543,38 @@ mod tests {
             &["--repeat-penalty", "0"][..],
             &["--frequency-penalty", "3"],
             &["--repeat-last-n", "-2"],
+        ] {
+            let e = sampling(bad).unwrap_err().to_string();
+            assert!(e.contains("bad sampling option"), "{bad:?}: {e}");
+        }
+    }
+
+    /// `--logit-bias` takes llama.cpp's `ID+BIAS` / `ID-BIAS` (`-inf` bans), repeated; the bias
+    /// reaches the parameters, the label and the JSON, and bad values are refused.
+    #[test]
+    fn logit_bias_options_are_parsed_and_checked() {
+        let s = sampling(&["--logit-bias", "15043+1.5", "--logit-bias", "2-inf"]).unwrap();
+        let b = s.params.logit_bias.entries();
+        assert_eq!(b, [(2, f32::NEG_INFINITY), (15043, 1.5)]);
+        assert!(!s.params.is_plain_greedy());
+        assert_eq!(sampling_label(&s), "greedy, logit bias on 2 tokens");
+        let json = sampling_json(&s);
+        assert_eq!(
+            json["logit_bias"],
+            serde_json::json!({"2": null, "15043": 1.5})
+        );
+        for bad in [
+            &["--logit-bias", "15043"][..],
+            &["--logit-bias", "x+1"],
+            &["--logit-bias", "7+abc"],
+        ] {
+            let e = sampling(bad).unwrap_err().to_string();
+            assert!(e.contains("--logit-bias"), "{bad:?}: {e}");
+        }
+        for bad in [
+            &["--logit-bias", "7+101"][..],
+            &["--logit-bias", "7+inf"],
+            &["--logit-bias", "7+1", "--logit-bias", "7-1"],
         ] {
             let e = sampling(bad).unwrap_err().to_string();
             assert!(e.contains("bad sampling option"), "{bad:?}: {e}");

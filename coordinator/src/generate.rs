@@ -71,6 +71,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
     };
     let texts = Texts::load(&verify_spec, draft_spec.as_deref())?;
+    texts.check_sampling(&sampling)?;
     let (prompt, stop_ids) = texts.prompt(&messages, args.raw, args.prompt_ids.as_deref())?;
     let stop = StopCriteria {
         stop_ids,

@@ -5,6 +5,7 @@ use amusd_model::chat::{ChatTemplate, Message};
 use amusd_model::loader::{load_text, ModelText};
 use amusd_model::tokenizer::Tokenizer;
 use amusd_spec::fake::FakeModel;
+use amusd_spec::RequestSampling;
 use anyhow::{bail, Context, Result};
 
 use std::path::Path;
@@ -125,6 +126,17 @@ impl Texts {
             draft,
             fake_stop: fake_stop(verify_spec),
         })
+    }
+
+    /// Refuses a logit bias that names a token past the verify model's vocabulary (a fake model
+    /// has no tokenizer to check against; its decoders ignore such ids).
+    pub fn check_sampling(&self, s: &RequestSampling) -> Result<()> {
+        if let Some(v) = &self.verify {
+            (s.params.logit_bias)
+                .check_vocab(v.tokenizer.vocab_size())
+                .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+        }
+        Ok(())
     }
 
     /// The prompt's token ids and the stop ids: `ids` as given (fake models), or the conversation

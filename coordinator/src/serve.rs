@@ -16,7 +16,7 @@ use amusd_server::{
     Sampling, Server, TextStream,
 };
 use amusd_spec::fake::FakeModel;
-use amusd_spec::{Finish, Penalties, RequestSampling, SamplingParams, StopCriteria};
+use amusd_spec::{Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -313,6 +313,8 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
             presence: s.presence_penalty,
             last_n: s.repeat_last_n,
         },
+        logit_bias: LogitBias::new(s.logit_bias.iter().copied())
+            .map_err(|e| GenError::BadRequest(format!("bad logit_bias: {e}")))?,
     }
     .validate()
     .map_err(|e| GenError::BadRequest(format!("bad sampling parameter: {e}")))?;

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use amusd_spec::{Finish, Generation, Penalties, RequestSampling, SamplingParams};
+use amusd_spec::{Finish, Generation, LogitBias, Penalties, RequestSampling, SamplingParams};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,10 @@ pub(super) struct SamplingRecord {
     /// [`Penalties::last_n`]: `u32::MAX` is the whole sequence.
     #[serde(default = "default_penalty_window")]
     pub(super) penalty_last_n: u32,
+    /// Token ids and their logit biases, `None` for `-inf` (JSON has no infinity); records written
+    /// before the bias existed had none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) logit_bias: Vec<(u32, Option<f32>)>,
 }
 
 fn no_repeat_penalty() -> f32 {
@@ -88,6 +92,9 @@ impl SamplingRecord {
             frequency_penalty: p.penalties.frequency,
             presence_penalty: p.penalties.presence,
             penalty_last_n: p.penalties.last_n,
+            logit_bias: (p.logit_bias.entries().iter())
+                .map(|&(t, b)| (t, b.is_finite().then_some(b)))
+                .collect(),
         }
     }
 
@@ -105,6 +112,12 @@ impl SamplingRecord {
                     presence: self.presence_penalty,
                     last_n: self.penalty_last_n,
                 },
+                // Checked when the run was made; a hand-edited record's bad bias is left out of
+                // its report label.
+                logit_bias: LogitBias::new(
+                    (self.logit_bias.iter()).map(|&(t, b)| (t, b.unwrap_or(f32::NEG_INFINITY))),
+                )
+                .unwrap_or_default(),
             },
             greedy_draft: self.greedy_draft,
             // A record says how it drafted in `drafter`.

@@ -85,7 +85,7 @@ impl RunContext<'_> {
         let sampling = RequestSampling {
             no_draft_lookup: arm.no_lookup,
             cache_prompt,
-            ..self.sampling
+            ..self.sampling.clone()
         };
         let request = Request {
             prompt,
@@ -435,6 +435,9 @@ pub(super) fn select_samples(
     models: &Models,
 ) -> Result<Vec<Prepared>> {
     let (name, capacity, text) = (&plan.dataset_name, models.capacity, &models.text);
+    (plan.sampling.params.logit_bias)
+        .check_vocab(text.tokenizer.vocab_size())
+        .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
     let all = plan.dataset.load()?;
     let available = all.len();
     let want = args.num_samples.unwrap_or(available);
@@ -541,7 +544,7 @@ pub(super) fn run_all(
             stop_ids: text.eos_ids.clone(),
             max_new_tokens: args.max_new_tokens,
         },
-        sampling: plan.sampling,
+        sampling: plan.sampling.clone(),
         dataset: plan.dataset_name.clone(),
         drafter: args.models.drafter_label(),
         warmup: args.warmup,
