@@ -71,7 +71,17 @@ biased = client.chat.completions.create(
 )
 check("biased = ar's", biased.choices[0].message.content, exp["biased"])
 
-for kw, name in [({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
+two = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=n, temperature=exp["temperature"], seed=exp["seed"], n=2
+)
+check("n=2: two choices", [c.index for c in two.choices], [0, 1])
+check("n=2: choice 0 = ar's sample", two.choices[0].message.content, exp["sampled"])
+next_seed = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=n, temperature=exp["temperature"], seed=exp["seed"] + 1
+)
+check("n=2: choice 1 = the next seed's", two.choices[1].message.content, next_seed.choices[0].message.content)
+
+for kw, name in [({"n": 17}, "n"), ({"logprobs": True}, "logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})
         raise AssertionError(f"{name}: no error")

@@ -196,7 +196,7 @@ fn bad_input_is_refused_and_sigterm_mid_stream_exits_cleanly() {
         ),
         (
             "/v1/chat/completions",
-            r#"{"messages": [{"role": "user", "content": "x"}], "n": 2}"#.to_string(),
+            r#"{"messages": [{"role": "user", "content": "x"}], "n": 17}"#.to_string(),
             400,
         ),
         (

@@ -21,7 +21,10 @@ use crate::stop::StopMatcher;
 
 /// One queued request.
 pub struct Job {
+    /// The first choice's generation; choice `i` adds `i` to its seed ([`Job::choice`]).
     pub request: GenRequest,
+    /// Choices to generate, one after another.
+    pub n: usize,
     pub stop: Vec<String>,
     pub arrived: Instant,
     /// `--request-timeout`, counted from arrival.
@@ -29,11 +32,23 @@ pub struct Job {
     pub events: UnboundedSender<Event>,
 }
 
-/// What the decode thread tells a request's handler.
+impl Job {
+    /// Choice `i`'s generation: the request's, its seed (if it has one) plus `i`, so a seeded
+    /// request's choices differ and each can be repeated alone (choice 0 is the `n = 1` answer;
+    /// without a seed each gets a random one; greedy choices are all the same text).
+    pub fn choice(&self, i: usize) -> GenRequest {
+        let mut r = self.request.clone();
+        r.sampling.seed = r.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        r
+    }
+}
+
+/// What the decode thread tells a request's handler: choice `i`'s text as it comes and its end,
+/// the choices in order; or a failure, which ends the request.
 #[derive(Debug)]
 pub enum Event {
-    Text(String),
-    Done(Summary),
+    Text(usize, String),
+    Done(usize, Summary),
     Failed(ApiError),
 }
 
@@ -79,6 +94,37 @@ pub struct Summary {
     pub finish: Finish,
     pub usage: Usage,
     pub timings: Timings,
+}
+
+impl Summary {
+    /// The usage and timings of a request's choices together: the prompt once (the first
+    /// choice's prefill; the later ones find it cached), the generated tokens, their time and the
+    /// drafts summed.
+    pub fn combined(all: &[Summary]) -> (Usage, Timings) {
+        let first = &all[0];
+        let completion: usize = all.iter().map(|s| s.usage.completion_tokens).sum();
+        let usage = Usage {
+            completion_tokens: completion,
+            total_tokens: first.usage.prompt_tokens + completion,
+            ..first.usage.clone()
+        };
+        let sum = |f: fn(&Timings) -> f64| all.iter().map(|s| f(&s.timings)).sum::<f64>();
+        let predicted_ms = sum(|t| t.predicted_ms);
+        let gaps = sum(|t| t.predicted_n.saturating_sub(1) as f64);
+        let timings = Timings {
+            predicted_n: completion,
+            predicted_ms,
+            predicted_per_second: if predicted_ms > 0.0 {
+                gaps * 1e3 / predicted_ms
+            } else {
+                0.0
+            },
+            draft_n: all.iter().map(|s| s.timings.draft_n).sum(),
+            draft_n_accepted: all.iter().map(|s| s.timings.draft_n_accepted).sum(),
+            ..first.timings.clone()
+        };
+        (usage, timings)
+    }
 }
 
 /// State shared by the handlers and the decode thread.
@@ -134,8 +180,9 @@ pub fn run(
     }
 }
 
-/// Tokens to text for one job, stop strings applied.
+/// Tokens to text for one choice of a job, stop strings applied.
 struct Progress<'a> {
+    choice: usize,
     text: Box<dyn crate::generator::TextStream + 'a>,
     stop: StopMatcher,
     events: &'a UnboundedSender<Event>,
@@ -170,7 +217,7 @@ impl Progress<'_> {
 
     fn send(&self, text: String) {
         if !text.is_empty() {
-            let _ = self.events.send(Event::Text(text));
+            let _ = self.events.send(Event::Text(self.choice, text));
         }
     }
 }
@@ -183,8 +230,32 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
         let _ = job.events.send(Event::Failed(shutting_down()));
         return;
     }
+    for i in 0..job.n {
+        let event = match serve_choice(gen, codec, &job, i, shared) {
+            None => return, // The client left.
+            Some(Ok(summary)) => Event::Done(i, summary),
+            Some(Err(e)) => Event::Failed(e),
+        };
+        let failed = matches!(event, Event::Failed(_));
+        let _ = job.events.send(event);
+        if failed {
+            return;
+        }
+    }
+}
+
+/// Generates choice `i` of `job`, streaming its text; its summary, or why it failed (`None`: the
+/// client left, and nobody is listening).
+fn serve_choice(
+    gen: &mut dyn Generator,
+    codec: &dyn Codec,
+    job: &Job,
+    i: usize,
+    shared: &Shared,
+) -> Option<Result<Summary, ApiError>> {
     let started = Instant::now();
     let mut p = Progress {
+        choice: i,
         text: codec.text_stream(),
         stop: StopMatcher::new(&job.stop),
         events: &job.events,
@@ -200,7 +271,7 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
             || timed_out()
     };
     let result = gen.generate(
-        &job.request,
+        &job.choice(i),
         &mut |ids| {
             p.push(ids);
             stop_hit.set(p.stop.stopped());
@@ -210,7 +281,7 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
     let end = Instant::now();
     let stats = result.as_ref().ok().cloned().unwrap_or_default();
     let outcome = match result {
-        _ if job.events.is_closed() => return,
+        _ if job.events.is_closed() => return None,
         Ok(_) if stop_hit.get() => Ok(Finish::Stop),
         _ if shared.shutting_down.load(Ordering::SeqCst) => Err(shutting_down()),
         _ if timed_out() => Err(ApiError::new(
@@ -225,17 +296,13 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
             format!("generation failed: {m}"),
         )),
     };
-    let event = match outcome {
-        Ok(finish) => {
-            p.flush();
-            let summary = summarize(&job, &p, finish, started, end, &stats);
-            record(&shared.metrics, &job, &summary, p.first_token);
-            shared.metrics.rollbacks.inc_by(stats.rollbacks);
-            Event::Done(summary)
-        }
-        Err(e) => Event::Failed(e),
-    };
-    let _ = job.events.send(event);
+    Some(outcome.map(|finish| {
+        p.flush();
+        let summary = summarize(job, &p, finish, started, end, &stats);
+        record(&shared.metrics, job, i, &summary, p.first_token);
+        shared.metrics.rollbacks.inc_by(stats.rollbacks);
+        summary
+    }))
 }
 
 fn shutting_down() -> ApiError {
@@ -284,11 +351,15 @@ fn summarize(
     }
 }
 
-fn record(m: &Metrics, job: &Job, s: &Summary, first_token: Option<Instant>) {
-    m.prompt_tokens.inc_by(s.usage.prompt_tokens as u64);
+/// Choice `i`'s figures into the metrics: the prompt and the time to first token once per
+/// request (choice 0's), the rest per choice.
+fn record(m: &Metrics, job: &Job, i: usize, s: &Summary, first_token: Option<Instant>) {
     m.completion_tokens.inc_by(s.usage.completion_tokens as u64);
-    if let Some(first) = first_token {
-        m.ttft.observe((first - job.arrived).as_secs_f64());
+    if i == 0 {
+        m.prompt_tokens.inc_by(s.usage.prompt_tokens as u64);
+        if let Some(first) = first_token {
+            m.ttft.observe((first - job.arrived).as_secs_f64());
+        }
     }
     if s.usage.completion_tokens > 1 {
         m.per_token

@@ -40,8 +40,9 @@ pub struct RawRequest {
     pub logit_bias: Option<Value>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    // Known but not implemented: refused when they would change the result.
+    /// OpenAI's: how many choices (default 1, at most [`MAX_CHOICES`]).
     pub n: Option<u64>,
+    // Known but not implemented: refused when they would change the result.
     pub best_of: Option<u64>,
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<Value>,
@@ -92,7 +93,12 @@ pub struct Validated {
     pub sampling: Sampling,
     pub stream: bool,
     pub include_usage: bool,
+    /// Choices to generate (OpenAI's `n`), one after another through the model.
+    pub n: usize,
 }
+
+/// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
+pub const MAX_CHOICES: usize = 16;
 
 /// Parses a body; a syntax or type error names where it is.
 pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
@@ -127,7 +133,19 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
         (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
         (None, None) => None,
     };
+    let n = match raw.n.unwrap_or(1) {
+        n @ 1.. if n as usize <= MAX_CHOICES => n as usize,
+        n => {
+            return Err(ApiError::bad_param(
+                "n",
+                format!(
+                    "n {n} must be from 1 to {MAX_CHOICES} (the choices run one after another)"
+                ),
+            ))
+        }
+    };
     Ok(Validated {
+        n,
         endpoint,
         input,
         max_tokens,
@@ -158,7 +176,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         .as_ref()
         .is_none_or(|c| c.is_null() || c == "none");
     let refused = [
-        ("n", r.n.is_some_and(|n| n != 1)),
         ("best_of", r.best_of.is_some_and(|n| n != 1)),
         ("logprobs", set(&r.logprobs)),
         ("top_logprobs", set(&r.top_logprobs)),
@@ -460,7 +477,15 @@ mod tests {
                 cache_prompt: false,
             }
         );
-        assert!(v.stream && v.include_usage);
+        assert!(v.stream && v.include_usage && v.n == 1);
+    }
+
+    #[test]
+    fn n_choices_up_to_the_limit() {
+        let v = check(r#"{"prompt":"hi","n":16}"#, Endpoint::Completions).unwrap();
+        assert_eq!(v.n, MAX_CHOICES);
+        let v = check(r#"{"prompt":"hi"}"#, Endpoint::Completions).unwrap();
+        assert_eq!(v.n, 1);
     }
 
     #[test]
@@ -585,6 +610,11 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}],"logit_bias":[5]}"#,
                 "logit_bias",
             ),
+            (r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#, "n"),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#,
+                "n",
+            ),
         ];
         for (body, param) in cases {
             let e = err(body, Endpoint::Chat);
@@ -610,7 +640,7 @@ mod tests {
     fn unsupported_parameters_are_refused_by_name() {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
         for (extra, name) in [
-            (r#""n":2"#, "n"),
+            (r#""best_of":2"#, "best_of"),
             (r#""logprobs":true"#, "logprobs"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""tool_choice":"auto""#, "tool_choice"),

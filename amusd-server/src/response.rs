@@ -35,30 +35,34 @@ impl Head {
         })
     }
 
-    /// The whole response of a non-streamed request.
-    pub fn full(&self, text: &str, s: &Summary) -> Value {
-        let choice = match self.endpoint {
-            Endpoint::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": s.finish,
-            }),
-            Endpoint::Completions => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": s.finish,
-            }),
-        };
-        let mut v = self.envelope(false, json!([choice]));
-        v["usage"] = json!(s.usage);
-        v["timings"] = json!(s.timings);
+    /// The whole response of a non-streamed request: each choice's text and summary, in order.
+    pub fn full(&self, choices: &[(String, Summary)]) -> Value {
+        let items: Vec<Value> = (choices.iter().enumerate())
+            .map(|(i, (text, s))| match self.endpoint {
+                Endpoint::Chat => json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": null,
+                    "finish_reason": s.finish,
+                }),
+                Endpoint::Completions => json!({
+                    "index": i,
+                    "text": text,
+                    "logprobs": null,
+                    "finish_reason": s.finish,
+                }),
+            })
+            .collect();
+        let summaries: Vec<Summary> = choices.iter().map(|c| c.1.clone()).collect();
+        let (usage, timings) = Summary::combined(&summaries);
+        let mut v = self.envelope(false, json!(items));
+        v["usage"] = json!(usage);
+        v["timings"] = json!(timings);
         v
     }
 
-    /// A streamed chunk; `role` only in the first chat chunk.
-    fn chunk(&self, text: Option<&str>, role: bool, finish: Option<&Summary>) -> Value {
+    /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk.
+    fn chunk(&self, i: usize, text: Option<&str>, role: bool, finish: Option<&Summary>) -> Value {
         let finish_reason = finish.map(|s| json!(s.finish)).unwrap_or(Value::Null);
         let choice = match self.endpoint {
             Endpoint::Chat => {
@@ -69,10 +73,10 @@ impl Head {
                 if let Some(t) = text {
                     delta["content"] = t.into();
                 }
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
+                json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
             }
             Endpoint::Completions => json!({
-                "index": 0,
+                "index": i,
                 "text": text.unwrap_or(""),
                 "logprobs": null,
                 "finish_reason": finish_reason,
@@ -88,24 +92,29 @@ impl Head {
         v
     }
 
-    /// The chunk that opens a chat stream (the assistant's role, no text yet), if the endpoint has one.
-    pub fn opening(&self) -> Option<Value> {
-        (self.endpoint == Endpoint::Chat).then(|| self.chunk(Some(""), true, None))
+    /// The chunk that opens choice `i` of a chat stream (the assistant's role, no text yet), if
+    /// the endpoint has one.
+    pub fn opening(&self, i: usize) -> Option<Value> {
+        (self.endpoint == Endpoint::Chat).then(|| self.chunk(i, Some(""), true, None))
     }
 
-    pub fn text(&self, text: &str) -> Value {
-        self.chunk(Some(text), false, None)
+    pub fn text(&self, i: usize, text: &str) -> Value {
+        self.chunk(i, Some(text), false, None)
     }
 
-    /// The closing chunks: the finish reason (with `timings`), then usage if asked for.
-    pub fn closing(&self, s: &Summary) -> Vec<Value> {
-        let mut out = vec![self.chunk(None, false, Some(s))];
-        if self.include_usage {
+    /// The chunk that ends choice `i`: its finish reason, with its `timings`.
+    pub fn choice_end(&self, i: usize, s: &Summary) -> Value {
+        self.chunk(i, None, false, Some(s))
+    }
+
+    /// What closes the stream after the last choice's end: the usage of all choices, if asked
+    /// for.
+    pub fn closing(&self, all: &[Summary]) -> Option<Value> {
+        self.include_usage.then(|| {
             let mut v = self.envelope(true, json!([]));
-            v["usage"] = json!(s.usage);
-            out.push(v);
-        }
-        out
+            v["usage"] = json!(Summary::combined(all).0);
+            v
+        })
     }
 }
 
@@ -149,7 +158,7 @@ mod tests {
     #[test]
     fn chat_shapes() {
         let h = head(Endpoint::Chat, true);
-        let full = h.full("hi", &summary());
+        let full = h.full(&[("hi".into(), summary())]);
         assert_eq!(full["object"], "chat.completion");
         assert_eq!(full["choices"][0]["message"]["content"], "hi");
         assert_eq!(full["choices"][0]["finish_reason"], "length");
@@ -158,24 +167,51 @@ mod tests {
         assert_eq!(full["timings"]["cache_n"], 1);
         assert_eq!(full["timings"]["draft_n_accepted"], 3);
         assert_eq!(
-            h.opening().unwrap()["choices"][0]["delta"]["role"],
+            h.opening(0).unwrap()["choices"][0]["delta"]["role"],
             "assistant"
         );
-        assert_eq!(h.text("a")["choices"][0]["delta"]["content"], "a");
-        assert!(h.text("a")["usage"].is_null());
-        let closing = h.closing(&summary());
-        assert_eq!(closing.len(), 2);
-        assert_eq!(closing[0]["choices"][0]["finish_reason"], "length");
-        assert_eq!(closing[1]["choices"], json!([]));
-        assert_eq!(closing[1]["usage"]["completion_tokens"], 2);
+        assert_eq!(h.text(0, "a")["choices"][0]["delta"]["content"], "a");
+        assert!(h.text(0, "a")["usage"].is_null());
+        let end = h.choice_end(0, &summary());
+        assert_eq!(end["choices"][0]["finish_reason"], "length");
+        let closing = h.closing(&[summary()]).unwrap();
+        assert_eq!(closing["choices"], json!([]));
+        assert_eq!(closing["usage"]["completion_tokens"], 2);
+    }
+
+    /// Several choices: each has its index; the prompt counts once, the generated tokens, their
+    /// time and the drafts add up.
+    #[test]
+    fn choices_and_their_usage() {
+        let h = head(Endpoint::Chat, true);
+        let mut second = summary();
+        second.finish = Finish::Stop;
+        second.usage.completion_tokens = 5;
+        second.timings.predicted_n = 5;
+        let full = h.full(&[("hi".into(), summary()), ("there".into(), second.clone())]);
+        assert_eq!(full["choices"][1]["index"], 1);
+        assert_eq!(full["choices"][1]["message"]["content"], "there");
+        assert_eq!(full["choices"][1]["finish_reason"], "stop");
+        assert_eq!(full["usage"]["prompt_tokens"], 3);
+        assert_eq!(full["usage"]["completion_tokens"], 7);
+        assert_eq!(full["usage"]["total_tokens"], 10);
+        assert_eq!(full["timings"]["predicted_n"], 7);
+        assert_eq!(full["timings"]["predicted_ms"], 4.0);
+        assert_eq!(full["timings"]["draft_n"], 8);
+        assert_eq!(h.text(1, "a")["choices"][0]["index"], 1);
+        let closing = h.closing(&[summary(), second]).unwrap();
+        assert_eq!(closing["usage"]["completion_tokens"], 7);
     }
 
     #[test]
     fn completion_shapes() {
         let h = head(Endpoint::Completions, false);
-        assert_eq!(h.full("hi", &summary())["choices"][0]["text"], "hi");
-        assert!(h.opening().is_none());
-        assert_eq!(h.text("a")["object"], "text_completion");
-        assert_eq!(h.closing(&summary()).len(), 1);
+        assert_eq!(
+            h.full(&[("hi".into(), summary())])["choices"][0]["text"],
+            "hi"
+        );
+        assert!(h.opening(0).is_none());
+        assert_eq!(h.text(0, "a")["object"], "text_completion");
+        assert!(h.closing(&[summary()]).is_none());
     }
 }

@@ -20,7 +20,7 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::decode::{Event, Job, Shared};
+use crate::decode::{Event, Job, Shared, Summary};
 use crate::error::ApiError;
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
@@ -148,6 +148,7 @@ async fn handle(
             max_tokens,
             sampling: v.sampling.clone(),
         },
+        n: v.n,
         stop: v.stop.clone(),
         arrived,
         deadline: s.limits.request_timeout.map(|t| arrived + t),
@@ -164,11 +165,13 @@ async fn handle(
         include_usage: v.include_usage,
     };
     if v.stream {
-        Ok(Sse::new(sse_stream(head, rx))
+        Ok(Sse::new(sse_stream(head, v.n, rx))
             .keep_alive(KeepAlive::default())
             .into_response())
     } else {
-        collect(head, rx).await.map(|v| Json(v).into_response())
+        collect(head, v.n, rx)
+            .await
+            .map(|v| Json(v).into_response())
     }
 }
 
@@ -293,12 +296,32 @@ fn response_id(s: &AppState, endpoint: Endpoint) -> String {
     format!("{prefix}-{:x}-{n}", s.started_ns)
 }
 
-async fn collect(head: Head, mut rx: UnboundedReceiver<Event>) -> Result<Value, ApiError> {
-    let mut text = String::new();
+/// The whole response: the `n` choices' texts, gathered as they come.
+async fn collect(
+    head: Head,
+    n: usize,
+    mut rx: UnboundedReceiver<Event>,
+) -> Result<Value, ApiError> {
+    let mut choices: Vec<(String, Option<Summary>)> = vec![(String::new(), None); n];
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
-            Event::Done(summary) => return Ok(head.full(&text, &summary)),
+            Event::Text(i, t) => choices[i].0.push_str(&t),
+            Event::Done(i, summary) => {
+                choices[i].1 = Some(summary);
+                if i + 1 == n {
+                    // The decode thread ends the choices in order: all are here.
+                    let done: Option<Vec<(String, Summary)>> = choices
+                        .into_iter()
+                        .map(|(t, s)| s.map(|s| (t, s)))
+                        .collect();
+                    return done.map(|d| head.full(&d)).ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "a choice ended before the ones ahead of it",
+                        )
+                    });
+                }
+            }
             Event::Failed(e) => return Err(e),
         }
     }
@@ -308,41 +331,90 @@ async fn collect(head: Head, mut rx: UnboundedReceiver<Event>) -> Result<Value, 
     ))
 }
 
-/// The SSE stream: the opening chunk, one chunk per text piece, the closing chunks, `[DONE]`; on a
-/// failure, the error object and the end. Dropping it (the client left) closes `rx`, which the
-/// decode thread takes as a cancellation.
+/// Where an SSE stream is: the choice being streamed, whether its chat opening went out, and the
+/// summaries of the choices that ended.
+struct StreamState {
+    head: Head,
+    n: usize,
+    rx: Option<UnboundedReceiver<Event>>,
+    queued: std::collections::VecDeque<String>,
+    opened: usize,
+    ended: Vec<Summary>,
+}
+
+impl StreamState {
+    /// Queues the chat openings of the choices up to `i` that have none yet.
+    fn open_up_to(&mut self, i: usize) {
+        while self.opened <= i {
+            if let Some(v) = self.head.opening(self.opened) {
+                self.queued.push_back(v.to_string());
+            }
+            self.opened += 1;
+        }
+    }
+
+    /// Queues what `event` says: text, a choice's end (and after the last one the usage and
+    /// `[DONE]`), or the error that ends the stream.
+    fn take(&mut self, event: Option<Event>) {
+        match event {
+            Some(Event::Text(i, t)) => {
+                self.open_up_to(i);
+                self.queued.push_back(self.head.text(i, &t).to_string());
+            }
+            Some(Event::Done(i, s)) => {
+                self.open_up_to(i);
+                self.queued
+                    .push_back(self.head.choice_end(i, &s).to_string());
+                self.ended.push(s);
+                if self.ended.len() == self.n {
+                    if let Some(v) = self.head.closing(&self.ended) {
+                        self.queued.push_back(v.to_string());
+                    }
+                    self.queued.push_back("[DONE]".into());
+                    self.rx = None;
+                }
+            }
+            Some(Event::Failed(e)) => {
+                self.queued.push_back(e.body().to_string());
+                self.rx = None;
+            }
+            None => {
+                let e = ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the decode thread dropped the request",
+                );
+                self.queued.push_back(e.body().to_string());
+                self.rx = None;
+            }
+        }
+    }
+}
+
+/// The SSE stream: the first choice's opening chunk, one chunk per text piece (each with its
+/// choice's index; the choices one after another), each choice's closing chunk, the usage,
+/// `[DONE]`; on a failure, the error object and the end. Dropping it (the client left) closes
+/// `rx`, which the decode thread takes as a cancellation.
 fn sse_stream(
     head: Head,
+    n: usize,
     rx: UnboundedReceiver<Event>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let opening: Vec<String> = head.opening().iter().map(Value::to_string).collect();
-    let state = (head, Some(rx), std::collections::VecDeque::from(opening));
-    stream::unfold(state, |(head, mut rx, mut queued)| async move {
+    let mut state = StreamState {
+        head,
+        n,
+        rx: Some(rx),
+        queued: Default::default(),
+        opened: 0,
+        ended: Vec::new(),
+    };
+    state.open_up_to(0);
+    stream::unfold(state, |mut state| async move {
         loop {
-            if let Some(data) = queued.pop_front() {
-                return Some((Ok(SseEvent::default().data(data)), (head, rx, queued)));
+            if let Some(data) = state.queued.pop_front() {
+                return Some((Ok(SseEvent::default().data(data)), state));
             }
-            let event = rx.as_mut()?.recv().await;
-            match event {
-                Some(Event::Text(t)) => queued.push_back(head.text(&t).to_string()),
-                Some(Event::Done(s)) => {
-                    queued.extend(head.closing(&s).iter().map(Value::to_string));
-                    queued.push_back("[DONE]".into());
-                    rx = None;
-                }
-                Some(Event::Failed(e)) => {
-                    queued.push_back(e.body().to_string());
-                    rx = None;
-                }
-                None => {
-                    let e = ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the decode thread dropped the request",
-                    );
-                    queued.push_back(e.body().to_string());
-                    rx = None;
-                }
-            }
+            let event = state.rx.as_mut()?.recv().await;
+            state.take(event);
         }
     })
 }

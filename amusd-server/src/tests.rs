@@ -231,6 +231,57 @@ async fn completions_stream_and_seeds() {
     assert_eq!(streamed_text(&body, false).0, text);
 }
 
+/// `n` choices run one after another: a seeded request's choice `i` is the one-choice answer
+/// with seed + `i`; streamed, each chunk carries its choice's index, every chat choice opens with
+/// the role and ends with its finish reason, and the texts are the whole response's; the usage
+/// counts the prompt once.
+#[tokio::test(flavor = "multi_thread")]
+async fn n_choices_are_the_seeds_in_turn_streamed_or_whole() {
+    let s = server(Hooks::default(), 4);
+    let req = |n: usize, seed: u64, stream: bool| {
+        json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "n": n,
+               "temperature": 0.8, "seed": seed, "stream": stream,
+               "stream_options": {"include_usage": true}})
+        .to_string()
+    };
+    let (status, whole) = json_call(&s, CHAT, &req(3, 40, false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    let mut texts = Vec::new();
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let (_, alone) = json_call(&s, CHAT, &req(1, 40 + i as u64, false)).await;
+        assert_eq!(c["message"], alone["choices"][0]["message"], "choice {i}");
+        texts.push(c["message"]["content"].as_str().unwrap().to_string());
+    }
+    assert_ne!(texts[0], texts[1]);
+    assert_eq!(whole["usage"]["completion_tokens"], 18);
+    let (_, one) = json_call(&s, CHAT, &req(1, 40, false)).await;
+    assert_eq!(
+        whole["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    let (_, body, _) = call(&s, post(CHAT, &req(3, 40, true))).await;
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = vec![String::new(); 3];
+    let (mut roles, mut finishes) = (vec![0; 3], vec![0; 3]);
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).unwrap();
+        let Some(c) = chunk["choices"].get(0) else {
+            assert_eq!(chunk["usage"]["completion_tokens"], 18, "{chunk}");
+            continue;
+        };
+        let i = c["index"].as_u64().unwrap() as usize;
+        streamed[i] += c["delta"]["content"].as_str().unwrap_or("");
+        roles[i] += usize::from(c["delta"]["role"] == "assistant");
+        finishes[i] += usize::from(!c["finish_reason"].is_null());
+    }
+    assert_eq!(streamed, texts);
+    assert_eq!((roles, finishes), (vec![1; 3], vec![1; 3]));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_queue_gives_429_with_retry_after() {
     let (started_tx, started) = mpsc::channel();
@@ -363,7 +414,7 @@ async fn bad_input_gets_openai_errors() {
         ),
         (
             "/v1/completions",
-            r#"{"prompt":"a","n":3}"#.to_string(),
+            r#"{"prompt":"a","n":17}"#.to_string(),
             400,
             Some("n"),
         ),
