@@ -558,3 +558,12 @@ fn sampling_values_out_of_range() {
         );
     }
 }
+
+#[test]
+fn logprobs_without_json() {
+    expect_error(
+        "--logprobs without --json",
+        &["--prompt", "hi", "--logprobs", "2"],
+        &["--logprobs", "--json"],
+    );
+}

@@ -533,6 +533,43 @@ fn a_logit_bias_is_token_identical_across_strategies() {
     }
 }
 
+/// Log-probabilities are the verify model's, so every strategy reports the same numbers (to the
+/// bit: the JSON of an f32 is exact); each is its token's, at most 0, with the most likely tokens
+/// best first, and under greedy decoding the token is the most likely one.
+#[test]
+fn logprobs_are_identical_across_strategies() {
+    const MAX_NEW: usize = 24;
+    require_default_model();
+    let prompt = &mt_bench_prompts(1)[0];
+    for flags in [
+        &["--logprobs", "3"][..],
+        &["--logprobs", "2", "--temperature", "0.8", "--seed", "9"],
+    ] {
+        let runs = identical_across_strategies(0, prompt, MAX_NEW, flags);
+        let ar = runs[0].1.json()["logprobs"].clone();
+        for (strategy, run) in &runs[1..] {
+            assert_eq!(run.json()["logprobs"], ar, "{strategy} {flags:?}");
+        }
+        let rows = ar.as_array().expect("no logprobs in the JSON output");
+        assert_eq!(rows.len(), runs[0].1.tokens().len());
+        for (row, token) in rows.iter().zip(runs[0].1.tokens()) {
+            assert_eq!(row["token"], token, "{row}");
+            let top: Vec<f64> = (row["top"].as_array().unwrap().iter())
+                .map(|t| t["logprob"].as_f64().unwrap())
+                .collect();
+            assert!(
+                top.windows(2).all(|w| w[0] >= w[1]) && top[0] <= 0.0,
+                "{row}"
+            );
+            let lp = row["logprob"].as_f64().unwrap();
+            assert!(lp <= top[0], "{row}");
+            if flags.len() == 2 {
+                assert_eq!(row["top"][0]["token"], token, "greedy: {row}");
+            }
+        }
+    }
+}
+
 /// With a temperature and no seed, a random seed is chosen and reported, so the run can be repeated.
 #[test]
 fn a_random_seed_is_reported_and_repeats_the_run() {

@@ -31,6 +31,10 @@ pub const MAX_STOP_TOKENS: usize = 8;
 /// Tokens a request's logit bias can name ([`RequestSection::logit_bias`]).
 pub const MAX_LOGIT_BIAS: usize = 256;
 
+/// Most likely alternatives a request may ask for per generated token, besides the token itself
+/// ([`LogprobBuffer`]); OpenAI's `top_logprobs` limit.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
 
@@ -383,6 +387,23 @@ pub struct RequestSection {
     /// what its logit gains (high 32 bits), ids ascending (layout 8). Writer and readers: as
     /// `n_logit_bias`.
     pub logit_bias: [AtomicU64; MAX_LOGIT_BIAS],
+    /// 0: no log-probabilities; `1 + k`: the verify worker writes each committed token's and its
+    /// `k` most likely alternatives' into [`LogprobBuffer`] (layout 8). Writer and readers: as
+    /// `n_logit_bias` (readers clamp `k` to [`MAX_TOP_LOGPROBS`]).
+    pub logprobs: AtomicU32,
+}
+
+/// Log-probabilities of the committed tokens, when the request asks for them
+/// ([`RequestSection::logprobs`]): `rows[p][0]` is the token at position `p` and its log-probability,
+/// `rows[p][1..=k]` the `k` most likely tokens at `p`, most likely first (token `u32::MAX` past
+/// the last one, where the vocabulary is smaller than `k`); each entry a token id (low 32 bits)
+/// and the f32 bits of its log-probability (high 32 bits). Writer: the verify
+/// worker, Relaxed, for the positions it commits, *before* the Release store of
+/// [`VerifiedBuffer::verified_len`] that covers them (a replacement worker rewrites no committed
+/// position). Readers: the coordinator, Relaxed, below an Acquire-loaded `verified_len`.
+#[repr(C, align(64))]
+pub struct LogprobBuffer {
+    pub rows: [[AtomicU64; 1 + MAX_TOP_LOGPROBS]; TOKEN_CAPACITY],
 }
 
 /// The committed sequence: prompt plus verified tokens. Append-only within a request.
@@ -549,6 +570,8 @@ pub struct Region {
     pub draft_events: EventRing,
     /// Metric events of the verify worker.
     pub verify_events: EventRing,
+    /// Log-probabilities of the committed tokens; written by the verify worker (layout 8).
+    pub logprobs: LogprobBuffer,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,17 +616,18 @@ mod tests {
         assert_eq!(LAYOUT_VERSION, 8);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 495_360);
+        assert_eq!(size_of::<Region>(), 1_871_680);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 
         assert_eq!(offset_of!(Region, control), 64);
         assert_eq!(offset_of!(Region, request), 128);
-        assert_eq!(offset_of!(Region, verified), 2_560);
-        assert_eq!(offset_of!(Region, draft), 35_392);
-        assert_eq!(offset_of!(Region, workers), 100_992);
-        assert_eq!(offset_of!(Region, draft_events), 102_016);
-        assert_eq!(offset_of!(Region, verify_events), 298_688);
+        assert_eq!(offset_of!(Region, verified), 2_624);
+        assert_eq!(offset_of!(Region, draft), 35_456);
+        assert_eq!(offset_of!(Region, workers), 101_056);
+        assert_eq!(offset_of!(Region, draft_events), 102_080);
+        assert_eq!(offset_of!(Region, verify_events), 298_752);
+        assert_eq!(offset_of!(Region, logprobs), 495_424);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);
@@ -631,7 +655,9 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, penalty_last_n), 376);
         assert_eq!(offset_of!(RequestSection, n_logit_bias), 380);
         assert_eq!(offset_of!(RequestSection, logit_bias), 384);
-        assert_eq!(size_of::<RequestSection>(), 2432);
+        assert_eq!(offset_of!(RequestSection, logprobs), 2432);
+        assert_eq!(size_of::<RequestSection>(), 2496);
+        assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 
         assert_eq!(offset_of!(VerifiedBuffer, verified_len), 0);
         assert_eq!(offset_of!(VerifiedBuffer, tokens), 4);

@@ -73,7 +73,8 @@ pub use layout::{
     Control, DraftBuffer, Event, EventKind, EventRing, ExitStatus, FinishReason, Header, Party,
     Region, RequestSection, RequestState, Role, TokenSource, VerifiedBuffer, WorkerState,
     WorkerStatus, DEVICE_TEXT_LEN, ERROR_TEXT_LEN, EVENT_CAPACITY, HEADER_LEN, LAYOUT_VERSION,
-    MAGIC, MAX_LOGIT_BIAS, MAX_STOP_TOKENS, MODEL_TEXT_LEN, REGION_SIZE, TOKEN_CAPACITY,
+    MAGIC, MAX_LOGIT_BIAS, MAX_STOP_TOKENS, MAX_TOP_LOGPROBS, MODEL_TEXT_LEN, REGION_SIZE,
+    TOKEN_CAPACITY,
 };
 pub use region::{
     DraftSnapshot, EventBatch, EventRecord, RequestSnapshot, RequestSpec, SamplingFields,

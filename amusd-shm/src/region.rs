@@ -68,6 +68,9 @@ pub struct SamplingFields {
     /// The logit bias: token ids and the f32 bits of their biases, at most
     /// [`MAX_LOGIT_BIAS`].
     pub logit_bias: Vec<(u32, u32)>,
+    /// 0: no log-probabilities; `1 + k`: the committed tokens' and their `k` most likely
+    /// alternatives' ([`LogprobBuffer`]), `k` at most [`MAX_TOP_LOGPROBS`].
+    pub logprobs: u32,
 }
 
 impl SamplingFields {
@@ -86,6 +89,7 @@ impl SamplingFields {
         no_draft_lookup: false,
         cache_prompt: false,
         logit_bias: Vec::new(),
+        logprobs: 0,
     };
 }
 
@@ -537,6 +541,8 @@ impl Region {
         rq.greedy_draft.store(u32::from(sm.greedy_draft), r);
         rq.no_draft_lookup.store(u32::from(sm.no_draft_lookup), r);
         rq.cache_prompt.store(u32::from(sm.cache_prompt), r);
+        rq.logprobs
+            .store(sm.logprobs.min(1 + MAX_TOP_LOGPROBS as u32), r);
         rq.n_logit_bias.store(sm.logit_bias.len() as u32, r);
         for (slot, &(token, bias)) in rq.logit_bias.iter().zip(&sm.logit_bias) {
             slot.store(u64::from(token) | u64::from(bias) << 32, r);
@@ -630,6 +636,7 @@ impl Region {
                                 (e as u32, (e >> 32) as u32)
                             })
                             .collect(),
+                        logprobs: rq.logprobs.load(r).min(1 + MAX_TOP_LOGPROBS as u32),
                     },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
@@ -691,6 +698,42 @@ impl Region {
         self.ring(Party::Draft);
         self.ring(Party::Coordinator);
         Ok(end)
+    }
+
+    /// Verify worker: the log-probability rows of positions `from..` ([`LogprobBuffer`]), each the
+    /// committed token's entry then its alternatives', at most `1 + MAX_TOP_LOGPROBS` (token id,
+    /// f32 bits); call before [`publish_verified`](Self::publish_verified) covers them.
+    pub fn store_logprobs(&self, from: usize, rows: &[Vec<(u32, u32)>]) -> Result<(), ShmError> {
+        if from + rows.len() > TOKEN_CAPACITY {
+            return Err(ShmError::CapacityExceeded {
+                what: "log-probabilities",
+                needed: from + rows.len(),
+                capacity: TOKEN_CAPACITY,
+            });
+        }
+        for (slots, row) in self.logprobs.rows[from..].iter().zip(rows) {
+            for (slot, &(token, bits)) in slots.iter().zip(row) {
+                slot.store(u64::from(token) | u64::from(bits) << 32, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Coordinator: the log-probability rows of positions `from..to`, `width` entries each (the
+    /// token's and `width - 1` alternatives'); the positions must be below an Acquire-loaded
+    /// `verified_len` ([`verified_len`](Self::verified_len), [`read_verified`](Self::read_verified)).
+    pub fn read_logprobs(&self, from: usize, to: usize, width: usize) -> Vec<Vec<(u32, u32)>> {
+        let (to, width) = (to.min(TOKEN_CAPACITY), width.min(1 + MAX_TOP_LOGPROBS));
+        (self.logprobs.rows[from.min(to)..to].iter())
+            .map(|slots| {
+                (slots[..width].iter())
+                    .map(|e| {
+                        let e = e.load(Ordering::Relaxed);
+                        (e as u32, (e >> 32) as u32)
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Committed tokens at positions `from..min(to, verified_len)` (`verified_len` loaded with
@@ -1105,6 +1148,30 @@ mod tests {
     }
 
     #[test]
+    fn logprob_rows_roundtrip() {
+        let r = region();
+        let rows = vec![
+            vec![
+                (7, (-0.5f32).to_bits()),
+                (7, (-0.5f32).to_bits()),
+                (2, (-1.5f32).to_bits()),
+            ],
+            vec![
+                (9, (-3.0f32).to_bits()),
+                (4, (-0.1f32).to_bits()),
+                (9, (-3.0f32).to_bits()),
+            ],
+        ];
+        r.store_logprobs(3, &rows).unwrap();
+        assert_eq!(r.read_logprobs(3, 5, 3), rows);
+        assert_eq!(r.read_logprobs(4, 5, 1), vec![vec![rows[1][0]]]);
+        assert!(matches!(
+            r.store_logprobs(TOKEN_CAPACITY - 1, &rows),
+            Err(ShmError::CapacityExceeded { .. })
+        ));
+    }
+
+    #[test]
     fn request_roundtrip_and_errors() {
         let r = region();
         let snap = r.read_request().unwrap();
@@ -1130,6 +1197,7 @@ mod tests {
                 no_draft_lookup: true,
                 cache_prompt: true,
                 logit_bias: vec![(5, 2.5f32.to_bits()), (49151, f32::NEG_INFINITY.to_bits())],
+                logprobs: 4,
             },
         };
         let too_many = SamplingFields {

@@ -225,12 +225,16 @@ impl<D: Decoder> Verifier<D> {
     }
 
     /// One batched forward over `committed[cached..] ++ draft`. Returns `draft.len() + 1` tokens:
-    /// element `i` is the verify model's token for position `committed.len() + i`.
+    /// element `i` is the verify model's token for position `committed.len() + i` (and, if the
+    /// request asked for them, its log-probabilities are the sampler's `i`th record,
+    /// [`Sampler::take_logprobs`]).
     pub fn verify(&mut self, committed: &[u32], draft: &[u32]) -> Result<Vec<u32>, SpecError> {
         let n = committed.len();
         if n == 0 {
             return Err(SpecError::Protocol("cannot verify without a prompt".into()));
         }
+        // What an earlier call recorded and nobody took belongs to no row of this one.
+        self.sampler.take_logprobs();
         let start = self.decoder.cached().min(n - 1);
         let mut input = Vec::with_capacity(n - start + draft.len());
         input.extend_from_slice(&committed[start..]);

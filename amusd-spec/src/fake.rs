@@ -228,7 +228,7 @@ impl Decoder for FakeDecoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.seen.push(t);
             if i >= first_row {
-                out.push(if sampler.params.is_plain_greedy() {
+                out.push(if sampler.params.is_plain_greedy() && !sampler.records() {
                     self.model.next(&self.seen)
                 } else {
                     sampler.choose(&self.model.logits(&self.seen), &self.seen)
@@ -300,7 +300,11 @@ mod tests {
             proptest::bool::weighted(0.2),
             proptest::bool::weighted(0.25),
             any::<bool>(),
-            (any_penalties(), any_logit_bias()),
+            (
+                any_penalties(),
+                any_logit_bias(),
+                proptest::option::of(0usize..4),
+            ),
         )
             .prop_map(
                 |(
@@ -312,7 +316,7 @@ mod tests {
                     greedy_draft,
                     no_draft_lookup,
                     cache,
-                    (penalties, logit_bias),
+                    (penalties, logit_bias, logprobs),
                 )| {
                     RequestSampling {
                         params: SamplingParams {
@@ -327,9 +331,27 @@ mod tests {
                         greedy_draft,
                         no_draft_lookup,
                         cache_prompt: cache,
+                        logprobs,
                     }
                 },
             )
+    }
+
+    /// One record per generated token when asked for, each its token's, with the top `k` best
+    /// first; none otherwise.
+    fn check_logprobs(g: &crate::Generation, s: &RequestSampling) -> Result<(), TestCaseError> {
+        let Some(k) = s.logprobs else {
+            prop_assert!(g.logprobs.is_empty());
+            return Ok(());
+        };
+        prop_assert_eq!(g.logprobs.len(), g.tokens.len());
+        for (l, &t) in g.logprobs.iter().zip(&g.tokens) {
+            prop_assert_eq!(l.chosen.token, t);
+            prop_assert!(l.chosen.logprob <= 0.0);
+            prop_assert_eq!(l.top.len(), k);
+            prop_assert!(l.top.windows(2).all(|w| w[0].logprob >= w[1].logprob));
+        }
+        Ok(())
     }
 
     fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
@@ -357,6 +379,8 @@ mod tests {
             prop_assert_eq!(&ar.tokens, &sd.tokens);
             prop_assert_eq!(&streamed, &sd.tokens);
             prop_assert_eq!(ar.finish, sd.finish);
+            prop_assert_eq!(&ar.logprobs, &sd.logprobs);
+            check_logprobs(&ar, &sampling)?;
             prop_assert!(sd.tokens.len() <= max_new);
             prop_assert!(!sd.tokens.contains(&truth.eos));
         }
@@ -406,6 +430,7 @@ mod tests {
                 prop_assert_eq!(&ar.tokens, &sd.tokens);
                 prop_assert_eq!(&streamed, &sd.tokens);
                 prop_assert_eq!(ar.finish, sd.finish);
+                prop_assert_eq!(&ar.logprobs, &sd.logprobs);
                 check_lookup_metrics(&sd.metrics, alone, &sampling)?;
             }
         }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::decoder::{Decoder, Drafter, Verifier};
+use crate::logprobs::Logprobs;
 use crate::lookup::Source;
 use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::RequestSampling;
@@ -94,6 +95,10 @@ impl Metrics {
 #[derive(Clone, Debug, Serialize)]
 pub struct Generation {
     pub tokens: Vec<u32>,
+    /// Each token's log-probabilities, if the request asked for them ([`crate::logprobs`]);
+    /// empty otherwise.
+    #[serde(skip)]
+    pub logprobs: Vec<Logprobs>,
     pub finish: Finish,
     pub metrics: Metrics,
 }
@@ -105,6 +110,8 @@ pub type OnTokens<'a> = dyn FnMut(&[u32]) -> ControlFlow<()> + 'a;
 /// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
 pub(crate) struct Committer<'a> {
     pub committed: Vec<u32>,
+    /// The generated tokens' log-probabilities, when asked for.
+    logprobs: Vec<Logprobs>,
     prompt_len: usize,
     stop: &'a StopCriteria,
     on_tokens: &'a mut OnTokens<'a>,
@@ -125,6 +132,7 @@ impl<'a> Committer<'a> {
         let finish = (stop.max_new_tokens == 0).then_some(Finish::Length);
         Self {
             committed: prompt.to_vec(),
+            logprobs: Vec::new(),
             prompt_len: prompt.len(),
             stop,
             on_tokens,
@@ -140,9 +148,12 @@ impl<'a> Committer<'a> {
         self.committed.len() - self.prompt_len
     }
 
-    /// Commits what the policy accepted, clipped by the stop rules.
-    pub fn push(&mut self, tokens: &[u32]) {
+    /// Commits what the policy accepted, clipped by the stop rules, with the tokens'
+    /// log-probabilities (as many, or none when the request did not ask).
+    pub fn push(&mut self, tokens: &[u32], logprobs: &[Logprobs]) {
         let (keep, finish) = self.stop.clip(self.generated(), tokens);
+        self.logprobs
+            .extend_from_slice(&logprobs[..keep.min(logprobs.len())]);
         let mut flow = ControlFlow::Continue(());
         if keep > 0 {
             if self.first_token.is_none() {
@@ -173,6 +184,7 @@ impl<'a> Committer<'a> {
         }
         Generation {
             tokens: self.committed[self.prompt_len..].to_vec(),
+            logprobs: self.logprobs,
             finish: self.finish.unwrap_or(Finish::Length),
             metrics: self.metrics,
         }
@@ -202,7 +214,7 @@ pub fn autoregressive<D: Decoder>(
         let next = verifier.verify(&c.committed, &[])?;
         c.metrics.verify_times.push(t.elapsed().as_secs_f64());
         c.metrics.verify_steps += 1;
-        c.push(&next);
+        c.push(&next, &verifier.sampler.take_logprobs());
         verifier.commit(c.committed.len());
     }
     Ok(c.finish())
@@ -273,7 +285,8 @@ pub fn speculative<D: Decoder, P: Decoder>(
         c.metrics.proposed += draft.len();
         c.metrics.accepted += n_accepted;
         c.metrics.accepted_per_step.push(n_accepted);
-        c.push(&tokens);
+        // The committed tokens are the verify model's first ones: their records come first.
+        c.push(&tokens, &verifier.sampler.take_logprobs());
         verifier.commit(c.committed.len());
     }
     Ok(c.finish())

@@ -15,6 +15,7 @@ pub mod fake;
 pub mod generate;
 pub mod history;
 pub mod logit_bias;
+pub mod logprobs;
 pub mod lookup;
 pub mod penalty;
 mod philox;

@@ -53,6 +53,7 @@
 use amusd_model::kernels;
 
 pub use crate::logit_bias::LogitBias;
+use crate::logprobs::{logprobs_of, Logprobs};
 pub use crate::penalty::Penalties;
 use crate::philox::noise_bits8;
 pub use crate::philox::{noise_bits, philox4x32_10};
@@ -171,6 +172,9 @@ pub struct RequestSampling {
     /// previous request: a conversation's next turn), as llama.cpp's `cache_prompt` does; else
     /// each prefills the whole prompt. Changes no token ([`crate::Decoder::start`]).
     pub cache_prompt: bool,
+    /// `Some(k)`: report each generated token's log-probability and the `k` most likely tokens'
+    /// ([`crate::logprobs`]; the verify model's sampler records them). Changes no token.
+    pub logprobs: Option<usize>,
 }
 
 impl RequestSampling {
@@ -181,9 +185,12 @@ impl RequestSampling {
         }
     }
 
-    /// The verify model's sampler.
+    /// The verify model's sampler, recording log-probabilities if the request asks for them.
     pub fn verifier(&self) -> Sampler {
-        Sampler::new(self.params.clone())
+        Sampler {
+            record: self.logprobs,
+            ..Sampler::new(self.params.clone())
+        }
     }
 
     /// The draft model's sampler: a greedy draft keeps the request's penalties and bias, which
@@ -249,6 +256,10 @@ pub struct Sampler {
     survivors: Vec<u32>,
     /// top-p's `q` of each survivor, computed once.
     weights: Vec<f32>,
+    /// `Some(k)`: each choice also records its log-probabilities and the top `k`'s, from the raw
+    /// logits, into `recorded` ([`Sampler::take_logprobs`]).
+    record: Option<usize>,
+    recorded: Vec<Logprobs>,
 }
 
 impl Default for Sampler {
@@ -266,12 +277,34 @@ impl Sampler {
             scaled: Vec::new(),
             survivors: Vec::new(),
             weights: Vec::new(),
+            record: None,
+            recorded: Vec::new(),
         }
+    }
+
+    /// Whether choices record their log-probabilities (the request asked for them).
+    pub fn records(&self) -> bool {
+        self.record.is_some()
+    }
+
+    /// The log-probabilities recorded since the last call, one per choice in order (empty unless
+    /// the request asked for them).
+    pub fn take_logprobs(&mut self) -> Vec<Logprobs> {
+        std::mem::take(&mut self.recorded)
     }
 
     /// The token after `prefix` (the sequence before it, prompt included: the token's position is
     /// `prefix.len()`), given the logits that predict it.
     pub fn choose(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
+        let token = self.choose_processed(logits, prefix);
+        if let Some(k) = self.record {
+            self.recorded.push(logprobs_of(logits, token, k));
+        }
+        token
+    }
+
+    /// [`Sampler::choose`] without the recording.
+    fn choose_processed(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
         if !self.params.processes_logits() {
             return self.choose_at(logits, prefix.len());
         }

@@ -25,6 +25,7 @@ use amusd_shm::{
 
 use crate::decoder::{Decoder, Drafter, Verifier};
 use crate::generate::{Committer, Generation, OnTokens};
+use crate::logprobs::{Logprobs, TokenLogprob};
 use crate::lookup::Source;
 use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
@@ -73,6 +74,9 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         logit_bias: (p.logit_bias.entries().iter())
             .map(|&(token, bias)| (token, bias.to_bits()))
             .collect(),
+        logprobs: s
+            .logprobs
+            .map_or(0, |k| 1 + k.min(crate::logprobs::MAX_TOP) as u32),
     }
 }
 
@@ -101,6 +105,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         greedy_draft: f.greedy_draft,
         no_draft_lookup: f.no_draft_lookup,
         cache_prompt: f.cache_prompt,
+        logprobs: (f.logprobs > 0).then(|| (f.logprobs - 1) as usize),
     })
 }
 
@@ -513,6 +518,10 @@ fn verify_step<D: Decoder>(
     // alone that the request has ended.
     let commit_len = keep + usize::from(finish == Some(Finish::Stop));
     let commit = &tokens[..commit_len];
+    let logprobs = verifier.sampler.take_logprobs();
+    if let Some(k) = h.sampling.logprobs {
+        region.store_logprobs(v, &logprob_rows(&logprobs[..commit_len], 1 + k))?;
+    }
     region.publish_verified(v, commit)?;
     h.committed.extend_from_slice(commit);
     verifier.commit(h.committed.len());
@@ -591,8 +600,12 @@ pub fn run_request(
             let len = region.verified_len();
             if len > seen {
                 let tokens = region.read_verified(seen, len);
+                let logprobs = match sampling.logprobs {
+                    Some(k) => logprobs_of_rows(region.read_logprobs(seen, len, 1 + k)),
+                    None => Vec::new(),
+                };
                 seen += tokens.len();
-                c.push(&tokens);
+                c.push(&tokens, &logprobs);
                 continue;
             }
             region.wait_bell(Party::Coordinator, bell, Some(SUPERVISE_EVERY));
@@ -629,6 +642,46 @@ pub fn run_request(
     }
     collect_metrics(region, request_id, cursors, &mut c.metrics);
     Ok(c.finish())
+}
+
+/// Marks a slot of a log-probability row past its alternatives (a vocabulary smaller than the
+/// `k` asked for): not a token id.
+const NO_TOKEN: u32 = u32::MAX;
+
+/// Log-probabilities as the region's rows carry them ([`amusd_shm::LogprobBuffer`]), `width`
+/// entries each (padded with [`NO_TOKEN`]).
+fn logprob_rows(logprobs: &[Logprobs], width: usize) -> Vec<Vec<(u32, u32)>> {
+    let entry = |t: &TokenLogprob| (t.token, t.logprob.to_bits());
+    (logprobs.iter())
+        .map(|l| {
+            let mut row: Vec<_> = std::iter::once(&l.chosen)
+                .chain(&l.top)
+                .map(entry)
+                .collect();
+            row.resize(width.max(row.len()), (NO_TOKEN, 0));
+            row
+        })
+        .collect()
+}
+
+/// [`logprob_rows`]' inverse.
+fn logprobs_of_rows(rows: Vec<Vec<(u32, u32)>>) -> Vec<Logprobs> {
+    let entry = |&(token, bits): &(u32, u32)| TokenLogprob {
+        token,
+        logprob: f32::from_bits(bits),
+    };
+    (rows.iter())
+        .filter_map(|row| {
+            let (chosen, top) = row.split_first()?;
+            Some(Logprobs {
+                chosen: entry(chosen),
+                top: (top.iter())
+                    .take_while(|e| e.0 != NO_TOKEN)
+                    .map(entry)
+                    .collect(),
+            })
+        })
+        .collect()
 }
 
 /// Fills the acceptance and timing figures of a request from the workers' event rings.
@@ -674,6 +727,9 @@ mod tests {
     /// half of them.
     fn random_sampling(rng: &mut rand::rngs::StdRng) -> crate::RequestSampling {
         let (no_draft_lookup, cache_prompt) = (rng.gen_bool(0.25), rng.gen_bool(0.5));
+        let logprobs = rng
+            .gen_bool(0.3)
+            .then(|| rng.gen_range(0..=crate::logprobs::MAX_TOP));
         let penalties = match rng.gen_bool(0.3) {
             true => crate::Penalties {
                 repeat: rng.gen_range(0.8..1.5),
@@ -700,6 +756,7 @@ mod tests {
                 },
                 no_draft_lookup,
                 cache_prompt,
+                logprobs,
                 ..Default::default()
             };
         }
@@ -728,6 +785,7 @@ mod tests {
             greedy_draft: rng.gen_bool(0.2),
             no_draft_lookup,
             cache_prompt,
+            logprobs,
         }
     }
 
@@ -872,6 +930,10 @@ mod tests {
             );
             assert_eq!(streamed, want.tokens);
             assert_eq!(got.finish, want.finish);
+            // Through the region, bit for bit ar's (one per token, when asked for).
+            assert_eq!(got.logprobs, want.logprobs, "request {i}");
+            let asked = sampling.logprobs.is_some();
+            assert_eq!(got.logprobs.len(), got.tokens.len() * usize::from(asked));
             let m = &got.metrics;
             assert!(m.accepted_lookup <= m.proposed_lookup && m.accepted_lookup <= m.accepted);
             assert!(m.cached_prompt_tokens < prompt.len(), "request {i}: {m:?}");

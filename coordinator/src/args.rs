@@ -357,6 +357,7 @@ impl SamplingArgs {
             no_draft_lookup: false,
             // One request per run (generate), or as the bench decides turn by turn.
             cache_prompt: false,
+            logprobs: None,
         })
     }
 }

@@ -191,6 +191,8 @@ fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde
             "sampling": amusd_spec::worker::sampling_of(&q.sampling).ok().map(|s| crate::args::sampling_json(&s)),
             "no_draft_lookup": q.sampling.no_draft_lookup,
             "cache_prompt": q.sampling.cache_prompt,
+            // 0: none; 1 + k: the tokens' and their k most likely alternatives'.
+            "logprobs": q.sampling.logprobs,
             "finish_reason": format!("{:?}", q.finish_reason),
             "error": q.error_text,
             "shutdown": q.shutdown,

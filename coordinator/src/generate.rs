@@ -9,6 +9,7 @@ use amusd_model::chat::Message;
 use amusd_model::tokenizer::Tokenizer;
 use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
+use amusd_spec::logprobs::{Logprobs, TokenLogprob};
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -42,6 +43,11 @@ pub struct GenerateArgs {
     /// Print one JSON object (strategy, prompt tokens, token ids, text, metrics) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// With --json: each generated token's log-probability under the verify model (the
+    /// log-softmax of its raw logits, the same in every strategy) and the N most likely tokens'
+    /// at its position (0 to 20).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=20))]
+    pub logprobs: Option<u8>,
     /// Token ids to use as the prompt instead of text (for fake test models).
     #[arg(long, hide = true, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
@@ -55,7 +61,13 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if args.max_new_tokens == 0 {
         bail!("--max-new-tokens 0 generates nothing; pass at least 1");
     }
-    let sampling = args.sampling.resolve()?;
+    if args.logprobs.is_some() && !args.json {
+        bail!("--logprobs prints in the JSON output: add --json");
+    }
+    let sampling = RequestSampling {
+        logprobs: args.logprobs.map(usize::from),
+        ..args.sampling.resolve()?
+    };
     let messages = messages(&args)?;
     let (m, strategy) = (&args.models, args.strategy);
     let verify_device = m.verify_device()?;
@@ -207,8 +219,29 @@ pub fn finish_output(
     if let Some(t) = tokenizer {
         json["text"] = t.decode(&g.tokens, true)?.into();
     }
+    if out.sampling.logprobs.is_some() {
+        json["logprobs"] = logprobs_json(&g.logprobs, tokenizer)?;
+    }
     println!("{json}");
     Ok(())
+}
+
+/// Each generated token's log-probability and its position's most likely tokens, with their
+/// text where there is a tokenizer.
+fn logprobs_json(all: &[Logprobs], tokenizer: Option<&Tokenizer>) -> Result<serde_json::Value> {
+    let entry = |t: &TokenLogprob| -> Result<serde_json::Value> {
+        let mut v = serde_json::json!({"token": t.token, "logprob": t.logprob});
+        if let Some(tok) = tokenizer {
+            v["text"] = tok.decode(&[t.token], false)?.into();
+        }
+        Ok(v)
+    };
+    let rows = all.iter().map(|l| -> Result<serde_json::Value> {
+        let mut v = entry(&l.chosen)?;
+        v["top"] = l.top.iter().map(entry).collect::<Result<Vec<_>>>()?.into();
+        Ok(v)
+    });
+    Ok(rows.collect::<Result<Vec<_>>>()?.into())
 }
 
 pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {

@@ -326,6 +326,7 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         greedy_draft,
         no_draft_lookup: !s.prompt_lookup,
         cache_prompt: s.cache_prompt,
+        logprobs: None,
     })
 }
 

@@ -123,6 +123,7 @@ impl SamplingRecord {
             // A record says how it drafted in `drafter`.
             no_draft_lookup: false,
             cache_prompt: false,
+            logprobs: None,
         }
     }
 }
