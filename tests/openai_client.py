@@ -5,6 +5,7 @@ Exits non-zero on the first failed check."""
 
 import json
 import os
+import struct
 import urllib.request
 
 import openai
@@ -81,7 +82,16 @@ next_seed = client.chat.completions.create(
 )
 check("n=2: choice 1 = the next seed's", two.choices[1].message.content, next_seed.choices[0].message.content)
 
-for kw, name in [({"n": 17}, "n"), ({"logprobs": True}, "logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
+with_logprobs = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=n, temperature=0, logprobs=True, top_logprobs=2
+)
+content = with_logprobs.choices[0].logprobs.content
+# Compared as the f32s they are (a JSON decimal may round-trip an f64 a last digit off).
+as_f32 = lambda xs: [struct.unpack("f", struct.pack("f", x))[0] for x in xs]
+check("logprobs = ar's", as_f32([t.logprob for t in content]), as_f32(exp["logprobs"]))
+check("two alternatives each", {len(t.top_logprobs) for t in content}, {2})
+
+for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})
         raise AssertionError(f"{name}: no error")

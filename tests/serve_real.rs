@@ -3,7 +3,8 @@
 //! --strategy ar`; a repeated prompt and a follow-up turn find their prefix cached, and answer as
 //! they do without the cache (`"cache_prompt": false`); a seeded sampled request equals ar's
 //! sample, and a request with repetition penalties or a logit bias ar's text under the same
-//! options (a token outside the vocabulary: a 400 naming `logit_bias`); and the official `openai`
+//! options (a token outside the vocabulary: a 400 naming `logit_bias`), and one asking for
+//! log-probabilities ar's numbers; and the official `openai`
 //! Python client (pinned, in a venv under target/) checks the same
 //! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
 //! requests of 24 tokens.
@@ -63,6 +64,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let ban = format!("{first}-100");
     let biased_ar = ar_text(&["--prompt", CHAT, "--logit-bias", &ban]);
     assert_ne!(biased_ar, chat_ar, "the logit bias changed nothing");
+    let logprobs_ar = ar_json(&["--prompt", CHAT, "--logprobs", "2"])["logprobs"].clone();
     let s = start(&["--strategy", "amusd"], Duration::from_secs(300));
     let chat = json!({"messages": [{"role": "user", "content": CHAT}], "max_tokens": MAX});
     let r = s.post("/v1/chat/completions", &chat);
@@ -114,6 +116,33 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let r = s.post("/v1/chat/completions", &biased);
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(reply_text(&r.json), biased_ar, "biased chat vs ar");
+    // Log-probabilities: ar's numbers and token texts, in OpenAI's chat shape.
+    let mut with_logprobs = chat.clone();
+    with_logprobs["logprobs"] = true.into();
+    with_logprobs["top_logprobs"] = 2.into();
+    let r = s.post("/v1/chat/completions", &with_logprobs);
+    assert_eq!(r.status, 200, "{}", r.json);
+    let content = r.json["choices"][0]["logprobs"]["content"].clone();
+    let rows = logprobs_ar.as_array().expect("no logprobs from ar");
+    assert_eq!(
+        content.as_array().map(Vec::len),
+        Some(rows.len()),
+        "{content}"
+    );
+    for (got, want) in content.as_array().unwrap().iter().zip(rows) {
+        assert_eq!(
+            (&got["token"], &got["logprob"]),
+            (&want["text"], &want["logprob"])
+        );
+        for (g, w) in got["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(want["top"].as_array().unwrap())
+        {
+            assert_eq!((&g["token"], &g["logprob"]), (&w["text"], &w["logprob"]));
+        }
+    }
     biased["logit_bias"] = json!({ "4000000": 1 });
     let r = s.post("/v1/chat/completions", &biased);
     assert_eq!(r.status, 400, "{}", r.json);
@@ -134,6 +163,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
         "sampled": sampled_ar, "temperature": 0.8, "seed": 7,
         "penalized": penalized_ar, "frequency_penalty": 1.5, "presence_penalty": 0.5,
         "biased": biased_ar, "logit_bias": { first.to_string(): -100 },
+        "logprobs": rows.iter().map(|r| r["logprob"].clone()).collect::<Vec<_>>(),
     });
     let out = Command::new(python.trim())
         .arg(workspace().join("tests/openai_client.py"))

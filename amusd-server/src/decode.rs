@@ -14,7 +14,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::error::ApiError;
 use crate::generator::{
-    Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, IDLE_EVERY,
+    Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, TokenLogprobs, IDLE_EVERY,
 };
 use crate::metrics::Metrics;
 use crate::stop::StopMatcher;
@@ -94,6 +94,30 @@ pub struct Summary {
     pub finish: Finish,
     pub usage: Usage,
     pub timings: Timings,
+    /// Each generated token's log-probability, with its text, when the request asked.
+    pub logprobs: Option<Vec<LogprobEntry>>,
+}
+
+/// A generated token's text and log-probability, and its position's most likely tokens'.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogprobEntry {
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// The log-probabilities of the first `n` generated tokens (those the response counts), with their
+/// texts.
+fn logprob_entries(codec: &dyn Codec, all: &[TokenLogprobs], n: usize) -> Vec<LogprobEntry> {
+    (all.iter().take(n))
+        .map(|l| LogprobEntry {
+            text: codec.token_text(l.token),
+            logprob: l.logprob,
+            top: (l.top.iter())
+                .map(|&(t, lp)| (codec.token_text(t), lp))
+                .collect(),
+        })
+        .collect()
 }
 
 impl Summary {
@@ -298,7 +322,10 @@ fn serve_choice(
     };
     Some(outcome.map(|finish| {
         p.flush();
-        let summary = summarize(job, &p, finish, started, end, &stats);
+        let mut summary = summarize(job, &p, finish, started, end, &stats);
+        if job.request.sampling.logprobs.is_some() {
+            summary.logprobs = Some(logprob_entries(codec, &stats.logprobs, p.tokens));
+        }
         record(&shared.metrics, job, i, &summary, p.first_token);
         shared.metrics.rollbacks.inc_by(stats.rollbacks);
         summary
@@ -348,6 +375,7 @@ fn summarize(
             draft_n_accepted: stats.draft_n_accepted,
             cache_n: stats.cache_n,
         },
+        logprobs: None,
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Sampling {
     /// OpenAI's `logit_bias`: token ids and what their logits gain, before the penalties and the
     /// temperature (ids ascending; the generator refuses more than it can carry).
     pub logit_bias: Vec<(u32, f32)>,
+    /// `Some(k)`: report each generated token's log-probability and its position's `k` most
+    /// likely tokens' (OpenAI's `logprobs` / `top_logprobs`).
+    pub logprobs: Option<usize>,
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
     /// has one); false drafts with the model alone. The text is the same either way.
     pub prompt_lookup: bool,
@@ -53,6 +56,7 @@ impl Default for Sampling {
             presence_penalty: 0.0,
             repeat_last_n: 64,
             logit_bias: Vec::new(),
+            logprobs: None,
             prompt_lookup: true,
             cache_prompt: true,
         }
@@ -78,6 +82,16 @@ pub struct GenStats {
     pub rollbacks: u64,
     /// Prompt tokens found cached from the previous request (not prefilled again).
     pub cache_n: usize,
+    /// Each generated token's log-probability, when the request asked ([`Sampling::logprobs`]).
+    pub logprobs: Vec<TokenLogprobs>,
+}
+
+/// A generated token's log-probability, and its position's most likely tokens', most likely first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 /// Why a generation failed. The message is shown to the client.
@@ -106,6 +120,9 @@ pub trait Codec: Send + Sync {
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String>;
     /// An incremental decoder: its pieces, concatenated, are the decoding of all ids pushed.
     fn text_stream(&self) -> Box<dyn TextStream + '_>;
+    /// One token's text on its own (for log-probabilities; part of a character renders as
+    /// U+FFFD).
+    fn token_text(&self, id: u32) -> String;
 }
 
 /// Incremental detokenization that never emits part of a UTF-8 character.

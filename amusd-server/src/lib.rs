@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 pub use error::ApiError;
 pub use generator::{
     ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Sampling,
-    TextStream,
+    TextStream, TokenLogprobs,
 };
 pub use routes::Limits;
 

@@ -42,10 +42,11 @@ pub struct RawRequest {
     pub stream_options: Option<StreamOptions>,
     /// OpenAI's: how many choices (default 1, at most [`MAX_CHOICES`]).
     pub n: Option<u64>,
-    // Known but not implemented: refused when they would change the result.
-    pub best_of: Option<u64>,
+    /// Chat: true or false, with `top_logprobs` (0 to 20); completions: how many alternatives.
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<Value>,
+    // Known but not implemented: refused when they would change the result.
+    pub best_of: Option<u64>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
@@ -100,6 +101,9 @@ pub struct Validated {
 /// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
 pub const MAX_CHOICES: usize = 16;
 
+/// The most alternatives a request may ask for per token (OpenAI's `top_logprobs` limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// Parses a body; a syntax or type error names where it is.
 pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
     let value: Value = serde_json::from_slice(body)
@@ -118,7 +122,10 @@ pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
 /// Validates a parsed body for `endpoint`.
 pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiError> {
     refuse_unsupported(&raw)?;
-    let sampling = sampling(&raw)?;
+    let sampling = Sampling {
+        logprobs: logprobs(&raw, endpoint)?,
+        ..sampling(&raw)?
+    };
     let input = match endpoint {
         Endpoint::Chat => Input::Chat(messages(raw.messages)?),
         Endpoint::Completions => prompt(raw.prompt)?,
@@ -177,8 +184,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         .is_none_or(|c| c.is_null() || c == "none");
     let refused = [
         ("best_of", r.best_of.is_some_and(|n| n != 1)),
-        ("logprobs", set(&r.logprobs)),
-        ("top_logprobs", set(&r.top_logprobs)),
         ("tools", set(&r.tools)),
         ("tool_choice", !tool_choice_none),
         ("functions", set(&r.functions)),
@@ -347,9 +352,58 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         presence_penalty,
         repeat_last_n,
         logit_bias: logit_bias(r.logit_bias.as_ref())?,
+        // Per endpoint: `validate` sets it.
+        logprobs: None,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
     })
+}
+
+/// OpenAI's log-probability options, checked: chat's `logprobs` (true or false) and
+/// `top_logprobs` (alternatives per token, 0 to [`MAX_TOP_LOGPROBS`]; only with `logprobs`),
+/// completions' `logprobs` (alternatives per token). `Some(k)` when asked for.
+fn logprobs(r: &RawRequest, endpoint: Endpoint) -> Result<Option<usize>, ApiError> {
+    let given = |v: &Option<Value>| v.clone().filter(|v| !v.is_null());
+    let count = |name: &str, v: Value| {
+        (v.as_u64())
+            .filter(|&k| k as usize <= MAX_TOP_LOGPROBS)
+            .map(|k| k as usize)
+            .ok_or_else(|| {
+                ApiError::bad_param(
+                    name,
+                    format!("{name} must be a whole number from 0 to {MAX_TOP_LOGPROBS}, got {v}"),
+                )
+            })
+    };
+    if endpoint == Endpoint::Completions {
+        return match given(&r.logprobs) {
+            None | Some(Value::Bool(false)) => Ok(None),
+            Some(v) => count("logprobs", v).map(Some),
+        };
+    }
+    let on = match given(&r.logprobs) {
+        None => false,
+        Some(Value::Bool(on)) => on,
+        Some(v) => {
+            return Err(ApiError::bad_param(
+                "logprobs",
+                format!("logprobs must be true or false, got {v}"),
+            ))
+        }
+    };
+    match (
+        on,
+        given(&r.top_logprobs)
+            .map(|v| count("top_logprobs", v))
+            .transpose()?,
+    ) {
+        (true, k) => Ok(Some(k.unwrap_or(0))),
+        (false, None | Some(0)) => Ok(None),
+        (false, Some(_)) => Err(ApiError::bad_param(
+            "top_logprobs",
+            "top_logprobs needs \"logprobs\": true",
+        )),
+    }
 }
 
 /// OpenAI's `logit_bias`, checked: token ids (decimal strings) to numbers in [-100, 100]; the ids
@@ -473,11 +527,35 @@ mod tests {
                 presence_penalty: -0.25,
                 repeat_last_n: u32::MAX,
                 logit_bias: vec![(15, 2.5), (198, -100.0)],
+                logprobs: None,
                 prompt_lookup: false,
                 cache_prompt: false,
             }
         );
         assert!(v.stream && v.include_usage && v.n == 1);
+    }
+
+    #[test]
+    fn logprobs_per_endpoint() {
+        let chat = |extra: &str| {
+            let body = format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+            check(&body, Endpoint::Chat).unwrap().sampling.logprobs
+        };
+        assert_eq!(chat(""), None);
+        assert_eq!(chat(r#","logprobs":false,"top_logprobs":0"#), None);
+        assert_eq!(chat(r#","logprobs":true"#), Some(0));
+        assert_eq!(chat(r#","logprobs":true,"top_logprobs":20"#), Some(20));
+        let completion = |extra: &str| {
+            let body = format!(r#"{{"prompt":"x"{extra}}}"#);
+            check(&body, Endpoint::Completions)
+                .unwrap()
+                .sampling
+                .logprobs
+        };
+        assert_eq!(completion(r#","logprobs":null"#), None);
+        assert_eq!(completion(r#","logprobs":3"#), Some(3));
+        let e = err(r#"{"prompt":"x","logprobs":-1}"#, Endpoint::Completions);
+        assert_eq!(e.param.as_deref(), Some("logprobs"));
     }
 
     #[test]
@@ -612,6 +690,18 @@ mod tests {
             ),
             (r#"{"messages":[{"role":"user","content":"x"}],"n":0}"#, "n"),
             (
+                r#"{"messages":[{"role":"user","content":"x"}],"logprobs":3}"#,
+                "logprobs",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":2}"#,
+                "top_logprobs",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+                "top_logprobs",
+            ),
+            (
                 r#"{"messages":[{"role":"user","content":"x"}],"n":17}"#,
                 "n",
             ),
@@ -641,7 +731,6 @@ mod tests {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
         for (extra, name) in [
             (r#""best_of":2"#, "best_of"),
-            (r#""logprobs":true"#, "logprobs"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""tool_choice":"auto""#, "tool_choice"),
             (

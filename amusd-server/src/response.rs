@@ -42,13 +42,13 @@ impl Head {
                 Endpoint::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
+                    "logprobs": self.logprobs(s),
                     "finish_reason": s.finish,
                 }),
                 Endpoint::Completions => json!({
                     "index": i,
                     "text": text,
-                    "logprobs": null,
+                    "logprobs": self.logprobs(s),
                     "finish_reason": s.finish,
                 }),
             })
@@ -61,9 +61,47 @@ impl Head {
         v
     }
 
-    /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk.
+    /// A choice's `logprobs` in the endpoint's shape (chat: `content`, a list of token objects;
+    /// completions: the parallel lists), or null when the request did not ask.
+    fn logprobs(&self, s: &Summary) -> Value {
+        let Some(entries) = &s.logprobs else {
+            return Value::Null;
+        };
+        match self.endpoint {
+            Endpoint::Chat => {
+                let token = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+                let content: Vec<Value> = (entries.iter())
+                    .map(|e| {
+                        let mut v = token(&e.text, e.logprob);
+                        v["top_logprobs"] = e.top.iter().map(|(t, lp)| token(t, *lp)).collect();
+                        v
+                    })
+                    .collect();
+                json!({"content": content, "refusal": null})
+            }
+            Endpoint::Completions => {
+                let offsets = entries.iter().scan(0, |at, e| {
+                    let here = *at;
+                    *at += e.text.len();
+                    Some(here)
+                });
+                json!({
+                    "tokens": entries.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(),
+                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": (entries.iter())
+                        .map(|e| e.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect())
+                        .collect::<Vec<serde_json::Map<String, Value>>>(),
+                    "text_offset": offsets.collect::<Vec<_>>(),
+                })
+            }
+        }
+    }
+
+    /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk; a choice's last
+    /// chunk (`finish`) carries its log-probabilities, if asked for, all at once.
     fn chunk(&self, i: usize, text: Option<&str>, role: bool, finish: Option<&Summary>) -> Value {
         let finish_reason = finish.map(|s| json!(s.finish)).unwrap_or(Value::Null);
+        let logprobs = finish.map_or(Value::Null, |s| self.logprobs(s));
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = json!({});
@@ -73,12 +111,12 @@ impl Head {
                 if let Some(t) = text {
                     delta["content"] = t.into();
                 }
-                json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": finish_reason})
+                json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
             }
             Endpoint::Completions => json!({
                 "index": i,
                 "text": text.unwrap_or(""),
-                "logprobs": null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
         };
@@ -142,6 +180,7 @@ mod tests {
                 draft_n_accepted: 3,
                 cache_n: 1,
             },
+            logprobs: None,
         }
     }
 

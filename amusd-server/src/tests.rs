@@ -51,6 +51,9 @@ impl Codec for FakeCodec {
         }
         Box::new(Ascii)
     }
+    fn token_text(&self, id: u32) -> String {
+        char::from_u32(id).map(String::from).unwrap_or_default()
+    }
 }
 
 /// Hooks into the fake generator's run, for the tests to act at known moments.
@@ -83,6 +86,7 @@ impl Generator for FakeGen {
             let _ = g.recv();
         }
         let base: u32 = req.prompt.iter().sum::<u32>() + req.sampling.seed.unwrap_or(0) as u32;
+        let mut logprobs = Vec::new();
         for i in 0..req.max_tokens as u32 {
             if cancelled() {
                 if let Some(c) = &h.cancelled {
@@ -90,13 +94,25 @@ impl Generator for FakeGen {
                 }
                 break;
             }
-            on_tokens(&[u32::from(b'a') + (base + i * 7) % 26]);
+            let token = u32::from(b'a') + (base + i * 7) % 26;
+            if let Some(k) = req.sampling.logprobs {
+                // The token's, and its neighbours' below it.
+                let lp = -0.25 * (i % 4) as f32;
+                let top = (0..k as u32).map(|j| (token + j, lp - j as f32)).collect();
+                logprobs.push(TokenLogprobs {
+                    token,
+                    logprob: lp,
+                    top,
+                });
+            }
+            on_tokens(&[token]);
             // Simulated compute, so a request lasts long enough to be cancelled.
             std::thread::sleep(h.token_delay);
         }
         Ok(GenStats {
             draft_n: 3,
             draft_n_accepted: 2,
+            logprobs,
             ..Default::default()
         })
     }
@@ -280,6 +296,66 @@ async fn n_choices_are_the_seeds_in_turn_streamed_or_whole() {
     }
     assert_eq!(streamed, texts);
     assert_eq!((roles, finishes), (vec![1; 3], vec![1; 3]));
+}
+
+/// Log-probabilities in OpenAI's shapes: chat's `content` list (token, logprob, bytes,
+/// top_logprobs), completions' parallel lists; one per counted token (a stop string's cut
+/// included), the same streamed (in each choice's last chunk) as whole.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_in_both_shapes_streamed_or_whole() {
+    let s = server(Hooks::default(), 4);
+    let chat = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12,
+               "logprobs": true, "top_logprobs": 2, "stream": stream})
+        .to_string()
+    };
+    let (status, whole) = json_call(&s, CHAT, &chat(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    assert_eq!(content.len(), 12);
+    let text: String = content
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert_eq!(whole["choices"][0]["message"]["content"], text);
+    assert_eq!(content[1]["logprob"], -0.25);
+    assert_eq!(content[0]["bytes"], json!(text.as_bytes()[..1]));
+    let top = content[0]["top_logprobs"].as_array().unwrap();
+    assert_eq!(top.len(), 2);
+    assert_eq!(top[0]["token"], content[0]["token"]);
+    assert_eq!(top[1]["logprob"], -1.0);
+    let (_, body, _) = call(&s, post(CHAT, &chat(true))).await;
+    let (_, chunks) = streamed_text(&body, true);
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null());
+    assert_eq!(
+        last.unwrap()["choices"][0]["logprobs"],
+        whole["choices"][0]["logprobs"]
+    );
+    let (_, plain) = json_call(&s, CHAT, &chat(false).replace("true", "false")).await;
+    assert!(plain["choices"][0]["logprobs"].is_null());
+
+    let (_, comp) = json_call(
+        &s,
+        "/v1/completions",
+        r#"{"prompt":"abc","max_tokens":5,"logprobs":1}"#,
+    )
+    .await;
+    let lp = &comp["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), comp["choices"][0]["text"]);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
+    assert_eq!(lp["top_logprobs"][0], json!({ tokens[0]: 0.0 }));
 }
 
 #[tokio::test(flavor = "multi_thread")]

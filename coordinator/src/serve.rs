@@ -13,7 +13,7 @@ use amusd_model::loader::ModelText;
 use amusd_model::tokenizer::TokenStream;
 use amusd_server::{
     ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Limits,
-    Sampling, Server, TextStream,
+    Sampling, Server, TextStream, TokenLogprobs,
 };
 use amusd_spec::fake::FakeModel;
 use amusd_spec::{Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria};
@@ -187,6 +187,13 @@ impl Codec for TextCodec {
             None => Box::new(Decimal),
         }
     }
+
+    fn token_text(&self, id: u32) -> String {
+        match &self.text {
+            Some(t) => t.tokenizer.decode(&[id], false).unwrap_or_default(),
+            None => Decimal.push(id),
+        }
+    }
 }
 
 struct Detokenizer<'a>(TokenStream<'a>);
@@ -279,6 +286,13 @@ impl Generator for ServeGenerator {
             draft_n_accepted: g.metrics.accepted as u64,
             rollbacks: g.metrics.rollbacks as u64,
             cache_n: g.metrics.cached_prompt_tokens,
+            logprobs: (g.logprobs.iter())
+                .map(|l| TokenLogprobs {
+                    token: l.chosen.token,
+                    logprob: l.chosen.logprob,
+                    top: l.top.iter().map(|t| (t.token, t.logprob)).collect(),
+                })
+                .collect(),
         })
     }
 
@@ -326,7 +340,7 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         greedy_draft,
         no_draft_lookup: !s.prompt_lookup,
         cache_prompt: s.cache_prompt,
-        logprobs: None,
+        logprobs: s.logprobs,
     })
 }
 
