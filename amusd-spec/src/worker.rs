@@ -520,7 +520,10 @@ fn verify_step<D: Decoder>(
     let commit = &tokens[..commit_len];
     let logprobs = verifier.sampler.take_logprobs();
     if let Some(k) = h.sampling.logprobs {
-        region.store_logprobs(v, &logprob_rows(&logprobs[..commit_len], 1 + k))?;
+        let rows = logprobs.get(..commit_len).ok_or_else(|| {
+            SpecError::Protocol("the verify model recorded no log-probabilities".into())
+        })?;
+        region.store_logprobs(v, &logprob_rows(rows, 1 + k))?;
     }
     region.publish_verified(v, commit)?;
     h.committed.extend_from_slice(commit);
