@@ -35,7 +35,7 @@ fn expected_with(verify: &str, sampling: &RequestSampling) -> Vec<u32> {
         max_new_tokens: MAX_NEW,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_| {
+    autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_, _| {
         std::ops::ControlFlow::Continue(())
     })
     .unwrap()
@@ -252,7 +252,7 @@ fn expected_for(verify: &str, prompt: &[u32], max_new: usize) -> Vec<u32> {
         max_new_tokens: max_new,
     };
     let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
-    autoregressive(&mut v, prompt, &stop, &Default::default(), &mut |_| {
+    autoregressive(&mut v, prompt, &stop, &Default::default(), &mut |_, _| {
         std::ops::ControlFlow::Continue(())
     })
     .unwrap()

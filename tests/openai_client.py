@@ -90,6 +90,15 @@ content = with_logprobs.choices[0].logprobs.content
 as_f32 = lambda xs: [struct.unpack("f", struct.pack("f", x))[0] for x in xs]
 check("logprobs = ar's", as_f32([t.logprob for t in content]), as_f32(exp["logprobs"]))
 check("two alternatives each", {len(t.top_logprobs) for t in content}, {2})
+streamed_logprobs = [
+    t.logprob
+    for chunk in client.chat.completions.create(
+        model="any", messages=messages, max_tokens=n, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content
+    for t in chunk.choices[0].logprobs.content
+]
+check("streamed logprobs = whole", streamed_logprobs, [t.logprob for t in content])
 
 for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:

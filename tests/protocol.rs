@@ -70,7 +70,7 @@ impl Case {
             &self.prompt,
             &stop,
             &Default::default(),
-            &mut |_| std::ops::ControlFlow::Continue(()),
+            &mut |_, _| std::ops::ControlFlow::Continue(()),
         )
         .unwrap();
 

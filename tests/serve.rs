@@ -43,7 +43,7 @@ fn expected(verify: &str, prompt: &str, max_new: usize) -> (String, &'static str
         max_new_tokens: max_new,
     };
     let mut v = Verifier::new(FakeDecoder::new(truth));
-    let g = autoregressive(&mut v, &ids, &stop, &Default::default(), &mut |_| {
+    let g = autoregressive(&mut v, &ids, &stop, &Default::default(), &mut |_, _| {
         std::ops::ControlFlow::Continue(())
     })
     .unwrap();

@@ -47,7 +47,10 @@ impl Job {
 /// the choices in order; or a failure, which ends the request.
 #[derive(Debug)]
 pub enum Event {
-    Text(usize, String),
+    /// Text of choice `i`, and the log-probabilities of the tokens that completed it (when asked
+    /// for; a token whose text is held back, a multi-byte character's or a possible stop string's,
+    /// comes with the text that releases it).
+    Text(usize, String, Vec<LogprobEntry>),
     Done(usize, Summary),
     Failed(ApiError),
 }
@@ -106,18 +109,16 @@ pub struct LogprobEntry {
     pub top: Vec<(String, f32)>,
 }
 
-/// The log-probabilities of the first `n` generated tokens (those the response counts), with their
-/// texts.
-fn logprob_entries(codec: &dyn Codec, all: &[TokenLogprobs], n: usize) -> Vec<LogprobEntry> {
-    (all.iter().take(n))
-        .map(|l| LogprobEntry {
+impl LogprobEntry {
+    fn of(codec: &dyn Codec, l: &TokenLogprobs) -> Self {
+        Self {
             text: codec.token_text(l.token),
             logprob: l.logprob,
             top: (l.top.iter())
                 .map(|&(t, lp)| (codec.token_text(t), lp))
                 .collect(),
-        })
-        .collect()
+        }
+    }
 }
 
 impl Summary {
@@ -207,21 +208,32 @@ pub fn run(
 /// Tokens to text for one choice of a job, stop strings applied.
 struct Progress<'a> {
     choice: usize,
+    codec: &'a dyn Codec,
     text: Box<dyn crate::generator::TextStream + 'a>,
     stop: StopMatcher,
     events: &'a UnboundedSender<Event>,
     tokens: usize,
     first_token: Option<Instant>,
+    /// Every counted token's log-probabilities, when the request asked.
+    logprobs: Option<Vec<LogprobEntry>>,
+    /// Those not sent yet (their text is held back).
+    pending: Vec<LogprobEntry>,
 }
 
 impl Progress<'_> {
-    fn push(&mut self, ids: &[u32]) {
-        for &id in ids {
+    /// Tokens `ids` and their log-probabilities (as many, or none when not asked).
+    fn push(&mut self, ids: &[u32], logprobs: &[TokenLogprobs]) {
+        for (j, &id) in ids.iter().enumerate() {
             if self.stop.stopped() {
                 return;
             }
             self.first_token.get_or_insert_with(Instant::now);
             self.tokens += 1;
+            if let (Some(all), Some(l)) = (self.logprobs.as_mut(), logprobs.get(j)) {
+                let entry = LogprobEntry::of(self.codec, l);
+                all.push(entry.clone());
+                self.pending.push(entry);
+            }
             let piece = self.text.push(id);
             let out = self.stop.push(&piece);
             self.send(out);
@@ -237,11 +249,18 @@ impl Progress<'_> {
             let rest = self.stop.finish();
             self.send(rest);
         }
+        if !self.pending.is_empty() {
+            let pending = std::mem::take(&mut self.pending);
+            let _ = self
+                .events
+                .send(Event::Text(self.choice, String::new(), pending));
+        }
     }
 
-    fn send(&self, text: String) {
+    fn send(&mut self, text: String) {
         if !text.is_empty() {
-            let _ = self.events.send(Event::Text(self.choice, text));
+            let pending = std::mem::take(&mut self.pending);
+            let _ = self.events.send(Event::Text(self.choice, text, pending));
         }
     }
 }
@@ -280,11 +299,14 @@ fn serve_choice(
     let started = Instant::now();
     let mut p = Progress {
         choice: i,
+        codec,
         text: codec.text_stream(),
         stop: StopMatcher::new(&job.stop),
         events: &job.events,
         tokens: 0,
         first_token: None,
+        logprobs: job.request.sampling.logprobs.map(|_| Vec::new()),
+        pending: Vec::new(),
     };
     let stop_hit = Cell::new(false);
     let timed_out = || job.deadline.is_some_and(|d| Instant::now() >= d);
@@ -296,8 +318,8 @@ fn serve_choice(
     };
     let result = gen.generate(
         &job.choice(i),
-        &mut |ids| {
-            p.push(ids);
+        &mut |ids, logprobs| {
+            p.push(ids, logprobs);
             stop_hit.set(p.stop.stopped());
         },
         &cancelled,
@@ -323,9 +345,7 @@ fn serve_choice(
     Some(outcome.map(|finish| {
         p.flush();
         let mut summary = summarize(job, &p, finish, started, end, &stats);
-        if job.request.sampling.logprobs.is_some() {
-            summary.logprobs = Some(logprob_entries(codec, &stats.logprobs, p.tokens));
-        }
+        summary.logprobs = p.logprobs.take();
         record(&shared.metrics, job, i, &summary, p.first_token);
         shared.metrics.rollbacks.inc_by(stats.rollbacks);
         summary

@@ -82,8 +82,6 @@ pub struct GenStats {
     pub rollbacks: u64,
     /// Prompt tokens found cached from the previous request (not prefilled again).
     pub cache_n: usize,
-    /// Each generated token's log-probability, when the request asked ([`Sampling::logprobs`]).
-    pub logprobs: Vec<TokenLogprobs>,
 }
 
 /// A generated token's log-probability, and its position's most likely tokens', most likely first.
@@ -135,13 +133,14 @@ pub trait TextStream {
 
 /// The decode loop. Lives on the decode thread only, so it needs not be `Send`.
 pub trait Generator {
-    /// Generates for `req`, calling `on_tokens` with the tokens as they are committed. `cancelled`
+    /// Generates for `req`, calling `on_tokens` with the tokens as they are committed, and their
+    /// log-probabilities if the request asked ([`Sampling::logprobs`]; else none). `cancelled`
     /// is polled often (at least every few tens of milliseconds while the request runs); once it
     /// says true the generator should stop soon and return what it has.
     fn generate(
         &mut self,
         req: &GenRequest,
-        on_tokens: &mut dyn FnMut(&[u32]),
+        on_tokens: &mut dyn FnMut(&[u32], &[TokenLogprobs]),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<GenStats, GenError>;
 

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::decode::Summary;
+use crate::decode::{LogprobEntry, Summary};
 use crate::request::Endpoint;
 
 /// What every response and chunk of one request shares.
@@ -13,6 +13,8 @@ pub struct Head {
     pub created: u64,
     pub model: String,
     pub include_usage: bool,
+    /// The request asked for log-probabilities.
+    pub logprobs: bool,
 }
 
 impl Head {
@@ -42,13 +44,13 @@ impl Head {
                 Endpoint::Chat => json!({
                     "index": i,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": self.logprobs(s),
+                    "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
                     "finish_reason": s.finish,
                 }),
                 Endpoint::Completions => json!({
                     "index": i,
                     "text": text,
-                    "logprobs": self.logprobs(s),
+                    "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
                     "finish_reason": s.finish,
                 }),
             })
@@ -61,10 +63,11 @@ impl Head {
         v
     }
 
-    /// A choice's `logprobs` in the endpoint's shape (chat: `content`, a list of token objects;
-    /// completions: the parallel lists), or null when the request did not ask.
-    fn logprobs(&self, s: &Summary) -> Value {
-        let Some(entries) = &s.logprobs else {
+    /// Tokens' `logprobs` in the endpoint's shape (chat: `content`, a list of token objects;
+    /// completions: the parallel lists, `text_offset` counted from `offset`), or null when the
+    /// request did not ask.
+    fn logprobs(&self, entries: Option<&[LogprobEntry]>, offset: usize) -> Value {
+        let Some(entries) = entries.filter(|_| self.logprobs) else {
             return Value::Null;
         };
         match self.endpoint {
@@ -80,7 +83,7 @@ impl Head {
                 json!({"content": content, "refusal": null})
             }
             Endpoint::Completions => {
-                let offsets = entries.iter().scan(0, |at, e| {
+                let offsets = entries.iter().scan(offset, |at, e| {
                     let here = *at;
                     *at += e.text.len();
                     Some(here)
@@ -97,11 +100,21 @@ impl Head {
         }
     }
 
-    /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk; a choice's last
-    /// chunk (`finish`) carries its log-probabilities, if asked for, all at once.
-    fn chunk(&self, i: usize, text: Option<&str>, role: bool, finish: Option<&Summary>) -> Value {
+    /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk; `logprobs`: its
+    /// tokens' (text chunks, when asked for) and where their text starts in the choice's.
+    fn chunk(
+        &self,
+        i: usize,
+        text: Option<&str>,
+        role: bool,
+        finish: Option<&Summary>,
+        logprobs: Option<(&[LogprobEntry], usize)>,
+    ) -> Value {
         let finish_reason = finish.map(|s| json!(s.finish)).unwrap_or(Value::Null);
-        let logprobs = finish.map_or(Value::Null, |s| self.logprobs(s));
+        let logprobs = match logprobs {
+            Some((entries, offset)) => self.logprobs(Some(entries), offset),
+            None => Value::Null,
+        };
         let choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut delta = json!({});
@@ -133,16 +146,18 @@ impl Head {
     /// The chunk that opens choice `i` of a chat stream (the assistant's role, no text yet), if
     /// the endpoint has one.
     pub fn opening(&self, i: usize) -> Option<Value> {
-        (self.endpoint == Endpoint::Chat).then(|| self.chunk(i, Some(""), true, None))
+        (self.endpoint == Endpoint::Chat).then(|| self.chunk(i, Some(""), true, None, None))
     }
 
-    pub fn text(&self, i: usize, text: &str) -> Value {
-        self.chunk(i, Some(text), false, None)
+    /// A text chunk of choice `i`, with the log-probabilities of the tokens that completed it
+    /// (`offset`: where its text starts in the choice's).
+    pub fn text(&self, i: usize, text: &str, logprobs: &[LogprobEntry], offset: usize) -> Value {
+        self.chunk(i, Some(text), false, None, Some((logprobs, offset)))
     }
 
     /// The chunk that ends choice `i`: its finish reason, with its `timings`.
     pub fn choice_end(&self, i: usize, s: &Summary) -> Value {
-        self.chunk(i, None, false, Some(s))
+        self.chunk(i, None, false, Some(s), None)
     }
 
     /// What closes the stream after the last choice's end: the usage of all choices, if asked
@@ -191,6 +206,7 @@ mod tests {
             created: 1,
             model: "m".into(),
             include_usage,
+            logprobs: false,
         }
     }
 
@@ -209,8 +225,11 @@ mod tests {
             h.opening(0).unwrap()["choices"][0]["delta"]["role"],
             "assistant"
         );
-        assert_eq!(h.text(0, "a")["choices"][0]["delta"]["content"], "a");
-        assert!(h.text(0, "a")["usage"].is_null());
+        assert_eq!(
+            h.text(0, "a", &[], 0)["choices"][0]["delta"]["content"],
+            "a"
+        );
+        assert!(h.text(0, "a", &[], 0)["usage"].is_null());
         let end = h.choice_end(0, &summary());
         assert_eq!(end["choices"][0]["finish_reason"], "length");
         let closing = h.closing(&[summary()]).unwrap();
@@ -237,7 +256,7 @@ mod tests {
         assert_eq!(full["timings"]["predicted_n"], 7);
         assert_eq!(full["timings"]["predicted_ms"], 4.0);
         assert_eq!(full["timings"]["draft_n"], 8);
-        assert_eq!(h.text(1, "a")["choices"][0]["index"], 1);
+        assert_eq!(h.text(1, "a", &[], 0)["choices"][0]["index"], 1);
         let closing = h.closing(&[summary(), second]).unwrap();
         assert_eq!(closing["usage"]["completion_tokens"], 7);
     }
@@ -250,7 +269,7 @@ mod tests {
             "hi"
         );
         assert!(h.opening(0).is_none());
-        assert_eq!(h.text(0, "a")["object"], "text_completion");
+        assert_eq!(h.text(0, "a", &[], 0)["object"], "text_completion");
         assert!(h.closing(&[summary()]).is_none());
     }
 }

@@ -163,6 +163,7 @@ async fn handle(
             .map_or(0, |d| d.as_secs()),
         model: s.codec.model_id().to_string(),
         include_usage: v.include_usage,
+        logprobs: v.sampling.logprobs.is_some(),
     };
     if v.stream {
         Ok(Sse::new(sse_stream(head, v.n, rx))
@@ -305,7 +306,8 @@ async fn collect(
     let mut choices: Vec<(String, Option<Summary>)> = vec![(String::new(), None); n];
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(i, t) => choices[i].0.push_str(&t),
+            // The summary has every log-probability.
+            Event::Text(i, t, _) => choices[i].0.push_str(&t),
             Event::Done(i, summary) => {
                 choices[i].1 = Some(summary);
                 if i + 1 == n {
@@ -340,6 +342,8 @@ struct StreamState {
     queued: std::collections::VecDeque<String>,
     opened: usize,
     ended: Vec<Summary>,
+    /// Bytes of text each choice's tokens have had so far (completions' `text_offset`).
+    offsets: Vec<usize>,
 }
 
 impl StreamState {
@@ -357,9 +361,11 @@ impl StreamState {
     /// `[DONE]`), or the error that ends the stream.
     fn take(&mut self, event: Option<Event>) {
         match event {
-            Some(Event::Text(i, t)) => {
+            Some(Event::Text(i, t, logprobs)) => {
                 self.open_up_to(i);
-                self.queued.push_back(self.head.text(i, &t).to_string());
+                let chunk = self.head.text(i, &t, &logprobs, self.offsets[i]);
+                self.offsets[i] += logprobs.iter().map(|e| e.text.len()).sum::<usize>();
+                self.queued.push_back(chunk.to_string());
             }
             Some(Event::Done(i, s)) => {
                 self.open_up_to(i);
@@ -406,6 +412,7 @@ fn sse_stream(
         queued: Default::default(),
         opened: 0,
         ended: Vec::new(),
+        offsets: vec![0; n],
     };
     state.open_up_to(0);
     stream::unfold(state, |mut state| async move {

@@ -75,7 +75,7 @@ impl Generator for FakeGen {
     fn generate(
         &mut self,
         req: &GenRequest,
-        on_tokens: &mut dyn FnMut(&[u32]),
+        on_tokens: &mut dyn FnMut(&[u32], &[TokenLogprobs]),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<GenStats, GenError> {
         let h = self.0.lock().unwrap();
@@ -86,7 +86,6 @@ impl Generator for FakeGen {
             let _ = g.recv();
         }
         let base: u32 = req.prompt.iter().sum::<u32>() + req.sampling.seed.unwrap_or(0) as u32;
-        let mut logprobs = Vec::new();
         for i in 0..req.max_tokens as u32 {
             if cancelled() {
                 if let Some(c) = &h.cancelled {
@@ -95,24 +94,23 @@ impl Generator for FakeGen {
                 break;
             }
             let token = u32::from(b'a') + (base + i * 7) % 26;
-            if let Some(k) = req.sampling.logprobs {
-                // The token's, and its neighbours' below it.
+            // The token's, and its neighbours' below it.
+            let logprobs = req.sampling.logprobs.map(|k| {
                 let lp = -0.25 * (i % 4) as f32;
                 let top = (0..k as u32).map(|j| (token + j, lp - j as f32)).collect();
-                logprobs.push(TokenLogprobs {
+                TokenLogprobs {
                     token,
                     logprob: lp,
                     top,
-                });
-            }
-            on_tokens(&[token]);
+                }
+            });
+            on_tokens(&[token], logprobs.as_slice());
             // Simulated compute, so a request lasts long enough to be cancelled.
             std::thread::sleep(h.token_delay);
         }
         Ok(GenStats {
             draft_n: 3,
             draft_n_accepted: 2,
-            logprobs,
             ..Default::default()
         })
     }
@@ -328,14 +326,16 @@ async fn logprobs_in_both_shapes_streamed_or_whole() {
     assert_eq!(top[1]["logprob"], -1.0);
     let (_, body, _) = call(&s, post(CHAT, &chat(true))).await;
     let (_, chunks) = streamed_text(&body, true);
-    let last = chunks
-        .iter()
-        .rev()
-        .find(|c| !c["choices"][0]["finish_reason"].is_null());
-    assert_eq!(
-        last.unwrap()["choices"][0]["logprobs"],
-        whole["choices"][0]["logprobs"]
-    );
+    let streamed: Vec<Value> = (chunks.iter())
+        .filter(|c| (c["choices"][0]["delta"]["content"].as_str()).is_some_and(|t| !t.is_empty()))
+        .flat_map(|c| {
+            c["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .collect();
+    assert_eq!(&streamed, content, "each text chunk carries its tokens'");
     let (_, plain) = json_call(&s, CHAT, &chat(false).replace("true", "false")).await;
     assert!(plain["choices"][0]["logprobs"].is_null());
 
@@ -356,6 +356,24 @@ async fn logprobs_in_both_shapes_streamed_or_whole() {
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
     assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
     assert_eq!(lp["top_logprobs"][0], json!({ tokens[0]: 0.0 }));
+    let (_, body, _) = call(
+        &s,
+        post(
+            "/v1/completions",
+            r#"{"prompt":"abc","max_tokens":5,"logprobs":1,"stream":true}"#,
+        ),
+    )
+    .await;
+    let (_, chunks) = streamed_text(&body, false);
+    let offsets: Vec<Value> = (chunks.iter())
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .collect();
+    assert_eq!(&offsets, lp["text_offset"].as_array().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread")]

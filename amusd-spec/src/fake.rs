@@ -372,10 +372,10 @@ mod tests {
             let p = prompt(seed, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
             let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| ControlFlow::Continue(())).unwrap();
+            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_, _| ControlFlow::Continue(())).unwrap();
             let mut d = Drafter::new(FakeDecoder::new(draft));
             let mut streamed = Vec::new();
-            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
+            let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t, _| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
             prop_assert_eq!(&ar.tokens, &sd.tokens);
             prop_assert_eq!(&streamed, &sd.tokens);
             prop_assert_eq!(ar.finish, sd.finish);
@@ -410,7 +410,7 @@ mod tests {
             let p = periodic_prompt(seed, 7, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
             let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| ControlFlow::Continue(())).unwrap();
+            let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_, _| ControlFlow::Continue(())).unwrap();
             let range = crate::lookup::NgramRange { min, max: min + extra };
             let decoder: Box<dyn Decoder> = if alone {
                 Box::new(crate::lookup::NoModel)
@@ -426,7 +426,7 @@ mod tests {
             }
             for _request in 0..1 + usize::from(history) {
                 let mut streamed = Vec::new();
-                let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
+                let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t, _| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
                 prop_assert_eq!(&ar.tokens, &sd.tokens);
                 prop_assert_eq!(&streamed, &sd.tokens);
                 prop_assert_eq!(ar.finish, sd.finish);
@@ -471,13 +471,13 @@ mod tests {
         };
         let sampling = RequestSampling::default();
         let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
-        let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_| {
+        let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_, _| {
             ControlFlow::Continue(())
         })
         .unwrap();
         let range = crate::lookup::NgramRange { min: 3, max: 4 };
         let mut d = Drafter::new(crate::lookup::NoModel).with_lookup(range, true, 24);
-        let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, 4, &mut |_| {
+        let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, 4, &mut |_, _| {
             ControlFlow::Continue(())
         })
         .unwrap();

@@ -103,9 +103,10 @@ pub struct Generation {
     pub metrics: Metrics,
 }
 
-/// Receives each batch of committed tokens as it lands; `ControlFlow::Break` cancels the request
-/// (it ends with [`Finish::Cancelled`]).
-pub type OnTokens<'a> = dyn FnMut(&[u32]) -> ControlFlow<()> + 'a;
+/// Receives each batch of committed tokens as it lands, with their log-probabilities (as many, or
+/// none when the request did not ask, [`crate::RequestSampling::logprobs`]); `ControlFlow::Break`
+/// cancels the request (it ends with [`Finish::Cancelled`]).
+pub type OnTokens<'a> = dyn FnMut(&[u32], &[Logprobs]) -> ControlFlow<()> + 'a;
 
 /// Tracks committed tokens, the stop rules, streaming and timing; shared by every strategy.
 pub(crate) struct Committer<'a> {
@@ -152,8 +153,8 @@ impl<'a> Committer<'a> {
     /// log-probabilities (as many, or none when the request did not ask).
     pub fn push(&mut self, tokens: &[u32], logprobs: &[Logprobs]) {
         let (keep, finish) = self.stop.clip(self.generated(), tokens);
-        self.logprobs
-            .extend_from_slice(&logprobs[..keep.min(logprobs.len())]);
+        let logprobs = &logprobs[..keep.min(logprobs.len())];
+        self.logprobs.extend_from_slice(logprobs);
         let mut flow = ControlFlow::Continue(());
         if keep > 0 {
             if self.first_token.is_none() {
@@ -161,7 +162,7 @@ impl<'a> Committer<'a> {
                 self.first_commit = keep;
             }
             self.committed.extend_from_slice(&tokens[..keep]);
-            flow = (self.on_tokens)(&tokens[..keep]);
+            flow = (self.on_tokens)(&tokens[..keep], logprobs);
         }
         // A request that ended anyway keeps its own reason.
         let cancelled = flow.is_break().then_some(Finish::Cancelled);
@@ -318,7 +319,7 @@ mod tests {
         let sampling = RequestSampling::default();
         let mut v = Verifier::new(FakeDecoder::new(model.clone()));
         let mut calls = 0;
-        let mut once = |_: &[u32]| {
+        let mut once = |_: &[u32], _: &[crate::logprobs::Logprobs]| {
             calls += 1;
             ControlFlow::Break(())
         };
@@ -329,10 +330,18 @@ mod tests {
         );
         let mut d = Drafter::new(FakeDecoder::new(model));
         let mut streamed = Vec::new();
-        let sd = speculative(&mut v, &mut d, &[1, 2, 3], &stop, &sampling, 4, &mut |t| {
-            streamed.extend_from_slice(t);
-            ControlFlow::Break(())
-        })
+        let sd = speculative(
+            &mut v,
+            &mut d,
+            &[1, 2, 3],
+            &stop,
+            &sampling,
+            4,
+            &mut |t, _| {
+                streamed.extend_from_slice(t);
+                ControlFlow::Break(())
+            },
+        )
         .unwrap();
         assert_eq!(sd.finish, Finish::Cancelled);
         assert_eq!(sd.tokens, streamed);
@@ -350,16 +359,24 @@ mod tests {
         let mut v = Verifier::new(FakeDecoder::new(model.clone()));
         let mut d = Drafter::new(FakeDecoder::new(model));
         let mut first = None;
-        let sd = speculative(&mut v, &mut d, &[1, 2, 3], &stop, &sampling, 4, &mut |t| {
-            first.get_or_insert(t.len());
-            ControlFlow::Continue(())
-        })
+        let sd = speculative(
+            &mut v,
+            &mut d,
+            &[1, 2, 3],
+            &stop,
+            &sampling,
+            4,
+            &mut |t, _| {
+                first.get_or_insert(t.len());
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
         let first = first.unwrap();
         // A perfect draft: the first round commits the lookahead plus the verify model's token.
         assert_eq!(first, 5);
         assert_eq!(sd.metrics.decode_tokens, 20 - first);
-        let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut |_| {
+        let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut |_, _| {
             ControlFlow::Continue(())
         })
         .unwrap();

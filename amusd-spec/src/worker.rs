@@ -909,7 +909,7 @@ mod tests {
                 max_new_tokens: rng.gen_range(0..120),
             };
             let sampling = random_sampling(&mut rng);
-            let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_| {
+            let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_, _| {
                 ControlFlow::Continue(())
             })
             .unwrap();
@@ -920,7 +920,7 @@ mod tests {
                 &prompt,
                 &stop,
                 &sampling,
-                &mut |t| {
+                &mut |t, _| {
                     streamed.extend_from_slice(t);
                     ControlFlow::Continue(())
                 },
@@ -1012,14 +1012,14 @@ mod tests {
             )
             .unwrap()
         };
-        let cancelled = run(1, 200, &mut |_| ControlFlow::Break(()));
+        let cancelled = run(1, 200, &mut |_, _| ControlFlow::Break(()));
         assert_eq!(cancelled.finish, Finish::Cancelled);
         assert!(!cancelled.tokens.is_empty() && cancelled.tokens.len() < 200);
         assert_eq!(
             region.read_request().unwrap().finish_reason,
             ShmFinish::Cancelled
         );
-        let full = run(2, 10, &mut |_| ControlFlow::Continue(()));
+        let full = run(2, 10, &mut |_, _| ControlFlow::Continue(()));
         assert_eq!(full.finish, Finish::Length);
         let n = full.tokens.len().min(cancelled.tokens.len());
         assert_eq!(full.tokens[..n], cancelled.tokens[..n]);

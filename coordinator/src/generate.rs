@@ -147,7 +147,7 @@ fn stream(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Generation> {
     let mut stream = tokenizer.map(|t| t.stream(true));
-    let mut on_tokens = |ids: &[u32]| {
+    let mut on_tokens = |ids: &[u32], _: &[Logprobs]| {
         if let Some(s) = stream.as_mut() {
             for &id in ids {
                 if let Ok(piece) = s.step(id) {

@@ -16,6 +16,7 @@ use amusd_server::{
     Sampling, Server, TextStream, TokenLogprobs,
 };
 use amusd_spec::fake::FakeModel;
+use amusd_spec::logprobs::Logprobs;
 use amusd_spec::{Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -252,7 +253,7 @@ impl Generator for ServeGenerator {
     fn generate(
         &mut self,
         req: &GenRequest,
-        on_tokens: &mut dyn FnMut(&[u32]),
+        on_tokens: &mut dyn FnMut(&[u32], &[TokenLogprobs]),
         cancelled: &dyn Fn() -> bool,
     ) -> Result<GenStats, GenError> {
         let stop = StopCriteria {
@@ -267,8 +268,15 @@ impl Generator for ServeGenerator {
         };
         // A request is cancelled between commits: the client's tokens keep arriving every few
         // milliseconds, so a hang-up ends the work at the next batch.
-        let mut on_tokens = |ids: &[u32]| {
-            on_tokens(ids);
+        let mut on_tokens = |ids: &[u32], logprobs: &[Logprobs]| {
+            let logprobs: Vec<TokenLogprobs> = (logprobs.iter())
+                .map(|l| TokenLogprobs {
+                    token: l.chosen.token,
+                    logprob: l.chosen.logprob,
+                    top: l.top.iter().map(|t| (t.token, t.logprob)).collect(),
+                })
+                .collect();
+            on_tokens(ids, &logprobs);
             if cancelled() {
                 ControlFlow::Break(())
             } else {
@@ -286,13 +294,6 @@ impl Generator for ServeGenerator {
             draft_n_accepted: g.metrics.accepted as u64,
             rollbacks: g.metrics.rollbacks as u64,
             cache_n: g.metrics.cached_prompt_tokens,
-            logprobs: (g.logprobs.iter())
-                .map(|l| TokenLogprobs {
-                    token: l.chosen.token,
-                    logprob: l.chosen.logprob,
-                    top: l.top.iter().map(|t| (t.token, t.logprob)).collect(),
-                })
-                .collect(),
         })
     }
 

@@ -5,6 +5,7 @@ use amusd_model::DeviceSpec;
 use amusd_shm::now_us;
 use amusd_spec::generate::{autoregressive, speculative, OnTokens};
 use amusd_spec::history::NgramHistory;
+use amusd_spec::logprobs::Logprobs;
 use amusd_spec::lookup::NoModel;
 use amusd_spec::{Decoder, Drafter, LlamaDecoder, Verifier};
 use anyhow::{Context, Result};
@@ -68,9 +69,9 @@ impl InProcess {
         }
         let mut commits = Vec::new();
         let start = now_us();
-        let mut on_tokens = |ids: &[u32]| {
+        let mut on_tokens = |ids: &[u32], logprobs: &[Logprobs]| {
             commits.push((now_us().saturating_sub(start), ids.len()));
-            on_tokens(ids)
+            on_tokens(ids, logprobs)
         };
         let generation = match (speculate, self.drafter.as_mut()) {
             (false, _) => {

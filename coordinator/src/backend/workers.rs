@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use amusd_shm::{now_us, Role, READABLE_EVENTS};
 use amusd_spec::generate::OnTokens;
+use amusd_spec::logprobs::Logprobs;
 use amusd_spec::worker::run_request;
 use amusd_spec::SpecError;
 use anyhow::Result;
@@ -117,9 +118,9 @@ impl Workers {
         let cursors = [Role::Draft, Role::Verify].map(|r| (r, region.events(r).head()));
         let mut commits = Vec::new();
         let start = now_us();
-        let mut on_tokens = |ids: &[u32]| {
+        let mut on_tokens = |ids: &[u32], logprobs: &[Logprobs]| {
             commits.push((now_us().saturating_sub(start), ids.len()));
-            on_tokens(ids)
+            on_tokens(ids, logprobs)
         };
         let (sup, chaos) = (&mut self.sup, &mut self.chaos);
         let mut left = chaos.as_ref().map_or(0, |c| c.faults());

@@ -92,7 +92,7 @@ impl RunContext<'_> {
             stop,
             sampling: &sampling,
         };
-        let c = backend.generate(&request, &mut |_| ControlFlow::Continue(()))?;
+        let c = backend.generate(&request, &mut |_, _| ControlFlow::Continue(()))?;
         Ok((c.generation, c.trace))
     }
 
