@@ -33,8 +33,11 @@
 //! 0. The logit bias, if the request has one ([`crate::logit_bias`]), then the repetition
 //!    penalties, if it has any ([`crate::penalty`]): a function of the logits and the tokens before
 //!    the position.
-//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (biased, penalized) logits, exactly as before
-//!    sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
+//! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (biased, penalized) logits, exactly as
+//!    before sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
+//!
+//! A request may also ask for log-probabilities ([`crate::logprobs`]): the verify model's sampler
+//! then records, for each choice, those of the raw logits (before step 0).
 //! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf).
 //! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
 //! 4. top-p (`p < 1`): with `q_i = expf(s_i - s_max)` (f32) and `Z` their f32 sum over the
