@@ -125,8 +125,8 @@ impl Summary {
     /// The usage and timings of a request's choices together: the prompt once (the first
     /// choice's prefill; the later ones find it cached), the generated tokens, their time and the
     /// drafts summed.
-    pub fn combined(all: &[Summary]) -> (Usage, Timings) {
-        let first = &all[0];
+    pub fn combined(all: &[&Summary]) -> (Usage, Timings) {
+        let first = all[0];
         let completion: usize = all.iter().map(|s| s.usage.completion_tokens).sum();
         let usage = Usage {
             completion_tokens: completion,

@@ -55,7 +55,7 @@ impl Head {
                 }),
             })
             .collect();
-        let summaries: Vec<Summary> = choices.iter().map(|c| c.1.clone()).collect();
+        let summaries: Vec<&Summary> = choices.iter().map(|c| &c.1).collect();
         let (usage, timings) = Summary::combined(&summaries);
         let mut v = self.envelope(false, json!(items));
         v["usage"] = json!(usage);
@@ -165,7 +165,7 @@ impl Head {
     pub fn closing(&self, all: &[Summary]) -> Option<Value> {
         self.include_usage.then(|| {
             let mut v = self.envelope(true, json!([]));
-            v["usage"] = json!(Summary::combined(all).0);
+            v["usage"] = json!(Summary::combined(&all.iter().collect::<Vec<_>>()).0);
             v
         })
     }

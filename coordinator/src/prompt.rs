@@ -80,6 +80,14 @@ pub fn encode_conversation(
     Ok(tokenizer.encode(&text, false)?)
 }
 
+/// Refuses a logit bias that names a token past `tokenizer`'s vocabulary.
+pub fn check_logit_bias(tokenizer: &Tokenizer, s: &RequestSampling) -> Result<()> {
+    (s.params.logit_bias)
+        .check_vocab(tokenizer.vocab_size())
+        .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+    Ok(())
+}
+
 /// Draft and verify must share one vocabulary, token for token, or draft ids mean nothing to the
 /// verify model.
 pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()> {
@@ -131,12 +139,10 @@ impl Texts {
     /// Refuses a logit bias that names a token past the verify model's vocabulary (a fake model
     /// has no tokenizer to check against; its decoders ignore such ids).
     pub fn check_sampling(&self, s: &RequestSampling) -> Result<()> {
-        if let Some(v) = &self.verify {
-            (s.params.logit_bias)
-                .check_vocab(v.tokenizer.vocab_size())
-                .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+        match &self.verify {
+            Some(v) => check_logit_bias(&v.tokenizer, s),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The prompt's token ids and the stop ids: `ids` as given (fake models), or the conversation

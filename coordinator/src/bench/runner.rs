@@ -435,9 +435,7 @@ pub(super) fn select_samples(
     models: &Models,
 ) -> Result<Vec<Prepared>> {
     let (name, capacity, text) = (&plan.dataset_name, models.capacity, &models.text);
-    (plan.sampling.params.logit_bias)
-        .check_vocab(text.tokenizer.vocab_size())
-        .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
+    crate::prompt::check_logit_bias(&text.tokenizer, &plan.sampling)?;
     let all = plan.dataset.load()?;
     let available = all.len();
     let want = args.num_samples.unwrap_or(available);
