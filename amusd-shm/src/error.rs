@@ -210,6 +210,14 @@ pub enum ShmError {
         /// [`crate::MAX_LOGIT_BIAS`].
         max: usize,
     },
+    /// A grammar longer than the region holds.
+    #[error("a grammar of {given} bytes given, the region holds at most {max}")]
+    GrammarTooLong {
+        /// Bytes given.
+        given: usize,
+        /// [`crate::GRAMMAR_TEXT_LEN`].
+        max: usize,
+    },
 
     /// Request id 0 is reserved for "no request".
     #[error("request id 0 is reserved for \"no request\"; use ids from 1")]

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -34,6 +34,10 @@ pub const MAX_LOGIT_BIAS: usize = 256;
 /// Most likely alternatives a request may ask for per generated token, besides the token itself
 /// ([`LogprobBuffer`]); OpenAI's `top_logprobs` limit.
 pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Bytes of a request's grammar ([`GrammarSection::text`]): a JSON schema, a regular expression
+/// or a Lark grammar.
+pub const GRAMMAR_TEXT_LEN: usize = 32 * 1024;
 
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -393,6 +397,21 @@ pub struct RequestSection {
     pub logprobs: AtomicU32,
 }
 
+/// The running request's grammar, if it has one: the generated text must follow it (constrained
+/// decoding). Part of the request: kept apart only so that the request section's own offsets stay
+/// as they were.
+#[repr(C, align(8))]
+pub struct GrammarSection {
+    /// 0: no grammar; else the grammar's kind (`amusd-spec`'s `GrammarKind` codes: 1 any JSON
+    /// object, 2 a JSON schema, 3 a regular expression, 4 a Lark grammar). Writer: coordinator,
+    /// Relaxed inside the request seqlock, at submit. Readers: both workers (seqlock read, at
+    /// take-up), `amusd dump`.
+    pub kind: AtomicU32,
+    /// The grammar's text (empty for any JSON object). Writer and readers: as `kind`; the
+    /// coordinator refuses a longer one than [`GRAMMAR_TEXT_LEN`] rather than truncate it.
+    pub text: ShmText<GRAMMAR_TEXT_LEN>,
+}
+
 /// Log-probabilities of the committed tokens, when the request asks for them
 /// ([`RequestSection::logprobs`]): `rows[p][0]` is the token at position `p` and its log-probability,
 /// `rows[p][1..=k]` the `k` most likely tokens at `p`, most likely first (token `u32::MAX` past
@@ -572,6 +591,8 @@ pub struct Region {
     pub verify_events: EventRing,
     /// Log-probabilities of the committed tokens; written by the verify worker (layout 8).
     pub logprobs: LogprobBuffer,
+    /// The request's grammar, part of the request section (layout 9).
+    pub grammar: GrammarSection,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,10 +634,10 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 8);
+        assert_eq!(LAYOUT_VERSION, 9);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 1_871_680);
+        assert_eq!(size_of::<Region>(), 1_904_512);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 
@@ -628,6 +649,10 @@ mod tests {
         assert_eq!(offset_of!(Region, draft_events), 102_080);
         assert_eq!(offset_of!(Region, verify_events), 298_752);
         assert_eq!(offset_of!(Region, logprobs), 495_424);
+        assert_eq!(offset_of!(Region, grammar), 1_871_680);
+        assert_eq!(offset_of!(GrammarSection, kind), 0);
+        assert_eq!(offset_of!(GrammarSection, text), 8);
+        assert_eq!(size_of::<GrammarSection>(), 8 + 8 + GRAMMAR_TEXT_LEN);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);

@@ -71,6 +71,10 @@ pub struct SamplingFields {
     /// 0: no log-probabilities; `1 + k`: the committed tokens' and their `k` most likely
     /// alternatives' ([`LogprobBuffer`]), `k` at most [`MAX_TOP_LOGPROBS`].
     pub logprobs: u32,
+    /// 0: no grammar; else its kind's code ([`GrammarSection::kind`]).
+    pub grammar_kind: u32,
+    /// The grammar's text, at most [`GRAMMAR_TEXT_LEN`] bytes.
+    pub grammar: String,
 }
 
 impl SamplingFields {
@@ -90,6 +94,8 @@ impl SamplingFields {
         cache_prompt: false,
         logit_bias: Vec::new(),
         logprobs: 0,
+        grammar_kind: 0,
+        grammar: String::new(),
     };
 }
 
@@ -510,6 +516,12 @@ impl Region {
                 max: MAX_LOGIT_BIAS,
             });
         }
+        if spec.sampling.grammar.len() > GRAMMAR_TEXT_LEN {
+            return Err(ShmError::GrammarTooLong {
+                given: spec.sampling.grammar.len(),
+                max: GRAMMAR_TEXT_LEN,
+            });
+        }
         if self.request.state.load(Ordering::Acquire) == RequestState::Running.as_u32() {
             return Err(ShmError::RequestRunning {
                 request_id: self.request.request_id.load(Ordering::Relaxed),
@@ -547,6 +559,8 @@ impl Region {
         for (slot, &(token, bias)) in rq.logit_bias.iter().zip(&sm.logit_bias) {
             slot.store(u64::from(token) | u64::from(bias) << 32, r);
         }
+        self.grammar.kind.store(sm.grammar_kind, r);
+        self.grammar.text.set(&sm.grammar);
         store_range(&self.verified.tokens, 0, spec.prompt);
         self.verified
             .verified_len
@@ -637,6 +651,8 @@ impl Region {
                             })
                             .collect(),
                         logprobs: rq.logprobs.load(r).min(1 + MAX_TOP_LOGPROBS as u32),
+                        grammar_kind: self.grammar.kind.load(r),
+                        grammar: self.grammar.text.get(),
                     },
                     self.control.shutdown.load(Ordering::Acquire) != 0,
                 )
@@ -1198,8 +1214,22 @@ mod tests {
                 cache_prompt: true,
                 logit_bias: vec![(5, 2.5f32.to_bits()), (49151, f32::NEG_INFINITY.to_bits())],
                 logprobs: 4,
+                grammar_kind: 2,
+                grammar: r#"{"type": "object", "title": "caf\u00e9 ☕"}"#.into(),
             },
         };
+        let too_long = SamplingFields {
+            grammar_kind: 3,
+            grammar: "a".repeat(GRAMMAR_TEXT_LEN + 1),
+            ..SamplingFields::GREEDY
+        };
+        assert!(matches!(
+            r.submit_request(&RequestSpec {
+                sampling: too_long,
+                ..spec.clone()
+            }),
+            Err(ShmError::GrammarTooLong { given, max: GRAMMAR_TEXT_LEN }) if given == GRAMMAR_TEXT_LEN + 1
+        ));
         let too_many = SamplingFields {
             logit_bias: vec![(1, 0); MAX_LOGIT_BIAS + 1],
             ..SamplingFields::GREEDY
@@ -1280,6 +1310,11 @@ mod tests {
         .unwrap();
         let snap = r.read_request().unwrap();
         assert_eq!((snap.request_id, snap.prompt_len), (12, 1));
+        assert_eq!(
+            snap.sampling,
+            SamplingFields::GREEDY,
+            "the grammar is cleared too"
+        );
         assert_eq!(snap.finish_reason, FinishReason::None);
         assert_eq!(snap.error_text, "");
         assert!(snap.stop_tokens.is_empty());

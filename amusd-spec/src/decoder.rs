@@ -2,6 +2,9 @@
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
+use std::sync::Arc;
+
+use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
 use crate::sampling::{RequestSampling, Sampler};
@@ -201,6 +204,9 @@ pub struct Verifier<D: Decoder> {
     pub decoder: D,
     /// How the verify model's tokens are chosen; set per request (greedy by default).
     pub sampler: Sampler,
+    /// Compiles requests' grammars for this model's vocabulary; without it a request with a
+    /// grammar fails.
+    pub constraints: Option<Arc<dyn Constraints>>,
 }
 
 impl<D: Decoder> Verifier<D> {
@@ -208,7 +214,14 @@ impl<D: Decoder> Verifier<D> {
         Self {
             decoder,
             sampler: Sampler::default(),
+            constraints: None,
         }
+    }
+
+    /// Follows requests' grammars, compiled by `constraints`.
+    pub fn with_constraints(mut self, constraints: Option<Arc<dyn Constraints>>) -> Self {
+        self.constraints = constraints;
+        self
     }
 
     /// Starts a request of up to `capacity` positions: its sampling, and the cache, keeping the
@@ -221,6 +234,9 @@ impl<D: Decoder> Verifier<D> {
         sampling: &RequestSampling,
     ) -> Result<usize, SpecError> {
         self.sampler = sampling.verifier();
+        let grammar = sampling.grammar.as_ref();
+        let active = activate(self.constraints.as_deref(), grammar, prompt.len())?;
+        self.sampler.constrain(active);
         self.decoder.start(prompt, capacity, sampling.cache_prompt)
     }
 
@@ -264,6 +280,9 @@ pub struct Drafter<D: Decoder> {
     /// How proposals are chosen: the request's sampling (the same noise as the verify model, on the
     /// draft's logits), set per request; greedy by default.
     pub sampler: Sampler,
+    /// Compiles requests' grammars for the draft model's vocabulary; without it the draft
+    /// proposes unconstrained (the verify model rejects what the grammar forbids).
+    pub constraints: Option<Arc<dyn Constraints>>,
     /// The draft's sequence: committed tokens it has adopted, then its own proposals.
     seq: Vec<u32>,
     /// `seq[..agreed]` is known to equal the committed tokens.
@@ -293,6 +312,7 @@ impl<D: Decoder> Drafter<D> {
         Self {
             decoder,
             sampler: Sampler::default(),
+            constraints: None,
             seq: Vec::new(),
             agreed: 0,
             lookup: None,
@@ -319,11 +339,28 @@ impl<D: Decoder> Drafter<D> {
         self.learnt = committed.len();
     }
 
-    /// Drafts the next request as it asks: with its sampler (or greedily), and with the lookup
-    /// unless it turns the lookup off (which a lookup without a model ignores).
-    pub fn set_request(&mut self, sampling: &RequestSampling) {
+    /// Follows requests' grammars, compiled by `constraints`.
+    pub fn with_constraints(mut self, constraints: Option<Arc<dyn Constraints>>) -> Self {
+        self.constraints = constraints;
+        self
+    }
+
+    /// Drafts the next request (its prompt `prompt_len` tokens) as it asks: with its sampler (or
+    /// greedily) and its grammar, and with the lookup unless it turns the lookup off (which a
+    /// lookup without a model ignores). Fails only on a grammar that does not compile.
+    pub fn set_request(
+        &mut self,
+        sampling: &RequestSampling,
+        prompt_len: usize,
+    ) -> Result<(), SpecError> {
         self.sampler = sampling.drafter();
         self.lookup_off = sampling.no_draft_lookup && self.model;
+        // Without constraints the draft proposes unconstrained: slower, never wrong.
+        if let Some(c) = self.constraints.as_deref() {
+            let active = activate(Some(c), sampling.grammar.as_ref(), prompt_len)?;
+            self.sampler.constrain(active);
+        }
+        Ok(())
     }
 
     /// Adds prompt lookup: `alone`, it is the only drafter (the model is never run); otherwise a

@@ -228,7 +228,7 @@ impl Decoder for FakeDecoder {
         for (i, &t) in tokens.iter().enumerate() {
             self.seen.push(t);
             if i >= first_row {
-                out.push(if sampler.params.is_plain_greedy() && !sampler.records() {
+                out.push(if sampler.is_plain_greedy() && !sampler.records() {
                     self.model.next(&self.seen)
                 } else {
                     sampler.choose(&self.model.logits(&self.seen), &self.seen)
@@ -287,6 +287,37 @@ mod tests {
         ]
     }
 
+    /// No grammar, or the fake one ([`crate::constraint::fake`]): token `i` is `≡ i (mod m)`, at
+    /// most `len` tokens before the default fake eos (0).
+    pub(crate) fn any_grammar() -> impl Strategy<Value = Option<crate::constraint::Grammar>> {
+        proptest::option::weighted(
+            0.3,
+            (1u32..4, 0usize..40).prop_map(|(m, len)| crate::constraint::fake::grammar(m, len, 0)),
+        )
+    }
+
+    /// The committed tokens follow the request's fake grammar, if it has one.
+    fn check_grammar(g: &crate::Generation, s: &RequestSampling) -> Result<(), TestCaseError> {
+        let Some(grammar) = &s.grammar else {
+            return Ok(());
+        };
+        let f: Vec<u32> = grammar
+            .text
+            .split(',')
+            .map(|x| x.parse().unwrap())
+            .collect();
+        for (i, &t) in g.tokens.iter().enumerate() {
+            prop_assert!(
+                t % f[0] == i as u32 % f[0] && i < f[1] as usize,
+                "token {} = {} breaks {}",
+                i,
+                t,
+                grammar.text
+            );
+        }
+        Ok(())
+    }
+
     /// Greedy, or sampling with or without filters, with or without penalties, with a sampling or
     /// a greedy draft, with or without the draft's prompt lookup, keeping the previous request's
     /// cache or not.
@@ -304,6 +335,7 @@ mod tests {
                 any_penalties(),
                 any_logit_bias(),
                 proptest::option::of(0usize..4),
+                any_grammar(),
             ),
         )
             .prop_map(
@@ -316,7 +348,7 @@ mod tests {
                     greedy_draft,
                     no_draft_lookup,
                     cache,
-                    (penalties, logit_bias, logprobs),
+                    (penalties, logit_bias, logprobs, grammar),
                 )| {
                     RequestSampling {
                         params: SamplingParams {
@@ -332,6 +364,7 @@ mod tests {
                         no_draft_lookup,
                         cache_prompt: cache,
                         logprobs,
+                        grammar,
                     }
                 },
             )
@@ -354,6 +387,12 @@ mod tests {
         Ok(())
     }
 
+    pub(crate) fn fake_constraints() -> Option<std::sync::Arc<dyn crate::constraint::Constraints>> {
+        Some(std::sync::Arc::new(
+            crate::constraint::fake::FakeConstraints,
+        ))
+    }
+
     fn prompt(seed: u64, len: usize, vocab: u32) -> Vec<u32> {
         (0..len as u64)
             .map(|i| (mix(seed ^ i) % vocab as u64) as u32)
@@ -371,9 +410,11 @@ mod tests {
             let draft = FakeModel { err, ..truth.clone() };
             let p = prompt(seed, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
-            let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+            let mut v = Verifier::new(FakeDecoder::new(truth.clone())).with_constraints(fake_constraints());
             let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_, _| ControlFlow::Continue(())).unwrap();
-            let mut d = Drafter::new(FakeDecoder::new(draft));
+            // A draft without the grammar proposes what it forbids, and is rejected there.
+            let draft_constraints = if seed % 3 == 0 { None } else { fake_constraints() };
+            let mut d = Drafter::new(FakeDecoder::new(draft)).with_constraints(draft_constraints);
             let mut streamed = Vec::new();
             let sd = speculative(&mut v, &mut d, &p, &stop, &sampling, lookahead, &mut |t, _| { streamed.extend_from_slice(t); ControlFlow::Continue(()) }).unwrap();
             prop_assert_eq!(&ar.tokens, &sd.tokens);
@@ -381,6 +422,7 @@ mod tests {
             prop_assert_eq!(ar.finish, sd.finish);
             prop_assert_eq!(&ar.logprobs, &sd.logprobs);
             check_logprobs(&ar, &sampling)?;
+            check_grammar(&ar, &sampling)?;
             prop_assert!(sd.tokens.len() <= max_new);
             prop_assert!(!sd.tokens.contains(&truth.eos));
         }
@@ -409,15 +451,16 @@ mod tests {
             let truth = FakeModel { seed, vocab: 12, eos_every: 90, positional, err, ..Default::default() };
             let p = periodic_prompt(seed, 7, plen, truth.vocab);
             let stop = StopCriteria { stop_ids: vec![truth.eos], max_new_tokens: max_new };
-            let mut v = Verifier::new(FakeDecoder::new(truth.clone()));
+            let mut v = Verifier::new(FakeDecoder::new(truth.clone())).with_constraints(fake_constraints());
             let ar = autoregressive(&mut v, &p, &stop, &sampling, &mut |_, _| ControlFlow::Continue(())).unwrap();
+            check_grammar(&ar, &sampling)?;
             let range = crate::lookup::NgramRange { min, max: min + extra };
             let decoder: Box<dyn Decoder> = if alone {
                 Box::new(crate::lookup::NoModel)
             } else {
                 Box::new(FakeDecoder::new(FakeModel { err: 0.0, ..truth.clone() }))
             };
-            let mut d = Drafter::new(decoder).with_lookup(range, alone, max_run);
+            let mut d = Drafter::new(decoder).with_lookup(range, alone, max_run).with_constraints(fake_constraints());
             if history {
                 // Taught by other text first, so it also guesses wrong.
                 let mut h = crate::history::NgramHistory::new(8);

@@ -233,7 +233,7 @@ pub fn speculative<D: Decoder, P: Decoder>(
     on_tokens: &mut OnTokens<'_>,
 ) -> Result<Generation, SpecError> {
     let lookahead = lookahead.max(1);
-    drafter.set_request(sampling);
+    drafter.set_request(sampling, prompt.len())?;
     // Drafts are clipped to the token budget, so sd fits wherever ar does: the same requests succeed
     // under every strategy.
     check_fits(

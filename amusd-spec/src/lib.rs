@@ -8,6 +8,7 @@
 //! forward pass of `amusd-model` and a [`sampling`] whose choice at a position depends only on the
 //! logits there, the seed and the position.
 
+pub mod constraint;
 pub mod decoder;
 /// A deterministic fake model for protocol tests (the `fake` feature; always in this crate's tests).
 #[cfg(any(test, feature = "fake"))]
@@ -41,6 +42,9 @@ pub enum SpecError {
     Sampling(#[from] SamplingError),
     #[error(transparent)]
     Lookup(#[from] lookup::BadRange),
+    /// A grammar that does not compile, or one this process cannot follow.
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[cfg(any(test, feature = "fake"))]
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
     FakeSpec(String),

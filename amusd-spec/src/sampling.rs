@@ -30,9 +30,10 @@
 //! musl's libm) so the noise is bit-for-bit the same on every platform.
 //!
 //! # Logits processing, in this fixed order
-//! 0. The logit bias, if the request has one ([`crate::logit_bias`]), then the repetition
-//!    penalties, if it has any ([`crate::penalty`]): a function of the logits and the tokens before
-//!    the position.
+//! 0. The grammar's mask, if the request has a grammar ([`crate::constraint`]): `-inf` for every
+//!    token it forbids after the tokens generated so far. Then the logit bias, if the request has
+//!    one ([`crate::logit_bias`]), then the repetition penalties, if it has any
+//!    ([`crate::penalty`]): a function of the logits and the tokens before the position.
 //! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (biased, penalized) logits, exactly as
 //!    before sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
 //!
@@ -55,6 +56,7 @@
 
 use amusd_model::kernels;
 
+pub use crate::constraint::{ActiveConstraint, Grammar};
 pub use crate::logit_bias::LogitBias;
 use crate::logprobs::{logprobs_of, Logprobs};
 pub use crate::penalty::Penalties;
@@ -178,6 +180,9 @@ pub struct RequestSampling {
     /// `Some(k)`: report each generated token's log-probability and the `k` most likely tokens'
     /// ([`crate::logprobs`]; the verify model's sampler records them). Changes no token.
     pub logprobs: Option<usize>,
+    /// A grammar the generated text follows ([`crate::constraint`]), compiled by each process
+    /// that decodes the request.
+    pub grammar: Option<Grammar>,
 }
 
 impl RequestSampling {
@@ -263,6 +268,8 @@ pub struct Sampler {
     /// logits, into `recorded` ([`Sampler::take_logprobs`]).
     record: Option<usize>,
     recorded: Vec<Logprobs>,
+    /// The request's grammar, if it has one: masks the logits before anything else.
+    constraint: Option<ActiveConstraint>,
 }
 
 impl Default for Sampler {
@@ -282,7 +289,18 @@ impl Sampler {
             weights: Vec::new(),
             record: None,
             recorded: Vec::new(),
+            constraint: None,
         }
+    }
+
+    /// Follows `constraint` from now on (none: no grammar).
+    pub fn constrain(&mut self, constraint: Option<ActiveConstraint>) {
+        self.constraint = constraint;
+    }
+
+    /// Every choice is the argmax of the raw logits: greedy, with no grammar, bias or penalty.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.params.is_plain_greedy() && self.constraint.is_none()
     }
 
     /// Whether choices record their log-probabilities (the request asked for them).
@@ -308,12 +326,15 @@ impl Sampler {
 
     /// [`Sampler::choose`] without the recording.
     fn choose_processed(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
-        if !self.params.processes_logits() {
+        if !self.params.processes_logits() && self.constraint.is_none() {
             return self.choose_at(logits, prefix.len());
         }
         let mut processed = std::mem::take(&mut self.processed);
         processed.clear();
         processed.extend_from_slice(logits);
+        if let Some(c) = &self.constraint {
+            c.mask(prefix, &mut processed);
+        }
         self.params.logit_bias.apply(&mut processed);
         let penalties = self.params.penalties;
         if !penalties.is_off() {

@@ -23,6 +23,7 @@ use amusd_shm::{
     RequestState, Role, SamplingFields, ShmError, Spin, WorkerState, TOKEN_CAPACITY,
 };
 
+use crate::constraint::{Grammar, GrammarKind};
 use crate::decoder::{Decoder, Drafter, Verifier};
 use crate::generate::{Committer, Generation, OnTokens};
 use crate::logprobs::{Logprobs, TokenLogprob};
@@ -77,6 +78,11 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         logprobs: s
             .logprobs
             .map_or(0, |k| 1 + k.min(crate::logprobs::MAX_TOP) as u32),
+        grammar_kind: s.grammar.as_ref().map_or(0, |g| g.kind.code()),
+        grammar: s
+            .grammar
+            .as_ref()
+            .map_or_else(String::new, |g| g.text.clone()),
     }
 }
 
@@ -106,6 +112,15 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         no_draft_lookup: f.no_draft_lookup,
         cache_prompt: f.cache_prompt,
         logprobs: (f.logprobs > 0).then(|| (f.logprobs - 1) as usize),
+        grammar: match f.grammar_kind {
+            0 => None,
+            code => Some(Grammar::new(
+                GrammarKind::from_code(code).ok_or_else(|| {
+                    SpecError::Protocol(format!("unknown grammar kind {code} in the region"))
+                })?,
+                f.grammar.clone(),
+            )),
+        },
     })
 }
 
@@ -265,7 +280,7 @@ pub fn run_draft<D: Decoder>(
                     if let Some(h) = take_up(region, &req)? {
                         let prompt = &h.committed[..h.prompt_len];
                         drafter.start(prompt, h.limit, h.sampling.cache_prompt)?;
-                        drafter.set_request(&h.sampling);
+                        drafter.set_request(&h.sampling, h.prompt_len)?;
                         // A rewrite from 0 also repairs an epoch left odd by a predecessor killed
                         // mid-rewrite.
                         region_len = region.draft_rewrite(h.id, 0, prompt)?;
@@ -750,6 +765,10 @@ mod tests {
             .unwrap(),
             false => crate::LogitBias::NONE,
         };
+        // The fake grammar (crate::constraint::fake), ending with the fake models' eos, 0.
+        let grammar = rng.gen_bool(0.3).then(|| {
+            crate::constraint::fake::grammar(rng.gen_range(1..4), rng.gen_range(0..60), 0)
+        });
         if rng.gen_bool(0.5) {
             return crate::RequestSampling {
                 params: crate::SamplingParams {
@@ -760,6 +779,7 @@ mod tests {
                 no_draft_lookup,
                 cache_prompt,
                 logprobs,
+                grammar,
                 ..Default::default()
             };
         }
@@ -789,7 +809,12 @@ mod tests {
             no_draft_lookup,
             cache_prompt,
             logprobs,
+            grammar,
         }
+    }
+
+    fn fake_constraints() -> Option<Arc<dyn crate::constraint::Constraints>> {
+        Some(Arc::new(crate::constraint::fake::FakeConstraints))
     }
 
     /// The next request's prompt: random, or half of the time the previous prompt and answer
@@ -868,7 +893,7 @@ mod tests {
                         Some(l) if l.alone => Box::new(crate::lookup::NoModel),
                         _ => Box::new(FakeDecoder::new(draft_model)),
                     };
-                    let mut d = Drafter::new(decoder);
+                    let mut d = Drafter::new(decoder).with_constraints(fake_constraints());
                     if let Some(l) = lookup {
                         // On repeating text a 3-token suffix decides what follows (the fake
                         // model's context): matches are right but where errors break them.
@@ -887,7 +912,8 @@ mod tests {
                     run_draft(&r1, &mut d, &opts, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
-                    let mut v = Verifier::new(FakeDecoder::new(vt));
+                    let mut v =
+                        Verifier::new(FakeDecoder::new(vt)).with_constraints(fake_constraints());
                     let opts = VerifyOptions {
                         max_verify_batch: max_batch,
                         wait_for_draft: wait,
@@ -899,7 +925,8 @@ mod tests {
         let mut reference = Verifier::new(FakeDecoder::new(FakeModel {
             us_per_token: 0,
             ..truth.clone()
-        }));
+        }))
+        .with_constraints(fake_constraints());
         let mut total = crate::Metrics::default();
         let mut previous = Vec::new();
         for i in 0..requests {
