@@ -9,4 +9,7 @@ pub use amusd_spec::lookup::NgramRange;
 pub use amusd_spec::worker::{
     DraftOptions, VerifyOptions, DEFAULT_MAX_LOOKAHEAD, DEFAULT_MAX_VERIFY_BATCH,
 };
-pub use worker::{worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure};
+pub use worker::{
+    constraints_for, grammar_compiler, worker_exit, worker_main, RoleOptions, WorkerConfig,
+    WorkerFailure,
+};

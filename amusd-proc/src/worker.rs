@@ -2,11 +2,13 @@
 //! loading the model, reporting errors, following the coordinator's life.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use amusd_model::{DeviceSpec, ModelSpec};
 use amusd_shm::{Region, Role, Shm, WorkerState};
 
+use amusd_spec::constraint::Constraints;
 use amusd_spec::fake::{FakeDecoder, FakeModel};
 use amusd_spec::history::NgramHistory;
 use amusd_spec::lookup::{self, NoModel};
@@ -61,6 +63,22 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
     // Weights only: the coordinator tokenizes, a worker never does.
     let (llama, name) = amusd_model::loader::load_weights(&spec)?;
     Ok((Box::new(LlamaDecoder::new(llama)), name))
+}
+
+/// What compiles requests' grammars for a model (`PATH[:FORMAT]`): its tokenizer, loaded when the
+/// first request with a grammar arrives. `None` for a fake model or prompt lookup, which have no
+/// tokenizer (the coordinator refuses grammars for them).
+pub fn constraints_for(spec: &str) -> Option<Arc<dyn Constraints>> {
+    grammar_compiler(spec).map(|c| c as Arc<dyn Constraints>)
+}
+
+/// [`constraints_for`], as its concrete type (which also checks grammars).
+pub fn grammar_compiler(spec: &str) -> Option<Arc<amusd_grammar::LazyCompiler>> {
+    if lookup::parse_spec(spec).is_some() || FakeModel::is_fake(spec) {
+        return None;
+    }
+    let spec: ModelSpec = spec.parse().ok()?;
+    Some(Arc::new(amusd_grammar::LazyCompiler::new(spec)))
 }
 
 /// Why a worker stopped with an error.
@@ -127,7 +145,8 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     lookup_max_run: opts.lookup_max_run.max(1),
                     ..opts.clone()
                 };
-                let mut drafter = with_lookup(Drafter::new(decoder), &cfg.model, &opts)?;
+                let drafter = Drafter::new(decoder).with_constraints(constraints_for(&cfg.model));
+                let mut drafter = with_lookup(drafter, &cfg.model, &opts)?;
                 run_draft(region, &mut drafter, &opts, &*alive)
             }
             RoleOptions::Verify(opts) => {
@@ -135,7 +154,9 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                     max_verify_batch: opts.max_verify_batch.max(1),
                     ..opts.clone()
                 };
-                run_verify(region, &mut Verifier::new(decoder), &opts, &*alive)
+                let mut verifier =
+                    Verifier::new(decoder).with_constraints(constraints_for(&cfg.model));
+                run_verify(region, &mut verifier, &opts, &*alive)
             }
         }
     })();

@@ -34,6 +34,8 @@ pub struct Sampling {
     /// `Some(k)`: report each generated token's log-probability and its position's `k` most
     /// likely tokens' (OpenAI's `logprobs` / `top_logprobs`).
     pub logprobs: Option<usize>,
+    /// A grammar the answer follows (structured output, [`crate::format`]).
+    pub grammar: Option<crate::format::OutputGrammar>,
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
     /// has one); false drafts with the model alone. The text is the same either way.
     pub prompt_lookup: bool,
@@ -57,6 +59,7 @@ impl Default for Sampling {
             repeat_last_n: 64,
             logit_bias: Vec::new(),
             logprobs: None,
+            grammar: None,
             prompt_lookup: true,
             cache_prompt: true,
         }
@@ -121,6 +124,12 @@ pub trait Codec: Send + Sync {
     /// One token's text on its own (for log-probabilities; part of a character renders as
     /// U+FFFD).
     fn token_text(&self, id: u32) -> String;
+    /// Whether `grammar` compiles against the vocabulary; the error says why not. A model that
+    /// cannot follow grammars refuses them all.
+    fn check_grammar(&self, grammar: &crate::format::OutputGrammar) -> Result<(), String> {
+        let _ = grammar;
+        Err("this model cannot follow a grammar".into())
+    }
 }
 
 /// Incremental detokenization that never emits part of a UTF-8 character.

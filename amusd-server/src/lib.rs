@@ -10,6 +10,7 @@
 
 pub mod decode;
 pub mod error;
+pub mod format;
 pub mod generator;
 pub mod metrics;
 pub mod request;

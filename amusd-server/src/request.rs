@@ -45,13 +45,20 @@ pub struct RawRequest {
     /// Chat: true or false, with `top_logprobs` (0 to 20); completions: how many alternatives.
     pub logprobs: Option<Value>,
     pub top_logprobs: Option<Value>,
+    /// Structured output ([`crate::format`]): OpenAI's `response_format`, llama.cpp's
+    /// `json_schema`, vLLM's `guided_*`.
+    pub response_format: Option<Value>,
+    pub json_schema: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
     // Known but not implemented: refused when they would change the result.
     pub best_of: Option<u64>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    pub response_format: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
 }
@@ -124,6 +131,7 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     refuse_unsupported(&raw)?;
     let sampling = Sampling {
         logprobs: logprobs(&raw, endpoint)?,
+        grammar: crate::format::output_grammar(&raw)?,
         ..sampling(&raw)?
     };
     let input = match endpoint {
@@ -174,10 +182,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         Some(Value::String(s)) => !s.is_empty(),
         Some(_) => true,
     };
-    let text_format = r
-        .response_format
-        .as_ref()
-        .is_none_or(|f| f.is_null() || f["type"] == "text");
     let tool_choice_none = r
         .tool_choice
         .as_ref()
@@ -188,7 +192,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         ("tool_choice", !tool_choice_none),
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
-        ("response_format", !text_format),
         ("echo", r.echo == Some(true)),
         ("suffix", set(&r.suffix)),
     ];
@@ -352,8 +355,9 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         presence_penalty,
         repeat_last_n,
         logit_bias: logit_bias(r.logit_bias.as_ref())?,
-        // Per endpoint: `validate` sets it.
+        // Per endpoint, and checked apart: `validate` sets them.
         logprobs: None,
+        grammar: None,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
     })
@@ -528,6 +532,7 @@ mod tests {
                 repeat_last_n: u32::MAX,
                 logit_bias: vec![(15, 2.5), (198, -100.0)],
                 logprobs: None,
+                grammar: None,
                 prompt_lookup: false,
                 cache_prompt: false,
             }
@@ -733,10 +738,6 @@ mod tests {
             (r#""best_of":2"#, "best_of"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""tool_choice":"auto""#, "tool_choice"),
-            (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
-            ),
         ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");

@@ -139,6 +139,7 @@ async fn handle(
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
     let v = request::validate(request::parse(&body)?, endpoint)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
+    check_grammar(&s.codec, &v).await?;
     let prompt = tokenize(&s.codec, &v).await?;
     let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
     let (tx, rx) = unbounded_channel();
@@ -200,6 +201,25 @@ fn check_logit_bias(codec: &dyn Codec, v: &Validated) -> Result<(), ApiError> {
         )),
         None => Ok(()),
     }
+}
+
+/// Refuses a grammar that does not compile against the model's vocabulary (compiling is CPU
+/// work: off the async threads).
+async fn check_grammar(codec: &Arc<dyn Codec>, v: &Validated) -> Result<(), ApiError> {
+    let Some(g) = v.sampling.grammar.clone() else {
+        return Ok(());
+    };
+    let codec = codec.clone();
+    let param = g.param;
+    tokio::task::spawn_blocking(move || codec.check_grammar(&g))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("grammar check failed: {e}"),
+            )
+        })?
+        .map_err(|m| ApiError::bad_param(param, format!("{param}: {m}")))
 }
 
 /// The prompt's token ids (tokenizing is CPU work: off the async threads).

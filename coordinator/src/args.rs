@@ -2,10 +2,13 @@
 
 use amusd_model::qkernels::IntActivations;
 use amusd_model::{DeviceSpec, HeadChoice, KvPrecision, ModelSpec};
+use std::path::PathBuf;
+
+use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
 use amusd_spec::{LogitBias, Penalties, RequestSampling, SamplingParams};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -321,6 +324,8 @@ pub struct SamplingArgs {
         value_parser = parse_logit_bias
     )]
     pub logit_bias: Vec<(u32, f32)>,
+    #[command(flatten)]
+    pub grammar: GrammarArgs,
     /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
     /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
     #[arg(long)]
@@ -358,6 +363,49 @@ impl SamplingArgs {
             // One request per run (generate), or as the bench decides turn by turn.
             cache_prompt: false,
             logprobs: None,
+            grammar: self.grammar.resolve()?,
+        })
+    }
+}
+
+/// Structured output: a grammar the generated text follows (at most one of these).
+#[derive(Args, Debug, Clone, Default)]
+#[group(multiple = false)]
+pub struct GrammarArgs {
+    /// The output is a JSON object (any).
+    #[arg(long)]
+    pub json_object: bool,
+    /// The output is JSON that fits this JSON schema (as llama.cpp's --json-schema).
+    #[arg(long, value_name = "SCHEMA")]
+    pub json_schema: Option<String>,
+    /// --json-schema read from a file.
+    #[arg(long, value_name = "FILE")]
+    pub json_schema_file: Option<PathBuf>,
+    /// The output matches this regular expression (Rust's regex syntax), whole.
+    #[arg(long, value_name = "RE")]
+    pub regex: Option<String>,
+    /// The output follows this Lark grammar (llguidance's syntax; the start rule is `start`).
+    #[arg(long, value_name = "FILE")]
+    pub lark_file: Option<PathBuf>,
+}
+
+impl GrammarArgs {
+    pub fn resolve(&self) -> Result<Option<Grammar>> {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        Ok(if self.json_object {
+            Some(Grammar::new(GrammarKind::JsonObject, ""))
+        } else if let Some(s) = &self.json_schema {
+            Some(Grammar::new(GrammarKind::JsonSchema, s.clone()))
+        } else if let Some(p) = &self.json_schema_file {
+            Some(Grammar::new(GrammarKind::JsonSchema, read(p)?))
+        } else if let Some(r) = &self.regex {
+            Some(Grammar::new(GrammarKind::Regex, r.clone()))
+        } else if let Some(p) = &self.lark_file {
+            Some(Grammar::new(GrammarKind::Lark, read(p)?))
+        } else {
+            None
         })
     }
 }
@@ -406,6 +454,10 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
             n => i64::from(n),
         },
         "logit_bias": logit_bias_json(&p.logit_bias),
+        "grammar": s.grammar.as_ref().map(|g| serde_json::json!({
+            "type": g.kind.tag(),
+            "text": g.text,
+        })),
     })
 }
 
@@ -431,6 +483,9 @@ pub fn sampling_label(s: &RequestSampling) -> String {
             ", logit bias on {} tokens",
             p.logit_bias.entries().len()
         ));
+    }
+    if let Some(g) = &s.grammar {
+        out.push_str(&format!(", grammar: {g}"));
     }
     if p.is_greedy() {
         return out;

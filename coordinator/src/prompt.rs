@@ -1,14 +1,17 @@
 //! From the user's text to prompt tokens: the prompt itself, the models' tokenizers and chat
 //! templates (without their weights), and the checks that draft and verify speak the same tokens.
 
+use amusd_grammar::LazyCompiler;
 use amusd_model::chat::{ChatTemplate, Message};
 use amusd_model::loader::{load_text, ModelText};
 use amusd_model::tokenizer::Tokenizer;
+use amusd_spec::constraint::Grammar;
 use amusd_spec::fake::FakeModel;
 use amusd_spec::RequestSampling;
 use anyhow::{bail, Context, Result};
 
 use std::path::Path;
+use std::sync::Arc;
 
 /// The prompt text from `--prompt` or `--prompt-file` (`-`: standard input), or from standard
 /// input when neither is given and it is not a terminal.
@@ -88,6 +91,15 @@ pub fn check_logit_bias(tokenizer: &Tokenizer, s: &RequestSampling) -> Result<()
     Ok(())
 }
 
+/// Refuses a grammar that does not compile for the verify model's vocabulary (or any grammar for a
+/// model without a tokenizer).
+pub fn check_grammar(grammars: Option<&LazyCompiler>, g: &Grammar) -> Result<()> {
+    let Some(c) = grammars else {
+        bail!("a grammar needs a model with a tokenizer (this one is fake)");
+    };
+    c.check(g).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Draft and verify must share one vocabulary, token for token, or draft ids mean nothing to the
 /// verify model.
 pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()> {
@@ -112,6 +124,9 @@ pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()
 pub struct Texts {
     pub verify: Option<ModelText>,
     pub draft: Option<ModelText>,
+    /// Compiles grammars for the verify model's vocabulary (the draft's is the same); `None` for a
+    /// fake model. Built on the first grammar.
+    pub grammars: Option<Arc<LazyCompiler>>,
     fake_stop: Vec<u32>,
 }
 
@@ -130,6 +145,9 @@ impl Texts {
             check_same_vocabulary(&v.tokenizer, &d.tokenizer)?;
         }
         Ok(Self {
+            grammars: verify
+                .as_ref()
+                .and(amusd_proc::grammar_compiler(verify_spec)),
             verify,
             draft,
             fake_stop: fake_stop(verify_spec),
@@ -139,8 +157,11 @@ impl Texts {
     /// Refuses a logit bias that names a token past the verify model's vocabulary (a fake model
     /// has no tokenizer to check against; its decoders ignore such ids).
     pub fn check_sampling(&self, s: &RequestSampling) -> Result<()> {
-        match &self.verify {
-            Some(v) => check_logit_bias(&v.tokenizer, s),
+        if let Some(v) = &self.verify {
+            check_logit_bias(&v.tokenizer, s)?;
+        }
+        match &s.grammar {
+            Some(g) => check_grammar(self.grammars.as_deref(), g),
             None => Ok(()),
         }
     }

@@ -15,6 +15,7 @@ use amusd_server::{
     ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Limits,
     Sampling, Server, TextStream, TokenLogprobs,
 };
+use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::logprobs::Logprobs;
 use amusd_spec::{Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria};
@@ -114,6 +115,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
     let texts = Texts::load(verify_spec, draft)?;
     let context = texts.context(amusd_shm::TOKEN_CAPACITY);
     let stop_ids = texts.stop_ids();
+    let grammars = texts.grammars.clone();
     let Some(verify) = texts.verify else {
         let fake = FakeModel::parse(verify_spec)?;
         return Ok(TextCodec {
@@ -122,6 +124,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
             stop_ids,
             text: None,
             vocab: fake.vocab as usize,
+            grammars,
         });
     };
     Ok(TextCodec {
@@ -130,6 +133,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
         stop_ids,
         vocab: verify.tokenizer.vocab_size(),
         text: Some(verify),
+        grammars,
     })
 }
 
@@ -141,6 +145,7 @@ struct TextCodec {
     stop_ids: Vec<u32>,
     vocab: usize,
     text: Option<ModelText>,
+    grammars: Option<Arc<amusd_grammar::LazyCompiler>>,
 }
 
 impl Codec for TextCodec {
@@ -194,6 +199,11 @@ impl Codec for TextCodec {
             Some(t) => t.tokenizer.decode(&[id], false).unwrap_or_default(),
             None => Decimal.push(id),
         }
+    }
+
+    fn check_grammar(&self, grammar: &amusd_server::format::OutputGrammar) -> Result<(), String> {
+        crate::prompt::check_grammar(self.grammars.as_deref(), &grammar_of(grammar))
+            .map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -342,7 +352,20 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         no_draft_lookup: !s.prompt_lookup,
         cache_prompt: s.cache_prompt,
         logprobs: s.logprobs,
+        grammar: s.grammar.as_ref().map(grammar_of),
     })
+}
+
+/// A server request's grammar as the decoders take it.
+fn grammar_of(g: &amusd_server::format::OutputGrammar) -> Grammar {
+    use amusd_server::format::GrammarType;
+    let kind = match g.kind {
+        GrammarType::JsonObject => GrammarKind::JsonObject,
+        GrammarType::JsonSchema => GrammarKind::JsonSchema,
+        GrammarType::Regex => GrammarKind::Regex,
+        GrammarType::Lark => GrammarKind::Lark,
+    };
+    Grammar::new(kind, g.text.clone())
 }
 
 #[cfg(test)]

@@ -35,12 +35,15 @@ impl InProcess {
     /// asks for it.
     pub fn load(verify_spec: &str, draft_spec: Option<&str>, m: &ModelArgs) -> Result<Self> {
         let verify = load_model(verify_spec, "verify")?;
+        // Both models share one vocabulary (checked with the prompt), so one compiler serves both.
+        let constraints = amusd_proc::constraints_for(verify_spec);
         let drafter = match draft_spec {
-            Some(spec) => Some(load_drafter(spec, m)?),
+            Some(spec) => Some(load_drafter(spec, m)?.with_constraints(constraints.clone())),
             None => None,
         };
+        let verifier = Verifier::new(Timed::new(LlamaDecoder::new(verify.llama)));
         Ok(Self {
-            verifier: Verifier::new(Timed::new(LlamaDecoder::new(verify.llama))),
+            verifier: verifier.with_constraints(constraints),
             drafter,
             lookahead: m.lookahead,
         })

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::{Finish, Generation, LogitBias, Penalties, RequestSampling, SamplingParams};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -62,6 +63,9 @@ pub(super) struct SamplingRecord {
     /// before the bias existed had none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) logit_bias: Vec<(u32, Option<f32>)>,
+    /// The grammar every answer followed: its kind (llguidance's tag) and text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) grammar: Option<(String, String)>,
 }
 
 fn no_repeat_penalty() -> f32 {
@@ -95,6 +99,7 @@ impl SamplingRecord {
             logit_bias: (p.logit_bias.entries().iter())
                 .map(|&(t, b)| (t, b.is_finite().then_some(b)))
                 .collect(),
+            grammar: (s.grammar.as_ref()).map(|g| (g.kind.tag().to_string(), g.text.clone())),
         }
     }
 
@@ -124,6 +129,10 @@ impl SamplingRecord {
             no_draft_lookup: false,
             cache_prompt: false,
             logprobs: None,
+            grammar: self.grammar.as_ref().and_then(|(tag, text)| {
+                let kind = GrammarKind::ALL.into_iter().find(|k| k.tag() == tag)?;
+                Some(Grammar::new(kind, text.clone()))
+            }),
         }
     }
 }

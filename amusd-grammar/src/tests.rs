@@ -1,0 +1,209 @@
+use super::*;
+use proptest::prelude::*;
+
+/// Every byte as a token (ids 0..256), then a few multi-byte ones, then the stop token.
+fn vocabulary() -> (Vec<Vec<u8>>, u32) {
+    let mut v: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
+    for t in [
+        "{\"", "\":", "\"a", "true", "false", "12", "\"}", ", \"", "ab", "abc",
+    ] {
+        v.push(t.as_bytes().to_vec());
+    }
+    let mut stop = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+    stop.extend_from_slice(b"<eos>");
+    v.push(stop);
+    let stop = v.len() as u32 - 1;
+    (v, stop)
+}
+
+fn compiler() -> (GrammarCompiler, u32) {
+    let (v, stop) = vocabulary();
+    (GrammarCompiler::new(v, &[stop]).unwrap(), stop)
+}
+
+fn allowed(c: &mut GrammarConstraint, generated: &[u32], vocab: usize) -> Vec<u32> {
+    let mut logits = vec![0.0f32; vocab];
+    c.mask(generated, &mut logits);
+    (0..vocab as u32)
+        .filter(|&t| logits[t as usize] == 0.0)
+        .collect()
+}
+
+const SCHEMA: &str = r#"{"type": "object", "properties": {"a": {"type": "integer"},
+    "b": {"enum": ["x", "yz"]}, "c": {"type": "boolean"}}, "required": ["a", "b"],
+    "additionalProperties": false}"#;
+
+/// A walk through the grammar: a random allowed token at each step, the stop token as soon as it
+/// is allowed: the tokens before the stop, and whether it ended within `max` tokens.
+fn walk(
+    c: &mut GrammarConstraint,
+    vocab: usize,
+    stop: u32,
+    seed: u64,
+    max: usize,
+) -> (Vec<u32>, bool) {
+    let mut tokens = Vec::new();
+    let mut x = seed | 1;
+    for _ in 0..max {
+        let a = allowed(c, &tokens, vocab);
+        if a.contains(&stop) {
+            return (tokens, true);
+        }
+        assert!(
+            !a.is_empty(),
+            "a grammar that has not ended allows something"
+        );
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tokens.push(a[(x % a.len() as u64) as usize]);
+    }
+    (tokens, false)
+}
+
+fn text(v: &[Vec<u8>], tokens: &[u32]) -> String {
+    let bytes: Vec<u8> = tokens.iter().flat_map(|&t| v[t as usize].clone()).collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn a_regex_allows_exactly_its_continuations_then_only_the_stop() {
+    let (c, stop) = compiler();
+    let vocab = c.vocab_size();
+    let mut m = c
+        .constraint(&Grammar::new(GrammarKind::Regex, "[ab]{2}c"))
+        .unwrap();
+    let (a, b, cc) = (u32::from(b'a'), u32::from(b'b'), u32::from(b'c'));
+    let ab = 256 + 8;
+    let abc = 256 + 9;
+    assert_eq!(allowed(&mut m, &[], vocab), vec![a, b, ab, abc]);
+    assert_eq!(allowed(&mut m, &[a], vocab), vec![a, b]);
+    assert_eq!(allowed(&mut m, &[ab], vocab), vec![cc]);
+    assert_eq!(allowed(&mut m, &[ab, cc], vocab), vec![stop]);
+    assert_eq!(allowed(&mut m, &[abc], vocab), vec![stop]);
+    // Back to an earlier prefix: the same answers as the first time.
+    assert_eq!(allowed(&mut m, &[a], vocab), vec![a, b]);
+    // A prefix the grammar forbids masks everything, and the next call recovers.
+    assert_eq!(allowed(&mut m, &[cc], vocab), Vec::<u32>::new());
+    assert_eq!(allowed(&mut m, &[b, a], vocab), vec![cc]);
+}
+
+#[test]
+fn walks_through_a_schema_give_json_that_fits_it() {
+    let (c, stop) = compiler();
+    let (v, _) = vocabulary();
+    let g = Grammar::new(GrammarKind::JsonSchema, SCHEMA);
+    let mut ended = 0;
+    for seed in 1..40u64 {
+        let mut m = c.constraint(&g).unwrap();
+        let (tokens, true) = walk(&mut m, c.vocab_size(), stop, seed, 400) else {
+            continue;
+        };
+        ended += 1;
+        let s = text(&v, &tokens);
+        let value: serde_json::Value =
+            serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let o = value.as_object().unwrap();
+        assert!(o["a"].is_i64() || o["a"].is_u64(), "{s}");
+        assert!(["x", "yz"].contains(&o["b"].as_str().unwrap()), "{s}");
+        assert!(
+            o.keys().all(|k| ["a", "b", "c"].contains(&k.as_str())),
+            "{s}"
+        );
+    }
+    assert!(ended >= 30, "only {ended} of 39 walks ended");
+}
+
+#[test]
+fn any_json_object_starts_with_a_brace() {
+    let (c, stop) = compiler();
+    let mut m = c
+        .constraint(&Grammar::new(GrammarKind::JsonObject, ""))
+        .unwrap();
+    let first = allowed(&mut m, &[], c.vocab_size());
+    assert!(!first.contains(&stop));
+    assert!(first.contains(&u32::from(b'{')));
+    assert!(!first.contains(&u32::from(b'[')) && !first.contains(&u32::from(b'1')));
+}
+
+#[test]
+fn a_lark_grammar_compiles_and_constrains() {
+    let (c, stop) = compiler();
+    let g = Grammar::new(GrammarKind::Lark, "start: \"yes\" | \"no\"");
+    let mut m = c.constraint(&g).unwrap();
+    let (y, n) = (u32::from(b'y'), u32::from(b'n'));
+    assert_eq!(allowed(&mut m, &[], c.vocab_size()), vec![n, y]);
+    let yes: Vec<u32> = b"yes".iter().map(|&b| u32::from(b)).collect();
+    assert_eq!(allowed(&mut m, &yes, c.vocab_size()), vec![stop]);
+}
+
+#[test]
+fn bad_grammars_are_errors_that_say_which_kind() {
+    let (c, _) = compiler();
+    for (kind, text, says) in [
+        (GrammarKind::JsonSchema, "{not json", "JSON schema"),
+        (
+            GrammarKind::JsonSchema,
+            r#"{"type": "nonsense"}"#,
+            "JSON schema",
+        ),
+        (GrammarKind::Regex, "(ab", "regular expression"),
+        (GrammarKind::Lark, "start: undefined_rule", "Lark grammar"),
+    ] {
+        let e = match c.check(&Grammar::new(kind, text)) {
+            Ok(()) => panic!("{text} compiled"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(says), "{text}: {e}");
+    }
+}
+
+#[test]
+fn a_vocabulary_needs_a_stop_token_inside_it() {
+    let (v, stop) = vocabulary();
+    assert!(GrammarCompiler::new(v.clone(), &[]).is_err());
+    assert!(GrammarCompiler::new(v.clone(), &[stop + 1]).is_err());
+    assert!(GrammarCompiler::new(v, &[stop]).is_ok());
+}
+
+#[test]
+fn a_tokenizer_json_vocabulary_reads_its_bytes_and_specials() {
+    let tiny = amusd_model::testing::TinyModel::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, tiny.tokenizer_json().to_string()).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    let stop = tok.token_to_id(&tiny.vocab_tokens()[256]).unwrap();
+    let c = GrammarCompiler::from_tokenizer(&tok, &[stop]).unwrap();
+    assert_eq!(c.vocab_size(), tok.vocab_size());
+    let mut m = c
+        .constraint(&Grammar::new(GrammarKind::Regex, "hi"))
+        .unwrap();
+    let h = tok.encode("h", false).unwrap();
+    let i = tok.encode("i", false).unwrap();
+    assert_eq!(allowed(&mut m, &[], c.vocab_size()), h);
+    assert_eq!(allowed(&mut m, &h, c.vocab_size()), i);
+    assert_eq!(allowed(&mut m, &[h[0], i[0]], c.vocab_size()), vec![stop]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// The mask is a function of the generated tokens alone: one constraint asked about prefixes
+    /// in any order (longer, shorter, diverging, broken, as a verify step's rows and a draft's
+    /// rollbacks ask) answers as a fresh one asked once.
+    #[test]
+    fn the_mask_depends_only_on_the_generated_tokens(seed in 1u64..1000, asks in proptest::collection::vec((0usize..60, proptest::option::of(0u32..256)), 1..25)) {
+        let (c, stop) = compiler();
+        let vocab = c.vocab_size();
+        let g = Grammar::new(GrammarKind::JsonSchema, SCHEMA);
+        let (path, _) = walk(&mut c.constraint(&g).unwrap(), vocab, stop, seed, 60);
+        let mut reused = c.constraint(&g).unwrap();
+        for (len, junk) in asks {
+            let mut prefix = path[..len.min(path.len())].to_vec();
+            prefix.extend(junk);
+            let want = allowed(&mut c.constraint(&g).unwrap(), &prefix, vocab);
+            prop_assert_eq!(allowed(&mut reused, &prefix, vocab), want, "prefix {:?}", prefix);
+        }
+    }
+}
