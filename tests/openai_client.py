@@ -100,6 +100,13 @@ streamed_logprobs = [
 ]
 check("streamed logprobs = whole", streamed_logprobs, [t.logprob for t in content])
 
+structured = client.chat.completions.create(
+    model="any", messages=messages, max_tokens=exp["structured_max_tokens"], temperature=0,
+    response_format={"type": "json_schema", "json_schema": {"name": "country", "schema": exp["schema"]}},
+)
+check("response_format json_schema = ar's", structured.choices[0].message.content, exp["structured"])
+check("structured output parses", sorted(json.loads(structured.choices[0].message.content)), ["capital", "country"])
+
 for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})

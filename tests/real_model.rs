@@ -533,6 +533,58 @@ fn a_logit_bias_is_token_identical_across_strategies() {
     }
 }
 
+/// Structured output: under a JSON schema every strategy commits the same tokens, greedy and
+/// sampled, and the text is JSON that fits the schema, ended by the model once it is complete; a
+/// regular expression pins the text to its alternatives.
+#[test]
+fn a_grammar_is_followed_identically_across_strategies() {
+    const MAX_NEW: usize = 64;
+    require_default_model();
+    let prompt = "Describe France as JSON.";
+    let schema = r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+        "capital": {"type": "string", "maxLength": 16}, "rank": {"type": "integer",
+        "minimum": 1, "maximum": 999}}, "required": ["name", "capital", "rank"],
+        "additionalProperties": false}"#;
+    for flags in [
+        &["--json-schema", schema][..],
+        &[
+            "--json-schema",
+            schema,
+            "--temperature",
+            "0.9",
+            "--seed",
+            "5",
+        ],
+    ] {
+        let runs = identical_across_strategies(0, prompt, MAX_NEW, flags);
+        let out = runs[0].1.json();
+        assert_eq!(out["finish_reason"], "stop", "{flags:?}: {out}");
+        let text = out["text"].as_str().unwrap();
+        let value: serde_json::Value = serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("{flags:?}: not JSON ({e}): {text}"));
+        let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["name", "capital", "rank"],
+            "the schema's order: {text}"
+        );
+        assert!(
+            value["name"].as_str().unwrap().chars().count() <= 16,
+            "{text}"
+        );
+        assert!(
+            (1..=999).contains(&value["rank"].as_i64().unwrap()),
+            "{text}"
+        );
+    }
+    let runs = identical_across_strategies(0, prompt, 16, &["--regex", "(Yes|No), (red|blue)\\."]);
+    let text = runs[0].1.json()["text"].as_str().unwrap().to_string();
+    assert!(
+        ["Yes, red.", "Yes, blue.", "No, red.", "No, blue."].contains(&text.as_str()),
+        "{text:?}"
+    );
+}
+
 /// Log-probabilities are the verify model's, so every strategy reports the same numbers (to the
 /// bit: the JSON of an f32 is exact); each is its token's, at most 0, with the most likely tokens
 /// best first, and under greedy decoding the token is the most likely one.

@@ -19,11 +19,16 @@ use std::time::Duration;
 
 use amusd_e2e::{amusd_run, require_default_model};
 use serde_json::json;
-use serve_common::{reply_text, start};
+use serve_common::{reply_text, start, Served};
 
 const MAX: usize = 24;
 const CHAT: &str = "What is the capital of France?";
 const RAW: &str = "The three primary colors are";
+/// A schema whose answers end well within [`STRUCTURED_MAX`] tokens.
+const SCHEMA: &str = r#"{"type": "object", "properties": {"country": {"type": "string",
+    "maxLength": 12}, "capital": {"type": "string", "maxLength": 12}}, "required": ["country",
+    "capital"], "additionalProperties": false}"#;
+const STRUCTURED_MAX: usize = 40;
 
 /// `amusd generate --strategy ar --json ARGS...`'s text.
 fn ar_text(args: &[&str]) -> String {
@@ -35,7 +40,12 @@ fn ar_text(args: &[&str]) -> String {
 
 /// `amusd generate --strategy ar --json ARGS...`'s output.
 fn ar_json(args: &[&str]) -> serde_json::Value {
-    let max = MAX.to_string();
+    ar_json_with(MAX, args)
+}
+
+/// [`ar_json`] for up to `max` new tokens.
+fn ar_json_with(max: usize, args: &[&str]) -> serde_json::Value {
+    let max = max.to_string();
     let mut all = vec![
         "generate",
         "--strategy",
@@ -65,6 +75,14 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let biased_ar = ar_text(&["--prompt", CHAT, "--logit-bias", &ban]);
     assert_ne!(biased_ar, chat_ar, "the logit bias changed nothing");
     let logprobs_ar = ar_json(&["--prompt", CHAT, "--logprobs", "2"])["logprobs"].clone();
+    let structured_ar = ar_json_with(STRUCTURED_MAX, &["--prompt", CHAT, "--json-schema", SCHEMA])
+        ["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let structured: serde_json::Value = serde_json::from_str(&structured_ar)
+        .unwrap_or_else(|e| panic!("ar's structured answer is not JSON ({e}): {structured_ar}"));
+    assert!(structured["capital"].is_string(), "{structured_ar}");
     let s = start(&["--strategy", "amusd"], Duration::from_secs(300));
     let chat = json!({"messages": [{"role": "user", "content": CHAT}], "max_tokens": MAX});
     let r = s.post("/v1/chat/completions", &chat);
@@ -147,6 +165,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let r = s.post("/v1/chat/completions", &biased);
     assert_eq!(r.status, 400, "{}", r.json);
     assert_eq!(r.json["error"]["param"], "logit_bias", "{}", r.json);
+    check_structured_output(&s, &structured_ar);
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -164,6 +183,8 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
         "penalized": penalized_ar, "frequency_penalty": 1.5, "presence_penalty": 0.5,
         "biased": biased_ar, "logit_bias": { first.to_string(): -100 },
         "logprobs": rows.iter().map(|r| r["logprob"].clone()).collect::<Vec<_>>(),
+        "structured": structured_ar, "schema": serde_json::from_str::<serde_json::Value>(SCHEMA).unwrap(),
+        "structured_max_tokens": STRUCTURED_MAX,
     });
     let out = Command::new(python.trim())
         .arg(workspace().join("tests/openai_client.py"))
@@ -179,6 +200,46 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
         s.log()
     );
     s.terminate(Duration::from_secs(60));
+}
+
+/// Structured output through the worker pair: OpenAI's `response_format` and vLLM's
+/// `guided_json` give `generate --strategy ar --json-schema`'s text, whole and streamed; a schema
+/// that does not compile, or two grammars at once, is a 400 naming the parameter.
+fn check_structured_output(s: &Served, structured_ar: &str) {
+    let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+    let messages = json!([{"role": "user", "content": CHAT}]);
+    let mut req = json!({"messages": messages, "max_tokens": STRUCTURED_MAX,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}});
+    let r = s.post("/v1/chat/completions", &req);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(reply_text(&r.json), structured_ar, "response_format vs ar");
+    assert_eq!(r.json["choices"][0]["finish_reason"], "stop", "{}", r.json);
+    req["stream"] = true.into();
+    let (text, _) = s.stream("/v1/chat/completions", &req).rest();
+    assert_eq!(text, structured_ar, "streamed response_format vs ar");
+    let guided = json!({"messages": messages, "max_tokens": STRUCTURED_MAX, "guided_json": schema});
+    let r = s.post("/v1/chat/completions", &guided);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(reply_text(&r.json), structured_ar, "guided_json vs ar");
+    for (body, param) in [
+        (
+            json!({"messages": messages, "response_format": {"type": "json_schema",
+                "json_schema": {"schema": {"type": "no such type"}}}}),
+            "response_format",
+        ),
+        (
+            json!({"messages": messages, "guided_regex": "(unclosed"}),
+            "guided_regex",
+        ),
+        (
+            json!({"messages": messages, "guided_json": schema, "guided_regex": "a"}),
+            "guided_regex",
+        ),
+    ] {
+        let r = s.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.json);
+        assert_eq!(r.json["error"]["param"], param, "{}", r.json);
+    }
 }
 
 fn workspace() -> &'static Path {

@@ -198,9 +198,14 @@ mod tests {
                 "response_format"
             )
         );
+        // Properties keep the order they were written in: structured output follows it.
         assert_eq!(
-            grammar(r#"{"json_schema":{"type":"string"}}"#),
-            (JsonSchema, r#"{"type":"string"}"#.into(), "json_schema")
+            grammar(r#"{"json_schema":{"type":"object","properties":{"zeta":{},"alpha":{}}}}"#),
+            (
+                JsonSchema,
+                r#"{"type":"object","properties":{"zeta":{},"alpha":{}}}"#.into(),
+                "json_schema"
+            )
         );
         assert_eq!(
             grammar(r#"{"guided_json":"{\"type\":\"boolean\"}"}"#),
