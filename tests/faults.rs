@@ -34,7 +34,10 @@ fn expected_with(verify: &str, sampling: &RequestSampling) -> Vec<u32> {
         stop_ids: Vec::new(),
         max_new_tokens: MAX_NEW,
     };
-    let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()));
+    let mut v = Verifier::new(FakeDecoder::new(FakeModel::parse(verify).unwrap()))
+        .with_constraints(Some(std::sync::Arc::new(
+            amusd_spec::constraint::fake::FakeConstraints,
+        )));
     autoregressive(&mut v, &PROMPT, &stop, sampling, &mut |_, _| {
         std::ops::ControlFlow::Continue(())
     })
@@ -183,6 +186,44 @@ fn a_worker_killed_while_sampling_samples_the_same_tokens_after_its_restart() {
         assert!(run.status.success(), "{worker}: {}", run.describe());
         assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
         assert_eq!(run.json()["sampling"]["seed"], 9, "{}", run.describe());
+        assert!(
+            run.stderr.contains("worker restarts 1"),
+            "{worker}: the restart is not reported\n{}",
+            run.describe()
+        );
+        assert_cleaned_up(&run);
+    }
+}
+
+/// A restarted worker compiles the request's grammar again and brings it to the tokens committed
+/// before its start: the run commits what `ar` under the grammar does. (The fake models follow the
+/// fake grammar, `amusd_spec::constraint::fake`: here token `i` is `≡ i (mod 3)`.)
+#[test]
+fn a_worker_killed_under_a_grammar_follows_it_after_its_restart() {
+    let grammar = amusd_spec::constraint::fake::grammar(3, 1000, 0);
+    let sampling = RequestSampling {
+        grammar: Some(grammar.clone()),
+        ..RequestSampling::default()
+    };
+    for worker in ["verify", "draft"] {
+        let (verify, draft) = models(20000);
+        let want = expected_with(&verify, &sampling);
+        assert!(
+            // Token 0 is the fake grammar's stop, allowed anywhere (not a stop of this run).
+            want.iter()
+                .enumerate()
+                .all(|(i, &t)| t == 0 || t % 3 == i as u32 % 3),
+            "the grammar is not followed: {want:?}"
+        );
+        let (running, region) = start_slow_run(&verify, &draft, &["--regex", &grammar.text]);
+        let kill = amusd_run(
+            &["worker-kill", worker, "--region", &region],
+            Duration::from_secs(30),
+        );
+        assert!(kill.status.success(), "{}", kill.describe());
+        let run = running.wait(Duration::from_secs(120));
+        assert!(run.status.success(), "{worker}: {}", run.describe());
+        assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
         assert!(
             run.stderr.contains("worker restarts 1"),
             "{worker}: the restart is not reported\n{}",

@@ -241,12 +241,6 @@ impl LazyCompiler {
         }
     }
 
-    /// Checks that `grammar` compiles ([`GrammarCompiler::check`]), building the compiler first
-    /// if this is the first grammar.
-    pub fn check(&self, grammar: &Grammar) -> Result<(), SpecError> {
-        Ok(self.get()?.check(grammar)?)
-    }
-
     fn get(&self) -> Result<&GrammarCompiler, SpecError> {
         let built = self
             .compiler

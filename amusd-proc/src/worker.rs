@@ -66,16 +66,15 @@ pub fn load_decoder(spec: &str) -> Result<(Box<dyn Decoder + Send>, String), Spe
 }
 
 /// What compiles requests' grammars for a model (`PATH[:FORMAT]`): its tokenizer, loaded when the
-/// first request with a grammar arrives. `None` for a fake model or prompt lookup, which have no
-/// tokenizer (the coordinator refuses grammars for them).
+/// first request with a grammar arrives. A fake model follows the fake grammar
+/// ([`amusd_spec::constraint::fake`], for the fault tests); prompt lookup has no model and drafts
+/// unconstrained.
 pub fn constraints_for(spec: &str) -> Option<Arc<dyn Constraints>> {
-    grammar_compiler(spec).map(|c| c as Arc<dyn Constraints>)
-}
-
-/// [`constraints_for`], as its concrete type (which also checks grammars).
-pub fn grammar_compiler(spec: &str) -> Option<Arc<amusd_grammar::LazyCompiler>> {
-    if lookup::parse_spec(spec).is_some() || FakeModel::is_fake(spec) {
+    if lookup::parse_spec(spec).is_some() {
         return None;
+    }
+    if FakeModel::is_fake(spec) {
+        return Some(Arc::new(amusd_spec::constraint::fake::FakeConstraints));
     }
     let spec: ModelSpec = spec.parse().ok()?;
     Some(Arc::new(amusd_grammar::LazyCompiler::new(spec)))

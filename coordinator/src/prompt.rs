@@ -1,11 +1,10 @@
 //! From the user's text to prompt tokens: the prompt itself, the models' tokenizers and chat
 //! templates (without their weights), and the checks that draft and verify speak the same tokens.
 
-use amusd_grammar::LazyCompiler;
 use amusd_model::chat::{ChatTemplate, Message};
 use amusd_model::loader::{load_text, ModelText};
 use amusd_model::tokenizer::Tokenizer;
-use amusd_spec::constraint::Grammar;
+use amusd_spec::constraint::{Constraints, Grammar};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::RequestSampling;
 use anyhow::{bail, Context, Result};
@@ -92,12 +91,12 @@ pub fn check_logit_bias(tokenizer: &Tokenizer, s: &RequestSampling) -> Result<()
 }
 
 /// Refuses a grammar that does not compile for the verify model's vocabulary (or any grammar for a
-/// model without a tokenizer).
-pub fn check_grammar(grammars: Option<&LazyCompiler>, g: &Grammar) -> Result<()> {
+/// model that cannot follow one).
+pub fn check_grammar(grammars: Option<&dyn Constraints>, g: &Grammar) -> Result<()> {
     let Some(c) = grammars else {
-        bail!("a grammar needs a model with a tokenizer (this one is fake)");
+        bail!("this model cannot follow a grammar");
     };
-    c.check(g).map_err(|e| anyhow::anyhow!("{e}"))
+    c.compile(g).map(drop).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Draft and verify must share one vocabulary, token for token, or draft ids mean nothing to the
@@ -124,9 +123,9 @@ pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()
 pub struct Texts {
     pub verify: Option<ModelText>,
     pub draft: Option<ModelText>,
-    /// Compiles grammars for the verify model's vocabulary (the draft's is the same); `None` for a
-    /// fake model. Built on the first grammar.
-    pub grammars: Option<Arc<LazyCompiler>>,
+    /// Compiles grammars for the verify model's vocabulary (the draft's is the same), built on the
+    /// first grammar; a fake model's follows the fake grammar.
+    pub grammars: Option<Arc<dyn Constraints>>,
     fake_stop: Vec<u32>,
 }
 
@@ -145,9 +144,7 @@ impl Texts {
             check_same_vocabulary(&v.tokenizer, &d.tokenizer)?;
         }
         Ok(Self {
-            grammars: verify
-                .as_ref()
-                .and(amusd_proc::grammar_compiler(verify_spec)),
+            grammars: amusd_proc::constraints_for(verify_spec),
             verify,
             draft,
             fake_stop: fake_stop(verify_spec),

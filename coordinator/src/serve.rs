@@ -145,7 +145,7 @@ struct TextCodec {
     stop_ids: Vec<u32>,
     vocab: usize,
     text: Option<ModelText>,
-    grammars: Option<Arc<amusd_grammar::LazyCompiler>>,
+    grammars: Option<Arc<dyn amusd_spec::constraint::Constraints>>,
 }
 
 impl Codec for TextCodec {
