@@ -49,6 +49,23 @@ fn kind_name(kind: GrammarKind) -> &'static str {
     }
 }
 
+/// The parts of `tokenizer.json` that say each token's bytes (the decoder, the vocabulary, the
+/// added tokens), without the merges, whose JSON is most of the whole (a third of the compiler's
+/// build time here).
+fn vocabulary_json(tokenizer: &Tokenizer) -> Result<serde_json::Value, GrammarError> {
+    let t = tokenizer.inner();
+    let err = |e: serde_json::Error| GrammarError::Vocabulary(e.to_string());
+    let decoder = serde_json::to_value(t.get_decoder()).map_err(err)?;
+    let added: Vec<serde_json::Value> = (t.get_added_tokens_decoder().into_iter())
+        .map(|(id, a)| serde_json::json!({"id": id, "content": a.content, "special": a.special}))
+        .collect();
+    Ok(serde_json::json!({
+        "decoder": decoder,
+        "added_tokens": added,
+        "model": {"vocab": t.get_vocab(false)},
+    }))
+}
+
 /// Compiles grammars for one vocabulary: the token trie and llguidance's parser factory, built
 /// once per model (about a hundred milliseconds for 49k tokens) and shared by every request.
 pub struct GrammarCompiler {
@@ -95,17 +112,13 @@ impl GrammarCompiler {
     /// For a model's tokenizer, reading each token's bytes from its `tokenizer.json` form (byte-level
     /// BPE, or SentencePiece with byte fallback).
     pub fn from_tokenizer(tokenizer: &Tokenizer, stop_ids: &[u32]) -> Result<Self, GrammarError> {
-        let json = tokenizer
-            .inner()
-            .to_string(false)
-            .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&json).map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+        let value = vocabulary_json(tokenizer)?;
         // llguidance asserts on some malformed vocabularies; a bad tokenizer is an error here.
-        let bytes =
-            std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&value))
-                .map_err(|_| GrammarError::Vocabulary("malformed vocabulary".into()))?
-                .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+        let bytes = std::panic::catch_unwind(|| {
+            llguidance::token_bytes_from_tokenizer_json(&value)
+        })
+        .map_err(|_| GrammarError::Vocabulary("malformed vocabulary".into()))?
+        .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
         let mut bytes = bytes;
         // Ids the tokenizer never produces (a padded embedding) stay empty: never allowed.
         bytes.resize(bytes.len().max(tokenizer.vocab_size()), Vec::new());
