@@ -114,11 +114,10 @@ impl GrammarCompiler {
     pub fn from_tokenizer(tokenizer: &Tokenizer, stop_ids: &[u32]) -> Result<Self, GrammarError> {
         let value = vocabulary_json(tokenizer)?;
         // llguidance asserts on some malformed vocabularies; a bad tokenizer is an error here.
-        let bytes = std::panic::catch_unwind(|| {
-            llguidance::token_bytes_from_tokenizer_json(&value)
-        })
-        .map_err(|_| GrammarError::Vocabulary("malformed vocabulary".into()))?
-        .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
+        let bytes =
+            std::panic::catch_unwind(|| llguidance::token_bytes_from_tokenizer_json(&value))
+                .map_err(|_| GrammarError::Vocabulary("malformed vocabulary".into()))?
+                .map_err(|e| GrammarError::Vocabulary(e.to_string()))?;
         let mut bytes = bytes;
         // Ids the tokenizer never produces (a padded embedding) stay empty: never allowed.
         bytes.resize(bytes.len().max(tokenizer.vocab_size()), Vec::new());

@@ -1,7 +1,8 @@
 //! Structured output: the grammar a request's answer must follow, from the names the popular
 //! servers give it: OpenAI's `response_format` (`json_object`, `json_schema`), llama.cpp's
-//! `json_schema`, and vLLM's `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar`
-//! (a Lark grammar in llguidance's syntax). One per request. Whether it compiles against the
+//! `json_schema`, and vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) and
+//! older `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar` (a grammar is Lark, in
+//! llguidance's syntax). One per request. llama.cpp's `grammar` (GBNF) is refused by name. Whether it compiles against the
 //! model's vocabulary is the handler's check ([`crate::Codec::check_grammar`]).
 
 use serde_json::Value;
@@ -48,10 +49,13 @@ pub fn output_grammar(r: &RawRequest) -> Result<Option<OutputGrammar>, ApiError>
         found.push(text("guided_regex", GrammarType::Regex, &s)?);
     }
     if let Some(c) = given(&r.guided_choice) {
-        found.push(choice(&c)?);
+        found.push(choice("guided_choice", &c)?);
     }
     if let Some(g) = given(&r.guided_grammar) {
         found.push(text("guided_grammar", GrammarType::Lark, &g)?);
+    }
+    if let Some(so) = given(&r.structured_outputs) {
+        found.push(structured_outputs(&so)?);
     }
     match found.len() {
         0 | 1 => Ok(found.pop()),
@@ -97,6 +101,31 @@ fn response_format(f: &Value) -> Result<Option<OutputGrammar>, ApiError> {
     }
 }
 
+/// vLLM's `structured_outputs`: an object with one of `json` (a schema), `regex`, `choice` or
+/// `grammar` (Lark).
+fn structured_outputs(so: &Value) -> Result<OutputGrammar, ApiError> {
+    const P: &str = "structured_outputs";
+    let bad = || {
+        ApiError::bad_param(
+            P,
+            "structured_outputs must be an object with one of json, regex, choice or grammar",
+        )
+    };
+    let o = so.as_object().ok_or_else(bad)?;
+    let set: Vec<(&String, &Value)> = o.iter().filter(|(_, v)| !v.is_null()).collect();
+    let [(key, v)] = set[..] else {
+        return Err(bad());
+    };
+    let g = match key.as_str() {
+        "json" => schema(P, v),
+        "regex" => text(P, GrammarType::Regex, v),
+        "choice" => choice(P, v),
+        "grammar" => text(P, GrammarType::Lark, v),
+        _ => Err(bad()),
+    }?;
+    Ok(g)
+}
+
 /// A JSON schema: an object (or a string holding one, as vLLM also takes `guided_json`).
 fn schema(param: &'static str, s: &Value) -> Result<OutputGrammar, ApiError> {
     let bad = || ApiError::bad_param(param, format!("{param} must be a JSON schema object"));
@@ -130,11 +159,11 @@ fn text(param: &'static str, kind: GrammarType, v: &Value) -> Result<OutputGramm
 
 /// vLLM's `guided_choice`: the answer is one of the strings, as a regular expression of their
 /// alternatives (each escaped).
-fn choice(v: &Value) -> Result<OutputGrammar, ApiError> {
+fn choice(param: &'static str, v: &Value) -> Result<OutputGrammar, ApiError> {
     let bad = || {
         ApiError::bad_param(
-            "guided_choice",
-            "guided_choice must be a non-empty list of strings",
+            param,
+            format!("{param} must be a non-empty list of strings"),
         )
     };
     let items = v.as_array().filter(|a| !a.is_empty()).ok_or_else(bad)?;
@@ -145,7 +174,7 @@ fn choice(v: &Value) -> Result<OutputGrammar, ApiError> {
     Ok(OutputGrammar {
         kind: GrammarType::Regex,
         text: format!("({})", alternatives.join("|")),
-        param: "guided_choice",
+        param,
     })
 }
 
@@ -223,6 +252,18 @@ mod tests {
             grammar(r#"{"guided_grammar":"start: \"a\""}"#),
             (Lark, "start: \"a\"".into(), "guided_grammar")
         );
+        assert_eq!(
+            grammar(r#"{"structured_outputs":{"choice":["a","b"]}}"#),
+            (Regex, "(a|b)".into(), "structured_outputs")
+        );
+        assert_eq!(
+            grammar(r#"{"structured_outputs":{"json":{"type":"null"}}}"#),
+            (
+                JsonSchema,
+                r#"{"type":"null"}"#.into(),
+                "structured_outputs"
+            )
+        );
     }
 
     #[test]
@@ -243,6 +284,18 @@ mod tests {
             (r#"{"guided_regex":5}"#, "guided_regex"),
             (r#"{"guided_choice":[]}"#, "guided_choice"),
             (r#"{"guided_choice":["a",1]}"#, "guided_choice"),
+            (
+                r#"{"structured_outputs":{"xml":"a"}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"structured_outputs":{"regex":"a","choice":["a"]}}"#,
+                "structured_outputs",
+            ),
+            (
+                r#"{"structured_outputs":{"choice":[]}}"#,
+                "structured_outputs",
+            ),
             (
                 r#"{"response_format":{"type":"json_object"},"guided_regex":"a"}"#,
                 "guided_regex",

@@ -506,6 +506,21 @@ async fn bad_input_gets_openai_errors() {
             400,
             Some("max_tokens"),
         ),
+        // A grammar the codec cannot compile (this fake one compiles none): a 400 naming where
+        // it came from.
+        (
+            CHAT,
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#
+                .to_string(),
+            400,
+            Some("response_format"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"a","guided_regex":"a+"}"#.to_string(),
+            400,
+            Some("guided_regex"),
+        ),
         (
             "/v1/completions",
             r#"{"prompt":"a","n":17}"#.to_string(),

@@ -43,7 +43,7 @@ pub enum SpecError {
     #[error(transparent)]
     Lookup(#[from] lookup::BadRange),
     /// A grammar that does not compile, or one this process cannot follow.
-    #[error("grammar: {0}")]
+    #[error("{0}")]
     Grammar(String),
     #[cfg(any(test, feature = "fake"))]
     #[error("bad fake model spec '{0}': expected fake:KEY=VALUE,... with keys vocab, seed, err, us, eos")]
