@@ -567,3 +567,48 @@ fn logprobs_without_json() {
         &["--logprobs", "--json"],
     );
 }
+
+/// A grammar that does not compile is refused before anything runs, under every strategy, with
+/// llguidance's reason; so is one longer than the region carries (refused by `ar` too, so the same
+/// requests succeed under each strategy).
+#[test]
+fn a_bad_or_oversized_grammar() {
+    let f = fixtures();
+    let model = s(&f.hf);
+    let prompt = ["--prompt", "hello", "--max-new-tokens", "4"];
+    for (case, grammar, mentions) in [
+        (
+            "schema that is not JSON",
+            ["--json-schema", "{nope"],
+            &["json schema"][..],
+        ),
+        (
+            "unclosed regex",
+            ["--regex", "[a-"],
+            &["regular expression", "unclosed"][..],
+        ),
+    ] {
+        expect_error_per_strategy(
+            case,
+            &STRATEGIES,
+            (model, model),
+            &[&prompt[..], &grammar].concat(),
+            mentions,
+        );
+    }
+    let dir = scratch();
+    let big = dir.path().join("schema.json");
+    let pattern = format!("\"{}\"", "x".repeat(amusd_shm::GRAMMAR_TEXT_LEN));
+    std::fs::write(
+        &big,
+        format!(r#"{{"type": "string", "pattern": {pattern}}}"#),
+    )
+    .unwrap();
+    expect_error_per_strategy(
+        "oversized schema",
+        &STRATEGIES,
+        (model, model),
+        &[&prompt[..], &["--json-schema-file", s(&big)]].concat(),
+        &["grammar", "at most 131072"],
+    );
+}

@@ -66,6 +66,24 @@ fn vocabulary_json(tokenizer: &Tokenizer) -> Result<serde_json::Value, GrammarEr
     }))
 }
 
+/// llguidance's multi-line diagnostics as one line: the caret lines and the echo of the source
+/// (`1 | start: ...`, the grammar as llguidance rewrote it) left out.
+fn one_line(message: &str) -> String {
+    let echo = |l: &str| {
+        let digits = l
+            .trim_start()
+            .bytes()
+            .take_while(u8::is_ascii_digit)
+            .count();
+        digits > 0 && l.trim_start()[digits..].trim_start().starts_with('|')
+    };
+    (message.lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| "^~ ".contains(c)) && !echo(l))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Compiles grammars for one vocabulary: the token trie and llguidance's parser factory, built
 /// once per model (about a hundred milliseconds for 49k tokens) and shared by every request.
 pub struct GrammarCompiler {
@@ -138,7 +156,10 @@ impl GrammarCompiler {
     /// A fresh matcher for `grammar`, or why it does not compile.
     pub fn matcher(&self, grammar: &Grammar) -> Result<Matcher, GrammarError> {
         let kind = kind_name(grammar.kind);
-        let compile_error = |message: String| GrammarError::Compile { kind, message };
+        let compile_error = |message: String| GrammarError::Compile {
+            kind,
+            message: one_line(&message),
+        };
         let top = TopLevelGrammar::from_tagged_str(grammar.kind.tag(), &grammar.text)
             .map_err(|e| compile_error(e.to_string()))?;
         let parser = self

@@ -155,6 +155,7 @@ fn bad_grammars_are_errors_that_say_which_kind() {
             Err(e) => e.to_string(),
         };
         assert!(e.contains(says), "{text}: {e}");
+        assert!(!e.contains('\n'), "one line: {e}");
     }
 }
 

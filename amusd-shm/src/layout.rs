@@ -37,7 +37,7 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Bytes of a request's grammar ([`GrammarSection::text`]): a JSON schema, a regular expression
 /// or a Lark grammar.
-pub const GRAMMAR_TEXT_LEN: usize = 32 * 1024;
+pub const GRAMMAR_TEXT_LEN: usize = 128 * 1024;
 
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
@@ -637,7 +637,7 @@ mod tests {
         assert_eq!(LAYOUT_VERSION, 9);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 1_904_512);
+        assert_eq!(size_of::<Region>(), 2_002_816);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 

@@ -96,6 +96,15 @@ pub fn check_grammar(grammars: Option<&dyn Constraints>, g: &Grammar) -> Result<
     let Some(c) = grammars else {
         bail!("this model cannot follow a grammar");
     };
+    // What the region carries; refused under every strategy, so the same requests succeed under
+    // each.
+    let max = amusd_shm::GRAMMAR_TEXT_LEN;
+    if g.text.len() > max {
+        bail!(
+            "the grammar is {} bytes; at most {max} are taken",
+            g.text.len()
+        );
+    }
     c.compile(g).map(drop).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
