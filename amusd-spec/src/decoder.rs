@@ -1,8 +1,8 @@
 //! Decoders with a rollback-able cache, and the two roles built on them.
 
-use amusd_model::{Batching, KvCache, Llama, LogitsFor};
-
 use std::sync::Arc;
+
+use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
 use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
