@@ -180,10 +180,12 @@ impl Record {
         row_label(&self.strategy, &self.drafter)
     }
 
-    /// What the report groups by: the dataset, and the sampling unless plain greedy.
+    /// What the report groups by: the dataset, and the sampling unless plain greedy (with no
+    /// grammar).
     pub(super) fn group(&self) -> String {
         let sampling = self.sampling.sampling();
-        if sampling.params.is_plain_greedy() && !sampling.greedy_draft {
+        let plain = sampling.params.is_plain_greedy() && sampling.grammar.is_none();
+        if plain && !sampling.greedy_draft {
             self.dataset.clone()
         } else {
             format!("{} ({})", self.dataset, sampling_label(&sampling))

@@ -281,7 +281,7 @@ impl Plan {
         }
         let dataset = Dataset::parse(&args.dataset)?;
         let sampling = args.sampling.resolve()?;
-        if !sampling.params.is_plain_greedy() {
+        if !sampling.params.is_plain_greedy() || sampling.grammar.is_some() {
             eprintln!("amusd: sampling with {}", sampling_label(&sampling));
         }
         Ok(Self {
