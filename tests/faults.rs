@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use amusd_e2e::{amusd, amusd_run, assert_cleaned_up, shm_entries_of, spawn, wait_until};
-use amusd_e2e::{workers_of, Running};
+use amusd_e2e::{workers_of, Run, Running};
 use amusd_spec::fake::{FakeDecoder, FakeModel};
 use amusd_spec::generate::autoregressive;
 use amusd_spec::{RequestSampling, SamplingParams, StopCriteria, Verifier};
@@ -139,22 +139,29 @@ fn worker_kill_mid_request_restarts_the_worker_and_loses_nothing() {
     for worker in ["verify", "draft"] {
         let (verify, draft) = models(20000);
         let want = expected(&verify);
-        let (running, region) = start_slow_run(&verify, &draft, &[]);
-        let kill = amusd_run(
-            &["worker-kill", worker, "--region", &region],
-            Duration::from_secs(30),
-        );
-        assert!(kill.status.success(), "{}", kill.describe());
-        let run = running.wait(Duration::from_secs(120));
-        assert!(run.status.success(), "{worker}: {}", run.describe());
-        assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
-        assert!(
-            run.stderr.contains("worker restarts 1"),
-            "{worker}: the restart is not reported\n{}",
-            run.describe()
-        );
-        assert_cleaned_up(&run);
+        kill_mid_run(&verify, &draft, &[], worker, &want);
     }
+}
+
+/// Starts a slow amusd run with `flags`, kills its `worker` once it has committed some tokens, and
+/// checks that the run still commits `want`, reports the one restart and cleans up. Returns the run.
+fn kill_mid_run(verify: &str, draft: &str, flags: &[&str], worker: &str, want: &[u32]) -> Run {
+    let (running, region) = start_slow_run(verify, draft, flags);
+    let kill = amusd_run(
+        &["worker-kill", worker, "--region", &region],
+        Duration::from_secs(30),
+    );
+    assert!(kill.status.success(), "{}", kill.describe());
+    let run = running.wait(Duration::from_secs(120));
+    assert!(run.status.success(), "{worker}: {}", run.describe());
+    assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
+    assert!(
+        run.stderr.contains("worker restarts 1"),
+        "{worker}: the restart is not reported\n{}",
+        run.describe()
+    );
+    assert_cleaned_up(&run);
+    run
 }
 
 /// The restarted worker reads the request's sampling from the region and, the noise being a function
@@ -176,22 +183,8 @@ fn a_worker_killed_while_sampling_samples_the_same_tokens_after_its_restart() {
             expected(&verify),
             "sampling should differ from greedy"
         );
-        let (running, region) = start_slow_run(&verify, &draft, &flags);
-        let kill = amusd_run(
-            &["worker-kill", worker, "--region", &region],
-            Duration::from_secs(30),
-        );
-        assert!(kill.status.success(), "{}", kill.describe());
-        let run = running.wait(Duration::from_secs(120));
-        assert!(run.status.success(), "{worker}: {}", run.describe());
-        assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
+        let run = kill_mid_run(&verify, &draft, &flags, worker, &want);
         assert_eq!(run.json()["sampling"]["seed"], 9, "{}", run.describe());
-        assert!(
-            run.stderr.contains("worker restarts 1"),
-            "{worker}: the restart is not reported\n{}",
-            run.describe()
-        );
-        assert_cleaned_up(&run);
     }
 }
 
@@ -215,21 +208,7 @@ fn a_worker_killed_under_a_grammar_follows_it_after_its_restart() {
                 .all(|(i, &t)| t == 0 || t % 3 == i as u32 % 3),
             "the grammar is not followed: {want:?}"
         );
-        let (running, region) = start_slow_run(&verify, &draft, &["--regex", &grammar.text]);
-        let kill = amusd_run(
-            &["worker-kill", worker, "--region", &region],
-            Duration::from_secs(30),
-        );
-        assert!(kill.status.success(), "{}", kill.describe());
-        let run = running.wait(Duration::from_secs(120));
-        assert!(run.status.success(), "{worker}: {}", run.describe());
-        assert_eq!(amusd_e2e::tokens_of(&run.json()), want, "{worker} killed");
-        assert!(
-            run.stderr.contains("worker restarts 1"),
-            "{worker}: the restart is not reported\n{}",
-            run.describe()
-        );
-        assert_cleaned_up(&run);
+        kill_mid_run(&verify, &draft, &["--regex", &grammar.text], worker, &want);
     }
 }
 
