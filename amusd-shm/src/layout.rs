@@ -395,6 +395,10 @@ pub struct RequestSection {
     /// `k` most likely alternatives' into [`LogprobBuffer`] (layout 8). Writer and readers: as
     /// `n_logit_bias` (readers clamp `k` to [`MAX_TOP_LOGPROBS`]).
     pub logprobs: AtomicU32,
+    /// 1: with `logprobs`, the verify worker also scores the prompt's tokens (but the first),
+    /// writing their rows into [`LogprobBuffer`] at their positions before its first commit; 0:
+    /// not (layout 9). Writer and readers: as `n_logit_bias`.
+    pub prompt_logprobs: AtomicU32,
 }
 
 /// The running request's grammar, if it has one: the generated text must follow it (constrained
@@ -419,7 +423,10 @@ pub struct GrammarSection {
 /// and the f32 bits of its log-probability (high 32 bits). Writer: the verify
 /// worker, Relaxed, for the positions it commits, *before* the Release store of
 /// [`VerifiedBuffer::verified_len`] that covers them (a replacement worker rewrites no committed
-/// position). Readers: the coordinator, Relaxed, below an Acquire-loaded `verified_len`.
+/// position), and with [`RequestSection::prompt_logprobs`] for prompt positions `1..prompt_len`
+/// while it prefills, before its first commit (a replacement worker scores the prompt again and
+/// writes the same values). Readers: the coordinator, Relaxed, below an Acquire-loaded
+/// `verified_len`; the prompt's rows once the request has ended.
 #[repr(C, align(64))]
 pub struct LogprobBuffer {
     pub rows: [[AtomicU64; 1 + MAX_TOP_LOGPROBS]; TOKEN_CAPACITY],
@@ -681,6 +688,7 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, n_logit_bias), 380);
         assert_eq!(offset_of!(RequestSection, logit_bias), 384);
         assert_eq!(offset_of!(RequestSection, logprobs), 2432);
+        assert_eq!(offset_of!(RequestSection, prompt_logprobs), 2436);
         assert_eq!(size_of::<RequestSection>(), 2496);
         assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 

@@ -71,6 +71,8 @@ pub struct SamplingFields {
     /// 0: no log-probabilities; `1 + k`: the committed tokens' and their `k` most likely
     /// alternatives' ([`LogprobBuffer`]), `k` at most [`MAX_TOP_LOGPROBS`].
     pub logprobs: u32,
+    /// With `logprobs`: the prompt's tokens' too ([`RequestSection::prompt_logprobs`]).
+    pub prompt_logprobs: bool,
     /// 0: no grammar; else its kind's code ([`GrammarSection::kind`]).
     pub grammar_kind: u32,
     /// The grammar's text, at most [`GRAMMAR_TEXT_LEN`] bytes.
@@ -94,6 +96,7 @@ impl SamplingFields {
         cache_prompt: false,
         logit_bias: Vec::new(),
         logprobs: 0,
+        prompt_logprobs: false,
         grammar_kind: 0,
         grammar: String::new(),
     };
@@ -559,6 +562,7 @@ impl Region {
         for (slot, &(token, bias)) in rq.logit_bias.iter().zip(&sm.logit_bias) {
             slot.store(u64::from(token) | u64::from(bias) << 32, r);
         }
+        rq.prompt_logprobs.store(u32::from(sm.prompt_logprobs), r);
         self.grammar.kind.store(sm.grammar_kind, r);
         self.grammar.text.set(&sm.grammar);
         store_range(&self.verified.tokens, 0, spec.prompt);
@@ -651,6 +655,7 @@ impl Region {
                             })
                             .collect(),
                         logprobs: rq.logprobs.load(r).min(1 + MAX_TOP_LOGPROBS as u32),
+                        prompt_logprobs: rq.prompt_logprobs.load(r) != 0,
                         grammar_kind: self.grammar.kind.load(r),
                         grammar: self.grammar.text.get(),
                     },
@@ -1214,6 +1219,7 @@ mod tests {
                 cache_prompt: true,
                 logit_bias: vec![(5, 2.5f32.to_bits()), (49151, f32::NEG_INFINITY.to_bits())],
                 logprobs: 4,
+                prompt_logprobs: true,
                 grammar_kind: 2,
                 grammar: r#"{"type": "object", "title": "caf\u00e9 ☕"}"#.into(),
             },

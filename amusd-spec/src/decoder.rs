@@ -6,6 +6,7 @@ use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
 use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
+use crate::logprobs::Logprobs;
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
 use crate::sampling::{RequestSampling, Sampler};
 use crate::SpecError;
@@ -237,7 +238,30 @@ impl<D: Decoder> Verifier<D> {
         let grammar = sampling.grammar.as_ref();
         let active = activate(self.constraints.as_deref(), grammar, prompt.len())?;
         self.sampler.constrain(active);
-        self.decoder.start(prompt, capacity, sampling.cache_prompt)
+        // The prompt's scores need every position's logits: nothing cached is kept.
+        let reuse = sampling.cache_prompt && !sampling.prompt_logprobs;
+        self.decoder.start(prompt, capacity, reuse)
+    }
+
+    /// Feeds up to `max` of the prompt positions the cache lacks (as [`Self::prefill`], never the
+    /// last prompt token) and scores the prompt tokens they predict: returns the position of the
+    /// first one scored and their log-probabilities with the `k` most likely tokens'. Empty once
+    /// the cache holds `prompt[..prompt.len() - 1]`.
+    pub fn prefill_scored(
+        &mut self,
+        prompt: &[u32],
+        k: usize,
+        max: usize,
+    ) -> Result<(usize, Vec<Logprobs>), SpecError> {
+        let start = self.decoder.cached();
+        let end = (prompt.len().saturating_sub(1)).min(start.saturating_add(max));
+        if end <= start {
+            return Ok((start + 1, Vec::new()));
+        }
+        let mut scorer = Sampler::scoring(prompt.to_vec(), k);
+        self.decoder
+            .next_tokens(&prompt[start..end], start, 0, &mut scorer)?;
+        Ok((start + 1, scorer.take_logprobs()))
     }
 
     /// One batched forward over `committed[cached..] ++ draft`. Returns `draft.len() + 1` tokens:

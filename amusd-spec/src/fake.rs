@@ -336,6 +336,7 @@ mod tests {
                 any_logit_bias(),
                 proptest::option::of(0usize..4),
                 any_grammar(),
+                any::<bool>(),
             ),
         )
             .prop_map(
@@ -348,7 +349,7 @@ mod tests {
                     greedy_draft,
                     no_draft_lookup,
                     cache,
-                    (penalties, logit_bias, logprobs, grammar),
+                    (penalties, logit_bias, logprobs, grammar, prompt_logprobs),
                 )| {
                     RequestSampling {
                         params: SamplingParams {
@@ -363,6 +364,7 @@ mod tests {
                         greedy_draft,
                         no_draft_lookup,
                         cache_prompt: cache,
+                        prompt_logprobs: prompt_logprobs && logprobs.is_some(),
                         logprobs,
                         grammar,
                     }
@@ -371,12 +373,27 @@ mod tests {
     }
 
     /// One record per generated token when asked for, each its token's, with the top `k` best
-    /// first; none otherwise.
-    fn check_logprobs(g: &crate::Generation, s: &RequestSampling) -> Result<(), TestCaseError> {
+    /// first; none otherwise. The same for the prompt's tokens after its first, when asked for.
+    fn check_logprobs(
+        g: &crate::Generation,
+        s: &RequestSampling,
+        prompt: &[u32],
+        max_new: usize,
+    ) -> Result<(), TestCaseError> {
         let Some(k) = s.logprobs else {
-            prop_assert!(g.logprobs.is_empty());
+            prop_assert!(g.logprobs.is_empty() && g.prompt_logprobs.is_empty());
             return Ok(());
         };
+        // A request that generates nothing runs no model.
+        if s.prompt_logprobs && max_new > 0 {
+            prop_assert_eq!(g.prompt_logprobs.len(), prompt.len() - 1);
+            for (l, &t) in g.prompt_logprobs.iter().zip(&prompt[1..]) {
+                prop_assert_eq!(l.chosen.token, t);
+                prop_assert!(l.chosen.logprob <= 0.0 && l.top.len() == k);
+            }
+        } else {
+            prop_assert!(g.prompt_logprobs.is_empty());
+        }
         prop_assert_eq!(g.logprobs.len(), g.tokens.len());
         for (l, &t) in g.logprobs.iter().zip(&g.tokens) {
             prop_assert_eq!(l.chosen.token, t);
@@ -421,7 +438,8 @@ mod tests {
             prop_assert_eq!(&streamed, &sd.tokens);
             prop_assert_eq!(ar.finish, sd.finish);
             prop_assert_eq!(&ar.logprobs, &sd.logprobs);
-            check_logprobs(&ar, &sampling)?;
+            prop_assert_eq!(&ar.prompt_logprobs, &sd.prompt_logprobs);
+            check_logprobs(&ar, &sampling, &p, max_new)?;
             check_grammar(&ar, &sampling)?;
             prop_assert!(sd.tokens.len() <= max_new);
             prop_assert!(!sd.tokens.contains(&truth.eos));

@@ -99,6 +99,10 @@ pub struct Generation {
     /// empty otherwise.
     #[serde(skip)]
     pub logprobs: Vec<Logprobs>,
+    /// The prompt's tokens' log-probabilities from its second token on, if the request asked
+    /// for them ([`crate::RequestSampling::prompt_logprobs`]); empty otherwise.
+    #[serde(skip)]
+    pub prompt_logprobs: Vec<Logprobs>,
     pub finish: Finish,
     pub metrics: Metrics,
 }
@@ -113,6 +117,8 @@ pub(crate) struct Committer<'a> {
     pub committed: Vec<u32>,
     /// The generated tokens' log-probabilities, when asked for.
     logprobs: Vec<Logprobs>,
+    /// The prompt's, when asked for.
+    pub prompt_logprobs: Vec<Logprobs>,
     prompt_len: usize,
     stop: &'a StopCriteria,
     on_tokens: &'a mut OnTokens<'a>,
@@ -134,6 +140,7 @@ impl<'a> Committer<'a> {
         Self {
             committed: prompt.to_vec(),
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
             prompt_len: prompt.len(),
             stop,
             on_tokens,
@@ -186,6 +193,7 @@ impl<'a> Committer<'a> {
         Generation {
             tokens: self.committed[self.prompt_len..].to_vec(),
             logprobs: self.logprobs,
+            prompt_logprobs: self.prompt_logprobs,
             finish: self.finish.unwrap_or(Finish::Length),
             metrics: self.metrics,
         }
@@ -210,6 +218,9 @@ pub fn autoregressive<D: Decoder>(
     let kept = verifier.start(prompt, capacity, sampling)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     c.metrics.cached_prompt_tokens = kept;
+    if !c.done() {
+        c.prompt_logprobs = score_prompt(verifier, prompt, sampling)?;
+    }
     while !c.done() {
         let t = Instant::now();
         let next = verifier.verify(&c.committed, &[])?;
@@ -219,6 +230,19 @@ pub fn autoregressive<D: Decoder>(
         verifier.commit(c.committed.len());
     }
     Ok(c.finish())
+}
+
+/// The prompt's log-probabilities, if the request asks for them: the verify model prefills the
+/// prompt (but its last token, as a prefill does) scoring each token it predicts.
+fn score_prompt<D: Decoder>(
+    verifier: &mut Verifier<D>,
+    prompt: &[u32],
+    sampling: &RequestSampling,
+) -> Result<Vec<Logprobs>, SpecError> {
+    match (sampling.prompt_logprobs, sampling.logprobs) {
+        (true, Some(k)) => Ok(verifier.prefill_scored(prompt, k, usize::MAX)?.1),
+        _ => Ok(Vec::new()),
+    }
 }
 
 /// Synchronous speculative decoding: the draft proposes `lookahead` tokens, the verify model checks
@@ -246,6 +270,9 @@ pub fn speculative<D: Decoder, P: Decoder>(
     drafter.start(prompt, capacity, sampling.cache_prompt)?;
     let mut c = Committer::new(prompt, stop, on_tokens);
     c.metrics.cached_prompt_tokens = kept;
+    if !c.done() {
+        c.prompt_logprobs = score_prompt(verifier, prompt, sampling)?;
+    }
     while !c.done() {
         let rollback = drafter.sync(&c.committed);
         c.metrics.rollbacks += rollback.is_some() as usize;

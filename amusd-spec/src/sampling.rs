@@ -183,6 +183,10 @@ pub struct RequestSampling {
     /// A grammar the generated text follows ([`crate::constraint`]), compiled by each process
     /// that decodes the request.
     pub grammar: Option<Grammar>,
+    /// With [`Self::logprobs`]: the prompt's tokens' too (each given the tokens before it, the
+    /// first one's excepted), as OpenAI's `echo` reports them. The verify model then prefills the
+    /// whole prompt, keeping nothing cached. Changes no token.
+    pub prompt_logprobs: bool,
 }
 
 impl RequestSampling {
@@ -270,6 +274,8 @@ pub struct Sampler {
     recorded: Vec<Logprobs>,
     /// The request's grammar, if it has one: masks the logits before anything else.
     constraint: Option<ActiveConstraint>,
+    /// Scoring ([`Sampler::scoring`]): the sequence whose tokens the records are of.
+    scored: Option<Vec<u32>>,
 }
 
 impl Default for Sampler {
@@ -290,6 +296,18 @@ impl Sampler {
             record: None,
             recorded: Vec::new(),
             constraint: None,
+            scored: None,
+        }
+    }
+
+    /// A sampler that records, for each row, the log-probabilities of `sequence`'s own token at
+    /// that position and the `k` most likely tokens' (its choices are greedy and meant to be
+    /// dropped): a prompt scored as the model reads it.
+    pub fn scoring(sequence: Vec<u32>, k: usize) -> Self {
+        Self {
+            record: Some(k),
+            scored: Some(sequence),
+            ..Self::default()
         }
     }
 
@@ -319,7 +337,9 @@ impl Sampler {
     pub fn choose(&mut self, logits: &[f32], prefix: &[u32]) -> u32 {
         let token = self.choose_processed(logits, prefix);
         if let Some(k) = self.record {
-            self.recorded.push(logprobs_of(logits, token, k));
+            let scored = (self.scored.as_ref()).and_then(|s| s.get(prefix.len()).copied());
+            self.recorded
+                .push(logprobs_of(logits, scored.unwrap_or(token), k));
         }
         token
     }

@@ -78,6 +78,7 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         logprobs: s
             .logprobs
             .map_or(0, |k| 1 + k.min(crate::logprobs::MAX_TOP) as u32),
+        prompt_logprobs: s.prompt_logprobs,
         grammar_kind: s.grammar.as_ref().map_or(0, |g| g.kind.code()),
         grammar: s
             .grammar
@@ -112,6 +113,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         no_draft_lookup: f.no_draft_lookup,
         cache_prompt: f.cache_prompt,
         logprobs: (f.logprobs > 0).then(|| (f.logprobs - 1) as usize),
+        prompt_logprobs: f.prompt_logprobs,
         grammar: match f.grammar_kind {
             0 => None,
             code => Some(Grammar::new(
@@ -491,6 +493,16 @@ fn verify_step<D: Decoder>(
     waiting_since: &mut Option<Instant>,
 ) -> Result<Next, SpecError> {
     let v = h.committed.len();
+    // The prompt's log-probabilities, if asked for: its prefill scores each token, in chunks, and
+    // stores the rows at their positions, which the first commit's Release store publishes.
+    if let (true, Some(k)) = (h.sampling.prompt_logprobs, h.sampling.logprobs) {
+        let prompt = &h.committed[..h.prompt_len];
+        let (from, rows) = verifier.prefill_scored(prompt, k, PREFILL_CHUNK)?;
+        if !rows.is_empty() {
+            region.store_logprobs(from, &logprob_rows(&rows, 1 + k))?;
+            return Ok(Next::Work);
+        }
+    }
     // A long prefill runs in chunks, one per loop iteration (each heartbeats).
     let pending = v.saturating_sub(verifier.decoder.cached());
     if pending > PREFILL_CHUNK {
@@ -659,6 +671,13 @@ pub fn run_request(
         region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
     }
     collect_metrics(region, request_id, cursors, &mut c.metrics);
+    // The prompt's rows, if asked for: written before the first commit, and the workers are done.
+    if let (true, Some(k)) = (sampling.prompt_logprobs, sampling.logprobs) {
+        if seen > prompt.len() {
+            let rows = region.read_logprobs(1, prompt.len(), 1 + k);
+            c.prompt_logprobs = logprobs_of_rows(rows);
+        }
+    }
     Ok(c.finish())
 }
 
@@ -748,6 +767,7 @@ mod tests {
         let logprobs = rng
             .gen_bool(0.3)
             .then(|| rng.gen_range(0..=crate::logprobs::MAX_TOP));
+        let prompt_logprobs = logprobs.is_some() && rng.gen_bool(0.5);
         let penalties = match rng.gen_bool(0.3) {
             true => crate::Penalties {
                 repeat: rng.gen_range(0.8..1.5),
@@ -779,6 +799,7 @@ mod tests {
                 no_draft_lookup,
                 cache_prompt,
                 logprobs,
+                prompt_logprobs,
                 grammar,
                 ..Default::default()
             };
@@ -809,6 +830,7 @@ mod tests {
             no_draft_lookup,
             cache_prompt,
             logprobs,
+            prompt_logprobs,
             grammar,
         }
     }
@@ -962,6 +984,14 @@ mod tests {
             assert_eq!(got.finish, want.finish);
             // Through the region, bit for bit ar's (one per token, when asked for).
             assert_eq!(got.logprobs, want.logprobs, "request {i}");
+            assert_eq!(got.prompt_logprobs, want.prompt_logprobs, "request {i}");
+            // A request that generates nothing runs no model.
+            let scored =
+                sampling.prompt_logprobs && sampling.logprobs.is_some() && stop.max_new_tokens > 0;
+            assert_eq!(
+                got.prompt_logprobs.len(),
+                (prompt.len() - 1) * usize::from(scored)
+            );
             let asked = sampling.logprobs.is_some();
             assert_eq!(got.logprobs.len(), got.tokens.len() * usize::from(asked));
             let m = &got.metrics;
