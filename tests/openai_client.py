@@ -100,6 +100,12 @@ streamed_logprobs = [
 ]
 check("streamed logprobs = whole", streamed_logprobs, [t.logprob for t in content])
 
+echoed = client.completions.create(
+    model="any", prompt=exp["raw_prompt"], max_tokens=n, temperature=0, echo=True, logprobs=1
+)
+check("echo: the prompt, then ar's answer", echoed.choices[0].text, exp["raw_prompt"] + exp["raw"])
+check("echo: the first prompt token has no logprob", echoed.choices[0].logprobs.token_logprobs[0], None)
+
 structured = client.chat.completions.create(
     model="any", messages=messages, max_tokens=exp["structured_max_tokens"], temperature=0,
     response_format={"type": "json_schema", "json_schema": {"name": "country", "schema": exp["schema"]}},

@@ -622,6 +622,46 @@ fn logprobs_are_identical_across_strategies() {
     }
 }
 
+/// The prompt's log-probabilities (`--prompt-logprobs`, OpenAI's `echo`) are the verify model's
+/// too: every strategy reports the same numbers, one per prompt token after the first, each
+/// that token's; the generated tokens are unchanged.
+#[test]
+fn prompt_logprobs_are_identical_across_strategies() {
+    const MAX_NEW: usize = 8;
+    require_default_model();
+    let prompt = &humaneval_prompts(1)[0];
+    let plain = generate_with("ar", prompt, MAX_NEW, &[]).tokens();
+    let runs = identical_across_strategies(
+        0,
+        prompt,
+        MAX_NEW,
+        &["--logprobs", "2", "--prompt-logprobs"],
+    );
+    let ar = runs[0].1.json();
+    assert_eq!(
+        runs[0].1.tokens(),
+        plain,
+        "scoring the prompt changed the answer"
+    );
+    for (strategy, run) in &runs[1..] {
+        assert_eq!(
+            run.json()["prompt_logprobs"],
+            ar["prompt_logprobs"],
+            "{strategy}"
+        );
+    }
+    let rows = ar["prompt_logprobs"]
+        .as_array()
+        .expect("no prompt_logprobs");
+    let prompt_tokens = ar["prompt_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(rows.len(), prompt_tokens - 1);
+    for row in rows {
+        let lp = row["logprob"].as_f64().unwrap();
+        let top = row["top"][0]["logprob"].as_f64().unwrap();
+        assert!(lp <= top && top <= 0.0, "{row}");
+    }
+}
+
 /// With a temperature and no seed, a random seed is chosen and reported, so the run can be repeated.
 #[test]
 fn a_random_seed_is_reported_and_repeats_the_run() {

@@ -83,6 +83,14 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     let structured: serde_json::Value = serde_json::from_str(&structured_ar)
         .unwrap_or_else(|e| panic!("ar's structured answer is not JSON ({e}): {structured_ar}"));
     assert!(structured["capital"].is_string(), "{structured_ar}");
+    let echo_ar = ar_json(&[
+        "--raw",
+        "--prompt",
+        RAW,
+        "--logprobs",
+        "1",
+        "--prompt-logprobs",
+    ]);
     let s = start(&["--strategy", "amusd"], Duration::from_secs(300));
     let chat = json!({"messages": [{"role": "user", "content": CHAT}], "max_tokens": MAX});
     let r = s.post("/v1/chat/completions", &chat);
@@ -166,6 +174,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     assert_eq!(r.status, 400, "{}", r.json);
     assert_eq!(r.json["error"]["param"], "logit_bias", "{}", r.json);
     check_structured_output(&s, &structured_ar);
+    check_echo(&s, &echo_ar);
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -240,6 +249,29 @@ fn check_structured_output(s: &Served, structured_ar: &str) {
         assert_eq!(r.status, 400, "{body}: {}", r.json);
         assert_eq!(r.json["error"]["param"], param, "{}", r.json);
     }
+}
+
+/// Completions' `echo` with `logprobs` through the worker pair: the prompt's text and then the
+/// answer, the log-probabilities of the prompt's tokens (the first has none) and of the answer's,
+/// each `generate --strategy ar --raw --logprobs 1 --prompt-logprobs`'s.
+fn check_echo(s: &Served, ar: &serde_json::Value) {
+    let body = json!({"prompt": RAW, "max_tokens": MAX, "echo": true, "logprobs": 1});
+    let r = s.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.json);
+    let choice = &r.json["choices"][0];
+    let text = format!("{RAW}{}", ar["text"].as_str().unwrap());
+    assert_eq!(choice["text"], text.as_str(), "echoed text vs ar");
+    let got = choice["logprobs"]["token_logprobs"].as_array().unwrap();
+    let want: Vec<&serde_json::Value> = (ar["prompt_logprobs"].as_array().unwrap().iter())
+        .chain(ar["logprobs"].as_array().unwrap())
+        .map(|row| &row["logprob"])
+        .collect();
+    assert!(got[0].is_null(), "{}", choice["logprobs"]);
+    assert_eq!(
+        got[1..].iter().collect::<Vec<_>>(),
+        want,
+        "echoed logprobs vs ar"
+    );
 }
 
 fn workspace() -> &'static Path {

@@ -99,6 +99,8 @@ pub struct Summary {
     pub timings: Timings,
     /// Each generated token's log-probability, with its text, when the request asked.
     pub logprobs: Option<Vec<LogprobEntry>>,
+    /// The prompt's tokens' from its second token on, when the request asked (`echo`).
+    pub prompt_logprobs: Option<Vec<LogprobEntry>>,
 }
 
 /// A generated token's text and log-probability, and its position's most likely tokens'.
@@ -346,6 +348,11 @@ fn serve_choice(
         p.flush();
         let mut summary = summarize(job, &p, finish, started, end, &stats);
         summary.logprobs = p.logprobs.take();
+        summary.prompt_logprobs = (job.request.sampling.prompt_logprobs).then(|| {
+            (stats.prompt_logprobs.iter())
+                .map(|l| LogprobEntry::of(codec, l))
+                .collect()
+        });
         record(&shared.metrics, job, i, &summary, p.first_token);
         shared.metrics.rollbacks.inc_by(stats.rollbacks);
         summary
@@ -396,6 +403,7 @@ fn summarize(
             cache_n: stats.cache_n,
         },
         logprobs: None,
+        prompt_logprobs: None,
     }
 }
 

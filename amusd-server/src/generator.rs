@@ -34,6 +34,8 @@ pub struct Sampling {
     /// `Some(k)`: report each generated token's log-probability and its position's `k` most
     /// likely tokens' (OpenAI's `logprobs` / `top_logprobs`).
     pub logprobs: Option<usize>,
+    /// With `logprobs`: the prompt's tokens' too (completions' `echo`), in [`GenStats`].
+    pub prompt_logprobs: bool,
     /// A grammar the answer follows (structured output, [`crate::format`]).
     pub grammar: Option<crate::format::OutputGrammar>,
     /// Whether the draft may run prompt lookup ahead of its model for this request (where it
@@ -59,6 +61,7 @@ impl Default for Sampling {
             repeat_last_n: 64,
             logit_bias: Vec::new(),
             logprobs: None,
+            prompt_logprobs: false,
             grammar: None,
             prompt_lookup: true,
             cache_prompt: true,
@@ -85,6 +88,9 @@ pub struct GenStats {
     pub rollbacks: u64,
     /// Prompt tokens found cached from the previous request (not prefilled again).
     pub cache_n: usize,
+    /// The prompt's tokens' log-probabilities from its second token on, when the request asked
+    /// ([`Sampling::prompt_logprobs`]).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 /// A generated token's log-probability, and its position's most likely tokens', most likely first.

@@ -106,6 +106,9 @@ pub struct Validated {
     pub include_usage: bool,
     /// Choices to generate (OpenAI's `n`), one after another through the model.
     pub n: usize,
+    /// Completions' `echo`: each choice's text starts with the prompt's (and its
+    /// log-probabilities, when asked for, with the prompt tokens').
+    pub echo: bool,
 }
 
 /// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
@@ -132,8 +135,11 @@ pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
 /// Validates a parsed body for `endpoint`.
 pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiError> {
     refuse_unsupported(&raw)?;
+    let echo = echo(&raw, endpoint)?;
+    let logprobs = logprobs(&raw, endpoint)?;
     let sampling = Sampling {
-        logprobs: logprobs(&raw, endpoint)?,
+        prompt_logprobs: echo && logprobs.is_some(),
+        logprobs,
         grammar: crate::format::output_grammar(&raw)?,
         ..sampling(&raw)?
     };
@@ -164,6 +170,7 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     };
     Ok(Validated {
         n,
+        echo,
         endpoint,
         input,
         max_tokens,
@@ -175,6 +182,20 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
+}
+
+/// Completions' `echo`, checked: not on chat (OpenAI's chat has none) and not streamed (not
+/// implemented).
+fn echo(r: &RawRequest, endpoint: Endpoint) -> Result<bool, ApiError> {
+    if r.echo != Some(true) {
+        return Ok(false);
+    }
+    let refuse = |m: &str| Err(ApiError::bad_param("echo", m));
+    match (endpoint, r.stream == Some(true)) {
+        (Endpoint::Chat, _) => refuse("echo is a /v1/completions parameter; remove it"),
+        (_, true) => refuse("echo with stream is not implemented; remove one of them"),
+        _ => Ok(true),
+    }
 }
 
 fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
@@ -196,7 +217,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
         ("grammar", set(&r.grammar)),
-        ("echo", r.echo == Some(true)),
         ("suffix", set(&r.suffix)),
     ];
     let names: Vec<&str> = refused.iter().filter(|r| r.1).map(|r| r.0).collect();
@@ -366,6 +386,7 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         logit_bias: logit_bias(r.logit_bias.as_ref())?,
         // Per endpoint, and checked apart: `validate` sets them.
         logprobs: None,
+        prompt_logprobs: false,
         grammar: None,
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
@@ -541,6 +562,7 @@ mod tests {
                 repeat_last_n: u32::MAX,
                 logit_bias: vec![(15, 2.5), (198, -100.0)],
                 logprobs: None,
+                prompt_logprobs: false,
                 grammar: None,
                 prompt_lookup: false,
                 cache_prompt: false,

@@ -15,6 +15,16 @@ pub struct Head {
     pub include_usage: bool,
     /// The request asked for log-probabilities.
     pub logprobs: bool,
+    /// Completions' `echo`: the prompt's text and its first token's (which has no
+    /// log-probability).
+    pub echo: Option<Echo>,
+}
+
+/// What an echoing response repeats of the prompt.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    pub text: String,
+    pub first_token: String,
 }
 
 impl Head {
@@ -47,12 +57,20 @@ impl Head {
                     "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
                     "finish_reason": s.finish,
                 }),
-                Endpoint::Completions => json!({
-                    "index": i,
-                    "text": text,
-                    "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
-                    "finish_reason": s.finish,
-                }),
+                Endpoint::Completions => match &self.echo {
+                    None => json!({
+                        "index": i,
+                        "text": text,
+                        "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
+                        "finish_reason": s.finish,
+                    }),
+                    Some(e) => json!({
+                        "index": i,
+                        "text": format!("{}{text}", e.text),
+                        "logprobs": self.echoed_logprobs(e, s),
+                        "finish_reason": s.finish,
+                    }),
+                },
             })
             .collect();
         let summaries: Vec<&Summary> = choices.iter().map(|c| &c.1).collect();
@@ -83,21 +101,21 @@ impl Head {
                 json!({"content": content, "refusal": null})
             }
             Endpoint::Completions => {
-                let offsets = entries.iter().scan(offset, |at, e| {
-                    let here = *at;
-                    *at += e.text.len();
-                    Some(here)
-                });
-                json!({
-                    "tokens": entries.iter().map(|e| e.text.as_str()).collect::<Vec<_>>(),
-                    "token_logprobs": entries.iter().map(|e| e.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": (entries.iter())
-                        .map(|e| e.top.iter().map(|(t, lp)| (t.clone(), json!(lp))).collect())
-                        .collect::<Vec<serde_json::Map<String, Value>>>(),
-                    "text_offset": offsets.collect::<Vec<_>>(),
-                })
+                completions_logprobs(None, &entries.iter().collect::<Vec<_>>(), offset)
             }
         }
+    }
+
+    /// An echoing completion's log-probabilities: the prompt's first token (none), the rest of
+    /// the prompt's, then the generated tokens'; null when the request did not ask.
+    fn echoed_logprobs(&self, e: &Echo, s: &Summary) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let entries: Vec<&LogprobEntry> = (s.prompt_logprobs.iter().flatten())
+            .chain(s.logprobs.iter().flatten())
+            .collect();
+        completions_logprobs(Some(&e.first_token), &entries, 0)
     }
 
     /// A streamed chunk of choice `i`; `role` only in a choice's first chat chunk; `logprobs`: its
@@ -171,6 +189,33 @@ impl Head {
     }
 }
 
+/// Completions' parallel lists: `lead` (an echoed prompt's first token, with no log-probability)
+/// then `entries`, `text_offset` counted from `offset`.
+fn completions_logprobs(lead: Option<&str>, entries: &[&LogprobEntry], offset: usize) -> Value {
+    let texts: Vec<&str> = (lead.into_iter())
+        .chain(entries.iter().map(|e| e.text.as_str()))
+        .collect();
+    let offsets: Vec<usize> = (texts.iter())
+        .scan(offset, |at, t| {
+            let here = *at;
+            *at += t.len();
+            Some(here)
+        })
+        .collect();
+    let nulls = || lead.iter().map(|_| Value::Null);
+    let logprobs: Vec<Value> = nulls()
+        .chain(entries.iter().map(|e| json!(e.logprob)))
+        .collect();
+    let top = |e: &&LogprobEntry| -> Value {
+        (e.top.iter())
+            .map(|(t, lp)| (t.clone(), json!(lp)))
+            .collect::<serde_json::Map<String, Value>>()
+            .into()
+    };
+    let tops: Vec<Value> = nulls().chain(entries.iter().map(top)).collect();
+    json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +241,7 @@ mod tests {
                 cache_n: 1,
             },
             logprobs: None,
+            prompt_logprobs: None,
         }
     }
 
@@ -207,6 +253,7 @@ mod tests {
             model: "m".into(),
             include_usage,
             logprobs: false,
+            echo: None,
         }
     }
 

@@ -24,7 +24,7 @@ use crate::decode::{Event, Job, Shared, Summary};
 use crate::error::ApiError;
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
-use crate::response::Head;
+use crate::response::{Echo, Head};
 
 /// Server settings that handlers need.
 #[derive(Clone, Debug)]
@@ -142,6 +142,7 @@ async fn handle(
     check_grammar(&s.codec, &v).await?;
     let prompt = tokenize(&s.codec, &v).await?;
     let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
+    let echo = v.echo.then(|| echo_of(s.codec.as_ref(), &v.input, &prompt));
     let (tx, rx) = unbounded_channel();
     let job = Job {
         request: GenRequest {
@@ -165,6 +166,7 @@ async fn handle(
         model: s.codec.model_id().to_string(),
         include_usage: v.include_usage,
         logprobs: v.sampling.logprobs.is_some(),
+        echo,
     };
     if v.stream {
         Ok(Sse::new(sse_stream(head, v.n, rx))
@@ -188,6 +190,24 @@ fn body_error(e: BytesRejection, limit: usize) -> ApiError {
             e.status(),
             format!("cannot read the request body: {}", e.body_text()),
         )
+    }
+}
+
+/// What an echoing response repeats: the prompt's text as given (token prompts decoded) and its
+/// first token's text.
+fn echo_of(codec: &dyn Codec, input: &Input, prompt: &[u32]) -> Echo {
+    let text = match input {
+        Input::Text(t) => t.clone(),
+        _ => {
+            let mut stream = codec.text_stream();
+            let mut text: String = prompt.iter().map(|&t| stream.push(t)).collect();
+            text.push_str(&stream.finish());
+            text
+        }
+    };
+    Echo {
+        text,
+        first_token: codec.token_text(prompt[0]),
     }
 }
 

@@ -108,9 +108,21 @@ impl Generator for FakeGen {
             // Simulated compute, so a request lasts long enough to be cancelled.
             std::thread::sleep(h.token_delay);
         }
+        // Prompt token `p`'s log-probability is -p/100, its alternatives none.
+        let prompt_logprobs = match (req.sampling.prompt_logprobs, req.sampling.logprobs) {
+            (true, Some(_)) => (req.prompt[1..].iter())
+                .map(|&p| TokenLogprobs {
+                    token: p,
+                    logprob: -(p as f32) / 100.0,
+                    top: Vec::new(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(GenStats {
             draft_n: 3,
             draft_n_accepted: 2,
+            prompt_logprobs,
             ..Default::default()
         })
     }
@@ -294,6 +306,56 @@ async fn n_choices_are_the_seeds_in_turn_streamed_or_whole() {
     }
     assert_eq!(streamed, texts);
     assert_eq!((roles, finishes), (vec![1; 3], vec![1; 3]));
+}
+
+/// Completions' `echo`: the text starts with the prompt's; with `logprobs`, the lists start with
+/// the prompt's tokens (the first with no log-probability), the offsets running over both. Not
+/// on chat, not streamed.
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_repeats_the_prompt_and_its_logprobs() {
+    let s = server(Hooks::default(), 4);
+    let body = |extra: &str| format!(r#"{{"prompt":"abc","max_tokens":2{extra}}}"#);
+    let (status, plain) = json_call(&s, "/v1/completions", &body("")).await;
+    assert_eq!(status, 200, "{plain}");
+    let generated = plain["choices"][0]["text"].as_str().unwrap().to_string();
+    let (status, v) = json_call(&s, "/v1/completions", &body(r#","echo":true"#)).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], format!("abc{generated}"));
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    let (status, v) = json_call(&s, "/v1/completions", &body(r#","echo":true,"logprobs":1"#)).await;
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = (lp["tokens"].as_array().unwrap().iter())
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), format!("abc{generated}"));
+    assert_eq!(lp["token_logprobs"][0], Value::Null);
+    assert_eq!(lp["top_logprobs"][0], Value::Null);
+    let f32_at = |i: usize| lp["token_logprobs"][i].as_f64().unwrap() as f32;
+    assert_eq!(
+        (f32_at(1), f32_at(2)),
+        (-0.98, -0.99),
+        "b is 98, c 99: {lp}"
+    );
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
+    for (body, path) in [
+        (
+            r#"{"prompt":"abc","echo":true,"stream":true}"#,
+            "/v1/completions",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"echo":true}"#,
+            CHAT,
+        ),
+    ] {
+        let (status, v) = json_call(&s, path, body).await;
+        assert_eq!(
+            (status.as_u16(), &v["error"]["param"]),
+            (400, &json!("echo")),
+            "{v}"
+        );
+    }
 }
 
 /// Log-probabilities in OpenAI's shapes: chat's `content` list (token, logprob, bytes,

@@ -363,6 +363,7 @@ impl SamplingArgs {
             // One request per run (generate), or as the bench decides turn by turn.
             cache_prompt: false,
             logprobs: None,
+            prompt_logprobs: false,
             grammar: self.grammar.resolve()?,
         })
     }

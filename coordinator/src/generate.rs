@@ -48,6 +48,10 @@ pub struct GenerateArgs {
     /// at its position (0 to 20).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=20))]
     pub logprobs: Option<u8>,
+    /// With --logprobs: the prompt's tokens' too (each but the first, given the tokens before it;
+    /// as OpenAI's `echo`), in `prompt_logprobs`. The verify model prefills the whole prompt.
+    #[arg(long, requires = "logprobs")]
+    pub prompt_logprobs: bool,
     /// Token ids to use as the prompt instead of text (for fake test models).
     #[arg(long, hide = true, value_delimiter = ',')]
     pub prompt_ids: Option<Vec<u32>>,
@@ -66,6 +70,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     }
     let sampling = RequestSampling {
         logprobs: args.logprobs.map(usize::from),
+        prompt_logprobs: args.prompt_logprobs,
         ..args.sampling.resolve()?
     };
     let messages = messages(&args)?;
@@ -221,6 +226,9 @@ pub fn finish_output(
     }
     if out.sampling.logprobs.is_some() {
         json["logprobs"] = logprobs_json(&g.logprobs, tokenizer)?;
+    }
+    if out.sampling.prompt_logprobs {
+        json["prompt_logprobs"] = logprobs_json(&g.prompt_logprobs, tokenizer)?;
     }
     println!("{json}");
     Ok(())

@@ -279,14 +279,7 @@ impl Generator for ServeGenerator {
         // A request is cancelled between commits: the client's tokens keep arriving every few
         // milliseconds, so a hang-up ends the work at the next batch.
         let mut on_tokens = |ids: &[u32], logprobs: &[Logprobs]| {
-            let logprobs: Vec<TokenLogprobs> = (logprobs.iter())
-                .map(|l| TokenLogprobs {
-                    token: l.chosen.token,
-                    logprob: l.chosen.logprob,
-                    top: l.top.iter().map(|t| (t.token, t.logprob)).collect(),
-                })
-                .collect();
-            on_tokens(ids, &logprobs);
+            on_tokens(ids, &token_logprobs(logprobs));
             if cancelled() {
                 ControlFlow::Break(())
             } else {
@@ -304,6 +297,7 @@ impl Generator for ServeGenerator {
             draft_n_accepted: g.metrics.accepted as u64,
             rollbacks: g.metrics.rollbacks as u64,
             cache_n: g.metrics.cached_prompt_tokens,
+            prompt_logprobs: token_logprobs(&g.prompt_logprobs),
         })
     }
 
@@ -322,6 +316,17 @@ impl Generator for ServeGenerator {
             _ => 0,
         }
     }
+}
+
+/// Log-probabilities as the server takes them.
+fn token_logprobs(logprobs: &[Logprobs]) -> Vec<TokenLogprobs> {
+    (logprobs.iter())
+        .map(|l| TokenLogprobs {
+            token: l.chosen.token,
+            logprob: l.chosen.logprob,
+            top: l.top.iter().map(|t| (t.token, t.logprob)).collect(),
+        })
+        .collect()
 }
 
 /// The server's sampling as the decoders take it; a sampled request without a seed gets a random one.
@@ -352,6 +357,7 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         no_draft_lookup: !s.prompt_lookup,
         cache_prompt: s.cache_prompt,
         logprobs: s.logprobs,
+        prompt_logprobs: s.prompt_logprobs,
         grammar: s.grammar.as_ref().map(grammar_of),
     })
 }

@@ -129,6 +129,7 @@ impl SamplingRecord {
             no_draft_lookup: false,
             cache_prompt: false,
             logprobs: None,
+            prompt_logprobs: false,
             grammar: self.grammar.as_ref().and_then(|(tag, text)| {
                 let kind = GrammarKind::ALL.into_iter().find(|k| k.tag() == tag)?;
                 Some(Grammar::new(kind, text.clone()))
