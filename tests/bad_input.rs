@@ -587,6 +587,11 @@ fn a_bad_or_oversized_grammar() {
             ["--regex", "[a-"],
             &["regular expression", "unclosed"][..],
         ),
+        (
+            "GBNF with an undefined rule",
+            ["--grammar", "root ::= item+"],
+            &["gbnf grammar", "line 1, column 10", "undefined rule `item`"][..],
+        ),
     ] {
         expect_error_per_strategy(
             case,

@@ -583,6 +583,23 @@ fn a_grammar_is_followed_identically_across_strategies() {
         ["Yes, red.", "Yes, blue.", "No, red.", "No, blue."].contains(&text.as_str()),
         "{text:?}"
     );
+    // llama.cpp's GBNF, character by character: three lines of lowercase words.
+    let gbnf = "root ::= item{3}\nitem ::= \"- \" [a-z]+ (\" \" [a-z]+){0,3} \"\\n\"\n";
+    let runs = identical_across_strategies(0, "Name three fruits.", 40, &["--grammar", gbnf]);
+    let out = runs[0].1.json();
+    let text = out["text"].as_str().unwrap();
+    assert_eq!(out["finish_reason"], "stop", "{text:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text:?}");
+    for l in lines {
+        let words = l.strip_prefix("- ").unwrap_or_else(|| panic!("{text:?}"));
+        assert!(
+            words
+                .split(' ')
+                .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase())),
+            "{text:?}"
+        );
+    }
 }
 
 /// Log-probabilities are the verify model's, so every strategy reports the same numbers (to the

@@ -212,8 +212,9 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
 }
 
 /// Structured output through the worker pair: OpenAI's `response_format` and vLLM's
-/// `guided_json` give `generate --strategy ar --json-schema`'s text, whole and streamed; a schema
-/// that does not compile, or two grammars at once, is a 400 naming the parameter.
+/// `guided_json` give `generate --strategy ar --json-schema`'s text, whole and streamed;
+/// llama.cpp's GBNF `grammar` is followed; a grammar that does not compile, or two grammars at
+/// once, is a 400 naming the parameter.
 fn check_structured_output(s: &Served, structured_ar: &str) {
     let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
     let messages = json!([{"role": "user", "content": CHAT}]);
@@ -230,7 +231,17 @@ fn check_structured_output(s: &Served, structured_ar: &str) {
     let r = s.post("/v1/chat/completions", &guided);
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(reply_text(&r.json), structured_ar, "guided_json vs ar");
+    // llama.cpp's `grammar` is GBNF.
+    let gbnf = json!({"messages": messages, "max_tokens": 8,
+        "grammar": "root ::= (\"yes\" | \"no\") \".\""});
+    let r = s.post("/v1/chat/completions", &gbnf);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(["yes.", "no."].contains(&reply_text(&r.json).as_str()), "{}", r.json);
     for (body, param) in [
+        (
+            json!({"messages": messages, "grammar": "root ::= undefined-rule"}),
+            "grammar",
+        ),
         (
             json!({"messages": messages, "response_format": {"type": "json_schema",
                 "json_schema": {"schema": {"type": "no such type"}}}}),

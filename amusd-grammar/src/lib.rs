@@ -1,5 +1,6 @@
-//! Constrained decoding for amusd: compiles a request's grammar ([`amusd_spec::constraint::Grammar`]:
-//! any JSON object, a JSON schema, a regular expression or a Lark grammar) against one model's
+//! Constrained decoding for amusd: compiles a request's grammar
+//! ([`amusd_spec::constraint::Grammar`]: any JSON object, a JSON schema, a regular expression, a
+//! Lark grammar, or llama.cpp's GBNF rewritten as Lark by [`gbnf`]) against one model's
 //! vocabulary, and masks each position's logits to the tokens the grammar allows there.
 //!
 //! The engine is llguidance (the one llama.cpp builds with `LLAMA_LLGUIDANCE`, and vLLM and
@@ -18,6 +19,8 @@ use amusd_spec::SpecError;
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 use llguidance::{Matcher, ParserFactory};
+
+pub mod gbnf;
 
 /// Why a vocabulary or a grammar cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,7 @@ fn kind_name(kind: GrammarKind) -> &'static str {
         GrammarKind::JsonSchema => "JSON schema",
         GrammarKind::Regex => "regular expression",
         GrammarKind::Lark => "Lark grammar",
+        GrammarKind::Gbnf => "GBNF grammar",
     }
 }
 
@@ -160,8 +164,17 @@ impl GrammarCompiler {
             kind,
             message: one_line(&message),
         };
-        let top = TopLevelGrammar::from_tagged_str(grammar.kind.tag(), &grammar.text)
-            .map_err(|e| compile_error(e.to_string()))?;
+        let top = match grammar.kind {
+            GrammarKind::Gbnf => {
+                let lark = gbnf::to_lark(&grammar.text).map_err(|e| GrammarError::Compile {
+                    kind,
+                    message: e.to_string(),
+                })?;
+                TopLevelGrammar::from_lark(lark)
+            }
+            k => TopLevelGrammar::from_tagged_str(k.tag(), &grammar.text)
+                .map_err(|e| compile_error(e.to_string()))?,
+        };
         let parser = self
             .factory
             .create_parser(top)

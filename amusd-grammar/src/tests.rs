@@ -149,6 +149,11 @@ fn bad_grammars_are_errors_that_say_which_kind() {
         ),
         (GrammarKind::Regex, "(ab", "regular expression"),
         (GrammarKind::Lark, "start: undefined_rule", "Lark grammar"),
+        (
+            GrammarKind::Gbnf,
+            "root ::= item\n",
+            "GBNF grammar does not compile: GBNF line 1, column 10",
+        ),
     ] {
         let e = match c.check(&Grammar::new(kind, text)) {
             Ok(()) => panic!("{text} compiled"),
@@ -207,4 +212,75 @@ proptest! {
             prop_assert_eq!(allowed(&mut reused, &prefix, vocab), want, "prefix {:?}", prefix);
         }
     }
+}
+
+/// Whether `text` is a whole sentence of `grammar`, fed one byte token at a time.
+fn accepts(c: &GrammarCompiler, stop: u32, grammar: &Grammar, text: &str) -> bool {
+    let vocab = c.vocab_size();
+    let mut m = c.constraint(grammar).unwrap();
+    let mut tokens: Vec<u32> = Vec::new();
+    for b in text.bytes() {
+        if !allowed(&mut m, &tokens, vocab).contains(&u32::from(b)) {
+            return false;
+        }
+        tokens.push(u32::from(b));
+    }
+    allowed(&mut m, &tokens, vocab).contains(&stop)
+}
+
+const GBNF_LIST: &str = r#"# a list of key = value lines, llama.cpp style
+root ::= line+
+line ::= key ws? "=" ws? value "\n"
+key ::= [a-z] [a-z0-9_]*
+value ::= number | "\"" ( [^"\\] | "\\" ["\\n] )* "\"" | ("true" | "false")
+number ::= "-"? [0-9]{1,3} ("." [0-9]+)?
+ws ::= [ \t]+
+"#;
+
+#[test]
+fn a_gbnf_grammar_accepts_its_sentences_and_nothing_else() {
+    let (c, stop) = compiler();
+    let g = Grammar::new(GrammarKind::Gbnf, GBNF_LIST);
+    for ok in ["a = 1\n", "x_2=\"q\\\"s\"\nb =  -12.50\nc\t= true\n"] {
+        assert!(accepts(&c, stop, &g, ok), "{ok:?}");
+    }
+    for bad in [
+        "",
+        "a = 1",
+        "A = 1\n",
+        "a = 1234\n",
+        "a = tru\n",
+        "a = \"x\n",
+    ] {
+        assert!(!accepts(&c, stop, &g, bad), "{bad:?}");
+    }
+}
+
+#[test]
+fn gbnf_terminals_that_overlap_still_match_as_in_llama_cpp() {
+    let (c, stop) = compiler();
+    let g = Grammar::new(GrammarKind::Gbnf, "root ::= [a-z]+ \"ing\"\n");
+    for ok in ["sing", "singing", "inging"] {
+        assert!(accepts(&c, stop, &g, ok), "{ok:?}");
+    }
+    assert!(!accepts(&c, stop, &g, "ing"));
+}
+
+#[test]
+fn a_gbnf_walk_ends_in_a_sentence() {
+    let (c, stop) = compiler();
+    let (v, _) = vocabulary();
+    let g = Grammar::new(GrammarKind::Gbnf, GBNF_LIST);
+    let mut ended = 0;
+    for seed in 1..20 {
+        let mut m = c.constraint(&g).unwrap();
+        let (tokens, done) = walk(&mut m, c.vocab_size(), stop, seed, 200);
+        if done {
+            ended += 1;
+            let t = text(&v, &tokens);
+            assert!(t.ends_with('\n') && t.contains('='), "{t:?}");
+            assert!(accepts(&c, stop, &g, &t), "{t:?}");
+        }
+    }
+    assert!(ended > 0, "no walk ended within 200 tokens");
 }

@@ -1,9 +1,10 @@
 //! Structured output: the grammar a request's answer must follow, from the names the popular
 //! servers give it: OpenAI's `response_format` (`json_object`, `json_schema`), llama.cpp's
-//! `json_schema`, and vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) and
-//! older `guided_json`, `guided_regex`, `guided_choice` and `guided_grammar` (a grammar is Lark, in
-//! llguidance's syntax). One per request. llama.cpp's `grammar` (GBNF) is refused by name. Whether it compiles against the
-//! model's vocabulary is the handler's check ([`crate::Codec::check_grammar`]).
+//! `json_schema` and `grammar` (GBNF, or Lark after `%llguidance`, as llama.cpp reads it), and
+//! vLLM's `structured_outputs` (`json`, `regex`, `choice`, `grammar`) and older `guided_json`,
+//! `guided_regex`, `guided_choice` and `guided_grammar` (a grammar with a `::=` is GBNF, as vLLM
+//! tells them apart, else Lark in llguidance's syntax). One per request. Whether it compiles
+//! against the model's vocabulary is the handler's check ([`crate::Codec::check_grammar`]).
 
 use serde_json::Value;
 
@@ -21,6 +22,8 @@ pub enum GrammarType {
     Regex,
     /// A Lark grammar (llguidance's syntax).
     Lark,
+    /// A GBNF grammar (llama.cpp's syntax).
+    Gbnf,
 }
 
 /// A request's grammar, and the parameter it came from (errors name it).
@@ -52,7 +55,10 @@ pub fn output_grammar(r: &RawRequest) -> Result<Option<OutputGrammar>, ApiError>
         found.push(choice("guided_choice", &c)?);
     }
     if let Some(g) = given(&r.guided_grammar) {
-        found.push(text("guided_grammar", GrammarType::Lark, &g)?);
+        found.push(text("guided_grammar", cfg_kind(&g), &g)?);
+    }
+    if let Some(g) = given(&r.grammar) {
+        found.push(text("grammar", llama_cpp_kind(&g), &g)?);
     }
     if let Some(so) = given(&r.structured_outputs) {
         found.push(structured_outputs(&so)?);
@@ -120,7 +126,7 @@ fn structured_outputs(so: &Value) -> Result<OutputGrammar, ApiError> {
         "json" => schema(P, v),
         "regex" => text(P, GrammarType::Regex, v),
         "choice" => choice(P, v),
-        "grammar" => text(P, GrammarType::Lark, v),
+        "grammar" => text(P, cfg_kind(v), v),
         _ => Err(bad()),
     }?;
     Ok(g)
@@ -154,6 +160,23 @@ fn text(param: &'static str, kind: GrammarType, v: &Value) -> Result<OutputGramm
             param,
             format!("{param} must be a non-empty string"),
         )),
+    }
+}
+
+/// What a vLLM grammar is: GBNF if it defines a rule with `::=` (as vLLM decides), else Lark.
+fn cfg_kind(v: &Value) -> GrammarType {
+    match v.as_str() {
+        Some(t) if t.contains("::=") => GrammarType::Gbnf,
+        _ => GrammarType::Lark,
+    }
+}
+
+/// What llama.cpp's `grammar` is: GBNF, unless it starts with `%llguidance` (llama.cpp's mark
+/// for llguidance's Lark).
+fn llama_cpp_kind(v: &Value) -> GrammarType {
+    match v.as_str() {
+        Some(t) if t.trim_start().starts_with("%llguidance") => GrammarType::Lark,
+        _ => GrammarType::Gbnf,
     }
 }
 
@@ -253,6 +276,22 @@ mod tests {
             (Lark, "start: \"a\"".into(), "guided_grammar")
         );
         assert_eq!(
+            grammar(r#"{"guided_grammar":"root ::= \"a\""}"#),
+            (Gbnf, "root ::= \"a\"".into(), "guided_grammar")
+        );
+        assert_eq!(
+            grammar(r#"{"grammar":"root ::= [0-9]+"}"#),
+            (Gbnf, "root ::= [0-9]+".into(), "grammar")
+        );
+        assert_eq!(
+            grammar(r#"{"grammar":"%llguidance {}\nstart: \"a\""}"#),
+            (Lark, "%llguidance {}\nstart: \"a\"".into(), "grammar")
+        );
+        assert_eq!(
+            grammar(r#"{"structured_outputs":{"grammar":"root ::= \"b\""}}"#),
+            (Gbnf, "root ::= \"b\"".into(), "structured_outputs")
+        );
+        assert_eq!(
             grammar(r#"{"structured_outputs":{"choice":["a","b"]}}"#),
             (Regex, "(a|b)".into(), "structured_outputs")
         );
@@ -284,6 +323,11 @@ mod tests {
             (r#"{"guided_regex":5}"#, "guided_regex"),
             (r#"{"guided_choice":[]}"#, "guided_choice"),
             (r#"{"guided_choice":["a",1]}"#, "guided_choice"),
+            (r#"{"grammar":7}"#, "grammar"),
+            (
+                r#"{"grammar":"root ::= \"a\"","json_schema":{}}"#,
+                "grammar",
+            ),
             (
                 r#"{"structured_outputs":{"xml":"a"}}"#,
                 "structured_outputs",

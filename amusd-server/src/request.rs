@@ -54,14 +54,14 @@ pub struct RawRequest {
     pub guided_choice: Option<Value>,
     pub guided_grammar: Option<Value>,
     pub structured_outputs: Option<Value>,
+    /// llama.cpp's grammar (GBNF, or Lark after `%llguidance`).
+    pub grammar: Option<Value>,
     // Known but not implemented: refused when they would change the result.
     pub best_of: Option<u64>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
-    /// llama.cpp's GBNF grammar: refused (a grammar here is Lark, `guided_grammar`).
-    pub grammar: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
 }
@@ -216,7 +216,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         ("tool_choice", !tool_choice_none),
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
-        ("grammar", set(&r.grammar)),
         ("suffix", set(&r.suffix)),
     ];
     let names: Vec<&str> = refused.iter().filter(|r| r.1).map(|r| r.0).collect();
@@ -225,16 +224,10 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         Some(first) => Err(ApiError::bad_param(
             first,
             format!(
-                "unsupported parameter{}: {} (not implemented here; remove {}){}",
+                "unsupported parameter{}: {} (not implemented here; remove {})",
                 if names.len() > 1 { "s" } else { "" },
                 names.join(", "),
                 if names.len() > 1 { "them" } else { "it" },
-                if names.contains(&"grammar") {
-                    "; llama.cpp's GBNF is not read: give a Lark grammar as guided_grammar, or \
-                     a JSON schema as json_schema"
-                } else {
-                    ""
-                },
             ),
         )),
     }
@@ -769,7 +762,7 @@ mod tests {
             (r#""best_of":2"#, "best_of"),
             (r#""tools":[{"type":"function"}]"#, "tools"),
             (r#""tool_choice":"auto""#, "tool_choice"),
-            (r#""grammar":"root ::= \"a\"""#, "grammar"),
+            (r#""suffix":"x""#, "suffix"),
         ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");

@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -35,8 +35,8 @@ pub const MAX_LOGIT_BIAS: usize = 256;
 /// ([`LogprobBuffer`]); OpenAI's `top_logprobs` limit.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-/// Bytes of a request's grammar ([`GrammarSection::text`]): a JSON schema, a regular expression
-/// or a Lark grammar.
+/// Bytes of a request's grammar ([`GrammarSection::text`]): a JSON schema, a regular expression,
+/// a Lark or a GBNF grammar.
 pub const GRAMMAR_TEXT_LEN: usize = 128 * 1024;
 
 /// Events per metric ring.
@@ -407,7 +407,8 @@ pub struct RequestSection {
 #[repr(C, align(8))]
 pub struct GrammarSection {
     /// 0: no grammar; else the grammar's kind (`amusd-spec`'s `GrammarKind` codes: 1 any JSON
-    /// object, 2 a JSON schema, 3 a regular expression, 4 a Lark grammar). Writer: coordinator,
+    /// object, 2 a JSON schema, 3 a regular expression, 4 a Lark grammar, 5 a GBNF grammar since
+    /// layout 10). Writer: coordinator,
     /// Relaxed inside the request seqlock, at submit. Readers: both workers (seqlock read, at
     /// take-up), `amusd dump`.
     pub kind: AtomicU32,
@@ -641,7 +642,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 9);
+        assert_eq!(LAYOUT_VERSION, 10);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 2_002_816);

@@ -1,5 +1,6 @@
 //! Constrained decoding: a grammar the generated text must follow (a JSON schema, a regular
-//! expression, a Lark grammar), as OpenAI's `response_format` and vLLM's guided decoding ask.
+//! expression, a Lark or GBNF grammar), as OpenAI's `response_format`, vLLM's guided decoding and
+//! llama.cpp's `grammar` ask.
 //!
 //! # Why the strategies still agree
 //! A [`Constraint`] masks the logits of the tokens that may not come next, and what it allows at
@@ -34,10 +35,18 @@ pub enum GrammarKind {
     Regex,
     /// A Lark grammar in llguidance's syntax.
     Lark,
+    /// A grammar in llama.cpp's GBNF (rewritten as Lark where it is compiled).
+    Gbnf,
 }
 
 impl GrammarKind {
-    pub const ALL: [Self; 4] = [Self::JsonObject, Self::JsonSchema, Self::Regex, Self::Lark];
+    pub const ALL: [Self; 5] = [
+        Self::JsonObject,
+        Self::JsonSchema,
+        Self::Regex,
+        Self::Lark,
+        Self::Gbnf,
+    ];
 
     /// The region's code (0 is "no grammar").
     pub fn code(self) -> u32 {
@@ -46,6 +55,7 @@ impl GrammarKind {
             Self::JsonSchema => 2,
             Self::Regex => 3,
             Self::Lark => 4,
+            Self::Gbnf => 5,
         }
     }
 
@@ -53,13 +63,14 @@ impl GrammarKind {
         Self::ALL.into_iter().find(|k| k.code() == code)
     }
 
-    /// The name llguidance's tagged grammars use.
+    /// The name llguidance's tagged grammars use (GBNF's is ours: llguidance reads it as Lark).
     pub fn tag(self) -> &'static str {
         match self {
             Self::JsonObject => "json_object",
             Self::JsonSchema => "json_schema",
             Self::Regex => "regex",
             Self::Lark => "lark",
+            Self::Gbnf => "gbnf",
         }
     }
 }
@@ -225,7 +236,7 @@ mod tests {
             assert_eq!(GrammarKind::from_code(k.code()), Some(k));
         }
         assert_eq!(GrammarKind::from_code(0), None);
-        assert_eq!(GrammarKind::from_code(5), None);
+        assert_eq!(GrammarKind::from_code(6), None);
     }
 
     #[test]

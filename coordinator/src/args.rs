@@ -388,6 +388,12 @@ pub struct GrammarArgs {
     /// The output follows this Lark grammar (llguidance's syntax; the start rule is `start`).
     #[arg(long, value_name = "FILE")]
     pub lark_file: Option<PathBuf>,
+    /// The output follows this GBNF grammar (llama.cpp's --grammar; the start rule is `root`).
+    #[arg(long, value_name = "GBNF")]
+    pub grammar: Option<String>,
+    /// --grammar read from a file (llama.cpp's --grammar-file).
+    #[arg(long, value_name = "FILE")]
+    pub grammar_file: Option<PathBuf>,
 }
 
 impl GrammarArgs {
@@ -405,6 +411,10 @@ impl GrammarArgs {
             Some(Grammar::new(GrammarKind::Regex, r.clone()))
         } else if let Some(p) = &self.lark_file {
             Some(Grammar::new(GrammarKind::Lark, read(p)?))
+        } else if let Some(g) = &self.grammar {
+            Some(Grammar::new(GrammarKind::Gbnf, g.clone()))
+        } else if let Some(p) = &self.grammar_file {
+            Some(Grammar::new(GrammarKind::Gbnf, read(p)?))
         } else {
             None
         })

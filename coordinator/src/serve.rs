@@ -370,6 +370,7 @@ fn grammar_of(g: &amusd_server::format::OutputGrammar) -> Grammar {
         GrammarType::JsonSchema => GrammarKind::JsonSchema,
         GrammarType::Regex => GrammarKind::Regex,
         GrammarType::Lark => GrammarKind::Lark,
+        GrammarType::Gbnf => GrammarKind::Gbnf,
     };
     Grammar::new(kind, g.text.clone())
 }
