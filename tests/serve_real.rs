@@ -236,7 +236,11 @@ fn check_structured_output(s: &Served, structured_ar: &str) {
         "grammar": "root ::= (\"yes\" | \"no\") \".\""});
     let r = s.post("/v1/chat/completions", &gbnf);
     assert_eq!(r.status, 200, "{}", r.json);
-    assert!(["yes.", "no."].contains(&reply_text(&r.json).as_str()), "{}", r.json);
+    assert!(
+        ["yes.", "no."].contains(&reply_text(&r.json).as_str()),
+        "{}",
+        r.json
+    );
     for (body, param) in [
         (
             json!({"messages": messages, "grammar": "root ::= undefined-rule"}),

@@ -112,7 +112,7 @@ fn lark_name(name: &str) -> String {
 }
 
 fn alternatives(alts: &[Seq]) -> String {
-    let seqs: Vec<String> = alts.iter().map(|s| sequence(s)).collect();
+    let seqs: Vec<String> = alts.iter().map(sequence).collect();
     seqs.join(" | ")
 }
 
