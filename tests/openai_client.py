@@ -113,6 +113,44 @@ structured = client.chat.completions.create(
 check("response_format json_schema = ar's", structured.choices[0].message.content, exp["structured"])
 check("structured output parses", sorted(json.loads(structured.choices[0].message.content)), ["capital", "country"])
 
+# Tool calling: a required call comes back as OpenAI's tool_calls, whole and streamed alike; the
+# call and its result go back in the next turn.
+weather = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                   "required": ["city"], "additionalProperties": False}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+tool_kw = dict(model="any", tools=weather, tool_choice="required", parallel_tool_calls=False, max_tokens=40,
+               temperature=0)
+called = client.chat.completions.create(messages=ask, **tool_kw).choices[0]
+check("tool call: finish reason", called.finish_reason, "tool_calls")
+check("tool call: no content", called.message.content, None)
+call = called.message.tool_calls[0]
+check("tool call: the tool", (call.type, call.function.name), ("function", "get_weather"))
+check("tool call: arguments fit the schema", list(json.loads(call.function.arguments)), ["city"])
+parts, finish = {}, None
+for chunk in client.chat.completions.create(messages=ask, stream=True, **tool_kw):
+    for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+        p = parts.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+        p["id"] += d.id or ""
+        p["name"] += d.function.name or ""
+        p["arguments"] += d.function.arguments or ""
+    if chunk.choices:
+        finish = chunk.choices[0].finish_reason or finish
+check("streamed tool call = whole", (parts[0]["name"], parts[0]["arguments"], finish),
+      (call.function.name, call.function.arguments, "tool_calls"))
+turns = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+    {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+]
+after = client.chat.completions.create(messages=turns, **{**tool_kw, "tool_choice": "auto"}).choices[0]
+check("after a tool result: a reply", after.finish_reason in ("stop", "length", "tool_calls"), True)
+try:
+    client.chat.completions.create(messages=ask, response_format={"type": "json_object"}, **tool_kw)
+    raise AssertionError("tools with response_format: no error")
+except openai.BadRequestError as e:
+    check("400 names response_format beside tools", e.body.get("param"), "response_format")
+
 for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})

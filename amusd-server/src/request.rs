@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, Sampling};
+use crate::tools::{self, ToolUse};
 
 /// Both endpoints' fields; which of `messages` / `prompt` is required depends on the endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -56,10 +57,12 @@ pub struct RawRequest {
     pub structured_outputs: Option<Value>,
     /// llama.cpp's grammar (GBNF, or Lark after `%llguidance`).
     pub grammar: Option<Value>,
-    // Known but not implemented: refused when they would change the result.
-    pub best_of: Option<u64>,
+    /// Chat's tool calling ([`crate::tools`]).
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
+    // Known but not implemented: refused when they would change the result.
+    pub best_of: Option<u64>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
     pub echo: Option<bool>,
@@ -71,6 +74,11 @@ pub struct RawMessage {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    /// An assistant turn's calls.
+    #[serde(default)]
+    pub tool_calls: Value,
+    /// A `tool` turn's call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -109,6 +117,8 @@ pub struct Validated {
     /// Completions' `echo`: each choice's text starts with the prompt's (and its
     /// log-probabilities, when asked for, with the prompt tokens').
     pub echo: bool,
+    /// Chat's tools: the replies are read back as calls or content.
+    pub tools: Option<ToolUse>,
 }
 
 /// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
@@ -137,14 +147,35 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     refuse_unsupported(&raw)?;
     let echo = echo(&raw, endpoint)?;
     let logprobs = logprobs(&raw, endpoint)?;
+    let tools = tools::tool_use(
+        raw.tools.as_ref(),
+        raw.tool_choice.as_ref(),
+        raw.parallel_tool_calls,
+    )?;
+    let grammar = match (crate::format::output_grammar(&raw)?, &tools) {
+        (Some(g), Some(_)) => {
+            return Err(ApiError::bad_param(
+                g.param,
+                format!("{} and tools both constrain the answer: give one", g.param),
+            ))
+        }
+        (g, None) => g,
+        (None, Some(t)) => Some(t.grammar()),
+    };
     let sampling = Sampling {
         prompt_logprobs: echo && logprobs.is_some(),
         logprobs,
-        grammar: crate::format::output_grammar(&raw)?,
+        grammar,
         ..sampling(&raw)?
     };
     let input = match endpoint {
-        Endpoint::Chat => Input::Chat(messages(raw.messages)?),
+        Endpoint::Chat => Input::Chat(with_tools(messages(raw.messages)?, tools.as_ref())),
+        Endpoint::Completions if tools.is_some() => {
+            return Err(ApiError::bad_param(
+                "tools",
+                "tools is a /v1/chat/completions parameter; remove it",
+            ))
+        }
         Endpoint::Completions => prompt(raw.prompt)?,
     };
     let max_tokens = match (raw.max_completion_tokens, raw.max_tokens) {
@@ -171,6 +202,7 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     Ok(Validated {
         n,
         echo,
+        tools,
         endpoint,
         input,
         max_tokens,
@@ -206,14 +238,8 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
         Some(Value::String(s)) => !s.is_empty(),
         Some(_) => true,
     };
-    let tool_choice_none = r
-        .tool_choice
-        .as_ref()
-        .is_none_or(|c| c.is_null() || c == "none");
     let refused = [
         ("best_of", r.best_of.is_some_and(|n| n != 1)),
-        ("tools", set(&r.tools)),
-        ("tool_choice", !tool_choice_none),
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
         ("suffix", set(&r.suffix)),
@@ -249,23 +275,60 @@ fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>, ApiError> 
     raw.into_iter()
         .enumerate()
         .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
+            let calls = match &m.tool_calls {
+                Value::Null => false,
+                Value::Array(a) => !a.is_empty(),
+                _ => true,
+            };
+            let (role, content) = match m.role.as_str() {
+                "system" | "developer" => ("system", content(&m.content, i)?),
+                "user" => ("user", content(&m.content, i)?),
+                "assistant" if calls => {
+                    let text = match &m.content {
+                        Value::Null => String::new(),
+                        c => content(c, i)? + "\n",
+                    };
+                    let param = format!("messages[{i}].tool_calls");
+                    ("assistant", text + &tools::calls_as_text(&m.tool_calls, &param)?)
+                }
+                "assistant" => ("assistant", content(&m.content, i)?),
+                "tool" => {
+                    let c = content(&m.content, i)?;
+                    ("user", tools::result_as_text(&c, m.tool_call_id.as_deref()))
+                }
                 other => {
                     return Err(ApiError::bad_param(
                         &format!("messages[{i}].role"),
-                        format!("messages[{i}].role {other:?} is not supported: use system, developer, user or assistant"),
+                        format!("messages[{i}].role {other:?} is not supported: use system, developer, user, assistant or tool"),
                     ))
                 }
             };
             Ok(ChatMessage {
                 role: role.to_string(),
-                content: content(&m.content, i)?,
+                content,
             })
         })
         .collect()
+}
+
+/// The conversation with the tools' description at the end of its system message (a new one
+/// first, if it has none).
+fn with_tools(mut messages: Vec<ChatMessage>, tools: Option<&ToolUse>) -> Vec<ChatMessage> {
+    let Some(tools) = tools else {
+        return messages;
+    };
+    let prompt = tools.system_prompt();
+    match messages.first_mut() {
+        Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
+        _ => messages.insert(
+            0,
+            ChatMessage {
+                role: "system".into(),
+                content: prompt,
+            },
+        ),
+    }
+    messages
 }
 
 /// A message's content: a string, or a list of `{"type": "text", "text": ...}` parts (joined).
@@ -638,7 +701,7 @@ mod tests {
             (r#"{"max_tokens":1}"#, "messages"),
             (r#"{"messages":"hi"}"#, "messages"),
             (
-                r#"{"messages":[{"role":"tool","content":"x"}]}"#,
+                r#"{"messages":[{"role":"function","content":"x"}]}"#,
                 "messages[0].role",
             ),
             (
@@ -755,15 +818,73 @@ mod tests {
         }
     }
 
+    /// Tools: their description ends the system message (or is one), their schema is the
+    /// grammar, earlier calls and results are written in the reply's format; tools with another
+    /// grammar, or on completions, are refused.
+    #[test]
+    fn tools_shape_the_prompt_and_the_grammar() {
+        let tools = r#""tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]"#;
+        let turns = r#""messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"x"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function",
+            "function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"1"}]"#;
+        let v = check(&format!("{{{turns},{tools}}}"), Endpoint::Chat).unwrap();
+        let Input::Chat(m) = &v.input else {
+            panic!("{v:?}")
+        };
+        assert!(
+            m[0].content
+                .starts_with("Be brief.\n\nYou can call these tools"),
+            "{m:?}"
+        );
+        assert!(m[0]
+            .content
+            .contains(r#"{"name":"f","parameters":{"type":"object"}}"#));
+        assert_eq!(
+            m[2].content,
+            r#"{"tool_calls":[{"name":"f","arguments":{}}]}"#
+        );
+        assert_eq!(
+            (m[3].role.as_str(), m[3].content.as_str()),
+            (
+                "user",
+                r#"{"tool_response":{"content":"1","tool_call_id":"c"}}"#
+            )
+        );
+        assert_eq!(v.sampling.grammar.as_ref().map(|g| g.param), Some("tools"));
+        assert!(v.tools.is_some());
+        // No system message: one comes first.
+        let v = check(
+            &format!(r#"{{"messages":[{{"role":"user","content":"x"}}],{tools}}}"#),
+            Endpoint::Chat,
+        )
+        .unwrap();
+        let Input::Chat(m) = &v.input else {
+            panic!("{v:?}")
+        };
+        assert_eq!((m.len(), m[0].role.as_str()), (2, "system"));
+        for (body, endpoint, param) in [
+            (
+                format!(
+                    r#"{{"messages":[{{"role":"user","content":"x"}}],{tools},"guided_regex":"a"}}"#
+                ),
+                Endpoint::Chat,
+                "guided_regex",
+            ),
+            (
+                format!(r#"{{"prompt":"x",{tools}}}"#),
+                Endpoint::Completions,
+                "tools",
+            ),
+        ] {
+            let e = check(&body, endpoint).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+        }
+    }
+
     #[test]
     fn unsupported_parameters_are_refused_by_name() {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
-        for (extra, name) in [
-            (r#""best_of":2"#, "best_of"),
-            (r#""tools":[{"type":"function"}]"#, "tools"),
-            (r#""tool_choice":"auto""#, "tool_choice"),
-            (r#""suffix":"x""#, "suffix"),
-        ] {
+        for (extra, name) in [(r#""best_of":2"#, "best_of"), (r#""suffix":"x""#, "suffix")] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");
             assert!(e.message.contains(name), "{e:?}");

@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use crate::decode::{LogprobEntry, Summary};
 use crate::request::Endpoint;
+use crate::tools::{self, Reply};
 
 /// What every response and chunk of one request shares.
 #[derive(Clone, Debug)]
@@ -18,6 +19,9 @@ pub struct Head {
     /// Completions' `echo`: the prompt's text and its first token's (which has no
     /// log-probability).
     pub echo: Option<Echo>,
+    /// Chat with tools: each reply is read back as calls or content ([`crate::tools`]), and a
+    /// stream sends it whole when the choice ends.
+    pub tools: bool,
 }
 
 /// What an echoing response repeats of the prompt.
@@ -51,12 +55,15 @@ impl Head {
     pub fn full(&self, choices: &[(String, Summary)]) -> Value {
         let items: Vec<Value> = (choices.iter().enumerate())
             .map(|(i, (text, s))| match self.endpoint {
-                Endpoint::Chat => json!({
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
-                    "finish_reason": s.finish,
-                }),
+                Endpoint::Chat => {
+                    let (message, finish) = self.message(i, text, s, false);
+                    json!({
+                        "index": i,
+                        "message": message,
+                        "logprobs": self.logprobs(s.logprobs.as_deref(), 0),
+                        "finish_reason": finish,
+                    })
+                }
                 Endpoint::Completions => match &self.echo {
                     None => json!({
                         "index": i,
@@ -78,6 +85,54 @@ impl Head {
         let mut v = self.envelope(false, json!(items));
         v["usage"] = json!(usage);
         v["timings"] = json!(timings);
+        v
+    }
+
+    /// A chat choice's message (or a stream's delta) and finish reason: the text as content, or
+    /// with tools the reply read back: its calls (finish reason `tool_calls`) or its answer.
+    fn message(&self, i: usize, text: &str, s: &Summary, streamed: bool) -> (Value, Value) {
+        let plain = |content: &str| {
+            (
+                json!({"role": "assistant", "content": content}),
+                json!(s.finish),
+            )
+        };
+        if !self.tools {
+            return plain(text);
+        }
+        let (mut message, finish) = match tools::read_reply(text) {
+            Reply::Content(c) => plain(&c),
+            Reply::Calls(calls) => (
+                json!({"role": "assistant", "content": null,
+                    "tool_calls": tools::tool_calls_json(&calls, &self.id, i, streamed)}),
+                json!("tool_calls"),
+            ),
+        };
+        if streamed {
+            // The stream's opening chunk said the role.
+            message.as_object_mut().map(|m| m.remove("role"));
+        }
+        (message, finish)
+    }
+
+    /// A chat stream's whole reply to a request with tools, sent when choice `i` ends (the
+    /// reply is read back only once it is all there): its delta, its log-probabilities, its
+    /// finish reason and `timings`.
+    pub fn tool_reply(
+        &self,
+        i: usize,
+        text: &str,
+        s: &Summary,
+        logprobs: &[LogprobEntry],
+    ) -> Value {
+        let (delta, finish) = self.message(i, text, s, true);
+        let choice = json!({"index": i, "delta": delta,
+            "logprobs": self.logprobs(Some(logprobs), 0), "finish_reason": finish});
+        let mut v = self.envelope(true, json!([choice]));
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v["timings"] = json!(s.timings);
         v
     }
 
@@ -254,6 +309,7 @@ mod tests {
             include_usage,
             logprobs: false,
             echo: None,
+            tools: false,
         }
     }
 
@@ -306,6 +362,42 @@ mod tests {
         assert_eq!(h.text(1, "a", &[], 0)["choices"][0]["index"], 1);
         let closing = h.closing(&[summary(), second]).unwrap();
         assert_eq!(closing["usage"]["completion_tokens"], 7);
+    }
+
+    /// With tools, a reply of calls becomes OpenAI's `tool_calls`, whole or as the stream's last
+    /// delta; an answer becomes the content; text in neither form stays as it is.
+    #[test]
+    fn tool_replies() {
+        let h = Head {
+            tools: true,
+            ..head(Endpoint::Chat, false)
+        };
+        let mut stop = summary();
+        stop.finish = Finish::Stop;
+        let calls = r#"{"tool_calls": [{"name": "f", "arguments": {"a": [1]}}]}"#;
+        let full = h.full(&[(calls.into(), stop.clone())]);
+        let choice = &full["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls");
+        assert!(choice["message"]["content"].is_null());
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function");
+        assert_eq!(call["id"], "call_x_0_0");
+        assert_eq!(call["function"]["name"], "f");
+        assert_eq!(call["function"]["arguments"], r#"{"a":[1]}"#);
+        assert!(call.get("index").is_none());
+        let answer = h.full(&[(r#"{"response": "Hello"}"#.into(), stop.clone())]);
+        assert_eq!(answer["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(answer["choices"][0]["finish_reason"], "stop");
+        let cut = h.full(&[(r#"{"respo"#.into(), summary())]);
+        assert_eq!(cut["choices"][0]["message"]["content"], r#"{"respo"#);
+        assert_eq!(cut["choices"][0]["finish_reason"], "length");
+        let last = h.tool_reply(0, calls, &stop, &[]);
+        let delta = &last["choices"][0]["delta"];
+        assert_eq!(delta["tool_calls"][0]["index"], 0);
+        assert_eq!(delta["tool_calls"][0]["function"]["name"], "f");
+        assert!(delta.get("role").is_none());
+        assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(last["object"], "chat.completion.chunk");
     }
 
     #[test]

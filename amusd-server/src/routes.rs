@@ -20,7 +20,7 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::decode::{Event, Job, Shared, Summary};
+use crate::decode::{Event, Job, LogprobEntry, Shared, Summary};
 use crate::error::ApiError;
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
@@ -167,6 +167,7 @@ async fn handle(
         include_usage: v.include_usage,
         logprobs: v.sampling.logprobs.is_some(),
         echo,
+        tools: v.tools.is_some(),
     };
     if v.stream {
         Ok(Sse::new(sse_stream(head, v.n, rx))
@@ -384,6 +385,8 @@ struct StreamState {
     ended: Vec<Summary>,
     /// Bytes of text each choice's tokens have had so far (completions' `text_offset`).
     offsets: Vec<usize>,
+    /// With tools, each choice's text and log-probabilities so far: its reply goes out whole.
+    held: Vec<(String, Vec<LogprobEntry>)>,
 }
 
 impl StreamState {
@@ -401,6 +404,11 @@ impl StreamState {
     /// `[DONE]`), or the error that ends the stream.
     fn take(&mut self, event: Option<Event>) {
         match event {
+            Some(Event::Text(i, t, logprobs)) if self.head.tools => {
+                self.open_up_to(i);
+                self.held[i].0.push_str(&t);
+                self.held[i].1.extend(logprobs);
+            }
             Some(Event::Text(i, t, logprobs)) => {
                 self.open_up_to(i);
                 let chunk = self.head.text(i, &t, &logprobs, self.offsets[i]);
@@ -409,8 +417,13 @@ impl StreamState {
             }
             Some(Event::Done(i, s)) => {
                 self.open_up_to(i);
-                self.queued
-                    .push_back(self.head.choice_end(i, &s).to_string());
+                let end = if self.head.tools {
+                    let (text, logprobs) = std::mem::take(&mut self.held[i]);
+                    self.head.tool_reply(i, &text, &s, &logprobs)
+                } else {
+                    self.head.choice_end(i, &s)
+                };
+                self.queued.push_back(end.to_string());
                 self.ended.push(s);
                 if self.ended.len() == self.n {
                     if let Some(v) = self.head.closing(&self.ended) {
@@ -453,6 +466,7 @@ fn sse_stream(
         opened: 0,
         ended: Vec::new(),
         offsets: vec![0; n],
+        held: vec![Default::default(); n],
     };
     state.open_up_to(0);
     stream::unfold(state, |mut state| async move {
