@@ -836,9 +836,9 @@ mod tests {
                 .starts_with("Be brief.\n\nYou can call these tools"),
             "{m:?}"
         );
-        assert!(m[0]
-            .content
-            .contains(r#"{"name":"f","parameters":{"type":"object"}}"#));
+        assert!(m[0].content.contains(
+            r#"{"name":"f","parameters":{"type":"object","additionalProperties":false}}"#
+        ));
         assert_eq!(
             m[2].content,
             r#"{"tool_calls":[{"name":"f","arguments":{}}]}"#

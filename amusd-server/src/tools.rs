@@ -129,8 +129,8 @@ fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
         ));
     }
     let parameters = match &f["parameters"] {
-        Value::Null => json!({"type": "object", "properties": {}}),
-        p @ Value::Object(_) => p.clone(),
+        Value::Null => json!({"type": "object", "properties": {}, "additionalProperties": false}),
+        Value::Object(p) => Value::Object(closed(p.clone())),
         _ => {
             return Err(bad(
                 &param,
@@ -143,6 +143,18 @@ fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
         description: f["description"].as_str().map(Into::into),
         parameters,
     })
+}
+
+/// A tool's arguments are the properties its schema names: unless it says otherwise, no others
+/// (as llama.cpp's schema converter reads an object schema without `additionalProperties`;
+/// JSON Schema's own default lets a model invent arguments no function takes).
+fn closed(mut schema: Map<String, Value>) -> Map<String, Value> {
+    let object =
+        schema.get("type").is_some_and(|t| t == "object") || schema.contains_key("properties");
+    if object && !schema.contains_key("additionalProperties") {
+        schema.insert("additionalProperties".into(), false.into());
+    }
+    schema
 }
 
 impl ToolUse {
@@ -312,8 +324,9 @@ mod tests {
         assert_eq!(u.tools[0].name, "get_weather");
         assert_eq!(
             u.tools[1].parameters,
-            json!({"type": "object", "properties": {}})
+            json!({"type": "object", "properties": {}, "additionalProperties": false})
         );
+        assert_eq!(u.tools[0].parameters["additionalProperties"], false);
         let named = json!({"type": "function", "function": {"name": "time"}});
         let u = tool_use(Some(&t), Some(&named), Some(false))
             .unwrap()
