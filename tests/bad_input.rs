@@ -533,7 +533,7 @@ fn worker_started_by_hand_with_wrong_arguments() {
 fn sampling_values_out_of_range() {
     let f = fixtures();
     let model = s(&f.hf);
-    let cases: [(&str, &str, &[&str]); 9] = [
+    let cases: [(&str, &str, &[&str]); 12] = [
         ("--temperature", "-1", &["temperature", "-1"]),
         ("--temperature", "nan", &["temperature", "NaN"]),
         ("--temperature", "inf", &["temperature", "inf"]),
@@ -542,6 +542,9 @@ fn sampling_values_out_of_range() {
         ("--top-p", "nan", &["top-p", "NaN"]),
         ("--min-p", "-0.5", &["min-p", "[0, 1]"]),
         ("--min-p", "2", &["min-p", "2"]),
+        ("--typical", "0", &["typical-p", "(0, 1]"]),
+        ("--xtc-probability", "1.5", &["xtc probability", "[0, 1]"]),
+        ("--xtc-threshold", "-1", &["xtc threshold", "-1"]),
         ("--min-p", "inf", &["min-p", "inf"]),
     ];
     for (flag, value, mentions) in cases {

@@ -386,7 +386,7 @@ fn identical_across_strategies(
 }
 
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
-/// top-k / top-p / min-p, several seeds, ar, sd and amusd produce the same tokens; the same seed
+/// top-k / top-p / min-p / typical-p / XTC, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.
 #[test]
 fn sampling_is_token_identical_across_strategies() {
@@ -410,8 +410,19 @@ fn sampling_is_token_identical_across_strategies() {
             "40",
             "--min-p",
             "0.05",
+            "--typical",
+            "0.9",
         ],
-        &["--temperature", "1.0", "--seed", "3", "--top-p", "0.9"],
+        &[
+            "--temperature",
+            "1.0",
+            "--seed",
+            "3",
+            "--top-p",
+            "0.9",
+            "--xtc-probability",
+            "0.5",
+        ],
         &["--temperature", "1.5", "--seed", "4"],
     ];
     let (mut proposed, mut accepted, mut differs_from_greedy) = (0.0, 0.0, 0);

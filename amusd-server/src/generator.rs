@@ -20,6 +20,12 @@ pub struct Sampling {
     pub top_p: f32,
     /// 0: off.
     pub min_p: f32,
+    /// 1: off.
+    pub typical_p: f32,
+    /// XTC: how often it removes the top choices (0: off), and from which probability a token
+    /// is one.
+    pub xtc_probability: f32,
+    pub xtc_threshold: f32,
     /// None when sampling: the generator picks one (and the response cannot be repeated).
     pub seed: Option<u64>,
     /// Penalties of the tokens in the last `repeat_last_n` (`u32::MAX`: all of them), as
@@ -54,6 +60,9 @@ impl Default for Sampling {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            typical_p: 1.0,
+            xtc_probability: 0.0,
+            xtc_threshold: 0.1,
             seed: None,
             repeat_penalty: 1.0,
             frequency_penalty: 0.0,

@@ -22,6 +22,10 @@ pub struct RawRequest {
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
+    /// llama.cpp's and Hugging Face's typical-p, llama.cpp's XTC.
+    pub typical_p: Option<f32>,
+    pub xtc_probability: Option<f32>,
+    pub xtc_threshold: Option<f32>,
     pub seed: Option<u64>,
     /// Ours: false drafts this request with the draft model alone, without prompt lookup.
     pub prompt_lookup: Option<bool>,
@@ -426,6 +430,26 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
             format!("min_p {min_p} must be in [0, 1] (0: off)"),
         ));
     }
+    let unit = |name: &str, v: Option<f32>, default: f32, open_at_zero: bool| {
+        let x = v.unwrap_or(default);
+        let ok = if open_at_zero {
+            x > 0.0 && x <= 1.0
+        } else {
+            (0.0..=1.0).contains(&x)
+        };
+        if ok {
+            Ok(x)
+        } else {
+            let range = if open_at_zero { "(0, 1]" } else { "[0, 1]" };
+            Err(ApiError::bad_param(
+                name,
+                format!("{name} {x} must be in {range}"),
+            ))
+        }
+    };
+    let typical_p = unit("typical_p", r.typical_p, 1.0, true)?;
+    let xtc_probability = unit("xtc_probability", r.xtc_probability, 0.0, false)?;
+    let xtc_threshold = unit("xtc_threshold", r.xtc_threshold, 0.1, false)?;
     // Like llama.cpp: zero or negative top_k means no top-k.
     let top_k = r.top_k.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32;
     let (repeat_penalty, frequency_penalty, presence_penalty, repeat_last_n) = penalties(r)?;
@@ -434,6 +458,9 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         top_k,
         top_p,
         min_p,
+        typical_p,
+        xtc_probability,
+        xtc_threshold,
         seed: r.seed,
         repeat_penalty,
         frequency_penalty,
@@ -582,7 +609,7 @@ mod tests {
             r#"{"model":"x","messages":[{"role":"developer","content":"be brief"},
                 {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
-                "top_p":0.9,"top_k":-1,"min_p":0.1,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
+                "top_p":0.9,"top_k":-1,"min_p":0.1,"typical_p":0.95,"xtc_probability":0.5,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
                 "frequency_penalty":0.5,"presence_penalty":-0.25,"repetition_penalty":1.1,"repeat_last_n":-1,
                 "logit_bias":{"198":-100,"15":2.5},"stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
@@ -611,6 +638,9 @@ mod tests {
                 top_k: 0,
                 top_p: 0.9,
                 min_p: 0.1,
+                typical_p: 0.95,
+                xtc_probability: 0.5,
+                xtc_threshold: 0.1,
                 seed: Some(42),
                 repeat_penalty: 1.1,
                 frequency_penalty: 0.5,
@@ -735,6 +765,14 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"min_p":2}"#,
                 "min_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"typical_p":0}"#,
+                "typical_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"xtc_threshold":-1}"#,
+                "xtc_threshold",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"stop":[1]}"#,

@@ -399,6 +399,14 @@ pub struct RequestSection {
     /// writing their rows into [`LogprobBuffer`] at their positions before its first commit; 0:
     /// not (layout 9). Writer and readers: as `n_logit_bias`.
     pub prompt_logprobs: AtomicU32,
+    /// typical-p as f32 bits, 1.0 = off (layout 10). Writer: coordinator, Relaxed inside the
+    /// request seqlock, at submit. Readers: as `sampling_seed`.
+    pub typical_p_bits: AtomicU32,
+    /// XTC's probability as f32 bits, 0.0 = off (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub xtc_probability_bits: AtomicU32,
+    /// XTC's threshold as f32 bits (layout 10). Writer and readers: as `typical_p_bits`.
+    pub xtc_threshold_bits: AtomicU32,
 }
 
 /// The running request's grammar, if it has one: the generated text must follow it (constrained
@@ -690,6 +698,9 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, logit_bias), 384);
         assert_eq!(offset_of!(RequestSection, logprobs), 2432);
         assert_eq!(offset_of!(RequestSection, prompt_logprobs), 2436);
+        assert_eq!(offset_of!(RequestSection, typical_p_bits), 2440);
+        assert_eq!(offset_of!(RequestSection, xtc_probability_bits), 2444);
+        assert_eq!(offset_of!(RequestSection, xtc_threshold_bits), 2448);
         assert_eq!(size_of::<RequestSection>(), 2496);
         assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 

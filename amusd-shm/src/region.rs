@@ -51,6 +51,12 @@ pub struct SamplingFields {
     pub top_p_bits: u32,
     /// min-p (f32 bits); 0.0 = off.
     pub min_p_bits: u32,
+    /// typical-p (f32 bits); 1.0 = off.
+    pub typical_p_bits: u32,
+    /// XTC's probability (f32 bits); 0.0 = off.
+    pub xtc_probability_bits: u32,
+    /// XTC's threshold (f32 bits).
+    pub xtc_threshold_bits: u32,
     /// Repeat penalty (f32 bits); 1.0 = off.
     pub repeat_penalty_bits: u32,
     /// Frequency penalty (f32 bits); 0.0 = off.
@@ -87,6 +93,9 @@ impl SamplingFields {
         top_k: 0,
         top_p_bits: 0x3f80_0000, // 1.0f32
         min_p_bits: 0,
+        typical_p_bits: 0x3f80_0000, // 1.0f32
+        xtc_probability_bits: 0,
+        xtc_threshold_bits: 0x3dcc_cccd,  // 0.1f32
         repeat_penalty_bits: 0x3f80_0000, // 1.0f32
         frequency_penalty_bits: 0,
         presence_penalty_bits: 0,
@@ -548,6 +557,9 @@ impl Region {
         rq.top_k.store(sm.top_k, r);
         rq.top_p_bits.store(sm.top_p_bits, r);
         rq.min_p_bits.store(sm.min_p_bits, r);
+        rq.typical_p_bits.store(sm.typical_p_bits, r);
+        rq.xtc_probability_bits.store(sm.xtc_probability_bits, r);
+        rq.xtc_threshold_bits.store(sm.xtc_threshold_bits, r);
         rq.repeat_penalty_bits.store(sm.repeat_penalty_bits, r);
         rq.frequency_penalty_bits
             .store(sm.frequency_penalty_bits, r);
@@ -640,6 +652,9 @@ impl Region {
                         top_k: rq.top_k.load(r),
                         top_p_bits: rq.top_p_bits.load(r),
                         min_p_bits: rq.min_p_bits.load(r),
+                        typical_p_bits: rq.typical_p_bits.load(r),
+                        xtc_probability_bits: rq.xtc_probability_bits.load(r),
+                        xtc_threshold_bits: rq.xtc_threshold_bits.load(r),
                         repeat_penalty_bits: rq.repeat_penalty_bits.load(r),
                         frequency_penalty_bits: rq.frequency_penalty_bits.load(r),
                         presence_penalty_bits: rq.presence_penalty_bits.load(r),
@@ -1210,6 +1225,9 @@ mod tests {
                 top_k: 40,
                 top_p_bits: 0.9f32.to_bits(),
                 min_p_bits: 0.05f32.to_bits(),
+                typical_p_bits: 0.95f32.to_bits(),
+                xtc_probability_bits: 0.5f32.to_bits(),
+                xtc_threshold_bits: 0.2f32.to_bits(),
                 repeat_penalty_bits: 1.1f32.to_bits(),
                 frequency_penalty_bits: (-0.5f32).to_bits(),
                 presence_penalty_bits: 0.25f32.to_bits(),

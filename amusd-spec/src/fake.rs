@@ -318,7 +318,7 @@ mod tests {
         Ok(())
     }
 
-    /// Greedy, or sampling with or without filters, with or without penalties, with a sampling or
+    /// Greedy, or sampling with or without filters (typical-p and XTC among them), with or without penalties, with a sampling or
     /// a greedy draft, with or without the draft's prompt lookup, keeping the previous request's
     /// cache or not.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
@@ -326,7 +326,12 @@ mod tests {
             prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
             prop_oneof![Just(0u32), 1u32..20],
             prop_oneof![Just(1.0f32), 0.3f32..1.0],
-            prop_oneof![Just(0.0f32), 0.0f32..0.3],
+            (
+                prop_oneof![Just(0.0f32), 0.0f32..0.3],
+                prop_oneof![Just(1.0f32), 0.2f32..1.0],
+                prop_oneof![Just(0.0f32), 0.0f32..=1.0],
+                0.0f32..0.6,
+            ),
             any::<u64>(),
             proptest::bool::weighted(0.2),
             proptest::bool::weighted(0.25),
@@ -344,7 +349,7 @@ mod tests {
                     t,
                     top_k,
                     top_p,
-                    min_p,
+                    (min_p, typical_p, xtc_probability, xtc_threshold),
                     seed,
                     greedy_draft,
                     no_draft_lookup,
@@ -357,6 +362,9 @@ mod tests {
                             top_k,
                             top_p,
                             min_p,
+                            typical_p,
+                            xtc_probability,
+                            xtc_threshold,
                             seed,
                             penalties,
                             logit_bias,

@@ -46,7 +46,17 @@
 //!    (ties: lowest id first) whose f32 running sum of `q` reaches `p * Z`.
 //! 5. min-p (`m > 0`): keep survivors with `expf(s_i - s_max) >= m` (f32), i.e. a probability at
 //!    least `m` times the most likely token's.
-//! 6. Choose `argmax (s_i + g_i)` over the survivors, the sum in f64 (`s_i` widened exactly), ties
+//! 6. Typical-p (`tau < 1`, Meister et al., "Locally Typical Sampling", 2023; llama.cpp's
+//!    `--typical`): keep the shortest run of survivors in increasing `|-ln p_i - H|` order (`H`
+//!    the entropy; ties: lowest id first) whose f32 running sum of `p` reaches `tau`, with
+//!    `p_i = q_i / Z` over the survivors and `-ln p_i - H` computed as `|x_i - sum_j p_j x_j|`,
+//!    `x_i = s_i - s_max` (the same quantity, without a logarithm per token; f32, sums in
+//!    increasing id order).
+//! 7. XTC (`P > 0`, "exclude top choices", llama.cpp's `--xtc-probability` and
+//!    `--xtc-threshold t`): with probability `P`, a uniform draw from the noise's generator at the
+//!    position's counter `u32::MAX` (no token's), if two survivors or more have `p_i >= t`, all of
+//!    them but the least likely (ties: the highest id) go.
+//! 8. Choose `argmax (s_i + g_i)` over the survivors, the sum in f64 (`s_i` widened exactly), ties
 //!    to the lowest id.
 //!
 //! Only the survivors' noise matters, and most tokens cannot win: a token is skipped, without its
@@ -72,6 +82,12 @@ pub enum SamplingError {
     TopP(f32),
     #[error("min-p must be in [0, 1] (0 turns it off), got {0}")]
     MinP(f32),
+    #[error("typical-p must be in (0, 1] (1 turns it off), got {0}")]
+    TypicalP(f32),
+    #[error("the XTC probability must be in [0, 1] (0 turns it off), got {0}")]
+    XtcProbability(f32),
+    #[error("the XTC threshold must be in [0, 1], got {0}")]
+    XtcThreshold(f32),
     #[error("the repeat penalty must be a finite number > 0 (1 turns it off), got {0}")]
     RepeatPenalty(f32),
     #[error("the frequency penalty must be in [-2, 2] (0 turns it off), got {0}")]
@@ -102,6 +118,13 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep tokens at least `min_p` times as likely as the most likely one; 0 turns it off.
     pub min_p: f32,
+    /// Keep the tokens closest to the expected information content, `typical_p` of the
+    /// probability mass; 1 turns it off.
+    pub typical_p: f32,
+    /// How often XTC removes the likeliest tokens; 0 turns it off.
+    pub xtc_probability: f32,
+    /// The probability from which XTC counts a token as a top choice.
+    pub xtc_threshold: f32,
     /// The noise's key: the same seed gives the same tokens.
     pub seed: u64,
     /// Penalties for the tokens just seen, greedy or not.
@@ -123,6 +146,9 @@ impl SamplingParams {
         top_k: 0,
         top_p: 1.0,
         min_p: 0.0,
+        typical_p: 1.0,
+        xtc_probability: 0.0,
+        xtc_threshold: 0.1,
         seed: 0,
         penalties: Penalties::OFF,
         logit_bias: LogitBias::NONE,
@@ -139,6 +165,15 @@ impl SamplingParams {
         }
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(SamplingError::MinP(self.min_p));
+        }
+        if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
+            return Err(SamplingError::TypicalP(self.typical_p));
+        }
+        if !(0.0..=1.0).contains(&self.xtc_probability) {
+            return Err(SamplingError::XtcProbability(self.xtc_probability));
+        }
+        if !(0.0..=1.0).contains(&self.xtc_threshold) {
+            return Err(SamplingError::XtcThreshold(self.xtc_threshold));
         }
         self.penalties.validate()?;
         Ok(self)
@@ -370,7 +405,7 @@ impl Sampler {
         if self.params.is_greedy() {
             return kernels::argmax(logits);
         }
-        let Some(top) = self.mask(logits) else {
+        let Some(top) = self.mask(logits, position as u64) else {
             // Every logit NaN or -inf: nothing to sample from; answer as greedy does.
             return kernels::argmax(logits);
         };
@@ -383,19 +418,19 @@ impl Sampler {
         )
     }
 
-    /// The tokens that may be chosen at these (penalized) logits (steps 2 to 5 of the module
-    /// docs), in no particular order. Empty when greedy.
-    pub fn survivors(&mut self, logits: &[f32]) -> &[u32] {
+    /// The tokens that may be chosen at these (penalized) logits at absolute `position` (steps 2
+    /// to 7 of the module docs), in no particular order. Empty when greedy.
+    pub fn survivors(&mut self, logits: &[f32], position: u64) -> &[u32] {
         self.survivors.clear();
         if !self.params.is_greedy() {
-            self.mask(logits);
+            self.mask(logits, position);
         }
         &self.survivors
     }
 
     /// Fills `scaled` and `survivors`; returns the survivor with the largest scaled logit (lowest id
     /// on ties), `None` when there is none.
-    fn mask(&mut self, logits: &[f32]) -> Option<u32> {
+    fn mask(&mut self, logits: &[f32], position: u64) -> Option<u32> {
         let p = &self.params;
         self.scaled.clear();
         self.scaled.extend(logits.iter().map(|&l| {
@@ -448,8 +483,85 @@ impl Sampler {
                 i == top || (x >= far && libm::expf(x) >= p.min_p)
             });
         }
-        Some(top)
+        let (typical_p, xtc) = (p.typical_p, p.xtc_probability);
+        let probs = &mut self.weights;
+        if typical_p < 1.0 {
+            typical(scaled, &mut self.survivors, probs, s_max, typical_p);
+        }
+        if xtc > 0.0 && uniform(noise_bits(p.seed, position, u32::MAX)) < f64::from(xtc) {
+            let t = p.xtc_threshold;
+            exclude_top_choices(scaled, &mut self.survivors, probs, s_max, t);
+        }
+        // The two steps above may drop the likeliest token.
+        first_max(scaled, &self.survivors)
     }
+}
+
+/// The survivors' probabilities (f32, `Z` summed in increasing id order, as the survivors come),
+/// into `p`.
+fn probabilities(scaled: &[f32], survivors: &[u32], s_max: f32, p: &mut Vec<f32>) {
+    p.clear();
+    p.extend((survivors.iter()).map(|&i| libm::expf(scaled[i as usize] - s_max)));
+    let z: f32 = p.iter().sum();
+    p.iter_mut().for_each(|q| *q /= z);
+}
+
+/// Step 6 of the module docs. `survivors` come in increasing id order. `-ln p_i - H` is
+/// `E[x] - x_i` with `x_i = s_i - s_max` and the mean under `p`, so no logarithm is taken; and,
+/// as top-p, only the survivors within ever wider distances of the mean are sorted until they
+/// hold the mass (a distance threshold's set is a prefix of the ranking).
+fn typical(scaled: &[f32], survivors: &mut Vec<u32>, p: &mut Vec<f32>, s_max: f32, tau: f32) {
+    probabilities(scaled, survivors, s_max, p);
+    let x = |i: u32| scaled[i as usize] - s_max;
+    let mean: f32 = (survivors.iter().zip(p.iter()))
+        .filter(|(_, &p)| p > 0.0)
+        .map(|(&i, &p)| p * x(i))
+        .sum();
+    let distance = |i: u32| (x(i) - mean).abs();
+    for width in [1.0f32, 4.0, 16.0, f32::INFINITY] {
+        let mut head: Vec<(f32, u32, f32)> = (survivors.iter().zip(p.iter()))
+            .map(|(&i, &p)| (distance(i), i, p))
+            .filter(|h| h.0 <= width || width == f32::INFINITY)
+            .collect();
+        head.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut cum = 0f32;
+        let reached = head.iter().position(|h| {
+            cum += h.2;
+            cum >= tau
+        });
+        if reached.is_some() || width == f32::INFINITY {
+            let keep = reached.map_or(head.len(), |n| n + 1);
+            survivors.clear();
+            survivors.extend(head[..keep].iter().map(|h| h.1));
+            survivors.sort_unstable();
+            return;
+        }
+    }
+}
+
+/// Step 7 of the module docs, once its draw says so. `survivors` come in increasing id order.
+fn exclude_top_choices(
+    scaled: &[f32],
+    survivors: &mut Vec<u32>,
+    p: &mut Vec<f32>,
+    s_max: f32,
+    threshold: f32,
+) {
+    probabilities(scaled, survivors, s_max, p);
+    let top: Vec<usize> = (0..p.len()).filter(|&j| p[j] >= threshold).collect();
+    if top.len() < 2 {
+        return;
+    }
+    // The least likely top choice stays (ties: the highest id, the last in id order).
+    let keep = *(top.iter())
+        .min_by(|&&a, &&b| p[a].total_cmp(&p[b]).then(b.cmp(&a)))
+        .expect("two or more");
+    let mut j = 0;
+    survivors.retain(|_| {
+        let gone = j != keep && p[j] >= threshold;
+        j += 1;
+        !gone
+    });
 }
 
 /// Drops survivors that cannot be among the `k` largest (as a superset, in id order): a cutoff
@@ -594,8 +706,7 @@ mod tests {
             top_p,
             min_p,
             seed,
-            penalties: Penalties::OFF,
-            logit_bias: LogitBias::NONE,
+            ..SamplingParams::GREEDY
         }
         .validate()
         .unwrap()
@@ -723,7 +834,7 @@ mod tests {
         .is_ok());
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
         let mut s = Sampler::new(params(1.0, 0, 1.0, 0.0, 1));
-        assert_eq!(s.survivors(&logits).len(), 50);
+        assert_eq!(s.survivors(&logits, 0).len(), 50);
     }
 
     #[test]
@@ -838,7 +949,7 @@ mod tests {
             .iter()
             .map(|&r| -(r as f32) * std::f32::consts::LN_2)
             .collect();
-        let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits).to_vec());
+        let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits, 0).to_vec());
         assert_eq!(survivors(params(1.0, 2, 1.0, 0.0, 0)), vec![1, 3]);
         assert_eq!(
             survivors(params(1.0, 100, 1.0, 0.0, 0)),
@@ -857,17 +968,61 @@ mod tests {
         assert_eq!(
             sorted(
                 Sampler::new(params(1.0, 2, 1.0, 0.0, 0))
-                    .survivors(&flat)
+                    .survivors(&flat, 0)
                     .to_vec()
             ),
             vec![0, 1]
         );
     }
 
+    /// Probabilities 0.5, 0.25, 0.125, 0.125 (entropy 1.213 nats; `-ln p` 0.69, 1.39, 2.08, 2.08):
+    /// the typical set starts with the 0.25 token, then the 0.5 one.
+    #[test]
+    fn typical_p_keeps_the_tokens_nearest_the_entropy() {
+        let ln = |p: f32| p.ln();
+        let logits = [ln(0.5), ln(0.25), ln(0.125), ln(0.125)];
+        let typical = |tau: f32| SamplingParams {
+            typical_p: tau,
+            ..params(1.0, 0, 1.0, 0.0, 3)
+        };
+        let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits, 0).to_vec());
+        assert_eq!(survivors(typical(0.2)), vec![1]);
+        assert_eq!(survivors(typical(0.5)), vec![0, 1]);
+        assert_eq!(survivors(typical(0.8)), vec![0, 1, 2]);
+        assert_eq!(survivors(typical(1.0)), vec![0, 1, 2, 3]);
+        // The likeliest token gone, the choice is still a survivor's.
+        let mut s = Sampler::new(typical(0.2));
+        assert!((0..50).all(|pos| s.choose(&logits, &vec![0; pos]) == 1));
+    }
+
+    /// XTC: when its draw says so, the top choices but the least likely go.
+    #[test]
+    fn xtc_drops_the_top_choices_but_the_least_likely() {
+        let ln = |p: f32| p.ln();
+        let logits = [ln(0.4), ln(0.05), ln(0.35), ln(0.2)];
+        let xtc = |probability: f32, threshold: f32| SamplingParams {
+            xtc_probability: probability,
+            xtc_threshold: threshold,
+            ..params(1.0, 0, 1.0, 0.0, 11)
+        };
+        let survivors =
+            |p: SamplingParams, pos: u64| sorted(Sampler::new(p).survivors(&logits, pos).to_vec());
+        assert_eq!(survivors(xtc(1.0, 0.1), 0), vec![1, 3]);
+        assert_eq!(survivors(xtc(1.0, 0.3), 0), vec![1, 2, 3]);
+        // One top choice, or none: nothing goes.
+        assert_eq!(survivors(xtc(1.0, 0.38), 0), vec![0, 1, 2, 3]);
+        assert_eq!(survivors(xtc(0.0, 0.1), 0), vec![0, 1, 2, 3]);
+        // At probability 0.5, at about half the positions, each the same every time.
+        let cut = |pos| survivors(xtc(0.5, 0.1), pos).len() == 2;
+        let n = (0..400).filter(|&pos| cut(pos)).count();
+        assert!((150..250).contains(&n), "{n} of 400");
+        assert!((0..400).all(|pos| cut(pos) == cut(pos)));
+    }
+
     /// The full computation the pruned one must equal: every survivor's key, ties to the lowest id.
     fn reference_choice(s: &mut Sampler, logits: &[f32], position: usize) -> u32 {
         let p = s.params.clone();
-        let survivors = sorted(s.survivors(logits).to_vec());
+        let survivors = sorted(s.survivors(logits, position as u64).to_vec());
         let mut best: Option<(f64, u32)> = None;
         for i in survivors {
             let key =
@@ -926,7 +1081,7 @@ mod tests {
         ];
         for base in configs {
             let mut s = Sampler::new(base.clone());
-            let kept = sorted(s.survivors(&logits).to_vec());
+            let kept = sorted(s.survivors(&logits, 0).to_vec());
             assert!(kept.len() > 3, "{base:?}: only {} survivors", kept.len());
             // softmax in f64 over the survivors, of the same f32 scaled logits the sampler uses.
             let scaled: Vec<f64> = kept

@@ -65,6 +65,9 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         top_k: p.top_k,
         top_p_bits: p.top_p.to_bits(),
         min_p_bits: p.min_p.to_bits(),
+        typical_p_bits: p.typical_p.to_bits(),
+        xtc_probability_bits: p.xtc_probability.to_bits(),
+        xtc_threshold_bits: p.xtc_threshold.to_bits(),
         repeat_penalty_bits: p.penalties.repeat.to_bits(),
         frequency_penalty_bits: p.penalties.frequency.to_bits(),
         presence_penalty_bits: p.penalties.presence.to_bits(),
@@ -95,6 +98,9 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         top_k: f.top_k,
         top_p: f32::from_bits(f.top_p_bits),
         min_p: f32::from_bits(f.min_p_bits),
+        typical_p: f32::from_bits(f.typical_p_bits),
+        xtc_probability: f32::from_bits(f.xtc_probability_bits),
+        xtc_threshold: f32::from_bits(f.xtc_threshold_bits),
         seed: f.seed,
         penalties: crate::Penalties {
             repeat: f32::from_bits(f.repeat_penalty_bits),
@@ -822,6 +828,17 @@ mod tests {
                 } else {
                     rng.gen_range(0.0..0.3)
                 },
+                typical_p: if rng.gen_bool(0.7) {
+                    1.0
+                } else {
+                    rng.gen_range(0.2..1.0)
+                },
+                xtc_probability: if rng.gen_bool(0.7) {
+                    0.0
+                } else {
+                    rng.gen_range(0.0..=1.0)
+                },
+                xtc_threshold: rng.gen_range(0.0..0.6),
                 seed: rng.gen(),
                 penalties,
                 logit_bias,

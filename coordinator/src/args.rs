@@ -279,6 +279,32 @@ pub struct SamplingArgs {
         allow_hyphen_values = true
     )]
     pub min_p: f32,
+    /// Locally typical sampling: keep the tokens nearest the expected information content, P of
+    /// the probability mass (as llama.cpp's --typical; 1: off).
+    #[arg(
+        long = "typical",
+        default_value_t = 1.0,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub typical_p: f32,
+    /// XTC: at this share of positions, drop every token at least --xtc-threshold likely but the
+    /// least likely of them (as llama.cpp's; 0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "P",
+        allow_hyphen_values = true
+    )]
+    pub xtc_probability: f32,
+    /// XTC's threshold: the probability from which a token is a top choice.
+    #[arg(
+        long,
+        default_value_t = 0.1,
+        value_name = "T",
+        allow_hyphen_values = true
+    )]
+    pub xtc_threshold: f32,
     /// Seed of the sampling noise. Default with --temperature > 0: a random one, printed in the
     /// summary and the JSON output so the run can be repeated.
     #[arg(long)]
@@ -340,6 +366,9 @@ impl SamplingArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
+            typical_p: self.typical_p,
+            xtc_probability: self.xtc_probability,
+            xtc_threshold: self.xtc_threshold,
             seed: 0,
             penalties: Penalties {
                 repeat: self.repeat_penalty,
@@ -455,6 +484,9 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
         "top_k": p.top_k,
         "top_p": num(p.top_p),
         "min_p": num(p.min_p),
+        "typical_p": num(p.typical_p),
+        "xtc_probability": num(p.xtc_probability),
+        "xtc_threshold": num(p.xtc_threshold),
         "seed": p.seed,
         "greedy_draft": s.greedy_draft,
         "repeat_penalty": num(p.penalties.repeat),
@@ -509,6 +541,15 @@ pub fn sampling_label(s: &RequestSampling) -> String {
     }
     if p.min_p > 0.0 {
         out.push_str(&format!(", min-p {}", p.min_p));
+    }
+    if p.typical_p < 1.0 {
+        out.push_str(&format!(", typical-p {}", p.typical_p));
+    }
+    if p.xtc_probability > 0.0 {
+        out.push_str(&format!(
+            ", XTC {} above {}",
+            p.xtc_probability, p.xtc_threshold
+        ));
     }
     out.push_str(&format!(", seed {}", p.seed));
     if s.greedy_draft {

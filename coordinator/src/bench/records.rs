@@ -46,6 +46,13 @@ pub(super) struct SamplingRecord {
     pub(super) top_k: u32,
     pub(super) top_p: f32,
     pub(super) min_p: f32,
+    /// Records written before typical-p and XTC existed had them off.
+    #[serde(default = "typical_off")]
+    pub(super) typical_p: f32,
+    #[serde(default)]
+    pub(super) xtc_probability: f32,
+    #[serde(default = "default_xtc_threshold")]
+    pub(super) xtc_threshold: f32,
     pub(super) seed: u64,
     #[serde(default)]
     pub(super) greedy_draft: bool,
@@ -66,6 +73,14 @@ pub(super) struct SamplingRecord {
     /// The grammar every answer followed: its kind (llguidance's tag) and text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) grammar: Option<(String, String)>,
+}
+
+fn typical_off() -> f32 {
+    SamplingParams::GREEDY.typical_p
+}
+
+fn default_xtc_threshold() -> f32 {
+    SamplingParams::GREEDY.xtc_threshold
 }
 
 fn no_repeat_penalty() -> f32 {
@@ -90,6 +105,9 @@ impl SamplingRecord {
             top_k: p.top_k,
             top_p: p.top_p,
             min_p: p.min_p,
+            typical_p: p.typical_p,
+            xtc_probability: p.xtc_probability,
+            xtc_threshold: p.xtc_threshold,
             seed: p.seed,
             greedy_draft: s.greedy_draft,
             repeat_penalty: p.penalties.repeat,
@@ -110,6 +128,9 @@ impl SamplingRecord {
                 top_k: self.top_k,
                 top_p: self.top_p,
                 min_p: self.min_p,
+                typical_p: self.typical_p,
+                xtc_probability: self.xtc_probability,
+                xtc_threshold: self.xtc_threshold,
                 seed: self.seed,
                 penalties: Penalties {
                     repeat: self.repeat_penalty,
