@@ -484,15 +484,19 @@ impl Sampler {
             });
         }
         let (typical_p, xtc) = (p.typical_p, p.xtc_probability);
+        let xtc = xtc > 0.0 && uniform(noise_bits(p.seed, position, u32::MAX)) < f64::from(xtc);
+        if typical_p == 1.0 && !xtc {
+            return Some(top);
+        }
         let probs = &mut self.weights;
         if typical_p < 1.0 {
             typical(scaled, &mut self.survivors, probs, s_max, typical_p);
         }
-        if xtc > 0.0 && uniform(noise_bits(p.seed, position, u32::MAX)) < f64::from(xtc) {
+        if xtc {
             let t = p.xtc_threshold;
             exclude_top_choices(scaled, &mut self.survivors, probs, s_max, t);
         }
-        // The two steps above may drop the likeliest token.
+        // Either may have dropped the likeliest token.
         first_max(scaled, &self.survivors)
     }
 }
