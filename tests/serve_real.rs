@@ -175,6 +175,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     assert_eq!(r.json["error"]["param"], "logit_bias", "{}", r.json);
     check_structured_output(&s, &structured_ar);
     check_echo(&s, &echo_ar);
+    check_tokenize(&s);
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -264,6 +265,26 @@ fn check_structured_output(s: &Served, structured_ar: &str) {
         assert_eq!(r.status, 400, "{body}: {}", r.json);
         assert_eq!(r.json["error"]["param"], param, "{}", r.json);
     }
+}
+
+/// `/tokenize` counts what a completion's usage counts, `/detokenize` gives the text back, and
+/// llama.cpp's `content` with pieces names each token's text.
+fn check_tokenize(s: &Served) {
+    let r = s.post("/tokenize", &json!({"prompt": RAW}));
+    assert_eq!(r.status, 200, "{}", r.json);
+    let done = s.post("/v1/completions", &json!({"prompt": RAW, "max_tokens": 1}));
+    assert_eq!(
+        r.json["count"], done.json["usage"]["prompt_tokens"],
+        "{}",
+        r.json
+    );
+    let back = s.post("/detokenize", &json!({"tokens": r.json["tokens"]}));
+    assert_eq!(back.json["content"], RAW, "{}", back.json);
+    let pieces = s.post("/tokenize", &json!({"content": RAW, "with_pieces": true}));
+    let text: String = (pieces.json["tokens"].as_array().unwrap().iter())
+        .map(|t| t["piece"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(text, RAW, "{}", pieces.json);
 }
 
 /// Completions' `echo` with `logprobs` through the worker pair: the prompt's text and then the

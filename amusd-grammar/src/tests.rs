@@ -284,3 +284,23 @@ fn a_gbnf_walk_ends_in_a_sentence() {
     }
     assert!(ended > 0, "no walk ended within 200 tokens");
 }
+
+proptest! {
+    /// Whatever a client sends as GBNF, reading and compiling it is an answer, never a panic (the
+    /// server and every worker read it).
+    #[test]
+    fn any_gbnf_text_compiles_or_is_an_error(pieces in proptest::collection::vec(
+        proptest::sample::select(vec![
+            "root ::= ", "b ::= ", "b", "a", "\"", "[", "]", "^", "-", "\\", "x4", "u00e9", "n",
+            "(", ")", "|", "*", "+", "?", "{", "}", ",", "1", "2", "\n", " ", "# c\n", ".", "é",
+            "%llguidance {}\n", "start: ",
+        ]),
+        0..40,
+    )) {
+        let (c, _) = compiler();
+        let text: String = pieces.concat();
+        if let Err(e) = c.check(&Grammar::new(GrammarKind::Gbnf, text.clone())) {
+            prop_assert!(e.to_string().contains("GBNF"), "{text:?}: {e}");
+        }
+    }
+}

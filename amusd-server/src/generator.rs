@@ -134,6 +134,9 @@ pub trait Codec: Send + Sync {
     fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
     /// A plain completion prompt.
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String>;
+    /// Text as the tokenizer reads it, with the model's special tokens (its BOS) added or not
+    /// (`/tokenize`).
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String>;
     /// An incremental decoder: its pieces, concatenated, are the decoding of all ids pushed.
     fn text_stream(&self) -> Box<dyn TextStream + '_>;
     /// One token's text on its own (for log-probabilities; part of a character renders as

@@ -17,6 +17,7 @@ pub mod request;
 pub mod response;
 pub mod routes;
 pub mod stop;
+pub mod tokenize;
 pub mod tools;
 
 #[cfg(test)]

@@ -263,7 +263,7 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
     }
 }
 
-fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>, ApiError> {
+pub(crate) fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>, ApiError> {
     let raw = raw.ok_or_else(|| {
         ApiError::bad_param(
             "messages",

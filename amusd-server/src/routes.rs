@@ -53,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize_route))
+        .route("/detokenize", post(detokenize_route))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -65,9 +67,13 @@ pub fn router(state: AppState) -> Router {
 async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     let endpoint = match path {
-        "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/health" | "/metrics" => {
-            path.to_string()
-        }
+        "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/models"
+        | "/tokenize"
+        | "/detokenize"
+        | "/health"
+        | "/metrics" => path.to_string(),
         _ => "other".to_string(),
     };
     let resp = next.run(req).await;
@@ -80,7 +86,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models, /health or /metrics",
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health or /metrics",
     )
 }
 
@@ -116,6 +122,54 @@ async fn metrics(State(s): State<AppState>) -> Response {
         s.shared.metrics.encode(),
     )
         .into_response()
+}
+
+async fn tokenize_route(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = |codec: &dyn Codec, body: &[u8]| crate::tokenize::tokenize(codec, json_body(body)?);
+    off_thread(s, body, run).await
+}
+
+async fn detokenize_route(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let run = |codec: &dyn Codec, body: &[u8]| crate::tokenize::detokenize(codec, json_body(body)?);
+    off_thread(s, body, run).await
+}
+
+/// A JSON body as `T`; a syntax or type error names where it is.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
+    })
+}
+
+/// Runs `f` on the body off the async threads (tokenizing is CPU work) and answers its JSON.
+async fn off_thread(
+    s: AppState,
+    body: Result<Bytes, BytesRejection>,
+    f: fn(&dyn Codec, &[u8]) -> Result<Value, ApiError>,
+) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(e) => return body_error(e, s.limits.max_body_bytes).into_response(),
+    };
+    let codec = s.codec.clone();
+    match tokio::task::spawn_blocking(move || f(codec.as_ref(), &body)).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("tokenizer failed: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 async fn chat(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {

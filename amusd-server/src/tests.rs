@@ -33,6 +33,12 @@ impl Codec for FakeCodec {
             .collect();
         self.encode_prompt(&text)
     }
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        // Its "special token": 1 first.
+        let mut ids: Vec<u32> = add_special.then_some(1).into_iter().collect();
+        ids.extend(self.encode_prompt(text)?);
+        Ok(ids)
+    }
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
         if !prompt.is_ascii() {
             return Err("the fake codec takes ASCII only".into());
@@ -663,4 +669,53 @@ async fn a_request_past_its_timeout_is_cancelled_with_504() {
     cancelled
         .recv_timeout(Duration::from_secs(30))
         .expect("the generator was not told to stop");
+}
+
+/// `/tokenize` in llama.cpp's and vLLM's shapes (special tokens by each one's default), on chat
+/// messages too; `/detokenize` back; bad bodies are 400s.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokenize_and_detokenize() {
+    let s = server(Hooks::default(), 4);
+    let (status, v) = json_call(&s, "/tokenize", r#"{"content": "Hi"}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["tokens"], json!([72, 105]));
+    assert_eq!(
+        (v["count"].as_u64(), v["max_model_len"].as_u64()),
+        (Some(2), Some(64))
+    );
+    let (_, v) = json_call(&s, "/tokenize", r#"{"prompt": "Hi"}"#).await;
+    assert_eq!(v["tokens"], json!([1, 72, 105]));
+    let (_, v) = json_call(
+        &s,
+        "/tokenize",
+        r#"{"content": "Hi", "add_special": true, "with_pieces": true}"#,
+    )
+    .await;
+    assert_eq!(v["tokens"][1], json!({"id": 72, "piece": "H"}));
+    let (_, v) = json_call(
+        &s,
+        "/tokenize",
+        r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+    )
+    .await;
+    assert_eq!(v["count"], "user:x\n".len());
+    let (status, v) = json_call(&s, "/detokenize", r#"{"tokens": [72, 105]}"#).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (v["content"].as_str(), v["prompt"].as_str()),
+        (Some("Hi"), Some("Hi"))
+    );
+    for (path, body, param) in [
+        ("/tokenize", r#"{}"#, None),
+        ("/tokenize", r#"{"content": "a", "prompt": "b"}"#, None),
+        ("/tokenize", r#"{"content": "é"}"#, Some("content")),
+        ("/tokenize", r#"{"content": 5}"#, Some("content")),
+        ("/detokenize", r#"{"tokens": [72, 999]}"#, Some("tokens")),
+        ("/detokenize", r#"{}"#, Some("tokens")),
+        ("/detokenize", r#"not json"#, None),
+    ] {
+        let (status, v) = json_call(&s, path, body).await;
+        assert_eq!(status, 400, "{path} {body}: {v}");
+        assert_eq!(v["error"]["param"].as_str(), param, "{path} {body}: {v}");
+    }
 }

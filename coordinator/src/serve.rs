@@ -177,6 +177,13 @@ impl Codec for TextCodec {
             .map_err(|e| format!("{e:#}"))
     }
 
+    fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
+        match &self.text {
+            Some(t) => (t.tokenizer.encode(text, add_special)).map_err(|e| e.to_string()),
+            None => self.encode_prompt(text),
+        }
+    }
+
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String> {
         match &self.text {
             Some(t) => t.tokenizer.encode(prompt, true).map_err(|e| e.to_string()),
