@@ -220,16 +220,22 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     })
 }
 
-/// Completions' `echo`, checked: not on chat (OpenAI's chat has none) and not streamed (not
-/// implemented).
+/// Completions' `echo`, checked: not on chat (OpenAI's chat has none), and streamed only
+/// without `logprobs` (the prompt's come with the generation's end, not before its first token).
 fn echo(r: &RawRequest, endpoint: Endpoint) -> Result<bool, ApiError> {
     if r.echo != Some(true) {
         return Ok(false);
     }
     let refuse = |m: &str| Err(ApiError::bad_param("echo", m));
-    match (endpoint, r.stream == Some(true)) {
+    let logprobs = r
+        .logprobs
+        .as_ref()
+        .is_some_and(|l| !l.is_null() && l != false);
+    match (endpoint, r.stream == Some(true) && logprobs) {
         (Endpoint::Chat, _) => refuse("echo is a /v1/completions parameter; remove it"),
-        (_, true) => refuse("echo with stream is not implemented; remove one of them"),
+        (_, true) => {
+            refuse("echo with stream and logprobs is not implemented; drop one of the three")
+        }
         _ => Ok(true),
     }
 }

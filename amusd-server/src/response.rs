@@ -216,10 +216,16 @@ impl Head {
         v
     }
 
-    /// The chunk that opens choice `i` of a chat stream (the assistant's role, no text yet), if
-    /// the endpoint has one.
+    /// The chunk that opens choice `i` of a stream, if the endpoint has one: chat's (the
+    /// assistant's role, no text yet), or an echoing completion's (the prompt's text).
     pub fn opening(&self, i: usize) -> Option<Value> {
-        (self.endpoint == Endpoint::Chat).then(|| self.chunk(i, Some(""), true, None, None))
+        match (self.endpoint, &self.echo) {
+            (Endpoint::Chat, _) => Some(self.chunk(i, Some(""), true, None, None)),
+            (Endpoint::Completions, Some(e)) => {
+                Some(self.chunk(i, Some(&e.text), false, None, None))
+            }
+            (Endpoint::Completions, None) => None,
+        }
     }
 
     /// A text chunk of choice `i`, with the log-probabilities of the tokens that completed it

@@ -316,7 +316,7 @@ async fn n_choices_are_the_seeds_in_turn_streamed_or_whole() {
 
 /// Completions' `echo`: the text starts with the prompt's; with `logprobs`, the lists start with
 /// the prompt's tokens (the first with no log-probability), the offsets running over both. Not
-/// on chat, not streamed.
+/// on chat; streamed, not with logprobs.
 #[tokio::test(flavor = "multi_thread")]
 async fn echo_repeats_the_prompt_and_its_logprobs() {
     let s = server(Hooks::default(), 4);
@@ -345,9 +345,29 @@ async fn echo_repeats_the_prompt_and_its_logprobs() {
     );
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
     assert_eq!(lp["text_offset"], json!([0, 1, 2, 3, 4]));
+    // Streamed: each choice opens with the prompt's text.
+    let (status, text, _) = call(
+        &s,
+        post(
+            "/v1/completions",
+            &body(r#","echo":true,"stream":true,"n":2"#),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (streamed, chunks) = streamed_text(&text, false);
+    assert_eq!(chunks[0]["choices"][0]["text"], "abc");
+    let second = (chunks.iter())
+        .position(|c| c["choices"][0]["index"] == 1)
+        .unwrap();
+    assert_eq!(chunks[second]["choices"][0]["text"], "abc");
+    assert!(
+        streamed.starts_with(&format!("abc{generated}")),
+        "{streamed}"
+    );
     for (body, path) in [
         (
-            r#"{"prompt":"abc","echo":true,"stream":true}"#,
+            r#"{"prompt":"abc","echo":true,"stream":true,"logprobs":0}"#,
             "/v1/completions",
         ),
         (
