@@ -533,7 +533,7 @@ fn worker_started_by_hand_with_wrong_arguments() {
 fn sampling_values_out_of_range() {
     let f = fixtures();
     let model = s(&f.hf);
-    let cases: [(&str, &str, &[&str]); 12] = [
+    let cases: [(&str, &str, &[&str]); 14] = [
         ("--temperature", "-1", &["temperature", "-1"]),
         ("--temperature", "nan", &["temperature", "NaN"]),
         ("--temperature", "inf", &["temperature", "inf"]),
@@ -545,6 +545,12 @@ fn sampling_values_out_of_range() {
         ("--typical", "0", &["typical-p", "(0, 1]"]),
         ("--xtc-probability", "1.5", &["xtc probability", "[0, 1]"]),
         ("--xtc-threshold", "-1", &["xtc threshold", "-1"]),
+        ("--dry-base", "9", &["dry base", "[1, 4]"]),
+        (
+            "--dry-penalty-last-n",
+            "-2",
+            &["--dry-penalty-last-n", "-2"],
+        ),
         ("--min-p", "inf", &["min-p", "inf"]),
     ];
     for (flag, value, mentions) in cases {

@@ -476,17 +476,18 @@ fn sampling_is_token_identical_across_strategies() {
     assert_ne!(at("12"), first, "another seed gave the same text");
 }
 
-/// Repetition penalties keep the strategies identical, greedy and sampled: each row of a verify
-/// step is penalized by the tokens before it, the draft's alike. They change the text (else this
-/// test could not tell them ignored).
+/// Repetition penalties and DRY keep the strategies identical, greedy and sampled: each row of a
+/// verify step is penalized by the tokens before it, the draft's alike. They change the text
+/// (else this test could not tell them ignored).
 #[test]
 fn penalties_are_token_identical_across_strategies() {
     const MAX_NEW: usize = 48;
     require_default_model();
     let mut prompts = humaneval_prompts(1);
     prompts.extend(mt_bench_prompts(1));
-    let configs: [&[&str]; 2] = [
+    let configs: [&[&str]; 3] = [
         &["--repeat-penalty", "1.3", "--repeat-last-n", "-1"],
+        &["--dry-multiplier", "0.8", "--dry-allowed-length", "1"],
         &[
             "--temperature",
             "0.7",
@@ -506,7 +507,11 @@ fn penalties_are_token_identical_across_strategies() {
                 .tokens();
             let unpenalized: Vec<&str> = flags
                 .chunks(2)
-                .filter(|f| !f[0].contains("penalty") && f[0] != "--repeat-last-n")
+                .filter(|f| {
+                    !f[0].contains("penalty")
+                        && f[0] != "--repeat-last-n"
+                        && !f[0].starts_with("--dry")
+                })
                 .flatten()
                 .copied()
                 .collect();
@@ -515,7 +520,7 @@ fn penalties_are_token_identical_across_strategies() {
             );
         }
     }
-    assert!(changed >= 2, "the penalties changed {changed} of 4 texts");
+    assert!(changed >= 3, "the penalties changed {changed} of 6 texts");
 }
 
 /// A logit bias keeps the strategies identical, greedy and sampled: every row of a verify step is

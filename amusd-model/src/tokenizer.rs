@@ -230,6 +230,24 @@ impl Tokenizer {
             .map_err(|e| TokenizerError::Decode(one_line(&e.to_string())))
     }
 
+    /// The ids whose text (decoded alone) holds any of `needles`, ascending: DRY's sequence
+    /// breakers. One decode per id of the vocabulary (tens of milliseconds for 49k).
+    pub fn tokens_containing(&self, needles: &[String]) -> Vec<u32> {
+        let needles: Vec<&str> = (needles.iter())
+            .map(String::as_str)
+            .filter(|n| !n.is_empty())
+            .collect();
+        if needles.is_empty() {
+            return Vec::new();
+        }
+        (0..self.vocab_size() as u32)
+            .filter(|&id| {
+                let text = self.decode(&[id], false).unwrap_or_default();
+                needles.iter().any(|n| text.contains(n))
+            })
+            .collect()
+    }
+
     /// Starts streaming detokenization; see [`TokenStream`].
     pub fn stream(&self, skip_special_tokens: bool) -> TokenStream<'_> {
         TokenStream::new(self, skip_special_tokens)
@@ -715,6 +733,19 @@ pub(crate) mod tests {
         let mut pieces: Vec<String> = ids.iter().map(|&id| stream.step(id).unwrap()).collect();
         pieces.push(stream.finish().unwrap());
         pieces
+    }
+
+    #[test]
+    fn tokens_containing_finds_breakers_in_the_real_vocabulary() {
+        let t = smollm();
+        let newline = t.tokens_containing(&["\n".into()]);
+        assert!(newline.len() > 10, "{}", newline.len());
+        for id in newline.iter().take(50) {
+            assert!(t.decode(&[*id], false).unwrap().contains('\n'));
+        }
+        let both = t.tokens_containing(&["\n".into(), ":".into(), String::new()]);
+        assert!(both.len() > newline.len() && both.windows(2).all(|w| w[0] < w[1]));
+        assert!(t.tokens_containing(&[]).is_empty());
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Sampling {
     pub frequency_penalty: f32,
     pub presence_penalty: f32,
     pub repeat_last_n: u32,
+    /// llama.cpp's DRY.
+    pub dry: DrySampling,
     /// OpenAI's `logit_bias`: token ids and what their logits gain, before the penalties and the
     /// temperature (ids ascending; the generator refuses more than it can carry).
     pub logit_bias: Vec<(u32, f32)>,
@@ -53,6 +55,34 @@ pub struct Sampling {
     pub cache_prompt: bool,
 }
 
+/// llama.cpp's DRY (`dry_multiplier`, `dry_base`, `dry_allowed_length`, `dry_penalty_last_n`,
+/// `dry_sequence_breakers`); off when `multiplier` is 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrySampling {
+    pub multiplier: f32,
+    pub base: f32,
+    pub allowed_length: u32,
+    /// `u32::MAX`: the whole sequence; 0: off.
+    pub last_n: u32,
+    pub sequence_breakers: Vec<String>,
+    /// The tokens whose text holds a breaker, as a bit set ([`Codec::dry_breakers`]; the
+    /// handler fills it).
+    pub breakers: Vec<u64>,
+}
+
+impl Default for DrySampling {
+    fn default() -> Self {
+        Self {
+            multiplier: 0.0,
+            base: 1.75,
+            allowed_length: 2,
+            last_n: u32::MAX,
+            sequence_breakers: ["\n", ":", "\"", "*"].map(String::from).to_vec(),
+            breakers: Vec::new(),
+        }
+    }
+}
+
 impl Default for Sampling {
     fn default() -> Self {
         Self {
@@ -68,6 +98,7 @@ impl Default for Sampling {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             repeat_last_n: 64,
+            dry: DrySampling::default(),
             logit_bias: Vec::new(),
             logprobs: None,
             prompt_logprobs: false,
@@ -142,6 +173,12 @@ pub trait Codec: Send + Sync {
     /// One token's text on its own (for log-probabilities; part of a character renders as
     /// U+FFFD).
     fn token_text(&self, id: u32) -> String;
+    /// DRY's breaker set for `breakers`: bit `t % 64` of word `t / 64` set for each token `t`
+    /// whose text holds one. A model without text has none.
+    fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {
+        let _ = breakers;
+        Vec::new()
+    }
     /// Whether `grammar` compiles against the vocabulary; the error says why not. A model that
     /// cannot follow grammars refuses them all.
     fn check_grammar(&self, grammar: &crate::format::OutputGrammar) -> Result<(), String> {

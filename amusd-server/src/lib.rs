@@ -30,8 +30,8 @@ use std::thread::JoinHandle;
 
 pub use error::ApiError;
 pub use generator::{
-    ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Sampling,
-    TextStream, TokenLogprobs,
+    ChatMessage, Codec, DrySampling, GenError, GenRequest, GenStats, Generator, GeneratorFactory,
+    Sampling, TextStream, TokenLogprobs,
 };
 pub use routes::Limits;
 

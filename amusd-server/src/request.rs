@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::generator::{ChatMessage, Sampling};
+use crate::generator::{ChatMessage, DrySampling, Sampling};
 use crate::tools::{self, ToolUse};
 
 /// Both endpoints' fields; which of `messages` / `prompt` is required depends on the endpoint.
@@ -41,6 +41,12 @@ pub struct RawRequest {
     pub repetition_penalty: Option<f32>,
     /// llama.cpp's: the penalties' window (default 64; -1: the whole sequence; 0: no penalty).
     pub repeat_last_n: Option<i64>,
+    /// llama.cpp's DRY.
+    pub dry_multiplier: Option<f32>,
+    pub dry_base: Option<f32>,
+    pub dry_allowed_length: Option<u64>,
+    pub dry_penalty_last_n: Option<i64>,
+    pub dry_sequence_breakers: Option<Vec<String>>,
     /// OpenAI's: token ids (as strings) to a bias in [-100, 100] added to their logits.
     pub logit_bias: Option<Value>,
     pub stream: Option<bool>,
@@ -472,6 +478,7 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         frequency_penalty,
         presence_penalty,
         repeat_last_n,
+        dry: dry(r)?,
         logit_bias: logit_bias(r.logit_bias.as_ref())?,
         // Per endpoint, and checked apart: `validate` sets them.
         logprobs: None,
@@ -560,6 +567,45 @@ fn logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
 }
 
 /// The repeat, frequency and presence penalties and their window, checked.
+fn dry(r: &RawRequest) -> Result<DrySampling, ApiError> {
+    let d = DrySampling::default();
+    let multiplier = r.dry_multiplier.unwrap_or(d.multiplier);
+    if !(multiplier >= 0.0 && multiplier.is_finite()) {
+        return Err(ApiError::bad_param(
+            "dry_multiplier",
+            format!("dry_multiplier {multiplier} must be 0 (off) or more"),
+        ));
+    }
+    let base = r.dry_base.unwrap_or(d.base);
+    if !(1.0..=4.0).contains(&base) {
+        return Err(ApiError::bad_param(
+            "dry_base",
+            format!("dry_base {base} must be in [1, 4]"),
+        ));
+    }
+    let last_n = match r.dry_penalty_last_n.unwrap_or(-1) {
+        -1 => u32::MAX,
+        n @ 0.. => u32::try_from(n).unwrap_or(u32::MAX),
+        n => {
+            return Err(ApiError::bad_param(
+                "dry_penalty_last_n",
+                format!("dry_penalty_last_n {n} must be -1 (the whole sequence) or more"),
+            ))
+        }
+    };
+    Ok(DrySampling {
+        multiplier,
+        base,
+        allowed_length: u32::try_from(r.dry_allowed_length.unwrap_or(2)).unwrap_or(u32::MAX),
+        last_n,
+        sequence_breakers: r
+            .dry_sequence_breakers
+            .clone()
+            .unwrap_or(d.sequence_breakers),
+        breakers: Vec::new(),
+    })
+}
+
 fn penalties(r: &RawRequest) -> Result<(f32, f32, f32, u32), ApiError> {
     let (name, repeat) = match (r.repeat_penalty, r.repetition_penalty) {
         (Some(p), _) => ("repeat_penalty", p),
@@ -617,6 +663,7 @@ mod tests {
                 "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
                 "top_p":0.9,"top_k":-1,"min_p":0.1,"typical_p":0.95,"xtc_probability":0.5,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
                 "frequency_penalty":0.5,"presence_penalty":-0.25,"repetition_penalty":1.1,"repeat_last_n":-1,
+                "dry_multiplier":0.8,"dry_allowed_length":3,"dry_penalty_last_n":100,"dry_sequence_breakers":["\n"],
                 "logit_bias":{"198":-100,"15":2.5},"stream_options":{"include_usage":true},"n":1,"logprobs":false,
                 "unknown_field":{"ignored":true}}"#,
             Endpoint::Chat,
@@ -652,6 +699,13 @@ mod tests {
                 frequency_penalty: 0.5,
                 presence_penalty: -0.25,
                 repeat_last_n: u32::MAX,
+                dry: DrySampling {
+                    multiplier: 0.8,
+                    allowed_length: 3,
+                    last_n: 100,
+                    sequence_breakers: vec!["\n".into()],
+                    ..DrySampling::default()
+                },
                 logit_bias: vec![(15, 2.5), (198, -100.0)],
                 logprobs: None,
                 prompt_logprobs: false,
@@ -775,6 +829,14 @@ mod tests {
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"typical_p":0}"#,
                 "typical_p",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"dry_multiplier":-1}"#,
+                "dry_multiplier",
+            ),
+            (
+                r#"{"messages":[{"role":"user","content":"x"}],"dry_base":0.5}"#,
+                "dry_base",
             ),
             (
                 r#"{"messages":[{"role":"user","content":"x"}],"xtc_threshold":-1}"#,

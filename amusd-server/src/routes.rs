@@ -191,8 +191,9 @@ async fn handle(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
-    let v = request::validate(request::parse(&body)?, endpoint)?;
+    let mut v = request::validate(request::parse(&body)?, endpoint)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
+    dry_breakers(&s.codec, &mut v).await?;
     check_grammar(&s.codec, &v).await?;
     let prompt = tokenize(&s.codec, &v).await?;
     let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
@@ -276,6 +277,25 @@ fn check_logit_bias(codec: &dyn Codec, v: &Validated) -> Result<(), ApiError> {
         )),
         None => Ok(()),
     }
+}
+
+/// Fills DRY's breaker set from the codec's vocabulary, if DRY is on (reading every token's
+/// text is CPU work: off the async threads).
+async fn dry_breakers(codec: &Arc<dyn Codec>, v: &mut Validated) -> Result<(), ApiError> {
+    let dry = &v.sampling.dry;
+    if dry.multiplier == 0.0 || dry.last_n == 0 {
+        return Ok(());
+    }
+    let (codec, strings) = (codec.clone(), dry.sequence_breakers.clone());
+    v.sampling.dry.breakers = tokio::task::spawn_blocking(move || codec.dry_breakers(&strings))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the breakers failed: {e}"),
+            )
+        })?;
+    Ok(())
 }
 
 /// Refuses a grammar that does not compile against the model's vocabulary (compiling is CPU

@@ -210,6 +210,15 @@ pub enum ShmError {
         /// [`crate::MAX_LOGIT_BIAS`].
         max: usize,
     },
+    /// A DRY breaker set for a vocabulary larger than the region holds.
+    #[error("DRY's sequence breakers need {given} words, the region holds at most {max}")]
+    TooManyBreakerWords {
+        /// Words given.
+        given: usize,
+        /// [`crate::MAX_BREAKER_WORDS`].
+        max: usize,
+    },
+
     /// A grammar longer than the region holds.
     #[error("a grammar of {given} bytes given, the region holds at most {max}")]
     GrammarTooLong {

@@ -39,6 +39,10 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// a Lark or a GBNF grammar.
 pub const GRAMMAR_TEXT_LEN: usize = 128 * 1024;
 
+/// Words of DRY's sequence-breaker bit set ([`DrySection::breakers`]): one bit per token of a
+/// vocabulary of up to 262,144 (Gemma's).
+pub const MAX_BREAKER_WORDS: usize = 4096;
+
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
 
@@ -407,6 +411,30 @@ pub struct RequestSection {
     pub xtc_probability_bits: AtomicU32,
     /// XTC's threshold as f32 bits (layout 10). Writer and readers: as `typical_p_bits`.
     pub xtc_threshold_bits: AtomicU32,
+    /// DRY's multiplier as f32 bits, 0.0 = off (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub dry_multiplier_bits: AtomicU32,
+    /// DRY's base as f32 bits (layout 10). Writer and readers: as `typical_p_bits`.
+    pub dry_base_bits: AtomicU32,
+    /// DRY's allowed run length (layout 10). Writer and readers: as `typical_p_bits`.
+    pub dry_allowed_length: AtomicU32,
+    /// DRY's window; 0 = off, `u32::MAX` = the whole sequence (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub dry_last_n: AtomicU32,
+}
+
+/// The running request's DRY sequence breakers (layout 10): which tokens end a repeated run, as
+/// the coordinator found them in its tokenizer (workers hold no tokenizer for this). Part of the
+/// request, kept apart as [`GrammarSection`] is.
+#[repr(C, align(8))]
+pub struct DrySection {
+    /// How many words of `breakers` hold (the rest read as 0). Writer: coordinator, Relaxed
+    /// inside the request seqlock, at submit. Readers: both workers (seqlock read, at take-up,
+    /// clamped to [`MAX_BREAKER_WORDS`]), `amusd dump`.
+    pub n_words: AtomicU32,
+    /// Bit `t % 64` of word `t / 64` is set for each breaker token `t`. Writer and readers: as
+    /// `n_words`.
+    pub breakers: [AtomicU64; MAX_BREAKER_WORDS],
 }
 
 /// The running request's grammar, if it has one: the generated text must follow it (constrained
@@ -609,6 +637,8 @@ pub struct Region {
     pub logprobs: LogprobBuffer,
     /// The request's grammar, part of the request section (layout 9).
     pub grammar: GrammarSection,
+    /// The request's DRY sequence breakers, part of the request section (layout 10).
+    pub dry: DrySection,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -653,7 +683,7 @@ mod tests {
         assert_eq!(LAYOUT_VERSION, 10);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 2_002_816);
+        assert_eq!(size_of::<Region>(), 2_035_584);
         assert_eq!(align_of::<Region>(), 64);
         assert_eq!(HEADER_LEN, 64);
 
@@ -669,6 +699,12 @@ mod tests {
         assert_eq!(offset_of!(GrammarSection, kind), 0);
         assert_eq!(offset_of!(GrammarSection, text), 8);
         assert_eq!(size_of::<GrammarSection>(), 8 + 8 + GRAMMAR_TEXT_LEN);
+        assert_eq!(
+            offset_of!(Region, dry),
+            1_871_680 + 8 + 8 + GRAMMAR_TEXT_LEN
+        );
+        assert_eq!(offset_of!(DrySection, breakers), 8);
+        assert_eq!(size_of::<DrySection>(), 8 + 8 * MAX_BREAKER_WORDS);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);
@@ -701,6 +737,10 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, typical_p_bits), 2440);
         assert_eq!(offset_of!(RequestSection, xtc_probability_bits), 2444);
         assert_eq!(offset_of!(RequestSection, xtc_threshold_bits), 2448);
+        assert_eq!(offset_of!(RequestSection, dry_multiplier_bits), 2452);
+        assert_eq!(offset_of!(RequestSection, dry_base_bits), 2456);
+        assert_eq!(offset_of!(RequestSection, dry_allowed_length), 2460);
+        assert_eq!(offset_of!(RequestSection, dry_last_n), 2464);
         assert_eq!(size_of::<RequestSection>(), 2496);
         assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 

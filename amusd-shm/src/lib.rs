@@ -70,11 +70,11 @@ pub use futex::{
     wait_until, wait_until_with, Spin, WaitResult,
 };
 pub use layout::{
-    Control, DraftBuffer, Event, EventKind, EventRing, ExitStatus, FinishReason, GrammarSection,
-    Header, Party, Region, RequestSection, RequestState, Role, TokenSource, VerifiedBuffer,
-    WorkerState, WorkerStatus, DEVICE_TEXT_LEN, ERROR_TEXT_LEN, EVENT_CAPACITY, GRAMMAR_TEXT_LEN,
-    HEADER_LEN, LAYOUT_VERSION, MAGIC, MAX_LOGIT_BIAS, MAX_STOP_TOKENS, MAX_TOP_LOGPROBS,
-    MODEL_TEXT_LEN, REGION_SIZE, TOKEN_CAPACITY,
+    Control, DraftBuffer, DrySection, Event, EventKind, EventRing, ExitStatus, FinishReason,
+    GrammarSection, Header, Party, Region, RequestSection, RequestState, Role, TokenSource,
+    VerifiedBuffer, WorkerState, WorkerStatus, DEVICE_TEXT_LEN, ERROR_TEXT_LEN, EVENT_CAPACITY,
+    GRAMMAR_TEXT_LEN, HEADER_LEN, LAYOUT_VERSION, MAGIC, MAX_BREAKER_WORDS, MAX_LOGIT_BIAS,
+    MAX_STOP_TOKENS, MAX_TOP_LOGPROBS, MODEL_TEXT_LEN, REGION_SIZE, TOKEN_CAPACITY,
 };
 pub use region::{
     DraftSnapshot, EventBatch, EventRecord, RequestSnapshot, RequestSpec, SamplingFields,

@@ -57,6 +57,16 @@ pub struct SamplingFields {
     pub xtc_probability_bits: u32,
     /// XTC's threshold (f32 bits).
     pub xtc_threshold_bits: u32,
+    /// DRY's multiplier (f32 bits); 0.0 = off.
+    pub dry_multiplier_bits: u32,
+    /// DRY's base (f32 bits).
+    pub dry_base_bits: u32,
+    /// DRY's allowed run length.
+    pub dry_allowed_length: u32,
+    /// DRY's window in tokens; 0 = off, `u32::MAX` = the whole sequence.
+    pub dry_last_n: u32,
+    /// DRY's sequence breakers as a bit set of token ids, at most [`MAX_BREAKER_WORDS`] words.
+    pub dry_breakers: Vec<u64>,
     /// Repeat penalty (f32 bits); 1.0 = off.
     pub repeat_penalty_bits: u32,
     /// Frequency penalty (f32 bits); 0.0 = off.
@@ -95,7 +105,12 @@ impl SamplingFields {
         min_p_bits: 0,
         typical_p_bits: 0x3f80_0000, // 1.0f32
         xtc_probability_bits: 0,
-        xtc_threshold_bits: 0x3dcc_cccd,  // 0.1f32
+        xtc_threshold_bits: 0x3dcc_cccd, // 0.1f32
+        dry_multiplier_bits: 0,
+        dry_base_bits: 0x3fe0_0000, // 1.75f32
+        dry_allowed_length: 2,
+        dry_last_n: u32::MAX,
+        dry_breakers: Vec::new(),
         repeat_penalty_bits: 0x3f80_0000, // 1.0f32
         frequency_penalty_bits: 0,
         presence_penalty_bits: 0,
@@ -528,6 +543,12 @@ impl Region {
                 max: MAX_LOGIT_BIAS,
             });
         }
+        if spec.sampling.dry_breakers.len() > MAX_BREAKER_WORDS {
+            return Err(ShmError::TooManyBreakerWords {
+                given: spec.sampling.dry_breakers.len(),
+                max: MAX_BREAKER_WORDS,
+            });
+        }
         if spec.sampling.grammar.len() > GRAMMAR_TEXT_LEN {
             return Err(ShmError::GrammarTooLong {
                 given: spec.sampling.grammar.len(),
@@ -560,6 +581,14 @@ impl Region {
         rq.typical_p_bits.store(sm.typical_p_bits, r);
         rq.xtc_probability_bits.store(sm.xtc_probability_bits, r);
         rq.xtc_threshold_bits.store(sm.xtc_threshold_bits, r);
+        rq.dry_multiplier_bits.store(sm.dry_multiplier_bits, r);
+        rq.dry_base_bits.store(sm.dry_base_bits, r);
+        rq.dry_allowed_length.store(sm.dry_allowed_length, r);
+        rq.dry_last_n.store(sm.dry_last_n, r);
+        self.dry.n_words.store(sm.dry_breakers.len() as u32, r);
+        for (slot, &w) in self.dry.breakers.iter().zip(&sm.dry_breakers) {
+            slot.store(w, r);
+        }
         rq.repeat_penalty_bits.store(sm.repeat_penalty_bits, r);
         rq.frequency_penalty_bits
             .store(sm.frequency_penalty_bits, r);
@@ -655,6 +684,14 @@ impl Region {
                         typical_p_bits: rq.typical_p_bits.load(r),
                         xtc_probability_bits: rq.xtc_probability_bits.load(r),
                         xtc_threshold_bits: rq.xtc_threshold_bits.load(r),
+                        dry_multiplier_bits: rq.dry_multiplier_bits.load(r),
+                        dry_base_bits: rq.dry_base_bits.load(r),
+                        dry_allowed_length: rq.dry_allowed_length.load(r),
+                        dry_last_n: rq.dry_last_n.load(r),
+                        dry_breakers: {
+                            let n = (self.dry.n_words.load(r) as usize).min(MAX_BREAKER_WORDS);
+                            self.dry.breakers[..n].iter().map(|w| w.load(r)).collect()
+                        },
                         repeat_penalty_bits: rq.repeat_penalty_bits.load(r),
                         frequency_penalty_bits: rq.frequency_penalty_bits.load(r),
                         presence_penalty_bits: rq.presence_penalty_bits.load(r),
@@ -1228,6 +1265,11 @@ mod tests {
                 typical_p_bits: 0.95f32.to_bits(),
                 xtc_probability_bits: 0.5f32.to_bits(),
                 xtc_threshold_bits: 0.2f32.to_bits(),
+                dry_multiplier_bits: 0.8f32.to_bits(),
+                dry_base_bits: 2.0f32.to_bits(),
+                dry_allowed_length: 3,
+                dry_last_n: 500,
+                dry_breakers: vec![0, 1 << 63, 5],
                 repeat_penalty_bits: 1.1f32.to_bits(),
                 frequency_penalty_bits: (-0.5f32).to_bits(),
                 presence_penalty_bits: 0.25f32.to_bits(),

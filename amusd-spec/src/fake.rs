@@ -250,7 +250,7 @@ mod tests {
     use crate::decoder::{Decoder, Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
-    use crate::sampling::{LogitBias, Penalties, RequestSampling, SamplingParams};
+    use crate::sampling::{Dry, LogitBias, Penalties, RequestSampling, SamplingParams};
     use proptest::prelude::*;
     use std::ops::ControlFlow;
 
@@ -269,6 +269,27 @@ mod tests {
                     frequency,
                     presence,
                     last_n,
+                }),
+        ]
+    }
+
+    /// DRY off, or on with a few breakers among the fake models' small ids.
+    fn any_dry() -> impl Strategy<Value = Dry> {
+        prop_oneof![
+            Just(Dry::OFF),
+            (
+                0.1f32..3.0,
+                1.0f32..3.0,
+                0u32..4,
+                prop_oneof![Just(u32::MAX), 1u32..60],
+                proptest::collection::vec(0u32..64, 0..6),
+            )
+                .prop_map(|(multiplier, base, allowed_length, last_n, breakers)| Dry {
+                    multiplier,
+                    base,
+                    allowed_length,
+                    last_n,
+                    breakers: Dry::breaker_bits(breakers),
                 }),
         ]
     }
@@ -337,7 +358,7 @@ mod tests {
             proptest::bool::weighted(0.25),
             any::<bool>(),
             (
-                any_penalties(),
+                (any_penalties(), any_dry()),
                 any_logit_bias(),
                 proptest::option::of(0usize..4),
                 any_grammar(),
@@ -354,7 +375,7 @@ mod tests {
                     greedy_draft,
                     no_draft_lookup,
                     cache,
-                    (penalties, logit_bias, logprobs, grammar, prompt_logprobs),
+                    ((penalties, dry), logit_bias, logprobs, grammar, prompt_logprobs),
                 )| {
                     RequestSampling {
                         params: SamplingParams {
@@ -368,6 +389,7 @@ mod tests {
                             seed,
                             penalties,
                             logit_bias,
+                            dry,
                         },
                         greedy_draft,
                         no_draft_lookup,

@@ -10,6 +10,7 @@
 
 pub mod constraint;
 pub mod decoder;
+pub mod dry;
 /// A deterministic fake model for protocol tests (the `fake` feature; always in this crate's tests).
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
@@ -27,7 +28,9 @@ pub mod worker;
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};
 pub use generate::{Generation, Metrics};
 pub use policy::{Finish, StopCriteria};
-pub use sampling::{LogitBias, Penalties, RequestSampling, Sampler, SamplingError, SamplingParams};
+pub use sampling::{
+    Dry, LogitBias, Penalties, RequestSampling, Sampler, SamplingError, SamplingParams,
+};
 
 /// Errors of the decoding loops.
 #[derive(Debug, thiserror::Error)]

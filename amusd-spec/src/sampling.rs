@@ -33,7 +33,8 @@
 //! 0. The grammar's mask, if the request has a grammar ([`crate::constraint`]): `-inf` for every
 //!    token it forbids after the tokens generated so far. Then the logit bias, if the request has
 //!    one ([`crate::logit_bias`]), then the repetition penalties, if it has any
-//!    ([`crate::penalty`]): a function of the logits and the tokens before the position.
+//!    ([`crate::penalty`]), then DRY's, if on ([`crate::dry`]): functions of the logits and the
+//!    tokens before the position.
 //! 1. Temperature 0 is greedy: [`kernels::argmax`] of the (biased, penalized) logits, exactly as
 //!    before sampling existed (top-k, top-p and min-p never remove the argmax, so they are moot).
 //!
@@ -67,6 +68,7 @@
 use amusd_model::kernels;
 
 pub use crate::constraint::{ActiveConstraint, Grammar};
+pub use crate::dry::Dry;
 pub use crate::logit_bias::LogitBias;
 use crate::logprobs::{logprobs_of, Logprobs};
 pub use crate::penalty::Penalties;
@@ -94,6 +96,10 @@ pub enum SamplingError {
     FrequencyPenalty(f32),
     #[error("the presence penalty must be in [-2, 2] (0 turns it off), got {0}")]
     PresencePenalty(f32),
+    #[error("the DRY multiplier must be a finite number >= 0 (0 turns it off), got {0}")]
+    DryMultiplier(f32),
+    #[error("the DRY base must be in [1, 4], got {0}")]
+    DryBase(f32),
     #[error("the logit bias of token {0} must be in [-100, 100] or -inf, got {1}")]
     LogitBias(u32, f32),
     #[error("the logit bias names token {0} twice")]
@@ -131,6 +137,8 @@ pub struct SamplingParams {
     pub penalties: Penalties,
     /// Added to given tokens' logits first, greedy or not.
     pub logit_bias: LogitBias,
+    /// The penalty of repetitions, after the penalties, greedy or not.
+    pub dry: Dry,
 }
 
 impl Default for SamplingParams {
@@ -152,6 +160,7 @@ impl SamplingParams {
         seed: 0,
         penalties: Penalties::OFF,
         logit_bias: LogitBias::NONE,
+        dry: Dry::OFF,
     };
 
     /// `self` if every value is in its domain.
@@ -176,7 +185,8 @@ impl SamplingParams {
             return Err(SamplingError::XtcThreshold(self.xtc_threshold));
         }
         self.penalties.validate()?;
-        Ok(self)
+        let dry = self.dry.validate()?;
+        Ok(Self { dry, ..self })
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -191,7 +201,7 @@ impl SamplingParams {
 
     /// Whether the logits change before temperature: a bias or a penalty.
     fn processes_logits(&self) -> bool {
-        !(self.penalties.is_off() && self.logit_bias.is_empty())
+        !(self.penalties.is_off() && self.logit_bias.is_empty() && self.dry.is_off())
     }
 }
 
@@ -247,6 +257,7 @@ impl RequestSampling {
             SamplingParams {
                 penalties: self.params.penalties,
                 logit_bias: self.params.logit_bias.clone(),
+                dry: self.params.dry.clone(),
                 ..SamplingParams::GREEDY
             }
         } else {
@@ -299,6 +310,8 @@ pub struct Sampler {
     processed: Vec<f32>,
     /// The penalties' window, sorted.
     window: Vec<u32>,
+    /// DRY's Z-function.
+    dry_scratch: Vec<usize>,
     scaled: Vec<f32>,
     survivors: Vec<u32>,
     /// top-p's `q` of each survivor, computed once.
@@ -325,6 +338,7 @@ impl Sampler {
             params,
             processed: Vec::new(),
             window: Vec::new(),
+            dry_scratch: Vec::new(),
             scaled: Vec::new(),
             survivors: Vec::new(),
             weights: Vec::new(),
@@ -394,6 +408,11 @@ impl Sampler {
         let penalties = self.params.penalties;
         if !penalties.is_off() {
             penalties.apply(&mut processed, prefix, &mut self.window);
+        }
+        if !self.params.dry.is_off() {
+            let mut z = std::mem::take(&mut self.dry_scratch);
+            self.params.dry.apply(&mut processed, prefix, &mut z);
+            self.dry_scratch = z;
         }
         let token = self.choose_at(&processed, prefix.len());
         self.processed = processed;

@@ -68,6 +68,11 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         typical_p_bits: p.typical_p.to_bits(),
         xtc_probability_bits: p.xtc_probability.to_bits(),
         xtc_threshold_bits: p.xtc_threshold.to_bits(),
+        dry_multiplier_bits: p.dry.multiplier.to_bits(),
+        dry_base_bits: p.dry.base.to_bits(),
+        dry_allowed_length: p.dry.allowed_length,
+        dry_last_n: p.dry.last_n,
+        dry_breakers: p.dry.breakers.clone(),
         repeat_penalty_bits: p.penalties.repeat.to_bits(),
         frequency_penalty_bits: p.penalties.frequency.to_bits(),
         presence_penalty_bits: p.penalties.presence.to_bits(),
@@ -111,6 +116,13 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         logit_bias: crate::LogitBias::new(
             (f.logit_bias.iter()).map(|&(token, bias)| (token, f32::from_bits(bias))),
         )?,
+        dry: crate::Dry {
+            multiplier: f32::from_bits(f.dry_multiplier_bits),
+            base: f32::from_bits(f.dry_base_bits),
+            allowed_length: f.dry_allowed_length,
+            last_n: f.dry_last_n,
+            breakers: f.dry_breakers.clone(),
+        },
     }
     .validate()?;
     Ok(RequestSampling {
@@ -791,6 +803,16 @@ mod tests {
             .unwrap(),
             false => crate::LogitBias::NONE,
         };
+        let dry = match rng.gen_bool(0.3) {
+            true => crate::Dry {
+                multiplier: rng.gen_range(0.1..3.0),
+                allowed_length: rng.gen_range(0..4),
+                last_n: [u32::MAX, 20][rng.gen_range(0..2)],
+                breakers: crate::Dry::breaker_bits((0..3).map(|_| rng.gen_range(0..64))),
+                ..crate::Dry::OFF
+            },
+            false => crate::Dry::OFF,
+        };
         // The fake grammar (crate::constraint::fake), ending with the fake models' eos, 0.
         let grammar = rng.gen_bool(0.3).then(|| {
             crate::constraint::fake::grammar(rng.gen_range(1..4), rng.gen_range(0..60), 0)
@@ -800,6 +822,7 @@ mod tests {
                 params: crate::SamplingParams {
                     penalties,
                     logit_bias,
+                    dry,
                     ..crate::SamplingParams::GREEDY
                 },
                 no_draft_lookup,
@@ -842,6 +865,7 @@ mod tests {
                 seed: rng.gen(),
                 penalties,
                 logit_bias,
+                dry,
             },
             greedy_draft: rng.gen_bool(0.2),
             no_draft_lookup,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::lookup::{self, NgramRange};
-use amusd_spec::{LogitBias, Penalties, RequestSampling, SamplingParams};
+use amusd_spec::{Dry, LogitBias, Penalties, RequestSampling, SamplingParams};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
@@ -351,6 +351,8 @@ pub struct SamplingArgs {
     )]
     pub logit_bias: Vec<(u32, f32)>,
     #[command(flatten)]
+    pub dry: DryArgs,
+    #[command(flatten)]
     pub grammar: GrammarArgs,
     /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise
     /// (llama.cpp's scheme; for comparing acceptance). Output is unchanged.
@@ -374,10 +376,11 @@ impl SamplingArgs {
                 repeat: self.repeat_penalty,
                 frequency: self.frequency_penalty,
                 presence: self.presence_penalty,
-                last_n: penalty_window(self.repeat_last_n)?,
+                last_n: penalty_window("--repeat-last-n", self.repeat_last_n)?,
             },
             logit_bias: LogitBias::new(self.logit_bias.iter().copied())
                 .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?,
+            dry: self.dry.dry()?,
         };
         let mut params = params
             .validate()
@@ -466,12 +469,105 @@ fn parse_logit_bias(s: &str) -> Result<(u32, f32), String> {
 }
 
 /// A `repeat_last_n` as llama.cpp takes it (-1: the whole sequence) as [`Penalties::last_n`].
-pub fn penalty_window(n: i64) -> Result<u32> {
+pub fn penalty_window(flag: &str, n: i64) -> Result<u32> {
     match n {
         -1 => Ok(u32::MAX),
         0.. => Ok(u32::try_from(n).unwrap_or(u32::MAX)),
-        _ => anyhow::bail!("bad sampling option: --repeat-last-n must be -1 or more, got {n}"),
+        _ => anyhow::bail!("bad sampling option: {flag} must be -1 or more, got {n}"),
     }
+}
+
+/// DRY, as llama.cpp's flags of the same names.
+#[derive(Args, Debug, Clone)]
+pub struct DryArgs {
+    /// DRY: lower the logit of a token that would extend a repetition of n tokens by
+    /// M * BASE^(n - ALLOWED), n >= ALLOWED (0: off). Greedy or not.
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "M",
+        allow_hyphen_values = true
+    )]
+    pub dry_multiplier: f32,
+    /// DRY's base (1 to 4).
+    #[arg(
+        long,
+        default_value_t = 1.75,
+        value_name = "BASE",
+        allow_hyphen_values = true
+    )]
+    pub dry_base: f32,
+    /// DRY's allowed length: shorter repetitions go unpenalized.
+    #[arg(long, default_value_t = 2, value_name = "ALLOWED")]
+    pub dry_allowed_length: u32,
+    /// DRY's window: the last N tokens, the prompt's included (0: off; -1: the whole sequence).
+    #[arg(long, default_value_t = -1, value_name = "N", allow_hyphen_values = true)]
+    pub dry_penalty_last_n: i64,
+    /// A string that ends a repetition (a token whose text holds it breaks the run; `\n`, `\t`,
+    /// `\"` and `\\` read as escapes); repeat for more, "none" for none. Default: newline,
+    /// colon, double quote, asterisk, as llama.cpp's.
+    #[arg(long, value_name = "S")]
+    pub dry_sequence_breaker: Vec<String>,
+}
+
+impl Default for DryArgs {
+    fn default() -> Self {
+        Self {
+            dry_multiplier: 0.0,
+            dry_base: 1.75,
+            dry_allowed_length: 2,
+            dry_penalty_last_n: -1,
+            dry_sequence_breaker: Vec::new(),
+        }
+    }
+}
+
+impl DryArgs {
+    /// The parameters; the breaker set stays empty until a tokenizer finds it
+    /// ([`crate::prompt::Texts::with_dry_breakers`]).
+    pub fn dry(&self) -> Result<Dry> {
+        Ok(Dry {
+            multiplier: self.dry_multiplier,
+            base: self.dry_base,
+            allowed_length: self.dry_allowed_length,
+            last_n: penalty_window("--dry-penalty-last-n", self.dry_penalty_last_n)?,
+            breakers: Vec::new(),
+        })
+    }
+
+    /// The breaker strings, escapes read.
+    pub fn breakers(&self) -> Vec<String> {
+        match &self.dry_sequence_breaker[..] {
+            [] => amusd_spec::dry::DEFAULT_BREAKERS.map(String::from).to_vec(),
+            [none] if none == "none" => Vec::new(),
+            given => given.iter().map(|s| unescape(s)).collect(),
+        }
+    }
+}
+
+/// `\n`, `\t`, `\r`, `\"` and `\\` as the characters they name (llama.cpp reads its breakers
+/// so); any other backslash stays.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(e @ ('"' | '\\')) => out.push(e),
+            Some(other) => {
+                out.push('\\');
+                out.push(other);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
 }
 
 /// The sampling parameters as printed in JSON output and bench records.
@@ -497,6 +593,16 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
             n => i64::from(n),
         },
         "logit_bias": logit_bias_json(&p.logit_bias),
+        "dry": (!p.dry.is_off()).then(|| serde_json::json!({
+            "multiplier": num(p.dry.multiplier),
+            "base": num(p.dry.base),
+            "allowed_length": p.dry.allowed_length,
+            "penalty_last_n": match p.dry.last_n {
+                u32::MAX => -1,
+                n => i64::from(n),
+            },
+            "breaker_tokens": p.dry.breakers.iter().map(|w| w.count_ones()).sum::<u32>(),
+        })),
         "grammar": s.grammar.as_ref().map(|g| serde_json::json!({
             "type": g.kind.tag(),
             "text": g.text,
@@ -521,6 +627,12 @@ pub fn sampling_label(s: &RequestSampling) -> String {
         false => format!("temperature {}", p.temperature),
     };
     out.push_str(&penalties_label(&p.penalties));
+    if !p.dry.is_off() {
+        out.push_str(&format!(
+            ", DRY {} x {}^(n - {})",
+            p.dry.multiplier, p.dry.base, p.dry.allowed_length
+        ));
+    }
     if !p.logit_bias.is_empty() {
         out.push_str(&format!(
             ", logit bias on {} tokens",

@@ -6,7 +6,7 @@ use amusd_model::loader::{load_text, ModelText};
 use amusd_model::tokenizer::Tokenizer;
 use amusd_spec::constraint::{Constraints, Grammar};
 use amusd_spec::fake::FakeModel;
-use amusd_spec::RequestSampling;
+use amusd_spec::{Dry, RequestSampling};
 use anyhow::{bail, Context, Result};
 
 use std::path::Path;
@@ -158,6 +158,20 @@ impl Texts {
             draft,
             fake_stop: fake_stop(verify_spec),
         })
+    }
+
+    /// `s` with DRY's sequence breakers found in the verify model's vocabulary: the tokens whose
+    /// text holds one of `breakers` (a fake model has no text: none). Only when DRY is on: it
+    /// reads every token's text.
+    pub fn with_dry_breakers(
+        &self,
+        mut s: RequestSampling,
+        breakers: &[String],
+    ) -> RequestSampling {
+        if let (false, Some(v)) = (s.params.dry.is_off(), &self.verify) {
+            s.params.dry.breakers = Dry::breaker_bits(v.tokenizer.tokens_containing(breakers));
+        }
+        s
     }
 
     /// Refuses a logit bias that names a token past the verify model's vocabulary (a fake model

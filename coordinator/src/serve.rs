@@ -18,7 +18,9 @@ use amusd_server::{
 use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
 use amusd_spec::logprobs::Logprobs;
-use amusd_spec::{Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria};
+use amusd_spec::{
+    Dry, Finish, LogitBias, Penalties, RequestSampling, SamplingParams, StopCriteria,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -125,6 +127,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
             text: None,
             vocab: fake.vocab as usize,
             grammars,
+            dry_cache: Default::default(),
         });
     };
     Ok(TextCodec {
@@ -134,6 +137,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
         vocab: verify.tokenizer.vocab_size(),
         text: Some(verify),
         grammars,
+        dry_cache: Default::default(),
     })
 }
 
@@ -146,6 +150,9 @@ struct TextCodec {
     vocab: usize,
     text: Option<ModelText>,
     grammars: Option<Arc<dyn amusd_spec::constraint::Constraints>>,
+    /// The last request's DRY breakers and their set: finding them reads every token's text, and
+    /// requests mostly give llama.cpp's defaults.
+    dry_cache: std::sync::Mutex<Option<(Vec<String>, Vec<u64>)>>,
 }
 
 impl Codec for TextCodec {
@@ -206,6 +213,19 @@ impl Codec for TextCodec {
             Some(t) => t.tokenizer.decode(&[id], false).unwrap_or_default(),
             None => Decimal.push(id),
         }
+    }
+
+    fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {
+        let Some(t) = &self.text else {
+            return Vec::new();
+        };
+        let mut last = self.dry_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, bits)) = last.as_ref().filter(|(s, _)| s == breakers) {
+            return bits.clone();
+        }
+        let bits = Dry::breaker_bits(t.tokenizer.tokens_containing(breakers));
+        *last = Some((breakers.to_vec(), bits.clone()));
+        bits
     }
 
     fn check_grammar(&self, grammar: &amusd_server::format::OutputGrammar) -> Result<(), String> {
@@ -355,6 +375,13 @@ fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling,
         },
         logit_bias: LogitBias::new(s.logit_bias.iter().copied())
             .map_err(|e| GenError::BadRequest(format!("bad logit_bias: {e}")))?,
+        dry: Dry {
+            multiplier: s.dry.multiplier,
+            base: s.dry.base,
+            allowed_length: s.dry.allowed_length,
+            last_n: s.dry.last_n,
+            breakers: s.dry.breakers.clone(),
+        },
     }
     .validate()
     .map_err(|e| GenError::BadRequest(format!("bad sampling parameter: {e}")))?;

@@ -139,8 +139,16 @@ pub struct ReportArgs {
 
 /// `amusd bench`: load, pick the samples, run every strategy over them, write and print the results.
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
-    let plan = runner::Plan::new(&args)?;
+    let mut plan = runner::Plan::new(&args)?;
     let models = runner::Models::load(&args.models, &plan.strategies)?;
+    let dry = &mut plan.sampling.params.dry;
+    if !dry.is_off() {
+        let breakers = models
+            .text
+            .tokenizer
+            .tokens_containing(&args.sampling.dry.breakers());
+        dry.breakers = amusd_spec::Dry::breaker_bits(breakers);
+    }
     let samples = runner::select_samples(&args, &plan, &models)?;
     let run = runner::run_all(&args, &plan, models, &samples)?;
     runner::conclude(&args, &plan, &samples, run)

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use amusd_spec::constraint::{Grammar, GrammarKind};
-use amusd_spec::{Finish, Generation, LogitBias, Penalties, RequestSampling, SamplingParams};
+use amusd_spec::{Dry, Finish, Generation, LogitBias, Penalties, RequestSampling, SamplingParams};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,10 @@ pub(super) struct SamplingRecord {
     /// before the bias existed had none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) logit_bias: Vec<(u32, Option<f32>)>,
+    /// DRY, when on: its multiplier, base, allowed length, window, and breaker set (records
+    /// written before DRY existed had it off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) dry: Option<(f32, f32, u32, u32, Vec<u64>)>,
     /// The grammar every answer followed: its kind (llguidance's tag) and text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) grammar: Option<(String, String)>,
@@ -118,6 +122,16 @@ impl SamplingRecord {
                 .map(|&(t, b)| (t, b.is_finite().then_some(b)))
                 .collect(),
             grammar: (s.grammar.as_ref()).map(|g| (g.kind.tag().to_string(), g.text.clone())),
+            dry: (!p.dry.is_off()).then(|| {
+                let d = &p.dry;
+                (
+                    d.multiplier,
+                    d.base,
+                    d.allowed_length,
+                    d.last_n,
+                    d.breakers.clone(),
+                )
+            }),
         }
     }
 
@@ -144,6 +158,16 @@ impl SamplingRecord {
                     (self.logit_bias.iter()).map(|&(t, b)| (t, b.unwrap_or(f32::NEG_INFINITY))),
                 )
                 .unwrap_or_default(),
+                dry: match &self.dry {
+                    Some((multiplier, base, allowed_length, last_n, breakers)) => Dry {
+                        multiplier: *multiplier,
+                        base: *base,
+                        allowed_length: *allowed_length,
+                        last_n: *last_n,
+                        breakers: breakers.clone(),
+                    },
+                    None => Dry::OFF,
+                },
             },
             greedy_draft: self.greedy_draft,
             // A record says how it drafted in `drafter`.
