@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use amusd_model::{LogitsFor, ModelSpec};
-use amusd_spec::{Sampler, SamplingParams};
+use amusd_spec::{Dry, Sampler, SamplingParams};
 
 fn main() -> anyhow::Result<()> {
     let positions = 24;
@@ -58,6 +58,16 @@ fn main() -> anyhow::Result<()> {
                     format!("T {t}, XTC 1.0 above 0.1"),
                     SamplingParams {
                         xtc_probability: 1.0,
+                        ..base(t)
+                    },
+                ),
+                (
+                    format!("T {t}, DRY 0.8 (no breakers)"),
+                    SamplingParams {
+                        dry: Dry {
+                            multiplier: 0.8,
+                            ..Dry::OFF
+                        },
                         ..base(t)
                     },
                 ),
