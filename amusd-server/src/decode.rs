@@ -95,6 +95,8 @@ pub struct Timings {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub finish: Finish,
+    /// A stop string ended it (llama.cpp's `stop_type` "word"), not the model.
+    pub stopped_by_word: bool,
     pub usage: Usage,
     pub timings: Timings,
     /// Each generated token's log-probability, with its text, when the request asked.
@@ -347,6 +349,7 @@ fn serve_choice(
     Some(outcome.map(|finish| {
         p.flush();
         let mut summary = summarize(job, &p, finish, started, end, &stats);
+        summary.stopped_by_word = stop_hit.get();
         summary.logprobs = p.logprobs.take();
         summary.prompt_logprobs = (job.request.sampling.prompt_logprobs).then(|| {
             (stats.prompt_logprobs.iter())
@@ -380,6 +383,7 @@ fn summarize(
     let prompt_n = job.request.prompt.len();
     Summary {
         finish,
+        stopped_by_word: false,
         usage: Usage {
             prompt_tokens: prompt_n,
             completion_tokens: p.tokens,

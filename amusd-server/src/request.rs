@@ -152,6 +152,73 @@ pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
     })
 }
 
+/// Parses a body of llama.cpp's `/completion`: its names mapped onto the OpenAI fields
+/// (`n_predict` to `max_tokens`, -1 none; `n_probs` to completions' `logprobs`; `logit_bias` as
+/// `[[id, bias], ...]` pairs, `false` banning, to the object form), and what it does not have
+/// (`n`, `echo`, chat's fields) left out. Validate it as a completion.
+pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
+    let mut value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let o = value.as_object_mut().ok_or_else(|| {
+        ApiError::bad_request("the body must be a JSON object, such as {\"prompt\": \"...\"}")
+    })?;
+    for key in [
+        "n",
+        "echo",
+        "best_of",
+        "messages",
+        "tools",
+        "tool_choice",
+        "max_tokens",
+    ] {
+        o.remove(key);
+    }
+    match o.remove("n_predict") {
+        None | Some(Value::Null) => {}
+        Some(n) if n == -1 => {}
+        Some(n) if n.as_u64().is_some() => {
+            o.insert("max_tokens".into(), n);
+        }
+        Some(n) => {
+            return Err(ApiError::bad_param(
+                "n_predict",
+                format!("n_predict {n} must be -1 (as many as fit) or a whole number"),
+            ))
+        }
+    }
+    if let Some(k) = o
+        .remove("n_probs")
+        .filter(|k| k.as_u64().is_some_and(|k| k > 0))
+    {
+        o.insert("logprobs".into(), k);
+    }
+    if let Some(Value::Array(pairs)) = o.get("logit_bias") {
+        let bad = || {
+            ApiError::bad_param(
+                "logit_bias",
+                "logit_bias must be [[token id, bias or false], ...] or an object of ids to biases",
+            )
+        };
+        let mut map = serde_json::Map::new();
+        for pair in pairs {
+            let (Some(id), Some(bias)) = (pair[0].as_u64(), pair.get(1)) else {
+                return Err(bad());
+            };
+            let bias = match bias {
+                Value::Bool(false) => Value::from(-100.0),
+                b if b.is_number() => b.clone(),
+                _ => return Err(bad()),
+            };
+            map.insert(id.to_string(), bias);
+        }
+        o.insert("logit_bias".into(), Value::Object(map));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
+    })
+}
+
 /// Validates a parsed body for `endpoint`.
 pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiError> {
     refuse_unsupported(&raw)?;

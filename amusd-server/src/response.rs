@@ -22,6 +22,8 @@ pub struct Head {
     /// Chat with tools: each reply is read back as calls or content ([`crate::tools`]), and a
     /// stream sends it whole when the choice ends.
     pub tools: bool,
+    /// llama.cpp's `/completion`: its shapes, not OpenAI's ([`Head::llama_answer`]).
+    pub llama: bool,
 }
 
 /// What an echoing response repeats of the prompt.
@@ -53,6 +55,9 @@ impl Head {
 
     /// The whole response of a non-streamed request: each choice's text and summary, in order.
     pub fn full(&self, choices: &[(String, Summary)]) -> Value {
+        if let (true, [(text, s)]) = (self.llama, choices) {
+            return self.llama_answer(text, s, s.logprobs.as_deref());
+        }
         let items: Vec<Value> = (choices.iter().enumerate())
             .map(|(i, (text, s))| match self.endpoint {
                 Endpoint::Chat => {
@@ -231,23 +236,69 @@ impl Head {
     /// A text chunk of choice `i`, with the log-probabilities of the tokens that completed it
     /// (`offset`: where its text starts in the choice's).
     pub fn text(&self, i: usize, text: &str, logprobs: &[LogprobEntry], offset: usize) -> Value {
+        if self.llama {
+            let mut v = json!({"index": 0, "content": text, "stop": false, "id_slot": 0});
+            if self.logprobs {
+                v["completion_probabilities"] = probabilities(logprobs);
+            }
+            return v;
+        }
         self.chunk(i, Some(text), false, None, Some((logprobs, offset)))
     }
 
     /// The chunk that ends choice `i`: its finish reason, with its `timings`.
     pub fn choice_end(&self, i: usize, s: &Summary) -> Value {
+        if self.llama {
+            return self.llama_answer("", s, None);
+        }
         self.chunk(i, None, false, Some(s), None)
     }
 
+    /// llama.cpp's `/completion` answer, whole or as a stream's last event: the text, why it
+    /// stopped (`stop_type`: `eos`, `word` or `limit`), the counts and `timings`, and with
+    /// `n_probs` the tokens' `completion_probabilities`.
+    fn llama_answer(&self, text: &str, s: &Summary, logprobs: Option<&[LogprobEntry]>) -> Value {
+        let stop_type = match (s.finish, s.stopped_by_word) {
+            (crate::decode::Finish::Length, _) => "limit",
+            (_, true) => "word",
+            _ => "eos",
+        };
+        let mut v = json!({
+            "index": 0, "content": text, "id_slot": 0, "stop": true, "model": self.model,
+            "tokens_predicted": s.usage.completion_tokens,
+            "tokens_evaluated": s.usage.prompt_tokens, "tokens_cached": s.timings.cache_n,
+            "truncated": false, "stop_type": stop_type, "stopping_word": "",
+            "timings": s.timings,
+        });
+        if let Some(entries) = logprobs.filter(|_| self.logprobs) {
+            v["completion_probabilities"] = probabilities(entries);
+        }
+        v
+    }
+
     /// What closes the stream after the last choice's end: the usage of all choices, if asked
-    /// for.
+    /// for (llama.cpp's stream has none).
     pub fn closing(&self, all: &[Summary]) -> Option<Value> {
-        self.include_usage.then(|| {
+        (self.include_usage && !self.llama).then(|| {
             let mut v = self.envelope(true, json!([]));
             v["usage"] = json!(Summary::combined(&all.iter().collect::<Vec<_>>()).0);
             v
         })
     }
+}
+
+/// llama.cpp's `completion_probabilities`: per token its text, log-probability and bytes, and its
+/// position's most likely tokens'.
+fn probabilities(entries: &[LogprobEntry]) -> Value {
+    let token =
+        |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+    (entries.iter())
+        .map(|e| {
+            let mut v = token(&e.text, e.logprob);
+            v["top_logprobs"] = e.top.iter().map(|(t, lp)| token(t, *lp)).collect();
+            v
+        })
+        .collect()
 }
 
 /// Completions' parallel lists: `lead` (an echoed prompt's first token, with no log-probability)
@@ -285,6 +336,7 @@ mod tests {
     fn summary() -> Summary {
         Summary {
             finish: Finish::Length,
+            stopped_by_word: false,
             usage: Usage {
                 prompt_tokens: 3,
                 completion_tokens: 2,
@@ -316,6 +368,7 @@ mod tests {
             logprobs: false,
             echo: None,
             tools: false,
+            llama: false,
         }
     }
 

@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/completion", post(llama_completion))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize_route))
         .route("/detokenize", post(detokenize_route))
@@ -69,6 +70,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
     let endpoint = match path {
         "/v1/chat/completions"
         | "/v1/completions"
+        | "/completion"
         | "/v1/models"
         | "/tokenize"
         | "/detokenize"
@@ -184,14 +186,38 @@ async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejecti
         .unwrap_or_else(IntoResponse::into_response)
 }
 
+/// llama.cpp's own `/completion`: a completion in its names and shapes.
+async fn llama_completion(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle_as(s, body, Endpoint::Completions, true)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
 async fn handle(
     s: AppState,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
+    handle_as(s, body, endpoint, false).await
+}
+
+/// A generation request to `endpoint`, in llama.cpp's `/completion` names and shapes if `llama`.
+async fn handle_as(
+    s: AppState,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+    llama: bool,
+) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
-    let mut v = request::validate(request::parse(&body)?, endpoint)?;
+    let raw = match llama {
+        true => request::parse_llama(&body)?,
+        false => request::parse(&body)?,
+    };
+    let mut v = request::validate(raw, endpoint)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
     dry_breakers(&s.codec, &mut v).await?;
     check_grammar(&s.codec, &v).await?;
@@ -223,6 +249,7 @@ async fn handle(
         logprobs: v.sampling.logprobs.is_some(),
         echo,
         tools: v.tools.is_some(),
+        llama,
     };
     if v.stream {
         Ok(Sse::new(sse_stream(head, v.n, rx))
@@ -503,7 +530,10 @@ impl StreamState {
                     if let Some(v) = self.head.closing(&self.ended) {
                         self.queued.push_back(v.to_string());
                     }
-                    self.queued.push_back("[DONE]".into());
+                    // llama.cpp's own stream just ends.
+                    if !self.head.llama {
+                        self.queued.push_back("[DONE]".into());
+                    }
                     self.rx = None;
                 }
             }

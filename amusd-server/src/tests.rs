@@ -739,3 +739,78 @@ async fn tokenize_and_detokenize() {
         assert_eq!(v["error"]["param"].as_str(), param, "{path} {body}: {v}");
     }
 }
+
+/// llama.cpp's own `/completion`: its names in (`n_predict`, `n_probs`, `logit_bias` pairs), its
+/// shapes out, whole or streamed (events of `content`, the last with `stop` and the counts, no
+/// `[DONE]`); the text is the completion's.
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_cpp_completion() {
+    let s = server(Hooks::default(), 4);
+    let (_, openai) = json_call(&s, "/v1/completions", r#"{"prompt":"abc","max_tokens":5}"#).await;
+    let text = openai["choices"][0]["text"].as_str().unwrap();
+    let (status, v) = json_call(&s, "/completion", r#"{"prompt":"abc","n_predict":5}"#).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["content"], text);
+    assert_eq!(
+        (v["stop"].as_bool(), v["stop_type"].as_str()),
+        (Some(true), Some("limit"))
+    );
+    assert_eq!(
+        (
+            v["tokens_predicted"].as_u64(),
+            v["tokens_evaluated"].as_u64()
+        ),
+        (Some(5), Some(3))
+    );
+    assert!(v["timings"]["predicted_n"].is_number() && v.get("completion_probabilities").is_none());
+    let stop = &text[2..3];
+    let body = format!(r#"{{"prompt":"abc","n_predict":5,"stop":["{stop}"],"n_probs":2}}"#);
+    let (_, v) = json_call(&s, "/completion", &body).await;
+    assert_eq!(
+        (v["content"].as_str(), v["stop_type"].as_str()),
+        (Some(&text[..2]), Some("word"))
+    );
+    let probs = v["completion_probabilities"].as_array().unwrap();
+    assert_eq!(probs[0]["token"], &text[..1]);
+    assert_eq!(probs[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    let (status, raw, _) = call(
+        &s,
+        post(
+            "/completion",
+            r#"{"prompt":"abc","n_predict":5,"stream":true}"#,
+        ),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let events: Vec<Value> = (sse_data(&raw).iter())
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let streamed: String = (events.iter())
+        .filter_map(|e| e["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["stop"].as_bool(), last["tokens_predicted"].as_u64()),
+        (Some(true), Some(5))
+    );
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|e| e["stop"] == false));
+    // llama.cpp's pairs are read (`false` bans; the fake generator ignores biases).
+    let first = u32::from(text.as_bytes()[0]);
+    let body = format!(r#"{{"prompt":"abc","n_predict":5,"logit_bias":[[{first},false]]}}"#);
+    let (status, _) = json_call(&s, "/completion", &body).await;
+    assert_eq!(status, 200);
+    for (body, param) in [
+        (r#"{"prompt":"abc","n_predict":-2}"#, "n_predict"),
+        (r#"{"prompt":"abc","logit_bias":[["x",1]]}"#, "logit_bias"),
+    ] {
+        let (status, v) = json_call(&s, "/completion", body).await;
+        assert_eq!(
+            (status.as_u16(), v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{v}"
+        );
+    }
+}
