@@ -90,6 +90,11 @@ fn eight_clients_at_once_are_all_served_exactly() {
     });
     let served = s.metric(r#"amusd_http_requests_total{endpoint="/v1/completions",status="200"} "#);
     assert_eq!(served, 8.0);
+    // llama.cpp's own endpoint, streamed: the same text.
+    let prompt = "a llama.cpp client asks";
+    let body = json!({"prompt": prompt, "n_predict": 48, "stream": true});
+    let text = s.stream("/completion", &body).llama_rest();
+    assert_eq!(text, expected(verify, prompt, 48).0);
     s.terminate(EXIT);
 }
 

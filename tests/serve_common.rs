@@ -226,6 +226,25 @@ impl Sse {
         }
         panic!("the stream ended without [DONE]");
     }
+
+    /// llama.cpp's own stream (`/completion`): the `content` of every event up to the one with
+    /// `stop`, which must be the last.
+    pub fn llama_rest(&mut self) -> String {
+        let mut text = String::new();
+        while let Some(d) = self.next_data() {
+            let v: Value = serde_json::from_str(&d).unwrap();
+            assert!(v.get("error").is_none(), "error event: {v}");
+            text.push_str(v["content"].as_str().unwrap_or_default());
+            if v["stop"] == true {
+                assert!(
+                    self.next_data().is_none(),
+                    "an event after the one with stop"
+                );
+                return text;
+            }
+        }
+        panic!("the stream ended without an event with stop");
+    }
 }
 
 /// The text a chunk carries.

@@ -176,6 +176,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     check_structured_output(&s, &structured_ar);
     check_echo(&s, &echo_ar);
     check_tokenize(&s);
+    check_llama_cpp_completion(&s, &raw_ar);
 
     let python = Command::new("scripts/openai-venv.sh")
         .current_dir(workspace())
@@ -265,6 +266,19 @@ fn check_structured_output(s: &Served, structured_ar: &str) {
         assert_eq!(r.status, 400, "{body}: {}", r.json);
         assert_eq!(r.json["error"]["param"], param, "{}", r.json);
     }
+}
+
+/// llama.cpp's `/completion` gives `generate --strategy ar --raw`'s text, whole and streamed.
+fn check_llama_cpp_completion(s: &Served, raw_ar: &str) {
+    let body = json!({"prompt": RAW, "n_predict": MAX});
+    let r = s.post("/completion", &body);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["content"], raw_ar, "/completion vs ar --raw");
+    assert_eq!(r.json["stop"], true, "{}", r.json);
+    let mut streamed = body.clone();
+    streamed["stream"] = true.into();
+    let text = s.stream("/completion", &streamed).llama_rest();
+    assert_eq!(text, raw_ar, "streamed /completion vs ar --raw");
 }
 
 /// `/tokenize` counts what a completion's usage counts, `/detokenize` gives the text back, and
