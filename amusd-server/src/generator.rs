@@ -173,6 +173,10 @@ pub trait Codec: Send + Sync {
     /// One token's text on its own (for log-probabilities; part of a character renders as
     /// U+FFFD).
     fn token_text(&self, id: u32) -> String;
+    /// The chat template's source (llama.cpp's `/props`), if the model has one.
+    fn chat_template(&self) -> Option<String> {
+        None
+    }
     /// DRY's breaker set for `breakers`: bit `t % 64` of word `t / 64` set for each token `t`
     /// whose text holds one. A model without text has none.
     fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {

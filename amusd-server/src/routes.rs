@@ -54,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/completion", post(llama_completion))
         .route("/v1/models", get(models))
+        .route("/props", get(props))
         .route("/tokenize", post(tokenize_route))
         .route("/detokenize", post(detokenize_route))
         .route("/health", get(health))
@@ -72,6 +73,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
         | "/v1/completions"
         | "/completion"
         | "/v1/models"
+        | "/props"
         | "/tokenize"
         | "/detokenize"
         | "/health"
@@ -88,14 +90,29 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize, /health or /metrics",
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
     )
 }
 
 async fn models(State(s): State<AppState>) -> Json<Value> {
     Json(json!({
         "object": "list",
-        "data": [{"id": s.codec.model_id(), "object": "model", "created": 0, "owned_by": "amusd"}],
+        "data": [{"id": s.codec.model_id(), "object": "model", "created": 0, "owned_by": "amusd",
+            "max_model_len": s.codec.context_length()}],
+    }))
+}
+
+/// llama.cpp's `GET /props`: what its front ends read of a server (the context, the chat
+/// template, one slot).
+async fn props(State(s): State<AppState>) -> Json<Value> {
+    let ctx = s.codec.context_length();
+    Json(json!({
+        "default_generation_settings": {"n_ctx": ctx, "model": s.codec.model_id()},
+        "total_slots": 1,
+        "model_path": s.codec.model_id(),
+        "chat_template": s.codec.chat_template().unwrap_or_default(),
+        "modalities": {"vision": false, "audio": false},
+        "build_info": concat!("amusd ", env!("CARGO_PKG_VERSION")),
     }))
 }
 

@@ -656,6 +656,18 @@ async fn health_is_503_until_the_generator_is_loaded() {
     assert_eq!(call(&s, health()).await.0, StatusCode::SERVICE_UNAVAILABLE);
     let (_, models, _) = call(&s, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
     assert!(models.contains(r#""id":"fake""#), "{models}");
+    assert!(models.contains(r#""max_model_len":64"#), "{models}");
+    let (status, props, _) = call(&s, Request::get("/props").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    let props: Value = serde_json::from_str(&props).unwrap();
+    assert_eq!(props["default_generation_settings"]["n_ctx"], 64);
+    assert_eq!(
+        (
+            props["total_slots"].as_u64(),
+            props["chat_template"].as_str()
+        ),
+        (Some(1), Some(""))
+    );
     open.send(()).unwrap();
     // A request queued while loading is served once loading is done.
     let (status, _) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#).await;

@@ -215,6 +215,11 @@ impl Codec for TextCodec {
         }
     }
 
+    fn chat_template(&self) -> Option<String> {
+        let t = self.text.as_ref()?.chat_template.as_ref()?;
+        Some(t.source().to_string())
+    }
+
     fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {
         let Some(t) = &self.text else {
             return Vec::new();
