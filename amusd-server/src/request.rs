@@ -139,13 +139,24 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Parses a body; a syntax or type error names where it is.
 pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
+    let value = json_object(body, "{\"messages\": [...]}")?;
+    typed(value)
+}
+
+/// A body that must be a JSON object (`example` shows one in the error).
+pub(crate) fn json_object(body: &[u8], example: &str) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(ApiError::bad_request(
-            "the body must be a JSON object, such as {\"messages\": [...]}",
-        ));
+    match value.is_object() {
+        true => Ok(value),
+        false => Err(ApiError::bad_request(format!(
+            "the body must be a JSON object, such as {example}"
+        ))),
     }
+}
+
+/// `value` as `T`; a type error names the field.
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
@@ -157,11 +168,8 @@ pub fn parse(body: &[u8]) -> Result<RawRequest, ApiError> {
 /// `[[id, bias], ...]` pairs, `false` banning, to the object form), and what it does not have
 /// (`n`, `echo`, chat's fields) left out. Validate it as a completion.
 pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
-    let mut value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    let o = value.as_object_mut().ok_or_else(|| {
-        ApiError::bad_request("the body must be a JSON object, such as {\"prompt\": \"...\"}")
-    })?;
+    let mut value = json_object(body, "{\"prompt\": \"...\"}")?;
+    let o = value.as_object_mut().expect("checked to be an object");
     for key in [
         "n",
         "echo",
@@ -213,10 +221,7 @@ pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
         }
         o.insert("logit_bias".into(), Value::Object(map));
     }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
-    })
+    typed(value)
 }
 
 /// Validates a parsed body for `endpoint`.

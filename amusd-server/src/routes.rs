@@ -161,12 +161,7 @@ async fn detokenize_route(
 
 /// A JSON body as `T`; a syntax or type error names where it is.
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?;
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::bad_param(&path, format!("{path}: {}", e.into_inner()))
-    })
+    request::typed(request::json_object(body, "{\"tokens\": [...]}")?)
 }
 
 /// Runs `f` on the body off the async threads (tokenizing is CPU work) and answers its JSON.
