@@ -572,7 +572,24 @@ impl Region {
         }
         rq.finish_reason.store(FinishReason::None.as_u32(), r);
         rq.error_text.clear();
-        let sm = &spec.sampling;
+        self.store_sampling(&spec.sampling);
+        store_range(&self.verified.tokens, 0, spec.prompt);
+        self.verified
+            .verified_len
+            .store(spec.prompt.len() as u32, Ordering::Release);
+        rq.state
+            .store(RequestState::Running.as_u32(), Ordering::Release);
+        seq_close(&self.control.request_word, odd);
+        futex_wake(&self.control.request_word);
+        futex_wake(&self.verified.verified_len);
+        self.ring(Party::Draft);
+        self.ring(Party::Verify);
+        Ok(())
+    }
+
+    /// Writes a request's sampling fields; called inside the request seqlock.
+    fn store_sampling(&self, sm: &SamplingFields) {
+        let (rq, r) = (&self.request, Ordering::Relaxed);
         rq.sampling_seed.store(sm.seed, r);
         rq.temperature_bits.store(sm.temperature_bits, r);
         rq.top_k.store(sm.top_k, r);
@@ -606,18 +623,6 @@ impl Region {
         rq.prompt_logprobs.store(u32::from(sm.prompt_logprobs), r);
         self.grammar.kind.store(sm.grammar_kind, r);
         self.grammar.text.set(&sm.grammar);
-        store_range(&self.verified.tokens, 0, spec.prompt);
-        self.verified
-            .verified_len
-            .store(spec.prompt.len() as u32, Ordering::Release);
-        rq.state
-            .store(RequestState::Running.as_u32(), Ordering::Release);
-        seq_close(&self.control.request_word, odd);
-        futex_wake(&self.control.request_word);
-        futex_wake(&self.verified.verified_len);
-        self.ring(Party::Draft);
-        self.ring(Party::Verify);
-        Ok(())
     }
 
     /// Coordinator: end the running request `request_id` with `reason` (`Stop`/`Length` make it
