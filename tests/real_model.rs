@@ -386,7 +386,7 @@ fn identical_across_strategies(
 }
 
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
-/// top-k / top-p / min-p / typical-p / XTC, several seeds, ar, sd and amusd produce the same tokens; the same seed
+/// top-k / top-p / min-p / typical-p / XTC / dynamic temperature, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.
 #[test]
 fn sampling_is_token_identical_across_strategies() {
@@ -423,7 +423,14 @@ fn sampling_is_token_identical_across_strategies() {
             "--xtc-probability",
             "0.5",
         ],
-        &["--temperature", "1.5", "--seed", "4"],
+        &[
+            "--temperature",
+            "1.5",
+            "--seed",
+            "4",
+            "--dynatemp-range",
+            "0.5",
+        ],
     ];
     let (mut proposed, mut accepted, mut differs_from_greedy) = (0.0, 0.0, 0);
     for (k, prompt) in prompts.iter().enumerate() {

@@ -14,6 +14,9 @@ pub struct ChatMessage {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
     pub temperature: f32,
+    /// llama.cpp's dynamic temperature: a range (0: off) and an exponent.
+    pub dynatemp_range: f32,
+    pub dynatemp_exponent: f32,
     /// 0: off.
     pub top_k: u32,
     /// 1: off.
@@ -87,6 +90,8 @@ impl Default for Sampling {
     fn default() -> Self {
         Self {
             temperature: 0.0,
+            dynatemp_range: 0.0,
+            dynatemp_exponent: 1.0,
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,

@@ -19,6 +19,9 @@ pub struct RawRequest {
     pub max_completion_tokens: Option<u64>,
     pub stop: Option<Value>,
     pub temperature: Option<f32>,
+    /// llama.cpp's dynamic temperature.
+    pub dynatemp_range: Option<f32>,
+    pub dynatemp_exponent: Option<f32>,
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
     pub min_p: Option<f32>,
@@ -532,6 +535,20 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         }
     };
     let typical_p = unit("typical_p", r.typical_p, 1.0, true)?;
+    let dynatemp_range = r.dynatemp_range.unwrap_or(0.0);
+    if !(dynatemp_range.is_finite() && dynatemp_range >= 0.0) {
+        return Err(ApiError::bad_param(
+            "dynatemp_range",
+            format!("dynatemp_range {dynatemp_range} must be 0 (off) or more"),
+        ));
+    }
+    let dynatemp_exponent = r.dynatemp_exponent.unwrap_or(1.0);
+    if !(dynatemp_exponent.is_finite() && dynatemp_exponent > 0.0) {
+        return Err(ApiError::bad_param(
+            "dynatemp_exponent",
+            format!("dynatemp_exponent {dynatemp_exponent} must be more than 0"),
+        ));
+    }
     let xtc_probability = unit("xtc_probability", r.xtc_probability, 0.0, false)?;
     let xtc_threshold = unit("xtc_threshold", r.xtc_threshold, 0.1, false)?;
     // Like llama.cpp: zero or negative top_k means no top-k.
@@ -539,6 +556,8 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
     let (repeat_penalty, frequency_penalty, presence_penalty, repeat_last_n) = penalties(r)?;
     Ok(Sampling {
         temperature,
+        dynatemp_range,
+        dynatemp_exponent,
         top_k,
         top_p,
         min_p,
@@ -732,7 +751,7 @@ mod tests {
         let v = check(
             r#"{"model":"x","messages":[{"role":"developer","content":"be brief"},
                 {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
-                "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,
+                "max_completion_tokens":7,"max_tokens":99,"stop":"\n","temperature":0.5,"dynatemp_range":0.25,
                 "top_p":0.9,"top_k":-1,"min_p":0.1,"typical_p":0.95,"xtc_probability":0.5,"seed":42,"prompt_lookup":false,"cache_prompt":false,"stream":true,
                 "frequency_penalty":0.5,"presence_penalty":-0.25,"repetition_penalty":1.1,"repeat_last_n":-1,
                 "dry_multiplier":0.8,"dry_allowed_length":3,"dry_penalty_last_n":100,"dry_sequence_breakers":["\n"],
@@ -760,6 +779,8 @@ mod tests {
             v.sampling,
             Sampling {
                 temperature: 0.5,
+                dynatemp_range: 0.25,
+                dynatemp_exponent: 1.0,
                 top_k: 0,
                 top_p: 0.9,
                 min_p: 0.1,

@@ -421,6 +421,12 @@ pub struct RequestSection {
     /// DRY's window; 0 = off, `u32::MAX` = the whole sequence (layout 10). Writer and readers: as
     /// `typical_p_bits`.
     pub dry_last_n: AtomicU32,
+    /// The dynamic temperature's range as f32 bits, 0.0 = off (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub dynatemp_range_bits: AtomicU32,
+    /// The dynamic temperature's exponent as f32 bits (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub dynatemp_exponent_bits: AtomicU32,
 }
 
 /// The running request's DRY sequence breakers (layout 10): which tokens end a repeated run, as
@@ -741,6 +747,8 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, dry_base_bits), 2456);
         assert_eq!(offset_of!(RequestSection, dry_allowed_length), 2460);
         assert_eq!(offset_of!(RequestSection, dry_last_n), 2464);
+        assert_eq!(offset_of!(RequestSection, dynatemp_range_bits), 2468);
+        assert_eq!(offset_of!(RequestSection, dynatemp_exponent_bits), 2472);
         assert_eq!(size_of::<RequestSection>(), 2496);
         assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 

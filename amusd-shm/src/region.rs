@@ -45,6 +45,10 @@ pub struct SamplingFields {
     pub seed: u64,
     /// Temperature (f32 bits); 0.0 is greedy.
     pub temperature_bits: u32,
+    /// The dynamic temperature's range (f32 bits); 0.0 = off.
+    pub dynatemp_range_bits: u32,
+    /// The dynamic temperature's exponent (f32 bits).
+    pub dynatemp_exponent_bits: u32,
     /// top-k; 0 = off.
     pub top_k: u32,
     /// top-p (f32 bits); 1.0 = off.
@@ -100,6 +104,8 @@ impl SamplingFields {
     pub const GREEDY: Self = Self {
         seed: 0,
         temperature_bits: 0,
+        dynatemp_range_bits: 0,
+        dynatemp_exponent_bits: 0x3f80_0000, // 1.0f32
         top_k: 0,
         top_p_bits: 0x3f80_0000, // 1.0f32
         min_p_bits: 0,
@@ -592,6 +598,9 @@ impl Region {
         let (rq, r) = (&self.request, Ordering::Relaxed);
         rq.sampling_seed.store(sm.seed, r);
         rq.temperature_bits.store(sm.temperature_bits, r);
+        rq.dynatemp_range_bits.store(sm.dynatemp_range_bits, r);
+        rq.dynatemp_exponent_bits
+            .store(sm.dynatemp_exponent_bits, r);
         rq.top_k.store(sm.top_k, r);
         rq.top_p_bits.store(sm.top_p_bits, r);
         rq.min_p_bits.store(sm.min_p_bits, r);
@@ -683,6 +692,8 @@ impl Region {
                     SamplingFields {
                         seed: rq.sampling_seed.load(r),
                         temperature_bits: rq.temperature_bits.load(r),
+                        dynatemp_range_bits: rq.dynatemp_range_bits.load(r),
+                        dynatemp_exponent_bits: rq.dynatemp_exponent_bits.load(r),
                         top_k: rq.top_k.load(r),
                         top_p_bits: rq.top_p_bits.load(r),
                         min_p_bits: rq.min_p_bits.load(r),
@@ -1264,6 +1275,8 @@ mod tests {
             sampling: SamplingFields {
                 seed: u64::MAX - 1,
                 temperature_bits: 0.7f32.to_bits(),
+                dynatemp_range_bits: 0.3f32.to_bits(),
+                dynatemp_exponent_bits: 2.0f32.to_bits(),
                 top_k: 40,
                 top_p_bits: 0.9f32.to_bits(),
                 min_p_bits: 0.05f32.to_bits(),

@@ -344,7 +344,10 @@ mod tests {
     /// cache or not.
     pub(crate) fn any_sampling() -> impl Strategy<Value = RequestSampling> {
         (
-            prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
+            (
+                prop_oneof![Just(0.0f32), Just(0.3), Just(0.7), Just(1.0), Just(1.5)],
+                prop_oneof![Just(0.0f32), 0.1f32..1.0],
+            ),
             prop_oneof![Just(0u32), 1u32..20],
             prop_oneof![Just(1.0f32), 0.3f32..1.0],
             (
@@ -367,7 +370,7 @@ mod tests {
         )
             .prop_map(
                 |(
-                    t,
+                    (t, dynatemp_range),
                     top_k,
                     top_p,
                     (min_p, typical_p, xtc_probability, xtc_threshold),
@@ -380,6 +383,8 @@ mod tests {
                     RequestSampling {
                         params: SamplingParams {
                             temperature: t,
+                            dynatemp_range,
+                            dynatemp_exponent: 1.0,
                             top_k,
                             top_p,
                             min_p,

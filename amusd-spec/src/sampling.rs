@@ -40,7 +40,9 @@
 //!
 //! A request may also ask for log-probabilities ([`crate::logprobs`]): the verify model's sampler
 //! then records, for each choice, those of the raw logits (before step 0).
-//! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf).
+//! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf). With a dynamic temperature
+//!    (llama.cpp's `dynatemp_range`), `T` is the position's, from the entropy of the logits'
+//!    distribution ([`SamplingParams::temperature_at`]).
 //! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
 //! 4. top-p (`p < 1`): with `q_i = expf(s_i - s_max)` (f32) and `Z` their f32 sum over the
 //!    survivors in increasing id order, keep the shortest run of survivors in decreasing `s` order
@@ -84,6 +86,12 @@ pub enum SamplingError {
     TopP(f32),
     #[error("min-p must be in [0, 1] (0 turns it off), got {0}")]
     MinP(f32),
+    #[error(
+        "the dynamic temperature's range must be a finite number >= 0 (0 turns it off), got {0}"
+    )]
+    DynatempRange(f32),
+    #[error("the dynamic temperature's exponent must be a finite number > 0, got {0}")]
+    DynatempExponent(f32),
     #[error("typical-p must be in (0, 1] (1 turns it off), got {0}")]
     TypicalP(f32),
     #[error("the XTC probability must be in [0, 1] (0 turns it off), got {0}")]
@@ -118,6 +126,12 @@ pub const MIN_TEMPERATURE: f32 = 1e-3;
 pub struct SamplingParams {
     /// 0: greedy. Otherwise logits are divided by it.
     pub temperature: f32,
+    /// Dynamic temperature: with a range `r > 0`, each position samples at a temperature from
+    /// `temperature - r` to `temperature + r` by how spread its distribution is (llama.cpp's
+    /// `dynatemp_range`; 0 turns it off).
+    pub dynatemp_range: f32,
+    /// How the spread maps onto that range (`dynatemp_exponent`, 1: linearly).
+    pub dynatemp_exponent: f32,
     /// Keep only the k most likely tokens; 0 turns it off (as llama.cpp and OpenAI-style servers).
     pub top_k: u32,
     /// Keep the most likely tokens whose probabilities add up to `top_p`; 1 turns it off.
@@ -151,6 +165,8 @@ impl SamplingParams {
     /// Greedy decoding: temperature 0, every filter off.
     pub const GREEDY: Self = Self {
         temperature: 0.0,
+        dynatemp_range: 0.0,
+        dynatemp_exponent: 1.0,
         top_k: 0,
         top_p: 1.0,
         min_p: 0.0,
@@ -175,6 +191,12 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return Err(SamplingError::MinP(self.min_p));
         }
+        if !(self.dynatemp_range.is_finite() && self.dynatemp_range >= 0.0) {
+            return Err(SamplingError::DynatempRange(self.dynatemp_range));
+        }
+        if !(self.dynatemp_exponent.is_finite() && self.dynatemp_exponent > 0.0) {
+            return Err(SamplingError::DynatempExponent(self.dynatemp_exponent));
+        }
         if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
             return Err(SamplingError::TypicalP(self.typical_p));
         }
@@ -191,6 +213,33 @@ impl SamplingParams {
 
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+
+    /// The temperature a position with these (penalized) logits samples at (step 2 of the
+    /// module docs): the request's, or with a dynamic range `r`, from `max(T - r, 0)` to `T + r`
+    /// by the distribution's entropy over the most it could be, raised to the exponent
+    /// (llama.cpp's mapping), never below [`MIN_TEMPERATURE`].
+    pub fn temperature_at(&self, logits: &[f32]) -> f32 {
+        let t = self.temperature;
+        if self.dynatemp_range <= 0.0 {
+            return t;
+        }
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // The entropy without a logarithm per token: ln Z - E[x], with x = logit - top.
+        let (mut z, mut zx, mut n) = (0f32, 0f32, 0u32);
+        for &l in logits.iter().filter(|&&l| l > f32::NEG_INFINITY) {
+            let x = l - top;
+            let q = libm::expf(x);
+            (z, zx, n) = (z + q, zx + q * x, n + 1);
+        }
+        if n <= 1 || top == f32::NEG_INFINITY {
+            return t;
+        }
+        let entropy = libm::logf(z) - zx / z;
+        let spread = (entropy / libm::logf(n as f32)).clamp(0.0, 1.0);
+        let low = (t - self.dynatemp_range).max(0.0);
+        let high = t + self.dynatemp_range;
+        (low + (high - low) * libm::powf(spread, self.dynatemp_exponent)).max(MIN_TEMPERATURE)
     }
 
     /// Greedy without penalties or bias: every token is the argmax of the raw logits, as before
@@ -450,10 +499,11 @@ impl Sampler {
     /// Fills `scaled` and `survivors`; returns the survivor with the largest scaled logit (lowest id
     /// on ties), `None` when there is none.
     fn mask(&mut self, logits: &[f32], position: u64) -> Option<u32> {
+        let temperature = self.params.temperature_at(logits);
         let p = &self.params;
         self.scaled.clear();
         self.scaled.extend(logits.iter().map(|&l| {
-            let s = l / p.temperature;
+            let s = l / temperature;
             if s.is_nan() {
                 f32::NEG_INFINITY
             } else {
@@ -1016,6 +1066,37 @@ mod tests {
         // The likeliest token gone, the choice is still a survivor's.
         let mut s = Sampler::new(typical(0.2));
         assert!((0..50).all(|pos| s.choose(&logits, &vec![0; pos]) == 1));
+    }
+
+    /// The dynamic temperature spans its range by the distribution's spread: a flat one samples
+    /// at `T + r`, a sharp one near `max(T - r, 0)` (never below the least temperature), a lone
+    /// token at `T`.
+    #[test]
+    fn dynamic_temperature_follows_the_entropy() {
+        let p = SamplingParams {
+            dynatemp_range: 0.5,
+            ..params(1.0, 0, 1.0, 0.0, 1)
+        };
+        assert_eq!(p.temperature_at(&[2.0; 8]), 1.5);
+        let sharp = p.temperature_at(&[30.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+        assert!((0.5..0.5001).contains(&sharp), "{sharp}");
+        let mut lone = [f32::NEG_INFINITY; 8];
+        lone[3] = 1.0;
+        assert_eq!(p.temperature_at(&lone), 1.0);
+        let low = SamplingParams {
+            temperature: 0.3,
+            dynatemp_range: 0.5,
+            ..SamplingParams::GREEDY
+        };
+        assert_eq!(low.temperature_at(&[30.0, 0.0, 0.0]), MIN_TEMPERATURE);
+        // Squared, a half-spread distribution sits lower in the range than linearly.
+        let half = [4.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let squared = SamplingParams {
+            dynatemp_exponent: 2.0,
+            ..p.clone()
+        };
+        assert!(squared.temperature_at(&half) < p.temperature_at(&half));
+        assert_eq!(params(1.0, 0, 1.0, 0.0, 1).temperature_at(&half), 1.0);
     }
 
     /// XTC: when its draw says so, the top choices but the least likely go.

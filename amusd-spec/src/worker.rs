@@ -62,6 +62,8 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
     SamplingFields {
         seed: p.seed,
         temperature_bits: p.temperature.to_bits(),
+        dynatemp_range_bits: p.dynatemp_range.to_bits(),
+        dynatemp_exponent_bits: p.dynatemp_exponent.to_bits(),
         top_k: p.top_k,
         top_p_bits: p.top_p.to_bits(),
         min_p_bits: p.min_p.to_bits(),
@@ -100,6 +102,8 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
 pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
     let params = SamplingParams {
         temperature: f32::from_bits(f.temperature_bits),
+        dynatemp_range: f32::from_bits(f.dynatemp_range_bits),
+        dynatemp_exponent: f32::from_bits(f.dynatemp_exponent_bits),
         top_k: f.top_k,
         top_p: f32::from_bits(f.top_p_bits),
         min_p: f32::from_bits(f.min_p_bits),
@@ -836,6 +840,8 @@ mod tests {
         crate::RequestSampling {
             params: crate::SamplingParams {
                 temperature: [0.3, 0.7, 1.0, 1.5][rng.gen_range(0..4)],
+                dynatemp_range: [0.0, 0.0, 0.5][rng.gen_range(0..3)],
+                dynatemp_exponent: rng.gen_range(0.5..2.0),
                 top_k: if rng.gen_bool(0.5) {
                     0
                 } else {

@@ -279,6 +279,23 @@ pub struct SamplingArgs {
         allow_hyphen_values = true
     )]
     pub min_p: f32,
+    /// Dynamic temperature: each position samples at a temperature from T - R to T + R by how
+    /// spread its distribution is (llama.cpp's --dynatemp-range; 0: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "R",
+        allow_hyphen_values = true
+    )]
+    pub dynatemp_range: f32,
+    /// The dynamic temperature's exponent: how the spread maps onto the range (1: linearly).
+    #[arg(
+        long = "dynatemp-exp",
+        default_value_t = 1.0,
+        value_name = "E",
+        allow_hyphen_values = true
+    )]
+    pub dynatemp_exponent: f32,
     /// Locally typical sampling: keep the tokens nearest the expected information content, P of
     /// the probability mass (as llama.cpp's --typical; 1: off).
     #[arg(
@@ -365,6 +382,8 @@ impl SamplingArgs {
     pub fn resolve(&self) -> Result<RequestSampling> {
         let params = SamplingParams {
             temperature: self.temperature,
+            dynatemp_range: self.dynatemp_range,
+            dynatemp_exponent: self.dynatemp_exponent,
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
@@ -577,6 +596,8 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
     let num = |x: f32| x.to_string().parse::<f64>().unwrap_or(f64::from(x));
     serde_json::json!({
         "temperature": num(p.temperature),
+        "dynatemp_range": num(p.dynatemp_range),
+        "dynatemp_exponent": num(p.dynatemp_exponent),
         "top_k": p.top_k,
         "top_p": num(p.top_p),
         "min_p": num(p.min_p),
@@ -653,6 +674,12 @@ pub fn sampling_label(s: &RequestSampling) -> String {
     }
     if p.min_p > 0.0 {
         out.push_str(&format!(", min-p {}", p.min_p));
+    }
+    if p.dynatemp_range > 0.0 {
+        out.push_str(&format!(
+            ", dynamic temperature +-{} (exponent {})",
+            p.dynatemp_range, p.dynatemp_exponent
+        ));
     }
     if p.typical_p < 1.0 {
         out.push_str(&format!(", typical-p {}", p.typical_p));

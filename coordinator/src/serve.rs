@@ -365,6 +365,8 @@ fn token_logprobs(logprobs: &[Logprobs]) -> Vec<TokenLogprobs> {
 fn request_sampling(s: &Sampling, greedy_draft: bool) -> Result<RequestSampling, GenError> {
     let mut params = SamplingParams {
         temperature: s.temperature,
+        dynatemp_range: s.dynatemp_range,
+        dynatemp_exponent: s.dynatemp_exponent,
         top_k: s.top_k,
         top_p: s.top_p,
         min_p: s.min_p,

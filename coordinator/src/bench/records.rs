@@ -46,6 +46,11 @@ pub(super) struct SamplingRecord {
     pub(super) top_k: u32,
     pub(super) top_p: f32,
     pub(super) min_p: f32,
+    /// Records written before the dynamic temperature existed had it off.
+    #[serde(default)]
+    pub(super) dynatemp_range: f32,
+    #[serde(default = "linear")]
+    pub(super) dynatemp_exponent: f32,
     /// Records written before typical-p and XTC existed had them off.
     #[serde(default = "typical_off")]
     pub(super) typical_p: f32,
@@ -79,6 +84,10 @@ pub(super) struct SamplingRecord {
     pub(super) grammar: Option<(String, String)>,
 }
 
+fn linear() -> f32 {
+    SamplingParams::GREEDY.dynatemp_exponent
+}
+
 fn typical_off() -> f32 {
     SamplingParams::GREEDY.typical_p
 }
@@ -106,6 +115,8 @@ impl SamplingRecord {
         let p = &s.params;
         Self {
             temperature: p.temperature,
+            dynatemp_range: p.dynatemp_range,
+            dynatemp_exponent: p.dynatemp_exponent,
             top_k: p.top_k,
             top_p: p.top_p,
             min_p: p.min_p,
@@ -139,6 +150,8 @@ impl SamplingRecord {
         RequestSampling {
             params: SamplingParams {
                 temperature: self.temperature,
+                dynatemp_range: self.dynatemp_range,
+                dynatemp_exponent: self.dynatemp_exponent,
                 top_k: self.top_k,
                 top_p: self.top_p,
                 min_p: self.min_p,
