@@ -62,6 +62,13 @@ fn main() -> anyhow::Result<()> {
                     },
                 ),
                 (
+                    format!("T {t}, dynamic temperature +-0.5"),
+                    SamplingParams {
+                        dynatemp_range: 0.5,
+                        ..base(t)
+                    },
+                ),
+                (
                     format!("T {t}, DRY 0.8 (no breakers)"),
                     SamplingParams {
                         dry: Dry {
