@@ -80,6 +80,10 @@ pub struct RawRequest {
     pub function_call: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
+    /// llama.cpp's samplers we do not have (0 / -1 / 1 are their "off").
+    pub mirostat: Option<Value>,
+    pub top_n_sigma: Option<f64>,
+    pub tfs_z: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -331,6 +335,12 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
     };
     let refused = [
         ("best_of", r.best_of.is_some_and(|n| n != 1)),
+        (
+            "mirostat",
+            set(&r.mirostat) && r.mirostat != Some(Value::from(0)),
+        ),
+        ("top_n_sigma", r.top_n_sigma.is_some_and(|n| n > 0.0)),
+        ("tfs_z", r.tfs_z.is_some_and(|z| z != 1.0)),
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
         ("suffix", set(&r.suffix)),
@@ -1083,7 +1093,12 @@ mod tests {
     #[test]
     fn unsupported_parameters_are_refused_by_name() {
         let base = r#""messages":[{"role":"user","content":"x"}]"#;
-        for (extra, name) in [(r#""best_of":2"#, "best_of"), (r#""suffix":"x""#, "suffix")] {
+        for (extra, name) in [
+            (r#""best_of":2"#, "best_of"),
+            (r#""suffix":"x""#, "suffix"),
+            (r#""mirostat":2"#, "mirostat"),
+            (r#""top_n_sigma":1.5"#, "top_n_sigma"),
+        ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");
             assert!(e.message.contains(name), "{e:?}");
@@ -1091,7 +1106,7 @@ mod tests {
         // Their neutral values are accepted.
         check(
             &format!(
-                r#"{{{base},"n":1,"logprobs":false,"tools":[],"tool_choice":"none",
+                r#"{{{base},"n":1,"logprobs":false,"tools":[],"tool_choice":"none","mirostat":0,"top_n_sigma":-1,"tfs_z":1,
                 "response_format":{{"type":"text"}},"presence_penalty":0,"logit_bias":{{}}}}"#
             ),
             Endpoint::Chat,
