@@ -11,11 +11,11 @@
 //! "singing". llguidance first splits the text into its terminals, greedily, and would read that
 //! "ing" as the literal and then refuse the rest. So every terminal here is one character: each
 //! rule stays a Lark rule, a literal becomes a sequence of one-character literals, a class a
-//! one-character regex, and the Earley parser sees what llama.cpp's sees. The price is speed
-//! where a grammar lets most of the vocabulary through one character at a time (a JSON string's
-//! body: ~2.4 ms a mask on the 49k vocabulary, against ~0.05 ms for the same JSON as a schema;
-//! `cargo run --release -p amusd-grammar --example grammar_cost`); a Lark grammar with regex
-//! terminals, or a JSON schema, says the same faster.
+//! one-character regex, and the Earley parser sees what llama.cpp's sees. That is dear where a
+//! grammar lets most of the vocabulary through one character at a time (a JSON string's body:
+//! ~2.4 ms a mask on the 49k vocabulary), so a quoted string whose reading cannot differ is one
+//! regex terminal instead ([`delimited`]: JSON in GBNF then masks in ~0.06 ms, as a schema does;
+//! `cargo run --release -p amusd-grammar --example grammar_cost`).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -32,8 +32,16 @@ pub struct GbnfError {
 /// The prefix that marks a grammar as llguidance's Lark (as llama.cpp reads it).
 pub const LLGUIDANCE_PREFIX: &str = "%llguidance";
 
+mod delimited;
+
 /// `src` (GBNF) as a Lark grammar whose `start` is GBNF's `root`.
 pub fn to_lark(src: &str) -> Result<String, GbnfError> {
+    convert(src, true)
+}
+
+/// [`to_lark`], with delimited strings read as one terminal where that is exact
+/// ([`delimited`]) or never.
+pub(crate) fn convert(src: &str, collapse: bool) -> Result<String, GbnfError> {
     if src.trim_start().starts_with(LLGUIDANCE_PREFIX) {
         return Ok(src.to_string());
     }
@@ -47,8 +55,20 @@ pub fn to_lark(src: &str) -> Result<String, GbnfError> {
             message: "no `root` rule: GBNF starts at `root ::= ...`".into(),
         });
     }
-    for r in &rules {
-        let _ = writeln!(out, "{}: {}", lark_name(&r.name), alternatives(&r.body));
+    let collapsed = match collapse {
+        true => delimited::collapsible(&rules),
+        false => Default::default(),
+    };
+    for (i, r) in rules.iter().enumerate() {
+        let body = match collapsed.get(&i) {
+            // The rule is one sequence; its first three items are the string.
+            Some(regex) => match &r.body[0][3..] {
+                [] => format!("/{regex}/"),
+                rest => format!("/{regex}/ {}", sequence(rest)),
+            },
+            None => alternatives(&r.body),
+        };
+        let _ = writeln!(out, "{}: {body}", lark_name(&r.name));
     }
     Ok(out)
 }
@@ -112,11 +132,11 @@ fn lark_name(name: &str) -> String {
 }
 
 fn alternatives(alts: &[Seq]) -> String {
-    let seqs: Vec<String> = alts.iter().map(sequence).collect();
+    let seqs: Vec<String> = alts.iter().map(|s| sequence(s)).collect();
     seqs.join(" | ")
 }
 
-fn sequence(seq: &Seq) -> String {
+fn sequence(seq: &[Item]) -> String {
     if seq.is_empty() {
         return "\"\"".into();
     }
@@ -572,6 +592,31 @@ mod tests {
             to_lark(g).unwrap(),
             "start: root\nroot: (\"A\" \"\u{e9}\" \"\u{1F600}\" \"\\u0009\" \"\\\"\" \"\\\\\") /[\\x{5b}\\x{5d}\\x{2d}]/\n"
         );
+    }
+
+    #[test]
+    fn a_delimited_string_is_one_terminal_only_where_that_is_exact() {
+        let json = "root ::= str \":\" str\nstr ::= \"\\\"\" ( [^\"\\\\] | \"\\\\\" [\"nt] )* \"\\\"\" ws\nws ::= \" \"?\n";
+        let lark = to_lark(json).unwrap();
+        assert!(
+            lark.contains("str: /\\x{22}(?:(?:(?:[^\\x{22}\\x{5c}])|(?:\\x{5c})(?:[\\x{22}nt])))*\\x{22}/ ws\n"),
+            "{lark}"
+        );
+        assert!(!convert(json, false).unwrap().contains("/\\x{22}("));
+        // Another rule that reads the quote, a body that may start with it, a rule reference in
+        // it, or a second string of the same quote: character by character.
+        for g in [
+            "root ::= str \"\\\"\"\nstr ::= \"\\\"\" [a-z]* \"\\\"\"\n",
+            "root ::= \"'\" [^\\n]* \"'\"\n",
+            "root ::= \"'\" ( x )* \"'\"\nx ::= [a-z]\n",
+            "root ::= a b\na ::= \"'\" [a-z]* \"'\"\nb ::= \"'\" [0-9]* \"'\"\n",
+        ] {
+            assert!(
+                !to_lark(g).unwrap().contains("(?:"),
+                "{g}: {}",
+                to_lark(g).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -304,3 +304,57 @@ proptest! {
         }
     }
 }
+
+/// JSON in GBNF, as llama.cpp users write it.
+const JSON_GBNF: &str = r#"root ::= object
+value ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
+proptest! {
+    /// A string read as one terminal (`gbnf::delimited`) accepts what the character-by-character
+    /// reading does: walks through either are sentences of the other.
+    #[test]
+    fn a_collapsed_string_reads_as_the_characters_do(seed in 1u64..10_000) {
+        let (c, stop) = compiler();
+        let (v, _) = vocabulary();
+        let fast = Grammar::new(GrammarKind::Gbnf, JSON_GBNF);
+        let lark = crate::gbnf::convert(JSON_GBNF, false).unwrap();
+        prop_assert!(crate::gbnf::to_lark(JSON_GBNF).unwrap().contains("string: /"));
+        let slow = Grammar::new(GrammarKind::Lark, lark);
+        for (walked, other) in [(&fast, &slow), (&slow, &fast)] {
+            let mut m = c.constraint(walked).unwrap();
+            let (tokens, done) = walk(&mut m, c.vocab_size(), stop, seed, 120);
+            if done {
+                let t = text(&v, &tokens);
+                prop_assert!(accepts(&c, stop, other, &t), "{:?}", t);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_collapsed_string_keeps_the_verdicts() {
+    let (c, stop) = compiler();
+    let fast = Grammar::new(GrammarKind::Gbnf, JSON_GBNF);
+    let slow = Grammar::new(
+        GrammarKind::Lark,
+        crate::gbnf::convert(JSON_GBNF, false).unwrap(),
+    );
+    for (text, ok) in [
+        (r#"{"a": "b\"c", "d": [1, -2.5e3, true, null, {}]}"#, true),
+        (r#"{"\u00e9x": "tab\tinside"}"#, true),
+        ("{\"a\": \"a raw\ttab\"}", false),
+        (r#"{"k": "\q"}"#, false),
+        (r#"{"": ""} "#, true),
+        (r#"{"a" "b"}"#, false),
+        (r#"{"a": "b""#, false),
+    ] {
+        assert_eq!(accepts(&c, stop, &fast, text), ok, "{text}");
+        assert_eq!(accepts(&c, stop, &slow, text), ok, "{text}");
+    }
+}
