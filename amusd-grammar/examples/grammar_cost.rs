@@ -13,16 +13,6 @@ const SCHEMA: &str = r#"{"type": "object", "properties": {"name": {"type": "stri
     "tags": {"type": "array", "items": {"type": "string"}}, "score": {"type": "number"}},
     "required": ["name", "tags", "score"]}"#;
 
-/// JSON in GBNF, as llama.cpp users write it (character-level strings: the dearest case).
-const JSON_GBNF: &str = r#"root ::= object
-value ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-"#;
-
 fn main() {
     let path = std::env::args()
         .nth(1)
@@ -44,7 +34,7 @@ fn main() {
         Grammar::new(GrammarKind::JsonSchema, SCHEMA),
         Grammar::new(GrammarKind::Regex, r"(.|\n)*"),
         Grammar::new(GrammarKind::JsonSchema, r#"{"type": "string"}"#),
-        Grammar::new(GrammarKind::Gbnf, JSON_GBNF),
+        Grammar::new(GrammarKind::Gbnf, amusd_grammar::gbnf::JSON_OBJECT),
     ] {
         let t = Instant::now();
         let mut m = c.constraint(&g).unwrap();

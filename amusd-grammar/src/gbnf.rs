@@ -29,6 +29,17 @@ pub struct GbnfError {
     pub message: String,
 }
 
+/// JSON in GBNF, as llama.cpp's `grammars/json.gbnf` writes it (any JSON object): for examples,
+/// tests and the cost measurements.
+pub const JSON_OBJECT: &str = r#"root ::= object
+value ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+"#;
+
 /// The prefix that marks a grammar as llguidance's Lark (as llama.cpp reads it).
 pub const LLGUIDANCE_PREFIX: &str = "%llguidance";
 
@@ -174,18 +185,7 @@ fn term(t: &Term) -> String {
             format!("({})", chars.join(" "))
         }
         Term::Literal(l) => literal(l),
-        Term::Class { negated, ranges } => {
-            let mut s = String::from(if *negated { "/[^" } else { "/[" });
-            for &(lo, hi) in ranges {
-                class_char(&mut s, lo);
-                if hi != lo {
-                    s.push('-');
-                    class_char(&mut s, hi);
-                }
-            }
-            s.push_str("]/");
-            s
-        }
+        Term::Class { negated, ranges } => format!("/{}/", class_regex(*negated, ranges)),
         Term::Any => "/(?s:.)/".into(),
         Term::Ref { name, .. } => lark_name(name),
         Term::Group(alts) => format!("({})", alternatives(alts)),
@@ -207,6 +207,20 @@ fn literal(l: &str) -> String {
         }
     }
     s.push('"');
+    s
+}
+
+/// A class as a regex (`[...]` or `[^...]`).
+fn class_regex(negated: bool, ranges: &[(char, char)]) -> String {
+    let mut s = String::from(if negated { "[^" } else { "[" });
+    for &(lo, hi) in ranges {
+        class_char(&mut s, lo);
+        if hi != lo {
+            s.push('-');
+            class_char(&mut s, hi);
+        }
+    }
+    s.push(']');
     s
 }
 

@@ -305,15 +305,7 @@ proptest! {
     }
 }
 
-/// JSON in GBNF, as llama.cpp users write it.
-const JSON_GBNF: &str = r#"root ::= object
-value ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
-array ::= "[" ws ( value ("," ws value)* )? "]" ws
-string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9]{1,15})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-"#;
+const JSON_GBNF: &str = crate::gbnf::JSON_OBJECT;
 
 proptest! {
     /// A string read as one terminal (`gbnf::delimited`) accepts what the character-by-character

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use super::{class_char, Item, Rep, Rule, Seq, Term};
+use super::{class_char, class_regex, Item, Rep, Rule, Seq, Term};
 
 /// The rules whose opening `D (X)* D` becomes one terminal: rule index to the regex (without
 /// Lark's slashes).
@@ -132,17 +132,7 @@ fn term_regex(t: &Term) -> Option<String> {
     let mut s = String::new();
     match t {
         Term::Literal(l) => l.chars().for_each(|c| class_char(&mut s, c)),
-        Term::Class { negated, ranges } => {
-            s.push_str(if *negated { "[^" } else { "[" });
-            for &(lo, hi) in ranges {
-                class_char(&mut s, lo);
-                if hi != lo {
-                    s.push('-');
-                    class_char(&mut s, hi);
-                }
-            }
-            s.push(']');
-        }
+        Term::Class { negated, ranges } => s.push_str(&class_regex(*negated, ranges)),
         Term::Any => s.push_str("(?s:.)"),
         Term::Ref { .. } => return None,
         Term::Group(alts) => {
