@@ -171,26 +171,22 @@ pub(crate) fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, A
 }
 
 /// Parses a body of llama.cpp's `/completion`: its names mapped onto the OpenAI fields
-/// (`n_predict` to `max_tokens`, -1 none; `n_probs` to completions' `logprobs`; `logit_bias` as
+/// (`n_predict` to `max_tokens`, which it wins over, -1 none; `n_probs` to completions'
+/// `logprobs`; `logit_bias` as
 /// `[[id, bias], ...]` pairs, `false` banning, to the object form), and what it does not have
 /// (`n`, `echo`, chat's fields) left out. Validate it as a completion.
 pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
     let mut value = json_object(body, "{\"prompt\": \"...\"}")?;
     let o = value.as_object_mut().expect("checked to be an object");
-    for key in [
-        "n",
-        "echo",
-        "best_of",
-        "messages",
-        "tools",
-        "tool_choice",
-        "max_tokens",
-    ] {
+    for key in ["n", "echo", "best_of", "messages", "tools", "tool_choice"] {
         o.remove(key);
     }
+    // `n_predict` wins over `max_tokens` (llama.cpp reads both).
     match o.remove("n_predict") {
         None | Some(Value::Null) => {}
-        Some(n) if n == -1 => {}
+        Some(n) if n == -1 => {
+            o.remove("max_tokens");
+        }
         Some(n) if n.as_u64().is_some() => {
             o.insert("max_tokens".into(), n);
         }

@@ -762,6 +762,11 @@ async fn llama_cpp_completion() {
     let text = openai["choices"][0]["text"].as_str().unwrap();
     let (status, v) = json_call(&s, "/completion", r#"{"prompt":"abc","n_predict":5}"#).await;
     assert_eq!(status, 200, "{v}");
+    // llama.cpp also reads `max_tokens`; `n_predict` wins.
+    let (_, alias) = json_call(&s, "/completion", r#"{"prompt":"abc","max_tokens":5}"#).await;
+    assert_eq!(alias["content"], text);
+    let both = r#"{"prompt":"abc","max_tokens":2,"n_predict":5}"#;
+    assert_eq!(json_call(&s, "/completion", both).await.1["content"], text);
     assert_eq!(v["content"], text);
     assert_eq!(
         (v["stop"].as_bool(), v["stop_type"].as_str()),
