@@ -533,7 +533,7 @@ fn worker_started_by_hand_with_wrong_arguments() {
 fn sampling_values_out_of_range() {
     let f = fixtures();
     let model = s(&f.hf);
-    let cases: [(&str, &str, &[&str]); 15] = [
+    let cases: [(&str, &str, &[&str]); 16] = [
         ("--temperature", "-1", &["temperature", "-1"]),
         ("--temperature", "nan", &["temperature", "NaN"]),
         ("--temperature", "inf", &["temperature", "inf"]),
@@ -547,6 +547,7 @@ fn sampling_values_out_of_range() {
         ("--xtc-threshold", "-1", &["xtc threshold", "-1"]),
         ("--dry-base", "9", &["dry base", "[1, 4]"]),
         ("--dynatemp-range", "-1", &["dynamic temperature", "-1"]),
+        ("--top-n-sigma", "nan", &["top-n-sigma", "NaN"]),
         (
             "--dry-penalty-last-n",
             "-2",

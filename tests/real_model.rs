@@ -386,7 +386,7 @@ fn identical_across_strategies(
 }
 
 /// Sampling keeps the strategies identical: for each temperature the issue names, with and without
-/// top-k / top-p / min-p / typical-p / XTC / dynamic temperature, several seeds, ar, sd and amusd produce the same tokens; the same seed
+/// top-k / top-p / min-p / top-n-sigma / typical-p / XTC / dynamic temperature, several seeds, ar, sd and amusd produce the same tokens; the same seed
 /// gives the same text again and another seed a different one.
 #[test]
 fn sampling_is_token_identical_across_strategies() {
@@ -422,6 +422,8 @@ fn sampling_is_token_identical_across_strategies() {
             "0.9",
             "--xtc-probability",
             "0.5",
+            "--top-n-sigma",
+            "2",
         ],
         &[
             "--temperature",

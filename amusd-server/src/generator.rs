@@ -23,6 +23,8 @@ pub struct Sampling {
     pub top_p: f32,
     /// 0: off.
     pub min_p: f32,
+    /// llama.cpp's top-n-sigma; 0 or less: off.
+    pub top_n_sigma: f32,
     /// 1: off.
     pub typical_p: f32,
     /// XTC: how often it removes the top choices (0: off), and from which probability a token
@@ -95,6 +97,7 @@ impl Default for Sampling {
             top_k: 0,
             top_p: 1.0,
             min_p: 0.0,
+            top_n_sigma: 0.0,
             typical_p: 1.0,
             xtc_probability: 0.0,
             xtc_threshold: 0.1,

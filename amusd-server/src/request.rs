@@ -27,6 +27,7 @@ pub struct RawRequest {
     pub min_p: Option<f32>,
     /// llama.cpp's and Hugging Face's typical-p, llama.cpp's XTC.
     pub typical_p: Option<f32>,
+    pub top_n_sigma: Option<f32>,
     pub xtc_probability: Option<f32>,
     pub xtc_threshold: Option<f32>,
     pub seed: Option<u64>,
@@ -80,9 +81,8 @@ pub struct RawRequest {
     pub function_call: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
-    /// llama.cpp's samplers we do not have (0 / -1 / 1 are their "off").
+    /// llama.cpp's samplers we do not have (0 and 1 are their "off").
     pub mirostat: Option<Value>,
-    pub top_n_sigma: Option<f64>,
     pub tfs_z: Option<f64>,
 }
 
@@ -335,7 +335,6 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
             "mirostat",
             set(&r.mirostat) && r.mirostat != Some(Value::from(0)),
         ),
-        ("top_n_sigma", r.top_n_sigma.is_some_and(|n| n > 0.0)),
         ("tfs_z", r.tfs_z.is_some_and(|z| z != 1.0)),
         ("functions", set(&r.functions)),
         ("function_call", set(&r.function_call)),
@@ -541,6 +540,13 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         }
     };
     let typical_p = unit("typical_p", r.typical_p, 1.0, true)?;
+    let top_n_sigma = r.top_n_sigma.unwrap_or(0.0);
+    if !top_n_sigma.is_finite() {
+        return Err(ApiError::bad_param(
+            "top_n_sigma",
+            format!("top_n_sigma {top_n_sigma} must be a number (0 or less: off)"),
+        ));
+    }
     let dynatemp_range = r.dynatemp_range.unwrap_or(0.0);
     if !(dynatemp_range.is_finite() && dynatemp_range >= 0.0) {
         return Err(ApiError::bad_param(
@@ -567,6 +573,7 @@ fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         top_k,
         top_p,
         min_p,
+        top_n_sigma,
         typical_p,
         xtc_probability,
         xtc_threshold,
@@ -790,6 +797,7 @@ mod tests {
                 top_k: 0,
                 top_p: 0.9,
                 min_p: 0.1,
+                top_n_sigma: 0.0,
                 typical_p: 0.95,
                 xtc_probability: 0.5,
                 xtc_threshold: 0.1,
@@ -1093,7 +1101,6 @@ mod tests {
             (r#""best_of":2"#, "best_of"),
             (r#""suffix":"x""#, "suffix"),
             (r#""mirostat":2"#, "mirostat"),
-            (r#""top_n_sigma":1.5"#, "top_n_sigma"),
         ] {
             let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
             assert_eq!(e.param.as_deref(), Some(name), "{extra}");
@@ -1102,7 +1109,7 @@ mod tests {
         // Their neutral values are accepted.
         check(
             &format!(
-                r#"{{{base},"n":1,"logprobs":false,"tools":[],"tool_choice":"none","mirostat":0,"top_n_sigma":-1,"tfs_z":1,
+                r#"{{{base},"n":1,"logprobs":false,"tools":[],"tool_choice":"none","mirostat":0,"tfs_z":1,
                 "response_format":{{"type":"text"}},"presence_penalty":0,"logit_bias":{{}}}}"#
             ),
             Endpoint::Chat,

@@ -427,6 +427,9 @@ pub struct RequestSection {
     /// The dynamic temperature's exponent as f32 bits (layout 10). Writer and readers: as
     /// `typical_p_bits`.
     pub dynatemp_exponent_bits: AtomicU32,
+    /// top-n-sigma as f32 bits, 0.0 or less = off (layout 10). Writer and readers: as
+    /// `typical_p_bits`.
+    pub top_n_sigma_bits: AtomicU32,
 }
 
 /// The running request's DRY sequence breakers (layout 10): which tokens end a repeated run, as
@@ -749,6 +752,7 @@ mod tests {
         assert_eq!(offset_of!(RequestSection, dry_last_n), 2464);
         assert_eq!(offset_of!(RequestSection, dynatemp_range_bits), 2468);
         assert_eq!(offset_of!(RequestSection, dynatemp_exponent_bits), 2472);
+        assert_eq!(offset_of!(RequestSection, top_n_sigma_bits), 2476);
         assert_eq!(size_of::<RequestSection>(), 2496);
         assert_eq!(size_of::<LogprobBuffer>(), TOKEN_CAPACITY * 21 * 8);
 

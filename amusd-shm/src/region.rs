@@ -55,6 +55,8 @@ pub struct SamplingFields {
     pub top_p_bits: u32,
     /// min-p (f32 bits); 0.0 = off.
     pub min_p_bits: u32,
+    /// top-n-sigma (f32 bits); 0.0 or less = off.
+    pub top_n_sigma_bits: u32,
     /// typical-p (f32 bits); 1.0 = off.
     pub typical_p_bits: u32,
     /// XTC's probability (f32 bits); 0.0 = off.
@@ -109,6 +111,7 @@ impl SamplingFields {
         top_k: 0,
         top_p_bits: 0x3f80_0000, // 1.0f32
         min_p_bits: 0,
+        top_n_sigma_bits: 0,
         typical_p_bits: 0x3f80_0000, // 1.0f32
         xtc_probability_bits: 0,
         xtc_threshold_bits: 0x3dcc_cccd, // 0.1f32
@@ -604,6 +607,7 @@ impl Region {
         rq.top_k.store(sm.top_k, r);
         rq.top_p_bits.store(sm.top_p_bits, r);
         rq.min_p_bits.store(sm.min_p_bits, r);
+        rq.top_n_sigma_bits.store(sm.top_n_sigma_bits, r);
         rq.typical_p_bits.store(sm.typical_p_bits, r);
         rq.xtc_probability_bits.store(sm.xtc_probability_bits, r);
         rq.xtc_threshold_bits.store(sm.xtc_threshold_bits, r);
@@ -697,6 +701,7 @@ impl Region {
                         top_k: rq.top_k.load(r),
                         top_p_bits: rq.top_p_bits.load(r),
                         min_p_bits: rq.min_p_bits.load(r),
+                        top_n_sigma_bits: rq.top_n_sigma_bits.load(r),
                         typical_p_bits: rq.typical_p_bits.load(r),
                         xtc_probability_bits: rq.xtc_probability_bits.load(r),
                         xtc_threshold_bits: rq.xtc_threshold_bits.load(r),
@@ -1280,6 +1285,7 @@ mod tests {
                 top_k: 40,
                 top_p_bits: 0.9f32.to_bits(),
                 min_p_bits: 0.05f32.to_bits(),
+                top_n_sigma_bits: 1.5f32.to_bits(),
                 typical_p_bits: 0.95f32.to_bits(),
                 xtc_probability_bits: 0.5f32.to_bits(),
                 xtc_threshold_bits: 0.2f32.to_bits(),

@@ -351,7 +351,10 @@ mod tests {
             prop_oneof![Just(0u32), 1u32..20],
             prop_oneof![Just(1.0f32), 0.3f32..1.0],
             (
-                prop_oneof![Just(0.0f32), 0.0f32..0.3],
+                (
+                    prop_oneof![Just(0.0f32), 0.0f32..0.3],
+                    prop_oneof![Just(0.0f32), 0.5f32..3.0],
+                ),
                 prop_oneof![Just(1.0f32), 0.2f32..1.0],
                 prop_oneof![Just(0.0f32), 0.0f32..=1.0],
                 0.0f32..0.6,
@@ -373,7 +376,7 @@ mod tests {
                     (t, dynatemp_range),
                     top_k,
                     top_p,
-                    (min_p, typical_p, xtc_probability, xtc_threshold),
+                    ((min_p, top_n_sigma), typical_p, xtc_probability, xtc_threshold),
                     seed,
                     greedy_draft,
                     no_draft_lookup,
@@ -388,6 +391,7 @@ mod tests {
                             top_k,
                             top_p,
                             min_p,
+                            top_n_sigma,
                             typical_p,
                             xtc_probability,
                             xtc_threshold,

@@ -43,6 +43,9 @@
 //! 2. `s_i = logit_i / T` in f32; a NaN logit is masked (as -inf). With a dynamic temperature
 //!    (llama.cpp's `dynatemp_range`), `T` is the position's, from the entropy of the logits'
 //!    distribution ([`SamplingParams::temperature_at`]).
+//!    Then top-n-sigma (`n > 0`, llama.cpp's `--top-n-sigma`): keep the tokens with
+//!    `s_i >= s_max - n * sigma`, `sigma` the standard deviation of the unmasked `s` (mean and
+//!    variance f32 sums in increasing id order).
 //! 3. top-k (`k > 0`): keep the k largest `s_i`, ties to the lowest id.
 //! 4. top-p (`p < 1`): with `q_i = expf(s_i - s_max)` (f32) and `Z` their f32 sum over the
 //!    survivors in increasing id order, keep the shortest run of survivors in decreasing `s` order
@@ -92,6 +95,8 @@ pub enum SamplingError {
     DynatempRange(f32),
     #[error("the dynamic temperature's exponent must be a finite number > 0, got {0}")]
     DynatempExponent(f32),
+    #[error("top-n-sigma must be a finite number (0 or less turns it off), got {0}")]
+    TopNSigma(f32),
     #[error("typical-p must be in (0, 1] (1 turns it off), got {0}")]
     TypicalP(f32),
     #[error("the XTC probability must be in [0, 1] (0 turns it off), got {0}")]
@@ -138,6 +143,9 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Keep tokens at least `min_p` times as likely as the most likely one; 0 turns it off.
     pub min_p: f32,
+    /// Keep tokens within this many standard deviations of the largest logit (llama.cpp's
+    /// `top_n_sigma`); 0 or less turns it off.
+    pub top_n_sigma: f32,
     /// Keep the tokens closest to the expected information content, `typical_p` of the
     /// probability mass; 1 turns it off.
     pub typical_p: f32,
@@ -170,6 +178,7 @@ impl SamplingParams {
         top_k: 0,
         top_p: 1.0,
         min_p: 0.0,
+        top_n_sigma: 0.0,
         typical_p: 1.0,
         xtc_probability: 0.0,
         xtc_threshold: 0.1,
@@ -196,6 +205,9 @@ impl SamplingParams {
         }
         if !(self.dynatemp_exponent.is_finite() && self.dynatemp_exponent > 0.0) {
             return Err(SamplingError::DynatempExponent(self.dynatemp_exponent));
+        }
+        if !self.top_n_sigma.is_finite() {
+            return Err(SamplingError::TopNSigma(self.top_n_sigma));
         }
         if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
             return Err(SamplingError::TypicalP(self.typical_p));
@@ -521,6 +533,9 @@ impl Sampler {
         }
         let top = first_max(scaled, &self.survivors)?;
         let s_max = scaled[top as usize];
+        if p.top_n_sigma > 0.0 {
+            within_sigmas(scaled, &mut self.survivors, s_max, p.top_n_sigma);
+        }
         let by_rank = |a: &u32, b: &u32| {
             let (sa, sb) = (scaled[*a as usize], scaled[*b as usize]);
             sb.partial_cmp(&sa)
@@ -635,6 +650,19 @@ fn exclude_top_choices(
         j += 1;
         !gone
     });
+}
+
+/// Top-n-sigma (step 2 of the module docs): keeps the survivors within `n` standard deviations
+/// of the largest.
+fn within_sigmas(scaled: &[f32], survivors: &mut Vec<u32>, s_max: f32, n: f32) {
+    let count = survivors.len() as f32;
+    let mean = survivors.iter().map(|&i| scaled[i as usize]).sum::<f32>() / count;
+    let variance = (survivors.iter())
+        .map(|&i| (scaled[i as usize] - mean) * (scaled[i as usize] - mean))
+        .sum::<f32>()
+        / count;
+    let cut = s_max - n * libm::sqrtf(variance);
+    survivors.retain(|&i| scaled[i as usize] >= cut);
 }
 
 /// Drops survivors that cannot be among the `k` largest (as a superset, in id order): a cutoff
@@ -1097,6 +1125,28 @@ mod tests {
         };
         assert!(squared.temperature_at(&half) < p.temperature_at(&half));
         assert_eq!(params(1.0, 0, 1.0, 0.0, 1).temperature_at(&half), 1.0);
+    }
+
+    /// Top-n-sigma keeps the tokens within n standard deviations of the largest: logits 10, 8, 0,
+    /// 0, 0, 0 have mean 3 and sigma 4.28, so 1 sigma keeps 10 and 8 (cut 5.72), 3 keep all.
+    #[test]
+    fn top_n_sigma_keeps_the_tokens_near_the_top() {
+        let logits = [0.0f32, 10.0, 0.0, 8.0, 0.0, 0.0];
+        let sigma = |n: f32| SamplingParams {
+            top_n_sigma: n,
+            ..params(1.0, 0, 1.0, 0.0, 1)
+        };
+        let survivors = |p: SamplingParams| sorted(Sampler::new(p).survivors(&logits, 0).to_vec());
+        assert_eq!(survivors(sigma(1.0)), vec![1, 3]);
+        assert_eq!(survivors(sigma(0.1)), vec![1]);
+        assert_eq!(survivors(sigma(3.0)), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(survivors(sigma(0.0)), vec![0, 1, 2, 3, 4, 5]);
+        assert!(SamplingParams {
+            top_n_sigma: f32::NAN,
+            ..SamplingParams::GREEDY
+        }
+        .validate()
+        .is_err());
     }
 
     /// XTC: when its draw says so, the top choices but the least likely go.

@@ -67,6 +67,7 @@ pub fn sampling_fields(s: &RequestSampling) -> SamplingFields {
         top_k: p.top_k,
         top_p_bits: p.top_p.to_bits(),
         min_p_bits: p.min_p.to_bits(),
+        top_n_sigma_bits: p.top_n_sigma.to_bits(),
         typical_p_bits: p.typical_p.to_bits(),
         xtc_probability_bits: p.xtc_probability.to_bits(),
         xtc_threshold_bits: p.xtc_threshold.to_bits(),
@@ -107,6 +108,7 @@ pub fn sampling_of(f: &SamplingFields) -> Result<RequestSampling, SpecError> {
         top_k: f.top_k,
         top_p: f32::from_bits(f.top_p_bits),
         min_p: f32::from_bits(f.min_p_bits),
+        top_n_sigma: f32::from_bits(f.top_n_sigma_bits),
         typical_p: f32::from_bits(f.typical_p_bits),
         xtc_probability: f32::from_bits(f.xtc_probability_bits),
         xtc_threshold: f32::from_bits(f.xtc_threshold_bits),
@@ -857,6 +859,7 @@ mod tests {
                 } else {
                     rng.gen_range(0.0..0.3)
                 },
+                top_n_sigma: [0.0, 0.0, 1.0, 2.5][rng.gen_range(0..4)],
                 typical_p: if rng.gen_bool(0.7) {
                     1.0
                 } else {

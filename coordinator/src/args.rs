@@ -279,6 +279,15 @@ pub struct SamplingArgs {
         allow_hyphen_values = true
     )]
     pub min_p: f32,
+    /// Keep tokens within N standard deviations of the largest logit (llama.cpp's
+    /// --top-n-sigma; 0 or less: off).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
+    pub top_n_sigma: f32,
     /// Dynamic temperature: each position samples at a temperature from T - R to T + R by how
     /// spread its distribution is (llama.cpp's --dynatemp-range; 0: off).
     #[arg(
@@ -387,6 +396,7 @@ impl SamplingArgs {
             top_k: self.top_k,
             top_p: self.top_p,
             min_p: self.min_p,
+            top_n_sigma: self.top_n_sigma,
             typical_p: self.typical_p,
             xtc_probability: self.xtc_probability,
             xtc_threshold: self.xtc_threshold,
@@ -601,6 +611,7 @@ pub fn sampling_json(s: &RequestSampling) -> serde_json::Value {
         "top_k": p.top_k,
         "top_p": num(p.top_p),
         "min_p": num(p.min_p),
+        "top_n_sigma": num(p.top_n_sigma),
         "typical_p": num(p.typical_p),
         "xtc_probability": num(p.xtc_probability),
         "xtc_threshold": num(p.xtc_threshold),
@@ -674,6 +685,9 @@ pub fn sampling_label(s: &RequestSampling) -> String {
     }
     if p.min_p > 0.0 {
         out.push_str(&format!(", min-p {}", p.min_p));
+    }
+    if p.top_n_sigma > 0.0 {
+        out.push_str(&format!(", top-n-sigma {}", p.top_n_sigma));
     }
     if p.dynatemp_range > 0.0 {
         out.push_str(&format!(

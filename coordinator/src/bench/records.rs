@@ -46,6 +46,9 @@ pub(super) struct SamplingRecord {
     pub(super) top_k: u32,
     pub(super) top_p: f32,
     pub(super) min_p: f32,
+    /// Records written before top-n-sigma existed had it off.
+    #[serde(default)]
+    pub(super) top_n_sigma: f32,
     /// Records written before the dynamic temperature existed had it off.
     #[serde(default)]
     pub(super) dynatemp_range: f32,
@@ -120,6 +123,7 @@ impl SamplingRecord {
             top_k: p.top_k,
             top_p: p.top_p,
             min_p: p.min_p,
+            top_n_sigma: p.top_n_sigma,
             typical_p: p.typical_p,
             xtc_probability: p.xtc_probability,
             xtc_threshold: p.xtc_threshold,
@@ -155,6 +159,7 @@ impl SamplingRecord {
                 top_k: self.top_k,
                 top_p: self.top_p,
                 min_p: self.min_p,
+                top_n_sigma: self.top_n_sigma,
                 typical_p: self.typical_p,
                 xtc_probability: self.xtc_probability,
                 xtc_threshold: self.xtc_threshold,
