@@ -69,10 +69,17 @@ pub struct DrySampling {
     pub allowed_length: u32,
     /// `u32::MAX`: the whole sequence; 0: off.
     pub last_n: u32,
-    pub sequence_breakers: Vec<String>,
+    /// None: the decoders' own default (llama.cpp's: newline, colon, double quote, asterisk).
+    pub sequence_breakers: Option<Vec<String>>,
     /// The tokens whose text holds a breaker, as a bit set ([`Codec::dry_breakers`]; the
     /// handler fills it).
     pub breakers: Vec<u64>,
+}
+
+impl DrySampling {
+    pub fn is_off(&self) -> bool {
+        self.multiplier == 0.0 || self.last_n == 0
+    }
 }
 
 impl Default for DrySampling {
@@ -82,7 +89,7 @@ impl Default for DrySampling {
             base: 1.75,
             allowed_length: 2,
             last_n: u32::MAX,
-            sequence_breakers: ["\n", ":", "\"", "*"].map(String::from).to_vec(),
+            sequence_breakers: None,
             breakers: Vec::new(),
         }
     }
@@ -185,9 +192,9 @@ pub trait Codec: Send + Sync {
     fn chat_template(&self) -> Option<String> {
         None
     }
-    /// DRY's breaker set for `breakers`: bit `t % 64` of word `t / 64` set for each token `t`
-    /// whose text holds one. A model without text has none.
-    fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {
+    /// DRY's breaker set for `breakers` (None: the default strings): bit `t % 64` of word
+    /// `t / 64` set for each token `t` whose text holds one. A model without text has none.
+    fn dry_breakers(&self, breakers: Option<&[String]>) -> Vec<u64> {
         let _ = breakers;
         Vec::new()
     }

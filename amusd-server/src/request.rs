@@ -702,10 +702,7 @@ fn dry(r: &RawRequest) -> Result<DrySampling, ApiError> {
         base,
         allowed_length: u32::try_from(r.dry_allowed_length.unwrap_or(2)).unwrap_or(u32::MAX),
         last_n,
-        sequence_breakers: r
-            .dry_sequence_breakers
-            .clone()
-            .unwrap_or(d.sequence_breakers),
+        sequence_breakers: r.dry_sequence_breakers.clone(),
         breakers: Vec::new(),
     })
 }
@@ -810,7 +807,7 @@ mod tests {
                     multiplier: 0.8,
                     allowed_length: 3,
                     last_n: 100,
-                    sequence_breakers: vec!["\n".into()],
+                    sequence_breakers: Some(vec!["\n".into()]),
                     ..DrySampling::default()
                 },
                 logit_bias: vec![(15, 2.5), (198, -100.0)],

@@ -322,18 +322,19 @@ fn check_logit_bias(codec: &dyn Codec, v: &Validated) -> Result<(), ApiError> {
 /// text is CPU work: off the async threads).
 async fn dry_breakers(codec: &Arc<dyn Codec>, v: &mut Validated) -> Result<(), ApiError> {
     let dry = &v.sampling.dry;
-    if dry.multiplier == 0.0 || dry.last_n == 0 {
+    if dry.is_off() {
         return Ok(());
     }
     let (codec, strings) = (codec.clone(), dry.sequence_breakers.clone());
-    v.sampling.dry.breakers = tokio::task::spawn_blocking(move || codec.dry_breakers(&strings))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("reading the breakers failed: {e}"),
-            )
-        })?;
+    v.sampling.dry.breakers =
+        tokio::task::spawn_blocking(move || codec.dry_breakers(strings.as_deref()))
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("reading the breakers failed: {e}"),
+                )
+            })?;
     Ok(())
 }
 

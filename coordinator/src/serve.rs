@@ -220,10 +220,12 @@ impl Codec for TextCodec {
         Some(t.source().to_string())
     }
 
-    fn dry_breakers(&self, breakers: &[String]) -> Vec<u64> {
+    fn dry_breakers(&self, breakers: Option<&[String]>) -> Vec<u64> {
         let Some(t) = &self.text else {
             return Vec::new();
         };
+        let default = amusd_spec::dry::DEFAULT_BREAKERS.map(String::from);
+        let breakers = breakers.unwrap_or(&default);
         let mut last = self.dry_cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((_, bits)) = last.as_ref().filter(|(s, _)| s == breakers) {
             return bits.clone();
