@@ -151,6 +151,47 @@ try:
 except openai.BadRequestError as e:
     check("400 names response_format beside tools", e.body.get("param"), "response_format")
 
+# The Responses API: chat's answers in its shapes, whole and streamed, with text.format and tools.
+resp = client.responses.create(model="any", input=exp["chat_prompt"], max_output_tokens=n, temperature=0)
+check("responses = ar", resp.output_text, exp["chat"])
+check("responses usage = chat's", resp.usage.output_tokens, whole.usage.completion_tokens)
+deltas, final, seqs = "", None, []
+for ev in client.responses.create(
+    model="any", input=exp["chat_prompt"], max_output_tokens=n, temperature=0, stream=True
+):
+    seqs.append(ev.sequence_number)
+    if ev.type == "response.output_text.delta":
+        deltas += ev.delta
+    if ev.type in ("response.completed", "response.incomplete"):
+        final = ev.response
+check("streamed responses = ar", deltas, exp["chat"])
+check("streamed responses: numbered events", seqs, list(range(len(seqs))))
+check("streamed responses: the final response", final.output_text, exp["chat"])
+shaped = client.responses.create(
+    model="any", input=exp["chat_prompt"], max_output_tokens=exp["structured_max_tokens"], temperature=0,
+    text={"format": {"type": "json_schema", "name": "country", "schema": exp["schema"]}},
+)
+check("responses text.format = ar's", shaped.output_text, exp["structured"])
+flat_tools = [{"type": "function", **weather[0]["function"]}]
+r_called = client.responses.create(
+    model="any", input="What is the weather in Paris?", tools=flat_tools, tool_choice="required",
+    parallel_tool_calls=False, max_output_tokens=40, temperature=0,
+)
+fc = [o for o in r_called.output if o.type == "function_call"][0]
+check("responses tool call = chat's", (fc.name, fc.arguments), (call.function.name, call.function.arguments))
+r_after = client.responses.create(
+    model="any", tools=flat_tools, max_output_tokens=40, temperature=0,
+    input=[{"role": "user", "content": "What is the weather in Paris?"},
+           {"type": "function_call", "call_id": fc.call_id, "name": fc.name, "arguments": fc.arguments},
+           {"type": "function_call_output", "call_id": fc.call_id, "output": "18 C and sunny"}],
+)
+check("responses after a tool result: a reply", r_after.status in ("completed", "incomplete"), True)
+try:
+    client.responses.create(model="any", input="x", previous_response_id=resp.id)
+    raise AssertionError("previous_response_id: no error")
+except openai.BadRequestError as e:
+    check("responses 400 names previous_response_id", e.body.get("param"), "previous_response_id")
+
 for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:
         client.chat.completions.create(model="any", messages=messages, **{"max_tokens": n, **kw})

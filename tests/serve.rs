@@ -254,3 +254,64 @@ fn bad_input_is_refused_and_sigterm_mid_stream_exits_cleanly() {
         started.elapsed()
     );
 }
+
+/// `--api-key` (comma-separated) and `--api-key-file` keys all open the API; without one, or
+/// with another, a request gets a 401 and generates nothing; `/health` answers anyway (the
+/// server's start waited on it).
+#[test]
+fn api_keys_from_the_flag_and_a_file_guard_every_route_but_health() {
+    let verify = "fake:vocab=512,seed=2,us=200";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "# team keys\nsk-file\n\n").unwrap();
+    let s = serve(
+        verify,
+        "fake:vocab=512,seed=2,us=100",
+        &[
+            "--api-key",
+            "k1,k2",
+            "--api-key-file",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(s.log().contains("3 API key(s)"), "{}", s.log());
+    let body = r#"{"prompt": "ok", "max_tokens": 4}"#;
+    for key in ["k1", "k2", "sk-file"] {
+        let auth = format!("Bearer {key}");
+        let r = s.post_with("/v1/completions", body, &[("Authorization", &auth)]);
+        assert_eq!(r.status, 200, "{key}: {}", r.json);
+        assert_eq!(reply_text(&r.json), expected(verify, "ok", 4).0);
+    }
+    let before = s.metric("amusd_completion_tokens_total");
+    for headers in [
+        vec![],
+        vec![("Authorization", "Bearer k3")],
+        vec![("X-Api-Key", "k")],
+    ] {
+        let r = s.post_with("/v1/completions", body, &headers);
+        assert_eq!(r.status, 401, "{headers:?}: {}", r.json);
+        assert_eq!(r.json["error"]["code"], "invalid_api_key");
+    }
+    assert_eq!(s.metric("amusd_completion_tokens_total"), before);
+    assert_eq!(s.get("/v1/models").0, 401);
+    assert_eq!(s.get("/health").0, 200);
+    s.terminate(EXIT);
+    let missing = dir.path().join("none");
+    for (key_args, says) in [
+        (vec!["--api-key", ""], "empty"),
+        (vec!["--api-key", "a b"], "whitespace"),
+        (
+            vec!["--api-key-file", missing.to_str().unwrap()],
+            "cannot read",
+        ),
+    ] {
+        let mut args = vec!["serve", "--port", "0", "--verify-model", verify];
+        args.extend(key_args);
+        let run = amusd_e2e::amusd_run(&args, EXIT);
+        assert!(
+            run.status.code().is_some_and(|c| c != 0) && run.stderr.contains(says),
+            "{args:?}: {}",
+            run.describe()
+        );
+    }
+}

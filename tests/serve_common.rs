@@ -87,10 +87,18 @@ impl Served {
     }
 
     pub fn post_raw(&self, path: &str, body: &str) -> Reply {
-        let req = self
+        self.post_with(path, body, &[])
+    }
+
+    /// POST with extra request headers.
+    pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self
             .agent
             .post(&format!("{}{path}", self.base))
             .set("Content-Type", "application/json");
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
         let resp = match req.send_string(body) {
             Ok(r) | Err(ureq::Error::Status(_, r)) => r,
             Err(e) => panic!("POST {path} failed: {e}\n{}", self.log()),

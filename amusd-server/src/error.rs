@@ -57,6 +57,7 @@ impl ApiError {
         match self.status {
             StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
             StatusCode::PAYLOAD_TOO_LARGE => Some("request_too_large"),
+            StatusCode::UNAUTHORIZED => Some("invalid_api_key"),
             _ => None,
         }
     }

@@ -8,6 +8,7 @@
 //! that goes away cancels its request: its event channel closes, and the decode thread tells the
 //! generator to stop.
 
+pub mod auth;
 pub mod decode;
 pub mod error;
 pub mod format;
@@ -15,6 +16,7 @@ pub mod generator;
 pub mod metrics;
 pub mod request;
 pub mod response;
+pub mod responses;
 pub mod routes;
 pub mod stop;
 pub mod tokenize;
@@ -28,6 +30,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use generator::{
     ChatMessage, Codec, DrySampling, GenError, GenRequest, GenStats, Generator, GeneratorFactory,

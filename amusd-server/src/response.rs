@@ -149,17 +149,7 @@ impl Head {
             return Value::Null;
         };
         match self.endpoint {
-            Endpoint::Chat => {
-                let token = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
-                let content: Vec<Value> = (entries.iter())
-                    .map(|e| {
-                        let mut v = token(&e.text, e.logprob);
-                        v["top_logprobs"] = e.top.iter().map(|(t, lp)| token(t, *lp)).collect();
-                        v
-                    })
-                    .collect();
-                json!({"content": content, "refusal": null})
-            }
+            Endpoint::Chat => json!({"content": token_logprobs(entries), "refusal": null}),
             Endpoint::Completions => {
                 completions_logprobs(None, &entries.iter().collect::<Vec<_>>(), offset)
             }
@@ -239,7 +229,7 @@ impl Head {
         if self.llama {
             let mut v = json!({"index": 0, "content": text, "stop": false, "id_slot": 0});
             if self.logprobs {
-                v["completion_probabilities"] = probabilities(logprobs);
+                v["completion_probabilities"] = token_logprobs(logprobs);
             }
             return v;
         }
@@ -271,7 +261,7 @@ impl Head {
             "timings": s.timings,
         });
         if let Some(entries) = logprobs.filter(|_| self.logprobs) {
-            v["completion_probabilities"] = probabilities(entries);
+            v["completion_probabilities"] = token_logprobs(entries);
         }
         v
     }
@@ -287,9 +277,9 @@ impl Head {
     }
 }
 
-/// llama.cpp's `completion_probabilities`: per token its text, log-probability and bytes, and its
-/// position's most likely tokens'.
-fn probabilities(entries: &[LogprobEntry]) -> Value {
+/// Per token its text, log-probability and bytes, and its position's most likely tokens': chat's
+/// `logprobs.content`, the Responses API's, and llama.cpp's `completion_probabilities`.
+pub(crate) fn token_logprobs(entries: &[LogprobEntry]) -> Value {
     let token =
         |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
     (entries.iter())

@@ -1,6 +1,7 @@
 //! The HTTP side: routes, validation, the queue's admission (429 beyond it), and moving the decode
 //! thread's events to the client, whole or as server-sent events.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -20,11 +21,13 @@ use futures_util::stream::{self, Stream};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
+use crate::auth::{require_key, ApiKeys};
 use crate::decode::{Event, Job, LogprobEntry, Shared, Summary};
 use crate::error::ApiError;
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
 use crate::response::{Echo, Head};
+use crate::responses::{self, render::Responder, stream::ResponseStream};
 
 /// Server settings that handlers need.
 #[derive(Clone, Debug)]
@@ -35,6 +38,8 @@ pub struct Limits {
     pub request_timeout: Option<Duration>,
     /// The `Retry-After` of a 429, in seconds.
     pub retry_after_s: u64,
+    /// The keys clients must present (none: the server is open).
+    pub api_keys: ApiKeys,
 }
 
 #[derive(Clone)]
@@ -53,6 +58,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/completion", post(llama_completion))
+        .route("/v1/responses", post(responses_route))
         .route("/v1/models", get(models))
         .route("/props", get(props))
         .route("/tokenize", post(tokenize_route))
@@ -60,6 +66,10 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            Arc::new(state.limits.api_keys.clone()),
+            require_key,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -72,6 +82,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
         "/v1/chat/completions"
         | "/v1/completions"
         | "/completion"
+        | "/v1/responses"
         | "/v1/models"
         | "/props"
         | "/tokenize"
@@ -90,7 +101,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /v1/chat/completions, /v1/completions, /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses, /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
     )
 }
 
@@ -203,9 +214,20 @@ async fn llama_completion(
     State(s): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    handle_as(s, body, Endpoint::Completions, true)
+    handle_as(s, body, Endpoint::Completions, Api::LlamaCpp)
         .await
         .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// The Responses API: a chat request in its names and shapes ([`crate::responses`]); errors name
+/// its fields.
+async fn responses_route(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    handle_as(s, body, Endpoint::Chat, Api::Responses)
+        .await
+        .unwrap_or_else(|e| responses::rename(e).into_response())
 }
 
 async fn handle(
@@ -213,21 +235,33 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
-    handle_as(s, body, endpoint, false).await
+    handle_as(s, body, endpoint, Api::OpenAi).await
 }
 
-/// A generation request to `endpoint`, in llama.cpp's `/completion` names and shapes if `llama`.
+/// Whose names and shapes a request and its response use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    /// OpenAI's chat and completions.
+    OpenAi,
+    /// llama.cpp's `/completion`.
+    LlamaCpp,
+    /// OpenAI's Responses API.
+    Responses,
+}
+
+/// A generation request to `endpoint`, in `api`'s names and shapes.
 async fn handle_as(
     s: AppState,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
-    llama: bool,
+    api: Api,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
-    let raw = match llama {
-        true => request::parse_llama(&body)?,
-        false => request::parse(&body)?,
+    let (raw, echoed) = match api {
+        Api::OpenAi => (request::parse(&body)?, None),
+        Api::LlamaCpp => (request::parse_llama(&body)?, None),
+        Api::Responses => responses::parse(&body).map(|(r, e)| (r, Some(e)))?,
     };
     let mut v = request::validate(raw, endpoint)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
@@ -250,28 +284,69 @@ async fn handle_as(
         events: tx,
     };
     admit(&s, job)?;
+    if let Some(echoed) = echoed {
+        return respond(&s, &v, echoed, rx).await;
+    }
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
     let head = Head {
         endpoint,
-        id: response_id(&s, endpoint),
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        id: response_id(&s, prefix),
+        created: unix_now(),
         model: s.codec.model_id().to_string(),
         include_usage: v.include_usage,
         logprobs: v.sampling.logprobs.is_some(),
         echo,
         tools: v.tools.is_some(),
-        llama,
+        llama: api == Api::LlamaCpp,
     };
     if v.stream {
-        Ok(Sse::new(sse_stream(head, v.n, rx))
-            .keep_alive(KeepAlive::default())
-            .into_response())
+        let (state, opening) = StreamState::open(head, v.n);
+        Ok(sse_response(sse(state, opening, rx)))
     } else {
-        collect(head, v.n, rx)
-            .await
-            .map(|v| Json(v).into_response())
+        let choices = collect(v.n, rx).await?;
+        Ok(Json(head.full(&choices)).into_response())
     }
+}
+
+/// A Responses API request's response, whole or streamed.
+async fn respond(
+    s: &AppState,
+    v: &Validated,
+    echoed: responses::Echoed,
+    rx: UnboundedReceiver<Event>,
+) -> Result<Response, ApiError> {
+    let r = Responder {
+        id: response_id(s, "resp"),
+        created_at: unix_now(),
+        model: s.codec.model_id().to_string(),
+        echoed,
+        logprobs: v.sampling.logprobs.is_some(),
+        tools: v.tools.is_some(),
+    };
+    if v.stream {
+        let (state, opening) = ResponseStream::open(r);
+        return Ok(sse_response(sse(state, opening, rx)));
+    }
+    let choices = collect(1, rx).await?;
+    let (text, summary) = &choices[0];
+    Ok(Json(r.whole(text, summary)).into_response())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn sse_response(
+    events: impl Stream<Item = Result<SseEvent, Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn body_error(e: BytesRejection, limit: usize) -> ApiError {
@@ -443,21 +518,18 @@ fn admit(s: &AppState, job: Job) -> Result<(), ApiError> {
     Err(refused)
 }
 
-fn response_id(s: &AppState, endpoint: Endpoint) -> String {
+/// `prefix`, then unique across requests and server starts (`_` after `resp`, as OpenAI's).
+fn response_id(s: &AppState, prefix: &str) -> String {
     let n = s.shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let prefix = match endpoint {
-        Endpoint::Chat => "chatcmpl",
-        Endpoint::Completions => "cmpl",
-    };
-    format!("{prefix}-{:x}-{n}", s.started_ns)
+    let sep = if prefix == "resp" { '_' } else { '-' };
+    format!("{prefix}{sep}{:x}-{n}", s.started_ns)
 }
 
-/// The whole response: the `n` choices' texts, gathered as they come.
+/// The `n` choices' texts and summaries, gathered as they come.
 async fn collect(
-    head: Head,
     n: usize,
     mut rx: UnboundedReceiver<Event>,
-) -> Result<Value, ApiError> {
+) -> Result<Vec<(String, Summary)>, ApiError> {
     let mut choices: Vec<(String, Option<Summary>)> = vec![(String::new(), None); n];
     while let Some(event) = rx.recv().await {
         match event {
@@ -471,7 +543,7 @@ async fn collect(
                         .into_iter()
                         .map(|(t, s)| s.map(|s| (t, s)))
                         .collect();
-                    return done.map(|d| head.full(&d)).ok_or_else(|| {
+                    return done.ok_or_else(|| {
                         ApiError::new(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "a choice ended before the ones ahead of it",
@@ -488,13 +560,42 @@ async fn collect(
     ))
 }
 
-/// Where an SSE stream is: the choice being streamed, whether its chat opening went out, and the
-/// summaries of the choices that ended.
+/// How a stream's SSE events come from the decode thread's: chat's and completions' chunks
+/// ([`StreamState`]) or the Responses API's events.
+pub(crate) trait Shape: Send + 'static {
+    /// Queues the SSE events `event` makes (None: the decode thread dropped the request); true
+    /// once the stream has ended.
+    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<SseEvent>) -> bool;
+}
+
+/// The SSE stream: `opening`, then what `shape` makes of each event until it ends. Dropping it
+/// (the client left) closes `rx`, which the decode thread takes as a cancellation.
+fn sse<S: Shape>(
+    shape: S,
+    opening: VecDeque<SseEvent>,
+    rx: UnboundedReceiver<Event>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    stream::unfold(
+        (shape, opening, Some(rx)),
+        |(mut shape, mut queued, mut rx)| async move {
+            loop {
+                if let Some(e) = queued.pop_front() {
+                    return Some((Ok(e), (shape, queued, rx)));
+                }
+                let event = rx.as_mut()?.recv().await;
+                if shape.take(event, &mut queued) {
+                    rx = None;
+                }
+            }
+        },
+    )
+}
+
+/// Where a chat or completions stream is: the choice being streamed, whether its chat opening
+/// went out, and the summaries of the choices that ended.
 struct StreamState {
     head: Head,
     n: usize,
-    rx: Option<UnboundedReceiver<Event>>,
-    queued: std::collections::VecDeque<String>,
     opened: usize,
     ended: Vec<Summary>,
     /// Bytes of text each choice's tokens have had so far (completions' `text_offset`).
@@ -504,95 +605,92 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// The stream: the first choice's opening chunk, one chunk per text piece (each with its
+    /// choice's index; the choices one after another), each choice's closing chunk, the usage,
+    /// `[DONE]`; on a failure, the error object and the end.
+    fn open(head: Head, n: usize) -> (Self, VecDeque<SseEvent>) {
+        let mut state = StreamState {
+            head,
+            n,
+            opened: 0,
+            ended: Vec::new(),
+            offsets: vec![0; n],
+            held: vec![Default::default(); n],
+        };
+        let mut out = VecDeque::new();
+        state.open_up_to(0, &mut out);
+        (state, out)
+    }
+
     /// Queues the chat openings of the choices up to `i` that have none yet.
-    fn open_up_to(&mut self, i: usize) {
+    fn open_up_to(&mut self, i: usize, out: &mut VecDeque<SseEvent>) {
         while self.opened <= i {
             if let Some(v) = self.head.opening(self.opened) {
-                self.queued.push_back(v.to_string());
+                out.push_back(data(v));
             }
             self.opened += 1;
         }
     }
 
-    /// Queues what `event` says: text, a choice's end (and after the last one the usage and
-    /// `[DONE]`), or the error that ends the stream.
-    fn take(&mut self, event: Option<Event>) {
+    /// A choice's end (and after the last one the usage and `[DONE]`); true after the last.
+    fn end(&mut self, i: usize, s: Summary, out: &mut VecDeque<SseEvent>) -> bool {
+        self.open_up_to(i, out);
+        let end = if self.head.tools {
+            let (text, logprobs) = std::mem::take(&mut self.held[i]);
+            self.head.tool_reply(i, &text, &s, &logprobs)
+        } else {
+            self.head.choice_end(i, &s)
+        };
+        out.push_back(data(end));
+        self.ended.push(s);
+        if self.ended.len() < self.n {
+            return false;
+        }
+        if let Some(v) = self.head.closing(&self.ended) {
+            out.push_back(data(v));
+        }
+        // llama.cpp's own stream just ends.
+        if !self.head.llama {
+            out.push_back(SseEvent::default().data("[DONE]"));
+        }
+        true
+    }
+}
+
+fn data(v: Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+impl Shape for StreamState {
+    /// Text, a choice's end, or the error that ends the stream.
+    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<SseEvent>) -> bool {
         match event {
             Some(Event::Text(i, t, logprobs)) if self.head.tools => {
-                self.open_up_to(i);
+                self.open_up_to(i, out);
                 self.held[i].0.push_str(&t);
                 self.held[i].1.extend(logprobs);
+                false
             }
             Some(Event::Text(i, t, logprobs)) => {
-                self.open_up_to(i);
+                self.open_up_to(i, out);
                 let chunk = self.head.text(i, &t, &logprobs, self.offsets[i]);
                 self.offsets[i] += logprobs.iter().map(|e| e.text.len()).sum::<usize>();
-                self.queued.push_back(chunk.to_string());
+                out.push_back(data(chunk));
+                false
             }
-            Some(Event::Done(i, s)) => {
-                self.open_up_to(i);
-                let end = if self.head.tools {
-                    let (text, logprobs) = std::mem::take(&mut self.held[i]);
-                    self.head.tool_reply(i, &text, &s, &logprobs)
-                } else {
-                    self.head.choice_end(i, &s)
-                };
-                self.queued.push_back(end.to_string());
-                self.ended.push(s);
-                if self.ended.len() == self.n {
-                    if let Some(v) = self.head.closing(&self.ended) {
-                        self.queued.push_back(v.to_string());
-                    }
-                    // llama.cpp's own stream just ends.
-                    if !self.head.llama {
-                        self.queued.push_back("[DONE]".into());
-                    }
-                    self.rx = None;
-                }
-            }
+            Some(Event::Done(i, s)) => self.end(i, s, out),
             Some(Event::Failed(e)) => {
-                self.queued.push_back(e.body().to_string());
-                self.rx = None;
+                out.push_back(data(e.body()));
+                true
             }
             None => {
                 let e = ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the decode thread dropped the request",
                 );
-                self.queued.push_back(e.body().to_string());
-                self.rx = None;
+                out.push_back(data(e.body()));
+                true
             }
         }
     }
-}
-
-/// The SSE stream: the first choice's opening chunk, one chunk per text piece (each with its
-/// choice's index; the choices one after another), each choice's closing chunk, the usage,
-/// `[DONE]`; on a failure, the error object and the end. Dropping it (the client left) closes
-/// `rx`, which the decode thread takes as a cancellation.
-fn sse_stream(
-    head: Head,
-    n: usize,
-    rx: UnboundedReceiver<Event>,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let mut state = StreamState {
-        head,
-        n,
-        rx: Some(rx),
-        queued: Default::default(),
-        opened: 0,
-        ended: Vec::new(),
-        offsets: vec![0; n],
-        held: vec![Default::default(); n],
-    };
-    state.open_up_to(0);
-    stream::unfold(state, |mut state| async move {
-        loop {
-            if let Some(data) = state.queued.pop_front() {
-                return Some((Ok(SseEvent::default().data(data)), state));
-            }
-            let event = state.rx.as_mut()?.recv().await;
-            state.take(event);
-        }
-    })
 }

@@ -141,6 +141,7 @@ fn server(hooks: Hooks, queue: usize) -> Server {
         max_body_bytes: 4096,
         request_timeout: None,
         retry_after_s: 3,
+        api_keys: Default::default(),
     };
     Server::start(Arc::new(FakeCodec), factory, queue, limits).unwrap()
 }
@@ -650,6 +651,7 @@ async fn health_is_503_until_the_generator_is_loaded() {
         max_body_bytes: 4096,
         request_timeout: None,
         retry_after_s: 1,
+        api_keys: Default::default(),
     };
     let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
     let health = || Request::get("/health").body(Body::empty()).unwrap();
@@ -689,6 +691,7 @@ async fn a_request_past_its_timeout_is_cancelled_with_504() {
         max_body_bytes: 4096,
         request_timeout: Some(Duration::from_millis(50)),
         retry_after_s: 1,
+        api_keys: Default::default(),
     };
     let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
     // 60 tokens of 5 ms each: well past 50 ms.
@@ -828,6 +831,181 @@ async fn llama_cpp_completion() {
             (status.as_u16(), v["error"]["param"].as_str()),
             (400, Some(param)),
             "{v}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_api_keys_only_health_and_metrics_answer_without_one() {
+    let factory: GeneratorFactory = Box::new(|| Ok(Box::new(FakeGen(Default::default())) as _));
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: None,
+        retry_after_s: 1,
+        api_keys: crate::ApiKeys::new(vec!["k1".into(), "sk-2".into()]).unwrap(),
+    };
+    let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    let body = r#"{"prompt":"a","max_tokens":2}"#;
+    let with = |name: &str, value: &str| {
+        let mut r = post("/v1/completions", body);
+        r.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+        r
+    };
+    let (status, text, headers) = call(&s, post("/v1/completions", body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    let err: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(err["error"]["code"], "invalid_api_key");
+    let (status, ..) = call(&s, with("authorization", "Bearer k2")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for (name, value) in [("authorization", "Bearer sk-2"), ("x-api-key", "k1")] {
+        let (status, text, _) = call(&s, with(name, value)).await;
+        assert_eq!(status, StatusCode::OK, "{name}: {text}");
+    }
+    // Unknown routes do not tell a keyless client what exists.
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    assert_eq!(
+        call(&s, get("/v1/models")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(call(&s, get("/nowhere")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&s, get("/health")).await.0, StatusCode::OK);
+    let (status, metrics, _) = call(&s, get("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains(r#"endpoint="/v1/completions",status="401"} 2"#),
+        "{metrics}"
+    );
+}
+
+/// The `event:` names and `data:` objects of an SSE body.
+fn named_events(body: &str) -> Vec<(String, Value)> {
+    let names = body.lines().filter_map(|l| l.strip_prefix("event: "));
+    let data = sse_data(body).into_iter();
+    names
+        .zip(data)
+        .map(|(n, d)| (n.to_string(), serde_json::from_str(&d).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_responses_api_whole_and_streamed_says_what_chat_says() {
+    let s = server(Hooks::default(), 4);
+    let (status, chat) = json_call(
+        &s,
+        CHAT,
+        r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+            "max_tokens": 12, "logprobs": true, "top_logprobs": 2}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{chat}");
+    let want = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    let req = |stream: bool| {
+        json!({"model": "fake", "instructions": "Be brief.", "input": "hello",
+               "max_output_tokens": 12, "top_logprobs": 2, "stream": stream})
+        .to_string()
+    };
+    let (status, whole) = json_call(&s, "/v1/responses", &req(false)).await;
+    assert_eq!(status, 200, "{whole}");
+    assert_eq!(whole["object"], "response");
+    assert!(
+        whole["id"].as_str().unwrap().starts_with("resp_"),
+        "{whole}"
+    );
+    let part = &whole["output"][0]["content"][0];
+    assert_eq!(part["text"], want);
+    assert_eq!(part["logprobs"], chat["choices"][0]["logprobs"]["content"]);
+    assert_eq!(whole["status"], "incomplete");
+    assert_eq!(whole["incomplete_details"]["reason"], "max_output_tokens");
+    assert_eq!(
+        whole["usage"]["input_tokens"],
+        chat["usage"]["prompt_tokens"]
+    );
+    assert_eq!(whole["usage"]["output_tokens"], 12);
+    assert_eq!(whole["max_output_tokens"], 12);
+
+    let (status, body, headers) = call(&s, post("/v1/responses", &req(true))).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "text/event-stream");
+    let events = named_events(&body);
+    assert!(!body.contains("[DONE]"), "{body}");
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    let deltas = kinds
+        .iter()
+        .filter(|k| **k == "response.output_text.delta")
+        .count();
+    assert_eq!(
+        kinds[..4],
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added"
+        ]
+    );
+    assert_eq!(
+        kinds[kinds.len() - 4..],
+        [
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.incomplete"
+        ]
+    );
+    assert_eq!(kinds.len(), 8 + deltas);
+    for (i, (kind, data)) in events.iter().enumerate() {
+        assert_eq!(
+            (data["type"].as_str(), data["sequence_number"].as_u64()),
+            (Some(kind.as_str()), Some(i as u64))
+        );
+    }
+    let text: String = (events.iter())
+        .filter_map(|(_, d)| d["delta"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    let last = &events[events.len() - 1].1["response"];
+    // The same output but for the ids, which are per response.
+    assert_eq!(last["output"][0]["content"], whole["output"][0]["content"]);
+    assert_eq!(last["output"].as_array().unwrap().len(), 1);
+    assert_eq!(last["usage"], whole["usage"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_errors_name_the_responses_fields() {
+    let s = server(Hooks::default(), 4);
+    for (body, param) in [
+        (
+            r#"{"input": "a", "max_output_tokens": 0}"#,
+            "max_output_tokens",
+        ),
+        (
+            r#"{"input": "a", "max_output_tokens": 500}"#,
+            "max_output_tokens",
+        ),
+        (
+            r#"{"input": "a", "previous_response_id": "resp_1"}"#,
+            "previous_response_id",
+        ),
+        (r#"{"input": "a", "temperature": "hot"}"#, "temperature"),
+        (r#"{"model": "m"}"#, "input"),
+        (
+            r#"{"input": "a", "text": {"format": {"type": "json_schema", "name": "x", "schema": 3}}}"#,
+            "text.format",
+        ),
+    ] {
+        let (status, err) = json_call(&s, "/v1/responses", body).await;
+        assert_eq!(status, 400, "{body}: {err}");
+        let got = err["error"]["param"].as_str().unwrap();
+        assert!(got.starts_with(param), "{body}: {err}");
+        assert!(
+            !err["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_tokens"),
+            "{err}"
         );
     }
 }

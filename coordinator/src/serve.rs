@@ -12,8 +12,8 @@ use amusd_model::chat::Message;
 use amusd_model::loader::ModelText;
 use amusd_model::tokenizer::TokenStream;
 use amusd_server::{
-    ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory, Limits,
-    Sampling, Server, TextStream, TokenLogprobs,
+    ApiKeys, ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory,
+    Limits, Sampling, Server, TextStream, TokenLogprobs,
 };
 use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
@@ -47,6 +47,18 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Clients must present one of these keys (`Authorization: Bearer KEY` or `X-Api-Key: KEY`);
+    /// comma-separated or repeated. `/health` and `/metrics` stay open.
+    #[arg(
+        long,
+        env = "AMUSD_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+    /// A file of API keys, one per line (blank lines and `#` comments skipped), with --api-key's.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
     /// sd/amusd: the draft proposes its greedy tokens instead of sampling with the same noise.
     #[arg(long)]
     pub greedy_draft: bool,
@@ -56,6 +68,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     install_signal_handlers();
+    let api_keys = api_keys(&args)?;
     let m = &args.models;
     let verify_spec = m.verify_spec()?;
     let draft_spec = m.draft_spec(args.strategy)?;
@@ -78,12 +91,17 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         request_timeout: (args.request_timeout > 0)
             .then(|| Duration::from_secs(args.request_timeout)),
         retry_after_s: 1,
+        api_keys,
     };
     let listener = std::net::TcpListener::bind((args.host.as_str(), args.port))
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let keys = match limits.api_keys.len() {
+        0 => String::new(),
+        n => format!("; {n} API key(s) required but on /health and /metrics"),
+    };
     let server = Server::start(codec, factory, args.queue, limits)?;
     eprintln!(
-        "amusd: serving {model_id} on http://{} (strategy {}; /health says 200 once the models are loaded)",
+        "amusd: serving {model_id} on http://{} (strategy {}; /health says 200 once the models are loaded{keys})",
         listener.local_addr()?,
         args.strategy.name()
     );
@@ -103,6 +121,24 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The keys of `--api-key` and `--api-key-file`.
+fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
+    let mut keys = args.api_key.clone();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --api-key-file {}", path.display()))?;
+        keys.extend(
+            (text.lines().map(str::trim))
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        if keys.is_empty() {
+            bail!("--api-key-file {} holds no key", path.display());
+        }
+    }
+    ApiKeys::new(keys).context("--api-key")
 }
 
 /// The tokenizer side, loaded before the port opens so bad model paths fail at once.
