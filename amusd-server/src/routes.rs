@@ -560,19 +560,36 @@ async fn collect(
     ))
 }
 
+/// One server-sent event: its name (the Responses API names its events) and its data.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Outgoing {
+    pub name: Option<&'static str>,
+    pub data: String,
+}
+
+impl Outgoing {
+    fn wire(self) -> SseEvent {
+        let e = SseEvent::default().data(self.data);
+        match self.name {
+            Some(name) => e.event(name),
+            None => e,
+        }
+    }
+}
+
 /// How a stream's SSE events come from the decode thread's: chat's and completions' chunks
 /// ([`StreamState`]) or the Responses API's events.
 pub(crate) trait Shape: Send + 'static {
     /// Queues the SSE events `event` makes (None: the decode thread dropped the request); true
     /// once the stream has ended.
-    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<SseEvent>) -> bool;
+    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool;
 }
 
 /// The SSE stream: `opening`, then what `shape` makes of each event until it ends. Dropping it
 /// (the client left) closes `rx`, which the decode thread takes as a cancellation.
 fn sse<S: Shape>(
     shape: S,
-    opening: VecDeque<SseEvent>,
+    opening: VecDeque<Outgoing>,
     rx: UnboundedReceiver<Event>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(
@@ -580,7 +597,7 @@ fn sse<S: Shape>(
         |(mut shape, mut queued, mut rx)| async move {
             loop {
                 if let Some(e) = queued.pop_front() {
-                    return Some((Ok(e), (shape, queued, rx)));
+                    return Some((Ok(e.wire()), (shape, queued, rx)));
                 }
                 let event = rx.as_mut()?.recv().await;
                 if shape.take(event, &mut queued) {
@@ -608,7 +625,7 @@ impl StreamState {
     /// The stream: the first choice's opening chunk, one chunk per text piece (each with its
     /// choice's index; the choices one after another), each choice's closing chunk, the usage,
     /// `[DONE]`; on a failure, the error object and the end.
-    fn open(head: Head, n: usize) -> (Self, VecDeque<SseEvent>) {
+    fn open(head: Head, n: usize) -> (Self, VecDeque<Outgoing>) {
         let mut state = StreamState {
             head,
             n,
@@ -623,7 +640,7 @@ impl StreamState {
     }
 
     /// Queues the chat openings of the choices up to `i` that have none yet.
-    fn open_up_to(&mut self, i: usize, out: &mut VecDeque<SseEvent>) {
+    fn open_up_to(&mut self, i: usize, out: &mut VecDeque<Outgoing>) {
         while self.opened <= i {
             if let Some(v) = self.head.opening(self.opened) {
                 out.push_back(data(v));
@@ -633,7 +650,7 @@ impl StreamState {
     }
 
     /// A choice's end (and after the last one the usage and `[DONE]`); true after the last.
-    fn end(&mut self, i: usize, s: Summary, out: &mut VecDeque<SseEvent>) -> bool {
+    fn end(&mut self, i: usize, s: Summary, out: &mut VecDeque<Outgoing>) -> bool {
         self.open_up_to(i, out);
         let end = if self.head.tools {
             let (text, logprobs) = std::mem::take(&mut self.held[i]);
@@ -651,19 +668,25 @@ impl StreamState {
         }
         // llama.cpp's own stream just ends.
         if !self.head.llama {
-            out.push_back(SseEvent::default().data("[DONE]"));
+            out.push_back(Outgoing {
+                name: None,
+                data: "[DONE]".into(),
+            });
         }
         true
     }
 }
 
-fn data(v: Value) -> SseEvent {
-    SseEvent::default().data(v.to_string())
+fn data(v: Value) -> Outgoing {
+    Outgoing {
+        name: None,
+        data: v.to_string(),
+    }
 }
 
 impl Shape for StreamState {
     /// Text, a choice's end, or the error that ends the stream.
-    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<SseEvent>) -> bool {
+    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
             Some(Event::Text(i, t, logprobs)) if self.head.tools => {
                 self.open_up_to(i, out);

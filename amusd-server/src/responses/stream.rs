@@ -7,13 +7,12 @@
 
 use std::collections::VecDeque;
 
-use axum::response::sse::Event as SseEvent;
 use serde_json::{json, Value};
 
 use super::render::{item_status, Responder};
 use crate::decode::{Event, LogprobEntry, Summary};
 use crate::error::ApiError;
-use crate::routes::Shape;
+use crate::routes::{Outgoing, Shape};
 use crate::tools::{self, Reply};
 
 pub struct ResponseStream {
@@ -27,7 +26,7 @@ pub struct ResponseStream {
 
 impl ResponseStream {
     /// The stream and its opening events.
-    pub fn open(r: Responder) -> (Self, VecDeque<SseEvent>) {
+    pub fn open(r: Responder) -> (Self, VecDeque<Outgoing>) {
         let mut s = Self {
             r,
             seq: 0,
@@ -48,11 +47,14 @@ impl ResponseStream {
         (s, out)
     }
 
-    fn emit(&mut self, out: &mut VecDeque<SseEvent>, kind: &str, mut data: Value) {
+    fn emit(&mut self, out: &mut VecDeque<Outgoing>, kind: &'static str, mut data: Value) {
         data["type"] = kind.into();
         data["sequence_number"] = self.seq.into();
         self.seq += 1;
-        out.push_back(SseEvent::default().event(kind).data(data.to_string()));
+        out.push_back(Outgoing {
+            name: Some(kind),
+            data: data.to_string(),
+        });
     }
 
     /// Where the message's text part is.
@@ -60,7 +62,7 @@ impl ResponseStream {
         json!({"item_id": self.r.message_id(), "output_index": 0, "content_index": 0})
     }
 
-    fn open_message(&mut self, out: &mut VecDeque<SseEvent>) {
+    fn open_message(&mut self, out: &mut VecDeque<Outgoing>) {
         let item = self.r.message("in_progress", Vec::new());
         self.emit(
             out,
@@ -72,7 +74,7 @@ impl ResponseStream {
         self.emit(out, "response.content_part.added", part);
     }
 
-    fn delta(&mut self, out: &mut VecDeque<SseEvent>, text: &str, logprobs: &[LogprobEntry]) {
+    fn delta(&mut self, out: &mut VecDeque<Outgoing>, text: &str, logprobs: &[LogprobEntry]) {
         let mut d = self.at();
         d["delta"] = text.into();
         d["logprobs"] = self.r.logprobs_of(logprobs);
@@ -80,7 +82,7 @@ impl ResponseStream {
     }
 
     /// The `.done` events of the message holding `text`.
-    fn close_message(&mut self, out: &mut VecDeque<SseEvent>, text: &str, s: &Summary) {
+    fn close_message(&mut self, out: &mut VecDeque<Outgoing>, text: &str, s: &Summary) {
         let part = self.r.text_part(text, &self.logprobs);
         let mut done = self.at();
         done["text"] = text.into();
@@ -98,7 +100,7 @@ impl ResponseStream {
     }
 
     /// With tools, the held reply's items, each opened, filled and closed.
-    fn tool_items(&mut self, out: &mut VecDeque<SseEvent>, s: &Summary) {
+    fn tool_items(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
         let calls = match tools::read_reply(&self.text) {
             Reply::Calls(calls) => calls,
             Reply::Content(c) => {
@@ -131,7 +133,7 @@ impl ResponseStream {
         }
     }
 
-    fn end(&mut self, out: &mut VecDeque<SseEvent>, s: &Summary) {
+    fn end(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
         if self.r.tools {
             self.tool_items(out, s);
         } else {
@@ -150,7 +152,7 @@ impl ResponseStream {
         self.emit(out, kind, json!({"response": v}));
     }
 
-    fn fail(&mut self, out: &mut VecDeque<SseEvent>, e: &ApiError) {
+    fn fail(&mut self, out: &mut VecDeque<Outgoing>, e: &ApiError) {
         let body = e.body();
         let err = &body["error"];
         self.emit(
@@ -162,7 +164,7 @@ impl ResponseStream {
 }
 
 impl Shape for ResponseStream {
-    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<SseEvent>) -> bool {
+    fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
             Some(Event::Text(_, t, logprobs)) => {
                 if !self.r.tools {
@@ -189,5 +191,108 @@ impl Shape for ResponseStream {
                 true
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Finish;
+    use crate::responses::render::tests::{responder, summary};
+
+    /// Each event's name and data.
+    fn events(out: VecDeque<Outgoing>) -> Vec<(String, Value)> {
+        (out.into_iter())
+            .map(|e| {
+                (
+                    e.name.unwrap().to_string(),
+                    serde_json::from_str(&e.data).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn run(tools: bool, pieces: &[&str], finish: Finish) -> Vec<(String, Value)> {
+        let (mut s, mut out) = ResponseStream::open(responder(tools));
+        for p in pieces {
+            assert!(!s.take(Some(Event::Text(0, p.to_string(), Vec::new())), &mut out));
+        }
+        assert!(s.take(Some(Event::Done(0, summary(finish))), &mut out));
+        let all = events(out);
+        for (i, (name, data)) in all.iter().enumerate() {
+            assert_eq!(data["type"], name.as_str());
+            assert_eq!(data["sequence_number"], i);
+        }
+        all
+    }
+
+    #[test]
+    fn text_streams_as_deltas_between_the_item_events() {
+        let all = run(false, &["Hel", "lo"], Finish::Length);
+        let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.incomplete",
+            ]
+        );
+        assert_eq!(all[5].1["delta"], "lo");
+        assert_eq!(all[6].1["text"], "Hello");
+        assert_eq!(all[8].1["item"]["status"], "incomplete");
+        assert_eq!(
+            all[9].1["response"]["output"][0]["content"][0]["text"],
+            "Hello"
+        );
+    }
+
+    #[test]
+    fn tool_calls_go_out_whole_as_items_when_the_reply_ends() {
+        let reply = r#"{"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}"#;
+        let (head, tail) = reply.split_at(10);
+        let all = run(true, &[head, tail], Finish::Stop);
+        let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!(all[2].1["item"]["arguments"], "");
+        assert_eq!(all[4].1["arguments"], r#"{"a":1}"#);
+        let done = &all[6].1["response"];
+        assert_eq!(done["output"][0]["call_id"], all[5].1["item"]["call_id"]);
+        assert_eq!(done["status"], "completed");
+        // An answer instead of calls is a message, sent whole.
+        let all = run(true, &[r#"{"response": "Hi"}"#], Finish::Stop);
+        assert_eq!(all[4].0, "response.output_text.delta");
+        assert_eq!(all[4].1["delta"], "Hi");
+    }
+
+    #[test]
+    fn a_failure_is_an_error_event_that_ends_the_stream() {
+        let (mut s, mut out) = ResponseStream::open(responder(false));
+        let e = ApiError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, "too slow");
+        assert!(s.take(Some(Event::Failed(e)), &mut out));
+        let all = events(out);
+        let (name, data) = all.last().unwrap();
+        assert_eq!(
+            (name.as_str(), data["message"].as_str()),
+            ("error", Some("too slow"))
+        );
     }
 }
