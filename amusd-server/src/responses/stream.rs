@@ -26,7 +26,7 @@ pub struct ResponseStream {
 
 impl ResponseStream {
     /// The stream and its opening events.
-    pub fn open(r: Responder) -> (Self, VecDeque<Outgoing>) {
+    pub(crate) fn open(r: Responder) -> (Self, VecDeque<Outgoing>) {
         let mut s = Self {
             r,
             seq: 0,
