@@ -23,7 +23,8 @@ fn echoed_defaults() -> [(&'static str, Value); 10] {
         ("max_output_tokens", Value::Null),
         ("metadata", json!({})),
         ("parallel_tool_calls", json!(true)),
-        ("temperature", json!(1.0)),
+        // This server decodes greedily unless asked (OpenAI samples at 1 by default).
+        ("temperature", json!(0.0)),
         ("text", json!({"format": {"type": "text"}})),
         ("tool_choice", json!("auto")),
         ("tools", json!([])),
