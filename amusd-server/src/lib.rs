@@ -23,6 +23,8 @@ pub mod tokenize;
 pub mod tools;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;
 
 use std::future::Future;

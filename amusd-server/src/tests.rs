@@ -64,7 +64,7 @@ impl Codec for FakeCodec {
 
 /// Hooks into the fake generator's run, for the tests to act at known moments.
 #[derive(Default)]
-struct Hooks {
+pub(crate) struct Hooks {
     /// Told when a request starts.
     started: Option<mpsc::Sender<()>>,
     /// Waited on before generating each request.
@@ -132,6 +132,10 @@ impl Generator for FakeGen {
             ..Default::default()
         })
     }
+}
+
+pub(crate) fn fake_server(hooks: Hooks, queue: usize) -> Server {
+    server(hooks, queue)
 }
 
 fn server(hooks: Hooks, queue: usize) -> Server {
