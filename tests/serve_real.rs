@@ -176,6 +176,7 @@ fn serve_equals_generate_ar_and_the_openai_client_agrees() {
     check_structured_output(&s, &structured_ar);
     check_echo(&s, &echo_ar);
     check_tokenize(&s);
+    check_assistant_prefill(&s);
     check_llama_cpp_completion(&s, &raw_ar);
 
     let python = Command::new("scripts/openai-venv.sh")
@@ -301,6 +302,40 @@ fn check_tokenize(s: &Served) {
     assert_eq!(text, RAW, "{}", pieces.json);
 }
 
+/// A conversation that ends with an assistant's text is continued (llama.cpp's assistant
+/// prefill): the rendered prompt ends with that text, and the chat answer is what a completion of
+/// those very tokens gives; asking for a new turn renders it closed.
+fn check_assistant_prefill(s: &Served) {
+    let start = "The capital of France is";
+    let messages =
+        json!([{"role": "user", "content": CHAT}, {"role": "assistant", "content": start}]);
+    let ids = s.post("/tokenize", &json!({"messages": messages}));
+    assert_eq!(ids.status, 200, "{}", ids.json);
+    let text = s.post("/detokenize", &json!({"tokens": ids.json["tokens"]}));
+    let rendered = text.json["content"].as_str().unwrap();
+    assert!(rendered.ends_with(start), "{rendered:?}");
+    let chat = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": 8}),
+    );
+    let completion = s.post(
+        "/v1/completions",
+        &json!({"prompt": ids.json["tokens"], "max_tokens": 8}),
+    );
+    assert_eq!(chat.status, 200, "{}", chat.json);
+    assert_eq!(reply_text(&chat.json), reply_text(&completion.json));
+    let new_turn = s.post(
+        "/tokenize",
+        &json!({"messages": messages, "add_generation_prompt": true}),
+    );
+    let count = |r: &serde_json::Value| r["count"].as_u64().unwrap();
+    assert!(
+        count(&new_turn.json) > count(&ids.json) + 2,
+        "{}",
+        new_turn.json
+    );
+}
+
 /// Completions' `echo` with `logprobs` through the worker pair: the prompt's text and then the
 /// answer, the log-probabilities of the prompt's tokens (the first has none) and of the answer's,
 /// each `generate --strategy ar --raw --logprobs 1 --prompt-logprobs`'s.
@@ -326,4 +361,65 @@ fn check_echo(s: &Served, ar: &serde_json::Value) {
 
 fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// `--chat-template-file` renders conversations in `serve` and `generate` alike (the server's
+/// chat prompt is exactly the template's text; its answer is `generate`'s), `--alias` names the
+/// model, and a template that does not compile stops the server before it listens.
+#[test]
+fn a_chat_template_file_and_an_alias_replace_the_models() {
+    require_default_model();
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("qa.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
+         {% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    .unwrap();
+    let file = template.to_str().unwrap();
+    let s = start(
+        &[
+            "--strategy",
+            "ar",
+            "--chat-template-file",
+            file,
+            "--alias",
+            "qa-model",
+        ],
+        Duration::from_secs(120),
+    );
+    let (_, models) = s.get("/v1/models");
+    assert!(models.contains(r#""id":"qa-model""#), "{models}");
+    let messages = json!([{"role": "user", "content": CHAT}]);
+    let rendered = format!("user: {CHAT}\nassistant:");
+    let chat_ids = s.post("/tokenize", &json!({"messages": messages}));
+    let text_ids = s.post("/tokenize", &json!({"content": rendered}));
+    assert_eq!(
+        chat_ids.json["tokens"], text_ids.json["tokens"],
+        "{}",
+        chat_ids.json
+    );
+    let r = s.post(
+        "/v1/chat/completions",
+        &json!({"messages": messages, "max_tokens": MAX}),
+    );
+    assert_eq!(r.json["model"], "qa-model");
+    let want = ar_text(&["--prompt", CHAT, "--chat-template-file", file]);
+    assert_eq!(
+        reply_text(&r.json),
+        want,
+        "serve vs generate under the template"
+    );
+    s.terminate(Duration::from_secs(60));
+    std::fs::write(&template, "{% for m in messages %}").unwrap();
+    let run = amusd_run(
+        &["serve", "--port", "0", "--chat-template-file", file],
+        Duration::from_secs(120),
+    );
+    assert!(
+        !run.status.success() && run.stderr.contains("chat-template-file"),
+        "{}",
+        run.describe()
+    );
 }

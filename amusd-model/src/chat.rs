@@ -36,6 +36,24 @@ pub enum ChatError {
     /// A GGUF metadata value the template needs has the wrong type.
     #[error("GGUF metadata key '{key}' is malformed: {reason}")]
     BadMetadata { key: String, reason: String },
+    /// The conversation's last message cannot be continued ([`RenderOptions`]).
+    #[error("cannot continue the last message: {0}")]
+    Continue(&'static str),
+}
+
+/// How a conversation is rendered, beyond its messages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RenderOptions {
+    /// End with the opening of an assistant turn, for the model to write it.
+    pub add_generation_prompt: bool,
+    /// The last message is an assistant's turn to go on with: the text ends where its content
+    /// does (llama.cpp's assistant prefill, vLLM's `continue_final_message`). Templates close
+    /// every turn, so the text is rendered whole and cut after the last occurrence of that content,
+    /// as both servers do.
+    pub continue_final_message: bool,
+    /// More variables for the template (`chat_template_kwargs`, such as `enable_thinking`); the
+    /// conversation's own (`messages`, `bos_token`, ...) win over them.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// One turn of a conversation. `role` is usually "system", "user" or "assistant".
@@ -255,18 +273,37 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
+        let options = RenderOptions {
+            add_generation_prompt,
+            ..Default::default()
+        };
+        self.render_with(messages, &options)
+    }
+
+    /// Renders a conversation as `options` say.
+    pub fn render_with(
+        &self,
+        messages: &[Message],
+        options: &RenderOptions,
+    ) -> Result<String, ChatError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| ChatError::Render(one_line(&e.to_string())))?;
-        template
+        let continuing = options.continue_final_message;
+        let text = template
             .render(context! {
                 messages => minijinja::value::Serde(messages),
-                add_generation_prompt => add_generation_prompt,
+                add_generation_prompt => options.add_generation_prompt && !continuing,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
+                ..minijinja::Value::from(minijinja::value::Serde(&options.kwargs))
             })
-            .map_err(|e| ChatError::Render(one_line(&e.to_string())))
+            .map_err(|e| ChatError::Render(one_line(&e.to_string())))?;
+        match continuing {
+            true => cut_after_last(text, messages),
+            false => Ok(text),
+        }
     }
 
     /// The BOS string templates see as `bos_token`.
@@ -283,6 +320,20 @@ impl ChatTemplate {
     pub fn source(&self) -> &str {
         &self.source
     }
+}
+
+/// `text` up to the end of the last message's content (trailing whitespace aside, which
+/// templates often trim).
+fn cut_after_last(mut text: String, messages: &[Message]) -> Result<String, ChatError> {
+    let content = match messages.last() {
+        Some(m) if m.role == "assistant" && !m.content.trim().is_empty() => m.content.trim_end(),
+        _ => return Err(ChatError::Continue("it must be an assistant's, with text")),
+    };
+    let at = text.rfind(content).ok_or(ChatError::Continue(
+        "the chat template does not write its text as is",
+    ))?;
+    text.truncate(at + content.len());
+    Ok(text)
 }
 
 /// Jinja's `raise_exception(message)`, which HF templates call to reject conversations they cannot
@@ -343,6 +394,54 @@ mod tests {
 
         let without = template.render(&[Message::user(QUESTION)], false).unwrap();
         assert!(without.ends_with("<|im_end|>\n"), "{without}");
+    }
+
+    /// A final assistant message is continued: the text ends with its content, where a new turn
+    /// would have opened, and the template's variables take `kwargs`.
+    #[test]
+    fn the_last_assistant_message_is_continued_and_kwargs_reach_the_template() {
+        let template = smollm();
+        let messages = [
+            Message::user(QUESTION),
+            Message::assistant("The capital is "),
+        ];
+        let continuing = RenderOptions {
+            continue_final_message: true,
+            add_generation_prompt: true,
+            ..Default::default()
+        };
+        let text = template.render_with(&messages, &continuing).unwrap();
+        let whole = template.render(&messages, false).unwrap();
+        assert!(
+            text.ends_with("<|im_start|>assistant\nThe capital is"),
+            "{text}"
+        );
+        assert!(
+            whole.starts_with(&text) && whole.len() > text.len(),
+            "{whole}"
+        );
+        for bad in [
+            &messages[..1],
+            &[Message::user(QUESTION), Message::assistant(" ")][..],
+        ] {
+            let e = template.render_with(bad, &continuing).unwrap_err();
+            assert!(matches!(e, ChatError::Continue(_)), "{e}");
+        }
+        let trims = ChatTemplate::new(
+            "{% for m in messages %}[{{ m.content | trim }}]{% endfor %}{{ flavour }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let mut options = continuing.clone();
+        options.kwargs.insert("flavour".into(), "!".into());
+        let prefix = [Message::user("a"), Message::assistant("b  ")];
+        assert_eq!(trims.render_with(&prefix, &options).unwrap(), "[a][b");
+        options.continue_final_message = false;
+        assert_eq!(trims.render_with(&prefix, &options).unwrap(), "[a][b]!");
+        let hides = ChatTemplate::new("{% for m in messages %}x{% endfor %}", "", "").unwrap();
+        let e = hides.render_with(&prefix, &continuing).unwrap_err();
+        assert!(e.to_string().contains("as is"), "{e}");
     }
 
     #[test]

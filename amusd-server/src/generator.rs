@@ -10,6 +10,27 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+/// How a conversation becomes the prompt, beyond its messages.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChatOptions {
+    /// Open an assistant turn after the messages, for the model to write (the usual case).
+    pub add_generation_prompt: bool,
+    /// The last message is an assistant's turn for the model to go on with (assistant prefill).
+    pub continue_final_message: bool,
+    /// More variables for the chat template (`chat_template_kwargs`).
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        Self {
+            add_generation_prompt: true,
+            continue_final_message: false,
+            template_kwargs: Default::default(),
+        }
+    }
+}
+
 /// Sampling parameters of one request, validated (temperature 0 is greedy).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampling {
@@ -176,8 +197,13 @@ pub trait Codec: Send + Sync {
     fn context_length(&self) -> usize;
     /// Token ids are below this.
     fn vocab_size(&self) -> usize;
-    /// A conversation rendered with the model's chat template, ready for the assistant's turn.
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String>;
+    /// A conversation rendered with the model's chat template as `options` say (usually ready
+    /// for the assistant's turn).
+    fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<Vec<u32>, String>;
     /// A plain completion prompt.
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String>;
     /// Text as the tokenizer reads it, with the model's special tokens (its BOS) added or not

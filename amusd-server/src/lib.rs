@@ -35,8 +35,8 @@ use std::thread::JoinHandle;
 pub use auth::ApiKeys;
 pub use error::ApiError;
 pub use generator::{
-    ChatMessage, Codec, DrySampling, GenError, GenRequest, GenStats, Generator, GeneratorFactory,
-    Sampling, TextStream, TokenLogprobs,
+    ChatMessage, ChatOptions, Codec, DrySampling, GenError, GenRequest, GenStats, Generator,
+    GeneratorFactory, Sampling, TextStream, TokenLogprobs,
 };
 pub use routes::Limits;
 

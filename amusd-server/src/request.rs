@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::ApiError;
-use crate::generator::{ChatMessage, DrySampling, Sampling};
+use crate::generator::{ChatMessage, ChatOptions, DrySampling, Sampling};
 use crate::tools::{self, ToolUse};
 
 /// Both endpoints' fields; which of `messages` / `prompt` is required depends on the endpoint.
@@ -71,6 +71,11 @@ pub struct RawRequest {
     pub structured_outputs: Option<Value>,
     /// llama.cpp's grammar (GBNF, or Lark after `%llguidance`).
     pub grammar: Option<Value>,
+    /// Chat's rendering, as vLLM's (`add_generation_prompt`, `continue_final_message`) and
+    /// both servers' `chat_template_kwargs` ([`chat_options`]).
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub chat_template_kwargs: Option<Value>,
     /// Chat's tool calling ([`crate::tools`]).
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
@@ -113,7 +118,7 @@ pub enum Endpoint {
 /// What to tokenize.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
-    Chat(Vec<ChatMessage>),
+    Chat(Vec<ChatMessage>, ChatOptions),
     Text(String),
     Tokens(Vec<u32>),
 }
@@ -254,7 +259,16 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
         ..sampling(&raw)?
     };
     let input = match endpoint {
-        Endpoint::Chat => Input::Chat(with_tools(messages(raw.messages)?, tools.as_ref())),
+        Endpoint::Chat => {
+            let options = chat_options(
+                raw.messages.as_deref().unwrap_or_default(),
+                tools.is_some(),
+                (raw.add_generation_prompt, raw.continue_final_message),
+                raw.chat_template_kwargs,
+            )?;
+            let messages = with_tools(messages(raw.messages)?, tools.as_ref());
+            Input::Chat(messages, options)
+        }
         Endpoint::Completions if tools.is_some() => {
             return Err(ApiError::bad_param(
                 "tools",
@@ -405,6 +419,53 @@ pub(crate) fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>,
             })
         })
         .collect()
+}
+
+/// How a conversation is rendered. A last message holding an assistant's text is continued
+/// (llama.cpp's assistant prefill; not by default with tools, whose replies are whole JSON)
+/// unless the request asks for a new turn: `add_generation_prompt: true` or
+/// `continue_final_message: false` (vLLM's names, which may also ask for it explicitly).
+pub(crate) fn chat_options(
+    messages: &[RawMessage],
+    tools: bool,
+    (add, cont): (Option<bool>, Option<bool>),
+    kwargs: Option<Value>,
+) -> Result<ChatOptions, ApiError> {
+    let bad = |m: &str| Err(ApiError::bad_param("continue_final_message", m));
+    let prefill = messages.last().is_some_and(|m| {
+        let text = match &m.content {
+            Value::String(s) => !s.trim().is_empty(),
+            Value::Array(parts) => !parts.is_empty(),
+            _ => false,
+        };
+        m.role == "assistant" && text && m.tool_calls.as_array().is_none_or(Vec::is_empty)
+    });
+    let continue_final_message = match (add, cont) {
+        (Some(true), Some(true)) => {
+            return bad("continue_final_message and add_generation_prompt cannot both be true: continue the last message or open a new turn")
+        }
+        (_, Some(true)) if !prefill => {
+            return bad("continue_final_message needs the last message to be an assistant's, with text")
+        }
+        (_, Some(c)) => c,
+        (Some(true), None) => false,
+        (_, None) => prefill && !tools,
+    };
+    let template_kwargs = match kwargs {
+        None | Some(Value::Null) => Default::default(),
+        Some(Value::Object(o)) => o,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "chat_template_kwargs",
+                "chat_template_kwargs must be an object of the template's variables",
+            ))
+        }
+    };
+    Ok(ChatOptions {
+        add_generation_prompt: add.unwrap_or(!continue_final_message),
+        continue_final_message,
+        template_kwargs,
+    })
 }
 
 /// The conversation with the tools' description at the end of its system message (a new one
@@ -772,16 +833,19 @@ mod tests {
         .unwrap();
         assert_eq!(
             v.input,
-            Input::Chat(vec![
-                ChatMessage {
-                    role: "system".into(),
-                    content: "be brief".into()
-                },
-                ChatMessage {
-                    role: "user".into(),
-                    content: "hi there".into()
-                },
-            ])
+            Input::Chat(
+                vec![
+                    ChatMessage {
+                        role: "system".into(),
+                        content: "be brief".into()
+                    },
+                    ChatMessage {
+                        role: "user".into(),
+                        content: "hi there".into()
+                    },
+                ],
+                ChatOptions::default()
+            )
         );
         assert_eq!(v.max_tokens, Some(7), "max_completion_tokens wins");
         assert_eq!(v.stop, vec!["\n".to_string()]);
@@ -1038,7 +1102,7 @@ mod tests {
             {"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function",
             "function":{"name":"f","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"1"}]"#;
         let v = check(&format!("{{{turns},{tools}}}"), Endpoint::Chat).unwrap();
-        let Input::Chat(m) = &v.input else {
+        let Input::Chat(m, _) = &v.input else {
             panic!("{v:?}")
         };
         assert!(
@@ -1068,7 +1132,7 @@ mod tests {
             Endpoint::Chat,
         )
         .unwrap();
-        let Input::Chat(m) = &v.input else {
+        let Input::Chat(m, _) = &v.input else {
             panic!("{v:?}")
         };
         assert_eq!((m.len(), m[0].role.as_str()), (2, "system"));

@@ -437,7 +437,7 @@ async fn tokenize(codec: &Arc<dyn Codec>, v: &Validated) -> Result<Vec<u32>, Api
     let codec = codec.clone();
     let input = v.input.clone();
     let (param, ids) = tokio::task::spawn_blocking(move || match input {
-        Input::Chat(m) => ("messages", codec.encode_chat(&m)),
+        Input::Chat(m, options) => ("messages", codec.encode_chat(&m, &options)),
         Input::Text(t) => ("prompt", codec.encode_prompt(&t)),
         Input::Tokens(ids) => {
             let vocab = codec.vocab_size();
@@ -471,7 +471,7 @@ async fn tokenize(codec: &Arc<dyn Codec>, v: &Validated) -> Result<Vec<u32>, Api
 fn budget(codec: &dyn Codec, v: &Validated, prompt: usize) -> Result<usize, ApiError> {
     let context = codec.context_length();
     let param = match v.input {
-        Input::Chat(_) => "messages",
+        Input::Chat(..) => "messages",
         _ => "prompt",
     };
     if prompt >= context {

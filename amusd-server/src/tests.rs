@@ -26,11 +26,26 @@ impl Codec for FakeCodec {
     fn vocab_size(&self) -> usize {
         128
     }
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
-        let text: String = messages
+    /// `role:content` lines; a new turn opens with `>`, a continued one does not close.
+    fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<Vec<u32>, String> {
+        let mut text: String = messages
             .iter()
             .map(|m| format!("{}:{}\n", m.role, m.content))
             .collect();
+        match (
+            options.continue_final_message,
+            options.add_generation_prompt,
+        ) {
+            (true, _) => {
+                text.pop();
+            }
+            (false, true) => text.push('>'),
+            (false, false) => {}
+        }
         self.encode_prompt(&text)
     }
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
@@ -737,7 +752,7 @@ async fn tokenize_and_detokenize() {
         r#"{"messages": [{"role": "user", "content": "x"}]}"#,
     )
     .await;
-    assert_eq!(v["count"], "user:x\n".len());
+    assert_eq!(v["count"], "user:x\n>".len());
     let (status, v) = json_call(&s, "/detokenize", r#"{"tokens": [72, 105]}"#).await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -1012,4 +1027,74 @@ async fn responses_errors_name_the_responses_fields() {
             "{err}"
         );
     }
+}
+
+/// A conversation that ends with an assistant's text is continued unless the request asks for a
+/// new turn (the fake codec opens a turn with `>` and ends each message with a newline).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_final_assistant_message_is_continued_unless_a_new_turn_is_asked_for() {
+    let s = server(Hooks::default(), 4);
+    let tokenized = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Th"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let s = &s;
+        async move {
+            let (status, v) = json_call(s, "/tokenize", &body.to_string()).await;
+            let text: String = (v["tokens"].as_array().into_iter().flatten())
+                .map(|t| char::from(t.as_u64().unwrap() as u8))
+                .collect();
+            (status, text, v)
+        }
+    };
+    assert_eq!(tokenized(json!({})).await.1, "user:hi\nassistant:Th");
+    let closed = "user:hi\nassistant:Th\n>";
+    assert_eq!(
+        tokenized(json!({"add_generation_prompt": true})).await.1,
+        closed
+    );
+    assert_eq!(
+        tokenized(json!({"continue_final_message": false})).await.1,
+        closed
+    );
+    for (extra, param) in [
+        (
+            json!({"add_generation_prompt": true, "continue_final_message": true}),
+            "continue_final_message",
+        ),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
+    ] {
+        let (status, _, v) = tokenized(extra).await;
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(param)),
+            "{v}"
+        );
+    }
+    // The chat endpoint renders alike: continued, the prompt is 2 tokens shorter.
+    let body = |extra: &str| {
+        format!(
+            r#"{{"messages": [{{"role": "user", "content": "hi"}},
+        {{"role": "assistant", "content": "Th"}}], "max_tokens": 1{extra}}}"#
+        )
+    };
+    let (_, cont) = json_call(&s, CHAT, &body("")).await;
+    let (_, turn) = json_call(&s, CHAT, &body(r#", "add_generation_prompt": true"#)).await;
+    assert_eq!(
+        cont["usage"]["prompt_tokens"].as_u64().unwrap() + 2,
+        turn["usage"]["prompt_tokens"].as_u64().unwrap()
+    );
+    let (status, v) = json_call(
+        &s,
+        CHAT,
+        r#"{"messages": [{"role": "user", "content": "hi"}], "continue_final_message": true}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("continue_final_message")),
+        "{v}"
+    );
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::generator::Codec;
-use crate::request::RawMessage;
+use crate::request::{self, RawMessage};
 
 /// `/tokenize`'s body.
 #[derive(Debug, Default, Deserialize)]
@@ -24,6 +24,10 @@ pub struct TokenizeRequest {
     pub add_special_tokens: Option<bool>,
     #[serde(default)]
     pub with_pieces: bool,
+    /// With `messages`, how they render (as on chat).
+    pub add_generation_prompt: Option<bool>,
+    pub continue_final_message: Option<bool>,
+    pub chat_template_kwargs: Option<Value>,
 }
 
 /// `/detokenize`'s body.
@@ -34,8 +38,14 @@ pub struct DetokenizeRequest {
 
 /// What to tokenize, checked: exactly one of `content`, `prompt`, `messages`.
 enum Input {
-    Text { text: String, add_special: bool },
-    Chat(Vec<crate::generator::ChatMessage>),
+    Text {
+        text: String,
+        add_special: bool,
+    },
+    Chat(
+        Vec<crate::generator::ChatMessage>,
+        crate::generator::ChatOptions,
+    ),
 }
 
 fn input(r: TokenizeRequest) -> Result<Input, ApiError> {
@@ -60,7 +70,11 @@ fn input(r: TokenizeRequest) -> Result<Input, ApiError> {
             text,
             add_special: add.unwrap_or(true),
         },
-        (_, _, Some(m)) => Input::Chat(crate::request::messages(Some(m))?),
+        (_, _, Some(m)) => {
+            let flags = (r.add_generation_prompt, r.continue_final_message);
+            let options = request::chat_options(&m, false, flags, r.chat_template_kwargs)?;
+            Input::Chat(request::messages(Some(m))?, options)
+        }
         _ => unreachable!("exactly one is given"),
     })
 }
@@ -70,7 +84,7 @@ pub fn tokenize(codec: &dyn Codec, r: TokenizeRequest) -> Result<Value, ApiError
     let pieces = r.with_pieces;
     let (param, ids) = match input(r)? {
         Input::Text { text, add_special } => ("content", codec.encode(&text, add_special)),
-        Input::Chat(m) => ("messages", codec.encode_chat(&m)),
+        Input::Chat(m, options) => ("messages", codec.encode_chat(&m, &options)),
     };
     let ids = ids.map_err(|m| ApiError::bad_param(param, format!("{param}: {m}")))?;
     let tokens: Value = if pieces {

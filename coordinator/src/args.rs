@@ -51,6 +51,11 @@ pub struct ModelArgs {
     /// run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
+    /// A Jinja chat template to render conversations with instead of the verify model's
+    /// (llama.cpp's --chat-template-file, vLLM's --chat-template); it sees the model's BOS and EOS
+    /// strings.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template_file: Option<PathBuf>,
     /// sd/amusd: prompt lookup ahead of the draft model, on by default: where it finds a match,
     /// the draft model checks the lookup's run in one forward and proposes the part it agrees
     /// with plus its own next token; elsewhere it drafts one token. MIN-MAX: suffix lengths tried

@@ -87,7 +87,8 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Strategy::Ar => None,
         Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
     };
-    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?;
+    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?
+        .with_chat_template(m.chat_template_file.as_deref())?;
     let sampling = texts.with_dry_breakers(sampling, &args.sampling.dry.breakers());
     texts.check_sampling(&sampling)?;
     let (prompt, stop_ids) = texts.prompt(&messages, args.raw, args.prompt_ids.as_deref())?;

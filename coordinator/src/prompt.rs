@@ -1,7 +1,7 @@
 //! From the user's text to prompt tokens: the prompt itself, the models' tokenizers and chat
 //! templates (without their weights), and the checks that draft and verify speak the same tokens.
 
-use amusd_model::chat::{ChatTemplate, Message};
+use amusd_model::chat::{ChatTemplate, Message, RenderOptions};
 use amusd_model::loader::{load_text, ModelText};
 use amusd_model::tokenizer::Tokenizer;
 use amusd_spec::constraint::{Constraints, Grammar};
@@ -70,6 +70,21 @@ pub fn encode_conversation(
         let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
         return Ok(tokenizer.encode(&text.join("\n"), true)?);
     }
+    let new_turn = RenderOptions {
+        add_generation_prompt: true,
+        ..Default::default()
+    };
+    encode_chat(tokenizer, template, messages, &new_turn)
+}
+
+/// Token ids of a conversation rendered as `options` say, with the model's chat template (ChatML
+/// if it has none), tokenized without adding specials (the template writes them).
+pub fn encode_chat(
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    messages: &[Message],
+    options: &RenderOptions,
+) -> Result<Vec<u32>> {
     let fallback;
     let template = match template {
         Some(t) => t,
@@ -78,7 +93,7 @@ pub fn encode_conversation(
             &fallback
         }
     };
-    let text = template.render(messages, true)?;
+    let text = template.render_with(messages, options)?;
     Ok(tokenizer.encode(&text, false)?)
 }
 
@@ -139,6 +154,27 @@ pub struct Texts {
 }
 
 impl Texts {
+    /// The verify model's chat template replaced by the one in `file`, if given (it keeps the
+    /// model's BOS and EOS strings).
+    pub fn with_chat_template(mut self, file: Option<&Path>) -> Result<Self> {
+        let Some(file) = file else {
+            return Ok(self);
+        };
+        let Some(verify) = self.verify.as_mut() else {
+            bail!("--chat-template-file: a fake model has no chat template to replace");
+        };
+        let source = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read --chat-template-file {}", file.display()))?;
+        let (bos, eos) = match &verify.chat_template {
+            Some(t) => (t.bos_token().to_string(), t.eos_token().to_string()),
+            None => Default::default(),
+        };
+        let template = ChatTemplate::new(source, bos, eos)
+            .with_context(|| format!("--chat-template-file {}", file.display()))?;
+        verify.chat_template = Some(template);
+        Ok(self)
+    }
+
     /// Reads both models' text side (cheap: no weights) and checks that they share a vocabulary.
     pub fn load(verify_spec: &str, draft_spec: Option<&str>) -> Result<Self> {
         let verify = text_of(verify_spec, "verify")?;

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use amusd_model::chat::Message;
+use amusd_model::chat::{Message, RenderOptions};
 use amusd_model::loader::ModelText;
 use amusd_model::tokenizer::TokenStream;
 use amusd_server::{
-    ApiKeys, ChatMessage, Codec, GenError, GenRequest, GenStats, Generator, GeneratorFactory,
-    Limits, Sampling, Server, TextStream, TokenLogprobs,
+    ApiKeys, ChatMessage, ChatOptions, Codec, GenError, GenRequest, GenStats, Generator,
+    GeneratorFactory, Limits, Sampling, Server, TextStream, TokenLogprobs,
 };
 use amusd_spec::constraint::{Grammar, GrammarKind};
 use amusd_spec::fake::FakeModel;
@@ -26,7 +26,7 @@ use clap::Args;
 
 use crate::args::{ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, Request};
-use crate::prompt::{encode_conversation, Texts};
+use crate::prompt::{encode_chat, Texts};
 use crate::supervisor::{install_signal_handlers, INTERRUPTED};
 
 #[derive(Args, Debug)]
@@ -56,6 +56,10 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub api_key: Vec<String>,
+    /// The model's name in /v1/models and in responses (llama.cpp's --alias, vLLM's
+    /// --served-model-name; default: the model file's name).
+    #[arg(long, visible_alias = "served-model-name", value_name = "NAME")]
+    pub alias: Option<String>,
     /// A file of API keys, one per line (blank lines and `#` comments skipped), with --api-key's.
     #[arg(long, value_name = "FILE")]
     pub api_key_file: Option<std::path::PathBuf>,
@@ -83,7 +87,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         m.verify_device()?;
         m.draft_device()?;
     }
-    let codec = Arc::new(codec(&verify_spec, &draft_spec, args.strategy)?);
+    let codec = Arc::new(codec(&args, &verify_spec, &draft_spec)?);
     let model_id = codec.model_id.clone();
     let factory = factory(&args, codec.stop_ids.clone(), verify_spec, draft_spec);
     let limits = Limits {
@@ -142,22 +146,23 @@ fn api_keys(args: &ServeArgs) -> Result<ApiKeys> {
 }
 
 /// The tokenizer side, loaded before the port opens so bad model paths fail at once.
-fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<TextCodec> {
+fn codec(args: &ServeArgs, verify_spec: &str, draft_spec: &str) -> Result<TextCodec> {
     let name = |spec: &str| {
         let path = spec.rsplit_once(':').map_or(spec, |(p, _)| p);
         std::path::Path::new(path)
             .file_name()
             .map_or(spec.to_string(), |n| n.to_string_lossy().into_owned())
     };
-    let draft = (strategy != Strategy::Ar).then_some(draft_spec);
-    let texts = Texts::load(verify_spec, draft)?;
+    let draft = (args.strategy != Strategy::Ar).then_some(draft_spec);
+    let texts = Texts::load(verify_spec, draft)?
+        .with_chat_template(args.models.chat_template_file.as_deref())?;
     let context = texts.context(amusd_shm::TOKEN_CAPACITY);
     let stop_ids = texts.stop_ids();
     let grammars = texts.grammars.clone();
     let Some(verify) = texts.verify else {
         let fake = FakeModel::parse(verify_spec)?;
         return Ok(TextCodec {
-            model_id: "fake".into(),
+            model_id: args.alias.clone().unwrap_or_else(|| "fake".into()),
             context: fake.capacity.min(context),
             stop_ids,
             text: None,
@@ -167,7 +172,7 @@ fn codec(verify_spec: &str, draft_spec: &str, strategy: Strategy) -> Result<Text
         });
     };
     Ok(TextCodec {
-        model_id: name(verify_spec),
+        model_id: args.alias.clone().unwrap_or_else(|| name(verify_spec)),
         context,
         stop_ids,
         vocab: verify.tokenizer.vocab_size(),
@@ -204,7 +209,11 @@ impl Codec for TextCodec {
         self.vocab
     }
 
-    fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, String> {
+    fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<Vec<u32>, String> {
         let Some(t) = &self.text else {
             let joined: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             return self.encode_prompt(&joined.join("\n"));
@@ -216,7 +225,12 @@ impl Codec for TextCodec {
                 content: m.content.clone(),
             })
             .collect();
-        encode_conversation(&t.tokenizer, t.chat_template.as_ref(), &messages, false)
+        let options = RenderOptions {
+            add_generation_prompt: options.add_generation_prompt,
+            continue_final_message: options.continue_final_message,
+            kwargs: options.template_kwargs.clone(),
+        };
+        encode_chat(&t.tokenizer, t.chat_template.as_ref(), &messages, &options)
             .map_err(|e| format!("{e:#}"))
     }
 

@@ -353,7 +353,8 @@ impl Models {
         let (sd_draft, amusd_draft) = (draft_for(Strategy::Sd)?, draft_for(Strategy::Amusd)?);
         // Every strategy reserves exactly prompt + max_new positions, in both models (sd and amusd
         // reserve the same positions in the draft), and amusd in the region's token buffer.
-        let texts = Texts::load(&verify_spec, amusd_draft.as_deref().or(sd_draft.as_deref()))?;
+        let texts = Texts::load(&verify_spec, amusd_draft.as_deref().or(sd_draft.as_deref()))?
+            .with_chat_template(m.chat_template_file.as_deref())?;
         let mut capacity = texts.context(usize::MAX);
         let text = texts
             .verify
