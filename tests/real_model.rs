@@ -821,3 +821,57 @@ fn a_stream_cut_mid_character_prints_its_tail() {
         run.describe()
     );
 }
+
+/// `amusd chat` on piped input: each line is a turn, the replies stream to stdout one per line,
+/// the second turn finds the first one's prompt cached, and `ar` and `amusd` write the same
+/// conversation, whose first reply is `generate`'s for that prompt.
+#[test]
+fn chat_turns_are_exact_and_reuse_the_cache() {
+    require_default_model();
+    let input = "What is the capital of France?\n/help\nAnd of Italy?\n";
+    let chat = |strategy: &str| {
+        let mut child = amusd_e2e::amusd()
+            .args(["chat", "--strategy", strategy, "--max-new-tokens", "12"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        );
+        assert!(out.status.success(), "{strategy}: {stdout}\n{stderr}");
+        (stdout, stderr)
+    };
+    let (amusd_out, amusd_err) = chat("amusd");
+    let (ar_out, _) = chat("ar");
+    assert_eq!(
+        amusd_out, ar_out,
+        "the conversation differs between strategies"
+    );
+    let first = generate("amusd", "What is the capital of France?", 12).json()["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        amusd_out.starts_with(&format!("{first}\n")),
+        "{amusd_out:?} vs {first:?}"
+    );
+    let stats: Vec<&str> = amusd_err.lines().filter(|l| l.starts_with('[')).collect();
+    assert_eq!(stats.len(), 2, "{amusd_err}");
+    assert!(stats[0].contains("(0 of "), "{}", stats[0]);
+    assert!(
+        !stats[1].contains("(0 of "),
+        "turn 2 cached nothing: {}",
+        stats[1]
+    );
+    assert!(
+        amusd_err.contains("/reset"),
+        "/help said nothing: {amusd_err}"
+    );
+}

@@ -4,6 +4,7 @@ mod args;
 mod assets;
 mod backend;
 mod bench;
+mod chat;
 mod dump;
 mod generate;
 mod output;
@@ -31,6 +32,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt with one strategy (ar, sd or amusd).
     Generate(Box<generate::GenerateArgs>),
+    /// Chat in the terminal: one line per message, replies streamed, the models loaded once.
+    Chat(Box<chat::ChatArgs>),
     /// Run a dataset through several strategies, check they agree, record timings.
     Bench(Box<bench::BenchArgs>),
     /// Serve the OpenAI API (chat and text completions, streamed or not) on one worker pair.
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
+        Command::Chat(args) => chat::run(*args),
         Command::Bench(args) => bench::run(*args),
         Command::Serve(args) => serve::run(*args),
         Command::Report(args) => bench::report(args),
