@@ -875,3 +875,56 @@ fn chat_turns_are_exact_and_reuse_the_cache() {
         "/help said nothing: {amusd_err}"
     );
 }
+
+/// Ctrl-C while `amusd chat` waits for the next message ends it at once: exit 130, workers
+/// stopped, region removed.
+#[test]
+fn ctrl_c_ends_a_chat_waiting_for_input() {
+    use std::io::BufRead;
+    require_default_model();
+    let mut child = amusd_e2e::amusd()
+        .args(["chat", "--max-new-tokens", "8", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"Hi\n").unwrap();
+    stdin.flush().unwrap();
+    let (tx, replies) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The reply's end: the chat now waits for the next line (stdin stays open).
+    replies.recv_timeout(TIMEOUT).expect("no reply");
+    let pid = child.id();
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGINT) }, 0);
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "chat ignored Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(stdin);
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        amusd_e2e::shm_entries_of(pid).is_empty(),
+        "region left behind"
+    );
+    amusd_e2e::wait_until("the workers to exit", Duration::from_secs(10), || {
+        amusd_e2e::workers_of(pid).is_empty()
+    });
+}
