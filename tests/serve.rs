@@ -293,6 +293,14 @@ fn api_keys_from_the_flag_and_a_file_guard_every_route_but_health() {
         assert_eq!(r.json["error"]["code"], "invalid_api_key");
     }
     assert_eq!(s.metric("amusd_completion_tokens_total"), before);
+    // The request log: a line per generated answer (none for the refused ones).
+    let log = s.log();
+    let done: Vec<&str> = log.lines().filter(|l| l.contains("request done")).collect();
+    assert_eq!(done.len(), 3, "{log}");
+    assert!(
+        done[0].contains(r#"id="cmpl-"#) && done[0].contains("completion_tokens=4"),
+        "{log}"
+    );
     assert_eq!(s.get("/v1/models").0, 401);
     assert_eq!(s.get("/health").0, 200);
     s.terminate(EXIT);

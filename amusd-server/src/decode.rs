@@ -21,6 +21,8 @@ use crate::stop::StopMatcher;
 
 /// One queued request.
 pub struct Job {
+    /// The response's id, which the request log names.
+    pub id: String,
     /// The first choice's generation; choice `i` adds `i` to its seed ([`Job::choice`]).
     pub request: GenRequest,
     /// Choices to generate, one after another.
@@ -195,7 +197,7 @@ pub fn run(
             }
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = gen.idle() {
-                    eprintln!("amusd: serve: {e}");
+                    tracing::warn!(error = %e, "idle step failed");
                 }
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -279,9 +281,19 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
     }
     for i in 0..job.n {
         let event = match serve_choice(gen, codec, &job, i, shared) {
-            None => return, // The client left.
-            Some(Ok(summary)) => Event::Done(i, summary),
-            Some(Err(e)) => Event::Failed(e),
+            None => {
+                tracing::info!(id = %job.id, choice = i, "request cancelled: the client left");
+                return;
+            }
+            Some(Ok(summary)) => {
+                log_done(&job.id, i, &summary);
+                Event::Done(i, summary)
+            }
+            Some(Err(e)) => {
+                let status = e.status.as_u16();
+                tracing::warn!(id = %job.id, choice = i, status, error = %e.message, "request failed");
+                Event::Failed(e)
+            }
         };
         let failed = matches!(event, Event::Failed(_));
         let _ = job.events.send(event);
@@ -289,6 +301,27 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
             return;
         }
     }
+}
+
+/// One line per finished choice: what llama.cpp's server prints per request, in fields.
+fn log_done(id: &str, choice: usize, s: &Summary) {
+    let t = &s.timings;
+    let ms_per_token = match t.predicted_per_second {
+        r if r > 0.0 => 1e3 / r,
+        _ => 0.0,
+    };
+    tracing::info!(
+        id,
+        choice,
+        prompt_tokens = s.usage.prompt_tokens,
+        cached_tokens = t.cache_n,
+        completion_tokens = s.usage.completion_tokens,
+        ttft_ms = format_args!("{:.0}", t.prompt_ms),
+        ms_per_token = format_args!("{ms_per_token:.1}"),
+        drafts_accepted = format_args!("{}/{}", t.draft_n_accepted, t.draft_n),
+        finish = ?s.finish,
+        "request done"
+    );
 }
 
 /// Generates choice `i` of `job`, streaming its text; its summary, or why it failed (`None`: the

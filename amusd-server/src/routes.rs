@@ -270,8 +270,15 @@ async fn handle_as(
     let prompt = tokenize(&s.codec, &v).await?;
     let max_tokens = budget(s.codec.as_ref(), &v, prompt.len())?;
     let echo = v.echo.then(|| echo_of(s.codec.as_ref(), &v.input, &prompt));
+    let prefix = match (api, endpoint) {
+        (Api::Responses, _) => "resp",
+        (_, Endpoint::Chat) => "chatcmpl",
+        (_, Endpoint::Completions) => "cmpl",
+    };
+    let id = response_id(&s, prefix);
     let (tx, rx) = unbounded_channel();
     let job = Job {
+        id: id.clone(),
         request: GenRequest {
             prompt,
             max_tokens,
@@ -285,15 +292,11 @@ async fn handle_as(
     };
     admit(&s, job)?;
     if let Some(echoed) = echoed {
-        return respond(&s, &v, echoed, rx).await;
+        return respond(&s, &v, id, echoed, rx).await;
     }
-    let prefix = match endpoint {
-        Endpoint::Chat => "chatcmpl",
-        Endpoint::Completions => "cmpl",
-    };
     let head = Head {
         endpoint,
-        id: response_id(&s, prefix),
+        id,
         created: unix_now(),
         model: s.codec.model_id().to_string(),
         include_usage: v.include_usage,
@@ -315,11 +318,12 @@ async fn handle_as(
 async fn respond(
     s: &AppState,
     v: &Validated,
+    id: String,
     echoed: responses::Echoed,
     rx: UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
     let r = Responder {
-        id: response_id(s, "resp"),
+        id,
         created_at: unix_now(),
         model: s.codec.model_id().to_string(),
         echoed,

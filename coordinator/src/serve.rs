@@ -72,6 +72,7 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
     install_signal_handlers();
+    log_to_stderr();
     let api_keys = api_keys(&args)?;
     let m = &args.models;
     let verify_spec = m.verify_spec()?;
@@ -125,6 +126,18 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The server's log (a line per finished request, failures, idle-step errors) on standard
+/// error, at `RUST_LOG`'s levels (default: info).
+fn log_to_stderr() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// The keys of `--api-key` and `--api-key-file`.
