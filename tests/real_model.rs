@@ -828,7 +828,8 @@ fn a_stream_cut_mid_character_prints_its_tail() {
 #[test]
 fn chat_turns_are_exact_and_reuse_the_cache() {
     require_default_model();
-    let input = "What is the capital of France?\n/help\nAnd of Italy?\n";
+    // The second message spans two lines (`\\` goes on to the next).
+    let input = "What is the capital of France?\n/help\nAnd \\\nof Italy?\n";
     let chat = |strategy: &str| {
         let mut child = amusd_e2e::amusd()
             .args(["chat", "--strategy", strategy, "--max-new-tokens", "12"])

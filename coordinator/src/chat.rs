@@ -46,7 +46,7 @@ pub struct ChatArgs {
 
 /// What the user can type besides a message.
 const HELP: &str =
-    "one line per message; /reset forgets the conversation, /exit (or end of input) ends the chat";
+    "one line per message (a line ending in \\ goes on to the next); /reset forgets the conversation, /exit (or end of input) ends the chat";
 
 pub fn run(args: ChatArgs) -> Result<ExitCode> {
     if args.max_new_tokens == 0 {
@@ -99,6 +99,43 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     chat.converse()
 }
 
+/// What the user did next.
+enum Next {
+    Message(String),
+    End,
+    Interrupted,
+}
+
+/// The next message: a line, or lines joined while each ends with `\` (llama.cpp's
+/// continuation), prompted by `> ` (then `. `) on a terminal.
+fn next_message(lines: &Receiver<std::io::Result<String>>, interactive: bool) -> Result<Next> {
+    let mut message = String::new();
+    loop {
+        if interactive {
+            print_text(if message.is_empty() { "> " } else { ". " });
+        }
+        let line = loop {
+            match lines.recv_timeout(Duration::from_millis(50)) {
+                _ if INTERRUPTED.load(Ordering::SeqCst) => return Ok(Next::Interrupted),
+                Ok(line) => break line.context("cannot read standard input")?,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) if message.is_empty() => return Ok(Next::End),
+                Err(RecvTimeoutError::Disconnected) => return Ok(Next::Message(message)),
+            }
+        };
+        match line.strip_suffix('\\') {
+            Some(part) => {
+                message.push_str(part);
+                message.push('\n');
+            }
+            None => {
+                message.push_str(&line);
+                return Ok(Next::Message(message));
+            }
+        }
+    }
+}
+
 /// Standard input's lines, read on a thread of their own; the channel closes at its end.
 fn read_lines() -> Receiver<std::io::Result<String>> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -143,26 +180,17 @@ impl Chat {
         }
         let lines = read_lines();
         loop {
-            if interactive {
-                print_text("> ");
-            }
-            let line = loop {
-                match lines.recv_timeout(Duration::from_millis(50)) {
-                    _ if INTERRUPTED.load(Ordering::SeqCst) => return Ok(interrupted()),
-                    Ok(line) => break Some(line.context("cannot read standard input")?),
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => break None,
-                }
+            let message = match next_message(&lines, interactive)? {
+                Next::Message(m) => m,
+                Next::End => return Ok(ExitCode::SUCCESS),
+                Next::Interrupted => return Ok(interrupted()),
             };
-            let Some(line) = line else {
-                return Ok(ExitCode::SUCCESS);
-            };
-            match line.trim() {
+            match message.trim() {
                 "" => {}
                 "/exit" | "/quit" => return Ok(ExitCode::SUCCESS),
                 "/reset" => self.messages = self.opening.clone(),
                 "/help" => eprintln!("amusd: {HELP}"),
-                _ => self.turn(line)?,
+                _ => self.turn(message)?,
             }
             if INTERRUPTED.load(Ordering::SeqCst) {
                 return Ok(interrupted());
