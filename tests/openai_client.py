@@ -179,6 +179,16 @@ r_called = client.responses.create(
 )
 fc = [o for o in r_called.output if o.type == "function_call"][0]
 check("responses tool call = chat's", (fc.name, fc.arguments), (call.function.name, call.function.arguments))
+args_deltas, done_args = "", None
+for ev in client.responses.create(
+    model="any", input="What is the weather in Paris?", tools=flat_tools, tool_choice="required",
+    parallel_tool_calls=False, max_output_tokens=40, temperature=0, stream=True,
+):
+    if ev.type == "response.function_call_arguments.delta":
+        args_deltas += ev.delta
+    if ev.type == "response.function_call_arguments.done":
+        done_args = ev.arguments
+check("responses streamed tool call = whole", (args_deltas, done_args), (fc.arguments, fc.arguments))
 r_after = client.responses.create(
     model="any", tools=flat_tools, max_output_tokens=40, temperature=0,
     input=[{"role": "user", "content": "What is the weather in Paris?"},

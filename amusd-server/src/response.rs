@@ -4,6 +4,7 @@ use serde_json::{json, Value};
 
 use crate::decode::{LogprobEntry, Summary};
 use crate::request::Endpoint;
+use crate::tools::reader::ReplyEvent;
 use crate::tools::{self, Reply};
 
 /// What every response and chunk of one request shares.
@@ -19,8 +20,8 @@ pub struct Head {
     /// Completions' `echo`: the prompt's text and its first token's (which has no
     /// log-probability).
     pub echo: Option<Echo>,
-    /// Chat with tools: each reply is read back as calls or content ([`crate::tools`]), and a
-    /// stream sends it whole when the choice ends.
+    /// Chat with tools: each reply is read back as calls or content ([`crate::tools`]), a
+    /// stream's as it comes ([`crate::tools::reader`]).
     pub tools: bool,
     /// llama.cpp's `/completion`: its shapes, not OpenAI's ([`Head::llama_answer`]).
     pub llama: bool,
@@ -120,18 +121,37 @@ impl Head {
         (message, finish)
     }
 
-    /// A chat stream's whole reply to a request with tools, sent when choice `i` ends (the
-    /// reply is read back only once it is all there): its delta, its log-probabilities, its
-    /// finish reason and `timings`.
-    pub fn tool_reply(
-        &self,
-        i: usize,
-        text: &str,
-        s: &Summary,
-        logprobs: &[LogprobEntry],
-    ) -> Value {
-        let (delta, finish) = self.message(i, text, s, true);
+    /// A chat stream's chunk of choice `i`'s tool reply as it is read ([`crate::tools::reader`]):
+    /// a call named (its index, id, name, empty arguments), more of a call's arguments, or more
+    /// of the answer's content; with the log-probabilities of the tokens that completed it.
+    pub fn tool_delta(&self, i: usize, event: &ReplyEvent, logprobs: &[LogprobEntry]) -> Value {
+        let delta = match event {
+            ReplyEvent::Call { index, name } => json!({"tool_calls": [{"index": index,
+                "id": tools::call_id(&self.id, i, *index), "type": "function",
+                "function": {"name": name, "arguments": ""}}]}),
+            ReplyEvent::Arguments { index, text } => {
+                json!({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+            }
+            ReplyEvent::Content(text) => json!({"content": text}),
+        };
         let choice = json!({"index": i, "delta": delta,
+            "logprobs": self.logprobs(Some(logprobs), 0), "finish_reason": null});
+        let mut v = self.envelope(true, json!([choice]));
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The chunk that ends choice `i`'s tool reply: finish reason `tool_calls` if it made
+    /// calls, the log-probabilities not sent yet, `timings`.
+    pub fn tool_end(&self, i: usize, calls: bool, s: &Summary, logprobs: &[LogprobEntry]) -> Value {
+        let finish = if calls {
+            json!("tool_calls")
+        } else {
+            json!(s.finish)
+        };
+        let choice = json!({"index": i, "delta": {},
             "logprobs": self.logprobs(Some(logprobs), 0), "finish_reason": finish});
         let mut v = self.envelope(true, json!([choice]));
         if self.include_usage {
@@ -440,11 +460,35 @@ mod tests {
         let cut = h.full(&[(r#"{"respo"#.into(), summary())]);
         assert_eq!(cut["choices"][0]["message"]["content"], r#"{"respo"#);
         assert_eq!(cut["choices"][0]["finish_reason"], "length");
-        let last = h.tool_reply(0, calls, &stop, &[]);
-        let delta = &last["choices"][0]["delta"];
+        // Streamed: the name with the id the whole response gives, then arguments, then the end.
+        let named = h.tool_delta(
+            0,
+            &ReplyEvent::Call {
+                index: 0,
+                name: "f".into(),
+            },
+            &[],
+        );
+        let delta = &named["choices"][0]["delta"];
         assert_eq!(delta["tool_calls"][0]["index"], 0);
+        assert_eq!(delta["tool_calls"][0]["id"], call["id"]);
         assert_eq!(delta["tool_calls"][0]["function"]["name"], "f");
+        assert_eq!(delta["tool_calls"][0]["function"]["arguments"], "");
         assert!(delta.get("role").is_none());
+        assert!(named["choices"][0]["finish_reason"].is_null());
+        let args = h.tool_delta(
+            0,
+            &ReplyEvent::Arguments {
+                index: 0,
+                text: "{\"a\"".into(),
+            },
+            &[],
+        );
+        assert_eq!(
+            args["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"],
+            "{\"a\""
+        );
+        let last = h.tool_end(0, true, &stop, &[]);
         assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(last["object"], "chat.completion.chunk");
     }

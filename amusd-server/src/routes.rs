@@ -28,6 +28,8 @@ use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
 use crate::response::{Echo, Head};
 use crate::responses::{self, render::Responder, stream::ResponseStream};
+use crate::tools::reader::{ReplyEvent, ReplyReader};
+use crate::tools::Reply;
 
 /// Server settings that handlers need.
 #[derive(Clone, Debug)]
@@ -621,8 +623,9 @@ struct StreamState {
     ended: Vec<Summary>,
     /// Bytes of text each choice's tokens have had so far (completions' `text_offset`).
     offsets: Vec<usize>,
-    /// With tools, each choice's text and log-probabilities so far: its reply goes out whole.
-    held: Vec<(String, Vec<LogprobEntry>)>,
+    /// With tools, each choice's reply being read, and the log-probabilities not sent yet (a
+    /// piece that completes nothing waits for one that does).
+    readers: Vec<(ReplyReader, Vec<LogprobEntry>)>,
 }
 
 impl StreamState {
@@ -636,7 +639,7 @@ impl StreamState {
             opened: 0,
             ended: Vec::new(),
             offsets: vec![0; n],
-            held: vec![Default::default(); n],
+            readers: (0..n).map(|_| Default::default()).collect(),
         };
         let mut out = VecDeque::new();
         state.open_up_to(0, &mut out);
@@ -657,8 +660,21 @@ impl StreamState {
     fn end(&mut self, i: usize, s: Summary, out: &mut VecDeque<Outgoing>) -> bool {
         self.open_up_to(i, out);
         let end = if self.head.tools {
-            let (text, logprobs) = std::mem::take(&mut self.held[i]);
-            self.head.tool_reply(i, &text, &s, &logprobs)
+            let (reader, logprobs) = std::mem::take(&mut self.readers[i]);
+            if !reader.recognized() {
+                // Neither calls nor an answer (cut short early): the text as it is.
+                if let Reply::Content(text) = reader.finish() {
+                    out.push_back(data(self.head.tool_delta(
+                        i,
+                        &ReplyEvent::Content(text),
+                        &[],
+                    )));
+                }
+                self.head.tool_end(i, false, &s, &logprobs)
+            } else {
+                let calls = matches!(reader.finish(), Reply::Calls(_));
+                self.head.tool_end(i, calls, &s, &logprobs)
+            }
         } else {
             self.head.choice_end(i, &s)
         };
@@ -694,8 +710,13 @@ impl Shape for StreamState {
         match event {
             Some(Event::Text(i, t, logprobs)) if self.head.tools => {
                 self.open_up_to(i, out);
-                self.held[i].0.push_str(&t);
-                self.held[i].1.extend(logprobs);
+                let (reader, held) = &mut self.readers[i];
+                held.extend(logprobs);
+                for event in reader.push(&t) {
+                    let chunk = self.head.tool_delta(i, &event, held);
+                    held.clear();
+                    out.push_back(data(chunk));
+                }
                 false
             }
             Some(Event::Text(i, t, logprobs)) => {

@@ -110,10 +110,15 @@ impl Responder {
         }
     }
 
+    /// Function call `k`'s item id.
+    pub fn call_item_id(&self, k: usize) -> String {
+        format!("fc_{}_{k}", self.suffix())
+    }
+
     /// Function call `k` of the reply.
     pub fn call(&self, k: usize, name: &str, arguments: &str, status: &str) -> Value {
         let suffix = self.suffix();
-        json!({"type": "function_call", "id": format!("fc_{suffix}_{k}"),
+        json!({"type": "function_call", "id": self.call_item_id(k),
             "call_id": format!("call_{suffix}_{k}"), "name": name, "arguments": arguments,
             "status": status})
     }

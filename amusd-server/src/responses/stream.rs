@@ -2,8 +2,9 @@
 //! `response.in_progress`; the message item and its text part opened, one
 //! `response.output_text.delta` per text piece, then their `.done` events; `response.completed`
 //! (or `response.incomplete`, cut by `max_output_tokens`) with the whole Response. With tools the
-//! reply is held and its items (calls, with their arguments in one delta, or the answer's
-//! message) go out when it ends. A failure is an `error` event, and the stream ends.
+//! reply is read as it comes ([`crate::tools::reader`]): each call's item opens once its name is
+//! read and its arguments stream in deltas; an answer is a message whose text streams. A failure
+//! is an `error` event, and the stream ends.
 
 use std::collections::VecDeque;
 
@@ -13,7 +14,8 @@ use super::render::{item_status, Responder};
 use crate::decode::{Event, LogprobEntry, Summary};
 use crate::error::ApiError;
 use crate::routes::{Outgoing, Shape};
-use crate::tools::{self, Reply};
+use crate::tools::reader::{ReplyEvent, ReplyReader};
+use crate::tools::Reply;
 
 pub struct ResponseStream {
     r: Responder,
@@ -22,6 +24,10 @@ pub struct ResponseStream {
     /// The reply so far and its tokens' log-probabilities.
     text: String,
     logprobs: Vec<LogprobEntry>,
+    /// With tools, the reply read as it comes: its calls' items open as they are named, an
+    /// answer's message as its text starts.
+    reader: ReplyReader,
+    message_open: bool,
 }
 
 impl ResponseStream {
@@ -32,6 +38,8 @@ impl ResponseStream {
             seq: 0,
             text: String::new(),
             logprobs: Vec::new(),
+            reader: ReplyReader::default(),
+            message_open: false,
         };
         let mut out = VecDeque::new();
         let started = s.r.response("in_progress", Vec::new(), None);
@@ -99,43 +107,70 @@ impl ResponseStream {
         );
     }
 
-    /// With tools, the held reply's items, each opened, filled and closed.
-    fn tool_items(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
-        let calls = match tools::read_reply(&self.text) {
-            Reply::Calls(calls) => calls,
-            Reply::Content(c) => {
-                self.open_message(out);
-                let logprobs = self.logprobs.clone();
-                self.delta(out, &c, &logprobs);
-                return self.close_message(out, &c, s);
+    /// With tools, what a piece of the reply completed: a call's item opened, more of its
+    /// arguments, or more of the answer (its message opened first).
+    fn tool_event(
+        &mut self,
+        out: &mut VecDeque<Outgoing>,
+        e: ReplyEvent,
+        logprobs: &[LogprobEntry],
+    ) {
+        match e {
+            ReplyEvent::Call { index, name } => {
+                let item = self.r.call(index, &name, "", "in_progress");
+                self.emit(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": index, "item": item}),
+                );
             }
-        };
-        for (k, (name, arguments)) in calls.iter().enumerate() {
-            let item = self.r.call(k, name, "", "in_progress");
-            let at = json!({"item_id": item["id"], "output_index": k});
-            self.emit(
-                out,
-                "response.output_item.added",
-                json!({"output_index": k, "item": item}),
-            );
-            let mut d = at.clone();
-            d["delta"] = arguments.as_str().into();
-            self.emit(out, "response.function_call_arguments.delta", d);
-            let mut d = at;
-            d["arguments"] = arguments.as_str().into();
-            self.emit(out, "response.function_call_arguments.done", d);
-            let item = self.r.call(k, name, arguments, "completed");
-            self.emit(
-                out,
-                "response.output_item.done",
-                json!({"output_index": k, "item": item}),
-            );
+            ReplyEvent::Arguments { index, text } => {
+                let id = self.r.call_item_id(index);
+                let d = json!({"item_id": id, "output_index": index, "delta": text});
+                self.emit(out, "response.function_call_arguments.delta", d);
+            }
+            ReplyEvent::Content(text) => {
+                if !self.message_open {
+                    self.open_message(out);
+                    self.message_open = true;
+                }
+                self.delta(out, &text, logprobs);
+            }
+        }
+    }
+
+    /// With tools, the reply's items closed (a reply that was neither calls nor an answer, cut
+    /// short early, as a message of its text).
+    fn close_tool_items(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
+        let recognized = self.reader.recognized();
+        match std::mem::take(&mut self.reader).finish() {
+            Reply::Content(c) => {
+                if !recognized {
+                    self.open_message(out);
+                    let logprobs = self.logprobs.clone();
+                    self.delta(out, &c, &logprobs);
+                }
+                self.close_message(out, &c, s);
+            }
+            Reply::Calls(calls) => {
+                for (k, (name, arguments)) in calls.iter().enumerate() {
+                    let item = self.r.call(k, name, arguments, "completed");
+                    let d =
+                        json!({"item_id": item["id"], "output_index": k, "arguments": arguments});
+                    self.emit(out, "response.function_call_arguments.done", d);
+                    self.emit(
+                        out,
+                        "response.output_item.done",
+                        json!({"output_index": k, "item": item}),
+                    );
+                }
+            }
         }
     }
 
     fn end(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
         if self.r.tools {
-            self.tool_items(out, s);
+            self.close_tool_items(out, s);
         } else {
             let text = self.text.clone();
             self.close_message(out, &text, s);
@@ -167,7 +202,11 @@ impl Shape for ResponseStream {
     fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
             Some(Event::Text(_, t, logprobs)) => {
-                if !self.r.tools {
+                if self.r.tools {
+                    for e in self.reader.push(&t) {
+                        self.tool_event(out, e, &logprobs);
+                    }
+                } else {
                     self.delta(out, &t, &logprobs);
                 }
                 self.text.push_str(&t);
@@ -277,10 +316,38 @@ mod tests {
         let done = &all[6].1["response"];
         assert_eq!(done["output"][0]["call_id"], all[5].1["item"]["call_id"]);
         assert_eq!(done["status"], "completed");
-        // An answer instead of calls is a message, sent whole.
+        // An answer instead of calls is a message whose text streams.
         let all = run(true, &[r#"{"response": "Hi"}"#], Finish::Stop);
         assert_eq!(all[4].0, "response.output_text.delta");
         assert_eq!(all[4].1["delta"], "Hi");
+    }
+
+    /// A call's item opens once its name is read, and its arguments stream in deltas that add up
+    /// to the final arguments, before the reply ends.
+    #[test]
+    fn arguments_stream_as_they_are_generated() {
+        let pieces = [
+            r#"{"tool_calls": [{"name": "f", "#,
+            r#""arguments": {"city""#,
+            r#": "Paris"}}]}"#,
+        ];
+        let all = run(true, &pieces, Finish::Stop);
+        let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[2], "response.output_item.added", "{names:?}");
+        let deltas: Vec<&str> = (all.iter())
+            .filter(|(n, _)| n == "response.function_call_arguments.delta")
+            .map(|(_, d)| d["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(deltas, [r#"{"city""#, r#":"Paris"}"#]);
+        let done = all
+            .iter()
+            .find(|(n, _)| n == "response.function_call_arguments.done")
+            .unwrap();
+        assert_eq!(done.1["arguments"], deltas.concat());
+        assert_eq!(
+            all.last().unwrap().1["response"]["output"][0]["arguments"],
+            deltas.concat()
+        );
     }
 
     #[test]

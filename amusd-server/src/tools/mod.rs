@@ -10,6 +10,8 @@
 //! as a user turn holding `{"tool_response": ...}`. Since it is a prompt and a grammar, every
 //! strategy gives the same reply, as for any structured output.
 
+pub mod reader;
+
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
@@ -269,21 +271,12 @@ pub enum Reply {
 }
 
 pub fn read_reply(text: &str) -> Reply {
-    let Ok(v) = serde_json::from_str::<Value>(text.trim()) else {
-        return Reply::Content(text.into());
-    };
-    if let Some(calls) = v["tool_calls"].as_array() {
-        let calls: Option<Vec<(String, String)>> = (calls.iter())
-            .map(|c| Some((c["name"].as_str()?.to_string(), c["arguments"].to_string())))
-            .collect();
-        if let Some(calls) = calls.filter(|c| !c.is_empty()) {
-            return Reply::Calls(calls);
-        }
-    }
-    match v["response"].as_str() {
-        Some(r) => Reply::Content(r.into()),
-        None => Reply::Content(text.into()),
-    }
+    reader::read(text)
+}
+
+/// Call `k`'s id in choice `choice` of response `response_id`.
+pub fn call_id(response_id: &str, choice: usize, k: usize) -> String {
+    format!("call_{response_id}_{choice}_{k}")
 }
 
 /// OpenAI's `tool_calls` list; ids from the response's and the choice's (`call_<id>_<choice>_<k>`).
@@ -295,7 +288,7 @@ pub fn tool_calls_json(
 ) -> Value {
     (calls.iter().enumerate())
         .map(|(k, (name, arguments))| {
-            let mut c = json!({"id": format!("call_{response_id}_{choice}_{k}"), "type": "function",
+            let mut c = json!({"id": call_id(response_id, choice, k), "type": "function",
                 "function": {"name": name, "arguments": arguments}});
             if streamed {
                 c["index"] = k.into();
