@@ -831,13 +831,7 @@ fn chat_turns_are_exact_and_reuse_the_cache() {
     // The second message spans two lines (`\\` goes on to the next).
     let input = "What is the capital of France?\n/help\nAnd \\\nof Italy?\n";
     let chat = |strategy: &str| {
-        let mut child = amusd_e2e::amusd()
-            .args(["chat", "--strategy", strategy, "--max-new-tokens", "12"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = start_chat(&["--strategy", strategy, "--max-new-tokens", "12"]);
         let mut stdin = child.stdin.take().unwrap();
         std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap();
         drop(stdin);
@@ -883,13 +877,7 @@ fn chat_turns_are_exact_and_reuse_the_cache() {
 fn ctrl_c_ends_a_chat_waiting_for_input() {
     use std::io::BufRead;
     require_default_model();
-    let mut child = amusd_e2e::amusd()
-        .args(["chat", "--max-new-tokens", "8", "--quiet"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_chat(&["--max-new-tokens", "8", "--quiet"]);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"Hi\n").unwrap();
     stdin.flush().unwrap();
@@ -928,4 +916,16 @@ fn ctrl_c_ends_a_chat_waiting_for_input() {
     amusd_e2e::wait_until("the workers to exit", Duration::from_secs(10), || {
         amusd_e2e::workers_of(pid).is_empty()
     });
+}
+
+/// `amusd chat ARGS...` with its standard streams piped.
+fn start_chat(args: &[&str]) -> std::process::Child {
+    amusd_e2e::amusd()
+        .arg("chat")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start amusd chat")
 }

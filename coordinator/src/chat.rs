@@ -20,7 +20,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::args::{ModelArgs, SamplingArgs, Strategy};
-use crate::backend::{bind_in_process, Backend, Request};
+use crate::backend::{Backend, Request};
+use crate::generate::{prepare, Prepared};
 use crate::output::print_text;
 use crate::prompt::Texts;
 use crate::supervisor::{install_signal_handlers, INTERRUPTED};
@@ -60,17 +61,11 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     // Ctrl-C ends the chat under every strategy, the workers stopped and the region removed.
     install_signal_handlers();
     let (m, strategy) = (&args.models, args.strategy);
-    if strategy != Strategy::Amusd {
-        bind_in_process(m.verify_device()?)?;
-    }
-    let verify_spec = m.verify_spec()?;
-    m.lookup_alone()?;
-    let draft_spec = match strategy {
-        Strategy::Ar => None,
-        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
-    };
-    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?
-        .with_chat_template(m.chat_template_file.as_deref())?;
+    let Prepared {
+        verify_spec,
+        draft_spec,
+        texts,
+    } = prepare(m, strategy)?;
     let Some(tokenizer) = texts.verify.as_ref().map(|t| t.tokenizer.clone()) else {
         bail!("amusd chat needs a real verify model (a fake one has no text)");
     };

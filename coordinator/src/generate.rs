@@ -75,20 +75,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     let messages = messages(&args)?;
     let (m, strategy) = (&args.models, args.strategy);
-    let verify_device = m.verify_device()?;
-    if strategy != Strategy::Amusd {
-        bind_in_process(verify_device)?;
-    }
-    let verify_spec = m.verify_spec()?;
-    // A bad lookup range, or lookup both alone and ahead of a model, is the user's error: said
-    // before anything loads.
-    m.lookup_alone()?;
-    let draft_spec = match strategy {
-        Strategy::Ar => None,
-        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
-    };
-    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?
-        .with_chat_template(m.chat_template_file.as_deref())?;
+    let Prepared {
+        verify_spec,
+        draft_spec,
+        texts,
+    } = prepare(m, strategy)?;
     let sampling = texts.with_dry_breakers(sampling, &args.sampling.dry.breakers());
     texts.check_sampling(&sampling)?;
     let (prompt, stop_ids) = texts.prompt(&messages, args.raw, args.prompt_ids.as_deref())?;
@@ -129,6 +120,36 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     finish_output(&out, tokenizer, &result?)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a strategy's run needs before its models load: the specs and both models' text side.
+pub struct Prepared {
+    pub verify_spec: String,
+    pub draft_spec: Option<String>,
+    pub texts: Texts,
+}
+
+/// Binds this process to the verify device if it decodes here, and reads the models' specs and
+/// text side; the user's mistakes (a bad device, lookup range or chat template) are said before
+/// any weight loads.
+pub fn prepare(m: &ModelArgs, strategy: Strategy) -> Result<Prepared> {
+    let verify_device = m.verify_device()?;
+    if strategy != Strategy::Amusd {
+        bind_in_process(verify_device)?;
+    }
+    let verify_spec = m.verify_spec()?;
+    m.lookup_alone()?;
+    let draft_spec = match strategy {
+        Strategy::Ar => None,
+        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
+    };
+    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?
+        .with_chat_template(m.chat_template_file.as_deref())?;
+    Ok(Prepared {
+        verify_spec,
+        draft_spec,
+        texts,
+    })
 }
 
 /// The conversation: the system message if any, then the user's prompt (empty with `--prompt-ids`).

@@ -294,7 +294,7 @@ mod tests {
     }
 
     #[test]
-    fn tool_calls_go_out_whole_as_items_when_the_reply_ends() {
+    fn a_call_is_an_item_opened_filled_and_closed() {
         let reply = r#"{"tool_calls": [{"name": "f", "arguments": {"a": 1}}]}"#;
         let (head, tail) = reply.split_at(10);
         let all = run(true, &[head, tail], Finish::Stop);
