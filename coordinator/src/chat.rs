@@ -247,7 +247,12 @@ fn reply(
                 print_text(&piece);
             }
         }
-        ControlFlow::Continue(())
+        // Ctrl-C ends the reply at its next tokens under every strategy (the worker pair's
+        // supervisor stops as well).
+        match INTERRUPTED.load(Ordering::SeqCst) {
+            true => ControlFlow::Break(()),
+            false => ControlFlow::Continue(()),
+        }
     };
     let result = backend.generate(request, &mut on_tokens);
     if let Ok(rest) = stream.finish() {
