@@ -1,6 +1,7 @@
-//! An OpenAI-compatible HTTP server over a token [`Generator`]: `POST /v1/chat/completions` and
-//! `/v1/completions` (whole or streamed as server-sent events), `GET /v1/models`, `/health`,
-//! `/metrics`.
+//! An OpenAI-compatible HTTP server over a token [`Generator`]: `POST /v1/chat/completions`,
+//! `/v1/completions` and `/v1/responses` (whole or streamed as server-sent events), llama.cpp's
+//! `/completion`, `/tokenize`, `/detokenize` and `/props`, `GET /v1/models`, `/health`,
+//! `/metrics`; API keys if the server has any ([`auth`]); a request log through `tracing`.
 //!
 //! Requests are served one at a time, first come first served, by one decode thread that owns the
 //! generator; a bounded queue holds the ones waiting, and beyond it a request gets a 429 with
