@@ -560,10 +560,7 @@ async fn collect(
             Event::Failed(e) => return Err(e),
         }
     }
-    Err(ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "the decode thread dropped the request",
-    ))
+    Err(ApiError::dropped())
 }
 
 /// One server-sent event: its name (the Responses API names its events) and its data.
@@ -661,20 +658,15 @@ impl StreamState {
         self.open_up_to(i, out);
         let end = if self.head.tools {
             let (reader, logprobs) = std::mem::take(&mut self.readers[i]);
-            if !reader.recognized() {
+            let recognized = reader.recognized();
+            let reply = reader.finish();
+            if let (false, Reply::Content(text)) = (recognized, &reply) {
                 // Neither calls nor an answer (cut short early): the text as it is.
-                if let Reply::Content(text) = reader.finish() {
-                    out.push_back(data(self.head.tool_delta(
-                        i,
-                        &ReplyEvent::Content(text),
-                        &[],
-                    )));
-                }
-                self.head.tool_end(i, false, &s, &logprobs)
-            } else {
-                let calls = matches!(reader.finish(), Reply::Calls(_));
-                self.head.tool_end(i, calls, &s, &logprobs)
+                let content = ReplyEvent::Content(text.clone());
+                out.push_back(data(self.head.tool_delta(i, &content, &[])));
             }
+            let calls = matches!(reply, Reply::Calls(_));
+            self.head.tool_end(i, calls, &s, &logprobs)
         } else {
             self.head.choice_end(i, &s)
         };
@@ -732,11 +724,7 @@ impl Shape for StreamState {
                 true
             }
             None => {
-                let e = ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the decode thread dropped the request",
-                );
-                out.push_back(data(e.body()));
+                out.push_back(data(ApiError::dropped().body()));
                 true
             }
         }

@@ -72,6 +72,7 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
     let sampling = texts.with_dry_breakers(sampling, &args.sampling.dry.breakers());
     texts.check_sampling(&sampling)?;
     let backend = Backend::open(strategy, m, &verify_spec, draft_spec.as_deref())?;
+    let opening: Vec<Message> = args.system.iter().cloned().map(Message::system).collect();
     let mut chat = Chat {
         texts,
         tokenizer,
@@ -82,15 +83,10 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
             Strategy::Amusd => TOKEN_CAPACITY,
             Strategy::Ar | Strategy::Sd => usize::MAX,
         },
-        opening: args
-            .system
-            .iter()
-            .map(|s| Message::system(s.clone()))
-            .collect(),
-        messages: Vec::new(),
+        messages: opening.clone(),
+        opening,
         quiet: args.quiet,
     };
-    chat.messages = chat.opening.clone();
     chat.converse()
 }
 

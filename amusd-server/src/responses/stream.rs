@@ -222,11 +222,7 @@ impl Shape for ResponseStream {
                 true
             }
             None => {
-                let e = ApiError::new(
-                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-                    "the decode thread dropped the request",
-                );
-                self.fail(out, &e);
+                self.fail(out, &ApiError::dropped());
                 true
             }
         }
