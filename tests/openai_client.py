@@ -196,11 +196,24 @@ r_after = client.responses.create(
            {"type": "function_call_output", "call_id": fc.call_id, "output": "18 C and sunny"}],
 )
 check("responses after a tool result: a reply", r_after.status in ("completed", "incomplete"), True)
+# Kept responses: the tool's result sent alone after the call's response (the Agents SDK's way)
+# is the conversation sent whole; read back, listed, deleted.
+r_next = client.responses.create(
+    model="any", tools=flat_tools, max_output_tokens=40, temperature=0, previous_response_id=r_called.id,
+    input=[{"type": "function_call_output", "call_id": fc.call_id, "output": "18 C and sunny"}],
+)
+check("continued by previous_response_id = sent whole", (r_next.output_text, r_next.usage.input_tokens),
+      (r_after.output_text, r_after.usage.input_tokens))
+check("retrieved = answered", client.responses.retrieve(resp.id).output_text, exp["chat"])
+listed = client.responses.input_items.list(r_next.id, order="asc")
+check("input items: the user's, the call, its output", [i.type for i in listed.data],
+      ["message", "function_call", "function_call_output"])
+client.responses.delete(resp.id)
 try:
-    client.responses.create(model="any", input="x", previous_response_id=resp.id)
-    raise AssertionError("previous_response_id: no error")
-except openai.BadRequestError as e:
-    check("responses 400 names previous_response_id", e.body.get("param"), "previous_response_id")
+    client.responses.retrieve(resp.id)
+    raise AssertionError("a deleted response: no error")
+except openai.NotFoundError as e:
+    check("a deleted response is a 404", e.status_code, 404)
 
 for kw, name in [({"n": 17}, "n"), ({"top_logprobs": 3}, "top_logprobs"), ({"max_tokens": 10**9}, "max_tokens")]:
     try:

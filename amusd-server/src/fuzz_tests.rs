@@ -79,6 +79,7 @@ const KEYS: &[&str] = &[
     "tool_choice",
     "parallel_tool_calls",
     "previous_response_id",
+    "store",
     "mirostat",
     "tfs_z",
     "best_of",

@@ -85,6 +85,7 @@ impl Server {
             codec,
             jobs: jobs_tx,
             shared: shared.clone(),
+            responses: Arc::new(responses::store::Store::new(limits.stored_responses)),
             limits,
             started_ns,
         });

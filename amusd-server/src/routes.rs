@@ -27,7 +27,7 @@ use crate::error::ApiError;
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
 use crate::response::{Echo, Head};
-use crate::responses::{self, render::Responder, stream::ResponseStream};
+use crate::responses::{self, render::Responder, retrieve, store::Store, stream::ResponseStream};
 use crate::tools::reader::{ReplyEvent, ReplyReader};
 use crate::tools::Reply;
 
@@ -42,6 +42,8 @@ pub struct Limits {
     pub retry_after_s: u64,
     /// The keys clients must present (none: the server is open).
     pub api_keys: ApiKeys,
+    /// How many Responses API responses are kept for `previous_response_id` (0: none).
+    pub stored_responses: usize,
 }
 
 #[derive(Clone)]
@@ -52,6 +54,8 @@ pub struct AppState {
     pub limits: Limits,
     /// Unique per server start, so response ids do not repeat across restarts.
     pub started_ns: u128,
+    /// The Responses API's kept responses.
+    pub responses: Arc<Store>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -61,6 +65,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/completion", post(llama_completion))
         .route("/v1/responses", post(responses_route))
+        .route(
+            "/v1/responses/{id}",
+            get(retrieve::get_response).delete(retrieve::delete_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(retrieve::input_items))
         .route("/v1/models", get(models))
         .route("/props", get(props))
         .route("/tokenize", post(tokenize_route))
@@ -91,6 +100,11 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
         | "/detokenize"
         | "/health"
         | "/metrics" => path.to_string(),
+        // One label for every id, so the metric's series stay few.
+        p if p.starts_with("/v1/responses/") && p.ends_with("/input_items") => {
+            "/v1/responses/{id}/input_items".to_string()
+        }
+        p if p.starts_with("/v1/responses/") => "/v1/responses/{id}".to_string(),
         _ => "other".to_string(),
     };
     let resp = next.run(req).await;
@@ -103,7 +117,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses, /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses[/{id}[/input_items]], /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
     )
 }
 
@@ -260,10 +274,13 @@ async fn handle_as(
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
     let body = body.map_err(|e| body_error(e, s.limits.max_body_bytes))?;
-    let (raw, echoed) = match api {
+    let (raw, responses) = match api {
         Api::OpenAi => (request::parse(&body)?, None),
         Api::LlamaCpp => (request::parse_llama(&body)?, None),
-        Api::Responses => responses::parse(&body).map(|(r, e)| (r, Some(e)))?,
+        Api::Responses => {
+            let p = responses::parse(&body, &s.responses)?;
+            (p.raw, Some((p.echoed, p.keep)))
+        }
     };
     let mut v = request::validate(raw, endpoint)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
@@ -293,8 +310,9 @@ async fn handle_as(
         events: tx,
     };
     admit(&s, job)?;
-    if let Some(echoed) = echoed {
-        return respond(&s, &v, id, echoed, rx).await;
+    if let Some((echoed, keep)) = responses {
+        let keep = keep.map(|input| (s.responses.clone(), input));
+        return respond(&s, &v, id, echoed, keep, rx).await;
     }
     let head = Head {
         endpoint,
@@ -322,6 +340,7 @@ async fn respond(
     v: &Validated,
     id: String,
     echoed: responses::Echoed,
+    keep: Option<(Arc<Store>, Vec<Value>)>,
     rx: UnboundedReceiver<Event>,
 ) -> Result<Response, ApiError> {
     let r = Responder {
@@ -331,6 +350,7 @@ async fn respond(
         echoed,
         logprobs: v.sampling.logprobs.is_some(),
         tools: v.tools.is_some(),
+        keep,
     };
     if v.stream {
         let (state, opening) = ResponseStream::open(r);
@@ -338,7 +358,9 @@ async fn respond(
     }
     let choices = collect(1, rx).await?;
     let (text, summary) = &choices[0];
-    Ok(Json(r.whole(text, summary)).into_response())
+    let whole = r.whole(text, summary);
+    r.keep(&whole);
+    Ok(Json(whole).into_response())
 }
 
 fn unix_now() -> u64 {
@@ -526,9 +548,12 @@ fn admit(s: &AppState, job: Job) -> Result<(), ApiError> {
 
 /// `prefix`, then unique across requests and server starts (`_` after `resp`, as OpenAI's).
 fn response_id(s: &AppState, prefix: &str) -> String {
+    if prefix == "resp" {
+        // A kept response is read back by its id alone: one a client cannot guess.
+        return format!("resp_{:032x}", rand::random::<u128>());
+    }
     let n = s.shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let sep = if prefix == "resp" { '_' } else { '-' };
-    format!("{prefix}{sep}{:x}-{n}", s.started_ns)
+    format!("{prefix}-{:x}-{n}", s.started_ns)
 }
 
 /// The `n` choices' texts and summaries, gathered as they come.

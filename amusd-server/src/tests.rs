@@ -161,6 +161,7 @@ fn server(hooks: Hooks, queue: usize) -> Server {
         request_timeout: None,
         retry_after_s: 3,
         api_keys: Default::default(),
+        stored_responses: 8,
     };
     Server::start(Arc::new(FakeCodec), factory, queue, limits).unwrap()
 }
@@ -671,6 +672,7 @@ async fn health_is_503_until_the_generator_is_loaded() {
         request_timeout: None,
         retry_after_s: 1,
         api_keys: Default::default(),
+        stored_responses: 8,
     };
     let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
     let health = || Request::get("/health").body(Body::empty()).unwrap();
@@ -711,6 +713,7 @@ async fn a_request_past_its_timeout_is_cancelled_with_504() {
         request_timeout: Some(Duration::from_millis(50)),
         retry_after_s: 1,
         api_keys: Default::default(),
+        stored_responses: 8,
     };
     let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
     // 60 tokens of 5 ms each: well past 50 ms.
@@ -862,6 +865,7 @@ async fn with_api_keys_only_health_and_metrics_answer_without_one() {
         request_timeout: None,
         retry_after_s: 1,
         api_keys: crate::ApiKeys::new(vec!["k1".into(), "sk-2".into()]).unwrap(),
+        stored_responses: 8,
     };
     let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
     let body = r#"{"prompt":"a","max_tokens":2}"#;
@@ -1004,10 +1008,6 @@ async fn responses_errors_name_the_responses_fields() {
             r#"{"input": "a", "max_output_tokens": 500}"#,
             "max_output_tokens",
         ),
-        (
-            r#"{"input": "a", "previous_response_id": "resp_1"}"#,
-            "previous_response_id",
-        ),
         (r#"{"input": "a", "temperature": "hot"}"#, "temperature"),
         (r#"{"model": "m"}"#, "input"),
         (
@@ -1027,6 +1027,129 @@ async fn responses_errors_name_the_responses_fields() {
             "{err}"
         );
     }
+}
+
+/// A GET or DELETE without a body.
+fn bodiless(method: &str, path: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn json_of(s: &Server, method: &str, path: &str) -> (StatusCode, Value) {
+    let (status, text, _) = call(s, bodiless(method, path)).await;
+    (status, serde_json::from_str(&text).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_response_is_continued_read_back_listed_and_deleted() {
+    let s = server(Hooks::default(), 4);
+    let (status, first) = json_call(
+        &s,
+        "/v1/responses",
+        r#"{"input": "hello", "max_output_tokens": 4}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, &first["store"]),
+        (StatusCode::OK, &json!(true)),
+        "{first}"
+    );
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(id.len(), "resp_".len() + 32, "{id}");
+    assert_eq!(
+        json_of(&s, "GET", &format!("/v1/responses/{id}")).await,
+        (StatusCode::OK, first.clone())
+    );
+    let answer = first["output"][0]["content"][0]["text"].as_str().unwrap();
+
+    // Continued, streamed: the prompt is the whole conversation, as chat renders it.
+    let next = json!({"previous_response_id": id, "input": "more", "max_output_tokens": 4,
+        "stream": true, "instructions": "Be brief."});
+    let (status, body, _) = call(&s, post("/v1/responses", &next.to_string())).await;
+    assert_eq!(status, StatusCode::OK);
+    let events = named_events(&body);
+    let second = events.last().unwrap().1["response"].clone();
+    assert_eq!(second["previous_response_id"], id);
+    let chat = json!({"max_tokens": 4, "messages": [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hello"}, {"role": "assistant", "content": answer},
+        {"role": "user", "content": "more"}]});
+    let (_, chat) = json_call(&s, CHAT, &chat.to_string()).await;
+    assert_eq!(
+        second["usage"]["input_tokens"],
+        chat["usage"]["prompt_tokens"]
+    );
+    assert_eq!(
+        second["output"][0]["content"][0]["text"],
+        chat["choices"][0]["message"]["content"]
+    );
+    let second_id = second["id"].as_str().unwrap();
+    let (status, kept) = json_of(&s, "GET", &format!("/v1/responses/{second_id}")).await;
+    assert_eq!((status, &kept), (StatusCode::OK, &second));
+
+    // Its input: the first exchange and its own message (not its instructions), newest first.
+    let (status, items) =
+        json_of(&s, "GET", &format!("/v1/responses/{second_id}/input_items")).await;
+    assert_eq!(status, StatusCode::OK, "{items}");
+    let data = items["data"].as_array().unwrap();
+    let texts: Vec<&Value> = data.iter().map(|i| &i["content"]).collect();
+    assert_eq!(texts[0], "more");
+    assert_eq!(texts[1][0]["text"], answer);
+    assert_eq!(texts[2], "hello");
+    assert_eq!(data.len(), 3);
+    assert!(
+        data.iter()
+            .all(|i| i["id"].is_string() && i["type"] == "message"),
+        "{items}"
+    );
+    let (status, one) = json_of(
+        &s,
+        "GET",
+        &format!("/v1/responses/{second_id}/input_items?order=asc&limit=1"),
+    )
+    .await;
+    assert_eq!(
+        (status, &one["data"][0]["content"], &one["has_more"]),
+        (StatusCode::OK, &json!("hello"), &json!(true))
+    );
+
+    // Deleted: gone, and nothing can continue it.
+    let (status, deleted) = json_of(&s, "DELETE", &format!("/v1/responses/{id}")).await;
+    assert_eq!(
+        (status, deleted),
+        (
+            StatusCode::OK,
+            json!({"id": id, "object": "response", "deleted": true})
+        )
+    );
+    for method in ["GET", "DELETE"] {
+        let (status, e) = json_of(&s, method, &format!("/v1/responses/{id}")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{e}");
+    }
+    let again = json!({"previous_response_id": id, "input": "x"}).to_string();
+    let (status, e) = json_call(&s, "/v1/responses", &again).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (StatusCode::NOT_FOUND, Some("previous_response_id"))
+    );
+
+    // store: false keeps nothing.
+    let (_, unkept) = json_call(
+        &s,
+        "/v1/responses",
+        r#"{"input": "a", "max_output_tokens": 1, "store": false}"#,
+    )
+    .await;
+    assert_eq!(unkept["store"], false);
+    let (status, _) = json_of(
+        &s,
+        "GET",
+        &format!("/v1/responses/{}", unkept["id"].as_str().unwrap()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 /// A conversation that ends with an assistant's text is continued unless the request asks for a

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Responses API responses kept in memory for `previous_response_id` and `GET
+    /// /v1/responses/{id}`, the oldest dropped first (0: none kept).
+    #[arg(long, default_value_t = 256)]
+    pub max_stored_responses: usize,
     /// Clients must present one of these keys (`Authorization: Bearer KEY` or `X-Api-Key: KEY`);
     /// comma-separated or repeated. `/health` and `/metrics` stay open.
     #[arg(
@@ -97,6 +101,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             .then(|| Duration::from_secs(args.request_timeout)),
         retry_after_s: 1,
         api_keys,
+        stored_responses: args.max_stored_responses,
     };
     let listener = std::net::TcpListener::bind((args.host.as_str(), args.port))
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;

@@ -1,12 +1,15 @@
 //! OpenAI's Responses API (`POST /v1/responses`), what OpenAI's newer clients and agent SDKs call,
 //! as vLLM and llama.cpp serve it: a request is read into chat's fields ([`to_chat`]) and runs as a
 //! chat completion would, so every sampling, structured-output and tool feature behaves alike;
-//! only the shapes differ ([`render`], [`stream`]). The server keeps no responses: a request
-//! carries its whole conversation (`previous_response_id` is refused by name).
+//! only the shapes differ ([`render`], [`stream`]). Responses are kept unless a request says
+//! `store: false` ([`store`]), so a request can continue one by its `previous_response_id`.
 
 pub mod render;
+pub mod retrieve;
+pub mod store;
 pub mod stream;
 
+use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use crate::error::ApiError;
@@ -17,12 +20,13 @@ use crate::request::{self, RawRequest};
 pub struct Echoed(pub Map<String, Value>);
 
 /// Fields of the request a response echoes, with their defaults.
-fn echoed_defaults() -> [(&'static str, Value); 10] {
+fn echoed_defaults() -> [(&'static str, Value); 11] {
     [
         ("instructions", Value::Null),
         ("max_output_tokens", Value::Null),
         ("metadata", json!({})),
         ("parallel_tool_calls", json!(true)),
+        ("previous_response_id", Value::Null),
         // This server decodes greedily unless asked (OpenAI samples at 1 by default).
         ("temperature", json!(0.0)),
         ("text", json!({"format": {"type": "text"}})),
@@ -33,10 +37,22 @@ fn echoed_defaults() -> [(&'static str, Value); 10] {
     ]
 }
 
-/// Parses a Responses body into chat's fields, and what its response echoes.
-pub fn parse(body: &[u8]) -> Result<(RawRequest, Echoed), ApiError> {
-    let value = request::json_object(body, "{\"input\": \"...\"}")?;
-    let echoed = Echoed(
+/// A Responses request read.
+#[derive(Debug)]
+pub struct Parsed {
+    /// In chat's fields.
+    pub raw: RawRequest,
+    /// What its response repeats of it.
+    pub echoed: Echoed,
+    /// Its conversation as input items (a continued response's first), to keep with its
+    /// response; None when it is not to be kept (`store: false`, or a server that keeps none).
+    pub keep: Option<Vec<Value>>,
+}
+
+/// Parses a Responses body into chat's fields, the response it continues read from `store`.
+pub fn parse(body: &[u8], store: &store::Store) -> Result<Parsed, ApiError> {
+    let mut value = request::json_object(body, "{\"input\": \"...\"}")?;
+    let mut echoed = Echoed(
         (echoed_defaults().into_iter())
             .map(|(k, default)| {
                 let v = value.get(k).filter(|v| !v.is_null()).cloned();
@@ -44,7 +60,55 @@ pub fn parse(body: &[u8]) -> Result<(RawRequest, Echoed), ApiError> {
             })
             .collect(),
     );
-    Ok((request::typed(to_chat(value)?).map_err(rename)?, echoed))
+    let o = value.as_object_mut().expect("checked to be an object");
+    let earlier = previous(o.remove("previous_response_id"), store)?;
+    let keep = match o.remove("store") {
+        None | Some(Value::Null | Value::Bool(true)) => store.enabled(),
+        Some(Value::Bool(false)) => false,
+        Some(_) => return Err(ApiError::bad_param("store", "store must be a boolean")),
+    };
+    echoed.0.insert("store".into(), keep.into());
+    let (chat, items) = to_chat(value, earlier)?;
+    Ok(Parsed {
+        raw: request::typed(chat).map_err(rename)?,
+        echoed,
+        keep: keep.then_some(items),
+    })
+}
+
+/// The conversation of the response a request continues (none without `previous_response_id`).
+fn previous(id: Option<Value>, store: &store::Store) -> Result<Vec<Value>, ApiError> {
+    let id = match id {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(id)) => id,
+        Some(_) => {
+            return Err(ApiError::bad_param(
+                "previous_response_id",
+                "previous_response_id must be a response's id",
+            ))
+        }
+    };
+    if !store.enabled() {
+        return Err(ApiError::bad_param(
+            "previous_response_id",
+            "previous_response_id: this server keeps no responses (--max-stored-responses 0): send the whole conversation in input",
+        ));
+    }
+    match store.get(&id) {
+        Some(stored) => Ok(stored.conversation()),
+        None => Err(ApiError {
+            param: Some("previous_response_id".into()),
+            ..not_found(&id)
+        }),
+    }
+}
+
+/// The 404 of a response the server does not hold (never kept, dropped, or deleted).
+pub fn not_found(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no response with id {id:?}: it was not stored (store: false), was dropped as the oldest kept, was deleted, or the server restarted"),
+    )
 }
 
 /// A chat error about a field the Responses request named otherwise, in the request's names.
@@ -66,10 +130,11 @@ pub fn rename(mut e: ApiError) -> ApiError {
     e
 }
 
-/// A Responses request in chat's fields: `instructions` and `input` as `messages`,
-/// `max_output_tokens`, `text.format`, the flat function tools and `tool_choice`, and
-/// `top_logprobs`; the other fields (the sampling extensions chat takes) as they are.
-fn to_chat(mut value: Value) -> Result<Value, ApiError> {
+/// A Responses request in chat's fields: `instructions` and `input` (after the `earlier`
+/// conversation it continues) as `messages`, `max_output_tokens`, `text.format`, the flat
+/// function tools and `tool_choice`, and `top_logprobs`; the other fields (the sampling
+/// extensions chat takes) as they are. Also the conversation's items, `earlier`'s first.
+fn to_chat(mut value: Value, earlier: Vec<Value>) -> Result<(Value, Vec<Value>), ApiError> {
     let o = value.as_object_mut().expect("checked to be an object");
     refuse(o)?;
     let mut messages = Vec::new();
@@ -79,7 +144,12 @@ fn to_chat(mut value: Value) -> Result<Value, ApiError> {
             .ok_or_else(|| ApiError::bad_param("instructions", "instructions must be a string"))?;
         messages.push(json!({"role": "system", "content": text}));
     }
-    messages.extend(input(o.remove("input"))?);
+    let first = earlier.len();
+    let items: Vec<Value> = earlier
+        .into_iter()
+        .chain(input(o.remove("input"))?)
+        .collect();
+    messages.extend(chat_messages(&items, first)?);
     // Chat's own names, if a client sent them here, would read as a second request.
     for key in [
         "messages",
@@ -114,23 +184,20 @@ fn to_chat(mut value: Value) -> Result<Value, ApiError> {
     if wants_logprobs || o.get("top_logprobs").is_some_and(|k| k.as_u64() > Some(0)) {
         o.insert("logprobs".into(), json!(true));
     }
-    Ok(value)
+    Ok((value, items))
 }
 
 /// Refuses what would need state or tools the server does not have.
 fn refuse(o: &Map<String, Value>) -> Result<(), ApiError> {
-    let stateful =
-        "the server keeps no responses or conversations: send the whole conversation in input";
     let set = |key: &str| o.get(key).is_some_and(|v| !v.is_null() && v != false);
     // A stored prompt is an object (a string `prompt` is completions' field, dropped below).
     let stored_prompt = o.get("prompt").is_some_and(Value::is_object);
     for (on, key, why) in [
         (
-            set("previous_response_id"),
-            "previous_response_id",
-            stateful,
+            set("conversation"),
+            "conversation",
+            "the Conversations API is not implemented: continue a response with previous_response_id, or send the whole conversation in input",
         ),
-        (set("conversation"), "conversation", stateful),
         (
             set("background"),
             "background",
@@ -149,24 +216,33 @@ fn refuse(o: &Map<String, Value>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `input` as chat messages: a string is one user message; a list holds messages (`role`,
-/// `content` as a string or input/output text parts), function calls and their outputs.
+/// `input` as a list of items: a string is one user message.
 fn input(v: Option<Value>) -> Result<Vec<Value>, ApiError> {
-    let items =
-        match v {
-            Some(Value::String(s)) => return Ok(vec![json!({"role": "user", "content": s})]),
-            Some(Value::Array(items)) if !items.is_empty() => items,
-            _ => return Err(ApiError::bad_param(
-                "input",
-                "input must be a string or a non-empty list of messages and function call items",
-            )),
-        };
+    match v {
+        Some(Value::String(s)) => Ok(vec![
+            json!({"type": "message", "role": "user", "content": s}),
+        ]),
+        Some(Value::Array(items)) if !items.is_empty() => Ok(items),
+        _ => Err(ApiError::bad_param(
+            "input",
+            "input must be a string or a non-empty list of messages and function call items",
+        )),
+    }
+}
+
+/// Input items as chat messages: messages (`role`, `content` as a string or input/output text
+/// parts), function calls and their outputs. Items from `first` on are the request's `input`
+/// (errors name them there); those before, the conversation it continues.
+fn chat_messages(items: &[Value], first: usize) -> Result<Vec<Value>, ApiError> {
     let mut messages: Vec<Value> = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
-        let param = format!("input[{i}]");
+    for (i, item) in items.iter().enumerate() {
+        let param = match i.checked_sub(first) {
+            Some(i) => format!("input[{i}]"),
+            None => "previous_response_id".to_string(),
+        };
         let kind = item["type"].as_str().unwrap_or("message");
         match kind {
-            "message" => messages.push(message(&item, &param)?),
+            "message" => messages.push(message(item, &param)?),
             "function_call" => {
                 if !item["name"].is_string() || !item["call_id"].is_string() {
                     return Err(ApiError::bad_param(
@@ -289,7 +365,11 @@ mod tests {
     use super::*;
 
     fn chat(body: Value) -> Result<Value, ApiError> {
-        to_chat(body)
+        to_chat(body, Vec::new()).map(|(chat, _)| chat)
+    }
+
+    fn parsed(body: Value, store: &store::Store) -> Result<Parsed, ApiError> {
+        parse(body.to_string().as_bytes(), store)
     }
 
     #[test]
@@ -363,8 +443,8 @@ mod tests {
     fn what_needs_state_or_other_tools_is_refused_by_name() {
         for (body, param) in [
             (
-                json!({"input": "x", "previous_response_id": "resp_1"}),
-                "previous_response_id",
+                json!({"input": "x", "conversation": "conv_1"}),
+                "conversation",
             ),
             (json!({"input": "x", "background": true}), "background"),
             (json!({"input": "x", "prompt": {"id": "p"}}), "prompt"),
@@ -407,10 +487,90 @@ mod tests {
         );
         let e = rename(ApiError::bad_param("messages", "messages is empty"));
         assert_eq!(e.param.as_deref(), Some("input"));
-        let (raw, echoed) = parse(br#"{"input": "x", "temperature": 0.25}"#).unwrap();
-        assert_eq!(raw.temperature, Some(0.25));
-        assert_eq!(echoed.0["temperature"], 0.25);
-        assert_eq!(echoed.0["tool_choice"], "auto");
-        assert_eq!(echoed.0["text"]["format"]["type"], "text");
+        let p = parsed(
+            json!({"input": "x", "temperature": 0.25}),
+            &store::Store::new(1),
+        )
+        .unwrap();
+        assert_eq!(p.raw.temperature, Some(0.25));
+        let echoed = &p.echoed.0;
+        assert_eq!(echoed["temperature"], 0.25);
+        assert_eq!(echoed["tool_choice"], "auto");
+        assert_eq!(echoed["text"]["format"]["type"], "text");
+        assert_eq!(
+            (&echoed["store"], &echoed["previous_response_id"]),
+            (&json!(true), &Value::Null)
+        );
+    }
+
+    #[test]
+    fn a_continued_response_brings_its_conversation_but_not_its_instructions() {
+        let store = store::Store::new(4);
+        let first = parsed(json!({"instructions": "Be brief.", "input": "Hi"}), &store).unwrap();
+        let keep = first.keep.unwrap();
+        assert_eq!(
+            keep,
+            vec![json!({"type": "message", "role": "user", "content": "Hi"})]
+        );
+        let output = json!([{"type": "message", "id": "msg_1", "status": "completed",
+            "role": "assistant", "content": [{"type": "output_text", "text": "Hello."}]}]);
+        let response = json!({"id": "resp_1", "output": output});
+        store.put(
+            "resp_1".into(),
+            store::Stored {
+                response,
+                input: keep,
+            },
+        );
+        let next = json!({"previous_response_id": "resp_1", "input": "Bye",
+            "instructions": "Be kind."});
+        let p = parsed(next, &store).unwrap();
+        let roles_and_texts: Vec<(String, String)> = (p.raw.messages.unwrap().iter())
+            .map(|m| {
+                (
+                    m.role.clone(),
+                    m.content.as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let expected = [
+            ("system", "Be kind."),
+            ("user", "Hi"),
+            ("assistant", "Hello."),
+            ("user", "Bye"),
+        ];
+        assert_eq!(
+            roles_and_texts,
+            expected.map(|(r, t)| (r.to_string(), t.to_string()))
+        );
+        assert_eq!(p.keep.unwrap().len(), 3);
+        assert_eq!(p.echoed.0["previous_response_id"], "resp_1");
+    }
+
+    #[test]
+    fn an_unknown_previous_response_is_a_404_and_store_false_keeps_nothing() {
+        let store = store::Store::new(4);
+        let e = parsed(
+            json!({"previous_response_id": "resp_x", "input": "x"}),
+            &store,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (StatusCode::NOT_FOUND, Some("previous_response_id"))
+        );
+        let p = parsed(json!({"input": "x", "store": false}), &store).unwrap();
+        assert!(p.keep.is_none());
+        assert_eq!(p.echoed.0["store"], false);
+        let none = store::Store::new(0);
+        assert!(parsed(json!({"input": "x"}), &none).unwrap().keep.is_none());
+        let e = parsed(
+            json!({"previous_response_id": "resp_x", "input": "x"}),
+            &none,
+        )
+        .unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        let e = parsed(json!({"input": "x", "store": "yes"}), &store).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("store"));
     }
 }

@@ -1,8 +1,11 @@
 //! The Response object and its output items: a message with one `output_text` part, or with
 //! tools the reply's function calls.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 
+use super::store::{Store, Stored};
 use super::Echoed;
 use crate::decode::{Finish, LogprobEntry, Summary};
 use crate::response::token_logprobs;
@@ -20,6 +23,8 @@ pub struct Responder {
     pub logprobs: bool,
     /// The reply is read back as calls or content ([`crate::tools`]).
     pub tools: bool,
+    /// Where the finished response is kept, with its conversation before it (none: not kept).
+    pub keep: Option<(Arc<Store>, Vec<Value>)>,
 }
 
 /// An output item's status by how its generation ended.
@@ -48,7 +53,7 @@ impl Responder {
             "status": status, "error": null, "incomplete_details": null,
             "model": self.model, "output": output, "usage": null,
             "previous_response_id": null, "reasoning": {"effort": null, "summary": null},
-            "store": false, "truncation": "disabled", "user": null,
+            "store": self.keep.is_some(), "truncation": "disabled", "user": null,
         });
         for (k, val) in &self.echoed.0 {
             v[k] = val.clone();
@@ -74,6 +79,39 @@ impl Responder {
     pub fn whole(&self, text: &str, s: &Summary) -> Value {
         let logprobs = s.logprobs.as_deref().unwrap_or_default();
         self.response("completed", self.items(text, logprobs, s), Some(s))
+    }
+
+    /// Keeps the finished response `v`, if the request is to be kept.
+    pub fn keep(&self, v: &Value) {
+        if let Some((store, input)) = &self.keep {
+            let stored = Stored {
+                response: v.clone(),
+                input: self.identified(input),
+            };
+            store.put(self.id.clone(), stored);
+        }
+    }
+
+    /// Input items as a listing shows them: each with a type and an id (this response's, for
+    /// those the client sent without one).
+    fn identified(&self, input: &[Value]) -> Vec<Value> {
+        (input.iter().enumerate())
+            .map(|(i, item)| {
+                let mut item = item.clone();
+                // Every kept item is an object: the request's were read as chat messages.
+                if let Some(o) = item.as_object_mut() {
+                    let kind = o.entry("type").or_insert("message".into());
+                    let prefix = match kind.as_str() {
+                        Some("function_call_output") => "fco",
+                        Some("function_call") => "fc",
+                        _ => "msg",
+                    };
+                    let id = format!("{prefix}_{}_in{i}", self.suffix());
+                    o.entry("id").or_insert(id.into());
+                }
+                item
+            })
+            .collect()
     }
 
     /// A finished reply's output items: its message, or with tools its calls (or its answer).
@@ -155,15 +193,16 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn responder(tools: bool) -> Responder {
-        let (_, echoed) =
-            super::super::parse(br#"{"input": "x", "max_output_tokens": 2}"#).unwrap();
+        let body = br#"{"input": "x", "max_output_tokens": 2, "store": false}"#;
+        let parsed = super::super::parse(body, &Store::new(1)).unwrap();
         Responder {
             id: "resp_ab-1".into(),
             created_at: 7,
             model: "m".into(),
-            echoed,
+            echoed: parsed.echoed,
             logprobs: false,
             tools,
+            keep: None,
         }
     }
 

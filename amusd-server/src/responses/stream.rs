@@ -180,6 +180,7 @@ impl ResponseStream {
             self.r.items(&self.text, &self.logprobs, s),
             Some(s),
         );
+        self.r.keep(&v);
         let kind = match v["status"].as_str() {
             Some("incomplete") => "response.incomplete",
             _ => "response.completed",
