@@ -93,9 +93,10 @@ impl Responder {
     }
 
     /// Input items as a listing shows them: each with a type and an id (this response's, for
-    /// those the client sent without one).
+    /// those the client sent without one); reasoning items, which no prompt reads, left out.
     fn identified(&self, input: &[Value]) -> Vec<Value> {
         (input.iter().enumerate())
+            .filter(|(_, item)| item["type"] != "reasoning")
             .map(|(i, item)| {
                 let mut item = item.clone();
                 // Every kept item is an object: the request's were read as chat messages.

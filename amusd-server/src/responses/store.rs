@@ -1,13 +1,17 @@
 //! The responses the server keeps, so that a request can continue one (`previous_response_id`)
 //! and a client can read one back, list its input or delete it (`GET` / `DELETE
 //! /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`). In memory, at most `capacity` of
-//! them, the oldest dropped first, all gone when the server stops: vLLM's store, bounded (OpenAI
-//! keeps them for 30 days).
+//! them and [`MAX_BYTES`] of their JSON, the oldest dropped first, all gone when the server
+//! stops: vLLM's store, bounded (OpenAI keeps them for 30 days).
 
 use std::sync::{Arc, Mutex};
 
 use indexmap::IndexMap;
 use serde_json::Value;
+
+/// The most the kept responses may hold, as JSON text: a bound on the memory they take whatever
+/// clients send (a response with every token's 20 alternatives can take megabytes).
+pub const MAX_BYTES: usize = 64 << 20;
 
 /// One kept response.
 #[derive(Debug)]
@@ -21,6 +25,12 @@ pub struct Stored {
 }
 
 impl Stored {
+    /// What it takes, as JSON text.
+    fn bytes(&self) -> usize {
+        let len = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+        len(&self.response) + self.input.iter().map(len).sum::<usize>()
+    }
+
     /// The conversation a request continuing this response starts with: its input, then its
     /// output items (a message or function calls, both valid input items).
     pub fn conversation(&self) -> Vec<Value> {
@@ -33,14 +43,27 @@ impl Stored {
 #[derive(Debug, Default)]
 pub struct Store {
     capacity: usize,
-    kept: Mutex<IndexMap<String, Arc<Stored>>>,
+    max_bytes: usize,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Debug, Default)]
+struct Kept {
+    /// Each response and its size.
+    by_id: IndexMap<String, (Arc<Stored>, usize)>,
+    bytes: usize,
 }
 
 impl Store {
-    /// A store of at most `capacity` responses (0: none are kept).
+    /// A store of at most `capacity` responses (0: none are kept) and [`MAX_BYTES`].
     pub fn new(capacity: usize) -> Self {
+        Self::with_max_bytes(capacity, MAX_BYTES)
+    }
+
+    pub fn with_max_bytes(capacity: usize, max_bytes: usize) -> Self {
         Self {
             capacity,
+            max_bytes,
             kept: Mutex::default(),
         }
     }
@@ -51,37 +74,53 @@ impl Store {
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Stored>> {
-        self.lock().get(id).cloned()
+        self.lock().by_id.get(id).map(|(s, _)| s.clone())
     }
 
-    /// Keeps `stored` under `id`, dropping the oldest kept beyond the capacity.
+    /// Keeps `stored` under `id`, dropping the oldest kept beyond the capacity or the bytes (a
+    /// response larger than all the bytes is not kept).
     pub fn put(&self, id: String, stored: Stored) {
-        if !self.enabled() {
+        let size = stored.bytes();
+        if !self.enabled() || size > self.max_bytes {
             return;
         }
         let mut kept = self.lock();
-        kept.insert(id, Arc::new(stored));
-        while kept.len() > self.capacity {
-            kept.shift_remove_index(0);
+        if let Some((_, old)) = kept.by_id.insert(id, (Arc::new(stored), size)) {
+            kept.bytes -= old;
+        }
+        kept.bytes += size;
+        while kept.by_id.len() > self.capacity || kept.bytes > self.max_bytes {
+            let (_, (_, size)) = kept
+                .by_id
+                .shift_remove_index(0)
+                .expect("over a bound: not empty");
+            kept.bytes -= size;
         }
     }
 
     /// Forgets `id`; whether it was kept.
     pub fn remove(&self, id: &str) -> bool {
-        self.lock().shift_remove(id).is_some()
+        let mut kept = self.lock();
+        match kept.by_id.shift_remove(id) {
+            Some((_, size)) => {
+                kept.bytes -= size;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().by_id.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, IndexMap<String, Arc<Stored>>> {
-        // A panic while holding the lock cannot leave the map half-changed (each change is one
-        // IndexMap call), so a poisoned lock's map is still right.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        // Nothing under the lock panics but on a broken invariant; a poisoned lock's map is as
+        // right as it was.
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -111,6 +150,23 @@ mod tests {
         assert!(s.remove("r1"));
         assert!(!s.remove("r1"));
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn the_oldest_go_first_beyond_the_bytes() {
+        let size = stored(0).bytes();
+        let s = Store::with_max_bytes(10, 2 * size + 1);
+        for n in 0..3 {
+            s.put(format!("r{n}"), stored(n));
+        }
+        assert_eq!(s.len(), 2);
+        assert!(s.get("r0").is_none());
+        s.put("r1".into(), stored(1));
+        assert!(s.remove("r1") && s.remove("r2") && s.is_empty());
+        assert_eq!(s.lock().bytes, 0);
+        let tiny = Store::with_max_bytes(10, size - 1);
+        tiny.put("r".into(), stored(0));
+        assert!(tiny.is_empty());
     }
 
     #[test]
