@@ -1,8 +1,8 @@
 //! Cost of the verify model's exact block kernels ([`amusd_model::qexact`]) at SmolLM2-135M's
 //! shapes, on every instruction set this CPU has, side by side in one run.
 //!
-//! `taskset -c 1 cargo bench -p amusd-model --bench qexact [-- DTYPE...]` prints the median us per
-//! call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
+//! `taskset -c 1 cargo bench -p amusd-model --bench qexact [-- DTYPE...]` (default q4_1 and q8_0;
+//! also q4_0, q5_0, q5_1, q4k, q5k, q6k) prints the median us per call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
 //! `AMUSD_BENCH_COPIES=N` cycles through N copies of each matrix (100 copies of the gate/up, ~110
 //! MB, leave nothing in cache: the decoding case); `AMUSD_BENCH_REPS` sets the samples and
 //! `AMUSD_BENCH_MS=1,5,9` the batch sizes.
@@ -13,7 +13,8 @@ use amusd_model::qexact::{matmul_on, BlockPacked, Isa};
 use amusd_model::testing::quantized_matrix;
 use candle_core::quantized::GgmlDType;
 
-/// (n, k): the fused gate/up and the down projection of one layer.
+/// (n, k): the fused gate/up and the down projection of one layer (for the k-quants, whose
+/// blocks are 256 wide, the gate/up's 576 columns are cut to 512).
 const SHAPES: [(usize, usize); 2] = [(3072, 576), (576, 1536)];
 const MS: &str = "1,2,4,8,16,64";
 
@@ -34,9 +35,22 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let dtypes: Vec<GgmlDType> = [GgmlDType::Q4_1, GgmlDType::Q8_0]
-        .into_iter()
-        .filter(|d| args.is_empty() || args.contains(&format!("{d:?}").to_lowercase()))
+    let all = [
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    let dtypes: Vec<GgmlDType> = (all.into_iter().enumerate())
+        .filter(|(i, d)| match args.is_empty() {
+            true => *i < 2,
+            false => args.contains(&format!("{d:?}").to_lowercase()),
+        })
+        .map(|(_, d)| d)
         .collect();
     let (reps, copies) = (
         env("AMUSD_BENCH_REPS", 15),
@@ -56,6 +70,7 @@ fn main() {
     println!();
     for dtype in dtypes {
         for (n, k) in SHAPES {
+            let k = k / dtype.block_size() * dtype.block_size();
             let (bytes, _) = quantized_matrix(dtype, n, k, 7);
             let ws: Vec<BlockPacked> = (0..copies)
                 .map(|_| BlockPacked::from_ggml(dtype, &bytes, n, k).expect("pack"))

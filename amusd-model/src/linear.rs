@@ -192,6 +192,12 @@ impl Linear {
                 "cannot fuse layers of different input widths".into(),
             ));
         }
+        if parts
+            .iter()
+            .any(|p| p.storage_name() != parts[0].storage_name())
+        {
+            return concat_dense(parts);
+        }
         let n: usize = parts.iter().map(|p| p.out_features).sum();
         let weights = match &parts[0].weights {
             Weights::F32(_) => Weights::F32(Arc::new(concat_packed(parts, |w| match w {
@@ -367,6 +373,24 @@ fn row_dequantizer(dtype: GgmlDType) -> Option<RowDequantizer> {
         GgmlDType::Q6K => dequantize_row::<BlockQ6K>,
         _ => return None,
     })
+}
+
+/// Parts stored in different types (a q4_k_m checkpoint keeps some layers' V projection in q6_k
+/// beside q4_k Q and K) fused as the f32 values they stand for: what every exact storage's
+/// products equal bit for bit, so a verify model's logits keep their bits; a quantized draft's
+/// fused layer then runs in f32.
+fn concat_dense(parts: &[Linear]) -> Result<Linear, ModelError> {
+    let k = parts[0].in_features;
+    let n: usize = parts.iter().map(|p| p.out_features).sum();
+    let mut data = vec![0f32; n * k];
+    let mut rows = data.as_mut_slice();
+    for p in parts {
+        let ids: Vec<u32> = (0..p.out_features as u32).collect();
+        let (these, rest) = rows.split_at_mut(p.out_features * k);
+        p.rows_into(&ids, these)?;
+        rows = rest;
+    }
+    Linear::new(weights_from_f32(data, n, k, WeightFormat::F32)?, n, k)
 }
 
 fn concat_packed<T: Widen>(
@@ -546,6 +570,42 @@ mod tests {
                 assert_eq!(ya, y[i * 17..(i + 1) * 17].to_vec(), "{format}");
             }
         }
+    }
+
+    /// A q4_k Q and K beside a q6_k V (as q4_k_m files have them) fuse, and the fused layer
+    /// computes each part's outputs with their bits.
+    #[test]
+    fn parts_of_different_types_fuse_exactly() {
+        let (k, m) = (256, 5);
+        let part = |dtype, n, seed| {
+            let (bytes, _) = crate::testing::quantized_matrix(dtype, n, k, seed);
+            let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            Linear::new(Weights::Blocked(Arc::new(w)), n, k).unwrap()
+        };
+        let parts = [
+            part(GgmlDType::Q4K, 70, 1),
+            part(GgmlDType::Q4K, 6, 2),
+            part(GgmlDType::Q6K, 9, 3),
+        ];
+        let fused = Linear::concat(&parts).unwrap();
+        assert_eq!(fused.storage_name(), "f32");
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+            .collect();
+        let mut y = vec![0f32; m * 85];
+        fused.forward(&x, m, &mut y, Batching::Invariant).unwrap();
+        let mut want = vec![Vec::new(); m];
+        for p in &parts {
+            let mut yp = vec![0f32; m * p.out_features()];
+            p.forward(&x, m, &mut yp, Batching::Invariant).unwrap();
+            for (w, row) in want.iter_mut().zip(yp.chunks_exact(p.out_features())) {
+                w.extend(row.iter().map(|v| v.to_bits()));
+            }
+        }
+        let got: Vec<Vec<u32>> = (y.chunks_exact(85))
+            .map(|r| r.iter().map(|v| v.to_bits()).collect())
+            .collect();
+        assert_eq!(got, want);
     }
 
     #[test]

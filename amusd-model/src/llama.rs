@@ -637,6 +637,39 @@ mod tests {
         }
     }
 
+    /// A q4_k_m-style file (q4_k, but V and down in q6_k): `f32` keeps both k-quants as stored
+    /// (fusing Q and K with the V of another type as f32) and its logits have f32-dense's bits.
+    #[test]
+    fn f32_over_mixed_k_quants_equals_f32_dense() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny-q4_k_m.gguf");
+        let tiny = TinyModel {
+            hidden: 256,
+            intermediate: 512,
+            ..TinyModel::default()
+        };
+        let six = |name: &str| name.contains("attn_v") || name.contains("ffn_down");
+        tiny.write_gguf_typed(&path, |name| match six(name) {
+            true => GgmlDType::Q6K,
+            false => GgmlDType::Q4K,
+        })
+        .unwrap();
+        let load = |f| GgufFile::open(&path).unwrap().load_llama(f).unwrap();
+        let (a, b) = (load(WeightFormat::F32), load(WeightFormat::F32Dense));
+        let names = |l: &Llama| {
+            let b = &l.blocks[0];
+            [&b.w_down, &b.w_gate_up, &b.wo, &b.wqkv].map(|w| w.storage_name())
+        };
+        assert_eq!(names(&a), ["f32[q6k]", "f32[q4k]", "f32[q4k]", "f32"]);
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 259).collect();
+        let (mut ca, mut cb) = (a.new_cache(64), b.new_cache(64));
+        let la = a.forward(&tokens, 0, &mut ca, LogitsFor::All).unwrap();
+        let lb = b.forward(&tokens, 0, &mut cb, LogitsFor::All).unwrap();
+        for r in 0..tokens.len() {
+            assert_eq!(bits(&la, r), bits(&lb, r), "row {r}");
+        }
+    }
+
     fn bits(l: &Logits, row: usize) -> Vec<u32> {
         l.row(row).iter().map(|v| v.to_bits()).collect()
     }

@@ -259,6 +259,16 @@ impl TinyModel {
 
     /// Writes the same model as a GGUF file with `dtype` matrices (norms stay f32).
     pub fn write_gguf(&self, path: &Path, dtype: GgmlDType) -> Result<(), ModelError> {
+        self.write_gguf_typed(path, |_| dtype)
+    }
+
+    /// The model as a GGUF whose matrices have the types `dtype_of` gives their GGUF names
+    /// (a q4_k_m file, say: q4_k but `attn_v` and `ffn_down` in q6_k).
+    pub fn write_gguf_typed(
+        &self,
+        path: &Path,
+        dtype_of: impl Fn(&str) -> GgmlDType,
+    ) -> Result<(), ModelError> {
         let hd = self.head_dim();
         let rename = |hf: &str| -> String {
             if hf == "model.embed_tokens.weight" {
@@ -293,12 +303,13 @@ impl TinyModel {
                 data
             };
             let t = Tensor::from_vec(data, shape.clone(), &Device::Cpu)?;
+            let name = rename(&name);
             let q = if shape.len() == 1 {
                 QTensor::quantize(&t, GgmlDType::F32)?
             } else {
-                QTensor::quantize(&t, dtype)?
+                QTensor::quantize(&t, dtype_of(&name))?
             };
-            tensors.push((rename(&name), q));
+            tensors.push((name, q));
         }
         let tokens = self.vocab_tokens();
         let types: Vec<Value> = (0..tokens.len())

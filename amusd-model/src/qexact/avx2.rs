@@ -21,10 +21,15 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     // row, `k / GROUP` groups of `panel` and writes `xs.len() * PANEL` outputs (asserted).
     unsafe {
         match kind {
-            BlockKind::Q4_0 => rows_of::<true, false, 8>(xs, panel, out),
-            BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => rows_of::<false, false, 0>(xs, panel, out),
-            BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
+            BlockKind::Q4_0 => rows_of::<true, false, 8, false, false>(xs, panel, out),
+            BlockKind::Q4_1 => rows_of::<true, true, 0, false, false>(xs, panel, out),
+            BlockKind::Q5_0 | BlockKind::Q8_0 => {
+                rows_of::<false, false, 0, false, false>(xs, panel, out)
+            }
+            BlockKind::Q5_1 => rows_of::<false, true, 0, false, false>(xs, panel, out),
+            BlockKind::Q4K => rows_of::<true, true, 0, true, false>(xs, panel, out),
+            BlockKind::Q5K => rows_of::<false, true, 0, true, false>(xs, panel, out),
+            BlockKind::Q6K => rows_of::<false, false, 0, true, true>(xs, panel, out),
         }
     }
 }
@@ -33,20 +38,26 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
 /// in one pass (8 independent FMA chains hide the FMA latency, and decoding reads each byte
 /// once), more rows take narrower strips.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+unsafe fn rows_of<
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
+>(
     xs: &[&[f32]],
     panel: &[u8],
     out: &mut [f32],
 ) {
     match xs.len() {
-        1 => strips::<1, 8, NIB, OFF, BIAS>(xs, panel, out),
-        2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
-        3 => strips::<3, 2, NIB, OFF, BIAS>(xs, panel, out),
-        4 => strips::<4, 2, NIB, OFF, BIAS>(xs, panel, out),
-        5 => strips::<5, 1, NIB, OFF, BIAS>(xs, panel, out),
-        6 => strips::<6, 1, NIB, OFF, BIAS>(xs, panel, out),
-        7 => strips::<7, 1, NIB, OFF, BIAS>(xs, panel, out),
-        8 => strips::<8, 1, NIB, OFF, BIAS>(xs, panel, out),
+        1 => strips::<1, 8, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        2 => strips::<2, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        3 => strips::<3, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        4 => strips::<4, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        5 => strips::<5, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        6 => strips::<6, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        7 => strips::<7, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        8 => strips::<8, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         r => unreachable!("a direct tile of {r} rows"),
     }
 }
@@ -58,15 +69,17 @@ unsafe fn strips<
     const NIB: bool,
     const OFF: bool,
     const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
 >(
     xs: &[&[f32]],
     panel: &[u8],
     out: &mut [f32],
 ) {
     let xs: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
-    let k = panel.len() / group_bytes::<NIB, OFF>() * GROUP;
+    let k = panel.len() / group_bytes::<NIB, OFF, F32, SPLIT>() * GROUP;
     for col in (0..PANEL).step_by(8 * V) {
-        let acc = strip::<R, V, NIB, OFF, BIAS>(&xs, k, panel, col);
+        let acc = strip::<R, V, NIB, OFF, BIAS, F32, SPLIT>(&xs, k, panel, col);
         for r in 0..R {
             for v in 0..V {
                 _mm256_storeu_ps(out.as_mut_ptr().add(r * PANEL + col + 8 * v), acc[r][v]);
@@ -84,20 +97,23 @@ unsafe fn strip<
     const NIB: bool,
     const OFF: bool,
     const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
 >(
     xs: &[*const f32; R],
     k: usize,
     panel: &[u8],
     col: usize,
 ) -> [[__m256; V]; R] {
-    let gb = group_bytes::<NIB, OFF>();
+    let gb = group_bytes::<NIB, OFF, F32, SPLIT>();
     let ahead = strip_prefetch(col, gb, panel.len());
     let mut acc = [[_mm256_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
         let base = panel.as_ptr().add(g * gb);
         prefetch_range(base.wrapping_add(ahead), gb);
-        let sc: [(__m256, __m256); V] = std::array::from_fn(|v| scales::<OFF>(base, col + 8 * v));
-        let q = base.add(scale_bytes::<OFF>() + col);
+        let sc: [(__m256, __m256); V] =
+            std::array::from_fn(|v| scales::<OFF, F32>(base, col + 8 * v));
+        let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + col);
         let p0 = g * GROUP;
         if NIB {
             for s in 0..GROUP / 2 {
@@ -112,7 +128,14 @@ unsafe fn strip<
                 }
             }
         } else {
+            let mut sc = sc;
             for t in 0..GROUP {
+                if SPLIT && t == GROUP / 2 {
+                    sc = std::array::from_fn(|v| {
+                        let d = scale_set::<F32>(base, 1 + OFF as usize, col + 8 * v);
+                        (d, sc[v].1)
+                    });
+                }
                 for v in 0..V {
                     let w = byte::<OFF>(q.add(t * PANEL + 8 * v), sc[v].0, sc[v].1);
                     for r in 0..R {
@@ -133,23 +156,34 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
     // (`kind.group_bytes()`, asserted) and writes `GROUP * PANEL` floats (asserted).
     unsafe {
         match kind {
-            BlockKind::Q4_0 => widen_group_of::<true, false, 8>(group, wide),
-            BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => widen_group_of::<false, false, 0>(group, wide),
-            BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
+            BlockKind::Q4_0 => widen_group_of::<true, false, 8, false, false>(group, wide),
+            BlockKind::Q4_1 => widen_group_of::<true, true, 0, false, false>(group, wide),
+            BlockKind::Q5_0 | BlockKind::Q8_0 => {
+                widen_group_of::<false, false, 0, false, false>(group, wide)
+            }
+            BlockKind::Q5_1 => widen_group_of::<false, true, 0, false, false>(group, wide),
+            BlockKind::Q4K => widen_group_of::<true, true, 0, true, false>(group, wide),
+            BlockKind::Q5K => widen_group_of::<false, true, 0, true, false>(group, wide),
+            BlockKind::Q6K => widen_group_of::<false, false, 0, true, true>(group, wide),
         }
     }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+unsafe fn widen_group_of<
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
+>(
     group: &[u8],
     wide: &mut [f32],
 ) {
     let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
     for v in 0..8 {
-        let (scale, offset) = scales::<OFF>(base, 8 * v);
-        let q = base.add(scale_bytes::<OFF>() + 8 * v);
+        let (scale, offset) = scales::<OFF, F32>(base, 8 * v);
+        let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + 8 * v);
         let o = out.add(8 * v);
         if NIB {
             for s in 0..GROUP / 2 {
@@ -158,7 +192,11 @@ unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
                 _mm256_storeu_ps(o.add((2 * s + 1) * PANEL), wh);
             }
         } else {
+            let mut scale = scale;
             for t in 0..GROUP {
+                if SPLIT && t == GROUP / 2 {
+                    scale = scale_set::<F32>(base, 1 + OFF as usize, 8 * v);
+                }
                 _mm256_storeu_ps(
                     o.add(t * PANEL),
                     byte::<OFF>(q.add(t * PANEL), scale, offset),
@@ -225,15 +263,30 @@ unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32]
 /// The scales (and offsets) of columns `col .. col + 8` of the group at `base`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scales<const OFF: bool>(base: *const u8, col: usize) -> (__m256, __m256) {
-    let sp = base.cast::<u16>().add(col);
-    let scale = _mm256_cvtph_ps(_mm_loadu_si128(sp.cast()));
+unsafe fn scales<const OFF: bool, const F32: bool>(
+    base: *const u8,
+    col: usize,
+) -> (__m256, __m256) {
+    let scale = scale_set::<F32>(base, 0, col);
     let offset = if OFF {
-        _mm256_cvtph_ps(_mm_loadu_si128(sp.add(PANEL).cast()))
+        scale_set::<F32>(base, 1, col)
     } else {
         _mm256_setzero_ps()
     };
     (scale, offset)
+}
+
+/// Columns `col .. col + 8` of the group's scale set `set` (f32, or f16 widened).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn scale_set<const F32: bool>(base: *const u8, set: usize, col: usize) -> __m256 {
+    if F32 {
+        _mm256_loadu_ps(base.cast::<f32>().add(set * PANEL + col))
+    } else {
+        _mm256_cvtph_ps(_mm_loadu_si128(
+            base.cast::<u16>().add(set * PANEL + col).cast(),
+        ))
+    }
 }
 
 /// Two reduction steps of 8 columns from 8 bytes of nibble pairs at `q`, widened.

@@ -2,6 +2,10 @@
 //! each widening instruction serves twice the weights of the AVX2 path. The arithmetic is the
 //! AVX2 path's lane for lane (the same f32 values of the quants, looked up or converted; the same
 //! `fma(q, d, m)`; the same chain order), so both give the portable reference's bits.
+//!
+//! The k-quants (f32 scales, q6_k's split groups) run the AVX2 kernels, in tiles of at most eight
+//! rows: their AVX-512 variant is for a session on a machine with AVX-512 to write and test (the
+//! one they were written on had AVX2 only).
 
 // Register tiles are indexed by row and vector; iterators would hide which register is which.
 #![allow(clippy::needless_range_loop)]
@@ -31,6 +35,11 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
             BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
             BlockKind::Q5_0 | BlockKind::Q8_0 => rows_of::<false, false, 0>(xs, panel, out),
             BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
+            BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
+                for (xs, out) in xs.chunks(8).zip(out.chunks_mut(8 * PANEL)) {
+                    super::avx2::rows(kind, xs, panel, out);
+                }
+            }
         }
     }
 }
@@ -84,7 +93,7 @@ unsafe fn strips<
     out: &mut [f32],
 ) {
     let xs: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
-    let k = panel.len() / group_bytes::<NIB, OFF>() * GROUP;
+    let k = panel.len() / group_bytes::<NIB, OFF, false, false>() * GROUP;
     for col in (0..PANEL).step_by(LANES * V) {
         let acc = strip::<R, V, NIB, OFF, BIAS>(&xs, k, panel, col);
         for r in 0..R {
@@ -111,7 +120,7 @@ unsafe fn strip<
     panel: &[u8],
     col: usize,
 ) -> [[__m512; V]; R] {
-    let gb = group_bytes::<NIB, OFF>();
+    let gb = group_bytes::<NIB, OFF, false, false>();
     let ahead = strip_prefetch(col, gb, panel.len());
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
@@ -119,7 +128,7 @@ unsafe fn strip<
         prefetch_range(base.wrapping_add(ahead), gb);
         let sc: [(__m512, __m512); V] =
             std::array::from_fn(|v| scales::<OFF>(base, col + LANES * v));
-        let q = base.add(scale_bytes::<OFF>() + col);
+        let q = base.add(scale_bytes::<OFF, false, false>() + col);
         let p0 = g * GROUP;
         if NIB {
             for s in 0..GROUP / 2 {
@@ -159,6 +168,9 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
             BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
             BlockKind::Q5_0 | BlockKind::Q8_0 => widen_group_of::<false, false, 0>(group, wide),
             BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
+            BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
+                super::avx2::widen_group(kind, group, wide)
+            }
         }
     }
 }
@@ -171,7 +183,7 @@ unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
     let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
     for v in 0..PANEL / LANES {
         let (scale, offset) = scales::<OFF>(base, LANES * v);
-        let q = base.add(scale_bytes::<OFF>() + LANES * v);
+        let q = base.add(scale_bytes::<OFF, false, false>() + LANES * v);
         let o = out.add(LANES * v);
         if NIB {
             for s in 0..GROUP / 2 {

@@ -12,6 +12,14 @@
 //! Why widening is exact: every supported block type dequantizes as `q * d` or `q * d + m`, with
 //! `q` an integer of at most 8 bits and `d`, `m` f16 values. An f16 has 11 significant bits, so
 //! `q * d` has at most 19 and is exact in f32: `fl(fl(q * d) + m) == fma(q, d, m)`, one instruction.
+//!
+//! The k-quants (q4_k, q5_k, q6_k) scale 256-value super-blocks by an f16 `d` times a 6- or 8-bit
+//! integer per sub-block, and candle multiplies those first: `d1 = d * sc` (at most 19
+//! significant bits, exact), then `d1 * q - m1` with `m1 = dmin * m` (exact too) for q4_k and
+//! q5_k, or `d1 * q` for q6_k (19 + 5 bits: still exact). So they take the same form with f32
+//! scales: each 32-step group keeps `d1` and `-m1` as f32 (q6_k's sub-blocks are 16 values: two
+//! scales a group), computed at load exactly as candle computes them, and the quants as stored
+//! (q4_k's as nibbles, q5_k's and q6_k's as bytes).
 
 use candle_core::quantized::GgmlDType;
 
@@ -30,6 +38,23 @@ pub enum BlockKind {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+/// Values in a k-quant super-block.
+const QK_K: usize = 256;
+
+/// One group of [`GROUP`] reduction steps of one output: its scales and integers, widened as
+/// [`Group::value`] says. Scales are f16 bits, or f32 bits for the k-quants.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Group {
+    /// The scale of steps `0..16` and of `16..32` (the same but for q6_k).
+    d: [u32; 2],
+    /// The offset (0 for types without one).
+    m: u32,
+    q: [i8; GROUP],
 }
 
 impl BlockKind {
@@ -40,6 +65,9 @@ impl BlockKind {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
             _ => return None,
         })
     }
@@ -51,10 +79,22 @@ impl BlockKind {
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
         }
     }
 
-    /// Bytes of one stored GGUF block of [`GROUP`] values.
+    /// Values in one stored GGUF block.
+    fn block_values(self) -> usize {
+        if self.f32_scales() {
+            QK_K
+        } else {
+            GROUP
+        }
+    }
+
+    /// Bytes of one stored GGUF block.
     fn block_bytes(self) -> usize {
         match self {
             Self::Q4_0 => 18,
@@ -62,17 +102,30 @@ impl BlockKind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
         }
     }
 
     /// Whether values are kept as 4-bit nibbles (else one signed byte each).
     fn nibbles(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1)
+        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
     }
 
     /// Whether the type adds an offset `m` after scaling.
     fn has_offset(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q5_1)
+        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)
+    }
+
+    /// Whether scales and offsets are f32 (the k-quants'), else f16.
+    fn f32_scales(self) -> bool {
+        matches!(self, Self::Q4K | Self::Q5K | Self::Q6K)
+    }
+
+    /// Whether a group's second half has its own scale (q6_k's 16-value sub-blocks).
+    fn split(self) -> bool {
+        self == Self::Q6K
     }
 
     /// What a stored nibble exceeds the integer it means by (q4_0 stores `q + 8`).
@@ -83,18 +136,32 @@ impl BlockKind {
         }
     }
 
-    /// Bytes of one group of a panel: [`PANEL`] f16 scales, [`PANEL`] f16 offsets if the type
-    /// has them, then the values reduction-major (`GROUP / 2` bytes of nibble pairs or `GROUP`
-    /// bytes per output).
+    /// Bytes of one group of a panel: [`PANEL`] scales, [`PANEL`] offsets if the type has them,
+    /// [`PANEL`] second-half scales if it has them (f16, or f32 for the k-quants), then the values
+    /// reduction-major (`GROUP / 2` bytes of nibble pairs or `GROUP` bytes per output).
     fn group_bytes(self) -> usize {
-        let scales = if self.has_offset() { 4 } else { 2 } * PANEL;
+        let sets = 1 + self.has_offset() as usize + self.split() as usize;
+        let width = if self.f32_scales() { 4 } else { 2 };
         let values = if self.nibbles() { GROUP / 2 } else { GROUP } * PANEL;
-        scales + values
+        sets * width * PANEL + values
     }
 
-    /// Decodes one stored block: `d`, `m` (f16 bits; `m` is 0 without an offset) and the integers
-    /// `q` with `value = q * d + m`, as candle's `to_float` computes them.
-    fn decode(self, b: &[u8], q: &mut [i8; GROUP]) -> (u16, u16) {
+    /// Decodes one stored block into its groups, as candle's `to_float` computes them.
+    fn decode(self, b: &[u8], groups: &mut [Group]) {
+        match self {
+            Self::Q4K | Self::Q5K => decode_q45k(self == Self::Q5K, b, groups),
+            Self::Q6K => decode_q6k(b, groups),
+            _ => {
+                let g = &mut groups[0];
+                let (d, m) = self.decode32(b, &mut g.q);
+                (g.d, g.m) = ([d.into(); 2], m.into());
+            }
+        }
+    }
+
+    /// Decodes one stored block of 32 values: `d`, `m` (f16 bits; `m` is 0 without an offset)
+    /// and the integers `q` with `value = q * d + m`, as candle's `to_float` computes them.
+    fn decode32(self, b: &[u8], q: &mut [i8; GROUP]) -> (u16, u16) {
         let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let d = le16(0);
         let (m, rest) = if self.has_offset() {
@@ -126,43 +193,125 @@ impl BlockKind {
                     *o = v as i8;
                 }
             }
+            Self::Q4K | Self::Q5K | Self::Q6K => unreachable!("k-quants are decoded whole"),
         }
         (d, m)
     }
 
-    /// Writes one block (scale `d`, offset `m`, integers `q`) as column `c` of a panel's group
-    /// (laid out as [`Self::group_bytes`] says).
-    fn put(self, group: &mut [u8], c: usize, d: u16, m: u16, q: &[i8; GROUP]) {
-        group[2 * c..2 * c + 2].copy_from_slice(&d.to_le_bytes());
-        let mut vals = 2 * PANEL;
-        if self.has_offset() {
-            group[vals + 2 * c..vals + 2 * c + 2].copy_from_slice(&m.to_le_bytes());
-            vals += 2 * PANEL;
+    /// The scale sets of a group, in [`Self::group_bytes`]' order: the scale, the offset if the
+    /// type has one, the second half's scale if it has one.
+    fn scale_sets(self, g: &Group) -> impl Iterator<Item = u32> {
+        [
+            Some(g.d[0]),
+            self.has_offset().then_some(g.m),
+            self.split().then_some(g.d[1]),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Writes one group as column `c` of a panel's group (laid out as [`Self::group_bytes`]
+    /// says).
+    fn put(self, group: &mut [u8], c: usize, g: &Group) {
+        let width = if self.f32_scales() { 4 } else { 2 };
+        let mut vals = 0;
+        for set in self.scale_sets(g) {
+            let at = vals + width * c;
+            group[at..at + width].copy_from_slice(&set.to_le_bytes()[..width]);
+            vals += width * PANEL;
         }
         let out = &mut group[vals + c..];
         if self.nibbles() {
             let bias = self.bias() as i8;
-            for (s, pair) in q.chunks_exact(2).enumerate() {
+            for (s, pair) in g.q.chunks_exact(2).enumerate() {
                 let (lo, hi) = ((pair[0] + bias) as u8, (pair[1] + bias) as u8);
                 out[s * PANEL] = lo | (hi << 4);
             }
         } else {
-            for (t, &v) in q.iter().enumerate() {
+            for (t, &v) in g.q.iter().enumerate() {
                 out[t * PANEL] = v as u8;
             }
         }
     }
+
+    /// Step `t`'s exact f32 value in group `g`.
+    #[inline(always)]
+    fn value(self, g: &Group, t: usize) -> f32 {
+        let d = g.d[t / (GROUP / 2)];
+        let (d, m) = match self.f32_scales() {
+            true => (f32::from_bits(d), f32::from_bits(g.m)),
+            false => (
+                half::f16::from_bits(d as u16).to_f32(),
+                half::f16::from_bits(g.m as u16).to_f32(),
+            ),
+        };
+        let q = g.q[t] as f32;
+        if self.has_offset() {
+            // q * d is exact (see the module doc), so this rounds once, like candle's `q * d + m`.
+            (q * d) + m
+        } else {
+            q * d
+        }
+    }
 }
 
-/// The exact f32 value of integer `q` scaled by `d` plus `m`, as [`BlockKind::decode`] defines it.
-#[inline(always)]
-fn widen_scalar(q: i8, d: u16, m: u16, offset: bool) -> f32 {
-    let d = half::f16::from_bits(d).to_f32();
-    if offset {
-        // q * d is exact (see the module doc), so this rounds once, like candle's `q * d + m`.
-        (q as f32 * d) + half::f16::from_bits(m).to_f32()
+/// Sub-block `j`'s 6-bit scale and minimum in a q4_k or q5_k block's 12 scale bytes.
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
     } else {
-        q as f32 * d
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// A q4_k block (`d`, `dmin`, 12 scale bytes, 128 nibble bytes) or a q5_k block (the same with
+/// 32 high-bit bytes before the nibbles) as its eight groups: sub-block `j`'s scale `d * sc`
+/// and offset `-(dmin * m)`, as candle computes `d1` and `m1`.
+fn decode_q45k(five: bool, b: &[u8], groups: &mut [Group]) {
+    let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (d, dmin, scales) = (f16(0), f16(2), &b[4..16]);
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[..0], &b[16..144])
+    };
+    for (j, g) in groups[..QK_K / GROUP].iter_mut().enumerate() {
+        let (sc, m) = scale_min_k4(j, scales);
+        let (d1, m1) = (d * sc as f32, dmin * m as f32);
+        (g.d, g.m) = ([d1.to_bits(); 2], (-m1).to_bits());
+        let nibbles = &qs[j / 2 * 32..][..32];
+        for (l, q) in g.q.iter_mut().enumerate() {
+            let low = if j % 2 == 0 {
+                nibbles[l] & 0xF
+            } else {
+                nibbles[l] >> 4
+            };
+            let high = if five { ((qh[l] >> j) & 1) << 4 } else { 0 };
+            *q = (low | high) as i8;
+        }
+    }
+}
+
+/// A q6_k block (128 low-nibble bytes, 64 high-bit bytes, 16 signed scales, `d`) as its eight
+/// groups, each with its two 16-value sub-blocks' scales `d * sc`, as candle computes them.
+fn decode_q6k(b: &[u8], groups: &mut [Group]) {
+    let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+    let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32();
+    for (i, g) in groups[..QK_K / GROUP].iter_mut().enumerate() {
+        // Group i is the i % 4-th quarter of the block's half i / 4.
+        let (half, c) = (i / 4, i % 4);
+        let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+        let s = |h: usize| (d * sc[8 * half + 2 * c + h] as i8 as f32).to_bits();
+        (g.d, g.m) = ([s(0), s(1)], 0);
+        for (l, q) in g.q.iter_mut().enumerate() {
+            let byte = ql[l + 32 * (c % 2)];
+            let low = if c < 2 { byte & 0xF } else { byte >> 4 };
+            let high = (qh[l] >> (2 * c)) & 3;
+            *q = (low | (high << 4)) as i8 - 32;
+        }
     }
 }
 
@@ -178,12 +327,9 @@ pub struct BlockPacked {
     data: Vec<u8>,
 }
 
-/// Rows decoded from blocks: the step between GGUF bytes and panels, and back for stacking.
-struct Decoded {
-    d: Vec<u16>,
-    m: Vec<u16>,
-    q: Vec<i8>,
-}
+/// Rows decoded from blocks, row-major, `k / GROUP` groups a row: the step between GGUF bytes
+/// and panels, and back for stacking.
+type Decoded = Vec<Group>;
 
 impl BlockPacked {
     /// Repacks `bytes`, the row-major GGUF blocks of an `[n, k]` matrix of type `dtype`.
@@ -196,67 +342,56 @@ impl BlockPacked {
         let kind = BlockKind::from_ggml(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("{dtype:?} weights cannot be widened in registers"))
         })?;
-        check_block_matrix(dtype, bytes.len(), n, k, GROUP, kind.block_bytes())?;
-        let (groups, gb) = (k / GROUP, kind.group_bytes());
-        let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
-        let mut q = [0i8; GROUP];
-        for (row, blocks) in bytes.chunks_exact(groups * kind.block_bytes()).enumerate() {
-            let panel = &mut data[row / PANEL * groups * gb..][..groups * gb];
-            let blocks = blocks.chunks_exact(kind.block_bytes());
-            for (block, group) in blocks.zip(panel.chunks_exact_mut(gb)) {
-                let (d, m) = kind.decode(block, &mut q);
-                kind.put(group, row % PANEL, d, m, &q);
-            }
+        let (bv, bb) = (kind.block_values(), kind.block_bytes());
+        check_block_matrix(dtype, bytes.len(), n, k, bv, bb)?;
+        let mut dec = vec![Group::default(); n * (k / GROUP)];
+        for (block, groups) in bytes.chunks_exact(bb).zip(dec.chunks_exact_mut(bv / GROUP)) {
+            kind.decode(block, groups);
         }
-        Ok(Self { kind, n, k, data })
+        Ok(Self::pack(kind, n, k, &dec))
     }
 
     fn pack(kind: BlockKind, n: usize, k: usize, dec: &Decoded) -> Self {
         let (groups, gb) = (k / GROUP, kind.group_bytes());
         let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
-        for row in 0..n {
+        for (row, dec) in dec.chunks_exact(groups).enumerate() {
             let panel = &mut data[row / PANEL * groups * gb..][..groups * gb];
-            for (g, group) in panel.chunks_exact_mut(gb).enumerate() {
-                let (d, m) = (dec.d[row * groups + g], dec.m[row * groups + g]);
-                let q = &dec.q[row * k + g * GROUP..][..GROUP];
-                let q = q.try_into().expect("GROUP values");
-                kind.put(group, row % PANEL, d, m, q);
+            for (group, g) in panel.chunks_exact_mut(gb).zip(dec) {
+                kind.put(group, row % PANEL, g);
             }
         }
         Self { kind, n, k, data }
     }
 
     /// The rows `rows` decoded, in that order.
-    fn unpack(&self, rows: impl ExactSizeIterator<Item = usize>) -> Decoded {
-        let (n, k, groups) = (rows.len(), self.k, self.k / GROUP);
-        let mut dec = Decoded {
-            d: vec![0; n * groups],
-            m: vec![0; n * groups],
-            q: vec![0; n * k],
-        };
-        for (i, row) in rows.enumerate() {
-            for g in 0..groups {
-                let gi = i * groups + g;
-                let q = &mut dec.q[i * k + g * GROUP..i * k + (g + 1) * GROUP];
-                (dec.d[gi], dec.m[gi]) = self.read(row, g, q);
-            }
-        }
-        dec
+    fn unpack(&self, rows: impl Iterator<Item = usize>) -> Decoded {
+        rows.flat_map(|row| (0..self.k / GROUP).map(move |g| self.read(row, g)))
+            .collect()
     }
 
-    /// Scale, offset and integers of row `row`, group `g`.
-    fn read(&self, row: usize, g: usize, q: &mut [i8]) -> (u16, u16) {
-        let gb = self.kind.group_bytes();
+    /// Row `row`'s group `g`.
+    fn read(&self, row: usize, g: usize) -> Group {
+        let (kind, gb) = (self.kind, self.kind.group_bytes());
         let c = row % PANEL;
         let base = (row / PANEL * (self.k / GROUP) + g) * gb;
-        let at = |i: usize| u16::from_le_bytes([self.data[base + i], self.data[base + i + 1]]);
-        let d = at(2 * c);
-        let (m, vals) = if self.kind.has_offset() {
-            (at(2 * PANEL + 2 * c), base + 4 * PANEL)
-        } else {
-            (0, base + 2 * PANEL)
+        let width = if kind.f32_scales() { 4 } else { 2 };
+        let at = |set: usize| {
+            let i = base + set * width * PANEL + width * c;
+            let mut b = [0u8; 4];
+            b[..width].copy_from_slice(&self.data[i..i + width]);
+            u32::from_le_bytes(b)
         };
-        for (t, o) in q.iter_mut().enumerate() {
+        let d = at(0);
+        let m = if kind.has_offset() { at(1) } else { 0 };
+        let sets = 1 + kind.has_offset() as usize + kind.split() as usize;
+        let d2 = if kind.split() { at(sets - 1) } else { d };
+        let mut out = Group {
+            d: [d, d2],
+            m,
+            q: [0; GROUP],
+        };
+        let vals = base + sets * width * PANEL;
+        for (t, o) in out.q.iter_mut().enumerate() {
             *o = if self.kind.nibbles() {
                 let b = self.data[vals + t / 2 * PANEL + c];
                 let nib = if t % 2 == 0 { b & 0x0F } else { b >> 4 };
@@ -265,7 +400,7 @@ impl BlockPacked {
                 self.data[vals + t * PANEL + c] as i8
             };
         }
-        (d, m)
+        out
     }
 
     /// The matrix whose rows are those of `parts` in order (same type and width).
@@ -288,17 +423,7 @@ impl BlockPacked {
                 data,
             });
         }
-        let mut all = Decoded {
-            d: vec![],
-            m: vec![],
-            q: vec![],
-        };
-        for p in parts {
-            let dec = p.unpack(0..p.n);
-            all.d.extend(dec.d);
-            all.m.extend(dec.m);
-            all.q.extend(dec.q);
-        }
+        let all: Decoded = parts.iter().flat_map(|p| p.unpack(0..p.n)).collect();
         Ok(Self::pack(first.kind, n, first.k, &all))
     }
 
@@ -337,11 +462,10 @@ impl BlockPacked {
 
     /// Row `j` widened to f32 (`k` values): for embedding lookups.
     pub fn row_into(&self, j: usize, dst: &mut [f32]) {
-        let mut q = [0i8; GROUP];
         for (g, out) in dst.chunks_exact_mut(GROUP).take(self.k / GROUP).enumerate() {
-            let (d, m) = self.read(j, g, &mut q);
-            for (o, &v) in out.iter_mut().zip(&q) {
-                *o = widen_scalar(v, d, m, self.kind.has_offset());
+            let group = self.read(j, g);
+            for (t, o) in out.iter_mut().enumerate() {
+                *o = self.kind.value(&group, t);
             }
         }
     }
@@ -629,11 +753,10 @@ mod portable {
             k: GROUP,
             data: group[..kind.group_bytes()].to_vec(),
         };
-        let mut q = [0i8; GROUP];
         for c in 0..PANEL {
-            let (d, m) = w.read(c, 0, &mut q);
-            for (t, &v) in q.iter().enumerate() {
-                wide[t * PANEL + c] = widen_scalar(v, d, m, kind.has_offset());
+            let g = w.read(c, 0);
+            for t in 0..GROUP {
+                wide[t * PANEL + c] = kind.value(&g, t);
             }
         }
     }
@@ -687,18 +810,16 @@ fn strip_prefetch(col: usize, gb: usize, panel_len: usize) -> usize {
 
 /// [`BlockKind::group_bytes`]'s scale part as a constant of the SIMD kernels' type parameters.
 #[cfg(target_arch = "x86_64")]
-const fn scale_bytes<const OFF: bool>() -> usize {
-    if OFF {
-        4 * PANEL
-    } else {
-        2 * PANEL
-    }
+const fn scale_bytes<const OFF: bool, const F32: bool, const SPLIT: bool>() -> usize {
+    let sets = 1 + OFF as usize + SPLIT as usize;
+    sets * if F32 { 4 } else { 2 } * PANEL
 }
 
 /// [`BlockKind::group_bytes`] as a constant of the SIMD kernels' type parameters.
 #[cfg(target_arch = "x86_64")]
-const fn group_bytes<const NIB: bool, const OFF: bool>() -> usize {
-    scale_bytes::<OFF>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
+const fn group_bytes<const NIB: bool, const OFF: bool, const F32: bool, const SPLIT: bool>() -> usize
+{
+    scale_bytes::<OFF, F32, SPLIT>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -713,13 +834,21 @@ mod tests {
     use crate::testing::{quantized_matrix as quantized, test_values as vals};
     use proptest::prelude::*;
 
-    const KINDS: [GgmlDType; 5] = [
+    const KINDS: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
     ];
+
+    /// Columns of `blocks` stored blocks of `dtype`.
+    fn cols(dtype: GgmlDType, blocks: usize) -> usize {
+        blocks * BlockKind::from_ggml(dtype).unwrap().block_values()
+    }
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|v| v.to_bits()).collect()
@@ -727,7 +856,7 @@ mod tests {
 
     #[test]
     fn rows_widen_to_candles_dequantization() {
-        let (n, k) = (70, 96);
+        let (n, k) = (70, 2 * QK_K);
         for dtype in KINDS {
             let (bytes, dense) = quantized(dtype, n, k, 7);
             let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
@@ -748,8 +877,9 @@ mod tests {
     /// each gives the reference's bits (the proptest below draws sizes at random).
     #[test]
     fn every_tile_height_equals_the_dequantized_f32_product() {
-        let (n, k) = (PANEL + 24, 2 * GROUP);
+        let n = PANEL + 24;
         for dtype in KINDS {
+            let k = cols(dtype, 2).min(QK_K);
             let (bytes, dense) = quantized(dtype, n, k, 11);
             let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
             let reference = Packed::from_rows(&dense, n, k);
@@ -791,7 +921,9 @@ mod tests {
         let (bytes, _) = quantized(GgmlDType::Q4_1, 4, 64, 1);
         assert!(BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes[1..], 4, 64).is_err());
         assert!(BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes, 4, 48).is_err());
-        assert!(BlockPacked::from_ggml(GgmlDType::Q4K, &bytes, 4, 64).is_err());
+        assert!(BlockPacked::from_ggml(GgmlDType::Q2K, &bytes, 4, 64).is_err());
+        let (bytes, _) = quantized(GgmlDType::Q6K, 2, 256, 1);
+        assert!(BlockPacked::from_ggml(GgmlDType::Q6K, &bytes, 4, 128).is_err());
     }
 
     proptest! {
@@ -801,9 +933,10 @@ mod tests {
         /// bit, on every instruction set and batch size.
         #[test]
         fn matmul_equals_the_dequantized_f32_product(
-            kind in 0usize..5, m in 1usize..70, n in 1usize..150, groups in 1usize..5, seed: u64,
+            kind in 0usize..8, m in 1usize..70, n in 1usize..150, blocks in 1usize..5, seed: u64,
         ) {
-            let (dtype, k) = (KINDS[kind], groups * GROUP);
+            let dtype = KINDS[kind];
+            let k = cols(dtype, blocks).min(2 * QK_K);
             let (bytes, dense) = quantized(dtype, n, k, seed);
             let w = BlockPacked::from_ggml(dtype, &bytes, n, k).unwrap();
             let x = vals(m * k, !seed);
@@ -818,9 +951,10 @@ mod tests {
 
         #[test]
         fn stacking_equals_packing_the_stacked_rows(
-            kind in 0usize..5, ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
+            kind in 0usize..8, ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
         ) {
-            let (dtype, k) = (KINDS[kind], 64);
+            let dtype = KINDS[kind];
+            let k = cols(dtype, 2).min(QK_K);
             // Every other case has whole panels but in the last part: stacked by concatenation.
             let last = ns.len() - 1;
             let ns: Vec<usize> = match seed % 2 {
