@@ -198,6 +198,33 @@ fn strategies_agree_with_a_quantized_gguf_draft_of_the_same_weights() {
     }
 }
 
+/// A q4_k_m-style checkpoint (q4_k, V and down in q6_k) verifying in f32 with its k-quants kept
+/// as stored, drafting as stored: every strategy writes `ar`'s tokens.
+#[test]
+fn strategies_agree_on_a_k_quant_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = TinyModel {
+        hidden: 256,
+        intermediate: 512,
+        ..untied(7)
+    };
+    let path = dir.path().join("tiny-q4_k_m.gguf");
+    model
+        .write_gguf_typed(&path, |name| {
+            match name.contains("attn_v") || name.contains("ffn_down") {
+                true => GgmlDType::Q6K,
+                false => GgmlDType::Q4K,
+            }
+        })
+        .unwrap();
+    let verify = PathBuf::from(format!("{}:f32", s(&path)));
+    let draft = PathBuf::from(format!("{}:stored", s(&path)));
+    let (sd, amusd) = strategies_agree(&verify, &draft, "hello", 40);
+    for (name, v) in [("sd", &sd), ("amusd", &amusd)] {
+        assert!(metric(v, "accepted") > 0.0, "{name} accepted nothing: {v}");
+    }
+}
+
 #[test]
 fn strategies_agree_with_a_draft_whose_head_is_restricted() {
     let dir = tempfile::tempdir().unwrap();
