@@ -198,27 +198,23 @@ impl BlockKind {
         (d, m)
     }
 
-    /// The scale sets of a group, in [`Self::group_bytes`]' order: the scale, the offset if the
-    /// type has one, the second half's scale if it has one.
-    fn scale_sets(self, g: &Group) -> impl Iterator<Item = u32> {
-        [
-            Some(g.d[0]),
-            self.has_offset().then_some(g.m),
-            self.split().then_some(g.d[1]),
-        ]
-        .into_iter()
-        .flatten()
-    }
-
     /// Writes one group as column `c` of a panel's group (laid out as [`Self::group_bytes`]
-    /// says).
+    /// says: the scale, the offset if the type has one, the second half's scale if it has one).
     fn put(self, group: &mut [u8], c: usize, g: &Group) {
-        let width = if self.f32_scales() { 4 } else { 2 };
+        let sets = [
+            (g.d[0], true),
+            (g.m, self.has_offset()),
+            (g.d[1], self.split()),
+        ];
         let mut vals = 0;
-        for set in self.scale_sets(g) {
-            let at = vals + width * c;
-            group[at..at + width].copy_from_slice(&set.to_le_bytes()[..width]);
-            vals += width * PANEL;
+        for (bits, _) in sets.into_iter().filter(|s| s.1) {
+            if self.f32_scales() {
+                group[vals + 4 * c..][..4].copy_from_slice(&bits.to_le_bytes());
+                vals += 4 * PANEL;
+            } else {
+                group[vals + 2 * c..][..2].copy_from_slice(&(bits as u16).to_le_bytes());
+                vals += 2 * PANEL;
+            }
         }
         let out = &mut group[vals + c..];
         if self.nibbles() {
@@ -344,11 +340,21 @@ impl BlockPacked {
         })?;
         let (bv, bb) = (kind.block_values(), kind.block_bytes());
         check_block_matrix(dtype, bytes.len(), n, k, bv, bb)?;
-        let mut dec = vec![Group::default(); n * (k / GROUP)];
-        for (block, groups) in bytes.chunks_exact(bb).zip(dec.chunks_exact_mut(bv / GROUP)) {
-            kind.decode(block, groups);
+        let (groups, gb) = (k / GROUP, kind.group_bytes());
+        let mut data = vec![0u8; n.div_ceil(PANEL) * groups * gb];
+        let mut dec = [Group::default(); QK_K / GROUP];
+        let dec = &mut dec[..bv / GROUP];
+        for (row, blocks) in bytes.chunks_exact(k / bv * bb).enumerate() {
+            let panel = &mut data[row / PANEL * groups * gb..][..groups * gb];
+            let mut out = panel.chunks_exact_mut(gb);
+            for block in blocks.chunks_exact(bb) {
+                kind.decode(block, dec);
+                for (g, group) in dec.iter().zip(&mut out) {
+                    kind.put(group, row % PANEL, g);
+                }
+            }
         }
-        Ok(Self::pack(kind, n, k, &dec))
+        Ok(Self { kind, n, k, data })
     }
 
     fn pack(kind: BlockKind, n: usize, k: usize, dec: &Decoded) -> Self {
