@@ -47,7 +47,7 @@ pub enum BlockKind {
 const QK_K: usize = 256;
 
 /// One group of [`GROUP`] reduction steps of one output: its scales and integers, widened as
-/// [`Group::value`] says. Scales are f16 bits, or f32 bits for the k-quants.
+/// [`BlockKind::value`] says. Scales are f16 bits, or f32 bits for the k-quants.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Group {
     /// The scale of steps `0..16` and of `16..32` (the same but for q6_k).
