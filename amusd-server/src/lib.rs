@@ -1,7 +1,9 @@
 //! An OpenAI-compatible HTTP server over a token [`Generator`]: `POST /v1/chat/completions`,
 //! `/v1/completions` and `/v1/responses` (whole or streamed as server-sent events), llama.cpp's
 //! `/completion`, `/tokenize`, `/detokenize` and `/props`, `GET /v1/models`, `/health`,
-//! `/metrics`; API keys if the server has any ([`auth`]); a request log through `tracing`.
+//! `/metrics`; the Responses API's kept responses, read back, listed and deleted
+//! ([`responses::store`]); API keys if the server has any ([`auth`]); a request log through
+//! `tracing`.
 //!
 //! Requests are served one at a time, first come first served, by one decode thread that owns the
 //! generator; a bounded queue holds the ones waiting, and beyond it a request gets a 429 with

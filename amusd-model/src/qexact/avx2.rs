@@ -29,7 +29,9 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
             BlockKind::Q5_1 => rows_of::<false, true, 0, false, false>(xs, panel, out),
             BlockKind::Q4K => rows_of::<true, true, 0, true, false>(xs, panel, out),
             BlockKind::Q5K => rows_of::<false, true, 0, true, false>(xs, panel, out),
-            BlockKind::Q6K => rows_of::<false, false, 0, true, true>(xs, panel, out),
+            BlockKind::Q3K | BlockKind::Q6K => {
+                rows_of::<false, false, 0, true, true>(xs, panel, out)
+            }
         }
     }
 }
@@ -164,7 +166,9 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
             BlockKind::Q5_1 => widen_group_of::<false, true, 0, false, false>(group, wide),
             BlockKind::Q4K => widen_group_of::<true, true, 0, true, false>(group, wide),
             BlockKind::Q5K => widen_group_of::<false, true, 0, true, false>(group, wide),
-            BlockKind::Q6K => widen_group_of::<false, false, 0, true, true>(group, wide),
+            BlockKind::Q3K | BlockKind::Q6K => {
+                widen_group_of::<false, false, 0, true, true>(group, wide)
+            }
         }
     }
 }

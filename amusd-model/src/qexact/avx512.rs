@@ -35,7 +35,7 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
             BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
             BlockKind::Q5_0 | BlockKind::Q8_0 => rows_of::<false, false, 0>(xs, panel, out),
             BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
-            BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
+            BlockKind::Q3K | BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
                 for (xs, out) in xs.chunks(8).zip(out.chunks_mut(8 * PANEL)) {
                     super::avx2::rows(kind, xs, panel, out);
                 }
@@ -168,7 +168,7 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
             BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
             BlockKind::Q5_0 | BlockKind::Q8_0 => widen_group_of::<false, false, 0>(group, wide),
             BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
-            BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
+            BlockKind::Q3K | BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
                 super::avx2::widen_group(kind, group, wide)
             }
         }

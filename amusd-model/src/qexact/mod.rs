@@ -13,13 +13,13 @@
 //! `q` an integer of at most 8 bits and `d`, `m` f16 values. An f16 has 11 significant bits, so
 //! `q * d` has at most 19 and is exact in f32: `fl(fl(q * d) + m) == fma(q, d, m)`, one instruction.
 //!
-//! The k-quants (q4_k, q5_k, q6_k) scale 256-value super-blocks by an f16 `d` times a 6- or 8-bit
-//! integer per sub-block, and candle multiplies those first: `d1 = d * sc` (at most 19
-//! significant bits, exact), then `d1 * q - m1` with `m1 = dmin * m` (exact too) for q4_k and
-//! q5_k, or `d1 * q` for q6_k (19 + 5 bits: still exact). So they take the same form with f32
-//! scales: each 32-step group keeps `d1` and `-m1` as f32 (q6_k's sub-blocks are 16 values: two
-//! scales a group), computed at load exactly as candle computes them, and the quants as stored
-//! (q4_k's as nibbles, q5_k's and q6_k's as bytes).
+//! The k-quants (q3_k, q4_k, q5_k, q6_k) scale 256-value super-blocks by an f16 `d` times a 6-
+//! or 8-bit integer per sub-block, and candle multiplies those first: `d1 = d * sc` (at most 19
+//! significant bits, exact; q3_k's `sc` is less 32), then `d1 * q - m1` with `m1 = dmin * m`
+//! (exact too) for q4_k and q5_k, or `d1 * q` for q3_k and q6_k (19 + 5 bits: still exact). So
+//! they take the same form with f32 scales: each 32-step group keeps `d1` and `-m1` as f32 (q3_k's
+//! and q6_k's sub-blocks are 16 values: two scales a group), computed at load exactly as candle
+//! computes them, and the quants as stored (q4_k's as nibbles, the others as bytes).
 
 use candle_core::quantized::GgmlDType;
 
@@ -38,6 +38,7 @@ pub enum BlockKind {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q3K,
     Q4K,
     Q5K,
     Q6K,
@@ -65,6 +66,7 @@ impl BlockKind {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q3K => Self::Q3K,
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q5K => Self::Q5K,
             GgmlDType::Q6K => Self::Q6K,
@@ -79,6 +81,7 @@ impl BlockKind {
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q3K => GgmlDType::Q3K,
             Self::Q4K => GgmlDType::Q4K,
             Self::Q5K => GgmlDType::Q5K,
             Self::Q6K => GgmlDType::Q6K,
@@ -102,6 +105,7 @@ impl BlockKind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q3K => 110,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
@@ -120,12 +124,12 @@ impl BlockKind {
 
     /// Whether scales and offsets are f32 (the k-quants'), else f16.
     fn f32_scales(self) -> bool {
-        matches!(self, Self::Q4K | Self::Q5K | Self::Q6K)
+        matches!(self, Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K)
     }
 
-    /// Whether a group's second half has its own scale (q6_k's 16-value sub-blocks).
+    /// Whether a group's second half has its own scale (q3_k's and q6_k's 16-value sub-blocks).
     fn split(self) -> bool {
-        self == Self::Q6K
+        matches!(self, Self::Q3K | Self::Q6K)
     }
 
     /// What a stored nibble exceeds the integer it means by (q4_0 stores `q + 8`).
@@ -149,6 +153,7 @@ impl BlockKind {
     /// Decodes one stored block into its groups, as candle's `to_float` computes them.
     fn decode(self, b: &[u8], groups: &mut [Group]) {
         match self {
+            Self::Q3K => decode_q3k(b, groups),
             Self::Q4K | Self::Q5K => decode_q45k(self == Self::Q5K, b, groups),
             Self::Q6K => decode_q6k(b, groups),
             _ => {
@@ -193,7 +198,9 @@ impl BlockKind {
                     *o = v as i8;
                 }
             }
-            Self::Q4K | Self::Q5K | Self::Q6K => unreachable!("k-quants are decoded whole"),
+            Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => {
+                unreachable!("k-quants are decoded whole")
+            }
         }
         (d, m)
     }
@@ -287,6 +294,30 @@ fn decode_q45k(five: bool, b: &[u8], groups: &mut [Group]) {
             };
             let high = if five { ((qh[l] >> j) & 1) << 4 } else { 0 };
             *q = (low | high) as i8;
+        }
+    }
+}
+
+/// A q3_k block (32 high-bit bytes, 64 bytes of 2-bit quants, 12 bytes of 6-bit scales, `d`) as
+/// its eight groups, each with its two 16-value sub-blocks' scales `d * (sc - 32)`, as candle
+/// computes them.
+fn decode_q3k(b: &[u8], groups: &mut [Group]) {
+    let (hmask, qs, packed) = (&b[..32], &b[32..96], &b[96..108]);
+    let d = half::f16::from_le_bytes([b[108], b[109]]).to_f32();
+    // The 16 scales: low four bits from bytes 0-7, high two from bytes 8-11, two bits apiece.
+    let sc = |i: usize| {
+        let low = (packed[i % 8] >> (4 * (i / 8))) & 0xF;
+        let high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as f32 - 32.0
+    };
+    for (g, group) in groups[..QK_K / GROUP].iter_mut().enumerate() {
+        // Group g is the (g % 4)-th two-bit plane of the block's half g / 4.
+        let (qs, shift) = (&qs[32 * (g / 4)..], 2 * (g % 4));
+        group.d = [(d * sc(2 * g)).to_bits(), (d * sc(2 * g + 1)).to_bits()];
+        group.m = 0;
+        for (l, q) in group.q.iter_mut().enumerate() {
+            let low = ((qs[l] >> shift) & 3) as i8;
+            *q = low - if hmask[l] & (1 << g) == 0 { 4 } else { 0 };
         }
     }
 }
@@ -840,12 +871,13 @@ mod tests {
     use crate::testing::{quantized_matrix as quantized, test_values as vals};
     use proptest::prelude::*;
 
-    const KINDS: [GgmlDType; 8] = [
+    const KINDS: [GgmlDType; 9] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
@@ -939,7 +971,7 @@ mod tests {
         /// bit, on every instruction set and batch size.
         #[test]
         fn matmul_equals_the_dequantized_f32_product(
-            kind in 0usize..8, m in 1usize..70, n in 1usize..150, blocks in 1usize..5, seed: u64,
+            kind in 0usize..9, m in 1usize..70, n in 1usize..150, blocks in 1usize..5, seed: u64,
         ) {
             let dtype = KINDS[kind];
             let k = cols(dtype, blocks).min(2 * QK_K);
@@ -957,7 +989,7 @@ mod tests {
 
         #[test]
         fn stacking_equals_packing_the_stacked_rows(
-            kind in 0usize..8, ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
+            kind in 0usize..9, ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
         ) {
             let dtype = KINDS[kind];
             let k = cols(dtype, 2).min(QK_K);
