@@ -2,7 +2,7 @@
 //! shapes, on every instruction set this CPU has, side by side in one run.
 //!
 //! `taskset -c 1 cargo bench -p amusd-model --bench qexact [-- DTYPE...]` (default q4_1 and q8_0;
-//! also q4_0, q5_0, q5_1, q3k, q4k, q5k, q6k) prints the median us per call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
+//! also q4_0, q5_0, q5_1, q8_1, q2k, q3k, q4k, q5k, q6k, q8k) prints the median us per call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
 //! `AMUSD_BENCH_COPIES=N` cycles through N copies of each matrix (100 copies of the gate/up, ~110
 //! MB, leave nothing in cache: the decoding case); `AMUSD_BENCH_REPS` sets the samples and
 //! `AMUSD_BENCH_MS=1,5,9` the batch sizes.
@@ -41,10 +41,13 @@ fn main() {
         GgmlDType::Q4_0,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
+        GgmlDType::Q8_1,
+        GgmlDType::Q2K,
         GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q8K,
     ];
     let dtypes: Vec<GgmlDType> = (all.into_iter().enumerate())
         .filter(|(i, d)| match args.is_empty() {

@@ -637,21 +637,31 @@ mod tests {
         }
     }
 
-    /// A q4_k_m-style file (q4_k, but V and down in q6_k): `f32` keeps both k-quants as stored
-    /// (fusing Q and K with the V of another type as f32) and its logits have f32-dense's bits.
+    /// Files that mix k-quants as llama.cpp's q4_k_m (q4_k, V and down in q6_k) and q2_k (q2_k,
+    /// V and down in q3_k) do: `f32` keeps both types as stored (fusing Q and K with the V of
+    /// another type as f32) and its logits have f32-dense's bits.
     #[test]
     fn f32_over_mixed_k_quants_equals_f32_dense() {
+        for (most, six) in [
+            (GgmlDType::Q4K, GgmlDType::Q6K),
+            (GgmlDType::Q2K, GgmlDType::Q3K),
+        ] {
+            mixed_k_quants_equal_f32_dense(most, six);
+        }
+    }
+
+    fn mixed_k_quants_equal_f32_dense(most: GgmlDType, other: GgmlDType) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny-q4_k_m.gguf");
+        let path = dir.path().join("tiny-k-mix.gguf");
         let tiny = TinyModel {
             hidden: 256,
             intermediate: 512,
             ..TinyModel::default()
         };
-        let six = |name: &str| name.contains("attn_v") || name.contains("ffn_down");
-        tiny.write_gguf_typed(&path, |name| match six(name) {
-            true => GgmlDType::Q6K,
-            false => GgmlDType::Q4K,
+        let v_or_down = |name: &str| name.contains("attn_v") || name.contains("ffn_down");
+        tiny.write_gguf_typed(&path, |name| match v_or_down(name) {
+            true => other,
+            false => most,
         })
         .unwrap();
         let load = |f| GgufFile::open(&path).unwrap().load_llama(f).unwrap();
@@ -660,13 +670,15 @@ mod tests {
             let b = &l.blocks[0];
             [&b.w_down, &b.w_gate_up, &b.wo, &b.wqkv].map(|w| w.storage_name())
         };
-        assert_eq!(names(&a), ["f32[q6k]", "f32[q4k]", "f32[q4k]", "f32"]);
+        let stored = |t: GgmlDType| format!("f32[{}]", format!("{t:?}").to_lowercase());
+        let want = [stored(other), stored(most), stored(most), "f32".into()];
+        assert_eq!(names(&a), want);
         let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 259).collect();
         let (mut ca, mut cb) = (a.new_cache(64), b.new_cache(64));
         let la = a.forward(&tokens, 0, &mut ca, LogitsFor::All).unwrap();
         let lb = b.forward(&tokens, 0, &mut cb, LogitsFor::All).unwrap();
         for r in 0..tokens.len() {
-            assert_eq!(bits(&la, r), bits(&lb, r), "row {r}");
+            assert_eq!(bits(&la, r), bits(&lb, r), "{most:?} row {r}");
         }
         // As a draft, as stored: the fused parts of two types load too (as f32).
         let c = load(WeightFormat::AsStored);

@@ -23,15 +23,16 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
         match kind {
             BlockKind::Q4_0 => rows_of::<true, false, 8, false, false>(xs, panel, out),
             BlockKind::Q4_1 => rows_of::<true, true, 0, false, false>(xs, panel, out),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => {
+            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
                 rows_of::<false, false, 0, false, false>(xs, panel, out)
             }
             BlockKind::Q5_1 => rows_of::<false, true, 0, false, false>(xs, panel, out),
+            BlockKind::Q2K => rows_of::<true, true, 0, true, true>(xs, panel, out),
+            BlockKind::Q3K => rows_of::<true, false, 4, true, true>(xs, panel, out),
             BlockKind::Q4K => rows_of::<true, true, 0, true, false>(xs, panel, out),
             BlockKind::Q5K => rows_of::<false, true, 0, true, false>(xs, panel, out),
-            BlockKind::Q3K | BlockKind::Q6K => {
-                rows_of::<false, false, 0, true, true>(xs, panel, out)
-            }
+            BlockKind::Q6K => rows_of::<false, false, 0, true, true>(xs, panel, out),
+            BlockKind::Q8K => rows_of::<false, false, 0, true, false>(xs, panel, out),
         }
     }
 }
@@ -118,7 +119,11 @@ unsafe fn strip<
         let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + col);
         let p0 = g * GROUP;
         if NIB {
+            let mut sc = sc;
             for s in 0..GROUP / 2 {
+                if SPLIT && s == GROUP / 4 {
+                    sc = std::array::from_fn(|v| second_half::<OFF, F32>(base, col + 8 * v));
+                }
                 for v in 0..V {
                     let (wl, wh) =
                         nibble_pair::<OFF, BIAS>(q.add(s * PANEL + 8 * v), sc[v].0, sc[v].1);
@@ -133,10 +138,7 @@ unsafe fn strip<
             let mut sc = sc;
             for t in 0..GROUP {
                 if SPLIT && t == GROUP / 2 {
-                    sc = std::array::from_fn(|v| {
-                        let d = scale_set::<F32>(base, 1 + OFF as usize, col + 8 * v);
-                        (d, sc[v].1)
-                    });
+                    sc = std::array::from_fn(|v| second_half::<OFF, F32>(base, col + 8 * v));
                 }
                 for v in 0..V {
                     let w = byte::<OFF>(q.add(t * PANEL + 8 * v), sc[v].0, sc[v].1);
@@ -160,15 +162,16 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
         match kind {
             BlockKind::Q4_0 => widen_group_of::<true, false, 8, false, false>(group, wide),
             BlockKind::Q4_1 => widen_group_of::<true, true, 0, false, false>(group, wide),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => {
+            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
                 widen_group_of::<false, false, 0, false, false>(group, wide)
             }
             BlockKind::Q5_1 => widen_group_of::<false, true, 0, false, false>(group, wide),
+            BlockKind::Q2K => widen_group_of::<true, true, 0, true, true>(group, wide),
+            BlockKind::Q3K => widen_group_of::<true, false, 4, true, true>(group, wide),
             BlockKind::Q4K => widen_group_of::<true, true, 0, true, false>(group, wide),
             BlockKind::Q5K => widen_group_of::<false, true, 0, true, false>(group, wide),
-            BlockKind::Q3K | BlockKind::Q6K => {
-                widen_group_of::<false, false, 0, true, true>(group, wide)
-            }
+            BlockKind::Q6K => widen_group_of::<false, false, 0, true, true>(group, wide),
+            BlockKind::Q8K => widen_group_of::<false, false, 0, true, false>(group, wide),
         }
     }
 }
@@ -186,20 +189,22 @@ unsafe fn widen_group_of<
 ) {
     let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
     for v in 0..8 {
-        let (scale, offset) = scales::<OFF, F32>(base, 8 * v);
+        let (mut scale, mut offset) = scales::<OFF, F32>(base, 8 * v);
         let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + 8 * v);
         let o = out.add(8 * v);
         if NIB {
             for s in 0..GROUP / 2 {
+                if SPLIT && s == GROUP / 4 {
+                    (scale, offset) = second_half::<OFF, F32>(base, 8 * v);
+                }
                 let (wl, wh) = nibble_pair::<OFF, BIAS>(q.add(s * PANEL), scale, offset);
                 _mm256_storeu_ps(o.add(2 * s * PANEL), wl);
                 _mm256_storeu_ps(o.add((2 * s + 1) * PANEL), wh);
             }
         } else {
-            let mut scale = scale;
             for t in 0..GROUP {
                 if SPLIT && t == GROUP / 2 {
-                    scale = scale_set::<F32>(base, 1 + OFF as usize, 8 * v);
+                    (scale, offset) = second_half::<OFF, F32>(base, 8 * v);
                 }
                 _mm256_storeu_ps(
                     o.add(t * PANEL),
@@ -274,6 +279,24 @@ unsafe fn scales<const OFF: bool, const F32: bool>(
     let scale = scale_set::<F32>(base, 0, col);
     let offset = if OFF {
         scale_set::<F32>(base, 1, col)
+    } else {
+        _mm256_setzero_ps()
+    };
+    (scale, offset)
+}
+
+/// The scales (and offsets) of a split group's second half, columns `col .. col + 8`: the sets
+/// after the first half's ([`BlockKind::scale_sets`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn second_half<const OFF: bool, const F32: bool>(
+    base: *const u8,
+    col: usize,
+) -> (__m256, __m256) {
+    let first = 1 + OFF as usize;
+    let scale = scale_set::<F32>(base, first, col);
+    let offset = if OFF {
+        scale_set::<F32>(base, first + 1, col)
     } else {
         _mm256_setzero_ps()
     };

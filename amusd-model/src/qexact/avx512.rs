@@ -3,7 +3,7 @@
 //! AVX2 path's lane for lane (the same f32 values of the quants, looked up or converted; the same
 //! `fma(q, d, m)`; the same chain order), so both give the portable reference's bits.
 //!
-//! The k-quants (f32 scales, q6_k's split groups) run the AVX2 kernels, in tiles of at most eight
+//! The k-quants (f32 scales, split groups) run the AVX2 kernels, in tiles of at most eight
 //! rows: their AVX-512 variant is for a session on a machine with AVX-512 to write and test (the
 //! one they were written on had AVX2 only).
 
@@ -33,9 +33,16 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
         match kind {
             BlockKind::Q4_0 => rows_of::<true, false, 8>(xs, panel, out),
             BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => rows_of::<false, false, 0>(xs, panel, out),
+            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
+                rows_of::<false, false, 0>(xs, panel, out)
+            }
             BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
-            BlockKind::Q3K | BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
+            BlockKind::Q2K
+            | BlockKind::Q3K
+            | BlockKind::Q4K
+            | BlockKind::Q5K
+            | BlockKind::Q6K
+            | BlockKind::Q8K => {
                 for (xs, out) in xs.chunks(8).zip(out.chunks_mut(8 * PANEL)) {
                     super::avx2::rows(kind, xs, panel, out);
                 }
@@ -166,11 +173,16 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
         match kind {
             BlockKind::Q4_0 => widen_group_of::<true, false, 8>(group, wide),
             BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
-            BlockKind::Q5_0 | BlockKind::Q8_0 => widen_group_of::<false, false, 0>(group, wide),
-            BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
-            BlockKind::Q3K | BlockKind::Q4K | BlockKind::Q5K | BlockKind::Q6K => {
-                super::avx2::widen_group(kind, group, wide)
+            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
+                widen_group_of::<false, false, 0>(group, wide)
             }
+            BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
+            BlockKind::Q2K
+            | BlockKind::Q3K
+            | BlockKind::Q4K
+            | BlockKind::Q5K
+            | BlockKind::Q6K
+            | BlockKind::Q8K => super::avx2::widen_group(kind, group, wide),
         }
     }
 }

@@ -19,7 +19,12 @@
 //! (exact too) for q4_k and q5_k, or `d1 * q` for q3_k and q6_k (19 + 5 bits: still exact). So
 //! they take the same form with f32 scales: each 32-step group keeps `d1` and `-m1` as f32 (q3_k's
 //! and q6_k's sub-blocks are 16 values: two scales a group), computed at load exactly as candle
-//! computes them, and the quants as stored (q4_k's as nibbles, the others as bytes).
+//! computes them, and the quants as stored (those of at most four bits as nibbles, the others as
+//! bytes). q2_k's 16-value sub-blocks have a scale and a minimum each, `d * (sc & 15)` and
+//! `dmin * (sc >> 4)` (15 significant bits), so its groups keep two of both.
+//!
+//! q8_k's `d` is an f32, so candle's `d * q` (24 + 8 bits) rounds; with no offset the widened
+//! weight is that product, rounded once by the same multiplication, so it has its bits too.
 
 use candle_core::quantized::GgmlDType;
 
@@ -38,10 +43,13 @@ pub enum BlockKind {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q8_1,
+    Q2K,
     Q3K,
     Q4K,
     Q5K,
     Q6K,
+    Q8K,
 }
 
 /// Values in a k-quant super-block.
@@ -51,10 +59,10 @@ const QK_K: usize = 256;
 /// [`BlockKind::value`] says. Scales are f16 bits, or f32 bits for the k-quants.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct Group {
-    /// The scale of steps `0..16` and of `16..32` (the same but for q6_k).
+    /// The scale of steps `0..16` and of `16..32` (the same but for [`BlockKind::split`] types).
     d: [u32; 2],
-    /// The offset (0 for types without one).
-    m: u32,
+    /// The offset of steps `0..16` and of `16..32` (0 for types without one).
+    m: [u32; 2],
     q: [i8; GROUP],
 }
 
@@ -66,10 +74,13 @@ impl BlockKind {
             GgmlDType::Q5_0 => Self::Q5_0,
             GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q8_1 => Self::Q8_1,
+            GgmlDType::Q2K => Self::Q2K,
             GgmlDType::Q3K => Self::Q3K,
             GgmlDType::Q4K => Self::Q4K,
             GgmlDType::Q5K => Self::Q5K,
             GgmlDType::Q6K => Self::Q6K,
+            GgmlDType::Q8K => Self::Q8K,
             _ => return None,
         })
     }
@@ -81,10 +92,13 @@ impl BlockKind {
             Self::Q5_0 => GgmlDType::Q5_0,
             Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q8_1 => GgmlDType::Q8_1,
+            Self::Q2K => GgmlDType::Q2K,
             Self::Q3K => GgmlDType::Q3K,
             Self::Q4K => GgmlDType::Q4K,
             Self::Q5K => GgmlDType::Q5K,
             Self::Q6K => GgmlDType::Q6K,
+            Self::Q8K => GgmlDType::Q8K,
         }
     }
 
@@ -105,46 +119,68 @@ impl BlockKind {
             Self::Q5_0 => 22,
             Self::Q5_1 => 24,
             Self::Q8_0 => 34,
+            Self::Q8_1 => 36,
+            Self::Q2K => 84,
             Self::Q3K => 110,
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
+            Self::Q8K => 292,
         }
     }
 
-    /// Whether values are kept as 4-bit nibbles (else one signed byte each).
+    /// Whether values are kept as 4-bit nibbles (else one signed byte each): the types whose
+    /// integers span at most 16 values.
     fn nibbles(self) -> bool {
-        matches!(self, Self::Q4_0 | Self::Q4_1 | Self::Q4K)
+        matches!(
+            self,
+            Self::Q4_0 | Self::Q4_1 | Self::Q2K | Self::Q3K | Self::Q4K
+        )
     }
 
     /// Whether the type adds an offset `m` after scaling.
     fn has_offset(self) -> bool {
-        matches!(self, Self::Q4_1 | Self::Q5_1 | Self::Q4K | Self::Q5K)
+        matches!(
+            self,
+            Self::Q4_1 | Self::Q5_1 | Self::Q2K | Self::Q4K | Self::Q5K
+        )
     }
 
     /// Whether scales and offsets are f32 (the k-quants'), else f16.
     fn f32_scales(self) -> bool {
-        matches!(self, Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K)
+        matches!(
+            self,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K | Self::Q8K
+        )
     }
 
-    /// Whether a group's second half has its own scale (q3_k's and q6_k's 16-value sub-blocks).
+    /// Whether a group's second half has its own scale (and offset): the k-quants with 16-value
+    /// sub-blocks.
     fn split(self) -> bool {
-        matches!(self, Self::Q3K | Self::Q6K)
+        matches!(self, Self::Q2K | Self::Q3K | Self::Q6K)
     }
 
-    /// What a stored nibble exceeds the integer it means by (q4_0 stores `q + 8`).
+    /// What a stored nibble exceeds the integer it means by (q4_0 stores `q + 8`; q3_k's
+    /// integers, -4 to 3, are kept as `q + 4`).
     fn bias(self) -> i32 {
         match self {
             Self::Q4_0 => 8,
+            Self::Q3K => 4,
             _ => 0,
         }
     }
 
-    /// Bytes of one group of a panel: [`PANEL`] scales, [`PANEL`] offsets if the type has them,
-    /// [`PANEL`] second-half scales if it has them (f16, or f32 for the k-quants), then the values
-    /// reduction-major (`GROUP / 2` bytes of nibble pairs or `GROUP` bytes per output).
+    /// Scale sets a group of a panel holds, in this order: the scales, the offsets if the type
+    /// has them, then for [`Self::split`] types the second half's scales and offsets.
+    fn scale_sets(self) -> usize {
+        (1 + self.has_offset() as usize) * (1 + self.split() as usize)
+    }
+
+    /// Bytes of one group of a panel: [`Self::scale_sets`] of [`PANEL`] values (f16, or f32 for
+    /// the k-quants), then the values reduction-major (`GROUP / 2` bytes of nibble pairs or
+    /// `GROUP` bytes per output).
     fn group_bytes(self) -> usize {
-        let sets = 1 + self.has_offset() as usize + self.split() as usize;
+        let sets = self.scale_sets();
         let width = if self.f32_scales() { 4 } else { 2 };
         let values = if self.nibbles() { GROUP / 2 } else { GROUP } * PANEL;
         sets * width * PANEL + values
@@ -153,13 +189,15 @@ impl BlockKind {
     /// Decodes one stored block into its groups, as candle's `to_float` computes them.
     fn decode(self, b: &[u8], groups: &mut [Group]) {
         match self {
+            Self::Q2K => decode_q2k(b, groups),
             Self::Q3K => decode_q3k(b, groups),
             Self::Q4K | Self::Q5K => decode_q45k(self == Self::Q5K, b, groups),
             Self::Q6K => decode_q6k(b, groups),
+            Self::Q8K => decode_q8k(b, groups),
             _ => {
                 let g = &mut groups[0];
                 let (d, m) = self.decode32(b, &mut g.q);
-                (g.d, g.m) = ([d.into(); 2], m.into());
+                (g.d, g.m) = ([d.into(); 2], [m.into(); 2]);
             }
         }
     }
@@ -169,10 +207,11 @@ impl BlockKind {
     fn decode32(self, b: &[u8], q: &mut [i8; GROUP]) -> (u16, u16) {
         let le16 = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let d = le16(0);
-        let (m, rest) = if self.has_offset() {
-            (le16(2), &b[4..])
-        } else {
-            (0, &b[2..])
+        let m = if self.has_offset() { le16(2) } else { 0 };
+        // q8_1 stores its block's sum where the others store an offset: unused when widening.
+        let rest = match self.has_offset() || self == Self::Q8_1 {
+            true => &b[4..],
+            false => &b[2..],
         };
         match self {
             Self::Q4_0 | Self::Q4_1 => {
@@ -193,12 +232,12 @@ impl BlockKind {
                     q[j + GROUP / 2] = ((qs[j] >> 4) | h1) as i8 - sub;
                 }
             }
-            Self::Q8_0 => {
+            Self::Q8_0 | Self::Q8_1 => {
                 for (o, &v) in q.iter_mut().zip(&rest[..GROUP]) {
                     *o = v as i8;
                 }
             }
-            Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => {
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K | Self::Q8K => {
                 unreachable!("k-quants are decoded whole")
             }
         }
@@ -206,12 +245,14 @@ impl BlockKind {
     }
 
     /// Writes one group as column `c` of a panel's group (laid out as [`Self::group_bytes`]
-    /// says: the scale, the offset if the type has one, the second half's scale if it has one).
+    /// says).
     fn put(self, group: &mut [u8], c: usize, g: &Group) {
+        let (off, split) = (self.has_offset(), self.split());
         let sets = [
             (g.d[0], true),
-            (g.m, self.has_offset()),
-            (g.d[1], self.split()),
+            (g.m[0], off),
+            (g.d[1], split),
+            (g.m[1], off && split),
         ];
         let mut vals = 0;
         for (bits, _) in sets.into_iter().filter(|s| s.1) {
@@ -240,12 +281,12 @@ impl BlockKind {
     /// Step `t`'s exact f32 value in group `g`.
     #[inline(always)]
     fn value(self, g: &Group, t: usize) -> f32 {
-        let d = g.d[t / (GROUP / 2)];
+        let (d, m) = (g.d[t / (GROUP / 2)], g.m[t / (GROUP / 2)]);
         let (d, m) = match self.f32_scales() {
-            true => (f32::from_bits(d), f32::from_bits(g.m)),
+            true => (f32::from_bits(d), f32::from_bits(m)),
             false => (
                 half::f16::from_bits(d as u16).to_f32(),
-                half::f16::from_bits(g.m as u16).to_f32(),
+                half::f16::from_bits(m as u16).to_f32(),
             ),
         };
         let q = g.q[t] as f32;
@@ -284,7 +325,7 @@ fn decode_q45k(five: bool, b: &[u8], groups: &mut [Group]) {
     for (j, g) in groups[..QK_K / GROUP].iter_mut().enumerate() {
         let (sc, m) = scale_min_k4(j, scales);
         let (d1, m1) = (d * sc as f32, dmin * m as f32);
-        (g.d, g.m) = ([d1.to_bits(); 2], (-m1).to_bits());
+        (g.d, g.m) = ([d1.to_bits(); 2], [(-m1).to_bits(); 2]);
         let nibbles = &qs[j / 2 * 32..][..32];
         for (l, q) in g.q.iter_mut().enumerate() {
             let low = if j % 2 == 0 {
@@ -294,6 +335,40 @@ fn decode_q45k(five: bool, b: &[u8], groups: &mut [Group]) {
             };
             let high = if five { ((qh[l] >> j) & 1) << 4 } else { 0 };
             *q = (low | high) as i8;
+        }
+    }
+}
+
+/// A q2_k block (16 scale bytes, 64 bytes of 2-bit quants, `d`, `dmin`) as its eight groups,
+/// each with its two 16-value sub-blocks' scales `d * (sc & 15)` and offsets `-(dmin * (sc >> 4))`,
+/// as candle computes `dl` and `ml`.
+fn decode_q2k(b: &[u8], groups: &mut [Group]) {
+    let (scales, qs) = (&b[..16], &b[16..80]);
+    let f16 = |i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (d, dmin) = (f16(80), f16(82));
+    for (g, group) in groups[..QK_K / GROUP].iter_mut().enumerate() {
+        // Group g is the (g % 4)-th two-bit plane of the block's half g / 4.
+        let (qs, shift) = (&qs[32 * (g / 4)..], 2 * (g % 4));
+        let sc = |h: usize| scales[8 * (g / 4) + 2 * (g % 4) + h];
+        group.d = [0, 1].map(|h| (d * (sc(h) & 0xF) as f32).to_bits());
+        group.m = [0, 1].map(|h| (-(dmin * (sc(h) >> 4) as f32)).to_bits());
+        for (l, q) in group.q.iter_mut().enumerate() {
+            *q = ((qs[l] >> shift) & 3) as i8;
+        }
+    }
+}
+
+/// A q8_k block (`d` as f32, 256 signed bytes, 16 sums the widening does not need) as its
+/// eight groups.
+fn decode_q8k(b: &[u8], groups: &mut [Group]) {
+    let d = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    for (group, qs) in groups[..QK_K / GROUP]
+        .iter_mut()
+        .zip(b[4..].chunks_exact(GROUP))
+    {
+        (group.d, group.m) = ([d; 2], [0; 2]);
+        for (q, &v) in group.q.iter_mut().zip(qs) {
+            *q = v as i8;
         }
     }
 }
@@ -314,7 +389,7 @@ fn decode_q3k(b: &[u8], groups: &mut [Group]) {
         // Group g is the (g % 4)-th two-bit plane of the block's half g / 4.
         let (qs, shift) = (&qs[32 * (g / 4)..], 2 * (g % 4));
         group.d = [(d * sc(2 * g)).to_bits(), (d * sc(2 * g + 1)).to_bits()];
-        group.m = 0;
+        group.m = [0; 2];
         for (l, q) in group.q.iter_mut().enumerate() {
             let low = ((qs[l] >> shift) & 3) as i8;
             *q = low - if hmask[l] & (1 << g) == 0 { 4 } else { 0 };
@@ -332,7 +407,7 @@ fn decode_q6k(b: &[u8], groups: &mut [Group]) {
         let (half, c) = (i / 4, i % 4);
         let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
         let s = |h: usize| (d * sc[8 * half + 2 * c + h] as i8 as f32).to_bits();
-        (g.d, g.m) = ([s(0), s(1)], 0);
+        (g.d, g.m) = ([s(0), s(1)], [0; 2]);
         for (l, q) in g.q.iter_mut().enumerate() {
             let byte = ql[l + 32 * (c % 2)];
             let low = if c < 2 { byte & 0xF } else { byte >> 4 };
@@ -418,13 +493,16 @@ impl BlockPacked {
             b[..width].copy_from_slice(&self.data[i..i + width]);
             u32::from_le_bytes(b)
         };
-        let d = at(0);
-        let m = if kind.has_offset() { at(1) } else { 0 };
-        let sets = 1 + kind.has_offset() as usize + kind.split() as usize;
-        let d2 = if kind.split() { at(sets - 1) } else { d };
+        let off = kind.has_offset() as usize;
+        let first = (at(0), if off == 1 { at(1) } else { 0 });
+        let second = match kind.split() {
+            true => (at(1 + off), if off == 1 { at(3) } else { 0 }),
+            false => first,
+        };
+        let sets = kind.scale_sets();
         let mut out = Group {
-            d: [d, d2],
-            m,
+            d: [first.0, second.0],
+            m: [first.1, second.1],
             q: [0; GROUP],
         };
         let vals = base + sets * width * PANEL;
@@ -848,7 +926,7 @@ fn strip_prefetch(col: usize, gb: usize, panel_len: usize) -> usize {
 /// [`BlockKind::group_bytes`]'s scale part as a constant of the SIMD kernels' type parameters.
 #[cfg(target_arch = "x86_64")]
 const fn scale_bytes<const OFF: bool, const F32: bool, const SPLIT: bool>() -> usize {
-    let sets = 1 + OFF as usize + SPLIT as usize;
+    let sets = (1 + OFF as usize) * (1 + SPLIT as usize);
     sets * if F32 { 4 } else { 2 } * PANEL
 }
 
@@ -871,16 +949,19 @@ mod tests {
     use crate::testing::{quantized_matrix as quantized, test_values as vals};
     use proptest::prelude::*;
 
-    const KINDS: [GgmlDType; 9] = [
+    const KINDS: [GgmlDType; 12] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
         GgmlDType::Q8_0,
+        GgmlDType::Q8_1,
+        GgmlDType::Q2K,
         GgmlDType::Q3K,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
+        GgmlDType::Q8K,
     ];
 
     /// Columns of `blocks` stored blocks of `dtype`.
@@ -959,7 +1040,7 @@ mod tests {
         let (bytes, _) = quantized(GgmlDType::Q4_1, 4, 64, 1);
         assert!(BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes[1..], 4, 64).is_err());
         assert!(BlockPacked::from_ggml(GgmlDType::Q4_1, &bytes, 4, 48).is_err());
-        assert!(BlockPacked::from_ggml(GgmlDType::Q2K, &bytes, 4, 64).is_err());
+        assert!(BlockPacked::from_ggml(GgmlDType::F16, &bytes, 4, 64).is_err());
         let (bytes, _) = quantized(GgmlDType::Q6K, 2, 256, 1);
         assert!(BlockPacked::from_ggml(GgmlDType::Q6K, &bytes, 4, 128).is_err());
     }
@@ -971,7 +1052,7 @@ mod tests {
         /// bit, on every instruction set and batch size.
         #[test]
         fn matmul_equals_the_dequantized_f32_product(
-            kind in 0usize..9, m in 1usize..70, n in 1usize..150, blocks in 1usize..5, seed: u64,
+            kind in 0..KINDS.len(), m in 1usize..70, n in 1usize..150, blocks in 1usize..5, seed: u64,
         ) {
             let dtype = KINDS[kind];
             let k = cols(dtype, blocks).min(2 * QK_K);
@@ -989,7 +1070,7 @@ mod tests {
 
         #[test]
         fn stacking_equals_packing_the_stacked_rows(
-            kind in 0usize..9, ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
+            kind in 0..KINDS.len(), ns in proptest::collection::vec(1usize..140, 1..4), seed: u64,
         ) {
             let dtype = KINDS[kind];
             let k = cols(dtype, 2).min(QK_K);
