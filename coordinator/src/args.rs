@@ -117,6 +117,14 @@ pub struct ModelArgs {
     /// With --chaos: chance of a fault at each 20 ms supervision check.
     #[arg(long, default_value_t = 0.03)]
     pub chaos_rate: f64,
+    /// No spinner while the models load (a program that embeds [`crate::Engine`] owns its
+    /// terminal).
+    #[arg(skip)]
+    pub quiet: bool,
+    /// Where the worker binaries are; by default beside the running executable, or in its parent
+    /// directory (cargo's `deps/` and `examples/` lie one below the binaries).
+    #[arg(skip)]
+    pub worker_dir: Option<PathBuf>,
 }
 
 /// The verify worker's default wait for a draft token when prompt lookup drafts: a lookup run is

@@ -94,6 +94,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         Strategy::Ar | Strategy::Sd => usize::MAX,
     };
     check_fits(texts.context(limit), prompt.len(), args.max_new_tokens)?;
+    if strategy == Strategy::Amusd {
+        // Ctrl-C then stops the workers and removes the region (ar and sd just exit).
+        crate::supervisor::install_signal_handlers();
+    }
     let mut backend = Backend::open(strategy, m, &verify_spec, draft_spec.as_deref())?;
     let tokenizer = texts.verify.as_ref().map(|t| &t.tokenizer);
     let request = Request {

@@ -1,19 +1,8 @@
 //! `amusd`: the coordinator command line.
 
-mod args;
-mod assets;
-mod backend;
-mod bench;
-mod chat;
-mod dump;
-mod generate;
-mod output;
-mod prompt;
-mod serve;
-mod signal;
-mod supervisor;
-
 use std::process::ExitCode;
+
+use amusd::{bench, chat, dump, generate, serve, signal};
 
 use clap::{Parser, Subcommand};
 

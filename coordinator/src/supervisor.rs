@@ -1,6 +1,6 @@
 //! The coordinator's side of AMUSD: the region, the two worker processes and their supervision.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -94,22 +94,46 @@ fn worker_binary(role: Role) -> &'static str {
     }
 }
 
+/// The directory holding both worker binaries: `given`, or the running executable's own (the
+/// `amusd` binary's), or its parent (a test, example or program cargo built into `deps/` or
+/// `examples/` beside the binaries).
+pub fn worker_dir(given: Option<&Path>) -> Result<PathBuf> {
+    let has_both = |dir: &Path| {
+        [Role::Draft, Role::Verify]
+            .iter()
+            .all(|&r| dir.join(worker_binary(r)).is_file())
+    };
+    let candidates = match given {
+        Some(dir) => vec![dir.to_path_buf()],
+        None => {
+            let exe = std::env::current_exe().context("cannot find the running executable")?;
+            exe.ancestors()
+                .skip(1)
+                .take(2)
+                .map(Path::to_path_buf)
+                .collect()
+        }
+    };
+    if let Some(dir) = candidates.iter().find(|d| has_both(d)) {
+        return Ok(dir.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|d| d.display().to_string()).collect();
+    bail!(
+        "the worker binaries {} and {} are not in {}; build them with `cargo build --release` \
+         (an embedding program names their directory with EngineBuilder::worker_dir)",
+        worker_binary(Role::Draft),
+        worker_binary(Role::Verify),
+        looked.join(" or ")
+    )
+}
+
 impl Supervisor {
-    /// Creates a fresh region and starts both workers (without waiting for them).
-    pub fn start(specs: Vec<WorkerSpec>, policy: Policy) -> Result<Self> {
+    /// Creates a fresh region and starts both workers (without waiting for them), from
+    /// `bin_dir` if given, else from where [`worker_dir`] finds them.
+    pub fn start(specs: Vec<WorkerSpec>, policy: Policy, bin_dir: Option<&Path>) -> Result<Self> {
         // A crashed earlier run may have left regions behind; remove those whose coordinator is dead.
         let _ = Shm::gc();
-        let exe = std::env::current_exe().context("cannot find the amusd executable")?;
-        let bin_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-        for s in &specs {
-            let p = bin_dir.join(worker_binary(s.role));
-            if !p.is_file() {
-                bail!(
-                    "worker binary {} is missing; build all binaries with `cargo build --release`",
-                    p.display()
-                );
-            }
-        }
+        let bin_dir = worker_dir(bin_dir)?;
         let shm = Arc::new(Shm::create(&Shm::fresh_name())?.unlink_on_drop());
         let mut sup = Self {
             shm,

@@ -34,7 +34,7 @@ impl InProcess {
     /// or prompt lookup (`lookup[:MIN-MAX]`, no model), with the lookup ahead of the model if `m`
     /// asks for it.
     pub fn load(verify_spec: &str, draft_spec: Option<&str>, m: &ModelArgs) -> Result<Self> {
-        let verify = load_model(verify_spec, "verify")?;
+        let verify = load_model(verify_spec, "verify", m.quiet)?;
         // Both models share one vocabulary (checked with the prompt), so one compiler serves both.
         let constraints = amusd_proc::constraints_for(verify_spec);
         let drafter = match draft_spec {
@@ -113,7 +113,8 @@ fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decod
         let no_model: Box<dyn Decoder> = Box::new(NoModel);
         return Ok(Drafter::new(Timed::new(no_model)).with_lookup(range, true, max_run));
     }
-    let model: Box<dyn Decoder> = Box::new(LlamaDecoder::new(load_model(spec, "draft")?.llama));
+    let model: Box<dyn Decoder> =
+        Box::new(LlamaDecoder::new(load_model(spec, "draft", m.quiet)?.llama));
     let drafter = Drafter::new(Timed::new(model));
     Ok(match m.lookup_ahead() {
         Some(range) if m.draft_history() => drafter
@@ -124,9 +125,10 @@ fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decod
     })
 }
 
-/// Loads a model from a spec, with a spinner.
-fn load_model(spec: &str, role: &str) -> Result<LoadedModel> {
+/// Loads a model from a spec, with a spinner unless `quiet`.
+fn load_model(spec: &str, role: &str, quiet: bool) -> Result<LoadedModel> {
     let spec: ModelSpec = spec.parse()?;
-    let _spinner = Spinner::new(format!("loading {role} model {}", spec.path.display()));
+    let _spinner =
+        (!quiet).then(|| Spinner::new(format!("loading {role} model {}", spec.path.display())));
     loader::load(&spec).with_context(|| format!("cannot load the {role} model"))
 }

@@ -15,7 +15,7 @@ use super::trace::Trace;
 use super::{Completion, Request};
 use crate::args::ModelArgs;
 use crate::output::Spinner;
-use crate::supervisor::{install_signal_handlers, Policy, Supervisor, WorkerSpec};
+use crate::supervisor::{Policy, Supervisor, WorkerSpec};
 
 /// The draft worker's options: its lookahead, and prompt lookup (with the n-gram history) ahead of
 /// its model if asked (a draft spec `lookup[:MIN-MAX]` makes the lookup draft alone).
@@ -50,9 +50,9 @@ pub struct FaultStats {
 }
 
 impl Workers {
-    /// Starts both workers and waits until their models are loaded.
+    /// Starts both workers and waits until their models are loaded. A command line that wants
+    /// Ctrl-C to stop them cleanly installs [`crate::supervisor::install_signal_handlers`] first.
     pub fn start(m: &ModelArgs, verify_spec: &str, draft_spec: &str) -> Result<Self> {
-        install_signal_handlers();
         let specs = vec![
             WorkerSpec {
                 role: Role::Draft,
@@ -77,9 +77,10 @@ impl Workers {
             hang_timeout: Duration::from_millis(m.hang_timeout_ms),
             max_restarts: m.max_restarts,
         };
-        let mut sup = Supervisor::start(specs, policy)?;
+        let mut sup = Supervisor::start(specs, policy, m.worker_dir.as_deref())?;
         {
-            let _spinner = Spinner::new("loading the draft and verify workers".into());
+            let _spinner =
+                (!m.quiet).then(|| Spinner::new("loading the draft and verify workers".into()));
             sup.wait_ready()?;
         }
         let chaos = m

@@ -1,0 +1,323 @@
+//! [`Engine`]: amusd inside a program. The models load once, in [`EngineBuilder::build`]; each
+//! call then runs one request to its end, streaming text as it is committed if asked. The three
+//! strategies give the same tokens; `amusd` runs the two worker processes (found beside the
+//! program's executable or in [`EngineBuilder::worker_dir`]) and stops them when the engine drops.
+//!
+//! ```no_run
+//! use amusd::{Engine, GenerateParams, Message, Strategy};
+//!
+//! let mut engine = Engine::builder().strategy(Strategy::Amusd).build()?;
+//! let reply = engine.chat(&[Message::user("What is the capital of France?")], &GenerateParams::default())?;
+//! println!("{} ({:.1} ms/token)", reply.text, reply.generation.metrics.ms_per_token());
+//! # Ok::<(), amusd::EngineError>(())
+//! ```
+
+use std::ffi::OsString;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use amusd_model::chat::Message;
+use amusd_model::tokenizer::Tokenizer;
+use amusd_shm::TOKEN_CAPACITY;
+use amusd_spec::generate::check_fits;
+use amusd_spec::logprobs::Logprobs;
+use amusd_spec::{Generation, RequestSampling, StopCriteria};
+use clap::Parser;
+
+use crate::args::{ModelArgs, Strategy};
+use crate::backend::{Backend, Request};
+use crate::prompt::{encode_conversation, Texts};
+
+/// What went wrong, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// An option is not one of `amusd generate`'s model options, or its value is wrong.
+    #[error("bad engine option: {0}")]
+    Options(String),
+    /// A model or its tokenizer could not be loaded, or the workers did not start.
+    #[error("cannot load the models: {0:#}")]
+    Load(anyhow::Error),
+    /// The request cannot run as given (nothing changed): it does not fit the context, its
+    /// sampling names what the model lacks, or text was given to a model without a tokenizer.
+    #[error("bad request: {0:#}")]
+    Request(anyhow::Error),
+    /// The request failed while running: a model failed, or a worker could not be recovered.
+    #[error("generation failed: {0:#}")]
+    Generate(anyhow::Error),
+}
+
+type Result<T> = std::result::Result<T, EngineError>;
+
+/// How to load an [`Engine`]. Everything has `amusd generate`'s defaults: the default model pair
+/// (fetched on first use) and the `amusd` strategy.
+#[derive(Clone, Debug)]
+pub struct EngineBuilder {
+    strategy: Strategy,
+    options: Vec<OsString>,
+    worker_dir: Option<PathBuf>,
+    progress: bool,
+}
+
+/// [`ModelArgs`] parsed from the builder's options, so that the engine and the command line
+/// share one set of defaults and checks.
+#[derive(Parser)]
+#[command(no_binary_name = true)]
+struct Options {
+    #[command(flatten)]
+    models: ModelArgs,
+}
+
+impl EngineBuilder {
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// The verify model: `PATH[:FORMAT]`, as `--verify-model`.
+    pub fn verify_model(self, spec: impl Into<OsString>) -> Self {
+        self.option("--verify-model", spec)
+    }
+
+    /// The draft model (sd, amusd): `PATH[:FORMAT][:head=...]`, `lookup[:MIN-MAX]`..., as
+    /// `--draft-model`.
+    pub fn draft_model(self, spec: impl Into<OsString>) -> Self {
+        self.option("--draft-model", spec)
+    }
+
+    /// Any other model option of `amusd generate` (`amusd generate --help`), as on its command
+    /// line: `.option("--max-lookahead", "24")`, `.option("--draft-device", "cpu:0")`.
+    pub fn option(mut self, flag: &str, value: impl Into<OsString>) -> Self {
+        self.options.extend([flag.into(), value.into()]);
+        self
+    }
+
+    /// A model option without a value: `.flag("--no-draft-lookup")`.
+    pub fn flag(mut self, flag: &str) -> Self {
+        self.options.push(flag.into());
+        self
+    }
+
+    /// Where `amusd-draft-worker` and `amusd-verify-worker` are (amusd), when they are neither
+    /// beside the program's executable nor in its parent directory.
+    pub fn worker_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.worker_dir = Some(dir.into());
+        self
+    }
+
+    /// A spinner on standard error while the models load, as the command line shows (off by
+    /// default: the program owns its terminal).
+    pub fn progress(mut self, show: bool) -> Self {
+        self.progress = show;
+        self
+    }
+
+    /// Loads the models (and for amusd starts the workers and waits for them). ar and sd run on
+    /// the calling thread without binding it to a device; amusd's workers are bound to theirs.
+    pub fn build(self) -> Result<Engine> {
+        let mut m = Options::try_parse_from(&self.options)
+            .map_err(|e| EngineError::Options(clap_message(&e)))?
+            .models;
+        (m.quiet, m.worker_dir) = (!self.progress, self.worker_dir);
+        let strategy = self.strategy;
+        let bad = |e: anyhow::Error| EngineError::Options(format!("{e:#}"));
+        m.verify_device().and(m.draft_device()).map_err(bad)?;
+        m.lookup_alone().map_err(bad)?;
+        let verify_spec = m.verify_spec().map_err(EngineError::Load)?;
+        let draft_spec = match strategy {
+            Strategy::Ar => None,
+            Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy).map_err(bad)?),
+        };
+        let texts = Texts::load(&verify_spec, draft_spec.as_deref())
+            .and_then(|t| t.with_chat_template(m.chat_template_file.as_deref()))
+            .map_err(EngineError::Load)?;
+        let backend = Backend::open(strategy, &m, &verify_spec, draft_spec.as_deref())
+            .map_err(EngineError::Load)?;
+        Ok(Engine { backend, texts })
+    }
+}
+
+/// clap's message without its usage lines.
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.trim_start_matches("error: ").to_string()
+}
+
+/// One request's budget and token choice.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// The most tokens to generate (a stop token ends the request earlier).
+    pub max_new_tokens: usize,
+    /// Greedy by default; temperature, top-k/p, penalties, seed, grammar, logprobs...
+    pub sampling: RequestSampling,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampling: RequestSampling::default(),
+        }
+    }
+}
+
+/// A finished request: its text (special tokens left out) and its tokens, finish reason and
+/// metrics.
+#[derive(Debug)]
+pub struct Output {
+    pub text: String,
+    pub generation: Generation,
+}
+
+/// A model pair, loaded, serving one request at a time (see the module doc).
+pub struct Engine {
+    backend: Backend,
+    texts: Texts,
+}
+
+impl Engine {
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder {
+            strategy: Strategy::Amusd,
+            options: Vec::new(),
+            worker_dir: None,
+            progress: false,
+        }
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.backend.strategy()
+    }
+
+    /// The verify model's tokenizer (`None` for the test suite's fake models).
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.texts.verify.as_ref().map(|t| &t.tokenizer)
+    }
+
+    /// The reply to a conversation, rendered with the verify model's chat template.
+    pub fn chat(&mut self, messages: &[Message], params: &GenerateParams) -> Result<Output> {
+        self.chat_stream(messages, params, |_| ControlFlow::Continue(()))
+    }
+
+    /// [`Self::chat`], giving `on_text` each piece of text as it is committed; `Break` cancels
+    /// the request (it ends with [`amusd_spec::Finish::Cancelled`] and the text so far).
+    pub fn chat_stream(
+        &mut self,
+        messages: &[Message],
+        params: &GenerateParams,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Output> {
+        let prompt = self.encode(messages, false)?;
+        self.run_text(&prompt, params, on_text)
+    }
+
+    /// The continuation of `prompt`, given to the model as is (no chat template).
+    pub fn complete(&mut self, prompt: &str, params: &GenerateParams) -> Result<Output> {
+        self.complete_stream(prompt, params, |_| ControlFlow::Continue(()))
+    }
+
+    /// [`Self::complete`], streamed as [`Self::chat_stream`] streams.
+    pub fn complete_stream(
+        &mut self,
+        prompt: &str,
+        params: &GenerateParams,
+        on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Output> {
+        let prompt = self.encode(&[Message::user(prompt.to_string())], true)?;
+        self.run_text(&prompt, params, on_text)
+    }
+
+    /// The tokens after `prompt` (ids of the verify model's vocabulary), each batch given to
+    /// `on_tokens` as it is committed; `Break` cancels.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_tokens: impl FnMut(&[u32]) -> ControlFlow<()>,
+    ) -> Result<Generation> {
+        run(&mut self.backend, &self.texts, prompt, params, on_tokens)
+    }
+
+    fn encode(&self, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
+        let verify = self.texts.verify.as_ref().ok_or_else(|| {
+            EngineError::Request(anyhow::anyhow!(
+                "this verify model has no tokenizer: give token ids to Engine::generate"
+            ))
+        })?;
+        encode_conversation(
+            &verify.tokenizer,
+            verify.chat_template.as_ref(),
+            messages,
+            raw,
+        )
+        .map_err(EngineError::Request)
+    }
+
+    /// Generates from `prompt`, detokenizing as tokens are committed.
+    fn run_text(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Output> {
+        let Self { backend, texts } = self;
+        let tokenizer = &texts.verify.as_ref().expect("encoded with it").tokenizer;
+        let mut stream = tokenizer.stream(true);
+        let generation = run(backend, texts, prompt, params, |ids| {
+            let mut flow = ControlFlow::Continue(());
+            for &id in ids {
+                match stream.step(id) {
+                    Ok(piece) if !piece.is_empty() && flow.is_continue() => flow = on_text(&piece),
+                    _ => {}
+                }
+            }
+            flow
+        })?;
+        if let Ok(rest) = stream.finish() {
+            if !rest.is_empty() {
+                let _ = on_text(&rest);
+            }
+        }
+        let text = tokenizer
+            .decode(&generation.tokens, true)
+            .map_err(|e| EngineError::Generate(e.into()))?;
+        Ok(Output { text, generation })
+    }
+}
+
+/// One request on `backend`, checked against the models' `texts` first.
+fn run(
+    backend: &mut Backend,
+    texts: &Texts,
+    prompt: &[u32],
+    params: &GenerateParams,
+    mut on_tokens: impl FnMut(&[u32]) -> ControlFlow<()>,
+) -> Result<Generation> {
+    let bad = |e: anyhow::Error| EngineError::Request(e);
+    if params.max_new_tokens == 0 {
+        return Err(bad(anyhow::anyhow!(
+            "max_new_tokens is 0: nothing to generate"
+        )));
+    }
+    texts.check_sampling(&params.sampling).map_err(bad)?;
+    let limit = match backend.strategy() {
+        Strategy::Amusd => TOKEN_CAPACITY,
+        Strategy::Ar | Strategy::Sd => usize::MAX,
+    };
+    check_fits(texts.context(limit), prompt.len(), params.max_new_tokens)
+        .map_err(|e| bad(e.into()))?;
+    let stop = StopCriteria {
+        stop_ids: texts.stop_ids(),
+        max_new_tokens: params.max_new_tokens,
+    };
+    let request = Request {
+        prompt,
+        stop: &stop,
+        sampling: &params.sampling,
+    };
+    let mut on_tokens = |ids: &[u32], _: &[Logprobs]| on_tokens(ids);
+    let completion = backend
+        .generate(&request, &mut on_tokens)
+        .map_err(EngineError::Generate)?;
+    Ok(completion.generation)
+}
