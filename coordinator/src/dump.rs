@@ -19,7 +19,7 @@ pub struct DumpArgs {
     /// Refresh every half second until interrupted.
     #[arg(long)]
     pub watch: bool,
-    /// Decode tokens with this model's tokenizer (PATH[:FORMAT]).
+    /// Decode tokens with this model's tokenizer (`PATH[:FORMAT]`).
     #[arg(long, value_name = "SPEC")]
     pub tokenizer: Option<String>,
     /// Remove the regions whose coordinator is dead, then list what is left.

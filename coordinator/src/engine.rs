@@ -321,3 +321,25 @@ fn run(
         .map_err(EngineError::Generate)?;
     Ok(completion.generation)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A program may move its engine to the thread that serves it.
+    #[test]
+    fn an_engine_can_move_between_threads() {
+        fn send<T: Send>() {}
+        send::<Engine>();
+    }
+
+    #[test]
+    fn options_parse_as_generate_parses_them() {
+        let parse = |args: &[&str]| Options::try_parse_from(args).map(|o| o.models);
+        let m = parse(&["--max-lookahead", "24", "--no-draft-lookup"]).unwrap();
+        assert_eq!((m.max_lookahead, m.no_draft_lookup), (24, true));
+        let e = parse(&["--max-lookahead", "many"]).err().unwrap();
+        assert!(clap_message(&e).contains("many"), "{}", clap_message(&e));
+        assert!(!clap_message(&e).contains("Usage"));
+    }
+}

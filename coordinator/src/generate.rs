@@ -213,7 +213,7 @@ pub struct Output<'a> {
     pub strategy: Strategy,
     pub prompt_tokens: usize,
     pub sampling: &'a RequestSampling,
-    /// How sd and amusd draft ([`crate::args::ModelArgs::drafter_label`]).
+    /// How sd and amusd draft (`ModelArgs::drafter_label`).
     pub drafter: String,
     pub json: bool,
 }

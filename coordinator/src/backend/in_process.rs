@@ -24,7 +24,7 @@ pub fn bind_in_process(verify_device: DeviceSpec) -> Result<()> {
 /// The in-process models. The verify model serves both ar and sd.
 pub struct InProcess {
     verifier: Verifier<Timed<LlamaDecoder>>,
-    drafter: Option<Drafter<Timed<Box<dyn Decoder>>>>,
+    drafter: Option<Drafter<Timed<Box<dyn Decoder + Send>>>>,
     /// sd: draft tokens per verify step.
     lookahead: usize,
 }
@@ -107,13 +107,13 @@ impl InProcess {
 
 /// The sd drafter of `spec`: prompt lookup alone, or the draft model, with the lookup (and the
 /// n-gram history) ahead of it if `m` asks for it.
-fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decoder>>>> {
+fn load_drafter(spec: &str, m: &ModelArgs) -> Result<Drafter<Timed<Box<dyn Decoder + Send>>>> {
     let max_run = m.lookup_max_run.max(1);
     if let Some(range) = m.lookup_alone()? {
-        let no_model: Box<dyn Decoder> = Box::new(NoModel);
+        let no_model: Box<dyn Decoder + Send> = Box::new(NoModel);
         return Ok(Drafter::new(Timed::new(no_model)).with_lookup(range, true, max_run));
     }
-    let model: Box<dyn Decoder> =
+    let model: Box<dyn Decoder + Send> =
         Box::new(LlamaDecoder::new(load_model(spec, "draft", m.quiet)?.llama));
     let drafter = Drafter::new(Timed::new(model));
     Ok(match m.lookup_ahead() {

@@ -39,7 +39,7 @@
 //!
 //! # Measurement
 //!
-//! ar and sd run in this process, pinned to the verify device; amusd runs through one [`Workers`] backend whose
+//! ar and sd run in this process, pinned to the verify device; amusd runs through one `Workers` backend whose
 //! two workers serve every sample. Each model is loaded once per bench. After an untimed warm-up
 //! generation of each strategy, every sample goes through every strategy in turn (ar first: it is
 //! the reference for the exactness check), so a machine whose speed drifts during the run (a shared
