@@ -3,6 +3,7 @@
 //! the draft used before.
 //!
 //! `RAYON_NUM_THREADS=1 nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`
+//! (q4_1, q8_0, q4_0 by default; q4k, as q4_1 blocks, on the one shape whose width is whole blocks)
 //! prints the median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the
 //! samples (`AMUSD_BENCH_STAT=min`: the fastest;
 //! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes,
@@ -95,9 +96,17 @@ fn main() {
             .skip(1)
             .filter(|a| !a.starts_with('-'))
             .collect();
-        let all = [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0];
+        let all = [
+            GgmlDType::Q4_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4K,
+        ];
         all.into_iter()
-            .filter(|d| args.is_empty() || args.contains(&format!("{d:?}").to_lowercase()))
+            .filter(|d| match args.is_empty() {
+                true => *d != GgmlDType::Q4K,
+                false => args.contains(&format!("{d:?}").to_lowercase()),
+            })
             .collect()
     };
     let reps: usize = std::env::var("AMUSD_BENCH_REPS")
@@ -136,7 +145,9 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &
     let mut layer = [0f64; MS.len()];
     let mut measured = 0;
     for (n, k) in SHAPES {
-        if !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
+        // q4_k's 256-value blocks fit only the 1536-wide down projection.
+        let whole_blocks = k.is_multiple_of(dtype.block_size());
+        if !whole_blocks || !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
             continue;
         }
         let wt = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).expect("tensor");
@@ -153,7 +164,11 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &
         let gb = w.bytes() as f64 / 1e9;
         print!(
             "{:<6} {:>12} {:<10}",
-            w.type_name(),
+            if dtype == GgmlDType::Q4K {
+                "q4k"
+            } else {
+                w.type_name()
+            },
             format!("{n}x{k}"),
             format!("{path:?}")
         );

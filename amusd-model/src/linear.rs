@@ -30,11 +30,19 @@ pub enum Weights {
     /// quantized to 8 bits per block (see [`crate::qkernels`]): the draft model's arithmetic.
     /// Batch-invariant like every other storage.
     Int(Arc<IntPacked>),
-    /// A GGUF block-quantized matrix of a type without an integer kernel (q5_0, q5_1, k-quants),
+    /// A GGUF block-quantized matrix of a type without an integer kernel (q5_0, q5_1, the
+    /// k-quants but q4_k),
     /// multiplied by candle's kernels one activation row at a time.
     /// candle chooses a different algorithm for larger batches; running every row through the
     /// single-row path keeps the result batch-invariant.
     Quantized(Arc<QTensor>),
+}
+
+impl Weights {
+    /// Whether products quantize the activations (integer arithmetic, a draft's), not f32.
+    fn is_integer_arithmetic(&self) -> bool {
+        matches!(self, Self::Int(_) | Self::Quantized(_))
+    }
 }
 
 /// Whether a multiply must give every activation row the same bits whatever the batch size.
@@ -196,7 +204,10 @@ impl Linear {
             .iter()
             .any(|p| p.storage_name() != parts[0].storage_name())
         {
-            return concat_dense(parts);
+            return match parts.iter().any(|p| p.weights.is_integer_arithmetic()) {
+                true => concat_requantized(parts),
+                false => concat_dense(parts),
+            };
         }
         let n: usize = parts.iter().map(|p| p.out_features).sum();
         let weights = match &parts[0].weights {
@@ -377,9 +388,26 @@ fn row_dequantizer(dtype: GgmlDType) -> Option<RowDequantizer> {
 
 /// Parts stored in different types (a q4_k_m checkpoint keeps some layers' V projection in q6_k
 /// beside q4_k Q and K) fused as the f32 values they stand for: what every exact storage's
-/// products equal bit for bit, so a verify model's logits keep their bits; a quantized draft's
-/// fused layer then runs in f32.
+/// products equal bit for bit, so a verify model's logits keep their bits.
 fn concat_dense(parts: &[Linear]) -> Result<Linear, ModelError> {
+    let (data, n, k) = stacked_rows(parts)?;
+    Linear::new(weights_from_f32(data, n, k, WeightFormat::F32)?, n, k)
+}
+
+/// Parts of different storage of which some already take integer arithmetic (a q4_k_m draft's
+/// q4_k Q and K beside a q6_k V) fused as q8_0 through the integer kernels: a draft's fused layer
+/// at 8.5 bits a weight rather than f32's 32 (the values move by q8_0's rounding, which a draft's
+/// arithmetic allows).
+fn concat_requantized(parts: &[Linear]) -> Result<Linear, ModelError> {
+    let (data, n, k) = stacked_rows(parts)?;
+    let t = Tensor::from_vec(data, (n, k), &Device::Cpu)?;
+    let q = QTensor::quantize(&t, GgmlDType::Q8_0)?;
+    let w = IntPacked::from_ggml(GgmlDType::Q8_0, &q.data()?, n, k)?;
+    Linear::new(Weights::Int(Arc::new(w)), n, k)
+}
+
+/// The parts' rows one after the other as f32: `[n, k]` row-major, `n` and `k`.
+fn stacked_rows(parts: &[Linear]) -> Result<(Vec<f32>, usize, usize), ModelError> {
     let k = parts[0].in_features;
     let n: usize = parts.iter().map(|p| p.out_features).sum();
     let mut data = vec![0f32; n * k];
@@ -390,7 +418,7 @@ fn concat_dense(parts: &[Linear]) -> Result<Linear, ModelError> {
         p.rows_into(&ids, these)?;
         rows = rest;
     }
-    Linear::new(weights_from_f32(data, n, k, WeightFormat::F32)?, n, k)
+    Ok((data, n, k))
 }
 
 fn concat_packed<T: Widen>(
@@ -462,7 +490,7 @@ pub fn quantized_weights(t: QTensor, coded_scales: bool) -> Result<Weights, Mode
         &[n, k] if IntPacked::supports(t.dtype()) => {
             let w = IntPacked::from_ggml(t.dtype(), &t.data()?, n, k)?;
             Weights::Int(Arc::new(
-                match coded_scales && t.dtype() == GgmlDType::Q4_1 {
+                match coded_scales && matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q4K) {
                     true => w.with_coded_scales()?,
                     false => w,
                 },
@@ -608,6 +636,47 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// As stored (a draft's storage), a q4_k Q and K (integer kernels) beside a q6_k V (candle's)
+    /// fuse as q8_0 rather than f32: each part's outputs within q8_0's rounding of its own.
+    #[test]
+    fn quantized_parts_of_different_types_fuse_as_q8_0() {
+        let (k, m) = (256, 3);
+        let part = |dtype, n, seed| {
+            let (bytes, _) = crate::testing::quantized_matrix(dtype, n, k, seed);
+            let t = QTensor::new(
+                QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, dtype).unwrap(),
+                (n, k),
+            )
+            .unwrap();
+            Linear::new(quantized_weights(t, false).unwrap(), n, k).unwrap()
+        };
+        let parts = [part(GgmlDType::Q4K, 40, 1), part(GgmlDType::Q6K, 24, 2)];
+        assert_eq!(parts.each_ref().map(|p| p.storage_name()), ["q4_1", "q6k"]);
+        let fused = Linear::concat(&parts).unwrap();
+        assert_eq!(fused.storage_name(), "q8_0");
+        let x = crate::testing::test_values(m * k, 5);
+        let mut y = vec![0f32; m * 64];
+        fused.forward(&x, m, &mut y, Batching::Invariant).unwrap();
+        let mut off = 0;
+        for p in &parts {
+            let mut yp = vec![0f32; m * p.out_features()];
+            p.forward(&x, m, &mut yp, Batching::Invariant).unwrap();
+            for (i, row) in yp.chunks_exact(p.out_features()).enumerate() {
+                for (j, want) in row.iter().enumerate() {
+                    let got = y[i * 64 + off + j];
+                    // Both quantize x to 8 bits; q8_0 moves each weight by at most 1/254 of its
+                    // block's largest: a few hundredths over 256 products of values below 1.
+                    assert!(
+                        (got - want).abs() < 0.1,
+                        "row {i} output {}: {got} vs {want}",
+                        off + j
+                    );
+                }
+            }
+            off += p.out_features();
+        }
+    }
+
     #[test]
     fn selected_rows_compute_what_the_whole_layer_computes() {
         let (n, k, m) = (150, 64, 3);
@@ -662,6 +731,7 @@ mod tests {
             (GgmlDType::Q8_0, true),
             (GgmlDType::Q4_0, true),
             (GgmlDType::Q4_1, true),
+            (GgmlDType::Q4K, true),
             (GgmlDType::Q5_0, false),
             (GgmlDType::Q6K, false),
         ] {
@@ -678,11 +748,11 @@ mod tests {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 53 % 97) as f32) / 48.0 - 1.0)
             .collect();
-        // Types with integer kernels (q4_0, q4_1, q8_0) never take candle's paths.
+        // Types with integer kernels (q4_0, q4_1, q8_0, q4_k) never take candle's paths.
         for dtype in [
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
-            GgmlDType::Q4K,
+            GgmlDType::Q3K,
             GgmlDType::Q6K,
         ] {
             let q = lin(WeightFormat::Quantized(dtype), n, k, 3);

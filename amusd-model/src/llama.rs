@@ -680,9 +680,9 @@ mod tests {
         for r in 0..tokens.len() {
             assert_eq!(bits(&la, r), bits(&lb, r), "{most:?} row {r}");
         }
-        // As a draft, as stored: the fused parts of two types load too (as f32).
+        // As a draft, as stored: the fused parts of two types load too (as q8_0).
         let c = load(WeightFormat::AsStored);
-        assert_eq!(names(&c)[3], "f32");
+        assert_eq!(names(&c)[3], "q8_0");
         let mut cc = c.new_cache(64);
         let lc = c.forward(&tokens, 0, &mut cc, LogitsFor::All).unwrap();
         assert!(lc.data.iter().all(|v| v.is_finite()));

@@ -2,7 +2,8 @@
 //!
 //! This module owns [`IntPacked`] (a q4_0, q4_1 or q8_0 matrix repacked at load into panels of the
 //! same quantized bits, or a q4_1 one with its block scales coded to 8 bits,
-//! [`IntPacked::with_coded_scales`]) and
+//! [`IntPacked::with_coded_scales`]; a q4_k matrix is taken as q4_1 blocks of its nibbles, each
+//! 32-value group's scale and minimum rounded to f16) and
 //! [`matmul_int`] (activations quantized per 32-block to 8 bits, as GGUF does,
 //! then integer dot products per block, combined in f32), and [`matmul_int_with`], which can give
 //! the same kernels about 16-bit activations as two 8-bit rows ([`IntActivations`]).
@@ -143,8 +144,9 @@ pub struct IntPacked {
 }
 
 impl IntPacked {
+    /// Whether [`Self::from_ggml`] takes `dtype`: q4_0, q4_1, q8_0, and q4_k as q4_1.
     pub fn supports(dtype: GgmlDType) -> bool {
-        Kind::of(dtype).is_some()
+        Kind::of(dtype).is_some() || dtype == GgmlDType::Q4K
     }
 
     /// `bytes`: the tensor's raw GGUF blocks, row-major (as candle's `QTensor::data()` returns).
@@ -154,6 +156,12 @@ impl IntPacked {
         n: usize,
         k: usize,
     ) -> Result<Self, ModelError> {
+        if dtype == GgmlDType::Q4K {
+            // A q4_k group is a q4_1 block with f32 scales: the same nibbles, scales in f16.
+            crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, 256, 144)?;
+            let blocks = crate::qexact::q4k_as_q4_1(bytes);
+            return Self::from_ggml(GgmlDType::Q4_1, &blocks, n, k);
+        }
         let kind = Kind::of(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("no integer kernel for {dtype:?} weights"))
         })?;
@@ -937,6 +945,32 @@ mod tests {
                 off += p.rows();
             }
         }
+    }
+
+    /// A q4_k matrix is its nibbles as q4_1 blocks, each group's scale and minimum rounded to
+    /// f16: every weight within that rounding of candle's value, at q4_1's size.
+    #[test]
+    fn q4_k_runs_as_q4_1_with_f16_scales() {
+        let (n, k) = (21, 512);
+        let (bytes, dense) = quantized(GgmlDType::Q4K, n, k, 3);
+        let w = IntPacked::from_ggml(GgmlDType::Q4K, &bytes, n, k).unwrap();
+        assert_eq!(w.kind, Kind::Q4_1);
+        assert_eq!(w.bytes(), ROWS * 2 * k / QK * 20);
+        let mut row = vec![0f32; k];
+        for j in 0..n {
+            w.row_into(j, &mut row);
+            let want = &dense[j * k..(j + 1) * k];
+            let max = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+            for (t, (got, want)) in row.iter().zip(want).enumerate() {
+                // d * q and m each move by at most 2^-11 of themselves, both at most ~2 max.
+                assert!(
+                    (got - want).abs() <= max / 256.0,
+                    "row {j} [{t}]: {got} vs {want}"
+                );
+            }
+            assert!(row != want, "row {j}: f16 scales rounded nothing");
+        }
+        assert!(IntPacked::from_ggml(GgmlDType::Q4K, &bytes[1..], n, k).is_err());
     }
 
     #[test]
