@@ -115,14 +115,14 @@ unsafe fn strip<
         let base = panel.as_ptr().add(g * gb);
         prefetch_range(base.wrapping_add(ahead), gb);
         let sc: [(__m256, __m256); V] =
-            std::array::from_fn(|v| scales::<OFF, F32>(base, col + 8 * v));
+            std::array::from_fn(|v| half_scales::<OFF, F32, false>(base, col + 8 * v));
         let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + col);
         let p0 = g * GROUP;
         if NIB {
             let mut sc = sc;
             for s in 0..GROUP / 2 {
                 if SPLIT && s == GROUP / 4 {
-                    sc = std::array::from_fn(|v| second_half::<OFF, F32>(base, col + 8 * v));
+                    sc = std::array::from_fn(|v| half_scales::<OFF, F32, true>(base, col + 8 * v));
                 }
                 for v in 0..V {
                     let (wl, wh) =
@@ -138,7 +138,7 @@ unsafe fn strip<
             let mut sc = sc;
             for t in 0..GROUP {
                 if SPLIT && t == GROUP / 2 {
-                    sc = std::array::from_fn(|v| second_half::<OFF, F32>(base, col + 8 * v));
+                    sc = std::array::from_fn(|v| half_scales::<OFF, F32, true>(base, col + 8 * v));
                 }
                 for v in 0..V {
                     let w = byte::<OFF>(q.add(t * PANEL + 8 * v), sc[v].0, sc[v].1);
@@ -189,13 +189,13 @@ unsafe fn widen_group_of<
 ) {
     let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
     for v in 0..8 {
-        let (mut scale, mut offset) = scales::<OFF, F32>(base, 8 * v);
+        let (mut scale, mut offset) = half_scales::<OFF, F32, false>(base, 8 * v);
         let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + 8 * v);
         let o = out.add(8 * v);
         if NIB {
             for s in 0..GROUP / 2 {
                 if SPLIT && s == GROUP / 4 {
-                    (scale, offset) = second_half::<OFF, F32>(base, 8 * v);
+                    (scale, offset) = half_scales::<OFF, F32, true>(base, 8 * v);
                 }
                 let (wl, wh) = nibble_pair::<OFF, BIAS>(q.add(s * PANEL), scale, offset);
                 _mm256_storeu_ps(o.add(2 * s * PANEL), wl);
@@ -204,7 +204,7 @@ unsafe fn widen_group_of<
         } else {
             for t in 0..GROUP {
                 if SPLIT && t == GROUP / 2 {
-                    (scale, offset) = second_half::<OFF, F32>(base, 8 * v);
+                    (scale, offset) = half_scales::<OFF, F32, true>(base, 8 * v);
                 }
                 _mm256_storeu_ps(
                     o.add(t * PANEL),
@@ -269,31 +269,16 @@ unsafe fn tile<const R: usize, const V: usize>(x: &[f32], k: usize, wide: &[f32]
     }
 }
 
-/// The scales (and offsets) of columns `col .. col + 8` of the group at `base`.
+/// The scales (and offsets) of columns `col .. col + 8` of the group at `base`: its first half's,
+/// or with `SECOND` a split group's second half's (the sets after the first half's,
+/// [`BlockKind::scale_sets`]).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn scales<const OFF: bool, const F32: bool>(
+unsafe fn half_scales<const OFF: bool, const F32: bool, const SECOND: bool>(
     base: *const u8,
     col: usize,
 ) -> (__m256, __m256) {
-    let scale = scale_set::<F32>(base, 0, col);
-    let offset = if OFF {
-        scale_set::<F32>(base, 1, col)
-    } else {
-        _mm256_setzero_ps()
-    };
-    (scale, offset)
-}
-
-/// The scales (and offsets) of a split group's second half, columns `col .. col + 8`: the sets
-/// after the first half's ([`BlockKind::scale_sets`]).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn second_half<const OFF: bool, const F32: bool>(
-    base: *const u8,
-    col: usize,
-) -> (__m256, __m256) {
-    let first = 1 + OFF as usize;
+    let first = if SECOND { 1 + OFF as usize } else { 0 };
     let scale = scale_set::<F32>(base, first, col);
     let offset = if OFF {
         scale_set::<F32>(base, first + 1, col)
