@@ -105,7 +105,8 @@ impl EngineBuilder {
     }
 
     /// A spinner on standard error while the models load, as the command line shows (off by
-    /// default: the program owns its terminal).
+    /// default: the program owns its terminal; the supervisor's fault lines, a worker found dead
+    /// or hung, still go to standard error).
     pub fn progress(mut self, show: bool) -> Self {
         self.progress = show;
         self
