@@ -29,6 +29,15 @@ impl Strategy {
             Self::Amusd => "amusd",
         }
     }
+
+    /// The most tokens a request (prompt and answer) can hold apart from the models' contexts:
+    /// amusd's shared token buffer; none in process.
+    pub fn token_limit(self) -> usize {
+        match self {
+            Self::Amusd => amusd_shm::TOKEN_CAPACITY,
+            Self::Ar | Self::Sd => usize::MAX,
+        }
+    }
 }
 
 /// Which models run where; shared by `generate` and `bench`.

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use amusd_model::chat::Message;
 use amusd_model::tokenizer::Tokenizer;
-use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
 use amusd_spec::logprobs::Logprobs;
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
@@ -79,10 +78,7 @@ pub fn run(args: ChatArgs) -> Result<ExitCode> {
         backend,
         sampling,
         max_new_tokens: args.max_new_tokens,
-        limit: match strategy {
-            Strategy::Amusd => TOKEN_CAPACITY,
-            Strategy::Ar | Strategy::Sd => usize::MAX,
-        },
+        limit: strategy.token_limit(),
         messages: opening.clone(),
         opening,
         quiet: args.quiet,

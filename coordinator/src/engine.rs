@@ -18,7 +18,6 @@ use std::path::PathBuf;
 
 use amusd_model::chat::Message;
 use amusd_model::tokenizer::Tokenizer;
-use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
 use amusd_spec::logprobs::Logprobs;
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
@@ -301,10 +300,7 @@ fn run(
         )));
     }
     texts.check_sampling(&params.sampling).map_err(bad)?;
-    let limit = match backend.strategy() {
-        Strategy::Amusd => TOKEN_CAPACITY,
-        Strategy::Ar | Strategy::Sd => usize::MAX,
-    };
+    let limit = backend.strategy().token_limit();
     check_fits(texts.context(limit), prompt.len(), params.max_new_tokens)
         .map_err(|e| bad(e.into()))?;
     let stop = StopCriteria {

@@ -7,7 +7,6 @@ use std::sync::atomic::Ordering;
 
 use amusd_model::chat::Message;
 use amusd_model::tokenizer::Tokenizer;
-use amusd_shm::TOKEN_CAPACITY;
 use amusd_spec::generate::check_fits;
 use amusd_spec::logprobs::{Logprobs, TokenLogprob};
 use amusd_spec::{Generation, RequestSampling, StopCriteria};
@@ -89,11 +88,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     };
     // Checked before any weight loads: a request that cannot fit is the user's error, not a
     // worker fault to restart.
-    let limit = match strategy {
-        Strategy::Amusd => TOKEN_CAPACITY,
-        Strategy::Ar | Strategy::Sd => usize::MAX,
-    };
-    check_fits(texts.context(limit), prompt.len(), args.max_new_tokens)?;
+    check_fits(
+        texts.context(strategy.token_limit()),
+        prompt.len(),
+        args.max_new_tokens,
+    )?;
     if strategy == Strategy::Amusd {
         // Ctrl-C then stops the workers and removes the region (ar and sd just exit).
         crate::supervisor::install_signal_handlers();

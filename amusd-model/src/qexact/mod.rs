@@ -514,10 +514,12 @@ impl BlockPacked {
             b[..width].copy_from_slice(&self.data[i..i + width]);
             u32::from_le_bytes(b)
         };
-        let off = kind.has_offset() as usize;
-        let first = (at(0), if off == 1 { at(1) } else { 0 });
+        // A half's scale set and, after it, its offsets (as the kernels' `half_scales` read them).
+        let off = kind.has_offset();
+        let half = |set: usize| (at(set), if off { at(set + 1) } else { 0 });
+        let first = half(0);
         let second = match kind.split() {
-            true => (at(1 + off), if off == 1 { at(3) } else { 0 }),
+            true => half(1 + off as usize),
             false => first,
         };
         let sets = kind.scale_sets();
