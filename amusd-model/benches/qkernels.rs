@@ -3,7 +3,8 @@
 //! the draft used before.
 //!
 //! `RAYON_NUM_THREADS=1 nice -n 0 taskset -c 1 cargo bench -p amusd-model --bench qkernels [-- DTYPE...]`
-//! (q4_1, q8_0, q4_0 by default; q4k, as q4_1 blocks, on the one shape whose width is whole blocks)
+//! (q4_1, q8_0, q4_0, q5_1, q5_0 by default; q4k and q5k, as q4_1 / q5_1 blocks, on the one shape
+//! whose width is whole blocks)
 //! prints the median ms per call and the GB/s of weight bytes read. `AMUSD_BENCH_REPS` sets the
 //! samples (`AMUSD_BENCH_STAT=min`: the fastest;
 //! `AMUSD_BENCH_CLOCK=cpu`: the thread's CPU time, for a shared machine), `AMUSD_BENCH_SHAPES` (e.g. `576x576,49152x576`) picks shapes,
@@ -100,11 +101,14 @@ fn main() {
             GgmlDType::Q4_1,
             GgmlDType::Q8_0,
             GgmlDType::Q4_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q5_0,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
         ];
         all.into_iter()
             .filter(|d| match args.is_empty() {
-                true => *d != GgmlDType::Q4K,
+                true => d.block_size() == 32,
                 false => args.contains(&format!("{d:?}").to_lowercase()),
             })
             .collect()
@@ -145,7 +149,7 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &
     let mut layer = [0f64; MS.len()];
     let mut measured = 0;
     for (n, k) in SHAPES {
-        // q4_k's 256-value blocks fit only the 1536-wide down projection.
+        // The k-quants' 256-value blocks fit only the 1536-wide down projection.
         let whole_blocks = k.is_multiple_of(dtype.block_size());
         if !whole_blocks || !shapes.is_empty() && !shapes.contains(&format!("{n}x{k}")) {
             continue;
@@ -164,10 +168,10 @@ fn shapes_on(path: Path, dtype: GgmlDType, reps: usize, copies: usize, shapes: &
         let gb = w.bytes() as f64 / 1e9;
         print!(
             "{:<6} {:>12} {:<10}",
-            if dtype == GgmlDType::Q4K {
-                "q4k"
-            } else {
-                w.type_name()
+            match dtype {
+                GgmlDType::Q4K => "q4k",
+                GgmlDType::Q5K => "q5k",
+                _ => w.type_name(),
             },
             format!("{n}x{k}"),
             format!("{path:?}")

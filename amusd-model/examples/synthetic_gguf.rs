@@ -5,7 +5,8 @@
 //!     cargo run --release -p amusd-model --example synthetic_gguf -- OUT.gguf [MIX]
 //!
 //! MIX: `q4_k_m` (the default: q4_k, with V and the down projection of every other layer and the
-//! output head in q6_k, as llama.cpp's q4_k_m keeps its more sensitive tensors) or one type for
+//! output head in q6_k, as llama.cpp's q4_k_m keeps its more sensitive tensors), `q5_k_m` (the
+//! same with q5_k for q4_k) or one type for
 //! every matrix (`q4_k`, `q6_k`, `q8_0`, `q4_1`...). Shape: `HIDDEN` (1024), `INTERMEDIATE` (2816),
 //! `LAYERS` (16), `HEADS` (16), `KV_HEADS` (4) and `VOCAB` (32000) from the environment.
 
@@ -22,12 +23,16 @@ fn env(name: &str, default: usize) -> usize {
 
 /// The type of tensor `name` (a GGUF name) under `mix`.
 fn type_of(mix: &str, name: &str) -> GgmlDType {
-    if mix != "q4_k_m" {
-        return match WeightFormat::parse(mix) {
-            Some(WeightFormat::Quantized(t)) => t,
-            _ => panic!("unknown mix {mix}: q4_k_m or a GGUF block type"),
-        };
-    }
+    let base = match mix {
+        "q4_k_m" => GgmlDType::Q4K,
+        "q5_k_m" => GgmlDType::Q5K,
+        _ => {
+            return match WeightFormat::parse(mix) {
+                Some(WeightFormat::Quantized(t)) => t,
+                _ => panic!("unknown mix {mix}: q4_k_m, q5_k_m or a GGUF block type"),
+            }
+        }
+    };
     let layer: Option<usize> = name
         .strip_prefix("blk.")
         .and_then(|r| r.split('.').next())
@@ -36,7 +41,7 @@ fn type_of(mix: &str, name: &str) -> GgmlDType {
     match (name, layer) {
         ("output.weight", _) => GgmlDType::Q6K,
         (_, Some(i)) if sensitive && i % 2 == 0 => GgmlDType::Q6K,
-        _ => GgmlDType::Q4K,
+        _ => base,
     }
 }
 

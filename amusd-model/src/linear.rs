@@ -30,9 +30,8 @@ pub enum Weights {
     /// quantized to 8 bits per block (see [`crate::qkernels`]): the draft model's arithmetic.
     /// Batch-invariant like every other storage.
     Int(Arc<IntPacked>),
-    /// A GGUF block-quantized matrix of a type without an integer kernel (q5_0, q5_1, the
-    /// k-quants but q4_k),
-    /// multiplied by candle's kernels one activation row at a time.
+    /// A GGUF block-quantized matrix of a type without an integer kernel (the k-quants but q4_k
+    /// and q5_k), multiplied by candle's kernels one activation row at a time.
     /// candle chooses a different algorithm for larger batches; running every row through the
     /// single-row path keeps the result batch-invariant.
     Quantized(Arc<QTensor>),
@@ -679,7 +678,8 @@ mod tests {
 
     #[test]
     fn selected_rows_compute_what_the_whole_layer_computes() {
-        let (n, k, m) = (150, 64, 3);
+        // 256 columns: a k-quant (candle's kernels) among the storages.
+        let (n, k, m) = (150, 256, 3);
         let ids: Vec<u32> = [149, 0, 7, 64, 65, 3, 100, 128, 127]
             .into_iter()
             .chain(10..40)
@@ -696,6 +696,7 @@ mod tests {
             WeightFormat::Quantized(GgmlDType::Q8_0),
             WeightFormat::Quantized(GgmlDType::Q4_1),
             WeightFormat::Quantized(GgmlDType::Q5_0),
+            WeightFormat::Quantized(GgmlDType::Q6K),
         ]
         .into_iter()
         .map(|f| lin(f, n, k, 4))
@@ -732,7 +733,9 @@ mod tests {
             (GgmlDType::Q4_0, true),
             (GgmlDType::Q4_1, true),
             (GgmlDType::Q4K, true),
-            (GgmlDType::Q5_0, false),
+            (GgmlDType::Q5_0, true),
+            (GgmlDType::Q5_1, true),
+            (GgmlDType::Q5K, true),
             (GgmlDType::Q6K, false),
         ] {
             let q = lin(WeightFormat::Quantized(dtype), 9, 256, 3);
@@ -748,13 +751,9 @@ mod tests {
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 53 % 97) as f32) / 48.0 - 1.0)
             .collect();
-        // Types with integer kernels (q4_0, q4_1, q8_0, q4_k) never take candle's paths.
-        for dtype in [
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q3K,
-            GgmlDType::Q6K,
-        ] {
+        // Types with integer kernels (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k) never take
+        // candle's paths.
+        for dtype in [GgmlDType::Q2K, GgmlDType::Q3K, GgmlDType::Q6K] {
             let q = lin(WeightFormat::Quantized(dtype), n, k, 3);
             let Weights::Quantized(qt) = q.weights() else {
                 panic!("{dtype:?} did not quantize")

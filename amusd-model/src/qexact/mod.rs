@@ -339,22 +339,31 @@ fn decode_q45k(five: bool, b: &[u8], groups: &mut [Group]) {
     }
 }
 
-/// q4_k blocks (row-major, whole) as q4_1 blocks of the same nibbles, eight to a block: each
-/// group's scale `d * sc` and minimum `-(dmin * m)` as candle computes them, rounded to f16. Not
-/// the exact arithmetic (an f16 keeps 11 of their up to 17 significant bits): what lets a q4_k
-/// draft run the integer kernels ([`crate::qkernels::IntPacked`]).
-pub(crate) fn q4k_as_q4_1(blocks: &[u8]) -> Vec<u8> {
-    let kind = BlockKind::Q4K;
-    let mut out = Vec::with_capacity(blocks.len() / kind.block_bytes() * 8 * 20);
+/// q4_k (`five` false) or q5_k blocks (row-major, whole) as q4_1 / q5_1 blocks of the same
+/// quants, eight to a block: each group's scale `d * sc` and minimum `-(dmin * m)` as candle
+/// computes them, rounded to f16. Not the exact arithmetic (an f16 keeps 11 of their up to 17
+/// significant bits): what lets a q4_k / q5_k draft run the integer kernels
+/// ([`crate::qkernels::IntPacked`]).
+pub(crate) fn k_quant_as_q_1(five: bool, blocks: &[u8]) -> Vec<u8> {
+    let kind = if five { BlockKind::Q5K } else { BlockKind::Q4K };
+    let out_bytes = if five { 24 } else { 20 };
+    let mut out = Vec::with_capacity(blocks.len() / kind.block_bytes() * 8 * out_bytes);
     let mut groups = [Group::default(); QK_K / GROUP];
     for block in blocks.chunks_exact(kind.block_bytes()) {
-        decode_q45k(false, block, &mut groups);
+        decode_q45k(five, block, &mut groups);
         for g in &groups {
             let f16 = |bits: u32| half::f16::from_f32(f32::from_bits(bits)).to_le_bytes();
             out.extend(f16(g.d[0]));
             out.extend(f16(g.m[0]));
-            // q4_1 pairs element j with element j + 16 in byte j.
-            out.extend((0..GROUP / 2).map(|j| g.q[j] as u8 | (g.q[j + GROUP / 2] as u8) << 4));
+            if five {
+                // q5_1's high bits: bit j of one little-endian word is element j's fifth bit.
+                let high =
+                    (g.q.iter().enumerate()).fold(0u32, |h, (j, &q)| h | ((q as u32 >> 4) << j));
+                out.extend(high.to_le_bytes());
+            }
+            // q4_1 / q5_1 pair element j with element j + 16 in byte j.
+            let nibble = |j: usize| g.q[j] as u8 & 0x0F;
+            out.extend((0..GROUP / 2).map(|j| nibble(j) | nibble(j + GROUP / 2) << 4));
         }
     }
     out

@@ -50,9 +50,11 @@ unsafe fn tile<const T: usize>(
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
         Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
-        Kind::Q4_0 => panel_q4::<T, false, false>(panel, nb, &rows),
-        Kind::Q4_1 => panel_q4::<T, true, false>(panel, nb, &rows),
-        Kind::Q4_1S8 => panel_q4::<T, true, true>(panel, nb, &rows),
+        Kind::Q4_0 => panel_q4::<T, false, false, false>(panel, nb, &rows),
+        Kind::Q4_1 => panel_q4::<T, true, false, false>(panel, nb, &rows),
+        Kind::Q4_1S8 => panel_q4::<T, true, true, false>(panel, nb, &rows),
+        Kind::Q5_0 => panel_q4::<T, false, false, true>(panel, nb, &rows),
+        Kind::Q5_1 => panel_q4::<T, true, false, true>(panel, nb, &rows),
     };
     for (t, (low, high)) in acc[0].iter().zip(&acc[1]).enumerate() {
         let o = out.at.add(t * out.stride);
@@ -165,6 +167,58 @@ unsafe fn block_q4<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m2
     s16
 }
 
+/// [`block_q4`] for q5 weights: `q` points to eight rows' high-bit words (lane = row, in
+/// [`super::fifth_bits_word`]'s order), their nibbles follow as q4's do. A quant is at most 31,
+/// so a pair of products is at most 2 * 31 * 127 = 7874: two groups' steps (31496) fit the i16
+/// lanes, and are widened to i32 after every second group.
+///
+/// # Safety
+/// As [`block_q8`].
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn block_q5<const T: usize>(q: *const u8, x: &Tile<T>, b: usize) -> [__m256i; T] {
+    let (nibble, ones) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi16(1));
+    let high = _mm256_loadu_si256(q.cast());
+    let mut isum = [_mm256_setzero_si256(); T];
+    let mut s16 = [_mm256_setzero_si256(); T];
+    for g in 0..QK / 8 {
+        let w = _mm256_loadu_si256(q.add((g + 1) * 4 * ROWS).cast());
+        let (lo5, hi5) = fifth_bits(high, g);
+        let lo = _mm256_or_si256(_mm256_and_si256(w, nibble), lo5);
+        let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(w), nibble), hi5);
+        for (t, sum) in s16.iter_mut().enumerate() {
+            let xl = bcast4(x.q[t].add(b * QK + 4 * g));
+            let xh = bcast4(x.q[t].add(b * QK + QK / 2 + 4 * g));
+            let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+            *sum = _mm256_add_epi16(*sum, p);
+        }
+        if g % 2 == 1 {
+            for (sum, s) in isum.iter_mut().zip(s16.iter_mut()) {
+                *sum = _mm256_add_epi32(*sum, _mm256_madd_epi16(*s, ones));
+                *s = _mm256_setzero_si256();
+            }
+        }
+    }
+    isum
+}
+
+/// Group `g`'s fifth bits as 0x10 or 0 in each byte of the low and high nibbles' vectors: bit `g`
+/// and bit `4 + g` of each byte of `high`, each moved to bit 4 (one bit per byte is kept, so the
+/// 16-bit shifts move nothing across bytes).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fifth_bits(high: __m256i, g: usize) -> (__m256i, __m256i) {
+    let bit = |at: usize| _mm256_and_si256(high, _mm256_set1_epi8((1u8 << at) as i8));
+    let shift = |by: usize| _mm_cvtsi32_si128(by as i32);
+    (
+        _mm256_sll_epi16(bit(g), shift(4 - g)),
+        _mm256_srl_epi16(bit(4 + g), shift(g)),
+    )
+}
+
 /// A panel of q8_0 weights times a tile: per half panel and block, [`block_q8`], then
 /// [`combine`]. The second half reads the panel again from cache.
 ///
@@ -192,20 +246,22 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
     acc
 }
 
-/// A panel of q4_0 / q4_1 / q4_1s8 weights times a tile: [`block_q4`], then q4_0's offset of -8
-/// as `- 8 * sum(x)`, or q4_1's minimum as `m * d_x * sum(x)` in a second fused step. `CODED`
-/// (with `MIN`): the scales are codes, after the panel's factors.
+/// A panel of q4_0 / q4_1 / q4_1s8 / q5_0 / q5_1 weights times a tile: [`block_q4`] or
+/// (`FIVE`) [`block_q5`], then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)`, or the
+/// minimum as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are
+/// codes, after the panel's factors.
 ///
 /// # Safety
 /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
+unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool, const FIVE: bool>(
     panel: *const u8,
     nb: usize,
     x: &Tile<T>,
 ) -> [[__m256; T]; 2] {
     let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
-    let block_bytes = ROWS * (width * scales + QK / 2);
+    let (quant_bytes, centre) = if FIVE { (4 + QK / 2, 16) } else { (QK / 2, 8) };
+    let block_bytes = ROWS * (width * scales + quant_bytes);
     let blocks = panel.add(if CODED {
         Kind::Q4_1S8.header_bytes()
     } else {
@@ -227,7 +283,11 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
                     prefetch(blk.add(64 * line));
                 }
             }
-            let isum = block_q4(blk.add(width * ROWS * scales + 32 * v), x, b);
+            let quants = blk.add(width * ROWS * scales + 32 * v);
+            let isum = match FIVE {
+                true => block_q5(quants, x, b),
+                false => block_q4(quants, x, b),
+            };
             let (dw, mw) = match (CODED, MIN) {
                 (true, _) => coded8(blk, v, fd, fm),
                 (false, true) => (
@@ -239,7 +299,7 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
             for t in 0..T {
                 let mut isum = isum[t];
                 if !MIN {
-                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(8 * *x.s[t].add(b)));
+                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(centre * *x.s[t].add(b)));
                 }
                 half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
                 if MIN {

@@ -113,6 +113,7 @@ unsafe fn tile<const T: usize>(
         Kind::Q4_0 => panel_q4::<T, false, false>(panel, nb, &rows),
         Kind::Q4_1 => panel_q4::<T, true, false>(panel, nb, &rows),
         Kind::Q4_1S8 => panel_q4::<T, true, true>(panel, nb, &rows),
+        Kind::Q5_0 | Kind::Q5_1 => unreachable!("the q5 kinds run the AVX2 kernels"),
     };
     for (t, row) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.at.add(t * out.stride), *row);

@@ -1,9 +1,9 @@
 //! Integer matrix multiplies over GGUF block-quantized weights: the draft model's kernels.
 //!
-//! This module owns [`IntPacked`] (a q4_0, q4_1 or q8_0 matrix repacked at load into panels of the
-//! same quantized bits, or a q4_1 one with its block scales coded to 8 bits,
-//! [`IntPacked::with_coded_scales`]; a q4_k matrix is taken as q4_1 blocks of its nibbles, each
-//! 32-value group's scale and minimum rounded to f16) and
+//! This module owns [`IntPacked`] (a q4_0, q4_1, q5_0, q5_1 or q8_0 matrix repacked at load into
+//! panels of the same quantized bits, or a q4_1 one with its block scales coded to 8 bits,
+//! [`IntPacked::with_coded_scales`]; a q4_k / q5_k matrix is taken as q4_1 / q5_1 blocks of its
+//! quants, each 32-value group's scale and minimum rounded to f16) and
 //! [`matmul_int`] (activations quantized per 32-block to 8 bits, as GGUF does,
 //! then integer dot products per block, combined in f32), and [`matmul_int_with`], which can give
 //! the same kernels about 16-bit activations as two 8-bit rows ([`IntActivations`]).
@@ -37,7 +37,7 @@ use crate::ModelError;
 /// Output rows per packed panel: two AVX2 vectors of eight 32-bit lanes, one lane per output row.
 pub const ROWS: usize = 16;
 
-/// Values per GGUF block (q4_0, q4_1, q8_0) and per quantized activation block.
+/// Values per GGUF block (q4_0, q4_1, q5_0, q5_1, q8_0) and per quantized activation block.
 const QK: usize = 32;
 
 /// Most activation rows per tile in the SIMD kernels: each weight vector loaded (and, for q4, split
@@ -61,6 +61,9 @@ const GROUP: usize = 16;
 enum Kind {
     Q4_0,
     Q4_1,
+    /// q4_0 / q4_1 with a fifth bit: each block's 32 high bits as one word before the nibbles.
+    Q5_0,
+    Q5_1,
     Q8_0,
     /// q4_1's nibbles with each block's scale and minimum as 8-bit codes against two f32 factors
     /// per row ([`coded`]): 18 bytes a block instead of 20.
@@ -72,6 +75,8 @@ impl Kind {
         match dtype {
             GgmlDType::Q4_0 => Some(Self::Q4_0),
             GgmlDType::Q4_1 => Some(Self::Q4_1),
+            GgmlDType::Q5_0 => Some(Self::Q5_0),
+            GgmlDType::Q5_1 => Some(Self::Q5_1),
             GgmlDType::Q8_0 => Some(Self::Q8_0),
             _ => None,
         }
@@ -81,17 +86,38 @@ impl Kind {
         match self {
             Self::Q4_0 => "q4_0",
             Self::Q4_1 => "q4_1",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
             Self::Q8_0 => "q8_0",
             Self::Q4_1S8 => "q4_1s8",
         }
     }
 
-    /// Values that precede the quants in a block: the scale, and for q4_1 the minimum.
+    /// Values that precede the quants in a block: the scale, and for q4_1 / q5_1 the minimum.
     fn scales(self) -> usize {
-        match self {
-            Self::Q4_1 | Self::Q4_1S8 => 2,
-            _ => 1,
+        match self.has_min() {
+            true => 2,
+            false => 1,
         }
+    }
+
+    /// Whether a block adds a minimum (`d * q + m`) rather than centring its quants.
+    fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q4_1S8 | Self::Q5_1)
+    }
+
+    /// The offset a kind without a minimum subtracts from its unsigned quants (q8_0's are signed).
+    fn centre(self) -> i32 {
+        match self {
+            Self::Q4_0 => 8,
+            Self::Q5_0 => 16,
+            _ => 0,
+        }
+    }
+
+    /// Whether the quants have a fifth bit, stored apart as a 32-bit word per block.
+    fn five_bit(self) -> bool {
+        matches!(self, Self::Q5_0 | Self::Q5_1)
     }
 
     /// Bytes of each of those values: an f16, or an 8-bit code.
@@ -111,10 +137,12 @@ impl Kind {
         }
     }
 
-    /// Bytes of quants in a block: nibbles for the q4 types.
+    /// Bytes of quants in a block: nibbles for the q4 types, the high bits' word and then nibbles
+    /// for the q5 ones.
     fn quant_bytes(self) -> usize {
         match self {
             Self::Q8_0 => QK,
+            Self::Q5_0 | Self::Q5_1 => 4 + QK / 2,
             _ => QK / 2,
         }
     }
@@ -134,7 +162,8 @@ impl Kind {
 /// bytes `4g..4g + 4` of row `r`'s block at `(g * ROWS + r) * 4`. A 32-bit lane thus holds four
 /// consecutive quant bytes of one output row, so one vector load feeds eight rows. The bytes are the
 /// stored ones (nibbles stay nibbles, as GGUF pairs them: low nibble of byte `j` is element `j`, high
-/// is `j + 16`), reordered; the last panel is padded with zero rows.
+/// is `j + 16`), reordered; a q5 block's first group is its high bits' word, its bits reordered
+/// (`fifth_bits_word`). The last panel is padded with zero rows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IntPacked {
     kind: Kind,
@@ -144,9 +173,10 @@ pub struct IntPacked {
 }
 
 impl IntPacked {
-    /// Whether [`Self::from_ggml`] takes `dtype`: q4_0, q4_1, q8_0, and q4_k as q4_1.
+    /// Whether [`Self::from_ggml`] takes `dtype`: q4_0, q4_1, q5_0, q5_1, q8_0, and q4_k / q5_k
+    /// as q4_1 / q5_1.
     pub fn supports(dtype: GgmlDType) -> bool {
-        Kind::of(dtype).is_some() || dtype == GgmlDType::Q4K
+        Kind::of(dtype).is_some() || matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K)
     }
 
     /// `bytes`: the tensor's raw GGUF blocks, row-major (as candle's `QTensor::data()` returns).
@@ -156,11 +186,16 @@ impl IntPacked {
         n: usize,
         k: usize,
     ) -> Result<Self, ModelError> {
-        if dtype == GgmlDType::Q4K {
-            // A q4_k group is a q4_1 block with f32 scales: the same nibbles, scales in f16.
-            crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, 256, 144)?;
-            let blocks = crate::qexact::q4k_as_q4_1(bytes);
-            return Self::from_ggml(GgmlDType::Q4_1, &blocks, n, k);
+        if let Some((five, as_type)) = match dtype {
+            GgmlDType::Q4K => Some((false, GgmlDType::Q4_1)),
+            GgmlDType::Q5K => Some((true, GgmlDType::Q5_1)),
+            _ => None,
+        } {
+            // A q4_k / q5_k group is a q4_1 / q5_1 block with f32 scales: the same quants, scales
+            // in f16.
+            crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, 256, dtype.type_size())?;
+            let blocks = crate::qexact::k_quant_as_q_1(five, bytes);
+            return Self::from_ggml(as_type, &blocks, n, k);
         }
         let kind = Kind::of(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("no integer kernel for {dtype:?} weights"))
@@ -249,16 +284,15 @@ impl IntPacked {
                         *o = q as i8 as f32 * d;
                     }
                 }
-                Kind::Q4_0 => {
-                    for (i, &q) in qs.iter().enumerate() {
-                        out[i] = ((q & 0x0F) as i16 - 8) as f32 * d;
-                        out[i + QK / 2] = ((q >> 4) as i16 - 8) as f32 * d;
-                    }
-                }
-                Kind::Q4_1 | Kind::Q4_1S8 => {
-                    for (i, &q) in qs.iter().enumerate() {
-                        out[i] = (q & 0x0F) as f32 * d + m;
-                        out[i + QK / 2] = (q >> 4) as f32 * d + m;
+                kind => {
+                    // candle's: `q as f32 * d + m`, or `(q - centre) as f32 * d`.
+                    let value = |q: i32| match kind.has_min() {
+                        true => q as f32 * d + m,
+                        false => (q - kind.centre()) as f32 * d,
+                    };
+                    for i in 0..QK / 2 {
+                        let (lo, hi) = quant_pair(kind, qs, i);
+                        (out[i], out[i + QK / 2]) = (value(lo), value(hi));
                     }
                 }
             }
@@ -270,8 +304,8 @@ impl IntPacked {
     fn block_scales(&self, j: usize, block: &[u8]) -> (f32, f32) {
         let f16_at = |o: usize| f16::from_le_bytes([block[o], block[o + 1]]).to_f32();
         match self.kind {
-            Kind::Q4_0 | Kind::Q8_0 => (f16_at(0), 0.0),
-            Kind::Q4_1 => (f16_at(0), f16_at(2)),
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0 => (f16_at(0), 0.0),
+            Kind::Q4_1 | Kind::Q5_1 => (f16_at(0), f16_at(2)),
             Kind::Q4_1S8 => {
                 let (fd, fm) = self.factors(j).expect("a coded row has factors");
                 coded::scales(fd, fm, block[0], block[1])
@@ -377,7 +411,12 @@ impl IntPacked {
         }
         let qs = &block[w * self.kind.scales()..];
         for (g, four) in qs.chunks_exact(4).enumerate() {
-            self.data[quants + 4 * ROWS * g..][..4].copy_from_slice(four);
+            let four: [u8; 4] = four.try_into().unwrap();
+            let four = match self.kind.five_bit() && g == 0 {
+                true => fifth_bits_word(four, false),
+                false => four,
+            };
+            self.data[quants + 4 * ROWS * g..][..4].copy_from_slice(&four);
         }
     }
 
@@ -389,9 +428,33 @@ impl IntPacked {
         }
         let qs = &mut block[w * self.kind.scales()..];
         for (g, four) in qs.chunks_exact_mut(4).enumerate() {
-            four.copy_from_slice(&self.data[quants + 4 * ROWS * g..][..4]);
+            let packed: [u8; 4] = self.data[quants + 4 * ROWS * g..][..4].try_into().unwrap();
+            four.copy_from_slice(&match self.kind.five_bit() && g == 0 {
+                true => fifth_bits_word(packed, true),
+                false => packed,
+            });
         }
     }
+}
+
+/// A q5 block's high-bit word (bit `e` = element `e`'s fifth bit, as GGUF stores it) as the
+/// panels keep it (`back`: the other way): bit `g` of byte `i` is element `4g + i`'s, bit `4 + g`
+/// element `16 + 4g + i`'s. Group `g` of a panel's quants (its elements `4g..4g + 4` and
+/// `16 + 4g..16 + 4g + 4`) then finds each of its elements' fifth bits in that element's byte at
+/// one position, which the kernels move into place with a mask and a shift.
+fn fifth_bits_word(word: [u8; 4], back: bool) -> [u8; 4] {
+    let word = u32::from_le_bytes(word);
+    // Element e = 16h + 4g + i sits at bit e of the stored word, bit 8i + 4h + g of the packed.
+    let packed_bit = |e: u32| 8 * (e % 4) + 4 * (e / 16) + e / 4 % 4;
+    let mut out = 0u32;
+    for e in 0..32 {
+        let (from, to) = match back {
+            false => (e, packed_bit(e)),
+            true => (packed_bit(e), e),
+        };
+        out |= (word >> from & 1) << to;
+    }
+    out.to_le_bytes()
 }
 
 /// Activation rows quantized per 32-block to 8 bits, q8_0 style, with what each block type needs.
@@ -499,7 +562,8 @@ impl Path {
                         && is_x86_feature_detected!("f16c")
                 }
                 Self::Avx512Vnni => {
-                    is_x86_feature_detected!("avx512f")
+                    Self::Avx2.available()
+                        && is_x86_feature_detected!("avx512f")
                         && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vnni")
                 }
@@ -547,6 +611,11 @@ fn run(path: Path, acts: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C.
         Path::Avx2 => unsafe { avx2::matmul(acts, m, w, y) },
+        // The q5 kinds have no AVX-512 kernel (it was written where no AVX-512 CPU was to test it
+        // on); every path gives the same bits, so the AVX2 one stands in.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C as well.
+        Path::Avx512Vnni if w.kind.five_bit() => unsafe { avx2::matmul(acts, m, w, y) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX512F, AVX512BW and AVX512-VNNI.
         Path::Avx512Vnni => unsafe { avx512::matmul(acts, m, w, y) },
@@ -579,35 +648,57 @@ fn dot_portable(w: &IntPacked, panel: &[u8], r: usize, a: &QuantActs, i: usize) 
     for (b, blk) in blocks.chunks_exact(w.panel_block_bytes()).enumerate() {
         let qs = &blk[kind.scale_width() * ROWS * kind.scales()..];
         let x = &qx[b * QK..(b + 1) * QK];
-        let mut isum = 0i32;
-        for g in 0..kind.quant_bytes() / 4 {
-            for e in 0..4 {
-                let q = qs[(g * ROWS + r) * 4 + e];
-                let p = 4 * g + e;
-                isum += match kind {
-                    Kind::Q8_0 => q as i8 as i32 * x[p] as i32,
-                    _ => (q & 0x0F) as i32 * x[p] as i32 + (q >> 4) as i32 * x[p + QK / 2] as i32,
-                };
-            }
+        // Row `r`'s block as GGUF stores it: the quant bytes are in groups of four, `ROWS` apart.
+        let mut block = [0u8; QK];
+        for (g, four) in block[..kind.quant_bytes()].chunks_exact_mut(4).enumerate() {
+            four.copy_from_slice(&qs[(g * ROWS + r) * 4..][..4]);
         }
+        if kind.five_bit() {
+            let packed = block[..4].try_into().unwrap();
+            block[..4].copy_from_slice(&fifth_bits_word(packed, true));
+        }
+        let isum: i32 = match kind {
+            Kind::Q8_0 => (block.iter().zip(x))
+                .map(|(&q, &x)| q as i8 as i32 * x as i32)
+                .sum(),
+            _ => (0..QK / 2)
+                .map(|p| {
+                    let (lo, hi) = quant_pair(kind, &block, p);
+                    lo * x[p] as i32 + hi * x[p + QK / 2] as i32
+                })
+                .sum(),
+        };
         let ab = i * a.nb + b;
-        if kind == Kind::Q4_0 {
-            isum -= 8 * a.s[ab];
-        }
+        let isum = isum - kind.centre() * a.s[ab];
         let (dw, mw) = match kind {
             Kind::Q4_1S8 => {
                 let factors = (f32_at(4 * r), f32_at(4 * (ROWS + r)));
                 coded::scales(factors.0, factors.1, blk[r], blk[ROWS + r])
             }
-            Kind::Q4_1 => (f16_at(blk, 2 * r), f16_at(blk, 2 * (ROWS + r))),
-            Kind::Q4_0 | Kind::Q8_0 => (f16_at(blk, 2 * r), 0.0),
+            Kind::Q4_1 | Kind::Q5_1 => (f16_at(blk, 2 * r), f16_at(blk, 2 * (ROWS + r))),
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q8_0 => (f16_at(blk, 2 * r), 0.0),
         };
         acc = (isum as f32).mul_add(dw * a.d[ab], acc);
-        if matches!(kind, Kind::Q4_1 | Kind::Q4_1S8) {
+        if kind.has_min() {
             acc = mw.mul_add(a.ds[ab], acc);
         }
     }
     acc
+}
+
+/// Elements `p` and `p + 16` (`p < 16`) of a q4 / q5 block's quants as GGUF stores them (`qs`:
+/// q5's high bits' word, then the nibbles), unsigned: 0..15, or 0..31 with the fifth bit.
+fn quant_pair(kind: Kind, qs: &[u8], p: usize) -> (i32, i32) {
+    let (high, nibbles) = match kind.five_bit() {
+        true => (u32::from_le_bytes(qs[..4].try_into().unwrap()), &qs[4..]),
+        false => (0, qs),
+    };
+    let fifth = |e: usize| ((high >> e & 1) << 4) as i32;
+    let q = nibbles[p];
+    (
+        (q & 0x0F) as i32 | fifth(p),
+        (q >> 4) as i32 | fifth(p + QK / 2),
+    )
 }
 
 /// Where a tile's kernel stores its rows' outputs: row `t`'s [`ROWS`] values at `at + t * stride`.
@@ -722,7 +813,13 @@ mod tests {
 
     use super::*;
 
-    const DTYPES: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    const DTYPES: [GgmlDType; 5] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ];
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -947,30 +1044,36 @@ mod tests {
         }
     }
 
-    /// A q4_k matrix is its nibbles as q4_1 blocks, each group's scale and minimum rounded to
-    /// f16: every weight within that rounding of candle's value, at q4_1's size.
+    /// A q4_k (q5_k) matrix is its quants as q4_1 (q5_1) blocks, each group's scale and minimum
+    /// rounded to f16: every weight within that rounding of candle's value, at q4_1's (q5_1's)
+    /// size.
     #[test]
-    fn q4_k_runs_as_q4_1_with_f16_scales() {
+    fn k_quants_run_as_q_1_with_f16_scales() {
         let (n, k) = (21, 512);
-        let (bytes, dense) = quantized(GgmlDType::Q4K, n, k, 3);
-        let w = IntPacked::from_ggml(GgmlDType::Q4K, &bytes, n, k).unwrap();
-        assert_eq!(w.kind, Kind::Q4_1);
-        assert_eq!(w.bytes(), ROWS * 2 * k / QK * 20);
-        let mut row = vec![0f32; k];
-        for j in 0..n {
-            w.row_into(j, &mut row);
-            let want = &dense[j * k..(j + 1) * k];
-            let max = want.iter().fold(0f32, |a, v| a.max(v.abs()));
-            for (t, (got, want)) in row.iter().zip(want).enumerate() {
-                // d * q and m each move by at most 2^-11 of themselves, both at most ~2 max.
-                assert!(
-                    (got - want).abs() <= max / 256.0,
-                    "row {j} [{t}]: {got} vs {want}"
-                );
+        for (dtype, kind, block) in [
+            (GgmlDType::Q4K, Kind::Q4_1, 20),
+            (GgmlDType::Q5K, Kind::Q5_1, 24),
+        ] {
+            let (bytes, dense) = quantized(dtype, n, k, 3);
+            let w = IntPacked::from_ggml(dtype, &bytes, n, k).unwrap();
+            assert_eq!(w.kind, kind);
+            assert_eq!(w.bytes(), ROWS * 2 * k / QK * block);
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                w.row_into(j, &mut row);
+                let want = &dense[j * k..(j + 1) * k];
+                let max = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+                for (t, (got, want)) in row.iter().zip(want).enumerate() {
+                    // d * q and m each move by at most 2^-11 of themselves, both at most ~2 max.
+                    assert!(
+                        (got - want).abs() <= max / 256.0,
+                        "{dtype:?} row {j} [{t}]: {got} vs {want}"
+                    );
+                }
+                assert!(row != want, "{dtype:?} row {j}: f16 scales rounded nothing");
             }
-            assert!(row != want, "row {j}: f16 scales rounded nothing");
+            assert!(IntPacked::from_ggml(dtype, &bytes[1..], n, k).is_err());
         }
-        assert!(IntPacked::from_ggml(GgmlDType::Q4K, &bytes[1..], n, k).is_err());
     }
 
     #[test]
