@@ -128,6 +128,17 @@ fn bad_options_and_requests_are_typed_errors() {
         matches!(device, Some(EngineError::Options(_))),
         "{device:?}"
     );
+    // The draft's device is checked where a draft worker is bound to it: under amusd.
+    let far_core = |b: amusd::EngineBuilder| {
+        b.verify_model(s(&verify))
+            .option("--draft-device", "cpu:4096")
+    };
+    assert!(build(far_core(Engine::builder())).is_none());
+    let amusd = far_core(Engine::builder())
+        .strategy(Strategy::Amusd)
+        .build()
+        .err();
+    assert!(matches!(amusd, Some(EngineError::Options(_))), "{amusd:?}");
     let missing = dir.path().join("no-such-model.gguf");
     let absent = build(Engine::builder().verify_model(s(&missing)));
     assert!(matches!(absent, Some(EngineError::Load(_))), "{absent:?}");

@@ -25,6 +25,7 @@ use clap::Parser;
 
 use crate::args::{ModelArgs, Strategy};
 use crate::backend::{Backend, Request};
+use crate::generate::{PrepareError, Prepared};
 use crate::prompt::{encode_conversation, Texts};
 
 /// What went wrong, by what the caller can do about it.
@@ -119,17 +120,14 @@ impl EngineBuilder {
             .models;
         (m.quiet, m.worker_dir) = (!self.progress, self.worker_dir);
         let strategy = self.strategy;
-        let bad = |e: anyhow::Error| EngineError::Options(format!("{e:#}"));
-        m.verify_device().and(m.draft_device()).map_err(bad)?;
-        m.lookup_alone().map_err(bad)?;
-        let verify_spec = m.verify_spec().map_err(EngineError::Load)?;
-        let draft_spec = match strategy {
-            Strategy::Ar => None,
-            Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy).map_err(bad)?),
-        };
-        let texts = Texts::load(&verify_spec, draft_spec.as_deref())
-            .and_then(|t| t.with_chat_template(m.chat_template_file.as_deref()))
-            .map_err(EngineError::Load)?;
+        let Prepared {
+            verify_spec,
+            draft_spec,
+            texts,
+        } = Prepared::read(&m, strategy).map_err(|e| match e {
+            PrepareError::Options(e) => EngineError::Options(format!("{e:#}")),
+            PrepareError::Load(e) => EngineError::Load(e),
+        })?;
         let backend = Backend::open(strategy, &m, &verify_spec, draft_spec.as_deref())
             .map_err(EngineError::Load)?;
         Ok(Engine { backend, texts })

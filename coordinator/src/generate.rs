@@ -132,27 +132,50 @@ pub struct Prepared {
     pub texts: Texts,
 }
 
-/// Binds this process to the verify device if it decodes here, and reads the models' specs and
-/// text side; the user's mistakes (a bad device, lookup range or chat template) are said before
-/// any weight loads.
-pub fn prepare(m: &ModelArgs, strategy: Strategy) -> Result<Prepared> {
-    let verify_device = m.verify_device()?;
-    if strategy != Strategy::Amusd {
-        bind_in_process(verify_device)?;
+/// What [`Prepared::read`] could not do, by whose it is to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// An option's value is wrong: a device, a lookup range, a draft spec for the strategy.
+    #[error("{0:#}")]
+    Options(anyhow::Error),
+    /// A model's spec, tokenizer or chat template does not load.
+    #[error("{0:#}")]
+    Load(anyhow::Error),
+}
+
+impl Prepared {
+    /// Reads the models' specs and text side, binding nothing; the user's mistakes (a bad
+    /// device, lookup range or chat template) are said before any weight loads.
+    pub fn read(m: &ModelArgs, strategy: Strategy) -> Result<Self, PrepareError> {
+        let options = PrepareError::Options;
+        m.verify_device().map_err(options)?;
+        if strategy == Strategy::Amusd {
+            m.draft_device().map_err(options)?;
+        }
+        m.lookup_alone().map_err(options)?;
+        let verify_spec = m.verify_spec().map_err(PrepareError::Load)?;
+        let draft_spec = match strategy {
+            Strategy::Ar => None,
+            Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy).map_err(options)?),
+        };
+        let texts = Texts::load(&verify_spec, draft_spec.as_deref())
+            .and_then(|t| t.with_chat_template(m.chat_template_file.as_deref()))
+            .map_err(PrepareError::Load)?;
+        Ok(Self {
+            verify_spec,
+            draft_spec,
+            texts,
+        })
     }
-    let verify_spec = m.verify_spec()?;
-    m.lookup_alone()?;
-    let draft_spec = match strategy {
-        Strategy::Ar => None,
-        Strategy::Sd | Strategy::Amusd => Some(m.draft_spec(strategy)?),
-    };
-    let texts = Texts::load(&verify_spec, draft_spec.as_deref())?
-        .with_chat_template(m.chat_template_file.as_deref())?;
-    Ok(Prepared {
-        verify_spec,
-        draft_spec,
-        texts,
-    })
+}
+
+/// [`Prepared::read`], then binds this process to the verify device if it decodes here.
+pub fn prepare(m: &ModelArgs, strategy: Strategy) -> Result<Prepared> {
+    let prepared = Prepared::read(m, strategy)?;
+    if strategy != Strategy::Amusd {
+        bind_in_process(m.verify_device()?)?;
+    }
+    Ok(prepared)
 }
 
 /// The conversation: the system message if any, then the user's prompt (empty with `--prompt-ids`).
