@@ -8,6 +8,14 @@ use super::{prefetch, tiled, IntPacked, Kind, OutRows, QuantActs, Tile, QK, ROWS
 /// Activation rows per tile: what the registers hold (see [`super::TILE`]).
 const HEIGHT: usize = 4;
 
+/// Tiles of at most this many rows walk a panel block by block, both halves of each, so the
+/// panel streams from memory in one pass. Taller tiles walk each half in turn (see [`block_q8`]
+/// on why), reading the panel a second time from cache; with one or two rows that second pass
+/// left the memory idle, and the draft's one-token forward read 10-11 GB/s where the core reads
+/// 17-19 (`N=131072 K=1024 MS=1,2 int_probe`, three rounds alternating: 10.4-12.8 -> 15.8-19.2
+/// GB/s at one row, 10.1-12.4 -> 14.2-18.2 at two).
+const BLOCK_MAJOR_MAX: usize = 2;
+
 /// # Safety
 /// The CPU must have AVX2, FMA and F16C; `a` must hold `m` rows of `w.cols()` values and `y`
 /// `m * w.rows()` outputs.
@@ -219,8 +227,8 @@ unsafe fn fifth_bits(high: __m256i, g: usize) -> (__m256i, __m256i) {
     )
 }
 
-/// A panel of q8_0 weights times a tile: per half panel and block, [`block_q8`], then
-/// [`combine`]. The second half reads the panel again from cache.
+/// A panel of q8_0 weights times a tile: per block and half panel, [`block_q8`], then
+/// [`combine`], in the order [`BLOCK_MAJOR_MAX`] says.
 ///
 /// # Safety
 /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
@@ -228,28 +236,58 @@ unsafe fn fifth_bits(high: __m256i, g: usize) -> (__m256i, __m256i) {
 unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> [[__m256; T]; 2] {
     let mut acc = [[_mm256_setzero_ps(); T]; 2];
     let block_bytes = ROWS * 34;
+    if T <= BLOCK_MAJOR_MAX {
+        for b in 0..nb {
+            let blk = panel.add(b * block_bytes);
+            prefetch_block(blk, block_bytes);
+            for (v, half) in acc.iter_mut().enumerate() {
+                q8_step(blk, b, v, x, half);
+            }
+        }
+        return acc;
+    }
     for (v, half) in acc.iter_mut().enumerate() {
         for b in 0..nb {
             let blk = panel.add(b * block_bytes);
             if v == 0 {
-                for line in 0..block_bytes.div_ceil(64) {
-                    prefetch(blk.add(64 * line));
-                }
+                prefetch_block(blk, block_bytes);
             }
-            let isum = block_q8(blk.add(2 * ROWS + 32 * v), x, b);
-            let dw = scales8(blk.add(16 * v));
-            for t in 0..T {
-                half[t] = combine(half[t], isum[t], dw, *x.d[t].add(b));
-            }
+            q8_step(blk, b, v, x, half);
         }
     }
     acc
 }
 
-/// A panel of q4_0 / q4_1 / q4_1s8 / q5_0 / q5_1 weights times a tile: [`block_q4`] or
-/// (`FIVE`) [`block_q5`], then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)`, or the
-/// minimum as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are
-/// codes, after the panel's factors.
+/// Block `b` (at `blk`) of half `v` of a q8_0 panel times a tile, into `half`.
+///
+/// # Safety
+/// As [`tile`]; `blk` points to a whole block of the panel.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_step<const T: usize>(
+    blk: *const u8,
+    b: usize,
+    v: usize,
+    x: &Tile<T>,
+    half: &mut [__m256; T],
+) {
+    let isum = block_q8(blk.add(2 * ROWS + 32 * v), x, b);
+    let dw = scales8(blk.add(16 * v));
+    for t in 0..T {
+        half[t] = combine(half[t], isum[t], dw, *x.d[t].add(b));
+    }
+}
+
+/// Prefetches every cache line of the block of `bytes` at `blk` ([`prefetch`]'s distance ahead).
+#[inline]
+fn prefetch_block(blk: *const u8, bytes: usize) {
+    for line in 0..bytes.div_ceil(64) {
+        prefetch(blk.wrapping_add(64 * line));
+    }
+}
+
+/// A panel of q4_0 / q4_1 / q4_1s8 / q5_0 / q5_1 weights times a tile: [`q4_step`] for each of
+/// its blocks and halves, in the order [`BLOCK_MAJOR_MAX`] says.
 ///
 /// # Safety
 /// As [`tile`]; the CPU must have AVX2, FMA and F16C.
@@ -260,53 +298,83 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool, const FIV
     x: &Tile<T>,
 ) -> [[__m256; T]; 2] {
     let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
-    let (quant_bytes, centre) = if FIVE { (4 + QK / 2, 16) } else { (QK / 2, 8) };
+    let quant_bytes = if FIVE { 4 + QK / 2 } else { QK / 2 };
     let block_bytes = ROWS * (width * scales + quant_bytes);
+    let factors = [0, 1].map(|v| match CODED {
+        true => (
+            _mm256_loadu_ps(panel.add(32 * v).cast()),
+            _mm256_loadu_ps(panel.add(4 * ROWS + 32 * v).cast()),
+        ),
+        false => (_mm256_setzero_ps(), _mm256_setzero_ps()),
+    });
     let blocks = panel.add(if CODED {
         Kind::Q4_1S8.header_bytes()
     } else {
         0
     });
     let mut acc = [[_mm256_setzero_ps(); T]; 2];
+    if T <= BLOCK_MAJOR_MAX {
+        for b in 0..nb {
+            let blk = blocks.add(b * block_bytes);
+            prefetch_block(blk, block_bytes);
+            for (v, half) in acc.iter_mut().enumerate() {
+                q4_step::<T, MIN, CODED, FIVE>(blk, b, v, x, factors[v], half);
+            }
+        }
+        return acc;
+    }
     for (v, half) in acc.iter_mut().enumerate() {
-        let (fd, fm) = match CODED {
-            true => (
-                _mm256_loadu_ps(panel.add(32 * v).cast()),
-                _mm256_loadu_ps(panel.add(4 * ROWS + 32 * v).cast()),
-            ),
-            false => (_mm256_setzero_ps(), _mm256_setzero_ps()),
-        };
         for b in 0..nb {
             let blk = blocks.add(b * block_bytes);
             if v == 0 {
-                for line in 0..block_bytes.div_ceil(64) {
-                    prefetch(blk.add(64 * line));
-                }
+                prefetch_block(blk, block_bytes);
             }
-            let quants = blk.add(width * ROWS * scales + 32 * v);
-            let isum = match FIVE {
-                true => block_q5(quants, x, b),
-                false => block_q4(quants, x, b),
-            };
-            let (dw, mw) = match (CODED, MIN) {
-                (true, _) => coded8(blk, v, fd, fm),
-                (false, true) => (
-                    scales8(blk.add(16 * v)),
-                    scales8(blk.add(2 * ROWS + 16 * v)),
-                ),
-                (false, false) => (scales8(blk.add(16 * v)), _mm256_setzero_ps()),
-            };
-            for t in 0..T {
-                let mut isum = isum[t];
-                if !MIN {
-                    isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(centre * *x.s[t].add(b)));
-                }
-                half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
-                if MIN {
-                    half[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), half[t]);
-                }
-            }
+            q4_step::<T, MIN, CODED, FIVE>(blk, b, v, x, factors[v], half);
         }
     }
     acc
+}
+
+/// Block `b` (at `blk`) of half `v` of a q4 / q5 panel times a tile, into `half`: [`block_q4`] or
+/// (`FIVE`) [`block_q5`], then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)`, or the minimum
+/// as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are codes
+/// against the half's `factors`.
+///
+/// # Safety
+/// As [`tile`]; `blk` points to a whole block of the panel.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_step<const T: usize, const MIN: bool, const CODED: bool, const FIVE: bool>(
+    blk: *const u8,
+    b: usize,
+    v: usize,
+    x: &Tile<T>,
+    (fd, fm): (__m256, __m256),
+    half: &mut [__m256; T],
+) {
+    let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
+    let centre = if FIVE { 16 } else { 8 };
+    let quants = blk.add(width * ROWS * scales + 32 * v);
+    let isum = match FIVE {
+        true => block_q5(quants, x, b),
+        false => block_q4(quants, x, b),
+    };
+    let (dw, mw) = match (CODED, MIN) {
+        (true, _) => coded8(blk, v, fd, fm),
+        (false, true) => (
+            scales8(blk.add(16 * v)),
+            scales8(blk.add(2 * ROWS + 16 * v)),
+        ),
+        (false, false) => (scales8(blk.add(16 * v)), _mm256_setzero_ps()),
+    };
+    for t in 0..T {
+        let mut isum = isum[t];
+        if !MIN {
+            isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(centre * *x.s[t].add(b)));
+        }
+        half[t] = combine(half[t], isum, dw, *x.d[t].add(b));
+        if MIN {
+            half[t] = _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.ds[t].add(b)), half[t]);
+        }
+    }
 }
