@@ -23,6 +23,58 @@ pub unsafe fn matmul(a: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
     tiled(a, m, w, y, tile_of, HEIGHT)
 }
 
+/// [`QuantActs::quantize_block`] for every block of `x`, 32 values (four vectors) at a time: the
+/// same maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does; max is
+/// exact, so the lanes' order cannot change it), the same scale and reciprocal, the same product,
+/// clamped to -128..=127 as Rust's `as i8` saturates (clamping at integers commutes with the
+/// rounding), NaN to 0 as `as i8` gives, then rounded half to even by the conversion (the default
+/// rounding mode).
+///
+/// # Safety
+/// The CPU must have AVX2; `a` holds `x.len() / QK` blocks.
+#[target_feature(enable = "avx2")]
+pub unsafe fn quantize(x: &[f32], a: &mut QuantActs) {
+    let blocks = x.len() / QK;
+    assert!(a.q.len() >= blocks * QK && a.d.len() >= blocks && a.s.len() >= blocks);
+    assert!(a.ds.len() >= blocks);
+    let sign = _mm256_set1_ps(-0.0);
+    let (low, high) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+    // packs interleaves the 128-bit halves; this puts the four vectors' bytes back in order.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for b in 0..blocks {
+        let xs = x.as_ptr().add(b * QK);
+        let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(xs.add(8 * j)));
+        let m = (v.iter()).fold(_mm256_setzero_ps(), |m, &v| {
+            _mm256_max_ps(_mm256_andnot_ps(sign, v), m)
+        });
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q = v.map(|v| {
+            // `max(c, p)` and `min(c, p)` return a NaN `p`; the ordered mask then zeroes it.
+            let p = _mm256_min_ps(high, _mm256_max_ps(low, _mm256_mul_ps(v, id)));
+            let p = _mm256_and_ps(p, _mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+            _mm256_cvtps_epi32(p)
+        });
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(q[0], q[1]),
+            _mm256_packs_epi32(q[2], q[3]),
+        );
+        let out = a.q.as_mut_ptr().add(b * QK);
+        _mm256_storeu_si256(out.cast(), _mm256_permutevar8x32_epi32(bytes, order));
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256::<1>(sum),
+        );
+        let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+        let s = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32::<1>(sum)));
+        (a.d[b], a.s[b], a.ds[b]) = (d, s, d * s as f32);
+    }
+}
+
 /// [`tile`] for `t` rows.
 ///
 /// # Safety

@@ -486,8 +486,8 @@ pub(crate) fn abs_max(xs: &[f32]) -> f32 {
 
 impl QuantActs {
     /// The quantized activations are part of the result's definition: [`Self::quantize_block`]
-    /// defines them, and the AVX-512 quantizer (where the CPU has it; tested bit for bit) computes
-    /// the same. Rounds half to even, as ggml's AVX quantizer does.
+    /// defines them, and the AVX-512 or AVX2 quantizer (where the CPU has it; tested bit for bit)
+    /// computes the same. Rounds half to even, as ggml's AVX quantizer does.
     fn new(x: &[f32], m: usize, k: usize) -> Self {
         let nb = k / QK;
         let mut a = Self {
@@ -501,6 +501,12 @@ impl QuantActs {
         if Path::Avx512Vnni.available() {
             // SAFETY: the CPU has AVX512F and AVX512BW (checked); `a` holds `m * nb` blocks.
             unsafe { avx512::quantize(&x[..m * k], &mut a) };
+            return a;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Path::Avx2.available() {
+            // SAFETY: the CPU has AVX2 (checked); `a` holds `m * nb` blocks.
+            unsafe { avx2::quantize(&x[..m * k], &mut a) };
             return a;
         }
         let blocks = x[..m * k].chunks_exact(QK).zip(a.q.chunks_exact_mut(QK));
@@ -878,8 +884,8 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 
-        /// The AVX-512 quantizer gives the definition's quants, scales and sums, whatever the
-        /// values (NaN, infinities, signed zeros, subnormals, wide ranges).
+        /// The SIMD quantizer this CPU runs gives the definition's quants, scales and sums,
+        /// whatever the values (NaN, infinities, signed zeros, subnormals, wide ranges).
         #[test]
         fn the_quantizer_has_the_definitions_bits(
             xs in proptest::collection::vec(
@@ -940,6 +946,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Blocks that reach the conversion's edges: a subnormal maximum (its reciprocal overflows,
+    /// so every product is infinite or NaN, which `as i8` saturates or zeroes), infinities, NaNs.
+    #[test]
+    fn the_quantizer_saturates_as_the_definition_does() {
+        let tiny = 1e-40f32;
+        let blocks: [[f32; QK]; 5] = [
+            [tiny; QK],
+            std::array::from_fn(|i| [tiny, -tiny, 0.0, -0.0][i % 4]),
+            std::array::from_fn(|i| [f32::INFINITY, 1.0, f32::NEG_INFINITY, f32::NAN][i % 4]),
+            [f32::NAN; QK],
+            std::array::from_fn(|i| (i as f32 - 15.5) * 1e30),
+        ];
+        let x: Vec<f32> = blocks.iter().flatten().copied().collect();
+        let got = QuantActs::new(&x, 1, x.len());
+        for (b, block) in blocks.iter().enumerate() {
+            let mut qs = [0i8; QK];
+            let (d, s, ds) = QuantActs::quantize_block(block, &mut qs);
+            assert_eq!(&got.q[b * QK..(b + 1) * QK], &qs[..], "block {b}");
+            assert_eq!(
+                (got.d[b].to_bits(), got.s[b], got.ds[b].to_bits()),
+                (d.to_bits(), s, ds.to_bits())
+            );
+        }
+        assert_eq!(got.q[0], 127, "a subnormal maximum's quants saturate");
     }
 
     #[test]
