@@ -31,9 +31,11 @@ const SHIFTED_ROWS: usize = 3;
 
 /// [`QuantActs::quantize_block`] for every block of `x`, 32 values (two vectors) at a time: the
 /// same maximum (`vmaxps` with the running maximum second ignores a NaN as `f32::max` does), the
-/// same scale and reciprocal, the same product rounded half to even by the conversion (the default
-/// rounding mode), and NaN to 0 as Rust's `as i8` gives (the conversion's 0x80000000 keeps a zero
-/// low byte). The quants lie in -127..=127, so keeping each one's low byte is exact.
+/// same scale and reciprocal, the same product, clamped to -128..=127 as Rust's `as i8` saturates
+/// (a subnormal maximum's reciprocal overflows, making the products infinite; clamping at integers
+/// commutes with the rounding), NaN to 0 as `as i8` gives, then rounded half to even by the
+/// conversion (the default rounding mode). The quants then lie in -128..=127, so keeping each
+/// one's low byte is exact. (The same steps as the AVX2 quantizer, which the tests run here.)
 ///
 /// # Safety
 /// The CPU must have AVX512F and AVX512BW; `a` holds `x.len() / QK` blocks.
@@ -51,12 +53,20 @@ pub unsafe fn quantize(x: &[f32], a: &mut QuantActs) {
         let amax = _mm512_reduce_max_ps(m);
         let d = amax / 127.0;
         let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
-        let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, id));
-        let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, id));
+        let (low, high) = (_mm512_set1_ps(-128.0), _mm512_set1_ps(127.0));
+        let quant = |v: __m512| {
+            // `max(c, p)` and `min(c, p)` return a NaN `p`; the ordered mask then zeroes it.
+            let p = _mm512_min_ps(high, _mm512_max_ps(low, _mm512_mul_ps(v, id)));
+            _mm512_cvtps_epi32(_mm512_maskz_mov_ps(
+                _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p),
+                p,
+            ))
+        };
+        let (q0, q1) = (quant(v0), quant(v1));
         let q = a.q.as_mut_ptr().add(b * QK);
         _mm_storeu_si128(q.cast(), _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128(q.add(16).cast(), _mm512_cvtepi32_epi8(q1));
-        // Sign-extend the stored bytes: a NaN's 0x80000000 sums as the 0 it stored.
+        // Sign-extend the stored bytes.
         let stored = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.cast()));
         let stored1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.add(16).cast()));
         let s = _mm512_reduce_add_epi32(_mm512_add_epi32(stored, stored1));
