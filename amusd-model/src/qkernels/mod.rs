@@ -819,7 +819,8 @@ mod tests {
 
     use super::*;
 
-    const DTYPES: [GgmlDType; 5] = [
+    /// The GGUF types the kernels multiply (q4_k and q5_k run as q4_1 and q5_1).
+    pub(super) const DTYPES: [GgmlDType; 5] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,

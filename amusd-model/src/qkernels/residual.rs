@@ -127,15 +127,8 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
+    use crate::qkernels::tests::DTYPES;
     use crate::testing::quantized_matrix;
-
-    const DTYPES: [GgmlDType; 5] = [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-    ];
 
     fn product(path: Path, acts: IntActivations, x: &[f32], m: usize, w: &IntPacked) -> Vec<f32> {
         let mut y = vec![f32::NAN; m * w.rows()];
