@@ -18,8 +18,8 @@ use crate::ModelError;
 
 /// A model file or directory, how to run its weights and, for a draft model, how to compute its
 /// output head, store its KV cache and give its integer kernels activations:
-/// `PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16]`, e.g. `model.gguf:f32` or
-/// `model.gguf:stored:head=screen:kv=f16:acts=16`.
+/// `PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16][:bulk=8|16]`, e.g. `model.gguf:f32` or
+/// `model.gguf:stored:head=screen:kv=f16:acts=16:bulk=8`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelSpec {
     pub path: PathBuf,
@@ -30,6 +30,9 @@ pub struct ModelSpec {
     pub kv: Option<KvPrecision>,
     /// `None`: 8 bits, unless the caller's role chooses otherwise (a draft takes 16).
     pub acts: Option<IntActivations>,
+    /// The activations of a prompt's bulk ([`Llama::bulk_acts`]); `None`: as `acts`, unless the
+    /// caller's role chooses otherwise (an amusd draft takes 8).
+    pub bulk: Option<IntActivations>,
 }
 
 /// How a model computes its output head (`head=...` in a [`ModelSpec`]).
@@ -81,9 +84,23 @@ impl FromStr for ModelSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
             return Err(ModelError::Spec(
-                "empty model spec; expected PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16]"
+                "empty model spec; expected \
+                 PATH[:FORMAT][:head=HEAD][:kv=f32|f16][:acts=8|16][:bulk=8|16]"
                     .into(),
             ));
+        }
+        let bulk = spec_suffix(
+            s,
+            ":bulk=",
+            IntActivations::parse,
+            "bulk activation bits",
+            "8 or 16",
+        )?;
+        if let Some((rest, bulk)) = bulk {
+            return Ok(Self {
+                bulk: Some(bulk),
+                ..rest.parse()?
+            });
         }
         let acts = spec_suffix(
             s,
@@ -119,6 +136,7 @@ impl FromStr for ModelSpec {
                     head: None,
                     kv: None,
                     acts: None,
+                    bulk: None,
                 });
             }
             // A colon in a path is legal; only complain when the path without the suffix exists.
@@ -135,11 +153,12 @@ impl FromStr for ModelSpec {
             head: None,
             kv: None,
             acts: None,
+            bulk: None,
         })
     }
 }
 
-/// `s` split at its last `key` (`:kv=`, `:acts=`) and the value after it, parsed by `parse`;
+/// `s` split at its last `key` (`:kv=`, `:acts=`, `:bulk=`) and the value after it, parsed by `parse`;
 /// `None` without the key, an error saying `what` is bad and what was `expected` if it does not
 /// parse.
 fn spec_suffix<'a, T>(
@@ -169,8 +188,11 @@ impl std::fmt::Display for ModelSpec {
         if let Some(kv) = self.kv {
             write!(f, ":kv={kv}")?;
         }
-        match self.acts {
-            Some(acts) => write!(f, ":acts={acts}"),
+        if let Some(acts) = self.acts {
+            write!(f, ":acts={acts}")?;
+        }
+        match self.bulk {
+            Some(bulk) => write!(f, ":bulk={bulk}"),
             None => Ok(()),
         }
     }
@@ -260,7 +282,8 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     Ok((llama, name))
 }
 
-/// A draft's `head=...`, `kv=...` and `acts=...` from its spec, said in the model's name.
+/// A draft's `head=...`, `kv=...`, `acts=...` and `bulk=...` from its spec, said in the model's
+/// name.
 fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<(), ModelError> {
     if let Some(head) = spec.head {
         name.push_str(&choose_head(&spec.path, llama, head)?);
@@ -276,6 +299,10 @@ fn apply_head(spec: &ModelSpec, llama: &mut Llama, name: &mut String) -> Result<
         if acts != IntActivations::Bits8 {
             name.push_str(&format!(", {acts}-bit activations"));
         }
+    }
+    if let Some(bulk) = spec.bulk.filter(|&b| b != llama.int_activations()) {
+        llama.bulk_acts = Some(bulk);
+        name.push_str(&format!(" ({bulk} in a prompt's bulk)"));
     }
     Ok(())
 }
@@ -469,12 +496,18 @@ mod tests {
                 "m.gguf:stored:head=screen:kv=f32:acts=16",
                 HeadChoice::Screened(32),
             ),
+            ("m.gguf:head=full:acts=16:bulk=8", HeadChoice::Whole),
+            ("m.gguf:head=full:bulk=16", HeadChoice::Whole),
         ] {
             let s: ModelSpec = spec.parse().unwrap();
             assert_eq!(s.head, Some(head), "{spec}");
             assert_eq!(s.kv.is_some(), spec.contains(":kv="), "{spec}");
-            let acts = spec.rsplit_once(":acts=").map(|(_, a)| a.to_string());
-            assert_eq!(s.acts.map(|a| a.to_string()), acts, "{spec}");
+            let value = |key: &str| {
+                let (_, v) = spec.rsplit_once(key)?;
+                v.split(':').next().map(str::to_string)
+            };
+            assert_eq!(s.acts.map(|a| a.to_string()), value(":acts="), "{spec}");
+            assert_eq!(s.bulk.map(|a| a.to_string()), value(":bulk="), "{spec}");
             assert_eq!(s.to_string().parse::<ModelSpec>().unwrap(), s, "{spec}");
         }
         for bad in [
@@ -488,6 +521,8 @@ mod tests {
             "m.gguf:acts=4",
             "m.gguf:acts=",
             "m.gguf:acts=16:kv=f16",
+            "m.gguf:bulk=4",
+            "m.gguf:bulk=8:acts=16",
         ] {
             assert!(bad.parse::<ModelSpec>().is_err(), "{bad}");
         }

@@ -237,6 +237,12 @@ impl Decoder for FakeDecoder {
         }
         Ok(out)
     }
+    /// As any other forward: the fake model has one arithmetic.
+    fn prefill_bulk(&mut self, tokens: &[u32], start: usize) -> Result<(), SpecError> {
+        let last = tokens.len().saturating_sub(1);
+        self.next_tokens(tokens, start, last, &mut Sampler::default())
+            .map(drop)
+    }
     fn truncate(&mut self, len: usize) {
         self.seen.truncate(len);
     }

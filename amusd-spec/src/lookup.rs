@@ -381,6 +381,11 @@ impl Decoder for NoModel {
             "the lookup drafter has no model to run".into(),
         ))
     }
+    fn prefill_bulk(&mut self, _: &[u32], _: usize) -> Result<(), SpecError> {
+        Err(SpecError::Protocol(
+            "the lookup drafter has no model to prefill".into(),
+        ))
+    }
     fn truncate(&mut self, _: usize) {}
     fn set_batching(&mut self, _: amusd_model::Batching) {}
 }

@@ -371,10 +371,9 @@ fn draft_step<D: Decoder>(
     let mut worked = false;
     // How far ahead to draft is `Drafter::extend`'s to decide (a lookup run may go further).
     let wants = !h.finished() && !own_stop && seq_len < h.limit;
-    // A long prompt is prefilled in chunks, one per loop iteration (each heartbeats); the last
-    // chunk goes with the first drafted token.
-    if wants && drafter.pending_prefill() > PREFILL_CHUNK {
-        drafter.prefill(PREFILL_CHUNK)?;
+    // A long prompt's bulk is prefilled in chunks, one per loop iteration (each heartbeats); its
+    // tail goes with the first drafted token.
+    if wants && drafter.prefill_bulk(PREFILL_CHUNK)? > 0 {
         worked = true;
     } else if wants {
         let t0 = now_us();

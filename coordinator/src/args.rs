@@ -47,7 +47,7 @@ pub struct ModelArgs {
     /// stored, f32, f16, bf16, q8_0, q4_0, q4_1, ...). Default: SmolLM2-135M-Instruct in f32.
     #[arg(long, value_name = "SPEC")]
     pub verify_model: Option<String>,
-    /// Draft model: PATH[:FORMAT][:head=HEAD][:kv=f16|f32][:acts=8|16], lookup[:MIN-MAX] (prompt lookup
+    /// Draft model: PATH[:FORMAT][:head=HEAD][:kv=f16|f32][:acts=8|16][:bulk=8|16], lookup[:MIN-MAX] (prompt lookup
     /// alone, no model: the longest suffix of MAX down to MIN tokens found earlier proposes what
     /// followed it) or fake:... (tests). HEAD is how the draft scores the vocabulary: screen[:K]
     /// (the default; a q4_0 copy of the output head picks K candidates, 32 unless given, and the
@@ -56,8 +56,10 @@ pub struct ModelArgs {
     /// vocabulary, else the first N ids). kv: what the draft's KV cache stores (default f16, half
     /// the bytes attention reads). acts: the integer kernels' activation bits (default 16: each
     /// row and its 8-bit residual; the draft then proposes the verify model's token far more
-    /// often; 8: GGUF's, sd's default). Default: SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding),
-    /// run by the integer kernels.
+    /// often; 8: GGUF's, sd's default). bulk: the activation bits of a long prompt's bulk, all but
+    /// its last 32 positions (amusd's default 8: the draft's prefill then takes about half the
+    /// time and it starts ahead of the verify model; otherwise as acts). Default:
+    /// SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
     /// A Jinja chat template to render conversations with instead of the verify model's
@@ -178,7 +180,8 @@ impl ModelArgs {
     /// 99.9% of positions instead of 96%, and a one-row forward on its own core costs about the
     /// same) and 8-bit ones under sd, where its wider forwards, twice the arithmetic at 16 bits,
     /// take turns with the verify model on one core (measured: level or slower end to end; see
-    /// `amusd_model::qkernels::IntActivations` and the README).
+    /// `amusd_model::qkernels::IntActivations` and the README). Under amusd a long prompt's bulk
+    /// takes 8 bits unless it says `bulk=...` ([`amusd_model::Llama::prefill_bulk`]).
     pub fn draft_spec(&self, strategy: Strategy) -> Result<String> {
         let given = match &self.draft_model {
             Some(s) if lookup::parse_spec(s).is_some() || FakeModel::is_fake(s) => {
@@ -198,6 +201,9 @@ impl ModelArgs {
             Strategy::Amusd => IntActivations::Bits16,
             Strategy::Ar | Strategy::Sd => IntActivations::Bits8,
         });
+        if strategy == Strategy::Amusd {
+            spec.bulk.get_or_insert(IntActivations::Bits8);
+        }
         Ok(spec.to_string())
     }
 
@@ -772,21 +778,26 @@ mod tests {
     }
 
     /// A draft screens its head, stores an f16 cache and takes 16-bit activations under amusd
-    /// (8-bit under sd) unless its spec says otherwise; what it says stays.
+    /// (8-bit under sd), 8 in a prompt's bulk under amusd, unless its spec says otherwise; what it
+    /// says stays.
     #[test]
     fn a_draft_spec_gets_the_draft_defaults_it_does_not_override() {
         assert_eq!(
             draft_spec("m.gguf:stored", Strategy::Amusd),
-            "m.gguf:stored:head=screen:32:kv=f16:acts=16"
+            "m.gguf:stored:head=screen:32:kv=f16:acts=16:bulk=8"
         );
         assert_eq!(
             draft_spec("m.gguf:stored", Strategy::Sd),
             "m.gguf:stored:head=screen:32:kv=f16:acts=8"
         );
+        assert_eq!(
+            draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=16", Strategy::Amusd),
+            "m.gguf:q8_0:head=full:kv=f32:acts=16:bulk=8"
+        );
         for strategy in [Strategy::Sd, Strategy::Amusd] {
             assert_eq!(
-                draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=16", strategy),
-                "m.gguf:q8_0:head=full:kv=f32:acts=16"
+                draft_spec("m.gguf:q8_0:head=full:kv=f32:acts=16:bulk=16", strategy),
+                "m.gguf:q8_0:head=full:kv=f32:acts=16:bulk=16"
             );
             assert_eq!(draft_spec("lookup:2-4", strategy), "lookup:2-4");
         }

@@ -88,6 +88,16 @@ impl<D: Decoder> Decoder for Timed<D> {
         });
         out
     }
+    fn prefill_bulk(&mut self, tokens: &[u32], start: usize) -> Result<(), SpecError> {
+        let t0 = now_us();
+        let out = self.inner.prefill_bulk(tokens, start);
+        self.spans.push(Span {
+            t0,
+            t1: now_us(),
+            n_in: tokens.len(),
+        });
+        out
+    }
     fn truncate(&mut self, len: usize) {
         self.inner.truncate(len)
     }
