@@ -37,9 +37,16 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     }
 }
 
-/// 16 vector registers hold 8 accumulators besides the weights: one row takes all 64 columns
-/// in one pass (8 independent FMA chains hide the FMA latency, and decoding reads each byte
-/// once), more rows take narrower strips.
+/// 16 vector registers hold 8 accumulators besides the weights: one row of a byte type takes all
+/// 64 columns in one pass (8 independent FMA chains hide the FMA latency, and decoding reads each
+/// byte once), more rows take narrower strips. A nibble type's row takes two passes of 32
+/// columns: a whole panel's scales (and offsets) beside 8 accumulators spill, and LLVM then also
+/// spills the unpacked nibbles; 4 chains of two FMAs a nibble byte keep the ports as busy. One
+/// row, in DRAM (`AMUSD_BENCH_COPIES=60 AMUSD_BENCH_MS=1 cargo bench -p amusd-model --bench
+/// qexact`, three rounds): q4_1 gate/up 171 / 172 / 172 -> 132 / 132 / 139 us, q4_0 172 / 171 /
+/// 186 -> 135 / 135 / 137, q4_k 155 -> 121-132, q2_k 184-201 -> 163-171; q8_0 in 32-column
+/// passes was slower (137-159 -> 155-156), as were two nibble rows in 16-column ones (level to
+/// 10% slower).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<
     const NIB: bool,
@@ -53,6 +60,7 @@ unsafe fn rows_of<
     out: &mut [f32],
 ) {
     match xs.len() {
+        1 if NIB => strips::<1, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         1 => strips::<1, 8, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         2 => strips::<2, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         3 => strips::<3, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
