@@ -6,8 +6,9 @@
 //! options (a token outside the vocabulary: a 400 naming `logit_bias`), and one asking for
 //! log-probabilities ar's numbers; and the official `openai`
 //! Python client (pinned, in a venv under target/) checks the same
-//! through its own parsing, plus `/metrics` through the Prometheus parser. Kept short: a few
-//! requests of 24 tokens.
+//! through its own parsing, plus `/metrics` through the Prometheus parser; chat templates with a
+//! tool syntax of their own (`tests/templates/`) get tool calls in it. Kept short: a few requests
+//! of 24 to 40 tokens.
 
 // Shared with tests/serve.rs; not every helper is used here.
 #[allow(dead_code)]
@@ -422,4 +423,136 @@ fn a_chat_template_file_and_an_alias_replace_the_models() {
         "{}",
         run.describe()
     );
+}
+
+/// The weather tool of the tool-calling tests, in chat's shape.
+fn weather_tool() -> serde_json::Value {
+    json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+        "required": ["city"]}}}])
+}
+
+/// A streamed chat reply's calls, each `(name, arguments)` joined from its deltas, and its finish.
+fn streamed_calls(s: &Served, req: &serde_json::Value) -> (Vec<(String, String)>, String) {
+    let mut sse = s.stream("/v1/chat/completions", req);
+    let (mut calls, mut finish) = (Vec::<(String, String)>::new(), String::new());
+    while let Some(d) = sse.next_data() {
+        if d == "[DONE]" {
+            return (calls, finish);
+        }
+        let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+        assert!(v.get("error").is_none(), "error event: {v}");
+        for call in v["choices"][0]["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = call["index"].as_u64().unwrap() as usize;
+            if let Some(name) = call["function"]["name"].as_str() {
+                assert_eq!(i, calls.len(), "calls are named in order: {v}");
+                calls.push((name.into(), String::new()));
+            }
+            calls[i].1 += call["function"]["arguments"].as_str().unwrap_or_default();
+        }
+        if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+            finish = f.into();
+        }
+    }
+    panic!("the stream ended without [DONE]");
+}
+
+/// A chat template with a tool syntax of its own (Hermes's `<tool_call>` tags, Llama 3's JSON
+/// reply) gets the tools and earlier calls to render itself, and the reply in its syntax: a
+/// required call comes back as OpenAI's `tool_calls`, whole and streamed alike; with `"auto"` the
+/// model may answer instead; a conversation holding a call and its result is rendered by the
+/// template (its prompt has exactly the tokens of the text the template writes, arguments as an
+/// object).
+#[test]
+fn a_templates_own_tool_syntax_is_spoken() {
+    require_default_model();
+    let ask = json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let call = r#"{"name": "get_weather", "ARGS": {"city": "Paris"}}"#;
+    for (template, args, rendered_call, result_turn) in [
+        (
+            "hermes-tools.jinja",
+            "arguments",
+            format!("<|im_start|>assistant\n<tool_call>\n{call}\n</tool_call><|im_end|>\n"),
+            "<|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>\n",
+        ),
+        (
+            "llama3-tools.jinja",
+            "parameters",
+            format!("<|start_header_id|>assistant<|end_header_id|>\n\n{call}<|eot_id|>"),
+            "<|start_header_id|>ipython<|end_header_id|>\n\n18 C<|eot_id|>",
+        ),
+    ] {
+        let file = workspace().join("tests/templates").join(template);
+        let s = start(
+            &["--chat-template-file", file.to_str().unwrap()],
+            Duration::from_secs(120),
+        );
+        let req = json!({"messages": ask, "tools": weather_tool(), "tool_choice": "required",
+            "parallel_tool_calls": false, "max_tokens": 40});
+        let r = s.post("/v1/chat/completions", &req);
+        let choice = &r.json["choices"][0];
+        assert_eq!(
+            choice["finish_reason"], "tool_calls",
+            "{template}: {}",
+            r.json
+        );
+        let calls = choice["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{template}: {}", r.json);
+        let (name, arguments) = (
+            &calls[0]["function"]["name"],
+            &calls[0]["function"]["arguments"],
+        );
+        assert_eq!(name, "get_weather");
+        let parsed: serde_json::Value = serde_json::from_str(arguments.as_str().unwrap()).unwrap();
+        assert!(parsed["city"].is_string(), "{template}: {arguments}");
+        let mut streamed = req.clone();
+        streamed["stream"] = true.into();
+        let want = vec![(
+            "get_weather".to_string(),
+            arguments.as_str().unwrap().to_string(),
+        )];
+        assert_eq!(
+            streamed_calls(&s, &streamed),
+            (want, "tool_calls".to_string()),
+            "{template}: streamed vs whole"
+        );
+        let mut auto = req.clone();
+        auto["tool_choice"] = "auto".into();
+        let r = s.post("/v1/chat/completions", &auto);
+        let message = &r.json["choices"][0]["message"];
+        assert!(
+            message["content"].is_string() != message["tool_calls"].is_array(),
+            "{template}: an answer or calls: {}",
+            r.json
+        );
+        // The earlier call and its result are the template's to write (llama.cpp's
+        // `/apply-template` shows the prompt): the call with its arguments as an object, the
+        // result in the template's turn for it, the tools where the template lists them.
+        let turns = json!([ask[0],
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]);
+        let r = s.post(
+            "/apply-template",
+            &json!({"messages": turns, "tools": weather_tool()}),
+        );
+        let prompt = r.json["prompt"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}", r.json));
+        let call_and_result = rendered_call.replace("ARGS", args) + result_turn;
+        assert!(prompt.contains(&call_and_result), "{template}: {prompt}");
+        assert!(
+            prompt.contains("Weather now"),
+            "{template}: no tools in {prompt}"
+        );
+        assert!(
+            !prompt.contains("tool_calls"),
+            "{template}: generic format in {prompt}"
+        );
+        s.terminate(Duration::from_secs(60));
+    }
 }

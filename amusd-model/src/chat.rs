@@ -56,11 +56,17 @@ pub struct RenderOptions {
     pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One turn of a conversation. `role` is usually "system", "user" or "assistant".
+/// One turn of a conversation. `role` is usually "system", "user" or "assistant"; templates with
+/// a tool syntax of their own also read an assistant's `tool_calls` (OpenAI's shape) and a
+/// "tool" turn's `tool_call_id`, which the template sees only where they are set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
@@ -69,6 +75,8 @@ impl Message {
         Self {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
         }
     }
 

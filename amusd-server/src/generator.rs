@@ -8,6 +8,24 @@ use std::time::Duration;
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, for a chat template with a tool syntax of its own
+    /// ([`crate::tools::Syntax`]): OpenAI's shape, each call's arguments an object. Other
+    /// templates get calls written into the content.
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` turn's call, for such a template.
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of text alone.
+    pub fn text(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
 }
 
 /// How a conversation becomes the prompt, beyond its messages.
@@ -204,6 +222,13 @@ pub trait Codec: Send + Sync {
         messages: &[ChatMessage],
         options: &ChatOptions,
     ) -> Result<Vec<u32>, String>;
+    /// A conversation's text, rendered as [`Codec::encode_chat`] renders it before tokenizing
+    /// (llama.cpp's `/apply-template`).
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<String, String>;
     /// A plain completion prompt.
     fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, String>;
     /// Text as the tokenizer reads it, with the model's special tokens (its BOS) added or not

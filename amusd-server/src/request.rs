@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::error::ApiError;
 use crate::generator::{ChatMessage, ChatOptions, DrySampling, Sampling};
-use crate::tools::{self, ToolUse};
+use crate::tools::{self, Syntax, ToolUse};
 
 /// Both endpoints' fields; which of `messages` / `prompt` is required depends on the endpoint.
 #[derive(Debug, Default, Deserialize)]
@@ -232,8 +232,13 @@ pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
     typed(value)
 }
 
-/// Validates a parsed body for `endpoint`.
-pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiError> {
+/// Validates a parsed body for `endpoint`; tool calls are written in `syntax` (the chat
+/// template's).
+pub fn validate(
+    raw: RawRequest,
+    endpoint: Endpoint,
+    syntax: Syntax,
+) -> Result<Validated, ApiError> {
     refuse_unsupported(&raw)?;
     let echo = echo(&raw, endpoint)?;
     let logprobs = logprobs(&raw, endpoint)?;
@@ -241,7 +246,8 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
         raw.tools.as_ref(),
         raw.tool_choice.as_ref(),
         raw.parallel_tool_calls,
-    )?;
+    )?
+    .map(|t| t.in_syntax(syntax));
     let grammar = match (crate::format::output_grammar(&raw)?, &tools) {
         (Some(g), Some(_)) => {
             return Err(ApiError::bad_param(
@@ -260,13 +266,20 @@ pub fn validate(raw: RawRequest, endpoint: Endpoint) -> Result<Validated, ApiErr
     };
     let input = match endpoint {
         Endpoint::Chat => {
-            let options = chat_options(
+            let mut options = chat_options(
                 raw.messages.as_deref().unwrap_or_default(),
                 tools.is_some(),
                 (raw.add_generation_prompt, raw.continue_final_message),
                 raw.chat_template_kwargs,
             )?;
-            let messages = with_tools(messages(raw.messages)?, tools.as_ref());
+            let messages = messages_in(raw.messages, syntax)?;
+            let messages = match &tools {
+                Some(t) if syntax.native() => {
+                    (options.template_kwargs).insert("tools".into(), t.template_tools());
+                    messages
+                }
+                t => with_tools(messages, t.as_ref()),
+            };
             Input::Chat(messages, options)
         }
         Endpoint::Completions if tools.is_some() => {
@@ -369,7 +382,14 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
     }
 }
 
+/// The conversation, an assistant's calls and the tools' results written in the generic format.
 pub(crate) fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>, ApiError> {
+    messages_in(raw, Syntax::Generic)
+}
+
+/// The conversation for a template of `syntax`: a native one takes an assistant's calls and the
+/// `tool` turns as they are; the generic format writes them as text.
+fn messages_in(raw: Option<Vec<RawMessage>>, syntax: Syntax) -> Result<Vec<ChatMessage>, ApiError> {
     let raw = raw.ok_or_else(|| {
         ApiError::bad_param(
             "messages",
@@ -390,6 +410,9 @@ pub(crate) fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>,
                 Value::Array(a) => !a.is_empty(),
                 _ => true,
             };
+            if syntax.native() && ((calls && m.role == "assistant") || m.role == "tool") {
+                return native_turn(m, i);
+            }
             let (role, content) = match m.role.as_str() {
                 "system" | "developer" => ("system", content(&m.content, i)?),
                 "user" => ("user", content(&m.content, i)?),
@@ -413,12 +436,25 @@ pub(crate) fn messages(raw: Option<Vec<RawMessage>>) -> Result<Vec<ChatMessage>,
                     ))
                 }
             };
-            Ok(ChatMessage {
-                role: role.to_string(),
-                content,
-            })
+            Ok(ChatMessage::text(role, content))
         })
         .collect()
+}
+
+/// An assistant's calls or a tool's result, for a template that writes them itself.
+fn native_turn(m: RawMessage, i: usize) -> Result<ChatMessage, ApiError> {
+    let text = match &m.content {
+        Value::Null => String::new(),
+        c => content(c, i)?,
+    };
+    let mut turn = ChatMessage::text(m.role.as_str(), text);
+    if m.role == "tool" {
+        turn.tool_call_id = m.tool_call_id;
+        return Ok(turn);
+    }
+    let param = format!("messages[{i}].tool_calls");
+    turn.tool_calls = Some(tools::syntax::calls_for_template(&m.tool_calls, &param)?);
+    Ok(turn)
 }
 
 /// How a conversation is rendered. A last message holding an assistant's text is continued
@@ -477,13 +513,7 @@ fn with_tools(mut messages: Vec<ChatMessage>, tools: Option<&ToolUse>) -> Vec<Ch
     let prompt = tools.system_prompt();
     match messages.first_mut() {
         Some(m) if m.role == "system" => m.content = format!("{}\n\n{prompt}", m.content),
-        _ => messages.insert(
-            0,
-            ChatMessage {
-                role: "system".into(),
-                content: prompt,
-            },
-        ),
+        _ => messages.insert(0, ChatMessage::text("system", prompt)),
     }
     messages
 }
@@ -810,7 +840,7 @@ mod tests {
     use super::*;
 
     fn check(body: &str, endpoint: Endpoint) -> Result<Validated, ApiError> {
-        validate(parse(body.as_bytes())?, endpoint)
+        validate(parse(body.as_bytes())?, endpoint, Syntax::Generic)
     }
 
     fn err(body: &str, endpoint: Endpoint) -> ApiError {
@@ -835,14 +865,8 @@ mod tests {
             v.input,
             Input::Chat(
                 vec![
-                    ChatMessage {
-                        role: "system".into(),
-                        content: "be brief".into()
-                    },
-                    ChatMessage {
-                        role: "user".into(),
-                        content: "hi there".into()
-                    },
+                    ChatMessage::text("system", "be brief"),
+                    ChatMessage::text("user", "hi there"),
                 ],
                 ChatOptions::default()
             )
@@ -1153,6 +1177,49 @@ mod tests {
             let e = check(&body, endpoint).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
         }
+    }
+
+    /// A template with a tool syntax of its own gets the conversation as it came (the calls with
+    /// their arguments as objects, the `tool` turn as one) and the tools as its `tools` variable;
+    /// no system message describes them, and the grammar is the syntax's.
+    #[test]
+    fn a_native_tool_syntax_leaves_the_prompt_to_the_template() {
+        let body = r#"{"messages":[{"role":"user","content":"x"},
+            {"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function",
+            "function":{"name":"f","arguments":"{\"a\": 1}"}}]},{"role":"tool","tool_call_id":"c","content":"1"}],
+            "tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}]}"#;
+        let v = validate(
+            parse(body.as_bytes()).unwrap(),
+            Endpoint::Chat,
+            Syntax::Hermes,
+        )
+        .unwrap();
+        let Input::Chat(m, options) = &v.input else {
+            panic!("{v:?}")
+        };
+        assert_eq!(m.len(), 3, "no system message added: {m:?}");
+        assert_eq!(
+            (m[1].role.as_str(), m[1].content.as_str()),
+            ("assistant", "")
+        );
+        let calls = m[1].tool_calls.as_ref().unwrap();
+        assert_eq!(
+            calls[0]["function"]["arguments"],
+            serde_json::json!({"a": 1})
+        );
+        assert_eq!(
+            (
+                m[2].role.as_str(),
+                m[2].content.as_str(),
+                m[2].tool_call_id.as_deref()
+            ),
+            ("tool", "1", Some("c"))
+        );
+        assert_eq!(options.template_kwargs["tools"][0]["function"]["name"], "f");
+        let grammar = v.sampling.grammar.as_ref().unwrap();
+        assert_eq!(grammar.kind, crate::format::GrammarType::Lark);
+        assert!(grammar.text.contains("<tool_call>"), "{}", grammar.text);
+        assert_eq!(v.tools.as_ref().map(|t| t.syntax), Some(Syntax::Hermes));
     }
 
     #[test]

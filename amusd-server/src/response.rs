@@ -20,9 +20,9 @@ pub struct Head {
     /// Completions' `echo`: the prompt's text and its first token's (which has no
     /// log-probability).
     pub echo: Option<Echo>,
-    /// Chat with tools: each reply is read back as calls or content ([`crate::tools`]), a
-    /// stream's as it comes ([`crate::tools::reader`]).
-    pub tools: bool,
+    /// Chat with tools, in the template's syntax: each reply is read back as calls or content
+    /// ([`crate::tools`]), a stream's as it comes ([`crate::tools::reader`]).
+    pub tools: Option<tools::Syntax>,
     /// llama.cpp's `/completion`: its shapes, not OpenAI's ([`Head::llama_answer`]).
     pub llama: bool,
 }
@@ -103,10 +103,10 @@ impl Head {
                 json!(s.finish),
             )
         };
-        if !self.tools {
+        let Some(syntax) = self.tools else {
             return plain(text);
-        }
-        let (mut message, finish) = match tools::read_reply(text) {
+        };
+        let (mut message, finish) = match tools::read_reply(text, syntax) {
             Reply::Content(c) => plain(&c),
             Reply::Calls(calls) => (
                 json!({"role": "assistant", "content": null,
@@ -377,7 +377,7 @@ mod tests {
             include_usage,
             logprobs: false,
             echo: None,
-            tools: false,
+            tools: None,
             llama: false,
         }
     }
@@ -438,7 +438,7 @@ mod tests {
     #[test]
     fn tool_replies() {
         let h = Head {
-            tools: true,
+            tools: Some(tools::Syntax::Generic),
             ..head(Endpoint::Chat, false)
         };
         let mut stop = summary();

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/props", get(props))
         .route("/tokenize", post(tokenize_route))
         .route("/detokenize", post(detokenize_route))
+        .route("/apply-template", post(apply_template_route))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -186,6 +187,13 @@ async fn detokenize_route(
     off_thread(s, body, run).await
 }
 
+async fn apply_template_route(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    off_thread(s, body, crate::tokenize::apply_template).await
+}
+
 /// A JSON body as `T`; a syntax or type error names where it is.
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     request::typed(request::json_object(body, "{\"tokens\": [...]}")?)
@@ -282,7 +290,8 @@ async fn handle_as(
             (p.raw, Some((p.echoed, p.keep)))
         }
     };
-    let mut v = request::validate(raw, endpoint)?;
+    let syntax = crate::tools::Syntax::of_template(s.codec.chat_template().as_deref());
+    let mut v = request::validate(raw, endpoint, syntax)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
     dry_breakers(&s.codec, &mut v).await?;
     check_grammar(&s.codec, &v).await?;
@@ -322,7 +331,7 @@ async fn handle_as(
         include_usage: v.include_usage,
         logprobs: v.sampling.logprobs.is_some(),
         echo,
-        tools: v.tools.is_some(),
+        tools: v.tools.as_ref().map(|t| t.syntax),
         llama: api == Api::LlamaCpp,
     };
     if v.stream {
@@ -349,7 +358,7 @@ async fn respond(
         model: s.codec.model_id().to_string(),
         echoed,
         logprobs: v.sampling.logprobs.is_some(),
-        tools: v.tools.is_some(),
+        tools: v.tools.as_ref().map(|t| t.syntax),
         keep,
     };
     if v.stream {
@@ -655,13 +664,16 @@ impl StreamState {
     /// choice's index; the choices one after another), each choice's closing chunk, the usage,
     /// `[DONE]`; on a failure, the error object and the end.
     fn open(head: Head, n: usize) -> (Self, VecDeque<Outgoing>) {
+        let syntax = head.tools.unwrap_or_default();
         let mut state = StreamState {
             head,
             n,
             opened: 0,
             ended: Vec::new(),
             offsets: vec![0; n],
-            readers: (0..n).map(|_| Default::default()).collect(),
+            readers: (0..n)
+                .map(|_| (ReplyReader::new(syntax), Vec::new()))
+                .collect(),
         };
         let mut out = VecDeque::new();
         state.open_up_to(0, &mut out);
@@ -681,7 +693,7 @@ impl StreamState {
     /// A choice's end (and after the last one the usage and `[DONE]`); true after the last.
     fn end(&mut self, i: usize, s: Summary, out: &mut VecDeque<Outgoing>) -> bool {
         self.open_up_to(i, out);
-        let end = if self.head.tools {
+        let end = if self.head.tools.is_some() {
             let (reader, logprobs) = std::mem::take(&mut self.readers[i]);
             let recognized = reader.recognized();
             let reply = reader.finish();
@@ -725,7 +737,7 @@ impl Shape for StreamState {
     /// Text, a choice's end, or the error that ends the stream.
     fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
-            Some(Event::Text(i, t, logprobs)) if self.head.tools => {
+            Some(Event::Text(i, t, logprobs)) if self.head.tools.is_some() => {
                 self.open_up_to(i, out);
                 let (reader, held) = &mut self.readers[i];
                 held.extend(logprobs);

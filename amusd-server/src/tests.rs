@@ -26,12 +26,19 @@ impl Codec for FakeCodec {
     fn vocab_size(&self) -> usize {
         128
     }
-    /// `role:content` lines; a new turn opens with `>`, a continued one does not close.
     fn encode_chat(
         &self,
         messages: &[ChatMessage],
         options: &ChatOptions,
     ) -> Result<Vec<u32>, String> {
+        self.encode_prompt(&self.render_chat(messages, options)?)
+    }
+    /// `role:content` lines; a new turn opens with `>`, a continued one does not close.
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<String, String> {
         let mut text: String = messages
             .iter()
             .map(|m| format!("{}:{}\n", m.role, m.content))
@@ -46,7 +53,7 @@ impl Codec for FakeCodec {
             (false, true) => text.push('>'),
             (false, false) => {}
         }
-        self.encode_prompt(&text)
+        Ok(text)
     }
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {
         // Its "special token": 1 first.
@@ -729,7 +736,7 @@ async fn a_request_past_its_timeout_is_cancelled_with_504() {
 }
 
 /// `/tokenize` in llama.cpp's and vLLM's shapes (special tokens by each one's default), on chat
-/// messages too; `/detokenize` back; bad bodies are 400s.
+/// messages too; `/detokenize` back; `/apply-template`'s prompt text; bad bodies are 400s.
 #[tokio::test(flavor = "multi_thread")]
 async fn tokenize_and_detokenize() {
     let s = server(Hooks::default(), 4);
@@ -756,6 +763,15 @@ async fn tokenize_and_detokenize() {
     )
     .await;
     assert_eq!(v["count"], "user:x\n>".len());
+    // llama.cpp's `/apply-template`: the text that chat tokenizes.
+    let (status, v) = json_call(
+        &s,
+        "/apply-template",
+        r#"{"messages": [{"role": "user", "content": "x"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["prompt"], "user:x\n>");
     let (status, v) = json_call(&s, "/detokenize", r#"{"tokens": [72, 105]}"#).await;
     assert_eq!(status, 200);
     assert_eq!(
@@ -770,6 +786,7 @@ async fn tokenize_and_detokenize() {
         ("/detokenize", r#"{"tokens": [72, 999]}"#, Some("tokens")),
         ("/detokenize", r#"{}"#, Some("tokens")),
         ("/detokenize", r#"not json"#, None),
+        ("/apply-template", r#"{"messages": []}"#, Some("messages")),
     ] {
         let (status, v) = json_call(&s, path, body).await;
         assert_eq!(status, 400, "{path} {body}: {v}");

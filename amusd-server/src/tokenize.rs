@@ -1,5 +1,6 @@
 //! `POST /tokenize` and `POST /detokenize`, in the shapes both llama.cpp's server and vLLM's give
-//! them, so a client of either can count and inspect tokens without generating.
+//! them, so a client of either can count and inspect tokens without generating; and llama.cpp's
+//! `POST /apply-template`, a chat request's prompt as text.
 //!
 //! `/tokenize` takes llama.cpp's `content` (special tokens not added unless `add_special`, pieces
 //! with `with_pieces`), vLLM's `prompt` (added unless `add_special_tokens` is false) or vLLM's
@@ -13,6 +14,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::generator::Codec;
 use crate::request::{self, RawMessage};
+use crate::tools::Syntax;
 
 /// `/tokenize`'s body.
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +101,19 @@ pub fn tokenize(codec: &dyn Codec, r: TokenizeRequest) -> Result<Value, ApiError
         "count": ids.len(),
         "max_model_len": codec.context_length(),
     }))
+}
+
+/// `/apply-template`'s answer: a chat request's prompt, rendered as `/v1/chat/completions`
+/// renders it (its tools too, in the template's syntax), as `{"prompt": ...}`.
+pub fn apply_template(codec: &dyn Codec, body: &[u8]) -> Result<Value, ApiError> {
+    let syntax = Syntax::of_template(codec.chat_template().as_deref());
+    let v = request::validate(request::parse(body)?, request::Endpoint::Chat, syntax)?;
+    let request::Input::Chat(messages, options) = v.input else {
+        unreachable!("a chat request's input is its messages")
+    };
+    let prompt = (codec.render_chat(&messages, &options))
+        .map_err(|m| ApiError::bad_param("messages", format!("messages: {m}")))?;
+    Ok(json!({ "prompt": prompt }))
 }
 
 /// `/detokenize`'s answer.

@@ -85,6 +85,17 @@ pub fn encode_chat(
     messages: &[Message],
     options: &RenderOptions,
 ) -> Result<Vec<u32>> {
+    let text = render_chat(template, messages, options)?;
+    Ok(tokenizer.encode(&text, false)?)
+}
+
+/// A conversation's text, rendered as `options` say with the model's chat template (ChatML if it
+/// has none).
+pub fn render_chat(
+    template: Option<&ChatTemplate>,
+    messages: &[Message],
+    options: &RenderOptions,
+) -> Result<String> {
     let fallback;
     let template = match template {
         Some(t) => t,
@@ -93,8 +104,7 @@ pub fn encode_chat(
             &fallback
         }
     };
-    let text = template.render_with(messages, options)?;
-    Ok(tokenizer.encode(&text, false)?)
+    Ok(template.render_with(messages, options)?)
 }
 
 /// Refuses a logit bias that names a token past `tokenizer`'s vocabulary.

@@ -26,7 +26,7 @@ use clap::Args;
 
 use crate::args::{ModelArgs, Strategy};
 use crate::backend::{bind_in_process, Backend, Request};
-use crate::prompt::{encode_chat, Texts};
+use crate::prompt::{render_chat, Texts};
 use crate::supervisor::{install_signal_handlers, INTERRUPTED};
 
 #[derive(Args, Debug)]
@@ -232,15 +232,29 @@ impl Codec for TextCodec {
         messages: &[ChatMessage],
         options: &ChatOptions,
     ) -> Result<Vec<u32>, String> {
+        let text = self.render_chat(messages, options)?;
+        match &self.text {
+            Some(t) => t.tokenizer.encode(&text, false).map_err(|e| e.to_string()),
+            None => self.encode_prompt(&text),
+        }
+    }
+
+    fn render_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+    ) -> Result<String, String> {
         let Some(t) = &self.text else {
             let joined: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            return self.encode_prompt(&joined.join("\n"));
+            return Ok(joined.join("\n"));
         };
         let messages: Vec<Message> = messages
             .iter()
             .map(|m| Message {
                 role: m.role.clone(),
                 content: m.content.clone(),
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
             })
             .collect();
         let options = RenderOptions {
@@ -248,8 +262,7 @@ impl Codec for TextCodec {
             continue_final_message: options.continue_final_message,
             kwargs: options.template_kwargs.clone(),
         };
-        encode_chat(&t.tokenizer, t.chat_template.as_ref(), &messages, &options)
-            .map_err(|e| format!("{e:#}"))
+        render_chat(t.chat_template.as_ref(), &messages, &options).map_err(|e| format!("{e:#}"))
     }
 
     fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, String> {

@@ -22,7 +22,7 @@ pub struct Responder {
     /// The request asked for log-probabilities.
     pub logprobs: bool,
     /// The reply is read back as calls or content ([`crate::tools`]).
-    pub tools: bool,
+    pub tools: Option<tools::Syntax>,
     /// Where the finished response is kept, with its conversation before it (none: not kept).
     pub keep: Option<(Arc<Store>, Vec<Value>)>,
 }
@@ -118,10 +118,10 @@ impl Responder {
     /// A finished reply's output items: its message, or with tools its calls (or its answer).
     pub fn items(&self, text: &str, logprobs: &[LogprobEntry], s: &Summary) -> Vec<Value> {
         let status = item_status(s);
-        if !self.tools {
+        let Some(syntax) = self.tools else {
             return vec![self.message(status, vec![self.text_part(text, logprobs)])];
-        }
-        match tools::read_reply(text) {
+        };
+        match tools::read_reply(text, syntax) {
             Reply::Content(c) => vec![self.message(status, vec![self.text_part(&c, logprobs)])],
             Reply::Calls(calls) => (calls.iter().enumerate())
                 .map(|(k, (name, arguments))| self.call(k, name, arguments, "completed"))
@@ -202,7 +202,7 @@ pub(crate) mod tests {
             model: "m".into(),
             echoed: parsed.echoed,
             logprobs: false,
-            tools,
+            tools: tools.then_some(tools::Syntax::Generic),
             keep: None,
         }
     }

@@ -33,12 +33,13 @@ pub struct ResponseStream {
 impl ResponseStream {
     /// The stream and its opening events.
     pub(crate) fn open(r: Responder) -> (Self, VecDeque<Outgoing>) {
+        let reader = ReplyReader::new(r.tools.unwrap_or_default());
         let mut s = Self {
             r,
             seq: 0,
             text: String::new(),
             logprobs: Vec::new(),
-            reader: ReplyReader::default(),
+            reader,
             message_open: false,
         };
         let mut out = VecDeque::new();
@@ -49,7 +50,7 @@ impl ResponseStream {
             "response.in_progress",
             json!({"response": started}),
         );
-        if !s.r.tools {
+        if s.r.tools.is_none() {
             s.open_message(&mut out);
         }
         (s, out)
@@ -169,7 +170,7 @@ impl ResponseStream {
     }
 
     fn end(&mut self, out: &mut VecDeque<Outgoing>, s: &Summary) {
-        if self.r.tools {
+        if self.r.tools.is_some() {
             self.close_tool_items(out, s);
         } else {
             let text = self.text.clone();
@@ -203,7 +204,7 @@ impl Shape for ResponseStream {
     fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
             Some(Event::Text(_, t, logprobs)) => {
-                if self.r.tools {
+                if self.r.tools.is_some() {
                     for e in self.reader.push(&t) {
                         self.tool_event(out, e, &logprobs);
                     }

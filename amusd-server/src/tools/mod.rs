@@ -8,9 +8,13 @@
 //! `tool_calls` (finish reason `tool_calls`), the second into the message's content. Earlier turns
 //! are written back in the same format: an assistant's `tool_calls` as that JSON, a `tool` message
 //! as a user turn holding `{"tool_response": ...}`. Since it is a prompt and a grammar, every
-//! strategy gives the same reply, as for any structured output.
+//! strategy gives the same reply, as for any structured output. Templates with a tool syntax of
+//! their own (Hermes, Llama 3.x) get theirs instead ([`syntax`]).
 
 pub mod reader;
+pub mod syntax;
+
+pub use syntax::Syntax;
 
 use serde_json::{json, Map, Value};
 
@@ -44,6 +48,8 @@ pub struct ToolUse {
     pub choice: ToolChoice,
     /// More than one call in a reply (`parallel_tool_calls`, default true).
     pub parallel: bool,
+    /// How the prompt and the reply write calls: the model's chat template's.
+    pub syntax: Syntax,
 }
 
 /// The request's tools, checked; None when it gives none or says `tool_choice: "none"`.
@@ -106,6 +112,7 @@ pub fn tool_use(
         tools,
         choice,
         parallel: parallel.unwrap_or(true),
+        syntax: Syntax::Generic,
     }))
 }
 
@@ -168,8 +175,21 @@ impl ToolUse {
         })
     }
 
-    /// The reply's grammar: a JSON schema of the calls, or of the calls or an answer.
+    /// The same tools, written in `syntax`.
+    pub fn in_syntax(self, syntax: Syntax) -> Self {
+        Self { syntax, ..self }
+    }
+
+    /// The reply's grammar.
     pub fn grammar(&self) -> OutputGrammar {
+        match self.syntax {
+            Syntax::Generic => self.generic_grammar(),
+            native => self.native_grammar(native),
+        }
+    }
+
+    /// The generic format's grammar: a JSON schema of the calls, or of the calls or an answer.
+    fn generic_grammar(&self) -> OutputGrammar {
         let call = |t: &Tool| {
             json!({"type": "object",
                 "properties": {"name": {"const": t.name}, "arguments": t.parameters},
@@ -239,18 +259,20 @@ pub fn calls_as_text(calls: &Value, param: &str) -> Result<String, ApiError> {
         .map(|c| {
             let f = &c["function"];
             let name = f["name"].as_str().ok_or_else(bad)?;
-            // Arguments come as a JSON string; written back as the object they hold.
-            let arguments = match &f["arguments"] {
-                Value::String(s) => {
-                    serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
-                }
-                Value::Null => json!({}),
-                v => v.clone(),
-            };
-            Ok(json!({"name": name, "arguments": arguments}))
+            Ok(json!({"name": name, "arguments": arguments_value(&f["arguments"])}))
         })
         .collect::<Result<_, ApiError>>()?;
     Ok(json!({ "tool_calls": calls }).to_string())
+}
+
+/// A call's arguments as they are written back: they come as a JSON string, and go back as the
+/// object it holds (the string itself if it holds none).
+fn arguments_value(arguments: &Value) -> Value {
+    match arguments {
+        Value::String(s) => serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone())),
+        Value::Null => json!({}),
+        v => v.clone(),
+    }
 }
 
 /// A `tool` message (a call's result) as the user turn that carries it.
@@ -270,8 +292,9 @@ pub enum Reply {
     Content(String),
 }
 
-pub fn read_reply(text: &str) -> Reply {
-    reader::read(text)
+/// `text`, a reply in `syntax`, read back.
+pub fn read_reply(text: &str, syntax: Syntax) -> Reply {
+    reader::read(text, syntax)
 }
 
 /// Call `k`'s id in choice `choice` of response `response_id`.
@@ -401,7 +424,8 @@ mod tests {
     fn replies_read_back_as_calls_or_content() {
         assert_eq!(
             read_reply(
-                r#"{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]}"#
+                r#"{"tool_calls": [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]}"#,
+                Syntax::Generic
             ),
             Reply::Calls(vec![
                 ("f".into(), r#"{"x":1}"#.into()),
@@ -409,12 +433,12 @@ mod tests {
             ])
         );
         assert_eq!(
-            read_reply(r#"{"response": "Hi!"}"#),
+            read_reply(r#"{"response": "Hi!"}"#, Syntax::Generic),
             Reply::Content("Hi!".into())
         );
         // Cut short: the text as it is.
         assert_eq!(
-            read_reply(r#"{"tool_calls": [{"na"#),
+            read_reply(r#"{"tool_calls": [{"na"#, Syntax::Generic),
             Reply::Content(r#"{"tool_calls": [{"na"#.into())
         );
     }

@@ -5,8 +5,13 @@
 //! is a JSON scanner that knows where it is: which call, which field, inside a string or not.
 //! The whole response reads its text through the same reader, so streamed and whole agree, a
 //! reply cut short included (its calls so far, the last one's arguments unfinished).
+//!
+//! A native syntax ([`Syntax`]) is read by the same scanner: the reply's first character says
+//! whether it is calls or an answer (the grammar keeps answers from beginning as calls do); an
+//! answer is its text as it comes, and in calls each top-level JSON object is the next element
+//! of the generic format's `tool_calls` list, whatever stands between them (Hermes's tags).
 
-use super::Reply;
+use super::{Reply, Syntax};
 
 /// What a piece of the reply said.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +71,16 @@ struct Capture {
     scalar: bool,
 }
 
+/// What a native reply is, once its first character says.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+enum Native {
+    #[default]
+    Undecided,
+    Answer,
+    /// Calls: how many objects began.
+    Calls(usize),
+}
+
 #[derive(Debug, Default)]
 pub struct ReplyReader {
     raw: String,
@@ -74,18 +89,82 @@ pub struct ReplyReader {
     capture: Option<Capture>,
     calls: Vec<Call>,
     content: Option<String>,
+    syntax: Syntax,
+    native: Native,
 }
 
+/// The generic format's opening, which a native reply's calls are read inside.
+const CALLS_OPENING: &str = "{\"tool_calls\": [";
+
 impl ReplyReader {
+    /// A reader of replies in `syntax`.
+    pub fn new(syntax: Syntax) -> Self {
+        Self {
+            syntax,
+            ..Default::default()
+        }
+    }
+
     /// Reads `piece`; what it completed.
     pub fn push(&mut self, piece: &str) -> Vec<ReplyEvent> {
-        self.raw.push_str(piece);
         let mut out = Vec::new();
         for c in piece.chars() {
-            self.char(c, &mut out);
+            if self.syntax.native() {
+                self.native_char(c, &mut out);
+            } else {
+                self.raw.push(c);
+                self.char(c, &mut out);
+            }
         }
         self.flush_calls(&mut out);
         out
+    }
+
+    /// One character of a native reply.
+    fn native_char(&mut self, c: char, out: &mut Vec<ReplyEvent>) {
+        self.raw.push(c);
+        match self.native {
+            Native::Undecided if c.is_whitespace() => {}
+            Native::Undecided if c == self.syntax.call_start() => {
+                for o in CALLS_OPENING.chars() {
+                    self.char(o, out);
+                }
+                self.native = Native::Calls(0);
+                self.call_char(c, out);
+            }
+            Native::Undecided => {
+                self.native = Native::Answer;
+                self.content = Some(self.raw.clone());
+                out.push(ReplyEvent::Content(self.raw.clone()));
+            }
+            Native::Answer => {
+                self.content.get_or_insert_with(String::new).push(c);
+                match out.last_mut() {
+                    Some(ReplyEvent::Content(t)) => t.push(c),
+                    _ => out.push(ReplyEvent::Content(c.to_string())),
+                }
+            }
+            Native::Calls(_) => self.call_char(c, out),
+        }
+    }
+
+    /// One character of a native reply's calls: inside an object the scanner reads it; between
+    /// objects only an object's opening counts (as the list's next element).
+    fn call_char(&mut self, c: char, out: &mut Vec<ReplyEvent>) {
+        let Native::Calls(objects) = self.native else {
+            return;
+        };
+        let inside = self.string.is_some() || self.stack.len() > 2;
+        if inside {
+            return self.char(c, out);
+        }
+        if c == '{' && self.stack.len() == 2 {
+            if objects > 0 {
+                self.char(',', out);
+            }
+            self.native = Native::Calls(objects + 1);
+            self.char(c, out);
+        }
     }
 
     /// The reply: its calls (the last one's arguments as far as they came), its answer, or,
@@ -196,7 +275,8 @@ impl ReplyReader {
         if self.capture.is_some() {
             return;
         }
-        if let Some((Some(index), "arguments")) = self.path() {
+        let key = self.syntax.arguments_key();
+        if let Some((Some(index), _)) = self.path().filter(|(_, k)| *k == key) {
             self.capture = Some(Capture {
                 index,
                 depth: self.stack.len(),
@@ -317,8 +397,8 @@ fn unescape(e: &str, high: &mut Option<u16>) -> Option<Option<char>> {
 }
 
 /// The whole reply, read at once.
-pub fn read(text: &str) -> Reply {
-    let mut r = ReplyReader::default();
+pub fn read(text: &str, syntax: Syntax) -> Reply {
+    let mut r = ReplyReader::new(syntax);
     r.push(text);
     r.finish()
 }
@@ -331,7 +411,15 @@ mod tests {
     /// The events of `text` fed in pieces of `size` bytes (on character boundaries), merged: the
     /// calls' names and their arguments, and the answer's text.
     fn streamed(text: &str, size: usize) -> (Vec<(String, String)>, String, Reply) {
-        let mut r = ReplyReader::default();
+        streamed_in(Syntax::Generic, text, size)
+    }
+
+    fn streamed_in(
+        syntax: Syntax,
+        text: &str,
+        size: usize,
+    ) -> (Vec<(String, String)>, String, Reply) {
+        let mut r = ReplyReader::new(syntax);
         let (mut calls, mut content) = (Vec::<(String, String)>::new(), String::new());
         let mut rest = text;
         while !rest.is_empty() {
@@ -380,7 +468,10 @@ mod tests {
             assert_eq!(content, want, "pieces of {size}");
             assert_eq!(whole, Reply::Content(want.into()));
         }
-        assert_eq!(read(r#"{"response": ""}"#), Reply::Content(String::new()));
+        assert_eq!(
+            read(r#"{"response": ""}"#, Syntax::Generic),
+            Reply::Content(String::new())
+        );
     }
 
     /// Cut short, a reply is what came of it: the calls named so far (the last one's arguments
@@ -388,17 +479,27 @@ mod tests {
     #[test]
     fn a_reply_cut_short_is_what_came() {
         assert_eq!(
-            read(r#"{"tool_calls": [{"name": "f", "arguments": {"x": 1"#),
+            read(
+                r#"{"tool_calls": [{"name": "f", "arguments": {"x": 1"#,
+                Syntax::Generic
+            ),
             Reply::Calls(vec![("f".into(), r#"{"x":1"#.into())])
         );
-        assert_eq!(read(r#"{"response": "Hel"#), Reply::Content("Hel".into()));
+        assert_eq!(
+            read(r#"{"response": "Hel"#, Syntax::Generic),
+            Reply::Content("Hel".into())
+        );
         let cut = r#"{"tool_calls": [{"na"#;
-        assert_eq!(read(cut), Reply::Content(cut.into()));
-        assert_eq!(read("plain text"), Reply::Content("plain text".into()));
+        assert_eq!(read(cut, Syntax::Generic), Reply::Content(cut.into()));
+        assert_eq!(
+            read("plain text", Syntax::Generic),
+            Reply::Content("plain text".into())
+        );
         // Arguments that are not an object end where their value does.
         assert_eq!(
             read(
-                r#"{"tool_calls": [{"name": "f", "arguments": 12 }, {"name": "g", "arguments": "s"}]}"#
+                r#"{"tool_calls": [{"name": "f", "arguments": 12 }, {"name": "g", "arguments": "s"}]}"#,
+                Syntax::Generic
             ),
             Reply::Calls(vec![
                 ("f".into(), "12".into()),
@@ -407,12 +508,82 @@ mod tests {
         );
     }
 
+    #[test]
+    fn hermes_calls_stream_as_the_generic_ones_do() {
+        let text = "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"</tool_call> {\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n</tool_call>";
+        let want = vec![
+            ("f".to_string(), r#"{"s":"</tool_call> {"}"#.to_string()),
+            ("g".to_string(), "{}".to_string()),
+        ];
+        for size in [1, 3, 1000] {
+            let (calls, content, whole) = streamed_in(Syntax::Hermes, text, size);
+            assert_eq!(calls, want, "pieces of {size}");
+            assert_eq!(content, "");
+            assert_eq!(whole, Reply::Calls(want.clone()));
+        }
+        // Cut short inside the second call's name: the first call.
+        let cut = &text[..text.rfind("\"g").unwrap() + 2];
+        assert_eq!(
+            read(cut, Syntax::Hermes),
+            Reply::Calls(vec![want[0].clone()])
+        );
+    }
+
+    #[test]
+    fn llama3_calls_take_their_parameters() {
+        let text = r#"{"name": "get_weather", "parameters": {"city": "Paris"}}"#;
+        let want = vec![("get_weather".to_string(), r#"{"city":"Paris"}"#.to_string())];
+        for size in [1, 5, 1000] {
+            let (calls, _, whole) = streamed_in(Syntax::Llama3, text, size);
+            assert_eq!(calls, want, "pieces of {size}");
+            assert_eq!(whole, Reply::Calls(want.clone()));
+        }
+        // The generic key means nothing here: a call without arguments.
+        assert_eq!(
+            read(r#"{"name": "f", "arguments": {"x": 1}}"#, Syntax::Llama3),
+            Reply::Calls(vec![("f".into(), String::new())])
+        );
+    }
+
+    /// A native answer is its text, as it comes and whole, whitespace before it included; its
+    /// own braces and tags are text.
+    #[test]
+    fn a_native_answer_is_its_text() {
+        for (syntax, text) in [
+            (Syntax::Hermes, " Paris {is} <tool_call> the capital."),
+            (Syntax::Llama3, "\nParis <b>{\"name\": 1}</b>"),
+        ] {
+            for size in [1, 4, 1000] {
+                let (calls, content, whole) = streamed_in(syntax, text, size);
+                assert!(calls.is_empty());
+                assert_eq!(content, text, "{syntax:?}, pieces of {size}");
+                assert_eq!(whole, Reply::Content(text.into()));
+            }
+        }
+        let mut r = ReplyReader::new(Syntax::Hermes);
+        assert!(r.push("  ").is_empty() && !r.recognized());
+        assert_eq!(r.finish(), Reply::Content("  ".into()));
+    }
+
     proptest! {
+        /// Any native reply, in any pieces: no panic, and the pieces read as the whole does.
+        #[test]
+        fn native_pieces_read_as_the_whole(text in r#"[<>{}\[\]",: a-z_/\n0-9]{0,60}"#, size in 1usize..8, hermes: bool) {
+            let syntax = if hermes { Syntax::Hermes } else { Syntax::Llama3 };
+            let (calls, content, whole) = streamed_in(syntax, &text, size);
+            prop_assert_eq!(&whole, &read(&text, syntax));
+            match whole {
+                Reply::Calls(c) => prop_assert_eq!(c, calls),
+                Reply::Content(c) if !content.is_empty() => prop_assert_eq!(c, content),
+                Reply::Content(_) => {}
+            }
+        }
+
         /// Any text, in any pieces: no panic, and the pieces read as the whole does.
         #[test]
         fn pieces_read_as_the_whole(text in r#"[{}\[\]",: a-z\\u0-9]{0,60}"#, size in 1usize..8) {
             let (calls, content, whole) = streamed(&text, size);
-            prop_assert_eq!(&whole, &read(&text));
+            prop_assert_eq!(&whole, &read(&text, Syntax::Generic));
             match whole {
                 Reply::Calls(c) => prop_assert_eq!(c, calls),
                 Reply::Content(c) if !content.is_empty() => prop_assert_eq!(c, content),
