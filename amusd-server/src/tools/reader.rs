@@ -6,10 +6,11 @@
 //! The whole response reads its text through the same reader, so streamed and whole agree, a
 //! reply cut short included (its calls so far, the last one's arguments unfinished).
 //!
-//! A native syntax ([`Syntax`]) is read by the same scanner: the reply's first character says
-//! whether it is calls or an answer (the grammar keeps answers from beginning as calls do); an
-//! answer is its text as it comes, and in calls each top-level JSON object is the next element
-//! of the generic format's `tool_calls` list, whatever stands between them (Hermes's tags).
+//! A native syntax ([`Syntax`]) is read by the same scanner: the reply's first character past any
+//! whitespace says whether it is calls or an answer (the grammar keeps answers from beginning as
+//! calls do); an answer is its text as it comes, and in calls each top-level JSON object is the
+//! next element of the generic format's `tool_calls` list, whatever stands between them
+//! (Hermes's tags).
 
 use super::{Reply, Syntax};
 
@@ -71,7 +72,7 @@ struct Capture {
     scalar: bool,
 }
 
-/// What a native reply is, once its first character says.
+/// What a native reply is, once its first character past any whitespace says.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 enum Native {
     #[default]

@@ -10,8 +10,8 @@
 //!
 //! The template renders the tools and the earlier turns (an assistant's `tool_calls`, `tool`
 //! results) itself; the reply is constrained by a Lark grammar to the calls, or with `"auto"` to
-//! the calls or an answer that does not begin as a call does (so its first character tells the
-//! two apart, and a stream can send the answer's text as it comes). Every other template gets the
+//! the calls or an answer that does not begin as a call does (so its first character past any
+//! whitespace tells the two apart, and a stream can send the answer's text as it comes). Every other template gets the
 //! generic format ([`super`]).
 
 use serde_json::{json, Value};
@@ -47,7 +47,8 @@ impl Syntax {
         self != Self::Generic
     }
 
-    /// The character a reply of calls begins with; an answer may not begin with it.
+    /// The character a reply of calls begins with; an answer may not begin with it, even after
+    /// whitespace.
     pub fn call_start(self) -> char {
         match self {
             Self::Hermes => '<',
@@ -66,7 +67,8 @@ impl Syntax {
 
 impl ToolUse {
     /// The reply's grammar under a native syntax: the calls, or with `"auto"` the calls or an
-    /// answer that does not begin with [`Syntax::call_start`].
+    /// answer whose first character past any whitespace is not [`Syntax::call_start`] (as the
+    /// reader tells them apart).
     pub(super) fn native_grammar(&self, syntax: Syntax) -> OutputGrammar {
         let key = syntax.arguments_key();
         let call = |t: &Tool| {
@@ -89,7 +91,7 @@ impl ToolUse {
         };
         let first = regex_escape(syntax.call_start());
         let text = format!(
-            "start: {start}\ncalls: {calls}\ncall: {call}\njson: %json {schema}\nANSWER: /[^{first}][\\s\\S]*/\n"
+            "start: {start}\ncalls: {calls}\ncall: {call}\njson: %json {schema}\nANSWER: /\\s*[^\\s{first}][\\s\\S]*/\n"
         );
         OutputGrammar {
             kind: GrammarType::Lark,
@@ -180,7 +182,7 @@ mod tests {
         assert!(g
             .text
             .contains("call: \"<tool_call>\\n\" json \"\\n</tool_call>\""));
-        assert!(g.text.contains("ANSWER: /[^<][\\s\\S]*/"));
+        assert!(g.text.contains("ANSWER: /\\s*[^\\s<][\\s\\S]*/"));
         let schema: Value = serde_json::from_str(
             g.text
                 .lines()
