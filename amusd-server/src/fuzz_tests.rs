@@ -140,7 +140,9 @@ fn json() -> impl Strategy<Value = Value> {
 /// cases pass validation and generate), or at times anything at all.
 fn body(path: &'static str) -> impl Strategy<Value = String> {
     let base = match path {
-        "/v1/chat/completions" => r#"{"messages": [{"role": "user", "content": "hi"}]}"#,
+        "/v1/chat/completions" | "/apply-template" => {
+            r#"{"messages": [{"role": "user", "content": "hi"}]}"#
+        }
         "/v1/responses" => r#"{"input": "hi"}"#,
         "/tokenize" => r#"{"content": "hi"}"#,
         "/detokenize" => r#"{"tokens": [104, 105]}"#,
@@ -164,8 +166,9 @@ fn body(path: &'static str) -> impl Strategy<Value = String> {
     ]
 }
 
-const ENDPOINTS: [&str; 6] = [
+const ENDPOINTS: [&str; 7] = [
     "/v1/chat/completions",
+    "/apply-template",
     "/v1/completions",
     "/v1/responses",
     "/completion",
