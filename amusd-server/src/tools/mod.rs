@@ -322,10 +322,11 @@ pub fn tool_calls_json(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn weather() -> Value {
+    /// Two tools: one with a schema and a description, one with neither.
+    pub(crate) fn weather() -> Value {
         json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
             {"type": "function", "function": {"name": "time"}}])

@@ -151,12 +151,13 @@ pub fn calls_for_template(calls: &Value, param: &str) -> Result<Value, crate::er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tools::tests::weather;
     use crate::tools::tool_use;
 
-    fn weather() -> Value {
-        json!([{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
-            {"type": "function", "function": {"name": "time"}}])
+    /// The JSON schema a native grammar's calls follow.
+    fn calls_schema(g: &OutputGrammar) -> Value {
+        let line = g.text.lines().find_map(|l| l.strip_prefix("json: %json "));
+        serde_json::from_str(line.expect("a %json rule")).unwrap()
     }
 
     #[test]
@@ -183,13 +184,7 @@ mod tests {
             .text
             .contains("call: \"<tool_call>\\n\" json \"\\n</tool_call>\""));
         assert!(g.text.contains("ANSWER: /\\s*[^\\s<][\\s\\S]*/"));
-        let schema: Value = serde_json::from_str(
-            g.text
-                .lines()
-                .find_map(|l| l.strip_prefix("json: %json "))
-                .unwrap(),
-        )
-        .unwrap();
+        let schema = calls_schema(&g);
         assert_eq!(
             schema["anyOf"][0]["properties"]["name"]["const"],
             "get_weather"
@@ -203,13 +198,7 @@ mod tests {
         assert!(g
             .text
             .starts_with("start: calls\ncalls: call\ncall: json\n"));
-        let schema: Value = serde_json::from_str(
-            g.text
-                .lines()
-                .find_map(|l| l.strip_prefix("json: %json "))
-                .unwrap(),
-        )
-        .unwrap();
+        let schema = calls_schema(&g);
         assert_eq!(schema["anyOf"].as_array().unwrap().len(), 1);
         assert_eq!(
             schema["anyOf"][0]["required"],
