@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::decode::{LogprobEntry, Summary};
+use crate::decode::{Finish, LogprobEntry, Summary};
 use crate::request::Endpoint;
 use crate::tools::reader::ReplyEvent;
 use crate::tools::{self, Reply};
@@ -95,7 +95,7 @@ impl Head {
     }
 
     /// A chat choice's message (or a stream's delta) and finish reason: the text as content, or
-    /// with tools the reply read back: its calls (finish reason `tool_calls`) or its answer.
+    /// with tools the reply read back: its calls ([`calls_finish`]) or its answer.
     fn message(&self, i: usize, text: &str, s: &Summary, streamed: bool) -> (Value, Value) {
         let plain = |content: &str| {
             (
@@ -111,7 +111,7 @@ impl Head {
             Reply::Calls(calls) => (
                 json!({"role": "assistant", "content": null,
                     "tool_calls": tools::tool_calls_json(&calls, &self.id, i, streamed)}),
-                json!("tool_calls"),
+                calls_finish(s),
             ),
         };
         if streamed {
@@ -147,7 +147,7 @@ impl Head {
     /// calls, the log-probabilities not sent yet, `timings`.
     pub fn tool_end(&self, i: usize, calls: bool, s: &Summary, logprobs: &[LogprobEntry]) -> Value {
         let finish = if calls {
-            json!("tool_calls")
+            calls_finish(s)
         } else {
             json!(s.finish)
         };
@@ -338,10 +338,19 @@ fn completions_logprobs(lead: Option<&str>, entries: &[&LogprobEntry], offset: u
     json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
 }
 
+/// A reply of calls ends in `tool_calls`, unless `max_tokens` cut it (its last call's arguments
+/// unfinished): then `length`, as OpenAI's, so that a client does not run a call cut in half.
+fn calls_finish(s: &Summary) -> Value {
+    match s.finish {
+        Finish::Length => json!("length"),
+        Finish::Stop => json!("tool_calls"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Finish, PromptTokensDetails, Timings, Usage};
+    use crate::decode::{PromptTokensDetails, Timings, Usage};
 
     fn summary() -> Summary {
         Summary {
@@ -490,6 +499,16 @@ mod tests {
         );
         let last = h.tool_end(0, true, &stop, &[]);
         assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+        // Calls cut by max_tokens end in `length`, whole and streamed.
+        let cut_call = r#"{"tool_calls": [{"name": "f", "arguments": {"a": [1"#;
+        let whole = h.full(&[(cut_call.into(), summary())]);
+        assert_eq!(whole["choices"][0]["finish_reason"], "length");
+        assert_eq!(
+            whole["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            r#"{"a":[1"#
+        );
+        let last = h.tool_end(0, true, &summary(), &[]);
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
         assert_eq!(last["object"], "chat.completion.chunk");
     }
 
