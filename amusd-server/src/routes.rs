@@ -290,7 +290,7 @@ async fn handle_as(
             (p.raw, Some((p.echoed, p.keep)))
         }
     };
-    let syntax = crate::tools::Syntax::of_template(s.codec.chat_template().as_deref());
+    let syntax = crate::tools::Syntax::of_codec(s.codec.as_ref());
     let mut v = request::validate(raw, endpoint, syntax)?;
     check_logit_bias(s.codec.as_ref(), &v)?;
     dry_breakers(&s.codec, &mut v).await?;

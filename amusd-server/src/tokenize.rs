@@ -106,7 +106,7 @@ pub fn tokenize(codec: &dyn Codec, r: TokenizeRequest) -> Result<Value, ApiError
 /// `/apply-template`'s answer: a chat request's prompt, rendered as `/v1/chat/completions`
 /// renders it (its tools too, in the template's syntax), as `{"prompt": ...}`.
 pub fn apply_template(codec: &dyn Codec, body: &[u8]) -> Result<Value, ApiError> {
-    let syntax = Syntax::of_template(codec.chat_template().as_deref());
+    let syntax = Syntax::of_codec(codec);
     let v = request::validate(request::parse(body)?, request::Endpoint::Chat, syntax)?;
     let request::Input::Chat(messages, options) = v.input else {
         unreachable!("a chat request's input is its messages")

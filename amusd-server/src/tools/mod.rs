@@ -248,6 +248,25 @@ impl ToolUse {
 
 /// An assistant turn's `tool_calls` (OpenAI's shape) as the reply format's JSON, for the prompt.
 pub fn calls_as_text(calls: &Value, param: &str) -> Result<String, ApiError> {
+    let calls: Vec<Value> = (earlier_calls(calls, param)?.into_iter())
+        .map(|c| json!({"name": c.name, "arguments": c.arguments}))
+        .collect();
+    Ok(json!({ "tool_calls": calls }).to_string())
+}
+
+/// One call of an earlier assistant turn, checked.
+pub(crate) struct EarlierCall<'a> {
+    pub id: Option<&'a str>,
+    pub name: &'a str,
+    /// The object its arguments' JSON text holds ([`arguments_value`]).
+    pub arguments: Value,
+}
+
+/// An assistant turn's `tool_calls` (OpenAI's shape, given as request parameter `param`), read.
+pub(crate) fn earlier_calls<'a>(
+    calls: &'a Value,
+    param: &str,
+) -> Result<Vec<EarlierCall<'a>>, ApiError> {
     let bad = || {
         bad(
             param,
@@ -255,14 +274,16 @@ pub fn calls_as_text(calls: &Value, param: &str) -> Result<String, ApiError> {
         )
     };
     let list = calls.as_array().ok_or_else(bad)?;
-    let calls: Vec<Value> = (list.iter())
+    (list.iter())
         .map(|c| {
             let f = &c["function"];
-            let name = f["name"].as_str().ok_or_else(bad)?;
-            Ok(json!({"name": name, "arguments": arguments_value(&f["arguments"])}))
+            Ok(EarlierCall {
+                id: c["id"].as_str(),
+                name: f["name"].as_str().ok_or_else(bad)?,
+                arguments: arguments_value(&f["arguments"]),
+            })
         })
-        .collect::<Result<_, ApiError>>()?;
-    Ok(json!({ "tool_calls": calls }).to_string())
+        .collect()
 }
 
 /// A call's arguments as they are written back: they come as a JSON string, and go back as the

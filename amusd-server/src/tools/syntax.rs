@@ -42,6 +42,11 @@ impl Syntax {
         }
     }
 
+    /// The syntax of the model's chat template.
+    pub fn of_codec(codec: &dyn crate::generator::Codec) -> Self {
+        Self::of_template(codec.chat_template().as_deref())
+    }
+
     /// Whether the chat template renders the tools and the earlier calls itself.
     pub fn native(self) -> bool {
         self != Self::Generic
@@ -125,26 +130,16 @@ fn regex_escape(c: char) -> String {
 /// An assistant turn's `tool_calls` for a native template: OpenAI's shape, each call's arguments
 /// the object their JSON text holds (templates write them with `tojson`, as llama.cpp passes them).
 pub fn calls_for_template(calls: &Value, param: &str) -> Result<Value, crate::error::ApiError> {
-    let bad = || {
-        crate::error::ApiError::bad_param(
-            param,
-            format!("{param} must be a list of {{\"type\": \"function\", \"function\": {{\"name\": ..., \"arguments\": \"...\"}}}}"),
-        )
-    };
-    let list = calls.as_array().ok_or_else(bad)?;
-    let calls = (list.iter())
+    let calls = (super::earlier_calls(calls, param)?.into_iter())
         .map(|c| {
-            let f = &c["function"];
-            let name = f["name"].as_str().ok_or_else(bad)?;
-            let arguments = super::arguments_value(&f["arguments"]);
             let mut call = json!({"type": "function",
-                "function": {"name": name, "arguments": arguments}});
-            if let Some(id) = c["id"].as_str() {
+                "function": {"name": c.name, "arguments": c.arguments}});
+            if let Some(id) = c.id {
                 call["id"] = id.into();
             }
-            Ok(call)
+            call
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     Ok(Value::Array(calls))
 }
 
