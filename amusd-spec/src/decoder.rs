@@ -1,6 +1,7 @@
 //! Decoders with a rollback-able cache, and the two roles built on them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use amusd_model::{Batching, KvCache, Llama, LogitsFor};
 
@@ -8,6 +9,7 @@ use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
 use crate::logprobs::Logprobs;
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
+use crate::run_worth::{self, Agreement, ForwardCost};
 use crate::sampling::{RequestSampling, Sampler};
 use crate::SpecError;
 
@@ -348,6 +350,11 @@ pub struct Drafter<D: Decoder> {
     history: Option<NgramHistory>,
     /// The committed tokens of this request the history has learnt.
     learnt: usize,
+    /// The model's forward time by width, which prices the guesses a forward checks.
+    cost: ForwardCost,
+    /// How often the model agreed with the lookup's guesses, and with the history's, lately.
+    lookup_agreement: Agreement,
+    history_agreement: Agreement,
 }
 
 impl<D: Decoder> Drafter<D> {
@@ -366,7 +373,17 @@ impl<D: Decoder> Drafter<D> {
             lookup_off: false,
             history: None,
             learnt: 0,
+            cost: ForwardCost::measured(),
+            lookup_agreement: Agreement::default(),
+            history_agreement: Agreement::default(),
         }
+    }
+
+    /// Prices the model's rows as `cost` says instead of timing its forwards (tests, whose fake
+    /// models' times say nothing).
+    pub fn with_forward_cost(mut self, cost: ForwardCost) -> Self {
+        self.cost = cost;
+        self
     }
 
     /// Adds the n-gram history across requests: where the lookup finds no match, the history's
@@ -534,17 +551,19 @@ impl<D: Decoder> Drafter<D> {
             Some(l) if !self.lookup_off => l.propose(room(lookahead.max(l.cap())), stop_ids),
             _ => Vec::new(),
         };
-        if !run.is_empty() && self.model {
-            return self.draft_checked(&run, Source::Lookup, max_len, stop_ids);
-        }
-        if !run.is_empty() {
+        if !run.is_empty() && !self.model {
             for &t in &run {
                 self.push(t, Source::Lookup, Some(t));
             }
             return Ok((run.len(), Source::Lookup));
         }
+        let run = self.worth_checking(run, Source::Lookup);
+        if !run.is_empty() {
+            return self.draft_checked(&run, Source::Lookup, max_len, stop_ids);
+        }
         if self.model && room(lookahead) > 0 {
             let run = self.history_run(room(lookahead).min(NgramHistory::MAX_RUN), stop_ids);
+            let run = self.worth_checking(run, Source::History);
             if !run.is_empty() {
                 return self.draft_checked(&run, Source::History, max_len, stop_ids);
             }
@@ -571,10 +590,9 @@ impl<D: Decoder> Drafter<D> {
         let start = self.decoder.cached().min(len - 1);
         let mut input = self.seq[start..].to_vec();
         input.extend_from_slice(run);
-        let own = self
-            .decoder
-            .next_tokens(&input, start, len - 1 - start, &mut self.sampler)?;
+        let own = self.forward(&input, start, len - 1 - start)?;
         let agree = run.iter().zip(&own).take_while(|(a, b)| a == b).count();
+        self.agreement(source).observe_run(agree, run.len());
         // A history run is not the lookup's guess: its gate only hears of its own.
         let lookup_guess = |t: u32| (source == Source::Lookup).then_some(t);
         for &t in &run[..agree] {
@@ -612,16 +630,63 @@ impl<D: Decoder> Drafter<D> {
         // What the lookup would have proposed here, scored once the position is committed, so a
         // closed gate can reopen.
         let guess = self.lookup.as_ref().and_then(Lookup::guess);
+        let history_guess = self.history_run(1, &[]).first().copied();
         let start = self.decoder.cached().min(self.seq.len() - 1);
-        let input = &self.seq[start..];
-        let last = input.len() - 1;
+        let input = self.seq[start..].to_vec();
         let tok = *self
-            .decoder
-            .next_tokens(input, start, last, &mut self.sampler)?
+            .forward(&input, start, input.len() - 1)?
             .last()
             .ok_or_else(|| SpecError::Protocol("decoder returned no token".into()))?;
+        // What the guesses would have yielded here keeps their agreement current while no run
+        // of theirs is worth checking.
+        if let Some(g) = guess {
+            self.lookup_agreement.observe(g == tok);
+        }
+        if let Some(g) = history_guess {
+            self.history_agreement.observe(g == tok);
+        }
         self.push(tok, Source::Model, guess);
         Ok(tok)
+    }
+
+    /// The model's forward over `input` (from position `start`, tokens from row `first_row`
+    /// on), timed for [`ForwardCost`].
+    fn forward(
+        &mut self,
+        input: &[u32],
+        start: usize,
+        first_row: usize,
+    ) -> Result<Vec<u32>, SpecError> {
+        let t = Instant::now();
+        let out = self
+            .decoder
+            .next_tokens(input, start, first_row, &mut self.sampler)?;
+        self.cost.observe(input.len(), t.elapsed().as_secs_f64());
+        Ok(out)
+    }
+
+    fn agreement(&mut self, source: Source) -> &mut Agreement {
+        match source {
+            Source::History => &mut self.history_agreement,
+            Source::Lookup | Source::Model => &mut self.lookup_agreement,
+        }
+    }
+
+    /// As much of a guessed `run` (from `source`) as is worth a wider forward
+    /// ([`run_worth::worth_checking`]); the forward already catches up the positions the cache
+    /// lacks.
+    fn worth_checking(&mut self, mut run: Vec<u32>, source: Source) -> Vec<u32> {
+        if run.is_empty() {
+            return run;
+        }
+        let base = self.seq.len() - self.decoder.cached().min(self.seq.len() - 1);
+        let extra = self.cost.extra_row(base);
+        run.truncate(run_worth::worth_checking(
+            run.len(),
+            self.agreement(source).rate(),
+            extra,
+        ));
+        run
     }
 }
 

@@ -256,6 +256,7 @@ mod tests {
     use crate::decoder::{Decoder, Drafter, Verifier};
     use crate::generate::{autoregressive, speculative};
     use crate::policy::StopCriteria;
+    use crate::run_worth::ForwardCost;
     use crate::sampling::{Dry, LogitBias, Penalties, RequestSampling, SamplingParams};
     use proptest::prelude::*;
     use std::ops::ControlFlow;
@@ -626,7 +627,9 @@ mod tests {
         };
         let p = periodic_prompt(5, 9, 40, draft.vocab);
         let range = crate::lookup::NgramRange { min: 3, max: 4 };
-        let mut d = Drafter::new(FakeDecoder::new(draft.clone())).with_lookup(range, false, 16);
+        let mut d = Drafter::new(FakeDecoder::new(draft.clone()))
+            .with_lookup(range, false, 16)
+            .with_forward_cost(ForwardCost::Fixed(0.25));
         d.start(&p, 400, false).unwrap();
         let (mut steps, mut from_lookup) = (0, 0);
         while d.seq().len() < 300 {
@@ -657,6 +660,44 @@ mod tests {
         );
     }
 
+    /// Where a row costs most of a forward (a compute-bound draft), the model checks only
+    /// guesses it has lately agreed with: none on text the lookup cannot predict (each forward
+    /// one row wide), runs on text that repeats.
+    #[test]
+    fn a_dear_row_is_spent_only_on_guesses_the_model_takes() {
+        let drafted = |positional: bool| {
+            let draft = FakeModel {
+                seed: 8,
+                vocab: 6,
+                positional,
+                err: 0.03,
+                ..Default::default()
+            };
+            let p = periodic_prompt(8, 9, 40, draft.vocab);
+            let range = crate::lookup::NgramRange { min: 3, max: 4 };
+            let mut d = Drafter::new(FakeDecoder::new(draft))
+                .with_lookup(range, false, 16)
+                .with_forward_cost(ForwardCost::Fixed(0.7));
+            d.start(&p, 400, false).unwrap();
+            let (mut forwards, mut from_lookup) = (0, 0);
+            while d.seq().len() < 300 {
+                let committed = d.seq().to_vec();
+                d.sync(&committed);
+                d.extend(committed.len(), 1, 300, &[]).unwrap();
+                forwards += 1;
+                from_lookup += (committed.len()..d.seq().len())
+                    .filter(|&pos| d.source(pos) == crate::lookup::Source::Lookup)
+                    .count();
+            }
+            (forwards, from_lookup, d.seq().len() - p.len())
+        };
+        let (forwards, from_lookup, n) = drafted(true);
+        assert_eq!((forwards, from_lookup), (n, 0), "unpredictable text");
+        let (forwards, from_lookup, n) = drafted(false);
+        assert!(from_lookup * 2 > n, "repeating text: {from_lookup} of {n}");
+        assert!(forwards * 2 < n, "{forwards} forwards for {n} tokens");
+    }
+
     /// The n-gram history carries what one request committed over to the next: run again on the
     /// same prompt (text the lookup finds no match in), the draft model confirms the history's
     /// runs several tokens a forward, and every token drafted is still its own.
@@ -671,7 +712,8 @@ mod tests {
         let range = crate::lookup::NgramRange::DEFAULT;
         let mut d = Drafter::new(FakeDecoder::new(draft.clone()))
             .with_lookup(range, false, 16)
-            .with_history(crate::history::NgramHistory::new(12));
+            .with_history(crate::history::NgramHistory::new(12))
+            .with_forward_cost(ForwardCost::Fixed(0.25));
         let mut request = || {
             d.start(&p, 400, false).unwrap();
             let (mut forwards, mut from_history) = (0, 0);

@@ -22,6 +22,7 @@ pub mod lookup;
 pub mod penalty;
 mod philox;
 pub mod policy;
+pub mod run_worth;
 pub mod sampling;
 pub mod worker;
 

@@ -227,10 +227,12 @@ impl NgramIndex {
 ///
 /// The floor depends on who checks a guess first. Alone ([`Self::FLOOR_ALONE`]), a guess is
 /// worth a verify slot and no more. Ahead of the model ([`Self::FLOOR_CHECKED`]), the model checks
-/// the guesses in the forward that drafts its own next token anyway: three positions cost the
-/// draft model ~1.3-1.4x one, so two right guesses are two more tokens for little, and they make
-/// the streak trusted at once. A wrong run costs its width in that forward (k = 8 costs ~2-3x
-/// k = 1 on the draft model), which is what the streak bounds.
+/// the guesses in the forward that drafts its own next token anyway, and the gate's cap is only
+/// an upper bound: the drafter checks as much of a run as its measured price of a row and the
+/// model's recent agreement make worth it ([`crate::run_worth`]). Where rows are cheap (three
+/// positions cost the AVX-512 Xeon's draft ~1.3-1.4x one) two right guesses are two more tokens
+/// for little and make the streak trusted at once; where they are dear (2.2x on an AVX2 core)
+/// only guesses the model has lately agreed with are checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LookupGate {
     streak: usize,

@@ -971,6 +971,8 @@ mod tests {
                         let min = if l.repeating { 3 } else { 2 };
                         let range = crate::lookup::NgramRange { min, max: 4 };
                         d = d.with_lookup(range, l.alone, l.max_run);
+                        // Runs are checked whatever the fake forwards' sleeps measure.
+                        d = d.with_forward_cost(crate::run_worth::ForwardCost::Fixed(0.25));
                         // The history learns across the requests, as in a worker.
                         d = d.with_history(crate::history::NgramHistory::new(12));
                     }
