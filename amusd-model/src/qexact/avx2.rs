@@ -46,7 +46,12 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
 /// qexact`, three rounds): q4_1 gate/up 171 / 172 / 172 -> 132 / 132 / 139 us, q4_0 172 / 171 /
 /// 186 -> 135 / 135 / 137, q4_k 155 -> 121-132, q2_k 184-201 -> 163-171; q8_0 in 32-column
 /// passes was slower (137-159 -> 155-156), as were two nibble rows in 16-column ones (level to
-/// 10% slower).
+/// 10% slower). Two nibble rows in 64-column strips spill an accumulator (`perf annotate`): in
+/// 24-column ones (48 + 16) they do not, and three byte rows keep 9 chains instead of 6 that way
+/// (`AMUSD_BENCH_MS=2,3 cargo bench --bench qexact -- q4_1 q8_0`, in cache, three alternating
+/// rounds: q4_1 m = 2 gate/up 262 / 257 / 236 -> 231 / 230 / 218 us, q8_0 m = 3 286 / 277 / 288
+/// -> 241 / 241 / 254; the verify model's two-row forward, `ROWS=2 fwd_probe`, fastest of 40
+/// 15.9-16.5 -> 15.5 ms). Three nibble rows or two byte rows in 24-column strips were slower.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<
     const NIB: bool,
@@ -62,8 +67,10 @@ unsafe fn rows_of<
     match xs.len() {
         1 if NIB => strips::<1, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         1 => strips::<1, 8, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        2 if NIB => strips::<2, 3, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         2 => strips::<2, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
-        3 => strips::<3, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        3 if NIB => strips::<3, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        3 => strips::<3, 3, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         4 => strips::<4, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         5 => strips::<5, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         6 => strips::<6, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
@@ -89,12 +96,29 @@ unsafe fn strips<
 ) {
     let xs: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
     let k = panel.len() / group_bytes::<NIB, OFF, F32, SPLIT>() * GROUP;
-    for col in (0..PANEL).step_by(8 * V) {
+    let whole = PANEL / (8 * V) * 8 * V;
+    for col in (0..whole).step_by(8 * V) {
         let acc = strip::<R, V, NIB, OFF, BIAS, F32, SPLIT>(&xs, k, panel, col);
-        for r in 0..R {
-            for v in 0..V {
-                _mm256_storeu_ps(out.as_mut_ptr().add(r * PANEL + col + 8 * v), acc[r][v]);
-            }
+        store(&acc, out, col);
+    }
+    // A strip width that does not divide the panel leaves 16 columns (three vectors: 48 + 16).
+    if whole < PANEL {
+        debug_assert_eq!(PANEL - whole, 16);
+        let acc = strip::<R, 2, NIB, OFF, BIAS, F32, SPLIT>(&xs, k, panel, whole);
+        store(&acc, out, whole);
+    }
+}
+
+/// A strip's sums into `R` rows of `PANEL` outputs, from column `col`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store<const R: usize, const V: usize>(
+    acc: &[[__m256; V]; R],
+    out: &mut [f32],
+    col: usize,
+) {
+    for r in 0..R {
+        for v in 0..V {
+            _mm256_storeu_ps(out.as_mut_ptr().add(r * PANEL + col + 8 * v), acc[r][v]);
         }
     }
 }
