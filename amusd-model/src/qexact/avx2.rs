@@ -52,6 +52,8 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
 /// rounds: q4_1 m = 2 gate/up 262 / 257 / 236 -> 231 / 230 / 218 us, q8_0 m = 3 286 / 277 / 288
 /// -> 241 / 241 / 254; the verify model's two-row forward, `ROWS=2 fwd_probe`, fastest of 40
 /// 15.9-16.5 -> 15.5 ms). Three nibble rows or two byte rows in 24-column strips were slower.
+/// Five byte rows take 16-column strips (10 chains; q8_0 m = 5 gate/up 472 / 467 / 473 -> 375 /
+/// 372 / 367 us); six were slower that way (530 -> 590).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<
     const NIB: bool,
@@ -72,6 +74,7 @@ unsafe fn rows_of<
         3 if NIB => strips::<3, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         3 => strips::<3, 3, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         4 => strips::<4, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        5 if !NIB => strips::<5, 2, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         5 => strips::<5, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         6 => strips::<6, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         7 => strips::<7, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
