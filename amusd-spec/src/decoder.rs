@@ -557,13 +557,13 @@ impl<D: Decoder> Drafter<D> {
             }
             return Ok((run.len(), Source::Lookup));
         }
-        let run = self.worth_checking(run, Source::Lookup);
+        let run = self.priced(run, Source::Lookup);
         if !run.is_empty() {
             return self.draft_checked(&run, Source::Lookup, max_len, stop_ids);
         }
         if self.model && room(lookahead) > 0 {
             let run = self.history_run(room(lookahead).min(NgramHistory::MAX_RUN), stop_ids);
-            let run = self.worth_checking(run, Source::History);
+            let run = self.priced(run, Source::History);
             if !run.is_empty() {
                 return self.draft_checked(&run, Source::History, max_len, stop_ids);
             }
@@ -665,6 +665,8 @@ impl<D: Decoder> Drafter<D> {
         Ok(out)
     }
 
+    /// The agreement of a guessing source (the model guesses nothing: only the two others are
+    /// asked for).
     fn agreement(&mut self, source: Source) -> &mut Agreement {
         match source {
             Source::History => &mut self.history_agreement,
@@ -675,7 +677,7 @@ impl<D: Decoder> Drafter<D> {
     /// As much of a guessed `run` (from `source`) as is worth a wider forward
     /// ([`run_worth::worth_checking`]); the forward already catches up the positions the cache
     /// lacks.
-    fn worth_checking(&mut self, mut run: Vec<u32>, source: Source) -> Vec<u32> {
+    fn priced(&mut self, mut run: Vec<u32>, source: Source) -> Vec<u32> {
         if run.is_empty() {
             return run;
         }
