@@ -613,6 +613,39 @@ mod tests {
         );
     }
 
+    /// A drafter with the lookup ahead of `draft` (3-4-grams), its rows priced at `cost` of a
+    /// forward, drafting `draft`'s text after a periodic prompt to 300 tokens, every draft
+    /// committed as is (which is what lets the lookup's gate open); `step` sees the drafter and
+    /// each step's new positions. Returns the steps (one forward each) and the tokens drafted.
+    fn drafting_committed(
+        draft: &FakeModel,
+        cost: f64,
+        mut step: impl FnMut(&Drafter<FakeDecoder>, std::ops::Range<usize>),
+    ) -> (usize, usize) {
+        let p = periodic_prompt(draft.seed, 9, 40, draft.vocab);
+        let range = crate::lookup::NgramRange { min: 3, max: 4 };
+        let mut d = Drafter::new(FakeDecoder::new(draft.clone()))
+            .with_lookup(range, false, 16)
+            .with_forward_cost(ForwardCost::Fixed(cost));
+        d.start(&p, 400, false).unwrap();
+        let mut steps = 0;
+        while d.seq().len() < 300 {
+            let committed = d.seq().to_vec();
+            d.sync(&committed);
+            let (n, _) = d.extend(committed.len(), 1, 300, &[]).unwrap();
+            assert!(n >= 1);
+            steps += 1;
+            step(&d, committed.len()..d.seq().len());
+        }
+        (steps, d.seq().len() - p.len())
+    }
+
+    fn from_lookup(d: &Drafter<FakeDecoder>, positions: std::ops::Range<usize>) -> usize {
+        positions
+            .filter(|&pos| d.source(pos) == crate::lookup::Source::Lookup)
+            .count()
+    }
+
     /// Ahead of a model, a lookup run is checked by the draft model before it is proposed: every
     /// draft token is the draft model's own greedy choice, so a wrong run never reaches the verify
     /// model; on repeating text most tokens come from runs the model confirmed, several a forward.
@@ -625,34 +658,21 @@ mod tests {
             err: 0.03,
             ..Default::default()
         };
-        let p = periodic_prompt(5, 9, 40, draft.vocab);
-        let range = crate::lookup::NgramRange { min: 3, max: 4 };
-        let mut d = Drafter::new(FakeDecoder::new(draft.clone()))
-            .with_lookup(range, false, 16)
-            .with_forward_cost(ForwardCost::Fixed(0.25));
-        d.start(&p, 400, false).unwrap();
-        let (mut steps, mut from_lookup) = (0, 0);
-        while d.seq().len() < 300 {
-            // Every draft is committed as is, which is what lets the lookup's gate open.
-            let committed = d.seq().to_vec();
-            d.sync(&committed);
-            let (n, _) = d.extend(committed.len(), 1, 300, &[]).unwrap();
-            assert!(n >= 1);
-            steps += 1;
-            for pos in committed.len()..d.seq().len() {
+        let mut lookup = 0;
+        let (steps, drafted) = drafting_committed(&draft, 0.25, |d, new| {
+            for pos in new.clone() {
                 assert_eq!(d.seq()[pos], draft.next(&d.seq()[..pos]), "position {pos}");
-                from_lookup += usize::from(d.source(pos) == crate::lookup::Source::Lookup);
             }
+            lookup += from_lookup(d, new);
             assert_eq!(
                 d.decoder.cached(),
                 d.seq().len() - 1,
                 "the cache holds the agreed run"
             );
-        }
-        let drafted = d.seq().len() - p.len();
+        });
         assert!(
-            from_lookup * 3 > drafted,
-            "{from_lookup} of {drafted} from lookup runs"
+            lookup * 3 > drafted,
+            "{lookup} of {drafted} from lookup runs"
         );
         assert!(
             steps * 3 < drafted * 2,
@@ -665,7 +685,7 @@ mod tests {
     /// one row wide), runs on text that repeats.
     #[test]
     fn a_dear_row_is_spent_only_on_guesses_the_model_takes() {
-        let drafted = |positional: bool| {
+        let run = |positional: bool| {
             let draft = FakeModel {
                 seed: 8,
                 vocab: 6,
@@ -673,28 +693,15 @@ mod tests {
                 err: 0.03,
                 ..Default::default()
             };
-            let p = periodic_prompt(8, 9, 40, draft.vocab);
-            let range = crate::lookup::NgramRange { min: 3, max: 4 };
-            let mut d = Drafter::new(FakeDecoder::new(draft))
-                .with_lookup(range, false, 16)
-                .with_forward_cost(ForwardCost::Fixed(0.7));
-            d.start(&p, 400, false).unwrap();
-            let (mut forwards, mut from_lookup) = (0, 0);
-            while d.seq().len() < 300 {
-                let committed = d.seq().to_vec();
-                d.sync(&committed);
-                d.extend(committed.len(), 1, 300, &[]).unwrap();
-                forwards += 1;
-                from_lookup += (committed.len()..d.seq().len())
-                    .filter(|&pos| d.source(pos) == crate::lookup::Source::Lookup)
-                    .count();
-            }
-            (forwards, from_lookup, d.seq().len() - p.len())
+            let mut lookup = 0;
+            let (forwards, n) =
+                drafting_committed(&draft, 0.7, |d, new| lookup += from_lookup(d, new));
+            (forwards, lookup, n)
         };
-        let (forwards, from_lookup, n) = drafted(true);
-        assert_eq!((forwards, from_lookup), (n, 0), "unpredictable text");
-        let (forwards, from_lookup, n) = drafted(false);
-        assert!(from_lookup * 2 > n, "repeating text: {from_lookup} of {n}");
+        let (forwards, lookup, n) = run(true);
+        assert_eq!((forwards, lookup), (n, 0), "unpredictable text");
+        let (forwards, lookup, n) = run(false);
+        assert!(lookup * 2 > n, "repeating text: {lookup} of {n}");
         assert!(forwards * 2 < n, "{forwards} forwards for {n} tokens");
     }
 
