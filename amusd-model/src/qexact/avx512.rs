@@ -1,11 +1,8 @@
 //! The AVX-512 kernels (AVX512F): sixteen outputs per vector, so a panel is four vectors wide and
 //! each widening instruction serves twice the weights of the AVX2 path. The arithmetic is the
 //! AVX2 path's lane for lane (the same f32 values of the quants, looked up or converted; the same
-//! `fma(q, d, m)`; the same chain order), so both give the portable reference's bits.
-//!
-//! The k-quants (f32 scales, split groups) run the AVX2 kernels, in tiles of at most eight
-//! rows: their AVX-512 variant is for a session on a machine with AVX-512 to write and test (the
-//! one they were written on had AVX2 only).
+//! `fma(q, d, m)`; the same chain order; a k-quant's f32 scales and its split groups' second
+//! scale sets as the AVX2 path reads them), so both give the portable reference's bits.
 
 // Register tiles are indexed by row and vector; iterators would hide which register is which.
 #![allow(clippy::needless_range_loop)]
@@ -31,22 +28,18 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     // groups of `panel` and writes `xs.len() * PANEL` outputs (asserted).
     unsafe {
         match kind {
-            BlockKind::Q4_0 => rows_of::<true, false, 8>(xs, panel, out),
-            BlockKind::Q4_1 => rows_of::<true, true, 0>(xs, panel, out),
+            BlockKind::Q4_0 => rows_of::<true, false, 8, false, false>(xs, panel, out),
+            BlockKind::Q4_1 => rows_of::<true, true, 0, false, false>(xs, panel, out),
             BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
-                rows_of::<false, false, 0>(xs, panel, out)
+                rows_of::<false, false, 0, false, false>(xs, panel, out)
             }
-            BlockKind::Q5_1 => rows_of::<false, true, 0>(xs, panel, out),
-            BlockKind::Q2K
-            | BlockKind::Q3K
-            | BlockKind::Q4K
-            | BlockKind::Q5K
-            | BlockKind::Q6K
-            | BlockKind::Q8K => {
-                for (xs, out) in xs.chunks(8).zip(out.chunks_mut(8 * PANEL)) {
-                    super::avx2::rows(kind, xs, panel, out);
-                }
-            }
+            BlockKind::Q5_1 => rows_of::<false, true, 0, false, false>(xs, panel, out),
+            BlockKind::Q2K => rows_of::<true, true, 0, true, true>(xs, panel, out),
+            BlockKind::Q3K => rows_of::<true, false, 4, true, true>(xs, panel, out),
+            BlockKind::Q4K => rows_of::<true, true, 0, true, false>(xs, panel, out),
+            BlockKind::Q5K => rows_of::<false, true, 0, true, false>(xs, panel, out),
+            BlockKind::Q6K => rows_of::<false, false, 0, true, true>(xs, panel, out),
+            BlockKind::Q8K => rows_of::<false, false, 0, true, false>(xs, panel, out),
         }
     }
 }
@@ -61,28 +54,34 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
 /// 28-31 against 22-23 / 24-26 / 26-30 with quarter strips; three and four rows are fastest
 /// whole (m = 4: 16.3 / 17.3 against 19.6 / 21.1 in halves).
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+unsafe fn rows_of<
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
+>(
     xs: &[&[f32]],
     panel: &[u8],
     out: &mut [f32],
 ) {
     match xs.len() {
-        1 => strips::<1, 4, NIB, OFF, BIAS>(xs, panel, out),
-        2 => strips::<2, 4, NIB, OFF, BIAS>(xs, panel, out),
-        3 => strips::<3, 4, NIB, OFF, BIAS>(xs, panel, out),
-        4 => strips::<4, 4, NIB, OFF, BIAS>(xs, panel, out),
-        5 => strips::<5, 4, NIB, OFF, BIAS>(xs, panel, out),
-        6 => strips::<6, 1, NIB, OFF, BIAS>(xs, panel, out),
-        7 => strips::<7, 1, NIB, OFF, BIAS>(xs, panel, out),
-        8 => strips::<8, 1, NIB, OFF, BIAS>(xs, panel, out),
-        9 => strips::<9, 1, NIB, OFF, BIAS>(xs, panel, out),
-        10 => strips::<10, 1, NIB, OFF, BIAS>(xs, panel, out),
-        11 => strips::<11, 1, NIB, OFF, BIAS>(xs, panel, out),
-        12 => strips::<12, 1, NIB, OFF, BIAS>(xs, panel, out),
-        13 => strips::<13, 1, NIB, OFF, BIAS>(xs, panel, out),
-        14 => strips::<14, 1, NIB, OFF, BIAS>(xs, panel, out),
-        15 => strips::<15, 1, NIB, OFF, BIAS>(xs, panel, out),
-        16 => strips::<16, 1, NIB, OFF, BIAS>(xs, panel, out),
+        1 => strips::<1, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        2 => strips::<2, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        3 => strips::<3, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        4 => strips::<4, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        5 => strips::<5, 4, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        6 => strips::<6, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        7 => strips::<7, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        8 => strips::<8, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        9 => strips::<9, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        10 => strips::<10, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        11 => strips::<11, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        12 => strips::<12, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        13 => strips::<13, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        14 => strips::<14, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        15 => strips::<15, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
+        16 => strips::<16, 1, NIB, OFF, BIAS, F32, SPLIT>(xs, panel, out),
         r => unreachable!("a direct tile of {r} rows"),
     }
 }
@@ -94,15 +93,17 @@ unsafe fn strips<
     const NIB: bool,
     const OFF: bool,
     const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
 >(
     xs: &[&[f32]],
     panel: &[u8],
     out: &mut [f32],
 ) {
     let xs: [*const f32; R] = std::array::from_fn(|r| xs[r].as_ptr());
-    let k = panel.len() / group_bytes::<NIB, OFF, false, false>() * GROUP;
+    let k = panel.len() / group_bytes::<NIB, OFF, F32, SPLIT>() * GROUP;
     for col in (0..PANEL).step_by(LANES * V) {
-        let acc = strip::<R, V, NIB, OFF, BIAS>(&xs, k, panel, col);
+        let acc = strip::<R, V, NIB, OFF, BIAS, F32, SPLIT>(&xs, k, panel, col);
         for r in 0..R {
             for v in 0..V {
                 let o = out.as_mut_ptr().add(r * PANEL + col + LANES * v);
@@ -121,24 +122,31 @@ unsafe fn strip<
     const NIB: bool,
     const OFF: bool,
     const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
 >(
     xs: &[*const f32; R],
     k: usize,
     panel: &[u8],
     col: usize,
 ) -> [[__m512; V]; R] {
-    let gb = group_bytes::<NIB, OFF, false, false>();
+    let gb = group_bytes::<NIB, OFF, F32, SPLIT>();
     let ahead = strip_prefetch(col, gb, panel.len());
     let mut acc = [[_mm512_setzero_ps(); V]; R];
     for g in 0..k / GROUP {
         let base = panel.as_ptr().add(g * gb);
         prefetch_range(base.wrapping_add(ahead), gb);
-        let sc: [(__m512, __m512); V] =
-            std::array::from_fn(|v| scales::<OFF>(base, col + LANES * v));
-        let q = base.add(scale_bytes::<OFF, false, false>() + col);
+        let mut sc: [(__m512, __m512); V] =
+            std::array::from_fn(|v| half_scales::<OFF, F32, false>(base, col + LANES * v));
+        let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + col);
         let p0 = g * GROUP;
         if NIB {
             for s in 0..GROUP / 2 {
+                if SPLIT && s == GROUP / 4 {
+                    sc = std::array::from_fn(|v| {
+                        half_scales::<OFF, F32, true>(base, col + LANES * v)
+                    });
+                }
                 for v in 0..V {
                     let at = q.add(s * PANEL + LANES * v);
                     let (wl, wh) = nibble_pair::<OFF, BIAS>(at, sc[v].0, sc[v].1);
@@ -151,6 +159,11 @@ unsafe fn strip<
             }
         } else {
             for t in 0..GROUP {
+                if SPLIT && t == GROUP / 2 {
+                    sc = std::array::from_fn(|v| {
+                        half_scales::<OFF, F32, true>(base, col + LANES * v)
+                    });
+                }
                 for v in 0..V {
                     let w = byte::<OFF>(q.add(t * PANEL + LANES * v), sc[v].0, sc[v].1);
                     for r in 0..R {
@@ -171,40 +184,52 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
     // (`kind.group_bytes()`, asserted) and writes `GROUP * PANEL` floats (asserted).
     unsafe {
         match kind {
-            BlockKind::Q4_0 => widen_group_of::<true, false, 8>(group, wide),
-            BlockKind::Q4_1 => widen_group_of::<true, true, 0>(group, wide),
+            BlockKind::Q4_0 => widen_group_of::<true, false, 8, false, false>(group, wide),
+            BlockKind::Q4_1 => widen_group_of::<true, true, 0, false, false>(group, wide),
             BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
-                widen_group_of::<false, false, 0>(group, wide)
+                widen_group_of::<false, false, 0, false, false>(group, wide)
             }
-            BlockKind::Q5_1 => widen_group_of::<false, true, 0>(group, wide),
-            BlockKind::Q2K
-            | BlockKind::Q3K
-            | BlockKind::Q4K
-            | BlockKind::Q5K
-            | BlockKind::Q6K
-            | BlockKind::Q8K => super::avx2::widen_group(kind, group, wide),
+            BlockKind::Q5_1 => widen_group_of::<false, true, 0, false, false>(group, wide),
+            BlockKind::Q2K => widen_group_of::<true, true, 0, true, true>(group, wide),
+            BlockKind::Q3K => widen_group_of::<true, false, 4, true, true>(group, wide),
+            BlockKind::Q4K => widen_group_of::<true, true, 0, true, false>(group, wide),
+            BlockKind::Q5K => widen_group_of::<false, true, 0, true, false>(group, wide),
+            BlockKind::Q6K => widen_group_of::<false, false, 0, true, true>(group, wide),
+            BlockKind::Q8K => widen_group_of::<false, false, 0, true, false>(group, wide),
         }
     }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn widen_group_of<const NIB: bool, const OFF: bool, const BIAS: i32>(
+unsafe fn widen_group_of<
+    const NIB: bool,
+    const OFF: bool,
+    const BIAS: i32,
+    const F32: bool,
+    const SPLIT: bool,
+>(
     group: &[u8],
     wide: &mut [f32],
 ) {
     let (base, out) = (group.as_ptr(), wide.as_mut_ptr());
     for v in 0..PANEL / LANES {
-        let (scale, offset) = scales::<OFF>(base, LANES * v);
-        let q = base.add(scale_bytes::<OFF, false, false>() + LANES * v);
+        let (mut scale, mut offset) = half_scales::<OFF, F32, false>(base, LANES * v);
+        let q = base.add(scale_bytes::<OFF, F32, SPLIT>() + LANES * v);
         let o = out.add(LANES * v);
         if NIB {
             for s in 0..GROUP / 2 {
+                if SPLIT && s == GROUP / 4 {
+                    (scale, offset) = half_scales::<OFF, F32, true>(base, LANES * v);
+                }
                 let (wl, wh) = nibble_pair::<OFF, BIAS>(q.add(s * PANEL), scale, offset);
                 _mm512_storeu_ps(o.add(2 * s * PANEL), wl);
                 _mm512_storeu_ps(o.add((2 * s + 1) * PANEL), wh);
             }
         } else {
             for t in 0..GROUP {
+                if SPLIT && t == GROUP / 2 {
+                    (scale, offset) = half_scales::<OFF, F32, true>(base, LANES * v);
+                }
                 let w = byte::<OFF>(q.add(t * PANEL), scale, offset);
                 _mm512_storeu_ps(o.add(t * PANEL), w);
             }
@@ -265,18 +290,36 @@ unsafe fn tile<const R: usize>(x: &[f32], k: usize, wide: &[f32], sums: SumRows)
     }
 }
 
-/// The scales (and offsets) of columns `col .. col + 16` of the group at `base`.
+/// The scales (and offsets) of columns `col .. col + 16` of the group at `base`: its first
+/// half's, or with `SECOND` a split group's second half's (the sets after the first half's,
+/// [`BlockKind::scale_sets`]).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn scales<const OFF: bool>(base: *const u8, col: usize) -> (__m512, __m512) {
-    let sp = base.cast::<u16>().add(col);
-    let scale = _mm512_cvtph_ps(_mm256_loadu_si256(sp.cast()));
+unsafe fn half_scales<const OFF: bool, const F32: bool, const SECOND: bool>(
+    base: *const u8,
+    col: usize,
+) -> (__m512, __m512) {
+    let first = if SECOND { 1 + OFF as usize } else { 0 };
+    let scale = scale_set::<F32>(base, first, col);
     let offset = if OFF {
-        _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(PANEL).cast()))
+        scale_set::<F32>(base, first + 1, col)
     } else {
         _mm512_setzero_ps()
     };
     (scale, offset)
+}
+
+/// Columns `col .. col + 16` of the group's scale set `set` (f32, or f16 widened).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn scale_set<const F32: bool>(base: *const u8, set: usize, col: usize) -> __m512 {
+    if F32 {
+        _mm512_loadu_ps(base.cast::<f32>().add(set * PANEL + col))
+    } else {
+        _mm512_cvtph_ps(_mm256_loadu_si256(
+            base.cast::<u16>().add(set * PANEL + col).cast(),
+        ))
+    }
 }
 
 /// Two reduction steps of 16 columns from 16 bytes of nibble pairs at `q`, widened. The low
