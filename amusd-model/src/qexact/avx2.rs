@@ -19,22 +19,7 @@ pub fn rows(kind: BlockKind, xs: &[&[f32]], panel: &[u8], out: &mut [f32]) {
     assert!(k.is_multiple_of(GROUP) && panel.len() == k / GROUP * kind.group_bytes());
     // SAFETY: the CPU has AVX2, FMA and F16C (checked); `rows_of` reads `k` values of each
     // row, `k / GROUP` groups of `panel` and writes `xs.len() * PANEL` outputs (asserted).
-    unsafe {
-        match kind {
-            BlockKind::Q4_0 => rows_of::<true, false, 8, false, false>(xs, panel, out),
-            BlockKind::Q4_1 => rows_of::<true, true, 0, false, false>(xs, panel, out),
-            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
-                rows_of::<false, false, 0, false, false>(xs, panel, out)
-            }
-            BlockKind::Q5_1 => rows_of::<false, true, 0, false, false>(xs, panel, out),
-            BlockKind::Q2K => rows_of::<true, true, 0, true, true>(xs, panel, out),
-            BlockKind::Q3K => rows_of::<true, false, 4, true, true>(xs, panel, out),
-            BlockKind::Q4K => rows_of::<true, true, 0, true, false>(xs, panel, out),
-            BlockKind::Q5K => rows_of::<false, true, 0, true, false>(xs, panel, out),
-            BlockKind::Q6K => rows_of::<false, false, 0, true, true>(xs, panel, out),
-            BlockKind::Q8K => rows_of::<false, false, 0, true, false>(xs, panel, out),
-        }
-    }
+    unsafe { by_kind!(kind, rows_of(xs, panel, out)) }
 }
 
 /// 16 vector registers hold 8 accumulators besides the weights: one row of a byte type takes all
@@ -193,22 +178,7 @@ pub fn widen_group(kind: BlockKind, group: &[u8], wide: &mut [f32]) {
     assert!(group.len() >= kind.group_bytes() && wide.len() == GROUP * PANEL);
     // SAFETY: the CPU has AVX2, FMA and F16C (checked); `widen_group_of` reads one group
     // (`kind.group_bytes()`, asserted) and writes `GROUP * PANEL` floats (asserted).
-    unsafe {
-        match kind {
-            BlockKind::Q4_0 => widen_group_of::<true, false, 8, false, false>(group, wide),
-            BlockKind::Q4_1 => widen_group_of::<true, true, 0, false, false>(group, wide),
-            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
-                widen_group_of::<false, false, 0, false, false>(group, wide)
-            }
-            BlockKind::Q5_1 => widen_group_of::<false, true, 0, false, false>(group, wide),
-            BlockKind::Q2K => widen_group_of::<true, true, 0, true, true>(group, wide),
-            BlockKind::Q3K => widen_group_of::<true, false, 4, true, true>(group, wide),
-            BlockKind::Q4K => widen_group_of::<true, true, 0, true, false>(group, wide),
-            BlockKind::Q5K => widen_group_of::<false, true, 0, true, false>(group, wide),
-            BlockKind::Q6K => widen_group_of::<false, false, 0, true, true>(group, wide),
-            BlockKind::Q8K => widen_group_of::<false, false, 0, true, false>(group, wide),
-        }
-    }
+    unsafe { by_kind!(kind, widen_group_of(group, wide)) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -969,6 +969,29 @@ const fn group_bytes<const NIB: bool, const OFF: bool, const F32: bool, const SP
     scale_bytes::<OFF, F32, SPLIT>() + if NIB { GROUP / 2 } else { GROUP } * PANEL
 }
 
+/// `$f::<NIB, OFF, BIAS, F32, SPLIT>($args)` with the SIMD kernels' type parameters of block kind
+/// `$kind`: nibbles or bytes, an offset (minimum) or not, the bias of a nibble, f32 scales (the
+/// k-quants) and groups split into two scale halves. One table for every instruction set.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_kind {
+    ($kind:expr, $f:ident($($arg:expr),*)) => {
+        match $kind {
+            BlockKind::Q4_0 => $f::<true, false, 8, false, false>($($arg),*),
+            BlockKind::Q4_1 => $f::<true, true, 0, false, false>($($arg),*),
+            BlockKind::Q5_0 | BlockKind::Q8_0 | BlockKind::Q8_1 => {
+                $f::<false, false, 0, false, false>($($arg),*)
+            }
+            BlockKind::Q5_1 => $f::<false, true, 0, false, false>($($arg),*),
+            BlockKind::Q2K => $f::<true, true, 0, true, true>($($arg),*),
+            BlockKind::Q3K => $f::<true, false, 4, true, true>($($arg),*),
+            BlockKind::Q4K => $f::<true, true, 0, true, false>($($arg),*),
+            BlockKind::Q5K => $f::<false, true, 0, true, false>($($arg),*),
+            BlockKind::Q6K => $f::<false, false, 0, true, true>($($arg),*),
+            BlockKind::Q8K => $f::<false, false, 0, true, false>($($arg),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
