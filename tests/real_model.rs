@@ -224,14 +224,22 @@ fn prompt_lookup_alone_and_combined_is_token_identical() {
                 let m = &run.json()["metrics"];
                 let n = |key: &str| m[key].as_u64().unwrap_or_else(|| panic!("no {key} in {m}"));
                 assert!(n("accepted_lookup") <= n("proposed_lookup"), "{m}");
-                if k == 0 {
-                    assert!(
-                        n("accepted_lookup") >= 8,
-                        "{strategy} {how:?}: the code is re-typed, the lookup should draft it: {m}"
-                    );
-                }
                 if how[0] == "--draft-model" {
                     assert_eq!(n("proposed_model"), 0, "{strategy} {how:?}: {m}");
+                    if k == 0 {
+                        assert!(
+                            n("accepted_lookup") >= 8,
+                            "{strategy} {how:?}: the code is re-typed, the lookup should draft it: {m}"
+                        );
+                    }
+                } else if k == 0 {
+                    // Beside the draft model the lookup's runs are priced by timed forwards
+                    // (`amusd_spec::run_worth`), so how many it checks depends on the core and its
+                    // load; its first run is checked before any price is known.
+                    assert!(
+                        n("accepted_lookup") >= 1,
+                        "{strategy} {how:?}: the code is re-typed, the lookup should draft some: {m}"
+                    );
                 }
             }
         }
