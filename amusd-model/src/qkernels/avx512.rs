@@ -120,10 +120,11 @@ unsafe fn tile<const T: usize>(
     let (nb, rows) = (a.nb, Tile::<T>::new(a, i0));
     let acc = match w.kind {
         Kind::Q8_0 => panel_q8::<T>(panel, nb, &rows),
-        Kind::Q4_0 => panel_q4::<T, false, false>(panel, nb, &rows),
-        Kind::Q4_1 => panel_q4::<T, true, false>(panel, nb, &rows),
-        Kind::Q4_1S8 => panel_q4::<T, true, true>(panel, nb, &rows),
-        Kind::Q5_0 | Kind::Q5_1 => unreachable!("the q5 kinds run the AVX2 kernels"),
+        Kind::Q4_0 => panel_q4::<T, false, false, false>(panel, nb, &rows),
+        Kind::Q4_1 => panel_q4::<T, true, false, false>(panel, nb, &rows),
+        Kind::Q4_1S8 => panel_q4::<T, true, true, false>(panel, nb, &rows),
+        Kind::Q5_0 => panel_q4::<T, false, false, true>(panel, nb, &rows),
+        Kind::Q5_1 => panel_q4::<T, true, false, true>(panel, nb, &rows),
     };
     for (t, row) in acc.iter().enumerate() {
         _mm512_storeu_ps(out.at.add(t * out.stride), *row);
@@ -223,21 +224,43 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
     acc
 }
 
-/// A panel of q4_0 / q4_1 / q4_1s8 weights times a tile: per block, the low and high nibbles of
-/// four 64-byte steps through `dpbusd`, then q4_0's offset of -8 as `- 8 * sum(x)`, or q4_1's
-/// minimum as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are
-/// codes, after the panel's factors.
+/// Group `g`'s fifth bits added to the low and high nibbles `lo` and `hi` of a q5 panel (bit `g`
+/// and bit `4 + g` of each byte of its high-bit words `high`, [`super::fifth_bits_word`]'s
+/// order), as 16 in the bytes whose bit is set: the AVX2 path's values, in a byte mask test and a
+/// masked add (the nibbles' bit 4 is clear, so the add is an or).
+///
+/// # Safety
+/// The CPU must have AVX512F and AVX512BW.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn with_fifth_bits(high: __m512i, g: usize, lo: __m512i, hi: __m512i) -> (__m512i, __m512i) {
+    let sixteen = _mm512_set1_epi8(16);
+    let set = |bit: usize| _mm512_test_epi8_mask(high, _mm512_set1_epi8((1u8 << bit) as i8));
+    (
+        _mm512_mask_add_epi8(lo, set(g), lo, sixteen),
+        _mm512_mask_add_epi8(hi, set(4 + g), hi, sixteen),
+    )
+}
+
+/// A panel of q4_0 / q4_1 / q4_1s8 / q5_0 / q5_1 weights times a tile: per block, the low and
+/// high nibbles (`FIVE`: with their fifth bits, [`with_fifth_bits`]) of four 64-byte steps
+/// through `dpbusd`, then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)`, or the minimum as
+/// `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are codes, after
+/// the panel's factors.
 ///
 /// # Safety
 /// As [`tile`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
+unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool, const FIVE: bool>(
     panel: *const u8,
     nb: usize,
     x: &Tile<T>,
 ) -> [__m512; T] {
     let (scales, width) = (if MIN { 2 } else { 1 }, if CODED { 1 } else { 2 });
-    let block_bytes = ROWS * (width * scales + QK / 2);
+    // A q5 block's quants start with its rows' high-bit words (one vector), then the nibbles.
+    let high_bytes = if FIVE { 4 * ROWS } else { 0 };
+    let block_bytes = ROWS * (width * scales + QK / 2) + high_bytes;
+    let centre = if FIVE { 16 } else { 8 };
     let (fd, fm) = match CODED {
         true => (
             _mm512_loadu_ps(panel.cast()),
@@ -258,13 +281,19 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
             prefetch(blk.add(64 * line));
         }
         let q = blk.add(width * ROWS * scales);
+        let high = match FIVE {
+            true => _mm512_loadu_si512(q.cast()),
+            false => _mm512_setzero_si512(),
+        };
+        let q = q.add(high_bytes);
         // Low and high nibbles in two dependent chains while the tile is short (see `SPLIT_ROWS`).
         let split = T <= SPLIT_ROWS;
         let mut slo = [_mm512_setzero_si512(); T];
         let mut shi = [_mm512_setzero_si512(); T];
         // In place, a high nibble is 16 times itself: one mask instead of a shift and a mask per
         // vector of weights, and one shift of each row's exact sum instead (see `SHIFTED_ROWS`).
-        let shifted = T <= SHIFTED_ROWS;
+        // A q5 quant is up to 31, which does not fit a byte as 16 times itself.
+        let shifted = !FIVE && T <= SHIFTED_ROWS;
         for g in 0..QK / 8 {
             let w = _mm512_loadu_si512(q.add(g * 4 * ROWS).cast());
             let lo = _mm512_and_si512(w, nibble);
@@ -272,6 +301,10 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
                 _mm512_andnot_si512(nibble, w)
             } else {
                 _mm512_and_si512(_mm512_srli_epi16::<4>(w), nibble)
+            };
+            let (lo, hi) = match FIVE {
+                true => with_fifth_bits(high, g, lo, hi),
+                false => (lo, hi),
             };
             for t in 0..T {
                 let xl = bcast4(x.q[t].add(b * QK + 4 * g));
@@ -297,7 +330,7 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool>(
         for t in 0..T {
             let mut isum = isum[t];
             if !MIN {
-                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(8 * *x.s[t].add(b)));
+                isum = _mm512_sub_epi32(isum, _mm512_set1_epi32(centre * *x.s[t].add(b)));
             }
             acc[t] = combine(acc[t], isum, dw, *x.d[t].add(b));
             if MIN {

@@ -617,11 +617,6 @@ fn run(path: Path, acts: &QuantActs, m: usize, w: &IntPacked, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C.
         Path::Avx2 => unsafe { avx2::matmul(acts, m, w, y) },
-        // The q5 kinds have no AVX-512 kernel (it was written where no AVX-512 CPU was to test it
-        // on); every path gives the same bits, so the AVX2 one stands in.
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `available` checked that the CPU has AVX2, FMA and F16C as well.
-        Path::Avx512Vnni if w.kind.five_bit() => unsafe { avx2::matmul(acts, m, w, y) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available` checked that the CPU has AVX512F, AVX512BW and AVX512-VNNI.
         Path::Avx512Vnni => unsafe { avx512::matmul(acts, m, w, y) },
