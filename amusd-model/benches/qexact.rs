@@ -5,7 +5,7 @@
 //! also q4_0, q5_0, q5_1, q8_1, q2k, q3k, q4k, q5k, q6k, q8k) prints the median us per call, the GB/s of weight bytes and the GFLOP/s, per SIMD instruction set and batch size `m`.
 //! `AMUSD_BENCH_COPIES=N` cycles through N copies of each matrix (100 copies of the gate/up, ~110
 //! MB, leave nothing in cache: the decoding case); `AMUSD_BENCH_REPS` sets the samples and
-//! `AMUSD_BENCH_MS=1,5,9` the batch sizes.
+//! `AMUSD_BENCH_MS=1,5,9` the batch sizes, `AMUSD_BENCH_SHAPES=576x576,3072x1536` the shapes.
 
 use std::time::Instant;
 
@@ -72,8 +72,18 @@ fn main() {
         print!(" {:>20}", format!("m={m}"));
     }
     println!();
+    let shapes: Vec<(usize, usize)> = match std::env::var("AMUSD_BENCH_SHAPES") {
+        Ok(list) => list
+            .split(',')
+            .filter_map(|s| {
+                let (n, k) = s.trim().split_once('x')?;
+                Some((n.parse().ok()?, k.parse().ok()?))
+            })
+            .collect(),
+        Err(_) => SHAPES.to_vec(),
+    };
     for dtype in dtypes {
-        for (n, k) in SHAPES {
+        for &(n, k) in &shapes {
             let k = k / dtype.block_size() * dtype.block_size();
             let (bytes, _) = quantized_matrix(dtype, n, k, 7);
             let ws: Vec<BlockPacked> = (0..copies)

@@ -8,7 +8,13 @@
 //! output head in q6_k, as llama.cpp's q4_k_m keeps its more sensitive tensors), `q5_k_m` (the
 //! same with q5_k for q4_k) or one type for
 //! every matrix (`q4_k`, `q6_k`, `q8_0`, `q4_1`...). Shape: `HIDDEN` (1024), `INTERMEDIATE` (2816),
-//! `LAYERS` (16), `HEADS` (16), `KV_HEADS` (4) and `VOCAB` (32000) from the environment.
+//! `LAYERS` (16), `HEADS` (16), `KV_HEADS` (4) and `VOCAB` (32000) from the environment;
+//! `TIED=1` ties the output head to the embedding, `HEAD=TYPE` stores the head (and the
+//! embedding) in that type. The default checkpoint's shape and types, for timing it where it
+//! cannot be copied (its 98 MB):
+//!
+//!     HIDDEN=576 INTERMEDIATE=1536 LAYERS=30 HEADS=9 KV_HEADS=3 VOCAB=49152 TIED=1 HEAD=q8_0 \
+//!         synthetic_gguf $AMUSD_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf q4_1
 
 use amusd_model::testing::TinyModel;
 use amusd_model::WeightFormat;
@@ -21,17 +27,23 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// The type of tensor `name` (a GGUF name) under `mix`.
-fn type_of(mix: &str, name: &str) -> GgmlDType {
+/// A GGUF block type's name (`q4_1`, `q6_k`...).
+fn parse_type(name: &str) -> GgmlDType {
+    match WeightFormat::parse(name) {
+        Some(WeightFormat::Quantized(t)) => t,
+        _ => panic!("unknown type {name}: a GGUF block type"),
+    }
+}
+
+/// The type of tensor `name` (a GGUF name) under `mix`, or the head's type `head`.
+fn type_of(mix: &str, head: Option<GgmlDType>, name: &str) -> GgmlDType {
+    if let (Some(t), "output.weight" | "token_embd.weight") = (head, name) {
+        return t;
+    }
     let base = match mix {
         "q4_k_m" => GgmlDType::Q4K,
         "q5_k_m" => GgmlDType::Q5K,
-        _ => {
-            return match WeightFormat::parse(mix) {
-                Some(WeightFormat::Quantized(t)) => t,
-                _ => panic!("unknown mix {mix}: q4_k_m, q5_k_m or a GGUF block type"),
-            }
-        }
+        _ => return parse_type(mix),
     };
     let layer: Option<usize> = name
         .strip_prefix("blk.")
@@ -49,6 +61,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let out = args.first().expect("usage: synthetic_gguf OUT.gguf [MIX]");
     let mix = args.get(1).map_or("q4_k_m", String::as_str);
+    let head = std::env::var("HEAD").ok().map(|t| parse_type(&t));
     let model = TinyModel {
         hidden: env("HIDDEN", 1024),
         intermediate: env("INTERMEDIATE", 2816),
@@ -57,11 +70,11 @@ fn main() {
         kv_heads: env("KV_HEADS", 4),
         context: 4096,
         seed: 7,
-        tie_embeddings: false,
+        tie_embeddings: std::env::var("TIED").is_ok_and(|v| v == "1"),
         extra_vocab: env("VOCAB", 32000).saturating_sub(TinyModel::default().vocab_size()),
     };
     model
-        .write_gguf_typed(std::path::Path::new(out), |name| type_of(mix, name))
+        .write_gguf_typed(std::path::Path::new(out), |name| type_of(mix, head, name))
         .expect("write the GGUF");
     println!("{out}: {mix}, vocabulary {}", model.vocab_size());
 }
