@@ -22,8 +22,8 @@ pub struct Metrics {
     /// From the first commit to the last; `decode_time / decode_tokens` is the per-token decode
     /// cost, the same definition for every strategy.
     pub decode_time: f64,
-    /// Tokens committed after the first commit: the tokens `decode_time` produced (sd's first round
-    /// commits several tokens inside the ttft, which must not count again).
+    /// Tokens committed after the first commit: the tokens `decode_time` produced (a first commit
+    /// of several tokens lands inside the ttft, and must not count again).
     pub decode_tokens: usize,
     /// From the start of the request to the last token, prompt processing included.
     pub total_time: f64,
@@ -222,14 +222,23 @@ pub fn autoregressive<D: Decoder>(
         c.prompt_logprobs = score_prompt(verifier, prompt, sampling)?;
     }
     while !c.done() {
-        let t = Instant::now();
-        let next = verifier.verify(&c.committed, &[])?;
-        c.metrics.verify_times.push(t.elapsed().as_secs_f64());
-        c.metrics.verify_steps += 1;
-        c.push(&next, &verifier.sampler.take_logprobs());
-        verifier.commit(c.committed.len());
+        verify_alone(verifier, &mut c)?;
     }
     Ok(c.finish())
+}
+
+/// One autoregressive step: the verify model's next token after the committed ones.
+fn verify_alone<D: Decoder>(
+    verifier: &mut Verifier<D>,
+    c: &mut Committer<'_>,
+) -> Result<(), SpecError> {
+    let t = Instant::now();
+    let next = verifier.verify(&c.committed, &[])?;
+    c.metrics.verify_times.push(t.elapsed().as_secs_f64());
+    c.metrics.verify_steps += 1;
+    c.push(&next, &verifier.sampler.take_logprobs());
+    verifier.commit(c.committed.len());
+    Ok(())
 }
 
 /// The prompt's log-probabilities, if the request asks for them: the verify model prefills the
@@ -272,6 +281,11 @@ pub fn speculative<D: Decoder, P: Decoder>(
     c.metrics.cached_prompt_tokens = kept;
     if !c.done() {
         c.prompt_logprobs = score_prompt(verifier, prompt, sampling)?;
+        // The verify model's prefill commits the first token alone, as in `ar` and `amusd` (and
+        // llama.cpp's and vLLM's speculative decoding): a streamed answer starts one prefill
+        // after the request, not after the draft's prefill and a round of drafts as well.
+        verify_alone(verifier, &mut c)?;
+        c.metrics.accepted_per_step.push(0);
     }
     while !c.done() {
         let rollback = drafter.sync(&c.committed);
@@ -385,7 +399,7 @@ mod tests {
         let sampling = RequestSampling::default();
         let mut v = Verifier::new(FakeDecoder::new(model.clone()));
         let mut d = Drafter::new(FakeDecoder::new(model));
-        let mut first = None;
+        let mut batches = Vec::new();
         let sd = speculative(
             &mut v,
             &mut d,
@@ -394,15 +408,17 @@ mod tests {
             &sampling,
             4,
             &mut |t, _| {
-                first.get_or_insert(t.len());
+                batches.push(t.len());
                 ControlFlow::Continue(())
             },
         )
         .unwrap();
-        let first = first.unwrap();
-        // A perfect draft: the first round commits the lookahead plus the verify model's token.
-        assert_eq!(first, 5);
-        assert_eq!(sd.metrics.decode_tokens, 20 - first);
+        // The prefill commits the verify model's first token alone; then a perfect draft's rounds
+        // commit the lookahead plus the verify model's token.
+        assert_eq!(batches[..2], [1, 5]);
+        assert_eq!(sd.metrics.decode_tokens, 19);
+        assert_eq!(sd.metrics.accepted_per_step[..2], [0, 4]);
+        assert_eq!(sd.metrics.accepted_per_step.len(), sd.metrics.verify_steps);
         let ar = autoregressive(&mut v, &[1, 2, 3], &stop, &sampling, &mut |_, _| {
             ControlFlow::Continue(())
         })
