@@ -35,12 +35,16 @@ echo "== llama.cpp" >&2
 "$peer" bench 3 > "$tmp/llama-bench.md"
 "$peer" spec "$tmp/prompts.jsonl" "$MAX_NEW" > "$tmp/llama-spec.md"
 
+# The instruction set decides which kernels ran: name it, as the CPU's model name may not.
+isa="AVX2"
+grep -qw avx512f /proc/cpuinfo && isa="AVX-512"
+grep -qw avx512_vnni /proc/cpuinfo && isa="$isa with VNNI"
 mkdir -p "$OUT"
 {
     echo "# amusd and llama.cpp side by side"
     echo
     echo "Written by \`scripts/bench-peers.sh\` (N=$N MAX_NEW=$MAX_NEW) at commit $commit on $(date -u +%Y-%m-%d)."
-    echo "Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores;"
+    echo "Machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores, $isa;"
     echo "$(rustc --version). Prompts: the first $N HumanEval prompts and the first $N MT-Bench questions"
     echo "(first turn), chat template applied, greedy. amusd: \`ar\` and \`sd\` on one core, \`amusd\` on"
     echo "two (one per worker); llama.cpp with 1 and 2 threads."
