@@ -244,8 +244,8 @@ unsafe fn with_fifth_bits(high: __m512i, g: usize, lo: __m512i, hi: __m512i) -> 
 
 /// A panel of q4_0 / q4_1 / q4_1s8 / q5_0 / q5_1 weights times a tile: per block, the low and
 /// high nibbles (`FIVE`: with their fifth bits, [`with_fifth_bits`]) of four 64-byte steps
-/// through `dpbusd`, then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)`, or the minimum as
-/// `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are codes, after
+/// through `dpbusd`, then q4_0's offset of -8 (q5_0's -16) as `- 8 * sum(x)` (`- 16 * sum(x)`),
+/// or the minimum as `m * d_x * sum(x)` in a second fused step. `CODED` (with `MIN`): the scales are codes, after
 /// the panel's factors.
 ///
 /// # Safety
