@@ -57,9 +57,9 @@ pub struct ModelArgs {
     /// the bytes attention reads). acts: the integer kernels' activation bits (default 16: each
     /// row and its 8-bit residual; the draft then proposes the verify model's token far more
     /// often; 8: GGUF's, sd's default). bulk: the activation bits of a long prompt's bulk, all but
-    /// its last 32 positions (amusd's default on CPUs without AVX-512 VNNI 8: the draft's prefill
-    /// then takes about half the time and it starts ahead of the verify model; with VNNI, and
-    /// otherwise, as acts). Default:
+    /// its last 32 positions (under amusd 8 by default on CPUs without AVX-512 VNNI: the draft's
+    /// prefill then takes about half the time and it starts ahead of the verify model; otherwise
+    /// as acts). Default:
     /// SmolLM2-135M-Instruct as stored (q4_1 layers, q8_0 embedding), run by the integer kernels.
     #[arg(long, value_name = "SPEC")]
     pub draft_model: Option<String>,
