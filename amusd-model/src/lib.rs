@@ -16,6 +16,7 @@ pub mod config;
 pub mod device;
 mod error;
 pub mod gguf;
+pub mod greedy_head;
 pub mod hf;
 pub mod hugepages;
 pub mod kernels;

@@ -6,6 +6,7 @@
 use crate::attention::{attend_rows, KvElem, KvLayout, QueryRows};
 use crate::cache::{KvCache, KvPrecision, LayerKv};
 use crate::config::{LlamaConfig, RopeStyle};
+use crate::greedy_head::GreedyHead;
 use crate::kernels;
 use crate::linear::{Batching, Linear};
 use crate::qkernels::IntActivations;
@@ -59,6 +60,9 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     /// How `lm_head` is used: whole, restricted or screened (at most one of these).
     head: Head,
+    /// The whole head's greedy tokens without all its logits ([`Self::forward_greedy`]); `None`
+    /// where the head is not q8_0 or the CPU has no SIMD integer kernels.
+    greedy: Option<GreedyHead>,
 }
 
 /// How a model computes its logits from `lm_head`.
@@ -159,6 +163,7 @@ impl Llama {
             }
         }
         let inv_freq = config.rope_inv_freq();
+        let greedy = GreedyHead::new(&lm_head)?;
         Ok(Self {
             config,
             embed,
@@ -168,6 +173,7 @@ impl Llama {
             batching: Batching::Invariant,
             inv_freq,
             head: Head::Whole,
+            greedy,
             kv_precision: KvPrecision::F32,
             bulk_acts: None,
             int_acts: IntActivations::default(),
@@ -190,6 +196,7 @@ impl Llama {
         }
         self.lm_head = self.lm_head.select_rows(keep)?;
         self.head = Head::Restricted(keep.to_vec());
+        self.greedy = None;
         Ok(())
     }
 
@@ -199,6 +206,7 @@ impl Llama {
     pub fn screen_head(&mut self, keep: usize) -> Result<(), ModelError> {
         self.check_head_whole()?;
         self.head = Head::Screened(ScreenedHead::new(&self.lm_head, keep)?);
+        self.greedy = None;
         Ok(())
     }
 
@@ -260,7 +268,10 @@ impl Llama {
             Head::Screened(screen) => Some(screen.coarse()),
             _ => None,
         };
-        let all = layers.chain([&self.embed, &self.lm_head]).chain(screen);
+        let greedy = self.greedy.as_ref().map(GreedyHead::coarse);
+        let all = (layers.chain([&self.embed, &self.lm_head]))
+            .chain(screen)
+            .chain(greedy);
         crate::hugepages::collapse(all.filter_map(Linear::span))
     }
 
@@ -296,6 +307,49 @@ impl Llama {
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<Logits, ModelError> {
+        let x = self.run_blocks(tokens, start_pos, cache, which)?;
+        self.logits(&x, tokens.len(), which)
+    }
+
+    /// [`Self::forward`]'s greedy tokens, `kernels::argmax` of each requested row's logits,
+    /// computed without all the logits where the head allows ([`crate::greedy_head`]).
+    pub fn forward_greedy(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<Vec<u32>, ModelError> {
+        let x = self.run_blocks(tokens, start_pos, cache, which)?;
+        let m = tokens.len();
+        match (&self.head, &self.greedy) {
+            (Head::Whole, Some(greedy)) => {
+                let first = which.first(m);
+                let hidden = self.final_norm(&x, first);
+                greedy.argmax(&self.lm_head, &hidden, m - first)
+            }
+            _ => Ok(self.logits(&x, m, which)?.argmax()),
+        }
+    }
+
+    /// Whether [`Self::forward_greedy`] screens the head where it can (for a comparison: it
+    /// changes no token).
+    pub fn set_greedy_screen(&mut self, on: bool) -> Result<(), ModelError> {
+        self.greedy = match (on, &self.head) {
+            (true, Head::Whole) => GreedyHead::new(&self.lm_head)?,
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// The blocks of [`Self::forward`]: the last block's output `x`, `tokens.len()` rows.
+    fn run_blocks(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+        which: LogitsFor,
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let m = tokens.len();
         if m == 0 {
@@ -330,7 +384,7 @@ impl Llama {
             self.feed_forward(block, &mut x, &mut s, from)?;
         }
         cache.set_len(start_pos + m);
-        self.logits(&x, m, which)
+        Ok(x)
     }
 
     /// `x += attention(rms_norm(x))` for one block: Q, K and V, rotary embeddings, the new keys
@@ -415,11 +469,10 @@ impl Llama {
     /// The logits of the rows `which` asks for, from the last block's output `x` (`m` rows); ids
     /// beyond a restricted head ([`Self::restrict_head`]) get -inf.
     fn logits(&self, x: &[f32], m: usize, which: LogitsFor) -> Result<Logits, ModelError> {
-        let (h, vocab) = (self.config.hidden_size, self.config.vocab_size);
+        let vocab = self.config.vocab_size;
         let first = which.first(m);
         let rows = m - first;
-        let mut hidden = x[first * h..].to_vec();
-        kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
+        let hidden = self.final_norm(x, first);
         let mut data = vec![f32::NEG_INFINITY; rows * vocab];
         match &self.head {
             Head::Screened(screen) => {
@@ -443,6 +496,13 @@ impl Llama {
             }
         }
         Ok(Logits { data, rows, vocab })
+    }
+
+    /// The last block's output `x` from row `first` on, normalized for the head.
+    fn final_norm(&self, x: &[f32], first: usize) -> Vec<f32> {
+        let mut hidden = x[first * self.config.hidden_size..].to_vec();
+        kernels::rms_norm(&mut hidden, &self.norm, self.config.rms_eps);
+        hidden
     }
 
     fn embed_tokens(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
@@ -719,6 +779,26 @@ mod tests {
         let mut cc = c.new_cache(64);
         let lc = c.forward(&tokens, 0, &mut cc, LogitsFor::All).unwrap();
         assert!(lc.data.iter().all(|v| v.is_finite()));
+    }
+
+    /// The greedy tokens of a forward are its logits' argmax, the head screened or not, for
+    /// every requested row.
+    #[test]
+    fn greedy_forwards_give_the_logits_argmax() {
+        let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % 259).collect();
+        let mut model = blocked_model(4, WeightFormat::F32);
+        let mut cache = model.new_cache(64);
+        let want = model
+            .forward(&tokens, 0, &mut cache, LogitsFor::From(3))
+            .unwrap()
+            .argmax();
+        model.greedy = GreedyHead::for_any_cpu(&model.lm_head).unwrap();
+        assert!(model.greedy.is_some(), "a q8_0 head is screened");
+        let got = model.forward_greedy(&tokens, 0, &mut cache, LogitsFor::From(3));
+        assert_eq!(got.unwrap(), want);
+        model.set_greedy_screen(false).unwrap();
+        let got = model.forward_greedy(&tokens, 0, &mut cache, LogitsFor::From(3));
+        assert_eq!(got.unwrap(), want);
     }
 
     fn bits(l: &Logits, row: usize) -> Vec<u32> {

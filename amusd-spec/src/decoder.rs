@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use amusd_model::{Batching, KvCache, Llama, LogitsFor};
+use amusd_model::{Batching, KvCache, Llama, Logits, LogitsFor};
 
 use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
@@ -121,6 +121,12 @@ impl LlamaDecoder {
     }
 }
 
+/// What a forward gives a sampler: the greedy tokens themselves, or the logits to choose from.
+enum Chosen {
+    Tokens(Vec<u32>),
+    Logits(Logits),
+}
+
 impl Decoder for LlamaDecoder {
     fn cached(&self) -> usize {
         self.cache.len()
@@ -150,11 +156,18 @@ impl Decoder for LlamaDecoder {
         sampler: &mut Sampler,
     ) -> Result<Vec<u32>, SpecError> {
         self.tokens.truncate(start);
-        let forward =
-            self.model
-                .forward(tokens, start, &mut self.cache, LogitsFor::From(first_row));
-        let logits = match forward {
-            Ok(logits) => logits,
+        let which = LogitsFor::From(first_row);
+        let forward = match sampler.is_plain_greedy() && !sampler.records() {
+            // The argmax of the raw logits is all the sampler would take from them.
+            true => (self.model)
+                .forward_greedy(tokens, start, &mut self.cache, which)
+                .map(Chosen::Tokens),
+            false => (self.model)
+                .forward(tokens, start, &mut self.cache, which)
+                .map(Chosen::Logits),
+        };
+        let chosen = match forward {
+            Ok(chosen) => chosen,
             Err(e) => {
                 // Whatever a failed forward wrote is not known to match `tokens`.
                 self.cache.truncate(self.tokens.len());
@@ -163,6 +176,10 @@ impl Decoder for LlamaDecoder {
         };
         self.tokens.extend_from_slice(tokens);
         debug_assert_eq!(self.tokens.len(), self.cache.len());
+        let logits = match chosen {
+            Chosen::Tokens(tokens) => return Ok(tokens),
+            Chosen::Logits(logits) => logits,
+        };
         // `forward` clamps the first row to the last one.
         let first = start + first_row.min(tokens.len() - 1);
         Ok((0..logits.rows)

@@ -607,6 +607,24 @@ impl BlockPacked {
         &self.data[b * len..(b + 1) * len]
     }
 
+    /// The matrix as the GGUF q8_0 blocks it was packed from (row-major), if it is q8_0: for
+    /// the integer kernels' copy of a head ([`crate::greedy_head`]).
+    pub fn q8_0_blocks(&self) -> Option<Vec<u8>> {
+        if self.kind != BlockKind::Q8_0 {
+            return None;
+        }
+        let groups = self.k / GROUP;
+        let mut out = Vec::with_capacity(self.n * groups * self.kind.block_bytes());
+        for row in 0..self.n {
+            for g in 0..groups {
+                let group = self.read(row, g);
+                out.extend_from_slice(&(group.d[0] as u16).to_le_bytes());
+                out.extend(group.q.iter().map(|&q| q as u8));
+            }
+        }
+        Some(out)
+    }
+
     /// Row `j` widened to f32 (`k` values): for embedding lookups.
     pub fn row_into(&self, j: usize, dst: &mut [f32]) {
         for (g, out) in dst.chunks_exact_mut(GROUP).take(self.k / GROUP).enumerate() {
@@ -1026,6 +1044,17 @@ mod tests {
 
     fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn q8_0_blocks_are_the_stored_bytes() {
+        let (n, k) = (70, 3 * GROUP);
+        let (bytes, _) = quantized(GgmlDType::Q8_0, n, k, 11);
+        let w = BlockPacked::from_ggml(GgmlDType::Q8_0, &bytes, n, k).unwrap();
+        assert_eq!(w.q8_0_blocks(), Some(bytes));
+        let (q4, _) = quantized(GgmlDType::Q4_0, n, k, 11);
+        let w = BlockPacked::from_ggml(GgmlDType::Q4_0, &q4, n, k).unwrap();
+        assert_eq!(w.q8_0_blocks(), None);
     }
 
     #[test]

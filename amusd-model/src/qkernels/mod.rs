@@ -805,6 +805,7 @@ mod avx512;
 mod coded;
 mod residual;
 
+pub(crate) use residual::{matmul_int_residual, quantization_norms};
 pub use residual::{matmul_int_with, matmul_int_with_on, IntActivations};
 
 #[cfg(test)]

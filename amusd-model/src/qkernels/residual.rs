@@ -86,6 +86,49 @@ pub fn matmul_int_with_on(
     }
 }
 
+/// For one activation row (whole blocks) as `acts` gives it to the kernels, in f64:
+/// `|x - x̂|` (`x̂` the values the quantized parts stand for, `d q` and for `Bits16` also the
+/// residual's `d' q'`) and the sum of the parts' norms, `|d q| + |d' q'|`: what bounds how far an
+/// integer product can be from the f32 one ([`crate::greedy_head`]). Each part and difference is
+/// exact or within 2^-52 of it; the sums and roots add a relative error of about `k` 2^-53.
+pub(crate) fn quantization_norms(acts: IntActivations, x: &[f32]) -> (f64, f64) {
+    let (mut q, mut q2, mut r) = ([0i8; QK], [0i8; QK], [0f32; QK]);
+    let (mut err, mut first, mut second) = (0f64, 0f64, 0f64);
+    for xs in x.chunks_exact(QK) {
+        let (d, _, _) = QuantActs::quantize_block(xs, &mut q);
+        let d2 = match acts {
+            IntActivations::Bits8 => 0.0,
+            IntActivations::Bits16 => {
+                for ((r, &x), &q) in r.iter_mut().zip(xs).zip(&q) {
+                    *r = (-d).mul_add(q as f32, x);
+                }
+                QuantActs::quantize_block(&r, &mut q2).0
+            }
+        };
+        for ((&x, &q), &q2) in xs.iter().zip(&q).zip(&q2) {
+            let (p1, p2) = (d as f64 * q as f64, d2 as f64 * q2 as f64);
+            let e = x as f64 - p1 - p2;
+            err += e * e;
+            first += p1 * p1;
+            second += p2 * p2;
+        }
+    }
+    (err.sqrt(), first.sqrt() + second.sqrt())
+}
+
+/// For each row of `x`, the product [`IntActivations::Bits16`] adds to [`super::matmul_int`]'s:
+/// that of the residual its 8-bit quantization leaves, quantized to 8 bits. `a + b`, `a` from
+/// [`super::matmul_int`], has the bits of [`matmul_int_with`] at 16 bits: the second tier of
+/// [`crate::greedy_head`], for the rows 8 bits leave undecided.
+pub(crate) fn matmul_int_residual(x: &[f32], m: usize, w: &IntPacked, y: &mut [f32]) {
+    let path = Path::detect();
+    check_call(path, x, m, w, y);
+    let first = QuantActs::new(x, m, w.k);
+    let mut r = vec![0f32; m * w.k];
+    first.residual(&x[..m * w.k], &mut r);
+    run(path, &QuantActs::new(&r, m, w.k), m, w, y);
+}
+
 impl QuantActs {
     /// `x - d q` per value, with each block's scale `d` and quants `q` (once rounded).
     fn residual(&self, x: &[f32], r: &mut [f32]) {
@@ -206,6 +249,21 @@ mod tests {
                 "{dtype:?}: 16-bit error {e16} vs 8-bit {e8}"
             );
         }
+    }
+
+    /// The residual's product added to the 8-bit one is the 16-bit product, bit for bit.
+    #[test]
+    fn the_residual_product_completes_the_8_bit_one() {
+        let (n, k, m) = (40, 96, 3);
+        let (bytes, _) = quantized_matrix(GgmlDType::Q8_0, n, k, 7);
+        let w = IntPacked::from_ggml(GgmlDType::Q8_0, &bytes, n, k).unwrap();
+        let x = activations(m * k, 8);
+        let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+        crate::qkernels::matmul_int(&x, m, &w, &mut a);
+        matmul_int_residual(&x, m, &w, &mut b);
+        let sum: Vec<u32> = a.iter().zip(&b).map(|(a, b)| (a + b).to_bits()).collect();
+        let want = product(Path::detect(), IntActivations::Bits16, &x, m, &w);
+        assert_eq!(sum, want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 
     #[test]
