@@ -37,6 +37,7 @@ use candle_core::quantized::GgmlDType;
 
 use crate::kernels;
 use crate::linear::{Batching, Linear, Weights};
+use crate::qexact::BlockPacked;
 use crate::qkernels::{
     matmul_int, matmul_int_residual, quantization_norms, IntActivations, IntPacked, Path,
 };
@@ -53,6 +54,8 @@ const MIN_CANDIDATES: usize = 64;
 /// An exact output head's integer copy and row norms, for [`Self::argmax`].
 #[derive(Clone)]
 pub struct GreedyHead {
+    /// The exact head this was built from ([`Self::built_from`]).
+    source: Arc<BlockPacked>,
     /// The head's own q8_0 blocks, for the integer kernels.
     packed: Arc<IntPacked>,
     /// The same, as a layer (for the bytes a forward reads, and huge pages).
@@ -76,10 +79,10 @@ impl GreedyHead {
     /// [`Self::new`] on whatever path the integer kernels take here (tests run it everywhere).
     pub(crate) fn for_any_cpu(head: &Linear) -> Result<Option<Self>, ModelError> {
         let (n, k) = (head.out_features(), head.in_features());
-        let Weights::Blocked(packed) = head.weights() else {
+        let Weights::Blocked(source) = head.weights() else {
             return Ok(None);
         };
-        let Some(blocks) = packed.q8_0_blocks() else {
+        let Some(blocks) = source.q8_0_blocks() else {
             return Ok(None);
         };
         let Some(norms) = row_norms(&blocks, n) else {
@@ -88,6 +91,7 @@ impl GreedyHead {
         let packed = Arc::new(IntPacked::from_ggml(GgmlDType::Q8_0, &blocks, n, k)?);
         let norm_max = norms.iter().fold(0f32, |a, &v| a.max(v)) as f64;
         Ok(Some(Self {
+            source: source.clone(),
             coarse: Linear::new(Weights::Int(packed.clone()), n, k)?,
             packed,
             norms,
@@ -98,6 +102,12 @@ impl GreedyHead {
     /// The integer copy (for the bytes a forward reads, and huge pages).
     pub fn coarse(&self) -> &Linear {
         &self.coarse
+    }
+
+    /// Whether `head` is the matrix this was built from (the same storage), so that
+    /// [`Self::argmax`] gives its tokens.
+    pub fn built_from(&self, head: &Linear) -> bool {
+        matches!(head.weights(), Weights::Blocked(w) if Arc::ptr_eq(w, &self.source))
     }
 
     /// The greedy token of each of `rows` rows of `x`: what [`crate::kernels::argmax`] of
@@ -283,7 +293,6 @@ fn gather(x: &[f32], k: usize, rows: &[usize]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qexact::BlockPacked;
     use crate::qkernels::matmul_int_with;
     use crate::testing::{quantized_matrix, test_values};
     use proptest::prelude::*;
@@ -377,6 +386,7 @@ mod tests {
         let (n, k) = (4096, 256);
         let head = head(n, k, 5, &[]);
         let greedy = greedy(&head);
+        assert!(greedy.built_from(&head) && !greedy.built_from(&self::head(n, k, 5, &[])));
         let mut x = vec![0f32; k];
         head.rows_into(&[1234], &mut x).unwrap();
         for acts in ACTS {

@@ -323,7 +323,7 @@ impl Llama {
         let x = self.run_blocks(tokens, start_pos, cache, which)?;
         let m = tokens.len();
         match (&self.head, &self.greedy) {
-            (Head::Whole, Some(greedy)) => {
+            (Head::Whole, Some(greedy)) if greedy.built_from(&self.lm_head) => {
                 let first = which.first(m);
                 let hidden = self.final_norm(&x, first);
                 greedy.argmax(&self.lm_head, &hidden, m - first)
@@ -796,9 +796,19 @@ mod tests {
         assert!(model.greedy.is_some(), "a q8_0 head is screened");
         let got = model.forward_greedy(&tokens, 0, &mut cache, LogitsFor::From(3));
         assert_eq!(got.unwrap(), want);
+        // A head swapped in after the screen was built is not screened by it.
+        let reversed: Vec<u32> = (0..model.config.vocab_size as u32).rev().collect();
+        model.lm_head = model.lm_head.select_rows(&reversed).unwrap();
+        let want_swapped = model
+            .forward(&tokens, 0, &mut cache, LogitsFor::From(3))
+            .unwrap()
+            .argmax();
+        assert_ne!(want_swapped, want, "the swap shows nothing");
+        let got = model.forward_greedy(&tokens, 0, &mut cache, LogitsFor::From(3));
+        assert_eq!(got.unwrap(), want_swapped);
         model.set_greedy_screen(false).unwrap();
         let got = model.forward_greedy(&tokens, 0, &mut cache, LogitsFor::From(3));
-        assert_eq!(got.unwrap(), want);
+        assert_eq!(got.unwrap(), want_swapped);
     }
 
     fn bits(l: &Logits, row: usize) -> Vec<u32> {
