@@ -33,8 +33,6 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::GgmlDType;
-
 use crate::kernels;
 use crate::linear::{Batching, Linear, Weights};
 use crate::qexact::BlockPacked;
@@ -82,13 +80,17 @@ impl GreedyHead {
         let Weights::Blocked(source) = head.weights() else {
             return Ok(None);
         };
-        let Some(blocks) = source.q8_0_blocks() else {
+        if source.kind() != crate::qexact::BlockKind::Q8_0 {
             return Ok(None);
-        };
-        let Some(norms) = row_norms(&blocks, n) else {
+        }
+        let mut norms = Vec::with_capacity(n);
+        let rows = (0..n).filter_map(|j| source.q8_0_row(j)).inspect(|row| {
+            norms.push(row_norm(row));
+        });
+        let packed = Arc::new(IntPacked::from_q8_0_rows(n, k, rows)?);
+        if norms.iter().any(|v| !v.is_finite()) {
             return Ok(None);
-        };
-        let packed = Arc::new(IntPacked::from_ggml(GgmlDType::Q8_0, &blocks, n, k)?);
+        }
         let norm_max = norms.iter().fold(0f32, |a, &v| a.max(v)) as f64;
         Ok(Some(Self {
             source: source.clone(),
@@ -219,27 +221,26 @@ fn below(v: f64) -> Option<f32> {
     Some(if f as f64 > v { f.next_down() } else { f })
 }
 
-/// `|w_j|` of every row of q8_0 `blocks` (rows of equal length), rounded up to f32; `None` if
-/// a scale is not finite.
-fn row_norms(blocks: &[u8], n: usize) -> Option<Vec<f32>> {
+/// `|w|` of a row of q8_0 blocks, rounded up to f32 (infinite if a scale is not finite).
+fn row_norm(row: &[u8]) -> f32 {
     const BLOCK: usize = 34;
-    let row_bytes = blocks.len() / n;
-    blocks
-        .chunks_exact(row_bytes)
-        .map(|row| {
-            let mut sum = 0f64;
-            for block in row.chunks_exact(BLOCK) {
-                let d = half::f16::from_le_bytes([block[0], block[1]]).to_f64();
-                let q2: i64 = block[2..].iter().map(|&q| (q as i8 as i64).pow(2)).sum();
-                sum += d * d * q2 as f64;
-            }
-            // The squares and sum round by ~2^-52 each: well inside the widening of the f32 rounding.
-            let norm = sum.sqrt() * (1.0 + 2f64.powi(-40));
-            let up = norm as f32;
-            let up = if (up as f64) < norm { up.next_up() } else { up };
-            up.is_finite().then_some(up)
-        })
-        .collect()
+    let mut sum = 0f64;
+    for block in row.chunks_exact(BLOCK) {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f64();
+        let q2: i64 = block[2..].iter().map(|&q| (q as i8 as i64).pow(2)).sum();
+        sum += d * d * q2 as f64;
+    }
+    // The squares and sum round by ~2^-52 each: well inside this widening.
+    let norm = sum.sqrt() * (1.0 + 2f64.powi(-40));
+    if !norm.is_finite() {
+        return f32::INFINITY;
+    }
+    let up = norm as f32;
+    if (up as f64) < norm {
+        up.next_up()
+    } else {
+        up
+    }
 }
 
 /// For each row `r` and its ascending candidates `ids` in `narrowed`, the first of the highest
@@ -295,6 +296,7 @@ mod tests {
     use super::*;
     use crate::qkernels::matmul_int_with;
     use crate::testing::{quantized_matrix, test_values};
+    use candle_core::quantized::GgmlDType;
     use proptest::prelude::*;
 
     const ACTS: [IntActivations; 2] = [IntActivations::Bits8, IntActivations::Bits16];

@@ -607,20 +607,18 @@ impl BlockPacked {
         &self.data[b * len..(b + 1) * len]
     }
 
-    /// The matrix as the GGUF q8_0 blocks it was packed from (row-major), if it is q8_0: for
-    /// the integer kernels' copy of a head ([`crate::greedy_head`]).
-    pub fn q8_0_blocks(&self) -> Option<Vec<u8>> {
+    /// Row `row` as the GGUF q8_0 blocks it was packed from, if the matrix is q8_0: for the
+    /// integer kernels' copy of a head ([`crate::greedy_head`]).
+    pub fn q8_0_row(&self, row: usize) -> Option<Vec<u8>> {
         if self.kind != BlockKind::Q8_0 {
             return None;
         }
         let groups = self.k / GROUP;
-        let mut out = Vec::with_capacity(self.n * groups * self.kind.block_bytes());
-        for row in 0..self.n {
-            for g in 0..groups {
-                let group = self.read(row, g);
-                out.extend_from_slice(&(group.d[0] as u16).to_le_bytes());
-                out.extend(group.q.iter().map(|&q| q as u8));
-            }
+        let mut out = Vec::with_capacity(groups * self.kind.block_bytes());
+        for g in 0..groups {
+            let group = self.read(row, g);
+            out.extend_from_slice(&(group.d[0] as u16).to_le_bytes());
+            out.extend(group.q.iter().map(|&q| q as u8));
         }
         Some(out)
     }
@@ -1047,14 +1045,15 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_blocks_are_the_stored_bytes() {
+    fn q8_0_rows_are_the_stored_bytes() {
         let (n, k) = (70, 3 * GROUP);
         let (bytes, _) = quantized(GgmlDType::Q8_0, n, k, 11);
         let w = BlockPacked::from_ggml(GgmlDType::Q8_0, &bytes, n, k).unwrap();
-        assert_eq!(w.q8_0_blocks(), Some(bytes));
+        let rows: Vec<u8> = (0..n).flat_map(|j| w.q8_0_row(j).unwrap()).collect();
+        assert_eq!(rows, bytes);
         let (q4, _) = quantized(GgmlDType::Q4_0, n, k, 11);
         let w = BlockPacked::from_ggml(GgmlDType::Q4_0, &q4, n, k).unwrap();
-        assert_eq!(w.q8_0_blocks(), None);
+        assert_eq!(w.q8_0_row(0), None);
     }
 
     #[test]

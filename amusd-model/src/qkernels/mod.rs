@@ -212,6 +212,35 @@ impl IntPacked {
         Ok(w)
     }
 
+    /// [`Self::from_ggml`] of a q8_0 matrix given row by row (each row's GGUF blocks), so that
+    /// no copy of the whole matrix is made on the way.
+    pub(crate) fn from_q8_0_rows(
+        n: usize,
+        k: usize,
+        rows: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<Self, ModelError> {
+        let kind = Kind::Q8_0;
+        let (nb, bb) = (k / QK, kind.block_bytes());
+        let mut w = Self::zeroed(kind, n, k);
+        let mut count = 0;
+        for (j, row) in rows.into_iter().enumerate() {
+            if j >= n || !k.is_multiple_of(QK) || row.len() != nb * bb {
+                return Err(ModelError::Shape(format!(
+                    "q8_0 row {j} of {} bytes for a {n}x{k} matrix",
+                    row.len()
+                )));
+            }
+            for (b, block) in row.chunks_exact(bb).enumerate() {
+                w.put_block(j, b, block);
+            }
+            count += 1;
+        }
+        if count != n {
+            return Err(ModelError::Shape(format!("{count} q8_0 rows for {n}")));
+        }
+        Ok(w)
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -827,6 +856,20 @@ mod tests {
     fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn q8_0_rows_pack_as_the_whole_matrix() {
+        let (n, k) = (37, 96);
+        let (bytes, _) = crate::testing::quantized_matrix(GgmlDType::Q8_0, n, k, 3);
+        let rows = bytes.chunks_exact(bytes.len() / n).map(<[u8]>::to_vec);
+        let whole = IntPacked::from_ggml(GgmlDType::Q8_0, &bytes, n, k).unwrap();
+        assert_eq!(
+            IntPacked::from_q8_0_rows(n, k, rows.clone()).unwrap(),
+            whole
+        );
+        assert!(IntPacked::from_q8_0_rows(n + 1, k, rows.clone()).is_err());
+        assert!(IntPacked::from_q8_0_rows(n - 1, k, rows).is_err());
     }
 
     use crate::testing::quantized_matrix as quantized;
