@@ -113,26 +113,22 @@ impl GreedyHead {
     }
 
     /// The greedy token of each of `rows` rows of `x`: what [`crate::kernels::argmax`] of
-    /// `head`'s logits gives, `head` being the matrix this was built from.
+    /// `head`'s logits gives (through the whole head if `head` is not the matrix this was built
+    /// from).
     pub fn argmax(&self, head: &Linear, x: &[f32], rows: usize) -> Result<Vec<u32>, ModelError> {
-        let (n, k) = (head.out_features(), head.in_features());
-        let x = &x[..rows * k];
-        let found = self.screen(x, rows);
+        let x = &x[..rows * head.in_features()];
         let mut tokens = vec![0u32; rows];
+        if !self.built_from(head) {
+            whole_argmax(head, x, &(0..rows).collect::<Vec<_>>(), &mut tokens)?;
+            return Ok(tokens);
+        }
+        let found = self.screen(x, rows);
         let narrowed: Vec<(usize, &[u32])> = (found.iter().enumerate())
             .filter_map(|(r, ids)| Some((r, ids.as_deref()?)))
             .collect();
         let mut whole = best_candidates(head, x, &narrowed, &mut tokens)?;
         whole.extend((0..rows).filter(|&r| found[r].is_none()));
-        // The rows the bound could not narrow: the whole head, in one pass.
-        if !whole.is_empty() {
-            let mut logits = vec![0f32; whole.len() * n];
-            let xs = gather(x, k, &whole);
-            head.forward(&xs, whole.len(), &mut logits, Batching::Invariant)?;
-            for (&r, row) in whole.iter().zip(logits.chunks_exact(n)) {
-                tokens[r] = kernels::argmax(row);
-            }
-        }
+        whole_argmax(head, x, &whole, &mut tokens)?;
         Ok(tokens)
     }
 
@@ -283,6 +279,26 @@ fn best_candidates(
     Ok(nan)
 }
 
+/// `tokens[r]` for each row `r` of `rows`: the argmax of the whole head's logits, in one pass.
+fn whole_argmax(
+    head: &Linear,
+    x: &[f32],
+    rows: &[usize],
+    tokens: &mut [u32],
+) -> Result<(), ModelError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let n = head.out_features();
+    let mut logits = vec![0f32; rows.len() * n];
+    let xs = gather(x, head.in_features(), rows);
+    head.forward(&xs, rows.len(), &mut logits, Batching::Invariant)?;
+    for (&r, row) in rows.iter().zip(logits.chunks_exact(n)) {
+        tokens[r] = kernels::argmax(row);
+    }
+    Ok(())
+}
+
 /// Rows `rows` of the `k`-wide rows of `x`, in that order.
 fn gather(x: &[f32], k: usize, rows: &[usize]) -> Vec<f32> {
     rows.iter()
@@ -388,12 +404,17 @@ mod tests {
         let (n, k) = (4096, 256);
         let head = head(n, k, 5, &[]);
         let greedy = greedy(&head);
-        assert!(greedy.built_from(&head) && !greedy.built_from(&self::head(n, k, 5, &[])));
+        let other = self::head(n, k, 6, &[]);
+        assert!(greedy.built_from(&head) && !greedy.built_from(&other));
         let mut x = vec![0f32; k];
         head.rows_into(&[1234], &mut x).unwrap();
         for acts in ACTS {
             assert_eq!(candidates_at(&greedy, acts, &x), Some(vec![1234]), "{acts}");
         }
+        // Another head's tokens are its own, not this one's.
+        let want = kernels::argmax(&logits(&other, &x));
+        assert_ne!(want, 1234, "the other head shows nothing");
+        assert_eq!(greedy.argmax(&other, &x, 1).unwrap(), vec![want]);
     }
 
     /// Rows whose logits lie closer than the 8-bit bound take the 16-bit pass, which decides.
