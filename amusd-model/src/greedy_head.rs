@@ -55,9 +55,7 @@ pub struct GreedyHead {
     /// The exact head this was built from ([`Self::built_from`]).
     source: Arc<BlockPacked>,
     /// The head's own q8_0 blocks, for the integer kernels.
-    packed: Arc<IntPacked>,
-    /// The same, as a layer (for the bytes a forward reads, and huge pages).
-    coarse: Linear,
+    packed: IntPacked,
     /// `|w_j|`, each rounded up to the next f32.
     norms: Vec<f32>,
     norm_max: f64,
@@ -87,23 +85,22 @@ impl GreedyHead {
         let rows = (0..n).filter_map(|j| source.q8_0_row(j)).inspect(|row| {
             norms.push(row_norm(row));
         });
-        let packed = Arc::new(IntPacked::from_q8_0_rows(n, k, rows)?);
+        let packed = IntPacked::from_q8_0_rows(n, k, rows)?;
         if norms.iter().any(|v| !v.is_finite()) {
             return Ok(None);
         }
         let norm_max = norms.iter().fold(0f32, |a, &v| a.max(v)) as f64;
         Ok(Some(Self {
             source: source.clone(),
-            coarse: Linear::new(Weights::Int(packed.clone()), n, k)?,
             packed,
             norms,
             norm_max,
         }))
     }
 
-    /// The integer copy (for the bytes a forward reads, and huge pages).
-    pub fn coarse(&self) -> &Linear {
-        &self.coarse
+    /// Where the integer copy lies: start address and bytes (for huge pages).
+    pub fn span(&self) -> (usize, usize) {
+        self.packed.span()
     }
 
     /// Whether `head` is the matrix this was built from (the same storage), so that

@@ -268,11 +268,9 @@ impl Llama {
             Head::Screened(screen) => Some(screen.coarse()),
             _ => None,
         };
-        let greedy = self.greedy.as_ref().map(GreedyHead::coarse);
-        let all = (layers.chain([&self.embed, &self.lm_head]))
-            .chain(screen)
-            .chain(greedy);
-        crate::hugepages::collapse(all.filter_map(Linear::span))
+        let all = layers.chain([&self.embed, &self.lm_head]).chain(screen);
+        let greedy = self.greedy.as_ref().map(GreedyHead::span);
+        crate::hugepages::collapse(all.filter_map(Linear::span).chain(greedy))
     }
 
     /// The matrices one forward multiplies by: bytes read and multiply-adds per token.
@@ -323,7 +321,7 @@ impl Llama {
         let x = self.run_blocks(tokens, start_pos, cache, which)?;
         let m = tokens.len();
         match (&self.head, &self.greedy) {
-            (Head::Whole, Some(greedy)) if greedy.built_from(&self.lm_head) => {
+            (Head::Whole, Some(greedy)) => {
                 let first = which.first(m);
                 let hidden = self.final_norm(&x, first);
                 greedy.argmax(&self.lm_head, &hidden, m - first)

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use amusd_model::{Batching, KvCache, Llama, Logits, LogitsFor};
+use amusd_model::{Batching, KvCache, Llama, LogitsFor, ModelError};
 
 use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
@@ -119,12 +119,18 @@ impl LlamaDecoder {
             tokens: Vec::new(),
         }
     }
-}
 
-/// What a forward gives a sampler: the greedy tokens themselves, or the logits to choose from.
-enum Chosen {
-    Tokens(Vec<u32>),
-    Logits(Logits),
+    /// After a forward over `tokens`: records them, or where it failed forgets whatever it
+    /// wrote into the cache (not known to match `tokens`).
+    fn settle<T>(&mut self, tokens: &[u32], done: Result<T, ModelError>) -> Result<T, SpecError> {
+        if done.is_err() {
+            self.cache.truncate(self.tokens.len());
+        } else {
+            self.tokens.extend_from_slice(tokens);
+            debug_assert_eq!(self.tokens.len(), self.cache.len());
+        }
+        Ok(done?)
+    }
 }
 
 impl Decoder for LlamaDecoder {
@@ -157,29 +163,13 @@ impl Decoder for LlamaDecoder {
     ) -> Result<Vec<u32>, SpecError> {
         self.tokens.truncate(start);
         let which = LogitsFor::From(first_row);
-        let forward = match sampler.is_plain_greedy() && !sampler.records() {
+        if sampler.is_plain_greedy() && !sampler.records() {
             // The argmax of the raw logits is all the sampler would take from them.
-            true => (self.model)
-                .forward_greedy(tokens, start, &mut self.cache, which)
-                .map(Chosen::Tokens),
-            false => (self.model)
-                .forward(tokens, start, &mut self.cache, which)
-                .map(Chosen::Logits),
-        };
-        let chosen = match forward {
-            Ok(chosen) => chosen,
-            Err(e) => {
-                // Whatever a failed forward wrote is not known to match `tokens`.
-                self.cache.truncate(self.tokens.len());
-                return Err(e.into());
-            }
-        };
-        self.tokens.extend_from_slice(tokens);
-        debug_assert_eq!(self.tokens.len(), self.cache.len());
-        let logits = match chosen {
-            Chosen::Tokens(tokens) => return Ok(tokens),
-            Chosen::Logits(logits) => logits,
-        };
+            let chosen = (self.model).forward_greedy(tokens, start, &mut self.cache, which);
+            return self.settle(tokens, chosen);
+        }
+        let logits = (self.model).forward(tokens, start, &mut self.cache, which);
+        let logits = self.settle(tokens, logits)?;
         // `forward` clamps the first row to the last one.
         let first = start + first_row.min(tokens.len() - 1);
         Ok((0..logits.rows)
@@ -189,13 +179,8 @@ impl Decoder for LlamaDecoder {
 
     fn prefill_bulk(&mut self, tokens: &[u32], start: usize) -> Result<(), SpecError> {
         self.tokens.truncate(start);
-        if let Err(e) = self.model.prefill_bulk(tokens, start, &mut self.cache) {
-            // Whatever a failed forward wrote is not known to match `tokens`.
-            self.cache.truncate(self.tokens.len());
-            return Err(e.into());
-        }
-        self.tokens.extend_from_slice(tokens);
-        Ok(())
+        let done = self.model.prefill_bulk(tokens, start, &mut self.cache);
+        self.settle(tokens, done)
     }
     fn truncate(&mut self, len: usize) {
         self.cache.truncate(len);

@@ -202,14 +202,7 @@ impl IntPacked {
         })?;
         let bb = kind.block_bytes();
         crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, QK, bb)?;
-        let nb = k / QK;
-        let mut w = Self::zeroed(kind, n, k);
-        for (j, row) in bytes.chunks_exact(nb * bb).enumerate() {
-            for (b, block) in row.chunks_exact(bb).enumerate() {
-                w.put_block(j, b, block);
-            }
-        }
-        Ok(w)
+        Self::from_block_rows(kind, n, k, bytes.chunks_exact(k / QK * bb))
     }
 
     /// [`Self::from_ggml`] of a q8_0 matrix given row by row (each row's GGUF blocks), so that
@@ -219,14 +212,25 @@ impl IntPacked {
         k: usize,
         rows: impl IntoIterator<Item = Vec<u8>>,
     ) -> Result<Self, ModelError> {
-        let kind = Kind::Q8_0;
-        let (nb, bb) = (k / QK, kind.block_bytes());
+        Self::from_block_rows(Kind::Q8_0, n, k, rows)
+    }
+
+    /// The `n` rows of `kind` blocks `rows` (each a row's GGUF bytes), packed.
+    fn from_block_rows(
+        kind: Kind,
+        n: usize,
+        k: usize,
+        rows: impl IntoIterator<Item = impl AsRef<[u8]>>,
+    ) -> Result<Self, ModelError> {
+        let bb = kind.block_bytes();
         let mut w = Self::zeroed(kind, n, k);
         let mut count = 0;
         for (j, row) in rows.into_iter().enumerate() {
-            if j >= n || !k.is_multiple_of(QK) || row.len() != nb * bb {
+            let row = row.as_ref();
+            if j >= n || !k.is_multiple_of(QK) || row.len() != k / QK * bb {
                 return Err(ModelError::Shape(format!(
-                    "q8_0 row {j} of {} bytes for a {n}x{k} matrix",
+                    "{} row {j} of {} bytes for a {n}x{k} matrix",
+                    kind.name(),
                     row.len()
                 )));
             }
@@ -236,7 +240,10 @@ impl IntPacked {
             count += 1;
         }
         if count != n {
-            return Err(ModelError::Shape(format!("{count} q8_0 rows for {n}")));
+            return Err(ModelError::Shape(format!(
+                "{count} {} rows for {n}",
+                kind.name()
+            )));
         }
         Ok(w)
     }
