@@ -8,7 +8,8 @@
 //! so the caches do not stay in L2 from one layer to the next, as in a real forward) and the GB/s
 //! of cache bytes read. `AMUSD_BENCH_REPS` sets the samples (default 15; the minimum is printed,
 //! the steadiest figure on a shared machine), `AMUSD_BENCH_POSITIONS` the context lengths (e.g.
-//! `300,1000`).
+//! `300,1000`), `AMUSD_BENCH_ROWS` the row counts (default `1,4,8,16`) and `AMUSD_BENCH_CACHES`
+//! which caches (`f32,f16,f16-tiled`, the default all three).
 
 use std::time::Instant;
 
@@ -19,7 +20,6 @@ const LAYERS: usize = 30;
 const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;
-const ROWS: [usize; 4] = [1, 4, 8, 16];
 
 /// Every layer's keys and values, head-major as the KV cache lays them out.
 struct Caches<T> {
@@ -90,12 +90,19 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
         .unwrap_or_else(|| default.to_vec())
 }
 
-fn report<T: KvElem>(name: &str, tiled: bool, positions: &[usize], reps: usize) {
+fn report<T: KvElem>(name: &str, tiled: bool, positions: &[usize], rows: &[usize], reps: usize) {
+    let wanted = std::env::var("AMUSD_BENCH_CACHES").unwrap_or_else(|_| "f32,f16,f16-tiled".into());
+    if !wanted
+        .split(',')
+        .any(|w| w.trim() == name.replace(' ', "-"))
+    {
+        return;
+    }
     let most = positions.iter().copied().max().unwrap_or(0);
     let caches = Caches::<T>::new(most + 1, tiled);
     for &n in positions {
         print!("{name:<9} {n:>9}");
-        for m in ROWS {
+        for &m in rows {
             let ms = caches.time(n, m, reps);
             let bytes = (2 * LAYERS * KV_HEADS * n * HEAD_DIM * std::mem::size_of::<T>()) as f64;
             print!(" {:>16}", format!("{ms:.3} ({:.1})", bytes / ms / 1e6));
@@ -107,13 +114,14 @@ fn report<T: KvElem>(name: &str, tiled: bool, positions: &[usize], reps: usize) 
 fn main() {
     let reps = env_list("AMUSD_BENCH_REPS", &[15])[0];
     let positions = env_list("AMUSD_BENCH_POSITIONS", &[300, 1000]);
+    let rows = env_list("AMUSD_BENCH_ROWS", &[1, 4, 8, 16]);
     println!("attention of one forward, {LAYERS} layers; ms (GB/s of cache read), min of {reps}");
     print!("{:<9} {:>9}", "cache", "positions");
-    for m in ROWS {
+    for m in &rows {
         print!(" {:>16}", format!("rows={m}"));
     }
     println!();
-    report::<f32>("f32", false, &positions, reps);
-    report::<half::f16>("f16", false, &positions, reps);
-    report::<half::f16>("f16 tiled", true, &positions, reps);
+    report::<f32>("f32", false, &positions, &rows, reps);
+    report::<half::f16>("f16", false, &positions, &rows, reps);
+    report::<half::f16>("f16 tiled", true, &positions, &rows, reps);
 }

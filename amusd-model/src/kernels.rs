@@ -673,6 +673,21 @@ pub fn prefetch_range(start: *const u8, bytes: usize) {
     let _ = (start, bytes);
 }
 
+/// [`prefetch_range`] into L2 (and L3), not L1: for data that several passes read soon after
+/// (attention's cached keys and values, read once per group of query heads), where filling L1
+/// ahead evicts what the current pass is reading.
+#[inline(always)]
+pub fn prefetch_range_l2(start: *const u8, bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes).step_by(64) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        // SAFETY: SSE is part of x86-64, and a prefetch neither faults nor reads architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(start.wrapping_add(line).cast()) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (start, bytes);
+}
+
 /// Index of the largest value; ties go to the lowest index and NaN never wins, so the choice is a
 /// pure function of the logits' bits. Every greedy position of both models pays for one over the
 /// whole vocabulary; the AVX path (chosen at run time) returns what [`argmax_reference`] does.

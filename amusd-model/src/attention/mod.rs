@@ -159,12 +159,18 @@ pub fn attend_rows<T: KvElem>(
 #[cfg(target_arch = "x86_64")]
 const AHEAD: usize = 32;
 
-/// Prefetches the `len` values of position `t` from `base` (`stride` values apart).
+/// Prefetches the `len` values of position `t` from `base` (`stride` values apart), into L2:
+/// prefetching into L1 kept a one-row scan of an f32 cache at 15-17 GB/s, into L2 it reads
+/// 21-25 (`AMUSD_BENCH_CACHES=f32 cargo bench -p amusd-model --bench attention`, Zen 4, three
+/// alternating rounds: one row at 4000 positions 12.0-12.5 -> 8.8-9.7 ms, eight rows 34.6-35.0 ->
+/// 31.9-32.5; the AVX2 path on the same CPU 14.5-14.8 -> 11.1-11.5 and 50.8-51.1 -> 48.0-48.4).
+/// Why was not established; the likeliest cause is that a prefetch into L1 holds one of its few
+/// miss buffers per line until the line arrives, and the scan's own loads queue behind them.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_position<T>(base: *const T, t: usize, stride: usize, len: usize) {
     let row = base.wrapping_add(t * stride).cast::<u8>();
-    crate::kernels::prefetch_range(row, len * std::mem::size_of::<T>());
+    crate::kernels::prefetch_range_l2(row, len * std::mem::size_of::<T>());
 }
 
 /// An implementation of [`attend_rows`]; all give the same bits.
