@@ -186,6 +186,56 @@ fn a_verify_worker_killed_mid_stream_leaves_the_text_unchanged() {
     assert!(log.contains("verify"), "{log}");
 }
 
+/// `amusd worker-kill verify` on the server's region: the pid it signalled, or None when it
+/// refused (no running worker recorded) or signalled `avoid` again (a worker killed before, not
+/// reaped yet).
+fn kill_verify(s: &Served, avoid: Option<u32>) -> Option<u32> {
+    let out = Command::new(bin("amusd"))
+        .args(["worker-kill", "verify", "--region", &s.region()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    let pid = said.split("(pid ").nth(1)?.split(')').next()?.parse().ok();
+    (out.status.success() && pid != avoid).then_some(pid?)
+}
+
+/// With a budget of one restart, the verify worker is killed twice while the server is idle: the
+/// budget runs out and `/health` says 503 and why (the hang timeout, which paces the idle
+/// retries, is long, so nothing else starts it again); the next request starts it again at once
+/// and is served exactly, and `/health` is 200 after it. Before, the server stayed down for good
+/// with `/health` at 200.
+#[test]
+fn a_worker_whose_restarts_ran_out_is_started_again_by_the_next_request() {
+    let verify = "fake:vocab=512,seed=9,us=1000";
+    let draft = "fake:vocab=512,seed=9,err=0.1,us=500";
+    let args = ["--max-restarts", "1", "--hang-timeout-ms", "120000"];
+    let s = serve(verify, draft, &args);
+    let mut first = None;
+    amusd_e2e::wait_until("the verify worker killed", READY, || {
+        first = kill_verify(&s, None);
+        first.is_some()
+    });
+    amusd_e2e::wait_until("its replacement killed", READY, || {
+        kill_verify(&s, first).is_some()
+    });
+    amusd_e2e::wait_until("/health to say 503", READY, || s.get("/health").0 == 503);
+    let (_, health) = s.get("/health");
+    assert!(
+        health.contains("unavailable") && health.contains("keeps failing"),
+        "{health}"
+    );
+    let prompt = "tell me";
+    let r = s.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 64}),
+    );
+    assert_eq!(r.status, 200, "{}\n{}", r.json, s.log());
+    assert_eq!(reply_text(&r.json), expected(verify, prompt, 64).0);
+    amusd_e2e::wait_until("/health to say 200", READY, || s.get("/health").0 == 200);
+    let log = s.terminate(EXIT);
+    assert!(log.contains("starting the verify worker again"), "{log}");
+}
+
 #[test]
 fn bad_input_is_refused_and_sigterm_mid_stream_exits_cleanly() {
     let verify = "fake:vocab=512,seed=2,us=2000,ctx=256";

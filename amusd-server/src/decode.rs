@@ -162,8 +162,10 @@ impl Summary {
 #[derive(Default)]
 pub struct Shared {
     pub metrics: Metrics,
-    /// The generator is loaded (`/health` says 200).
+    /// The generator is loaded (`/health` says 200 unless it is [`Self::unavailable`]).
     pub ready: AtomicBool,
+    /// [`Generator::unavailable`] as of the last job or idle step.
+    pub unavailable: std::sync::Mutex<Option<String>>,
     /// Shutting down: the running request is cancelled, queued ones are refused.
     pub shutting_down: AtomicBool,
     /// Numbers response ids.
@@ -202,6 +204,7 @@ pub fn run(
             }
             Err(RecvTimeoutError::Disconnected) => return Ok(()),
         }
+        *shared.unavailable.lock().unwrap_or_else(|e| e.into_inner()) = gen.unavailable();
         let now = gen.worker_restarts();
         shared
             .metrics

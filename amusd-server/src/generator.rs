@@ -287,6 +287,12 @@ pub trait Generator {
     fn worker_restarts(&self) -> u64 {
         0
     }
+
+    /// Why the generator cannot serve until it recovers (a worker whose restarts ran out, to be
+    /// started again by the next request or idle step), if it cannot: `/health` says 503 then.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Builds the generator on the decode thread (loading can take a while; `/health` says 503 until

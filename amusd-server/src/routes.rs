@@ -145,7 +145,17 @@ async fn props(State(s): State<AppState>) -> Json<Value> {
 }
 
 async fn health(State(s): State<AppState>) -> Response {
-    if s.shared.ready.load(Ordering::SeqCst) {
+    let down = (s.shared.unavailable.lock())
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(why) = down {
+        let e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, why);
+        (
+            e.status,
+            Json(json!({"status": "unavailable", "error": e.body()["error"]})),
+        )
+            .into_response()
+    } else if s.shared.ready.load(Ordering::SeqCst) {
         Json(json!({"status": "ok"})).into_response()
     } else {
         let e = ApiError::new(

@@ -431,6 +431,13 @@ impl Generator for ServeGenerator {
             _ => 0,
         }
     }
+
+    fn unavailable(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Amusd(w) => w.down().map(str::to_string),
+            _ => None,
+        }
+    }
 }
 
 /// Log-probabilities as the server takes them.

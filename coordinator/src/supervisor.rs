@@ -46,8 +46,9 @@ pub struct Policy {
     /// so is one that has not registered in the region this long after its start.
     pub hang_timeout: Duration,
     /// Restarts allowed per worker within one request (and the idle time before it) before the
-    /// request fails; each completed request gives the budget back, so a long-running server
-    /// survives a crash now and then, however many it has seen.
+    /// request fails; each request that ends, completed or failed, gives the budget back, so a
+    /// long-running server survives a crash now and then, however many it has seen. A worker
+    /// whose budget ran out is started again by [`Supervisor::revive`].
     pub max_restarts: u32,
 }
 
@@ -63,6 +64,9 @@ struct Worker {
     down_since: Option<Instant>,
     /// Killed as hung and not reaped yet: its state in the region is stale until then.
     killed: bool,
+    /// Its restarts ran out: it stays down, and every request fails with this error, until
+    /// [`Supervisor::revive`] starts it again.
+    given_up: Option<(Instant, String)>,
 }
 
 /// The least time a started worker gets to register in the region before it counts as hung: the
@@ -153,6 +157,7 @@ impl Supervisor {
                 started: Instant::now(),
                 down_since: None,
                 killed: false,
+                given_up: None,
             });
         }
         for i in 0..sup.workers.len() {
@@ -225,6 +230,12 @@ impl Supervisor {
             bail!("interrupted");
         }
         for i in 0..self.workers.len() {
+            if let Some((_, why)) = &self.workers[i].given_up {
+                if during_request {
+                    bail!("{why}");
+                }
+                continue;
+            }
             if self.reap(i, during_request)? {
                 continue;
             }
@@ -238,12 +249,47 @@ impl Supervisor {
         Ok(())
     }
 
-    /// A request completed: every worker's restart budget is whole again.
-    pub fn request_done(&mut self) {
+    /// A request ended (`completed`, or failed): every worker's restart budget is whole again.
+    pub fn request_ended(&mut self, completed: bool) {
         for w in &mut self.workers {
             w.restarts = 0;
-            w.served = true;
+            w.served |= completed;
         }
+    }
+
+    /// Starts again every worker whose restarts ran out, with a whole budget: at once when `now`
+    /// (a request is about to run), else only once the hang timeout has passed since, so a
+    /// worker that cannot run at all is retried at that pace between requests, not in a loop.
+    /// Without it a server whose worker used up its budget once would fail every request after.
+    pub fn revive(&mut self, now: bool) -> Result<()> {
+        let pause = self.policy.hang_timeout;
+        for i in 0..self.workers.len() {
+            let w = &mut self.workers[i];
+            if !w
+                .given_up
+                .as_ref()
+                .is_some_and(|(at, _)| now || at.elapsed() >= pause)
+            {
+                continue;
+            }
+            w.given_up = None;
+            w.restarts = 0;
+            eprintln!(
+                "amusd: starting the {} worker again (its restarts had run out)",
+                w.spec.role.name()
+            );
+            self.restarts += 1;
+            self.shm.count_restart(w.spec.role);
+            self.spawn(i)?;
+        }
+        Ok(())
+    }
+
+    /// Why a worker is down until [`Self::revive`] starts it again, if one is.
+    pub fn given_up(&self) -> Option<&str> {
+        self.workers
+            .iter()
+            .find_map(|w| w.given_up.as_ref().map(|(_, why)| why.as_str()))
     }
 
     /// Reaps worker `i` if it exited, and restarts it. Returns whether it had exited.
@@ -264,21 +310,26 @@ impl Supervisor {
         }
         let last_error = self.shm.worker_snapshot(role).last_error;
         let w = &mut self.workers[i];
-        if w.restarts >= self.policy.max_restarts {
+        let give_up = if w.restarts >= self.policy.max_restarts {
             let why = if last_error.is_empty() {
                 format!("{exit:?}")
             } else {
                 last_error
             };
-            bail!(
-                "the {} worker keeps failing ({} restarts): {why}",
-                role.name(),
-                w.restarts
-            );
-        }
-        // A worker that failed while loading, and never loaded, will fail again: give up at once.
-        if !last_error.is_empty() && !during_request && w.restarts == 0 && !w.served {
-            bail!("the {} worker failed: {last_error}", role.name());
+            let n = w.restarts;
+            Some(format!(
+                "the {} worker keeps failing ({n} restarts): {why}",
+                role.name()
+            ))
+        } else if !last_error.is_empty() && !during_request && w.restarts == 0 && !w.served {
+            // A worker that failed while loading, and never loaded, will fail again.
+            Some(format!("the {} worker failed: {last_error}", role.name()))
+        } else {
+            None
+        };
+        if let Some(why) = give_up {
+            w.given_up = Some((Instant::now(), why.clone()));
+            bail!("{why}");
         }
         w.restarts += 1;
         w.down_since.get_or_insert_with(Instant::now);

@@ -93,9 +93,16 @@ impl Workers {
         })
     }
 
-    /// Between requests: restarts a worker that died while idle (a long-running server calls it).
+    /// Between requests: restarts a worker that died while idle, and one whose restarts ran out
+    /// a while ago (a long-running server calls it).
     pub fn check_idle(&mut self) -> Result<()> {
+        self.sup.revive(false)?;
         self.sup.check(false)
+    }
+
+    /// Why a worker is down until the next request or idle check starts it again, if one is.
+    pub fn down(&self) -> Option<&str> {
+        self.sup.given_up()
     }
 
     pub fn fault_stats(&self) -> FaultStats {
@@ -114,6 +121,7 @@ impl Workers {
     ) -> Result<Completion> {
         let id = self.next_id;
         self.next_id += 1;
+        self.sup.revive(true)?;
         let shm = self.sup.shm_handle();
         let region = shm.region();
         let cursors = [Role::Draft, Role::Verify].map(|r| (r, region.events(r).head()));
@@ -140,8 +148,9 @@ impl Workers {
             request.sampling,
             &mut on_tokens,
             &mut supervise,
-        )?;
-        self.sup.request_done();
+        );
+        self.sup.request_ended(generation.is_ok());
+        let generation = generation?;
         let mut trace = Trace {
             commits,
             ..Default::default()
