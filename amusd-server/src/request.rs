@@ -192,6 +192,15 @@ pub fn parse_llama(body: &[u8]) -> Result<RawRequest, ApiError> {
         Some(n) if n == -1 => {
             o.remove("max_tokens");
         }
+        // llama.cpp takes 0 to only evaluate the prompt; here a request must generate, and the
+        // error names the field the client sent.
+        Some(n) if n == 0 => {
+            return Err(ApiError::bad_param(
+                "n_predict",
+                "n_predict is 0: nothing would be generated; pass at least 1, or -1 for as many \
+                 as fit",
+            ))
+        }
         Some(n) if n.as_u64().is_some() => {
             o.insert("max_tokens".into(), n);
         }

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             Arc::new(state.limits.api_keys.clone()),
             require_key,
@@ -119,6 +120,15 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses[/{id}[/input_items]], /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
+    )
+}
+
+/// A known endpoint asked with a method it does not take: an error object, as for an unknown
+/// path (axum's own 405 has an empty body, which leaves a client's `error.message` empty).
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
     )
 }
 

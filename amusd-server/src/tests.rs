@@ -809,6 +809,13 @@ async fn llama_cpp_completion() {
     assert_eq!(alias["content"], text);
     let both = r#"{"prompt":"abc","max_tokens":2,"n_predict":5}"#;
     assert_eq!(json_call(&s, "/completion", both).await.1["content"], text);
+    // Nothing to generate: refused, naming the field the client sent.
+    let (status, e) = json_call(&s, "/completion", r#"{"prompt":"abc","n_predict":0}"#).await;
+    assert_eq!(
+        (status, e["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("n_predict")),
+        "{e}"
+    );
     assert_eq!(v["content"], text);
     assert_eq!(
         (v["stop"].as_bool(), v["stop_type"].as_str()),
@@ -1237,4 +1244,28 @@ async fn a_final_assistant_message_is_continued_unless_a_new_turn_is_asked_for()
         (StatusCode::BAD_REQUEST, Some("continue_final_message")),
         "{v}"
     );
+}
+
+/// A known endpoint asked with a method it does not take is a 405 with an error object, as an
+/// unknown path is a 404 with one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_method_is_a_405_that_says_so() {
+    let s = server(Hooks::default(), 2);
+    let cases = [
+        ("GET", "/v1/chat/completions"),
+        ("PUT", "/v1/completions"),
+        ("POST", "/health"),
+        ("POST", "/v1/models"),
+    ];
+    for (method, path) in cases {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty());
+        let (status, text, _) = call(&s, req.unwrap()).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(path) && message.contains(method), "{v}");
+    }
 }

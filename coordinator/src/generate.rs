@@ -326,21 +326,26 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
 }
 
 pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
-    let tps = if m.ms_per_token() > 0.0 {
-        1e3 / m.ms_per_token()
+    let (name, prompt) = (strategy.name(), m.prompt_tokens);
+    // No token (a grammar that allows only the empty answer): no rate to give.
+    let mut s = if m.new_tokens == 0 {
+        let ms = m.total_time * 1e3;
+        format!("[{name}] prompt {prompt} tokens, generated 0 tokens in {ms:.0} ms")
     } else {
-        0.0
+        let tps = if m.ms_per_token() > 0.0 {
+            1e3 / m.ms_per_token()
+        } else {
+            0.0
+        };
+        format!(
+            "[{name}] prompt {prompt} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s), end to end {:.1} tokens/s",
+            m.new_tokens,
+            m.ttft * 1e3,
+            m.ms_per_token(),
+            tps,
+            m.e2e_tokens_per_s()
+        )
     };
-    let mut s = format!(
-        "[{}] prompt {} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s), end to end {:.1} tokens/s",
-        strategy.name(),
-        m.prompt_tokens,
-        m.new_tokens,
-        m.ttft * 1e3,
-        m.ms_per_token(),
-        tps,
-        m.e2e_tokens_per_s()
-    );
     if strategy != Strategy::Ar {
         s.push_str(&format!(
             "; draft forwards {}, offered {}, accepted {} ({:.0}%), {:.2} tokens/verify step, {} rollbacks",
@@ -362,4 +367,28 @@ pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No token generated: the summary gives no rate (before, 0 tokens read "3.8 tokens/s").
+    #[test]
+    fn a_summary_of_no_tokens_gives_no_rate() {
+        let m = amusd_spec::Metrics {
+            prompt_tokens: 5,
+            total_time: 0.2625,
+            ..Default::default()
+        };
+        let line = summary_line(Strategy::Ar, &m);
+        assert_eq!(line, "[ar] prompt 5 tokens, generated 0 tokens in 262 ms");
+        let m = amusd_spec::Metrics {
+            new_tokens: 2,
+            decode_tokens: 1,
+            decode_time: 0.01,
+            ..m
+        };
+        assert!(summary_line(Strategy::Ar, &m).contains("10.0 ms/token (100.0 tokens/s)"));
+    }
 }
