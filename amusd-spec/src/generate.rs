@@ -180,6 +180,11 @@ impl<'a> Committer<'a> {
         self.finish.is_some()
     }
 
+    /// The caller cancelled between commits; a request that ended anyway keeps its own reason.
+    pub fn cancel(&mut self) {
+        self.finish.get_or_insert(Finish::Cancelled);
+    }
+
     pub fn finish(mut self) -> Generation {
         let end = Instant::now();
         let m = &mut self.metrics;

@@ -16,6 +16,7 @@
 //! the verify model's own token, which its sampler chooses from the logits, the request's seed and
 //! the position alone (see [`crate::sampling`]), so a restarted worker chooses the same tokens.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use amusd_shm::{
@@ -611,7 +612,9 @@ fn verify_step<D: Decoder>(
 /// when they end with a stop token or fill the budget, and wait for both workers to let go of it.
 ///
 /// `supervise` runs every [`SUPERVISE_EVERY`] or so: the coordinator checks its workers
-/// there (and restarts them); an error from it fails the request.
+/// there (and restarts them); an error from it fails the request, and `Break` cancels it as
+/// `on_tokens` can, but also while nothing is committed (a long prompt's prefill, where the
+/// workers see the end between chunks).
 pub fn run_request(
     region: &Region,
     request_id: u64,
@@ -619,7 +622,7 @@ pub fn run_request(
     stop: &StopCriteria,
     sampling: &RequestSampling,
     on_tokens: &mut OnTokens<'_>,
-    supervise: &mut dyn FnMut(&Region) -> Result<(), SpecError>,
+    supervise: &mut dyn FnMut(&Region) -> Result<ControlFlow<()>, SpecError>,
 ) -> Result<Generation, SpecError> {
     crate::generate::check_fits(TOKEN_CAPACITY, prompt.len(), stop.max_new_tokens)?;
     let max_new = u32::try_from(stop.max_new_tokens)
@@ -647,7 +650,10 @@ pub fn run_request(
         while !c.done() {
             let bell = region.bell_value(Party::Coordinator);
             if last_check.elapsed() >= SUPERVISE_EVERY {
-                supervise(region)?;
+                if supervise(region)?.is_break() {
+                    c.cancel();
+                    break;
+                }
                 last_check = std::time::Instant::now();
             }
             let len = region.verified_len();
@@ -690,7 +696,8 @@ pub fn run_request(
         {
             break;
         }
-        supervise(region)?;
+        // Ended already: a cancellation here changes nothing.
+        let _ = supervise(region)?;
         region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
     }
     collect_metrics(region, request_id, cursors, &mut c.metrics);
@@ -1024,7 +1031,7 @@ mod tests {
                     streamed.extend_from_slice(t);
                     ControlFlow::Continue(())
                 },
-                &mut |_| Ok(()),
+                &mut |_| Ok(ControlFlow::Continue(())),
             )
             .unwrap();
             assert_eq!(
@@ -1071,6 +1078,31 @@ mod tests {
         total
     }
 
+    /// Both workers on `truth`, as threads over `region`.
+    fn spawn_workers(region: &Arc<Region>, truth: &FakeModel) -> [std::thread::JoinHandle<()>; 2] {
+        let (r1, r2, t1, t2) = (region.clone(), region.clone(), truth.clone(), truth.clone());
+        [
+            std::thread::spawn(move || {
+                let mut d = Drafter::new(FakeDecoder::new(t1));
+                let opts = DraftOptions {
+                    max_lookahead: 4,
+                    lookup: None,
+                    lookup_max_run: 16,
+                    history: false,
+                };
+                run_draft(&r1, &mut d, &opts, &|| true).unwrap();
+            }),
+            std::thread::spawn(move || {
+                let mut v = Verifier::new(FakeDecoder::new(t2));
+                let opts = VerifyOptions {
+                    max_verify_batch: 4,
+                    wait_for_draft: Duration::ZERO,
+                };
+                run_verify(&r2, &mut v, &opts, &|| true).unwrap();
+            }),
+        ]
+    }
+
     #[test]
     fn a_cancelled_request_ends_and_the_next_one_is_served() {
         let region: Arc<Region> = Arc::from(Region::new_boxed());
@@ -1080,29 +1112,7 @@ mod tests {
             us_per_token: 5000,
             ..Default::default()
         };
-        let threads = {
-            let (r1, r2, t1, t2) = (region.clone(), region.clone(), truth.clone(), truth.clone());
-            [
-                std::thread::spawn(move || {
-                    let mut d = Drafter::new(FakeDecoder::new(t1));
-                    let opts = DraftOptions {
-                        max_lookahead: 4,
-                        lookup: None,
-                        lookup_max_run: 16,
-                        history: false,
-                    };
-                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
-                }),
-                std::thread::spawn(move || {
-                    let mut v = Verifier::new(FakeDecoder::new(t2));
-                    let opts = VerifyOptions {
-                        max_verify_batch: 4,
-                        wait_for_draft: Duration::ZERO,
-                    };
-                    run_verify(&r2, &mut v, &opts, &|| true).unwrap();
-                }),
-            ]
-        };
+        let threads = spawn_workers(&region, &truth);
         let sampling = crate::RequestSampling::default();
         let run = |id: u64, max_new_tokens: usize, on_tokens: &mut OnTokens<'_>| {
             let stop = StopCriteria {
@@ -1116,7 +1126,7 @@ mod tests {
                 &stop,
                 &sampling,
                 on_tokens,
-                &mut |_| Ok(()),
+                &mut |_| Ok(ControlFlow::Continue(())),
             )
             .unwrap()
         };
@@ -1131,6 +1141,61 @@ mod tests {
         assert_eq!(full.finish, Finish::Length);
         let n = full.tokens.len().min(cancelled.tokens.len());
         assert_eq!(full.tokens[..n], cancelled.tokens[..n]);
+        region.request_shutdown();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    /// A request cancelled by `supervise` while its long prompt is prefilled (nothing committed
+    /// yet, so the token callback never runs) ends as cancelled with no token, the workers drop
+    /// it between prefill chunks, and the next request is served exactly.
+    #[test]
+    fn a_request_cancelled_during_its_prefill_ends_there() {
+        let region: Arc<Region> = Arc::from(Region::new_boxed());
+        // Sixteen chunks of ~85 ms each: the first supervision, 20 ms in, comes long before.
+        let truth = FakeModel {
+            us_per_token: 5000,
+            ..Default::default()
+        };
+        let threads = spawn_workers(&region, &truth);
+        let sampling = crate::RequestSampling::default();
+        let stop = StopCriteria {
+            stop_ids: Vec::new(),
+            max_new_tokens: 8,
+        };
+        let long: Vec<u32> = (0..16 * PREFILL_CHUNK as u32).map(|i| i % 50 + 3).collect();
+        let cancelled = run_request(
+            &region,
+            1,
+            &long,
+            &stop,
+            &sampling,
+            &mut |_, _| ControlFlow::Continue(()),
+            &mut |_| Ok(ControlFlow::Break(())),
+        )
+        .unwrap();
+        assert_eq!(
+            (cancelled.finish, cancelled.tokens.len()),
+            (Finish::Cancelled, 0)
+        );
+        let prompt = [5, 6, 7];
+        let mut reference = Verifier::new(FakeDecoder::new(truth));
+        let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let got = run_request(
+            &region,
+            2,
+            &prompt,
+            &stop,
+            &sampling,
+            &mut |_, _| ControlFlow::Continue(()),
+            &mut |_| Ok(ControlFlow::Continue(())),
+        )
+        .unwrap();
+        assert_eq!(got.tokens, want.tokens);
         region.request_shutdown();
         for t in threads {
             t.join().unwrap();

@@ -204,6 +204,7 @@ impl Chat {
             prompt: &prompt,
             stop: &stop,
             sampling: &self.sampling,
+            cancelled: None,
         };
         let g = reply(&mut self.backend, &self.tokenizer, &request)?;
         print_text("\n");

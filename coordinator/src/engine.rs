@@ -309,6 +309,7 @@ fn run(
         prompt,
         stop: &stop,
         sampling: &params.sampling,
+        cancelled: None,
     };
     let mut on_tokens = |ids: &[u32], _: &[Logprobs]| on_tokens(ids);
     let completion = backend

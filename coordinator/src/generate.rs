@@ -103,6 +103,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
         prompt: &prompt,
         stop: &stop,
         sampling: &sampling,
+        cancelled: None,
     };
     let result = stream(&mut backend, &request, tokenizer.filter(|_| !args.json));
     if let Backend::Amusd(w) = &backend {

@@ -390,9 +390,11 @@ impl Generator for ServeGenerator {
             prompt: &req.prompt,
             stop: &stop,
             sampling: &sampling,
+            cancelled: Some(cancelled),
         };
-        // A request is cancelled between commits: the client's tokens keep arriving every few
-        // milliseconds, so a hang-up ends the work at the next batch.
+        // A request is cancelled between commits, or (under amusd) while its prompt is prefilled:
+        // the client's tokens keep arriving every few milliseconds, so a hang-up ends the work at
+        // the next batch.
         let mut on_tokens = |ids: &[u32], logprobs: &[Logprobs]| {
             on_tokens(ids, &token_logprobs(logprobs));
             if cancelled() {

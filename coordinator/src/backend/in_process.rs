@@ -64,6 +64,7 @@ impl InProcess {
             prompt,
             stop,
             sampling,
+            ..
         } = *request;
         // Spans left by a request that failed half-way are not this one's.
         self.verifier.decoder.take_spans(0);

@@ -22,6 +22,10 @@ pub struct Request<'a> {
     pub prompt: &'a [u32],
     pub stop: &'a StopCriteria,
     pub sampling: &'a RequestSampling,
+    /// Polled while the workers produce nothing to commit (a long prompt's prefill): true cancels
+    /// the request as a `Break` from the token callback does between commits. The in-process
+    /// backends run a prefill as one call and see only the callback.
+    pub cancelled: Option<&'a dyn Fn() -> bool>,
 }
 
 /// A finished request and when each of its forward passes ran.

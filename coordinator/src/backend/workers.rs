@@ -1,6 +1,7 @@
 //! `amusd`: the two worker processes, loaded once, serving requests one after another through the
 //! shared-memory region.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use amusd_shm::{now_us, Role, READABLE_EVENTS};
@@ -133,12 +134,17 @@ impl Workers {
         };
         let (sup, chaos) = (&mut self.sup, &mut self.chaos);
         let mut left = chaos.as_ref().map_or(0, |c| c.faults());
+        let cancelled = request.cancelled;
         let mut supervise = |_: &amusd_shm::Region| {
             if let Some(c) = chaos.as_mut() {
                 c.maybe_strike(sup, &mut left);
             }
             sup.check(true)
-                .map_err(|e| SpecError::Protocol(format!("{e:#}")))
+                .map_err(|e| SpecError::Protocol(format!("{e:#}")))?;
+            Ok(match cancelled.is_some_and(|c| c()) {
+                true => ControlFlow::Break(()),
+                false => ControlFlow::Continue(()),
+            })
         };
         let generation = run_request(
             region,

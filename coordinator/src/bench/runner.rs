@@ -91,6 +91,7 @@ impl RunContext<'_> {
             prompt,
             stop,
             sampling: &sampling,
+            cancelled: None,
         };
         let c = backend.generate(&request, &mut |_, _| ControlFlow::Continue(()))?;
         Ok((c.generation, c.trace))
