@@ -334,7 +334,7 @@ unsafe fn q8_step<const T: usize>(
 #[inline]
 fn prefetch_block(blk: *const u8, bytes: usize) {
     for line in 0..bytes.div_ceil(64) {
-        prefetch(blk.wrapping_add(64 * line));
+        prefetch(blk.wrapping_add(64 * line), false);
     }
 }
 

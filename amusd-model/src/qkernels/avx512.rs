@@ -189,7 +189,7 @@ unsafe fn panel_q8<const T: usize>(panel: *const u8, nb: usize, x: &Tile<T>) -> 
     for b in 0..nb {
         let blk = panel.add(b * block_bytes);
         for line in 0..block_bytes.div_ceil(64) {
-            prefetch(blk.add(64 * line));
+            prefetch(blk.add(64 * line), T > 1);
         }
         let q = blk.add(2 * ROWS);
         // Even and odd steps in two dependent chains while the tile is short (see `SPLIT_ROWS`).
@@ -278,7 +278,7 @@ unsafe fn panel_q4<const T: usize, const MIN: bool, const CODED: bool, const FIV
     for b in 0..nb {
         let blk = blocks.add(b * block_bytes);
         for line in 0..block_bytes.div_ceil(64) {
-            prefetch(blk.add(64 * line));
+            prefetch(blk.add(64 * line), false);
         }
         let q = blk.add(width * ROWS * scales);
         let high = match FIVE {
