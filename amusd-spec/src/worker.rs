@@ -1078,73 +1078,114 @@ mod tests {
         total
     }
 
-    /// Both workers on `truth`, as threads over `region`.
-    fn spawn_workers(region: &Arc<Region>, truth: &FakeModel) -> [std::thread::JoinHandle<()>; 2] {
-        let (r1, r2, t1, t2) = (region.clone(), region.clone(), truth.clone(), truth.clone());
-        [
-            std::thread::spawn(move || {
-                let mut d = Drafter::new(FakeDecoder::new(t1));
-                let opts = DraftOptions {
-                    max_lookahead: 4,
-                    lookup: None,
-                    lookup_max_run: 16,
-                    history: false,
-                };
-                run_draft(&r1, &mut d, &opts, &|| true).unwrap();
-            }),
-            std::thread::spawn(move || {
-                let mut v = Verifier::new(FakeDecoder::new(t2));
-                let opts = VerifyOptions {
-                    max_verify_batch: 4,
-                    wait_for_draft: Duration::ZERO,
-                };
-                run_verify(&r2, &mut v, &opts, &|| true).unwrap();
-            }),
-        ]
+    /// Both workers, as threads, on a fake model slow enough (5 ms a token, a 64-position
+    /// prefill chunk ~85 ms) that the coordinator looks at a request long before its first
+    /// commit, and the first commit comes long before the budget is filled, however loaded the
+    /// machine.
+    struct SlowPair {
+        region: Arc<Region>,
+        truth: FakeModel,
+        threads: [std::thread::JoinHandle<()>; 2],
     }
 
-    #[test]
-    fn a_cancelled_request_ends_and_the_next_one_is_served() {
-        let region: Arc<Region> = Arc::from(Region::new_boxed());
-        // Slow enough (~0.5 s for the whole budget) that the first batch reaches the callback long
-        // before the budget is filled, however loaded the machine.
-        let truth = FakeModel {
-            us_per_token: 5000,
-            ..Default::default()
-        };
-        let threads = spawn_workers(&region, &truth);
-        let sampling = crate::RequestSampling::default();
-        let run = |id: u64, max_new_tokens: usize, on_tokens: &mut OnTokens<'_>| {
+    impl SlowPair {
+        fn start() -> Self {
+            let region: Arc<Region> = Arc::from(Region::new_boxed());
+            let truth = FakeModel {
+                us_per_token: 5000,
+                ..Default::default()
+            };
+            let (r1, r2, t1, t2) = (region.clone(), region.clone(), truth.clone(), truth.clone());
+            let threads = [
+                std::thread::spawn(move || {
+                    let mut d = Drafter::new(FakeDecoder::new(t1));
+                    let opts = DraftOptions {
+                        max_lookahead: 4,
+                        lookup: None,
+                        lookup_max_run: 16,
+                        history: false,
+                    };
+                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
+                }),
+                std::thread::spawn(move || {
+                    let mut v = Verifier::new(FakeDecoder::new(t2));
+                    let opts = VerifyOptions {
+                        max_verify_batch: 4,
+                        wait_for_draft: Duration::ZERO,
+                    };
+                    run_verify(&r2, &mut v, &opts, &|| true).unwrap();
+                }),
+            ];
+            Self {
+                region,
+                truth,
+                threads,
+            }
+        }
+
+        /// Request `id`, greedy, with no stop token and a budget of `max_new_tokens`.
+        fn run(
+            &self,
+            id: u64,
+            prompt: &[u32],
+            max_new_tokens: usize,
+            on_tokens: &mut OnTokens<'_>,
+            supervise: &mut dyn FnMut(&Region) -> Result<ControlFlow<()>, SpecError>,
+        ) -> Generation {
             let stop = StopCriteria {
                 stop_ids: Vec::new(),
                 max_new_tokens,
             };
+            let sampling = crate::RequestSampling::default();
             run_request(
-                &region,
+                &self.region,
                 id,
-                &[5, 6, 7],
+                prompt,
                 &stop,
                 &sampling,
                 on_tokens,
-                &mut |_| Ok(ControlFlow::Continue(())),
+                supervise,
             )
             .unwrap()
-        };
-        let cancelled = run(1, 200, &mut |_, _| ControlFlow::Break(()));
+        }
+
+        fn stop(self) {
+            self.region.request_shutdown();
+            for t in self.threads {
+                t.join().unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_cancelled_request_ends_and_the_next_one_is_served() {
+        let pair = SlowPair::start();
+        let mut go_on = |_: &Region| Ok(ControlFlow::Continue(()));
+        let prompt = [5, 6, 7];
+        let cancelled = pair.run(
+            1,
+            &prompt,
+            200,
+            &mut |_, _| ControlFlow::Break(()),
+            &mut go_on,
+        );
         assert_eq!(cancelled.finish, Finish::Cancelled);
         assert!(!cancelled.tokens.is_empty() && cancelled.tokens.len() < 200);
         assert_eq!(
-            region.read_request().unwrap().finish_reason,
+            pair.region.read_request().unwrap().finish_reason,
             ShmFinish::Cancelled
         );
-        let full = run(2, 10, &mut |_, _| ControlFlow::Continue(()));
+        let full = pair.run(
+            2,
+            &prompt,
+            10,
+            &mut |_, _| ControlFlow::Continue(()),
+            &mut go_on,
+        );
         assert_eq!(full.finish, Finish::Length);
         let n = full.tokens.len().min(cancelled.tokens.len());
         assert_eq!(full.tokens[..n], cancelled.tokens[..n]);
-        region.request_shutdown();
-        for t in threads {
-            t.join().unwrap();
-        }
+        pair.stop();
     }
 
     /// A request cancelled by `supervise` while its long prompt is prefilled (nothing committed
@@ -1152,54 +1193,29 @@ mod tests {
     /// it between prefill chunks, and the next request is served exactly.
     #[test]
     fn a_request_cancelled_during_its_prefill_ends_there() {
-        let region: Arc<Region> = Arc::from(Region::new_boxed());
-        // Sixteen chunks of ~85 ms each: the first supervision, 20 ms in, comes long before.
-        let truth = FakeModel {
-            us_per_token: 5000,
-            ..Default::default()
-        };
-        let threads = spawn_workers(&region, &truth);
-        let sampling = crate::RequestSampling::default();
-        let stop = StopCriteria {
-            stop_ids: Vec::new(),
-            max_new_tokens: 8,
-        };
+        let pair = SlowPair::start();
+        let mut go_on = |_: &[u32], _: &[Logprobs]| ControlFlow::Continue(());
+        // Sixteen chunks: the first supervision, 20 ms in, comes long before the first commit.
         let long: Vec<u32> = (0..16 * PREFILL_CHUNK as u32).map(|i| i % 50 + 3).collect();
-        let cancelled = run_request(
-            &region,
-            1,
-            &long,
-            &stop,
-            &sampling,
-            &mut |_, _| ControlFlow::Continue(()),
-            &mut |_| Ok(ControlFlow::Break(())),
-        )
-        .unwrap();
+        let mut cancel = |_: &Region| Ok(ControlFlow::Break(()));
+        let cancelled = pair.run(1, &long, 8, &mut go_on, &mut cancel);
         assert_eq!(
             (cancelled.finish, cancelled.tokens.len()),
             (Finish::Cancelled, 0)
         );
         let prompt = [5, 6, 7];
-        let mut reference = Verifier::new(FakeDecoder::new(truth));
-        let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut |_, _| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-        let got = run_request(
-            &region,
-            2,
-            &prompt,
-            &stop,
-            &sampling,
-            &mut |_, _| ControlFlow::Continue(()),
-            &mut |_| Ok(ControlFlow::Continue(())),
-        )
-        .unwrap();
+        let stop = StopCriteria {
+            stop_ids: Vec::new(),
+            max_new_tokens: 8,
+        };
+        let mut reference = Verifier::new(FakeDecoder::new(pair.truth.clone()));
+        let sampling = crate::RequestSampling::default();
+        let want = autoregressive(&mut reference, &prompt, &stop, &sampling, &mut go_on).unwrap();
+        let got = pair.run(2, &prompt, 8, &mut go_on, &mut |_| {
+            Ok(ControlFlow::Continue(()))
+        });
         assert_eq!(got.tokens, want.tokens);
-        region.request_shutdown();
-        for t in threads {
-            t.join().unwrap();
-        }
+        pair.stop();
     }
 
     /// Half of the prompts continue the previous request's (the protocol test's `next_prompt`),
