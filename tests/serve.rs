@@ -145,6 +145,46 @@ fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
     s.terminate(EXIT);
 }
 
+/// A streamed request whose client leaves while its long prompt is still prefilled (nothing
+/// sent yet) is cancelled then, not at its first token: the request queued behind it is served
+/// long before that prefill would have ended.
+#[test]
+fn a_client_that_leaves_during_the_prefill_frees_the_pair() {
+    // 6000 prompt tokens in chunks of 64 at ~85 ms each: over 8 s of prefill, undisturbed.
+    let verify = "fake:vocab=512,seed=5,us=5000";
+    let draft = "fake:vocab=512,seed=5,us=5000";
+    let s = serve(verify, draft, &["--queue", "1"]);
+    let prompt = "long ".repeat(1200);
+    let long = s.stream(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 8, "stream": true}),
+    );
+    std::thread::scope(|scope| {
+        let queued = scope.spawn(|| {
+            let r = s.post(
+                "/v1/completions",
+                &json!({"prompt": "next", "max_tokens": 8}),
+            );
+            (r, Instant::now())
+        });
+        amusd_e2e::wait_until("one queued request", Duration::from_secs(30), || {
+            s.metric("amusd_queue_depth ") == 1.0
+        });
+        let left = Instant::now();
+        drop(long);
+        let (r, done) = queued.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert_eq!(reply_text(&r.json), expected(verify, "next", 8).0);
+        let waited = done - left;
+        assert!(
+            waited < Duration::from_secs(4),
+            "the queued request waited {waited:?}\n{}",
+            s.log()
+        );
+    });
+    s.terminate(EXIT);
+}
+
 /// With a budget of one restart, the verify worker is killed mid-stream in two requests in turn:
 /// each text is exact, and the second kill is within budget again (the budget is per request, not
 /// per server life).
