@@ -98,6 +98,36 @@ fn eight_clients_at_once_are_all_served_exactly() {
     s.terminate(EXIT);
 }
 
+/// Queues a short request (`"next"`, 8 tokens) behind the one running, runs `meanwhile` once it
+/// waits, then lets the running request's client go (`leave`): the queued request must be served
+/// exactly; returns how long it took from the client's leaving.
+fn queued_after_leaving(
+    s: &Served,
+    verify: &str,
+    meanwhile: impl FnOnce(),
+    leave: impl FnOnce(),
+) -> Duration {
+    std::thread::scope(|scope| {
+        let queued = scope.spawn(|| {
+            let r = s.post(
+                "/v1/completions",
+                &json!({"prompt": "next", "max_tokens": 8}),
+            );
+            (r, Instant::now())
+        });
+        amusd_e2e::wait_until("one queued request", Duration::from_secs(30), || {
+            s.metric("amusd_queue_depth ") == 1.0
+        });
+        meanwhile();
+        let left = Instant::now();
+        leave();
+        let (r, done) = queued.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.json);
+        assert_eq!(reply_text(&r.json), expected(verify, "next", 8).0);
+        done - left
+    })
+}
+
 /// One request runs (slowly), one waits in a queue of one, the third is refused with 429; the
 /// running one's client hangs up, and the waiting one is served at once and exactly.
 #[test]
@@ -112,17 +142,7 @@ fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
     );
     let first = long.next_data().expect("a first chunk");
     assert!(!chunk_text(&serde_json::from_str(&first).unwrap()).is_empty());
-    std::thread::scope(|scope| {
-        let queued = scope.spawn(|| {
-            let r = s.post(
-                "/v1/completions",
-                &json!({"prompt": "next", "max_tokens": 8}),
-            );
-            (r, Instant::now())
-        });
-        amusd_e2e::wait_until("one queued request", Duration::from_secs(30), || {
-            s.metric("amusd_queue_depth ") == 1.0
-        });
+    let refuse_a_third = || {
         let refused = s.post(
             "/v1/completions",
             &json!({"prompt": "third", "max_tokens": 8}),
@@ -130,18 +150,13 @@ fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
         assert_eq!(refused.status, 429, "{}", refused.json);
         assert!(refused.retry_after.is_some(), "429 without Retry-After");
         assert_eq!(refused.json["error"]["code"], "rate_limit_exceeded");
-        let left = Instant::now();
-        drop(long);
-        let (r, done) = queued.join().unwrap();
-        assert_eq!(r.status, 200, "{}", r.json);
-        assert_eq!(reply_text(&r.json), expected(verify, "next", 8).0);
-        // Far less than the 20 s the abandoned request had left: it was cancelled.
-        let waited = done - left;
-        assert!(
-            waited < Duration::from_secs(15),
-            "the queued request waited {waited:?}"
-        );
-    });
+    };
+    let waited = queued_after_leaving(&s, verify, refuse_a_third, || drop(long));
+    // Far less than the 20 s the abandoned request had left: it was cancelled.
+    assert!(
+        waited < Duration::from_secs(15),
+        "the queued request waited {waited:?}"
+    );
     s.terminate(EXIT);
 }
 
@@ -159,29 +174,12 @@ fn a_client_that_leaves_during_the_prefill_frees_the_pair() {
         "/v1/completions",
         &json!({"prompt": prompt, "max_tokens": 8, "stream": true}),
     );
-    std::thread::scope(|scope| {
-        let queued = scope.spawn(|| {
-            let r = s.post(
-                "/v1/completions",
-                &json!({"prompt": "next", "max_tokens": 8}),
-            );
-            (r, Instant::now())
-        });
-        amusd_e2e::wait_until("one queued request", Duration::from_secs(30), || {
-            s.metric("amusd_queue_depth ") == 1.0
-        });
-        let left = Instant::now();
-        drop(long);
-        let (r, done) = queued.join().unwrap();
-        assert_eq!(r.status, 200, "{}", r.json);
-        assert_eq!(reply_text(&r.json), expected(verify, "next", 8).0);
-        let waited = done - left;
-        assert!(
-            waited < Duration::from_secs(4),
-            "the queued request waited {waited:?}\n{}",
-            s.log()
-        );
-    });
+    let waited = queued_after_leaving(&s, verify, || {}, || drop(long));
+    assert!(
+        waited < Duration::from_secs(4),
+        "the queued request waited {waited:?}\n{}",
+        s.log()
+    );
     s.terminate(EXIT);
 }
 
