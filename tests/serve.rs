@@ -98,6 +98,10 @@ fn eight_clients_at_once_are_all_served_exactly() {
     s.terminate(EXIT);
 }
 
+/// A fake model for both workers at 5 ms a token (a 64-position prefill chunk ~85 ms): slow
+/// enough that a request is still running when its client leaves.
+const SLOW: &str = "fake:vocab=512,seed=5,us=5000";
+
 /// Queues a short request (`"next"`, 8 tokens) behind the one running, runs `meanwhile` once it
 /// waits, then lets the running request's client go (`leave`): the queued request must be served
 /// exactly; returns how long it took from the client's leaving.
@@ -133,9 +137,7 @@ fn queued_after_leaving(
 #[test]
 fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
     // Undisturbed, the long request would take 20 s or more (4000 draft forwards of 5 ms).
-    let verify = "fake:vocab=512,seed=5,us=5000";
-    let draft = "fake:vocab=512,seed=5,us=5000";
-    let s = serve(verify, draft, &["--queue", "1"]);
+    let (verify, s) = (SLOW, serve(SLOW, SLOW, &["--queue", "1"]));
     let mut long = s.stream(
         "/v1/completions",
         &json!({"prompt": "long", "max_tokens": 4000, "stream": true}),
@@ -166,9 +168,7 @@ fn queue_overflow_gives_429_and_a_departed_client_frees_the_pair() {
 #[test]
 fn a_client_that_leaves_during_the_prefill_frees_the_pair() {
     // 6000 prompt tokens in chunks of 64 at ~85 ms each: over 8 s of prefill, undisturbed.
-    let verify = "fake:vocab=512,seed=5,us=5000";
-    let draft = "fake:vocab=512,seed=5,us=5000";
-    let s = serve(verify, draft, &["--queue", "1"]);
+    let (verify, s) = (SLOW, serve(SLOW, SLOW, &["--queue", "1"]));
     let prompt = "long ".repeat(1200);
     let long = s.stream(
         "/v1/completions",

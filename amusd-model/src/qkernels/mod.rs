@@ -810,14 +810,10 @@ const PREFETCH_BYTES: usize = 4096;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(p: *const u8, l2: bool) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
-    let p = p.wrapping_add(PREFETCH_BYTES).cast();
-    // SAFETY: SSE is part of x86_64, and a prefetch reads nothing architecturally.
-    unsafe {
-        match l2 {
-            true => _mm_prefetch::<_MM_HINT_T1>(p),
-            false => _mm_prefetch::<_MM_HINT_T0>(p),
-        }
+    let p = p.wrapping_add(PREFETCH_BYTES);
+    match l2 {
+        true => crate::kernels::prefetch_range_l2(p, 1),
+        false => crate::kernels::prefetch_range(p, 1),
     }
 }
 
