@@ -25,10 +25,10 @@ pub enum ChatError {
     #[error("rendering failed: {0}")]
     Render(String),
     /// A `tokenizer_config.json` or `chat_template.jinja` could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `tokenizer_config.json` is not JSON, or its fields have unexpected types.
     #[error("{path} is malformed: {reason}")]
@@ -148,7 +148,7 @@ impl ChatTemplate {
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| ChatError::Syntax {
                 line: e.line(),
-                detail: one_line(
+                detail: crate::error::printable(
                     &e.detail()
                         .map_or_else(|| e.kind().to_string(), str::to_string),
                 ),
@@ -209,9 +209,9 @@ impl ChatTemplate {
     /// config instead; that file is used when the config has none. `Ok(None)` when neither has one.
     pub fn from_tokenizer_config(path: impl AsRef<Path>) -> Result<Option<Self>, ChatError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ChatError::Io {
+        let text = crate::files::read_to_string(path).map_err(|source| ChatError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         let config: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ChatError::Config {
@@ -226,13 +226,13 @@ impl ChatTemplate {
         let source = match config.get("chat_template") {
             None | Some(serde_json::Value::Null) => {
                 let jinja = path.with_file_name("chat_template.jinja");
-                match std::fs::read_to_string(&jinja) {
+                match crate::files::read_to_string(&jinja) {
                     Ok(source) => source,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(source) => {
                         return Err(ChatError::Io {
                             path: jinja,
-                            source,
+                            error: source,
                         })
                     }
                 }
@@ -297,7 +297,7 @@ impl ChatTemplate {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ChatError::Render(one_line(&e.to_string())))?;
+            .map_err(|e| ChatError::Render(crate::error::printable(&e.to_string())))?;
         let continuing = options.continue_final_message;
         let text = template
             .render(context! {
@@ -307,7 +307,7 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
                 ..minijinja::Value::from(minijinja::value::Serde(&options.kwargs))
             })
-            .map_err(|e| ChatError::Render(one_line(&e.to_string())))?;
+            .map_err(|e| ChatError::Render(crate::error::printable(&e.to_string())))?;
         match continuing {
             true => cut_after_last(text, messages),
             false => Ok(text),
@@ -363,13 +363,8 @@ fn special_token_text(config: &serde_json::Value, key: &str) -> Option<String> {
 fn bad_metadata(key: &str, reason: impl std::fmt::Display) -> ChatError {
     ChatError::BadMetadata {
         key: key.to_string(),
-        reason: one_line(&reason.to_string()),
+        reason: crate::error::printable(&reason.to_string()),
     }
-}
-
-/// Error texts from candle and minijinja can span lines; ours are one.
-fn one_line(text: &str) -> String {
-    text.lines().next().unwrap_or_default().trim().to_string()
 }
 
 #[cfg(test)]

@@ -68,8 +68,17 @@ impl LlamaConfig {
                 ));
             }
         }
-        if !(self.rms_eps.is_finite() && self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad("non-finite rms epsilon or rope theta".into());
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad(format!(
+                "rms epsilon {} is not a finite number >= 0",
+                self.rms_eps
+            ));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!(
+                "rope theta {} is not a finite number > 0",
+                self.rope_theta
+            ));
         }
         Ok(())
     }

@@ -55,9 +55,9 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, ModelError> {
         let io = |source| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         };
-        let file = File::open(path).map_err(io)?;
+        let file = crate::files::open(path).map_err(io)?;
         let mut reader = BufReader::new(file);
         let mut magic = [0u8; 4];
         let got = read_up_to(&mut reader, &mut magic).map_err(io)?;
@@ -68,12 +68,14 @@ impl GgufFile {
             });
         }
         reader.rewind().map_err(io)?;
+        crate::gguf_header::check(&mut reader).map_err(|e| header_error(path, e))?;
+        reader.rewind().map_err(io)?;
         let mut reader = Tracked {
             inner: reader,
             pos: 0,
         };
         let content = Content::read(&mut reader).map_err(|e| {
-            let msg = e.to_string();
+            let msg = crate::error::printable(&e.to_string());
             // candle's words for a tensor type id it does not know: the file may be sound, only
             // newer than candle, so "corrupt, fetch it again" would send the user the wrong way.
             match msg.strip_prefix("unknown dtype for tensor ") {
@@ -128,7 +130,11 @@ impl GgufFile {
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| ModelError::Corrupt {
                 path: self.path.clone(),
-                reason: format!("tensor '{name}': {e}"),
+                reason: format!(
+                    "tensor '{}': {}",
+                    name.escape_default(),
+                    crate::error::printable(&e.to_string())
+                ),
             })
     }
 
@@ -216,27 +222,26 @@ impl GgufFile {
         let get = |k: &str| meta_usize(md, &format!("llama.{k}"));
         let n_heads = get("attention.head_count")?;
         let hidden_size = get("embedding_length")?;
-        let head_dim = match meta_usize(md, "llama.rope.dimension_count") {
-            Ok(d) => d,
-            Err(_) => hidden_size / n_heads.max(1),
+        let head_dim = meta_usize_opt(md, "llama.rope.dimension_count")?
+            .unwrap_or(hidden_size / n_heads.max(1));
+        let vocab_size = match meta_usize_opt(md, "llama.vocab_size")? {
+            Some(v) => v,
+            None => self.embedding_rows()?,
         };
-        let vocab_size = match meta_usize(md, "llama.vocab_size") {
-            Ok(v) => v,
-            Err(_) => self.embedding_rows()?,
-        };
+        let opt = |k: &str| meta_usize_opt(md, &format!("llama.{k}"));
         let mut cfg = LlamaConfig {
             vocab_size,
             hidden_size,
             intermediate_size: get("feed_forward_length")?,
             n_layers: get("block_count")?,
             n_heads,
-            n_kv_heads: get("attention.head_count_kv").unwrap_or(n_heads),
+            n_kv_heads: opt("attention.head_count_kv")?.unwrap_or(n_heads),
             head_dim,
-            rms_eps: meta_f32(md, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope_theta: meta_f32(md, "llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: meta_f32(md, "llama.attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+            rope_theta: meta_f32(md, "llama.rope.freq_base")?.unwrap_or(10_000.0),
             rope_style: RopeStyle::Interleaved,
             rope_freq_factors: None,
-            max_position: get("context_length").unwrap_or(4096),
+            max_position: opt("context_length")?.unwrap_or(4096),
         };
         if self.has_tensor("rope_freqs.weight") {
             cfg.rope_freq_factors = Some(self.tensor_f32("rope_freqs.weight")?);
@@ -296,6 +301,25 @@ impl WeightSource for GgufWeights<'_> {
     }
 }
 
+/// A header [`crate::gguf_header::check`] refused, as the error the user sees.
+fn header_error(path: &Path, e: crate::gguf_header::HeaderError) -> ModelError {
+    use crate::gguf_header::HeaderError;
+    match e {
+        HeaderError::Version(v) => ModelError::Unsupported(format!(
+            "{} is GGUF version {v}; amusd reads versions 1 to 3",
+            path.display()
+        )),
+        HeaderError::Malformed(reason) => ModelError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("bad GGUF header: {reason}"),
+        },
+        HeaderError::Io(error) => ModelError::Io {
+            path: path.to_path_buf(),
+            error,
+        },
+    }
+}
+
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -327,16 +351,44 @@ pub fn meta_usize(md: &HashMap<String, Value>, key: &str) -> Result<usize, Model
         .filter(|&n| n < (1 << 40))
         .ok_or_else(|| {
             ModelError::Config(format!(
-                "GGUF metadata '{key}' is not a sensible integer: {v:?}"
+                "GGUF metadata '{key}' is not a sensible integer: {}",
+                describe_value(v)
             ))
         })
 }
 
-fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Option<f32> {
-    match md.get(key)? {
-        Value::F32(x) => Some(*x),
-        Value::F64(x) => Some(*x as f32),
-        _ => None,
+/// An optional integer: `Ok(None)` when absent, an error when present but not an integer (a
+/// default in its place would run the model with the wrong shape).
+fn meta_usize_opt(md: &HashMap<String, Value>, key: &str) -> Result<Option<usize>, ModelError> {
+    match md.contains_key(key) {
+        true => meta_usize(md, key).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// An optional float: `Ok(None)` when absent, an error when present but not a float.
+fn meta_f32(md: &HashMap<String, Value>, key: &str) -> Result<Option<f32>, ModelError> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(Value::F32(x)) => Ok(Some(*x)),
+        Some(Value::F64(x)) => Ok(Some(*x as f32)),
+        Some(v) => Err(ModelError::Config(format!(
+            "GGUF metadata '{key}' is not a number: {}",
+            describe_value(v)
+        ))),
+    }
+}
+
+/// A metadata value in a few words for an error message: an array by its length, a string cut
+/// short (a corrupt file's value may be megabytes).
+pub(crate) fn describe_value(v: &Value) -> String {
+    match v {
+        Value::Array(items) => format!("an array of {} values", items.len()),
+        Value::String(s) if s.chars().count() > 40 => {
+            let head: String = s.chars().take(40).collect();
+            format!("the string {:?}...", head)
+        }
+        v => format!("{v:?}"),
     }
 }
 
@@ -487,6 +539,98 @@ mod tests {
             .err()
             .expect("a file with one layer's tensors and a count of 2^32 - 1 does not load");
         assert!(err.to_string().contains("blk.1"), "{err}");
+    }
+
+    /// The tiny file with metadata `key` set to `value`.
+    fn with_meta(dir: &Path, key: &str, value: Value) -> std::path::PathBuf {
+        let src = dir.join("t.gguf");
+        std::fs::write(&src, tiny_bytes()).unwrap();
+        let mut g = GgufFile::open(&src).unwrap();
+        let mut metadata: Vec<(String, Value)> = g.content.metadata.clone().into_iter().collect();
+        metadata.retain(|(k, _)| k != key);
+        metadata.push((key.to_string(), value));
+        let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
+        let tensors: Vec<(String, QTensor)> = names
+            .into_iter()
+            .map(|n| (n.clone(), g.tensor(&n).unwrap()))
+            .collect();
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let out = dir.join("with.gguf");
+        let mut f = File::create(&out).unwrap();
+        candle_core::quantized::gguf_file::write(&mut f, &metadata, &tensors).unwrap();
+        out
+    }
+
+    fn open_err(path: &Path) -> String {
+        match GgufFile::open(path).and_then(|mut g| g.config()) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_alignment_that_is_not_a_power_of_two_is_an_error_not_a_panic() {
+        // candle divides by the alignment: 0 panicked (found by a robustness pass).
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [
+            Value::U32(0),
+            Value::U32(48),
+            Value::I32(-32),
+            Value::String("32".into()),
+        ] {
+            let err = open_err(&with_meta(dir.path(), "general.alignment", bad));
+            assert!(err.contains("general.alignment"), "{err}");
+        }
+        let fine = with_meta(dir.path(), "general.alignment", Value::U32(32));
+        GgufFile::open(&fine)
+            .unwrap()
+            .load_llama(WeightFormat::AsStored)
+            .unwrap();
+    }
+
+    #[test]
+    fn metadata_arrays_past_the_bound_are_refused_before_candle_expands_them() {
+        // Each element of an array becomes a 32-byte value in candle: a 200 MB array of bytes
+        // asked for 8 GB.
+        let dir = tempfile::tempdir().unwrap();
+        let n = crate::gguf_header::MAX_ARRAY_ELEMENTS as usize + 1;
+        let junk = Value::Array(vec![Value::U8(7); n]);
+        let err = open_err(&with_meta(dir.path(), "junk", junk));
+        assert!(err.contains("more than 8388608 elements"), "{err}");
+        let fine = Value::Array(vec![Value::U8(7); 1000]);
+        GgufFile::open(&with_meta(dir.path(), "junk", fine)).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_version_says_so() {
+        let mut b = tiny_bytes().to_vec();
+        b[4..8].copy_from_slice(&4u32.to_le_bytes());
+        let err = try_load(&b).unwrap_err().to_string();
+        assert!(
+            err.contains("GGUF version 4; amusd reads versions 1 to 3"),
+            "{err}"
+        );
+        assert!(!err.contains("fetch it again"), "{err}");
+    }
+
+    #[test]
+    fn metadata_of_the_wrong_type_is_an_error_and_a_short_one() {
+        // A string base frequency ran the model with the default 10000 (SmolLM2's is 100000).
+        let dir = tempfile::tempdir().unwrap();
+        let text = Value::String("100000".into());
+        let err = open_err(&with_meta(dir.path(), "llama.rope.freq_base", text));
+        assert!(
+            err.contains("llama.rope.freq_base") && err.contains("not a number"),
+            "{err}"
+        );
+        // An array where a count belongs was printed whole (a megabyte for a vocabulary).
+        let tokens = Value::Array(vec![Value::String("token".into()); 50_000]);
+        let err = open_err(&with_meta(dir.path(), "llama.block_count", tokens));
+        assert!(
+            err.contains("an array of 50000 values") && err.len() < 200,
+            "{err}"
+        );
     }
 
     #[test]

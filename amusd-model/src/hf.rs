@@ -56,9 +56,9 @@ fn default_max_pos() -> usize {
 impl HfConfig {
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        let text = crate::files::read_to_string(&path).map_err(|source| ModelError::Io {
             path: path.clone(),
-            source,
+            error: source,
         })?;
         serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
             path,
@@ -153,9 +153,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     }
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+        let text = crate::files::read_to_string(&index).map_err(|source| ModelError::Io {
             path: index.clone(),
-            source,
+            error: source,
         })?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| ModelError::Corrupt {
@@ -169,18 +169,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
                 path: index.clone(),
                 reason: "no weight_map".into(),
             })?;
-        let mut files: Vec<PathBuf> = map
-            .values()
-            .filter_map(|v| v.as_str())
-            .map(|f| dir.join(f))
-            .collect();
+        let names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        // Shards lie beside the index: a name with a path in it could reach any file.
+        if let Some(bad) = names.iter().find(|f| !is_plain_file_name(f)) {
+            return Err(ModelError::Corrupt {
+                path: index.clone(),
+                reason: format!("the weight map names {bad:?}, not a file beside the index"),
+            });
+        }
+        let mut files: Vec<PathBuf> = names.iter().map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
         for f in &files {
             if !f.is_file() {
                 return Err(ModelError::Io {
                     path: f.clone(),
-                    source: std::io::Error::new(
+                    error: std::io::Error::new(
                         std::io::ErrorKind::NotFound,
                         "shard named in the index is missing",
                     ),
@@ -195,6 +199,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     })
 }
 
+/// A name of a file in the same directory: no separator, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\'])
+}
+
 /// Loads a Llama checkpoint directory, converting every matrix to `format` (`AsStored` keeps the
 /// file's float type).
 pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig), ModelError> {
@@ -205,7 +214,10 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
     // truncating them while we read.
     let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Corrupt {
         path: files[0].clone(),
-        reason: format!("bad safetensors: {e}"),
+        reason: format!(
+            "bad safetensors: {}",
+            crate::error::printable(&e.to_string())
+        ),
     })?;
     let mut src = HfWeights {
         st,

@@ -224,7 +224,7 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     if let Some(dir) = hf_dir(path, meta.is_dir()) {
         let hf = crate::hf::HfConfig::read(dir)?;
@@ -268,7 +268,7 @@ pub fn load_weights(spec: &ModelSpec) -> Result<(Llama, String), ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     let llama = match hf_dir(path, meta.is_dir()) {
         Some(dir) => crate::hf::load_llama(dir, spec.format)?.0,
@@ -373,7 +373,7 @@ fn load_all(spec: &ModelSpec) -> Result<LoadedModel, ModelError> {
     let path = &spec.path;
     let meta = std::fs::metadata(path).map_err(|source| ModelError::Io {
         path: path.clone(),
-        source,
+        error: source,
     })?;
     let file_name = file_name(path);
     if let Some(dir) = hf_dir(path, meta.is_dir()) {

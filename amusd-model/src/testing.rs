@@ -184,7 +184,7 @@ impl TinyModel {
     pub fn write_hf(&self, dir: &Path) -> Result<(), ModelError> {
         let io = |source| ModelError::Io {
             path: dir.to_path_buf(),
-            source,
+            error: source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let config = serde_json::json!({
@@ -353,7 +353,7 @@ impl TinyModel {
         let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let mut f = std::fs::File::create(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            error: source,
         })?;
         gguf_file::write(&mut f, &md_refs, &t_refs)?;
         Ok(())

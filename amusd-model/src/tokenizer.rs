@@ -173,9 +173,13 @@ impl Tokenizer {
     /// [`Tokenizer::with_special_tokens`] sets it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
+        crate::files::check_regular(path).map_err(|e| TokenizerError::Load {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: path.to_path_buf(),
-            reason: one_line(&e.to_string()),
+            reason: crate::error::printable(&e.to_string()),
         })?;
         Ok(Self::from_inner(inner))
     }
@@ -205,7 +209,7 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode(text, add_special_tokens)
-            .map_err(|e| TokenizerError::Encode(one_line(&e.to_string())))?;
+            .map_err(|e| TokenizerError::Encode(crate::error::printable(&e.to_string())))?;
         let body = encoding.get_ids();
         let bos = self
             .special
@@ -227,7 +231,7 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| TokenizerError::Decode(one_line(&e.to_string())))
+            .map_err(|e| TokenizerError::Decode(crate::error::printable(&e.to_string())))
     }
 
     /// The ids whose text (decoded alone) holds any of `needles`, ascending: DRY's sequence
@@ -441,13 +445,8 @@ fn gguf_special_tokens(
 fn bad(key: &str, reason: impl fmt::Display) -> TokenizerError {
     TokenizerError::BadMetadata {
         key: key.to_string(),
-        reason: one_line(&reason.to_string()),
+        reason: crate::error::printable(&reason.to_string()),
     }
-}
-
-/// Error texts from candle and `tokenizers` can span lines (candle appends backtraces); ours are one.
-fn one_line(text: &str) -> String {
-    text.lines().next().unwrap_or_default().trim().to_string()
 }
 
 fn gguf_string<'a>(metadata: &'a HashMap<String, Value>, key: &'static str) -> Result<&'a str> {
@@ -502,7 +501,12 @@ fn gguf_token_id(
     let Some(value) = metadata.get(key) else {
         return Ok(None);
     };
-    let id = gguf_int(value).ok_or_else(|| bad(key, format!("{value:?} is not an integer")))?;
+    let id = gguf_int(value).ok_or_else(|| {
+        bad(
+            key,
+            format!("{} is not an integer", crate::gguf::describe_value(value)),
+        )
+    })?;
     match usize::try_from(id) {
         Ok(index) if index < vocab_size => Ok(u32::try_from(id).ok()),
         // llama.cpp writes -1 (as u32::MAX when unsigned) for "no such token".

@@ -43,11 +43,19 @@ pub use generator::{
 };
 pub use routes::Limits;
 
+impl From<std::io::Error> for ServerError {
+    // By hand, not `#[from]`: that would also make the error the `source()`, and a chain printed
+    // with `{:#}` would say it twice.
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot serve: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("cannot load the model: {0}")]
     Load(GenError),
     #[error("the decode thread panicked")]

@@ -168,15 +168,16 @@ pub enum ShmError {
         expected: u32,
     },
 
-    /// A system call failed.
-    #[error("{op} failed for shared-memory region {name}: {source}")]
+    /// A system call failed. (The OS error is in the message, so not also a `source()`, which
+    /// would print it twice in a chain.)
+    #[error("{op} failed for shared-memory region {name}: {error}")]
     Os {
         /// The failing operation (`shm_open`, `mmap`, ...).
         op: &'static str,
         /// The region's name.
         name: String,
         /// The OS error.
-        source: Errno,
+        error: Errno,
     },
 
     /// A write would not fit a fixed-capacity buffer.

@@ -205,7 +205,7 @@ fn os_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(Errno) -> ShmError
     move |source| ShmError::Os {
         op,
         name: name.to_string(),
-        source,
+        error: source,
     }
 }
 
