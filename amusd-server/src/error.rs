@@ -13,6 +13,9 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds to wait before retrying (429, 503).
     pub retry_after: Option<u64>,
+    /// OpenAI's `code`, where the status alone does not tell it (clients branch on it:
+    /// `context_length_exceeded`, `model_not_found`).
+    pub code: Option<&'static str>,
 }
 
 impl ApiError {
@@ -22,6 +25,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            code: None,
         }
     }
 
@@ -50,6 +54,11 @@ impl ApiError {
         self
     }
 
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
     /// OpenAI's `type` for this status.
     pub fn kind(&self) -> &'static str {
         match self.status {
@@ -62,6 +71,9 @@ impl ApiError {
     }
 
     fn code(&self) -> Option<&'static str> {
+        if self.code.is_some() {
+            return self.code;
+        }
         match self.status {
             StatusCode::TOO_MANY_REQUESTS => Some("rate_limit_exceeded"),
             StatusCode::PAYLOAD_TOO_LARGE => Some("request_too_large"),

@@ -1,6 +1,6 @@
 //! An OpenAI-compatible HTTP server over a token [`Generator`]: `POST /v1/chat/completions`,
 //! `/v1/completions` and `/v1/responses` (whole or streamed as server-sent events), llama.cpp's
-//! `/completion`, `/tokenize`, `/detokenize` and `/props`, `GET /v1/models`, `/health`,
+//! `/completion`, `/tokenize`, `/detokenize` and `/props`, `GET /v1/models[/{id}]`, `/health`,
 //! `/metrics`; the Responses API's kept responses, read back, listed and deleted
 //! ([`responses::store`]); API keys if the server has any ([`auth`]); a request log through
 //! `tracing`.

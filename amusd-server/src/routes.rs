@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -71,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/responses/{id}/input_items", get(retrieve::input_items))
         .route("/v1/models", get(models))
+        // A catch-all: a served name may hold slashes (`--alias org/model`).
+        .route("/v1/models/{*id}", get(model))
         .route("/props", get(props))
         .route("/tokenize", post(tokenize_route))
         .route("/detokenize", post(detokenize_route))
@@ -107,6 +109,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
             "/v1/responses/{id}/input_items".to_string()
         }
         p if p.starts_with("/v1/responses/") => "/v1/responses/{id}".to_string(),
+        p if p.starts_with("/v1/models/") => "/v1/models/{id}".to_string(),
         _ => "other".to_string(),
     };
     let resp = next.run(req).await;
@@ -119,7 +122,7 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses[/{id}[/input_items]], /completion, /v1/models, /props, /tokenize, /detokenize, /health or /metrics",
+        "no such endpoint: use /v1/chat/completions, /v1/completions, /v1/responses[/{id}[/input_items]], /completion, /v1/models[/{id}], /props, /tokenize, /detokenize, /health or /metrics",
     )
 }
 
@@ -133,11 +136,24 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
 }
 
 async fn models(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": s.codec.model_id(), "object": "model", "created": 0, "owned_by": "amusd",
-            "max_model_len": s.codec.context_length()}],
-    }))
+    Json(json!({"object": "list", "data": [model_object(s.codec.as_ref())]}))
+}
+
+/// `GET /v1/models/{id}` (the clients' `models.retrieve`): the served model's object, as the
+/// list has it; any other id is a 404 with OpenAI's `model_not_found`.
+async fn model(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let served = s.codec.model_id();
+    if id != served {
+        let message = format!("the model {id:?} does not exist: this server serves {served:?}");
+        return Err(ApiError::new(StatusCode::NOT_FOUND, message).with_code("model_not_found"));
+    }
+    Ok(Json(model_object(s.codec.as_ref())))
+}
+
+/// The served model as OpenAI's Model object, with vLLM's `max_model_len`.
+fn model_object(codec: &dyn Codec) -> Value {
+    json!({"id": codec.model_id(), "object": "model", "created": 0, "owned_by": "amusd",
+        "max_model_len": codec.context_length()})
 }
 
 /// llama.cpp's `GET /props`: what its front ends read of a server (the context, the chat

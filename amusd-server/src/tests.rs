@@ -1269,3 +1269,25 @@ async fn a_wrong_method_is_a_405_that_says_so() {
         assert!(message.contains(path) && message.contains(method), "{v}");
     }
 }
+
+/// `GET /v1/models/{id}` (the clients' `models.retrieve`): the served model's object, as the list
+/// has it; another id is a 404 with OpenAI's code `model_not_found`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_is_retrieved_by_its_id() {
+    let s = server(Hooks::default(), 2);
+    let (status, list) = json_of(&s, "GET", "/v1/models").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, one) = json_of(&s, "GET", "/v1/models/fake").await;
+    assert_eq!((status, &one), (StatusCode::OK, &list["data"][0]), "{one}");
+    assert_eq!(one["object"], "model");
+    for other in ["/v1/models/gpt-4o", "/v1/models/org/fake"] {
+        let (status, e) = json_of(&s, "GET", other).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{other}: {e}");
+        assert_eq!(e["error"]["code"], "model_not_found", "{other}: {e}");
+        assert_eq!(e["error"]["type"], "not_found_error", "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("fake"),
+            "{e}"
+        );
+    }
+}
