@@ -547,8 +547,12 @@ fn budget(codec: &dyn Codec, v: &Validated, prompt: usize) -> Result<usize, ApiE
         Input::Chat(..) => "messages",
         _ => "prompt",
     };
+    // OpenAI's code for both: clients (langchain-openai) tell an overflow by it alone.
+    let overflow = |param: &str, message: String| {
+        ApiError::bad_param(param, message).with_code("context_length_exceeded")
+    };
     if prompt >= context {
-        return Err(ApiError::bad_param(
+        return Err(overflow(
             param,
             format!("the prompt is {prompt} tokens, and the model's context holds {context} in all; shorten it"),
         ));
@@ -556,7 +560,7 @@ fn budget(codec: &dyn Codec, v: &Validated, prompt: usize) -> Result<usize, ApiE
     let room = context - prompt;
     match v.max_tokens {
         None => Ok(room),
-        Some(n) if n > room => Err(ApiError::bad_param(
+        Some(n) if n > room => Err(overflow(
             "max_tokens",
             format!(
                 "max_tokens {n} does not fit: the context holds {context} tokens and the prompt takes {prompt}; pass at most {room}"

@@ -1291,3 +1291,44 @@ async fn a_model_is_retrieved_by_its_id() {
         );
     }
 }
+
+/// A prompt that does not fit the context, or a max_tokens past what it leaves, is a 400 with
+/// OpenAI's code `context_length_exceeded` on every endpoint that generates (clients such as
+/// langchain-openai tell an overflow by that code alone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_context_overflow_says_context_length_exceeded_everywhere() {
+    let s = server(Hooks::default(), 2);
+    let long = "x".repeat(70);
+    let cases = [
+        (
+            CHAT,
+            json!({"messages": [{"role": "user", "content": long}]}),
+            "messages",
+        ),
+        ("/v1/completions", json!({"prompt": long}), "prompt"),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "max_tokens": 64}),
+            "max_tokens",
+        ),
+        ("/completion", json!({"prompt": long}), "prompt"),
+        ("/v1/responses", json!({"input": long}), "input"),
+        (
+            "/v1/responses",
+            json!({"input": "a", "max_output_tokens": 64}),
+            "max_output_tokens",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let (status, e) = json_call(&s, path, &body.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {e}");
+        assert_eq!(
+            (e["error"]["code"].as_str(), e["error"]["param"].as_str()),
+            (Some("context_length_exceeded"), Some(param)),
+            "{path}: {e}"
+        );
+    }
+    // Other bad input keeps no code.
+    let (_, e) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":0}"#).await;
+    assert!(e["error"]["code"].is_null(), "{e}");
+}
