@@ -554,26 +554,27 @@ fn prompt(v: Option<Value>) -> Result<Input, ApiError> {
     let bad = || {
         ApiError::bad_param(
             "prompt",
-            "prompt must be a non-empty string, a list of one string, or a list of token ids",
+            "prompt must be a non-empty string or list of token ids, or a list of one of those",
         )
     };
     let input = match v.ok_or_else(bad)? {
         Value::String(s) => Input::Text(s),
-        Value::Array(a) if a.len() == 1 && a[0].is_string() => {
-            Input::Text(a[0].as_str().unwrap_or_default().to_string())
+        // OpenAI's batch forms, `string[]` and `int[][]`, holding one prompt (lm-eval-harness
+        // sends `[[ids]]`).
+        Value::Array(mut a) if a.len() == 1 && (a[0].is_string() || a[0].is_array()) => {
+            match a.pop() {
+                Some(Value::String(s)) => Input::Text(s),
+                Some(Value::Array(ids)) => Input::Tokens(token_ids(&ids).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
         }
-        Value::Array(a) if a.len() > 1 && a.iter().all(Value::is_string) => {
+        Value::Array(a) if a.len() > 1 && a.iter().all(|p| p.is_string() || p.is_array()) => {
             return Err(ApiError::bad_param(
                 "prompt",
                 "several prompts in one request are not supported: send one request per prompt",
             ))
         }
-        Value::Array(a) => Input::Tokens(
-            a.iter()
-                .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                .collect::<Option<Vec<u32>>>()
-                .ok_or_else(bad)?,
-        ),
+        Value::Array(a) => Input::Tokens(token_ids(&a).ok_or_else(bad)?),
         _ => return Err(bad()),
     };
     match &input {
@@ -581,6 +582,13 @@ fn prompt(v: Option<Value>) -> Result<Input, ApiError> {
         Input::Tokens(t) if t.is_empty() => Err(bad()),
         _ => Ok(input),
     }
+}
+
+/// A list of token ids, if every item is one.
+fn token_ids(a: &[Value]) -> Option<Vec<u32>> {
+    (a.iter())
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect()
 }
 
 fn stop(v: Option<Value>) -> Result<Vec<String>, ApiError> {
@@ -971,10 +979,21 @@ mod tests {
             text(r#"{"prompt":[1,2,3]}"#),
             Ok(Input::Tokens(vec![1, 2, 3]))
         );
+        // A list of one token list, as lm-eval-harness sends.
+        assert_eq!(
+            text(r#"{"prompt":[[504,6355,314]]}"#),
+            Ok(Input::Tokens(vec![504, 6355, 314]))
+        );
         for bad in [
             r#"{"prompt":""}"#,
             r#"{"prompt":[]}"#,
+            r#"{"prompt":[[]]}"#,
+            r#"{"prompt":[[1,"a"]]}"#,
+            r#"{"prompt":[[1,[2]]]}"#,
+            r#"{"prompt":[1,[2]]}"#,
             r#"{"prompt":["a","b"]}"#,
+            r#"{"prompt":[[1],[2]]}"#,
+            r#"{"prompt":["a",[2]]}"#,
             r#"{"prompt":7}"#,
             r#"{}"#,
         ] {

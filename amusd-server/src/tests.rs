@@ -1332,3 +1332,25 @@ async fn a_context_overflow_says_context_length_exceeded_everywhere() {
     let (_, e) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":0}"#).await;
     assert!(e["error"]["code"].is_null(), "{e}");
 }
+
+/// lm-eval-harness's log-likelihood request: the prompt as a list of one token-id list, echoed
+/// with its log-probabilities; the same answer as the text prompt's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_list_of_one_token_list_is_a_prompt() {
+    let s = server(Hooks::default(), 2);
+    let body = |prompt: Value| {
+        json!({"prompt": prompt, "max_tokens": 1, "echo": true, "logprobs": 1,
+            "temperature": 0})
+        .to_string()
+    };
+    let (status, ids) = json_call(&s, "/v1/completions", &body(json!([[97, 98, 99]]))).await;
+    assert_eq!(status, StatusCode::OK, "{ids}");
+    let (_, text) = json_call(&s, "/v1/completions", &body(json!("abc"))).await;
+    assert_eq!(ids["choices"], text["choices"]);
+    assert!(ids["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("abc"));
+    assert_eq!(ids["choices"][0]["logprobs"]["tokens"][0], "a");
+    assert_eq!(ids["usage"]["prompt_tokens"], 3);
+}
