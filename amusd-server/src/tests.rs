@@ -1118,10 +1118,8 @@ async fn a_kept_response_is_continued_read_back_listed_and_deleted() {
         json_of(&s, "GET", &format!("/v1/responses/{second_id}/input_items")).await;
     assert_eq!(status, StatusCode::OK, "{items}");
     let data = items["data"].as_array().unwrap();
-    let texts: Vec<&Value> = data.iter().map(|i| &i["content"]).collect();
-    assert_eq!(texts[0], "more");
-    assert_eq!(texts[1][0]["text"], answer);
-    assert_eq!(texts[2], "hello");
+    let texts: Vec<&Value> = data.iter().map(|i| &i["content"][0]["text"]).collect();
+    assert_eq!(texts, [&json!("more"), &json!(answer), &json!("hello")]);
     assert_eq!(data.len(), 3);
     assert!(
         data.iter()
@@ -1135,7 +1133,11 @@ async fn a_kept_response_is_continued_read_back_listed_and_deleted() {
     )
     .await;
     assert_eq!(
-        (status, &one["data"][0]["content"], &one["has_more"]),
+        (
+            status,
+            &one["data"][0]["content"][0]["text"],
+            &one["has_more"]
+        ),
         (StatusCode::OK, &json!("hello"), &json!(true))
     );
 
@@ -1353,4 +1355,56 @@ async fn a_list_of_one_token_list_is_a_prompt() {
         .starts_with("abc"));
     assert_eq!(ids["choices"][0]["logprobs"]["tokens"][0], "a");
     assert_eq!(ids["usage"]["prompt_tokens"], 3);
+}
+
+/// `GET /v1/responses/{id}/input_items` lists messages in OpenAI's shape whatever shape the
+/// client sent them in: content as `input_text` parts (an assistant's `output_text`), a status;
+/// and a request continuing the response reads them back as the items sent gave.
+#[tokio::test(flavor = "multi_thread")]
+async fn input_items_are_listed_as_typed_parts_with_a_status() {
+    let s = server(Hooks::default(), 4);
+    let input = json!([
+        {"role": "developer", "content": "Hi"},
+        {"type": "message", "role": "user", "content": [{"type": "text", "text": "a"}]},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "input_text", "text": "c"}]},
+    ]);
+    let body = json!({"input": input, "max_output_tokens": 2}).to_string();
+    let (status, first) = json_call(&s, "/v1/responses", &body).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let id = first["id"].as_str().unwrap();
+    let path = format!("/v1/responses/{id}/input_items?order=asc");
+    let (status, items) = json_of(&s, "GET", &path).await;
+    assert_eq!(status, StatusCode::OK, "{items}");
+    let data = items["data"].as_array().unwrap();
+    assert!(
+        data.iter()
+            .all(|i| i["status"] == "completed" && i["type"] == "message"),
+        "{items}"
+    );
+    let parts: Vec<&Value> = data.iter().map(|i| &i["content"]).collect();
+    let input_text = |t: &str| json!([{"type": "input_text", "text": t}]);
+    assert_eq!(
+        parts,
+        [
+            &input_text("Hi"),
+            &input_text("a"),
+            &json!([{"type": "output_text", "text": "b", "annotations": []}]),
+            &input_text("c"),
+        ]
+    );
+    // Continued, the kept items make the prompt the items as sent made.
+    let next = json!({"previous_response_id": id, "input": "d", "max_output_tokens": 2});
+    let (_, next) = json_call(&s, "/v1/responses", &next.to_string()).await;
+    let mut whole = input.as_array().unwrap().clone();
+    let answer = &first["output"][0]["content"][0]["text"];
+    whole.push(json!({"role": "assistant", "content": answer}));
+    whole.push(json!({"role": "user", "content": "d"}));
+    let again = json!({"input": whole, "max_output_tokens": 2, "store": false});
+    let (_, again) = json_call(&s, "/v1/responses", &again.to_string()).await;
+    assert_eq!(
+        next["usage"]["input_tokens"],
+        again["usage"]["input_tokens"]
+    );
+    assert_eq!(next["output"][0]["content"], again["output"][0]["content"]);
 }

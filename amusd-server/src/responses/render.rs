@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::store::{Store, Stored};
 use super::Echoed;
@@ -92,8 +92,9 @@ impl Responder {
         }
     }
 
-    /// Input items as a listing shows them: each with a type and an id (this response's, for
-    /// those the client sent without one); reasoning items, which no prompt reads, left out.
+    /// Input items as a listing shows them, OpenAI's: each with a type, an id (this response's,
+    /// for those the client sent without one) and a status, a message's content as typed text
+    /// parts ([`text_parts`]); reasoning items, which no prompt reads, left out.
     fn identified(&self, input: &[Value]) -> Vec<Value> {
         (input.iter().enumerate())
             .filter(|(_, item)| item["type"] != "reasoning")
@@ -109,6 +110,10 @@ impl Responder {
                     };
                     let id = format!("{prefix}_{}_in{i}", self.suffix());
                     o.entry("id").or_insert(id.into());
+                    o.entry("status").or_insert("completed".into());
+                    if prefix == "msg" {
+                        text_parts(o);
+                    }
                 }
                 item
             })
@@ -161,6 +166,34 @@ impl Responder {
             "call_id": format!("call_{suffix}_{k}"), "name": name, "arguments": arguments,
             "status": status})
     }
+}
+
+/// A message item's content as OpenAI lists it: a list of parts, its text `input_text`
+/// (`output_text`, with no annotations, in an assistant's), whether the client sent a string or
+/// parts (chat's `text` among them). Other parts stay as they are (a request with any other was
+/// refused).
+fn text_parts(message: &mut Map<String, Value>) {
+    let kind = match message.get("role").and_then(Value::as_str) {
+        Some("assistant") => "output_text",
+        _ => "input_text",
+    };
+    let part = |text: Value| match kind {
+        "output_text" => json!({"type": kind, "text": text, "annotations": []}),
+        _ => json!({"type": kind, "text": text}),
+    };
+    let content = match message.remove("content") {
+        Some(Value::String(s)) => json!([part(s.into())]),
+        Some(Value::Array(parts)) => (parts.into_iter())
+            .map(|p| match p["type"].as_str() {
+                Some("text") => part(p["text"].clone()),
+                _ => p,
+            })
+            .collect(),
+        // Not text: the request was refused, so none is kept.
+        Some(other) => other,
+        None => return,
+    };
+    message.insert("content".into(), content);
 }
 
 #[cfg(test)]
@@ -227,6 +260,37 @@ pub(crate) mod tests {
         assert_eq!(cut["status"], "incomplete");
         assert_eq!(cut["incomplete_details"]["reason"], "max_output_tokens");
         assert_eq!(cut["output"][0]["status"], "incomplete");
+    }
+
+    /// Kept input items are listed as OpenAI lists them: every one with an id and a status, a
+    /// message's text as typed parts; ids and statuses the items had are kept.
+    #[test]
+    fn kept_input_items_have_ids_statuses_and_typed_parts() {
+        let r = responder(false);
+        let items = r.identified(&[
+            json!({"role": "user", "content": "a"}),
+            json!({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}),
+            json!({"type": "function_call_output", "call_id": "c", "output": "1"}),
+            json!({"type": "reasoning", "summary": []}),
+            json!({"type": "message", "id": "msg_x", "status": "incomplete", "role": "assistant",
+                "content": [{"type": "output_text", "text": "b", "annotations": []}]}),
+        ]);
+        assert_eq!(items.len(), 4);
+        assert_eq!(
+            items[0],
+            json!({"type": "message", "id": "msg_ab-1_in0", "status": "completed",
+                "role": "user", "content": [{"type": "input_text", "text": "a"}]})
+        );
+        assert_eq!(
+            (items[1]["id"].as_str(), items[1]["status"].as_str()),
+            (Some("fc_ab-1_in1"), Some("completed"))
+        );
+        assert_eq!(items[2]["status"], "completed");
+        assert_eq!(
+            (items[3]["id"].as_str(), items[3]["status"].as_str()),
+            (Some("msg_x"), Some("incomplete"))
+        );
+        assert_eq!(items[3]["content"][0]["type"], "output_text");
     }
 
     #[test]
