@@ -175,6 +175,12 @@ impl ToolUse {
         })
     }
 
+    /// Whether a reply makes one call only: without `parallel_tool_calls`, or with one function
+    /// named (OpenAI's named `tool_choice` gives exactly one call).
+    fn single_call(&self) -> bool {
+        !self.parallel || matches!(self.choice, ToolChoice::Named(_))
+    }
+
     /// The same tools, written in `syntax`.
     pub fn in_syntax(self, syntax: Syntax) -> Self {
         Self { syntax, ..self }
@@ -197,7 +203,7 @@ impl ToolUse {
         };
         let mut calls = json!({"type": "array", "minItems": 1,
             "items": {"anyOf": self.callable().map(call).collect::<Vec<_>>()}});
-        if !self.parallel {
+        if self.single_call() {
             calls["maxItems"] = 1.into();
         }
         let calling = json!({"type": "object", "properties": {"tool_calls": calls},
@@ -230,10 +236,10 @@ impl ToolUse {
             s.push_str(&Value::Object(o).to_string());
             s.push('\n');
         }
-        let calls = if self.parallel {
-            "{\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<its arguments>}}, ...]}"
-        } else {
+        let calls = if self.single_call() {
             "{\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<its arguments>}}]}"
+        } else {
+            "{\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<its arguments>}}, ...]}"
         };
         s.push('\n');
         match self.choice {
@@ -440,6 +446,29 @@ pub(crate) mod tests {
         assert_eq!(s["properties"]["tool_calls"]["maxItems"], 1);
         assert!(!u.system_prompt().contains("get_weather"));
         assert!(u.system_prompt().contains("\"name\":\"time\""));
+    }
+
+    /// A function named in `tool_choice` is called once, as OpenAI's, parallel calls allowed or
+    /// not; the prompt shows one call.
+    #[test]
+    fn a_named_function_is_called_exactly_once() {
+        let t = weather();
+        let named = json!({"type": "function", "function": {"name": "time"}});
+        for parallel in [None, Some(true)] {
+            let u = tool_use(Some(&t), Some(&named), parallel).unwrap().unwrap();
+            let s: Value = serde_json::from_str(&u.grammar().text).unwrap();
+            let calls = &s["properties"]["tool_calls"];
+            assert_eq!(
+                (calls["minItems"].as_u64(), calls["maxItems"].as_u64()),
+                (Some(1), Some(1))
+            );
+            assert!(!u.system_prompt().contains("...]"), "{}", u.system_prompt());
+        }
+        let required = tool_use(Some(&t), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        let s: Value = serde_json::from_str(&required.grammar().text).unwrap();
+        assert!(s["properties"]["tool_calls"].get("maxItems").is_none());
     }
 
     #[test]

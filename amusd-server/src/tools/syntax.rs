@@ -83,7 +83,7 @@ impl ToolUse {
         };
         let schema = json!({"anyOf": self.callable().map(call).collect::<Vec<_>>()});
         let (calls, call) = match syntax {
-            Syntax::Hermes if self.parallel => (
+            Syntax::Hermes if !self.single_call() => (
                 "call (\"\\n\" call)*",
                 "\"<tool_call>\\n\" json \"\\n</tool_call>\"",
             ),
@@ -203,6 +203,20 @@ mod tests {
         assert_eq!(
             auto.template_tools()[0]["function"]["description"],
             "Weather now"
+        );
+    }
+
+    /// A named function is one call, parallel calls allowed or not.
+    #[test]
+    fn a_named_function_is_one_hermes_call() {
+        let t = weather();
+        let named = json!({"type": "function", "function": {"name": "time"}});
+        let one = tool_use(Some(&t), Some(&named), None).unwrap().unwrap();
+        let g = one.native_grammar(Syntax::Hermes);
+        assert!(
+            g.text.starts_with("start: calls\ncalls: call\n"),
+            "{}",
+            g.text
         );
     }
 
