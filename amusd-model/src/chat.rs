@@ -99,6 +99,13 @@ impl Message {
 /// The name the template is registered under; it appears in render error locations.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// Template steps one render may take (minijinja's "fuel"): a template that loops without end
+/// (three nested `range(100000)`) fails in well under a second instead of hanging a request and
+/// its process, which cannot be interrupted mid-render (~0.5 s to burn on the 2-core Zen 4). Real
+/// templates take 25-40 steps per message (SmolLM2's 26, the Hermes and Llama 3 tool templates'
+/// 28 and 38), so a conversation of 10 000 messages takes ~1/80 of it.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
 /// ChatML, for models that ship no template. It matches SmolLM2's and Qwen's turn format without
 /// their default system prompts.
 const CHATML: &str = "{% for message in messages %}\
@@ -144,6 +151,7 @@ impl ChatTemplate {
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.set_fuel(Some(RENDER_FUEL));
         let source = source.into();
         env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| ChatError::Syntax {
@@ -188,7 +196,10 @@ impl ChatTemplate {
                 Value::I32(id) => usize::try_from(id).ok(),
                 Value::U64(id) => usize::try_from(id).ok(),
                 Value::I64(id) => usize::try_from(id).ok(),
-                _ => return Err(bad_metadata(id_key, format!("{id:?} is not an integer"))),
+                _ => {
+                    let what = crate::gguf::describe_value(id);
+                    return Err(bad_metadata(id_key, format!("{what} is not an integer")));
+                }
             };
             // An id outside the vocabulary is the tokenizer's problem to report; the template just
             // gets an empty string.
@@ -307,7 +318,15 @@ impl ChatTemplate {
                 eos_token => &self.eos_token,
                 ..minijinja::Value::from(minijinja::value::Serde(&options.kwargs))
             })
-            .map_err(|e| ChatError::Render(crate::error::printable(&e.to_string())))?;
+            .map_err(render_error)?;
+        if text.is_empty() && !messages.is_empty() {
+            // Said here, not as "the prompt is empty" after tokenizing, where the template's
+            // part in it is lost.
+            return Err(ChatError::Render(format!(
+                "the template rendered no text for a conversation of {} messages",
+                messages.len()
+            )));
+        }
         match continuing {
             true => cut_after_last(text, messages),
             false => Ok(text),
@@ -360,6 +379,16 @@ fn special_token_text(config: &serde_json::Value, key: &str) -> Option<String> {
     }
 }
 
+/// A failed render's error; running out of fuel said in the user's terms.
+fn render_error(e: minijinja::Error) -> ChatError {
+    ChatError::Render(match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => {
+            format!("the template took more than {RENDER_FUEL} steps (a loop that does not end?)")
+        }
+        _ => crate::error::printable(&e.to_string()),
+    })
+}
+
 fn bad_metadata(key: &str, reason: impl std::fmt::Display) -> ChatError {
     ChatError::BadMetadata {
         key: key.to_string(),
@@ -378,6 +407,40 @@ mod tests {
         ChatTemplate::from_gguf_metadata(real_gguf_metadata())
             .unwrap()
             .expect("SmolLM2 ships a chat template")
+    }
+
+    #[test]
+    fn a_template_that_loops_without_end_runs_out_of_fuel() {
+        // It hung `generate` (deaf to Ctrl-C) and a server's request; now the render ends.
+        let looping = "{% for a in range(100000) %}{% for b in range(100000) %}\
+                       {% for c in range(100000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let template = ChatTemplate::new(looping, "", "").unwrap();
+        let started = std::time::Instant::now();
+        let err = template.render(&[Message::user("Hi")], true).unwrap_err();
+        eprintln!("out of fuel after {:?}", started.elapsed());
+        assert!(
+            err.to_string()
+                .contains("steps (a loop that does not end?)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_template_that_renders_nothing_says_so() {
+        let silent = ChatTemplate::new("{% for m in messages %}{% endfor %}", "", "").unwrap();
+        let err = silent.render(&[Message::user("Hi")], true).unwrap_err();
+        assert!(err.to_string().contains("rendered no text"), "{err}");
+    }
+
+    #[test]
+    fn a_long_conversation_stays_inside_the_fuel() {
+        let messages: Vec<Message> = (0..10_000)
+            .map(|i| Message::new(["user", "assistant"][i % 2], format!("message {i}")))
+            .collect();
+        let started = std::time::Instant::now();
+        let prompt = smollm().render(&messages, true).unwrap();
+        eprintln!("10 000 messages rendered in {:?}", started.elapsed());
+        assert!(prompt.contains("message 9999"));
     }
 
     #[test]
