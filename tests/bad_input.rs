@@ -336,6 +336,64 @@ fn prompt_longer_than_the_context() {
     );
 }
 
+#[test]
+fn draft_and_verify_embeddings_of_different_sizes_are_refused() {
+    // The same tokenizer, one embedding padded: passed the vocabulary check, then the verify
+    // worker failed on a padded id the draft proposed (and was restarted until it gave up).
+    let dir = scratch();
+    let plain = tiny_hf(dir.path(), "plain", &TinyModel::default());
+    let padded = TinyModel {
+        padded_rows: 64,
+        ..TinyModel::default()
+    };
+    let padded = tiny_hf(dir.path(), "padded", &padded);
+    for strategy in ["sd", "amusd"] {
+        for (verify, draft) in [(&plain, &padded), (&padded, &plain)] {
+            expect_error(
+                &format!("padded vocabulary, verify {}, {strategy}", name(verify)),
+                &[
+                    "--strategy",
+                    strategy,
+                    "--verify-model",
+                    s(verify),
+                    "--draft-model",
+                    s(draft),
+                    "--prompt",
+                    "hello",
+                    "--max-new-tokens",
+                    "4",
+                ],
+                &["embedding has", "259", "323", "rows"],
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unknown_pre_tokenizer_is_warned_about() {
+    // The tokenizer approximates it (GPT-2's split); nothing said so before.
+    let dir = scratch();
+    for (pre, warned) in [("gpt2", false), ("some-new-model", true)] {
+        let tiny = TinyModel {
+            pre_tokenizer: pre,
+            ..TinyModel::default()
+        };
+        let model = tiny_gguf(dir.path(), pre, &tiny, GgmlDType::F32);
+        let args = ["generate", "--strategy", "ar", "--verify-model", s(&model)];
+        let run = amusd_run(
+            &[
+                &args[..],
+                &["--raw", "--prompt", "hi", "--max-new-tokens", "2"],
+            ]
+            .concat(),
+            Duration::from_secs(60),
+        );
+        assert!(run.status.success(), "{pre}: {}", run.describe());
+        let said = run.stderr.contains("warning") && run.stderr.contains("pre-tokenizer");
+        assert_eq!(said, warned, "{pre}: {}", run.describe());
+    }
+}
+
 fn vocab_fixtures() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let dir = scratch();
     let a = tiny_hf(dir.path(), "vocab-a", &TinyModel::default());

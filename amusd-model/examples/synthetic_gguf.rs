@@ -72,6 +72,7 @@ fn main() {
         seed: 7,
         tie_embeddings: std::env::var("TIED").is_ok_and(|v| v == "1"),
         extra_vocab: env("VOCAB", 32000).saturating_sub(TinyModel::default().vocab_size()),
+        ..TinyModel::default()
     };
     model
         .write_gguf_typed(std::path::Path::new(out), |name| type_of(mix, head, name))

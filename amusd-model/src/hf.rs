@@ -33,8 +33,10 @@ pub struct HfConfig {
     pub rope_theta: f32,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Absent: the head is tied when the checkpoint has no `lm_head.weight` (as llama.cpp reads a
+    /// GGUF without `output.weight`).
     #[serde(default)]
-    pub tie_word_embeddings: bool,
+    pub tie_word_embeddings: Option<bool>,
     #[serde(default)]
     pub rope_scaling: Option<serde_json::Value>,
     #[serde(default)]
@@ -125,23 +127,23 @@ impl HfConfig {
         Ok(cfg)
     }
 
-    /// End-of-sequence ids from `eos_token_id` (a number or a list).
-    pub fn eos_ids(&self) -> Vec<u32> {
-        ids_of(self.eos_token_id.as_ref())
-    }
-}
-
-pub(crate) fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|n| vec![n as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|n| n as u32)
-            .collect(),
-        _ => Vec::new(),
+    /// End-of-sequence ids from `eos_token_id` (a number or a list), each a row of the
+    /// embedding: an id past it would stop nothing (and one past `u32` was cut to a wrong one).
+    pub fn eos_ids(&self) -> Result<Vec<u32>, ModelError> {
+        let ids: Vec<u64> = match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().collect(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).collect(),
+            _ => Vec::new(),
+        };
+        ids.into_iter()
+            .map(|id| match u32::try_from(id) {
+                Ok(small) if (small as usize) < self.vocab_size => Ok(small),
+                _ => Err(ModelError::Config(format!(
+                    "config.json's eos_token_id {id} is not one of the {} token ids",
+                    self.vocab_size
+                ))),
+            })
+            .collect()
     }
 }
 
@@ -223,8 +225,16 @@ pub fn load_llama(dir: &Path, format: WeightFormat) -> Result<(Llama, HfConfig),
         st,
         dir,
         format,
-        tied: hf.tie_word_embeddings,
+        tied: hf.tie_word_embeddings == Some(true),
     };
+    if hf.tie_word_embeddings == Some(false) && !src.has(Tensor::Output) {
+        // Tying anyway would run a different model than the config describes.
+        return Err(ModelError::Config(
+            "config.json says tie_word_embeddings is false, but the checkpoint has no \
+             lm_head.weight"
+                .into(),
+        ));
+    }
     Ok((assemble(cfg, &mut src)?, hf))
 }
 
@@ -318,5 +328,89 @@ impl WeightSource for HfWeights<'_> {
             .flatten_all()?
             .to_vec1::<f32>()?;
         check_len(&name, v, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TinyModel;
+
+    /// A tiny checkpoint in `dir` whose `config.json` went through `edit`.
+    fn edited(dir: &Path, tiny: &TinyModel, edit: impl Fn(&mut serde_json::Value)) {
+        tiny.write_hf(dir).unwrap();
+        let path = dir.join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut config);
+        std::fs::write(path, config.to_string()).unwrap();
+    }
+
+    fn load_err(dir: &Path) -> String {
+        let spec: crate::ModelSpec = dir.to_str().unwrap().parse().unwrap();
+        match crate::loader::load(&spec) {
+            Ok(_) => panic!("{} loaded", dir.display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn an_eos_id_outside_the_vocabulary_is_an_error_not_a_truncation() {
+        // 2^40 + 258 was cut to 258 by `as u32`, a real id.
+        for id in [(1u64 << 40) + 258, 999_999] {
+            let dir = tempfile::tempdir().unwrap();
+            edited(dir.path(), &TinyModel::default(), |c| {
+                c["eos_token_id"] = id.into();
+            });
+            let err = load_err(dir.path());
+            assert!(err.contains(&format!("eos_token_id {id}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_untied_head_that_is_missing_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        edited(dir.path(), &TinyModel::default(), |c| {
+            c["tie_word_embeddings"] = false.into();
+        });
+        assert!(load_err(dir.path()).contains("no lm_head.weight"));
+        // Without the key, a checkpoint without a head ties it (as llama.cpp reads a GGUF).
+        let dir = tempfile::tempdir().unwrap();
+        edited(dir.path(), &TinyModel::default(), |c| {
+            c.as_object_mut().unwrap().remove("tie_word_embeddings");
+        });
+        let spec: crate::ModelSpec = dir.path().to_str().unwrap().parse().unwrap();
+        crate::loader::load(&spec).unwrap();
+    }
+
+    #[test]
+    fn an_index_naming_a_file_outside_the_checkpoint_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        TinyModel::default().write_hf(dir.path()).unwrap();
+        std::fs::rename(
+            dir.path().join("model.safetensors"),
+            dir.path().join("model-00001-of-00001.safetensors"),
+        )
+        .unwrap();
+        let index = |file: &str| {
+            let map = serde_json::json!({"weight_map": {"model.embed_tokens.weight": file}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                map.to_string(),
+            )
+            .unwrap();
+        };
+        index("model-00001-of-00001.safetensors");
+        assert_eq!(weight_files(dir.path()).unwrap().len(), 1);
+        for bad in [
+            "/etc/passwd",
+            "../model-00001-of-00001.safetensors",
+            "..",
+            "",
+        ] {
+            index(bad);
+            let err = weight_files(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("not a file beside the index"), "{bad}: {err}");
+        }
     }
 }

@@ -217,6 +217,9 @@ pub struct ModelText {
     pub eos_ids: Vec<u32>,
     /// The model's context length in tokens (prompt plus generated).
     pub context_length: usize,
+    /// Rows of the model's embedding: the token ids it can read, and may produce (at least the
+    /// tokenizer's vocabulary; checkpoints often pad it).
+    pub vocab_size: usize,
 }
 
 /// Loads the tokenizer, chat template and stop ids of a model.
@@ -235,6 +238,7 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
             chat_template,
             eos_ids,
             context_length: hf.max_position_embeddings,
+            vocab_size: hf.vocab_size,
         });
     }
     let mut gguf = GgufFile::open(path)?;
@@ -248,6 +252,7 @@ pub fn load_text(spec: &ModelSpec) -> Result<ModelText, ModelError> {
         chat_template,
         eos_ids,
         context_length: config.max_position,
+        vocab_size: config.vocab_size,
     })
 }
 
@@ -422,7 +427,7 @@ fn hf_text(
     } else {
         None
     };
-    let mut eos_ids = hf.eos_ids();
+    let mut eos_ids = hf.eos_ids()?;
     if eos_ids.is_empty() {
         eos_ids = stop_ids(&tokenizer);
     } else {

@@ -43,6 +43,11 @@ pub struct TinyModel {
     /// Added to the vocabulary past the byte-level tokens and specials (lets a test make a model
     /// whose vocabulary differs from another's).
     pub extra_vocab: usize,
+    /// Rows past the tokenizer's vocabulary in the embedding (and head), as checkpoints pad their
+    /// vocabulary to a multiple of 64 or 128.
+    pub padded_rows: usize,
+    /// The GGUF's `tokenizer.ggml.pre` (`gpt2`, which amusd knows; anything else is approximated).
+    pub pre_tokenizer: &'static str,
 }
 
 impl Default for TinyModel {
@@ -57,6 +62,8 @@ impl Default for TinyModel {
             seed: 7,
             tie_embeddings: true,
             extra_vocab: 0,
+            padded_rows: 0,
+            pre_tokenizer: "gpt2",
         }
     }
 }
@@ -91,6 +98,11 @@ impl TinyModel {
         256 + SPECIAL_TOKENS.len() + self.extra_vocab
     }
 
+    /// The embedding's rows: the vocabulary and its padding.
+    pub fn embedding_rows(&self) -> usize {
+        self.vocab_size() + self.padded_rows
+    }
+
     fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
@@ -111,7 +123,7 @@ impl TinyModel {
         let (h, ff, v, hd) = (
             self.hidden,
             self.intermediate,
-            self.vocab_size(),
+            self.embedding_rows(),
             self.head_dim(),
         );
         let (q, kv) = (self.heads * hd, self.kv_heads * hd);
@@ -190,7 +202,7 @@ impl TinyModel {
         let config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "vocab_size": self.vocab_size(),
+            "vocab_size": self.embedding_rows(),
             "hidden_size": self.hidden,
             "intermediate_size": self.intermediate,
             "num_hidden_layers": self.layers,
@@ -318,7 +330,7 @@ impl TinyModel {
         let md: Vec<(&str, Value)> = vec![
             ("general.architecture", Value::String("llama".into())),
             ("general.name", Value::String("tiny".into())),
-            ("llama.vocab_size", Value::U32(self.vocab_size() as u32)),
+            ("llama.vocab_size", Value::U32(self.embedding_rows() as u32)),
             ("llama.context_length", Value::U32(self.context as u32)),
             ("llama.embedding_length", Value::U32(self.hidden as u32)),
             (
@@ -335,7 +347,10 @@ impl TinyModel {
             ("llama.rope.freq_base", Value::F32(10000.0)),
             ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre", Value::String("gpt2".into())),
+            (
+                "tokenizer.ggml.pre",
+                Value::String(self.pre_tokenizer.into()),
+            ),
             (
                 "tokenizer.ggml.tokens",
                 Value::Array(tokens.into_iter().map(Value::String).collect()),

@@ -152,6 +152,20 @@ pub fn check_same_vocabulary(verify: &Tokenizer, draft: &Tokenizer) -> Result<()
     Ok(())
 }
 
+/// Draft and verify must also have as many embedding rows: a padded vocabulary's extra ids are
+/// tokens one model may produce and the other cannot read (the verify worker failed on the
+/// draft's, and was restarted until its budget ran out).
+fn check_same_rows(verify: usize, draft: usize) -> Result<()> {
+    if verify != draft {
+        bail!(
+            "vocabulary mismatch: the verify model's embedding has {verify} rows, the draft's \
+             {draft} (the same tokenizer, padded differently); pick a draft with the same \
+             vocabulary size"
+        );
+    }
+    Ok(())
+}
+
 /// The tokenizer side of the verify model and of the draft (when the strategy has one); `None`
 /// for a fake model (`fake:...`, tests), which has no tokenizer.
 pub struct Texts {
@@ -197,6 +211,19 @@ impl Texts {
         };
         if let (Some(v), Some(d)) = (&verify, &draft) {
             check_same_vocabulary(&v.tokenizer, &d.tokenizer)?;
+            check_same_rows(v.vocab_size, d.vocab_size)?;
+        }
+        if verify
+            .as_ref()
+            .is_some_and(|v| v.tokenizer.is_approximate())
+        {
+            // As llama.cpp warns: the text still decodes exactly, but prompts may be split into
+            // other ids than the model was trained on.
+            eprintln!(
+                "amusd: warning: the model's GGUF names no pre-tokenizer amusd knows \
+                 (tokenizer.ggml.pre); prompts are split as GPT-2 splits them, which may differ \
+                 from the model's own tokenizer on digits, punctuation and non-Latin text"
+            );
         }
         Ok(Self {
             grammars: amusd_proc::constraints_for(verify_spec),

@@ -310,6 +310,11 @@ impl Supervisor {
         }
         let last_error = self.shm.worker_snapshot(role).last_error;
         let w = &mut self.workers[i];
+        // What the worker said before it exited, when it said anything (a kill says nothing).
+        let said = match last_error.is_empty() {
+            true => String::new(),
+            false => format!(": {last_error}"),
+        };
         let give_up = if w.restarts >= self.policy.max_restarts {
             let why = if last_error.is_empty() {
                 format!("{exit:?}")
@@ -336,7 +341,7 @@ impl Supervisor {
         self.restarts += 1;
         self.shm.count_restart(role);
         eprintln!(
-            "amusd: {} worker exited ({exit:?}); restarting ({}/{})",
+            "amusd: {} worker exited ({exit:?}){said}; restarting ({}/{})",
             role.name(),
             w.restarts,
             self.policy.max_restarts
