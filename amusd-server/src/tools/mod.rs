@@ -3,13 +3,14 @@
 //! A model's own tool-call syntax lives in its chat template and differs by family; this is the
 //! format llama.cpp falls back to for templates without one ("generic"): the tools, as JSON, go in
 //! the system message with the reply's format, and the reply is constrained by a JSON schema to be
-//! either `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}` (each call's arguments fit its
-//! tool's `parameters`) or `{"response": "..."}`. The server turns the first into OpenAI's
-//! `tool_calls` (finish reason `tool_calls`), the second into the message's content. Earlier turns
-//! are written back in the same format: an assistant's `tool_calls` as that JSON, a `tool` message
-//! as a user turn holding `{"tool_response": ...}`. Since it is a prompt and a grammar, every
-//! strategy gives the same reply, as for any structured output. Templates with a tool syntax of
-//! their own (Hermes, Llama 3.x) get theirs instead ([`syntax`]).
+//! either `{"tool_calls":[{"name":...,"arguments":{...}},...]}` (each call's arguments fit its
+//! tool's `parameters`) or `{"response":"..."}`, compact (no whitespace between JSON tokens). The
+//! server turns the first into OpenAI's `tool_calls` (finish reason `tool_calls`), the second into
+//! the message's content. Earlier turns are written back in the same format: an assistant's
+//! `tool_calls` as that JSON, a `tool` message as a user turn holding `{"tool_response": ...}`.
+//! Since it is a prompt and a grammar, every strategy gives the same reply, as for any structured
+//! output. Templates with a tool syntax of their own (Hermes, Llama 3.x) get theirs instead
+//! ([`syntax`]).
 
 pub mod reader;
 pub mod syntax;
@@ -208,12 +209,14 @@ impl ToolUse {
         }
         let calling = json!({"type": "object", "properties": {"tool_calls": calls},
             "required": ["tool_calls"], "additionalProperties": false});
-        let schema = match self.choice {
+        let mut schema = match self.choice {
             ToolChoice::Auto => json!({"anyOf": [calling, {"type": "object",
                 "properties": {"response": {"type": "string"}},
                 "required": ["response"], "additionalProperties": false}]}),
             _ => calling,
         };
+        // The format is ours, and compact as the prompt shows it and earlier turns write it.
+        schema["x-guidance"] = fixed_whitespace(",", ":");
         OutputGrammar {
             kind: GrammarType::JsonSchema,
             text: schema.to_string(),
@@ -236,20 +239,28 @@ impl ToolUse {
             s.push_str(&Value::Object(o).to_string());
             s.push('\n');
         }
+        // Compact, as the grammar holds the reply.
         let calls = if self.single_call() {
-            "{\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<its arguments>}}]}"
+            "{\"tool_calls\":[{\"name\":\"<tool name>\",\"arguments\":{<its arguments>}}]}"
         } else {
-            "{\"tool_calls\": [{\"name\": \"<tool name>\", \"arguments\": {<its arguments>}}, ...]}"
+            "{\"tool_calls\":[{\"name\":\"<tool name>\",\"arguments\":{<its arguments>}},...]}"
         };
         s.push('\n');
         match self.choice {
             ToolChoice::Auto => s.push_str(&format!(
-                "Reply with JSON only: {calls} to call tools, or {{\"response\": \"<your answer>\"}} to answer directly."
+                "Reply with JSON only: {calls} to call tools, or {{\"response\":\"<your answer>\"}} to answer directly."
             )),
             _ => s.push_str(&format!("Reply with JSON only, calling tools: {calls}")),
         }
         s
     }
+}
+
+/// llguidance's JSON options (a schema's `x-guidance`) for JSON with no optional whitespace, its
+/// separators these: each newline or indent a model puts between JSON tokens is a token more
+/// (a pretty-printed call took 25 more, and `max_tokens` cut calls short).
+pub(crate) fn fixed_whitespace(items: &str, keys: &str) -> Value {
+    json!({"whitespace_flexible": false, "item_separator": items, "key_separator": keys})
 }
 
 /// An assistant turn's `tool_calls` (OpenAI's shape) as the reply format's JSON, for the prompt.
@@ -469,6 +480,28 @@ pub(crate) mod tests {
             .unwrap();
         let s: Value = serde_json::from_str(&required.grammar().text).unwrap();
         assert!(s["properties"]["tool_calls"].get("maxItems").is_none());
+    }
+
+    /// The generic format's JSON has no optional whitespace (llguidance's `x-guidance`), and the
+    /// prompt shows it compact, as earlier turns are written.
+    #[test]
+    fn the_generic_reply_is_compact_json() {
+        let t = weather();
+        for choice in [json!("auto"), json!("required")] {
+            let u = tool_use(Some(&t), Some(&choice), None).unwrap().unwrap();
+            let s: Value = serde_json::from_str(&u.grammar().text).unwrap();
+            assert_eq!(
+                s["x-guidance"],
+                json!({"whitespace_flexible": false, "item_separator": ",", "key_separator": ":"}),
+                "{choice}"
+            );
+            let prompt = u.system_prompt();
+            assert!(
+                prompt.contains(r#"{"tool_calls":[{"name":"<tool name>","arguments":"#),
+                "{prompt}"
+            );
+            assert!(!prompt.contains("\": "), "{prompt}");
+        }
     }
 
     #[test]

@@ -81,7 +81,10 @@ impl ToolUse {
                 "properties": {"name": {"const": t.name}, key: t.parameters},
                 "required": ["name", key], "additionalProperties": false})
         };
-        let schema = json!({"anyOf": self.callable().map(call).collect::<Vec<_>>()});
+        // The separators of the family's calls as its template writes them (Python's
+        // `json.dumps`, which the models were trained on), and no other whitespace.
+        let schema = json!({"anyOf": self.callable().map(call).collect::<Vec<_>>(),
+            "x-guidance": super::fixed_whitespace(", ", ": ")});
         let (calls, call) = match syntax {
             Syntax::Hermes if !self.single_call() => (
                 "call (\"\\n\" call)*",
@@ -218,6 +221,22 @@ mod tests {
             "{}",
             g.text
         );
+    }
+
+    /// The calls' JSON has the template's separators and no other whitespace.
+    #[test]
+    fn native_calls_have_the_templates_separators_and_no_other_whitespace() {
+        let t = weather();
+        let any = tool_use(Some(&t), Some(&json!("required")), None)
+            .unwrap()
+            .unwrap();
+        for syntax in [Syntax::Hermes, Syntax::Llama3] {
+            let schema = calls_schema(&any.native_grammar(syntax));
+            assert_eq!(
+                schema["x-guidance"],
+                json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+            );
+        }
     }
 
     #[test]
