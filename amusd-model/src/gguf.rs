@@ -603,6 +603,46 @@ mod tests {
     }
 
     #[test]
+    fn a_key_named_twice_or_a_misaligned_tensor_is_refused() {
+        // candle kept the last of two keys (a second block count of 2 ran two layers of
+        // gibberish) and read tensors at any offset (garbage); llama.cpp refuses both.
+        let bytes = tiny_bytes();
+        // Rename block_count (its length prefix too) to a second embedding_length.
+        let (key, other): (&[u8], &[u8]) = (b"llama.block_count", b"llama.embedding_length");
+        let at = bytes.windows(key.len()).position(|w| w == key).unwrap();
+        let mut twice = bytes[..at - 8].to_vec();
+        twice.extend_from_slice(&(other.len() as u64).to_le_bytes());
+        twice.extend_from_slice(other);
+        twice.extend_from_slice(&bytes[at + key.len()..]);
+        let err = try_load(&twice).unwrap_err().to_string();
+        assert!(err.contains("appears twice"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("t.gguf");
+        std::fs::write(&src, bytes).unwrap();
+        let g = GgufFile::open(&src).unwrap();
+        let (name, info) = g
+            .content
+            .tensor_infos
+            .iter()
+            .find(|(_, t)| t.offset > 0)
+            .unwrap();
+        let name = name.as_bytes();
+        let at = bytes.windows(name.len()).rposition(|w| w == name).unwrap();
+        // After the name: dimension count, dimensions, type, then the offset.
+        let dims = u32::from_le_bytes(bytes[at + name.len()..][..4].try_into().unwrap()) as usize;
+        let off = at + name.len() + 4 + 8 * dims + 4;
+        assert_eq!(
+            u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap()),
+            info.offset
+        );
+        let mut misaligned = bytes.to_vec();
+        misaligned[off..off + 8].copy_from_slice(&(info.offset + 1).to_le_bytes());
+        let err = try_load(&misaligned).unwrap_err().to_string();
+        assert!(err.contains("not a multiple of the alignment 32"), "{err}");
+    }
+
+    #[test]
     fn an_unknown_version_says_so() {
         let mut b = tiny_bytes().to_vec();
         b[4..8].copy_from_slice(&4u32.to_le_bytes());

@@ -4,9 +4,12 @@
 //! (or hostile) file can ask for: `general.alignment = 0` divides by zero (a panic), and each
 //! element of a metadata array becomes a 32-byte value, so a file of 200 MB of junk bytes asks
 //! for gigabytes. This walk reads the header as the format defines it (versions 1-3), keeping
-//! nothing, and refuses what amusd would not load anyway: an unknown version, an alignment that
-//! is not a power of two, or metadata arrays past [`MAX_ARRAY_ELEMENTS`] elements in all.
+//! only names, and refuses what amusd would not load anyway (llama.cpp refuses the same): an
+//! unknown version, an alignment that is not a power of two, metadata arrays past
+//! [`MAX_ARRAY_ELEMENTS`] elements in all, a key or tensor named twice (candle keeps the last),
+//! a tensor whose data does not start at a multiple of the alignment.
 
+use std::collections::HashSet;
 use std::io::{self, BufRead, Seek};
 
 /// Metadata array elements a header may hold in all: ~16x the largest vocabulary and merges
@@ -64,15 +67,21 @@ pub fn check<R: BufRead + Seek>(r: &mut R) -> Result<(), HeaderError> {
         return Err(HeaderError::Version(version));
     }
     walk.wide = version > 1;
-    let _tensors = walk.len()?;
+    let tensors = walk.len()?;
     let kvs = walk.len()?;
+    let mut alignment = 32;
+    let mut keys = HashSet::new();
     for _ in 0..kvs {
-        let key = walk.string()?;
+        let key = walk.name("metadata key", &mut keys)?;
         let t = walk.u32()?;
         match key.as_slice() {
-            b"general.alignment" => walk.alignment(t)?,
+            b"general.alignment" => alignment = walk.alignment(t)?,
             _ => walk.skip_value(t, 0)?,
         }
+    }
+    let mut names = HashSet::new();
+    for _ in 0..tensors {
+        walk.tensor_info(alignment, &mut names)?;
     }
     Ok(())
 }
@@ -105,17 +114,50 @@ impl<R: BufRead + Seek> Walk<'_, R> {
         }
     }
 
-    /// A key: short, so read; a value string's bytes are only skipped ([`Self::skip_value`]).
-    fn string(&mut self) -> Result<Vec<u8>, HeaderError> {
+    /// A key or tensor name, new in `seen`: short, so read (a value string's bytes are only
+    /// skipped, [`Self::skip_value`]).
+    fn name(&mut self, what: &str, seen: &mut HashSet<Vec<u8>>) -> Result<Vec<u8>, HeaderError> {
         let n = self.len()?;
         if n > 1 << 16 {
             return Err(HeaderError::Malformed(format!(
-                "a metadata key is {n} bytes long"
+                "a {what} is {n} bytes long"
             )));
         }
-        let mut key = vec![0; n as usize];
-        self.r.read_exact(&mut key)?;
-        Ok(key)
+        let mut name = vec![0; n as usize];
+        self.r.read_exact(&mut name)?;
+        if !seen.insert(name.clone()) {
+            return Err(HeaderError::Malformed(format!(
+                "the {what} '{}' appears twice",
+                String::from_utf8_lossy(&name).escape_default()
+            )));
+        }
+        Ok(name)
+    }
+
+    /// A tensor's name, dimensions, type and data offset; the offset must be aligned.
+    fn tensor_info(
+        &mut self,
+        alignment: u64,
+        seen: &mut HashSet<Vec<u8>>,
+    ) -> Result<(), HeaderError> {
+        let name = self.name("tensor name", seen)?;
+        let dims = self.u32()?;
+        if dims > 4 {
+            return Err(HeaderError::Malformed(format!(
+                "tensor '{}' has {dims} dimensions (GGUF allows 4)",
+                String::from_utf8_lossy(&name).escape_default()
+            )));
+        }
+        self.skip(u64::from(dims) * if self.wide { 8 } else { 4 })?;
+        let _dtype = self.u32()?;
+        let offset = self.u64()?;
+        if offset % alignment != 0 {
+            return Err(HeaderError::Malformed(format!(
+                "tensor '{}' starts at offset {offset}, not a multiple of the alignment {alignment}",
+                String::from_utf8_lossy(&name).escape_default()
+            )));
+        }
+        Ok(())
     }
 
     fn skip(&mut self, bytes: u64) -> Result<(), HeaderError> {
@@ -164,7 +206,7 @@ impl<R: BufRead + Seek> Walk<'_, R> {
 
     /// `general.alignment`: an integer, a power of two (the offset of the tensor data is rounded
     /// up to it).
-    fn alignment(&mut self, t: u32) -> Result<(), HeaderError> {
+    fn alignment(&mut self, t: u32) -> Result<u64, HeaderError> {
         let value = match t {
             0 | 1 => self.bytes::<1>()?[0] as u64,
             2 | 3 => u16::from_le_bytes(self.bytes()?) as u64,
@@ -181,7 +223,7 @@ impl<R: BufRead + Seek> Walk<'_, R> {
                 "general.alignment is {value}, not a power of two up to {MAX_ALIGNMENT}"
             )));
         }
-        Ok(())
+        Ok(value)
     }
 
     fn bytes<const N: usize>(&mut self) -> io::Result<[u8; N]> {
