@@ -32,6 +32,8 @@ pub struct Job {
     /// `--request-timeout`, counted from arrival.
     pub deadline: Option<Instant>,
     pub events: UnboundedSender<Event>,
+    /// Send the generated token ids with the text (llama.cpp's `return_tokens`).
+    pub return_tokens: bool,
 }
 
 impl Job {
@@ -49,10 +51,10 @@ impl Job {
 /// the choices in order; or a failure, which ends the request.
 #[derive(Debug)]
 pub enum Event {
-    /// Text of choice `i`, and the log-probabilities of the tokens that completed it (when asked
-    /// for; a token whose text is held back, a multi-byte character's or a possible stop string's,
-    /// comes with the text that releases it).
-    Text(usize, String, Vec<LogprobEntry>),
+    /// Text of choice `i`, and the log-probabilities and the ids of the tokens that completed it
+    /// (each when asked for; a token whose text is held back, a multi-byte character's or a
+    /// possible stop string's, comes with the text that releases it).
+    Text(usize, String, Vec<LogprobEntry>, Vec<u32>),
     Done(usize, Summary),
     Failed(ApiError),
 }
@@ -105,6 +107,8 @@ pub struct Summary {
     pub logprobs: Option<Vec<LogprobEntry>>,
     /// The prompt's tokens' from its second token on, when the request asked (`echo`).
     pub prompt_logprobs: Option<Vec<LogprobEntry>>,
+    /// Each generated token's id, when the request asked (llama.cpp's `return_tokens`).
+    pub tokens: Option<Vec<u32>>,
 }
 
 /// A generated token's text and log-probability, and its position's most likely tokens'.
@@ -227,6 +231,9 @@ struct Progress<'a> {
     logprobs: Option<Vec<LogprobEntry>>,
     /// Those not sent yet (their text is held back).
     pending: Vec<LogprobEntry>,
+    /// Every counted token's id, when the request asked; those not sent yet.
+    ids: Option<Vec<u32>>,
+    pending_ids: Vec<u32>,
 }
 
 impl Progress<'_> {
@@ -243,6 +250,10 @@ impl Progress<'_> {
                 all.push(entry.clone());
                 self.pending.push(entry);
             }
+            if let Some(all) = self.ids.as_mut() {
+                all.push(id);
+                self.pending_ids.push(id);
+            }
             let piece = self.text.push(id);
             let out = self.stop.push(&piece);
             self.send(out);
@@ -258,19 +269,22 @@ impl Progress<'_> {
             let rest = self.stop.finish();
             self.send(rest);
         }
-        if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            let _ = self
-                .events
-                .send(Event::Text(self.choice, String::new(), pending));
+        if !self.pending.is_empty() || !self.pending_ids.is_empty() {
+            self.release(String::new());
         }
     }
 
     fn send(&mut self, text: String) {
         if !text.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            let _ = self.events.send(Event::Text(self.choice, text, pending));
+            self.release(text);
         }
+    }
+
+    /// `text` with the tokens not sent yet.
+    fn release(&mut self, text: String) {
+        let logprobs = std::mem::take(&mut self.pending);
+        let ids = std::mem::take(&mut self.pending_ids);
+        let _ = (self.events).send(Event::Text(self.choice, text, logprobs, ids));
     }
 }
 
@@ -347,6 +361,8 @@ fn serve_choice(
         first_token: None,
         logprobs: job.request.sampling.logprobs.map(|_| Vec::new()),
         pending: Vec::new(),
+        ids: job.return_tokens.then(Vec::new),
+        pending_ids: Vec::new(),
     };
     let stop_hit = Cell::new(false);
     let timed_out = || job.deadline.is_some_and(|d| Instant::now() >= d);
@@ -387,6 +403,7 @@ fn serve_choice(
         let mut summary = summarize(job, &p, finish, started, end, &stats);
         summary.stopped_by_word = stop_hit.get();
         summary.logprobs = p.logprobs.take();
+        summary.tokens = p.ids.take();
         summary.prompt_logprobs = (job.request.sampling.prompt_logprobs).then(|| {
             (stats.prompt_logprobs.iter())
                 .map(|l| LogprobEntry::of(codec, l))
@@ -444,6 +461,7 @@ fn summarize(
         },
         logprobs: None,
         prompt_logprobs: None,
+        tokens: None,
     }
 }
 

@@ -80,6 +80,8 @@ pub struct RawRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// llama.cpp's `/completion`: the generated token ids in the answer.
+    pub return_tokens: Option<bool>,
     // Known but not implemented: refused when they would change the result.
     pub best_of: Option<u64>,
     pub functions: Option<Value>,
@@ -141,6 +143,8 @@ pub struct Validated {
     pub echo: bool,
     /// Chat's tools: the replies are read back as calls or content.
     pub tools: Option<ToolUse>,
+    /// llama.cpp's `return_tokens`: the generated token ids in the answer.
+    pub return_tokens: bool,
 }
 
 /// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
@@ -324,6 +328,7 @@ pub fn validate(
         n,
         echo,
         tools,
+        return_tokens: raw.return_tokens.unwrap_or(false),
         endpoint,
         input,
         max_tokens,

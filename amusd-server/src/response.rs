@@ -57,7 +57,8 @@ impl Head {
     /// The whole response of a non-streamed request: each choice's text and summary, in order.
     pub fn full(&self, choices: &[(String, Summary)]) -> Value {
         if let (true, [(text, s)]) = (self.llama, choices) {
-            return self.llama_answer(text, s, s.logprobs.as_deref());
+            let tokens = s.tokens.as_deref().unwrap_or_default();
+            return self.llama_answer(text, s, s.logprobs.as_deref(), tokens);
         }
         let items: Vec<Value> = (choices.iter().enumerate())
             .map(|(i, (text, s))| match self.endpoint {
@@ -244,10 +245,18 @@ impl Head {
     }
 
     /// A text chunk of choice `i`, with the log-probabilities of the tokens that completed it
-    /// (`offset`: where its text starts in the choice's).
-    pub fn text(&self, i: usize, text: &str, logprobs: &[LogprobEntry], offset: usize) -> Value {
+    /// (`offset`: where its text starts in the choice's) and, llama.cpp's, their ids (when asked).
+    pub fn text(
+        &self,
+        i: usize,
+        text: &str,
+        logprobs: &[LogprobEntry],
+        ids: &[u32],
+        offset: usize,
+    ) -> Value {
         if self.llama {
-            let mut v = json!({"index": 0, "content": text, "stop": false, "id_slot": 0});
+            let mut v = json!({"index": 0, "content": text, "tokens": ids, "stop": false,
+                "id_slot": 0});
             if self.logprobs {
                 v["completion_probabilities"] = token_logprobs(logprobs);
             }
@@ -259,22 +268,31 @@ impl Head {
     /// The chunk that ends choice `i`: its finish reason, with its `timings`.
     pub fn choice_end(&self, i: usize, s: &Summary) -> Value {
         if self.llama {
-            return self.llama_answer("", s, None);
+            // The text and its ids went in the chunks, as llama.cpp's stream has it.
+            return self.llama_answer("", s, None, &[]);
         }
         self.chunk(i, None, false, Some(s), None)
     }
 
-    /// llama.cpp's `/completion` answer, whole or as a stream's last event: the text, why it
-    /// stopped (`stop_type`: `eos`, `word` or `limit`), the counts and `timings`, and with
-    /// `n_probs` the tokens' `completion_probabilities`.
-    fn llama_answer(&self, text: &str, s: &Summary, logprobs: Option<&[LogprobEntry]>) -> Value {
+    /// llama.cpp's `/completion` answer, whole or as a stream's last event: the text and its
+    /// token ids (`tokens`: with `return_tokens`, else empty, as llama.cpp's), why it stopped
+    /// (`stop_type`: `eos`, `word` or `limit`), the counts and `timings`, and with `n_probs` the
+    /// tokens' `completion_probabilities`.
+    fn llama_answer(
+        &self,
+        text: &str,
+        s: &Summary,
+        logprobs: Option<&[LogprobEntry]>,
+        tokens: &[u32],
+    ) -> Value {
         let stop_type = match (s.finish, s.stopped_by_word) {
             (crate::decode::Finish::Length, _) => "limit",
             (_, true) => "word",
             _ => "eos",
         };
         let mut v = json!({
-            "index": 0, "content": text, "id_slot": 0, "stop": true, "model": self.model,
+            "index": 0, "content": text, "tokens": tokens, "id_slot": 0, "stop": true,
+            "model": self.model,
             "tokens_predicted": s.usage.completion_tokens,
             "tokens_evaluated": s.usage.prompt_tokens, "tokens_cached": s.timings.cache_n,
             "truncated": false, "stop_type": stop_type, "stopping_word": "",
@@ -374,6 +392,7 @@ mod tests {
             },
             logprobs: None,
             prompt_logprobs: None,
+            tokens: None,
         }
     }
 
@@ -407,10 +426,10 @@ mod tests {
             "assistant"
         );
         assert_eq!(
-            h.text(0, "a", &[], 0)["choices"][0]["delta"]["content"],
+            h.text(0, "a", &[], &[], 0)["choices"][0]["delta"]["content"],
             "a"
         );
-        assert!(h.text(0, "a", &[], 0)["usage"].is_null());
+        assert!(h.text(0, "a", &[], &[], 0)["usage"].is_null());
         let end = h.choice_end(0, &summary());
         assert_eq!(end["choices"][0]["finish_reason"], "length");
         let closing = h.closing(&[summary()]).unwrap();
@@ -437,7 +456,7 @@ mod tests {
         assert_eq!(full["timings"]["predicted_n"], 7);
         assert_eq!(full["timings"]["predicted_ms"], 4.0);
         assert_eq!(full["timings"]["draft_n"], 8);
-        assert_eq!(h.text(1, "a", &[], 0)["choices"][0]["index"], 1);
+        assert_eq!(h.text(1, "a", &[], &[], 0)["choices"][0]["index"], 1);
         let closing = h.closing(&[summary(), second]).unwrap();
         assert_eq!(closing["usage"]["completion_tokens"], 7);
     }
@@ -520,7 +539,7 @@ mod tests {
             "hi"
         );
         assert!(h.opening(0).is_none());
-        assert_eq!(h.text(0, "a", &[], 0)["object"], "text_completion");
+        assert_eq!(h.text(0, "a", &[], &[], 0)["object"], "text_completion");
         assert!(h.closing(&[summary()]).is_none());
     }
 }

@@ -353,6 +353,8 @@ async fn handle_as(
         arrived,
         deadline: s.limits.request_timeout.map(|t| arrived + t),
         events: tx,
+        // llama.cpp's field: OpenAI's shapes have no place for the ids.
+        return_tokens: api == Api::LlamaCpp && v.return_tokens,
     };
     admit(&s, job)?;
     if let Some((echoed, keep)) = responses {
@@ -614,7 +616,7 @@ async fn collect(
     while let Some(event) = rx.recv().await {
         match event {
             // The summary has every log-probability.
-            Event::Text(i, t, _) => choices[i].0.push_str(&t),
+            Event::Text(i, t, ..) => choices[i].0.push_str(&t),
             Event::Done(i, summary) => {
                 choices[i].1 = Some(summary);
                 if i + 1 == n {
@@ -777,7 +779,7 @@ impl Shape for StreamState {
     /// Text, a choice's end, or the error that ends the stream.
     fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
-            Some(Event::Text(i, t, logprobs)) if self.head.tools.is_some() => {
+            Some(Event::Text(i, t, logprobs, _)) if self.head.tools.is_some() => {
                 self.open_up_to(i, out);
                 let (reader, held) = &mut self.readers[i];
                 held.extend(logprobs);
@@ -788,9 +790,9 @@ impl Shape for StreamState {
                 }
                 false
             }
-            Some(Event::Text(i, t, logprobs)) => {
+            Some(Event::Text(i, t, logprobs, ids)) => {
                 self.open_up_to(i, out);
-                let chunk = self.head.text(i, &t, &logprobs, self.offsets[i]);
+                let chunk = self.head.text(i, &t, &logprobs, &ids, self.offsets[i]);
                 self.offsets[i] += logprobs.iter().map(|e| e.text.len()).sum::<usize>();
                 out.push_back(data(chunk));
                 false

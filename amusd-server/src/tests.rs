@@ -1408,3 +1408,50 @@ async fn input_items_are_listed_as_typed_parts_with_a_status() {
     );
     assert_eq!(next["output"][0]["content"], again["output"][0]["content"]);
 }
+
+/// llama.cpp's `return_tokens`: the generated ids in `tokens`, whole (all of them, as many as
+/// `tokens_predicted`) or streamed (each chunk its text's, the last event none); without it
+/// `tokens` is empty, as llama.cpp's. The fake codec's ids are its text's bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_cpp_return_tokens() {
+    let s = server(Hooks::default(), 4);
+    let ids = |v: &Value| -> Vec<u8> {
+        (v["tokens"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter())
+        .map(|t| t.as_u64().unwrap() as u8)
+        .collect()
+    };
+    let body = r#"{"prompt":"abc","n_predict":5,"return_tokens":true}"#;
+    let (status, v) = json_call(&s, "/completion", body).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let text = v["content"].as_str().unwrap();
+    assert_eq!(ids(&v), text.as_bytes());
+    assert_eq!(v["tokens_predicted"], 5);
+    let (_, plain) = json_call(&s, "/completion", r#"{"prompt":"abc","n_predict":5}"#).await;
+    assert_eq!(plain["tokens"], json!([]));
+    // A stop string: every token counted, the stop string's included.
+    let stop = format!(
+        r#"{{"prompt":"abc","n_predict":5,"return_tokens":true,"stop":["{}"]}}"#,
+        &text[2..3]
+    );
+    let (_, cut) = json_call(&s, "/completion", &stop).await;
+    assert_eq!(ids(&cut), &text.as_bytes()[..3], "{cut}");
+    assert_eq!(cut["tokens_predicted"], 3);
+
+    let streamed = r#"{"prompt":"abc","n_predict":5,"return_tokens":true,"stream":true}"#;
+    let (_, raw, _) = call(&s, post("/completion", streamed)).await;
+    let events: Vec<Value> = (sse_data(&raw).iter())
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let (last, chunks) = events.split_last().unwrap();
+    for c in chunks {
+        assert_eq!(ids(c), c["content"].as_str().unwrap().as_bytes(), "{c}");
+    }
+    assert_eq!(
+        chunks.iter().flat_map(ids).collect::<Vec<u8>>(),
+        text.as_bytes()
+    );
+    assert_eq!(last["tokens"], json!([]), "{last}");
+}

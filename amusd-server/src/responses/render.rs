@@ -223,6 +223,7 @@ pub(crate) mod tests {
             },
             logprobs: None,
             prompt_logprobs: None,
+            tokens: None,
         }
     }
 

@@ -203,7 +203,7 @@ impl ResponseStream {
 impl Shape for ResponseStream {
     fn take(&mut self, event: Option<Event>, out: &mut VecDeque<Outgoing>) -> bool {
         match event {
-            Some(Event::Text(_, t, logprobs)) => {
+            Some(Event::Text(_, t, logprobs, _)) => {
                 if self.r.tools.is_some() {
                     for e in self.reader.push(&t) {
                         self.tool_event(out, e, &logprobs);
@@ -252,7 +252,10 @@ mod tests {
     fn run(tools: bool, pieces: &[&str], finish: Finish) -> Vec<(String, Value)> {
         let (mut s, mut out) = ResponseStream::open(responder(tools));
         for p in pieces {
-            assert!(!s.take(Some(Event::Text(0, p.to_string(), Vec::new())), &mut out));
+            assert!(!s.take(
+                Some(Event::Text(0, p.to_string(), Vec::new(), Vec::new())),
+                &mut out
+            ));
         }
         assert!(s.take(Some(Event::Done(0, summary(finish))), &mut out));
         let all = events(out);
