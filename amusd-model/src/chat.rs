@@ -22,7 +22,7 @@ pub enum ChatError {
     #[error("syntax error{}: {detail}", .line.map(|l| format!(" on line {l}")).unwrap_or_default())]
     Syntax { line: Option<usize>, detail: String },
     /// Rendering failed, including the template itself calling `raise_exception`.
-    #[error("rendering failed: {0}")]
+    #[error("the chat template failed: {0}")]
     Render(String),
     /// A `tokenizer_config.json` or `chat_template.jinja` could not be read.
     #[error("cannot read {path}: {error}")]
