@@ -368,6 +368,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tokenizer_without_tokens_is_an_error() {
+        // It encoded every prompt as nothing: the text was dropped without a word.
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = TinyModel::default();
+        tiny.write_hf(dir.path()).unwrap();
+        let mut json = tiny.tokenizer_json();
+        json["model"]["vocab"] = serde_json::json!({});
+        json["added_tokens"] = serde_json::json!([]);
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+        assert!(load_err(dir.path()).contains("the tokenizer has no tokens"));
+    }
+
+    #[test]
     fn an_untied_head_that_is_missing_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         edited(dir.path(), &TinyModel::default(), |c| {

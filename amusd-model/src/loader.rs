@@ -454,6 +454,10 @@ fn finish(m: LoadedModel) -> Result<LoadedModel, ModelError> {
 /// Every token id the tokenizer can produce must have a row in the embedding.
 fn check_vocab(tokenizer: &Tokenizer, model_vocab: usize) -> Result<(), ModelError> {
     let (tv, mv) = (tokenizer.vocab_size(), model_vocab);
+    if tv == 0 {
+        // It would encode every prompt as nothing (the text silently dropped).
+        return Err(ModelError::Config("the tokenizer has no tokens".into()));
+    }
     if tv > mv {
         return Err(ModelError::Config(format!(
             "the tokenizer has {tv} tokens but the model's embedding only {mv}: tokenizer and weights do not belong together"
