@@ -88,6 +88,9 @@ pub struct RawRequest {
     pub function_call: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
+    /// Chat's audio output: refused unless the output is text only ([`refuse_audio`]).
+    pub modalities: Option<Value>,
+    pub audio: Option<Value>,
     /// llama.cpp's samplers we do not have (0 and 1 are their "off").
     pub mirostat: Option<Value>,
     pub tfs_z: Option<f64>,
@@ -253,6 +256,7 @@ pub fn validate(
     syntax: Syntax,
 ) -> Result<Validated, ApiError> {
     refuse_unsupported(&raw)?;
+    refuse_audio(&raw)?;
     let echo = echo(&raw, endpoint)?;
     let logprobs = logprobs(&raw, endpoint)?;
     let tools = tools::tool_use(
@@ -394,6 +398,34 @@ fn refuse_unsupported(r: &RawRequest) -> Result<(), ApiError> {
             ),
         )),
     }
+}
+
+/// Refuses audio output (OpenAI's `modalities` with anything but `"text"`, an `audio` object):
+/// answered silently in text, the client would wait for audio that never comes.
+fn refuse_audio(r: &RawRequest) -> Result<(), ApiError> {
+    let text_only = match &r.modalities {
+        None | Some(Value::Null) => true,
+        Some(Value::Array(m)) => m.iter().all(|m| m == "text"),
+        Some(_) => false,
+    };
+    if !text_only {
+        let given = r
+            .modalities
+            .as_ref()
+            .map(Value::to_string)
+            .unwrap_or_default();
+        return Err(ApiError::bad_param(
+            "modalities",
+            format!("modalities {given}: only text output is implemented; pass [\"text\"] or leave modalities out"),
+        ));
+    }
+    if r.audio.as_ref().is_some_and(|a| !a.is_null()) {
+        return Err(ApiError::bad_param(
+            "audio",
+            "audio: audio output is not implemented; remove audio",
+        ));
+    }
+    Ok(())
 }
 
 /// The conversation, an assistant's calls and the tools' results written in the generic format.
@@ -1253,6 +1285,25 @@ mod tests {
         assert_eq!(grammar.kind, crate::format::GrammarType::Lark);
         assert!(grammar.text.contains("<tool_call>"), "{}", grammar.text);
         assert_eq!(v.tools.as_ref().map(|t| t.syntax), Some(Syntax::Hermes));
+    }
+
+    /// Audio output, asked by either parameter, is a 400 naming it (answered in text, a client
+    /// would wait for audio); text output asked explicitly is served.
+    #[test]
+    fn audio_output_is_refused_by_name() {
+        let base = r#""messages":[{"role":"user","content":"x"}]"#;
+        for (extra, name) in [
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""modalities":["audio"]"#, "modalities"),
+            (r#""modalities":"audio""#, "modalities"),
+            (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
+        ] {
+            let e = err(&format!("{{{base},{extra}}}"), Endpoint::Chat);
+            assert_eq!(e.param.as_deref(), Some(name), "{extra}");
+            assert!(e.message.starts_with(name), "{e:?}");
+        }
+        let text = format!(r#"{{{base},"modalities":["text"],"audio":null}}"#);
+        check(&text, Endpoint::Chat).unwrap();
     }
 
     #[test]
