@@ -345,15 +345,18 @@ fn chat_tools(tools: Value) -> Result<Value, ApiError> {
         return Ok(tools);
     };
     (list.into_iter().enumerate())
-        .map(|(i, t)| match t["type"].as_str() {
-            Some("function") => {
+        .map(|(i, t)| match &t["type"] {
+            kind if kind == "function" => {
                 let mut f = t.clone();
                 f.as_object_mut().map(|f| f.remove("type"));
                 Ok(json!({"type": "function", "function": f}))
             }
-            other => Err(ApiError::bad_param(
+            // As JSON, as the client wrote it (`"web_search"`, or `null` when missing).
+            kind => Err(ApiError::bad_param(
                 &format!("tools[{i}].type"),
-                format!("tools[{i}].type {other:?}: only function tools are supported (no built-in tools)"),
+                format!(
+                    "tools[{i}].type {kind}: only function tools are supported (no built-in tools)"
+                ),
             )),
         })
         .collect::<Result<Vec<_>, _>>()
@@ -475,6 +478,22 @@ mod tests {
         ] {
             let e = chat(body.clone()).unwrap_err();
             assert_eq!(e.param.as_deref(), Some(param), "{body}: {e:?}");
+        }
+    }
+
+    /// A built-in tool's type is said as the client sent it, not as Rust's debug form.
+    #[test]
+    fn a_built_in_tool_is_refused_in_the_clients_words() {
+        for (tool, said) in [
+            (
+                json!({"type": "web_search"}),
+                r#"tools[0].type "web_search": "#,
+            ),
+            (json!({"name": "f"}), "tools[0].type null: "),
+        ] {
+            let e = chat(json!({"input": "x", "tools": [tool]})).unwrap_err();
+            assert!(e.message.starts_with(said), "{e:?}");
+            assert!(!e.message.contains("Some("), "{e:?}");
         }
     }
 
