@@ -648,11 +648,12 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     fn wire(self) -> SseEvent {
-        let e = SseEvent::default().data(self.data);
-        match self.name {
-            Some(name) => e.event(name),
-            None => e,
-        }
+        // axum writes the fields in the order they are set: the name first, as OpenAI's.
+        let e = match self.name {
+            Some(name) => SseEvent::default().event(name),
+            None => SseEvent::default(),
+        };
+        e.data(self.data)
     }
 }
 

@@ -1455,3 +1455,25 @@ async fn llama_cpp_return_tokens() {
     );
     assert_eq!(last["tokens"], json!([]), "{last}");
 }
+
+/// A Responses stream's events say their name before their data (`event:` then `data:`), as
+/// OpenAI's do.
+#[tokio::test(flavor = "multi_thread")]
+async fn responses_events_name_themselves_before_their_data() {
+    let s = server(Hooks::default(), 2);
+    let body = r#"{"input": "hello", "max_output_tokens": 3, "stream": true}"#;
+    let (status, raw, _) = call(&s, post("/v1/responses", body)).await;
+    assert_eq!(status, StatusCode::OK);
+    let events: Vec<&str> = raw.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() >= 8, "{raw}");
+    for e in events {
+        let lines: Vec<&str> = e.lines().collect();
+        assert!(
+            lines.len() == 2 && lines[0].starts_with("event: ") && lines[1].starts_with("data: "),
+            "{e:?}"
+        );
+        let name = &lines[0]["event: ".len()..];
+        let data: Value = serde_json::from_str(&lines[1]["data: ".len()..]).unwrap();
+        assert_eq!(data["type"], name);
+    }
+}
