@@ -293,7 +293,10 @@ fn serve(gen: &mut dyn Generator, codec: &dyn Codec, job: Job, shared: &Shared) 
         return; // The client left while it waited.
     }
     if shared.shutting_down.load(Ordering::SeqCst) {
-        let _ = job.events.send(Event::Failed(shutting_down()));
+        let e = shutting_down();
+        let status = e.status.as_u16();
+        tracing::warn!(id = %job.id, status, error = %e.message, "request failed");
+        let _ = job.events.send(Event::Failed(e));
         return;
     }
     for i in 0..job.n {

@@ -95,13 +95,29 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+/// What the request log says of an error response, carried to it in the response's extensions
+/// ([`crate::routes`] logs each one once, with the request's method and path).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unlogged(pub String);
+
+impl ApiError {
+    /// The response of an error logged where it arose (the decode thread logs a generation's
+    /// failure with the request's id): the request log leaves it out.
+    pub fn into_logged_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        resp
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = Unlogged(self.message.clone());
+        let mut resp = self.into_logged_response();
+        resp.extensions_mut().insert(message);
         resp
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::auth::{require_key, ApiKeys};
 use crate::decode::{Event, Job, LogprobEntry, Shared, Summary};
-use crate::error::ApiError;
+use crate::error::{ApiError, Unlogged};
 use crate::generator::{Codec, GenRequest};
 use crate::request::{self, Endpoint, Input, Validated};
 use crate::response::{Echo, Head};
@@ -86,6 +86,7 @@ pub fn router(state: AppState) -> Router {
             require_key,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(middleware::from_fn(log_errors))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -116,6 +117,22 @@ async fn count(State(s): State<AppState>, req: Request, next: Next) -> Response 
     s.shared
         .metrics
         .count_request(&endpoint, resp.status().as_u16());
+    resp
+}
+
+/// Logs each error response at WARN, once, with the request's method and path, its status and its
+/// message (what the error carries to here, [`Unlogged`]; those logged where they arose carry
+/// none).
+async fn log_errors(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    if let Some(Unlogged(error)) = resp.extensions().get::<Unlogged>() {
+        let status = resp.status().as_u16();
+        match resp.status().is_client_error() {
+            true => tracing::warn!(%method, path, status, error = %error, "request refused"),
+            false => tracing::warn!(%method, path, status, error = %error, "request failed"),
+        }
+    }
     resp
 }
 
@@ -376,7 +393,10 @@ async fn handle_as(
         let (state, opening) = StreamState::open(head, v.n);
         Ok(sse_response(sse(state, opening, rx)))
     } else {
-        let choices = collect(v.n, rx).await?;
+        let choices = match collect(v.n, rx).await {
+            Ok(c) => c,
+            Err(failed) => return Ok(failed),
+        };
         Ok(Json(head.full(&choices)).into_response())
     }
 }
@@ -403,7 +423,10 @@ async fn respond(
         let (state, opening) = ResponseStream::open(r);
         return Ok(sse_response(sse(state, opening, rx)));
     }
-    let choices = collect(1, rx).await?;
+    let choices = match collect(1, rx).await {
+        Ok(c) => c,
+        Err(failed) => return Ok(failed),
+    };
     let (text, summary) = &choices[0];
     let whole = r.whole(text, summary);
     r.keep(&whole);
@@ -607,11 +630,12 @@ fn response_id(s: &AppState, prefix: &str) -> String {
     format!("{prefix}-{:x}-{n}", s.started_ns)
 }
 
-/// The `n` choices' texts and summaries, gathered as they come.
+/// The `n` choices' texts and summaries, gathered as they come; or the error response (a
+/// generation's failure was logged by the decode thread, with the request's id).
 async fn collect(
     n: usize,
     mut rx: UnboundedReceiver<Event>,
-) -> Result<Vec<(String, Summary)>, ApiError> {
+) -> Result<Vec<(String, Summary)>, Response> {
     let mut choices: Vec<(String, Option<Summary>)> = vec![(String::new(), None); n];
     while let Some(event) = rx.recv().await {
         match event {
@@ -630,13 +654,14 @@ async fn collect(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "a choice ended before the ones ahead of it",
                         )
+                        .into_response()
                     });
                 }
             }
-            Event::Failed(e) => return Err(e),
+            Event::Failed(e) => return Err(e.into_logged_response()),
         }
     }
-    Err(ApiError::dropped())
+    Err(ApiError::dropped().into_response())
 }
 
 /// One server-sent event: its name (the Responses API names its events) and its data.

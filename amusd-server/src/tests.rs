@@ -1477,3 +1477,101 @@ async fn responses_events_name_themselves_before_their_data() {
         assert_eq!(data["type"], name);
     }
 }
+
+/// The events logged on this thread: each one's level and fields (`name=value`, values as
+/// `Debug` shows them).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+impl Captured {
+    /// The fields of the events whose message is `message`.
+    fn named(&self, message: &str) -> Vec<(tracing::Level, String)> {
+        let tag = format!("message={message} ");
+        (self.0.lock().unwrap().iter())
+            .filter(|(_, fields)| fields.starts_with(&tag))
+            .cloned()
+            .collect()
+    }
+}
+
+impl tracing::Subscriber for Captured {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        struct Fields(String);
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                self.0 += &format!("{}={v:?} ", f.name());
+            }
+        }
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let level = *event.metadata().level();
+        self.0.lock().unwrap().push((level, fields.0));
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Each refused request is logged once at WARN with its method, path, status and error; a
+/// request served is not, nor again one whose generation failed (the decode thread logged it,
+/// with the request's id). On one thread, so the handlers log to this test's subscriber.
+#[tokio::test]
+async fn refused_requests_are_logged_once_at_warn() {
+    let captured = Captured::default();
+    let _log = tracing::subscriber::set_default(captured.clone());
+    let s = server(Hooks::default(), 2);
+    let (status, _) = json_call(&s, CHAT, "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = json_of(&s, "GET", "/v1/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    let refused = captured.named("request refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|(l, _)| *l == tracing::Level::WARN));
+    let (bad_json, unknown) = (&refused[0].1, &refused[1].1);
+    for want in [
+        "method=POST",
+        "path=\"/v1/chat/completions\"",
+        "status=400",
+        "not valid JSON",
+    ] {
+        assert!(bad_json.contains(want), "{want}: {bad_json}");
+    }
+    for want in [
+        "method=GET",
+        "path=\"/v1/nowhere\"",
+        "status=404",
+        "no such endpoint",
+    ] {
+        assert!(unknown.contains(want), "{want}: {unknown}");
+    }
+
+    // Past its timeout: the decode thread's line, none here.
+    let hooks = Hooks {
+        token_delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let hooks = Arc::new(Mutex::new(hooks));
+    let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
+    let limits = Limits {
+        max_body_bytes: 4096,
+        request_timeout: Some(Duration::from_millis(50)),
+        retry_after_s: 1,
+        api_keys: Default::default(),
+        stored_responses: 8,
+    };
+    let slow = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    let body = r#"{"prompt":"a","max_tokens":60}"#;
+    let (status, _) = json_call(&slow, "/v1/completions", body).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(captured.named("request failed"), Vec::new());
+    assert_eq!(captured.named("request refused").len(), 2);
+}
