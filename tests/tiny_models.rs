@@ -238,3 +238,47 @@ fn strategies_agree_with_a_draft_whose_head_is_restricted() {
         assert!(metric(v, "proposed") > 0.0, "{name} drafted nothing: {v}");
     }
 }
+
+#[test]
+fn a_reader_that_leaves_stops_the_generation_without_a_panic() {
+    // `amusd generate ... | head -c 5`: println! panicked on the closed pipe (exit 101). Now the
+    // pair stops at the next tokens and amusd exits 0, cleaning up as after any generation.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_gguf(dir.path(), "m", &untied(3), GgmlDType::F32);
+    for strategy in ["ar", "amusd"] {
+        let mut child = amusd_e2e::amusd()
+            .args([
+                "generate",
+                "--strategy",
+                strategy,
+                "--raw",
+                "--prompt",
+                "hello",
+            ])
+            .args(["--verify-model", s(&model), "--draft-model", s(&model)])
+            .args(["--max-new-tokens", "400"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{strategy}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{strategy}: {stderr}");
+        // Stopped at the first tokens it could not write, not after all 400.
+        assert!(
+            !stderr.contains("generated 400 tokens"),
+            "{strategy}: {stderr}"
+        );
+        assert!(
+            amusd_e2e::shm_entries_of(pid).is_empty(),
+            "{strategy}: region left"
+        );
+        assert!(
+            amusd_e2e::workers_of(pid).is_empty(),
+            "{strategy}: workers left"
+        );
+    }
+}

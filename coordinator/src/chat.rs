@@ -21,7 +21,7 @@ use clap::Args;
 use crate::args::{ModelArgs, SamplingArgs, Strategy};
 use crate::backend::{Backend, Request};
 use crate::generate::{prepare, Prepared};
-use crate::output::print_text;
+use crate::output::{print_text, stdout_gone};
 use crate::prompt::Texts;
 use crate::supervisor::{install_signal_handlers, INTERRUPTED};
 
@@ -182,6 +182,9 @@ impl Chat {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 return Ok(interrupted());
             }
+            if stdout_gone() {
+                return Ok(ExitCode::SUCCESS);
+            }
         }
     }
 
@@ -240,9 +243,9 @@ fn reply(
                 print_text(&piece);
             }
         }
-        // Ctrl-C ends the reply at its next tokens under every strategy (the worker pair's
-        // supervisor stops as well).
-        match INTERRUPTED.load(Ordering::SeqCst) {
+        // Ctrl-C, or stdout's reader leaving, ends the reply at its next tokens under every
+        // strategy (the worker pair's supervisor stops as well).
+        match INTERRUPTED.load(Ordering::SeqCst) || stdout_gone() {
             true => ControlFlow::Break(()),
             false => ControlFlow::Continue(()),
         }

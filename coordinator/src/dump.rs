@@ -31,6 +31,7 @@ pub struct DumpArgs {
 }
 
 pub fn run(args: DumpArgs) -> Result<ExitCode> {
+    crate::output::die_on_closed_stdout();
     if args.gc {
         for name in Shm::gc() {
             eprintln!("removed {}", escape_name(&name));

@@ -206,7 +206,10 @@ fn stream(
         if let Some(s) = stream.as_mut() {
             for &id in ids {
                 if let Ok(piece) = s.step(id) {
-                    print_text(&piece);
+                    if !print_text(&piece) {
+                        // Nobody reads on: stop the pair rather than generate for no one.
+                        return ControlFlow::Break(());
+                    }
                 }
             }
         }
@@ -249,7 +252,7 @@ pub fn finish_output(
     g: &Generation,
 ) -> Result<()> {
     if !out.json {
-        println!();
+        print_text("\n");
         let drafter = if out.strategy == Strategy::Ar {
             String::new()
         } else {
@@ -280,7 +283,7 @@ pub fn finish_output(
     if out.sampling.prompt_logprobs {
         json["prompt_logprobs"] = logprobs_json(&g.prompt_logprobs, tokenizer)?;
     }
-    println!("{json}");
+    print_text(&format!("{json}\n"));
     Ok(())
 }
 

@@ -43,9 +43,39 @@ impl Drop for Spinner {
     }
 }
 
-/// Writes text to stdout as it arrives, flushing so tokens appear as they are produced.
-pub fn print_text(s: &str) {
+/// Set once writing to stdout failed: its reader left (`amusd generate ... | head -c 5`).
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+
+/// Writes text to stdout as it arrives, flushing so tokens appear as they are produced. Returns
+/// whether stdout still takes text: once its reader has left, the caller stops generating (as a
+/// Unix tool stops on a closed pipe) and nothing more is written. `println!` panicked there.
+pub fn print_text(s: &str) -> bool {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return false;
+    }
     let mut out = std::io::stdout().lock();
-    let _ = out.write_all(s.as_bytes());
-    let _ = out.flush();
+    let ok = out
+        .write_all(s.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok();
+    if !ok {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+    }
+    ok
+}
+
+/// Whether stdout's reader has left ([`print_text`] failed).
+pub fn stdout_gone() -> bool {
+    STDOUT_GONE.load(Ordering::Relaxed)
+}
+
+/// Lets SIGPIPE end the process, as it ends other Unix tools, for commands that only print and
+/// own nothing to clean up (`dump`, `report`): Rust ignores SIGPIPE, so their `println!` would
+/// panic on a closed pipe instead (`amusd dump --watch | head -2`).
+pub fn die_on_closed_stdout() {
+    // SAFETY: restoring a signal's default disposition touches no memory of ours; called before
+    // any thread is started by these commands.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

@@ -333,6 +333,7 @@ fn text_table(body: &[Vec<String>], rows: &[Row]) -> String {
 }
 
 pub fn report(args: ReportArgs) -> Result<ExitCode> {
+    crate::output::die_on_closed_stdout();
     let mut records = Vec::new();
     for path in &args.results {
         records.extend(read_records(path)?);
