@@ -152,6 +152,24 @@ fn bad_options_and_requests_are_typed_errors() {
         let e = engine.complete("hello", &params(max_new)).unwrap_err();
         assert!(matches!(e, EngineError::Request(_)), "{max_new}: {e:?}");
     }
+    // A program's values come unchecked by the command line's parser: an id past the
+    // vocabulary, a NaN temperature and a top-p of 0 failed in the workers (`Generate`, after
+    // three restarts under amusd) before they were checked here.
+    let vocab = TinyModel::default().vocab_size() as u32;
+    let e = engine.generate(&[1, vocab], &params(4), |_| ControlFlow::Continue(()));
+    assert!(
+        matches!(&e, Err(EngineError::Request(m)) if m.to_string().contains("outside")),
+        "{e:?}"
+    );
+    for (temperature, top_p) in [(f32::NAN, 1.0), (-1.0, 1.0), (0.8, 0.0)] {
+        let mut p = params(4);
+        (p.sampling.params.temperature, p.sampling.params.top_p) = (temperature, top_p);
+        let e = engine.complete("hello", &p).unwrap_err();
+        assert!(
+            matches!(&e, EngineError::Request(m) if m.to_string().contains("bad sampling option")),
+            "{temperature} {top_p}: {e:?}"
+        );
+    }
     // The engine still serves after refusing requests.
     let out = engine.complete("hello", &params(4)).unwrap();
     assert_eq!(out.generation.tokens.len(), 4);

@@ -297,6 +297,7 @@ fn run(
             "max_new_tokens is 0: nothing to generate"
         )));
     }
+    texts.check_prompt_ids(prompt).map_err(bad)?;
     texts.check_sampling(&params.sampling).map_err(bad)?;
     let limit = backend.strategy().token_limit();
     check_fits(texts.context(limit), prompt.len(), params.max_new_tokens)

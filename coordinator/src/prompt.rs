@@ -233,6 +233,21 @@ impl Texts {
         })
     }
 
+    /// An error unless every id of `prompt` is a row of the verify model's embedding (a
+    /// program's ids come unchecked; one past it failed the worker until its restarts ran out).
+    pub fn check_prompt_ids(&self, prompt: &[u32]) -> Result<()> {
+        let Some(v) = &self.verify else {
+            return Ok(());
+        };
+        match prompt.iter().find(|&&id| id as usize >= v.vocab_size) {
+            Some(id) => bail!(
+                "token id {id} is outside the model's {}-token vocabulary",
+                v.vocab_size
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// `s` with DRY's sequence breakers found in the verify model's vocabulary: the tokens whose
     /// text holds one of `breakers` (a fake model has no text: none). Only when DRY is on: it
     /// reads every token's text.
@@ -250,6 +265,12 @@ impl Texts {
     /// Refuses a logit bias that names a token past the verify model's vocabulary (a fake model
     /// has no tokenizer to check against; its decoders ignore such ids).
     pub fn check_sampling(&self, s: &RequestSampling) -> Result<()> {
+        // The command line's parser and the server's check these too; a program's values come
+        // straight here (a NaN temperature failed each worker until its restarts ran out).
+        s.params
+            .clone()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("bad sampling option: {e}"))?;
         if let Some(v) = &self.verify {
             check_logit_bias(&v.tokenizer, s)?;
         }
