@@ -97,20 +97,44 @@ fn every_strategy_writes_the_command_lines_tokens() {
 fn a_stream_that_breaks_cancels_the_request() {
     let dir = tempfile::tempdir().unwrap();
     let verify = tiny_hf(dir.path(), "verify", &untied(7));
-    let mut engine = Engine::builder()
-        .strategy(Strategy::Ar)
-        .verify_model(s(&verify))
-        .build()
-        .unwrap();
-    let mut pieces = 0;
-    let out = engine
-        .chat_stream(&[Message::user("hello")], &params(40), |_| {
-            pieces += 1;
-            ControlFlow::Break(())
-        })
-        .unwrap();
-    assert_eq!(out.generation.finish, Finish::Cancelled);
-    assert!(pieces >= 1 && out.generation.tokens.len() < 40, "{out:?}");
+    // sd (in this process, no workers: see above) commits several tokens a step, the draft being
+    // the verify model; the result ran past the Break with the rest of its batch.
+    for strategy in [Strategy::Ar, Strategy::Sd] {
+        let mut engine = Engine::builder()
+            .strategy(strategy)
+            .verify_model(s(&verify))
+            .draft_model(s(&verify))
+            .build()
+            .unwrap();
+        for after in [1, 3] {
+            let (mut pieces, mut streamed) = (0, String::new());
+            let out = engine
+                .complete_stream("hello", &params(40), |piece: &str| {
+                    streamed.push_str(piece);
+                    pieces += 1;
+                    match pieces == after {
+                        true => ControlFlow::Break(()),
+                        false => ControlFlow::Continue(()),
+                    }
+                })
+                .unwrap();
+            assert_eq!(out.generation.finish, Finish::Cancelled, "{strategy:?}");
+            assert_eq!(pieces, after, "{strategy:?}: no piece after the Break");
+            assert_eq!(out.text, streamed, "{strategy:?}, {after}: {out:?}");
+        }
+        let mut batches = 0;
+        let g = engine
+            .generate(&[1, 2, 3], &params(40), |_| {
+                batches += 1;
+                ControlFlow::Break(())
+            })
+            .unwrap();
+        assert_eq!(batches, 1, "{strategy:?}");
+        assert!(
+            !g.tokens.is_empty() && g.tokens.len() < 40,
+            "{strategy:?}: {g:?}"
+        );
+    }
 }
 
 #[test]

@@ -231,9 +231,20 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         params: &GenerateParams,
-        on_tokens: impl FnMut(&[u32]) -> ControlFlow<()>,
+        mut on_tokens: impl FnMut(&[u32]) -> ControlFlow<()>,
     ) -> Result<Generation> {
-        run(&mut self.backend, &self.texts, prompt, params, on_tokens)
+        let (mut seen, mut stopped) = (0, false);
+        let mut generation = run(&mut self.backend, &self.texts, prompt, params, |ids| {
+            if stopped {
+                return ControlFlow::Break(());
+            }
+            seen += ids.len();
+            let flow = on_tokens(ids);
+            stopped = flow.is_break();
+            flow
+        })?;
+        keep_seen(&mut generation, seen);
+        Ok(generation)
     }
 
     fn encode(&self, messages: &[Message], raw: bool) -> Result<Vec<u32>> {
@@ -261,18 +272,26 @@ impl Engine {
         let Self { backend, texts } = self;
         let tokenizer = &texts.verify.as_ref().expect("encoded with it").tokenizer;
         let mut stream = tokenizer.stream(true);
-        let generation = run(backend, texts, prompt, params, |ids| {
-            let mut flow = ControlFlow::Continue(());
+        let (mut seen, mut stopped) = (0, false);
+        let mut generation = run(backend, texts, prompt, params, |ids| {
             for &id in ids {
+                if stopped {
+                    break;
+                }
+                seen += 1;
                 match stream.step(id) {
-                    Ok(piece) if !piece.is_empty() && flow.is_continue() => flow = on_text(&piece),
+                    Ok(piece) if !piece.is_empty() => stopped = on_text(&piece).is_break(),
                     _ => {}
                 }
             }
-            flow
+            match stopped {
+                true => ControlFlow::Break(()),
+                false => ControlFlow::Continue(()),
+            }
         })?;
+        keep_seen(&mut generation, seen);
         if let Ok(rest) = stream.finish() {
-            if !rest.is_empty() {
+            if !rest.is_empty() && !stopped {
                 let _ = on_text(&rest);
             }
         }
@@ -280,6 +299,16 @@ impl Engine {
             .decode(&generation.tokens, true)
             .map_err(|e| EngineError::Generate(e.into()))?;
         Ok(Output { text, generation })
+    }
+}
+
+/// Cuts a cancelled generation to the `seen` tokens its callback was given: tokens committed in
+/// the same batch as the `Break`, or before the pair stopped, reached no one, and the result
+/// must say what was streamed (it ran a few tokens past it under sd and amusd).
+fn keep_seen(g: &mut Generation, seen: usize) {
+    if g.tokens.len() > seen {
+        g.tokens.truncate(seen);
+        g.logprobs.truncate(seen);
     }
 }
 
