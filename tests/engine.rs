@@ -109,7 +109,7 @@ fn a_stream_that_breaks_cancels_the_request() {
         for after in [1, 3] {
             let (mut pieces, mut streamed) = (0, String::new());
             let out = engine
-                .complete_stream("hello", &params(40), |piece: &str| {
+                .chat_stream(&[Message::user("hello")], &params(40), |piece: &str| {
                     streamed.push_str(piece);
                     pieces += 1;
                     match pieces == after {
