@@ -836,12 +836,13 @@ fn a_stream_cut_mid_character_prints_its_tail() {
 #[test]
 fn chat_turns_are_exact_and_reuse_the_cache() {
     require_default_model();
-    // The second message spans two lines (`\\` goes on to the next).
-    let input = "What is the capital of France?\n/help\nAnd \\\nof Italy?\n";
+    // The second message spans two lines (`\\` goes on to the next); a line that is not UTF-8
+    // is said and skipped (it ended the chat).
+    let input = b"What is the capital of France?\n\xff Latin-1\n/help\nAnd \\\nof Italy?\n";
     let chat = |strategy: &str| {
         let mut child = start_chat(&["--strategy", strategy, "--max-new-tokens", "12"]);
         let mut stdin = child.stdin.take().unwrap();
-        std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut stdin, input).unwrap();
         drop(stdin);
         let out = child.wait_with_output().unwrap();
         let (stdout, stderr) = (
@@ -877,6 +878,7 @@ fn chat_turns_are_exact_and_reuse_the_cache() {
         amusd_err.contains("/reset"),
         "/help said nothing: {amusd_err}"
     );
+    assert!(amusd_err.contains("not UTF-8 was skipped"), "{amusd_err}");
 }
 
 /// Ctrl-C while `amusd chat` waits for the next message ends it at once: exit 130, workers

@@ -104,6 +104,16 @@ fn next_message(lines: &Receiver<std::io::Result<String>>, interactive: bool) ->
         let line = loop {
             match lines.recv_timeout(Duration::from_millis(50)) {
                 _ if INTERRUPTED.load(Ordering::SeqCst) => return Ok(Next::Interrupted),
+                // One line of other bytes (Latin-1 pasted in) is said and skipped, as a message
+                // too long for the context is; the chat goes on with the next.
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    eprintln!("amusd: a line that is not UTF-8 was skipped");
+                    message.clear();
+                    if interactive {
+                        print_text("> ");
+                    }
+                    continue;
+                }
                 Ok(line) => break line.context("cannot read standard input")?,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) if message.is_empty() => return Ok(Next::End),
