@@ -26,7 +26,7 @@ pub enum ModelError {
     Spec(String),
     #[error("device: {0}")]
     Device(String),
-    #[error("{tokens} tokens do not fit in the {capacity}-token context; shorten the prompt or lower --max-new-tokens")]
+    #[error("{tokens} tokens do not fit in the {capacity}-token context; shorten the prompt or ask for fewer new tokens (--max-new-tokens; a program's max_new_tokens)")]
     ContextOverflow { tokens: usize, capacity: usize },
     #[error("tokenizer: {0}")]
     Tokenizer(crate::tokenizer::TokenizerError),

@@ -68,6 +68,7 @@ struct Options {
 }
 
 impl EngineBuilder {
+    /// `ar`, `sd` or `amusd` (the default): the same tokens from each, at different speeds.
     pub fn strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
         self
@@ -146,7 +147,10 @@ fn clap_message(e: &clap::Error) -> String {
 pub struct GenerateParams {
     /// The most tokens to generate (a stop token ends the request earlier).
     pub max_new_tokens: usize,
-    /// Greedy by default; temperature, top-k/p, penalties, seed, grammar, logprobs...
+    /// Greedy by default; temperature, top-k/p, penalties, seed, grammar, logprobs... The seed
+    /// is what the program sets (0 by default), so a sampled request gives the same tokens each
+    /// time until it changes the seed; the command line and the server draw a random one when
+    /// none is given.
     pub sampling: RequestSampling,
 }
 
@@ -174,6 +178,7 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// A builder with `amusd generate`'s defaults: the default model pair, strategy `amusd`.
     pub fn builder() -> EngineBuilder {
         EngineBuilder {
             strategy: Strategy::Amusd,
@@ -183,6 +188,7 @@ impl Engine {
         }
     }
 
+    /// The strategy the engine was built with.
     pub fn strategy(&self) -> Strategy {
         self.backend.strategy()
     }
