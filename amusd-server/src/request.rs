@@ -148,6 +148,10 @@ pub struct Validated {
     pub tools: Option<ToolUse>,
     /// llama.cpp's `return_tokens`: the generated token ids in the answer.
     pub return_tokens: bool,
+    /// `max_tokens: 0` with `echo`: the prompt scored, nothing generated (legacy OpenAI's way,
+    /// and lm-eval-harness's for log-likelihoods). The pair runs one step, whose token the
+    /// answer leaves out; `max_tokens` is then 1.
+    pub score_only: bool,
 }
 
 /// The most choices one request may ask for (`n`): each is a whole generation, run in turn.
@@ -307,11 +311,18 @@ pub fn validate(
         }
         Endpoint::Completions => prompt(raw.prompt)?,
     };
+    let zero = matches!(
+        (raw.max_completion_tokens, raw.max_tokens),
+        (Some(0), _) | (None, Some(0))
+    );
+    let score_only = zero && echo && raw.stream != Some(true);
     let max_tokens = match (raw.max_completion_tokens, raw.max_tokens) {
+        _ if score_only => Some(1),
         (Some(0), _) | (None, Some(0)) => {
             return Err(ApiError::bad_param(
                 "max_tokens",
-                "max_tokens is 0: nothing would be generated; pass at least 1",
+                "max_tokens is 0: nothing would be generated; pass at least 1 (or, on \
+                 /v1/completions, echo without stream to score the prompt)",
             ))
         }
         (Some(n), _) | (None, Some(n)) => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -331,6 +342,7 @@ pub fn validate(
     Ok(Validated {
         n,
         echo,
+        score_only,
         tools,
         return_tokens: raw.return_tokens.unwrap_or(false),
         endpoint,

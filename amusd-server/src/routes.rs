@@ -393,11 +393,29 @@ async fn handle_as(
         let (state, opening) = StreamState::open(head, v.n);
         Ok(sse_response(sse(state, opening, rx)))
     } else {
-        let choices = match collect(v.n, rx).await {
+        let mut choices = match collect(v.n, rx).await {
             Ok(c) => c,
             Err(failed) => return Ok(failed),
         };
+        if v.score_only {
+            choices.iter_mut().for_each(|(text, s)| score_only(text, s));
+        }
         Ok(Json(head.full(&choices)).into_response())
+    }
+}
+
+/// A scored prompt's choice ([`request::Validated::score_only`]): the one generated token left
+/// out of its text, log-probabilities, ids and usage, as if it had never been asked for.
+fn score_only(text: &mut String, s: &mut Summary) {
+    text.clear();
+    s.finish = crate::decode::Finish::Length;
+    s.usage.total_tokens -= s.usage.completion_tokens;
+    s.usage.completion_tokens = 0;
+    if let Some(entries) = s.logprobs.as_mut() {
+        entries.clear();
+    }
+    if let Some(ids) = s.tokens.as_mut() {
+        ids.clear();
     }
 }
 

@@ -1357,6 +1357,43 @@ async fn a_list_of_one_token_list_is_a_prompt() {
     assert_eq!(ids["usage"]["prompt_tokens"], 3);
 }
 
+/// `max_tokens: 0` with `echo` scores the prompt (legacy OpenAI's way, lm-eval-harness's for
+/// log-likelihoods): the prompt's text and log-probabilities, nothing generated, those of a
+/// request that generates one token up to its last; streamed, or without echo, still a 400.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_tokens_0_with_echo_scores_the_prompt() {
+    let s = server(Hooks::default(), 4);
+    let body = |max: u32, extra: Value| {
+        let mut b = json!({"prompt": [[97, 98, 99]], "max_tokens": max, "echo": true,
+            "logprobs": 2, "temperature": 0});
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b.to_string()
+    };
+    let (status, scored) = json_call(&s, "/v1/completions", &body(0, json!({}))).await;
+    assert_eq!(status, StatusCode::OK, "{scored}");
+    let choice = &scored["choices"][0];
+    assert_eq!(choice["text"], "abc", "{scored}");
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(scored["usage"]["completion_tokens"], 0);
+    assert_eq!(scored["usage"]["total_tokens"], 3);
+    let (_, one) = json_call(&s, "/v1/completions", &body(1, json!({}))).await;
+    let lp = |v: &Value, key: &str| v["choices"][0]["logprobs"][key].as_array().unwrap().clone();
+    for key in ["tokens", "token_logprobs", "top_logprobs"] {
+        assert_eq!(lp(&scored, key).len(), 3, "{key}: {scored}");
+        assert_eq!(lp(&scored, key)[..], lp(&one, key)[..3], "{key}");
+    }
+    for refused in [
+        json!({"stream": true, "logprobs": null}),
+        json!({"echo": false}),
+    ] {
+        let (status, e) = json_call(&s, "/v1/completions", &body(0, refused)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{e}");
+        assert_eq!(e["error"]["param"], "max_tokens", "{e}");
+    }
+}
+
 /// `GET /v1/responses/{id}/input_items` lists messages in OpenAI's shape whatever shape the
 /// client sent them in: content as `input_text` parts (an assistant's `output_text`), a status;
 /// and a request continuing the response reads them back as the items sent gave.
