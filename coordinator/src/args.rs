@@ -21,6 +21,21 @@ pub enum Strategy {
     Amusd,
 }
 
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    /// `ar`, `sd` or `amusd`, as the command line's `--strategy` takes them.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        <Self as ValueEnum>::from_str(s, false)
+    }
+}
+
 impl Strategy {
     pub fn name(self) -> &'static str {
         match self {
@@ -778,6 +793,14 @@ fn default_bulk(path: Path) -> IntActivations {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_strategy_reads_back_as_it_prints() {
+        for s in [Strategy::Ar, Strategy::Sd, Strategy::Amusd] {
+            assert_eq!(s.to_string().parse::<Strategy>(), Ok(s));
+        }
+        assert!("fast".parse::<Strategy>().is_err());
+    }
     use clap::Parser;
 
     #[derive(Parser)]

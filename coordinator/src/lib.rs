@@ -26,6 +26,12 @@ pub mod serve;
 pub mod signal;
 
 pub use amusd_model::chat::Message;
+pub use amusd_model::tokenizer::Tokenizer;
+// What a program fills `GenerateParams::sampling` with, and reads a generation's log-probabilities
+// as: nameable without a dependency on the crates that define them.
+pub use amusd_spec::constraint::{Grammar, GrammarKind};
+pub use amusd_spec::logprobs::Logprobs;
+pub use amusd_spec::{Dry, LogitBias, Penalties};
 pub use amusd_spec::{Finish, Generation, Metrics, RequestSampling, SamplingParams};
 pub use args::Strategy;
 pub use engine::{Engine, EngineBuilder, EngineError, GenerateParams, Output};
