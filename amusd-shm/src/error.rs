@@ -12,7 +12,7 @@ pub enum ShmError {
     /// The name is not a valid POSIX shared-memory name.
     #[error(
         "invalid shared-memory name {name:?}: {reason}; names look like `/amusd-<pid>-<hex>` \
-         (see Shm::fresh_name)"
+         (`amusd dump` lists them)"
     )]
     InvalidName {
         /// The rejected name.
@@ -34,8 +34,8 @@ pub enum ShmError {
 
     /// `attach` found no region of that name.
     #[error(
-        "no shared-memory region {name}: the coordinator has exited (and removed it) or the name \
-         is wrong; workers must be given the name the coordinator printed (see `ls /dev/shm`)"
+        "no shared-memory region {name}: the amusd that made it has exited (and removed it) or \
+         the name is wrong; `amusd dump` lists the regions there are"
     )]
     NotFound {
         /// The name looked up.
