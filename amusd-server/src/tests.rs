@@ -705,13 +705,11 @@ async fn health_is_503_until_the_generator_is_loaded() {
     assert_eq!(call(&s, health()).await.0, StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_request_past_its_timeout_is_cancelled_with_504() {
-    let (cancel_tx, cancelled) = mpsc::channel();
+/// A server whose requests time out after 50 ms, generating a token every 5 ms with `hooks`.
+fn timing_out(hooks: Hooks) -> Server {
     let hooks = Hooks {
-        cancelled: Some(cancel_tx),
         token_delay: Duration::from_millis(5),
-        ..Default::default()
+        ..hooks
     };
     let hooks = Arc::new(Mutex::new(hooks));
     let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
@@ -722,7 +720,16 @@ async fn a_request_past_its_timeout_is_cancelled_with_504() {
         api_keys: Default::default(),
         stored_responses: 8,
     };
-    let s = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_past_its_timeout_is_cancelled_with_504() {
+    let (cancel_tx, cancelled) = mpsc::channel();
+    let s = timing_out(Hooks {
+        cancelled: Some(cancel_tx),
+        ..Default::default()
+    });
     // 60 tokens of 5 ms each: well past 50 ms.
     let (status, v) = json_call(&s, "/v1/completions", r#"{"prompt":"a","max_tokens":60}"#).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{v}");
@@ -1592,20 +1599,7 @@ async fn refused_requests_are_logged_once_at_warn() {
     }
 
     // Past its timeout: the decode thread's line, none here.
-    let hooks = Hooks {
-        token_delay: Duration::from_millis(5),
-        ..Default::default()
-    };
-    let hooks = Arc::new(Mutex::new(hooks));
-    let factory: GeneratorFactory = Box::new(move || Ok(Box::new(FakeGen(hooks)) as _));
-    let limits = Limits {
-        max_body_bytes: 4096,
-        request_timeout: Some(Duration::from_millis(50)),
-        retry_after_s: 1,
-        api_keys: Default::default(),
-        stored_responses: 8,
-    };
-    let slow = Server::start(Arc::new(FakeCodec), factory, 2, limits).unwrap();
+    let slow = timing_out(Hooks::default());
     let body = r#"{"prompt":"a","max_tokens":60}"#;
     let (status, _) = json_call(&slow, "/v1/completions", body).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);

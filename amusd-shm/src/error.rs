@@ -34,8 +34,8 @@ pub enum ShmError {
 
     /// `attach` found no region of that name.
     #[error(
-        "no shared-memory region {name}: the amusd that made it has exited (and removed it) or \
-         the name is wrong; `amusd dump` lists the regions there are"
+        "no shared-memory region {name}: the amusd coordinator that made it has exited (and \
+         removed it) or the name is wrong; `amusd dump` lists the regions there are"
     )]
     NotFound {
         /// The name looked up.
