@@ -177,6 +177,14 @@ pub struct Engine {
     texts: Texts,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("strategy", &self.strategy())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Engine {
     /// A builder with `amusd generate`'s defaults: the default model pair, strategy `amusd`.
     pub fn builder() -> EngineBuilder {
