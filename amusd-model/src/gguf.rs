@@ -643,6 +643,37 @@ mod tests {
     }
 
     #[test]
+    fn a_norm_weight_that_is_not_finite_is_an_error() {
+        // The model ran and answered nothing (every logit NaN).
+        for bad in [f32::NAN, f32::INFINITY] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = rewritten(
+                dir.path(),
+                |_, v| Some(v.clone()),
+                |n, t| {
+                    if n != "blk.0.attn_norm.weight" {
+                        return t;
+                    }
+                    let mut v = t
+                        .dequantize(&Device::Cpu)
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    v[3] = bad;
+                    let len = v.len();
+                    let t = candle_core::Tensor::from_vec(v, len, &Device::Cpu).unwrap();
+                    QTensor::quantize(&t, GgmlDType::F32).unwrap()
+                },
+            );
+            let err = GgufFile::open(&path)
+                .and_then(|mut g| g.load_llama(WeightFormat::AsStored))
+                .err()
+                .expect("a NaN norm loads");
+            assert!(err.to_string().contains("blk.0.attn_norm.weight"), "{err}");
+        }
+    }
+
+    #[test]
     fn an_unknown_version_says_so() {
         let mut b = tiny_bytes().to_vec();
         b[4..8].copy_from_slice(&4u32.to_le_bytes());

@@ -75,12 +75,18 @@ pub fn assemble(cfg: LlamaConfig, src: &mut dyn WeightSource) -> Result<Llama, M
     Llama::new(cfg, embed, blocks, norm, lm_head)
 }
 
-/// The shape error of a vector read with the wrong length.
+/// A vector (a norm's weights, rope factors) checked: `len` values, every one finite. A NaN or
+/// infinite norm weight makes every logit NaN, and the model answered nothing without a word.
 pub(crate) fn check_len(name: &str, v: Vec<f32>, len: usize) -> Result<Vec<f32>, ModelError> {
     if v.len() != len {
         return Err(ModelError::Shape(format!(
             "tensor '{name}' has {} values, expected {len}",
             v.len()
+        )));
+    }
+    if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+        return Err(ModelError::Config(format!(
+            "tensor '{name}' holds {bad}: the checkpoint is damaged"
         )));
     }
     Ok(v)
