@@ -471,6 +471,16 @@ mod tests {
         meta: impl Fn(&str, &Value) -> Option<Value>,
         tensor: impl Fn(&str, QTensor) -> QTensor,
     ) -> std::path::PathBuf {
+        rewritten_with(dir, meta, None, tensor)
+    }
+
+    /// [`rewritten`], with the key and value `extra` added.
+    fn rewritten_with(
+        dir: &Path,
+        meta: impl Fn(&str, &Value) -> Option<Value>,
+        extra: Option<(&str, Value)>,
+        tensor: impl Fn(&str, QTensor) -> QTensor,
+    ) -> std::path::PathBuf {
         let src = dir.join("t.gguf");
         std::fs::write(&src, tiny_bytes()).unwrap();
         let mut g = GgufFile::open(&src).unwrap();
@@ -487,6 +497,7 @@ mod tests {
             .metadata
             .iter()
             .filter_map(|(k, v)| meta(k, v).map(|v| (k.clone(), v)))
+            .chain(extra.map(|(k, v)| (k.to_string(), v)))
             .collect();
         let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -543,23 +554,8 @@ mod tests {
 
     /// The tiny file with metadata `key` set to `value`.
     fn with_meta(dir: &Path, key: &str, value: Value) -> std::path::PathBuf {
-        let src = dir.join("t.gguf");
-        std::fs::write(&src, tiny_bytes()).unwrap();
-        let mut g = GgufFile::open(&src).unwrap();
-        let mut metadata: Vec<(String, Value)> = g.content.metadata.clone().into_iter().collect();
-        metadata.retain(|(k, _)| k != key);
-        metadata.push((key.to_string(), value));
-        let names: Vec<String> = g.content.tensor_infos.keys().cloned().collect();
-        let tensors: Vec<(String, QTensor)> = names
-            .into_iter()
-            .map(|n| (n.clone(), g.tensor(&n).unwrap()))
-            .collect();
-        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let out = dir.join("with.gguf");
-        let mut f = File::create(&out).unwrap();
-        candle_core::quantized::gguf_file::write(&mut f, &metadata, &tensors).unwrap();
-        out
+        let others = |k: &str, v: &Value| (k != key).then(|| v.clone());
+        rewritten_with(dir, others, Some((key, value)), |_, t| t)
     }
 
     fn open_err(path: &Path) -> String {

@@ -96,15 +96,11 @@ struct Walk<'a, R> {
 
 impl<R: BufRead + Seek> Walk<'_, R> {
     fn u32(&mut self) -> io::Result<u32> {
-        let mut b = [0; 4];
-        self.r.read_exact(&mut b)?;
-        Ok(u32::from_le_bytes(b))
+        self.bytes().map(u32::from_le_bytes)
     }
 
     fn u64(&mut self) -> io::Result<u64> {
-        let mut b = [0; 8];
-        self.r.read_exact(&mut b)?;
-        Ok(u64::from_le_bytes(b))
+        self.bytes().map(u64::from_le_bytes)
     }
 
     fn len(&mut self) -> io::Result<u64> {
