@@ -194,12 +194,114 @@ impl KvCache {
         }
     }
 
-    pub(crate) fn kv_dim(&self) -> usize {
+    pub fn kv_dim(&self) -> usize {
         self.kv_dim
     }
 
     pub(crate) fn set_len(&mut self, len: usize) {
         debug_assert!(len <= self.capacity);
         self.len = len;
+    }
+
+    /// Copies `layer`'s keys and values at positions `from..from + n` into `k` and `v`
+    /// (`n` rows of `kv_dim`, position-major: as a forward computes them), widened to f32.
+    pub fn read_positions(&self, layer: usize, from: usize, k: &mut [f32], v: &mut [f32]) {
+        let (layout, hd) = (self.layout(), self.head_dim);
+        assert!(k.len() == v.len() && k.len().is_multiple_of(self.kv_dim));
+        assert!(from + k.len() / self.kv_dim <= self.capacity);
+        let rows = k
+            .chunks_exact_mut(self.kv_dim)
+            .zip(v.chunks_exact_mut(self.kv_dim));
+        for (i, (kr, vr)) in rows.enumerate() {
+            match &self.store {
+                Stores::F32(s) => get_rows(
+                    layout,
+                    from + i,
+                    (&s.keys[layer], &s.values[layer]),
+                    (kr, vr),
+                    hd,
+                ),
+                Stores::F16(s) => get_rows(
+                    layout,
+                    from + i,
+                    (&s.keys[layer], &s.values[layer]),
+                    (kr, vr),
+                    hd,
+                ),
+            }
+        }
+    }
+
+    /// Stores `k` and `v` (`n` rows of `kv_dim`, position-major) as `layer`'s keys and values at
+    /// positions `from..from + n`, rounded to the cache's precision: how a split prefill fills in
+    /// positions another process computed ([`crate::Llama::prefill_hooked`]). The positions must
+    /// lie below the capacity; the cache's length is the caller's ([`Self::cover`]).
+    pub fn write_positions(&mut self, layer: usize, from: usize, k: &[f32], v: &[f32]) {
+        let (layout, hd, kv_dim) = (self.layout(), self.head_dim, self.kv_dim);
+        assert!(k.len() == v.len() && k.len().is_multiple_of(kv_dim));
+        assert!(from + k.len() / kv_dim <= self.capacity);
+        let rows = k.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim));
+        for (i, (kr, vr)) in rows.enumerate() {
+            match self.layer_mut(layer) {
+                LayerKv::F32(keys, values) => {
+                    put_rows(layout, from + i, (keys, values), (kr, vr), hd)
+                }
+                LayerKv::F16(keys, values) => {
+                    put_rows(layout, from + i, (keys, values), (kr, vr), hd)
+                }
+            }
+        }
+    }
+
+    /// Declares positions `0..len` cached, their keys and values written (or about to be, layer
+    /// by layer, before each layer reads them) by [`Self::write_positions`].
+    pub fn cover(&mut self, len: usize) -> Result<(), ModelError> {
+        self.check_room(0, len)?;
+        self.len = len;
+        Ok(())
+    }
+}
+
+/// Stores one position's keys and values (`hd`-wide heads) where `layout` puts position `pos`.
+pub(crate) fn put_rows<T: KvElem>(
+    layout: KvLayout,
+    pos: usize,
+    (keys, values): (&mut [T], &mut [T]),
+    (k, v): (&[f32], &[f32]),
+    hd: usize,
+) {
+    for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
+        let (first, step) = layout.key_at(j, pos, hd);
+        for (d, &x) in kh.iter().enumerate() {
+            keys[first + d * step] = T::narrow(x);
+        }
+        let at = j * layout.head_stride + pos * layout.pos_stride;
+        for (dst, &x) in values[at..at + hd].iter_mut().zip(vh) {
+            *dst = T::narrow(x);
+        }
+    }
+}
+
+/// [`put_rows`]' inverse: position `pos`'s keys and values, widened to f32.
+fn get_rows<T: KvElem>(
+    layout: KvLayout,
+    pos: usize,
+    (keys, values): (&[T], &[T]),
+    (k, v): (&mut [f32], &mut [f32]),
+    hd: usize,
+) {
+    for (j, (kh, vh)) in k
+        .chunks_exact_mut(hd)
+        .zip(v.chunks_exact_mut(hd))
+        .enumerate()
+    {
+        let (first, step) = layout.key_at(j, pos, hd);
+        for (d, x) in kh.iter_mut().enumerate() {
+            *x = keys[first + d * step].widen();
+        }
+        let at = j * layout.head_stride + pos * layout.pos_stride;
+        for (x, src) in vh.iter_mut().zip(&values[at..at + hd]) {
+            *x = src.widen();
+        }
     }
 }

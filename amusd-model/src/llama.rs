@@ -4,7 +4,7 @@
 //! [`crate::kernels`], whose results do not depend on how many tokens share a pass.
 
 use crate::attention::{attend_rows, KvElem, KvLayout, QueryRows};
-use crate::cache::{KvCache, KvPrecision, LayerKv};
+use crate::cache::{put_rows, KvCache, KvPrecision, LayerKv};
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::greedy_head::GreedyHead;
 use crate::kernels;
@@ -245,6 +245,34 @@ impl Llama {
         done.map(drop)
     }
 
+    /// Runs `tokens` at positions `start_pos..` into `cache` alone (no logits), calling `hook`
+    /// before each block attends and after each block: one side of a prefill split between two
+    /// processes. One computes the prompt's first positions and hands each block's keys and
+    /// values over as they come ([`BlockHook::after_block`]); the other computes the rest from
+    /// `start_pos` on, taking each block's earlier keys and values in just before that block
+    /// attends ([`BlockHook::before_attention`] and [`KvCache::write_positions`], after
+    /// [`KvCache::cover`]). Every position's result depends only on the positions before it, not
+    /// on the batch, so the two halves have the bits of one whole prefill (tested). The cache
+    /// keeps `start_pos + tokens.len()` positions unless `after_block` ended the pass early, when
+    /// the last block's rows are not all computed and the cache keeps none of them.
+    pub fn prefill_hooked(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+        hook: &mut dyn BlockHook,
+    ) -> Result<(), ModelError> {
+        let mut finished = FinishWatch {
+            inner: hook,
+            broke: false,
+        };
+        self.run_blocks_hooked(tokens, start_pos, cache, LogitsFor::Last, &mut finished)?;
+        if finished.broke {
+            cache.truncate(start_pos);
+        }
+        Ok(())
+    }
+
     /// The head can be restricted or screened once, and not both.
     fn check_head_whole(&self) -> Result<(), ModelError> {
         match self.head {
@@ -348,6 +376,18 @@ impl Llama {
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<Vec<f32>, ModelError> {
+        self.run_blocks_hooked(tokens, start_pos, cache, which, &mut NoHook)
+    }
+
+    /// [`Self::run_blocks`] calling `hook` around each block.
+    fn run_blocks_hooked(
+        &self,
+        tokens: &[u32],
+        start_pos: usize,
+        cache: &mut KvCache,
+        which: LogitsFor,
+        hook: &mut dyn BlockHook,
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.config;
         let m = tokens.len();
         if m == 0 {
@@ -369,6 +409,7 @@ impl Llama {
         let layout = cache.layout();
         let last = self.blocks.len().saturating_sub(1);
         for (layer, block) in self.blocks.iter().enumerate() {
+            hook.before_attention(layer, cache)?;
             let kv = CacheLayer {
                 kv: cache.layer_mut(layer),
                 layout,
@@ -380,6 +421,9 @@ impl Llama {
             let from = if layer == last { which.first(m) } else { 0 };
             self.attention(block, kv, &rope, &mut x, &mut s, from)?;
             self.feed_forward(block, &mut x, &mut s, from)?;
+            if hook.after_block(layer, cache)?.is_break() {
+                break;
+            }
         }
         cache.set_len(start_pos + m);
         Ok(x)
@@ -526,6 +570,57 @@ impl Llama {
 }
 
 /// Cosines and sines of the rotation angles of each position in a pass, `[position][pair]`.
+/// What a hooked prefill ([`Llama::prefill_hooked`]) does around each block.
+pub trait BlockHook {
+    /// Before block `layer` attends (its new keys and values not yet stored): the positions
+    /// before the pass's first must hold this block's keys and values when this returns.
+    fn before_attention(&mut self, layer: usize, cache: &mut KvCache) -> Result<(), ModelError>;
+    /// After block `layer`, whose keys and values of the pass's positions are in `cache`:
+    /// `Break` ends the pass there.
+    fn after_block(
+        &mut self,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<std::ops::ControlFlow<()>, ModelError>;
+}
+
+/// The hook of a plain forward: does nothing.
+struct NoHook;
+
+impl BlockHook for NoHook {
+    fn before_attention(&mut self, _: usize, _: &mut KvCache) -> Result<(), ModelError> {
+        Ok(())
+    }
+    fn after_block(
+        &mut self,
+        _: usize,
+        _: &KvCache,
+    ) -> Result<std::ops::ControlFlow<()>, ModelError> {
+        Ok(std::ops::ControlFlow::Continue(()))
+    }
+}
+
+/// A hook passed through, noting whether it ended the pass early.
+struct FinishWatch<'a> {
+    inner: &'a mut dyn BlockHook,
+    broke: bool,
+}
+
+impl BlockHook for FinishWatch<'_> {
+    fn before_attention(&mut self, layer: usize, cache: &mut KvCache) -> Result<(), ModelError> {
+        self.inner.before_attention(layer, cache)
+    }
+    fn after_block(
+        &mut self,
+        layer: usize,
+        cache: &KvCache,
+    ) -> Result<std::ops::ControlFlow<()>, ModelError> {
+        let flow = self.inner.after_block(layer, cache)?;
+        self.broke |= flow.is_break();
+        Ok(flow)
+    }
+}
+
 /// One layer of the KV cache and where this forward's rows start in it.
 struct CacheLayer<'a> {
     kv: LayerKv<'a>,
@@ -540,26 +635,6 @@ impl CacheLayer<'_> {
         match &mut self.kv {
             LayerKv::F32(keys, values) => put_rows(layout, pos, (keys, values), (k, v), hd),
             LayerKv::F16(keys, values) => put_rows(layout, pos, (keys, values), (k, v), hd),
-        }
-    }
-}
-
-/// Stores one position's keys and values (`hd`-wide heads) where `layout` puts position `pos`.
-fn put_rows<T: KvElem>(
-    layout: KvLayout,
-    pos: usize,
-    (keys, values): (&mut [T], &mut [T]),
-    (k, v): (&[f32], &[f32]),
-    hd: usize,
-) {
-    for (j, (kh, vh)) in k.chunks_exact(hd).zip(v.chunks_exact(hd)).enumerate() {
-        let (first, step) = layout.key_at(j, pos, hd);
-        for (d, &x) in kh.iter().enumerate() {
-            keys[first + d * step] = T::narrow(x);
-        }
-        let at = j * layout.head_stride + pos * layout.pos_stride;
-        for (dst, &x) in values[at..at + hd].iter_mut().zip(vh) {
-            *dst = T::narrow(x);
         }
     }
 }
@@ -777,6 +852,115 @@ mod tests {
         let mut cc = c.new_cache(64);
         let lc = c.forward(&tokens, 0, &mut cc, LogitsFor::All).unwrap();
         assert!(lc.data.iter().all(|v| v.is_finite()));
+    }
+
+    /// Keys and values of every layer, as a split prefill's first half hands them over.
+    struct Handover {
+        rows: Vec<(Vec<f32>, Vec<f32>)>,
+        n: usize,
+        layers_before: Vec<usize>,
+    }
+
+    impl BlockHook for Handover {
+        fn before_attention(
+            &mut self,
+            layer: usize,
+            cache: &mut KvCache,
+        ) -> Result<(), ModelError> {
+            // The other half takes layer `layer` in only now, and it must be there already.
+            self.layers_before.push(layer);
+            if let Some((k, v)) = self.rows.get(layer) {
+                cache.write_positions(layer, 0, k, v);
+            }
+            Ok(())
+        }
+        fn after_block(
+            &mut self,
+            layer: usize,
+            cache: &KvCache,
+        ) -> Result<std::ops::ControlFlow<()>, ModelError> {
+            let len = self.n * cache.kv_dim();
+            let (mut k, mut v) = (vec![0.0; len], vec![0.0; len]);
+            cache.read_positions(layer, 0, &mut k, &mut v);
+            self.rows.push((k, v));
+            Ok(std::ops::ControlFlow::Continue(()))
+        }
+    }
+
+    /// A prefill split at `h`: `a` computes positions `..h` and hands each block's keys and
+    /// values to `b`, which computes `h..` from them; `b`'s next logits have the bits of one
+    /// whole prefill's, and its cache holds the same keys and values.
+    fn split_matches_whole(a: &Llama, b: &Llama, tokens: &[u32], h: usize) {
+        let (m, layers) = (tokens.len(), a.blocks.len());
+        let mut whole = b.new_cache(64);
+        b.forward(&tokens[..m - 1], 0, &mut whole, LogitsFor::Last)
+            .unwrap();
+        let want = b
+            .forward(&tokens[m - 1..], m - 1, &mut whole, LogitsFor::Last)
+            .unwrap();
+        let mut hand = Handover {
+            rows: Vec::new(),
+            n: h,
+            layers_before: Vec::new(),
+        };
+        let mut first = a.new_cache(64);
+        a.prefill_hooked(&tokens[..h], 0, &mut first, &mut hand)
+            .unwrap();
+        assert_eq!((hand.rows.len(), first.len()), (layers, h));
+        hand.layers_before.clear();
+        let mut second = b.new_cache(64);
+        second.cover(h).unwrap();
+        b.prefill_hooked(&tokens[h..m - 1], h, &mut second, &mut hand)
+            .unwrap();
+        assert_eq!(hand.layers_before, (0..layers).collect::<Vec<_>>());
+        let got = b
+            .forward(&tokens[m - 1..], m - 1, &mut second, LogitsFor::Last)
+            .unwrap();
+        assert_eq!(bits(&got, 0), bits(&want, 0), "split at {h} of {m}");
+        let len = m * b.config.kv_dim();
+        for layer in 0..layers {
+            let read = |c: &KvCache| {
+                let (mut k, mut v) = (vec![0.0; len], vec![0.0; len]);
+                c.read_positions(layer, 0, &mut k, &mut v);
+                [k, v].map(|x| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+            };
+            assert_eq!(read(&second), read(&whole), "layer {layer}, split at {h}");
+        }
+    }
+
+    #[test]
+    fn a_prefill_split_between_two_models_has_the_bits_of_one() {
+        let tokens: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 259).collect();
+        for i in 0..BLOCKED.len() {
+            let (a, b) = (
+                blocked_model(i, WeightFormat::F32),
+                blocked_model(i, WeightFormat::F32),
+            );
+            for h in [1, 7, 20, 38] {
+                split_matches_whole(&a, &b, &tokens, h);
+            }
+        }
+    }
+
+    /// An f16 cache takes positions in at its own precision and gives them back widened.
+    #[test]
+    fn written_positions_read_back_at_the_cache_precision() {
+        let m = gguf_model(WeightFormat::F32);
+        let kv = m.config.kv_dim();
+        let k: Vec<f32> = (0..3 * kv).map(|i| i as f32 * 0.3 - 7.0).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x * 1.7).collect();
+        for precision in [KvPrecision::F32, KvPrecision::F16] {
+            let mut c = KvCache::new(&m.config, 40, precision);
+            // Positions 17..20 straddle a key tile of the f16 layout.
+            c.write_positions(1, 17, &k, &v);
+            let (mut k2, mut v2) = (vec![0.0; 3 * kv], vec![0.0; 3 * kv]);
+            c.read_positions(1, 17, &mut k2, &mut v2);
+            let round = |x: &[f32]| match precision {
+                KvPrecision::F32 => x.to_vec(),
+                KvPrecision::F16 => x.iter().map(|&f| half::f16::from_f32(f).to_f32()).collect(),
+            };
+            assert_eq!((k2, v2), (round(&k), round(&v)), "{precision}");
+        }
     }
 
     /// The greedy tokens of a forward are its logits' argmax, the head screened or not, for
