@@ -315,6 +315,17 @@ pub enum ShmError {
         size: u64,
     },
 
+    /// Positions of a split prefill past the KV exchange.
+    #[error("KV exchange words {at}..+{len} lie past its {capacity} words")]
+    ExchangeOverflow {
+        /// The first word.
+        at: usize,
+        /// Words asked for.
+        len: usize,
+        /// Words the exchange holds.
+        capacity: usize,
+    },
+
     /// A value read from the region is out of its domain.
     #[error(
         "region field {field} holds {value}, which this amusd does not understand: the region is \

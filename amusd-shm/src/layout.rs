@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -45,6 +45,14 @@ pub const MAX_BREAKER_WORDS: usize = 4096;
 
 /// Events per metric ring.
 pub const EVENT_CAPACITY: usize = 4096;
+
+/// Bytes of [`KvExchange`]: the keys and values of a prompt's positions split between the workers
+/// ([`SplitSection`]), `2 * layers * kv_dim * 4` bytes a position (SmolLM2-135M: 46,080, so up
+/// to 1,092 positions). Reserved only as a split uses it ([`crate::Shm::reserve_exchange`]).
+pub const KV_EXCHANGE_BYTES: usize = 48 << 20;
+
+/// Bytes of the region reserved at creation: everything before [`KvExchange`].
+pub const FIXED_REGION_BYTES: usize = offset_of!(Region, kv);
 
 /// Bytes of the header that [`crate::validate_header`] reads.
 pub const HEADER_LEN: usize = size_of::<Header>();
@@ -113,6 +121,23 @@ u32_enum! {
         Error = 3,
         /// The client went away or the coordinator cancelled it.
         Cancelled = 4,
+    }
+}
+
+u32_enum! {
+    /// The state of a split prefill job, in [`SplitSection::job`].
+    pub enum SplitState {
+        /// No job since the region was created.
+        Empty = 0,
+        /// The verify worker posted the job; the draft worker may take it.
+        Offered = 1,
+        /// The draft worker computes positions `0..split`, counting the blocks it has published.
+        Taken = 2,
+        /// The verify worker took in every block and published positions `split..end`.
+        Handed = 3,
+        /// Given up by either worker (the draft late or stalled, the request cancelled): neither
+        /// reads the other's positions any more.
+        Dropped = 4,
     }
 }
 
@@ -621,6 +646,60 @@ pub struct EventRing {
     pub events: [Event; EVENT_CAPACITY],
 }
 
+/// A prompt's prefill split between the workers (layout 11): the draft worker computes the verify
+/// model's keys and values for positions `0..split` (it holds a second instance of the verify
+/// model for this), block by block, while the verify worker computes `split..end` and takes each
+/// block's first positions in just before that block attends; then the verify worker publishes
+/// its positions and the draft worker adopts all of them instead of prefilling the prompt itself.
+/// The positions live in [`KvExchange`]: block `l`'s keys of position `p` at word
+/// `(2 * l * end + p) * kv_dim`, its values at `((2 * l + 1) * end + p) * kv_dim`, f32 bits.
+///
+/// A job is one value of `job`, and every change of it is a compare-and-swap on the whole word,
+/// so a worker acting on a job another has dropped, or on an older job, changes nothing.
+#[repr(C, align(64))]
+pub struct SplitSection {
+    /// What the draft worker can compute: a fingerprint of the verify model it holds (the model
+    /// file's identity, its arithmetic and this build), 0 for nothing. Writer: the draft
+    /// worker, Release, once loaded; the coordinator stores 0 when it reaps the draft worker.
+    /// Reader: the verify worker, Acquire, before posting a job.
+    pub helper: AtomicU64,
+    /// `seq << 32 | state << 16 | blocks`: the job number (the verify worker's count of jobs),
+    /// its [`SplitState`], and the blocks whose positions `0..split` are in the exchange.
+    /// Writers, by compare-and-swap only: the verify worker posts a job (any state to
+    /// `(seq + 1, Offered, 0)`, Release, after the job's fields below) and hands it over or drops
+    /// it; the draft worker takes it, counts each block (Release, after the block's positions)
+    /// or drops it. Readers: both workers, Acquire, before reading the exchange.
+    pub job: AtomicU64,
+    /// The request the job belongs to. Writer: the verify worker, Relaxed, before posting the
+    /// job. Reader: the draft worker, after an Acquire load of `job` showing the job.
+    pub request_id: AtomicU64,
+    /// The fingerprint of the verify worker's model: the draft worker takes the job only if it
+    /// equals its `helper`. Writer, reader: as `request_id`.
+    pub fingerprint: AtomicU64,
+    /// Positions the draft worker computes, from 0. Writer, reader: as `request_id`.
+    pub split: AtomicU32,
+    /// Positions both compute together (`split..end` by the verify worker): all of the prompt
+    /// but its last token, which each worker runs with its first step. Writer, reader: as
+    /// `request_id`.
+    pub end: AtomicU32,
+    /// Blocks of the model. Writer, reader: as `request_id`.
+    pub layers: AtomicU32,
+    /// Key (and value) values of a position in one block. Writer, reader: as `request_id`.
+    pub kv_dim: AtomicU32,
+}
+
+/// The keys and values a split prefill hands over ([`SplitSection`]). Writers: the draft worker
+/// (positions `0..split`, block by block, Relaxed, before the Release compare-and-swap of `job`
+/// that counts the block), the verify worker (positions `split..end`, Relaxed, before the
+/// Release compare-and-swap to `Handed`). Readers: the other worker, Relaxed, after an Acquire
+/// load of `job` that shows the block counted or the job handed over. Neither writes positions
+/// of a job after dropping it, and the verify worker posts no job while the draft worker could
+/// still read one: it writes only for a job the draft worker took and has finished.
+#[repr(C, align(4096))]
+pub struct KvExchange {
+    pub words: [AtomicU32; KV_EXCHANGE_BYTES / 4],
+}
+
 /// The whole shared-memory region. See the crate docs for the protocol, and each field for who
 /// writes it.
 #[repr(C)]
@@ -648,6 +727,10 @@ pub struct Region {
     pub grammar: GrammarSection,
     /// The request's DRY sequence breakers, part of the request section (layout 10).
     pub dry: DrySection,
+    /// A prompt's prefill split between the workers (layout 11).
+    pub split: SplitSection,
+    /// The keys and values a split prefill hands over; last, and reserved only as used.
+    pub kv: KvExchange,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,9 +754,11 @@ const _: () = assert!(offset_of!(Header, coordinator_start_ticks) == 40);
 const _: () = assert!(offset_of!(Region, header) == 0);
 // Token counts and positions are stored in u32s.
 const _: () = assert!(TOKEN_CAPACITY <= u32::MAX as usize / 2);
-// The region fits in a page-aligned mapping (mmap gives page alignment) and is modest.
+// The region fits in a page-aligned mapping (mmap gives page alignment), and what creation
+// reserves is modest.
 const _: () = assert!(align_of::<Region>() <= 4096);
-const _: () = assert!(size_of::<Region>() <= 4 << 20);
+const _: () = assert!(FIXED_REGION_BYTES <= 4 << 20);
+const _: () = assert!(size_of::<Region>() == FIXED_REGION_BYTES + KV_EXCHANGE_BYTES);
 // The hot futex words are in separate sections, each starting on its own cache line.
 const _: () = assert!(offset_of!(Region, verified) % 64 == 0);
 const _: () = assert!(offset_of!(Region, draft) % 64 == 0);
@@ -689,11 +774,12 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 10);
+        assert_eq!(LAYOUT_VERSION, 11);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
-        assert_eq!(size_of::<Region>(), 2_035_584);
-        assert_eq!(align_of::<Region>(), 64);
+        assert_eq!(size_of::<Region>(), 2_035_712 + KV_EXCHANGE_BYTES);
+        assert_eq!(FIXED_REGION_BYTES, 2_035_712);
+        assert_eq!(align_of::<Region>(), 4096);
         assert_eq!(HEADER_LEN, 64);
 
         assert_eq!(offset_of!(Region, control), 64);
@@ -714,6 +800,17 @@ mod tests {
         );
         assert_eq!(offset_of!(DrySection, breakers), 8);
         assert_eq!(size_of::<DrySection>(), 8 + 8 * MAX_BREAKER_WORDS);
+        assert_eq!(offset_of!(Region, split), 2_035_584);
+        assert_eq!(offset_of!(Region, kv), 2_035_712);
+        assert_eq!(offset_of!(SplitSection, helper), 0);
+        assert_eq!(offset_of!(SplitSection, job), 8);
+        assert_eq!(offset_of!(SplitSection, request_id), 16);
+        assert_eq!(offset_of!(SplitSection, fingerprint), 24);
+        assert_eq!(offset_of!(SplitSection, split), 32);
+        assert_eq!(offset_of!(SplitSection, end), 36);
+        assert_eq!(offset_of!(SplitSection, layers), 40);
+        assert_eq!(offset_of!(SplitSection, kv_dim), 44);
+        assert_eq!(size_of::<SplitSection>(), 64);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);

@@ -62,6 +62,7 @@ pub mod futex;
 pub mod layout;
 mod region;
 mod shm;
+mod split;
 mod text;
 
 pub use error::ShmError;
@@ -71,9 +72,10 @@ pub use futex::{
 };
 pub use layout::{
     Control, DraftBuffer, DrySection, Event, EventKind, EventRing, ExitStatus, FinishReason,
-    GrammarSection, Header, Party, Region, RequestSection, RequestState, Role, TokenSource,
-    VerifiedBuffer, WorkerState, WorkerStatus, DEVICE_TEXT_LEN, ERROR_TEXT_LEN, EVENT_CAPACITY,
-    GRAMMAR_TEXT_LEN, HEADER_LEN, LAYOUT_VERSION, MAGIC, MAX_BREAKER_WORDS, MAX_LOGIT_BIAS,
+    GrammarSection, Header, KvExchange, Party, Region, RequestSection, RequestState, Role,
+    SplitSection, SplitState, TokenSource, VerifiedBuffer, WorkerState, WorkerStatus,
+    DEVICE_TEXT_LEN, ERROR_TEXT_LEN, EVENT_CAPACITY, FIXED_REGION_BYTES, GRAMMAR_TEXT_LEN,
+    HEADER_LEN, KV_EXCHANGE_BYTES, LAYOUT_VERSION, MAGIC, MAX_BREAKER_WORDS, MAX_LOGIT_BIAS,
     MAX_STOP_TOKENS, MAX_TOP_LOGPROBS, MODEL_TEXT_LEN, REGION_SIZE, TOKEN_CAPACITY,
 };
 pub use region::{
@@ -84,4 +86,5 @@ pub use shm::{
     escape_name, parse_header, validate_header, HeaderInfo, RegionInfo, Shm, UnlinkOnDrop,
     NAME_PREFIX,
 };
+pub use split::{JobWord, SplitJob};
 pub use text::ShmText;

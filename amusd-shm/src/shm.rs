@@ -209,6 +209,19 @@ fn os_err<'a>(op: &'static str, name: &'a str) -> impl FnOnce(Errno) -> ShmError
     }
 }
 
+/// `posix_fallocate` of `len` bytes from `offset` of the region `name`.
+fn reserve(fd: &OwnedFd, name: &str, offset: usize, len: usize) -> Result<(), ShmError> {
+    nix::fcntl::posix_fallocate(fd, offset as libc::off_t, len as libc::off_t).map_err(
+        |e| match e {
+            Errno::ENOSPC => ShmError::NoSpace {
+                name: name.to_string(),
+                size: (offset + len) as u64,
+            },
+            e => os_err("posix_fallocate", name)(e),
+        },
+    )
+}
+
 fn map_region(fd: &OwnedFd, name: &str, prot: ProtFlags) -> Result<NonNull<Region>, ShmError> {
     // SAFETY: a fresh shared mapping of a shm object at least REGION_SIZE bytes long (checked or
     // set by the caller); it aliases no Rust object of this process.
@@ -339,16 +352,9 @@ impl Shm {
             nix::unistd::ftruncate(&fd, REGION_SIZE as libc::off_t)
                 .map_err(os_err("ftruncate", name))?;
             // Reserve every page now: on a full /dev/shm (Docker gives containers 64 MiB) a lazily
-            // backed region would raise SIGBUS at some later store, mid-request.
-            nix::fcntl::posix_fallocate(&fd, 0, REGION_SIZE as libc::off_t).map_err(
-                |e| match e {
-                    Errno::ENOSPC => ShmError::NoSpace {
-                        name: name.to_string(),
-                        size: REGION_SIZE as u64,
-                    },
-                    e => os_err("posix_fallocate", name)(e),
-                },
-            )?;
+            // backed region would raise SIGBUS at some later store, mid-request. The KV exchange
+            // is reserved as a split prefill needs it (`reserve_exchange`).
+            reserve(&fd, name, 0, FIXED_REGION_BYTES)?;
             let region = map_region(&fd, name, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)?;
             let shm = Shm {
                 region,
@@ -367,6 +373,17 @@ impl Shm {
         setup().inspect_err(|_| {
             let _ = shm_unlink(name);
         })
+    }
+
+    /// Reserves the first `bytes` of the region's KV exchange ([`crate::layout::KvExchange`]),
+    /// so that storing there cannot raise SIGBUS on a full /dev/shm: [`ShmError::NoSpace`] then,
+    /// before anything is stored. Pages stay reserved until the region is unlinked; reserving
+    /// them again is one cheap call.
+    pub fn reserve_exchange(&self, bytes: usize) -> Result<(), ShmError> {
+        let bytes = bytes.min(KV_EXCHANGE_BYTES);
+        let fd = shm_open(self.name.as_str(), OFlag::O_RDWR, Mode::empty())
+            .map_err(os_err("shm_open", &self.name))?;
+        reserve(&fd, &self.name, FIXED_REGION_BYTES, bytes)
     }
 
     /// Worker: attach to the region `name`. Refuses a region owned by another user, of the wrong
@@ -926,11 +943,24 @@ mod tests {
         // A lazily backed region would SIGBUS mid-request on a full /dev/shm; a reserved one fails
         // at creation with NoSpace instead.
         let shm = Shm::create(&Shm::fresh_name()).unwrap().unlink_on_drop();
-        let meta = std::fs::metadata(path_of(shm.name())).unwrap();
+        let reserved = || std::fs::metadata(path_of(shm.name())).unwrap().blocks() * 512;
+        let fixed = FIXED_REGION_BYTES as u64;
         assert!(
-            meta.blocks() * 512 >= REGION_SIZE as u64,
-            "{} of {REGION_SIZE} bytes reserved",
-            meta.blocks() * 512
+            reserved() >= fixed,
+            "{} of {fixed} bytes reserved",
+            reserved()
+        );
+        // The KV exchange only as asked.
+        assert!(
+            reserved() < fixed + (1 << 20),
+            "{} bytes reserved",
+            reserved()
+        );
+        shm.reserve_exchange(3 << 20).unwrap();
+        assert!(
+            reserved() >= fixed + (3 << 20),
+            "{} bytes reserved",
+            reserved()
         );
     }
 
@@ -1021,7 +1051,11 @@ mod tests {
         use proptest::prelude::*;
 
         fn valid() -> Vec<u8> {
-            Region::new_boxed().header_bytes().to_vec()
+            // Once: a boxed region is ~50 MB to zero, and the properties take thousands of cases.
+            static VALID: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            VALID
+                .get_or_init(|| Region::new_boxed().header_bytes().to_vec())
+                .clone()
         }
 
         #[test]

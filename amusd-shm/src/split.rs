@@ -1,0 +1,232 @@
+//! A prompt's prefill split between the workers ([`SplitSection`], [`KvExchange`]): posting,
+//! taking, counting, handing over and dropping a job, and copying positions through the exchange.
+//! When to split and what to compute is the workers' (`amusd-spec`'s `split` module).
+
+use std::sync::atomic::Ordering;
+
+use crate::error::ShmError;
+use crate::layout::*;
+
+/// A split prefill job's fields ([`SplitSection`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitJob {
+    pub request_id: u64,
+    pub fingerprint: u64,
+    /// Positions `0..split` are the draft worker's.
+    pub split: u32,
+    /// Positions `split..end` are the verify worker's.
+    pub end: u32,
+    pub layers: u32,
+    pub kv_dim: u32,
+}
+
+impl SplitJob {
+    /// f32 words of the exchange the job uses: every block's keys and values of `0..end`.
+    pub fn words(&self) -> usize {
+        2 * self.layers as usize * self.end as usize * self.kv_dim as usize
+    }
+
+    /// The exchange word where `block`'s keys (`values == false`) or values of `position` start.
+    pub fn word_of(&self, block: usize, values: bool, position: usize) -> usize {
+        let (end, kv_dim) = (self.end as usize, self.kv_dim as usize);
+        ((2 * block + usize::from(values)) * end + position) * kv_dim
+    }
+}
+
+/// One value of [`SplitSection::job`], unpacked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobWord {
+    pub seq: u32,
+    pub state: SplitState,
+    /// Blocks whose positions `0..split` the draft worker has published.
+    pub blocks: u32,
+}
+
+impl JobWord {
+    fn pack(self) -> u64 {
+        (self.seq as u64) << 32 | (self.state.as_u32() as u64) << 16 | self.blocks as u64 & 0xFFFF
+    }
+
+    fn unpack(w: u64) -> Self {
+        Self {
+            seq: (w >> 32) as u32,
+            // A state this build never writes reads as dropped: nobody acts on it.
+            state: SplitState::from_u32((w >> 16) as u32 & 0xFFFF).unwrap_or(SplitState::Dropped),
+            blocks: w as u32 & 0xFFFF,
+        }
+    }
+}
+
+impl Region {
+    /// Draft worker: what it can compute for a split (0: nothing).
+    pub fn advertise_helper(&self, fingerprint: u64) {
+        self.split.helper.store(fingerprint, Ordering::Release);
+    }
+
+    /// Verify worker: the draft worker's [`Self::advertise_helper`].
+    pub fn helper(&self) -> u64 {
+        self.split.helper.load(Ordering::Acquire)
+    }
+
+    /// The current job word.
+    pub fn split_word(&self) -> JobWord {
+        JobWord::unpack(self.split.job.load(Ordering::Acquire))
+    }
+
+    /// The current job's fields (meaningful once a job was posted; read after [`Self::split_word`]).
+    pub fn split_job(&self) -> SplitJob {
+        let s = &self.split;
+        let r = Ordering::Relaxed;
+        SplitJob {
+            request_id: s.request_id.load(r),
+            fingerprint: s.fingerprint.load(r),
+            split: s.split.load(r),
+            end: s.end.load(r),
+            layers: s.layers.load(r),
+            kv_dim: s.kv_dim.load(r),
+        }
+    }
+
+    /// Verify worker: posts `job` as the next job, `Offered`, and rings the draft worker. Returns
+    /// its word. The verify worker is the only one that posts, so this never races another post.
+    pub fn post_split(&self, job: &SplitJob) -> Result<JobWord, ShmError> {
+        self.exchange_range(0, job.words())?;
+        let s = &self.split;
+        let r = Ordering::Relaxed;
+        s.request_id.store(job.request_id, r);
+        s.fingerprint.store(job.fingerprint, r);
+        s.split.store(job.split, r);
+        s.end.store(job.end, r);
+        s.layers.store(job.layers, r);
+        s.kv_dim.store(job.kv_dim, r);
+        // A CAS loop rather than a store: the draft worker may still change the old job's word.
+        let mut cur = s.job.load(Ordering::Acquire);
+        loop {
+            let next = JobWord {
+                seq: JobWord::unpack(cur).seq.wrapping_add(1),
+                state: SplitState::Offered,
+                blocks: 0,
+            };
+            match s
+                .job
+                .compare_exchange(cur, next.pack(), Ordering::AcqRel, r)
+            {
+                Ok(_) => {
+                    self.ring(Party::Draft);
+                    return Ok(next);
+                }
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Either worker: moves the job from `from` to `to` if it still is `from`, and rings the
+    /// other worker. Returns whether it did.
+    pub fn move_split(&self, from: JobWord, to: JobWord) -> bool {
+        let done = (self.split.job)
+            .compare_exchange(from.pack(), to.pack(), Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok();
+        if done {
+            self.ring(Party::Draft);
+            self.ring(Party::Verify);
+        }
+        done
+    }
+
+    /// Stores `values` at exchange words `at..` (bounds checked).
+    pub fn write_exchange(&self, at: usize, values: &[f32]) -> Result<(), ShmError> {
+        let words = self.exchange_range(at, values.len())?;
+        for (w, v) in words.iter().zip(values) {
+            w.store(v.to_bits(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Loads exchange words `at..at + out.len()` into `out` (bounds checked).
+    pub fn read_exchange(&self, at: usize, out: &mut [f32]) -> Result<(), ShmError> {
+        let words = self.exchange_range(at, out.len())?;
+        for (v, w) in out.iter_mut().zip(words) {
+            *v = f32::from_bits(w.load(Ordering::Relaxed));
+        }
+        Ok(())
+    }
+
+    fn exchange_range(
+        &self,
+        at: usize,
+        len: usize,
+    ) -> Result<&[std::sync::atomic::AtomicU32], ShmError> {
+        at.checked_add(len)
+            .and_then(|end| self.kv.words.get(at..end))
+            .ok_or(ShmError::ExchangeOverflow {
+                at,
+                len,
+                capacity: self.kv.words.len(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> SplitJob {
+        SplitJob {
+            request_id: 7,
+            fingerprint: 0xfeed,
+            split: 3,
+            end: 5,
+            layers: 2,
+            kv_dim: 4,
+        }
+    }
+
+    #[test]
+    fn a_job_moves_only_from_the_state_it_is_in() {
+        let r = Region::new_boxed();
+        assert_eq!(r.split_word().state, SplitState::Empty);
+        let offered = r.post_split(&job()).unwrap();
+        assert_eq!(
+            (offered.seq, offered.state, offered.blocks),
+            (1, SplitState::Offered, 0)
+        );
+        assert_eq!(r.split_job(), job());
+        let taken = JobWord {
+            state: SplitState::Taken,
+            ..offered
+        };
+        assert!(r.move_split(offered, taken));
+        // The verify worker's drop of the offer comes too late: the job was taken.
+        let dropped = JobWord {
+            state: SplitState::Dropped,
+            ..offered
+        };
+        assert!(!r.move_split(offered, dropped));
+        let one = JobWord { blocks: 1, ..taken };
+        assert!(r.move_split(taken, one));
+        assert_eq!(r.split_word(), one);
+        // A newer job ends the old one: its taker's next count changes nothing.
+        let next = r.post_split(&job()).unwrap();
+        assert_eq!(next.seq, 2);
+        assert!(!r.move_split(one, JobWord { blocks: 2, ..one }));
+        assert_eq!(r.split_word(), next);
+    }
+
+    #[test]
+    fn positions_go_through_the_exchange_at_their_words() {
+        let r = Region::new_boxed();
+        let j = job();
+        assert_eq!(j.words(), 2 * 2 * 5 * 4);
+        assert_eq!(j.word_of(1, true, 2), (3 * 5 + 2) * 4);
+        let values: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+        r.write_exchange(j.word_of(1, false, 3), &values).unwrap();
+        let mut back = vec![0.0; 8];
+        r.read_exchange(j.word_of(1, false, 3), &mut back).unwrap();
+        assert_eq!(back, values);
+        let last = KV_EXCHANGE_BYTES / 4;
+        assert!(r.write_exchange(last - 2, &values).is_err());
+        assert!(r.read_exchange(usize::MAX, &mut back).is_err());
+        let too_big = SplitJob { end: 1 << 20, ..j };
+        assert!(r.post_split(&too_big).is_err());
+    }
+}
