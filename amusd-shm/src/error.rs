@@ -315,6 +315,16 @@ pub enum ShmError {
         size: u64,
     },
 
+    /// The KV exchange's pages could not be reserved (a full /dev/shm, or a kernel before
+    /// Linux 5.14).
+    #[error("cannot reserve {bytes} bytes of the KV exchange in /dev/shm: {error}")]
+    ExchangeUnreserved {
+        /// Bytes asked for.
+        bytes: usize,
+        /// Why.
+        error: Errno,
+    },
+
     /// Positions of a split prefill past the KV exchange.
     #[error("KV exchange words {at}..+{len} lie past its {capacity} words")]
     ExchangeOverflow {

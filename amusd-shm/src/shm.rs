@@ -353,7 +353,7 @@ impl Shm {
                 .map_err(os_err("ftruncate", name))?;
             // Reserve every page now: on a full /dev/shm (Docker gives containers 64 MiB) a lazily
             // backed region would raise SIGBUS at some later store, mid-request. The KV exchange
-            // is reserved as a split prefill needs it (`reserve_exchange`).
+            // is reserved as a split prefill needs it (`Region::reserve_exchange`).
             reserve(&fd, name, 0, FIXED_REGION_BYTES)?;
             let region = map_region(&fd, name, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE)?;
             let shm = Shm {
@@ -373,17 +373,6 @@ impl Shm {
         setup().inspect_err(|_| {
             let _ = shm_unlink(name);
         })
-    }
-
-    /// Reserves the first `bytes` of the region's KV exchange ([`crate::layout::KvExchange`]),
-    /// so that storing there cannot raise SIGBUS on a full /dev/shm: [`ShmError::NoSpace`] then,
-    /// before anything is stored. Pages stay reserved until the region is unlinked; reserving
-    /// them again is one cheap call.
-    pub fn reserve_exchange(&self, bytes: usize) -> Result<(), ShmError> {
-        let bytes = bytes.min(KV_EXCHANGE_BYTES);
-        let fd = shm_open(self.name.as_str(), OFlag::O_RDWR, Mode::empty())
-            .map_err(os_err("shm_open", &self.name))?;
-        reserve(&fd, &self.name, FIXED_REGION_BYTES, bytes)
     }
 
     /// Worker: attach to the region `name`. Refuses a region owned by another user, of the wrong
@@ -956,7 +945,7 @@ mod tests {
             "{} bytes reserved",
             reserved()
         );
-        shm.reserve_exchange(3 << 20).unwrap();
+        shm.region().reserve_exchange(3 << 20).unwrap();
         assert!(
             reserved() >= fixed + (3 << 20),
             "{} bytes reserved",

@@ -133,6 +133,26 @@ impl Region {
         done
     }
 
+    /// Reserves the first `bytes` of the KV exchange, so that storing there cannot raise SIGBUS
+    /// on a full /dev/shm: [`ShmError::NoSpace`] instead, before anything is stored (Linux 5.14's
+    /// `MADV_POPULATE_WRITE`; on older kernels an error too, and the workers do not split).
+    /// Pages stay reserved until the region is unlinked; reserving them again is cheap.
+    pub fn reserve_exchange(&self, bytes: usize) -> Result<(), ShmError> {
+        let len = bytes.min(KV_EXCHANGE_BYTES).next_multiple_of(4096);
+        let at = self.kv.words.as_ptr() as *mut libc::c_void;
+        // SAFETY: `at..at + len` lies inside the exchange (`len` clamped to its size), which is
+        // page-aligned (`KvExchange` is `align(4096)`) and mapped writable for as long as `self`
+        // is borrowed; populating pages changes no byte of them.
+        let done = unsafe { libc::madvise(at, len, libc::MADV_POPULATE_WRITE) };
+        if done != 0 {
+            return Err(ShmError::ExchangeUnreserved {
+                bytes: len,
+                error: nix::errno::Errno::last(),
+            });
+        }
+        Ok(())
+    }
+
     /// Stores `values` at exchange words `at..` (bounds checked).
     pub fn write_exchange(&self, at: usize, values: &[f32]) -> Result<(), ShmError> {
         let words = self.exchange_range(at, values.len())?;
