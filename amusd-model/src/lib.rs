@@ -41,6 +41,6 @@ pub use config::LlamaConfig;
 pub use device::DeviceSpec;
 pub use error::ModelError;
 pub use linear::{Batching, Linear, WeightFormat};
-pub use llama::{Llama, Logits, LogitsFor};
+pub use llama::{BlockHook, Llama, Logits, LogitsFor};
 pub use loader::{load, HeadChoice, LoadedModel, ModelSpec};
 pub use paths::default_model_path;

@@ -252,25 +252,21 @@ impl Llama {
     /// `start_pos` on, taking each block's earlier keys and values in just before that block
     /// attends ([`BlockHook::before_attention`] and [`KvCache::write_positions`], after
     /// [`KvCache::cover`]). Every position's result depends only on the positions before it, not
-    /// on the batch, so the two halves have the bits of one whole prefill (tested). The cache
-    /// keeps `start_pos + tokens.len()` positions unless `after_block` ended the pass early, when
-    /// the last block's rows are not all computed and the cache keeps none of them.
+    /// on the batch, so the two halves have the bits of one whole prefill (tested). Returns
+    /// whether the pass ran to its end, when the cache keeps `start_pos + tokens.len()` positions;
+    /// a hook that ends it early (`Break`) leaves the cache at `start_pos`.
     pub fn prefill_hooked(
         &self,
         tokens: &[u32],
         start_pos: usize,
         cache: &mut KvCache,
         hook: &mut dyn BlockHook,
-    ) -> Result<(), ModelError> {
-        let mut finished = FinishWatch {
-            inner: hook,
-            broke: false,
-        };
-        self.run_blocks_hooked(tokens, start_pos, cache, LogitsFor::Last, &mut finished)?;
-        if finished.broke {
+    ) -> Result<bool, ModelError> {
+        let x = self.run_blocks_hooked(tokens, start_pos, cache, LogitsFor::Last, hook);
+        if !matches!(x, Ok(Some(_))) {
             cache.truncate(start_pos);
         }
-        Ok(())
+        Ok(x?.is_some())
     }
 
     /// The head can be restricted or screened once, and not both.
@@ -376,10 +372,11 @@ impl Llama {
         cache: &mut KvCache,
         which: LogitsFor,
     ) -> Result<Vec<f32>, ModelError> {
-        self.run_blocks_hooked(tokens, start_pos, cache, which, &mut NoHook)
+        let x = self.run_blocks_hooked(tokens, start_pos, cache, which, &mut NoHook)?;
+        Ok(x.expect("a pass without a hook runs to its end"))
     }
 
-    /// [`Self::run_blocks`] calling `hook` around each block.
+    /// [`Self::run_blocks`] calling `hook` around each block; `None` if the hook ended the pass.
     fn run_blocks_hooked(
         &self,
         tokens: &[u32],
@@ -387,7 +384,7 @@ impl Llama {
         cache: &mut KvCache,
         which: LogitsFor,
         hook: &mut dyn BlockHook,
-    ) -> Result<Vec<f32>, ModelError> {
+    ) -> Result<Option<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let m = tokens.len();
         if m == 0 {
@@ -409,7 +406,9 @@ impl Llama {
         let layout = cache.layout();
         let last = self.blocks.len().saturating_sub(1);
         for (layer, block) in self.blocks.iter().enumerate() {
-            hook.before_attention(layer, cache)?;
+            if hook.before_attention(layer, cache)?.is_break() {
+                return Ok(None);
+            }
             let kv = CacheLayer {
                 kv: cache.layer_mut(layer),
                 layout,
@@ -422,11 +421,11 @@ impl Llama {
             self.attention(block, kv, &rope, &mut x, &mut s, from)?;
             self.feed_forward(block, &mut x, &mut s, from)?;
             if hook.after_block(layer, cache)?.is_break() {
-                break;
+                return Ok(None);
             }
         }
         cache.set_len(start_pos + m);
-        Ok(x)
+        Ok(Some(x))
     }
 
     /// `x += attention(rms_norm(x))` for one block: Q, K and V, rotary embeddings, the new keys
@@ -573,8 +572,13 @@ impl Llama {
 /// What a hooked prefill ([`Llama::prefill_hooked`]) does around each block.
 pub trait BlockHook {
     /// Before block `layer` attends (its new keys and values not yet stored): the positions
-    /// before the pass's first must hold this block's keys and values when this returns.
-    fn before_attention(&mut self, layer: usize, cache: &mut KvCache) -> Result<(), ModelError>;
+    /// before the pass's first must hold this block's keys and values when this returns
+    /// `Continue`; `Break` ends the pass.
+    fn before_attention(
+        &mut self,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<std::ops::ControlFlow<()>, ModelError>;
     /// After block `layer`, whose keys and values of the pass's positions are in `cache`:
     /// `Break` ends the pass there.
     fn after_block(
@@ -588,8 +592,12 @@ pub trait BlockHook {
 struct NoHook;
 
 impl BlockHook for NoHook {
-    fn before_attention(&mut self, _: usize, _: &mut KvCache) -> Result<(), ModelError> {
-        Ok(())
+    fn before_attention(
+        &mut self,
+        _: usize,
+        _: &mut KvCache,
+    ) -> Result<std::ops::ControlFlow<()>, ModelError> {
+        Ok(std::ops::ControlFlow::Continue(()))
     }
     fn after_block(
         &mut self,
@@ -597,27 +605,6 @@ impl BlockHook for NoHook {
         _: &KvCache,
     ) -> Result<std::ops::ControlFlow<()>, ModelError> {
         Ok(std::ops::ControlFlow::Continue(()))
-    }
-}
-
-/// A hook passed through, noting whether it ended the pass early.
-struct FinishWatch<'a> {
-    inner: &'a mut dyn BlockHook,
-    broke: bool,
-}
-
-impl BlockHook for FinishWatch<'_> {
-    fn before_attention(&mut self, layer: usize, cache: &mut KvCache) -> Result<(), ModelError> {
-        self.inner.before_attention(layer, cache)
-    }
-    fn after_block(
-        &mut self,
-        layer: usize,
-        cache: &KvCache,
-    ) -> Result<std::ops::ControlFlow<()>, ModelError> {
-        let flow = self.inner.after_block(layer, cache)?;
-        self.broke |= flow.is_break();
-        Ok(flow)
     }
 }
 
@@ -859,6 +846,8 @@ mod tests {
         rows: Vec<(Vec<f32>, Vec<f32>)>,
         n: usize,
         layers_before: Vec<usize>,
+        /// Ends the pass before this block attends.
+        stop_before: Option<usize>,
     }
 
     impl BlockHook for Handover {
@@ -866,13 +855,16 @@ mod tests {
             &mut self,
             layer: usize,
             cache: &mut KvCache,
-        ) -> Result<(), ModelError> {
+        ) -> Result<std::ops::ControlFlow<()>, ModelError> {
             // The other half takes layer `layer` in only now, and it must be there already.
             self.layers_before.push(layer);
             if let Some((k, v)) = self.rows.get(layer) {
                 cache.write_positions(layer, 0, k, v);
             }
-            Ok(())
+            Ok(match self.stop_before == Some(layer) {
+                true => std::ops::ControlFlow::Break(()),
+                false => std::ops::ControlFlow::Continue(()),
+            })
         }
         fn after_block(
             &mut self,
@@ -902,16 +894,26 @@ mod tests {
             rows: Vec::new(),
             n: h,
             layers_before: Vec::new(),
+            stop_before: None,
         };
         let mut first = a.new_cache(64);
-        a.prefill_hooked(&tokens[..h], 0, &mut first, &mut hand)
-            .unwrap();
+        assert!(a
+            .prefill_hooked(&tokens[..h], 0, &mut first, &mut hand)
+            .unwrap());
         assert_eq!((hand.rows.len(), first.len()), (layers, h));
         hand.layers_before.clear();
         let mut second = b.new_cache(64);
         second.cover(h).unwrap();
-        b.prefill_hooked(&tokens[h..m - 1], h, &mut second, &mut hand)
-            .unwrap();
+        // A pass its hook ends keeps nothing of its positions.
+        hand.stop_before = Some(1);
+        assert!(!b
+            .prefill_hooked(&tokens[h..m - 1], h, &mut second, &mut hand)
+            .unwrap());
+        assert_eq!(second.len(), h);
+        (hand.stop_before, hand.layers_before) = (None, Vec::new());
+        assert!(b
+            .prefill_hooked(&tokens[h..m - 1], h, &mut second, &mut hand)
+            .unwrap());
         assert_eq!(hand.layers_before, (0..layers).collect::<Vec<_>>());
         let got = b
             .forward(&tokens[m - 1..], m - 1, &mut second, LogitsFor::Last)

@@ -10,5 +10,6 @@ pub use amusd_spec::worker::{
     DraftOptions, VerifyOptions, DEFAULT_MAX_LOOKAHEAD, DEFAULT_MAX_VERIFY_BATCH,
 };
 pub use worker::{
-    constraints_for, worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure,
+    constraints_for, split_fingerprint, worker_exit, worker_main, RoleOptions, WorkerConfig,
+    WorkerFailure,
 };

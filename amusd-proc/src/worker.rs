@@ -12,6 +12,7 @@ use amusd_spec::constraint::Constraints;
 use amusd_spec::fake::{FakeDecoder, FakeModel};
 use amusd_spec::history::NgramHistory;
 use amusd_spec::lookup::{self, NoModel};
+use amusd_spec::split::Helper;
 use amusd_spec::worker::{run_draft, run_verify, DraftOptions, VerifyOptions};
 use amusd_spec::{Decoder, Drafter, LlamaDecoder, SpecError, Verifier};
 
@@ -80,6 +81,11 @@ pub fn constraints_for(spec: &str) -> Option<Arc<dyn Constraints>> {
     Some(Arc::new(amusd_grammar::LazyCompiler::new(spec)))
 }
 
+/// The fingerprint of the verify model `spec` for a split prefill ([`amusd_spec::split`]).
+pub fn split_fingerprint(spec: &str) -> Option<u64> {
+    amusd_spec::split::fingerprint(spec)
+}
+
 /// Why a worker stopped with an error.
 #[derive(Debug)]
 pub struct WorkerFailure {
@@ -135,7 +141,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
     region.register_worker(role, &cfg.device, &cfg.model);
     let result = (|| {
         region.set_worker_state(role, WorkerState::Loading);
-        let (decoder, name) = load_with_heartbeat(region, role, &cfg.model)?;
+        let (decoder, name) = with_heartbeat(region, role, || load_decoder(&cfg.model))?;
         region.worker(role).model.set(&name);
         match &cfg.role {
             RoleOptions::Draft(opts) => {
@@ -146,7 +152,11 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                 };
                 let drafter = Drafter::new(decoder).with_constraints(constraints_for(&cfg.model));
                 let mut drafter = with_lookup(drafter, &cfg.model, &opts)?;
-                run_draft(region, &mut drafter, &opts, &*alive)
+                let mut helper = match &opts.split_with {
+                    Some(spec) => Some(with_heartbeat(region, role, || Helper::load(spec))?),
+                    None => None,
+                };
+                run_draft(region, &mut drafter, &opts, helper.as_mut(), &*alive)
             }
             RoleOptions::Verify(opts) => {
                 let opts = VerifyOptions {
@@ -155,6 +165,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                 };
                 let mut verifier =
                     Verifier::new(decoder).with_constraints(constraints_for(&cfg.model));
+                amusd_spec::split::announce(region, opts.split);
                 run_verify(region, &mut verifier, &opts, &*alive)
             }
         }
@@ -229,15 +240,15 @@ fn coordinator_watch(
     Ok(Box::new(|| region.coordinator_alive()))
 }
 
-/// Loads the model while a second thread heartbeats for it as long as the load makes progress:
+/// Runs `load` while a second thread heartbeats for it as long as the load makes progress:
 /// the loading thread used CPU since the last beat or waits for the disk. So the coordinator's hang
 /// check catches a stopped load (both threads stop) and a wedged one (asleep, using no CPU) within
 /// the hang timeout, whatever the model's size.
-fn load_with_heartbeat(
+fn with_heartbeat<T: Send>(
     region: &Region,
     role: Role,
-    spec: &str,
-) -> Result<(Box<dyn Decoder + Send>, String), SpecError> {
+    load: impl FnOnce() -> Result<T, SpecError>,
+) -> Result<T, SpecError> {
     let done = AtomicBool::new(false);
     // SAFETY: gettid() takes no arguments and cannot fail.
     let loader = unsafe { libc::gettid() };
@@ -253,7 +264,7 @@ fn load_with_heartbeat(
                 std::thread::park_timeout(LOAD_HEARTBEAT);
             }
         });
-        let loaded = load_decoder(spec);
+        let loaded = load();
         done.store(true, Ordering::Release);
         beat.thread().unpark();
         loaded

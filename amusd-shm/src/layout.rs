@@ -182,6 +182,9 @@ u32_enum! {
         /// came from prompt lookup, `accepted` of them were accepted (layout 3). Pushed only when
         /// `count > 0`.
         LookupVerified = 7,
+        /// The verify worker prefilled the prompt's positions `position..position + count` while
+        /// the draft worker computed `0..position` for it ([`SplitSection`], layout 11).
+        SplitPrefill = 8,
     }
 }
 
@@ -686,6 +689,11 @@ pub struct SplitSection {
     pub layers: AtomicU32,
     /// Key (and value) values of a position in one block. Writer, reader: as `request_id`.
     pub kv_dim: AtomicU32,
+    /// The fingerprint of the verify worker's model when it can split (0: it cannot): it then
+    /// posts a job for every request it takes up, `Dropped` where it will not split, so the
+    /// draft worker knows what to wait for. Writer: the verify worker, Release, once loaded; the
+    /// coordinator stores 0 when it reaps the verify worker. Reader: the draft worker, Acquire.
+    pub verifier: AtomicU64,
 }
 
 /// The keys and values a split prefill hands over ([`SplitSection`]). Writers: the draft worker
@@ -810,6 +818,7 @@ mod tests {
         assert_eq!(offset_of!(SplitSection, end), 36);
         assert_eq!(offset_of!(SplitSection, layers), 40);
         assert_eq!(offset_of!(SplitSection, kv_dim), 44);
+        assert_eq!(offset_of!(SplitSection, verifier), 48);
         assert_eq!(size_of::<SplitSection>(), 64);
 
         assert_eq!(offset_of!(Control, shutdown), 0);

@@ -68,6 +68,16 @@ impl Region {
         self.split.helper.load(Ordering::Acquire)
     }
 
+    /// Verify worker: whether it can split (its model's fingerprint, 0 for no).
+    pub fn announce_verifier(&self, fingerprint: u64) {
+        self.split.verifier.store(fingerprint, Ordering::Release);
+    }
+
+    /// Draft worker: the verify worker's [`Self::announce_verifier`].
+    pub fn verifier(&self) -> u64 {
+        self.split.verifier.load(Ordering::Acquire)
+    }
+
     /// The current job word.
     pub fn split_word(&self) -> JobWord {
         JobWord::unpack(self.split.job.load(Ordering::Acquire))

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use amusd_model::{Batching, KvCache, Llama, LogitsFor, ModelError};
+use amusd_model::{Batching, BlockHook, KvCache, Llama, LogitsFor, ModelError};
 
 use crate::constraint::{activate, Constraints};
 use crate::history::NgramHistory;
@@ -11,6 +11,7 @@ use crate::logprobs::Logprobs;
 use crate::lookup::{Lookup, LookupGate, NgramRange, Source};
 use crate::run_worth::{self, Agreement, ForwardCost};
 use crate::sampling::{RequestSampling, Sampler};
+use crate::split::SplitOps;
 use crate::SpecError;
 
 /// A model that predicts next tokens and caches the positions it has seen.
@@ -47,6 +48,10 @@ pub trait Decoder {
     /// Whether a position's result may depend on the batch it was computed in (see
     /// [`Batching`]). Required, not defaulted, so that wrappers cannot silently drop it.
     fn set_batching(&mut self, batching: Batching);
+    /// What a split prefill needs of the model ([`crate::split`]), where it has it.
+    fn split_ops(&mut self) -> Option<&mut dyn SplitOps> {
+        None
+    }
 }
 
 /// The error of a request for `len` positions from a decoder that can hold `capacity`.
@@ -189,6 +194,61 @@ impl Decoder for LlamaDecoder {
     fn set_batching(&mut self, batching: Batching) {
         self.model.batching = batching;
     }
+    fn split_ops(&mut self) -> Option<&mut dyn SplitOps> {
+        Some(self)
+    }
+}
+
+impl SplitOps for LlamaDecoder {
+    fn shape(&self) -> (usize, usize) {
+        (self.model.blocks.len(), self.model.config.kv_dim())
+    }
+
+    fn prefill_after(
+        &mut self,
+        prompt: &[u32],
+        split: usize,
+        end: usize,
+        hook: &mut dyn BlockHook,
+    ) -> Result<bool, SpecError> {
+        self.truncate(0);
+        self.cache.cover(split)?;
+        let tokens = &prompt[split..end];
+        match self
+            .model
+            .prefill_hooked(tokens, split, &mut self.cache, hook)
+        {
+            Ok(true) => {
+                self.tokens = prompt[..end].to_vec();
+                Ok(true)
+            }
+            done => {
+                self.truncate(0);
+                Ok(done?)
+            }
+        }
+    }
+
+    fn read_positions(&self, layer: usize, from: usize, k: &mut [f32], v: &mut [f32]) {
+        self.cache.read_positions(layer, from, k, v);
+    }
+
+    fn adopt(
+        &mut self,
+        tokens: &[u32],
+        fill: &mut dyn FnMut(usize, &mut KvCache) -> Result<(), SpecError>,
+    ) -> Result<(), SpecError> {
+        self.truncate(0);
+        self.cache.cover(tokens.len())?;
+        for layer in 0..self.model.blocks.len() {
+            if let Err(e) = fill(layer, &mut self.cache) {
+                self.truncate(0);
+                return Err(e);
+            }
+        }
+        self.tokens = tokens.to_vec();
+        Ok(())
+    }
 }
 
 impl<D: Decoder + ?Sized> Decoder for Box<D> {
@@ -218,6 +278,9 @@ impl<D: Decoder + ?Sized> Decoder for Box<D> {
     }
     fn set_batching(&mut self, batching: Batching) {
         (**self).set_batching(batching)
+    }
+    fn split_ops(&mut self) -> Option<&mut dyn SplitOps> {
+        (**self).split_ops()
     }
 }
 

@@ -47,6 +47,10 @@ pub struct Metrics {
     /// Prompt tokens the verify model found cached from the previous request and did not prefill
     /// again ([`crate::RequestSampling::cache_prompt`]).
     pub cached_prompt_tokens: usize,
+    /// Prompt positions the draft worker computed for the verify model, which prefilled the
+    /// rest meanwhile (amusd's split prefill, [`crate::split`]); 0 when the verify model
+    /// prefilled alone.
+    pub split_prompt_tokens: usize,
 }
 
 impl Metrics {

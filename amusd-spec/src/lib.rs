@@ -24,6 +24,7 @@ mod philox;
 pub mod policy;
 pub mod run_worth;
 pub mod sampling;
+pub mod split;
 pub mod worker;
 
 pub use decoder::{Decoder, Drafter, LlamaDecoder, Verifier};

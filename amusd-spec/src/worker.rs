@@ -31,6 +31,7 @@ use crate::logprobs::{Logprobs, TokenLogprob};
 use crate::lookup::Source;
 use crate::policy::{accept, Finish, StopCriteria};
 use crate::sampling::{RequestSampling, SamplingParams};
+use crate::split;
 use crate::SpecError;
 
 /// How often the coordinator checks its workers while a request runs.
@@ -48,6 +49,8 @@ const RETRY: Duration = Duration::from_millis(1);
 
 /// The request a worker is working on.
 struct Held {
+    /// The verify worker's split prefill job for this request, until it runs it.
+    split: Option<amusd_shm::JobWord>,
     id: u64,
     prompt_len: usize,
     /// Prompt plus budget: no position at or past this is ever committed.
@@ -221,6 +224,7 @@ fn take_up(region: &Region, req: &amusd_shm::RequestSnapshot) -> Result<Option<H
         return Ok(None);
     }
     Ok(Some(Held {
+        split: None,
         id: req.request_id,
         prompt_len: req.prompt_len,
         limit: req.prompt_len + req.max_new_tokens as usize,
@@ -277,6 +281,9 @@ pub struct DraftOptions {
     /// With the lookup ahead of the model: the n-gram history across requests too (see
     /// [`crate::history`]).
     pub history: bool,
+    /// The verify model's spec, when this worker computes part of its prompts' prefill
+    /// ([`crate::split`]).
+    pub split_with: Option<String>,
 }
 
 /// The draft worker: drafts continuously up to `max_lookahead` tokens ahead of the committed
@@ -286,8 +293,12 @@ pub fn run_draft<D: Decoder>(
     region: &Region,
     drafter: &mut Drafter<D>,
     opts: &DraftOptions,
+    mut helper: Option<&mut split::Helper>,
     alive: &dyn Fn() -> bool,
 ) -> Result<(), SpecError> {
+    if let Some(helper) = helper.as_ref() {
+        region.advertise_helper(helper.fingerprint);
+    }
     let role = Role::Draft;
     let mut held: Option<Held> = None;
     // Draft positions `..published` in the region equal `drafter.seq()`; the region's draft_len is
@@ -314,6 +325,11 @@ pub fn run_draft<D: Decoder>(
                         published = region_len;
                         region.set_worker_request(role, h.id);
                         region.set_worker_state(role, WorkerState::Busy);
+                        if let (Some(helper), Some(ops)) =
+                            (helper.as_deref_mut(), drafter.decoder.split_ops())
+                        {
+                            split::help(region, helper, ops, prompt, h.id)?;
+                        }
                         held = Some(h);
                     }
                 }
@@ -425,6 +441,9 @@ pub struct VerifyOptions {
     /// lookup off ([`RequestSampling::no_draft_lookup`]) steps at once, as it would on workers
     /// started without lookup.
     pub wait_for_draft: Duration,
+    /// The fingerprint of this worker's model ([`crate::split::fingerprint`]) when the draft
+    /// worker may compute part of its prompts' prefill; `None`: it prefills alone.
+    pub split: Option<u64>,
 }
 
 /// The verify worker: takes every valid draft token beyond the committed length (up to
@@ -450,9 +469,17 @@ pub fn run_verify<D: Decoder>(
         let mut next = Next::Wait(IDLE_POLL);
         if let Some(req) = track_request(region, role, &mut held)? {
             if held.is_none() {
-                if let Some(h) = take_up(region, &req)? {
+                if let Some(mut h) = take_up(region, &req)? {
                     let prompt = &h.committed[..h.prompt_len];
-                    let kept = verifier.start(prompt, h.limit, &h.sampling)?;
+                    let mut kept = verifier.start(prompt, h.limit, &h.sampling)?;
+                    // Prompt scores need the verify worker's own logits at every position.
+                    let own = opts.split.filter(|_| !h.sampling.prompt_logprobs);
+                    let resumed = h.committed.len() > h.prompt_len;
+                    let at = (h.id, h.prompt_len, kept, resumed);
+                    h.split = split::offer(region, own, verifier.decoder.split_ops(), at)?;
+                    if h.split.is_some() {
+                        kept = 0;
+                    }
                     // Marks the take-up, an instant: the prefill runs in the following steps.
                     let t0 = now_us();
                     region.set_worker_request(role, h.id);
@@ -525,6 +552,18 @@ fn verify_step<D: Decoder>(
         if !rows.is_empty() {
             region.store_logprobs(from, &logprob_rows(&rows, 1 + k))?;
             return Ok(Next::Work);
+        }
+    }
+    if let Some(word) = h.split.take() {
+        if let Some(ops) = verifier.decoder.split_ops() {
+            let t0 = now_us();
+            if split::verify_prefill(region, ops, &h.committed[..h.prompt_len], word)? {
+                let job = region.split_job();
+                let (from, n) = (job.split as usize, (job.end - job.split) as usize);
+                let e = event(EventKind::SplitPrefill, h.id, t0, from, n, 0);
+                region.events(Role::Verify).push(&e);
+                return Ok(Next::Work);
+            }
         }
     }
     // A long prefill runs in chunks, one per loop iteration (each heartbeats).
@@ -774,6 +813,7 @@ fn collect_metrics(region: &Region, request_id: u64, cursors: [u64; 2], m: &mut 
                     m.accepted_lookup += e.accepted as usize;
                 }
                 EventKind::Prefill => m.cached_prompt_tokens = e.accepted as usize,
+                EventKind::SplitPrefill => m.split_prompt_tokens = e.position as usize,
                 EventKind::LookupDraft => {}
             }
         }
@@ -988,8 +1028,9 @@ mod tests {
                         lookup: None,
                         lookup_max_run: 16,
                         history: false,
+                        split_with: None,
                     };
-                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
+                    run_draft(&r1, &mut d, &opts, None, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v =
@@ -997,6 +1038,7 @@ mod tests {
                     let opts = VerifyOptions {
                         max_verify_batch: max_batch,
                         wait_for_draft: wait,
+                        split: None,
                     };
                     run_verify(&r2, &mut v, &opts, &|| true).unwrap();
                 }),
@@ -1104,14 +1146,16 @@ mod tests {
                         lookup: None,
                         lookup_max_run: 16,
                         history: false,
+                        split_with: None,
                     };
-                    run_draft(&r1, &mut d, &opts, &|| true).unwrap();
+                    run_draft(&r1, &mut d, &opts, None, &|| true).unwrap();
                 }),
                 std::thread::spawn(move || {
                     let mut v = Verifier::new(FakeDecoder::new(t2));
                     let opts = VerifyOptions {
                         max_verify_batch: 4,
                         wait_for_draft: Duration::ZERO,
+                        split: None,
                     };
                     run_verify(&r2, &mut v, &opts, &|| true).unwrap();
                 }),

@@ -103,6 +103,13 @@ pub struct ModelArgs {
     /// (llama.cpp's dynamic n-gram cache, in 6 MiB), in the forward that drafts its own token.
     #[arg(long)]
     pub no_draft_history: bool,
+    /// amusd: the verify model prefills every prompt alone. By default, when the draft is the
+    /// verify model's checkpoint, the draft worker also loads the verify model and computes the
+    /// first half of each prompt's prefill for it (the same bits, ~half the time to the first
+    /// token; ~100 MB more in the draft worker), then drafts from the verify model's keys and
+    /// values instead of prefilling itself.
+    #[arg(long)]
+    pub no_split_prefill: bool,
     /// Device of the verify model (and of the whole process for ar and sd).
     #[arg(long, default_value = "cpu:1")]
     pub verify_device: String,
@@ -254,6 +261,17 @@ impl ModelArgs {
     /// Whether the n-gram history across requests drafts beside the lookup ahead of the model.
     pub fn draft_history(&self) -> bool {
         self.lookup_ahead().is_some() && !self.no_draft_history
+    }
+
+    /// Whether the workers split prompts' prefills (amusd, `--no-split-prefill`): only where
+    /// the draft is the verify model's checkpoint, whose keys and values it can then adopt.
+    pub fn split_prefill(&self, verify_spec: &str, draft_spec: &str) -> bool {
+        let file = |spec: &str| {
+            let spec: ModelSpec = spec.parse().ok()?;
+            std::fs::canonicalize(spec.path).ok()
+        };
+        let same = file(verify_spec).is_some_and(|v| file(draft_spec) == Some(v));
+        !self.no_split_prefill && self.alone_spec().is_none() && same
     }
 
     /// Whether prompt lookup drafts, alone or ahead of the model.

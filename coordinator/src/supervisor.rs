@@ -305,6 +305,11 @@ impl Supervisor {
         self.workers[i].child = None;
         let exit = exit_status(status);
         self.shm.mark_worker_dead(role, exit);
+        // A dead worker takes no part in a split prefill: the other must not wait for it.
+        match role {
+            Role::Draft => self.shm.advertise_helper(0),
+            Role::Verify => self.shm.announce_verifier(0),
+        }
         if role == Role::Draft && self.shm.repair_draft_epoch() {
             eprintln!("amusd: the draft worker died mid-rewrite; draft buffer emptied");
         }

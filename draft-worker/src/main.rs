@@ -38,6 +38,11 @@ struct Args {
     /// request this worker has served.
     #[arg(long, requires = "lookup")]
     history: bool,
+    /// Also load the verify model SPEC and compute the first part of each prompt's prefill for
+    /// a verify worker started with `--split-prefill` on it (the draft then adopts the verify
+    /// model's keys and values instead of prefilling).
+    #[arg(long, value_name = "SPEC")]
+    split_prefill_with: Option<String>,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -55,6 +60,7 @@ fn main() -> ExitCode {
             lookup: a.lookup,
             lookup_max_run: a.lookup_max_run,
             history: a.history,
+            split_with: a.split_prefill_with,
         }),
     };
     worker_exit("amusd-draft-worker", a.supervised, worker_main(&cfg))

@@ -30,6 +30,10 @@ struct Args {
     /// Microseconds to wait for a draft token before stepping alone.
     #[arg(long, default_value_t = 0)]
     verify_wait_us: u64,
+    /// Prefill prompts together with the draft worker started with
+    /// `--split-prefill-with` this worker's model, where it asks for jobs.
+    #[arg(long)]
+    split_prefill: bool,
     /// Started by the coordinator, which reports this worker's errors from the region.
     #[arg(long, hide = true)]
     supervised: bool,
@@ -37,6 +41,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let a = Args::parse();
+    let split = match a.split_prefill {
+        true => amusd_proc::split_fingerprint(&a.model),
+        false => None,
+    };
     let cfg = WorkerConfig {
         region: a.region,
         model: a.model,
@@ -45,6 +53,7 @@ fn main() -> ExitCode {
         role: RoleOptions::Verify(VerifyOptions {
             max_verify_batch: a.max_verify_batch,
             wait_for_draft: Duration::from_micros(a.verify_wait_us),
+            split,
         }),
     };
     worker_exit("amusd-verify-worker", a.supervised, worker_main(&cfg))

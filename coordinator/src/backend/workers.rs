@@ -54,23 +54,30 @@ impl Workers {
     /// Starts both workers and waits until their models are loaded. A command line that wants
     /// Ctrl-C to stop them cleanly installs [`crate::supervisor::install_signal_handlers`] first.
     pub fn start(m: &ModelArgs, verify_spec: &str, draft_spec: &str) -> Result<Self> {
+        let split = m.split_prefill(verify_spec, draft_spec);
+        let mut draft_extra = draft_args(m);
+        let mut verify_extra = vec![
+            "--max-verify-batch".into(),
+            m.max_verify_batch.to_string(),
+            "--verify-wait-us".into(),
+            m.verify_wait_us().to_string(),
+        ];
+        if split {
+            draft_extra.extend(["--split-prefill-with".into(), verify_spec.to_string()]);
+            verify_extra.push("--split-prefill".into());
+        }
         let specs = vec![
             WorkerSpec {
                 role: Role::Draft,
                 model: draft_spec.to_string(),
                 device: m.draft_device()?,
-                extra_args: draft_args(m),
+                extra_args: draft_extra,
             },
             WorkerSpec {
                 role: Role::Verify,
                 model: verify_spec.to_string(),
                 device: m.verify_device()?,
-                extra_args: vec![
-                    "--max-verify-batch".into(),
-                    m.max_verify_batch.to_string(),
-                    "--verify-wait-us".into(),
-                    m.verify_wait_us().to_string(),
-                ],
+                extra_args: verify_extra,
             },
         ];
         let policy = Policy {

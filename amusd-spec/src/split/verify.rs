@@ -1,0 +1,179 @@
+//! The verify worker's side of a split prefill: posting a job, prefilling from `split` while
+//! taking the draft worker's blocks in, handing its own positions over.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use amusd_model::{BlockHook, KvCache, ModelError};
+use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState};
+
+use super::TAKE_GRACE;
+use super::{request_live, take_in, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS, POLL, STALL};
+use crate::SpecError;
+
+/// Verify worker, once loaded: whether it can split prefills (its model's fingerprint, or
+/// `None`), so that the draft worker knows whether to wait for its jobs.
+pub fn announce(region: &Region, fingerprint: Option<u64>) {
+    region.announce_verifier(fingerprint.unwrap_or(0));
+}
+
+/// Verify worker, taking up request `request_id` (`prompt`, of which its cache keeps `kept`
+/// positions; `resumed` when more than the prompt is committed, after a restart): posts a job
+/// splitting the prompt's prefill if the draft worker can help and it is worth it, emptying
+/// the cache (returns the job's word), or else a dropped job, so that the draft worker does not
+/// wait for one. Nothing when the draft worker cannot help.
+pub fn offer(
+    region: &Region,
+    own: Option<u64>,
+    ops: Option<&mut dyn SplitOps>,
+    (request_id, prompt_len, kept, resumed): (u64, usize, usize, bool),
+) -> Result<Option<JobWord>, SpecError> {
+    let (Some(own), Some(ops)) = (own, ops) else {
+        return Ok(None);
+    };
+    if region.helper() != own {
+        return Ok(None);
+    }
+    let end = prompt_len.saturating_sub(1);
+    let split = (end as f64 * DRAFT_SHARE).round() as usize;
+    let (layers, kv_dim) = ops.shape();
+    let job = SplitJob {
+        request_id,
+        fingerprint: own,
+        split: split as u32,
+        end: end as u32,
+        layers: layers as u32,
+        kv_dim: kv_dim as u32,
+    };
+    // Splitting recomputes the kept positions: worth it while the verify worker's share is
+    // less than what it would prefill alone.
+    let worth = !resumed && end >= MIN_SPLIT_POSITIONS && end - split < end - kept;
+    let fits = job.words() <= amusd_shm::KV_EXCHANGE_BYTES / 4
+        && region.reserve_exchange(job.words() * 4).is_ok();
+    if worth && fits {
+        return Ok(Some(region.post_split(&job)?));
+    }
+    let none = SplitJob {
+        split: 0,
+        end: 0,
+        ..job
+    };
+    let word = region.post_split(&none)?;
+    region.move_split(word, with_state(word, SplitState::Dropped));
+    Ok(None)
+}
+
+fn with_state(w: JobWord, state: SplitState) -> JobWord {
+    JobWord { state, ..w }
+}
+
+/// Verify worker: runs the prefill of the job `word` posted for `prompt`: positions
+/// `split..end`, taking the draft worker's `..split` in block by block, then hands its own
+/// positions over. Returns whether it did; `false` when the job was dropped, and the cache
+/// is then empty (the caller prefills alone).
+pub fn verify_prefill(
+    region: &Region,
+    ops: &mut dyn SplitOps,
+    prompt: &[u32],
+    word: JobWord,
+) -> Result<bool, SpecError> {
+    let job = region.split_job();
+    let (split, end) = (job.split as usize, job.end as usize);
+    let now = Instant::now();
+    let mut taker = Taker {
+        region,
+        job,
+        word,
+        posted: now,
+        progress: now,
+        buf: Default::default(),
+    };
+    match ops.prefill_after(prompt, split, end, &mut taker) {
+        Ok(true) => {}
+        Ok(false) => return Ok(false),
+        Err(e) => {
+            region.move_split(taker.word, with_state(taker.word, SplitState::Dropped));
+            return Err(e);
+        }
+    }
+    let len = (end - split) * job.kv_dim as usize;
+    let (mut k, mut v) = (vec![0.0; len], vec![0.0; len]);
+    for layer in 0..job.layers as usize {
+        ops.read_positions(layer, split, &mut k, &mut v);
+        region.write_exchange(job.word_of(layer, false, split), &k)?;
+        region.write_exchange(job.word_of(layer, true, split), &v)?;
+    }
+    // The draft worker may have dropped it meanwhile (its request ended): then nobody reads.
+    region.move_split(taker.word, with_state(taker.word, SplitState::Handed));
+    Ok(true)
+}
+
+/// The verify worker's hook: waits for each block of the draft worker's positions and takes
+/// them in, or drops the job.
+struct Taker<'a> {
+    region: &'a Region,
+    job: SplitJob,
+    /// The job as last seen.
+    word: JobWord,
+    posted: Instant,
+    /// When the draft worker last published a block.
+    progress: Instant,
+    buf: (Vec<f32>, Vec<f32>),
+}
+
+impl Taker<'_> {
+    /// Waits until the draft worker has published `blocks` blocks; `false` if the job was
+    /// dropped (by either side).
+    fn wait_blocks(&mut self, blocks: u32) -> bool {
+        let region = self.region;
+        loop {
+            let bell = region.bell_value(Party::Verify);
+            let w = region.split_word();
+            if w.seq != self.word.seq || w.state == SplitState::Dropped {
+                return false;
+            }
+            if w.state == SplitState::Taken && w.blocks != self.word.blocks {
+                self.progress = Instant::now();
+            }
+            self.word = w;
+            if w.state == SplitState::Taken && w.blocks >= blocks {
+                return true;
+            }
+            let deadline = match w.state {
+                SplitState::Offered => self.posted + TAKE_GRACE,
+                _ => self.progress + STALL,
+            };
+            let now = Instant::now();
+            if now >= deadline || !request_live(region, self.job.request_id) {
+                if region.move_split(w, with_state(w, SplitState::Dropped)) {
+                    return false;
+                }
+                continue;
+            }
+            region.heartbeat(Role::Verify);
+            let wait = (deadline - now).min(POLL);
+            region.wait_bell_with(Party::Verify, bell, Some(wait), Spin::DEFAULT);
+        }
+    }
+}
+
+impl BlockHook for Taker<'_> {
+    fn before_attention(
+        &mut self,
+        layer: usize,
+        cache: &mut KvCache,
+    ) -> Result<ControlFlow<()>, ModelError> {
+        if !self.wait_blocks(layer as u32 + 1) {
+            return Ok(ControlFlow::Break(()));
+        }
+        let at = (layer, 0, self.job.split as usize);
+        take_in(self.region, &self.job, at, cache, &mut self.buf)
+            .map_err(|e| ModelError::Shape(format!("split prefill: {e}")))?;
+        Ok(ControlFlow::Continue(()))
+    }
+
+    fn after_block(&mut self, _: usize, _: &KvCache) -> Result<ControlFlow<()>, ModelError> {
+        self.region.heartbeat(Role::Verify);
+        Ok(ControlFlow::Continue(()))
+    }
+}
