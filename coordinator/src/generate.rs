@@ -308,6 +308,7 @@ fn logprobs_json(all: &[Logprobs], tokenizer: Option<&Tokenizer>) -> Result<serd
 pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
     serde_json::json!({
         "prompt_tokens": m.prompt_tokens,
+        "split_prompt_tokens": m.split_prompt_tokens,
         "new_tokens": m.new_tokens,
         "ttft_ms": m.ttft * 1e3,
         "decode_tokens": m.decode_tokens,
@@ -331,10 +332,14 @@ pub fn summary_json(m: &amusd_spec::Metrics) -> serde_json::Value {
 
 pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
     let (name, prompt) = (strategy.name(), m.prompt_tokens);
+    let split = match m.split_prompt_tokens {
+        0 => String::new(),
+        n => format!(" ({n} prefilled by the draft worker)"),
+    };
     // No token (a grammar that allows only the empty answer): no rate to give.
     let mut s = if m.new_tokens == 0 {
         let ms = m.total_time * 1e3;
-        format!("[{name}] prompt {prompt} tokens, generated 0 tokens in {ms:.0} ms")
+        format!("[{name}] prompt {prompt} tokens{split}, generated 0 tokens in {ms:.0} ms")
     } else {
         let tps = if m.ms_per_token() > 0.0 {
             1e3 / m.ms_per_token()
@@ -342,7 +347,7 @@ pub fn summary_line(strategy: Strategy, m: &amusd_spec::Metrics) -> String {
             0.0
         };
         format!(
-            "[{name}] prompt {prompt} tokens, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s), end to end {:.1} tokens/s",
+            "[{name}] prompt {prompt} tokens{split}, generated {} tokens, ttft {:.0} ms, decode {:.1} ms/token ({:.1} tokens/s), end to end {:.1} tokens/s",
             m.new_tokens,
             m.ttft * 1e3,
             m.ms_per_token(),

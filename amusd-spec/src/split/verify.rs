@@ -144,7 +144,9 @@ impl Taker<'_> {
                 _ => self.progress + STALL,
             };
             let now = Instant::now();
-            if now >= deadline || !request_live(region, self.job.request_id) {
+            // The coordinator clears the draft worker's word when it reaps it: no need to wait.
+            let helper_gone = region.helper() != self.job.fingerprint;
+            if now >= deadline || helper_gone || !request_live(region, self.job.request_id) {
                 if region.move_split(w, with_state(w, SplitState::Dropped)) {
                     return false;
                 }

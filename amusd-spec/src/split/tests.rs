@@ -1,0 +1,238 @@
+//! The split prefill between two threads standing for the workers, on a tiny model and a real
+//! region: the verify side's cache has the bits of a whole prefill, the draft side adopts every
+//! position, and a draft side that never takes the job or stops midway costs a wait, never a bit.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use amusd_model::testing::TinyModel;
+use amusd_shm::{JobWord, Region, RequestSpec, SamplingFields, SplitState};
+use candle_core::quantized::GgmlDType;
+
+use super::*;
+use crate::decoder::Decoder;
+use crate::LlamaDecoder;
+
+/// A tiny q4_1 checkpoint, as the default pair shares one.
+fn model_file() -> &'static str {
+    static FILE: OnceLock<(tempfile::TempDir, String)> = OnceLock::new();
+    &FILE
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tiny-q4_1.gguf");
+            TinyModel::default()
+                .write_gguf(&path, GgmlDType::Q4_1)
+                .unwrap();
+            let path = path.to_str().unwrap().to_string();
+            (dir, path)
+        })
+        .1
+}
+
+fn verify_spec() -> String {
+    format!("{}:f32", model_file())
+}
+
+fn decoder(spec: &str) -> LlamaDecoder {
+    let (model, _) = amusd_model::loader::load_weights(&spec.parse().unwrap()).unwrap();
+    LlamaDecoder::new(model)
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 37 + 11) % 259).collect()
+}
+
+/// A region running request 1 with `prompt`.
+fn region_with(prompt: &[u32]) -> Box<Region> {
+    let r = Region::new_boxed();
+    let spec = RequestSpec {
+        request_id: 1,
+        prompt,
+        max_new_tokens: 4,
+        stop_tokens: &[],
+        sampling: SamplingFields::default(),
+    };
+    r.submit_request(&spec).unwrap();
+    r
+}
+
+/// Every block's keys and values at positions `0..n`, as bits.
+fn cached_bits(d: &mut LlamaDecoder, n: usize) -> Vec<Vec<u32>> {
+    let ops = d.split_ops().unwrap();
+    let (layers, kv_dim) = ops.shape();
+    (0..layers)
+        .map(|l| {
+            let (mut k, mut v) = (vec![0.0; n * kv_dim], vec![0.0; n * kv_dim]);
+            ops.read_positions(l, 0, &mut k, &mut v);
+            k.iter().chain(&v).map(|x| x.to_bits()).collect()
+        })
+        .collect()
+}
+
+/// The verify side of request 1: offers the job and runs it; returns whether it split and
+/// the decoder.
+fn verify_side(region: &Region, prompt: &[u32]) -> (bool, LlamaDecoder) {
+    let mut d = decoder(&verify_spec());
+    d.start(prompt, 64, false).unwrap();
+    let own = fingerprint(&verify_spec());
+    region.announce_verifier(own.unwrap());
+    let at = (1, prompt.len(), 0, false);
+    let word = offer(region, own, d.split_ops(), at)
+        .unwrap()
+        .expect("a job");
+    let split = verify_prefill(region, d.split_ops().unwrap(), prompt, word).unwrap();
+    (split, d)
+}
+
+#[test]
+fn a_split_prefill_has_the_bits_of_a_whole_one_and_the_draft_adopts_it() {
+    let prompt = prompt(60);
+    let end = prompt.len() - 1;
+    let region = region_with(&prompt);
+    let mut helper = Helper::load(&verify_spec()).unwrap();
+    region.advertise_helper(helper.fingerprint);
+    let (split, mut verify, adopted, mut draft) = std::thread::scope(|s| {
+        let draft = s.spawn(|| {
+            let mut draft = decoder(&format!("{}:stored:kv=f16", model_file()));
+            draft.start(&prompt, 64, false).unwrap();
+            let ops = draft.split_ops().unwrap();
+            let adopted = help(&region, &mut helper, ops, &prompt, 1).unwrap();
+            (adopted, draft)
+        });
+        let (split, verify) = verify_side(&region, &prompt);
+        let (adopted, draft) = draft.join().unwrap();
+        (split, verify, adopted, draft)
+    });
+    assert!(split && adopted);
+    assert_eq!(region.split_word().state, SplitState::Handed);
+    assert_eq!((verify.cached(), draft.cached()), (end, end));
+    let mut whole = decoder(&verify_spec());
+    whole.start(&prompt, 64, false).unwrap();
+    whole.prefill_bulk(&prompt[..end], 0).unwrap();
+    assert_eq!(cached_bits(&mut verify, end), cached_bits(&mut whole, end));
+    // The draft holds the verify model's keys and values at its own precision (f16).
+    let f16 = |bits: Vec<Vec<u32>>| -> Vec<Vec<u16>> {
+        let round = |b: &u32| half::f16::from_f32(f32::from_bits(*b)).to_bits();
+        bits.iter().map(|l| l.iter().map(round).collect()).collect()
+    };
+    let drafts = cached_bits(&mut draft, end);
+    assert_eq!(f16(drafts), f16(cached_bits(&mut whole, end)));
+}
+
+#[test]
+fn a_job_nobody_takes_is_dropped_after_the_grace_and_costs_no_bit() {
+    let prompt = prompt(60);
+    let region = region_with(&prompt);
+    region.advertise_helper(fingerprint(&verify_spec()).unwrap());
+    let t0 = Instant::now();
+    let (split, d) = verify_side(&region, &prompt);
+    assert!(!split);
+    assert!(t0.elapsed() >= TAKE_GRACE);
+    assert_eq!(d.cached(), 0, "a dropped split leaves nothing cached");
+    assert_eq!(region.split_word().state, SplitState::Dropped);
+}
+
+/// The draft side takes the job and publishes one block, then stops (a worker killed or
+/// stopped): the verify side drops the job once it stalls.
+#[test]
+fn a_draft_side_that_stops_midway_is_waited_out() {
+    let prompt = prompt(60);
+    let region = region_with(&prompt);
+    let helper = Helper::load(&verify_spec()).unwrap();
+    region.advertise_helper(helper.fingerprint);
+    let t0 = Instant::now();
+    let split = std::thread::scope(|s| {
+        s.spawn(|| {
+            let offered = loop {
+                let w = region.split_word();
+                if w.state == SplitState::Offered {
+                    break w;
+                }
+                std::thread::yield_now();
+            };
+            let taken = JobWord {
+                state: SplitState::Taken,
+                ..offered
+            };
+            assert!(region.move_split(offered, taken));
+            let one = JobWord { blocks: 1, ..taken };
+            assert!(region.move_split(taken, one));
+        });
+        verify_side(&region, &prompt).0
+    });
+    assert!(!split);
+    assert!(t0.elapsed() >= STALL, "{:?}", t0.elapsed());
+    assert_eq!(region.split_word().state, SplitState::Dropped);
+}
+
+/// The coordinator clears a dead draft worker's word: the verify side stops waiting at once.
+#[test]
+fn a_draft_worker_reaped_midway_ends_the_wait_at_once() {
+    let prompt = prompt(60);
+    let region = region_with(&prompt);
+    let fp = fingerprint(&verify_spec()).unwrap();
+    region.advertise_helper(fp);
+    let split = std::thread::scope(|s| {
+        s.spawn(|| {
+            let offered = loop {
+                let w = region.split_word();
+                if w.state == SplitState::Offered {
+                    break w;
+                }
+                std::thread::yield_now();
+            };
+            let taken = JobWord {
+                state: SplitState::Taken,
+                ..offered
+            };
+            assert!(region.move_split(offered, taken));
+            region.advertise_helper(0);
+            region.ring(amusd_shm::Party::Verify);
+        });
+        let t0 = Instant::now();
+        let split = verify_side(&region, &prompt).0;
+        assert!(t0.elapsed() < STALL, "{:?}", t0.elapsed());
+        split
+    });
+    assert!(!split);
+}
+
+#[test]
+fn short_prompts_kept_prefixes_and_resumed_requests_are_not_split() {
+    let region = region_with(&prompt(60));
+    let own = fingerprint(&verify_spec());
+    region.advertise_helper(own.unwrap());
+    let mut d = decoder(&verify_spec());
+    let short = MIN_SPLIT_POSITIONS;
+    // (prompt length, kept, resumed): too short; a kept prefix past the verify side's share;
+    // a restarted verify worker (more than the prompt committed).
+    for (n, kept, resumed) in [(short, 0, false), (100, 60, false), (100, 0, true)] {
+        let before = region.split_word().seq;
+        assert_eq!(
+            offer(&region, own, d.split_ops(), (1, n, kept, resumed)).unwrap(),
+            None
+        );
+        // A dropped job still says so, for the draft worker not to wait.
+        let w = region.split_word();
+        assert_eq!((w.seq, w.state), (before + 1, SplitState::Dropped));
+    }
+    assert!(offer(&region, own, d.split_ops(), (1, 100, 20, false))
+        .unwrap()
+        .is_some());
+    // Without a helper advertised, no job at all.
+    region.advertise_helper(0);
+    let before = region.split_word();
+    assert_eq!(
+        offer(&region, own, d.split_ops(), (1, 100, 0, false)).unwrap(),
+        None
+    );
+    assert_eq!(region.split_word(), before);
+}
+
+#[test]
+fn the_fingerprint_names_the_file_its_contents_and_the_arithmetic() {
+    let a = fingerprint(&verify_spec()).unwrap();
+    assert_eq!(fingerprint(&verify_spec()), Some(a));
+    assert_ne!(fingerprint(&format!("{}:stored", model_file())), Some(a));
+    assert_eq!(fingerprint("/no/such/model.gguf:f32"), None);
+}
