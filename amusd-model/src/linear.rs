@@ -55,6 +55,13 @@ pub enum Batching {
     /// at a time and share them across the batch), which rounds differently from the one-row path.
     /// Fine for a draft model: its logits only choose proposals, the verify model decides.
     Throughput,
+    /// The verify model's f32 arithmetic on the checkpoint's values, whatever the storage:
+    /// integer panels of stored blocks are widened to exactly their f32 values
+    /// ([`IntPacked::widen_panel`]) and multiplied as the f32 kernels do, so each output has the
+    /// verify model's bits; a storage that cannot (candle's k-quants, coded scales) is an error.
+    /// A draft model's matrices computing part of the verify model's prefill
+    /// ([`crate::Llama::verify_twin`]).
+    VerifyArithmetic,
 }
 
 /// Batches at least this large take the dequantizing path under [`Batching::Throughput`]. Measured
@@ -143,11 +150,26 @@ impl Linear {
     ) -> Result<(), ModelError> {
         let (n, k) = (self.out_features, self.in_features);
         debug_assert!(x.len() >= m * k && y.len() >= m * n);
+        if batching == Batching::VerifyArithmetic && matches!(self.weights, Weights::Quantized(_)) {
+            return Err(ModelError::Unsupported(format!(
+                "{} weights cannot give the verify model's f32 values",
+                self.storage_name()
+            )));
+        }
         match &self.weights {
             Weights::F32(w) => kernels::matmul_packed(x, m, w, y),
             Weights::F16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Bf16(w) => kernels::matmul_packed(x, m, w, y),
             Weights::Blocked(w) => qexact::matmul(x, m, w, y),
+            Weights::Int(w) if batching == Batching::VerifyArithmetic => {
+                if !w.widens_exactly() {
+                    return Err(ModelError::Unsupported(format!(
+                        "{} panels cannot give the verify model's f32 values",
+                        w.type_name()
+                    )));
+                }
+                kernels::matmul_widened(x, m, n, k, y, |b, dst| w.widen_panel(b, dst));
+            }
             Weights::Int(w) => qkernels::matmul_int_with(self.int_acts, x, m, w, y),
             Weights::Quantized(q) => {
                 let widen = match batching {

@@ -8,13 +8,14 @@ use crate::cache::{put_rows, KvCache, KvPrecision, LayerKv};
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::greedy_head::GreedyHead;
 use crate::kernels;
-use crate::linear::{Batching, Linear};
+use crate::linear::{Batching, Linear, Weights};
 use crate::qkernels::IntActivations;
 use crate::screen::ScreenedHead;
 use crate::silu;
 use crate::ModelError;
 
 /// One transformer block. Q, K and V are fused into `wqkv`, gate and up into `w_gate_up`.
+#[derive(Clone)]
 pub struct Block {
     pub attn_norm: Vec<f32>,
     pub wqkv: Linear,
@@ -267,6 +268,37 @@ impl Llama {
             cache.truncate(start_pos);
         }
         Ok(x?.is_some())
+    }
+
+    /// This model's matrices, shared, in the verify model's arithmetic
+    /// ([`Batching::VerifyArithmetic`], an f32 cache): for a draft that holds a checkpoint's own
+    /// blocks (`PATH:stored`), a model whose keys and values are those of the verify model
+    /// `PATH:f32` bit for bit (tested), without a second copy of the weights. Only its
+    /// [`Self::prefill_hooked`] is meant: its head is the draft's. `None` where a matrix cannot
+    /// give the checkpoint's f32 values (candle's k-quants, a k-quant taken as q4_1).
+    pub fn verify_twin(&self) -> Option<Llama> {
+        let exact = |l: &Linear| match l.weights() {
+            Weights::Int(w) => w.widens_exactly(),
+            Weights::Quantized(_) => false,
+            _ => true,
+        };
+        if !self.layer_matrices().all(exact) || !exact(&self.embed) {
+            return None;
+        }
+        Some(Llama {
+            config: self.config.clone(),
+            embed: self.embed.clone(),
+            blocks: self.blocks.clone(),
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            batching: Batching::VerifyArithmetic,
+            kv_precision: KvPrecision::F32,
+            bulk_acts: None,
+            int_acts: self.int_acts,
+            inv_freq: self.inv_freq.clone(),
+            head: Head::Whole,
+            greedy: None,
+        })
     }
 
     /// The head can be restricted or screened once, and not both.

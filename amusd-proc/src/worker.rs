@@ -153,7 +153,11 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                 let drafter = Drafter::new(decoder).with_constraints(constraints_for(&cfg.model));
                 let mut drafter = with_lookup(drafter, &cfg.model, &opts)?;
                 let mut helper = match &opts.split_with {
-                    Some(spec) => Some(with_heartbeat(region, role, || Helper::load(spec))?),
+                    Some(spec) => {
+                        let draft = drafter.decoder.split_ops().map(|o| &*o);
+                        let new = || Helper::new(spec, &cfg.model, draft);
+                        Some(with_heartbeat(region, role, new)?)
+                    }
                     None => None,
                 };
                 run_draft(region, &mut drafter, &opts, helper.as_mut(), &*alive)

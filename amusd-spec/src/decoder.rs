@@ -233,6 +233,10 @@ impl SplitOps for LlamaDecoder {
         self.cache.read_positions(layer, from, k, v);
     }
 
+    fn verify_twin(&self) -> Option<Llama> {
+        self.model.verify_twin()
+    }
+
     fn adopt(
         &mut self,
         tokens: &[u32],

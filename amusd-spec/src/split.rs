@@ -23,7 +23,7 @@
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-use amusd_model::{BlockHook, KvCache, Llama, ModelSpec};
+use amusd_model::{BlockHook, KvCache, Llama, ModelSpec, WeightFormat};
 use amusd_shm::{Party, Region, RequestState, Role, Spin, SplitJob};
 
 use crate::SpecError;
@@ -71,6 +71,9 @@ pub trait SplitOps {
     /// Verify worker: block `layer`'s keys and values at positions `from..` (`k.len() / kv_dim`
     /// of them, position-major).
     fn read_positions(&self, layer: usize, from: usize, k: &mut [f32], v: &mut [f32]);
+    /// Draft worker: its model's matrices in the verify model's arithmetic
+    /// ([`Llama::verify_twin`]), where they can give it.
+    fn verify_twin(&self) -> Option<Llama>;
     /// Draft worker: caches `tokens` at positions `0..`, `fill` writing each block's keys and
     /// values into the cache; on an error the cache is empty.
     fn adopt(
@@ -94,34 +97,64 @@ pub fn fingerprint(spec: &str) -> Option<u64> {
     Some(h.finish().max(1))
 }
 
-/// The draft worker's second instance of the verify model, with a cache for the positions it
-/// computes.
+/// The draft worker's instance of the verify model, with a cache for the positions it computes.
 pub struct Helper {
     model: Llama,
     cache: KvCache,
     pub fingerprint: u64,
+    /// Whether `model` shares the draft's matrices (else it is a second copy, loaded).
+    pub shared: bool,
 }
 
 impl Helper {
-    /// Loads the verify model `spec` as the verify worker does (its greedy head left out: the
-    /// helper computes no logits).
-    pub fn load(spec: &str) -> Result<Self, SpecError> {
+    /// The verify model `spec` for a draft worker whose model is `draft_spec` (held by `draft`):
+    /// the draft's own matrices in the verify model's arithmetic where the draft keeps the same
+    /// checkpoint's blocks as stored and the verify model runs f32 arithmetic on them (no second
+    /// copy of the weights); else the verify model loaded as the verify worker loads it (its
+    /// greedy head left out: the helper computes no logits).
+    pub fn new(
+        spec: &str,
+        draft_spec: &str,
+        draft: Option<&dyn SplitOps>,
+    ) -> Result<Self, SpecError> {
         let fingerprint = fingerprint(spec).ok_or_else(|| {
             SpecError::Protocol(format!("cannot read the verify model {spec} to help it"))
         })?;
-        let (mut model, _) = amusd_model::loader::load_weights(&spec.parse()?)?;
-        model.set_greedy_screen(false)?;
+        let twin = draft
+            .filter(|_| shares_blocks(spec, draft_spec))
+            .and_then(|d| d.verify_twin());
+        let shared = twin.is_some();
+        let model = match twin {
+            Some(model) => model,
+            None => {
+                let (mut model, _) = amusd_model::loader::load_weights(&spec.parse()?)?;
+                model.set_greedy_screen(false)?;
+                model
+            }
+        };
         let cache = model.new_cache(0);
         Ok(Self {
             model,
             cache,
             fingerprint,
+            shared,
         })
     }
 
     fn shape(&self) -> (usize, usize) {
         (self.model.blocks.len(), self.model.config.kv_dim())
     }
+}
+
+/// Whether the verify model `spec` is f32 arithmetic on the values of the file that the draft
+/// `draft_spec` keeps as stored: then the draft's matrices can compute it.
+fn shares_blocks(spec: &str, draft_spec: &str) -> bool {
+    let (Ok(v), Ok(d)) = (spec.parse::<ModelSpec>(), draft_spec.parse::<ModelSpec>()) else {
+        return false;
+    };
+    let same_file = std::fs::canonicalize(&v.path)
+        .is_ok_and(|p| std::fs::canonicalize(&d.path).is_ok_and(|q| p == q));
+    same_file && v.format == WeightFormat::F32 && d.format == WeightFormat::AsStored
 }
 
 /// Whether the request `request_id` is still the running one.

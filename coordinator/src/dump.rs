@@ -207,7 +207,24 @@ fn region_json(name: &str, tok: Option<&Tokenizer>, last: usize) -> Result<serde
             "last_text": decode(tok, &dtail),
         },
         "workers": workers,
+        "split_prefill": split_json(r),
     }))
+}
+
+/// The last split prefill job ([`amusd_shm::SplitSection`]) and whether each worker takes part.
+fn split_json(r: &amusd_shm::Region) -> serde_json::Value {
+    let (w, job) = (r.split_word(), r.split_job());
+    json!({
+        "draft_worker_helps": r.helper() != 0,
+        "verify_worker_splits": r.verifier() != 0,
+        "job": w.seq,
+        "state": format!("{:?}", w.state),
+        "request_id": job.request_id,
+        "draft_positions": job.split,
+        "positions": job.end,
+        "blocks_published": w.blocks,
+        "blocks": job.layers,
+    })
 }
 
 fn print_region(v: &serde_json::Value) {
@@ -245,6 +262,20 @@ fn print_region(v: &serde_json::Value) {
         if let Some(t) = b["last_text"].as_str() {
             println!("{:<8}            {t:?}", "");
         }
+    }
+    let s = &v["split_prefill"];
+    if s["job"] != 0 {
+        println!(
+            "split prefill job {}: {} for request {}, positions 0..{} by the draft worker \
+             ({} of {} blocks published), ..{} by the verify worker",
+            s["job"],
+            s["state"].as_str().unwrap_or("?"),
+            s["request_id"],
+            s["draft_positions"],
+            s["blocks_published"],
+            s["blocks"],
+            s["positions"]
+        );
     }
     for w in v["workers"].as_array().into_iter().flatten() {
         println!(

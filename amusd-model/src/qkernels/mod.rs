@@ -170,6 +170,9 @@ pub struct IntPacked {
     n: usize,
     k: usize,
     data: Vec<u8>,
+    /// The blocks are the checkpoint's own, not converted (a k-quant taken as q4_1): their f32
+    /// values are the verify model's ([`Self::widens_exactly`]).
+    stored: bool,
 }
 
 impl IntPacked {
@@ -195,7 +198,11 @@ impl IntPacked {
             // in f16.
             crate::gguf::check_block_matrix(dtype, bytes.len(), n, k, 256, dtype.type_size())?;
             let blocks = crate::qexact::k_quant_as_q_1(five, bytes);
-            return Self::from_ggml(as_type, &blocks, n, k);
+            let converted = Self::from_ggml(as_type, &blocks, n, k)?;
+            return Ok(Self {
+                stored: false,
+                ..converted
+            });
         }
         let kind = Kind::of(dtype).ok_or_else(|| {
             ModelError::Unsupported(format!("no integer kernel for {dtype:?} weights"))
@@ -269,6 +276,7 @@ impl IntPacked {
             n,
             k,
             data: vec![0; n.div_ceil(ROWS) * panel],
+            stored: true,
         }
     }
 
@@ -288,6 +296,7 @@ impl IntPacked {
         for (to, &j) in ids.iter().enumerate() {
             out.copy_row(to, self, j as usize);
         }
+        out.stored = self.stored;
         out
     }
 
@@ -391,6 +400,7 @@ impl IntPacked {
             ));
         }
         let n = parts.iter().map(|p| p.n).sum();
+        let stored = parts.iter().all(|p| p.stored);
         let panels: Vec<_> = parts.iter().map(|p| (p.n, p.data.as_slice())).collect();
         if let Some(data) = crate::kernels::whole_panels(&panels, ROWS) {
             return Ok(Self {
@@ -398,6 +408,7 @@ impl IntPacked {
                 n,
                 k: first.k,
                 data,
+                stored,
             });
         }
         // Otherwise row by row.
@@ -406,6 +417,7 @@ impl IntPacked {
         for (to, (p, j)) in rows.enumerate() {
             out.copy_row(to, p, j);
         }
+        out.stored = stored;
         Ok(out)
     }
 
@@ -845,6 +857,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 mod coded;
+mod exact;
 mod residual;
 
 pub(crate) use residual::{matmul_int_residual, quantization_norms};

@@ -84,39 +84,50 @@ fn verify_side(region: &Region, prompt: &[u32]) -> (bool, LlamaDecoder) {
     (split, d)
 }
 
+/// Both helpers: the draft's own matrices in the verify model's arithmetic (`shared`), and a
+/// second instance of the verify model.
 #[test]
 fn a_split_prefill_has_the_bits_of_a_whole_one_and_the_draft_adopts_it() {
+    for shared in [true, false] {
+        split_and_adopt(shared);
+    }
+}
+
+fn split_and_adopt(shared: bool) {
     let prompt = prompt(60);
     let end = prompt.len() - 1;
     let region = region_with(&prompt);
-    let mut helper = Helper::load(&verify_spec()).unwrap();
+    let draft_spec = format!("{}:stored:kv=f16", model_file());
+    let mut draft = decoder(&draft_spec);
+    let ops = draft.split_ops().map(|o| &*o).filter(|_| shared);
+    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
+    assert_eq!(helper.shared, shared);
+    // Both workers say so once loaded, before any request.
     region.advertise_helper(helper.fingerprint);
-    let (split, mut verify, adopted, mut draft) = std::thread::scope(|s| {
-        let draft = s.spawn(|| {
-            let mut draft = decoder(&format!("{}:stored:kv=f16", model_file()));
+    region.announce_verifier(helper.fingerprint);
+    let (split, mut verify, adopted) = std::thread::scope(|s| {
+        let drafting = s.spawn(|| {
             draft.start(&prompt, 64, false).unwrap();
             let ops = draft.split_ops().unwrap();
-            let adopted = help(&region, &mut helper, ops, &prompt, 1).unwrap();
-            (adopted, draft)
+            help(&region, &mut helper, ops, &prompt, 1).unwrap()
         });
         let (split, verify) = verify_side(&region, &prompt);
-        let (adopted, draft) = draft.join().unwrap();
-        (split, verify, adopted, draft)
+        (split, verify, drafting.join().unwrap())
     });
-    assert!(split && adopted);
+    assert!(split && adopted, "shared {shared}");
     assert_eq!(region.split_word().state, SplitState::Handed);
     assert_eq!((verify.cached(), draft.cached()), (end, end));
     let mut whole = decoder(&verify_spec());
     whole.start(&prompt, 64, false).unwrap();
     whole.prefill_bulk(&prompt[..end], 0).unwrap();
-    assert_eq!(cached_bits(&mut verify, end), cached_bits(&mut whole, end));
+    let want = cached_bits(&mut whole, end);
+    assert_eq!(cached_bits(&mut verify, end), want, "shared {shared}");
     // The draft holds the verify model's keys and values at its own precision (f16).
     let f16 = |bits: Vec<Vec<u32>>| -> Vec<Vec<u16>> {
         let round = |b: &u32| half::f16::from_f32(f32::from_bits(*b)).to_bits();
         bits.iter().map(|l| l.iter().map(round).collect()).collect()
     };
-    let drafts = cached_bits(&mut draft, end);
-    assert_eq!(f16(drafts), f16(cached_bits(&mut whole, end)));
+    assert_eq!(f16(cached_bits(&mut draft, end)), f16(want));
 }
 
 #[test]
@@ -138,7 +149,7 @@ fn a_job_nobody_takes_is_dropped_after_the_grace_and_costs_no_bit() {
 fn a_draft_side_that_stops_midway_is_waited_out() {
     let prompt = prompt(60);
     let region = region_with(&prompt);
-    let helper = Helper::load(&verify_spec()).unwrap();
+    let helper = Helper::new(&verify_spec(), "", None).unwrap();
     region.advertise_helper(helper.fingerprint);
     let t0 = Instant::now();
     let split = std::thread::scope(|s| {
