@@ -97,9 +97,10 @@ impl Region {
         }
     }
 
-    /// Verify worker: posts `job` as the next job, `Offered`, and rings the draft worker. Returns
-    /// its word. The verify worker is the only one that posts, so this never races another post.
-    pub fn post_split(&self, job: &SplitJob) -> Result<JobWord, ShmError> {
+    /// Verify worker: posts `job` as the next job in `state` (`Offered`, or `Dropped` to say
+    /// that this request is not split), and rings the draft worker. Returns its word. The
+    /// verify worker is the only one that posts, so this never races another post.
+    pub fn post_split(&self, job: &SplitJob, state: SplitState) -> Result<JobWord, ShmError> {
         self.exchange_range(0, job.words())?;
         let s = &self.split;
         let r = Ordering::Relaxed;
@@ -114,7 +115,7 @@ impl Region {
         loop {
             let next = JobWord {
                 seq: JobWord::unpack(cur).seq.wrapping_add(1),
-                state: SplitState::Offered,
+                state,
                 blocks: 0,
             };
             match s
@@ -215,7 +216,7 @@ mod tests {
     fn a_job_moves_only_from_the_state_it_is_in() {
         let r = Region::new_boxed();
         assert_eq!(r.split_word().state, SplitState::Empty);
-        let offered = r.post_split(&job()).unwrap();
+        let offered = r.post_split(&job(), SplitState::Offered).unwrap();
         assert_eq!(
             (offered.seq, offered.state, offered.blocks),
             (1, SplitState::Offered, 0)
@@ -236,7 +237,7 @@ mod tests {
         assert!(r.move_split(taken, one));
         assert_eq!(r.split_word(), one);
         // A newer job ends the old one: its taker's next count changes nothing.
-        let next = r.post_split(&job()).unwrap();
+        let next = r.post_split(&job(), SplitState::Offered).unwrap();
         assert_eq!(next.seq, 2);
         assert!(!r.move_split(one, JobWord { blocks: 2, ..one }));
         assert_eq!(r.split_word(), next);
@@ -257,6 +258,6 @@ mod tests {
         assert!(r.write_exchange(last - 2, &values).is_err());
         assert!(r.read_exchange(usize::MAX, &mut back).is_err());
         let too_big = SplitJob { end: 1 << 20, ..j };
-        assert!(r.post_split(&too_big).is_err());
+        assert!(r.post_split(&too_big, SplitState::Offered).is_err());
     }
 }

@@ -104,10 +104,11 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_draft_history: bool,
     /// amusd: the verify model prefills every prompt alone. By default, when the draft is the
-    /// verify model's checkpoint, the draft worker also loads the verify model and computes the
-    /// first half of each prompt's prefill for it (the same bits, ~half the time to the first
-    /// token; ~100 MB more in the draft worker), then drafts from the verify model's keys and
-    /// values instead of prefilling itself.
+    /// verify model's checkpoint, the draft worker computes the first half of each prompt's
+    /// prefill in the verify model's arithmetic (the same bits, ~half the time to the first
+    /// token; with the draft's own matrices where it keeps the checkpoint as stored, else a
+    /// second copy of the verify model), then drafts from the verify model's keys and values
+    /// instead of prefilling itself.
     #[arg(long)]
     pub no_split_prefill: bool,
     /// Device of the verify model (and of the whole process for ar and sd).

@@ -7,8 +7,8 @@ use std::time::Instant;
 use amusd_model::{BlockHook, KvCache, ModelError};
 use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState};
 
-use super::TAKE_GRACE;
-use super::{request_live, take_in, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS, POLL, STALL};
+use super::{request_live, take_in, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS, POLL};
+use super::{STALL, TAKE_GRACE};
 use crate::SpecError;
 
 /// Verify worker, once loaded: whether it can split prefills (its model's fingerprint, or
@@ -19,9 +19,9 @@ pub fn announce(region: &Region, fingerprint: Option<u64>) {
 
 /// Verify worker, taking up request `request_id` (`prompt`, of which its cache keeps `kept`
 /// positions; `resumed` when more than the prompt is committed, after a restart): posts a job
-/// splitting the prompt's prefill if the draft worker can help and it is worth it, emptying
-/// the cache (returns the job's word), or else a dropped job, so that the draft worker does not
-/// wait for one. Nothing when the draft worker cannot help.
+/// splitting the prompt's prefill if the draft worker can help and it is worth it (returns the
+/// job's word; its prefill recomputes the kept positions), or else a dropped job, so that the
+/// draft worker does not wait for one. Nothing when the draft worker cannot help.
 pub fn offer(
     region: &Region,
     own: Option<u64>,
@@ -48,18 +48,20 @@ pub fn offer(
     // Splitting recomputes the kept positions: worth it while the verify worker's share is
     // less than what it would prefill alone.
     let worth = !resumed && end >= MIN_SPLIT_POSITIONS && end - split < end - kept;
-    let fits = job.words() <= amusd_shm::KV_EXCHANGE_BYTES / 4
-        && region.reserve_exchange(job.words() * 4).is_ok();
-    if worth && fits {
-        return Ok(Some(region.post_split(&job)?));
+    // A full /dev/shm: no split, rather than a SIGBUS at some store.
+    let fits = || {
+        job.words() <= amusd_shm::KV_EXCHANGE_BYTES / 4
+            && region.reserve_exchange(job.words() * 4).is_ok()
+    };
+    if worth && fits() {
+        return Ok(Some(region.post_split(&job, SplitState::Offered)?));
     }
     let none = SplitJob {
         split: 0,
         end: 0,
         ..job
     };
-    let word = region.post_split(&none)?;
-    region.move_split(word, with_state(word, SplitState::Dropped));
+    region.post_split(&none, SplitState::Dropped)?;
     Ok(None)
 }
 
