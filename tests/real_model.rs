@@ -852,6 +852,38 @@ fn chaos_during_split_prefills_changes_no_token() {
     }
 }
 
+/// A prompt past what the region's KV exchange holds of every block at once (1,092 positions of
+/// SmolLM2-135M) is still split, through a ring of fewer blocks, and changes no token.
+#[test]
+fn a_prompt_past_the_exchange_is_split_through_a_ring_and_changes_no_token() {
+    const MAX_NEW: usize = 8;
+    require_default_model();
+    let prompt = humaneval_prompts(10).join("\n\n");
+    let ar = generate("ar", &prompt, MAX_NEW);
+    let n = ar.json()["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        n > 1_200,
+        "the prompt is too short to need the ring: {n} tokens"
+    );
+    // A loaded machine can make the verify worker give a split up (it then prefills alone):
+    // three tries to see one.
+    let mut split = 0;
+    for _ in 0..3 {
+        let run = generate("amusd", &prompt, MAX_NEW);
+        assert_eq!(run.tokens(), ar.tokens(), "{}", run.describe());
+        split = run.json()["metrics"]["split_prompt_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        if split > 0 {
+            break;
+        }
+    }
+    assert!(
+        split > n / 3,
+        "{split} of {n} positions prefilled by the draft worker"
+    );
+}
+
 /// A stream cut in the middle of a character still prints its last bytes (as U+FFFD, as `decode`
 /// renders them): the printed text is the whole decoded text, not a prefix that lost its tail.
 #[test]

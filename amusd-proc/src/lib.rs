@@ -6,10 +6,11 @@ pub mod bind;
 pub mod worker;
 
 pub use amusd_spec::lookup::NgramRange;
+/// The fingerprint of a verify model for a split prefill.
+pub use amusd_spec::split::fingerprint as split_fingerprint;
 pub use amusd_spec::worker::{
     DraftOptions, VerifyOptions, DEFAULT_MAX_LOOKAHEAD, DEFAULT_MAX_VERIFY_BATCH,
 };
 pub use worker::{
-    constraints_for, split_fingerprint, worker_exit, worker_main, RoleOptions, WorkerConfig,
-    WorkerFailure,
+    constraints_for, worker_exit, worker_main, RoleOptions, WorkerConfig, WorkerFailure,
 };

@@ -81,11 +81,6 @@ pub fn constraints_for(spec: &str) -> Option<Arc<dyn Constraints>> {
     Some(Arc::new(amusd_grammar::LazyCompiler::new(spec)))
 }
 
-/// The fingerprint of the verify model `spec` for a split prefill ([`amusd_spec::split`]).
-pub fn split_fingerprint(spec: &str) -> Option<u64> {
-    amusd_spec::split::fingerprint(spec)
-}
-
 /// Why a worker stopped with an error.
 #[derive(Debug)]
 pub struct WorkerFailure {
@@ -169,7 +164,7 @@ pub fn worker_main(cfg: &WorkerConfig) -> Result<(), WorkerFailure> {
                 };
                 let mut verifier =
                     Verifier::new(decoder).with_constraints(constraints_for(&cfg.model));
-                amusd_spec::split::announce(region, opts.split);
+                region.announce_verifier(opts.split.unwrap_or(0));
                 run_verify(region, &mut verifier, &opts, &*alive)
             }
         }

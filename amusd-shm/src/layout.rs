@@ -20,7 +20,7 @@ use crate::text::ShmText;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"AMUSDSHM");
 
 /// The layout version; bumped whenever [`Region`]'s layout or the meaning of a field changes.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Tokens per token buffer (verified and draft); a request's prompt plus its new tokens must fit.
 pub const TOKEN_CAPACITY: usize = 8192;
@@ -47,8 +47,10 @@ pub const MAX_BREAKER_WORDS: usize = 4096;
 pub const EVENT_CAPACITY: usize = 4096;
 
 /// Bytes of [`KvExchange`]: the keys and values of a prompt's positions split between the workers
-/// ([`SplitSection`]), `2 * layers * kv_dim * 4` bytes a position (SmolLM2-135M: 46,080, so up
-/// to 1,092 positions). Reserved only as a split uses it ([`crate::Shm::reserve_exchange`]).
+/// ([`SplitSection`]), `2 * kv_dim * 4` bytes a position and block (SmolLM2-135M: 1,536). Holds
+/// every block of a prompt of up to 1,092 positions there, and a ring of fewer blocks at a time
+/// beyond (one block of up to 32,768). Reserved only as a split uses it
+/// ([`crate::Region::reserve_exchange`]).
 pub const KV_EXCHANGE_BYTES: usize = 48 << 20;
 
 /// Bytes of the region reserved at creation: everything before [`KvExchange`].
@@ -649,13 +651,16 @@ pub struct EventRing {
     pub events: [Event; EVENT_CAPACITY],
 }
 
-/// A prompt's prefill split between the workers (layout 11): the draft worker computes the verify
-/// model's keys and values for positions `0..split` (it holds a second instance of the verify
-/// model for this), block by block, while the verify worker computes `split..end` and takes each
-/// block's first positions in just before that block attends; then the verify worker publishes
-/// its positions and the draft worker adopts all of them instead of prefilling the prompt itself.
-/// The positions live in [`KvExchange`]: block `l`'s keys of position `p` at word
-/// `(2 * l * end + p) * kv_dim`, its values at `((2 * l + 1) * end + p) * kv_dim`, f32 bits.
+/// A prompt's prefill split between the workers (layout 11; the ring of slots, layout 12): the
+/// draft worker computes the verify model's keys and values for positions `0..split` (with the
+/// verify model's arithmetic), block by block, while the verify worker computes `split..end` and
+/// takes each block's first positions in just before that block attends; then the verify worker
+/// publishes its positions block by block and the draft worker adopts all of them instead of
+/// prefilling the prompt itself. The positions live in [`KvExchange`], in `slots` slots of one
+/// block each, block `l` in slot `s = l % slots`: its keys of position `p` at word
+/// `(2 * s * end + p) * kv_dim`, its values at `((2 * s + 1) * end + p) * kv_dim`, f32 bits.
+/// Where `slots < layers` a slot is reused: a worker writes block `l` only once the other has
+/// copied block `l - slots` out (`taken_in`, `adopted`).
 ///
 /// A job is one value of `job`, and every change of it is a compare-and-swap on the whole word,
 /// so a worker acting on a job another has dropped, or on an older job, changes nothing.
@@ -667,11 +672,13 @@ pub struct SplitSection {
     /// Reader: the verify worker, Acquire, before posting a job.
     pub helper: AtomicU64,
     /// `seq << 32 | state << 16 | blocks`: the job number (the verify worker's count of jobs),
-    /// its [`SplitState`], and the blocks whose positions `0..split` are in the exchange.
-    /// Writers, by compare-and-swap only: the verify worker posts a job (any state to
-    /// `(seq + 1, Offered, 0)`, Release, after the job's fields below) and hands it over or drops
-    /// it; the draft worker takes it, counts each block (Release, after the block's positions)
-    /// or drops it. Readers: both workers, Acquire, before reading the exchange.
+    /// its [`SplitState`], and the blocks published: while `Taken`, the blocks whose positions
+    /// `0..split` the draft worker wrote; while `Handed`, those whose `split..end` the verify
+    /// worker wrote. Writers, by compare-and-swap only: the verify worker posts a job (any state
+    /// to `(seq + 1, Offered, 0)`, Release, after the job's fields below), hands it over (`Taken`
+    /// to `(Handed, 0)`), counts each block it hands (Release, after the block's positions) or
+    /// drops it; the draft worker takes it, counts each block (Release, after the block's
+    /// positions) or drops it. Readers: both workers, Acquire, before reading the exchange.
     pub job: AtomicU64,
     /// The request the job belongs to. Writer: the verify worker, Relaxed, before posting the
     /// job. Reader: the draft worker, after an Acquire load of `job` showing the job.
@@ -694,15 +701,27 @@ pub struct SplitSection {
     /// draft worker knows what to wait for. Writer: the verify worker, Release, once loaded; the
     /// coordinator stores 0 when it reaps the verify worker. Reader: the draft worker, Acquire.
     pub verifier: AtomicU64,
+    /// Blocks the exchange holds at once, `1..=layers`. Writer, reader: as `request_id`.
+    pub slots: AtomicU32,
+    /// `seq << 32 | blocks`: the blocks of job `seq` whose positions `0..split` the verify worker
+    /// has copied out of the exchange. Writer: the verify worker, Release, after copying.
+    /// Reader: the draft worker, Acquire, before it writes a block into a reused slot.
+    pub taken_in: AtomicU64,
+    /// `seq << 32 | blocks`: the blocks of job `seq` that the draft worker has adopted (copied
+    /// out of the exchange). Writer: the draft worker, Release, after copying. Reader: the
+    /// verify worker, Acquire, before it writes a block into a reused slot.
+    pub adopted: AtomicU64,
 }
 
 /// The keys and values a split prefill hands over ([`SplitSection`]). Writers: the draft worker
 /// (positions `0..split`, block by block, Relaxed, before the Release compare-and-swap of `job`
-/// that counts the block), the verify worker (positions `split..end`, Relaxed, before the
-/// Release compare-and-swap to `Handed`). Readers: the other worker, Relaxed, after an Acquire
-/// load of `job` that shows the block counted or the job handed over. Neither writes positions
-/// of a job after dropping it, and the verify worker posts no job while the draft worker could
-/// still read one: it writes only for a job the draft worker took and has finished.
+/// that counts the block), the verify worker (positions `split..end`, block by block, Relaxed,
+/// before the Release compare-and-swap that counts the handed block). Readers: the other worker,
+/// Relaxed, after an Acquire load of `job` that shows the block counted. A writer reuses a slot
+/// only after an Acquire load of the reader's count (`taken_in`, `adopted`) shows its block
+/// copied out. Neither writes positions of a job after dropping it, and the verify worker posts
+/// no job while the draft worker could still read one: it writes only for a job the draft
+/// worker took and has finished.
 #[repr(C, align(4096))]
 pub struct KvExchange {
     pub words: [AtomicU32; KV_EXCHANGE_BYTES / 4],
@@ -782,7 +801,7 @@ mod tests {
     /// numbers here.
     #[test]
     fn layout_is_pinned() {
-        assert_eq!(LAYOUT_VERSION, 11);
+        assert_eq!(LAYOUT_VERSION, 12);
         assert_eq!(MAGIC.to_le_bytes(), *b"AMUSDSHM");
         assert_eq!(MAGIC, 0x4d48_5344_5355_4d41);
         assert_eq!(size_of::<Region>(), 2_035_712 + KV_EXCHANGE_BYTES);
@@ -819,7 +838,10 @@ mod tests {
         assert_eq!(offset_of!(SplitSection, layers), 40);
         assert_eq!(offset_of!(SplitSection, kv_dim), 44);
         assert_eq!(offset_of!(SplitSection, verifier), 48);
-        assert_eq!(size_of::<SplitSection>(), 64);
+        assert_eq!(offset_of!(SplitSection, slots), 56);
+        assert_eq!(offset_of!(SplitSection, taken_in), 64);
+        assert_eq!(offset_of!(SplitSection, adopted), 72);
+        assert_eq!(size_of::<SplitSection>(), 128);
 
         assert_eq!(offset_of!(Control, shutdown), 0);
         assert_eq!(offset_of!(Control, request_word), 4);

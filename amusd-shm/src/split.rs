@@ -18,18 +18,32 @@ pub struct SplitJob {
     pub end: u32,
     pub layers: u32,
     pub kv_dim: u32,
+    /// Blocks the exchange holds at once (`1..=layers`); block `l` lives in slot `l % slots`.
+    pub slots: u32,
 }
 
 impl SplitJob {
-    /// f32 words of the exchange the job uses: every block's keys and values of `0..end`.
+    /// f32 words of one slot: one block's keys and values of `0..end`.
+    fn slot_words(&self) -> usize {
+        2 * self.end as usize * self.kv_dim as usize
+    }
+
+    /// The most slots that `capacity` f32 words hold, up to one a block (0: not even one).
+    pub fn slots_within(&self, capacity: usize) -> u32 {
+        let fit = capacity / self.slot_words().max(1);
+        fit.min(self.layers as usize) as u32
+    }
+
+    /// f32 words of the exchange the job uses.
     pub fn words(&self) -> usize {
-        2 * self.layers as usize * self.end as usize * self.kv_dim as usize
+        self.slots as usize * self.slot_words()
     }
 
     /// The exchange word where `block`'s keys (`values == false`) or values of `position` start.
     pub fn word_of(&self, block: usize, values: bool, position: usize) -> usize {
         let (end, kv_dim) = (self.end as usize, self.kv_dim as usize);
-        ((2 * block + usize::from(values)) * end + position) * kv_dim
+        let slot = block % self.slots.max(1) as usize;
+        ((2 * slot + usize::from(values)) * end + position) * kv_dim
     }
 }
 
@@ -94,7 +108,34 @@ impl Region {
             end: s.end.load(r),
             layers: s.layers.load(r),
             kv_dim: s.kv_dim.load(r),
+            slots: s.slots.load(r),
         }
+    }
+
+    /// Verify worker: it has copied the first `blocks` blocks of job `seq` out of the exchange
+    /// (rings the draft worker, which may wait to reuse a slot).
+    pub fn count_taken_in(&self, seq: u32, blocks: u32) {
+        let w = (seq as u64) << 32 | blocks as u64;
+        self.split.taken_in.store(w, Ordering::Release);
+        self.ring(Party::Draft);
+    }
+
+    /// Draft worker: the blocks of job `seq` the verify worker has copied out (0 for another job).
+    pub fn taken_in(&self, seq: u32) -> u32 {
+        progress_of(self.split.taken_in.load(Ordering::Acquire), seq)
+    }
+
+    /// Draft worker: it has adopted the first `blocks` blocks of job `seq` (rings the verify
+    /// worker, which may wait to reuse a slot).
+    pub fn count_adopted(&self, seq: u32, blocks: u32) {
+        let w = (seq as u64) << 32 | blocks as u64;
+        self.split.adopted.store(w, Ordering::Release);
+        self.ring(Party::Verify);
+    }
+
+    /// Verify worker: the blocks of job `seq` the draft worker has adopted (0 for another job).
+    pub fn adopted(&self, seq: u32) -> u32 {
+        progress_of(self.split.adopted.load(Ordering::Acquire), seq)
     }
 
     /// Verify worker: posts `job` as the next job in `state` (`Offered`, or `Dropped` to say
@@ -110,6 +151,7 @@ impl Region {
         s.end.store(job.end, r);
         s.layers.store(job.layers, r);
         s.kv_dim.store(job.kv_dim, r);
+        s.slots.store(job.slots, r);
         // A CAS loop rather than a store: the draft worker may still change the old job's word.
         let mut cur = s.job.load(Ordering::Acquire);
         loop {
@@ -197,6 +239,14 @@ impl Region {
     }
 }
 
+fn progress_of(word: u64, seq: u32) -> u32 {
+    if (word >> 32) as u32 == seq {
+        word as u32
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +259,7 @@ mod tests {
             end: 5,
             layers: 2,
             kv_dim: 4,
+            slots: 2,
         }
     }
 
@@ -259,5 +310,31 @@ mod tests {
         assert!(r.read_exchange(usize::MAX, &mut back).is_err());
         let too_big = SplitJob { end: 1 << 20, ..j };
         assert!(r.post_split(&too_big, SplitState::Offered).is_err());
+    }
+
+    #[test]
+    fn a_small_exchange_holds_a_ring_of_blocks() {
+        let j = SplitJob { layers: 5, ..job() };
+        // A slot is 2 * 5 * 4 = 40 words.
+        assert_eq!(j.slots_within(200), 5);
+        assert_eq!(j.slots_within(1000), 5);
+        assert_eq!(j.slots_within(119), 2);
+        assert_eq!(j.slots_within(39), 0);
+        let ring = SplitJob { slots: 2, ..j };
+        assert_eq!(ring.words(), 80);
+        // Blocks 0, 2 and 4 share slot 0.
+        assert_eq!(ring.word_of(4, true, 1), ring.word_of(0, true, 1));
+        assert_eq!(ring.word_of(3, false, 0), 2 * 5 * 4);
+    }
+
+    #[test]
+    fn each_side_counts_its_copies_for_one_job() {
+        let r = Region::new_boxed();
+        assert_eq!((r.taken_in(1), r.adopted(1)), (0, 0));
+        r.count_taken_in(1, 3);
+        r.count_adopted(1, 2);
+        assert_eq!((r.taken_in(1), r.adopted(1)), (3, 2));
+        // Another job's counts read as none.
+        assert_eq!((r.taken_in(2), r.adopted(0)), (0, 0));
     }
 }

@@ -240,18 +240,19 @@ impl SplitOps for LlamaDecoder {
     fn adopt(
         &mut self,
         tokens: &[u32],
-        fill: &mut dyn FnMut(usize, &mut KvCache) -> Result<(), SpecError>,
-    ) -> Result<(), SpecError> {
+        fill: &mut dyn FnMut(usize, &mut KvCache) -> Result<bool, SpecError>,
+    ) -> Result<bool, SpecError> {
         self.truncate(0);
         self.cache.cover(tokens.len())?;
         for layer in 0..self.model.blocks.len() {
-            if let Err(e) = fill(layer, &mut self.cache) {
+            let filled = fill(layer, &mut self.cache);
+            if !matches!(filled, Ok(true)) {
                 self.truncate(0);
-                return Err(e);
+                return filled;
             }
         }
         self.tokens = tokens.to_vec();
-        Ok(())
+        Ok(true)
     }
 }
 

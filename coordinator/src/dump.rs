@@ -224,6 +224,9 @@ fn split_json(r: &amusd_shm::Region) -> serde_json::Value {
         "positions": job.end,
         "blocks_published": w.blocks,
         "blocks": job.layers,
+        "slots": job.slots,
+        "blocks_taken_in": r.taken_in(w.seq),
+        "blocks_adopted": r.adopted(w.seq),
     })
 }
 
@@ -266,15 +269,19 @@ fn print_region(v: &serde_json::Value) {
     let s = &v["split_prefill"];
     if s["job"] != 0 {
         println!(
-            "split prefill job {}: {} for request {}, positions 0..{} by the draft worker \
-             ({} of {} blocks published), ..{} by the verify worker",
+            "split prefill job {}: {} for request {}, positions 0..{} by the draft worker, \
+             ..{} by the verify worker; {} of {} blocks published, {} slots, {} taken in, {} \
+             adopted",
             s["job"],
             s["state"].as_str().unwrap_or("?"),
             s["request_id"],
             s["draft_positions"],
+            s["positions"],
             s["blocks_published"],
             s["blocks"],
-            s["positions"]
+            s["slots"],
+            s["blocks_taken_in"],
+            s["blocks_adopted"]
         );
     }
     for w in v["workers"].as_array().into_iter().flatten() {

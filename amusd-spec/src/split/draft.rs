@@ -10,8 +10,9 @@ use amusd_shm::{JobWord, Party, Region, Role, SplitJob, SplitState};
 use super::{request_live, take_in, wait_for, Helper, SplitOps, OFFER_WAIT};
 use crate::SpecError;
 
-/// The longest the draft worker waits for the verify worker's positions: far beyond any
-/// prefill the exchange holds, only so that no wait is endless.
+/// The longest the draft worker waits for the verify worker's positions or for a slot: far
+/// beyond a block of any prompt the region holds, only so that no wait is endless (the draft
+/// worker then drops the job and prefills alone; the verify worker loses nothing).
 const HANDOVER_WAIT: Duration = Duration::from_secs(60);
 
 /// Draft worker, having taken up request `request_id` (`prompt`): if the verify worker posts a
@@ -39,6 +40,7 @@ pub fn help(
     };
     let usable = job.fingerprint == helper.fingerprint
         && (job.layers as usize, job.kv_dim as usize) == helper.shape()
+        && (1..=job.layers).contains(&job.slots)
         && job.split <= job.end
         && job.end as usize + 1 == prompt.len();
     let taken = JobWord {
@@ -60,44 +62,72 @@ pub fn help(
     if !model.prefill_hooked(&prompt[..split], 0, &mut helper.cache, &mut giver)? {
         return Ok(false);
     }
-    let handed = JobWord {
-        state: SplitState::Handed,
-        ..giver.word
-    };
-    if !wait_handover(region, giver.word, handed, request_id) {
-        return Ok(false);
-    }
-    let mut buf = Default::default();
+    let mut buf = (Vec::new(), Vec::new());
     let end = job.end as usize;
+    let own = &helper.cache;
     ops.adopt(&prompt[..end], &mut |layer, cache| {
-        take_in(region, &job, (layer, 0, end), cache, &mut buf)
-    })?;
-    Ok(true)
+        if !wait_handed(region, &job, giver.word.seq, layer) {
+            return Ok(false);
+        }
+        // Its own positions from its own cache; the verify worker's from the exchange.
+        let len = split * job.kv_dim as usize;
+        buf.0.resize(len, 0.0);
+        buf.1.resize(len, 0.0);
+        own.read_positions(layer, 0, &mut buf.0, &mut buf.1);
+        cache.write_positions(layer, 0, &buf.0, &buf.1);
+        take_in(region, &job, (layer, split, end - split), cache, &mut buf)?;
+        region.count_adopted(giver.word.seq, layer as u32 + 1);
+        Ok(true)
+    })
 }
 
-/// Waits for the job `taken` (every block published) to be `handed` over; `false` if it was
-/// dropped or replaced, or its request ended (then it drops it).
-fn wait_handover(region: &Region, taken: JobWord, handed: JobWord, request_id: u64) -> bool {
+/// Waits until the verify worker has handed block `layer` of job `seq` over; `false` (having
+/// dropped the job) if it was dropped or replaced, or its request ended.
+fn wait_handed(region: &Region, job: &SplitJob, seq: u32, layer: usize) -> bool {
     let deadline = Instant::now() + HANDOVER_WAIT;
     let seen = wait_for(region, (Party::Draft, Role::Draft), deadline, || {
         let w = region.split_word();
-        if w == handed {
-            return Some(true);
+        let over = w.seq != seq || region.shutdown_requested();
+        match w.state {
+            _ if over || !request_live(region, job.request_id) => Some(Err(w)),
+            SplitState::Handed if w.blocks > layer as u32 => Some(Ok(())),
+            SplitState::Taken | SplitState::Handed => None,
+            _ => Some(Err(w)),
         }
-        if w != taken || region.shutdown_requested() || !request_live(region, request_id) {
-            return Some(false);
-        }
-        None
     });
-    let done = seen == Some(true);
-    if !done {
+    match seen {
+        Some(Ok(())) => true,
+        Some(Err(w)) => drop_job(region, w, seq),
+        None => drop_job(region, region.split_word(), seq),
+    }
+}
+
+/// Drops the job `seq` if `w` is still its live word; always `false` (nothing to adopt).
+fn drop_job(region: &Region, w: JobWord, seq: u32) -> bool {
+    if w.seq == seq && w.state != SplitState::Dropped {
         let dropped = JobWord {
             state: SplitState::Dropped,
-            ..taken
+            ..w
         };
-        region.move_split(taken, dropped);
+        region.move_split(w, dropped);
     }
-    done
+    false
+}
+
+/// Waits until the verify worker has taken in every block before `layer` that shares its slot;
+/// `false` if the job changed, the verify worker was reaped or the request ended.
+fn wait_slot(region: &Region, job: &SplitJob, word: JobWord, layer: usize) -> bool {
+    let need = (layer + 1).saturating_sub(job.slots as usize) as u32;
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    let ready = wait_for(region, (Party::Draft, Role::Draft), deadline, || {
+        if region.taken_in(word.seq) >= need {
+            return Some(true);
+        }
+        let gone = region.verifier() != job.fingerprint || region.shutdown_requested();
+        let over = gone || !request_live(region, job.request_id) || region.split_word() != word;
+        over.then_some(false)
+    });
+    ready == Some(true)
 }
 
 /// The draft worker's hook: publishes each block's positions and counts it, or stops when the
@@ -125,6 +155,10 @@ impl BlockHook for Giver<'_> {
     ) -> Result<ControlFlow<()>, ModelError> {
         let region = self.region;
         region.heartbeat(Role::Draft);
+        if !wait_slot(region, &self.job, self.word, layer) {
+            drop_job(region, self.word, self.word.seq);
+            return Ok(ControlFlow::Break(()));
+        }
         let len = self.job.split as usize * self.job.kv_dim as usize;
         let (k, v) = &mut self.buf;
         k.resize(len, 0.0);

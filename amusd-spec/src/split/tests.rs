@@ -1,28 +1,33 @@
 //! The split prefill between two threads standing for the workers, on a tiny model and a real
 //! region: the verify side's cache has the bits of a whole prefill, the draft side adopts every
-//! position, and a draft side that never takes the job or stops midway costs a wait, never a bit.
+//! position (through an exchange holding every block, or a ring of fewer), and a draft side that
+//! never takes the job or stops midway costs a wait, never a bit.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::OnceLock;
 use std::time::Instant;
 
 use amusd_model::testing::TinyModel;
-use amusd_shm::{JobWord, Region, RequestSpec, SamplingFields, SplitState};
+use amusd_shm::{JobWord, Region, RequestSpec, SamplingFields, SplitState, KV_EXCHANGE_BYTES};
 use candle_core::quantized::GgmlDType;
 
 use super::*;
 use crate::decoder::Decoder;
 use crate::LlamaDecoder;
 
-/// A tiny q4_1 checkpoint, as the default pair shares one.
+/// A tiny q4_1 checkpoint, as the default pair shares one; five blocks, so that a ring of two
+/// slots reuses each.
 fn model_file() -> &'static str {
     static FILE: OnceLock<(tempfile::TempDir, String)> = OnceLock::new();
     &FILE
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("tiny-q4_1.gguf");
-            TinyModel::default()
-                .write_gguf(&path, GgmlDType::Q4_1)
-                .unwrap();
+            let tiny = TinyModel {
+                layers: 5,
+                ..TinyModel::default()
+            };
+            tiny.write_gguf(&path, GgmlDType::Q4_1).unwrap();
             let path = path.to_str().unwrap().to_string();
             (dir, path)
         })
@@ -72,28 +77,58 @@ fn cached_bits(d: &mut LlamaDecoder, n: usize) -> Vec<Vec<u32>> {
 /// The verify side of request 1: offers the job and runs it; returns whether it split and
 /// the decoder.
 fn verify_side(region: &Region, prompt: &[u32]) -> (bool, LlamaDecoder) {
+    verify_side_within(region, prompt, KV_EXCHANGE_BYTES / 4)
+}
+
+/// [`verify_side`] with an exchange of `capacity` f32 words.
+fn verify_side_within(region: &Region, prompt: &[u32], capacity: usize) -> (bool, LlamaDecoder) {
     let mut d = decoder(&verify_spec());
     d.start(prompt, 64, false).unwrap();
     let own = fingerprint(&verify_spec());
     region.announce_verifier(own.unwrap());
     let at = (1, prompt.len(), 0, false);
-    let word = offer(region, own, d.split_ops(), at)
+    let word = verify::offer_within(region, own, d.split_ops(), at, capacity)
         .unwrap()
         .expect("a job");
     let split = verify_prefill(region, d.split_ops().unwrap(), prompt, word).unwrap();
     (split, d)
 }
 
+/// The draft side's part by hand: waits for the offered job and takes it.
+fn take_offered(region: &Region) -> JobWord {
+    let offered = loop {
+        let w = region.split_word();
+        if w.state == SplitState::Offered {
+            break w;
+        }
+        std::thread::yield_now();
+    };
+    let taken = JobWord {
+        state: SplitState::Taken,
+        ..offered
+    };
+    assert!(region.move_split(offered, taken));
+    taken
+}
+
+/// f32 words of one slot of the exchange: a block's keys and values of the 59 positions a
+/// 60-token prompt splits (the tiny model's `kv_dim` is 32).
+const SLOT: usize = 2 * 59 * 32;
+
 /// Both helpers: the draft's own matrices in the verify model's arithmetic (`shared`), and a
-/// second instance of the verify model.
+/// second instance of the verify model; the exchange holding every block, two of the five at
+/// a time, or one.
 #[test]
 fn a_split_prefill_has_the_bits_of_a_whole_one_and_the_draft_adopts_it() {
     for shared in [true, false] {
-        split_and_adopt(shared);
+        split_and_adopt(shared, KV_EXCHANGE_BYTES / 4);
+    }
+    for capacity in [2 * SLOT, 3 * SLOT - 1, SLOT] {
+        split_and_adopt(true, capacity);
     }
 }
 
-fn split_and_adopt(shared: bool) {
+fn split_and_adopt(shared: bool, capacity: usize) {
     let prompt = prompt(60);
     let end = prompt.len() - 1;
     let region = region_with(&prompt);
@@ -111,17 +146,25 @@ fn split_and_adopt(shared: bool) {
             let ops = draft.split_ops().unwrap();
             help(&region, &mut helper, ops, &prompt, 1).unwrap()
         });
-        let (split, verify) = verify_side(&region, &prompt);
+        let (split, verify) = verify_side_within(&region, &prompt, capacity);
         (split, verify, drafting.join().unwrap())
     });
-    assert!(split && adopted, "shared {shared}");
-    assert_eq!(region.split_word().state, SplitState::Handed);
+    assert!(split && adopted, "shared {shared}, capacity {capacity}");
+    let job = region.split_job();
+    assert_eq!(job.slots as usize, (capacity / SLOT).min(5));
+    let w = region.split_word();
+    assert_eq!((w.state, w.blocks), (SplitState::Handed, 5));
+    assert_eq!((region.taken_in(w.seq), region.adopted(w.seq)), (5, 5));
     assert_eq!((verify.cached(), draft.cached()), (end, end));
     let mut whole = decoder(&verify_spec());
     whole.start(&prompt, 64, false).unwrap();
     whole.prefill_bulk(&prompt[..end], 0).unwrap();
     let want = cached_bits(&mut whole, end);
-    assert_eq!(cached_bits(&mut verify, end), want, "shared {shared}");
+    assert_eq!(
+        cached_bits(&mut verify, end),
+        want,
+        "shared {shared}, capacity {capacity}"
+    );
     // The draft holds the verify model's keys and values at its own precision (f16).
     let f16 = |bits: Vec<Vec<u32>>| -> Vec<Vec<u16>> {
         let round = |b: &u32| half::f16::from_f32(f32::from_bits(*b)).to_bits();
@@ -154,18 +197,7 @@ fn a_draft_side_that_stops_midway_is_waited_out() {
     let t0 = Instant::now();
     let split = std::thread::scope(|s| {
         s.spawn(|| {
-            let offered = loop {
-                let w = region.split_word();
-                if w.state == SplitState::Offered {
-                    break w;
-                }
-                std::thread::yield_now();
-            };
-            let taken = JobWord {
-                state: SplitState::Taken,
-                ..offered
-            };
-            assert!(region.move_split(offered, taken));
+            let taken = take_offered(&region);
             let one = JobWord { blocks: 1, ..taken };
             assert!(region.move_split(taken, one));
         });
@@ -185,18 +217,7 @@ fn a_draft_worker_reaped_midway_ends_the_wait_at_once() {
     region.advertise_helper(fp);
     let split = std::thread::scope(|s| {
         s.spawn(|| {
-            let offered = loop {
-                let w = region.split_word();
-                if w.state == SplitState::Offered {
-                    break w;
-                }
-                std::thread::yield_now();
-            };
-            let taken = JobWord {
-                state: SplitState::Taken,
-                ..offered
-            };
-            assert!(region.move_split(offered, taken));
+            take_offered(&region);
             region.advertise_helper(0);
             region.ring(amusd_shm::Party::Verify);
         });
@@ -206,6 +227,99 @@ fn a_draft_worker_reaped_midway_ends_the_wait_at_once() {
         split
     });
     assert!(!split);
+}
+
+/// A ring of one slot, the verify side by hand: the draft side publishes block 0, then waits
+/// (heartbeating) rather than overwrite it with block 1 until the verify side took it in.
+#[test]
+fn a_draft_side_reuses_a_slot_only_once_its_block_was_taken_in() {
+    let prompt = prompt(60);
+    let region = region_with(&prompt);
+    let draft_spec = format!("{}:stored:kv=f16", model_file());
+    let mut draft = decoder(&draft_spec);
+    let ops = draft.split_ops().map(|o| &*o);
+    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
+    region.advertise_helper(helper.fingerprint);
+    region.announce_verifier(helper.fingerprint);
+    let mut verify = decoder(&verify_spec());
+    let own = Some(helper.fingerprint);
+    let at = (1, prompt.len(), 0, false);
+    let adopted = std::thread::scope(|s| {
+        let drafting = s.spawn(|| {
+            draft.start(&prompt, 64, false).unwrap();
+            help(&region, &mut helper, draft.split_ops().unwrap(), &prompt, 1).unwrap()
+        });
+        let offered = verify::offer_within(&region, own, verify.split_ops(), at, SLOT);
+        assert!(offered.unwrap().is_some());
+        let blocks_when = |n: u32| loop {
+            let w = region.split_word();
+            if w.blocks >= n {
+                break w;
+            }
+            std::thread::yield_now();
+        };
+        let one = blocks_when(1);
+        // Waited out by its heartbeats: the draft side is alive and waiting, not computing.
+        let start = region.worker(Role::Draft).heartbeat_ms.load(Relaxed);
+        while region.worker(Role::Draft).heartbeat_ms.load(Relaxed) < start + 60 {
+            std::thread::yield_now();
+        }
+        assert_eq!(region.split_word(), one, "block 1 overwrote block 0's slot");
+        region.count_taken_in(one.seq, 1);
+        let two = blocks_when(2);
+        // Nothing more: the verify side drops the job; the draft side prefills alone.
+        assert!(region.move_split(
+            two,
+            JobWord {
+                state: SplitState::Dropped,
+                ..two
+            }
+        ));
+        drafting.join().unwrap()
+    });
+    assert!(!adopted);
+    assert_eq!(draft.cached(), 0);
+}
+
+/// A ring of one slot: the draft side publishes every block but adopts none (killed after its
+/// share, say). The verify side keeps its whole prefill and gives the handover up once stalled.
+#[test]
+fn a_handover_nobody_adopts_is_waited_out_and_keeps_the_verify_cache() {
+    let prompt = prompt(60);
+    let region = region_with(&prompt);
+    let fp = fingerprint(&verify_spec()).unwrap();
+    region.advertise_helper(fp);
+    let t0 = Instant::now();
+    let (split, verify) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut w = take_offered(&region);
+            let job = region.split_job();
+            let zeros = vec![0.0; job.split as usize * job.kv_dim as usize];
+            for layer in 0..job.layers {
+                // The one slot is free once the verify side took the block before in.
+                while region.taken_in(w.seq) < layer {
+                    std::thread::yield_now();
+                }
+                for values in [false, true] {
+                    let at = job.word_of(layer as usize, values, 0);
+                    region.write_exchange(at, &zeros).unwrap();
+                }
+                let next = JobWord {
+                    blocks: layer + 1,
+                    ..w
+                };
+                assert!(region.move_split(w, next));
+                w = next;
+            }
+        });
+        verify_side_within(&region, &prompt, SLOT)
+    });
+    assert!(split, "the verify side's prefill ran to its end");
+    assert_eq!(verify.cached(), prompt.len() - 1);
+    assert!(t0.elapsed() >= STALL, "{:?}", t0.elapsed());
+    let w = region.split_word();
+    // It handed block 0 over into the one slot, then waited for its adoption in vain.
+    assert_eq!((w.state, w.blocks), (SplitState::Dropped, 1));
 }
 
 #[test]

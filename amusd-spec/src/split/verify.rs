@@ -5,17 +5,11 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use amusd_model::{BlockHook, KvCache, ModelError};
-use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState};
+use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState, KV_EXCHANGE_BYTES};
 
-use super::{request_live, take_in, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS, POLL};
-use super::{STALL, TAKE_GRACE};
+use super::{request_live, take_in, wait_for, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS};
+use super::{POLL, STALL, TAKE_GRACE};
 use crate::SpecError;
-
-/// Verify worker, once loaded: whether it can split prefills (its model's fingerprint, or
-/// `None`), so that the draft worker knows whether to wait for its jobs.
-pub fn announce(region: &Region, fingerprint: Option<u64>) {
-    region.announce_verifier(fingerprint.unwrap_or(0));
-}
 
 /// Verify worker, taking up request `request_id` (`prompt`, of which its cache keeps `kept`
 /// positions; `resumed` when more than the prompt is committed, after a restart): posts a job
@@ -26,7 +20,18 @@ pub fn offer(
     region: &Region,
     own: Option<u64>,
     ops: Option<&mut dyn SplitOps>,
+    request: (u64, usize, usize, bool),
+) -> Result<Option<JobWord>, SpecError> {
+    offer_within(region, own, ops, request, KV_EXCHANGE_BYTES / 4)
+}
+
+/// [`offer`], using at most `capacity` f32 words of the exchange (tests make it small).
+pub(super) fn offer_within(
+    region: &Region,
+    own: Option<u64>,
+    ops: Option<&mut dyn SplitOps>,
     (request_id, prompt_len, kept, resumed): (u64, usize, usize, bool),
+    capacity: usize,
 ) -> Result<Option<JobWord>, SpecError> {
     let (Some(own), Some(ops)) = (own, ops) else {
         return Ok(None);
@@ -37,22 +42,22 @@ pub fn offer(
     let end = prompt_len.saturating_sub(1);
     let split = (end as f64 * DRAFT_SHARE).round() as usize;
     let (layers, kv_dim) = ops.shape();
-    let job = SplitJob {
+    let mut job = SplitJob {
         request_id,
         fingerprint: own,
         split: split as u32,
         end: end as u32,
         layers: layers as u32,
         kv_dim: kv_dim as u32,
+        slots: 0,
     };
+    // Every block at once where the exchange holds them; else a ring of slots.
+    job.slots = job.slots_within(capacity);
     // Splitting recomputes the kept positions: worth it while the verify worker's share is
     // less than what it would prefill alone.
     let worth = !resumed && end >= MIN_SPLIT_POSITIONS && end - split < end - kept;
     // A full /dev/shm: no split, rather than a SIGBUS at some store.
-    let fits = || {
-        job.words() <= amusd_shm::KV_EXCHANGE_BYTES / 4
-            && region.reserve_exchange(job.words() * 4).is_ok()
-    };
+    let fits = || job.slots > 0 && region.reserve_exchange(job.words() * 4).is_ok();
     if worth && fits() {
         return Ok(Some(region.post_split(&job, SplitState::Offered)?));
     }
@@ -71,8 +76,9 @@ fn with_state(w: JobWord, state: SplitState) -> JobWord {
 
 /// Verify worker: runs the prefill of the job `word` posted for `prompt`: positions
 /// `split..end`, taking the draft worker's `..split` in block by block, then hands its own
-/// positions over. Returns whether it did; `false` when the job was dropped, and the cache
-/// is then empty (the caller prefills alone).
+/// positions over. Returns whether it prefilled; `false` when the job was dropped before, and
+/// the cache is then empty (the caller prefills alone). A job dropped during the handover
+/// leaves the cache whole: only the draft worker goes without.
 pub fn verify_prefill(
     region: &Region,
     ops: &mut dyn SplitOps,
@@ -98,16 +104,63 @@ pub fn verify_prefill(
             return Err(e);
         }
     }
-    let len = (end - split) * job.kv_dim as usize;
+    hand_over(region, &*ops, &job, taker.word)?;
+    Ok(true)
+}
+
+/// Publishes the verify worker's positions `split..end` block by block, each once the draft
+/// worker has adopted the block whose slot it reuses. Stops when the job is dropped (the draft
+/// worker's request ended) or the draft worker stalls or is reaped: it then prefills alone.
+fn hand_over(
+    region: &Region,
+    ops: &dyn SplitOps,
+    job: &SplitJob,
+    taken: JobWord,
+) -> Result<(), SpecError> {
+    let mut word = JobWord {
+        state: SplitState::Handed,
+        blocks: 0,
+        ..taken
+    };
+    if !region.move_split(taken, word) {
+        return Ok(());
+    }
+    let (split, slots) = (job.split as usize, job.slots as usize);
+    let len = (job.end as usize - split) * job.kv_dim as usize;
     let (mut k, mut v) = (vec![0.0; len], vec![0.0; len]);
     for layer in 0..job.layers as usize {
+        let need = (layer + 1).saturating_sub(slots) as u32;
+        if !wait_adopted(region, job, word, need) {
+            region.move_split(word, with_state(word, SplitState::Dropped));
+            return Ok(());
+        }
         ops.read_positions(layer, split, &mut k, &mut v);
         region.write_exchange(job.word_of(layer, false, split), &k)?;
         region.write_exchange(job.word_of(layer, true, split), &v)?;
+        let next = JobWord {
+            blocks: layer as u32 + 1,
+            ..word
+        };
+        if !region.move_split(word, next) {
+            return Ok(());
+        }
+        word = next;
     }
-    // The draft worker may have dropped it meanwhile (its request ended): then nobody reads.
-    region.move_split(taker.word, with_state(taker.word, SplitState::Handed));
-    Ok(true)
+    Ok(())
+}
+
+/// Waits until the draft worker has adopted `need` blocks of the job `word`; `false` if the
+/// job changed, the draft worker was reaped or made no progress for [`STALL`].
+fn wait_adopted(region: &Region, job: &SplitJob, word: JobWord, need: u32) -> bool {
+    let deadline = Instant::now() + STALL;
+    let ready = wait_for(region, (Party::Verify, Role::Verify), deadline, || {
+        if region.adopted(word.seq) >= need {
+            return Some(true);
+        }
+        let gone = region.helper() != job.fingerprint || !request_live(region, job.request_id);
+        (gone || region.split_word() != word).then_some(false)
+    });
+    ready == Some(true)
 }
 
 /// The verify worker's hook: waits for each block of the draft worker's positions and takes
@@ -173,6 +226,7 @@ impl BlockHook for Taker<'_> {
         let at = (layer, 0, self.job.split as usize);
         take_in(self.region, &self.job, at, cache, &mut self.buf)
             .map_err(|e| ModelError::Shape(format!("split prefill: {e}")))?;
+        (self.region).count_taken_in(self.word.seq, layer as u32 + 1);
         Ok(ControlFlow::Continue(()))
     }
 
