@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use amusd_model::{BlockHook, KvCache, ModelError};
-use amusd_shm::{JobWord, Party, Region, Role, SplitJob, SplitState};
+use amusd_shm::{JobWord, Party, Region, Role, SplitJob, SplitState, KV_EXCHANGE_BYTES};
 
 use super::{request_live, take_in, wait_for, Helper, SplitOps, OFFER_WAIT};
 use crate::SpecError;
@@ -41,6 +41,7 @@ pub fn help(
     let usable = job.fingerprint == helper.fingerprint
         && (job.layers as usize, job.kv_dim as usize) == helper.shape()
         && (1..=job.layers).contains(&job.slots)
+        && job.words() <= KV_EXCHANGE_BYTES / 4
         && job.split <= job.end
         && job.end as usize + 1 == prompt.len();
     let taken = JobWord {
