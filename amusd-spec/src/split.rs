@@ -162,12 +162,28 @@ fn shares_blocks(spec: &str, draft_spec: &str) -> bool {
     same_file && v.format == WeightFormat::F32 && d.format == WeightFormat::AsStored
 }
 
-/// Whether the request `request_id` is still the running one.
+/// Whether the request `request_id` is still the running one: checked at every block, so that
+/// a request cancelled mid-prefill (a client gone) frees both workers within a block. Two loads
+/// without the request's seqlock: mid-update, a new request's id is not ours, and an ending
+/// one's state is seen at the next block.
 fn request_live(region: &Region, request_id: u64) -> bool {
-    match region.read_request() {
-        Ok(r) => r.request_id == request_id && r.state == RequestState::Running,
-        // Mid-update: a new request is being submitted, or ours ended.
-        Err(_) => false,
+    region.request_id() == request_id && region.request_state() == Some(RequestState::Running)
+}
+
+/// Drops job `seq` unless it is over already (another job, or dropped); always `false`.
+fn drop_job(region: &Region, seq: u32) -> bool {
+    loop {
+        let w = region.split_word();
+        if w.seq != seq || w.state == amusd_shm::SplitState::Dropped {
+            return false;
+        }
+        let dropped = amusd_shm::JobWord {
+            state: amusd_shm::SplitState::Dropped,
+            ..w
+        };
+        if region.move_split(w, dropped) {
+            return false;
+        }
     }
 }
 

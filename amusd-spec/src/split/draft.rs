@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use amusd_model::{BlockHook, KvCache, ModelError};
 use amusd_shm::{JobWord, Party, Region, Role, SplitJob, SplitState, KV_EXCHANGE_BYTES};
 
-use super::{request_live, take_in, wait_for, Helper, SplitOps, OFFER_WAIT};
+use super::{drop_job, request_live, take_in, wait_for, Helper, SplitOps, OFFER_WAIT};
 use crate::SpecError;
 
 /// The longest the draft worker waits for the verify worker's positions or for a slot: far
@@ -98,21 +98,8 @@ fn wait_handed(region: &Region, job: &SplitJob, seq: u32, layer: usize) -> bool 
     });
     match seen {
         Some(Ok(())) => true,
-        Some(Err(w)) => drop_job(region, w, seq),
-        None => drop_job(region, region.split_word(), seq),
+        _ => drop_job(region, seq),
     }
-}
-
-/// Drops the job `seq` if `w` is still its live word; always `false` (nothing to adopt).
-fn drop_job(region: &Region, w: JobWord, seq: u32) -> bool {
-    if w.seq == seq && w.state != SplitState::Dropped {
-        let dropped = JobWord {
-            state: SplitState::Dropped,
-            ..w
-        };
-        region.move_split(w, dropped);
-    }
-    false
 }
 
 /// Waits until the verify worker has taken in every block before `layer` that shares its slot;
@@ -156,8 +143,9 @@ impl BlockHook for Giver<'_> {
     ) -> Result<ControlFlow<()>, ModelError> {
         let region = self.region;
         region.heartbeat(Role::Draft);
-        if !wait_slot(region, &self.job, self.word, layer) {
-            drop_job(region, self.word, self.word.seq);
+        let live = request_live(region, self.job.request_id);
+        if !live || !wait_slot(region, &self.job, self.word, layer) {
+            drop_job(region, self.word.seq);
             return Ok(ControlFlow::Break(()));
         }
         let len = self.job.split as usize * self.job.kv_dim as usize;

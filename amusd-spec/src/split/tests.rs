@@ -322,6 +322,58 @@ fn a_handover_nobody_adopts_is_waited_out_and_keeps_the_verify_cache() {
     assert_eq!((w.state, w.blocks), (SplitState::Dropped, 1));
 }
 
+/// A request cancelled during the split (a client gone) frees each side at its next block: the
+/// verify side with every block of the draft side's published already, the draft side before
+/// it publishes its first.
+#[test]
+fn a_request_that_ends_midway_ends_the_split_at_the_next_block() {
+    let prompt = prompt(60);
+    // The verify side: the draft side (by hand) has published every block.
+    let region = region_with(&prompt);
+    let fp = fingerprint(&verify_spec()).unwrap();
+    region.advertise_helper(fp);
+    region.announce_verifier(fp);
+    let mut d = decoder(&verify_spec());
+    d.start(&prompt, 64, false).unwrap();
+    let at = (1, prompt.len(), 0, false);
+    let word = offer(&region, Some(fp), d.split_ops(), at)
+        .unwrap()
+        .unwrap();
+    let mut w = take_offered(&region);
+    let job = region.split_job();
+    for layer in 0..job.layers {
+        let next = JobWord {
+            blocks: layer + 1,
+            ..w
+        };
+        assert!(region.move_split(w, next));
+        w = next;
+    }
+    let cancelled = amusd_shm::FinishReason::Cancelled;
+    region.finish_request(1, cancelled, "").unwrap();
+    let split = verify_prefill(&region, d.split_ops().unwrap(), &prompt, word).unwrap();
+    assert!(!split);
+    assert_eq!(d.cached(), 0);
+    assert_eq!(region.split_word().state, SplitState::Dropped);
+
+    // The draft side: it takes the job of a request that has just ended.
+    let region = region_with(&prompt);
+    let draft_spec = format!("{}:stored:kv=f16", model_file());
+    let mut draft = decoder(&draft_spec);
+    let ops = draft.split_ops().map(|o| &*o);
+    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
+    region.advertise_helper(helper.fingerprint);
+    region.announce_verifier(helper.fingerprint);
+    let own = Some(helper.fingerprint);
+    offer(&region, own, d.split_ops(), at).unwrap().unwrap();
+    region.finish_request(1, cancelled, "").unwrap();
+    draft.start(&prompt, 64, false).unwrap();
+    let ops = draft.split_ops().unwrap();
+    assert!(!help(&region, &mut helper, ops, &prompt, 1).unwrap());
+    let w = region.split_word();
+    assert_eq!((w.state, w.blocks), (SplitState::Dropped, 0));
+}
+
 #[test]
 fn short_prompts_kept_prefixes_and_resumed_requests_are_not_split() {
     let region = region_with(&prompt(60));

@@ -7,8 +7,8 @@ use std::time::Instant;
 use amusd_model::{BlockHook, KvCache, ModelError};
 use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState, KV_EXCHANGE_BYTES};
 
-use super::{request_live, take_in, wait_for, SplitOps, DRAFT_SHARE, MIN_SPLIT_POSITIONS};
-use super::{POLL, STALL, TAKE_GRACE};
+use super::{drop_job, request_live, take_in, wait_for, SplitOps, DRAFT_SHARE};
+use super::{MIN_SPLIT_POSITIONS, POLL, STALL, TAKE_GRACE};
 use crate::SpecError;
 
 /// Verify worker, taking up request `request_id` (`prompt`, of which its cache keeps `kept`
@@ -220,6 +220,10 @@ impl BlockHook for Taker<'_> {
         layer: usize,
         cache: &mut KvCache,
     ) -> Result<ControlFlow<()>, ModelError> {
+        if !request_live(self.region, self.job.request_id) {
+            drop_job(self.region, self.word.seq);
+            return Ok(ControlFlow::Break(()));
+        }
         if !self.wait_blocks(layer as u32 + 1) {
             return Ok(ControlFlow::Break(()));
         }
