@@ -128,18 +128,24 @@ fn a_split_prefill_has_the_bits_of_a_whole_one_and_the_draft_adopts_it() {
     }
 }
 
+/// The draft worker's side, loaded, with its helper (sharing the draft's matrices or not); both
+/// workers say so in `region` once loaded, before any request.
+fn draft_side(region: &Region, shared: bool) -> (LlamaDecoder, Helper) {
+    let draft_spec = format!("{}:stored:kv=f16", model_file());
+    let mut draft = decoder(&draft_spec);
+    let ops = draft.split_ops().map(|o| &*o).filter(|_| shared);
+    let helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
+    assert_eq!(helper.shared, shared);
+    region.advertise_helper(helper.fingerprint);
+    region.announce_verifier(helper.fingerprint);
+    (draft, helper)
+}
+
 fn split_and_adopt(shared: bool, capacity: usize) {
     let prompt = prompt(60);
     let end = prompt.len() - 1;
     let region = region_with(&prompt);
-    let draft_spec = format!("{}:stored:kv=f16", model_file());
-    let mut draft = decoder(&draft_spec);
-    let ops = draft.split_ops().map(|o| &*o).filter(|_| shared);
-    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
-    assert_eq!(helper.shared, shared);
-    // Both workers say so once loaded, before any request.
-    region.advertise_helper(helper.fingerprint);
-    region.announce_verifier(helper.fingerprint);
+    let (mut draft, mut helper) = draft_side(&region, shared);
     let (split, mut verify, adopted) = std::thread::scope(|s| {
         let drafting = s.spawn(|| {
             draft.start(&prompt, 64, false).unwrap();
@@ -235,12 +241,7 @@ fn a_draft_worker_reaped_midway_ends_the_wait_at_once() {
 fn a_draft_side_reuses_a_slot_only_once_its_block_was_taken_in() {
     let prompt = prompt(60);
     let region = region_with(&prompt);
-    let draft_spec = format!("{}:stored:kv=f16", model_file());
-    let mut draft = decoder(&draft_spec);
-    let ops = draft.split_ops().map(|o| &*o);
-    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
-    region.advertise_helper(helper.fingerprint);
-    region.announce_verifier(helper.fingerprint);
+    let (mut draft, mut helper) = draft_side(&region, true);
     let mut verify = decoder(&verify_spec());
     let own = Some(helper.fingerprint);
     let at = (1, prompt.len(), 0, false);
@@ -358,12 +359,7 @@ fn a_request_that_ends_midway_ends_the_split_at_the_next_block() {
 
     // The draft side: it takes the job of a request that has just ended.
     let region = region_with(&prompt);
-    let draft_spec = format!("{}:stored:kv=f16", model_file());
-    let mut draft = decoder(&draft_spec);
-    let ops = draft.split_ops().map(|o| &*o);
-    let mut helper = Helper::new(&verify_spec(), &draft_spec, ops).unwrap();
-    region.advertise_helper(helper.fingerprint);
-    region.announce_verifier(helper.fingerprint);
+    let (mut draft, mut helper) = draft_side(&region, true);
     let own = Some(helper.fingerprint);
     offer(&region, own, d.split_ops(), at).unwrap().unwrap();
     region.finish_request(1, cancelled, "").unwrap();
