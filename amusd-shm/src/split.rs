@@ -239,6 +239,7 @@ impl Region {
     }
 }
 
+/// The count in a `seq << 32 | blocks` word, if it is job `seq`'s (else none yet: 0).
 fn progress_of(word: u64, seq: u32) -> u32 {
     if (word >> 32) as u32 == seq {
         word as u32

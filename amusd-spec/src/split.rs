@@ -21,8 +21,8 @@
 //! The protocol is a job in the region ([`amusd_shm::SplitSection`]) whose every change is a
 //! compare-and-swap, so each worker can give up on its own: the verify worker drops a job the
 //! draft worker did not take within [`TAKE_GRACE`] or that made no progress for [`STALL`]
-//! (killed, stopped, starved), then prefills alone; the draft worker drops one whose request
-//! ended. Whoever is late finds the job dropped and carries on alone.
+//! (killed, stopped, starved), then prefills alone; either worker drops one whose request
+//! ended (checked at every block). Whoever is late finds the job dropped and carries on alone.
 
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};

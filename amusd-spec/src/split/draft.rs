@@ -90,16 +90,13 @@ fn wait_handed(region: &Region, job: &SplitJob, seq: u32, layer: usize) -> bool 
         let w = region.split_word();
         let over = w.seq != seq || region.shutdown_requested();
         match w.state {
-            _ if over || !request_live(region, job.request_id) => Some(Err(w)),
-            SplitState::Handed if w.blocks > layer as u32 => Some(Ok(())),
+            _ if over || !request_live(region, job.request_id) => Some(false),
+            SplitState::Handed if w.blocks > layer as u32 => Some(true),
             SplitState::Taken | SplitState::Handed => None,
-            _ => Some(Err(w)),
+            _ => Some(false),
         }
     });
-    match seen {
-        Some(Ok(())) => true,
-        _ => drop_job(region, seq),
-    }
+    seen == Some(true) || drop_job(region, seq)
 }
 
 /// Waits until the verify worker has taken in every block before `layer` that shares its slot;

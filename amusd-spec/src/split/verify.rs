@@ -131,7 +131,7 @@ fn hand_over(
     for layer in 0..job.layers as usize {
         let need = (layer + 1).saturating_sub(slots) as u32;
         if !wait_adopted(region, job, word, need) {
-            region.move_split(word, with_state(word, SplitState::Dropped));
+            drop_job(region, word.seq);
             return Ok(());
         }
         ops.read_positions(layer, split, &mut k, &mut v);
