@@ -16,7 +16,8 @@
 # user must survive the whole test.
 #
 #   scripts/fault-test.sh [N=105] [MAX_NEW_TOKENS=64]
-#   AMUSD_BIN=DIR picks the binaries (default target/release).
+#   AMUSD_BIN=DIR picks the binaries (default target/release); PROMPT_FILE=F another prompt (a long
+#   one puts the faults inside a split prefill's ring: see the README's split prefill).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 n="${1:-105}"
@@ -26,6 +27,7 @@ amusd="$bin/amusd"
 [ -x "$amusd" ] || cargo build --release
 deadline=300
 prompt="Write a Python function that returns the n-th Fibonacci number, with a docstring and an example."
+[ -n "${PROMPT_FILE:-}" ] && prompt="$(cat "$PROMPT_FILE")"
 tmp="$(mktemp -d)"
 chmod 755 "$tmp"
 sleep 100000 & sentinel=$!
