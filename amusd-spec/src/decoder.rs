@@ -204,6 +204,14 @@ impl SplitOps for LlamaDecoder {
         (self.model.blocks.len(), self.model.config.kv_dim())
     }
 
+    fn context_cost(&self) -> f64 {
+        let c = &self.model.config;
+        let (h, q, kv) = (c.hidden_size, c.q_dim(), c.kv_dim());
+        let matrices = 2 * h * q + 2 * h * kv + 3 * h * c.intermediate_size;
+        // A score and a weighted value per query value.
+        (2 * q) as f64 / matrices.max(1) as f64
+    }
+
     fn prefill_after(
         &mut self,
         prompt: &[u32],

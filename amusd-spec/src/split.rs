@@ -36,12 +36,27 @@ use crate::SpecError;
 /// more than half of a short prefill saves.
 pub const MIN_SPLIT_POSITIONS: usize = 48;
 
-/// The share of the positions the draft worker computes. It computes the first ones, whose
-/// attention is cheaper, and starts a little later (it takes the job after the verify worker
-/// posts it). Measured (time to first token, default pair, two runs each): a 191-token prompt
-/// 271-274 / 251 / 235-242 / 244-247 ms at shares 0.40 / 0.45 / 0.50 / 0.55; a 525-token one
-/// 687-694 / 660-672 / 724-732 ms at 0.50 / 0.55 / 0.60 (1258 ms alone).
-pub const DRAFT_SHARE: f64 = 0.52;
+/// How much slower attention's multiply-adds run than the matrix products' (a position's cost is
+/// `1 + r * p` matrix-product units at context `p`; [`balanced_split`]). Fitted on the default
+/// pair's prefills alone: 420 ms for 200 positions, 1228-1251 for 525, 3234-3257 for 1,240 and
+/// 9382 for 2,832 fit `1 + r * p` with `r` 1.25 times the multiply-add ratio.
+const ATTENTION_SLOWDOWN: f64 = 1.25;
+
+/// Where to split `0..end` so that both workers have the same work: the draft worker's first
+/// positions attend to fewer positions than the verify worker's last ones, so its share grows
+/// with the prompt (`context_cost`: [`SplitOps::context_cost`]). Stop 50 measured fixed shares
+/// (time to first token, two runs each): a 191-token prompt 271-274 / 251 / 235-242 / 244-247 ms
+/// at 0.40 / 0.45 / 0.50 / 0.55 (this gives 0.51); a 525-token one 687-694 / 660-672 / 724-732
+/// ms at 0.50 / 0.55 / 0.60 (this gives 0.52).
+pub fn balanced_split(end: usize, context_cost: f64) -> usize {
+    let (e, r) = (end as f64, context_cost * ATTENTION_SLOWDOWN);
+    if r <= 0.0 {
+        return end / 2;
+    }
+    // s + r s^2 / 2 = (e - s) + r (e^2 - s^2) / 2, for s in 0..=e.
+    let s = ((1.0 + r * (e + r * e * e / 2.0)).sqrt() - 1.0) / r;
+    (s.round() as usize).min(end)
+}
 
 /// How long the verify worker waits for the draft worker to take a job before prefilling alone.
 pub const TAKE_GRACE: Duration = Duration::from_millis(50);
@@ -62,6 +77,9 @@ const POLL: Duration = Duration::from_millis(20);
 pub trait SplitOps {
     /// The model's blocks and key width (`kv_dim`).
     fn shape(&self) -> (usize, usize);
+    /// What one more position of context costs a row's attention, in multiply-adds, relative to
+    /// the row's matrix products in a block.
+    fn context_cost(&self) -> f64;
     /// Verify worker: caches `prompt[split..end]` at positions `split..end`, `hook` filling each
     /// block's positions `..split` before that block attends. Returns whether the pass ran to
     /// its end; otherwise (or on an error) the cache is empty.

@@ -402,6 +402,31 @@ fn short_prompts_kept_prefixes_and_resumed_requests_are_not_split() {
     assert_eq!(region.split_word(), before);
 }
 
+/// SmolLM2-135M's context cost (`2 * 576 / 3,538,944` multiply-adds a position): half of a short
+/// prompt, more of a long one's first positions; both shares cost the same to a position.
+#[test]
+fn a_balanced_split_gives_the_draft_worker_more_of_a_long_prompt() {
+    let r = 1152.0 / 3_538_944.0;
+    let share = |e: usize| balanced_split(e, r) as f64 / e as f64;
+    assert!((0.50..0.52).contains(&share(191)), "{}", share(191));
+    assert!((0.51..0.54).contains(&share(525)), "{}", share(525));
+    assert!((0.57..0.61).contains(&share(2832)), "{}", share(2832));
+    let work = |from: usize, to: usize| -> f64 {
+        let rr = r * ATTENTION_SLOWDOWN;
+        (from..to).map(|p| 1.0 + rr * p as f64).sum()
+    };
+    for e in [48, 191, 1240, 8191] {
+        let s = balanced_split(e, r);
+        let (draft, verify) = (work(0, s), work(s, e));
+        assert!(
+            (draft - verify).abs() <= 1.0 + r * ATTENTION_SLOWDOWN * e as f64,
+            "{e}: {s}"
+        );
+    }
+    assert_eq!(balanced_split(100, 0.0), 50);
+    assert_eq!(balanced_split(0, r), 0);
+}
+
 #[test]
 fn the_fingerprint_names_the_file_its_contents_and_the_arithmetic() {
     let a = fingerprint(&verify_spec()).unwrap();

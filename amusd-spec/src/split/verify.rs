@@ -7,7 +7,7 @@ use std::time::Instant;
 use amusd_model::{BlockHook, KvCache, ModelError};
 use amusd_shm::{JobWord, Party, Region, Role, Spin, SplitJob, SplitState, KV_EXCHANGE_BYTES};
 
-use super::{drop_job, request_live, take_in, wait_for, SplitOps, DRAFT_SHARE};
+use super::{balanced_split, drop_job, request_live, take_in, wait_for, SplitOps};
 use super::{MIN_SPLIT_POSITIONS, POLL, STALL, TAKE_GRACE};
 use crate::SpecError;
 
@@ -40,7 +40,7 @@ pub(super) fn offer_within(
         return Ok(None);
     }
     let end = prompt_len.saturating_sub(1);
-    let split = (end as f64 * DRAFT_SHARE).round() as usize;
+    let split = balanced_split(end, ops.context_cost());
     let (layers, kv_dim) = ops.shape();
     let mut job = SplitJob {
         request_id,
