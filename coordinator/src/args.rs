@@ -104,9 +104,10 @@ pub struct ModelArgs {
     #[arg(long)]
     pub no_draft_history: bool,
     /// amusd: the verify model prefills every prompt alone. By default, when the draft is the
-    /// verify model's checkpoint, the draft worker computes the first half of each prompt's
-    /// prefill in the verify model's arithmetic (the same bits, ~half the time to the first
-    /// token; with the draft's own matrices where it keeps the checkpoint as stored, else a
+    /// verify model's checkpoint, the draft worker computes the first positions of each prompt's
+    /// prefill (half of the work: 51% of 191 positions, 59% of 2,832) in the verify model's
+    /// arithmetic (the same bits, ~half the time to the first token; with the draft's own
+    /// matrices where it keeps the checkpoint as stored, else a
     /// second copy of the verify model), then drafts from the verify model's keys and values
     /// instead of prefilling itself.
     #[arg(long)]
