@@ -94,15 +94,24 @@ fn verify_side_within(region: &Region, prompt: &[u32], capacity: usize) -> (bool
     (split, d)
 }
 
+/// Spins until `ready` gives a value; fails the test after 30 s rather than hang it.
+fn spin_until<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Some(t) = ready() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "no {what} within 30 s");
+        std::thread::yield_now();
+    }
+}
+
 /// The draft side's part by hand: waits for the offered job and takes it.
 fn take_offered(region: &Region) -> JobWord {
-    let offered = loop {
+    let offered = spin_until("an offered job", || {
         let w = region.split_word();
-        if w.state == SplitState::Offered {
-            break w;
-        }
-        std::thread::yield_now();
-    };
+        (w.state == SplitState::Offered).then_some(w)
+    });
     let taken = JobWord {
         state: SplitState::Taken,
         ..offered
@@ -252,19 +261,19 @@ fn a_draft_side_reuses_a_slot_only_once_its_block_was_taken_in() {
         });
         let offered = verify::offer_within(&region, own, verify.split_ops(), at, SLOT);
         assert!(offered.unwrap().is_some());
-        let blocks_when = |n: u32| loop {
-            let w = region.split_word();
-            if w.blocks >= n {
-                break w;
-            }
-            std::thread::yield_now();
+        let blocks_when = |n: u32| {
+            spin_until("published block", || {
+                let w = region.split_word();
+                (w.blocks >= n).then_some(w)
+            })
         };
         let one = blocks_when(1);
         // Waited out by its heartbeats: the draft side is alive and waiting, not computing.
         let start = region.worker(Role::Draft).heartbeat_ms.load(Relaxed);
-        while region.worker(Role::Draft).heartbeat_ms.load(Relaxed) < start + 60 {
-            std::thread::yield_now();
-        }
+        spin_until("heartbeat 60 ms on", || {
+            let now = region.worker(Role::Draft).heartbeat_ms.load(Relaxed);
+            (now >= start + 60).then_some(())
+        });
         assert_eq!(region.split_word(), one, "block 1 overwrote block 0's slot");
         region.count_taken_in(one.seq, 1);
         let two = blocks_when(2);
@@ -298,9 +307,9 @@ fn a_handover_nobody_adopts_is_waited_out_and_keeps_the_verify_cache() {
             let zeros = vec![0.0; job.split as usize * job.kv_dim as usize];
             for layer in 0..job.layers {
                 // The one slot is free once the verify side took the block before in.
-                while region.taken_in(w.seq) < layer {
-                    std::thread::yield_now();
-                }
+                spin_until("block taken in", || {
+                    (region.taken_in(w.seq) >= layer).then_some(())
+                });
                 for values in [false, true] {
                     let at = job.word_of(layer as usize, values, 0);
                     region.write_exchange(at, &zeros).unwrap();
