@@ -7,69 +7,50 @@ use super::{Endpoint, RawRequest, MAX_TOP_LOGPROBS};
 use crate::error::ApiError;
 use crate::generator::{DrySampling, Sampling};
 
+/// A request's sampling, every parameter checked; the per-endpoint ones (log-probabilities, the
+/// output's grammar) are `validate`'s.
 pub(super) fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
-    let temperature = r.temperature.unwrap_or(0.0);
-    if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(ApiError::bad_param(
-            "temperature",
-            format!("temperature {temperature} must be 0 (greedy) or more"),
-        ));
-    }
-    let top_p = r.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_param(
-            "top_p",
-            format!("top_p {top_p} must be in (0, 1] (1: off)"),
-        ));
-    }
-    let min_p = r.min_p.unwrap_or(0.0);
-    if !(0.0..=1.0).contains(&min_p) {
-        return Err(ApiError::bad_param(
-            "min_p",
-            format!("min_p {min_p} must be in [0, 1] (0: off)"),
-        ));
-    }
-    let unit = |name: &str, v: Option<f32>, default: f32, open_at_zero: bool| {
-        let x = v.unwrap_or(default);
-        let ok = if open_at_zero {
-            x > 0.0 && x <= 1.0
-        } else {
-            (0.0..=1.0).contains(&x)
-        };
-        if ok {
-            Ok(x)
-        } else {
-            let range = if open_at_zero { "(0, 1]" } else { "[0, 1]" };
-            Err(ApiError::bad_param(
-                name,
-                format!("{name} {x} must be in {range}"),
-            ))
-        }
-    };
-    let typical_p = unit("typical_p", r.typical_p, 1.0, true)?;
-    let top_n_sigma = r.top_n_sigma.unwrap_or(0.0);
-    if !top_n_sigma.is_finite() {
-        return Err(ApiError::bad_param(
-            "top_n_sigma",
-            format!("top_n_sigma {top_n_sigma} must be a number (0 or less: off)"),
-        ));
-    }
-    let dynatemp_range = r.dynatemp_range.unwrap_or(0.0);
-    if !(dynatemp_range.is_finite() && dynatemp_range >= 0.0) {
-        return Err(ApiError::bad_param(
-            "dynatemp_range",
-            format!("dynatemp_range {dynatemp_range} must be 0 (off) or more"),
-        ));
-    }
-    let dynatemp_exponent = r.dynatemp_exponent.unwrap_or(1.0);
-    if !(dynatemp_exponent.is_finite() && dynatemp_exponent > 0.0) {
-        return Err(ApiError::bad_param(
-            "dynatemp_exponent",
-            format!("dynatemp_exponent {dynatemp_exponent} must be more than 0"),
-        ));
-    }
-    let xtc_probability = unit("xtc_probability", r.xtc_probability, 0.0, false)?;
-    let xtc_threshold = unit("xtc_threshold", r.xtc_threshold, 0.1, false)?;
+    let unit_open = |x: f32| x > 0.0 && x <= 1.0;
+    let unit = |x: f32| (0.0..=1.0).contains(&x);
+    let temperature = param(
+        "temperature",
+        r.temperature,
+        0.0,
+        "be 0 (greedy) or more",
+        |x| x >= 0.0 && x.is_finite(),
+    )?;
+    let top_p = param("top_p", r.top_p, 1.0, "be in (0, 1] (1: off)", unit_open)?;
+    let min_p = param("min_p", r.min_p, 0.0, "be in [0, 1] (0: off)", unit)?;
+    let typical_p = param("typical_p", r.typical_p, 1.0, "be in (0, 1]", unit_open)?;
+    let top_n_sigma = param(
+        "top_n_sigma",
+        r.top_n_sigma,
+        0.0,
+        "be a number (0 or less: off)",
+        f32::is_finite,
+    )?;
+    let dynatemp_range = param(
+        "dynatemp_range",
+        r.dynatemp_range,
+        0.0,
+        "be 0 (off) or more",
+        |x| x.is_finite() && x >= 0.0,
+    )?;
+    let dynatemp_exponent = param(
+        "dynatemp_exponent",
+        r.dynatemp_exponent,
+        1.0,
+        "be more than 0",
+        |x| x.is_finite() && x > 0.0,
+    )?;
+    let xtc_probability = param(
+        "xtc_probability",
+        r.xtc_probability,
+        0.0,
+        "be in [0, 1]",
+        unit,
+    )?;
+    let xtc_threshold = param("xtc_threshold", r.xtc_threshold, 0.1, "be in [0, 1]", unit)?;
     // Like llama.cpp: zero or negative top_k means no top-k.
     let top_k = r.top_k.unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32;
     let (repeat_penalty, frequency_penalty, presence_penalty, repeat_last_n) = penalties(r)?;
@@ -98,6 +79,23 @@ pub(super) fn sampling(r: &RawRequest) -> Result<Sampling, ApiError> {
         prompt_lookup: r.prompt_lookup.unwrap_or(true),
         cache_prompt: r.cache_prompt.unwrap_or(true),
     })
+}
+
+/// A parameter's value (`default` when absent), refused by name unless `ok`: the error reads
+/// "NAME VALUE must MUST".
+fn param(
+    name: &str,
+    v: Option<f32>,
+    default: f32,
+    must: &str,
+    ok: impl Fn(f32) -> bool,
+) -> Result<f32, ApiError> {
+    let x = v.unwrap_or(default);
+    if ok(x) {
+        Ok(x)
+    } else {
+        Err(ApiError::bad_param(name, format!("{name} {x} must {must}")))
+    }
 }
 
 /// OpenAI's log-probability options, checked: chat's `logprobs` (true or false) and
