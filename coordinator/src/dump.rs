@@ -241,78 +241,89 @@ fn print_region(v: &serde_json::Value) {
         v["name"].as_str().unwrap_or("?"),
         v["coordinator_pid"]
     );
-    let q = &v["request"];
-    if q.is_null() {
-        println!("request: (being updated)");
-    } else {
-        println!(
-            "request {}: {}  prompt {} tokens, max new {}, stop {}, finish {}{}",
-            q["id"],
-            q["state"].as_str().unwrap_or("?"),
-            q["prompt_len"],
-            q["max_new_tokens"],
-            q["stop_tokens"],
-            q["finish_reason"].as_str().unwrap_or("?"),
-            q["error"]
-                .as_str()
-                .filter(|e| !e.is_empty())
-                .map(|e| format!(", error: {e}"))
-                .unwrap_or_default()
-        );
-    }
+    print_request(&v["request"]);
     for (label, b) in [("verified", &v["verified"]), ("draft", &v["draft"])] {
         println!("{label:<8} len {:<6} last {}", b["len"], b["last_tokens"]);
         if let Some(t) = b["last_text"].as_str() {
             println!("{:<8}            {t:?}", "");
         }
     }
-    let s = &v["split_prefill"];
-    if s["job"] != 0 {
-        println!(
-            "split prefill job {}: {} for request {}, positions 0..{} by the draft worker, \
-             ..{} by the verify worker; {} of {} blocks published, {} slots, {} taken in, {} \
-             adopted",
-            s["job"],
-            s["state"].as_str().unwrap_or("?"),
-            s["request_id"],
-            s["draft_positions"],
-            s["positions"],
-            s["blocks_published"],
-            s["blocks"],
-            s["slots"],
-            s["blocks_taken_in"],
-            s["blocks_adopted"]
-        );
-    }
+    print_split(&v["split_prefill"]);
     for w in v["workers"].as_array().into_iter().flatten() {
+        print_worker(w);
+    }
+}
+
+fn print_request(q: &serde_json::Value) {
+    if q.is_null() {
+        println!("request: (being updated)");
+        return;
+    }
+    println!(
+        "request {}: {}  prompt {} tokens, max new {}, stop {}, finish {}{}",
+        q["id"],
+        q["state"].as_str().unwrap_or("?"),
+        q["prompt_len"],
+        q["max_new_tokens"],
+        q["stop_tokens"],
+        q["finish_reason"].as_str().unwrap_or("?"),
+        q["error"]
+            .as_str()
+            .filter(|e| !e.is_empty())
+            .map(|e| format!(", error: {e}"))
+            .unwrap_or_default()
+    );
+}
+
+fn print_split(s: &serde_json::Value) {
+    if s["job"] == 0 {
+        return;
+    }
+    println!(
+        "split prefill job {}: {} for request {}, positions 0..{} by the draft worker, \
+         ..{} by the verify worker; {} of {} blocks published, {} slots, {} taken in, {} \
+         adopted",
+        s["job"],
+        s["state"].as_str().unwrap_or("?"),
+        s["request_id"],
+        s["draft_positions"],
+        s["positions"],
+        s["blocks_published"],
+        s["blocks"],
+        s["slots"],
+        s["blocks_taken_in"],
+        s["blocks_adopted"]
+    );
+}
+
+fn print_worker(w: &serde_json::Value) {
+    println!(
+        "{} worker: pid {} {} heartbeat {} ms ago, {} on {}, restarts {}, exit {}",
+        w["role"].as_str().unwrap_or("?"),
+        w["pid"],
+        w["state"].as_str().unwrap_or("?"),
+        w["heartbeat_age_ms"],
+        w["model"].as_str().unwrap_or(""),
+        w["device"].as_str().unwrap_or(""),
+        w["restarts"],
+        w["exit_status"].as_str().unwrap_or("")
+    );
+    println!(
+        "    steps {} tokens {} rollbacks {} proposed {} accepted {}",
+        w["steps"], w["tokens"], w["rollbacks"], w["proposed"], w["accepted"]
+    );
+    if let Some(e) = w["last_error"].as_str().filter(|e| !e.is_empty()) {
+        println!("    last error: {e}");
+    }
+    for e in w["recent_events"].as_array().into_iter().flatten() {
         println!(
-            "{} worker: pid {} {} heartbeat {} ms ago, {} on {}, restarts {}, exit {}",
-            w["role"].as_str().unwrap_or("?"),
-            w["pid"],
-            w["state"].as_str().unwrap_or("?"),
-            w["heartbeat_age_ms"],
-            w["model"].as_str().unwrap_or(""),
-            w["device"].as_str().unwrap_or(""),
-            w["restarts"],
-            w["exit_status"].as_str().unwrap_or("")
+            "    {:<10} req {} pos {} count {} accepted {} {} us",
+            e["kind"].as_str().unwrap_or("?"),
+            e["request_id"],
+            e["position"],
+            e["count"],
+            e["accepted"],
+            e["duration_us"]
         );
-        println!(
-            "    steps {} tokens {} rollbacks {} proposed {} accepted {}",
-            w["steps"], w["tokens"], w["rollbacks"], w["proposed"], w["accepted"]
-        );
-        if let Some(e) = w["last_error"].as_str().filter(|e| !e.is_empty()) {
-            println!("    last error: {e}");
-        }
-        for e in w["recent_events"].as_array().into_iter().flatten() {
-            println!(
-                "    {:<10} req {} pos {} count {} accepted {} {} us",
-                e["kind"].as_str().unwrap_or("?"),
-                e["request_id"],
-                e["position"],
-                e["count"],
-                e["accepted"],
-                e["duration_us"]
-            );
-        }
     }
 }
