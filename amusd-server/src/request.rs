@@ -81,7 +81,7 @@ pub struct RawRequest {
     /// llama.cpp's grammar (GBNF, or Lark after `%llguidance`).
     pub grammar: Option<Value>,
     /// Chat's rendering, as vLLM's (`add_generation_prompt`, `continue_final_message`) and
-    /// both servers' `chat_template_kwargs` ([`chat_options`]).
+    /// both servers' `chat_template_kwargs` (`chat_options`).
     pub add_generation_prompt: Option<bool>,
     pub continue_final_message: Option<bool>,
     pub chat_template_kwargs: Option<Value>,
@@ -97,7 +97,7 @@ pub struct RawRequest {
     pub function_call: Option<Value>,
     pub echo: Option<bool>,
     pub suffix: Option<Value>,
-    /// Chat's audio output: refused unless the output is text only ([`refuse_audio`]).
+    /// Chat's audio output: refused unless the output is text only (`refuse_audio`).
     pub modalities: Option<Value>,
     pub audio: Option<Value>,
     /// llama.cpp's samplers we do not have (0 and 1 are their "off").

@@ -23,7 +23,7 @@ pub struct Head {
     /// Chat with tools, in the template's syntax: each reply is read back as calls or content
     /// ([`crate::tools`]), a stream's as it comes ([`crate::tools::reader`]).
     pub tools: Option<tools::Syntax>,
-    /// llama.cpp's `/completion`: its shapes, not OpenAI's ([`Head::llama_answer`]).
+    /// llama.cpp's `/completion`: its shapes, not OpenAI's (`Head::llama_answer`).
     pub llama: bool,
 }
 

@@ -18,8 +18,7 @@ struct Args {
     /// Shared-memory region created by the coordinator, e.g. /amusd-1234-0123456789abcdef.
     #[arg(long)]
     region: String,
-    /// Model: PATH[:FORMAT] or fake:...
-    #[arg(long)]
+    #[arg(long, help = "Model: PATH[:FORMAT] or fake:...")]
     model: String,
     /// cpu, cpu:N (pinned, single-threaded) or cuda:N.
     #[arg(long, default_value = "cpu")]

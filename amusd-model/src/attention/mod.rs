@@ -1,6 +1,6 @@
 //! Causal attention of query rows over the cached keys and values.
 //!
-//! [`attend_reference`] is the definition: each head's scores are [`kernels::dot`]s scaled by
+//! [`attend_reference`] is the definition: each head's scores are [`kernels::dot`](crate::kernels::dot)s scaled by
 //! `1/sqrt(head_dim)`, the softmax is [`crate::softmax`]'s, and each output element is one
 //! fused multiply-add chain over positions in order. The AVX2 and AVX-512 paths (`avx2`, `avx512`)
 //! compute the same operations on the same values in the same order per output (they only share
@@ -131,7 +131,7 @@ const ROW_TILE: usize = 8;
 /// row `i`'s output goes to `out[i * n_heads * head_dim..]`.
 ///
 /// Every row's result has the bits of [`attend`] on that row alone: the rows only share memory
-/// reads, so a verify forward reads each layer's cache once per tile of [`ROW_TILE`] rows rather
+/// reads, so a verify forward reads each layer's cache once per tile of `ROW_TILE` rows rather
 /// than once per row. (Measured: no gain separable from this VM's drift at 300-1000 positions,
 /// where the second row's reads hit L2/L3 anyway; it can only pay where the cache outgrows them.)
 #[allow(clippy::too_many_arguments)]
@@ -356,7 +356,7 @@ pub enum KeyLayout {
     Rows,
     /// Tiles of [`KEY_TILE`] positions, each `[head_dim][KEY_TILE]`: element `d` of position `t`
     /// at `(t / KEY_TILE * head_dim + d) * KEY_TILE + t % KEY_TILE`. A score is one FMA chain over
-    /// `d` in order from zero ([`tiled::dot`]). Rollback stays a length: a tile's later positions
+    /// `d` in order from zero (`tiled::dot`). Rollback stays a length: a tile's later positions
     /// are simply overwritten.
     Tiles,
 }

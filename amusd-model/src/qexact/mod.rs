@@ -448,7 +448,7 @@ fn decode_q6k(b: &[u8], groups: &mut [Group]) {
 }
 
 /// A block-quantized `[n, k]` matrix in panels of [`PANEL`] output rows: panel `b`'s group `g`
-/// (reduction steps `32 g .. 32 g + 32`) is [`BlockKind::group_bytes`] long, holding the rows'
+/// (reduction steps `32 g .. 32 g + 32`) is `BlockKind::group_bytes` long, holding the rows'
 /// scales, offsets and values so that one vector load yields one step of consecutive outputs.
 /// Rows past `n` in the last panel are zero.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,5 +1,5 @@
 //! OpenAI's Responses API (`POST /v1/responses`), what OpenAI's newer clients and agent SDKs call,
-//! as vLLM and llama.cpp serve it: a request is read into chat's fields ([`to_chat`]) and runs as a
+//! as vLLM and llama.cpp serve it: a request is read into chat's fields (`to_chat`) and runs as a
 //! chat completion would, so every sampling, structured-output and tool feature behaves alike;
 //! only the shapes differ ([`render`], [`stream`]). Responses are kept unless a request says
 //! `store: false` ([`store`]), so a request can continue one by its `previous_response_id`.

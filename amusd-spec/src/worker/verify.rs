@@ -13,7 +13,7 @@ use crate::split;
 use crate::SpecError;
 
 /// The most draft tokens one verify forward checks unless told otherwise (with
-/// [`DEFAULT_MAX_LOOKAHEAD`], measured together).
+/// [`DEFAULT_MAX_LOOKAHEAD`](super::DEFAULT_MAX_LOOKAHEAD), measured together).
 pub const DEFAULT_MAX_VERIFY_BATCH: usize = 32;
 
 /// Verify worker options.
@@ -23,7 +23,7 @@ pub struct VerifyOptions {
     pub max_verify_batch: usize,
     /// When no valid draft token is there: wait this long for one before taking an autoregressive
     /// step (0: step at once). The wait is for prompt lookup's runs, so a request that turns the
-    /// lookup off ([`RequestSampling::no_draft_lookup`]) steps at once, as it would on workers
+    /// lookup off ([`RequestSampling::no_draft_lookup`](crate::RequestSampling::no_draft_lookup)) steps at once, as it would on workers
     /// started without lookup.
     pub wait_for_draft: Duration,
     /// The fingerprint of this worker's model ([`crate::split::fingerprint`]) when the draft
