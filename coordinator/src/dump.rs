@@ -297,16 +297,20 @@ fn print_split(s: &serde_json::Value) {
 }
 
 fn print_worker(w: &serde_json::Value) {
+    // A worker the coordinator has not reaped (alive, or never started) has no exit to show.
+    let exit = match w["exit_status"].as_str() {
+        Some("NotReaped") | None => String::new(),
+        Some(e) => format!(", last exit {e}"),
+    };
     println!(
-        "{} worker: pid {} {} heartbeat {} ms ago, {} on {}, restarts {}, exit {}",
+        "{} worker: pid {} {} heartbeat {} ms ago, {} on {}, restarts {}{exit}",
         w["role"].as_str().unwrap_or("?"),
         w["pid"],
         w["state"].as_str().unwrap_or("?"),
         w["heartbeat_age_ms"],
         w["model"].as_str().unwrap_or(""),
         w["device"].as_str().unwrap_or(""),
-        w["restarts"],
-        w["exit_status"].as_str().unwrap_or("")
+        w["restarts"]
     );
     println!(
         "    steps {} tokens {} rollbacks {} proposed {} accepted {}",
