@@ -139,9 +139,11 @@ for i in $(seq 1 "$n"); do
     coord)
       hold=$(rand "$i" 'uniform(1, 3)')
       start
+      note="coordinator ended before it could be stopped"
+      # The run may end between the dump and the signal: then there is nothing to stop.
       wait_dump "v['verified']['len'] > 0 and w['verify']['state'] == 'Busy'" \
-        && { kill -STOP "$pid"; sleep "$hold"; kill -CONT "$pid"; }
-      note="coordinator stopped ${hold}s"
+        && kill -STOP "$pid" 2>/dev/null \
+        && { note="coordinator stopped ${hold}s"; sleep "$hold"; kill -CONT "$pid"; }
       finish ;;
     corrupt)
       start
