@@ -113,6 +113,18 @@ impl KvCache {
         }
     }
 
+    /// A cache whose blocks all share one block's storage (block `l` writes where block 0 does):
+    /// for a pass that hands each block's keys and values out before the next block writes its
+    /// own (the split prefill's helper, [`crate::BlockHook::after_block`]), at one block's memory.
+    /// Only the last block written can be read back.
+    pub fn one_block(cfg: &LlamaConfig, capacity: usize, precision: KvPrecision) -> Self {
+        let one = LlamaConfig {
+            n_layers: 1,
+            ..cfg.clone()
+        };
+        Self::new(&one, capacity, precision)
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -188,10 +200,21 @@ impl KvCache {
 
     /// Keys and values of `layer`, mutable, for the forward pass to append to and attend over.
     pub(crate) fn layer_mut(&mut self, layer: usize) -> LayerKv<'_> {
+        let at = self.slot(layer);
         match &mut self.store {
-            Stores::F32(s) => LayerKv::F32(&mut s.keys[layer], &mut s.values[layer]),
-            Stores::F16(s) => LayerKv::F16(&mut s.keys[layer], &mut s.values[layer]),
+            Stores::F32(s) => LayerKv::F32(&mut s.keys[at], &mut s.values[at]),
+            Stores::F16(s) => LayerKv::F16(&mut s.keys[at], &mut s.values[at]),
         }
+    }
+
+    /// Where block `layer`'s keys and values are stored: its own place, or the one place of a
+    /// [`Self::one_block`] cache.
+    fn slot(&self, layer: usize) -> usize {
+        let blocks = match &self.store {
+            Stores::F32(s) => s.keys.len(),
+            Stores::F16(s) => s.keys.len(),
+        };
+        layer % blocks
     }
 
     pub fn kv_dim(&self) -> usize {
@@ -209,25 +232,18 @@ impl KvCache {
         let (layout, hd) = (self.layout(), self.head_dim);
         assert!(k.len() == v.len() && k.len().is_multiple_of(self.kv_dim));
         assert!(from + k.len() / self.kv_dim <= self.capacity);
+        let at = self.slot(layer);
         let rows = k
             .chunks_exact_mut(self.kv_dim)
             .zip(v.chunks_exact_mut(self.kv_dim));
         for (i, (kr, vr)) in rows.enumerate() {
             match &self.store {
-                Stores::F32(s) => get_rows(
-                    layout,
-                    from + i,
-                    (&s.keys[layer], &s.values[layer]),
-                    (kr, vr),
-                    hd,
-                ),
-                Stores::F16(s) => get_rows(
-                    layout,
-                    from + i,
-                    (&s.keys[layer], &s.values[layer]),
-                    (kr, vr),
-                    hd,
-                ),
+                Stores::F32(s) => {
+                    get_rows(layout, from + i, (&s.keys[at], &s.values[at]), (kr, vr), hd)
+                }
+                Stores::F16(s) => {
+                    get_rows(layout, from + i, (&s.keys[at], &s.values[at]), (kr, vr), hd)
+                }
             }
         }
     }

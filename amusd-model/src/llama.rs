@@ -911,10 +911,11 @@ mod tests {
         }
     }
 
-    /// A prefill split at `h`: `a` computes positions `..h` and hands each block's keys and
-    /// values to `b`, which computes `h..` from them; `b`'s next logits have the bits of one
-    /// whole prefill's, and its cache holds the same keys and values.
-    fn split_matches_whole(a: &Llama, b: &Llama, tokens: &[u32], h: usize) {
+    /// A prefill split at `h`: `a` computes positions `..h` (in a cache of every block, or of
+    /// one block that each block overwrites, as the split prefill's helper does) and hands each
+    /// block's keys and values to `b`, which computes `h..` from them; `b`'s next logits have the
+    /// bits of one whole prefill's, and its cache holds the same keys and values.
+    fn split_matches_whole(a: &Llama, b: &Llama, tokens: &[u32], h: usize, one_block: bool) {
         let (m, layers) = (tokens.len(), a.blocks.len());
         let mut whole = b.new_cache(64);
         b.forward(&tokens[..m - 1], 0, &mut whole, LogitsFor::Last)
@@ -928,7 +929,10 @@ mod tests {
             layers_before: Vec::new(),
             stop_before: None,
         };
-        let mut first = a.new_cache(64);
+        let mut first = match one_block {
+            true => KvCache::one_block(&a.config, 64, KvPrecision::F32),
+            false => a.new_cache(64),
+        };
         assert!(a
             .prefill_hooked(&tokens[..h], 0, &mut first, &mut hand)
             .unwrap());
@@ -971,7 +975,8 @@ mod tests {
                 blocked_model(i, WeightFormat::F32),
             );
             for h in [1, 7, 20, 38] {
-                split_matches_whole(&a, &b, &tokens, h);
+                split_matches_whole(&a, &b, &tokens, h, false);
+                split_matches_whole(&a, &b, &tokens, h, true);
             }
         }
     }

@@ -155,7 +155,8 @@ impl Helper {
                 model
             }
         };
-        let cache = model.new_cache(0);
+        // Each block's positions go to the draft's cache as soon as they are computed.
+        let cache = KvCache::one_block(&model.config, 0, model.kv_precision);
         Ok(Self {
             model,
             cache,

@@ -51,33 +51,31 @@ pub fn help(
     if word.state != SplitState::Offered || !usable || !region.move_split(word, taken) {
         return Ok(false);
     }
-    let mut giver = Giver {
-        region,
-        job,
-        word: taken,
-        buf: Default::default(),
-    };
-    let split = job.split as usize;
-    helper.cache.reserve(split);
-    let model = &helper.model;
-    if !model.prefill_hooked(&prompt[..split], 0, &mut helper.cache, &mut giver)? {
-        return Ok(false);
-    }
+    let (split, end) = (job.split as usize, job.end as usize);
+    let (model, scratch) = (&helper.model, &mut helper.cache);
+    scratch.reserve(split);
     let mut buf = (Vec::new(), Vec::new());
-    let end = job.end as usize;
-    let own = &helper.cache;
+    // The draft's cache takes each block's own positions as the helper computes them (the helper
+    // keeps one block), then, block by block, the verify worker's as it hands them over. A job
+    // dropped on the way leaves the draft's cache empty: it prefills the whole prompt itself.
     ops.adopt(&prompt[..end], &mut |layer, cache| {
-        if !wait_handed(region, &job, giver.word.seq, layer) {
+        if layer == 0 {
+            let mut giver = Giver {
+                region,
+                job,
+                word: taken,
+                buf: Default::default(),
+                adopter: &mut *cache,
+            };
+            if !model.prefill_hooked(&prompt[..split], 0, scratch, &mut giver)? {
+                return Ok(false);
+            }
+        }
+        if !wait_handed(region, &job, taken.seq, layer) {
             return Ok(false);
         }
-        // Its own positions from its own cache; the verify worker's from the exchange.
-        let len = split * job.kv_dim as usize;
-        buf.0.resize(len, 0.0);
-        buf.1.resize(len, 0.0);
-        own.read_positions(layer, 0, &mut buf.0, &mut buf.1);
-        cache.write_positions(layer, 0, &buf.0, &buf.1);
         take_in(region, &job, (layer, split, end - split), cache, &mut buf)?;
-        region.count_adopted(giver.word.seq, layer as u32 + 1);
+        region.count_adopted(taken.seq, layer as u32 + 1);
         Ok(true)
     })
 }
@@ -115,13 +113,16 @@ fn wait_slot(region: &Region, job: &SplitJob, word: JobWord, layer: usize) -> bo
     ready == Some(true)
 }
 
-/// The draft worker's hook: publishes each block's positions and counts it, or stops when the
-/// job was dropped.
+/// The draft worker's hook: publishes each block's positions, counts it and writes it into the
+/// draft's own cache (before the next block overwrites it in the helper's), or stops when the job
+/// was dropped.
 struct Giver<'a> {
     region: &'a Region,
     job: SplitJob,
     word: JobWord,
     buf: (Vec<f32>, Vec<f32>),
+    /// The draft's cache, adopting the positions.
+    adopter: &'a mut KvCache,
 }
 
 impl BlockHook for Giver<'_> {
@@ -157,6 +158,7 @@ impl BlockHook for Giver<'_> {
         };
         publish(false, k)?;
         publish(true, v)?;
+        self.adopter.write_positions(layer, 0, k, v);
         let next = JobWord {
             blocks: layer as u32 + 1,
             ..self.word
