@@ -174,6 +174,11 @@ fn a_client_that_leaves_during_the_prefill_frees_the_pair() {
         "/v1/completions",
         &json!({"prompt": prompt, "max_tokens": 8, "stream": true}),
     );
+    // Its stream opens when it is queued, not when it runs: wait for the decode thread to take
+    // it, or the next request finds the queue of one still full (a 429 seen once under CI load).
+    amusd_e2e::wait_until("the long request running", Duration::from_secs(30), || {
+        s.metric("amusd_queue_depth ") == 0.0
+    });
     let waited = queued_after_leaving(&s, verify, || {}, || drop(long));
     assert!(
         waited < Duration::from_secs(4),
