@@ -123,16 +123,16 @@ fn wait_released(
             .iter()
             .any(|&r| region.worker_request(r) == request_id)
     };
-    while holds() {
+    loop {
+        // The bell first, then the check: a release between the two rings it.
         let bell = region.bell_value(Party::Coordinator);
         if !holds() {
-            break;
+            return Ok(());
         }
         // Ended already: a cancellation here changes nothing.
         let _ = supervise(region)?;
         region.wait_bell(Party::Coordinator, bell, Some(Duration::from_millis(50)));
     }
-    Ok(())
 }
 
 /// Fills the acceptance and timing figures of a request from the workers' event rings.
